@@ -1,0 +1,145 @@
+"""What the field calls things: friendly adapter names, image-encoder families, UNet families.
+
+This module is data. It is used to *name* and *suggest* (help texts, error messages, downloads), never to decide
+compatibility: that is read from tensors (see `probe.py` and `plan.py`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EncoderFamily:
+    """A published CLIP vision architecture, with the config transformers needs to rebuild it."""
+
+    name: str
+    hidden_size: int
+    projection_dim: int
+    num_layers: int
+    intermediate_size: int
+    num_attention_heads: int
+    hidden_act: str
+    image_size: int
+    patch_size: int
+    usual_files: tuple[str, ...]
+    hub_repo: str
+    hub_subfolder: str
+
+
+VIT_L = EncoderFamily(
+    name="ViT-L-14",
+    hidden_size=1024,
+    projection_dim=768,
+    num_layers=24,
+    intermediate_size=4096,
+    num_attention_heads=16,
+    hidden_act="quick_gelu",
+    image_size=224,
+    patch_size=14,
+    usual_files=("clip-vit-large-patch14", "CLIP-ViT-L-14.safetensors"),
+    hub_repo="openai/clip-vit-large-patch14",
+    hub_subfolder="",
+)
+VIT_H = EncoderFamily(
+    name="ViT-H-14",
+    hidden_size=1280,
+    projection_dim=1024,
+    num_layers=32,
+    intermediate_size=5120,
+    num_attention_heads=16,
+    hidden_act="gelu",
+    image_size=224,
+    patch_size=14,
+    usual_files=("CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors", "h94/IP-Adapter models/image_encoder"),
+    hub_repo="h94/IP-Adapter",
+    hub_subfolder="models/image_encoder",
+)
+VIT_BIGG = EncoderFamily(
+    name="ViT-bigG-14",
+    hidden_size=1664,
+    projection_dim=1280,
+    num_layers=48,
+    intermediate_size=8192,
+    num_attention_heads=16,
+    hidden_act="gelu",
+    image_size=224,
+    patch_size=14,
+    usual_files=("CLIP-ViT-bigG-14-laion2B-39B-b160k.safetensors", "h94/IP-Adapter sdxl_models/image_encoder"),
+    hub_repo="h94/IP-Adapter",
+    hub_subfolder="sdxl_models/image_encoder",
+)
+ENCODER_FAMILIES = (VIT_L, VIT_H, VIT_BIGG)
+
+
+def family_by_shape(hidden_size: int, projection_dim: int | None, num_layers: int, intermediate_size: int):
+    """The published family whose tensor shapes these are, or None (a custom encoder)."""
+    for family in ENCODER_FAMILIES:
+        if (family.hidden_size, family.num_layers, family.intermediate_size) == (
+            hidden_size,
+            num_layers,
+            intermediate_size,
+        ) and projection_dim in (family.projection_dim, None):
+            return family
+    return None
+
+
+def family_by_output(kind: str, width: int):
+    """The published family that produces `kind` ("image_embeds" | "hidden_states") of this width, if any."""
+    for family in ENCODER_FAMILIES:
+        produced = family.projection_dim if kind == "image_embeds" else family.hidden_size
+        if produced == width:
+            return family
+    return None
+
+
+# UNet cross-attention width -> family name. The adapter's `to_k_ip` input width must equal it.
+UNET_FAMILIES = {768: "SD 1.5", 1024: "SD 2.x", 2048: "SDXL"}
+
+
+def unet_family(cross_attention_dim: int) -> str:
+    return UNET_FAMILIES.get(cross_attention_dim, f"custom ({cross_attention_dim}-wide)")
+
+
+@dataclass(frozen=True)
+class KnownAdapter:
+    """A published IP-Adapter: its friendly name (SD.Next's), the file stems it ships under, where to get it."""
+
+    name: str
+    stems: tuple[str, ...]
+    hub_repo: str
+    hub_subfolder: str
+
+
+KNOWN_ADAPTERS = (
+    KnownAdapter("Base", ("ip-adapter_sd15",), "h94/IP-Adapter", "models"),
+    KnownAdapter("Light", ("ip-adapter_sd15_light", "ip-adapter_sd15_light_v11"), "h94/IP-Adapter", "models"),
+    KnownAdapter("Plus", ("ip-adapter-plus_sd15",), "h94/IP-Adapter", "models"),
+    KnownAdapter("Plus Face", ("ip-adapter-plus-face_sd15",), "h94/IP-Adapter", "models"),
+    KnownAdapter("Full Face", ("ip-adapter-full-face_sd15",), "h94/IP-Adapter", "models"),
+    KnownAdapter("Base ViT-G", ("ip-adapter_sd15_vit-G",), "h94/IP-Adapter", "models"),
+    KnownAdapter("Base SDXL", ("ip-adapter_sdxl",), "h94/IP-Adapter", "sdxl_models"),
+    KnownAdapter("Base ViT-H SDXL", ("ip-adapter_sdxl_vit-h",), "h94/IP-Adapter", "sdxl_models"),
+    KnownAdapter("Plus ViT-H SDXL", ("ip-adapter-plus_sdxl_vit-h",), "h94/IP-Adapter", "sdxl_models"),
+    KnownAdapter("Plus Face ViT-H SDXL", ("ip-adapter-plus-face_sdxl_vit-h",), "h94/IP-Adapter", "sdxl_models"),
+    KnownAdapter("Ostris Composition ViT-H", ("ip_plus_composition_sd15",), "ostris/ip-composition-adapter", ""),
+    KnownAdapter("Ostris Composition ViT-H SDXL", ("ip_plus_composition_sdxl",), "ostris/ip-composition-adapter", ""),
+)
+
+
+def known_adapter(name: str):
+    """The published adapter with this friendly name (case-insensitive), or None."""
+    wanted = name.strip().lower()
+    for adapter in KNOWN_ADAPTERS:
+        if adapter.name.lower() == wanted:
+            return adapter
+    return None
+
+
+def friendly_name(stem: str):
+    """The friendly name of a file stem, or None."""
+    lowered = stem.lower()
+    for adapter in KNOWN_ADAPTERS:
+        if lowered in (s.lower() for s in adapter.stems):
+            return adapter.name
+    return None

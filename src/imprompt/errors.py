@@ -1,0 +1,78 @@
+"""Typed errors: part of imprompt's interface.
+
+Every error imprompt raises on purpose derives from `ImpromptError`. Messages name the thing, what was
+expected, what was found, and how to fix it; the CLI prints them as they are and the server returns the same
+text with a 4xx status (see `http_status`).
+"""
+
+from __future__ import annotations
+
+
+class ImpromptError(Exception):
+    """Base class. `http_status` is the status the HTTP API answers with."""
+
+    http_status = 400
+
+
+class RequestError(ImpromptError):
+    """A value in the request is invalid (range, type, missing field)."""
+
+    http_status = 422
+
+
+class ImageError(RequestError):
+    """An input image cannot be read or decoded."""
+
+
+class NotFoundError(ImpromptError):
+    """A named model, adapter or encoder does not exist in the model store."""
+
+    http_status = 404
+
+
+class UnknownModelError(NotFoundError):
+    pass
+
+
+class UnknownAdapterError(NotFoundError):
+    pass
+
+
+class UnknownEncoderError(NotFoundError):
+    pass
+
+
+class IncompatibleError(ImpromptError):
+    """Two things that must fit together do not (adapter vs UNet, adapter vs encoder)."""
+
+    http_status = 422
+
+
+class MissingEncoderError(ImpromptError):
+    """No image encoder in the model store produces the output an adapter consumes."""
+
+    http_status = 422
+
+
+class UnsupportedError(ImpromptError):
+    """A recognised checkpoint that imprompt cannot run (yet), e.g. FaceID adapters."""
+
+    http_status = 422
+
+
+class CheckpointError(ImpromptError):
+    """A file on disk is not what it should be: corrupt, truncated, a directory, or not a checkpoint we know."""
+
+    http_status = 422
+
+    def __init__(self, path, problem: str, fix: str | None = None):
+        self.path = str(path)
+        self.problem = problem
+        message = f"{self.path}: {problem}"
+        if fix:
+            message += f". {fix}"
+        super().__init__(message)
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A pickle checkpoint that carries code or objects other than tensors; it was not executed."""
