@@ -1,0 +1,375 @@
+"""Builds tiny random-weight models in the real on-disk formats: the demo model pack, and what tests need.
+
+The shapes that decide compatibility are the real ones (UNet cross-attention width 768 with SD 1.5's 16
+cross-attention layers; encoder projections 1024 for ViT-H and 1280 for ViT-bigG; h94 adapter key layouts), while
+everything else is tiny, so a whole pack is built in a few seconds and a 64 px image takes a fraction of one.
+Files are written exactly as users get them: diffusers pipeline folders, transformers encoder folders (and
+ComfyUI-style single files), h94 adapter `.safetensors` in fp16.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+log = logging.getLogger("imprompt")
+
+PACK_VERSION = 1
+SD15_MODEL = "tiny-sd15"
+CROSS_ATTENTION_SD15 = 768
+
+# Encoders: the real output widths that decide pairing, tiny elsewhere. Hidden sizes differ so that the
+# hidden-state adapters (Plus, Full Face) pair with exactly one of them, as with the real ViT-H (1280) / bigG (1664).
+TINY_VIT_H = dict(hidden_size=64, projection_dim=1024, num_layers=3, heads=4)
+TINY_VIT_BIGG = dict(hidden_size=96, projection_dim=1280, num_layers=3, heads=4)
+
+# h94 file stem -> (variant, encoder it was trained against)
+SD15_ADAPTERS = {
+    "ip-adapter_sd15": ("base", TINY_VIT_H),
+    "ip-adapter_sd15_light": ("base", TINY_VIT_H),
+    "ip-adapter-plus_sd15": ("plus", TINY_VIT_H),
+    "ip-adapter-plus-face_sd15": ("plus", TINY_VIT_H),
+    "ip-adapter-full-face_sd15": ("full-face", TINY_VIT_H),
+    "ip-adapter_sd15_vit-G": ("base", TINY_VIT_BIGG),
+}
+
+REFERENCE_IMAGES = {
+    "red-circle": ("circle", (220, 40, 40), (30, 60, 200)),
+    "yellow-square": ("square", (240, 210, 40), (40, 140, 60)),
+    "white-triangle": ("triangle", (245, 245, 245), (120, 30, 120)),
+}
+
+
+def build_demo_pack(root: Path, force: bool = False) -> Path:
+    """The demo model pack: a tiny SD 1.5 pipeline, ViT-H/bigG-like encoders and the six SD 1.5 adapters in the
+    h94/IP-Adapter repository layout, plus a few reference images. Skipped when already built."""
+    root = Path(root)
+    stamp = root / "pack.json"
+    if not force and stamp.is_file() and json.loads(stamp.read_text()).get("version") == PACK_VERSION:
+        return root
+    if root.exists():
+        shutil.rmtree(root)
+    log.info("building the demo model pack in %s", root)
+    pipeline = build_sd15_pipeline(root / "diffusers" / SD15_MODEL, seed=0)
+    widths = cross_attention_widths(pipeline.unet)
+    h94 = root / "IP-Adapter"
+    build_clip_vision(h94 / "models" / "image_encoder", seed=1, **TINY_VIT_H)
+    build_clip_vision(h94 / "sdxl_models" / "image_encoder", seed=2, **TINY_VIT_BIGG)
+    for seed, (stem, (variant, encoder)) in enumerate(SD15_ADAPTERS.items(), start=10):
+        embed_dim = encoder["projection_dim"] if variant == "base" else encoder["hidden_size"]
+        write_adapter(h94 / "models" / f"{stem}.safetensors", variant, embed_dim, widths, CROSS_ATTENTION_SD15, seed)
+    for name, (shape, color, background) in REFERENCE_IMAGES.items():
+        (root / "images").mkdir(parents=True, exist_ok=True)
+        draw_reference(shape, color, background).save(root / "images" / f"{name}.png")
+    stamp.write_text(json.dumps({"builder": "imprompt.pack", "version": PACK_VERSION}))
+    return root
+
+
+# ------------------------------------------------------------------------------------------------ the pipeline
+
+
+def build_sd15_pipeline(folder: Path, seed: int = 0, cross_attention_dim: int = CROSS_ATTENTION_SD15):
+    """A diffusers StableDiffusionPipeline folder with SD 1.5's block structure at tiny widths."""
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    folder = Path(folder)
+    tokenizer_dir = folder / "tokenizer"
+    write_tokenizer(tokenizer_dir)
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=cross_attention_dim,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=12,
+            max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=(32, 64, 64, 64),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(32, 32, 64, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=64,
+    )
+    scheduler = PNDMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        skip_prk_steps=True,
+        steps_offset=1,
+        set_alpha_to_one=False,
+    )
+    pipeline = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        image_encoder=None,
+        requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(folder, safe_serialization=True)
+    return pipeline
+
+
+def cross_attention_widths(unet) -> list[int]:
+    """Hidden size of each cross-attention layer, in `attn_processors` order (the order h94 keys follow)."""
+    return [
+        module.to_k.weight.shape[0]
+        for name, module in unet.named_modules()
+        if name.endswith("attn2") and hasattr(module, "to_k")
+    ]
+
+
+# ------------------------------------------------------------------------------------------------ the tokenizer
+
+# Words that become single tokens, so prompts tokenize the way CLIP's real vocabulary would tokenize them.
+_WORDS = (
+    "a an the of on in with and photo picture painting portrait face person cat dog red green blue yellow white "
+    "black orange purple pink gray circle square triangle star shape background small large big style"
+).split()
+
+
+def write_tokenizer(folder: Path) -> None:
+    """A CLIP BPE tokenizer (vocab.json + merges.txt) built offline: byte symbols plus whole-word merges."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    symbols = list(_bytes_to_unicode().values())
+    vocab = symbols + [s + "</w>" for s in symbols]
+    merges: list[tuple[str, str]] = []
+    for word in _WORDS:
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        current = pieces[0]
+        for piece in pieces[1:]:
+            pair, current = (current, piece), current + piece
+            if pair not in merges:
+                merges.append(pair)
+                vocab.append(current)
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    (folder / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocab)}, ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    config = {
+        "tokenizer_class": "CLIPTokenizer",
+        "model_max_length": 77,
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+        "do_lower_case": True,
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    special = {k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
+    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte -> printable character table."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+# ------------------------------------------------------------------------------------------------- the encoders
+
+
+def build_clip_vision(
+    target: Path,
+    hidden_size: int,
+    projection_dim: int,
+    num_layers: int,
+    heads: int,
+    seed: int,
+    single_file: bool = False,
+    dtype: torch.dtype = torch.float16,
+):
+    """A CLIPVisionModelWithProjection at 224 px / patch 14 (257 tokens, like the real ones).
+
+    `single_file=False` writes a transformers folder (config.json + model.safetensors, as in h94/IP-Adapter);
+    `single_file=True` writes one `.safetensors` with transformers key names (as ComfyUI's clip_vision folder),
+    with the config as JSON metadata since heads and activation cannot be read from shapes."""
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    config = CLIPVisionConfig(
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        projection_dim=projection_dim,
+        num_hidden_layers=num_layers,
+        num_attention_heads=heads,
+        image_size=224,
+        patch_size=14,
+        hidden_act="gelu",
+    )
+    torch.manual_seed(seed)
+    model = CLIPVisionModelWithProjection(config).to(dtype)
+    target = Path(target)
+    if single_file:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        save_file(state, target, metadata={"format": "pt", "config": config.to_json_string()})
+    else:
+        model.save_pretrained(target, safe_serialization=True)
+    return model
+
+
+# ------------------------------------------------------------------------------------------------- the adapters
+
+
+def write_adapter(
+    path: Path,
+    variant: str,
+    embed_dim: int,
+    layer_widths: list[int],
+    cross_attention_dim: int,
+    seed: int,
+    tokens: int | None = None,
+    dtype: torch.dtype = torch.float16,
+    file_format: str = "safetensors",
+) -> Path:
+    """An IP-Adapter in the original h94 key layout (as the IP-Adapter repository's training code saves it).
+
+    variant: "base" (ImageProjection over image_embeds, 4 tokens), "plus" (Resampler over hidden states,
+    16 tokens) or "full-face" (MLP over every hidden-state token). file_format "safetensors" writes flat
+    `image_proj.*` / `ip_adapter.*` keys; "bin" writes the nested dict torch.save'd as h94's `.bin` files."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def weight(rows, cols):
+        return torch.randn(rows, cols, generator=generator) / cols**0.5
+
+    def vector(n, center=0.0):
+        return center + 0.02 * torch.randn(n, generator=generator)
+
+    cross = cross_attention_dim
+    proj: dict[str, torch.Tensor] = {}
+    if variant == "base":
+        tokens = tokens or 4
+        proj = {
+            "proj.weight": weight(tokens * cross, embed_dim),
+            "proj.bias": vector(tokens * cross),
+            "norm.weight": vector(cross, 1.0),
+            "norm.bias": vector(cross),
+        }
+    elif variant == "plus":
+        tokens, dim, heads = tokens or 16, 64, 1  # diffusers' converter derives heads as to_q rows / 64
+        inner = heads * 64
+        proj = {
+            "latents": torch.randn(1, tokens, dim, generator=generator) / dim**0.5,
+            "proj_in.weight": weight(dim, embed_dim),
+            "proj_in.bias": vector(dim),
+            "proj_out.weight": weight(cross, dim),
+            "proj_out.bias": vector(cross),
+            "norm_out.weight": vector(cross, 1.0),
+            "norm_out.bias": vector(cross),
+        }
+        for i in range(4):  # h94's Resampler has depth 4: PerceiverAttention + FeedForward per layer
+            proj.update(
+                {
+                    f"layers.{i}.0.norm1.weight": vector(dim, 1.0),
+                    f"layers.{i}.0.norm1.bias": vector(dim),
+                    f"layers.{i}.0.norm2.weight": vector(dim, 1.0),
+                    f"layers.{i}.0.norm2.bias": vector(dim),
+                    f"layers.{i}.0.to_q.weight": weight(inner, dim),
+                    f"layers.{i}.0.to_kv.weight": weight(2 * inner, dim),
+                    f"layers.{i}.0.to_out.weight": weight(dim, inner),
+                    f"layers.{i}.1.0.weight": vector(dim, 1.0),
+                    f"layers.{i}.1.0.bias": vector(dim),
+                    f"layers.{i}.1.1.weight": weight(4 * dim, dim),
+                    f"layers.{i}.1.3.weight": weight(dim, 4 * dim),
+                }
+            )
+    elif variant == "full-face":
+        proj = {
+            "proj.0.weight": weight(embed_dim, embed_dim),
+            "proj.0.bias": vector(embed_dim),
+            "proj.2.weight": weight(cross, embed_dim),
+            "proj.2.bias": vector(cross),
+            "proj.3.weight": vector(cross, 1.0),
+            "proj.3.bias": vector(cross),
+        }
+    else:
+        raise ValueError(f"unknown variant {variant!r}")
+    attn = {}
+    for j, width in enumerate(layer_widths):
+        attn[f"{2 * j + 1}.to_k_ip.weight"] = weight(width, cross)
+        attn[f"{2 * j + 1}.to_v_ip.weight"] = weight(width, cross)
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    proj = {k: v.to(dtype).contiguous() for k, v in proj.items()}
+    attn = {k: v.to(dtype).contiguous() for k, v in attn.items()}
+    if file_format == "safetensors":
+        from safetensors.torch import save_file
+
+        flat = {f"image_proj.{k}": v for k, v in proj.items()} | {f"ip_adapter.{k}": v for k, v in attn.items()}
+        save_file(flat, path, metadata={"format": "pt"})
+    else:
+        torch.save({"image_proj": proj, "ip_adapter": attn}, path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------- reference images
+
+
+def draw_reference(shape: str, color, background, size: int = 96) -> Image.Image:
+    """A flat shape on a flat background: a reference image whose content is easy to recognise."""
+    image = Image.new("RGB", (size, size), background)
+    draw = ImageDraw.Draw(image)
+    m = size // 5
+    box = (m, m, size - m, size - m)
+    if shape == "circle":
+        draw.ellipse(box, fill=color)
+    elif shape == "square":
+        draw.rectangle(box, fill=color)
+    elif shape == "triangle":
+        draw.polygon([(size // 2, m), (size - m, size - m), (m, size - m)], fill=color)
+    elif shape == "star":
+        import math
+
+        c, r_out, r_in = size / 2, size / 2 - m, (size / 2 - m) / 2.5
+        points = [
+            (c + (r_out if i % 2 == 0 else r_in) * math.sin(i * math.pi / 5),
+             c - (r_out if i % 2 == 0 else r_in) * math.cos(i * math.pi / 5))
+            for i in range(10)
+        ]  # fmt: skip
+        draw.polygon(points, fill=color)
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+    return image
