@@ -1,0 +1,254 @@
+"""Model roots -> an index of what is on disk, and name -> file resolution.
+
+Layouts understood (scanned recursively, hidden folders skipped):
+- diffusers pipeline folders (`model_index.json`), e.g. `DIR/diffusers/<name>/`; the model name is the folder name;
+- image encoders as transformers folders (`config.json` + weights), e.g. h94's `models/image_encoder/`;
+- single files (`.safetensors`, `.bin`, ...): IP-Adapters in h94 format, or CLIP vision encoders with transformers
+  key names (ComfyUI's `clip_vision/`). A file's kind comes from its tensors, never from its name or folder.
+
+Every lookup re-checks the file's size and modification time, so a file replaced on disk is probed again and
+never served from a stale index (callers key their caches on `Entry.fingerprint` for the same reason).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import catalog
+from .errors import CheckpointError, ImpromptError, UnknownAdapterError, UnknownEncoderError, UnknownModelError
+from .probe import WEIGHT_SUFFIXES, AdapterSpec, EncoderSpec, PipelineSpec, probe
+
+log = logging.getLogger("imprompt")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One thing on disk: its name, where it is, what probing found (a spec, or the error it raised)."""
+
+    name: str
+    path: Path
+    fingerprint: tuple
+    spec: AdapterSpec | EncoderSpec | PipelineSpec | None = None
+    error: ImpromptError | None = None
+
+    @property
+    def kind(self) -> str:
+        return self.spec.kind if self.spec is not None else "unreadable"
+
+
+class ModelStore:
+    def __init__(self, roots, allow_paths: bool = True):
+        """`roots`: one folder or several. `allow_paths`: whether names may also be filesystem paths outside the
+        roots (the CLI and Python API allow it; the HTTP server does not)."""
+        if isinstance(roots, (str, os.PathLike)):
+            roots = [roots]
+        self.roots = [Path(r).expanduser().resolve() for r in roots]
+        for root in self.roots:
+            if not root.exists():
+                raise UnknownModelError(f"models folder {root} does not exist. Pass --models DIR (or set IMPROMPT_MODELS)")
+        self.allow_paths = allow_paths
+        self._lock = threading.RLock()
+        self._probed: dict[Path, Entry] = {}
+        self.entries: list[Entry] = []
+        self.refresh()
+
+    # ------------------------------------------------------------------------------------------------- scanning
+
+    def refresh(self) -> None:
+        """Walk the roots again; files whose fingerprint did not change are not probed again."""
+        with self._lock:
+            found: list[tuple[str, Path]] = []
+            for root in self.roots:
+                self._walk(root, root, found)
+            self.entries = [self._entry(name, path) for name, path in found]
+
+    def _walk(self, root: Path, folder: Path, found: list) -> None:
+        if folder.is_dir() and _is_model_folder(folder):
+            found.append((_folder_name(root, folder), folder))
+            return
+        if folder.is_file():
+            found.append((folder.stem, folder))
+            return
+        try:
+            children = sorted(folder.iterdir())
+        except OSError as exc:
+            log.warning("cannot list %s: %s", folder, exc.strerror)
+            return
+        for child in children:
+            if child.name.startswith("."):
+                continue
+            if child.is_dir():
+                self._walk(root, child, found)
+            elif child.suffix in WEIGHT_SUFFIXES:
+                found.append((child.stem, child))
+
+    def _entry(self, name: str, path: Path) -> Entry:
+        """The entry for `path`, probed again only if its fingerprint changed since last time."""
+        fingerprint = fingerprint_of(path)
+        cached = self._probed.get(path)
+        if cached is not None and cached.fingerprint == fingerprint and cached.name == name:
+            return cached
+        try:
+            entry = Entry(name, path, fingerprint, spec=probe(path))
+        except ImpromptError as exc:
+            entry = Entry(name, path, fingerprint, error=exc)
+        self._probed[path] = entry
+        return entry
+
+    def current(self, entry: Entry) -> Entry:
+        """`entry` as the disk has it now (probed again if the file changed; raises if it is gone)."""
+        with self._lock:
+            if not entry.path.exists():
+                self.refresh()
+                raise CheckpointError(entry.path, "was removed from disk", "Restore the file or choose another")
+            return self._entry(entry.name, entry.path)
+
+    # ------------------------------------------------------------------------------------------------- listings
+
+    def of_kind(self, kind: str) -> list[Entry]:
+        return [e for e in self.entries if e.kind == kind]
+
+    @property
+    def pipelines(self) -> list[Entry]:
+        return self.of_kind("pipeline")
+
+    @property
+    def adapters(self) -> list[Entry]:
+        return self.of_kind("ip-adapter")
+
+    @property
+    def encoders(self) -> list[Entry]:
+        return self.of_kind("image-encoder")
+
+    @property
+    def unreadable(self) -> list[Entry]:
+        return [e for e in self.entries if e.error is not None]
+
+    # ------------------------------------------------------------------------------------------------ resolution
+
+    def pipeline(self, name: str) -> Entry:
+        entry = self._resolve(name, "pipeline")
+        if entry is None:
+            available = ", ".join(e.name for e in self.pipelines) or "none"
+            raise UnknownModelError(
+                f"model {name!r} not found in {self._where()}. Available models: {available}. "
+                f"Put a diffusers pipeline folder under DIR/diffusers/<name>/"
+            )
+        return entry
+
+    def adapter(self, name: str) -> Entry:
+        """Resolve a friendly name ("Base ViT-G"), a file stem, a path relative to a root, or (if allowed) a path."""
+        known = catalog.known_adapter(name)
+        stems = known.stems if known else (name,)
+        for stem in stems:
+            entry = self._resolve(stem, "ip-adapter")
+            if entry is not None:
+                return entry
+        present = sorted({catalog.friendly_name(e.name) or e.name for e in self.adapters})
+        hint = ""
+        if known:
+            hint = (
+                f" The {known.name!r} adapter is the file {known.stems[0]}.safetensors from "
+                f"{known.hub_repo}/{known.hub_subfolder}; put it in DIR/ipadapter/ (or run "
+                f"`imprompt download {known.name!r}` on a machine with internet)."
+            )
+        raise UnknownAdapterError(
+            f"IP-Adapter {name!r} not found in {self._where()}. Available adapters: "
+            f"{', '.join(present) or 'none'}.{hint}"
+        )
+
+    def encoder(self, name: str) -> Entry:
+        entry = self._resolve(name, "image-encoder")
+        if entry is None:
+            available = ", ".join(e.name for e in self.encoders) or "none"
+            raise UnknownEncoderError(f"image encoder {name!r} not found in {self._where()}. Available: {available}")
+        return entry
+
+    def _resolve(self, name: str, kind: str) -> Entry | None:
+        """The entry called `name` of `kind`; raises the probe error if the only match is unreadable or of
+        another kind. Scans again once before giving up (a file may have been added since)."""
+        with self._lock:
+            for attempt in range(2):
+                matches = self._matches(name)
+                if matches:
+                    return self._choose(name, kind, matches)
+                if attempt == 0:
+                    self.refresh()
+            return self._outside_path(name, kind)
+
+    def _matches(self, name: str) -> list[Entry]:
+        lowered = name.strip().lower()
+        by_name = [e for e in self.entries if e.name.lower() == lowered]
+        if by_name:
+            return by_name
+        relative = [e for e in self.entries for root in self.roots if _relative(e.path, root) == lowered]
+        return relative
+
+    def _choose(self, name: str, kind: str, matches: list[Entry]) -> Entry:
+        matches = [self.current(e) for e in matches]
+        good = [e for e in matches if e.kind == kind]
+        if good:
+            # .safetensors before pickles; then the shortest path (the most canonical place) first.
+            good.sort(key=lambda e: (e.path.suffix != ".safetensors", len(e.path.parts), str(e.path)))
+            if len(good) > 1:
+                log.debug("%s %r matches %s; using %s", kind, name, [str(e.path) for e in good], good[0].path)
+            return good[0]
+        broken = [e for e in matches if e.error is not None]
+        if broken:
+            raise broken[0].error
+        other = matches[0]
+        raise CheckpointError(other.path, f"is {_article(other.kind)} {other.kind}, not {_article(kind)} {kind}")
+
+    def _outside_path(self, name: str, kind: str) -> Entry | None:
+        path = Path(name).expanduser()
+        if not self.allow_paths or not path.exists():
+            return None
+        path = path.resolve()
+        entry = self._entry(path.name if path.is_dir() else path.stem, path)
+        return self._choose(name, kind, [entry])
+
+    def _where(self) -> str:
+        return ", ".join(str(r) for r in self.roots)
+
+
+def _is_model_folder(folder: Path) -> bool:
+    return (folder / "model_index.json").is_file() or (folder / "config.json").is_file()
+
+
+def _folder_name(root: Path, folder: Path) -> str:
+    """Pipelines are called by their folder name; encoder folders by their path under the root."""
+    if (folder / "model_index.json").is_file():
+        return folder.name
+    return folder.relative_to(root).as_posix() if folder != root else folder.name
+
+
+def _relative(path: Path, root: Path) -> str | None:
+    try:
+        return path.relative_to(root).as_posix().lower()
+    except ValueError:
+        return None
+
+
+def _article(kind: str) -> str:
+    return "an" if kind[0] in "aeiou" else "a"
+
+
+def fingerprint_of(path: Path) -> tuple:
+    """Identity of what is on disk now: (size, mtime, inode) of the file, or of every file in a folder."""
+    try:
+        if path.is_dir():
+            return tuple(
+                (p.relative_to(path).as_posix(), *_stat(p)) for p in sorted(path.rglob("*")) if p.is_file()
+            )
+        return _stat(path)
+    except OSError:
+        return ("unreadable",)
+
+
+def _stat(path: Path) -> tuple:
+    st = os.stat(path)
+    return (st.st_size, st.st_mtime_ns, st.st_ino)
