@@ -1,0 +1,105 @@
+"""IP-Adapter modules on a UNet: build them once per file, attach a set of them by swapping processors.
+
+diffusers' `load_ip_adapter` rebuilds every attention processor from the state dict on each call and replaces
+all adapters at once. Here diffusers' own converters build each adapter's modules once (its image projection and
+one `to_k_ip`/`to_v_ip` pair per cross-attention layer); attaching a set of adapters then only creates light
+`IPAdapterAttnProcessor2_0` shells that point at those modules. The UNet never holds more than the request's set,
+and switching costs no tensor copies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers.models.attention_processor import Attention, IPAdapterAttnProcessor2_0
+from diffusers.models.embeddings import MultiIPAdapterImageProjection
+
+from .probe import AdapterSpec
+
+
+@dataclass
+class BuiltAdapter:
+    """One adapter file as diffusers modules, ready to attach to any UNet of the layout it was built for."""
+
+    spec: AdapterSpec
+    image_projection: torch.nn.Module
+    to_k_ip: list[torch.nn.Linear]
+    to_v_ip: list[torch.nn.Linear]
+
+    @property
+    def nbytes(self) -> int:
+        from .cache import module_bytes
+
+        layers = torch.nn.ModuleList(self.to_k_ip + self.to_v_ip)
+        return module_bytes(self.image_projection) + module_bytes(layers)
+
+
+def build_adapter(spec: AdapterSpec, state_dict: dict, unet) -> BuiltAdapter:
+    """The image projection comes from diffusers' converter (the code `load_ip_adapter` runs); the per-layer
+    `to_k_ip`/`to_v_ip` are plain bias-free Linear layers, the h94 keys 1, 3, 5, ... in UNet processor order.
+    They are built straight from the tensors because diffusers' attention converter numbers layers by walking the
+    UNet's live processors, which an attached Plus adapter's Resampler would shift. The UNet is not modified."""
+    device, dtype = unet.device, unet.dtype
+    projection = unet._convert_ip_adapter_image_proj_to_diffusers(state_dict["image_proj"], low_cpu_mem_usage=True)
+    attn = state_dict["ip_adapter"]
+    key_ids = sorted(int(k.split(".")[0]) for k in attn if k.endswith(".to_k_ip.weight"))
+
+    def linear(weight: torch.Tensor) -> torch.nn.Linear:
+        with torch.device("meta"):
+            layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+        layer.weight = torch.nn.Parameter(weight.to(device=device, dtype=dtype), requires_grad=False)
+        return layer
+
+    return BuiltAdapter(
+        spec=spec,
+        image_projection=projection.to(device=device, dtype=dtype).eval().requires_grad_(False),
+        to_k_ip=[linear(attn[f"{i}.to_k_ip.weight"]) for i in key_ids],
+        to_v_ip=[linear(attn[f"{i}.to_v_ip.weight"]) for i in key_ids],
+    )
+
+
+class AdapterSlots:
+    """The IP-Adapter state of one UNet: which built adapters are attached, in which order, at which scales."""
+
+    def __init__(self, unet):
+        self.unet = unet
+        self.cross_attention: list[Attention] = [
+            module for name, module in unet.named_modules() if name.endswith("attn2") and isinstance(module, Attention)
+        ]
+        self.plain_processors = [module.processor for module in self.cross_attention]
+        self.attached: tuple = ()
+        self._processors: list[IPAdapterAttnProcessor2_0] = []
+
+    def attach(self, adapters: list[BuiltAdapter], keys: tuple) -> bool:
+        """Make the UNet carry exactly `adapters` (in order). `keys` identify them; if they equal what is
+        attached already, nothing changes. Returns whether anything was swapped."""
+        if keys == self.attached:
+            return False
+        if not adapters:
+            for module, plain in zip(self.cross_attention, self.plain_processors):
+                module.set_processor(plain)
+            self.unet.encoder_hid_proj = None
+            self.unet.config.encoder_hid_dim_type = None
+            self._processors = []
+        else:
+            tokens = [a.spec.tokens for a in adapters]
+            self._processors = []
+            for j, module in enumerate(self.cross_attention):
+                with torch.device("meta"):  # shells only: the weights are the built adapters' own modules
+                    processor = IPAdapterAttnProcessor2_0(
+                        hidden_size=module.inner_dim, cross_attention_dim=module.cross_attention_dim, num_tokens=tokens
+                    )
+                processor.to_k_ip = torch.nn.ModuleList([a.to_k_ip[j] for a in adapters])
+                processor.to_v_ip = torch.nn.ModuleList([a.to_v_ip[j] for a in adapters])
+                module.set_processor(processor)
+                self._processors.append(processor)
+            self.unet.encoder_hid_proj = MultiIPAdapterImageProjection([a.image_projection for a in adapters])
+            self.unet.config.encoder_hid_dim_type = "ip_image_proj"
+        self.attached = keys
+        return True
+
+    def set_scales(self, scales: list[float]) -> None:
+        """One scale per attached adapter, applied to every cross-attention layer."""
+        for processor in self._processors:
+            processor.scale = list(scales)

@@ -1,0 +1,155 @@
+"""Image encoders and image embeddings, both cached.
+
+The engine, not the diffusion pipeline, owns the encoders: each unit is encoded by the encoder its adapter needs
+(chosen in `plan.py`) and the pipeline only ever sees finished embeddings. Embeddings are cached by encoder
+identity + image content + output kind, so a reference image used again costs a dictionary lookup, and an
+encoder is loaded only when some embedding is actually missing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .cache import ByteLRU, module_bytes
+from .images import image_digest
+from .loading import image_processor, load_encoder
+from .probe import EncoderSpec
+from .store import Entry
+
+log = logging.getLogger("imprompt")
+
+
+@dataclass
+class LoadedEncoder:
+    key: tuple
+    spec: EncoderSpec
+    model: torch.nn.Module
+    processor: object
+
+
+@dataclass
+class UnitEmbeddings:
+    """What a unit hands the pipeline, and how it was obtained (for the result's info)."""
+
+    positive: torch.Tensor  # [images, ...] — image_embeds [n, D] or hidden states [n, tokens, H]
+    negative: torch.Tensor  # same shape: zeros (image_embeds) or the encoding of an all-zero image
+    encoder_source: str  # "loaded" | "cache" | "not needed" (every embedding was cached)
+    embeddings: list[str] = field(default_factory=list)  # per image: "cache" | "encoded"
+
+    def for_pipeline(self, classifier_free_guidance: bool) -> torch.Tensor:
+        """diffusers' `ip_adapter_image_embeds` element: [1, n, ...], or cat([negative, positive]) under CFG."""
+        positive = self.positive.unsqueeze(0)
+        if not classifier_free_guidance:
+            return positive
+        return torch.cat([self.negative.unsqueeze(0), positive])
+
+
+class Encoders:
+    def __init__(self, device: torch.device, dtype: torch.dtype, budget_bytes: int, embedding_budget_bytes: int):
+        self.device, self.dtype = device, dtype
+        self.loaded = ByteLRU("encoders", budget_bytes)
+        self.embeddings = ByteLRU("embeddings", embedding_budget_bytes)
+
+    def key(self, entry: Entry) -> tuple:
+        return (str(entry.path), entry.fingerprint, str(self.dtype), str(self.device))
+
+    def embed(self, entry: Entry, output: str, images: list, adapter: str, why: str, events: list) -> UnitEmbeddings:
+        """Embeddings of `images` as `output` ("image_embeds" | "hidden_states") from the encoder at `entry`."""
+        encoder_key = self.key(entry)
+        self._forget_older_versions(encoder_key, events)
+        source = {"value": "not needed"}
+        encoder = None
+
+        def get_encoder() -> LoadedEncoder:
+            nonlocal encoder
+            if encoder is None:
+                encoder = self._encoder(entry, encoder_key, adapter, why, events, source)
+            return encoder
+
+        positives, origins = [], []
+        for image in images:
+            key = (encoder_key, output, image_digest(image))
+            cached = self.embeddings.get(key)
+            if cached is None:
+                cached = _encode(get_encoder(), output, image=image)
+                self.embeddings.put(key, cached, _nbytes(cached), label=f"{output} {key[2][:12]}")
+                origins.append("encoded")
+            else:
+                origins.append("cache")
+            positives.append(cached)
+        positive = torch.stack(positives)
+        if output == "image_embeds":
+            negative = torch.zeros_like(positive)  # diffusers' unconditional image embedding
+        else:
+            key = (encoder_key, output, "all-zero image")
+            zero = self.embeddings.get(key)
+            if zero is None:
+                zero = _encode(get_encoder(), output, image=None)
+                self.embeddings.put(key, zero, _nbytes(zero), label=f"{output} of an all-zero image")
+            negative = zero.unsqueeze(0).expand_as(positive)
+        return UnitEmbeddings(positive, negative, source["value"], origins)
+
+    def _encoder(self, entry: Entry, key: tuple, adapter: str, why: str, events: list, source: dict) -> LoadedEncoder:
+        name = entry.name
+        loaded = self.loaded.get(key)
+        if loaded is not None:
+            source["value"] = "cache"
+            log.info("encoder %s reused from cache for %s", name, adapter)
+            events.append({"event": "encoder_reused", "encoder": name, "for": adapter, "why": why})
+            return loaded
+        started = time.perf_counter()
+        model = load_encoder(entry.spec, self.device, self.dtype)
+        loaded = LoadedEncoder(key, entry.spec, model, image_processor(entry.spec))
+        seconds = time.perf_counter() - started
+        nbytes = module_bytes(model)
+        evicted = self.loaded.put(key, loaded, nbytes, label=name)
+        source["value"] = "loaded"
+        log.info("encoder %s loaded for %s in %.2f s (%s): %s", name, adapter, seconds, _mib(nbytes), why)
+        events.append(
+            {"event": "encoder_loaded", "encoder": name, "for": adapter, "why": why, "seconds": round(seconds, 4),
+             "bytes": nbytes}
+        )  # fmt: skip
+        for old in evicted:
+            reason = f"cache budget {_mib(self.loaded.budget_bytes)} needed room for {name}"
+            log.info("encoder %s evicted (%s)", old.label, reason)
+            events.append({"event": "encoder_evicted", "encoder": old.label, "why": reason})
+        return loaded
+
+    def _forget_older_versions(self, key: tuple, events: list) -> None:
+        """Drop the encoder and embeddings made from an earlier version of this file (same path, other
+        fingerprint): they are never served (their keys differ) but they should not hold the budget either."""
+        path = key[0]
+        for old in self.loaded.discard_where(lambda k: k[0] == path and k != key):
+            log.info("encoder %s dropped: its file changed on disk", old.label)
+            events.append({"event": "encoder_evicted", "encoder": old.label, "why": "its file changed on disk"})
+        self.embeddings.discard_where(lambda k: k[0][0] == path and k[0] != key)
+
+    def clear(self) -> dict:
+        return {"encoders": self.loaded.clear(), "embeddings": self.embeddings.clear()}
+
+
+@torch.no_grad()
+def _encode(encoder: LoadedEncoder, output: str, image=None) -> torch.Tensor:
+    """One image at a time (batch of 1), so an embedding is bit-identical whether it is computed alone, with
+    others, or taken from the cache. `image=None` encodes an all-zero input (the negative for hidden states)."""
+    if image is None:
+        size = encoder.spec.image_size
+        pixels = torch.zeros(1, 3, size, size)
+    else:
+        pixels = encoder.processor(images=image, return_tensors="pt").pixel_values
+    pixels = pixels.to(device=encoder.model.device, dtype=encoder.model.dtype)
+    if output == "image_embeds":
+        return encoder.model(pixels).image_embeds[0]
+    return encoder.model(pixels, output_hidden_states=True).hidden_states[-2][0]
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.1f} MiB"

@@ -1,0 +1,80 @@
+"""Reference images in: PIL images, paths, bytes or base64 (with or without a data-URL prefix) -> RGB PIL.
+
+The pixel count is checked from the header before any pixel is decoded, so a decompression bomb costs nothing.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import io
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from .errors import ImageError
+
+DEFAULT_MAX_PIXELS = 4096 * 4096
+
+
+def load_image(ref, what: str = "image", max_pixels: int = DEFAULT_MAX_PIXELS, allow_paths: bool = True):
+    """Decode one image reference; `what` names it in errors ("ip_adapters.0.images.1")."""
+    if isinstance(ref, Image.Image):
+        _check_pixels(ref, what, max_pixels)
+        return ref.convert("RGB")
+    if isinstance(ref, (bytes, bytearray)):
+        return _decode(bytes(ref), what, max_pixels)
+    if isinstance(ref, Path):
+        return _read_file(ref, what, max_pixels, allow_paths)
+    if isinstance(ref, str):
+        text = ref.strip()
+        if text.startswith("data:"):
+            text = text.partition(",")[2]
+        elif allow_paths and len(text) < 4096 and Path(text).expanduser().is_file():
+            return _read_file(Path(text), what, max_pixels, allow_paths)
+        try:
+            data = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            shown = text[:80] + ("..." if len(text) > 80 else "")
+            raise ImageError(f"{what}: {shown!r} is neither an existing image file nor base64 image data") from None
+        return _decode(data, what, max_pixels)
+    raise ImageError(f"{what}: expected a PIL image, a path or base64 data, got {type(ref).__name__}")
+
+
+def _read_file(path: Path, what: str, max_pixels: int, allow_paths: bool):
+    if not allow_paths:
+        raise ImageError(f"{what}: file paths are not accepted here; send the image as base64")
+    path = path.expanduser()
+    if not path.is_file():
+        raise ImageError(f"{what}: no image file at {path}")
+    return _decode(path.read_bytes(), what, max_pixels)
+
+
+def _decode(data: bytes, what: str, max_pixels: int):
+    try:
+        image = Image.open(io.BytesIO(data))
+    except (UnidentifiedImageError, OSError, ValueError):
+        raise ImageError(f"{what}: {len(data)} bytes that are not an image PIL can read (PNG, JPEG, WebP, ...)") from None
+    _check_pixels(image, what, max_pixels)
+    try:
+        image.load()
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageError(f"{what}: image data is truncated or corrupt ({exc})") from None
+    return image.convert("RGB")
+
+
+def _check_pixels(image, what: str, max_pixels: int) -> None:
+    width, height = image.size
+    if width * height > max_pixels or width == 0 or height == 0:
+        raise ImageError(
+            f"{what}: {width}x{height} pixels is outside the accepted range (1 to {max_pixels} pixels); resize it"
+        )
+
+
+def image_digest(image: Image.Image) -> str:
+    """Content hash of the decoded pixels: the same picture gives the same embedding key whatever its file."""
+    h = hashlib.sha256()
+    h.update(f"{image.mode}:{image.size}".encode())
+    h.update(image.tobytes())
+    return h.hexdigest()[:32]

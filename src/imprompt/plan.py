@@ -1,0 +1,131 @@
+"""Request -> checked plan: which pipeline, which adapter file per unit, and which encoder serves each unit.
+
+Everything that can be wrong with a pairing is found here, from tensor shapes, before anything is loaded or
+computed. `pick_encoder` is the one place where an encoder is chosen for an adapter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import catalog
+from .errors import IncompatibleError, MissingEncoderError, UnknownModelError, UnsupportedError
+from .schema import GenerateRequest, IPAdapterUnit
+from .store import Entry, ModelStore
+
+
+@dataclass(frozen=True)
+class UnitPlan:
+    index: int
+    unit: IPAdapterUnit
+    adapter: Entry
+    encoder: Entry
+    why: str  # why this encoder, in words
+
+    @property
+    def label(self) -> str:
+        """How the unit is named to users: the friendly name if the file has one, else the file stem."""
+        return catalog.friendly_name(self.adapter.name) or self.adapter.name
+
+
+@dataclass(frozen=True)
+class Plan:
+    pipeline: Entry
+    units: tuple[UnitPlan, ...]
+
+
+def make_plan(request: GenerateRequest, store: ModelStore, default_model: str | None = None) -> Plan:
+    model = request.model or default_model or _only_pipeline(store)
+    pipeline = store.pipeline(model)
+    units = []
+    for i, unit in enumerate(request.ip_adapters):
+        adapter = store.adapter(unit.adapter)
+        check_fits(adapter, pipeline)
+        encoder, why = pick_encoder(adapter, store, unit.encoder)
+        units.append(UnitPlan(i, unit, adapter, encoder, why))
+    return Plan(pipeline, tuple(units))
+
+
+def _only_pipeline(store: ModelStore) -> str:
+    pipelines = store.pipelines
+    if len(pipelines) == 1:
+        return pipelines[0].name
+    names = ", ".join(p.name for p in pipelines) or "none"
+    raise UnknownModelError(f"no model named in the request and {len(pipelines)} models in the store ({names}); name one")
+
+
+def check_fits(adapter: Entry, pipeline: Entry) -> None:
+    """The adapter's to_k_ip/to_v_ip must match the UNet's cross-attention layers: same input width (768 for
+    SD 1.5, 2048 for SDXL) and the same output width per layer."""
+    a, p = adapter.spec, pipeline.spec
+    name = catalog.friendly_name(adapter.name) or adapter.name
+    if a.cross_attention_dim != p.cross_attention_dim:
+        fitting = "an SD 1.5 adapter such as Base" if p.cross_attention_dim == 768 else f"a {p.family} adapter"
+        raise IncompatibleError(
+            f"IP-Adapter {name} ({Path(a.path).name}) is for {a.family} UNets (cross-attention width "
+            f"{a.cross_attention_dim}), but model {pipeline.name} is {p.family} (cross-attention width "
+            f"{p.cross_attention_dim}). Use {fitting} with this model, or choose a {a.family} model"
+        )
+    if tuple(a.layer_widths) != tuple(p.layer_widths):
+        raise IncompatibleError(
+            f"IP-Adapter {name} ({Path(a.path).name}) has {len(a.layer_widths)} cross-attention layers of widths "
+            f"{_compact(a.layer_widths)}, but model {pipeline.name}'s UNet has {len(p.layer_widths)} of widths "
+            f"{_compact(p.layer_widths)}: it was trained for another UNet. Use an adapter made for this model"
+        )
+
+
+def pick_encoder(adapter: Entry, store: ModelStore, requested: str | None = None) -> tuple[Entry, str]:
+    """The encoder whose output (kind and width) the adapter's tensors consume, and why it was chosen.
+
+    Among several that fit: an encoder beside the adapter (h94 layout: `models/image_encoder` next to
+    `models/*.safetensors`), then a published architecture over a custom one, then the shortest path."""
+    spec = adapter.spec
+    name = catalog.friendly_name(adapter.name) or adapter.name
+    if spec.consumes == "faceid_embeds":
+        raise UnsupportedError(
+            f"IP-Adapter {name} ({Path(spec.path).name}) is a FaceID adapter: it consumes {spec.embed_dim}-d "
+            f"InsightFace face embeddings, which imprompt does not compute. Use Plus Face or Full Face instead"
+        )
+    if requested:
+        encoder = store.encoder(requested)
+        produced = encoder.spec.produces(spec.consumes)
+        if produced != spec.embed_dim:
+            raise IncompatibleError(
+                f"encoder {encoder.name} gives {spec.consumes}[{produced}], but IP-Adapter {name} consumes "
+                f"{spec.needs}. Leave the encoder unset and imprompt picks the right one"
+            )
+        return encoder, f"{name} consumes {spec.needs}; encoder chosen in the request"
+    candidates = [e for e in store.encoders if e.spec.produces(spec.consumes) == spec.embed_dim]
+    if not candidates:
+        family = catalog.family_by_output(spec.consumes, spec.embed_dim)
+        usual = f" ({family.name}: {' or '.join(family.usual_files)})" if family else ""
+        present = ", ".join(f"{e.name} gives {_outputs(e.spec)}" for e in store.encoders) or "none"
+        raise MissingEncoderError(
+            f"IP-Adapter {name} ({Path(spec.path).name}) consumes {spec.needs}, and no image encoder in the "
+            f"models folder produces it. Encoders present: {present}. Add the encoder it was trained "
+            f"with{usual} to DIR/clip_vision/"
+        )
+    beside = Path(spec.path).parent / "image_encoder"
+    candidates.sort(
+        key=lambda e: (e.path != beside, e.spec.architecture == "custom", len(e.path.parts), str(e.path))
+    )
+    chosen = candidates[0]
+    if len(candidates) == 1:
+        why = f"{name} consumes {spec.needs}; {chosen.name} is the encoder that produces it"
+    else:
+        reason = "it sits beside the adapter" if chosen.path == beside else "first of them by architecture and path"
+        why = f"{name} consumes {spec.needs}; {len(candidates)} encoders produce it, chose {chosen.name} ({reason})"
+    return chosen, why
+
+
+def _outputs(spec) -> str:
+    parts = [f"hidden_states[{spec.hidden_size}]"]
+    if spec.projection_dim:
+        parts.insert(0, f"image_embeds[{spec.projection_dim}]")
+    return " and ".join(parts)
+
+
+def _compact(widths) -> str:
+    widths = list(widths)
+    return str(widths) if len(widths) <= 6 else f"[{', '.join(map(str, widths[:3]))}, ..., {widths[-1]}]"

@@ -1,0 +1,110 @@
+"""Request models shared by the Python API, the CLI and the HTTP server, and SD.Next payload conversion."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import RequestError
+
+SCALE_RANGE = (-1.0, 5.0)  # ComfyUI_IPAdapter_plus's weight range; SD.Next's slider is the 0..1 part of it
+
+
+class IPAdapterUnit(BaseModel):
+    """One image prompt: an adapter, its reference image(s), and how strongly and when it acts."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
+
+    adapter: str = Field(min_length=1, description="friendly name (Base ViT-G), file stem, or path")
+    images: list[Any] = Field(min_length=1, description="PIL images, file paths, or base64 strings")
+    scale: float = Field(1.0, ge=SCALE_RANGE[0], le=SCALE_RANGE[1])
+    start: float = Field(0.0, ge=0.0, le=1.0, description="fraction of the steps where the unit starts acting")
+    end: float = Field(1.0, ge=0.0, le=1.0, description="fraction of the steps where it stops acting")
+    encoder: str | None = Field(None, description="force an image encoder; it must produce what the adapter needs")
+
+    @model_validator(mode="after")
+    def _window(self):
+        if self.start > self.end:
+            raise ValueError(f"start ({self.start}) is after end ({self.end}); use start <= end")
+        return self
+
+    def active_at(self, step: int, total: int) -> bool:
+        """Whether the unit acts at denoising step `step` of `total`: start <= step/total < end."""
+        return self.start <= step / total < self.end
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, description="pipeline name; None: the engine's default model")
+    prompt: str = ""
+    negative_prompt: str = ""
+    seed: int = Field(-1, ge=-1, lt=2**32, description="-1: a random seed (reported in the result)")
+    steps: int = Field(20, ge=1, le=150)
+    cfg_scale: float = Field(7.0, ge=0.0, le=30.0)
+    width: int | None = Field(None, ge=64, le=2048, description="None: the model's native size")
+    height: int | None = Field(None, ge=64, le=2048)
+    batch_size: int = Field(1, ge=1, le=8)
+    sampler: str = "Default"
+    ip_adapters: list[IPAdapterUnit] = Field(default_factory=list, max_length=8)
+
+    @field_validator("width", "height")
+    @classmethod
+    def _multiple_of_8(cls, value):
+        if value is not None and value % 8:
+            raise ValueError(f"{value} is not a multiple of 8 (the VAE works on 8x8 pixel blocks)")
+        return value
+
+
+def parse_request(request: GenerateRequest | dict | None = None, **fields) -> GenerateRequest:
+    """Validate a request given as a model, a dict or keyword arguments; errors become `RequestError`."""
+    if isinstance(request, GenerateRequest):
+        return request.model_copy(update=fields) if fields else request
+    try:
+        return GenerateRequest.model_validate({**(request or {}), **fields})
+    except ValidationError as exc:
+        raise RequestError(describe_validation_error(exc)) from None
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "request"
+        message = err["msg"].removeprefix("Value error, ")
+        found = err.get("input")
+        shown = "" if isinstance(found, (dict, list)) or found is None else f" (got {str(found)[:60]!r})"
+        parts.append(f"{where}: {message}{shown}")
+    return "invalid request: " + "; ".join(parts)
+
+
+def from_sdnext_payload(payload: dict) -> GenerateRequest:
+    """An SD.Next / A1111 `txt2img` JSON payload -> GenerateRequest. A1111 fields imprompt has no use for
+    (restore_faces, n_iter, ...) are ignored, as A1111 ignores fields it does not know."""
+    if not isinstance(payload, dict):
+        raise RequestError(f"request must be a JSON object, got {type(payload).__name__}")
+    overrides = payload.get("override_settings") or {}
+    if not isinstance(overrides, dict):
+        raise RequestError("override_settings must be a JSON object")
+    units = payload.get("ip_adapter") or []
+    if not isinstance(units, list):
+        raise RequestError("ip_adapter must be a list of units")
+    fields: dict[str, Any] = {
+        key: payload[key]
+        for key in ("prompt", "negative_prompt", "seed", "steps", "cfg_scale", "width", "height", "batch_size")
+        if payload.get(key) is not None
+    }
+    if payload.get("sampler_name"):
+        fields["sampler"] = payload["sampler_name"]
+    if overrides.get("sd_model_checkpoint"):
+        fields["model"] = overrides["sd_model_checkpoint"]
+    fields["ip_adapters"] = []
+    for i, unit in enumerate(units):
+        if not isinstance(unit, dict):
+            raise RequestError(f"ip_adapter.{i}: each unit must be a JSON object")
+        if not unit.get("adapter") or str(unit["adapter"]).lower() == "none":
+            continue  # SD.Next treats "None" as an empty unit
+        fields["ip_adapters"].append(
+            {k: unit[k] for k in ("adapter", "images", "scale", "start", "end", "encoder") if unit.get(k) is not None}
+        )
+    return parse_request(fields)
