@@ -1,0 +1,24 @@
+# One command to set up and run the demo, one to run the tests. Both work on a fresh machine with only
+# python3 (3.11+) and make: they create .venv, install torch==2.13.0 first, then imprompt.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+
+.PHONY: demo test install clean
+
+demo: install
+	$(BIN)/imprompt demo --models demo-models --out demo-output
+
+test: install
+	$(BIN)/python -m pytest -q
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $@
+
+clean:
+	rm -rf $(VENV) demo-models demo-output .pytest_cache .hypothesis

@@ -1,0 +1,261 @@
+"""imprompt's command line: generate | probe | models | demo | download."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import ImpromptError, RequestError
+
+IP_HELP = (
+    'an IP-Adapter unit, repeatable: "NAME:IMAGE[+IMAGE...][:SCALE[:START[:END]]]", '
+    'e.g. "Base ViT-G:ref.png:0.6" or "Plus:a.png+b.png:0.8:0:0.5". NAME is a friendly name '
+    "(Base, Light, Plus, Plus Face, Full Face, Base ViT-G), a file stem or a path"
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _configure_logging(args.quiet)
+    try:
+        return args.run(args)
+    except ImpromptError as exc:
+        print(f"imprompt: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="imprompt",
+        description="Stable Diffusion with image prompts: any IP-Adapter, any order, any mix; the right image "
+        "encoder is read from the adapter's weights.",
+    )
+    parser.add_argument("--version", action="version", version=f"imprompt {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    g = commands.add_parser("generate", help="generate images from a prompt and IP-Adapter units")
+    _models_argument(g)
+    g.add_argument("--request", type=Path, help="an SD.Next / A1111 txt2img JSON payload (flags below override it)")
+    g.add_argument("--model", help="pipeline name (a folder name under DIR/diffusers/)")
+    g.add_argument("--prompt")
+    g.add_argument("--negative-prompt")
+    g.add_argument("--seed", type=int, help="-1 (default) picks one at random; the result reports it")
+    g.add_argument("--steps", type=int, help="denoising steps (default 20)")
+    g.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (default 7)")
+    g.add_argument("--width", type=int, help="multiple of 8 (default: the model's native size)")
+    g.add_argument("--height", type=int)
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--sampler", help="A1111 sampler name: Euler, Euler a, DPM++ 2M, DPM++ 2M Karras, DDIM, ...")
+    g.add_argument("--ip", action="append", default=[], metavar="UNIT", help=IP_HELP)
+    g.add_argument("--out", type=Path, required=True, help="output PNG (batches add -1, -2, ...)")
+    g.add_argument("--json", action="store_true", help="print the result info as JSON on stdout")
+    _engine_arguments(g)
+    g.set_defaults(run=_generate)
+
+    p = commands.add_parser("probe", help="say what checkpoints are, from their tensor tables")
+    p.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    p.set_defaults(run=_probe)
+
+    m = commands.add_parser("models", help="list pipelines, adapters (with the encoder each needs) and encoders")
+    _models_argument(m)
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(run=_models)
+
+    d = commands.add_parser("demo", help="build the demo model pack (if missing) and run the switching scenario")
+    d.add_argument("--models", type=Path, default=Path("demo-models"), help="where the pack is (default: %(default)s)")
+    d.add_argument("--out", type=Path, default=Path("demo-output"), help="where images go (default: %(default)s)")
+    d.add_argument("--steps", type=int, default=8)
+    d.set_defaults(run=_demo)
+
+    dl = commands.add_parser("download", help="download published adapters and their encoders (needs internet)")
+    _models_argument(dl)
+    dl.add_argument("names", nargs="+", metavar="NAME", help='friendly names, e.g. "Base ViT-G"')
+    dl.set_defaults(run=_download)
+    return parser
+
+
+def _models_argument(parser) -> None:
+    parser.add_argument(
+        "--models",
+        type=Path,
+        default=os.environ.get("IMPROMPT_MODELS"),
+        help="models folder (default: $IMPROMPT_MODELS)",
+    )
+
+
+def _engine_arguments(parser) -> None:
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
+    parser.add_argument("--dtype", help="float32, float16, bfloat16 (default: float16 on cuda, float32 on cpu)")
+    parser.add_argument("--cache-budget", help="memory for loaded image encoders, e.g. 8GiB (default: half the RAM)")
+
+
+def _require_models(args) -> Path:
+    if not args.models:
+        raise RequestError("no models folder: pass --models DIR or set IMPROMPT_MODELS")
+    return args.models
+
+
+# ---------------------------------------------------------------------------------------------------- commands
+
+
+def _generate(args) -> int:
+    from .engine import Engine
+    from .schema import from_sdnext_payload, parse_request
+
+    if args.request:
+        try:
+            payload = json.loads(args.request.read_text())
+        except (OSError, ValueError) as exc:
+            raise RequestError(f"--request {args.request}: cannot read JSON ({exc})") from None
+        request = from_sdnext_payload(payload)
+    else:
+        request = parse_request({})
+    overrides = {
+        field: value
+        for field, value in {
+            "model": args.model,
+            "prompt": args.prompt,
+            "negative_prompt": args.negative_prompt,
+            "seed": args.seed,
+            "steps": args.steps,
+            "cfg_scale": args.cfg_scale,
+            "width": args.width,
+            "height": args.height,
+            "batch_size": args.batch_size,
+            "sampler": args.sampler,
+        }.items()
+        if value is not None
+    }
+    if args.ip:
+        overrides["ip_adapters"] = [parse_ip_unit(text) for text in args.ip]
+    request = parse_request(request.model_dump() | overrides)
+    _quiet_libraries()
+    engine = Engine(_require_models(args), device=args.device, dtype=args.dtype, cache_budget=args.cache_budget)
+    result = engine.generate(request)
+    outputs = []
+    for i in range(len(result.images)):
+        path = args.out if len(result.images) == 1 else args.out.with_stem(f"{args.out.stem}-{i + 1}")
+        outputs.append(str(result.save(path, index=i)))
+    if args.json:
+        print(json.dumps(result.info | {"outputs": outputs}, indent=2))
+    else:
+        for path in outputs:
+            print(path)
+    return 0
+
+
+def parse_ip_unit(text: str) -> dict:
+    """'NAME:IMAGE[+IMAGE...][:SCALE[:START[:END]]]' -> a unit dict. Trailing numbers are scale/start/end;
+    whatever lies between the name and them is the image list (so image paths may contain ':')."""
+    name, sep, rest = text.partition(":")
+    if not sep or not name.strip() or not rest:
+        raise RequestError(f"--ip {text!r}: expected NAME:IMAGE[+IMAGE...][:SCALE[:START[:END]]]")
+    parts = rest.split(":")
+    numbers = []
+    while len(parts) > 1 and len(numbers) < 3 and _is_number(parts[-1]):
+        numbers.insert(0, float(parts.pop()))
+    images = [p for p in ":".join(parts).split("+") if p]
+    if not images:
+        raise RequestError(f"--ip {text!r}: no image given")
+    unit = {"adapter": name.strip(), "images": images}
+    unit.update(zip(("scale", "start", "end"), numbers))
+    return unit
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def _probe(args) -> int:
+    from .probe import probe
+
+    status = 0
+    for path in args.files:
+        try:
+            print(json.dumps(probe(path).to_dict()))
+        except ImpromptError as exc:
+            print(json.dumps({"path": str(path), "kind": "unreadable", "error": str(exc)}))
+            status = 1
+    return status
+
+
+def _models(args) -> int:
+    from .engine import list_models
+    from .store import ModelStore
+
+    listing = list_models(ModelStore(_require_models(args)))
+    if args.json:
+        print(json.dumps(listing, indent=2))
+        return 0
+    print("Models:")
+    for m in listing["models"]:
+        print(f"  {m['name']:<28} {m['family']:<8} {m['pipeline_class']}")
+    print("IP-Adapters:")
+    for a in listing["adapters"]:
+        label = a["friendly_name"] or a["name"]
+        encoder = f"-> {a['encoder']}" if a["encoder_present"] else "-> MISSING ENCODER"
+        fits = ", ".join(a["fits_models"]) or "no model here"
+        print(f"  {label:<28} {a['variant']:<10} {a['family']:<7} needs {a['needs']:<34} {encoder}  (fits: {fits})")
+    print("Image encoders:")
+    for e in listing["encoders"]:
+        outputs = f"image_embeds[{e['projection_dim']}] hidden_states[{e['hidden_size']}]"
+        print(f"  {e['name']:<40} {e['architecture']:<12} {outputs}")
+    if listing["unreadable"]:
+        print("Unreadable files:")
+        for u in listing["unreadable"]:
+            print(f"  {u['path']}: {u['error']}")
+    return 0
+
+
+def _demo(args) -> int:
+    from .demo import run_demo
+
+    _quiet_libraries()
+    run_demo(args.models, args.out, steps=args.steps)
+    return 0
+
+
+def _download(args) -> int:
+    from .download import download
+
+    for path in download(args.names, _require_models(args)):
+        print(path)
+    return 0
+
+
+def _configure_logging(quiet: bool) -> None:
+    """imprompt's own log (encoder loads, reuse, evictions and why) goes to stderr; libraries only warn."""
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("imprompt: %(message)s"))
+    log = logging.getLogger("imprompt")
+    log.addHandler(handler)
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
+    log.propagate = False
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def _quiet_libraries() -> None:
+    """diffusers' and transformers' loading progress bars are noise on a command line (only these switch them off)."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

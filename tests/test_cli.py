@@ -1,0 +1,165 @@
+"""What users type: the CLI as a real subprocess, and its output files."""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import max_diff, request, unit
+from PIL import Image
+
+from imprompt.cli import parse_ip_unit
+
+
+def imprompt(*args, check=True):
+    done = subprocess.run([sys.executable, "-m", "imprompt.cli", *map(str, args)], capture_output=True, text=True)
+    if check:
+        assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def test_demo_runs_the_articles_switching_scenario(pack, engine, tmp_path):
+    out = tmp_path / "demo"
+    done = imprompt("demo", "--models", pack, "--out", out, "--steps", 4)
+    rows = json.loads((out / "demo-report.json").read_text())
+    steps = [(r["step"], r["adapter"], r["encoder"]) for r in rows]
+    vit_h, vit_g = "IP-Adapter/models/image_encoder", "IP-Adapter/sdxl_models/image_encoder"
+    assert steps == [
+        (1, "Base", vit_h),
+        (2, "Base ViT-G", vit_g),
+        (3, "Base", vit_h),
+        (4, "Plus", vit_h),
+        (5, "Full Face", vit_h),
+        (6, "Plus Face", vit_h),
+        (7, "Light", vit_h),
+        (8, "Base", vit_h),
+        (8, "Base ViT-G", vit_g),
+    ]
+    sources = {(r["step"], r["adapter"]): r["encoder_source"] for r in rows}
+    assert sources[(1, "Base")] == sources[(2, "Base ViT-G")] == "loaded"
+    assert sources[(3, "Base")] == "not needed"  # same image, same encoder: the embedding came from cache
+    assert sources[(4, "Plus")] == "cache"  # hidden states are new, the ViT-H encoder is still loaded
+    # the log says which encoder was loaded, for which adapter, and why
+    assert "encoder IP-Adapter/sdxl_models/image_encoder loaded for Base ViT-G" in done.stderr
+    assert "consumes image_embeds[1280]" in done.stderr
+    assert "wrong pairing refused" in done.stdout and "image_embeds[1280]" in done.stdout
+    assert (out / "demo-grid.png").is_file() and (out / "demo-report.md").is_file()
+    # a demo image is exactly what the Python API gives for the same request
+    reference = Image.open(pack / "images" / "red-circle.png").convert("RGB")
+    same = engine.generate(
+        model="tiny-sd15", prompt="a shape", seed=7, steps=4, cfg_scale=5.0,
+        ip_adapters=[{"adapter": "Base ViT-G", "images": [reference], "scale": 0.7}],
+    )  # fmt: skip
+    assert max_diff(Image.open(out / "02-base-vit-g.png").convert("RGB"), same.images[0]) == 0
+
+
+def test_generate_with_ip_units_and_json(pack, engine, red_circle, tmp_path):
+    image = pack / "images" / "red-circle.png"
+    out = tmp_path / "out.png"
+    done = imprompt(
+        "generate", "--models", pack, "--model", "tiny-sd15", "--prompt", "a cat", "--seed", 1, "--steps", 4,
+        "--cfg-scale", 7, "--width", 64, "--height", 64,
+        "--ip", f"Base:{image}:0.6", "--ip", f"Base ViT-G:{image}:0.5", "--out", out, "--json",
+    )  # fmt: skip
+    info = json.loads(done.stdout)
+    assert [(u["adapter"], u["variant"], u["encoder"]) for u in info["ip_adapters"]] == [
+        ("Base", "base", "IP-Adapter/models/image_encoder"),
+        ("Base ViT-G", "base", "IP-Adapter/sdxl_models/image_encoder"),
+    ]
+    for u in info["ip_adapters"]:
+        assert u["file"].endswith(".safetensors") and u["encoder_source"] == "loaded" and u["embeddings"] == ["encoded"]
+    expected = engine.generate(request(unit("Base", red_circle, 0.6), unit("Base ViT-G", red_circle, 0.5)))
+    written = Image.open(out)
+    assert max_diff(written.convert("RGB"), expected.images[0]) == 0
+    parameters = written.text["parameters"]  # A1111's PNG text chunk
+    assert parameters.startswith("a cat\n") and "Seed: 1" in parameters
+    assert 'IP Adapter: "Base:0.6:0.0:1.0;Base ViT-G:0.5:0.0:1.0"' in parameters
+
+
+def test_generate_from_an_sdnext_payload(pack, engine, red_circle, tmp_path):
+    encoded = base64.b64encode((pack / "images" / "red-circle.png").read_bytes()).decode()
+    payload = {
+        "prompt": "a cat", "negative_prompt": "", "seed": 1, "steps": 4, "cfg_scale": 7.0, "width": 64, "height": 64,
+        "sampler_name": "Euler a", "restore_faces": False, "n_iter": 1,
+        "override_settings": {"sd_model_checkpoint": "tiny-sd15"},
+        "ip_adapter": [{"adapter": "Plus", "images": ["data:image/png;base64," + encoded], "scale": 0.6,
+                        "start": 0.0, "end": 0.5}],
+    }  # fmt: skip
+    (tmp_path / "payload.json").write_text(json.dumps(payload))
+    out = tmp_path / "out.png"
+    imprompt("generate", "--models", pack, "--request", tmp_path / "payload.json", "--out", out)
+    expected = engine.generate(request(unit("Plus", red_circle, 0.6, end=0.5), sampler="Euler a"))
+    assert max_diff(Image.open(out).convert("RGB"), expected.images[0]) == 0
+
+
+def test_models_lists_each_adapter_with_the_encoder_it_needs(pack):
+    listing = json.loads(imprompt("models", "--models", pack, "--json").stdout)
+    adapters = {a["friendly_name"]: a for a in listing["adapters"]}
+    assert set(adapters) == {"Base", "Light", "Plus", "Plus Face", "Full Face", "Base ViT-G"}
+    assert adapters["Base ViT-G"]["needs"] == "image_embeds[1280] (ViT-bigG-14)"
+    assert adapters["Base ViT-G"]["encoder"] == "IP-Adapter/sdxl_models/image_encoder"
+    assert adapters["Plus"]["encoder"] == "IP-Adapter/models/image_encoder"
+    assert all(a["encoder_present"] and a["fits_models"] == ["tiny-sd15"] for a in adapters.values())
+    text = imprompt("models", "--models", pack).stdout
+    assert "Base ViT-G" in text and "needs image_embeds[1280]" in text
+
+
+def test_models_says_when_an_encoder_is_missing(pack, tmp_path):
+    root = tmp_path / "models"
+    (root / "ipadapter").mkdir(parents=True)
+    (root / "ipadapter" / "ip-adapter_sd15_vit-G.safetensors").write_bytes(
+        (pack / "IP-Adapter" / "models" / "ip-adapter_sd15_vit-G.safetensors").read_bytes()
+    )
+    text = imprompt("models", "--models", root).stdout
+    assert "MISSING ENCODER" in text
+
+
+def test_probe_prints_one_json_object_per_file(pack, tmp_path):
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"\x00" * 5)
+    done = imprompt(
+        "probe", pack / "IP-Adapter" / "models" / "ip-adapter_sd15_vit-G.safetensors",
+        pack / "IP-Adapter" / "sdxl_models" / "image_encoder", pack / "diffusers" / "tiny-sd15", broken, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1  # one file was unreadable
+    adapter, encoder, pipeline, bad = (json.loads(line) for line in done.stdout.splitlines())
+    assert adapter == {**adapter, "kind": "ip-adapter", "variant": "base", "consumes": "image_embeds",
+                       "embed_dim": 1280, "tokens": 4, "cross_attention_dim": 768}  # fmt: skip
+    assert encoder == {**encoder, "kind": "image-encoder", "projection_dim": 1280, "hidden_size": 96,
+                       "num_layers": 3, "image_size": 224, "architecture": "custom"}  # fmt: skip
+    assert pipeline["kind"] == "pipeline" and pipeline["cross_attention_dim"] == 768
+    assert bad["kind"] == "unreadable" and "broken.safetensors" in bad["error"]
+
+
+def test_errors_are_one_clear_line_and_exit_1(pack, tmp_path):
+    done = imprompt(
+        "generate", "--models", pack, "--prompt", "x", "--ip", f"Base Turbo:{pack}/images/red-circle.png",
+        "--out", tmp_path / "x.png", check=False,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1].startswith("imprompt: error: IP-Adapter 'Base Turbo' not found")
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("Base:a.png", {"adapter": "Base", "images": ["a.png"]}),
+        ("Base ViT-G:a.png:0.6", {"adapter": "Base ViT-G", "images": ["a.png"], "scale": 0.6}),
+        ("Plus:a.png+b.png:0.8:0:0.5", {"adapter": "Plus", "images": ["a.png", "b.png"], "scale": 0.8, "start": 0.0, "end": 0.5}),
+        ("Base:C:/refs/a.png:0.5", {"adapter": "Base", "images": ["C:/refs/a.png"], "scale": 0.5}),
+        ("Base:2024.png", {"adapter": "Base", "images": ["2024.png"]}),
+    ],
+)  # fmt: skip
+def test_ip_unit_syntax(text, expected):
+    assert parse_ip_unit(text) == expected
+
+
+def test_help_mentions_every_command():
+    text = imprompt("--help").stdout
+    for command in ("generate", "probe", "models", "demo", "download"):
+        assert command in text
+    assert "NAME:IMAGE" in imprompt("generate", "--help").stdout

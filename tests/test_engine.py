@@ -1,0 +1,120 @@
+"""Engine behaviours users rely on beyond the reference images: seeds, batches, windows, progress, caches."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import max_diff, request, unit
+
+from imprompt import Engine
+from imprompt.download import download
+from imprompt.store import ModelStore
+
+
+def test_info_is_json_and_names_what_served_each_unit(engine, red_circle):
+    result = engine.generate(request(unit("Plus Face", red_circle)))
+    info = json.loads(json.dumps(result.info))
+    (u,) = info["ip_adapters"]
+    assert u["adapter"] == "Plus Face" and u["variant"] == "plus" and u["consumes"] == "hidden_states"
+    assert u["encoder_source"] in ("loaded", "cache", "not needed")
+    assert u["encoder_why"].startswith("Plus Face consumes hidden_states[64]")
+    assert set(info["timings"]) >= {"plan", "load", "encode", "attach", "denoise", "total"}
+
+
+def test_random_seed_is_reported_and_reproduces(engine, red_circle):
+    first = engine.generate(request(unit("Base", red_circle), seed=-1))
+    again = engine.generate(request(unit("Base", red_circle), seed=first.info["seed"]))
+    assert 0 <= first.info["seed"] < 2**32
+    assert max_diff(first.images[0], again.images[0]) == 0
+
+
+def test_without_classifier_free_guidance_the_unit_still_acts(engine, red_circle):
+    plain = engine.generate(request(cfg_scale=1.0))
+    with_unit = engine.generate(request(unit("Base ViT-G", red_circle, 1.0), cfg_scale=1.0))
+    assert max_diff(plain.images[0], with_unit.images[0]) > 0
+
+
+def test_batches(engine, red_circle):
+    result = engine.generate(request(unit("Plus", red_circle), batch_size=2))
+    assert len(result.images) == 2
+    assert max_diff(result.images[0], result.images[1]) > 0
+
+
+def test_an_empty_window_equals_no_unit(engine, red_circle):
+    """start == end: the unit never acts, so the image is the image without it, to the pixel."""
+    without = engine.generate(request())
+    for start in (0.0, 0.5, 1.0):
+        idle = engine.generate(request(unit("Base", red_circle, 1.0, start=start, end=start)))
+        assert max_diff(idle.images[0], without.images[0]) == 0
+
+
+def test_a_partial_window_differs_from_both_ends(engine, red_circle):
+    full = engine.generate(request(unit("Base", red_circle, 1.0)))
+    half = engine.generate(request(unit("Base", red_circle, 1.0, end=0.5)))
+    none = engine.generate(request())
+    assert max_diff(half.images[0], full.images[0]) > 0 and max_diff(half.images[0], none.images[0]) > 0
+
+
+def test_progress_callback_and_interrupt(engine, red_circle):
+    seen = []
+    engine.generate(request(unit("Base", red_circle)), on_step=lambda step, total: seen.append((step, total)))
+    assert seen and seen[-1][0] == seen[-1][1] and [s for s, _ in seen] == list(range(1, len(seen) + 1))
+
+    calls = []
+
+    def stop_after_first(step, total):
+        calls.append(step)
+        engine.interrupt()
+
+    result = engine.generate(request(unit("Base", red_circle)), on_step=stop_after_first)
+    assert calls == [1] and result.info["interrupted"] is True
+    after = engine.generate(request(unit("Base", red_circle)))  # an interrupted job does not affect the next
+    assert after.info["interrupted"] is False
+
+
+def test_clear_cache_changes_nothing_but_speed(engine, red_circle):
+    before = engine.generate(request(unit("Full Face", red_circle)))
+    cleared = engine.clear_cache()
+    assert cleared["encoders"] >= 1
+    assert engine.cache_info()["encoders"]["entries"] == []
+    after = engine.generate(request(unit("Full Face", red_circle)))
+    assert after.info["ip_adapters"][0]["encoder_source"] == "loaded"
+    assert max_diff(before.images[0], after.images[0]) == 0
+
+
+def test_engine_wide_defaults(pack, red_circle):
+    """No model named: the only model in the store is used; its native size is the default size."""
+    engine = Engine(pack)
+    result = engine.generate(prompt="a cat", seed=1, steps=2, ip_adapters=[unit("Light", red_circle)])
+    assert result.info["model"] == "tiny-sd15" and result.images[0].size == (64, 64)
+
+
+def test_download_places_adapters_and_their_encoders_where_the_store_finds_them(pack, red_circle, tmp_path):
+    """The hub path, with the hub replaced by the pack (no network here)."""
+    h94 = pack / "IP-Adapter"
+    calls = []
+
+    def fake_fetch(repo_id, filename, subfolder=None):
+        calls.append((repo_id, subfolder, filename))
+        assert repo_id == "h94/IP-Adapter"
+        return h94 / (subfolder or "") / filename
+
+    models = tmp_path / "models"
+    download(["Base ViT-G", "Plus"], models, fetch=fake_fetch)
+    assert ("h94/IP-Adapter", "sdxl_models/image_encoder", "model.safetensors") in calls
+    assert ("h94/IP-Adapter", "models", "ip-adapter-plus_sd15.safetensors") in calls
+    store = ModelStore(models)
+    assert {e.name for e in store.adapters} == {"ip-adapter_sd15_vit-G", "ip-adapter-plus_sd15"}
+    assert {e.name for e in store.encoders} == {"clip_vision/ViT-bigG-14", "clip_vision/ViT-H-14"}
+    assert not list(models.rglob("*.partial"))
+    engine = Engine([pack / "diffusers", models])
+    result = engine.generate(request(unit("Base ViT-G", red_circle)))
+    assert result.info["ip_adapters"][0]["encoder"] == "clip_vision/ViT-bigG-14"
+
+
+def test_download_refuses_unknown_names(tmp_path):
+    from imprompt.errors import UnknownAdapterError
+
+    with pytest.raises(UnknownAdapterError, match="Base ViT-G"):
+        download(["Base Turbo"], tmp_path, fetch=lambda **kw: None)
