@@ -74,6 +74,11 @@ class ByteLRU:
             doomed = [k for k in self._items if predicate(k)]
             return [Evicted(k, self._items[k].label, self._items.pop(k).nbytes) for k in doomed]
 
+    def discard_older_versions(self, key: tuple) -> list[Evicted]:
+        """Drop items loaded from the same file (`key[0]`, its path) under another fingerprint: they can never be
+        served again (their keys differ) but should not hold the budget."""
+        return self.discard_where(lambda k: k[0] == key[0] and k != key)
+
     def clear(self) -> int:
         with self._lock:
             count = len(self._items)

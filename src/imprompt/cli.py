@@ -191,10 +191,10 @@ def _probe(args) -> int:
 
 
 def _models(args) -> int:
-    from .engine import list_models
+    from .plan import describe_store
     from .store import ModelStore
 
-    listing = list_models(ModelStore(_require_models(args)))
+    listing = describe_store(ModelStore(_require_models(args)))
     if args.json:
         print(json.dumps(listing, indent=2))
         return 0

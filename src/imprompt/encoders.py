@@ -54,12 +54,9 @@ class Encoders:
         self.loaded = ByteLRU("encoders", budget_bytes)
         self.embeddings = ByteLRU("embeddings", embedding_budget_bytes)
 
-    def key(self, entry: Entry) -> tuple:
-        return (str(entry.path), entry.fingerprint, str(self.dtype), str(self.device))
-
     def embed(self, entry: Entry, output: str, images: list, adapter: str, why: str, events: list) -> UnitEmbeddings:
         """Embeddings of `images` as `output` ("image_embeds" | "hidden_states") from the encoder at `entry`."""
-        encoder_key = self.key(entry)
+        encoder_key = entry.key(self.dtype, self.device)
         self._forget_older_versions(encoder_key, events)
         source = {"value": "not needed"}
         encoder = None
@@ -122,11 +119,10 @@ class Encoders:
     def _forget_older_versions(self, key: tuple, events: list) -> None:
         """Drop the encoder and embeddings made from an earlier version of this file (same path, other
         fingerprint): they are never served (their keys differ) but they should not hold the budget either."""
-        path = key[0]
-        for old in self.loaded.discard_where(lambda k: k[0] == path and k != key):
+        for old in self.loaded.discard_older_versions(key):
             log.info("encoder %s dropped: its file changed on disk", old.label)
             events.append({"event": "encoder_evicted", "encoder": old.label, "why": "its file changed on disk"})
-        self.embeddings.discard_where(lambda k: k[0][0] == path and k[0] != key)
+        self.embeddings.discard_where(lambda k: k[0][0] == key[0] and k[0] != key)
 
     def clear(self) -> dict:
         return {"encoders": self.loaded.clear(), "embeddings": self.embeddings.clear()}

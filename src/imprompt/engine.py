@@ -11,6 +11,7 @@ dtype). A request that fails before `attach` changes nothing the next request ca
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import threading
 import time
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from . import __version__, catalog
+from . import __version__
 from .adapters import AdapterSlots, BuiltAdapter, build_adapter
 from .cache import ByteLRU, parse_bytes
 from .encoders import Encoders
@@ -95,8 +96,6 @@ def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
 def _default_encoder_budget() -> int:
     """Half the machine's memory: room for ViT-H and ViT-bigG together on a 32 GB machine in fp32."""
     try:
-        import os
-
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
     except (ValueError, OSError, AttributeError):
         return 8 * 2**30
@@ -174,7 +173,7 @@ class Engine:
         ]
         timer.mark("encode")
 
-        swapped = loaded.slots.attach(built, tuple(self._adapter_key(u.adapter) for u in plan.units))
+        swapped = loaded.slots.attach(built, tuple(u.adapter.key(self.dtype, self.device) for u in plan.units))
         if swapped:
             names = " + ".join(u.label for u in plan.units) or "none"
             log.info("UNet adapters now: %s", names)
@@ -271,7 +270,7 @@ class Engine:
     # --------------------------------------------------------------------------------------- loading, cached
 
     def _load_pipeline(self, entry: Entry, events: list) -> _LoadedPipeline:
-        key = (str(entry.path), entry.fingerprint, str(self.dtype), str(self.device))
+        key = entry.key(self.dtype, self.device)
         if self._pipeline is not None and self._pipeline.key == key:
             return self._pipeline
         if self._pipeline is not None:
@@ -294,15 +293,12 @@ class Engine:
         )
         return self._pipeline
 
-    def _adapter_key(self, entry: Entry) -> tuple:
-        return (str(entry.path), entry.fingerprint, str(self.dtype), str(self.device))
-
     def _built_adapter(self, entry: Entry, loaded: _LoadedPipeline, label: str, events: list) -> BuiltAdapter:
-        key = self._adapter_key(entry)
+        key = entry.key(self.dtype, self.device)
         built = self.adapters.get(key)
         if built is not None:
             return built
-        self.adapters.discard_where(lambda k: k[0] == key[0] and k != key)  # an older version of this file
+        self.adapters.discard_older_versions(key)
         started = time.perf_counter()
         state = load_adapter_state_dict(entry.spec)
         built = build_adapter(entry.spec, state, loaded.pipeline.unet)
@@ -332,39 +328,3 @@ class Engine:
             cleared = self.encoders.clear()
             cleared["adapters"] = self.adapters.clear()
             return cleared
-
-
-def list_models(store: ModelStore) -> dict:
-    """Everything in the store, and for each adapter the encoder it needs and whether one is present."""
-    from .errors import ImpromptError
-    from .plan import check_fits, pick_encoder
-
-    adapters = []
-    for entry in store.adapters:
-        spec = entry.spec
-        item = {"name": entry.name, "friendly_name": catalog.friendly_name(entry.name), **spec.to_dict()}
-        family = catalog.family_by_output(spec.consumes, spec.embed_dim)
-        item["needs"] = spec.needs + (f" ({family.name})" if family else "")
-        try:
-            encoder, _ = pick_encoder(entry, store)
-            item["encoder"], item["encoder_present"] = encoder.name, True
-        except ImpromptError as exc:
-            item["encoder"], item["encoder_present"], item["encoder_problem"] = None, False, str(exc)
-        item["fits_models"] = [p.name for p in store.pipelines if _fits(entry, p, check_fits)]
-        adapters.append(item)
-    return {
-        "models": [{"name": e.name, **e.spec.to_dict()} for e in store.pipelines],
-        "adapters": adapters,
-        "encoders": [{"name": e.name, **e.spec.to_dict()} for e in store.encoders],
-        "unreadable": [{"name": e.name, "path": str(e.path), "error": str(e.error)} for e in store.unreadable],
-    }
-
-
-def _fits(adapter: Entry, pipeline: Entry, check_fits) -> bool:
-    from .errors import IncompatibleError
-
-    try:
-        check_fits(adapter, pipeline)
-        return True
-    except IncompatibleError:
-        return False

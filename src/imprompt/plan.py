@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import catalog
-from .errors import IncompatibleError, MissingEncoderError, UnknownModelError, UnsupportedError
+from .errors import ImpromptError, IncompatibleError, MissingEncoderError, UnknownModelError, UnsupportedError
 from .schema import GenerateRequest, IPAdapterUnit
 from .store import Entry, ModelStore
 
@@ -129,3 +129,35 @@ def _outputs(spec) -> str:
 def _compact(widths) -> str:
     widths = list(widths)
     return str(widths) if len(widths) <= 6 else f"[{', '.join(map(str, widths[:3]))}, ..., {widths[-1]}]"
+
+
+def describe_store(store: ModelStore) -> dict:
+    """Everything in the store; for each adapter the encoder it needs, whether one is present, and which of the
+    store's models it fits (the same checks a request goes through)."""
+    adapters = []
+    for entry in store.adapters:
+        spec = entry.spec
+        family = catalog.family_by_output(spec.consumes, spec.embed_dim)
+        item = {"name": entry.name, "friendly_name": catalog.friendly_name(entry.name), **spec.to_dict()}
+        item["needs"] = spec.needs + (f" ({family.name})" if family else "")
+        try:
+            encoder, _ = pick_encoder(entry, store)
+            item.update(encoder=encoder.name, encoder_present=True)
+        except ImpromptError as exc:
+            item.update(encoder=None, encoder_present=False, encoder_problem=str(exc))
+        item["fits_models"] = [p.name for p in store.pipelines if _fits(entry, p)]
+        adapters.append(item)
+    return {
+        "models": [{"name": e.name, **e.spec.to_dict()} for e in store.pipelines],
+        "adapters": adapters,
+        "encoders": [{"name": e.name, **e.spec.to_dict()} for e in store.encoders],
+        "unreadable": [{"name": e.name, "path": str(e.path), "error": str(e.error)} for e in store.unreadable],
+    }
+
+
+def _fits(adapter: Entry, pipeline: Entry) -> bool:
+    try:
+        check_fits(adapter, pipeline)
+        return True
+    except IncompatibleError:
+        return False

@@ -39,6 +39,11 @@ class Entry:
     def kind(self) -> str:
         return self.spec.kind if self.spec is not None else "unreadable"
 
+    def key(self, *how) -> tuple:
+        """Cache key for something loaded from this entry: path first, then the fingerprint (so a changed file
+        never matches), then how it was loaded (dtype, device)."""
+        return (str(self.path), self.fingerprint, *map(str, how))
+
 
 class ModelStore:
     def __init__(self, roots, allow_paths: bool = True):
