@@ -117,6 +117,8 @@ def parse_bytes(text: str | int | None, default: int) -> int:
     if text is None or text == "":
         return default
     if isinstance(text, int):
+        if text < 0:
+            raise ValueError(f"size {text} is negative")
         return text
     s = str(text).strip().lower().replace(" ", "")
     units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6, "gb": 10**9,
@@ -131,6 +133,6 @@ def parse_bytes(text: str | int | None, default: int) -> int:
         value = float(number)
     except ValueError:
         raise ValueError(f"cannot read {text!r} as a size; write it like 8GiB, 512MB or 1073741824") from None
-    if value < 0:
-        raise ValueError(f"size {text!r} is negative")
+    if not 0 <= value < float("inf"):
+        raise ValueError(f"size {text!r} must be a finite, non-negative number of bytes")
     return int(value * factor)

@@ -72,6 +72,8 @@ def load_encoder(spec: EncoderSpec, device: torch.device, dtype: torch.dtype):
             state = {k: v for k, v in state.items() if not k.endswith("position_ids")}
             with torch.device("meta"):
                 model = cls(spec.transformers_config())
+            if not hasattr(model, "vision_model"):  # CLIPVisionModel (no projection) has no vision_model wrapper
+                state = {k.removeprefix("vision_model."): v for k, v in state.items()}
             missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
             missing = [k for k in missing if not k.endswith("position_ids")]
             if missing or unexpected:
@@ -90,7 +92,7 @@ def load_encoder(spec: EncoderSpec, device: torch.device, dtype: torch.dtype):
 
 def _materialise_buffers(model, spec: EncoderSpec) -> None:
     """Non-persistent buffers (position ids) stay on the meta device after `assign=True`; rebuild them."""
-    embeddings = model.vision_model.embeddings
+    embeddings = getattr(model, "vision_model", model).embeddings
     positions = (spec.image_size // spec.patch_size) ** 2 + 1
     embeddings.register_buffer("position_ids", torch.arange(positions).expand((1, -1)), persistent=False)
 

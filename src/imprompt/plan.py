@@ -96,11 +96,12 @@ def pick_encoder(adapter: Entry, store: ModelStore, requested: str | None = None
                 f"{spec.needs}. Leave the encoder unset and imprompt picks the right one"
             )
         return encoder, f"{name} consumes {spec.needs}; encoder chosen in the request"
-    candidates = [e for e in store.encoders if e.spec.produces(spec.consumes) == spec.embed_dim]
+    encoders = store.current_of_kind("image-encoder")
+    candidates = [e for e in encoders if e.spec.produces(spec.consumes) == spec.embed_dim]
     if not candidates:
         family = catalog.family_by_output(spec.consumes, spec.embed_dim)
         usual = f" ({family.name}: {' or '.join(family.usual_files)})" if family else ""
-        present = ", ".join(f"{e.name} gives {_outputs(e.spec)}" for e in store.encoders) or "none"
+        present = ", ".join(f"{e.name} gives {_outputs(e.spec)}" for e in encoders) or "none"
         raise MissingEncoderError(
             f"IP-Adapter {name} ({Path(spec.path).name}) consumes {spec.needs}, and no image encoder in the "
             f"models folder produces it. Encoders present: {present}. Add the encoder it was trained "

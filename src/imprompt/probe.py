@@ -52,8 +52,8 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
         raw = f.read(header_len)
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise CheckpointError(path, f"safetensors header is not valid JSON ({exc})", _REDOWNLOAD) from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise CheckpointError(path, f"safetensors header is not valid JSON ({_first_line(exc)})", _REDOWNLOAD) from None
     if not isinstance(header, dict):
         raise CheckpointError(path, "safetensors header is not a JSON object", _REDOWNLOAD)
     metadata = header.pop("__metadata__", None) or {}
@@ -104,19 +104,25 @@ def load_pickle(path: Path, mmap: bool = False):
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else "unsupported object"
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        refused = next((line for line in lines if "GLOBAL" in line), None)
+        if refused is None:  # the weights-only unpickler met bytes that are no pickle opcode: damage, not code
+            detail = next((line for line in lines if "Unsupported" in line or "error" in line), _first_line(exc))
+            raise CheckpointError(path, f"corrupt pickle checkpoint ({detail})", _REDOWNLOAD) from None
         raise UnsafeCheckpointError(
             path,
             f"pickle checkpoint carries code or objects other than tensors and was refused without running it "
-            f"({reason})",
+            f"({refused})",
             "Use the .safetensors version of this file",
         ) from None
     except RuntimeError as exc:
         if mmap and "mmap" in str(exc):  # legacy (non-zip) pickle format cannot be memory-mapped
             return load_pickle(path, mmap=False)
         raise CheckpointError(path, f"cannot read pickle checkpoint ({_first_line(exc)})", _REDOWNLOAD) from None
-    except (EOFError, ValueError, OSError, KeyError, AttributeError, TypeError) as exc:
-        raise CheckpointError(path, f"cannot read pickle checkpoint ({_first_line(exc)})", _REDOWNLOAD) from None
+    except Exception as exc:  # torch.load on damaged bytes raises many types (IndexError, EOFError, KeyError...)
+        raise CheckpointError(
+            path, f"cannot read pickle checkpoint ({type(exc).__name__}: {_first_line(exc)})", _REDOWNLOAD
+        ) from None
 
 
 def flatten_state_dict(obj, prefix: str = "") -> dict:

@@ -129,6 +129,14 @@ class ModelStore:
     def encoders(self) -> list[Entry]:
         return self.of_kind("image-encoder")
 
+    def current_of_kind(self, kind: str) -> list[Entry]:
+        """Every entry of `kind` as the disk has it now: changed files probed again, removed ones left out.
+        Used where a choice is made among all entries (the encoder for an adapter), so it never rests on a stale
+        index."""
+        with self._lock:
+            fresh = [self._entry(e.name, e.path) for e in self.entries if e.path.exists()]
+            return [e for e in fresh if e.kind == kind]
+
     @property
     def unreadable(self) -> list[Entry]:
         return [e for e in self.entries if e.error is not None]
