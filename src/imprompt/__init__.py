@@ -1,9 +1,24 @@
-"""imprompt: Stable Diffusion image generation in which image prompts (IP-Adapters) are first-class."""
+"""imprompt: Stable Diffusion image generation in which image prompts (IP-Adapters) are first-class.
+
+`from imprompt import Engine` works as usual; the heavy imports (torch, diffusers) happen on first use, so
+`imprompt --help` and `imprompt probe` answer at once.
+"""
 
 __version__ = "0.1.0"
 
-from .engine import Engine, Result  # noqa: E402
-from .errors import ImpromptError  # noqa: E402
-from .schema import GenerateRequest, IPAdapterUnit  # noqa: E402
+_EXPORTS = {
+    "Engine": "imprompt.engine",
+    "Result": "imprompt.engine",
+    "GenerateRequest": "imprompt.schema",
+    "IPAdapterUnit": "imprompt.schema",
+    "ImpromptError": "imprompt.errors",
+}
+__all__ = [*_EXPORTS, "__version__"]
 
-__all__ = ["Engine", "Result", "GenerateRequest", "IPAdapterUnit", "ImpromptError", "__version__"]
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'imprompt' has no attribute {name!r}")
