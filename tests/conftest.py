@@ -32,10 +32,11 @@ def engine(pack):
 
 @pytest.fixture
 def adapters_copy(pack, tmp_path) -> Path:
-    """A private, writable copy of the pack's h94 folder (adapters + encoders), for tests that damage files.
+    """A private, writable copy of the pack's h94 SD 1.5 adapters and both encoders, for tests that damage files.
     Use with Engine([pack / "diffusers", adapters_copy])."""
     target = tmp_path / "IP-Adapter"
-    shutil.copytree(pack / "IP-Adapter", target)
+    shutil.copytree(pack / "IP-Adapter" / "models", target / "models")
+    shutil.copytree(pack / "IP-Adapter" / "sdxl_models" / "image_encoder", target / "sdxl_models" / "image_encoder")
     return target
 
 

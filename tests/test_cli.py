@@ -98,11 +98,17 @@ def test_generate_from_an_sdnext_payload(pack, engine, red_circle, tmp_path):
 def test_models_lists_each_adapter_with_the_encoder_it_needs(pack):
     listing = json.loads(imprompt("models", "--models", pack, "--json").stdout)
     adapters = {a["friendly_name"]: a for a in listing["adapters"]}
-    assert set(adapters) == {"Base", "Light", "Plus", "Plus Face", "Full Face", "Base ViT-G"}
+    sd15 = {"Base", "Light", "Plus", "Plus Face", "Full Face", "Base ViT-G", "Ostris Composition ViT-H"}
+    sdxl = {"Base SDXL", "Base ViT-H SDXL", "Plus ViT-H SDXL", "Plus Face ViT-H SDXL", "Ostris Composition ViT-H SDXL"}
+    assert set(adapters) == sd15 | sdxl
     assert adapters["Base ViT-G"]["needs"] == "image_embeds[1280] (ViT-bigG-14)"
-    assert adapters["Base ViT-G"]["encoder"] == "IP-Adapter/sdxl_models/image_encoder"
-    assert adapters["Plus"]["encoder"] == "IP-Adapter/models/image_encoder"
-    assert all(a["encoder_present"] and a["fits_models"] == ["tiny-sd15"] for a in adapters.values())
+    assert adapters["Base ViT-G"]["encoder"] == adapters["Base SDXL"]["encoder"] == "IP-Adapter/sdxl_models/image_encoder"
+    assert adapters["Plus"]["encoder"] == adapters["Base ViT-H SDXL"]["encoder"] == "IP-Adapter/models/image_encoder"
+    assert all(a["encoder_present"] for a in adapters.values())
+    assert all(adapters[n]["fits_models"] == ["tiny-sd15"] for n in sd15)
+    assert all(adapters[n]["fits_models"] == ["tiny-sdxl"] for n in sdxl)
+    models = {m["name"]: set(m["adapters"]) for m in listing["models"]}
+    assert models == {"tiny-sd15": sd15, "tiny-sdxl": sdxl}  # per model, only the adapters that fit it
     text = imprompt("models", "--models", pack).stdout
     assert "Base ViT-G" in text and "needs image_embeds[1280]" in text
 
@@ -136,7 +142,7 @@ def test_probe_prints_one_json_object_per_file(pack, tmp_path):
 
 def test_errors_are_one_clear_line_and_exit_1(pack, tmp_path):
     done = imprompt(
-        "generate", "--models", pack, "--prompt", "x", "--ip", f"Base Turbo:{pack}/images/red-circle.png",
+        "generate", "--models", pack, "--model", "tiny-sd15", "--prompt", "x", "--ip", f"Base Turbo:{pack}/images/red-circle.png",
         "--out", tmp_path / "x.png", check=False,
     )  # fmt: skip
     assert done.returncode == 1
@@ -163,3 +169,40 @@ def test_help_mentions_every_command():
     for command in ("generate", "probe", "models", "demo", "download"):
         assert command in text
     assert "NAME:IMAGE" in imprompt("generate", "--help").stdout
+
+
+def test_embed_then_generate_from_saved_embeddings(pack, engine, red_circle, tmp_path):
+    saved = tmp_path / "circle.safetensors"
+    imprompt("embed", "--models", pack, "--adapter", "Base ViT-G", pack / "images" / "red-circle.png", "--out", saved)
+    probed = json.loads(imprompt("probe", saved).stdout)
+    assert (probed["kind"], probed["output"], probed["width"]) == ("ip-embeddings", "image_embeds", 1280)
+    out = tmp_path / "out.png"
+    done = imprompt(
+        "generate", "--models", pack, "--model", "tiny-sd15", "--prompt", "a cat", "--seed", 1, "--steps", 4,
+        "--width", 64, "--height", 64, "--ip", f"Base ViT-G:{saved}:0.6", "--out", out, "--json",
+    )  # fmt: skip
+    assert json.loads(done.stdout)["ip_adapters"][0]["encoder_source"] == "saved embeddings"
+    expected = engine.generate(request(unit("Base ViT-G", red_circle, 0.6)))
+    assert max_diff(Image.open(out).convert("RGB"), expected.images[0]) == 0
+
+
+def test_full_units_as_json_and_img2img(pack, engine, red_circle, yellow_square, tmp_path):
+    mask = tmp_path / "left.png"
+    left = Image.new("RGB", (64, 64), "black")
+    left.paste((255, 255, 255), (0, 0, 32, 64))
+    left.save(mask)
+    image, init = pack / "images" / "red-circle.png", pack / "images" / "yellow-square.png"
+    unit_json = {"adapter": "Base SDXL", "images": [str(image)], "scale": 0.8, "layers": "style", "masks": [str(mask)]}
+    out = tmp_path / "out.png"
+    imprompt(
+        "generate", "--models", pack, "--model", "tiny-sdxl", "--prompt", "a cat", "--seed", 2, "--steps", 4,
+        "--ip-json", json.dumps(unit_json), "--init-image", init, "--denoising-strength", 0.7,
+        "--width", 64, "--height", 64, "--out", out,
+    )  # fmt: skip
+    expected = engine.generate(
+        request(
+            {**unit_json, "images": [red_circle], "masks": [left]},
+            model="tiny-sdxl", seed=2, init_images=[yellow_square], denoising_strength=0.7,
+        )
+    )  # fmt: skip
+    assert max_diff(Image.open(out).convert("RGB"), expected.images[0]) == 0

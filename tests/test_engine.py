@@ -84,10 +84,15 @@ def test_clear_cache_changes_nothing_but_speed(engine, red_circle):
 
 
 def test_engine_wide_defaults(pack, red_circle):
-    """No model named: the only model in the store is used; its native size is the default size."""
-    engine = Engine(pack)
+    """No model named: the only model in the store is used (a root may be the pipeline folder itself); its
+    native size is the default size. With several models, the request must name one."""
+    engine = Engine([pack / "diffusers" / "tiny-sd15", pack / "IP-Adapter"])
     result = engine.generate(prompt="a cat", seed=1, steps=2, ip_adapters=[unit("Light", red_circle)])
     assert result.info["model"] == "tiny-sd15" and result.images[0].size == (64, 64)
+    from imprompt.errors import UnknownModelError
+
+    with pytest.raises(UnknownModelError, match="tiny-sd15, tiny-sdxl"):
+        Engine(pack).generate(prompt="a cat", steps=1)
 
 
 def test_download_places_adapters_and_their_encoders_where_the_store_finds_them(pack, red_circle, tmp_path):

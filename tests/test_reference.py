@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+import diffusers_reference as reference
 import pytest
 import torch
 from conftest import max_diff, request, unit
-from diffusers import StableDiffusionPipeline
-from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
 VIT_H = "models/image_encoder"
 VIT_G = "sdxl_models/image_encoder"
@@ -23,23 +22,11 @@ VARIANTS = {
 
 
 def diffusers_pipeline(pack):
-    pipe = StableDiffusionPipeline.from_pretrained(
-        pack / "diffusers" / "tiny-sd15", safety_checker=None, requires_safety_checker=False
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return reference.pipeline(pack)
 
 
-def run(pipe, seed=1, **kwargs):
-    return pipe(
-        "a cat",
-        num_inference_steps=4,
-        guidance_scale=7.0,
-        width=64,
-        height=64,
-        generator=torch.Generator().manual_seed(seed),
-        **kwargs,
-    ).images[0]
+def run(pipe, **kwargs):
+    return reference.run(pipe, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -93,14 +80,6 @@ def test_the_same_switch_in_imprompt_is_a_non_event(pack, red_circle):
     assert max_diff(first.images[0], vit_g.images[0]) > 0
 
 
-def encode(folder, image, dtype=torch.float32):
-    """Encode with transformers directly, as a user wiring diffusers by hand would."""
-    model = CLIPVisionModelWithProjection.from_pretrained(folder, dtype=dtype).eval()
-    pixels = CLIPImageProcessor(size=224, crop_size=224)(images=image, return_tensors="pt").pixel_values
-    with torch.no_grad():
-        return model(pixels).image_embeds
-
-
 def test_mixed_encoders_in_one_image_equal_diffusers_with_per_encoder_embeddings(pack, engine, red_circle, yellow_square):
     """Base (ViT-H) + Base ViT-G (ViT-bigG) together: diffusers can run both adapters only when handed
     embeddings, each from its own encoder. imprompt does exactly that, automatically."""
@@ -114,7 +93,7 @@ def test_mixed_encoders_in_one_image_equal_diffusers_with_per_encoder_embeddings
     pipe.set_ip_adapter_scale([0.6, 0.5])
     embeds = []
     for folder, image in ((VIT_H, red_circle), (VIT_G, yellow_square)):
-        positive = encode(pack / "IP-Adapter" / folder, image)[None]  # [1, images=1, dim]
+        positive = reference.encode(pack, f"IP-Adapter/{folder}", image)[None]  # [1, images=1, dim]
         embeds.append(torch.cat([torch.zeros_like(positive), positive]))
     expected = run(pipe, ip_adapter_image_embeds=embeds)
 

@@ -64,9 +64,9 @@ class AdapterSlots:
 
     def __init__(self, unet):
         self.unet = unet
-        self.cross_attention: list[Attention] = [
-            module for name, module in unet.named_modules() if name.endswith("attn2") and isinstance(module, Attention)
-        ]
+        layers = [(n, m) for n, m in unet.named_modules() if n.endswith(".attn2") and isinstance(m, Attention)]
+        self.names = [name.removesuffix(".attn2") for name, _ in layers]  # processor order, as probe.layer_names
+        self.cross_attention: list[Attention] = [module for _, module in layers]
         self.plain_processors = [module.processor for module in self.cross_attention]
         self.attached: tuple = ()
         self._processors: list[IPAdapterAttnProcessor2_0] = []
@@ -99,7 +99,7 @@ class AdapterSlots:
         self.attached = keys
         return True
 
-    def set_scales(self, scales: list[float]) -> None:
-        """One scale per attached adapter, applied to every cross-attention layer."""
-        for processor in self._processors:
-            processor.scale = list(scales)
+    def set_scales(self, scales: list[float], layer_weights: list[tuple[float, ...]]) -> None:
+        """Unit u's scale at cross-attention layer j: scales[u] * layer_weights[u][j] (InstantStyle weights)."""
+        for j, processor in enumerate(self._processors):
+            processor.scale = [scale * weights[j] for scale, weights in zip(scales, layer_weights)]

@@ -1,4 +1,4 @@
-"""imprompt's command line: generate | probe | models | demo | download."""
+"""imprompt's command line: generate | embed | probe | models | demo | download."""
 
 from __future__ import annotations
 
@@ -15,7 +15,13 @@ from .errors import ImpromptError, RequestError
 IP_HELP = (
     'an IP-Adapter unit, repeatable: "NAME:IMAGE[+IMAGE...][:SCALE[:START[:END]]]", '
     'e.g. "Base ViT-G:ref.png:0.6" or "Plus:a.png+b.png:0.8:0:0.5". NAME is a friendly name '
-    "(Base, Light, Plus, Plus Face, Full Face, Base ViT-G), a file stem or a path"
+    "(Base, Light, Plus, Plus Face, Full Face, Base ViT-G, Base SDXL, ...), a file stem or a path; "
+    "an IMAGE ending in .safetensors is a file of saved embeddings (imprompt embed)"
+)
+IP_JSON_HELP = (
+    "an IP-Adapter unit as JSON, repeatable, with every field: adapter, images, embeddings, scale, start, end, "
+    'average, masks, layers, negative_images, encoder; e.g. \'{"adapter": "Base SDXL", "images": ["a.png"], '
+    '"layers": "style", "masks": ["left.png"]}\''
 )
 
 
@@ -54,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int)
     g.add_argument("--sampler", help="A1111 sampler name: Euler, Euler a, DPM++ 2M, DPM++ 2M Karras, DDIM, ...")
     g.add_argument("--ip", action="append", default=[], metavar="UNIT", help=IP_HELP)
+    g.add_argument("--ip-json", action="append", default=[], metavar="JSON", help=IP_JSON_HELP)
+    g.add_argument("--init-image", type=Path, help="img2img: start from this image")
+    g.add_argument("--denoising-strength", type=float, help="img2img: how much is redrawn, 0-1 (default 0.75)")
     g.add_argument("--out", type=Path, required=True, help="output PNG (batches add -1, -2, ...)")
     g.add_argument("--json", action="store_true", help="print the result info as JSON on stdout")
     _engine_arguments(g)
@@ -73,6 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", type=Path, default=Path("demo-output"), help="where images go (default: %(default)s)")
     d.add_argument("--steps", type=int, default=8)
     d.set_defaults(run=_demo)
+
+    e = commands.add_parser("embed", help="encode reference images once and save the embeddings for reuse")
+    _models_argument(e)
+    e.add_argument("--adapter", required=True, help="the adapter the embeddings are for (decides the encoder)")
+    e.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    e.add_argument("--average", action="store_true", help="average the images into one set of tokens")
+    e.add_argument("--out", type=Path, required=True, help="output .safetensors")
+    _engine_arguments(e)
+    e.set_defaults(run=_embed)
 
     dl = commands.add_parser("download", help="download published adapters and their encoders (needs internet)")
     _models_argument(dl)
@@ -133,8 +151,12 @@ def _generate(args) -> int:
         }.items()
         if value is not None
     }
-    if args.ip:
-        overrides["ip_adapters"] = [parse_ip_unit(text) for text in args.ip]
+    if args.denoising_strength is not None:
+        overrides["denoising_strength"] = args.denoising_strength
+    if args.init_image:
+        overrides["init_images"] = [str(args.init_image)]
+    if args.ip or args.ip_json:
+        overrides["ip_adapters"] = [parse_ip_unit(text) for text in args.ip] + [_json_unit(t) for t in args.ip_json]
     request = parse_request(request.model_dump() | overrides)
     _quiet_libraries()
     engine = Engine(_require_models(args), device=args.device, dtype=args.dtype, cache_budget=args.cache_budget)
@@ -164,8 +186,21 @@ def parse_ip_unit(text: str) -> dict:
     images = [p for p in ":".join(parts).split("+") if p]
     if not images:
         raise RequestError(f"--ip {text!r}: no image given")
-    unit = {"adapter": name.strip(), "images": images}
+    if len(images) == 1 and images[0].endswith(".safetensors"):
+        unit = {"adapter": name.strip(), "embeddings": images[0]}
+    else:
+        unit = {"adapter": name.strip(), "images": images}
     unit.update(zip(("scale", "start", "end"), numbers))
+    return unit
+
+
+def _json_unit(text: str) -> dict:
+    try:
+        unit = json.loads(text)
+    except ValueError as exc:
+        raise RequestError(f"--ip-json {text[:60]!r}: not JSON ({exc})") from None
+    if not isinstance(unit, dict):
+        raise RequestError(f"--ip-json {text[:60]!r}: expected a JSON object")
     return unit
 
 
@@ -198,9 +233,10 @@ def _models(args) -> int:
     if args.json:
         print(json.dumps(listing, indent=2))
         return 0
-    print("Models:")
+    print("Models (and the adapters that fit each):")
     for m in listing["models"]:
         print(f"  {m['name']:<28} {m['family']:<8} {m['pipeline_class']}")
+        print(f"    adapters: {', '.join(m['adapters']) or 'none in this folder'}")
     print("IP-Adapters:")
     for a in listing["adapters"]:
         label = a["friendly_name"] or a["name"]
@@ -223,6 +259,16 @@ def _demo(args) -> int:
 
     _quiet_libraries()
     run_demo(args.models, args.out, steps=args.steps)
+    return 0
+
+
+def _embed(args) -> int:
+    from .engine import Engine
+
+    _quiet_libraries()
+    engine = Engine(_require_models(args), device=args.device, dtype=args.dtype, cache_budget=args.cache_budget)
+    unit = {"adapter": args.adapter, "images": [str(p) for p in args.images], "average": args.average}
+    print(engine.save_embeddings(unit, args.out))
     return 0
 
 

@@ -8,6 +8,7 @@ encoder is loaded only when some embedding is actually missing.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -54,41 +55,51 @@ class Encoders:
         self.loaded = ByteLRU("encoders", budget_bytes)
         self.embeddings = ByteLRU("embeddings", embedding_budget_bytes)
 
-    def embed(self, entry: Entry, output: str, images: list, adapter: str, why: str, events: list) -> UnitEmbeddings:
-        """Embeddings of `images` as `output` ("image_embeds" | "hidden_states") from the encoder at `entry`."""
+    def embed(
+        self,
+        entry: Entry,
+        output: str,
+        images: list,
+        adapter: str,
+        why: str,
+        events: list,
+        negatives: list | None = None,
+        average: bool = False,
+    ) -> UnitEmbeddings:
+        """Embeddings of `images` as `output` ("image_embeds" | "hidden_states") from the encoder at `entry`.
+
+        The negative branch is, as in diffusers, zeros for image_embeds and the encoding of an all-zero input for
+        hidden states, unless `negatives` gives images to encode instead (one, or one per image). `average` folds
+        all images into one set of tokens."""
         encoder_key = entry.key(self.dtype, self.device)
         self._forget_older_versions(encoder_key, events)
         source = {"value": "not needed"}
         encoder = None
 
-        def get_encoder() -> LoadedEncoder:
+        def embedding(image) -> tuple[torch.Tensor, str]:
+            """One image's embedding and where it came from ("cache" | "encoded"); None: the all-zero input."""
             nonlocal encoder
+            key = (encoder_key, output, image_digest(image) if image is not None else "all-zero input")
+            cached = self.embeddings.get(key)
+            if cached is not None:
+                return cached, "cache"
             if encoder is None:
                 encoder = self._encoder(entry, encoder_key, adapter, why, events, source)
-            return encoder
+            tensor = _encode(encoder, output, image=image)
+            self.embeddings.put(key, tensor, _nbytes(tensor), label=f"{output} {key[2][:12]}")
+            return tensor, "encoded"
 
-        positives, origins = [], []
-        for image in images:
-            key = (encoder_key, output, image_digest(image))
-            cached = self.embeddings.get(key)
-            if cached is None:
-                cached = _encode(get_encoder(), output, image=image)
-                self.embeddings.put(key, cached, _nbytes(cached), label=f"{output} {key[2][:12]}")
-                origins.append("encoded")
-            else:
-                origins.append("cache")
-            positives.append(cached)
-        positive = torch.stack(positives)
-        if output == "image_embeds":
+        encoded = [embedding(image) for image in images]
+        positive = torch.stack([tensor for tensor, _ in encoded])
+        if negatives:
+            negative = torch.stack([embedding(image)[0] for image in negatives]).expand_as(positive)
+        elif output == "image_embeds":
             negative = torch.zeros_like(positive)  # diffusers' unconditional image embedding
         else:
-            key = (encoder_key, output, "all-zero image")
-            zero = self.embeddings.get(key)
-            if zero is None:
-                zero = _encode(get_encoder(), output, image=None)
-                self.embeddings.put(key, zero, _nbytes(zero), label=f"{output} of an all-zero image")
-            negative = zero.unsqueeze(0).expand_as(positive)
-        return UnitEmbeddings(positive, negative, source["value"], origins)
+            negative = embedding(None)[0].unsqueeze(0).expand_as(positive)
+        if average:
+            positive, negative = positive.mean(0, keepdim=True), negative.mean(0, keepdim=True)
+        return UnitEmbeddings(positive, negative, source["value"], [origin for _, origin in encoded])
 
     def _encoder(self, entry: Entry, key: tuple, adapter: str, why: str, events: list, source: dict) -> LoadedEncoder:
         name = entry.name
@@ -149,3 +160,38 @@ def _nbytes(tensor: torch.Tensor) -> int:
 
 def _mib(nbytes: int) -> str:
     return f"{nbytes / 2**20:.1f} MiB"
+
+
+# ---------------------------------------------------------------------------------------------- saved embeddings
+
+
+def save_embeddings(embeddings: UnitEmbeddings, path, output: str, encoder: Entry, image_hashes: list[str]):
+    """Write a unit's embeddings with what pairing needs to know: output kind and width, encoder identity."""
+    from safetensors.torch import save_file
+
+    from .probe import EMBEDDINGS_FORMAT
+
+    metadata = {
+        "format": EMBEDDINGS_FORMAT,
+        "output": output,
+        "width": str(embeddings.positive.shape[-1]),
+        "encoder": encoder.name,
+        "encoder_architecture": encoder.spec.architecture,
+        "encoder_hidden_size": str(encoder.spec.hidden_size),
+        "encoder_projection_dim": str(encoder.spec.projection_dim),
+        "image_hashes": json.dumps(image_hashes),
+    }
+    tensors = {
+        "positive": embeddings.positive.detach().to("cpu", torch.float32).contiguous(),
+        "negative": embeddings.negative.detach().to("cpu", torch.float32).contiguous(),
+    }
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+def load_saved_embeddings(entry: Entry, device, dtype) -> UnitEmbeddings:
+    from .loading import read_tensors
+
+    tensors = read_tensors(entry.path)
+    positive, negative = (tensors[k].to(device=device, dtype=dtype) for k in ("positive", "negative"))
+    return UnitEmbeddings(positive, negative, "saved embeddings", ["saved"] * positive.shape[0])

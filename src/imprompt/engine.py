@@ -24,14 +24,14 @@ from PIL import Image
 from . import __version__
 from .adapters import AdapterSlots, BuiltAdapter, build_adapter
 from .cache import ByteLRU, parse_bytes
-from .encoders import Encoders
-from .errors import RequestError
-from .images import DEFAULT_MAX_PIXELS, load_image
+from .encoders import Encoders, load_saved_embeddings, save_embeddings
+from .errors import CheckpointError, RequestError
+from .images import DEFAULT_MAX_PIXELS, image_digest, load_image, noise_image
 from .infotext import parameters_text, png_info
 from .loading import load_adapter_state_dict, load_pipeline
-from .plan import Plan, make_plan
+from .plan import Plan, make_plan, plan_unit
 from .samplers import canonical_sampler, make_scheduler, sampler_label
-from .schema import GenerateRequest, parse_request
+from .schema import GenerateRequest, IPAdapterUnit, parse_request, parse_unit
 from .store import Entry, ModelStore
 
 log = logging.getLogger("imprompt")
@@ -60,6 +60,33 @@ class _LoadedPipeline:
     scheduler_config: dict
     scheduler_class: str
     load_seconds: float
+    _img2img: object = None
+
+    def img2img(self):
+        """The image-to-image pipeline over the same components (same UNet, so the same attached adapters)."""
+        if self._img2img is None:
+            from diffusers import AutoPipelineForImage2Image
+
+            self._img2img = AutoPipelineForImage2Image.from_pipe(self.pipeline)
+            self._img2img.set_progress_bar_config(disable=True)
+        return self._img2img
+
+
+@dataclass
+class _UnitInputs:
+    images: list
+    negatives: list | None
+    masks: list | None
+
+
+def _masks(masks: list | None, width: int, height: int):
+    """A unit's masks as diffusers' IPAdapterMaskProcessor makes them: [1, masks, height, width], binarised."""
+    if masks is None:
+        return None
+    from diffusers.image_processor import IPAdapterMaskProcessor
+
+    tensor = IPAdapterMaskProcessor().preprocess(masks, height=height, width=width)
+    return tensor.reshape(1, tensor.shape[0], tensor.shape[2], tensor.shape[3])
 
 
 @dataclass
@@ -145,6 +172,23 @@ class Engine:
             self._interrupt.clear()
             return self._generate(request, on_step)
 
+    def save_embeddings(self, unit: IPAdapterUnit | dict, path) -> Path:
+        """Encode a unit's images once, with the encoder its adapter needs, and write the embeddings to a
+        `.safetensors` file that later units can name (`"embeddings": "<file stem or path>"`) instead of images.
+        Any adapter that consumes the same output kind and width can use them; others are refused."""
+        unit = parse_unit(unit)
+        if unit.embeddings:
+            raise RequestError("save_embeddings needs images, not saved embeddings")
+        path = Path(path)
+        with self._lock:
+            inputs = self._unit_inputs(0, unit)
+            planned = plan_unit(0, unit, self.store)
+            embeddings = self._embeddings(planned, inputs, events=[])
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_embeddings(embeddings, path, planned.output, planned.encoder, [image_digest(i) for i in inputs.images])
+        log.info("embeddings of %d image(s) for %s saved to %s", len(inputs.images), planned.label, path)
+        return path
+
     def interrupt(self) -> None:
         """Stop the running generation after its current step (it returns what it has)."""
         self._interrupt.set()
@@ -152,13 +196,8 @@ class Engine:
     def _generate(self, request: GenerateRequest, on_step) -> Result:
         timer, events = _Timer(), []
         sampler = canonical_sampler(request.sampler)
-        images = [
-            [
-                load_image(ref, f"ip_adapters.{i}.images.{j}", self.max_image_pixels, self.allow_paths)
-                for j, ref in enumerate(unit.images)
-            ]
-            for i, unit in enumerate(request.ip_adapters)
-        ]
+        inputs = [self._unit_inputs(i, unit) for i, unit in enumerate(request.ip_adapters)]
+        init_image = self._image(request.init_images[0], "init_images.0") if request.init_images else None
         plan = make_plan(request, self.store, self.default_model)
         timer.mark("plan")
 
@@ -166,11 +205,7 @@ class Engine:
         built = [self._built_adapter(unit.adapter, loaded, unit.label, events) for unit in plan.units]
         timer.mark("load")
 
-        cfg = request.cfg_scale > 1.0  # diffusers applies classifier-free guidance only above 1
-        embeddings = [
-            self.encoders.embed(unit.encoder, unit.adapter.spec.consumes, unit_images, unit.label, unit.why, events)
-            for unit, unit_images in zip(plan.units, images)
-        ]
+        embeddings = [self._embeddings(unit, unit_inputs, events) for unit, unit_inputs in zip(plan.units, inputs)]
         timer.mark("encode")
 
         swapped = loaded.slots.attach(built, tuple(u.adapter.key(self.dtype, self.device) for u in plan.units))
@@ -181,16 +216,21 @@ class Engine:
         timer.mark("attach")
 
         seed = request.seed if request.seed >= 0 else secrets.randbelow(2**32)
-        width = request.width or plan.pipeline.spec.default_size
-        height = request.height or plan.pipeline.spec.default_size
-        images_out = self._denoise(loaded, plan, request, embeddings, cfg, seed, width, height, sampler, on_step)
+        width, height = self._size(request, plan, init_image)
+        masks = [_masks(unit_inputs.masks, width, height) for unit_inputs in inputs]
+        images_out, active_steps = self._denoise(
+            loaded, plan, request, embeddings, masks, init_image, seed, width, height, sampler, on_step
+        )
         timer.mark("denoise")
 
-        units_info = [self._unit_info(u, e) for u, e in zip(plan.units, embeddings)]
+        units_info = [
+            self._unit_info(u, e, steps) for u, e, steps in zip(plan.units, embeddings, active_steps)
+        ]
         label = sampler_label(sampler, loaded.scheduler_class)
         parameters = parameters_text(request, seed, width, height, label, loaded.name, units_info)
         info = {
             "model": loaded.name,
+            "mode": "img2img" if init_image is not None else "txt2img",
             "prompt": request.prompt,
             "negative_prompt": request.negative_prompt,
             "seed": seed,
@@ -200,6 +240,7 @@ class Engine:
             "height": height,
             "batch_size": request.batch_size,
             "sampler": label,
+            "denoising_strength": request.denoising_strength if init_image is not None else None,
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
             "ip_adapters": units_info,
@@ -210,44 +251,99 @@ class Engine:
         }
         return Result(images_out, info, parameters)
 
-    def _denoise(self, loaded, plan: Plan, request, embeddings, cfg, seed, width, height, sampler, on_step):
-        pipeline = loaded.pipeline
+    def _image(self, ref, what: str):
+        return load_image(ref, what, self.max_image_pixels, self.allow_paths)
+
+    def _unit_inputs(self, i: int, unit) -> _UnitInputs:
+        """Every image a unit brings, decoded (and so checked) before anything else happens."""
+        where = f"ip_adapters.{i}"
+        images = [self._image(ref, f"{where}.images.{j}") for j, ref in enumerate(unit.images)]
+        negatives = None
+        if unit.negative_images is not None:
+            negatives = [
+                noise_image() if ref == "noise" else self._image(ref, f"{where}.negative_images.{j}")
+                for j, ref in enumerate(unit.negative_images)
+            ]
+        masks = None
+        if unit.masks is not None:
+            masks = [self._image(ref, f"{where}.masks.{j}") for j, ref in enumerate(unit.masks)]
+        return _UnitInputs(images, negatives, masks)
+
+    def _embeddings(self, unit, inputs: _UnitInputs, events: list):
+        if unit.embeddings is not None:
+            return load_saved_embeddings(unit.embeddings, self.device, self.dtype)
+        return self.encoders.embed(
+            unit.encoder, unit.output, inputs.images, unit.label, unit.why, events, inputs.negatives, unit.unit.average
+        )
+
+    @staticmethod
+    def _size(request, plan: Plan, init_image) -> tuple[int, int]:
+        """Requested size; else the init image's size (to a multiple of 8); else the model's native size."""
+        if init_image is not None:
+            default_w, default_h = (max(64, d - d % 8) for d in init_image.size)
+        else:
+            default_w = default_h = plan.pipeline.spec.default_size
+        return request.width or default_w, request.height or default_h
+
+    def _denoise(self, loaded, plan: Plan, request, embeddings, masks, init_image, seed, width, height, sampler,
+                 on_step):  # fmt: skip
+        pipeline = loaded.pipeline if init_image is None else loaded.img2img()
         pipeline.scheduler = make_scheduler(sampler, loaded.scheduler_config, loaded.scheduler_class)
         units = [u.unit for u in plan.units]
-        loaded.slots.set_scales([u.scale if u.active_at(0, request.steps) else 0.0 for u in units])
+        weights = [u.layer_weights for u in plan.units]
+        active_steps: list[list[int]] = [[] for _ in units]
+
+        def set_scales(step: int, total: int) -> None:
+            active = [u.active_at(step, total) for u in units]
+            for i, on in enumerate(active):
+                if on:
+                    active_steps[i].append(step)
+            loaded.slots.set_scales([u.scale if on else 0.0 for u, on in zip(units, active)], weights)
 
         def step_end(pipe, step, timestep, tensors):
             total = pipe.num_timesteps
-            if any(u.start > 0 or u.end < 1 for u in units):
-                loaded.slots.set_scales([u.scale if u.active_at(step + 1, total) else 0.0 for u in units])
+            if step + 1 < total:
+                set_scales(step + 1, total)
             if on_step is not None:
                 on_step(step + 1, total)
             if self._interrupt.is_set():
                 pipe._interrupt = True
             return tensors
 
+        cfg = request.cfg_scale > 1.0  # diffusers applies classifier-free guidance only above 1
         kwargs = {}
         if units:
             kwargs["ip_adapter_image_embeds"] = [
                 e.for_pipeline(cfg).to(device=self.device, dtype=pipeline.unet.dtype) for e in embeddings
             ]
+        if any(m is not None for m in masks):
+            kwargs["cross_attention_kwargs"] = {"ip_adapter_masks": masks}
+        if init_image is None:
+            kwargs.update(width=width, height=height)
+        else:
+            kwargs.update(image=init_image.resize((width, height), Image.Resampling.LANCZOS),
+                          strength=request.denoising_strength)  # fmt: skip
+        set_scales(0, request.steps)  # step 0 acts iff start == 0 < end, whatever the number of steps
         output = pipeline(
             prompt=request.prompt,
             negative_prompt=request.negative_prompt or None,
             num_inference_steps=request.steps,
             guidance_scale=request.cfg_scale,
-            width=width,
-            height=height,
             num_images_per_prompt=request.batch_size,
             generator=torch.Generator(device="cpu").manual_seed(seed),
             callback_on_step_end=step_end,
             output_type="pil",
             **kwargs,
         )
-        return list(output.images)
+        return list(output.images), active_steps
 
-    def _unit_info(self, unit, embeddings) -> dict:
-        a, e = unit.adapter.spec, unit.encoder.spec
+    def _unit_info(self, unit, embeddings, active_steps: list[int]) -> dict:
+        a = unit.adapter.spec
+        if unit.encoder is not None:
+            encoder, encoder_file, architecture = unit.encoder.name, str(unit.encoder.path), unit.encoder.spec.architecture
+        else:  # saved embeddings: the encoder they came from, as recorded in the file
+            saved = unit.embeddings.spec
+            encoder, encoder_file, architecture = saved.encoder, saved.path, saved.encoder_architecture
         return {
             "adapter": unit.label,
             "file": str(a.path),
@@ -255,9 +351,9 @@ class Engine:
             "consumes": a.consumes,
             "embed_dim": a.embed_dim,
             "tokens": a.tokens,
-            "encoder": unit.encoder.name,
-            "encoder_file": str(e.path),
-            "encoder_architecture": e.architecture,
+            "encoder": encoder,
+            "encoder_file": encoder_file,
+            "encoder_architecture": architecture,
             "encoder_source": embeddings.encoder_source,
             "encoder_why": unit.why,
             "embeddings": embeddings.embeddings,
@@ -265,6 +361,10 @@ class Engine:
             "scale": unit.unit.scale,
             "start": unit.unit.start,
             "end": unit.unit.end,
+            "active_steps": active_steps,
+            "masked": unit.unit.masks is not None,
+            "averaged": unit.unit.average,
+            "layers": unit.unit.layers,
         }
 
     # --------------------------------------------------------------------------------------- loading, cached
@@ -282,11 +382,18 @@ class Engine:
         seconds = time.perf_counter() - started
         log.info("model %s loaded in %.2f s", entry.name, seconds)
         events.append({"event": "model_loaded", "model": entry.name, "seconds": round(seconds, 4)})
+        slots = AdapterSlots(pipeline.unet)
+        if tuple(slots.names) != tuple(entry.spec.layer_names):
+            raise CheckpointError(
+                entry.path,
+                f"the loaded UNet's cross-attention layers {slots.names[:2]}... differ from its weights file's "
+                f"{entry.spec.layer_names[:2]}...; the pipeline folder is inconsistent",
+            )
         self._pipeline = _LoadedPipeline(
             key=key,
             name=entry.name,
             pipeline=pipeline,
-            slots=AdapterSlots(pipeline.unet),
+            slots=slots,
             scheduler_config=dict(pipeline.scheduler.config),
             scheduler_class=type(pipeline.scheduler).__name__,
             load_seconds=seconds,

@@ -42,6 +42,10 @@ class UnknownEncoderError(NotFoundError):
     pass
 
 
+class UnknownEmbeddingsError(NotFoundError):
+    pass
+
+
 class IncompatibleError(ImpromptError):
     """Two things that must fit together do not (adapter vs UNet, adapter vs encoder)."""
 

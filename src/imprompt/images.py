@@ -78,3 +78,12 @@ def image_digest(image: Image.Image) -> str:
     h.update(f"{image.mode}:{image.size}".encode())
     h.update(image.tobytes())
     return h.hexdigest()[:32]
+
+
+def noise_image(size: int = 224) -> Image.Image:
+    """The negative image a unit gets with `negative_images: ["noise"]`: uniform noise from a fixed seed, the same
+    in every request (output depends on the request alone)."""
+    import numpy as np
+
+    pixels = np.random.default_rng(0).integers(0, 256, size=(size, size, 3), dtype=np.uint8)
+    return Image.fromarray(pixels, "RGB")

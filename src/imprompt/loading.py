@@ -110,28 +110,32 @@ def image_processor(spec: EncoderSpec):
     return CLIPImageProcessor(size=spec.image_size, crop_size=spec.image_size)
 
 
-SUPPORTED_PIPELINES = ("StableDiffusionPipeline",)
+# pipeline class -> the components it must load without (imprompt encodes reference images itself)
+SUPPORTED_PIPELINES = {
+    "StableDiffusionPipeline": {"safety_checker": None, "requires_safety_checker": False},
+    "StableDiffusionXLPipeline": {},
+}
 
 
 def load_pipeline(spec: PipelineSpec, device: torch.device, dtype: torch.dtype):
     """A diffusers text-to-image pipeline without image encoder, feature extractor or safety checker: imprompt
     encodes reference images itself and hands the pipeline finished embeddings."""
-    from diffusers import StableDiffusionPipeline
+    import diffusers
 
     if spec.pipeline_class not in SUPPORTED_PIPELINES:
         raise UnsupportedError(
             f"model {Path(spec.path).name}: pipeline class {spec.pipeline_class} is not supported; "
             f"supported: {', '.join(SUPPORTED_PIPELINES)}"
         )
+    cls = getattr(diffusers, spec.pipeline_class)
     try:
-        pipeline = StableDiffusionPipeline.from_pretrained(
+        pipeline = cls.from_pretrained(
             spec.path,
             dtype=dtype,
-            safety_checker=None,
-            feature_extractor=None,
             image_encoder=None,
-            requires_safety_checker=False,
+            feature_extractor=None,
             local_files_only=True,
+            **SUPPORTED_PIPELINES[spec.pipeline_class],
         )
     except (OSError, RuntimeError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(spec.path, f"cannot load pipeline ({_first_line(exc)})") from None

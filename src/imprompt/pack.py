@@ -19,9 +19,11 @@ from PIL import Image, ImageDraw
 
 log = logging.getLogger("imprompt")
 
-PACK_VERSION = 1
+PACK_VERSION = 2
 SD15_MODEL = "tiny-sd15"
+SDXL_MODEL = "tiny-sdxl"
 CROSS_ATTENTION_SD15 = 768
+CROSS_ATTENTION_SDXL = 2048  # 768 (CLIP ViT-L text) + 1280 (OpenCLIP bigG text), concatenated
 
 # Encoders: the real output widths that decide pairing, tiny elsewhere. Hidden sizes differ so that the
 # hidden-state adapters (Plus, Full Face) pair with exactly one of them, as with the real ViT-H (1280) / bigG (1664).
@@ -38,6 +40,19 @@ SD15_ADAPTERS = {
     "ip-adapter_sd15_vit-G": ("base", TINY_VIT_BIGG),
 }
 
+SDXL_ADAPTERS = {
+    "ip-adapter_sdxl": ("base", TINY_VIT_BIGG),
+    "ip-adapter_sdxl_vit-h": ("base", TINY_VIT_H),
+    "ip-adapter-plus_sdxl_vit-h": ("plus", TINY_VIT_H),
+    "ip-adapter-plus-face_sdxl_vit-h": ("plus", TINY_VIT_H),
+}
+
+# ostris' composition adapters are Plus-type (Resampler over ViT-H hidden states); ComfyUI keeps them in ipadapter/
+COMPOSITION_ADAPTERS = {
+    "ip_plus_composition_sd15": ("plus", TINY_VIT_H, SD15_MODEL),
+    "ip_plus_composition_sdxl": ("plus", TINY_VIT_H, SDXL_MODEL),
+}
+
 REFERENCE_IMAGES = {
     "red-circle": ("circle", (220, 40, 40), (30, 60, 200)),
     "yellow-square": ("square", (240, 210, 40), (40, 140, 60)),
@@ -46,8 +61,12 @@ REFERENCE_IMAGES = {
 
 
 def build_demo_pack(root: Path, force: bool = False) -> Path:
-    """The demo model pack: a tiny SD 1.5 pipeline, ViT-H/bigG-like encoders and the six SD 1.5 adapters in the
-    h94/IP-Adapter repository layout, plus a few reference images. Skipped when already built."""
+    """The demo model pack, skipped when already built:
+    - `diffusers/tiny-sd15`, `diffusers/tiny-sdxl`: pipelines with SD 1.5's and SDXL's block structure;
+    - `IP-Adapter/` in the h94 repository layout: ViT-H-like and ViT-bigG-like encoders, the six SD 1.5 adapters
+      in `models/`, the four SDXL adapters in `sdxl_models/`;
+    - `ipadapter/` in ComfyUI's layout: ostris' composition adapters for SD 1.5 and SDXL;
+    - `images/`: reference images."""
     root = Path(root)
     stamp = root / "pack.json"
     if not force and stamp.is_file() and json.loads(stamp.read_text()).get("version") == PACK_VERSION:
@@ -55,14 +74,20 @@ def build_demo_pack(root: Path, force: bool = False) -> Path:
     if root.exists():
         shutil.rmtree(root)
     log.info("building the demo model pack in %s", root)
-    pipeline = build_sd15_pipeline(root / "diffusers" / SD15_MODEL, seed=0)
-    widths = cross_attention_widths(pipeline.unet)
+    widths = {
+        SD15_MODEL: cross_attention_widths(build_sd15_pipeline(root / "diffusers" / SD15_MODEL, seed=0).unet),
+        SDXL_MODEL: cross_attention_widths(build_sdxl_pipeline(root / "diffusers" / SDXL_MODEL, seed=3).unet),
+    }
+    cross = {SD15_MODEL: CROSS_ATTENTION_SD15, SDXL_MODEL: CROSS_ATTENTION_SDXL}
     h94 = root / "IP-Adapter"
     build_clip_vision(h94 / "models" / "image_encoder", seed=1, **TINY_VIT_H)
     build_clip_vision(h94 / "sdxl_models" / "image_encoder", seed=2, **TINY_VIT_BIGG)
-    for seed, (stem, (variant, encoder)) in enumerate(SD15_ADAPTERS.items(), start=10):
+    adapters = [(h94 / "models", stem, variant, encoder, SD15_MODEL) for stem, (variant, encoder) in SD15_ADAPTERS.items()]
+    adapters += [(h94 / "sdxl_models", stem, v, e, SDXL_MODEL) for stem, (v, e) in SDXL_ADAPTERS.items()]
+    adapters += [(root / "ipadapter", stem, v, e, m) for stem, (v, e, m) in COMPOSITION_ADAPTERS.items()]
+    for seed, (folder, stem, variant, encoder, model) in enumerate(adapters, start=10):
         embed_dim = encoder["projection_dim"] if variant == "base" else encoder["hidden_size"]
-        write_adapter(h94 / "models" / f"{stem}.safetensors", variant, embed_dim, widths, CROSS_ATTENTION_SD15, seed)
+        write_adapter(folder / f"{stem}.safetensors", variant, embed_dim, widths[model], cross[model], seed)
     for name, (shape, color, background) in REFERENCE_IMAGES.items():
         (root / "images").mkdir(parents=True, exist_ok=True)
         draw_reference(shape, color, background).save(root / "images" / f"{name}.png")
@@ -138,6 +163,82 @@ def build_sd15_pipeline(folder: Path, seed: int = 0, cross_attention_dim: int = 
         feature_extractor=None,
         image_encoder=None,
         requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(folder, safe_serialization=True)
+    return pipeline
+
+
+def build_sdxl_pipeline(folder: Path, seed: int = 3):
+    """A diffusers StableDiffusionXLPipeline folder with SDXL's block structure (transformer depths 1/2/10, so
+    70 cross-attention layers) and its real conditioning widths (text 768 + 1280 = 2048), tiny elsewhere."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    folder = Path(folder)
+    for sub in ("tokenizer", "tokenizer_2"):
+        write_tokenizer(folder / sub)
+    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    tokenizer_2 = CLIPTokenizer.from_pretrained(folder / "tokenizer_2")
+    torch.manual_seed(seed)
+
+    def text_config(hidden, projection=None):
+        return CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=hidden // 64, max_position_embeddings=77, projection_dim=projection or hidden,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        )  # fmt: skip
+
+    text_encoder = CLIPTextModel(text_config(768))
+    text_encoder_2 = CLIPTextModelWithProjection(text_config(1280, projection=1280))
+    time_embed = 8
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=(32, 64, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10),
+        attention_head_dim=(2, 4, 4),
+        cross_attention_dim=CROSS_ATTENTION_SDXL,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_embed,
+        projection_class_embeddings_input_dim=6 * time_embed + 1280,
+        use_linear_projection=True,
+        norm_num_groups=32,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(32, 32, 64, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=64,
+        scaling_factor=0.13025,
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+    pipeline = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=scheduler,
+        image_encoder=None,
+        feature_extractor=None,
+        add_watermarker=False,
     )
     pipeline.save_pretrained(folder, safe_serialization=True)
     return pipeline

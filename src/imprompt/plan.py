@@ -11,6 +11,7 @@ from pathlib import Path
 
 from . import catalog
 from .errors import ImpromptError, IncompatibleError, MissingEncoderError, UnknownModelError, UnsupportedError
+from .layers import layer_weights
 from .schema import GenerateRequest, IPAdapterUnit
 from .store import Entry, ModelStore
 
@@ -20,8 +21,14 @@ class UnitPlan:
     index: int
     unit: IPAdapterUnit
     adapter: Entry
-    encoder: Entry
-    why: str  # why this encoder, in words
+    encoder: Entry | None  # None when the unit brings saved embeddings
+    why: str  # why this encoder (or these saved embeddings), in words
+    layer_weights: tuple[float, ...] = ()  # one per cross-attention layer (InstantStyle), multiplied by scale
+    embeddings: Entry | None = None  # saved embeddings used instead of images
+
+    @property
+    def output(self) -> str:
+        return self.adapter.spec.consumes
 
     @property
     def label(self) -> str:
@@ -38,13 +45,35 @@ class Plan:
 def make_plan(request: GenerateRequest, store: ModelStore, default_model: str | None = None) -> Plan:
     model = request.model or default_model or _only_pipeline(store)
     pipeline = store.pipeline(model)
-    units = []
-    for i, unit in enumerate(request.ip_adapters):
-        adapter = store.adapter(unit.adapter)
-        check_fits(adapter, pipeline)
-        encoder, why = pick_encoder(adapter, store, unit.encoder)
-        units.append(UnitPlan(i, unit, adapter, encoder, why))
-    return Plan(pipeline, tuple(units))
+    units = tuple(plan_unit(i, unit, store, pipeline) for i, unit in enumerate(request.ip_adapters))
+    return Plan(pipeline, units)
+
+
+def plan_unit(index: int, unit: IPAdapterUnit, store: ModelStore, pipeline: Entry | None = None) -> UnitPlan:
+    """Resolve and check one unit. Without `pipeline` (saving embeddings) the UNet checks are skipped."""
+    adapter = store.adapter(unit.adapter)
+    weights: tuple[float, ...] = ()
+    if pipeline is not None:
+        check_fits(adapter, pipeline, store)
+        weights = layer_weights(unit.layers, pipeline.spec, where=f"ip_adapters.{index}.layers")
+    if unit.embeddings:
+        saved = store.embeddings(unit.embeddings)
+        check_saved_embeddings(saved, adapter)
+        why = f"saved embeddings {saved.name} ({saved.spec.gives} from {saved.spec.encoder})"
+        return UnitPlan(index, unit, adapter, None, why, weights, saved)
+    encoder, why = pick_encoder(adapter, store, unit.encoder)
+    return UnitPlan(index, unit, adapter, encoder, why, weights)
+
+
+def check_saved_embeddings(saved: Entry, adapter: Entry) -> None:
+    """Saved embeddings pair with an adapter exactly as an encoder would: same output kind, same width."""
+    a, e = adapter.spec, saved.spec
+    if (e.output, e.width) != (a.consumes, a.embed_dim):
+        name = catalog.friendly_name(adapter.name) or adapter.name
+        raise IncompatibleError(
+            f"saved embeddings {saved.name} hold {e.gives} (from encoder {e.encoder}), but IP-Adapter {name} "
+            f"consumes {a.needs}. Save embeddings for this adapter with `imprompt embed --adapter {name!r} ...`"
+        )
 
 
 def _only_pipeline(store: ModelStore) -> str:
@@ -55,24 +84,32 @@ def _only_pipeline(store: ModelStore) -> str:
     raise UnknownModelError(f"no model named in the request and {len(pipelines)} models in the store ({names}); name one")
 
 
-def check_fits(adapter: Entry, pipeline: Entry) -> None:
+def check_fits(adapter: Entry, pipeline: Entry, store: ModelStore | None = None) -> None:
     """The adapter's to_k_ip/to_v_ip must match the UNet's cross-attention layers: same input width (768 for
-    SD 1.5, 2048 for SDXL) and the same output width per layer."""
+    SD 1.5, 2048 for SDXL) and the same output width per layer. With `store`, the error suggests what fits."""
     a, p = adapter.spec, pipeline.spec
     name = catalog.friendly_name(adapter.name) or adapter.name
+    if _fits(adapter, pipeline):
+        return
     if a.cross_attention_dim != p.cross_attention_dim:
-        fitting = "an SD 1.5 adapter such as Base" if p.cross_attention_dim == 768 else f"a {p.family} adapter"
-        raise IncompatibleError(
+        problem = (
             f"IP-Adapter {name} ({Path(a.path).name}) is for {a.family} UNets (cross-attention width "
             f"{a.cross_attention_dim}), but model {pipeline.name} is {p.family} (cross-attention width "
-            f"{p.cross_attention_dim}). Use {fitting} with this model, or choose a {a.family} model"
+            f"{p.cross_attention_dim})"
         )
-    if tuple(a.layer_widths) != tuple(p.layer_widths):
-        raise IncompatibleError(
+    else:
+        problem = (
             f"IP-Adapter {name} ({Path(a.path).name}) has {len(a.layer_widths)} cross-attention layers of widths "
             f"{_compact(a.layer_widths)}, but model {pipeline.name}'s UNet has {len(p.layer_widths)} of widths "
-            f"{_compact(p.layer_widths)}: it was trained for another UNet. Use an adapter made for this model"
+            f"{_compact(p.layer_widths)}: it was trained for another UNet"
         )
+    fix = f"Use an adapter made for {pipeline.name}"
+    if store is not None:
+        fitting = [catalog.friendly_name(e.name) or e.name for e in store.adapters if _fits(e, pipeline)]
+        models = [m.name for m in store.pipelines if _fits(adapter, m)]
+        fix += f" ({', '.join(fitting) or 'none in the models folder'})"
+        fix += f", or a model that {name} fits ({', '.join(models) or 'none in the models folder'})"
+    raise IncompatibleError(f"{problem}. {fix}")
 
 
 def pick_encoder(adapter: Entry, store: ModelStore, requested: str | None = None) -> tuple[Entry, str]:
@@ -149,7 +186,11 @@ def describe_store(store: ModelStore) -> dict:
         item["fits_models"] = [p.name for p in store.pipelines if _fits(entry, p)]
         adapters.append(item)
     return {
-        "models": [{"name": e.name, **e.spec.to_dict()} for e in store.pipelines],
+        "models": [
+            {"name": m.name, **m.spec.to_dict(), "adapters": [a["friendly_name"] or a["name"] for a in adapters
+                                                              if m.name in a["fits_models"]]}
+            for m in store.pipelines
+        ],  # fmt: skip
         "adapters": adapters,
         "encoders": [{"name": e.name, **e.spec.to_dict()} for e in store.encoders],
         "unreadable": [{"name": e.name, "path": str(e.path), "error": str(e.error)} for e in store.unreadable],
@@ -157,8 +198,5 @@ def describe_store(store: ModelStore) -> dict:
 
 
 def _fits(adapter: Entry, pipeline: Entry) -> bool:
-    try:
-        check_fits(adapter, pipeline)
-        return True
-    except IncompatibleError:
-        return False
+    a, p = adapter.spec, pipeline.spec
+    return a.cross_attention_dim == p.cross_attention_dim and tuple(a.layer_widths) == tuple(p.layer_widths)

@@ -228,6 +228,7 @@ class PipelineSpec:
     cross_attention_dim: int
     layer_widths: tuple[int, ...] = field(repr=False)
     default_size: int
+    layer_names: tuple[str, ...] = field(default=(), repr=False)  # "down_blocks.2.attentions.1.transformer_blocks.0"
     kind: str = "pipeline"
 
     @property
@@ -237,11 +238,38 @@ class PipelineSpec:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["cross_attention_layers"] = len(d.pop("layer_widths"))
+        d.pop("layer_names")
         d["family"] = self.family
         return d
 
 
-Spec = AdapterSpec | EncoderSpec | PipelineSpec
+@dataclass(frozen=True)
+class EmbeddingsSpec:
+    """Saved image embeddings (`imprompt embed`): which encoder output they are, so they pair like an encoder."""
+
+    path: str
+    output: str  # image_embeds | hidden_states
+    width: int
+    images: int  # sets of tokens (1 when averaged)
+    tokens: int | None  # hidden-state tokens per image; None for image_embeds
+    encoder: str
+    encoder_architecture: str
+    image_hashes: tuple[str, ...]
+    kind: str = "ip-embeddings"
+
+    @property
+    def gives(self) -> str:
+        return f"{self.output}[{self.width}]"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["image_hashes"] = list(self.image_hashes)
+        return d
+
+
+EMBEDDINGS_FORMAT = "imprompt.ip-embeddings.v1"
+
+Spec = AdapterSpec | EncoderSpec | PipelineSpec | EmbeddingsSpec
 
 
 def probe(path) -> Spec:
@@ -260,6 +288,8 @@ def probe(path) -> Spec:
             "Point at the checkpoint file itself, or at a folder with its config",
         )
     table, metadata = read_tensor_table(path)
+    if metadata.get("format") == EMBEDDINGS_FORMAT:
+        return embeddings_spec(path, table, metadata)
     if any(k.startswith(("image_proj.", "ip_adapter.")) for k in table):
         return adapter_spec(path, table)
     if "vision_model.embeddings.patch_embedding.weight" in table:
@@ -327,6 +357,30 @@ def adapter_spec(path: Path, table: dict[str, TensorInfo]) -> AdapterSpec:
     else:
         raise bad(f"unknown image_proj layout (tensors: {sorted(proj)[:6]})")
     return AdapterSpec(str(path), variant, consumes, embed_dim, tokens, cross_attention_dim, tuple(widths))
+
+
+def embeddings_spec(path: Path, table: dict[str, TensorInfo], metadata: dict[str, str]) -> EmbeddingsSpec:
+    """Saved embeddings: `positive` and `negative` of equal shape [images, width] or [images, tokens, width]."""
+    positive, negative = table.get("positive"), table.get("negative")
+    if positive is None or negative is None or positive.shape != negative.shape or len(positive.shape) not in (2, 3):
+        raise CheckpointError(path, "saved embeddings need 'positive' and 'negative' tensors of one 2-d or 3-d shape")
+    output = metadata.get("output")
+    if output not in ("image_embeds", "hidden_states") or (output == "image_embeds") != (len(positive.shape) == 2):
+        raise CheckpointError(path, f"saved embeddings: output {output!r} does not match tensor shape {positive.shape}")
+    try:
+        hashes = tuple(json.loads(metadata.get("image_hashes", "[]")))
+    except ValueError:
+        raise CheckpointError(path, "saved embeddings: image_hashes metadata is not JSON") from None
+    return EmbeddingsSpec(
+        path=str(path),
+        output=output,
+        width=positive.shape[-1],
+        images=positive.shape[0],
+        tokens=positive.shape[1] if len(positive.shape) == 3 else None,
+        encoder=metadata.get("encoder", "unknown"),
+        encoder_architecture=metadata.get("encoder_architecture", "unknown"),
+        image_hashes=hashes,
+    )
 
 
 def _shape2(proj, key, bad):
@@ -432,6 +486,7 @@ def probe_pipeline_folder(folder: Path) -> PipelineSpec:
         cross_attention_dim=cross.pop(),
         layer_widths=widths,
         default_size=(sample if isinstance(sample, int) else sample[0]) * scale,
+        layer_names=tuple(k.removesuffix(".attn2.to_k.weight") for k in cross_keys),
     )
 
 

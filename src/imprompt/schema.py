@@ -12,21 +12,48 @@ SCALE_RANGE = (-1.0, 5.0)  # ComfyUI_IPAdapter_plus's weight range; SD.Next's sl
 
 
 class IPAdapterUnit(BaseModel):
-    """One image prompt: an adapter, its reference image(s), and how strongly and when it acts."""
+    """One image prompt: an adapter, its reference image(s) (or saved embeddings), and how strongly, when and
+    where it acts."""
 
     model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
 
     adapter: str = Field(min_length=1, description="friendly name (Base ViT-G), file stem, or path")
-    images: list[Any] = Field(min_length=1, description="PIL images, file paths, or base64 strings")
+    images: list[Any] = Field(default_factory=list, description="PIL images, file paths, or base64 strings")
+    embeddings: str | None = Field(None, description="saved embeddings (name or path) used instead of images")
     scale: float = Field(1.0, ge=SCALE_RANGE[0], le=SCALE_RANGE[1])
     start: float = Field(0.0, ge=0.0, le=1.0, description="fraction of the steps where the unit starts acting")
     end: float = Field(1.0, ge=0.0, le=1.0, description="fraction of the steps where it stops acting")
     encoder: str | None = Field(None, description="force an image encoder; it must produce what the adapter needs")
+    average: bool = Field(False, description="average the images' embeddings into one set of tokens")
+    masks: list[Any] | None = Field(None, description="one mask per image (one if averaged): where the unit acts")
+    layers: str | dict | None = Field(
+        None, description="per-block weights: style, composition, style+composition, or {down/mid/up: ...}"
+    )
+    negative_images: list[Any] | None = Field(
+        None, description='images encoded for the negative branch instead of zeros, or ["noise"]'
+    )
+    crop: bool = Field(False, description="SD.Next's face crop; imprompt has no face detector, so only false")
 
     @model_validator(mode="after")
-    def _window(self):
+    def _consistent(self):
         if self.start > self.end:
             raise ValueError(f"start ({self.start}) is after end ({self.end}); use start <= end")
+        if bool(self.images) == bool(self.embeddings):
+            raise ValueError("give either images or embeddings (saved with `imprompt embed`), not both or neither")
+        count = 1 if self.average or self.embeddings else len(self.images)
+        if self.masks is not None and len(self.masks) != count:
+            raise ValueError(
+                f"{len(self.masks)} masks for {count} {'averaged image' if count == 1 and self.average else 'images'}; "
+                f"give one mask per image{' (one in all when averaging)' if self.average else ''}"
+            )
+        if self.negative_images is not None and len(self.negative_images) not in (1, len(self.images)):
+            raise ValueError(
+                f"{len(self.negative_images)} negative images for {len(self.images)} images; give one, or one per image"
+            )
+        if self.negative_images is not None and self.embeddings:
+            raise ValueError("negative_images cannot be combined with saved embeddings (they carry their negative)")
+        if self.crop:
+            raise ValueError("crop=true needs a face detector, which imprompt does not have; crop the image yourself")
         return self
 
     def active_at(self, step: int, total: int) -> bool:
@@ -48,6 +75,8 @@ class GenerateRequest(BaseModel):
     batch_size: int = Field(1, ge=1, le=8)
     sampler: str = "Default"
     ip_adapters: list[IPAdapterUnit] = Field(default_factory=list, max_length=8)
+    init_images: list[Any] | None = Field(None, description="img2img: the image to start from (the first is used)")
+    denoising_strength: float = Field(0.75, gt=0.0, le=1.0, description="img2img: how much of it is redrawn")
 
     @field_validator("width", "height")
     @classmethod
@@ -67,6 +96,15 @@ def parse_request(request: GenerateRequest | dict | None = None, **fields) -> Ge
         raise RequestError(describe_validation_error(exc)) from None
 
 
+def parse_unit(unit: IPAdapterUnit | dict) -> IPAdapterUnit:
+    if isinstance(unit, IPAdapterUnit):
+        return unit
+    try:
+        return IPAdapterUnit.model_validate(unit)
+    except ValidationError as exc:
+        raise RequestError(describe_validation_error(exc)) from None
+
+
 def describe_validation_error(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors():
@@ -76,6 +114,9 @@ def describe_validation_error(exc: ValidationError) -> str:
         shown = "" if isinstance(found, (dict, list)) or found is None else f" (got {str(found)[:60]!r})"
         parts.append(f"{where}: {message}{shown}")
     return "invalid request: " + "; ".join(parts)
+
+
+UNIT_FIELDS = tuple(IPAdapterUnit.model_fields)
 
 
 def from_sdnext_payload(payload: dict) -> GenerateRequest:
@@ -91,7 +132,8 @@ def from_sdnext_payload(payload: dict) -> GenerateRequest:
         raise RequestError("ip_adapter must be a list of units")
     fields: dict[str, Any] = {
         key: payload[key]
-        for key in ("prompt", "negative_prompt", "seed", "steps", "cfg_scale", "width", "height", "batch_size")
+        for key in ("prompt", "negative_prompt", "seed", "steps", "cfg_scale", "width", "height", "batch_size",
+                    "init_images", "denoising_strength")
         if payload.get(key) is not None
     }
     if payload.get("sampler_name"):
@@ -105,6 +147,6 @@ def from_sdnext_payload(payload: dict) -> GenerateRequest:
         if not unit.get("adapter") or str(unit["adapter"]).lower() == "none":
             continue  # SD.Next treats "None" as an empty unit
         fields["ip_adapters"].append(
-            {k: unit[k] for k in ("adapter", "images", "scale", "start", "end", "encoder") if unit.get(k) is not None}
+            {k: unit[k] for k in UNIT_FIELDS if unit.get(k) is not None}
         )
     return parse_request(fields)

@@ -19,7 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import catalog
-from .errors import CheckpointError, ImpromptError, UnknownAdapterError, UnknownEncoderError, UnknownModelError
+from .errors import (
+    CheckpointError,
+    ImpromptError,
+    UnknownAdapterError,
+    UnknownEmbeddingsError,
+    UnknownEncoderError,
+    UnknownModelError,
+)
 from .probe import WEIGHT_SUFFIXES, AdapterSpec, EncoderSpec, PipelineSpec, probe
 
 log = logging.getLogger("imprompt")
@@ -173,6 +180,16 @@ class ModelStore:
             f"IP-Adapter {name!r} not found in {self._where()}. Available adapters: "
             f"{', '.join(present) or 'none'}.{hint}"
         )
+
+    def embeddings(self, name: str) -> Entry:
+        entry = self._resolve(name, "ip-embeddings")
+        if entry is None:
+            available = ", ".join(e.name for e in self.of_kind("ip-embeddings")) or "none"
+            raise UnknownEmbeddingsError(
+                f"saved embeddings {name!r} not found in {self._where()}. Available: {available}. "
+                f"Save some with `imprompt embed`"
+            )
+        return entry
 
     def encoder(self, name: str) -> Entry:
         entry = self._resolve(name, "image-encoder")

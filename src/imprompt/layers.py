@@ -1,0 +1,122 @@
+"""Per-block IP-Adapter weights (InstantStyle): presets, strict validation, one weight per cross-attention layer.
+
+The dictionary form is diffusers' `set_ip_adapter_scale` form: `{"down": {"block_2": [0.0, 1.0]}, "mid": 0.5,
+"up": {"block_0": [0.0, 1.0, 0.0]}}`, a number for a whole level or block, or a list with one weight per
+attention block of a block. Layers not named get 0. Unlike diffusers, a block that does not exist (or has no
+attention) is an error, not a silent zero. Weights multiply the unit's `scale`.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+
+from .errors import RequestError
+from .probe import PipelineSpec
+
+# InstantStyle (Wang et al. 2024) for SDXL: up_blocks.0.attentions.1 carries style, down_blocks.2.attentions.1
+# carries layout. For SD 1.5, the blocks ComfyUI_IPAdapter_plus uses for "style transfer" and "composition".
+PRESETS = {
+    "SDXL": {
+        "style": {"up": {"block_0": [0.0, 1.0, 0.0]}},
+        "composition": {"down": {"block_2": [0.0, 1.0]}},
+    },
+    "SD 1.5": {
+        "style": {"down": {"block_0": 1.0, "block_1": 1.0}, "mid": 1.0, "up": {"block_2": 1.0, "block_3": 1.0}},
+        "composition": {"down": {"block_2": [0.25, 1.0]}},
+    },
+}
+_LAYER = re.compile(r"^(down|up)_blocks\.(\d+)\.attentions\.(\d+)\.|^mid_block\.attentions\.(\d+)\.")
+
+
+def preset(name: str, family: str) -> dict:
+    """"style", "composition" or "style+composition" for the model's family."""
+    presets = PRESETS.get(family)
+    if presets is None:
+        raise RequestError(f"layers preset {name!r}: no presets for {family} models; give per-block weights instead")
+    parts = [p.strip() for p in name.lower().split("+")]
+    unknown = [p for p in parts if p not in presets]
+    if unknown or not parts:
+        raise RequestError(f"unknown layers preset {name!r}; use one of style, composition, style+composition")
+    merged: dict = {}
+    for part in parts:
+        for level, value in presets[part].items():
+            if isinstance(value, dict):
+                merged.setdefault(level, {}).update(copy.deepcopy(value))
+            else:
+                merged[level] = value
+    return merged
+
+
+def layer_weights(layers, pipeline: PipelineSpec, where: str = "layers") -> tuple[float, ...]:
+    """One weight per cross-attention layer of `pipeline`, in processor order. None: 1.0 everywhere."""
+    names = pipeline.layer_names
+    if layers is None:
+        return (1.0,) * len(names)
+    if isinstance(layers, str):
+        layers = preset(layers, pipeline.family)
+    if not isinstance(layers, dict):
+        raise RequestError(f"{where}: expected a preset name or a dictionary of per-block weights")
+    structure = _structure(names)  # (level, block) -> number of attention blocks in it
+    weights: dict[tuple, float] = {}
+    for level, value in layers.items():
+        if level == "mid":
+            if ("mid", 0) not in structure:
+                raise RequestError(f"{where}.mid: this model's mid block has no attention")
+            weights[("mid", 0, 0)] = _single(value, f"{where}.mid")
+        elif level in ("down", "up"):
+            blocks = value if isinstance(value, dict) else {f"block_{b}": value for (lv, b) in structure if lv == level}
+            if not isinstance(blocks, dict):
+                raise RequestError(f"{where}.{level}: expected a number or {{block_N: ...}}")
+            for block_name, block_value in blocks.items():
+                match = re.fullmatch(r"block_(\d+)", str(block_name))
+                key = (level, int(match.group(1))) if match else None
+                if key not in structure:
+                    valid = ", ".join(f"block_{b}" for (lv, b) in sorted(structure) if lv == level)
+                    raise RequestError(
+                        f"{where}.{level}.{block_name}: no such {level} block with attention in this model "
+                        f"(valid: {valid})"
+                    )
+                for i, w in enumerate(_per_attention(block_value, structure[key], f"{where}.{level}.{block_name}")):
+                    weights[(level, key[1], i)] = w
+        else:
+            raise RequestError(f"{where}: unknown level {level!r}; use down, mid and up")
+    return tuple(weights.get(_position(name), 0.0) for name in names)
+
+
+def _structure(names) -> dict[tuple[str, int], int]:
+    structure: dict[tuple[str, int], int] = {}
+    for name in names:
+        level, block, attention = _position(name)
+        structure[(level, block)] = max(structure.get((level, block), 0), attention + 1)
+    return structure
+
+
+def _position(name: str) -> tuple[str, int, int]:
+    """"up_blocks.0.attentions.1.transformer_blocks.3" -> ("up", 0, 1); the mid block is ("mid", 0, 0)."""
+    match = _LAYER.match(name + ".")
+    if match is None:
+        raise ValueError(f"unexpected cross-attention layer name {name!r}")
+    if match.group(1):
+        return match.group(1), int(match.group(2)), int(match.group(3))
+    return "mid", 0, 0
+
+
+def _single(value, where: str) -> float:
+    if isinstance(value, list):
+        if len(value) != 1:
+            raise RequestError(f"{where}: expected one weight, got {len(value)}")
+        value = value[0]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RequestError(f"{where}: weight {value!r} is not a number")
+    return float(value)
+
+
+def _per_attention(value, count: int, where: str) -> list[float]:
+    if not isinstance(value, list):
+        return [_single(value, where)] * count
+    if len(value) == 1:
+        return [_single(value, where)] * count
+    if len(value) != count:
+        raise RequestError(f"{where}: this block has {count} attention blocks, got {len(value)} weights")
+    return [_single(v, f"{where}[{i}]") for i, v in enumerate(value)]
