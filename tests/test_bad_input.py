@@ -294,7 +294,7 @@ CASES = {
     ),
     "unknown-field": lambda c: (request(strength=0.5), RequestError, ["strength"]),
     "unit-without-images": lambda c: (
-        request({"adapter": "Base", "images": []}), RequestError, ["ip_adapters.0.images"]
+        request({"adapter": "Base", "images": []}), RequestError, ["ip_adapters.0", "images or embeddings"]
     ),
     "empty-adapter-name": lambda c: (request(unit("", c.red)), RequestError, ["ip_adapters.0.adapter"]),
 }

@@ -38,6 +38,19 @@ def menu(images: dict[str, str]) -> dict[str, dict]:
     }  # fmt: skip
 
 
+def sdxl_menu(images: dict[str, str]) -> dict[str, dict]:
+    """SDXL requests, and SD 1.5 ones, to be mixed: every switch between them changes the base model."""
+    red, yellow, white = images["red-circle"], images["yellow-square"], images["white-triangle"]
+    sdxl = {"model": "tiny-sdxl"}
+    return {
+        "xl-base": request(unit("Base SDXL", red, 0.6), **sdxl),
+        "xl-plus+vit-h": request(unit("Plus ViT-H SDXL", yellow, 0.5), unit("Base ViT-H SDXL", white, 0.5), seed=2, **sdxl),
+        "xl-style-masked": request({**unit("Base SDXL", white, 0.9, layers="style"), "masks": [yellow]}, seed=3, **sdxl),
+        "xl-composition-window": request(unit("Ostris Composition ViT-H SDXL", red, 0.7, start=0.25), seed=4, **sdxl),
+        "xl-none": request(seed=5, **sdxl),
+    }  # fmt: skip
+
+
 def failing(images: dict[str, str]) -> dict[str, dict]:
     red = images["red-circle"]
     return {
@@ -48,6 +61,8 @@ def failing(images: dict[str, str]) -> dict[str, dict]:
         "corrupt-file": request(unit("ip-adapter_broken", red)),
         "sdxl-on-sd15": request(unit("ip-adapter_sdxl_test", red)),
         "second-unit-bad": request(unit("Base ViT-G", red), unit("Nope", red)),
+        "sd15-on-sdxl": request(unit("Plus", red), model="tiny-sdxl"),
+        "bad-layers": request(unit("Base SDXL", red, layers={"down": {"block_0": 1.0}}), model="tiny-sdxl"),
     }
 
 
@@ -78,7 +93,7 @@ def images(pack) -> dict[str, str]:
 def fresh(roots, images, tmp_path_factory) -> dict[str, Image.Image]:
     """Each valid request's image, computed as the only request of a brand-new Python process."""
     out = tmp_path_factory.mktemp("fresh")
-    requests = menu(images)
+    requests = menu(images) | sdxl_menu(images)
 
     def one(name):
         target = out / f"{name}.png"
@@ -99,10 +114,10 @@ def test_fresh_references_are_distinct(fresh):
             assert max_diff(fresh[a], fresh[b]) > 0, (a, b)
 
 
-@settings(max_examples=10, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(data=st.data())
 def test_any_sequence_gives_fresh_process_pixels(roots, images, fresh, data):
-    valid, bad = menu(images), failing(images)
+    valid, bad = menu(images) | sdxl_menu(images), failing(images)
     budget = data.draw(st.sampled_from([None, 1]), label="encoder cache budget (1 byte: evict on every switch)")
     sequence = data.draw(
         st.lists(st.sampled_from(sorted(valid) + sorted(bad)), min_size=2, max_size=7), label="requests"
@@ -150,6 +165,22 @@ def test_every_request_after_every_other_in_one_engine(roots, images, fresh):
         assert max_diff(result.images[0], fresh[name]) == 0, f"{name} (step {i}) after {previous}"
 
 
+def test_every_request_after_every_other_across_families(roots, images, fresh):
+    """SD 1.5 and SDXL requests in every order (each switch of family reloads the base model), with failures."""
+    sd15 = menu(images)
+    valid = {name: sd15[name] for name in ("base", "base+vit-g", "plus+vit-g+full")} | sdxl_menu(images)
+    bad = failing(images)
+    sequence = every_ordered_pair(sorted(valid))
+    engine = Engine(roots)
+    for i, name in enumerate(sequence):
+        if i % 4 == 3:
+            with pytest.raises(ImpromptError):
+                engine.generate(bad[sorted(bad)[i % len(bad)]])
+        result = engine.generate(valid[name])
+        previous = sequence[i - 1] if i else "nothing"
+        assert max_diff(result.images[0], fresh[name]) == 0, f"{name} (step {i}) after {previous}"
+
+
 def test_failures_name_their_cause(roots, images):
     engine = Engine(roots)
     bad = failing(images)
@@ -165,3 +196,5 @@ def test_failures_name_their_cause(roots, images):
     assert Path(messages["corrupt-file"].split(":")[0]).name == "ip-adapter_broken.safetensors"
     assert "2048" in messages["sdxl-on-sd15"] and "768" in messages["sdxl-on-sd15"]
     assert "Nope" in messages["second-unit-bad"]
+    assert "768" in messages["sd15-on-sdxl"] and "2048" in messages["sd15-on-sdxl"]
+    assert "block_0" in messages["bad-layers"]

@@ -58,8 +58,10 @@ def adapter_file(pack, stem):
 
 
 def test_lists_the_pack(store, pack):
-    assert [e.name for e in store.pipelines] == [SD15_MODEL]
-    assert sorted(e.name for e in store.adapters) == sorted(SIX.values())
+    assert [e.name for e in store.pipelines] == [SD15_MODEL, "tiny-sdxl"]
+    sdxl_and_composition = {"ip-adapter_sdxl", "ip-adapter_sdxl_vit-h", "ip-adapter-plus_sdxl_vit-h",
+                            "ip-adapter-plus-face_sdxl_vit-h", "ip_plus_composition_sd15", "ip_plus_composition_sdxl"}
+    assert sorted(e.name for e in store.adapters) == sorted(set(SIX.values()) | sdxl_and_composition)
     assert sorted(e.name for e in store.encoders) == [
         "IP-Adapter/models/image_encoder",
         "IP-Adapter/sdxl_models/image_encoder",
@@ -172,8 +174,9 @@ def test_unknown_names(store):
     assert "'Nope'" in message
     for friendly in SIX:
         assert friendly in message
-    with pytest.raises(UnknownAdapterError, match="Base SDXL"):  # a known adapter that is not here: where to get it
-        store.adapter("Base SDXL")
+    without_adapters = ModelStore(store.roots[0] / "diffusers")
+    with pytest.raises(UnknownAdapterError, match="h94/IP-Adapter/sdxl_models"):  # a published adapter not here:
+        without_adapters.adapter("Base SDXL")  # the message says where to get it
     with pytest.raises(UnknownModelError, match=SD15_MODEL):
         store.pipeline("sd-xl")
     with pytest.raises(UnknownEncoderError, match="image_encoder"):

@@ -122,6 +122,10 @@ def load_pipeline(spec: PipelineSpec, device: torch.device, dtype: torch.dtype):
     encodes reference images itself and hands the pipeline finished embeddings."""
     import diffusers
 
+    if Path(spec.path).is_file():
+        from .single_file import load_single_file
+
+        return load_single_file(spec, device, dtype)
     if spec.pipeline_class not in SUPPORTED_PIPELINES:
         raise UnsupportedError(
             f"model {Path(spec.path).name}: pipeline class {spec.pipeline_class} is not supported; "

@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw
 
 log = logging.getLogger("imprompt")
 
-PACK_VERSION = 2
+PACK_VERSION = 3
 SD15_MODEL = "tiny-sd15"
 SDXL_MODEL = "tiny-sdxl"
 CROSS_ATTENTION_SD15 = 768
@@ -98,14 +98,16 @@ def build_demo_pack(root: Path, force: bool = False) -> Path:
 # ------------------------------------------------------------------------------------------------ the pipeline
 
 
-def build_sd15_pipeline(folder: Path, seed: int = 0, cross_attention_dim: int = CROSS_ATTENTION_SD15):
-    """A diffusers StableDiffusionPipeline folder with SD 1.5's block structure at tiny widths."""
+def build_sd15_pipeline(folder: Path, seed: int = 0, cross_attention_dim: int = CROSS_ATTENTION_SD15,
+                        clip_vocabulary: bool = False):  # fmt: skip
+    """A diffusers StableDiffusionPipeline folder with SD 1.5's block structure at tiny widths.
+    `clip_vocabulary`: CLIP's real 49,408-token vocabulary (as single files need) instead of the tiny one."""
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     folder = Path(folder)
     tokenizer_dir = folder / "tokenizer"
-    write_tokenizer(tokenizer_dir)
+    write_tokenizer(tokenizer_dir, clip_vocabulary)
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(
@@ -168,7 +170,7 @@ def build_sd15_pipeline(folder: Path, seed: int = 0, cross_attention_dim: int = 
     return pipeline
 
 
-def build_sdxl_pipeline(folder: Path, seed: int = 3):
+def build_sdxl_pipeline(folder: Path, seed: int = 3, clip_vocabulary: bool = False):
     """A diffusers StableDiffusionXLPipeline folder with SDXL's block structure (transformer depths 1/2/10, so
     70 cross-attention layers) and its real conditioning widths (text 768 + 1280 = 2048), tiny elsewhere."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
@@ -176,20 +178,21 @@ def build_sdxl_pipeline(folder: Path, seed: int = 3):
 
     folder = Path(folder)
     for sub in ("tokenizer", "tokenizer_2"):
-        write_tokenizer(folder / sub)
+        write_tokenizer(folder / sub, clip_vocabulary, pad="!" if sub == "tokenizer_2" else "<|endoftext|>")
     tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
     tokenizer_2 = CLIPTokenizer.from_pretrained(folder / "tokenizer_2")
     torch.manual_seed(seed)
 
-    def text_config(hidden, projection=None):
+    def text_config(hidden, projection=None, act="quick_gelu"):
         return CLIPTextConfig(
             vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=hidden // 64, max_position_embeddings=77, projection_dim=projection or hidden,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+            hidden_act=act, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
         )  # fmt: skip
 
-    text_encoder = CLIPTextModel(text_config(768))
-    text_encoder_2 = CLIPTextModelWithProjection(text_config(1280, projection=1280))
+    text_encoder = CLIPTextModel(text_config(768))  # CLIP ViT-L's text tower
+    text_encoder_2 = CLIPTextModelWithProjection(text_config(1280, projection=1280, act="gelu"))  # OpenCLIP bigG's
     time_embed = 8
     unet = UNet2DConditionModel(
         sample_size=8,
@@ -200,7 +203,7 @@ def build_sdxl_pipeline(folder: Path, seed: int = 3):
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         transformer_layers_per_block=(1, 2, 10),
-        attention_head_dim=(2, 4, 4),
+        attention_head_dim=(1, 1, 1),  # SDXL's convention: one head per 64 channels
         cross_attention_dim=CROSS_ATTENTION_SDXL,
         addition_embed_type="text_time",
         addition_time_embed_dim=time_embed,
@@ -262,10 +265,17 @@ _WORDS = (
 ).split()
 
 
-def write_tokenizer(folder: Path) -> None:
-    """A CLIP BPE tokenizer (vocab.json + merges.txt) built offline: byte symbols plus whole-word merges."""
+def write_tokenizer(folder: Path, clip_vocabulary: bool = False, pad: str = "<|endoftext|>") -> None:
+    """A CLIP BPE tokenizer built offline: byte symbols plus whole-word merges, or with `clip_vocabulary` the real
+    CLIP vocabulary from the openai-clip package's merges file."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    _write_tokenizer_config(folder, pad)
+    if clip_vocabulary:
+        from .single_file import write_clip_vocabulary
+
+        write_clip_vocabulary(folder)
+        return
     symbols = list(_bytes_to_unicode().values())
     vocab = symbols + [s + "</w>" for s in symbols]
     merges: list[tuple[str, str]] = []
@@ -280,13 +290,16 @@ def write_tokenizer(folder: Path) -> None:
     vocab += ["<|startoftext|>", "<|endoftext|>"]
     (folder / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocab)}, ensure_ascii=False))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+
+
+def _write_tokenizer_config(folder: Path, pad: str) -> None:
     config = {
         "tokenizer_class": "CLIPTokenizer",
         "model_max_length": 77,
         "bos_token": "<|startoftext|>",
         "eos_token": "<|endoftext|>",
         "unk_token": "<|endoftext|>",
-        "pad_token": "<|endoftext|>",
+        "pad_token": pad,
         "do_lower_case": True,
     }
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
@@ -295,16 +308,13 @@ def write_tokenizer(folder: Path) -> None:
 
 
 def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP's reversible byte -> printable character table."""
+    """GPT-2/CLIP's reversible byte -> printable character table, in CLIP's order (printable bytes first, then
+    the others mapped past 255), which is the order of the vocabulary's first 256 tokens."""
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
     printable += list(range(ord("®"), ord("ÿ") + 1))
-    table, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
+    others = [b for b in range(256) if b not in printable]
+    table = {b: chr(b) for b in printable}
+    table.update({b: chr(256 + n) for n, b in enumerate(others)})
     return table
 
 
@@ -474,3 +484,126 @@ def draw_reference(shape: str, color, background, size: int = 96) -> Image.Image
     else:
         raise ValueError(f"unknown shape {shape!r}")
     return image
+
+
+# -------------------------------------------------------------------------------------- A1111 single files
+
+
+def write_single_file(pipeline, path: Path, dtype: torch.dtype = torch.float16) -> Path:
+    """Save a diffusers SD 1.5 / SDXL pipeline as an A1111-style single checkpoint (original LDM key names), the
+    way users download base models. The inverse of diffusers' `from_single_file` conversion, which reads it."""
+    from safetensors.torch import save_file
+
+    tensors = single_file_tensors(pipeline)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.to(dtype).contiguous() for k, v in tensors.items()}, path, metadata={"format": "pt"})
+    return path
+
+
+def single_file_tensors(pipeline) -> dict[str, torch.Tensor]:
+    """The pipeline's tensors under their A1111/LDM names (works on meta tensors too: names and shapes only)."""
+    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+
+    unet_config = pipeline.unet.config
+    tensors = {}
+    fixed = {**DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"], **DIFFUSERS_TO_LDM_MAPPING["unet"]["addition_embed_type"]}
+    state = pipeline.unet.state_dict()
+    with_attention = {int(k.split(".")[1]) for k in state if k.startswith("up_blocks.") and ".attentions." in k}
+    for key, tensor in state.items():
+        tensors["model.diffusion_model." + (fixed.get(key) or _ldm_unet_key(key, unet_config.layers_per_block, with_attention))] = tensor
+    for key, tensor in pipeline.vae.state_dict().items():
+        ldm, tensor = _ldm_vae_key(key, tensor, len(pipeline.vae.config.block_out_channels))
+        tensors["first_stage_model." + ldm] = tensor
+    if hasattr(pipeline, "text_encoder_2"):
+        prefixes = ("conditioner.embedders.0.transformer.",)
+        tensors.update(_open_clip_tensors(pipeline.text_encoder_2, "conditioner.embedders.1.model."))
+    else:
+        prefixes = ("cond_stage_model.transformer.",)
+    for key, tensor in pipeline.text_encoder.state_dict().items():
+        if not key.endswith("position_ids"):
+            tensors[prefixes[0] + ("" if key.startswith("text_model.") else "text_model.") + key] = tensor
+    return tensors
+
+
+_RESNET_TO_LDM = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+                  "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}  # fmt: skip
+
+
+def _ldm_unet_key(key: str, layers_per_block: int, up_with_attention: set[int]) -> str:
+    parts = key.split(".")
+    step = layers_per_block + 1
+
+    def resnet(rest):
+        return ".".join([_RESNET_TO_LDM[rest[0]], *rest[1:]])
+
+    if parts[0] == "down_blocks":
+        i, kind = int(parts[1]), parts[2]
+        if kind == "downsamplers":  # down_blocks.i.downsamplers.0.conv.weight
+            return f"input_blocks.{step * (i + 1)}.0.op.{parts[-1]}"
+        j = int(parts[3])
+        where = f"input_blocks.{step * i + j + 1}"
+        return f"{where}.0.{resnet(parts[4:])}" if kind == "resnets" else f"{where}.1.{'.'.join(parts[4:])}"
+    if parts[0] == "up_blocks":
+        i, kind = int(parts[1]), parts[2]
+        if kind == "upsamplers":
+            slot = 2 if i in up_with_attention else 1
+            return f"output_blocks.{step * i + layers_per_block}.{slot}.conv.{parts[-1]}"
+        j = int(parts[3])
+        where = f"output_blocks.{step * i + j}"
+        return f"{where}.0.{resnet(parts[4:])}" if kind == "resnets" else f"{where}.1.{'.'.join(parts[4:])}"
+    if parts[0] == "mid_block":
+        if parts[1] == "attentions":
+            return f"middle_block.1.{'.'.join(parts[3:])}"
+        return f"middle_block.{2 * int(parts[2])}.{resnet(parts[3:])}"
+    raise ValueError(f"no LDM name for UNet tensor {key}")
+
+
+def _ldm_vae_key(key: str, tensor: torch.Tensor, levels: int) -> tuple[str, torch.Tensor]:
+    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+
+    if key in DIFFUSERS_TO_LDM_MAPPING["vae"]:
+        return DIFFUSERS_TO_LDM_MAPPING["vae"][key], tensor
+    parts = key.split(".")
+    side = parts[0]  # encoder | decoder
+    if parts[1] in ("down_blocks", "up_blocks"):
+        i = int(parts[2]) if side == "encoder" else levels - 1 - int(parts[2])  # the decoder counts levels upwards
+        level = f"{side}.{'down' if side == 'encoder' else 'up'}.{i}"
+        if parts[3] in ("downsamplers", "upsamplers"):
+            return f"{level}.{'downsample' if side == 'encoder' else 'upsample'}.conv.{parts[-1]}", tensor
+        rest = ".".join(parts[5:]).replace("conv_shortcut", "nin_shortcut")
+        return f"{level}.block.{parts[4]}.{rest}", tensor
+    if parts[1] == "mid_block":
+        if parts[2] == "resnets":
+            return f"{side}.mid.block_{int(parts[3]) + 1}.{'.'.join(parts[4:])}", tensor
+        names = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out": "proj_out"}
+        name = names[parts[4]]
+        if name != "norm" and tensor.ndim == 2:
+            tensor = tensor[:, :, None, None]  # LDM's attention uses 1x1 convolutions
+        return f"{side}.mid.attn_1.{name}.{parts[-1]}", tensor
+    raise ValueError(f"no LDM name for VAE tensor {key}")
+
+
+def _open_clip_tensors(text_encoder, prefix: str) -> dict:
+    """A transformers CLIPTextModelWithProjection in OpenCLIP's names (SDXL's second text encoder)."""
+    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+
+    state = {(k if k.startswith(("text_model.", "text_projection")) else "text_model." + k): v
+             for k, v in text_encoder.state_dict().items() if not k.endswith("position_ids")}  # fmt: skip
+    out = {}
+    for key, ldm in DIFFUSERS_TO_LDM_MAPPING["openclip"]["layers"].items():
+        out[prefix + ldm] = state.pop(key).T.contiguous() if ldm == "text_projection" else state.pop(key)
+    layers = sorted({int(k.split(".")[3]) for k in state if k.startswith("text_model.encoder.layers.")})
+    names = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+             "self_attn.out_proj": "attn.out_proj"}  # fmt: skip
+    for n in layers:
+        source, target = f"text_model.encoder.layers.{n}.", f"{prefix}transformer.resblocks.{n}."
+        for kind in ("weight", "bias"):
+            out[target + f"attn.in_proj_{kind}"] = torch.cat(
+                [state.pop(source + f"self_attn.{p}_proj.{kind}") for p in ("q", "k", "v")]
+            )
+            for diffusers_name, ldm_name in names.items():
+                out[target + f"{ldm_name}.{kind}"] = state.pop(source + f"{diffusers_name}.{kind}")
+    if state:
+        raise ValueError(f"text encoder tensors without an OpenCLIP name: {sorted(state)[:4]}")
+    return out

@@ -294,10 +294,14 @@ def probe(path) -> Spec:
         return adapter_spec(path, table)
     if "vision_model.embeddings.patch_embedding.weight" in table:
         return encoder_spec(path, table, _config_from_metadata(metadata))
+    from .single_file import is_single_file_checkpoint, single_file_spec
+
+    if is_single_file_checkpoint(table):
+        return single_file_spec(path, table)
     raise CheckpointError(
         path,
-        f"is neither an IP-Adapter (no image_proj.* / ip_adapter.* tensors) nor a CLIP vision encoder "
-        f"(no vision_model.* tensors); first tensors: {sorted(table)[:3]}",
+        f"is not an IP-Adapter (image_proj.* / ip_adapter.*), a CLIP vision encoder (vision_model.*) or a "
+        f"Stable Diffusion checkpoint (model.diffusion_model.*); first tensors: {sorted(table)[:3]}",
     )
 
 
