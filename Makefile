@@ -4,10 +4,14 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test install clean
+.PHONY: demo test serve install clean
 
 demo: install
 	$(BIN)/imprompt demo --models demo-models --out demo-output
+
+serve: install
+	$(BIN)/imprompt pack demo-models
+	$(BIN)/imprompt serve --models demo-models
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -19,6 +19,7 @@ from conftest import max_diff, request, unit
 from imprompt.errors import (
     CheckpointError,
     ImageError,
+    ImageTooLargeError,
     ImpromptError,
     IncompatibleError,
     MissingEncoderError,
@@ -273,7 +274,7 @@ CASES = {
         request(unit("Base", _png_bytes(c.red)[:200])), ImageError, ["ip_adapters.0.images.0"]
     ),
     "image-too-many-pixels": lambda c: (
-        request(unit("Base", _png_bytes(Image.new("L", (5000, 4000))))), ImageError, ["5000x4000"]
+        request(unit("Base", _png_bytes(Image.new("L", (5000, 4000))))), ImageTooLargeError, ["5000x4000"]
     ),
     "image-wrong-type": lambda c: (request(unit("Base", 12345)), ImageError, ["int"]),
     # request values

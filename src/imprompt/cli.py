@@ -1,4 +1,4 @@
-"""imprompt's command line: generate | embed | probe | models | demo | download."""
+"""imprompt's command line: generate | embed | probe | models | serve | demo | pack | download."""
 
 from __future__ import annotations
 
@@ -91,6 +91,24 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", type=Path, required=True, help="output .safetensors")
     _engine_arguments(e)
     e.set_defaults(run=_embed)
+
+    s = commands.add_parser("serve", help="run the HTTP API (A1111/SD.Next-compatible) and the web page")
+    _models_argument(s)
+    s.add_argument("--host", default="127.0.0.1", help="bind address (default: %(default)s, loopback only)")
+    s.add_argument("--port", type=int, default=7860, help="default: %(default)s, as A1111 and SD.Next")
+    s.add_argument("--api-key", default=os.environ.get("IMPROMPT_API_KEY"),
+                   help="require this key (Bearer, or HTTP Basic password) on every endpoint but /healthz")  # fmt: skip
+    s.add_argument("--model", help="the current model at start (default: the first in the models folder)")
+    s.add_argument("--max-queue", type=int, default=16, help="jobs waiting before requests get 429 (default: %(default)s)")
+    s.add_argument("--max-body", default="64MiB", help="largest request body (default: %(default)s)")
+    s.add_argument("--max-image", default="32MiB", help="largest image, encoded (default: %(default)s)")
+    s.add_argument("--max-pixels", type=int, default=4096 * 4096, help="largest image, pixels (default: %(default)s)")
+    _engine_arguments(s)
+    s.set_defaults(run=_serve)
+
+    pk = commands.add_parser("pack", help="build the demo model pack (tiny random-weight models) if missing")
+    pk.add_argument("folder", type=Path, nargs="?", default=Path("demo-models"))
+    pk.set_defaults(run=_pack)
 
     dl = commands.add_parser("download", help="download published adapters and their encoders (needs internet)")
     _models_argument(dl)
@@ -269,6 +287,38 @@ def _embed(args) -> int:
     engine = Engine(_require_models(args), device=args.device, dtype=args.dtype, cache_budget=args.cache_budget)
     unit = {"adapter": args.adapter, "images": [str(p) for p in args.images], "average": args.average}
     print(engine.save_embeddings(unit, args.out))
+    return 0
+
+
+def _serve(args) -> int:
+    import uvicorn
+
+    from .cache import parse_bytes
+    from .engine import Engine
+    from .server.app import ServerSettings, create_app
+
+    _quiet_libraries()
+    engine = Engine(
+        _require_models(args), device=args.device, dtype=args.dtype, cache_budget=args.cache_budget,
+        allow_paths=False, max_image_pixels=args.max_pixels, max_image_bytes=parse_bytes(args.max_image, 0),
+    )  # fmt: skip
+    settings = ServerSettings(
+        api_key=args.api_key, max_body_bytes=parse_bytes(args.max_body, 0), max_queue=args.max_queue, model=args.model
+    )
+    if args.model:
+        engine.store.pipeline(args.model)  # unknown model: fail now, not at the first request
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        logging.getLogger("imprompt").warning("listening on %s without --api-key: anyone who can reach it can use it", args.host)
+    logging.getLogger("imprompt").info("serving on http://%s:%d (API docs at /docs)", args.host, args.port)
+    uvicorn.run(create_app(engine, settings), host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def _pack(args) -> int:
+    from .pack import build_demo_pack
+
+    _quiet_libraries()
+    print(build_demo_pack(args.folder))
     return 0
 
 

@@ -26,7 +26,7 @@ from .adapters import AdapterSlots, BuiltAdapter, build_adapter
 from .cache import ByteLRU, parse_bytes
 from .encoders import Encoders, load_saved_embeddings, save_embeddings
 from .errors import CheckpointError, RequestError
-from .images import DEFAULT_MAX_PIXELS, image_digest, load_image, noise_image
+from .images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, image_digest, load_image, noise_image
 from .infotext import parameters_text, png_info
 from .loading import load_adapter_state_dict, load_pipeline
 from .plan import Plan, make_plan, plan_unit
@@ -142,6 +142,7 @@ class Engine:
         default_model: str | None = None,
         allow_paths: bool = True,
         max_image_pixels: int = DEFAULT_MAX_PIXELS,
+        max_image_bytes: int = DEFAULT_MAX_BYTES,
     ):
         """`models`: a models folder (or several). `cache_budget`: bytes of loaded image encoders kept
         ("8GiB"; default half the machine's memory). Paths as names are allowed unless `allow_paths=False`."""
@@ -158,6 +159,7 @@ class Engine:
         self.default_model = default_model
         self.allow_paths = allow_paths
         self.max_image_pixels = max_image_pixels
+        self.max_image_bytes = max_image_bytes
         self._pipeline: _LoadedPipeline | None = None
         self._lock = threading.Lock()
         self._interrupt = threading.Event()
@@ -192,6 +194,10 @@ class Engine:
     def interrupt(self) -> None:
         """Stop the running generation after its current step (it returns what it has)."""
         self._interrupt.set()
+
+    @property
+    def interrupt_requested(self) -> bool:
+        return self._interrupt.is_set()
 
     def _generate(self, request: GenerateRequest, on_step) -> Result:
         timer, events = _Timer(), []
@@ -252,7 +258,7 @@ class Engine:
         return Result(images_out, info, parameters)
 
     def _image(self, ref, what: str):
-        return load_image(ref, what, self.max_image_pixels, self.allow_paths)
+        return load_image(ref, what, self.max_image_pixels, self.allow_paths, self.max_image_bytes)
 
     def _unit_inputs(self, i: int, unit) -> _UnitInputs:
         """Every image a unit brings, decoded (and so checked) before anything else happens."""

@@ -24,6 +24,30 @@ class ImageError(RequestError):
     """An input image cannot be read or decoded."""
 
 
+class ImageTooLargeError(ImageError):
+    """An input image exceeds the byte or pixel limits (checked before its pixels are decoded)."""
+
+    http_status = 413
+
+
+class PayloadTooLargeError(ImpromptError):
+    """A request body over the server's size limit."""
+
+    http_status = 413
+
+
+class QueueFullError(ImpromptError):
+    """The server's job queue is full; try again later."""
+
+    http_status = 429
+
+
+class AuthError(ImpromptError):
+    """Missing or wrong API key."""
+
+    http_status = 401
+
+
 class NotFoundError(ImpromptError):
     """A named model, adapter or encoder does not exist in the model store."""
 

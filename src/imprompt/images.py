@@ -13,26 +13,35 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from .errors import ImageError
+from .errors import ImageError, ImageTooLargeError
 
 DEFAULT_MAX_PIXELS = 4096 * 4096
+DEFAULT_MAX_BYTES = 32 * 2**20
 
 
-def load_image(ref, what: str = "image", max_pixels: int = DEFAULT_MAX_PIXELS, allow_paths: bool = True):
+def load_image(
+    ref,
+    what: str = "image",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    allow_paths: bool = True,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+):
     """Decode one image reference; `what` names it in errors ("ip_adapters.0.images.1")."""
     if isinstance(ref, Image.Image):
         _check_pixels(ref, what, max_pixels)
         return ref.convert("RGB")
     if isinstance(ref, (bytes, bytearray)):
+        _check_bytes(len(ref), what, max_bytes)
         return _decode(bytes(ref), what, max_pixels)
     if isinstance(ref, Path):
-        return _read_file(ref, what, max_pixels, allow_paths)
+        return _read_file(ref, what, max_pixels, allow_paths, max_bytes)
     if isinstance(ref, str):
         text = ref.strip()
         if text.startswith("data:"):
             text = text.partition(",")[2]
         elif allow_paths and len(text) < 4096 and Path(text).expanduser().is_file():
-            return _read_file(Path(text), what, max_pixels, allow_paths)
+            return _read_file(Path(text), what, max_pixels, allow_paths, max_bytes)
+        _check_bytes(len(text) * 3 // 4, what, max_bytes)  # before decoding the base64
         try:
             data = base64.b64decode(text, validate=True)
         except (binascii.Error, ValueError):
@@ -42,18 +51,29 @@ def load_image(ref, what: str = "image", max_pixels: int = DEFAULT_MAX_PIXELS, a
     raise ImageError(f"{what}: expected a PIL image, a path or base64 data, got {type(ref).__name__}")
 
 
-def _read_file(path: Path, what: str, max_pixels: int, allow_paths: bool):
+def _read_file(path: Path, what: str, max_pixels: int, allow_paths: bool, max_bytes: int):
     if not allow_paths:
         raise ImageError(f"{what}: file paths are not accepted here; send the image as base64")
     path = path.expanduser()
     if not path.is_file():
         raise ImageError(f"{what}: no image file at {path}")
+    _check_bytes(path.stat().st_size, what, max_bytes)
     return _decode(path.read_bytes(), what, max_pixels)
+
+
+def _check_bytes(size: int, what: str, max_bytes: int) -> None:
+    if size > max_bytes:
+        raise ImageTooLargeError(f"{what}: {size} bytes is more than the {max_bytes} accepted; send a smaller image")
 
 
 def _decode(data: bytes, what: str, max_pixels: int):
     try:
         image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:  # Pillow's own check, for sizes far past ours, in open()
+        raise ImageTooLargeError(
+            f"{what}: {exc.args[0].split(' exceeds')[0].removeprefix('Image size (').rstrip(')')} is more than the "
+            f"{max_pixels} pixels accepted; resize it (refused from the header, before decoding)"
+        ) from None
     except (UnidentifiedImageError, OSError, ValueError):
         raise ImageError(f"{what}: {len(data)} bytes that are not an image PIL can read (PNG, JPEG, WebP, ...)") from None
     _check_pixels(image, what, max_pixels)
@@ -66,7 +86,12 @@ def _decode(data: bytes, what: str, max_pixels: int):
 
 def _check_pixels(image, what: str, max_pixels: int) -> None:
     width, height = image.size
-    if width * height > max_pixels or width == 0 or height == 0:
+    if width * height > max_pixels:
+        raise ImageTooLargeError(
+            f"{what}: {width}x{height} pixels is more than the {max_pixels} accepted; resize it (checked before "
+            f"decoding, so oversized and decompression-bomb images cost nothing)"
+        )
+    if width == 0 or height == 0:
         raise ImageError(
             f"{what}: {width}x{height} pixels is outside the accepted range (1 to {max_pixels} pixels); resize it"
         )

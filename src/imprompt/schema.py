@@ -119,9 +119,11 @@ def describe_validation_error(exc: ValidationError) -> str:
 UNIT_FIELDS = tuple(IPAdapterUnit.model_fields)
 
 
-def from_sdnext_payload(payload: dict) -> GenerateRequest:
-    """An SD.Next / A1111 `txt2img` JSON payload -> GenerateRequest. A1111 fields imprompt has no use for
-    (restore_faces, n_iter, ...) are ignored, as A1111 ignores fields it does not know."""
+def from_sdnext_payload(payload: dict, img2img: bool | None = None) -> GenerateRequest:
+    """An SD.Next / A1111 `txt2img` or `img2img` JSON payload -> GenerateRequest. A1111 fields imprompt has no use
+    for (restore_faces, styles, alwayson_scripts, ...) are ignored, as A1111 ignores fields it does not know.
+    `img2img`: None decides from the payload (init_images present); txt2img ignores init_images and
+    denoising_strength (A1111 clients send the latter for hires fix)."""
     if not isinstance(payload, dict):
         raise RequestError(f"request must be a JSON object, got {type(payload).__name__}")
     overrides = payload.get("override_settings") or {}
@@ -130,14 +132,16 @@ def from_sdnext_payload(payload: dict) -> GenerateRequest:
     units = payload.get("ip_adapter") or []
     if not isinstance(units, list):
         raise RequestError("ip_adapter must be a list of units")
-    fields: dict[str, Any] = {
-        key: payload[key]
-        for key in ("prompt", "negative_prompt", "seed", "steps", "cfg_scale", "width", "height", "batch_size",
-                    "init_images", "denoising_strength")
-        if payload.get(key) is not None
-    }
-    if payload.get("sampler_name"):
-        fields["sampler"] = payload["sampler_name"]
+    if img2img is None:
+        img2img = bool(payload.get("init_images"))
+    keys = ["prompt", "negative_prompt", "seed", "steps", "cfg_scale", "width", "height", "batch_size"]
+    if img2img:
+        keys += ["init_images", "denoising_strength"]
+    fields: dict[str, Any] = {key: payload[key] for key in keys if payload.get(key) is not None}
+    sampler = payload.get("sampler_name") or payload.get("sampler_index")
+    if sampler:
+        scheduler = str(payload.get("scheduler") or "").lower()
+        fields["sampler"] = f"{sampler} Karras" if scheduler == "karras" and "karras" not in sampler.lower() else sampler
     if overrides.get("sd_model_checkpoint"):
         fields["model"] = overrides["sd_model_checkpoint"]
     fields["ip_adapters"] = []

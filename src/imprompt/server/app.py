@@ -1,0 +1,252 @@
+"""The HTTP API (A1111 / SD.Next-compatible and native) and the web page, over one engine and its job queue.
+
+Errors are JSON `{"error": <type>, "detail": <message>}` with the status the error type carries (4xx for the
+caller's mistakes, 5xx only for real faults), and the same message the CLI prints.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import secrets
+from dataclasses import dataclass
+from importlib import resources
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from .. import __version__, catalog
+from ..engine import Engine
+from ..errors import AuthError, ImpromptError, PayloadTooLargeError
+from ..plan import describe_store
+from .jobs import JobQueue
+from .sdapi import Img2ImgPayload, OptionsPayload, Txt2ImgPayload, to_request, to_response
+
+log = logging.getLogger("imprompt")
+
+
+@dataclass
+class ServerSettings:
+    api_key: str | None = None
+    max_body_bytes: int = 64 * 2**20
+    max_queue: int = 16
+    model: str | None = None  # the current model (A1111's sd_model_checkpoint)
+
+
+def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAPI:
+    settings = settings or ServerSettings()
+    jobs = JobQueue(engine, settings.max_queue)
+    state = {"model": settings.model or _first_model(engine)}
+    app = FastAPI(
+        title="imprompt",
+        version=__version__,
+        description="Stable Diffusion with image prompts (IP-Adapters): A1111/SD.Next-compatible and native API.",
+    )
+    app.state.engine, app.state.jobs = engine, jobs
+
+    # ------------------------------------------------------------------------------------------------ errors
+
+    @app.exception_handler(ImpromptError)
+    async def impromt_error(request: Request, exc: ImpromptError):
+        headers = {"WWW-Authenticate": 'Bearer, Basic realm="imprompt"'} if isinstance(exc, AuthError) else None
+        return JSONResponse({"error": type(exc).__name__, "detail": str(exc)}, exc.http_status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        parts = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"] if p != "body") or "body"
+            parts.append(f"{where}: {err['msg']}")
+        return JSONResponse({"error": "RequestError", "detail": "invalid request: " + "; ".join(parts)}, 422)
+
+    @app.exception_handler(Exception)
+    async def server_fault(request: Request, exc: Exception):
+        log.error("internal error on %s %s: %r", request.method, request.url.path, exc, exc_info=exc)
+        return JSONResponse({"error": "InternalError", "detail": f"internal error: {type(exc).__name__}: {exc}"}, 500)
+
+    # --------------------------------------------------------------------------------------- A1111 / SD.Next
+
+    @app.post("/sdapi/v1/txt2img")
+    def txt2img(payload: Txt2ImgPayload) -> dict:
+        request = to_request(payload, state["model"])
+        return to_response(jobs.run(request, payload.n_iter), payload)
+
+    @app.post("/sdapi/v1/img2img")
+    def img2img(payload: Img2ImgPayload) -> dict:
+        request = to_request(payload, state["model"])
+        return to_response(jobs.run(request, payload.n_iter), payload)
+
+    @app.get("/sdapi/v1/sd-models")
+    def sd_models() -> list[dict]:
+        return [
+            {"title": e.name, "model_name": e.name, "hash": None, "sha256": None, "filename": str(e.path),
+             "config": None, "family": e.spec.family}  # fmt: skip
+            for e in engine.store.pipelines
+        ]
+
+    @app.get("/sdapi/v1/options")
+    def get_options() -> dict:
+        return {"sd_model_checkpoint": state["model"], "sd_checkpoint_hash": None}
+
+    @app.post("/sdapi/v1/options")
+    def set_options(options: OptionsPayload) -> None:
+        if options.sd_model_checkpoint:
+            state["model"] = engine.store.pipeline(options.sd_model_checkpoint).name  # 404 if unknown
+            log.info("current model: %s", state["model"])
+
+    @app.get("/sdapi/v1/ip-adapters")
+    def ip_adapters() -> list[dict]:
+        """The adapters that fit the current model, with the encoder each needs."""
+        listing = describe_store(engine.store)
+        return [
+            {"name": a["friendly_name"] or a["name"], "file": a["path"], "variant": a["variant"], "needs": a["needs"],
+             "encoder": a["encoder"], "encoder_present": a["encoder_present"]}  # fmt: skip
+            for a in listing["adapters"]
+            if state["model"] in a["fits_models"]
+        ]
+
+    @app.get("/sdapi/v1/samplers")
+    def samplers() -> list[dict]:
+        from ..samplers import SAMPLERS
+
+        return [{"name": name, "aliases": [], "options": {}} for name in SAMPLERS]
+
+    @app.get("/sdapi/v1/scripts")
+    def scripts() -> dict:
+        return {"txt2img": [], "img2img": []}  # no A1111 scripts; webuiapi asks on connect
+
+    @app.get("/sdapi/v1/progress")
+    def progress() -> dict:
+        return jobs.progress()
+
+    @app.post("/sdapi/v1/interrupt")
+    def interrupt() -> dict:
+        return {"interrupted": jobs.interrupt()}
+
+    # ------------------------------------------------------------------------------------------------ native
+
+    @app.get("/v1/models")
+    def models() -> dict:
+        listing = describe_store(engine.store)
+        listing["current_model"] = state["model"]
+        listing["known_adapters"] = [a.name for a in catalog.KNOWN_ADAPTERS]
+        return listing
+
+    @app.get("/v1/cache")
+    def cache() -> dict:
+        return engine.cache_info()
+
+    @app.delete("/v1/cache")
+    def clear_cache() -> dict:
+        return {"cleared": engine.clear_cache()}
+
+    @app.get("/v1/events")
+    def events(since: float = 0.0) -> list[dict]:
+        """Recent encoder loads, reuses, cache hits and evictions, oldest first."""
+        return [e for e in list(jobs.events) if e.get("time", 0) > since]
+
+    @app.get("/healthz")
+    def healthz() -> dict:
+        return {"status": "ok", "version": __version__, "queue": jobs.waiting, "busy": jobs.current is not None}
+
+    # -------------------------------------------------------------------------------------------------- page
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def page() -> str:
+        return resources.files("imprompt.server").joinpath("static/index.html").read_text()
+
+    @app.get("/static/{name}", include_in_schema=False)
+    def static(name: str) -> Response:
+        files = {"app.js": "text/javascript", "style.css": "text/css"}
+        if name not in files:
+            return JSONResponse({"error": "NotFound", "detail": f"no static file {name!r}"}, 404)
+        return Response(resources.files("imprompt.server").joinpath(f"static/{name}").read_text(), media_type=files[name])
+
+    app.add_middleware(Auth, api_key=settings.api_key)
+    app.add_middleware(Limits, max_body_bytes=settings.max_body_bytes)  # outermost: refuses before anything reads
+    return app
+
+
+def _first_model(engine: Engine) -> str | None:
+    pipelines = engine.store.pipelines
+    return pipelines[0].name if pipelines else None
+
+
+class Auth:
+    """Every path but /healthz needs the API key, as `Authorization: Bearer KEY` or A1111-style HTTP Basic
+    (any user name, the key as password)."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None):
+        self.app, self.api_key = app, api_key
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.api_key or scope["path"] == "/healthz" or self._allowed(scope):
+            await self.app(scope, receive, send)
+            return
+        given = "missing" if not dict(scope["headers"]).get(b"authorization") else "wrong"
+        error = AuthError(f"{given} API key: send 'Authorization: Bearer <key>' (or HTTP Basic with the key as password)")
+        await _json(send, error.http_status, error, {"www-authenticate": 'Bearer, Basic realm="imprompt"'})
+
+    def _allowed(self, scope: Scope) -> bool:
+        header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+        kind, _, value = header.partition(" ")
+        if kind.lower() == "bearer":
+            return secrets.compare_digest(value.strip(), self.api_key)
+        if kind.lower() == "basic":
+            try:
+                password = base64.b64decode(value.strip(), validate=True).decode().partition(":")[2]
+            except (binascii.Error, UnicodeDecodeError):
+                return False
+            return secrets.compare_digest(password, self.api_key)
+        return False
+
+
+class Limits:
+    """Refuse bodies over the limit (413) from Content-Length before reading, and while streaming otherwise."""
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int):
+        self.app, self.max_body_bytes = app, max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+            await _json(send, 413, _too_large(int(length), self.max_body_bytes))
+            return
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_body_bytes:
+                raise _BodyTooLarge()
+            return message
+
+        try:
+            await self.app(scope, limited_receive, send)
+        except _BodyTooLarge:
+            await _json(send, 413, _too_large(received, self.max_body_bytes))
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def _too_large(size: int, limit: int) -> PayloadTooLargeError:
+    return PayloadTooLargeError(f"request body of {size} bytes is over the {limit} byte limit; send smaller images")
+
+
+async def _json(send: Send, status: int, error: ImpromptError, headers: dict | None = None) -> None:
+    """A JSON error response sent from middleware (before FastAPI's handlers see the request)."""
+    body = json.dumps({"error": type(error).__name__, "detail": str(error)}).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})

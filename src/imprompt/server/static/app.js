@@ -1,0 +1,213 @@
+// imprompt's page: plain JavaScript over the HTTP API (no build step).
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+let listing = null;          // GET /v1/models
+let lastEventTime = 0;       // newest event shown
+
+async function api(path, options = {}) {
+  const response = await fetch(path, { headers: { "Content-Type": "application/json" }, ...options });
+  const body = await response.json().catch(() => null);
+  if (!response.ok) throw new Error(body && body.detail ? `${response.status}: ${body.detail}` : `HTTP ${response.status}`);
+  return body;
+}
+
+function fileToBase64(file) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);  // a data: URL; the server accepts the prefix
+    reader.onerror = () => reject(reader.error);
+    reader.readAsDataURL(file);
+  });
+}
+
+// ------------------------------------------------------------------------------------------------- models
+
+async function loadModels() {
+  listing = await api("/v1/models");
+  const select = $("model");
+  select.innerHTML = "";
+  for (const model of listing.models) {
+    select.add(new Option(`${model.name} (${model.family})`, model.name, false, model.name === listing.current_model));
+  }
+  showFamily();
+  refreshAdapterLists();
+}
+
+function currentModel() {
+  return listing.models.find((m) => m.name === $("model").value);
+}
+
+function showFamily() {
+  const model = currentModel();
+  $("model-family").textContent = model ? `${model.family}, ${model.cross_attention_layers} cross-attention layers` : "";
+  if (model) { $("width").value = model.default_size; $("height").value = model.default_size; }
+}
+
+function adaptersForModel() {
+  const model = currentModel();
+  return listing.adapters.filter((a) => model && a.fits_models.includes(model.name));
+}
+
+function fillAdapterSelect(select) {
+  const previous = select.value;
+  select.innerHTML = "";
+  for (const adapter of adaptersForModel()) {
+    const name = adapter.friendly_name || adapter.name;
+    const encoder = adapter.encoder_present ? adapter.encoder : "no encoder present";
+    select.add(new Option(`${name} — needs ${adapter.needs} → ${encoder}`, name));
+  }
+  if ([...select.options].some((o) => o.value === previous)) select.value = previous;
+  describeAdapter(select);
+}
+
+function describeAdapter(select) {
+  const adapter = listing.adapters.find((a) => (a.friendly_name || a.name) === select.value);
+  const needs = select.closest(".unit").querySelector(".needs");
+  needs.textContent = adapter
+    ? `${adapter.variant}, ${adapter.tokens} tokens; encoder: ${adapter.encoder || adapter.encoder_problem}`
+    : "no adapter fits this model";
+}
+
+function refreshAdapterLists() {
+  document.querySelectorAll(".unit .adapter").forEach(fillAdapterSelect);
+}
+
+// -------------------------------------------------------------------------------------------------- units
+
+function addUnit() {
+  const units = $("units");
+  if (units.children.length >= 4) return;
+  const unit = $("unit-template").content.firstElementChild.cloneNode(true);
+  unit.querySelector(".remove").onclick = () => { unit.remove(); numberUnits(); };
+  const select = unit.querySelector(".adapter");
+  select.onchange = () => describeAdapter(select);
+  unit.querySelector(".images").onchange = (event) => showPreviews(unit, event.target.files);
+  units.appendChild(unit);
+  fillAdapterSelect(select);
+  numberUnits();
+}
+
+function numberUnits() {
+  document.querySelectorAll(".unit").forEach((unit, i) => { unit.querySelector(".unit-number").textContent = i + 1; });
+  $("add-unit").disabled = $("units").children.length >= 4;
+}
+
+function showPreviews(unit, files) {
+  const previews = unit.querySelector(".previews");
+  previews.innerHTML = "";
+  for (const file of files) {
+    const img = document.createElement("img");
+    img.src = URL.createObjectURL(file);
+    img.alt = file.name;
+    previews.appendChild(img);
+  }
+}
+
+async function unitPayload(unit) {
+  const files = [...unit.querySelector(".images").files];
+  if (!files.length) return null;  // a unit without images is left out, as SD.Next does
+  const payload = {
+    adapter: unit.querySelector(".adapter").value,
+    images: await Promise.all(files.map(fileToBase64)),
+    scale: Number(unit.querySelector(".scale").value),
+    start: Number(unit.querySelector(".start").value),
+    end: Number(unit.querySelector(".end").value),
+  };
+  const mask = unit.querySelector(".mask").files[0];
+  if (mask) payload.masks = [await fileToBase64(mask)];
+  return payload;
+}
+
+// ----------------------------------------------------------------------------------------------- generate
+
+async function generate() {
+  $("error").textContent = "";
+  $("generate").disabled = true;
+  const units = (await Promise.all([...document.querySelectorAll(".unit")].map(unitPayload))).filter(Boolean);
+  const payload = {
+    prompt: $("prompt").value,
+    negative_prompt: $("negative-prompt").value,
+    seed: Number($("seed").value),
+    steps: Number($("steps").value),
+    width: Number($("width").value),
+    height: Number($("height").value),
+    cfg_scale: Number($("cfg").value),
+    override_settings: { sd_model_checkpoint: $("model").value },
+    ip_adapter: units,
+  };
+  const poll = setInterval(updateProgress, 300);
+  try {
+    const result = await api("/sdapi/v1/txt2img", { method: "POST", body: JSON.stringify(payload) });
+    showResult(result);
+  } catch (error) {
+    $("error").textContent = error.message;
+  } finally {
+    clearInterval(poll);
+    $("progress").value = 0;
+    $("generate").disabled = false;
+    await updateEvents();
+  }
+}
+
+async function updateProgress() {
+  try { $("progress").value = (await api("/sdapi/v1/progress")).progress; } catch (error) { /* shown on completion */ }
+}
+
+function showResult(result) {
+  const info = JSON.parse(result.info);
+  result.images.forEach((image, i) => {
+    const figure = document.createElement("figure");
+    const img = document.createElement("img");
+    img.src = `data:image/png;base64,${image}`;
+    img.alt = `seed ${info.all_seeds[i]}`;
+    const caption = document.createElement("figcaption");
+    const units = info.ip_adapters.map((u) => `${u.adapter} ← ${u.encoder} (${u.encoder_source})`).join("\n");
+    caption.textContent = `${info.infotexts[i]}\n${units}`;
+    figure.append(img, caption);
+    $("gallery").prepend(figure);
+  });
+}
+
+// ------------------------------------------------------------------------------------------------- events
+
+function describeEvent(e) {
+  const seconds = e.seconds !== undefined ? ` in ${e.seconds.toFixed(2)} s` : "";
+  switch (e.event) {
+    case "encoder_loaded": return ["encoder loaded", `${e.encoder} for ${e.for}${seconds}: ${e.why}`];
+    case "encoder_reused": return ["encoder reused", `${e.encoder} for ${e.for}`];
+    case "encoder_evicted": return ["encoder evicted", `${e.encoder}: ${e.why}`];
+    case "cache_hit": return ["cache hit", `${e.what} from ${e.encoder} for ${e.for}`];
+    case "adapter_loaded": return ["adapter loaded", `${e.adapter}${seconds}`];
+    case "adapters_attached": return ["UNet adapters", e.adapters.join(" + ") || "none"];
+    case "model_loaded": return ["model loaded", `${e.model}${seconds}`];
+    case "model_unloaded": return ["model unloaded", `${e.model}: ${e.why}`];
+    case "request_refused": return ["refused", e.why];
+    default: return [e.event, JSON.stringify(e)];
+  }
+}
+
+async function updateEvents() {
+  const events = await api(`/v1/events?since=${lastEventTime}`);
+  for (const e of events) {
+    const [kind, text] = describeEvent(e);
+    const li = document.createElement("li");
+    li.className = e.event;
+    li.innerHTML = `<span class="kind"></span> <span class="text"></span>`;
+    li.querySelector(".kind").textContent = kind;
+    li.querySelector(".text").textContent = text;
+    $("events").prepend(li);
+    lastEventTime = Math.max(lastEventTime, e.time);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------- start
+
+$("add-unit").onclick = addUnit;
+$("generate").onclick = generate;
+$("model").onchange = async () => {
+  await api("/sdapi/v1/options", { method: "POST", body: JSON.stringify({ sd_model_checkpoint: $("model").value }) });
+  showFamily();
+  refreshAdapterLists();
+};
+loadModels().then(() => { addUnit(); return updateEvents(); }).catch((error) => { $("error").textContent = error.message; });

@@ -1,0 +1,86 @@
+"""The web page in a real headless Chromium (Debian's, driven by Playwright): what a person does with it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from server_fixtures import new_engine, running_server
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = Path(os.environ.get("IMPROMPT_TEST_ARTIFACTS", Path(__file__).parent.parent / "test-artifacts"))
+
+pytestmark = pytest.mark.skipif(
+    not Path(CHROMIUM).exists(), reason="needs Debian's chromium (apt-get install chromium; .ci/run installs it)"
+)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync", "--no-first-run"],  # fmt: skip
+        )
+        yield browser
+        browser.close()
+
+
+def test_pick_adapter_upload_generate_and_see_the_encoder(pack, browser):
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with running_server(new_engine(pack)) as url:
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        errors = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(url)
+
+        # the adapter list shows only adapters fitting the model, with the encoder each needs
+        page.wait_for_selector(".unit .adapter option", state="attached")
+        options = page.locator(".unit .adapter option").all_text_contents()
+        assert any(o.startswith("Base ViT-G — needs image_embeds[1280]") for o in options)
+        assert not any("SDXL" in o for o in options)
+
+        page.select_option(".unit .adapter", "Base ViT-G")
+        page.set_input_files(".unit .images", str(pack / "images" / "red-circle.png"))
+        page.wait_for_selector(".unit .previews img")
+        for field, value in (("#steps", "4"), ("#width", "64"), ("#height", "64"), ("#seed", "1")):
+            page.fill(field, value)
+        page.click("#generate")
+
+        page.wait_for_selector("#gallery figure img", timeout=120_000)
+        caption = page.text_content("#gallery figcaption")
+        assert "Base ViT-G ← IP-Adapter/sdxl_models/image_encoder (loaded)" in caption
+        page.wait_for_selector("#events li.encoder_loaded")
+        event = page.text_content("#events li.encoder_loaded")
+        assert "IP-Adapter/sdxl_models/image_encoder for Base ViT-G" in event and "image_embeds[1280]" in event
+
+        # switching the model filters the adapter list
+        page.select_option("#model", "tiny-sdxl")
+        page.wait_for_function("[...document.querySelectorAll('.unit .adapter option')].some(o => o.value === 'Base SDXL')")
+        assert "Base ViT-G" not in page.locator(".unit .adapter option").all_text_contents()
+
+        page.screenshot(path=str(ARTIFACTS / "web-page.png"), full_page=True)
+        assert errors == []
+
+
+def test_an_error_is_shown_and_the_page_keeps_working(pack, browser):
+    with running_server(new_engine(pack)) as url:
+        page = browser.new_page()
+        page.goto(url)
+        page.wait_for_selector(".unit .adapter option", state="attached")
+        page.set_input_files(".unit .images", str(pack / "images" / "red-circle.png"))
+        page.fill("#width", "65")  # not a multiple of 8
+        page.fill("#steps", "2")
+        page.click("#generate")
+        page.wait_for_function("document.querySelector('#error').textContent.length > 0")
+        assert "422" in page.text_content("#error") and "multiple of 8" in page.text_content("#error")
+        page.fill("#width", "64")
+        page.fill("#height", "64")
+        page.click("#generate")
+        page.wait_for_selector("#gallery figure img", timeout=120_000)
+        assert page.text_content("#error") == ""
