@@ -9,6 +9,7 @@ and switching costs no tensor copies.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +60,9 @@ def build_adapter(spec: AdapterSpec, state_dict: dict, unet) -> BuiltAdapter:
     )
 
 
+SHELL_SETS = 8  # adapter sets whose processor shells are kept
+
+
 class AdapterSlots:
     """The IP-Adapter state of one UNet: which built adapters are attached, in which order, at which scales."""
 
@@ -70,6 +74,8 @@ class AdapterSlots:
         self.plain_processors = [module.processor for module in self.cross_attention]
         self.attached: tuple = ()
         self._processors: list[IPAdapterAttnProcessor2_0] = []
+        # processor shells and projection per adapter set, so switching back to a set is only set_processor calls
+        self._shells: OrderedDict[tuple, tuple[list, MultiIPAdapterImageProjection]] = OrderedDict()
 
     def attach(self, adapters: list[BuiltAdapter], keys: tuple) -> bool:
         """Make the UNet carry exactly `adapters` (in order). `keys` identify them; if they equal what is
@@ -83,21 +89,39 @@ class AdapterSlots:
             self.unet.config.encoder_hid_dim_type = None
             self._processors = []
         else:
-            tokens = [a.spec.tokens for a in adapters]
-            self._processors = []
-            for j, module in enumerate(self.cross_attention):
-                with torch.device("meta"):  # shells only: the weights are the built adapters' own modules
-                    processor = IPAdapterAttnProcessor2_0(
-                        hidden_size=module.inner_dim, cross_attention_dim=module.cross_attention_dim, num_tokens=tokens
-                    )
-                processor.to_k_ip = torch.nn.ModuleList([a.to_k_ip[j] for a in adapters])
-                processor.to_v_ip = torch.nn.ModuleList([a.to_v_ip[j] for a in adapters])
+            processors, projection = self._shells_for(adapters, keys)
+            for module, processor in zip(self.cross_attention, processors):
                 module.set_processor(processor)
-                self._processors.append(processor)
-            self.unet.encoder_hid_proj = MultiIPAdapterImageProjection([a.image_projection for a in adapters])
+            self._processors = processors
+            self.unet.encoder_hid_proj = projection
             self.unet.config.encoder_hid_dim_type = "ip_image_proj"
         self.attached = keys
         return True
+
+    def _shells_for(self, adapters: list[BuiltAdapter], keys: tuple):
+        """IPAdapterAttnProcessor2_0 shells pointing at the built adapters' modules (no tensor is copied).
+        Keys carry the files' fingerprints, so a changed file never reuses an old shell."""
+        if keys in self._shells:
+            self._shells.move_to_end(keys)
+            return self._shells[keys]
+        tokens = [a.spec.tokens for a in adapters]
+        processors = []
+        for j, module in enumerate(self.cross_attention):
+            with torch.device("meta"):  # shells only: the weights are the built adapters' own modules
+                processor = IPAdapterAttnProcessor2_0(
+                    hidden_size=module.inner_dim, cross_attention_dim=module.cross_attention_dim, num_tokens=tokens
+                )
+            processor.to_k_ip = torch.nn.ModuleList([a.to_k_ip[j] for a in adapters])
+            processor.to_v_ip = torch.nn.ModuleList([a.to_v_ip[j] for a in adapters])
+            processors.append(processor)
+        self._shells[keys] = (processors, MultiIPAdapterImageProjection([a.image_projection for a in adapters]))
+        while len(self._shells) > SHELL_SETS:
+            self._shells.popitem(last=False)
+        return self._shells[keys]
+
+    def forget_shells(self) -> None:
+        """Drop the kept shells (they hold references to built adapters; see Engine.clear_cache)."""
+        self._shells.clear()
 
     def set_scales(self, scales: list[float], layer_weights: list[tuple[float, ...]]) -> None:
         """Unit u's scale at cross-attention layer j: scales[u] * layer_weights[u][j] (InstantStyle weights)."""

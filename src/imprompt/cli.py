@@ -1,4 +1,4 @@
-"""imprompt's command line: generate | embed | probe | models | serve | demo | pack | download."""
+"""imprompt's command line: generate | embed | probe | models | serve | demo | pack | bench | download."""
 
 from __future__ import annotations
 
@@ -26,6 +26,10 @@ IP_JSON_HELP = (
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # bench parses its own options (argparse's REMAINDER cannot take leading ones)
+        _configure_logging(quiet=False)
+        return _bench(argparse.Namespace(bench_args=argv[1:]))
     parser = build_parser()
     args = parser.parse_args(argv)
     _configure_logging(args.quiet)
@@ -106,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_arguments(s)
     s.set_defaults(run=_serve)
 
+    bn = commands.add_parser("bench", help="measure switching, reuse and step costs at real size (see --help)",
+                             add_help=False)  # fmt: skip
+    bn.add_argument("bench_args", nargs=argparse.REMAINDER)
+    bn.set_defaults(run=_bench)
+
     pk = commands.add_parser("pack", help="build the demo model pack (tiny random-weight models) if missing")
     pk.add_argument("folder", type=Path, nargs="?", default=Path("demo-models"))
     pk.set_defaults(run=_pack)
@@ -129,6 +138,7 @@ def _models_argument(parser) -> None:
 def _engine_arguments(parser) -> None:
     parser.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
     parser.add_argument("--dtype", help="float32, float16, bfloat16 (default: float16 on cuda, float32 on cpu)")
+    parser.add_argument("--encoder-dtype", help="dtype of the image encoders (default: --dtype); bfloat16 halves them")
     parser.add_argument("--cache-budget", help="memory for loaded image encoders, e.g. 8GiB (default: half the RAM)")
 
 
@@ -177,7 +187,8 @@ def _generate(args) -> int:
         overrides["ip_adapters"] = [parse_ip_unit(text) for text in args.ip] + [_json_unit(t) for t in args.ip_json]
     request = parse_request(request.model_dump() | overrides)
     _quiet_libraries()
-    engine = Engine(_require_models(args), device=args.device, dtype=args.dtype, cache_budget=args.cache_budget)
+    engine = Engine(_require_models(args), device=args.device, dtype=args.dtype, encoder_dtype=args.encoder_dtype,
+                    cache_budget=args.cache_budget)  # fmt: skip
     result = engine.generate(request)
     outputs = []
     for i in range(len(result.images)):
@@ -284,7 +295,8 @@ def _embed(args) -> int:
     from .engine import Engine
 
     _quiet_libraries()
-    engine = Engine(_require_models(args), device=args.device, dtype=args.dtype, cache_budget=args.cache_budget)
+    engine = Engine(_require_models(args), device=args.device, dtype=args.dtype, encoder_dtype=args.encoder_dtype,
+                    cache_budget=args.cache_budget)  # fmt: skip
     unit = {"adapter": args.adapter, "images": [str(p) for p in args.images], "average": args.average}
     print(engine.save_embeddings(unit, args.out))
     return 0
@@ -299,8 +311,8 @@ def _serve(args) -> int:
 
     _quiet_libraries()
     engine = Engine(
-        _require_models(args), device=args.device, dtype=args.dtype, cache_budget=args.cache_budget,
-        allow_paths=False, max_image_pixels=args.max_pixels, max_image_bytes=parse_bytes(args.max_image, 0),
+        _require_models(args), device=args.device, dtype=args.dtype, encoder_dtype=args.encoder_dtype,
+        cache_budget=args.cache_budget, allow_paths=False, max_image_pixels=args.max_pixels, max_image_bytes=parse_bytes(args.max_image, 0),
     )  # fmt: skip
     settings = ServerSettings(
         api_key=args.api_key, max_body_bytes=parse_bytes(args.max_body, 0), max_queue=args.max_queue, model=args.model
@@ -312,6 +324,13 @@ def _serve(args) -> int:
     logging.getLogger("imprompt").info("serving on http://%s:%d (API docs at /docs)", args.host, args.port)
     uvicorn.run(create_app(engine, settings), host=args.host, port=args.port, log_level="warning")
     return 0
+
+
+def _bench(args) -> int:
+    from .bench import main as bench
+
+    _quiet_libraries()
+    return bench(args.bench_args)
 
 
 def _pack(args) -> int:

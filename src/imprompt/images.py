@@ -29,7 +29,7 @@ def load_image(
     """Decode one image reference; `what` names it in errors ("ip_adapters.0.images.1")."""
     if isinstance(ref, Image.Image):
         _check_pixels(ref, what, max_pixels)
-        return ref.convert("RGB")
+        return ref if ref.mode == "RGB" else ref.convert("RGB")  # never modified later, so no copy is needed
     if isinstance(ref, (bytes, bytearray)):
         _check_bytes(len(ref), what, max_bytes)
         return _decode(bytes(ref), what, max_pixels)

@@ -330,6 +330,7 @@ def build_clip_vision(
     seed: int,
     single_file: bool = False,
     dtype: torch.dtype = torch.float16,
+    intermediate_size: int | None = None,
 ):
     """A CLIPVisionModelWithProjection at 224 px / patch 14 (257 tokens, like the real ones).
 
@@ -341,7 +342,7 @@ def build_clip_vision(
 
     config = CLIPVisionConfig(
         hidden_size=hidden_size,
-        intermediate_size=hidden_size * 2,
+        intermediate_size=intermediate_size or hidden_size * 2,
         projection_dim=projection_dim,
         num_hidden_layers=num_layers,
         num_attention_heads=heads,
@@ -374,11 +375,13 @@ def write_adapter(
     tokens: int | None = None,
     dtype: torch.dtype = torch.float16,
     file_format: str = "safetensors",
+    resampler_dim: int = 64,
 ) -> Path:
     """An IP-Adapter in the original h94 key layout (as the IP-Adapter repository's training code saves it).
 
     variant: "base" (ImageProjection over image_embeds, 4 tokens), "plus" (Resampler over hidden states,
-    16 tokens) or "full-face" (MLP over every hidden-state token). file_format "safetensors" writes flat
+    16 tokens; `resampler_dim` 768 is the real SD 1.5 size) or "full-face" (MLP over every hidden-state token).
+    file_format "safetensors" writes flat
     `image_proj.*` / `ip_adapter.*` keys; "bin" writes the nested dict torch.save'd as h94's `.bin` files."""
     generator = torch.Generator().manual_seed(seed)
 
@@ -399,7 +402,7 @@ def write_adapter(
             "norm.bias": vector(cross),
         }
     elif variant == "plus":
-        tokens, dim, heads = tokens or 16, 64, 1  # diffusers' converter derives heads as to_q rows / 64
+        tokens, dim, heads = tokens or 16, resampler_dim, resampler_dim // 64  # diffusers: heads = to_q rows / 64
         inner = heads * 64
         proj = {
             "latents": torch.randn(1, tokens, dim, generator=generator) / dim**0.5,

@@ -141,7 +141,8 @@ class ModelStore:
         Used where a choice is made among all entries (the encoder for an adapter), so it never rests on a stale
         index."""
         with self._lock:
-            fresh = [self._entry(e.name, e.path) for e in self.entries if e.path.exists()]
+            candidates = [e for e in self.entries if e.kind in (kind, "unreadable")]  # an unreadable one may be fixed
+            fresh = [self._entry(e.name, e.path) for e in candidates if e.path.exists()]
             return [e for e in fresh if e.kind == kind]
 
     @property
@@ -271,14 +272,21 @@ def fingerprint_of(path: Path) -> tuple:
     """Identity of what is on disk now: (size, mtime, inode) of the file, or of every file in a folder."""
     try:
         if path.is_dir():
-            return tuple(
-                (p.relative_to(path).as_posix(), *_stat(p)) for p in sorted(path.rglob("*")) if p.is_file()
-            )
-        return _stat(path)
+            return tuple(sorted(_walk_stats(str(path), "")))
+        return _stat(os.stat(path))
     except OSError:
         return ("unreadable",)
 
 
-def _stat(path: Path) -> tuple:
-    st = os.stat(path)
+def _walk_stats(folder: str, prefix: str):
+    """(relative path, size, mtime, inode) of every file below `folder` (os.scandir: this runs per request)."""
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=True):
+                yield from _walk_stats(entry.path, prefix + entry.name + "/")
+            elif entry.is_file(follow_symlinks=True):
+                yield (prefix + entry.name, *_stat(entry.stat()))
+
+
+def _stat(st: os.stat_result) -> tuple:
     return (st.st_size, st.st_mtime_ns, st.st_ino)

@@ -1,0 +1,474 @@
+"""`imprompt bench`: what switching, reuse and IP-Adapter steps cost, measured side by side in one run.
+
+Real-size random-weight models are built once, in the real formats, into a cache folder: SD 1.5 (the shipped
+configs), OpenCLIP ViT-H-14 and ViT-bigG-14 vision towers, h94-format Base, Plus and Base ViT-G adapters, all
+as fp16 files as distributed. Speed does not depend on the weights' values, so the arithmetic is the real one.
+Each measurement runs in a process of its own, so its peak RSS is its own; the parent collects the numbers,
+computes the ratios and writes `docs/benchmarks.md` and a JSON file of the raw numbers.
+
+Compared, for the same sequences:
+- imprompt (encoders and built adapters cached, embeddings cached, adapters swapped by processor shells);
+- diffusers' correct path: `unload_ip_adapter()` then `load_ip_adapter(..., image_encoder_folder=...)`;
+- the SD.Next approach: keep the encoder unless the next adapter needs another one, then reload it from disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+H94 = "IP-Adapter"
+MODELS = {"real": "sd15", "tiny": "tiny-sd15"}  # the pipeline's name in the bench pack
+# adapter -> (file, encoder folder), in the article's alternation
+CYCLE = {
+    "Base": ("ip-adapter_sd15.safetensors", "models/image_encoder"),
+    "Base ViT-G": ("ip-adapter_sd15_vit-G.safetensors", "sdxl_models/image_encoder"),
+    "Plus": ("ip-adapter-plus_sd15.safetensors", "models/image_encoder"),
+}
+PHASES = (
+    "switch_imprompt", "switch_diffusers", "switch_sdnext", "embeddings", "step_overhead",
+    "workload_imprompt", "workload_diffusers", "workload_sdnext", "workload_small_budget", "encoder_memory",
+)  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------- the model pack
+
+
+def build_models(root: Path, size: str) -> Path:
+    """Real-size (or tiny, for the smoke test) models for the benchmark, built once."""
+    root = Path(root) / size
+    if (root / "done.json").is_file():
+        return root
+    if size == "tiny":
+        from .pack import build_demo_pack
+
+        build_demo_pack(root)
+    else:
+        _build_real(root)
+    (root / "done.json").write_text(json.dumps({"size": size}))
+    return root
+
+
+def _build_real(root: Path) -> None:
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from . import catalog
+    from .pack import build_clip_vision, cross_attention_widths, write_adapter, write_tokenizer
+    from .single_file import CONFIGS
+
+    configs = CONFIGS / "sd15"
+    folder = root / "diffusers" / MODELS["real"]
+    write_tokenizer(folder / "tokenizer", clip_vocabulary=True)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config(json.loads((configs / "unet" / "config.json").read_text()))
+    widths = cross_attention_widths(unet)
+    pipeline = StableDiffusionPipeline(
+        vae=AutoencoderKL.from_config(json.loads((configs / "vae" / "config.json").read_text())),
+        text_encoder=CLIPTextModel(CLIPTextConfig.from_json_file(configs / "text_encoder" / "config.json")),
+        tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
+        unet=unet,
+        scheduler=PNDMScheduler.from_config(json.loads((configs / "scheduler" / "scheduler_config.json").read_text())),
+        safety_checker=None,
+        feature_extractor=None,
+        image_encoder=None,
+        requires_safety_checker=False,
+    )
+    pipeline.to(torch.float16).save_pretrained(folder, safe_serialization=True)  # fp16 files, as distributed
+    del pipeline, unet
+    for family, sub in ((catalog.VIT_H, "models"), (catalog.VIT_BIGG, "sdxl_models")):
+        build_clip_vision(
+            root / H94 / sub / "image_encoder", hidden_size=family.hidden_size, projection_dim=family.projection_dim,
+            num_layers=family.num_layers, heads=family.num_attention_heads, seed=1,
+            intermediate_size=family.intermediate_size,
+        )  # fmt: skip
+    models = root / H94 / "models"
+    write_adapter(models / CYCLE["Base"][0], "base", 1024, widths, 768, seed=10)
+    write_adapter(models / CYCLE["Base ViT-G"][0], "base", 1280, widths, 768, seed=11)
+    write_adapter(models / CYCLE["Plus"][0], "plus", 1280, widths, 768, seed=12, resampler_dim=768)
+
+
+# --------------------------------------------------------------------------------------------------- phases
+
+
+def reference_image(size: int = 512):
+    from .pack import draw_reference
+
+    return draw_reference("circle", (220, 40, 40), (30, 60, 200), size=size)
+
+
+def request(adapter: str | None, size: int, steps: int, image, model: str) -> dict:
+    units = [{"adapter": adapter, "images": [image], "scale": 0.6}] if adapter else []
+    return {"model": model, "prompt": "a shape", "seed": 1, "steps": steps, "width": size, "height": size,
+            "cfg_scale": 7.0, "ip_adapters": units}  # fmt: skip
+
+
+def diffusers_pipeline(root: Path, model: str, dtype=torch.float32):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(
+        root / "diffusers" / model, dtype=dtype, safety_checker=None, requires_safety_checker=False
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_like(pipe, root: Path, adapter: str, reload_encoder: bool) -> None:
+    """diffusers' correct path (reload_encoder=True always) or SD.Next's (only when the encoder changes)."""
+    weight, encoder = CYCLE[adapter]
+    if reload_encoder:
+        pipe.unload_ip_adapter()  # drops the image encoder, so load_ip_adapter loads the right one
+    pipe.load_ip_adapter(str(root / H94), subfolder="models", weight_name=weight, image_encoder_folder=encoder)
+    pipe.set_ip_adapter_scale(0.6)
+
+
+def phase_switch_imprompt(root, args) -> dict:
+    """Engine overhead of a request whose adapter differs from the last one, everything cached: plan, load,
+    encode and attach (the denoising is not part of a switch)."""
+    from .engine import Engine
+
+    engine = Engine(root, dtype=args.dtype)
+    image = reference_image()
+    for adapter in CYCLE:  # warm: build adapters, load encoders, cache embeddings
+        engine.generate(request(adapter, 64, 1, image, args.model))
+    switch, attach = [], []
+    for _ in range(args.trials):
+        for adapter in CYCLE:
+            t = engine.generate(request(adapter, 64, 1, image, args.model)).info["timings"]
+            switch.append(t["plan"] + t["load"] + t["encode"] + t["attach"])
+            attach.append(t["attach"])
+    return {"switch_s": switch, "attach_s": attach}
+
+
+def _switch_baseline(root, args, reload_always: bool) -> dict:
+    pipe = diffusers_pipeline(root, args.model, _dtype(args.dtype))
+    times, encoder = [], None
+    for _ in range(args.trials):
+        for adapter in CYCLE:
+            needed = CYCLE[adapter][1]
+            started = time.perf_counter()
+            load_like(pipe, root, adapter, reload_encoder=reload_always or needed != encoder)
+            times.append(time.perf_counter() - started)
+            encoder = needed
+    return {"switch_s": times}
+
+
+def phase_switch_diffusers(root, args) -> dict:
+    return _switch_baseline(root, args, reload_always=True)
+
+
+def phase_switch_sdnext(root, args) -> dict:
+    return _switch_baseline(root, args, reload_always=False)
+
+
+def phase_embeddings(root, args) -> dict:
+    """An embedding from the cache vs encoded, per encoder and encoder dtype."""
+    from .engine import Engine
+
+    image = reference_image()
+    out = {}
+    for dtype in ("float32", "bfloat16"):
+        engine = Engine(root, dtype="float32", encoder_dtype=dtype)
+        for adapter in ("Base", "Base ViT-G"):
+            entry = engine.store.encoder(f"{H94}/{CYCLE[adapter][1]}")
+            embed = lambda: engine.encoders.embed(entry, "image_embeds", [image], adapter, "bench", [])  # noqa: E731
+            embed()  # loads the encoder
+            fresh, hit = [], []
+            for _ in range(args.trials):
+                engine.encoders.embeddings.clear()
+                started = time.perf_counter()
+                embed()
+                fresh.append(time.perf_counter() - started)
+                started = time.perf_counter()
+                embed()
+                hit.append(time.perf_counter() - started)
+            out[f"{adapter}/{dtype}"] = {"encode_s": fresh, "cache_hit_s": hit}
+    return out
+
+
+def phase_step_overhead(root, args) -> dict:
+    """Seconds per denoising step (batch 2 with CFG), no unit vs one IP-Adapter unit, fp32 and bf16."""
+    from .engine import Engine
+
+    image = reference_image()
+    out = {}
+    for dtype in ("float32", "bfloat16"):
+        engine = Engine(root, dtype=dtype)
+        for label, adapter in (("none", None), ("one unit", "Base")):
+            marks = []
+            engine.generate(request(adapter, args.step_size, 1, image, args.model))  # warm
+            engine.generate(request(adapter, args.step_size, args.steps + 1, image, args.model),
+                            on_step=lambda step, total: marks.append(time.perf_counter()))  # fmt: skip
+            out[f"{dtype}/{label}"] = [b - a for a, b in zip(marks, marks[1:])]
+    return out
+
+
+def _workload_requests(image, args):
+    names = list(CYCLE)
+    return [names[i % len(names)] for i in range(args.workload_requests)], image
+
+
+def phase_workload_imprompt(root, args, budget=None) -> dict:
+    from .engine import Engine
+
+    engine = Engine(root, dtype=args.dtype, cache_budget=budget)
+    image = reference_image()
+    engine.generate(request(None, 64, 1, image, args.model))  # the pipeline is loaded before the clock starts, as for others
+    sequence, _ = _workload_requests(image, args)
+    started, events = time.perf_counter(), []
+    for adapter in sequence:
+        result = engine.generate(request(adapter, args.workload_size, args.workload_steps, image, args.model))
+        events += [e["event"] for e in result.info["events"]]
+    return {"total_s": time.perf_counter() - started, "requests": sequence,
+            "evictions": events.count("encoder_evicted"), "encoder_loads": events.count("encoder_loaded")}  # fmt: skip
+
+
+def phase_workload_small_budget(root, args) -> dict:
+    return phase_workload_imprompt(root, args, budget=1)
+
+
+def _workload_baseline(root, args, reload_always: bool) -> dict:
+    pipe = diffusers_pipeline(root, args.model, _dtype(args.dtype))
+    image = reference_image()
+    sequence, _ = _workload_requests(image, args)
+    started, encoder = time.perf_counter(), None
+    for adapter in sequence:
+        needed = CYCLE[adapter][1]
+        load_like(pipe, root, adapter, reload_encoder=reload_always or needed != encoder)
+        encoder = needed
+        pipe("a shape", num_inference_steps=args.workload_steps, guidance_scale=7.0, width=args.workload_size,
+             height=args.workload_size, generator=torch.Generator().manual_seed(1), ip_adapter_image=image)  # fmt: skip
+    return {"total_s": time.perf_counter() - started, "requests": sequence}
+
+
+def phase_workload_diffusers(root, args) -> dict:
+    return _workload_baseline(root, args, reload_always=True)
+
+
+def phase_workload_sdnext(root, args) -> dict:
+    return _workload_baseline(root, args, reload_always=False)
+
+
+def phase_encoder_memory(root, args) -> dict:
+    """Load the fp16 ViT-bigG file for bf16 compute with imprompt's loader: peak RSS next to the bf16 weights'
+    size (an fp32 copy would be twice that); then the same output with fp32 and bf16 encoders, pixel difference."""
+    import numpy as np
+
+    from .engine import Engine
+    from .loading import load_encoder
+    from .probe import probe
+
+    spec = probe(root / H94 / "sdxl_models" / "image_encoder")
+    before = _peak_rss()
+    started = time.perf_counter()
+    model = load_encoder(spec, torch.device("cpu"), torch.bfloat16)
+    seconds = time.perf_counter() - started
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    peak = _peak_rss()
+    del model
+    image = reference_image()
+    pixels = {}
+    for dtype in ("float32", "bfloat16"):
+        engine = Engine(root, dtype="float32", encoder_dtype=dtype)
+        result = engine.generate(request("Base ViT-G", args.workload_size, args.workload_steps, image, args.model))
+        pixels[dtype] = np.asarray(result.images[0]).astype(np.int16)
+    diff = np.abs(pixels["float32"] - pixels["bfloat16"])
+    return {"bf16_load_s": seconds, "bf16_weights_bytes": weights, "rss_before_bytes": before,
+            "rss_peak_after_load_bytes": peak, "pixel_diff_max": int(diff.max()),
+            "pixel_diff_mean": float(diff.mean())}  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------ running
+
+
+def _dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def run_phase(name: str, root: Path, args) -> dict:
+    started = time.perf_counter()
+    result = globals()[f"phase_{name}"](root, args)
+    return {"phase": name, "result": result, "wall_s": time.perf_counter() - started, "peak_rss_bytes": _peak_rss()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="imprompt bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=("real", "tiny"), default="real", help="real SD 1.5 sizes, or tiny (smoke)")
+    parser.add_argument("--cache", type=Path, default=Path(".bench-cache"), help="where the models are built once")
+    parser.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"))
+    parser.add_argument("--trials", type=int, default=5)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--steps", type=int, default=3, help="measured steps per configuration (step overhead)")
+    parser.add_argument("--step-size", type=int, default=512)
+    parser.add_argument("--workload-size", type=int, default=256)
+    parser.add_argument("--workload-steps", type=int, default=4)
+    parser.add_argument("--workload-requests", type=int, default=6)
+    parser.add_argument("--phases", default=",".join(PHASES))
+    parser.add_argument("--phase", help=argparse.SUPPRESS)  # internal: run one phase in this process
+    parser.add_argument("--json-out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.model = MODELS[args.size]
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    root = build_models(args.cache, args.size)
+    if args.phase:
+        torch.manual_seed(0)
+        args.json_out.write_text(json.dumps(run_phase(args.phase, root, args)))
+        return 0
+    results = {}
+    for name in args.phases.split(","):
+        out = args.cache / f"{args.size}-{name}.json"
+        command = [sys.executable, "-m", "imprompt.bench", "--phase", name, "--json-out", str(out)]
+        command += [a for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("--phases")]
+        print(f"bench: {name} ...", file=sys.stderr, flush=True)
+        subprocess.run(command, check=True)
+        results[name] = json.loads(out.read_text())
+    report = summarise(results, args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps({"machine": machine(), "args": vars(args) | {
+        "cache": str(args.cache), "out": str(args.out), "json_out": None}, "results": results}, indent=2))  # fmt: skip
+    args.out.write_text(render(report, args))
+    print(render(report, args))
+    return 0
+
+
+def machine() -> dict:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(memory / 2**30, 1), "python": platform.python_version(),
+            "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "bf16_instructions": any(f in flags for f in ("avx512_bf16", "amx_bf16"))}  # fmt: skip
+
+
+def _p(values, q):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def summarise(results: dict, args) -> dict:
+    r = {name: data["result"] for name, data in results.items()}
+    rss = {name: data["peak_rss_bytes"] for name, data in results.items()}
+    s = {"rss": rss}
+    if "switch_imprompt" in r:
+        s["switch"] = {
+            name: {"p50": statistics.median(r[name]["switch_s"]), "p90": _p(r[name]["switch_s"], 0.9),
+                   "min": min(r[name]["switch_s"]), "max": max(r[name]["switch_s"])}
+            for name in ("switch_imprompt", "switch_diffusers", "switch_sdnext") if name in r
+        }  # fmt: skip
+        s["attach_p50"] = statistics.median(r["switch_imprompt"]["attach_s"])
+    if "embeddings" in r:
+        s["embeddings"] = {k: {"encode_p50": statistics.median(v["encode_s"]), "hit_p50": statistics.median(v["cache_hit_s"])}
+                           for k, v in r["embeddings"].items()}  # fmt: skip
+    if "step_overhead" in r:
+        s["steps"] = {k: {"p50": statistics.median(v), "min": min(v), "max": max(v)} for k, v in r["step_overhead"].items()}
+    s["workload"] = {k: r[k] for k in ("workload_imprompt", "workload_diffusers", "workload_sdnext", "workload_small_budget") if k in r}
+    if "encoder_memory" in r:
+        s["encoder_memory"] = r["encoder_memory"]
+    return s
+
+
+def render(s: dict, args) -> str:
+    m = machine()
+    gib = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
+    ms = lambda x: f"{x * 1000:.1f} ms" if x < 1 else f"{x:.2f} s"  # noqa: E731
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores ({m['threads']} torch threads), {m['memory_gib']} GiB RAM, "
+        f"bf16 instructions: {'yes' if m['bf16_instructions'] else 'no'}; Python {m['python']}, torch {m['torch']}, CPU only.",
+        "",
+        f"Command: `imprompt bench --size {args.size} --trials {args.trials} --dtype {args.dtype}` "
+        f"(models: {args.size} SD 1.5 / ViT-H-14 / ViT-bigG-14 / h94 adapters, random weights, fp16 files). "
+        "Each row was measured in one run, each measurement in its own process.",
+        "",
+    ]
+    if "switch" in s:
+        sw = s["switch"]
+        lines += ["## Switching adapters (Base → Base ViT-G → Plus, repeated)", "",
+                  "| system | p50 | p90 | min | max | peak RSS |", "|---|---|---|---|---|---|"]
+        labels = {"switch_imprompt": "imprompt (plan + cached load/encode + attach)",
+                  "switch_diffusers": "diffusers correct path (unload, load adapter + encoder)",
+                  "switch_sdnext": "SD.Next approach (reload encoder only when it changes)"}  # fmt: skip
+        for name, v in sw.items():
+            lines.append(f"| {labels[name]} | {ms(v['p50'])} | {ms(v['p90'])} | {ms(v['min'])} | {ms(v['max'])} | {gib(s['rss'][name])} |")
+        if "switch_diffusers" in sw:
+            lines += ["", f"imprompt's switch is **{sw['switch_diffusers']['p50'] / sw['switch_imprompt']['p50']:.0f}×** faster than "
+                      f"diffusers' correct path and {sw['switch_sdnext']['p50'] / sw['switch_imprompt']['p50']:.0f}× faster than the "
+                      f"SD.Next approach (p50 over p50); the processor swap alone (attach) is {ms(s['attach_p50'])}."]  # fmt: skip
+        lines.append("")
+    if "embeddings" in s:
+        lines += ["## Embedding reuse (512 px reference image)", "", "| encoder / dtype | encode | cache hit | ratio |",
+                  "|---|---|---|---|"]  # fmt: skip
+        for k, v in s["embeddings"].items():
+            label = k.replace("Base ViT-G", "ViT-bigG-14").replace("Base", "ViT-H-14")
+            lines.append(f"| {label} | {ms(v['encode_p50'])} | {ms(v['hit_p50'])} | {v['encode_p50'] / v['hit_p50']:.0f}× |")
+        e = s["embeddings"]
+        if "Base/float32" in e and "Base/bfloat16" in e:
+            lines += ["", f"bf16 encoders: ViT-H-14 {e['Base/float32']['encode_p50'] / e['Base/bfloat16']['encode_p50']:.2f}×, "
+                      f"ViT-bigG-14 {e['Base ViT-G/float32']['encode_p50'] / e['Base ViT-G/bfloat16']['encode_p50']:.2f}× the fp32 speed."]  # fmt: skip
+        lines.append("")
+    if "steps" in s:
+        st = s["steps"]
+        lines += [f"## Per-step overhead of one IP-Adapter unit ({args.step_size} px, batch 2 with CFG)", "",
+                  "| dtype | no unit (p50) | one unit (p50) | overhead |", "|---|---|---|---|"]  # fmt: skip
+        for dtype in ("float32", "bfloat16"):
+            a, b = st.get(f"{dtype}/none"), st.get(f"{dtype}/one unit")
+            if a and b:
+                lines.append(f"| {dtype} | {ms(a['p50'])} | {ms(b['p50'])} | {100 * (b['p50'] / a['p50'] - 1):+.1f} % |")
+        lines.append("")
+    if s.get("workload"):
+        w = s["workload"]
+        lines += [f"## The article's workload ({args.workload_requests} requests alternating Base / Base ViT-G / Plus, "
+                  f"{args.workload_size} px, {args.workload_steps} steps, same reference image)", "",
+                  "| system | whole sequence | vs imprompt | peak RSS |", "|---|---|---|---|"]  # fmt: skip
+        labels = {"workload_imprompt": "imprompt", "workload_diffusers": "diffusers correct path",
+                  "workload_sdnext": "SD.Next approach",
+                  "workload_small_budget": "imprompt, encoder budget too small for two encoders"}  # fmt: skip
+        base = w.get("workload_imprompt", {}).get("total_s")
+        for name, v in w.items():
+            ratio = f"{v['total_s'] / base:.2f}×" if base else ""
+            lines.append(f"| {labels[name]} | {v['total_s']:.1f} s | {ratio} | {gib(s['rss'][name])} |")
+        if "workload_small_budget" in w:
+            sb = w["workload_small_budget"]
+            lines += ["", f"With a 1-byte encoder budget, {sb['evictions']} evictions and {sb['encoder_loads']} encoder "
+                      f"loads happened and every request succeeded."]  # fmt: skip
+        lines.append("")
+    if "encoder_memory" in s:
+        em = s["encoder_memory"]
+        growth = em["rss_peak_after_load_bytes"] - em["rss_before_bytes"]
+        verdict = ("so no fp32 copy (" + gib(2 * em["bf16_weights_bytes"]) + ") was made"
+                   if growth < 1.5 * em["bf16_weights_bytes"] else "MORE than the bf16 weights: a larger copy was made")
+        lines += ["## Memory and bf16 encoders", "",
+                  f"Loading the fp16 ViT-bigG-14 file for bf16 compute took {em['bf16_load_s']:.2f} s; its weights are "
+                  f"{gib(em['bf16_weights_bytes'])} and the process's peak grew by {gib(growth)} "
+                  f"(from {gib(em['rss_before_bytes'])} to {gib(em['rss_peak_after_load_bytes'])}), {verdict}.",
+                  "",
+                  f"The same request with bf16 instead of fp32 encoders: max pixel difference {em['pixel_diff_max']}/255, "
+                  f"mean {em['pixel_diff_mean']:.2f}.", ""]  # fmt: skip
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
