@@ -29,8 +29,12 @@ def read_tensors(path: Path, dtype: torch.dtype | None = None) -> dict[str, torc
     whole file is ever made when loading an fp16 file for bf16/fp16 compute)."""
     from safetensors import SafetensorError, safe_open
 
+    from .probe import read_safetensors_header
+
     path = Path(path)
     tensors = {}
+    if path.suffix == ".safetensors":
+        read_safetensors_header(path)  # imprompt's checked parser first: the library only sees sound headers
     try:
         if path.suffix == ".safetensors":
             with safe_open(str(path), framework="pt", device="cpu") as f:
@@ -56,33 +60,35 @@ def load_adapter_state_dict(spec: AdapterSpec) -> dict[str, dict[str, torch.Tens
 
 
 def load_encoder(spec: EncoderSpec, device: torch.device, dtype: torch.dtype):
-    """A CLIP vision model (with projection when the checkpoint has one), in eval mode on `device`/`dtype`."""
-    from transformers import CLIPVisionModel, CLIPVisionModelWithProjection
+    """A CLIP vision model (with projection when the checkpoint has one), in eval mode on `device`/`dtype`.
+
+    Folders (config.json + weights) and single files load the same way: the model is built on the meta device
+    and each tensor is converted to `dtype` as it is read, so an fp16 file loaded for bf16 compute peaks at the
+    bf16 weights plus one tensor (transformers' from_pretrained held the fp16 and the converted copy at once)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection
 
     cls = CLIPVisionModelWithProjection if spec.projection_dim else CLIPVisionModel
     path = Path(spec.path)
     try:
         if path.is_dir():
-            weights = encoder_weights_file(path)
-            model = cls.from_pretrained(
-                path, dtype=dtype, use_safetensors=weights.suffix == ".safetensors", local_files_only=True
-            )
+            config, weights = CLIPVisionConfig.from_json_file(path / "config.json"), encoder_weights_file(path)
         else:
-            state = read_tensors(path, dtype)
-            state = {k: v for k, v in state.items() if not k.endswith("position_ids")}
-            with torch.device("meta"):
-                model = cls(spec.transformers_config())
-            if not hasattr(model, "vision_model"):  # CLIPVisionModel (no projection) has no vision_model wrapper
-                state = {k.removeprefix("vision_model."): v for k, v in state.items()}
-            missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-            missing = [k for k in missing if not k.endswith("position_ids")]
-            if missing or unexpected:
-                raise CheckpointError(
-                    path,
-                    f"does not match a CLIP vision model of its shape (missing {missing[:3]}, "
-                    f"unexpected {unexpected[:3]})",
-                )
-            _materialise_buffers(model, spec)
+            config, weights = spec.transformers_config(), path
+        state = read_tensors(weights, dtype)
+        state = {k: v for k, v in state.items() if not k.endswith("position_ids")}
+        with torch.device("meta"):
+            model = cls(config)
+        if not hasattr(model, "vision_model"):  # CLIPVisionModel (no projection) has no vision_model wrapper
+            state = {k.removeprefix("vision_model."): v for k, v in state.items()}
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+        missing = [k for k in missing if not k.endswith("position_ids")]
+        if missing or unexpected:
+            raise CheckpointError(
+                path,
+                f"does not match a CLIP vision model of its shape (missing {missing[:3]}, "
+                f"unexpected {unexpected[:3]})",
+            )
+        _materialise_buffers(model, spec)
     except CheckpointError:
         raise
     except (OSError, RuntimeError, ValueError, KeyError) as exc:

@@ -133,15 +133,20 @@ def pick_encoder(adapter: Entry, store: ModelStore, requested: str | None = None
                 f"{spec.needs}. Leave the encoder unset and imprompt picks the right one"
             )
         return encoder, f"{name} consumes {spec.needs}; encoder chosen in the request"
-    encoders = store.current_of_kind("image-encoder")
-    candidates = [e for e in encoders if e.spec.produces(spec.consumes) == spec.embed_dim]
+    for attempt in range(2):  # on a miss, scan the folders again: an encoder may have been added or restored
+        encoders = store.current_of_kind("image-encoder")
+        candidates = [e for e in encoders if e.spec.produces(spec.consumes) == spec.embed_dim]
+        if candidates or attempt:
+            break
+        store.refresh()
     if not candidates:
         family = catalog.family_by_output(spec.consumes, spec.embed_dim)
         usual = f" ({family.name}: {' or '.join(family.usual_files)})" if family else ""
         present = ", ".join(f"{e.name} gives {_outputs(e.spec)}" for e in encoders) or "none"
+        unreadable = "".join(f" Unreadable, perhaps the one: {e.error}." for e in store.current_of_kind("unreadable")[:3])
         raise MissingEncoderError(
             f"IP-Adapter {name} ({Path(spec.path).name}) consumes {spec.needs}, and no image encoder in the "
-            f"models folder produces it. Encoders present: {present}. Add the encoder it was trained "
+            f"models folder produces it. Encoders present: {present}.{unreadable} Add the encoder it was trained "
             f"with{usual} to DIR/clip_vision/"
         )
     beside = Path(spec.path).parent / "image_encoder"

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import pickle
+import stat
 import struct
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,16 +41,19 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
     """Parse and check a safetensors header: every entry has a known dtype and lies inside the file."""
     path = Path(path)
     size = _file_size(path)
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise CheckpointError(path, f"truncated safetensors file ({size} bytes, no header)", _REDOWNLOAD)
-        (header_len,) = struct.unpack("<Q", head)
-        if header_len > min(MAX_HEADER_BYTES, size - 8):
-            raise CheckpointError(
-                path, f"safetensors header claims {header_len} bytes but the file has {size}", _REDOWNLOAD
-            )
-        raw = f.read(header_len)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(path, f"truncated safetensors file ({size} bytes, no header)", _REDOWNLOAD)
+            (header_len,) = struct.unpack("<Q", head)
+            if header_len > min(MAX_HEADER_BYTES, size - 8):
+                raise CheckpointError(
+                    path, f"safetensors header claims {header_len} bytes but the file has {size}", _REDOWNLOAD
+                )
+            raw = f.read(header_len)
+    except OSError as exc:
+        raise CheckpointError(path, f"cannot read ({exc.strerror or exc})") from None
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
@@ -507,12 +511,16 @@ _REDOWNLOAD = "Download the file again, or remove it from the models folder"
 
 
 def _file_size(path: Path) -> int:
-    if path.is_dir():
-        raise CheckpointError(path, "is a directory, expected a checkpoint file")
+    """The size of a regular file; anything else (folder, FIFO, device) is refused before it is opened."""
     try:
-        return os.stat(path).st_size
+        st = os.stat(path)
     except OSError as exc:
         raise CheckpointError(path, f"cannot read ({exc.strerror})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise CheckpointError(path, "is a directory, expected a checkpoint file")
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointError(path, "is not a regular file (a pipe, socket or device?); expected a checkpoint file")
+    return st.st_size
 
 
 def _read_json(path: Path) -> dict:

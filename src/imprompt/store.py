@@ -95,7 +95,7 @@ class ModelStore:
                 continue
             if child.is_dir():
                 self._walk(root, child, found)
-            elif child.suffix in WEIGHT_SUFFIXES:
+            elif child.suffix in WEIGHT_SUFFIXES and child.is_file():  # regular files only: a FIFO would block
                 found.append((child.stem, child))
 
     def _entry(self, name: str, path: Path) -> Entry:
@@ -141,9 +141,15 @@ class ModelStore:
         Used where a choice is made among all entries (the encoder for an adapter), so it never rests on a stale
         index."""
         with self._lock:
-            candidates = [e for e in self.entries if e.kind in (kind, "unreadable")]  # an unreadable one may be fixed
-            fresh = [self._entry(e.name, e.path) for e in candidates if e.path.exists()]
-            return [e for e in fresh if e.kind == kind]
+            updated = []
+            for e in self.entries:
+                if e.kind in (kind, "unreadable"):  # an unreadable file may have been fixed meanwhile
+                    if not e.path.exists():
+                        continue
+                    e = self._entry(e.name, e.path)
+                updated.append(e)
+            self.entries = updated  # the index follows what was found
+            return [e for e in updated if e.kind == kind]
 
     @property
     def unreadable(self) -> list[Entry]:

@@ -1,0 +1,122 @@
+"""Hostile input through the HTTP API: each bad request gets the right 4xx and a clear message, and the server
+then answers a good request with exactly the right image."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+from conftest import max_diff, request, unit
+from PIL import Image
+from server_fixtures import b64, client, decode, new_engine, running_server
+
+from imprompt import Engine
+
+KEY = "k3y"
+
+
+@pytest.fixture(scope="module")
+def server(pack):
+    with running_server(new_engine(pack), api_key=KEY, max_body_bytes=2_000_000) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def images(pack):
+    red = Image.open(pack / "images" / "red-circle.png").convert("RGB")
+    return {"red": b64(red), "red_image": red}
+
+
+def txt(**fields) -> dict:
+    return {"prompt": "a cat", "seed": 1, "steps": 4, "width": 64, "height": 64, "cfg_scale": 7.0,
+            "override_settings": {"sd_model_checkpoint": "tiny-sd15"}, **fields}  # fmt: skip
+
+
+def ip(pictures: dict, **fields) -> dict:
+    return {"adapter": "Base", "images": [pictures["red"]], "scale": 0.6, **fields}
+
+
+AUTH = {"Authorization": f"Bearer {KEY}"}
+# (name, method, path, request kwargs builder, status, fragment of the message)
+CASES = [
+    ("malformed json", "post", "/sdapi/v1/txt2img", lambda i: {"content": b'{"prompt": ', "headers": {"content-type": "application/json"}}, 422, "JSON"),
+    ("json array body", "post", "/sdapi/v1/txt2img", lambda i: {"json": [1, 2]}, 422, "invalid request"),
+    ("empty body", "post", "/sdapi/v1/txt2img", lambda i: {"content": b"", "headers": {"content-type": "application/json"}}, 422, "invalid request"),
+    ("prompt of wrong type", "post", "/sdapi/v1/txt2img", lambda i: {"json": txt(prompt=["a", "list"])}, 422, "prompt"),
+    ("steps not a number", "post", "/sdapi/v1/txt2img", lambda i: {"json": txt(steps="many")}, 422, "steps"),
+    ("steps 0", "post", "/sdapi/v1/txt2img", lambda i: {"json": txt(steps=0)}, 422, "steps"),
+    ("steps huge", "post", "/sdapi/v1/txt2img", lambda i: {"json": txt(steps=100000)}, 422, "steps"),
+    ("negative width", "post", "/sdapi/v1/txt2img", lambda i: {"json": txt(width=-64)}, 422, "width"),
+    ("width not a multiple of 8", "post", "/sdapi/v1/txt2img", lambda i: {"json": txt(width=65)}, 422, "multiple of 8"),
+    ("height too large", "post", "/sdapi/v1/txt2img", lambda i: {"json": txt(height=8192)}, 422, "height"),
+    ("seed below -1", "post", "/sdapi/v1/txt2img", lambda i: {"json": txt(seed=-5)}, 422, "seed"),
+    ("seed too large", "post", "/sdapi/v1/txt2img", lambda i: {"json": txt(seed=2**40)}, 422, "seed"),
+    ("cfg out of range", "post", "/sdapi/v1/txt2img", lambda i: {"json": txt(cfg_scale=1000)}, 422, "cfg_scale"),
+    ("batch too large", "post", "/sdapi/v1/txt2img", lambda i: {"json": txt(batch_size=64)}, 422, "batch_size"),
+    ("n_iter too large", "post", "/sdapi/v1/txt2img", lambda i: {"json": txt(n_iter=1000)}, 422, "n_iter"),
+    ("unknown sampler", "post", "/sdapi/v1/txt2img", lambda i: {"json": txt(sampler_name="Warp Drive")}, 422, "unknown sampler"),
+    ("ip_adapter not a list", "post", "/sdapi/v1/txt2img", lambda i: {"json": txt(ip_adapter={"adapter": "Base"})}, 422, "ip_adapter"),
+    ("unit without adapter", "post", "/sdapi/v1/txt2img", lambda i: {"json": txt(ip_adapter=[{"images": [i["red"]]}])}, 422, "adapter"),
+    ("unit with unknown field", "post", "/sdapi/v1/txt2img", lambda i: {"json": txt(ip_adapter=[ip(i, strength=3)])}, 422, "strength"),
+    ("unit without images", "post", "/sdapi/v1/txt2img", lambda i: {"json": txt(ip_adapter=[ip(i, images=[])])}, 422, "images or embeddings"),
+    ("scale out of range", "post", "/sdapi/v1/txt2img", lambda i: {"json": txt(ip_adapter=[ip(i, scale=50)])}, 422, "scale"),
+    ("start after end", "post", "/sdapi/v1/txt2img", lambda i: {"json": txt(ip_adapter=[ip(i, start=0.9, end=0.2)])}, 422, "start"),
+    ("base64 garbage", "post", "/sdapi/v1/txt2img", lambda i: {"json": txt(ip_adapter=[ip(i, images=["%%%not base64%%%"])])}, 422, "base64"),
+    ("non-image bytes", "post", "/sdapi/v1/txt2img", lambda i: {"json": txt(ip_adapter=[ip(i, images=[base64.b64encode(b"GIF89a...no").decode()])])}, 422, "not an image"),
+    ("decompression bomb", "post", "/sdapi/v1/txt2img", lambda i: {"json": txt(ip_adapter=[ip(i, images=[b64(Image.new("1", (30000, 30000)))])])}, 413, "pixels"),
+    ("mask count mismatch", "post", "/sdapi/v1/txt2img", lambda i: {"json": txt(ip_adapter=[ip(i, masks=[i["red"], i["red"]])])}, 422, "2 masks for 1 images"),
+    ("invalid layer block", "post", "/sdapi/v1/txt2img", lambda i: {"json": txt(ip_adapter=[ip(i, layers={"up": {"block_7": 1}})])}, 422, "block_7"),
+    ("face crop requested", "post", "/sdapi/v1/txt2img", lambda i: {"json": txt(ip_adapter=[ip(i, crop=True)])}, 422, "face detector"),
+    ("unknown adapter", "post", "/sdapi/v1/txt2img", lambda i: {"json": txt(ip_adapter=[ip(i, adapter="Base XL Turbo")])}, 404, "Base XL Turbo"),
+    ("path traversal in adapter", "post", "/sdapi/v1/txt2img", lambda i: {"json": txt(ip_adapter=[ip(i, adapter="../../../etc/passwd")])}, 404, "not found"),
+    ("absolute path as adapter", "post", "/sdapi/v1/txt2img", lambda i: {"json": txt(ip_adapter=[ip(i, adapter="/etc/passwd")])}, 404, "not found"),
+    ("path traversal in model", "post", "/sdapi/v1/txt2img", lambda i: {"json": txt(override_settings={"sd_model_checkpoint": "../../diffusers/tiny-sd15"})}, 404, "not found"),
+    ("server path as image", "post", "/sdapi/v1/txt2img", lambda i: {"json": txt(ip_adapter=[ip(i, images=["/etc/hostname"])])}, 422, "base64"),
+    ("unknown saved embeddings", "post", "/sdapi/v1/txt2img", lambda i: {"json": txt(ip_adapter=[{"adapter": "Base", "embeddings": "../secret"}])}, 404, "not found"),
+    ("incompatible adapter", "post", "/sdapi/v1/txt2img", lambda i: {"json": txt(ip_adapter=[ip(i, adapter="Base SDXL")])}, 422, "2048"),
+    ("img2img without init image", "post", "/sdapi/v1/img2img", lambda i: {"json": txt(init_images=[])}, 422, "init_images"),
+    ("denoising strength 2", "post", "/sdapi/v1/img2img", lambda i: {"json": txt(init_images=[i["red"]], denoising_strength=2)}, 422, "denoising_strength"),
+    ("unknown model in options", "post", "/sdapi/v1/options", lambda i: {"json": {"sd_model_checkpoint": "../../etc"}}, 404, "not found"),
+    ("oversize body", "post", "/sdapi/v1/txt2img", lambda i: {"json": txt(prompt="x" * 3_000_000)}, 413, "byte limit"),
+    ("wrong method", "get", "/sdapi/v1/txt2img", lambda i: {}, 405, ""),
+]  # fmt: skip
+AUTH_CASES = [
+    ("missing API key", {}, 401),
+    ("wrong API key", {"Authorization": "Bearer nope"}, 401),
+    ("wrong Basic password", {"Authorization": "Basic " + base64.b64encode(b"user:nope").decode()}, 401),
+    ("malformed Authorization", {"Authorization": "Bearer"}, 401),
+]
+
+
+def good_request_is_served(url, images, reference):
+    with client(url, headers=AUTH) as http:
+        response = http.post("/sdapi/v1/txt2img", json=txt(ip_adapter=[ip(images, adapter="Base ViT-G")]))
+    assert response.status_code == 200, response.text
+    assert max_diff(decode(response.json()["images"][0]).convert("RGB"), reference) == 0
+
+
+@pytest.fixture(scope="module")
+def reference(pack, images):
+    return Engine(pack).generate(request(unit("Base ViT-G", images["red_image"]))).images[0]
+
+
+def test_there_are_at_least_thirty_distinct_cases():
+    assert len({c[0] for c in CASES} | {c[0] for c in AUTH_CASES}) >= 30
+
+
+@pytest.mark.parametrize("name, method, path, build, status, fragment", CASES, ids=[c[0] for c in CASES])
+def test_bad_request(server, images, reference, name, method, path, build, status, fragment):
+    with client(server, headers=AUTH) as http:
+        response = getattr(http, method)(path, **build(images))
+    assert response.status_code == status, response.text[:500]
+    body = response.json()
+    assert body.get("detail") and fragment in str(body["detail"]), body
+    good_request_is_served(server, images, reference)
+
+
+@pytest.mark.parametrize("name, headers, status", AUTH_CASES, ids=[c[0] for c in AUTH_CASES])
+def test_auth(server, images, reference, name, headers, status):
+    with client(server) as http:
+        response = http.post("/sdapi/v1/txt2img", json=txt(), headers=headers)
+    assert response.status_code == status and "API key" in response.json()["detail"]
+    good_request_is_served(server, images, reference)
