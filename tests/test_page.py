@@ -31,6 +31,19 @@ def browser():
         browser.close()
 
 
+def generate_with(page, adapter: str, image: Path, steps: int) -> str:
+    """What a person does in the first unit: pick the adapter, upload the image, set a small size, Generate.
+    Returns the caption of the first image in the gallery."""
+    page.select_option(".unit .adapter", adapter)
+    page.set_input_files(".unit .images", str(image))
+    page.wait_for_selector(".unit .previews img")
+    for field, value in (("#steps", str(steps)), ("#width", "64"), ("#height", "64"), ("#seed", "1")):
+        page.fill(field, value)
+    page.click("#generate")
+    page.wait_for_selector("#gallery figure img", timeout=120_000)
+    return page.text_content("#gallery figcaption")
+
+
 def test_pick_adapter_upload_generate_and_see_the_encoder(pack, browser):
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with running_server(new_engine(pack)) as url:
@@ -45,15 +58,7 @@ def test_pick_adapter_upload_generate_and_see_the_encoder(pack, browser):
         assert any(o.startswith("Base ViT-G — needs image_embeds[1280]") for o in options)
         assert not any("SDXL" in o for o in options)
 
-        page.select_option(".unit .adapter", "Base ViT-G")
-        page.set_input_files(".unit .images", str(pack / "images" / "red-circle.png"))
-        page.wait_for_selector(".unit .previews img")
-        for field, value in (("#steps", "4"), ("#width", "64"), ("#height", "64"), ("#seed", "1")):
-            page.fill(field, value)
-        page.click("#generate")
-
-        page.wait_for_selector("#gallery figure img", timeout=120_000)
-        caption = page.text_content("#gallery figcaption")
+        caption = generate_with(page, "Base ViT-G", pack / "images" / "red-circle.png", steps=4)
         assert "Base ViT-G ← IP-Adapter/sdxl_models/image_encoder (loaded)" in caption
         page.wait_for_selector("#events li.encoder_loaded")
         event = page.text_content("#events li.encoder_loaded")
@@ -84,3 +89,23 @@ def test_an_error_is_shown_and_the_page_keeps_working(pack, browser):
         page.click("#generate")
         page.wait_for_selector("#gallery figure img", timeout=120_000)
         assert page.text_content("#error") == ""
+
+
+def test_page_behind_an_api_key(pack, browser):
+    """With --api-key the browser is challenged (Basic), and once the key is given as password the page's own
+    API calls carry it: the adapter list loads and a generation completes."""
+    with running_server(new_engine(pack), api_key="s3cret") as url:
+        anonymous = browser.new_context()
+        assert anonymous.new_page().goto(url).status == 401
+        anonymous.close()
+
+        context = browser.new_context(http_credentials={"username": "me", "password": "s3cret"})
+        page = context.new_page()
+        errors = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        assert page.goto(url).status == 200
+        page.wait_for_selector(".unit .adapter option", state="attached")
+        caption = generate_with(page, "Base", pack / "images" / "red-circle.png", steps=2)
+        assert "Base ← IP-Adapter/models/image_encoder" in caption
+        assert errors == []
+        context.close()

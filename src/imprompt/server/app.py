@@ -52,7 +52,7 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
 
     @app.exception_handler(ImpromptError)
     async def impromt_error(request: Request, exc: ImpromptError):
-        headers = {"WWW-Authenticate": 'Bearer, Basic realm="imprompt"'} if isinstance(exc, AuthError) else None
+        headers = {"WWW-Authenticate": AUTH_CHALLENGE} if isinstance(exc, AuthError) else None
         return JSONResponse({"error": type(exc).__name__, "detail": str(exc)}, exc.http_status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
@@ -176,6 +176,11 @@ def _first_model(engine: Engine) -> str | None:
     return pipelines[0].name if pipelines else None
 
 
+# Browsers prompt for a user and password only on a Basic challenge (Chromium reads one scheme per header);
+# Bearer clients send their header unasked.
+AUTH_CHALLENGE = 'Basic realm="imprompt", charset="UTF-8"'
+
+
 class Auth:
     """Every path but /healthz needs the API key, as `Authorization: Bearer KEY` or A1111-style HTTP Basic
     (any user name, the key as password)."""
@@ -189,7 +194,7 @@ class Auth:
             return
         given = "missing" if not dict(scope["headers"]).get(b"authorization") else "wrong"
         error = AuthError(f"{given} API key: send 'Authorization: Bearer <key>' (or HTTP Basic with the key as password)")
-        await _json(send, error.http_status, error, {"www-authenticate": 'Bearer, Basic realm="imprompt"'})
+        await _json(send, error.http_status, error, {"www-authenticate": AUTH_CHALLENGE})
 
     def _allowed(self, scope: Scope) -> bool:
         header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
