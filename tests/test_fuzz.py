@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import pickle
 import resource
 import struct
@@ -18,7 +19,13 @@ from imprompt.errors import ImpromptError
 from imprompt.loading import read_tensors
 from imprompt.probe import probe
 
-FUZZ = settings(max_examples=60, deadline=2000, derandomize=True, suppress_health_check=list(HealthCheck))
+# CI runs 60 examples per test; IMPROMPT_FUZZ_EXAMPLES=2000 for a long run (docs/security.md has its figures).
+FUZZ = settings(
+    max_examples=int(os.environ.get("IMPROMPT_FUZZ_EXAMPLES", 60)),
+    deadline=2000,
+    derandomize=True,
+    suppress_health_check=list(HealthCheck),
+)
 DTYPES = ["F32", "F16", "BF16", "I64", "U8", "BOOL", "F8_E4M3", "Q4", "", "float32", None, 7]
 NAMES = st.sampled_from(["image_proj.proj.weight", "ip_adapter.1.to_k_ip.weight", "ip_adapter.1.to_v_ip.weight",
                          "image_proj.latents", "vision_model.embeddings.class_embedding",

@@ -1,109 +1,47 @@
-"""Output depends on the request alone: any sequence of requests (switches, mixes, failures, evictions) gives,
-for each request, exactly the pixels that request gives as the first one in a fresh process."""
+"""Output depends on the request alone: any sequence of requests (switches, mixes, failures, evictions), and any
+interleaving of concurrent clients of the server, gives for each request exactly the pixels that request gives
+as the first one in a fresh process."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import max_diff, request, unit
+from conftest import max_diff
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
 from imprompt import Engine
 from imprompt.errors import ImpromptError
-from imprompt.pack import write_adapter
+from imprompt.loadtest import load, start_server
+from imprompt.soak import failing_menu, fresh_references, pack_images, sd15_menu, sdxl_menu, soak, write_bad_files
 
 
-def menu(images: dict[str, str]) -> dict[str, dict]:
-    """Valid requests, named. Images are paths so a fresh process can read the same request from JSON."""
-    red, yellow, white = images["red-circle"], images["yellow-square"], images["white-triangle"]
-    return {
-        "none": request(seed=3),
-        "base": request(unit("Base", red, 0.6)),
-        "light": request(unit("Light", yellow, 0.8), seed=2),
-        "plus": request(unit("Plus", red, 0.5), seed=3),
-        "plus-face": request(unit("Plus Face", white, 0.7)),
-        "full-face": request(unit("Full Face", red, 0.6), seed=4),
-        "vit-g": request(unit("Base ViT-G", yellow, 0.6)),
-        "base+vit-g": request(unit("Base", red, 0.6), unit("Base ViT-G", yellow, 0.5)),
-        "plus+vit-g+full": request(unit("Plus", white, 0.5), unit("Base ViT-G", red, 0.4), unit("Full Face", yellow, 0.3), seed=5),
-        "base-2-images-window": request({"adapter": "Base", "images": [red, yellow], "scale": 0.7, "start": 0.25, "end": 0.75}),
-        "light+plus-face": request(unit("Light", white, 0.6), unit("Plus Face", red, 0.6), seed=6),
-    }  # fmt: skip
-
-
-def sdxl_menu(images: dict[str, str]) -> dict[str, dict]:
-    """SDXL requests, and SD 1.5 ones, to be mixed: every switch between them changes the base model."""
-    red, yellow, white = images["red-circle"], images["yellow-square"], images["white-triangle"]
-    sdxl = {"model": "tiny-sdxl"}
-    return {
-        "xl-base": request(unit("Base SDXL", red, 0.6), **sdxl),
-        "xl-plus+vit-h": request(unit("Plus ViT-H SDXL", yellow, 0.5), unit("Base ViT-H SDXL", white, 0.5), seed=2, **sdxl),
-        "xl-style-masked": request({**unit("Base SDXL", white, 0.9, layers="style"), "masks": [yellow]}, seed=3, **sdxl),
-        "xl-composition-window": request(unit("Ostris Composition ViT-H SDXL", red, 0.7, start=0.25), seed=4, **sdxl),
-        "xl-none": request(seed=5, **sdxl),
-    }  # fmt: skip
-
-
-def failing(images: dict[str, str]) -> dict[str, dict]:
-    red = images["red-circle"]
-    return {
-        "unknown-adapter": request(unit("Base XL Turbo", red)),
-        "bad-image": request(unit("Plus", "bm90IGFuIGltYWdl")),  # base64 of "not an image"
-        "start-after-end": request(unit("Base", red, start=0.8, end=0.2)),
-        "wrong-encoder": request({**unit("Base ViT-G", red), "encoder": "IP-Adapter/models/image_encoder"}),
-        "corrupt-file": request(unit("ip-adapter_broken", red)),
-        "sdxl-on-sd15": request(unit("ip-adapter_sdxl_test", red)),
-        "second-unit-bad": request(unit("Base ViT-G", red), unit("Nope", red)),
-        "sd15-on-sdxl": request(unit("Plus", red), model="tiny-sdxl"),
-        "bad-layers": request(unit("Base SDXL", red, layers={"down": {"block_0": 1.0}}), model="tiny-sdxl"),
-    }
-
-
-FRESH_PROCESS = """
-import json, sys
-from imprompt import Engine
-roots, req, out = json.loads(sys.argv[1])
-Engine(roots).generate(req).images[0].save(out)
-"""
+def menu(images):
+    return sd15_menu(images)
 
 
 @pytest.fixture(scope="module")
 def roots(pack, tmp_path_factory) -> list[str]:
     """The pack plus a folder of bad files: a truncated adapter and an SDXL-width adapter."""
-    extra = tmp_path_factory.mktemp("extra")
-    good = (pack / "IP-Adapter" / "models" / "ip-adapter_sd15.safetensors").read_bytes()
-    (extra / "ip-adapter_broken.safetensors").write_bytes(good[: len(good) // 2])
-    write_adapter(extra / "ip-adapter_sdxl_test.safetensors", "base", 1280, [640, 1280], 2048, seed=99)
-    return [str(pack), str(extra)]
+    return [str(pack), str(write_bad_files(tmp_path_factory.mktemp("extra"), pack))]
 
 
 @pytest.fixture(scope="module")
 def images(pack) -> dict[str, str]:
-    return {p.stem: str(p) for p in (pack / "images").glob("*.png")}
+    return pack_images(pack)
 
 
 @pytest.fixture(scope="module")
-def fresh(roots, images, tmp_path_factory) -> dict[str, Image.Image]:
+def fresh_paths(roots, images, tmp_path_factory) -> dict[str, Path]:
     """Each valid request's image, computed as the only request of a brand-new Python process."""
-    out = tmp_path_factory.mktemp("fresh")
-    requests = menu(images) | sdxl_menu(images)
+    return fresh_references(roots, menu(images) | sdxl_menu(images), tmp_path_factory.mktemp("fresh"))
 
-    def one(name):
-        target = out / f"{name}.png"
-        args = json.dumps([roots, requests[name], str(target)])
-        done = subprocess.run([sys.executable, "-c", FRESH_PROCESS, args], capture_output=True, text=True)
-        assert done.returncode == 0, done.stderr[-2000:]
-        return name, Image.open(target).convert("RGB")
 
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        return dict(pool.map(one, requests))
+@pytest.fixture(scope="module")
+def fresh(fresh_paths) -> dict[str, Image.Image]:
+    return {name: Image.open(path).convert("RGB") for name, path in fresh_paths.items()}
 
 
 def test_fresh_references_are_distinct(fresh):
@@ -117,7 +55,7 @@ def test_fresh_references_are_distinct(fresh):
 @settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(data=st.data())
 def test_any_sequence_gives_fresh_process_pixels(roots, images, fresh, data):
-    valid, bad = menu(images) | sdxl_menu(images), failing(images)
+    valid, bad = menu(images) | sdxl_menu(images), failing_menu(images)
     budget = data.draw(st.sampled_from([None, 1]), label="encoder cache budget (1 byte: evict on every switch)")
     sequence = data.draw(
         st.lists(st.sampled_from(sorted(valid) + sorted(bad)), min_size=2, max_size=7), label="requests"
@@ -150,7 +88,7 @@ def every_ordered_pair(names: list[str]) -> list[str]:
 def test_every_request_after_every_other_in_one_engine(roots, images, fresh):
     """Every valid request directly after every valid request (121 pairs), with a failing request slipped in
     every third step, in one engine."""
-    valid, bad = menu(images), failing(images)
+    valid, bad = menu(images), failing_menu(images)
     sequence = every_ordered_pair(sorted(valid))
     pairs = set(zip(sequence, sequence[1:]))
     assert len(pairs) == len(valid) ** 2
@@ -169,7 +107,7 @@ def test_every_request_after_every_other_across_families(roots, images, fresh):
     """SD 1.5 and SDXL requests in every order (each switch of family reloads the base model), with failures."""
     sd15 = menu(images)
     valid = {name: sd15[name] for name in ("base", "base+vit-g", "plus+vit-g+full")} | sdxl_menu(images)
-    bad = failing(images)
+    bad = failing_menu(images)
     sequence = every_ordered_pair(sorted(valid))
     engine = Engine(roots)
     for i, name in enumerate(sequence):
@@ -183,7 +121,7 @@ def test_every_request_after_every_other_across_families(roots, images, fresh):
 
 def test_failures_name_their_cause(roots, images):
     engine = Engine(roots)
-    bad = failing(images)
+    bad = failing_menu(images)
     messages = {}
     for name, req in bad.items():
         with pytest.raises(ImpromptError) as caught:
@@ -198,3 +136,26 @@ def test_failures_name_their_cause(roots, images):
     assert "Nope" in messages["second-unit-bad"]
     assert "768" in messages["sd15-on-sdxl"] and "2048" in messages["sd15-on-sdxl"]
     assert "block_0" in messages["bad-layers"]
+
+
+def test_soak_200_requests(roots, images, fresh_paths):
+    """The soak script's loop at 200 requests: random requests of both families, valid and invalid, with a
+    1-byte encoder budget (evictions all the time): every valid result equals its fresh-process image."""
+    valid = menu(images) | sdxl_menu(images)
+    report = soak(roots, valid, failing_menu(images), fresh_paths, count=200, seed=1, cache_budget=1)
+    assert report["failures"] == []
+    assert report["valid"] + report["refused_as_expected"] == 200 and report["refused_as_expected"] > 0
+
+
+def test_load_4_clients_by_6_requests(roots, images, fresh_paths):
+    """The load script's loop, small: `imprompt serve` as a process, 4 concurrent clients sending SD.Next
+    payloads with different adapters; every answer is a 200 with exactly its fresh-process image."""
+    valid = menu(images)
+    process, url = start_server(roots, max_queue=16)
+    try:
+        report = load(url, valid, {name: fresh_paths[name] for name in valid}, clients=4, requests=6, seed=2)
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+    assert report["failures"] == [] and report["statuses"] == {"200": 24}
+    assert report["queue_depth_max"] >= 1  # the clients really were concurrent: jobs waited behind each other

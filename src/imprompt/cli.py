@@ -130,8 +130,8 @@ def _models_argument(parser) -> None:
     parser.add_argument(
         "--models",
         type=Path,
-        default=os.environ.get("IMPROMPT_MODELS"),
-        help="models folder (default: $IMPROMPT_MODELS)",
+        action="append",
+        help="models folder, repeatable to use several (default: $IMPROMPT_MODELS)",
     )
 
 
@@ -142,10 +142,12 @@ def _engine_arguments(parser) -> None:
     parser.add_argument("--cache-budget", help="memory for loaded image encoders, e.g. 8GiB (default: half the RAM)")
 
 
-def _require_models(args) -> Path:
-    if not args.models:
+def _require_models(args) -> list[Path]:
+    """The models folders: every --models given, else $IMPROMPT_MODELS."""
+    folders = args.models or ([Path(os.environ["IMPROMPT_MODELS"])] if os.environ.get("IMPROMPT_MODELS") else [])
+    if not folders:
         raise RequestError("no models folder: pass --models DIR or set IMPROMPT_MODELS")
-    return args.models
+    return folders
 
 
 # ---------------------------------------------------------------------------------------------------- commands
@@ -186,7 +188,7 @@ def _generate(args) -> int:
     if args.ip or args.ip_json:
         overrides["ip_adapters"] = [parse_ip_unit(text) for text in args.ip] + [_json_unit(t) for t in args.ip_json]
     request = parse_request(request.model_dump() | overrides)
-    _quiet_libraries()
+    quiet_libraries()
     engine = Engine(_require_models(args), device=args.device, dtype=args.dtype, encoder_dtype=args.encoder_dtype,
                     cache_budget=args.cache_budget)  # fmt: skip
     result = engine.generate(request)
@@ -286,7 +288,7 @@ def _models(args) -> int:
 def _demo(args) -> int:
     from .demo import run_demo
 
-    _quiet_libraries()
+    quiet_libraries()
     run_demo(args.models, args.out, steps=args.steps)
     return 0
 
@@ -294,7 +296,7 @@ def _demo(args) -> int:
 def _embed(args) -> int:
     from .engine import Engine
 
-    _quiet_libraries()
+    quiet_libraries()
     engine = Engine(_require_models(args), device=args.device, dtype=args.dtype, encoder_dtype=args.encoder_dtype,
                     cache_budget=args.cache_budget)  # fmt: skip
     unit = {"adapter": args.adapter, "images": [str(p) for p in args.images], "average": args.average}
@@ -309,7 +311,7 @@ def _serve(args) -> int:
     from .engine import Engine
     from .server.app import ServerSettings, create_app
 
-    _quiet_libraries()
+    quiet_libraries()
     engine = Engine(
         _require_models(args), device=args.device, dtype=args.dtype, encoder_dtype=args.encoder_dtype,
         cache_budget=args.cache_budget, allow_paths=False, max_image_pixels=args.max_pixels, max_image_bytes=parse_bytes(args.max_image, 0),
@@ -329,14 +331,14 @@ def _serve(args) -> int:
 def _bench(args) -> int:
     from .bench import main as bench
 
-    _quiet_libraries()
+    quiet_libraries()
     return bench(args.bench_args)
 
 
 def _pack(args) -> int:
     from .pack import build_demo_pack
 
-    _quiet_libraries()
+    quiet_libraries()
     print(build_demo_pack(args.folder))
     return 0
 
@@ -344,7 +346,7 @@ def _pack(args) -> int:
 def _download(args) -> int:
     from .download import download
 
-    for path in download(args.names, _require_models(args)):
+    for path in download(args.names, _require_models(args)[0]):
         print(path)
     return 0
 
@@ -363,7 +365,7 @@ def _configure_logging(quiet: bool) -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     """diffusers' and transformers' loading progress bars are noise on a command line (only these switch them off)."""
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging

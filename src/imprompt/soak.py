@@ -1,0 +1,223 @@
+"""Soak: thousands of random requests through one engine, every valid result checked against the image that
+request gives as the only request of a fresh process.
+
+    python -m imprompt.soak --requests 5000 [--models DIR] [--report docs/soak.json]
+
+Requests are drawn from a menu that covers every adapter variant of both families, alone and combined, with
+the per-unit controls, plus requests that must fail (unknown names, bad images, corrupt and incompatible
+files). The families are mixed in runs (base-model switches happen, not on every request). Fresh-process
+references are computed once per menu entry and kept on disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import random
+import resource
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from .pack import write_adapter
+
+
+def _request(*units, model="tiny-sd15", seed=1, steps=4, **fields) -> dict:
+    return {"model": model, "prompt": "a cat", "seed": seed, "steps": steps, "width": 64, "height": 64,
+            "cfg_scale": 7.0, "ip_adapters": list(units), **fields}  # fmt: skip
+
+
+def _unit(adapter, *images, scale=0.6, **fields) -> dict:
+    return {"adapter": adapter, "images": list(images), "scale": scale, **fields}
+
+
+def sd15_menu(images: dict[str, str]) -> dict[str, dict]:
+    """Valid SD 1.5 requests: every variant alone, mixes (both encoders in one image), windows, several images."""
+    red, yellow, white = images["red-circle"], images["yellow-square"], images["white-triangle"]
+    return {
+        "none": _request(seed=3),
+        "base": _request(_unit("Base", red)),
+        "light": _request(_unit("Light", yellow, scale=0.8), seed=2),
+        "plus": _request(_unit("Plus", red, scale=0.5), seed=3),
+        "plus-face": _request(_unit("Plus Face", white, scale=0.7)),
+        "full-face": _request(_unit("Full Face", red), seed=4),
+        "vit-g": _request(_unit("Base ViT-G", yellow)),
+        "composition": _request(_unit("Ostris Composition ViT-H", white), seed=7),
+        "base+vit-g": _request(_unit("Base", red), _unit("Base ViT-G", yellow, scale=0.5)),
+        "plus+vit-g+full": _request(_unit("Plus", white, scale=0.5), _unit("Base ViT-G", red, scale=0.4),
+                                    _unit("Full Face", yellow, scale=0.3), seed=5),  # fmt: skip
+        "base-2-images-window": _request(_unit("Base", red, yellow, scale=0.7, start=0.25, end=0.75)),
+        "light+plus-face": _request(_unit("Light", white), _unit("Plus Face", red), seed=6),
+    }
+
+
+def sdxl_menu(images: dict[str, str]) -> dict[str, dict]:
+    """Valid SDXL requests, with layer weights, masks and windows."""
+    red, yellow, white = images["red-circle"], images["yellow-square"], images["white-triangle"]
+    return {
+        "xl-base": _request(_unit("Base SDXL", red), model="tiny-sdxl"),
+        "xl-plus+vit-h": _request(_unit("Plus ViT-H SDXL", yellow, scale=0.5), _unit("Base ViT-H SDXL", white, scale=0.5),
+                                  model="tiny-sdxl", seed=2),  # fmt: skip
+        "xl-style-masked": _request(_unit("Base SDXL", white, scale=0.9, layers="style", masks=[yellow]),
+                                    model="tiny-sdxl", seed=3),  # fmt: skip
+        "xl-composition-window": _request(_unit("Ostris Composition ViT-H SDXL", red, scale=0.7, start=0.25),
+                                          model="tiny-sdxl", seed=4),  # fmt: skip
+        "xl-plus-face-negative-noise": _request(_unit("Plus Face ViT-H SDXL", red, negative_images=["noise"]),
+                                                model="tiny-sdxl", seed=6),  # fmt: skip
+        "xl-none": _request(model="tiny-sdxl", seed=5),
+    }
+
+
+def failing_menu(images: dict[str, str]) -> dict[str, dict]:
+    """Requests that must fail with a typed error (the extra root from `write_bad_files` provides two files)."""
+    red = images["red-circle"]
+    return {
+        "unknown-adapter": _request(_unit("Base XL Turbo", red)),
+        "bad-image": _request(_unit("Plus", "bm90IGFuIGltYWdl")),  # base64 of "not an image"
+        "start-after-end": _request(_unit("Base", red, start=0.8, end=0.2)),
+        "wrong-encoder": _request(_unit("Base ViT-G", red, encoder="IP-Adapter/models/image_encoder")),
+        "corrupt-file": _request(_unit("ip-adapter_broken", red)),
+        "sdxl-on-sd15": _request(_unit("ip-adapter_sdxl_test", red)),
+        "second-unit-bad": _request(_unit("Base ViT-G", red), _unit("Nope", red)),
+        "sd15-on-sdxl": _request(_unit("Plus", red), model="tiny-sdxl"),
+        "bad-layers": _request(_unit("Base SDXL", red, layers={"down": {"block_0": 1.0}}), model="tiny-sdxl"),
+    }
+
+
+def write_bad_files(folder: Path, pack: Path) -> Path:
+    """A truncated adapter and an SDXL-width adapter (refused on SD 1.5), for the failing requests."""
+    folder.mkdir(parents=True, exist_ok=True)
+    good = (pack / "IP-Adapter" / "models" / "ip-adapter_sd15.safetensors").read_bytes()
+    (folder / "ip-adapter_broken.safetensors").write_bytes(good[: len(good) // 2])
+    write_adapter(folder / "ip-adapter_sdxl_test.safetensors", "base", 1280, [640, 1280], 2048, seed=99)
+    return folder
+
+
+def pack_images(pack: Path) -> dict[str, str]:
+    return {p.stem: str(p) for p in (pack / "images").glob("*.png")}
+
+
+_FRESH_PROCESS = """
+import json, sys
+from imprompt import Engine
+roots, req, out = json.loads(sys.argv[1])
+Engine(roots).generate(req).images[0].save(out)
+"""
+
+
+def fresh_references(roots: list[str], requests: dict[str, dict], folder: Path, workers: int = 2) -> dict[str, Path]:
+    """Each request's image as the only request of a brand-new Python process, kept on disk by content."""
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def one(name):
+        key = hashlib.sha256(json.dumps([roots, requests[name]], sort_keys=True).encode()).hexdigest()[:16]
+        target = folder / f"{name}-{key}.png"
+        if not target.exists():
+            partial = folder / f".{target.name}.partial.png"
+            args = json.dumps([roots, requests[name], str(partial)])
+            done = subprocess.run([sys.executable, "-c", _FRESH_PROCESS, args], capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"fresh-process reference for {name} failed:\n{done.stderr[-2000:]}")
+            partial.replace(target)
+        return name, target
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return dict(pool.map(one, requests))
+
+
+def soak(roots: list[str], valid: dict, failing: dict, references: dict[str, Path], count: int, seed: int = 0,
+         switch_family: float = 0.15, cache_budget=None, progress=None) -> dict:  # fmt: skip
+    """Run `count` random requests through one engine. Returns the report (failures listed, not raised)."""
+    import numpy as np
+    from PIL import Image
+
+    from .engine import Engine
+    from .errors import ImpromptError
+
+    rng = random.Random(seed)
+    families = {"sd15": [n for n in valid if not n.startswith("xl-")], "sdxl": [n for n in valid if n.startswith("xl-")]}
+    expected = {name: np.asarray(Image.open(path).convert("RGB")).astype(np.int16) for name, path in references.items()}
+    engine = Engine(roots, cache_budget=cache_budget)
+    family, counts, failures = "sd15", {"valid": 0, "refused": 0}, []
+    rss_start, started = _rss(), time.perf_counter()
+    for i in range(count):
+        if rng.random() < switch_family:
+            family = "sdxl" if family == "sd15" else "sd15"
+        if rng.random() < 0.1:
+            name = rng.choice(sorted(failing))
+            try:
+                engine.generate(failing[name])
+                failures.append({"request": i, "name": name, "problem": "was not refused"})
+            except ImpromptError:
+                counts["refused"] += 1
+            continue
+        name = rng.choice(families[family])
+        image = np.asarray(engine.generate(valid[name]).images[0]).astype(np.int16)
+        counts["valid"] += 1
+        difference = int(np.abs(image - expected[name]).max())
+        if difference:
+            failures.append({"request": i, "name": name, "problem": f"pixels differ by {difference}"})
+        if progress and (i + 1) % 100 == 0:
+            progress(i + 1, failures)
+        if i == 99:
+            rss_after_warmup = _rss()
+    return {
+        "requests": count,
+        "valid": counts["valid"],
+        "refused_as_expected": counts["refused"],
+        "failures": failures,
+        "seconds": round(time.perf_counter() - started, 1),
+        "rss_start_bytes": rss_start,
+        "rss_after_100_bytes": rss_after_warmup if count >= 100 else None,
+        "rss_end_bytes": _rss(),
+        "cache": {k: v["used_bytes"] for k, v in engine.cache_info().items() if isinstance(v, dict)},
+    }
+
+
+def _rss() -> int:
+    """Current resident set size (Linux), in bytes."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        import os
+
+        return pages * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .cli import quiet_libraries
+    from .pack import build_demo_pack
+
+    parser = argparse.ArgumentParser(prog="python -m imprompt.soak", description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=5000)
+    parser.add_argument("--models", type=Path, default=Path("demo-models"), help="the demo pack (built if missing)")
+    parser.add_argument("--work", type=Path, default=Path(".soak"), help="bad files and references")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache-budget", help="encoder cache budget, e.g. 1 (evict on every switch) or 2GiB; default: the engine's")
+    parser.add_argument("--report", type=Path, default=Path("docs/soak.json"))
+    args = parser.parse_args(argv)
+    quiet_libraries()
+    pack = build_demo_pack(args.models)
+    roots = [str(pack.resolve()), str(write_bad_files(args.work / "bad", pack).resolve())]
+    images = pack_images(pack)
+    valid, failing = sd15_menu(images) | sdxl_menu(images), failing_menu(images)
+    references = fresh_references(roots, valid, args.work / "references")
+    report = soak(roots, valid, failing, references, args.requests, args.seed, cache_budget=args.cache_budget,
+                  progress=lambda n, f: print(f"soak: {n} requests, {len(f)} failures", file=sys.stderr, flush=True))  # fmt: skip
+    return write_report(report, args.report)
+
+
+def write_report(report: dict, path: Path) -> int:
+    """The whole report to `path`, a summary (failures counted) to stdout; the exit status: 1 if any failed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2))
+    print(json.dumps({k: v for k, v in report.items() if k != "failures"} | {"failures": len(report["failures"])}, indent=2))
+    return 1 if report["failures"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
