@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test serve install clean
+.PHONY: demo test serve bench soak load install clean
 
 demo: install
 	$(BIN)/imprompt demo --models demo-models --out demo-output
@@ -16,6 +16,17 @@ serve: install
 test: install
 	$(BIN)/python -m pytest -q
 
+# Not part of the tests: real-size models (about 7 GB, built once into .bench-cache), about 40 minutes on 2 cores.
+bench: install
+	$(BIN)/imprompt bench --size real --trials 5
+
+# Not part of the tests: 5,000 random requests through one engine, and 8 clients x 50 requests through the server.
+soak: install
+	$(BIN)/python -m imprompt.soak --requests 5000
+
+load: install
+	$(BIN)/python -m imprompt.loadtest --clients 8 --requests 50
+
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -25,4 +36,4 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 clean:
-	rm -rf $(VENV) demo-models demo-output .pytest_cache .hypothesis
+	rm -rf $(VENV) demo-models demo-output .pytest_cache .hypothesis .soak

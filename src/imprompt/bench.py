@@ -37,7 +37,8 @@ CYCLE = {
 }
 PHASES = (
     "switch_imprompt", "switch_diffusers", "switch_sdnext", "embeddings", "step_overhead",
-    "workload_imprompt", "workload_diffusers", "workload_sdnext", "workload_small_budget", "encoder_memory",
+    "workload_imprompt", "workload_diffusers", "workload_sdnext", "workload_small_budget", "workload_imprompt_bf16",
+    "encoder_memory",
 )  # fmt: skip
 
 
@@ -113,12 +114,12 @@ def request(adapter: str | None, size: int, steps: int, image, model: str) -> di
             "cfg_scale": 7.0, "ip_adapters": units}  # fmt: skip
 
 
-def diffusers_pipeline(root: Path, model: str, dtype=torch.float32):
+def diffusers_pipeline(root: Path, model: str, dtype=torch.float32, device: str = "cpu"):
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(
         root / "diffusers" / model, dtype=dtype, safety_checker=None, requires_safety_checker=False
-    )
+    ).to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -137,7 +138,7 @@ def phase_switch_imprompt(root, args) -> dict:
     encode and attach (the denoising is not part of a switch)."""
     from .engine import Engine
 
-    engine = Engine(root, dtype=args.dtype)
+    engine = Engine(root, device=args.device, dtype=args.dtype)
     image = reference_image()
     for adapter in CYCLE:  # warm: build adapters, load encoders, cache embeddings
         engine.generate(request(adapter, 64, 1, image, args.model))
@@ -151,7 +152,7 @@ def phase_switch_imprompt(root, args) -> dict:
 
 
 def _switch_baseline(root, args, reload_always: bool) -> dict:
-    pipe = diffusers_pipeline(root, args.model, _dtype(args.dtype))
+    pipe = diffusers_pipeline(root, args.model, _dtype(args.dtype), args.device)
     times, encoder = [], None
     for _ in range(args.trials):
         for adapter in CYCLE:
@@ -177,8 +178,8 @@ def phase_embeddings(root, args) -> dict:
 
     image = reference_image()
     out = {}
-    for dtype in ("float32", "bfloat16"):
-        engine = Engine(root, dtype="float32", encoder_dtype=dtype)
+    for dtype in _dtypes(args):
+        engine = Engine(root, device=args.device, dtype="float32", encoder_dtype=dtype)
         for adapter in ("Base", "Base ViT-G"):
             entry = engine.store.encoder(f"{H94}/{CYCLE[adapter][1]}")
             embed = lambda: engine.encoders.embed(entry, "image_embeds", [image], adapter, "bench", [])  # noqa: E731
@@ -197,19 +198,23 @@ def phase_embeddings(root, args) -> dict:
 
 
 def phase_step_overhead(root, args) -> dict:
-    """Seconds per denoising step (batch 2 with CFG), no unit vs one IP-Adapter unit, fp32 and bf16."""
+    """Seconds per denoising step (batch 2 with CFG), no unit vs one IP-Adapter unit, fp32 and bf16. The two
+    configurations alternate round by round (ABBA...), so slow drifts of the machine hit both alike."""
     from .engine import Engine
 
     image = reference_image()
     out = {}
-    for dtype in ("float32", "bfloat16"):
-        engine = Engine(root, dtype=dtype)
-        for label, adapter in (("none", None), ("one unit", "Base")):
-            marks = []
-            engine.generate(request(adapter, args.step_size, 1, image, args.model))  # warm
-            engine.generate(request(adapter, args.step_size, args.steps + 1, image, args.model),
-                            on_step=lambda step, total: marks.append(time.perf_counter()))  # fmt: skip
-            out[f"{dtype}/{label}"] = [b - a for a, b in zip(marks, marks[1:])]
+    for dtype in _dtypes(args):
+        engine = Engine(root, device=args.device, dtype=dtype)
+        configs = [("none", None), ("one unit", "Base")]
+        for _, adapter in configs:  # warm both
+            engine.generate(request(adapter, args.step_size, 1, image, args.model))
+        for round_ in range(args.step_rounds):
+            for label, adapter in configs if round_ % 2 == 0 else configs[::-1]:
+                marks = []
+                engine.generate(request(adapter, args.step_size, args.steps + 1, image, args.model),
+                                on_step=lambda step, total: marks.append(time.perf_counter()))  # fmt: skip
+                out.setdefault(f"{dtype}/{label}", []).extend(b - a for a, b in zip(marks, marks[1:]))
     return out
 
 
@@ -221,7 +226,7 @@ def _workload_requests(image, args):
 def phase_workload_imprompt(root, args, budget=None) -> dict:
     from .engine import Engine
 
-    engine = Engine(root, dtype=args.dtype, cache_budget=budget)
+    engine = Engine(root, device=args.device, dtype=args.dtype, cache_budget=budget)
     image = reference_image()
     engine.generate(request(None, 64, 1, image, args.model))  # the pipeline is loaded before the clock starts, as for others
     sequence, _ = _workload_requests(image, args)
@@ -237,8 +242,14 @@ def phase_workload_small_budget(root, args) -> dict:
     return phase_workload_imprompt(root, args, budget=1)
 
 
+def phase_workload_imprompt_bf16(root, args) -> dict:
+    """Not equal compute: what a user on a CPU with bf16 instructions gets by asking for `--dtype bfloat16`."""
+    args.dtype = _dtypes(args)[1]
+    return phase_workload_imprompt(root, args)
+
+
 def _workload_baseline(root, args, reload_always: bool) -> dict:
-    pipe = diffusers_pipeline(root, args.model, _dtype(args.dtype))
+    pipe = diffusers_pipeline(root, args.model, _dtype(args.dtype), args.device)
     image = reference_image()
     sequence, _ = _workload_requests(image, args)
     started, encoder = time.perf_counter(), None
@@ -260,8 +271,13 @@ def phase_workload_sdnext(root, args) -> dict:
 
 
 def phase_encoder_memory(root, args) -> dict:
-    """Load the fp16 ViT-bigG file for bf16 compute with imprompt's loader: peak RSS next to the bf16 weights'
-    size (an fp32 copy would be twice that); then the same output with fp32 and bf16 encoders, pixel difference."""
+    """Load the fp16 ViT-bigG file for bf16 compute with imprompt's loader: the peak of the process's anonymous
+    memory (its own allocations; an fp32 copy would be twice the bf16 weights) next to the weights' size, sampled
+    during the load. RSS also counts the pages of the memory-mapped file being read, which the kernel can drop, so
+    it is reported beside but not judged. Then the same output with fp32 and low-precision encoders (bf16 on CPUs,
+    fp16 on GPUs), pixel difference."""
+    import threading
+
     import numpy as np
 
     from .engine import Engine
@@ -269,30 +285,62 @@ def phase_encoder_memory(root, args) -> dict:
     from .probe import probe
 
     spec = probe(root / H94 / "sdxl_models" / "image_encoder")
-    before = _peak_rss()
+    before, peaks, done = _memory(), {"anon": 0, "file": 0}, threading.Event()
+
+    def sample():
+        while not done.is_set():
+            now = _memory()
+            peaks["anon"], peaks["file"] = max(peaks["anon"], now["anon"]), max(peaks["file"], now["file"])
+            time.sleep(0.002)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    rss_before = _peak_rss()
     started = time.perf_counter()
     model = load_encoder(spec, torch.device("cpu"), torch.bfloat16)
     seconds = time.perf_counter() - started
+    done.set()
+    sampler.join()
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     peak = _peak_rss()
     del model
     image = reference_image()
     pixels = {}
-    for dtype in ("float32", "bfloat16"):
-        engine = Engine(root, dtype="float32", encoder_dtype=dtype)
+    for dtype in _dtypes(args):
+        engine = Engine(root, device=args.device, dtype="float32", encoder_dtype=dtype)
         result = engine.generate(request("Base ViT-G", args.workload_size, args.workload_steps, image, args.model))
         pixels[dtype] = np.asarray(result.images[0]).astype(np.int16)
-    diff = np.abs(pixels["float32"] - pixels["bfloat16"])
-    return {"bf16_load_s": seconds, "bf16_weights_bytes": weights, "rss_before_bytes": before,
-            "rss_peak_after_load_bytes": peak, "pixel_diff_max": int(diff.max()),
-            "pixel_diff_mean": float(diff.mean())}  # fmt: skip
+    diff = np.abs(pixels["float32"] - pixels[_dtypes(args)[1]])
+    return {"bf16_load_s": seconds, "bf16_weights_bytes": weights, "rss_before_bytes": rss_before,
+            "rss_peak_after_load_bytes": peak, "anon_before_bytes": before["anon"], "anon_peak_bytes": peaks["anon"],
+            "file_mapped_before_bytes": before["file"], "file_mapped_peak_bytes": peaks["file"], "pixel_diff_max": int(diff.max()),
+            "pixel_diff_mean": float(diff.mean()), "low_precision": _dtypes(args)[1]}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------ running
 
 
 def _dtype(name: str) -> torch.dtype:
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def _dtypes(args) -> tuple[str, str]:
+    """fp32 and the low precision worth offering on the device: bf16 on CPUs, fp16 on GPUs."""
+    return ("float32", "float16" if args.device.startswith("cuda") else "bfloat16")
+
+
+def _memory() -> dict[str, int]:
+    """The process's resident anonymous and file-backed memory now (Linux /proc; zeros elsewhere)."""
+    fields = {"RssAnon:": "anon", "RssFile:": "file"}
+    out = {"anon": 0, "file": 0}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            name, *rest = line.split()
+            if name in fields:
+                out[fields[name]] = int(rest[0]) * 1024
+    except OSError:
+        pass
+    return out
 
 
 def _peak_rss() -> int:
@@ -302,7 +350,8 @@ def _peak_rss() -> int:
 def run_phase(name: str, root: Path, args) -> dict:
     started = time.perf_counter()
     result = globals()[f"phase_{name}"](root, args)
-    return {"phase": name, "result": result, "wall_s": time.perf_counter() - started, "peak_rss_bytes": _peak_rss()}
+    return {"phase": name, "result": result, "wall_s": time.perf_counter() - started, "peak_rss_bytes": _peak_rss(),
+            "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -311,13 +360,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=Path(".bench-cache"), help="where the models are built once")
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"))
     parser.add_argument("--trials", type=int, default=5)
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=3, help="measured steps per configuration (step overhead)")
     parser.add_argument("--step-size", type=int, default=512)
+    parser.add_argument("--step-rounds", type=int, default=2, help="rounds of (no unit, one unit), alternating order")
     parser.add_argument("--workload-size", type=int, default=256)
     parser.add_argument("--workload-steps", type=int, default=4)
     parser.add_argument("--workload-requests", type=int, default=6)
     parser.add_argument("--phases", default=",".join(PHASES))
+    parser.add_argument("--update", action="store_true",
+                        help="re-measure only --phases; keep the other results of the last run (the report says which)")
     parser.add_argument("--phase", help=argparse.SUPPRESS)  # internal: run one phase in this process
     parser.add_argument("--json-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -326,24 +379,45 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     root = build_models(args.cache, args.size)
     if args.phase:
+        from .cli import quiet_libraries
+
+        quiet_libraries()
         torch.manual_seed(0)
         args.json_out.write_text(json.dumps(run_phase(args.phase, root, args)))
         return 0
     results = {}
+    if args.update and args.out.with_suffix(".json").is_file():  # keep the other phases of the last full run
+        results = json.loads(args.out.with_suffix(".json").read_text())["results"]
     for name in args.phases.split(","):
         out = args.cache / f"{args.size}-{name}.json"
         command = [sys.executable, "-m", "imprompt.bench", "--phase", name, "--json-out", str(out)]
-        command += [a for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("--phases")]
+        command += _without_option(argv if argv is not None else sys.argv[1:], "--phases")
+        command = [a for a in command if a != "--update"]
         print(f"bench: {name} ...", file=sys.stderr, flush=True)
         subprocess.run(command, check=True)
         results[name] = json.loads(out.read_text())
     report = summarise(results, args)
+    if args.update:
+        report["updated"] = {name: results[name]["measured_at"] for name in args.phases.split(",")}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"machine": machine(), "args": vars(args) | {
         "cache": str(args.cache), "out": str(args.out), "json_out": None}, "results": results}, indent=2))  # fmt: skip
     args.out.write_text(render(report, args))
     print(render(report, args))
     return 0
+
+
+def _without_option(argv: list[str], option: str) -> list[str]:
+    """argv minus `option VALUE` / `option=VALUE` (each phase's process gets the other options as given)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == option:
+            skip = True
+        elif not arg.startswith(option + "="):
+            out.append(arg)
+    return out
 
 
 def machine() -> dict:
@@ -359,7 +433,8 @@ def machine() -> dict:
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(memory / 2**30, 1), "python": platform.python_version(),
             "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "bf16_instructions": any(f in flags for f in ("avx512_bf16", "amx_bf16"))}  # fmt: skip
+            "bf16_instructions": any(f in flags for f in ("avx512_bf16", "amx_bf16")),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}  # fmt: skip
 
 
 def _p(values, q):
@@ -383,7 +458,8 @@ def summarise(results: dict, args) -> dict:
                            for k, v in r["embeddings"].items()}  # fmt: skip
     if "step_overhead" in r:
         s["steps"] = {k: {"p50": statistics.median(v), "min": min(v), "max": max(v)} for k, v in r["step_overhead"].items()}
-    s["workload"] = {k: r[k] for k in ("workload_imprompt", "workload_diffusers", "workload_sdnext", "workload_small_budget") if k in r}
+    workloads = ("workload_imprompt", "workload_diffusers", "workload_sdnext", "workload_small_budget", "workload_imprompt_bf16")
+    s["workload"] = {k: r[k] for k in workloads if k in r}
     if "encoder_memory" in r:
         s["encoder_memory"] = r["encoder_memory"]
     return s
@@ -397,13 +473,17 @@ def render(s: dict, args) -> str:
         "# Benchmarks",
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores ({m['threads']} torch threads), {m['memory_gib']} GiB RAM, "
-        f"bf16 instructions: {'yes' if m['bf16_instructions'] else 'no'}; Python {m['python']}, torch {m['torch']}, CPU only.",
+        f"bf16 instructions: {'yes' if m['bf16_instructions'] else 'no'}; Python {m['python']}, torch {m['torch']}, "
+        f"device: {args.device}{' (' + m['gpu'] + ')' if m['gpu'] and args.device.startswith('cuda') else ''}.",
         "",
-        f"Command: `imprompt bench --size {args.size} --trials {args.trials} --dtype {args.dtype}` "
+        f"Command: `imprompt bench --size {args.size} --trials {args.trials} --dtype {args.dtype} --device {args.device}` "
         f"(models: {args.size} SD 1.5 / ViT-H-14 / ViT-bigG-14 / h94 adapters, random weights, fp16 files). "
         "Each row was measured in one run, each measurement in its own process.",
         "",
     ]
+    if s.get("updated"):
+        lines += ["Re-measured after that run, alone (`--update --phases ...`): "
+                  + ", ".join(f"{n} ({t})" for n, t in s["updated"].items()) + ".", ""]
     if "switch" in s:
         sw = s["switch"]
         lines += ["## Switching adapters (Base → Base ViT-G → Plus, repeated)", "",
@@ -425,15 +505,16 @@ def render(s: dict, args) -> str:
             label = k.replace("Base ViT-G", "ViT-bigG-14").replace("Base", "ViT-H-14")
             lines.append(f"| {label} | {ms(v['encode_p50'])} | {ms(v['hit_p50'])} | {v['encode_p50'] / v['hit_p50']:.0f}× |")
         e = s["embeddings"]
-        if "Base/float32" in e and "Base/bfloat16" in e:
-            lines += ["", f"bf16 encoders: ViT-H-14 {e['Base/float32']['encode_p50'] / e['Base/bfloat16']['encode_p50']:.2f}×, "
-                      f"ViT-bigG-14 {e['Base ViT-G/float32']['encode_p50'] / e['Base ViT-G/bfloat16']['encode_p50']:.2f}× the fp32 speed."]  # fmt: skip
+        low = _dtypes(args)[1]
+        if "Base/float32" in e and f"Base/{low}" in e:
+            lines += ["", f"{low} encoders: ViT-H-14 {e['Base/float32']['encode_p50'] / e[f'Base/{low}']['encode_p50']:.2f}×, "
+                      f"ViT-bigG-14 {e['Base ViT-G/float32']['encode_p50'] / e[f'Base ViT-G/{low}']['encode_p50']:.2f}× the fp32 speed."]  # fmt: skip
         lines.append("")
     if "steps" in s:
         st = s["steps"]
         lines += [f"## Per-step overhead of one IP-Adapter unit ({args.step_size} px, batch 2 with CFG)", "",
                   "| dtype | no unit (p50) | one unit (p50) | overhead |", "|---|---|---|---|"]  # fmt: skip
-        for dtype in ("float32", "bfloat16"):
+        for dtype in _dtypes(args):
             a, b = st.get(f"{dtype}/none"), st.get(f"{dtype}/one unit")
             if a and b:
                 lines.append(f"| {dtype} | {ms(a['p50'])} | {ms(b['p50'])} | {100 * (b['p50'] / a['p50'] - 1):+.1f} % |")
@@ -445,7 +526,8 @@ def render(s: dict, args) -> str:
                   "| system | whole sequence | vs imprompt | peak RSS |", "|---|---|---|---|"]  # fmt: skip
         labels = {"workload_imprompt": "imprompt", "workload_diffusers": "diffusers correct path",
                   "workload_sdnext": "SD.Next approach",
-                  "workload_small_budget": "imprompt, encoder budget too small for two encoders"}  # fmt: skip
+                  "workload_small_budget": "imprompt, encoder budget too small for two encoders",
+                  "workload_imprompt_bf16": "imprompt, bf16 compute (not equal compute: other pixels)"}  # fmt: skip
         base = w.get("workload_imprompt", {}).get("total_s")
         for name, v in w.items():
             ratio = f"{v['total_s'] / base:.2f}×" if base else ""
@@ -457,16 +539,21 @@ def render(s: dict, args) -> str:
         lines.append("")
     if "encoder_memory" in s:
         em = s["encoder_memory"]
-        growth = em["rss_peak_after_load_bytes"] - em["rss_before_bytes"]
-        verdict = ("so no fp32 copy (" + gib(2 * em["bf16_weights_bytes"]) + ") was made"
-                   if growth < 1.5 * em["bf16_weights_bytes"] else "MORE than the bf16 weights: a larger copy was made")
+        anon = em["anon_peak_bytes"] - em["anon_before_bytes"]
+        rss = em["rss_peak_after_load_bytes"] - em["rss_before_bytes"]
+        verdict = ("so no fp32 copy (" + gib(2 * em["bf16_weights_bytes"]) + ") was ever held"
+                   if anon < 1.5 * em["bf16_weights_bytes"] else "MORE than the bf16 weights: a larger copy was made")
         lines += ["## Memory and bf16 encoders", "",
-                  f"Loading the fp16 ViT-bigG-14 file for bf16 compute took {em['bf16_load_s']:.2f} s; its weights are "
-                  f"{gib(em['bf16_weights_bytes'])} and the process's peak grew by {gib(growth)} "
-                  f"(from {gib(em['rss_before_bytes'])} to {gib(em['rss_peak_after_load_bytes'])}), {verdict}.",
+                  f"Loading the fp16 ViT-bigG-14 file for bf16 compute took {em['bf16_load_s']:.2f} s; its bf16 weights "
+                  f"are {gib(em['bf16_weights_bytes'])} and the process's own (anonymous) memory peaked "
+                  f"{gib(anon)} above where it started, {verdict}. Its RSS grew by {gib(rss)}: that also counts the "
+                  f"pages of the memory-mapped fp16 file being read ({gib(em['file_mapped_peak_bytes'] - em['file_mapped_before_bytes'])} "
+                  "at the peak), which belong to the page cache and are dropped under pressure.",
                   "",
-                  f"The same request with bf16 instead of fp32 encoders: max pixel difference {em['pixel_diff_max']}/255, "
+                  f"The same request with {em['low_precision']} instead of fp32 encoders: max pixel difference {em['pixel_diff_max']}/255, "
                   f"mean {em['pixel_diff_mean']:.2f}.", ""]  # fmt: skip
+    lines += ["Peak RSS is the peak of the process that measured the row (pipeline included). Where the time goes, "
+              "what limits each number and what was not reached: [performance.md](performance.md).", ""]
     return "\n".join(lines)
 
 

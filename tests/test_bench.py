@@ -1,0 +1,27 @@
+"""Smoke test of the benchmark harness at tiny size: it runs end to end through the CLI and writes its report.
+It asserts that numbers were produced, never how large they are (benchmarks are not tests)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+
+def test_bench_runs_at_tiny_size(tmp_path):
+    out = tmp_path / "bench.md"
+    phases = "switch_imprompt,switch_sdnext,embeddings,workload_small_budget"
+    command = [sys.executable, "-m", "imprompt.cli", "bench", "--size", "tiny", "--trials", "1", "--cache",
+               str(tmp_path / "cache"), "--out", str(out), "--phases", phases, "--workload-size", "64",
+               "--workload-steps", "2", "--workload-requests", "3", "--device", "cpu"]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    report = out.read_text()
+    for heading in ("# Benchmarks", "## Switching adapters", "## Embedding reuse", "## The article's workload"):
+        assert heading in report
+    raw = json.loads(out.with_suffix(".json").read_text())["results"]
+    assert set(raw) == set(phases.split(","))
+    assert len(raw["switch_imprompt"]["result"]["switch_s"]) == 3 and len(raw["switch_sdnext"]["result"]["switch_s"]) == 3
+    small = raw["workload_small_budget"]["result"]
+    assert small["requests"] == ["Base", "Base ViT-G", "Plus"] and small["evictions"] >= 1  # nothing failed, evictions happened
