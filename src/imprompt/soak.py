@@ -207,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     valid, failing = sd15_menu(images) | sdxl_menu(images), failing_menu(images)
     references = fresh_references(roots, valid, args.work / "references")
     report = soak(roots, valid, failing, references, args.requests, args.seed, cache_budget=args.cache_budget,
-                  progress=lambda n, f: print(f"soak: {n} requests, {len(f)} failures", file=sys.stderr, flush=True))  # fmt: skip
+                  progress=lambda n, f: print(f"soak: {n} requests, {len(f)} failures, RSS {_rss() / 2**20:.0f} MiB",
+                                              file=sys.stderr, flush=True))  # fmt: skip
     return write_report(report, args.report)
 
 
