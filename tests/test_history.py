@@ -18,10 +18,6 @@ from imprompt.loadtest import load, start_server
 from imprompt.soak import failing_menu, fresh_references, pack_images, sd15_menu, sdxl_menu, soak, write_bad_files
 
 
-def menu(images):
-    return sd15_menu(images)
-
-
 @pytest.fixture(scope="module")
 def roots(pack, tmp_path_factory) -> list[str]:
     """The pack plus a folder of bad files: a truncated adapter and an SDXL-width adapter."""
@@ -36,7 +32,7 @@ def images(pack) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def fresh_paths(roots, images, tmp_path_factory) -> dict[str, Path]:
     """Each valid request's image, computed as the only request of a brand-new Python process."""
-    return fresh_references(roots, menu(images) | sdxl_menu(images), tmp_path_factory.mktemp("fresh"))
+    return fresh_references(roots, sd15_menu(images) | sdxl_menu(images), tmp_path_factory.mktemp("fresh"))
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +51,7 @@ def test_fresh_references_are_distinct(fresh):
 @settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(data=st.data())
 def test_any_sequence_gives_fresh_process_pixels(roots, images, fresh, data):
-    valid, bad = menu(images) | sdxl_menu(images), failing_menu(images)
+    valid, bad = sd15_menu(images) | sdxl_menu(images), failing_menu(images)
     budget = data.draw(st.sampled_from([None, 1]), label="encoder cache budget (1 byte: evict on every switch)")
     sequence = data.draw(
         st.lists(st.sampled_from(sorted(valid) + sorted(bad)), min_size=2, max_size=7), label="requests"
@@ -88,7 +84,7 @@ def every_ordered_pair(names: list[str]) -> list[str]:
 def test_every_request_after_every_other_in_one_engine(roots, images, fresh):
     """Every valid request directly after every valid request (121 pairs), with a failing request slipped in
     every third step, in one engine."""
-    valid, bad = menu(images), failing_menu(images)
+    valid, bad = sd15_menu(images), failing_menu(images)
     sequence = every_ordered_pair(sorted(valid))
     pairs = set(zip(sequence, sequence[1:]))
     assert len(pairs) == len(valid) ** 2
@@ -105,7 +101,7 @@ def test_every_request_after_every_other_in_one_engine(roots, images, fresh):
 
 def test_every_request_after_every_other_across_families(roots, images, fresh):
     """SD 1.5 and SDXL requests in every order (each switch of family reloads the base model), with failures."""
-    sd15 = menu(images)
+    sd15 = sd15_menu(images)
     valid = {name: sd15[name] for name in ("base", "base+vit-g", "plus+vit-g+full")} | sdxl_menu(images)
     bad = failing_menu(images)
     sequence = every_ordered_pair(sorted(valid))
@@ -141,7 +137,7 @@ def test_failures_name_their_cause(roots, images):
 def test_soak_200_requests(roots, images, fresh_paths):
     """The soak script's loop at 200 requests: random requests of both families, valid and invalid, with a
     1-byte encoder budget (evictions all the time): every valid result equals its fresh-process image."""
-    valid = menu(images) | sdxl_menu(images)
+    valid = sd15_menu(images) | sdxl_menu(images)
     report = soak(roots, valid, failing_menu(images), fresh_paths, count=200, seed=1, cache_budget=1)
     assert report["failures"] == []
     assert report["valid"] + report["refused_as_expected"] == 200 and report["refused_as_expected"] > 0
@@ -150,7 +146,7 @@ def test_soak_200_requests(roots, images, fresh_paths):
 def test_load_4_clients_by_6_requests(roots, images, fresh_paths):
     """The load script's loop, small: `imprompt serve` as a process, 4 concurrent clients sending SD.Next
     payloads with different adapters; every answer is a 200 with exactly its fresh-process image."""
-    valid = menu(images)
+    valid = sd15_menu(images)
     process, url = start_server(roots, max_queue=16)
     try:
         report = load(url, valid, {name: fresh_paths[name] for name in valid}, clients=4, requests=6, seed=2)
