@@ -127,3 +127,41 @@ class AdapterSlots:
         """Unit u's scale at cross-attention layer j: scales[u] * layer_weights[u][j] (InstantStyle weights)."""
         for j, processor in enumerate(self._processors):
             processor.scale = [scale * weights[j] for scale, weights in zip(scales, layer_weights)]
+
+
+def h94_state_dict(adapter: BuiltAdapter) -> dict[str, torch.Tensor]:
+    """The inverse of `build_adapter` for Base and Plus adapters: the modules' tensors under the flat h94 key
+    names (`image_proj.*`, `ip_adapter.{1,3,5,...}.to_{k,v}_ip.weight`), for saving trained adapters."""
+    projection = {k: v.detach() for k, v in adapter.image_projection.state_dict().items()}
+    tensors = {f"image_proj.{k}": v for k, v in h94_image_proj(projection).items()}
+    for j, (k, v) in enumerate(zip(adapter.to_k_ip, adapter.to_v_ip)):
+        tensors[f"ip_adapter.{2 * j + 1}.to_k_ip.weight"] = k.weight.detach()
+        tensors[f"ip_adapter.{2 * j + 1}.to_v_ip.weight"] = v.weight.detach()
+    return tensors
+
+
+def h94_image_proj(projection: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers' image-projection state dict (ImageProjection or IPAdapterPlusImageProjection) under h94's names,
+    undoing `_convert_ip_adapter_image_proj_to_diffusers`."""
+    if any(k.startswith("image_embeds.") for k in projection):  # ImageProjection: h94's "proj" renamed
+        return {k.replace("image_embeds.", "proj.", 1): v for k, v in projection.items()}
+    if "latents" not in projection:
+        raise ValueError(f"only Base and Plus projections can be saved in the h94 layout, not {sorted(projection)[:4]}")
+    renamed = {
+        "ln0.weight": "0.norm1.weight", "ln0.bias": "0.norm1.bias", "ln1.weight": "0.norm2.weight",
+        "ln1.bias": "0.norm2.bias", "attn.to_q.weight": "0.to_q.weight", "attn.to_out.0.weight": "0.to_out.weight",
+        "ff.0.weight": "1.0.weight", "ff.0.bias": "1.0.bias", "ff.1.net.0.proj.weight": "1.1.weight",
+        "ff.1.net.2.weight": "1.3.weight",
+    }  # fmt: skip
+    proj = {}
+    for key, value in projection.items():
+        parts = key.split(".")
+        if parts[0] != "layers":
+            proj[key] = value
+            continue
+        layer, rest = f"layers.{parts[1]}", ".".join(parts[2:])
+        if rest == "attn.to_k.weight":  # h94's Resampler has one to_kv; diffusers splits it
+            proj[f"{layer}.0.to_kv.weight"] = torch.cat([value, projection[f"{layer}.attn.to_v.weight"]])
+        elif rest != "attn.to_v.weight":
+            proj[f"{layer}.{renamed[rest]}"] = value
+    return proj
