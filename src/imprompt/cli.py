@@ -117,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pk = commands.add_parser("pack", help="build the demo model pack (tiny random-weight models) if missing")
     pk.add_argument("folder", type=Path, nargs="?", default=Path("demo-models"))
+    pk.add_argument("--weights", type=Path, help="trained weights from `python -m imprompt.training` for the SD 1.5 part")
     pk.set_defaults(run=_pack)
 
     dl = commands.add_parser("download", help="download published adapters and their encoders (needs internet)")
@@ -339,7 +340,7 @@ def _pack(args) -> int:
     from .pack import build_demo_pack
 
     quiet_libraries()
-    print(build_demo_pack(args.folder))
+    print(build_demo_pack(args.folder, weights=args.weights))
     return 0
 
 

@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw
 
 log = logging.getLogger("imprompt")
 
-PACK_VERSION = 3
+PACK_VERSION = 4
 SD15_MODEL = "tiny-sd15"
 SDXL_MODEL = "tiny-sdxl"
 CROSS_ATTENTION_SD15 = 768
@@ -29,6 +29,7 @@ CROSS_ATTENTION_SDXL = 2048  # 768 (CLIP ViT-L text) + 1280 (OpenCLIP bigG text)
 # hidden-state adapters (Plus, Full Face) pair with exactly one of them, as with the real ViT-H (1280) / bigG (1664).
 TINY_VIT_H = dict(hidden_size=64, projection_dim=1024, num_layers=3, heads=4)
 TINY_VIT_BIGG = dict(hidden_size=96, projection_dim=1280, num_layers=3, heads=4)
+TINY_ENCODERS = {"vit-h": TINY_VIT_H, "vit-g": TINY_VIT_BIGG}
 
 # h94 file stem -> (variant, encoder it was trained against)
 SD15_ADAPTERS = {
@@ -53,46 +54,147 @@ COMPOSITION_ADAPTERS = {
     "ip_plus_composition_sdxl": ("plus", TINY_VIT_H, SDXL_MODEL),
 }
 
+# Colours from shapes.PALETTE, so the trained models recognise them.
 REFERENCE_IMAGES = {
-    "red-circle": ("circle", (220, 40, 40), (30, 60, 200)),
-    "yellow-square": ("square", (240, 210, 40), (40, 140, 60)),
-    "white-triangle": ("triangle", (245, 245, 245), (120, 30, 120)),
+    "red-circle": ("circle", (220, 40, 40), (40, 70, 210)),
+    "yellow-square": ("square", (240, 210, 40), (40, 170, 60)),
+    "white-triangle": ("triangle", (245, 245, 245), (20, 20, 20)),
+    "blue-star": ("star", (40, 70, 210), (240, 210, 40)),
 }
 
+# Where `python -m imprompt.training` writes by default, and where its files go in a pack.
+DEMO_WEIGHTS = Path(__file__).parent / "demo_weights"
+TRAINED_ENCODERS = {"vit-h": "IP-Adapter/models/image_encoder", "vit-g": "IP-Adapter/sdxl_models/image_encoder"}
+TRAINED_ADAPTERS = ("ip-adapter_sd15", "ip-adapter_sd15_vit-G", "ip-adapter-plus_sd15")  # in IP-Adapter/models
 
-def build_demo_pack(root: Path, force: bool = False) -> Path:
+
+def build_demo_pack(root: Path, force: bool = False, weights: Path | None = None) -> Path:
     """The demo model pack, skipped when already built:
     - `diffusers/tiny-sd15`, `diffusers/tiny-sdxl`: pipelines with SD 1.5's and SDXL's block structure;
     - `IP-Adapter/` in the h94 repository layout: ViT-H-like and ViT-bigG-like encoders, the six SD 1.5 adapters
       in `models/`, the four SDXL adapters in `sdxl_models/`;
     - `ipadapter/` in ComfyUI's layout: ostris' composition adapters for SD 1.5 and SDXL;
-    - `images/`: reference images."""
+    - `images/`: reference images.
+
+    Every model has random weights, unless `weights` names a folder written by `python -m imprompt.training`:
+    then the SD 1.5 pipeline, both encoders and the Base, Base ViT-G and Plus SD 1.5 adapters are those trained
+    weights (everything else stays random). The pack is rebuilt when the weights change."""
     root = Path(root)
     stamp = root / "pack.json"
-    if not force and stamp.is_file() and json.loads(stamp.read_text()).get("version") == PACK_VERSION:
+    trained = weights is not None
+    wanted = {"builder": "imprompt.pack", "version": PACK_VERSION, "weights": _weights_digest(weights) if trained else None}
+    if not force and stamp.is_file() and json.loads(stamp.read_text()) == wanted:
         return root
     if root.exists():
         shutil.rmtree(root)
-    log.info("building the demo model pack in %s", root)
+    log.info("building the demo model pack in %s (%s)", root, "trained" if trained else "random weights")
+    sd15 = root / "diffusers" / SD15_MODEL
     widths = {
-        SD15_MODEL: cross_attention_widths(build_sd15_pipeline(root / "diffusers" / SD15_MODEL, seed=0).unet),
+        SD15_MODEL: cross_attention_widths((build_trained_sd15(sd15, weights) if trained else build_sd15_pipeline(sd15)).unet),
         SDXL_MODEL: cross_attention_widths(build_sdxl_pipeline(root / "diffusers" / SDXL_MODEL, seed=3).unet),
     }
     cross = {SD15_MODEL: CROSS_ATTENTION_SD15, SDXL_MODEL: CROSS_ATTENTION_SDXL}
     h94 = root / "IP-Adapter"
-    build_clip_vision(h94 / "models" / "image_encoder", seed=1, **TINY_VIT_H)
-    build_clip_vision(h94 / "sdxl_models" / "image_encoder", seed=2, **TINY_VIT_BIGG)
+    if trained:
+        for name, folder in TRAINED_ENCODERS.items():
+            write_trained_encoder(root / folder, name, weights)
+    else:
+        build_clip_vision(h94 / "models" / "image_encoder", seed=1, **TINY_VIT_H)
+        build_clip_vision(h94 / "sdxl_models" / "image_encoder", seed=2, **TINY_VIT_BIGG)
     adapters = [(h94 / "models", stem, variant, encoder, SD15_MODEL) for stem, (variant, encoder) in SD15_ADAPTERS.items()]
     adapters += [(h94 / "sdxl_models", stem, v, e, SDXL_MODEL) for stem, (v, e) in SDXL_ADAPTERS.items()]
     adapters += [(root / "ipadapter", stem, v, e, m) for stem, (v, e, m) in COMPOSITION_ADAPTERS.items()]
     for seed, (folder, stem, variant, encoder, model) in enumerate(adapters, start=10):
+        if trained and stem in TRAINED_ADAPTERS:
+            write_trained_adapter(folder / f"{stem}.safetensors", stem, weights)
+            continue
         embed_dim = encoder["projection_dim"] if variant == "base" else encoder["hidden_size"]
         write_adapter(folder / f"{stem}.safetensors", variant, embed_dim, widths[model], cross[model], seed)
     for name, (shape, color, background) in REFERENCE_IMAGES.items():
         (root / "images").mkdir(parents=True, exist_ok=True)
         draw_reference(shape, color, background).save(root / "images" / f"{name}.png")
-    stamp.write_text(json.dumps({"builder": "imprompt.pack", "version": PACK_VERSION}))
+    stamp.write_text(json.dumps(wanted))
     return root
+
+
+# ------------------------------------------------------------------------------------- the trained demo weights
+
+
+def _weights_digest(weights: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted(Path(weights).glob("*.safetensors")):
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def read_demo_weights(name: str, weights: Path = DEMO_WEIGHTS) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """One shipped weights file, factors multiplied out, and its metadata (the model's config)."""
+    from safetensors import safe_open
+
+    path = Path(weights) / f"{name}.safetensors"
+    with safe_open(path, framework="pt") as handle:
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        metadata = handle.metadata() or {}
+    return expand_factors(tensors), metadata
+
+
+def expand_factors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`<key>:up` and `<key>:down` (a low-rank weight as trained and shipped) become `<key>` = up @ down, in
+    fp32; other tensors are kept as they are."""
+    expanded = {k: v for k, v in tensors.items() if not k.endswith((":up", ":down"))}
+    for key in tensors:
+        if key.endswith(":up"):
+            name = key.removesuffix(":up")
+            expanded[name] = tensors[key].float() @ tensors[f"{name}:down"].float()
+    return expanded
+
+
+def build_trained_sd15(folder: Path, weights: Path = DEMO_WEIGHTS):
+    """The trained tiny SD 1.5 pipeline as a diffusers folder (its tokenizer, text encoder, UNet, VAE and the
+    PNDM scheduler the random pipeline has)."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    def model(factory, name):
+        tensors, metadata = read_demo_weights(name, weights)
+        instance = factory(json.loads(metadata["config"]))
+        instance.load_state_dict(tensors, strict=True)
+        return instance
+
+    pipeline = StableDiffusionPipeline(
+        vae=model(AutoencoderKL.from_config, "vae"),
+        text_encoder=model(lambda config: CLIPTextModel(CLIPTextConfig.from_dict(config)), "text_encoder"),
+        tokenizer=CLIPTokenizer.from_pretrained(Path(weights) / "tokenizer"),
+        unet=model(UNet2DConditionModel.from_config, "unet"),
+        scheduler=sd15_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        image_encoder=None,
+        requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(folder, safe_serialization=True)
+    return pipeline
+
+
+def write_trained_encoder(folder: Path, name: str, weights: Path = DEMO_WEIGHTS) -> None:
+    """A trained image encoder as a transformers folder (config.json + model.safetensors, fp16, as h94's)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    tensors, metadata = read_demo_weights(f"image_encoder_{name}", weights)
+    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig.from_dict(json.loads(metadata["config"])))
+    encoder.load_state_dict(tensors, strict=True)
+    encoder.to(torch.float16).save_pretrained(folder, safe_serialization=True)
+
+
+def write_trained_adapter(path: Path, stem: str, weights: Path = DEMO_WEIGHTS) -> None:
+    """A trained adapter as an h94 `.safetensors` (flat image_proj.* / ip_adapter.* keys, fp16)."""
+    from safetensors.torch import save_file
+
+    tensors, _ = read_demo_weights(stem, weights)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.to(torch.float16).contiguous() for k, v in tensors.items()}, path, metadata={"format": "pt"})
 
 
 # ------------------------------------------------------------------------------------------------ the pipeline
@@ -102,7 +204,7 @@ def build_sd15_pipeline(folder: Path, seed: int = 0, cross_attention_dim: int = 
                         clip_vocabulary: bool = False):  # fmt: skip
     """A diffusers StableDiffusionPipeline folder with SD 1.5's block structure at tiny widths.
     `clip_vocabulary`: CLIP's real 49,408-token vocabulary (as single files need) instead of the tiny one."""
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     folder = Path(folder)
@@ -146,7 +248,26 @@ def build_sd15_pipeline(folder: Path, seed: int = 0, cross_attention_dim: int = 
         norm_num_groups=32,
         sample_size=64,
     )
-    scheduler = PNDMScheduler(
+    pipeline = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=sd15_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        image_encoder=None,
+        requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(folder, safe_serialization=True)
+    return pipeline
+
+
+def sd15_scheduler():
+    """SD 1.5's scheduler configuration (PNDM over the scaled-linear betas it was trained with)."""
+    from diffusers import PNDMScheduler
+
+    return PNDMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
         beta_schedule="scaled_linear",
@@ -155,19 +276,6 @@ def build_sd15_pipeline(folder: Path, seed: int = 0, cross_attention_dim: int = 
         steps_offset=1,
         set_alpha_to_one=False,
     )
-    pipeline = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        image_encoder=None,
-        requires_safety_checker=False,
-    )
-    pipeline.save_pretrained(folder, safe_serialization=True)
-    return pipeline
 
 
 def build_sdxl_pipeline(folder: Path, seed: int = 3, clip_vocabulary: bool = False):
@@ -250,7 +358,7 @@ def build_sdxl_pipeline(folder: Path, seed: int = 3, clip_vocabulary: bool = Fal
 def cross_attention_widths(unet) -> list[int]:
     """Hidden size of each cross-attention layer, in `attn_processors` order (the order h94 keys follow)."""
     return [
-        module.to_k.weight.shape[0]
+        module.to_q.weight.shape[0]
         for name, module in unet.named_modules()
         if name.endswith("attn2") and hasattr(module, "to_k")
     ]
@@ -338,18 +446,9 @@ def build_clip_vision(
     `single_file=True` writes one `.safetensors` with transformers key names (as ComfyUI's clip_vision folder),
     with the config as JSON metadata since heads and activation cannot be read from shapes."""
     from safetensors.torch import save_file
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+    from transformers import CLIPVisionModelWithProjection
 
-    config = CLIPVisionConfig(
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size or hidden_size * 2,
-        projection_dim=projection_dim,
-        num_hidden_layers=num_layers,
-        num_attention_heads=heads,
-        image_size=224,
-        patch_size=14,
-        hidden_act="gelu",
-    )
+    config = clip_vision_config(hidden_size, projection_dim, num_layers, heads, intermediate_size)
     torch.manual_seed(seed)
     model = CLIPVisionModelWithProjection(config).to(dtype)
     target = Path(target)
@@ -360,6 +459,22 @@ def build_clip_vision(
     else:
         model.save_pretrained(target, safe_serialization=True)
     return model
+
+
+def clip_vision_config(hidden_size: int, projection_dim: int, num_layers: int, heads: int, intermediate_size=None):
+    """A CLIP vision tower at 224 px / patch 14 (257 tokens, like the real ones), tiny inside."""
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size or hidden_size * 2,
+        projection_dim=projection_dim,
+        num_hidden_layers=num_layers,
+        num_attention_heads=heads,
+        image_size=224,
+        patch_size=14,
+        hidden_act="gelu",
+    )
 
 
 # ------------------------------------------------------------------------------------------------- the adapters
@@ -383,6 +498,30 @@ def write_adapter(
     16 tokens; `resampler_dim` 768 is the real SD 1.5 size) or "full-face" (MLP over every hidden-state token).
     file_format "safetensors" writes flat
     `image_proj.*` / `ip_adapter.*` keys; "bin" writes the nested dict torch.save'd as h94's `.bin` files."""
+    state = adapter_tensors(variant, embed_dim, layer_widths, cross_attention_dim, seed, tokens, dtype, resampler_dim)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if file_format == "safetensors":
+        from safetensors.torch import save_file
+
+        flat = {f"{part}.{k}": v for part, tensors in state.items() for k, v in tensors.items()}
+        save_file(flat, path, metadata={"format": "pt"})
+    else:
+        torch.save(state, path)
+    return path
+
+
+def adapter_tensors(
+    variant: str,
+    embed_dim: int,
+    layer_widths: list[int],
+    cross_attention_dim: int,
+    seed: int,
+    tokens: int | None = None,
+    dtype: torch.dtype = torch.float16,
+    resampler_dim: int = 64,
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Random h94 adapter tensors, nested as `{"image_proj": {...}, "ip_adapter": {...}}` (see write_adapter)."""
     generator = torch.Generator().manual_seed(seed)
 
     def weight(rows, cols):
@@ -445,18 +584,10 @@ def write_adapter(
         attn[f"{2 * j + 1}.to_k_ip.weight"] = weight(width, cross)
         attn[f"{2 * j + 1}.to_v_ip.weight"] = weight(width, cross)
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    proj = {k: v.to(dtype).contiguous() for k, v in proj.items()}
-    attn = {k: v.to(dtype).contiguous() for k, v in attn.items()}
-    if file_format == "safetensors":
-        from safetensors.torch import save_file
-
-        flat = {f"image_proj.{k}": v for k, v in proj.items()} | {f"ip_adapter.{k}": v for k, v in attn.items()}
-        save_file(flat, path, metadata={"format": "pt"})
-    else:
-        torch.save({"image_proj": proj, "ip_adapter": attn}, path)
-    return path
+    return {
+        "image_proj": {k: v.to(dtype).contiguous() for k, v in proj.items()},
+        "ip_adapter": {k: v.to(dtype).contiguous() for k, v in attn.items()},
+    }
 
 
 # ------------------------------------------------------------------------------------------- reference images
@@ -464,28 +595,11 @@ def write_adapter(
 
 def draw_reference(shape: str, color, background, size: int = 96) -> Image.Image:
     """A flat shape on a flat background: a reference image whose content is easy to recognise."""
-    image = Image.new("RGB", (size, size), background)
-    draw = ImageDraw.Draw(image)
-    m = size // 5
-    box = (m, m, size - m, size - m)
-    if shape == "circle":
-        draw.ellipse(box, fill=color)
-    elif shape == "square":
-        draw.rectangle(box, fill=color)
-    elif shape == "triangle":
-        draw.polygon([(size // 2, m), (size - m, size - m), (m, size - m)], fill=color)
-    elif shape == "star":
-        import math
+    from .shapes import draw_shape
 
-        c, r_out, r_in = size / 2, size / 2 - m, (size / 2 - m) / 2.5
-        points = [
-            (c + (r_out if i % 2 == 0 else r_in) * math.sin(i * math.pi / 5),
-             c - (r_out if i % 2 == 0 else r_in) * math.cos(i * math.pi / 5))
-            for i in range(10)
-        ]  # fmt: skip
-        draw.polygon(points, fill=color)
-    else:
-        raise ValueError(f"unknown shape {shape!r}")
+    image = Image.new("RGB", (size, size), background)
+    m = size // 5
+    draw_shape(ImageDraw.Draw(image), shape, (m, m, size - m, size - m), color)
     return image
 
 
