@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test serve bench soak load install clean
+.PHONY: demo test serve bench soak load train evaluate install clean
 
 demo: install
 	$(BIN)/imprompt demo --models demo-models --out demo-output
@@ -26,6 +26,14 @@ soak: install
 
 load: install
 	$(BIN)/python -m imprompt.loadtest --clients 8 --requests 50
+
+# Not part of the tests: train tiny SD 1.5 weights and adapters on flat shapes into src/imprompt/demo_weights/
+# (about 75 minutes on 2 cores), then judge them on 100 held-out references (docs/demo-pack.json and a grid image).
+train: install
+	$(BIN)/python -m imprompt.training
+
+evaluate: install
+	$(BIN)/python -m imprompt.evaluation
 
 install: $(VENV)/.installed
 
