@@ -111,9 +111,10 @@ Engine(roots).generate(req).images[0].save(out)
 def fresh_references(roots: list[str], requests: dict[str, dict], folder: Path, workers: int = 2) -> dict[str, Path]:
     """Each request's image as the only request of a brand-new Python process, kept on disk by content."""
     folder.mkdir(parents=True, exist_ok=True)
+    stamps = [(Path(root) / "pack.json").read_text() for root in roots if (Path(root) / "pack.json").is_file()]
 
-    def one(name):
-        key = hashlib.sha256(json.dumps([roots, requests[name]], sort_keys=True).encode()).hexdigest()[:16]
+    def one(name):  # keyed by the pack's build stamp too: a rebuilt pack never meets an old reference
+        key = hashlib.sha256(json.dumps([roots, requests[name], stamps], sort_keys=True).encode()).hexdigest()[:16]
         target = folder / f"{name}-{key}.png"
         if not target.exists():
             partial = folder / f".{target.name}.partial.png"
