@@ -2,16 +2,16 @@
 
     python -m imprompt.training [--out src/imprompt/demo_weights] [--seed 0] [--effort 1.0]
 
-Stages, each on the CPU of a small machine (about 40 minutes in all on 2 cores; `--effort 0.1` for a try-out):
+Stages, each on the CPU of a small machine (about 75 minutes in all on 2 cores; `--effort 0.1` for a try-out):
 
 1. the VAE (64x64 RGB <-> 8x8x4 latents, as SD 1.5's factor 8), then every picture's latents once;
 2. UNet and text encoder together on captions ("a red circle on a blue background"), with 10 % empty and 10 %
    neutral ("a shape") prompts so classifier-free guidance and the adapters' neutral-prompt use have a meaning;
 3. two image encoders with the real output widths (ViT-H's 1024 and ViT-bigG's 1280 projections, tiny inside),
    taught to tell shape and colours apart and then frozen, as CLIP is frozen for the real adapters;
-4. IP-Adapters on the frozen pipeline, as h94 trained them: Base on the ViT-H-width encoder, Base ViT-G on the
-   bigG-width one, Plus on the ViT-H-width encoder's penultimate hidden states; prompts mostly empty, so the
-   picture has to come from the image.
+4. IP-Adapters on the frozen pipeline, as h94 trained them (image key/value projections start as copies of the
+   text ones): Base on the ViT-H-width encoder, Base ViT-G on the bigG-width one, Plus on the ViT-H-width
+   encoder's penultimate hidden states; prompts mostly empty, so the picture has to come from the image.
 
 The real checkpoints' widths (768-wide text and cross-attention, 1024/1280 projections) would make even tiny
 models tens of MB. Matrices that are wide only because of those widths are trained as rank-16 products
@@ -26,7 +26,6 @@ import argparse
 import copy
 import json
 import logging
-import random
 import time
 import zlib
 from pathlib import Path
@@ -63,6 +62,7 @@ ADAPTERS = {
     "ip-adapter-plus_sd15": ("plus", "vit-h", "hidden_states"),
 }
 RANK = 16
+STEPS = {"vae": 1200, "unet": 3500, "encoder": 500, "adapter": 800}  # at --effort 1; batches 16, 48, 48, 48
 
 
 # ------------------------------------------------------------------------------------------ low-rank weights
@@ -355,7 +355,6 @@ def train(out: Path, seed: int = 0, effort: float = 1.0, pictures: int = 3000, r
     started = time.perf_counter()
 
     torch.manual_seed(seed)
-    random.seed(seed)
     if not reuse_pipeline:
         write_tokenizer(out / "tokenizer")
     data = Data(pictures, seed, CLIPTokenizer.from_pretrained(out / "tokenizer"))
@@ -452,8 +451,6 @@ def _chunks(items: list, size: int):
     for i in range(0, len(items), size):
         yield items[i : i + size]
 
-
-STEPS = {"vae": 1200, "unet": 3500, "encoder": 500, "adapter": 800}
 
 
 def main(argv: list[str] | None = None) -> int:
