@@ -130,14 +130,17 @@ def _weights_digest(weights: Path) -> str:
 
 
 def read_demo_weights(name: str, weights: Path = DEMO_WEIGHTS) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """One shipped weights file, factors multiplied out, and its metadata (the model's config)."""
+    """One trained weights file, factors multiplied out, and its metadata (the model's config)."""
+    tensors, metadata = read_factored_weights(Path(weights) / f"{name}.safetensors")
+    return expand_factors(tensors), metadata
+
+
+def read_factored_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A file as `imprompt.training` writes it: tensors (low-rank ones as factors) and metadata."""
     from safetensors import safe_open
 
-    path = Path(weights) / f"{name}.safetensors"
     with safe_open(path, framework="pt") as handle:
-        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-        metadata = handle.metadata() or {}
-    return expand_factors(tensors), metadata
+        return {key: handle.get_tensor(key) for key in handle.keys()}, handle.metadata() or {}
 
 
 def expand_factors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -154,7 +157,7 @@ def expand_factors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def build_trained_sd15(folder: Path, weights: Path = DEMO_WEIGHTS):
     """The trained tiny SD 1.5 pipeline as a diffusers folder (its tokenizer, text encoder, UNet, VAE and the
     PNDM scheduler the random pipeline has)."""
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     def model(factory, name):
@@ -163,19 +166,13 @@ def build_trained_sd15(folder: Path, weights: Path = DEMO_WEIGHTS):
         instance.load_state_dict(tensors, strict=True)
         return instance
 
-    pipeline = StableDiffusionPipeline(
+    return save_sd15_pipeline(
+        folder,
         vae=model(AutoencoderKL.from_config, "vae"),
         text_encoder=model(lambda config: CLIPTextModel(CLIPTextConfig.from_dict(config)), "text_encoder"),
         tokenizer=CLIPTokenizer.from_pretrained(Path(weights) / "tokenizer"),
         unet=model(UNet2DConditionModel.from_config, "unet"),
-        scheduler=sd15_scheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        image_encoder=None,
-        requires_safety_checker=False,
     )
-    pipeline.save_pretrained(folder, safe_serialization=True)
-    return pipeline
 
 
 def write_trained_encoder(folder: Path, name: str, weights: Path = DEMO_WEIGHTS) -> None:
@@ -204,7 +201,7 @@ def build_sd15_pipeline(folder: Path, seed: int = 0, cross_attention_dim: int = 
                         clip_vocabulary: bool = False):  # fmt: skip
     """A diffusers StableDiffusionPipeline folder with SD 1.5's block structure at tiny widths.
     `clip_vocabulary`: CLIP's real 49,408-token vocabulary (as single files need) instead of the tiny one."""
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     folder = Path(folder)
@@ -248,6 +245,13 @@ def build_sd15_pipeline(folder: Path, seed: int = 0, cross_attention_dim: int = 
         norm_num_groups=32,
         sample_size=64,
     )
+    return save_sd15_pipeline(folder, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet)
+
+
+def save_sd15_pipeline(folder: Path, vae, text_encoder, tokenizer, unet):
+    """Components -> a diffusers StableDiffusionPipeline folder with SD 1.5's scheduler and no safety checker."""
+    from diffusers import StableDiffusionPipeline
+
     pipeline = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,

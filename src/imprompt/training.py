@@ -413,13 +413,12 @@ def load_pipeline(out: Path):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    def read(name):
-        from safetensors import safe_open
+    from .pack import read_factored_weights
 
-        with safe_open(out / f"{name}.safetensors", framework="pt") as handle:
-            tensors = {k.replace(".weight:up", ".up").replace(".weight:down", ".down"): handle.get_tensor(k).float()
-                       for k in handle.keys()}  # fmt: skip
-            return tensors, json.loads(handle.metadata()["config"])
+    def read(name):  # factors go back into the LowRank modules' `up` / `down`
+        tensors, metadata = read_factored_weights(out / f"{name}.safetensors")
+        tensors = {k.replace(".weight:up", ".up").replace(".weight:down", ".down"): v.float() for k, v in tensors.items()}
+        return tensors, json.loads(metadata["config"])
 
     tensors, config = read("vae")
     vae = AutoencoderKL.from_config(config)
