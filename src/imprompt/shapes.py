@@ -3,8 +3,9 @@ classifier that reads shape and colours back from a picture.
 
 The trained demo pack is trained on pictures drawn here and judged by `classify`, so "the adapter follows the
 reference" is a number, not an impression. Drawing is exact (PIL polygons on a flat background), so the
-classifier needs no learning: the background is the colour of the border, the shape is what differs from it,
-its colour is the nearest palette colour, and its kind is the template that best covers its outline.
+classifier needs no learning: the background is the colour of the border (just inside the edge), the shape is
+what differs from it, its colour is the nearest palette colour, and its kind is the template that best covers
+its outline.
 """
 
 from __future__ import annotations
@@ -90,6 +91,8 @@ def draw_shape(canvas: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int
 def classify(image: Image.Image) -> Scene:
     """What a picture shows. shape "none" when nothing stands out from the background."""
     pixels = np.asarray(image.convert("RGB")).astype(np.float32)
+    rim = max(1, pixels.shape[0] // 32)  # decoders leave a dark rim at the picture's edge; scenes keep clear of it
+    pixels = pixels[rim:-rim, rim:-rim]
     size = pixels.shape[0]
     border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
     background = np.median(border, axis=0)
