@@ -2,16 +2,17 @@
 
     python -m imprompt.training [--out src/imprompt/demo_weights] [--seed 0] [--effort 1.0]
 
-Stages, each on the CPU of a small machine (about 75 minutes in all on 2 cores; `--effort 0.1` for a try-out):
+Stages, each on the CPU of a small machine (about an hour in all on 2 cores; `--effort 0.1` for a try-out):
 
 1. the VAE (64x64 RGB <-> 8x8x4 latents, as SD 1.5's factor 8), then every picture's latents once;
-2. UNet and text encoder together on captions ("a red circle on a blue background"), with 10 % empty and 10 %
-   neutral ("a shape") prompts so classifier-free guidance and the adapters' neutral-prompt use have a meaning;
-3. two image encoders with the real output widths (ViT-H's 1024 and ViT-bigG's 1280 projections, tiny inside),
+2. two image encoders with the real output widths (ViT-H's 1024 and ViT-bigG's 1280 projections, tiny inside),
    taught to tell shape and colours apart and then frozen, as CLIP is frozen for the real adapters;
-4. IP-Adapters on the frozen pipeline, as h94 trained them (image key/value projections start as copies of the
-   text ones): Base on the ViT-H-width encoder, Base ViT-G on the bigG-width one, Plus on the ViT-H-width
-   encoder's penultimate hidden states; prompts mostly empty, so the picture has to come from the image.
+3. UNet, text encoder and three IP-Adapters in one loop: a quarter of the steps on captions ("a red circle on
+   a blue background", 10 % empty and 10 % neutral "a shape" so classifier-free guidance has a meaning), the
+   rest through one adapter each with mostly empty prompts, so the picture has to come from the image: Base on
+   the ViT-H-width encoder, Base ViT-G on the bigG-width one, Plus on the ViT-H-width encoder's penultimate
+   hidden states. h94 trained its adapters on a frozen, finished UNet; a UNet this small learns to draw in the
+   time it takes, so it learns the image pathway with the adapters instead of after them.
 
 The real checkpoints' widths (768-wide text and cross-attention, 1024/1280 projections) would make even tiny
 models tens of MB. Matrices that are wide only because of those widths are trained as rank-16 products
@@ -62,7 +63,8 @@ ADAPTERS = {
     "ip-adapter-plus_sd15": ("plus", "vit-h", "hidden_states"),
 }
 RANK = 16
-STEPS = {"vae": 1200, "unet": 3500, "encoder": 500, "adapter": 800}  # at --effort 1; batches 16, 48, 48, 48
+STEPS = {"vae": 2000, "encoder": 500, "unet and adapters": 4000}  # at --effort 1; batches 16, 48, 48
+OFFSET_NOISE = 0.1  # Guttenberg's offset noise: lets the model choose flat colours (see _denoising_loss)
 
 
 # ------------------------------------------------------------------------------------------ low-rank weights
@@ -209,9 +211,14 @@ def train_vae(data: Data, steps: int, generator: torch.Generator):
     return vae, latents * vae.config.scaling_factor
 
 
-def train_unet(data: Data, latents: torch.Tensor, steps: int, generator: torch.Generator):
+def train_unet_and_adapters(data: Data, latents: torch.Tensor, conditions: dict, steps: int, generator: torch.Generator):
+    """UNet, text encoder and the three adapters in one loop. Each step is a caption step (no adapter: the UNet
+    learns to draw what the text says) or one adapter's step (prompts mostly empty: the picture has to come from
+    the reference through that adapter's layers). `conditions[stem]` is (embeddings of every picture, negative)."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
+
+    from .adapters import AdapterSlots
 
     tokenizer = data.tokenizer
     text_encoder = CLIPTextModel(CLIPTextConfig(
@@ -221,15 +228,42 @@ def train_unet(data: Data, latents: torch.Tensor, steps: int, generator: torch.G
     replace_low_rank(text_encoder, text_low_rank_names(text_encoder))
     unet = UNet2DConditionModel(**UNET_CONFIG)
     replace_low_rank(unet, unet_low_rank_names(unet))
+    slots = AdapterSlots(unet)
+    adapters = {stem: new_adapter(stem, unet, slots, embeds.shape[-1]) for stem, (embeds, _) in conditions.items()}
     noise_schedule = training_noise_schedule()
+    modes = [None, *adapters]  # None: a caption step
 
     def loss(index):
-        ids = data.prompt_ids(index, generator, (0.8, 0.1, 0.1))
-        return _denoising_loss(unet, noise_schedule, latents[index], text_encoder(ids)[0], generator)
+        mode = modes[int(torch.randint(len(modes), (1,), generator=generator))]
+        if mode is None:
+            slots.attach([], ())
+            ids, conditioning = data.prompt_ids(index, generator, (0.8, 0.1, 0.1)), None
+        else:
+            slots.attach([adapters[mode]], ("training", mode))
+            slots.set_scales([1.0], [(1.0,) * len(slots.cross_attention)])
+            ids = data.prompt_ids(index, generator, (0.2, 0.6, 0.2))
+            embeds, negative = conditions[mode]
+            image = embeds[index].clone()
+            dropped = torch.rand(len(index), generator=generator) < 0.1  # the negative branch of CFG, as in h94
+            image[dropped] = negative
+            conditioning = {"image_embeds": [image.unsqueeze(1)]}
+        return _denoising_loss(unet, noise_schedule, latents[index], encode_text(text_encoder, ids), generator, conditioning)
 
     parameters = list(unet.parameters()) + list(text_encoder.parameters())
-    optimise("unet", parameters, steps, 1e-3, loss, batches(len(latents), 48, steps, generator))
-    return unet.eval().requires_grad_(False), text_encoder.eval().requires_grad_(False)
+    for adapter in adapters.values():
+        parameters += list(adapter.image_projection.parameters())
+        parameters += [p for layer in adapter.to_k_ip + adapter.to_v_ip for p in layer.parameters()]
+    optimise("unet and adapters", parameters, steps, 1e-3, loss, batches(len(latents), 48, steps, generator))
+    slots.attach([], ())
+    frozen = [model.eval().requires_grad_(False) for model in (unet, text_encoder)]
+    return *frozen, adapters
+
+
+def encode_text(text_encoder, ids: torch.Tensor) -> torch.Tensor:
+    """The text encoder's output for each row of `ids`, computing each distinct prompt once (a batch holds a
+    few dozen of the 122 possible prompts)."""
+    unique, inverse = torch.unique(ids, dim=0, return_inverse=True)
+    return text_encoder(unique)[0][inverse]
 
 
 def unet_low_rank_names(unet) -> list[str]:
@@ -256,6 +290,9 @@ def _denoising_loss(unet, noise_schedule, latents, text, generator, added_cond_k
     """Epsilon-prediction loss with Min-SNR-5 weighting (Hang et al. 2023), which converges several times faster
     than the plain loss: nearly clean timesteps, where predicting the noise is easy and uninformative, count less."""
     noise = torch.randn(latents.shape, generator=generator)
+    # SD 1.5's last noise level keeps a trace of each channel's mean, so a model trained on plain noise takes an
+    # image's overall colour from the starting noise; a shared offset per channel teaches it to set the colour
+    noise += OFFSET_NOISE * torch.randn(latents.shape[:2] + (1, 1), generator=generator)
     timesteps = torch.randint(0, noise_schedule.config.num_train_timesteps, (len(latents),), generator=generator)
     noisy = noise_schedule.add_noise(latents, noise, timesteps)
     prediction = unet(noisy, timesteps, encoder_hidden_states=text, added_cond_kwargs=added_cond_kwargs).sample
@@ -295,15 +332,14 @@ def encode(encoder, pixels: torch.Tensor, output: str) -> torch.Tensor:
         return torch.cat([encoder(chunk.float(), output_hidden_states=True).hidden_states[-2] for chunk in pixels.split(128)])
 
 
-def train_adapter(stem: str, unet, text_encoder, data: Data, latents, embeds, negative, steps, generator):
-    """An h94 adapter on the frozen UNet: the image projection (the Base projection low-rank) and each layer's
-    to_k_ip/to_v_ip (low-rank, as the UNet's text projections they start from)."""
-    from .adapters import AdapterSlots, build_adapter
-    from .pack import cross_attention_widths, adapter_tensors
+def new_adapter(stem: str, unet, slots, embed_dim: int):
+    """An h94 adapter for `unet`, ready to train: the image projection (Base's low-rank) and each layer's
+    to_k_ip/to_v_ip, which start as copies of the layer's text projections, as h94's training starts."""
+    from .adapters import build_adapter
+    from .pack import adapter_tensors, cross_attention_widths
     from .probe import AdapterSpec
 
     variant = ADAPTERS[stem][0]
-    embed_dim = embeds.shape[-1]
     widths = cross_attention_widths(unet)
     state = adapter_tensors(variant, embed_dim, widths, 768, seed=list(ADAPTERS).index(stem), dtype=torch.float32)
     tokens = 4 if variant == "base" else 16
@@ -313,70 +349,33 @@ def train_adapter(stem: str, unet, text_encoder, data: Data, latents, embeds, ne
     adapter.image_projection.requires_grad_(True)
     if variant == "base":  # 3072 x 1024 (or 1280) because of the real widths
         adapter.image_projection.image_embeds = low_rank(adapter.image_projection.image_embeds, 2 * RANK)
-    slots = AdapterSlots(unet)
-    # as h94's training starts: each layer's image key/value projections are copies of its text ones, so image
-    # tokens that look like text tokens already steer the picture
     adapter.to_k_ip = [copy.deepcopy(layer.to_k).requires_grad_(True) for layer in slots.cross_attention]
     adapter.to_v_ip = [copy.deepcopy(layer.to_v).requires_grad_(True) for layer in slots.cross_attention]
-    slots.attach([adapter], ("training", stem))
-    slots.set_scales([1.0], [(1.0,) * len(widths)])
-
-    def loss(index):
-        ids = data.prompt_ids(index, generator, (0.2, 0.6, 0.2))
-        with torch.no_grad():
-            text = text_encoder(ids)[0]
-        image = embeds[index].clone()
-        dropped = torch.rand(len(index), generator=generator) < 0.05  # the negative branch of CFG, as in h94
-        image[dropped] = negative
-        conditioning = {"image_embeds": [image.unsqueeze(1)]}
-        return _denoising_loss(unet, noise_schedule, latents[index], text, generator, conditioning)
-
-    noise_schedule = training_noise_schedule()
-    parameters = list(adapter.image_projection.parameters())
-    parameters += [p for layer in adapter.to_k_ip + adapter.to_v_ip for p in layer.parameters()]
-    optimise(stem, parameters, steps, 1e-3, loss, batches(len(latents), 48, steps, generator))
-    slots.attach([], ())
     return adapter
 
 
 # ---------------------------------------------------------------------------------------------------- main
 
 
-def train(out: Path, seed: int = 0, effort: float = 1.0, pictures: int = 3000, reuse_pipeline: bool = False) -> dict:
-    """All stages, or with `reuse_pipeline` only the encoders and adapters against the pipeline already in `out`.
-    Encoders and adapters are trained against the pipeline as saved (the fp16 values that ship), each with a
-    random stream of its own, so both ways give the same encoder and adapter weights."""
+def train(out: Path, seed: int = 0, effort: float = 1.0, pictures: int = 3000) -> dict:
+    """All stages, each with a random stream of its own; writes the weights and training.json into `out`."""
     from transformers import CLIPImageProcessor, CLIPTokenizer
 
     from .pack import write_tokenizer
 
     steps = {k: max(1, round(v * effort)) for k, v in STEPS.items()}
-    report = json.loads((out / "training.json").read_text()) if reuse_pipeline else {"seconds": {}}
-    started = time.perf_counter()
-
-    torch.manual_seed(seed)
-    if not reuse_pipeline:
-        write_tokenizer(out / "tokenizer")
+    report = {"seconds": {}}
+    write_tokenizer(out / "tokenizer")
     data = Data(pictures, seed, CLIPTokenizer.from_pretrained(out / "tokenizer"))
-    if not reuse_pipeline:
-        generator = torch.Generator().manual_seed(seed)
-        vae, latents = train_vae(data, steps["vae"], generator)
-        save(out / "vae.safetensors", vae.state_dict(), {"config": json.dumps(dict(vae.config))})
-        report["seconds"]["vae"] = round(time.perf_counter() - started, 1)
-        unet, text_encoder = train_unet(data, latents, steps["unet"], generator)
-        save(out / "unet.safetensors", factored_state(unet), {"config": json.dumps(dict(unet.config))})
-        save(out / "text_encoder.safetensors", factored_state(text_encoder),
-             {"config": text_encoder.config.to_json_string()})  # fmt: skip
-        report["seconds"]["unet"] = round(time.perf_counter() - started - report["seconds"]["vae"], 1)
-    vae, unet, text_encoder = load_pipeline(out)
-    with torch.no_grad():
-        latents = torch.cat([vae.encode(chunk).latent_dist.mean for chunk in data.pixels.split(256)])
-    latents = latents * vae.config.scaling_factor
+
+    clock = time.perf_counter()
+    vae, latents = train_vae(data, steps["vae"], stage_generator(seed, "vae"))
+    save(out / "vae.safetensors", vae.state_dict(), {"config": json.dumps(diffusers_config(vae))})
+    report["seconds"]["vae"] = round(time.perf_counter() - clock, 1)
 
     processor = CLIPImageProcessor(size=224, crop_size=224)  # what the engine uses for encoders without their own
     pixels = torch.cat([processor(images=chunk, return_tensors="pt").pixel_values.half()
                         for chunk in _chunks(data.images, 100)])  # fmt: skip
-    zero = torch.zeros(1, 3, 224, 224)
     encoders = {}
     for name in ("vit-h", "vit-g"):
         clock = time.perf_counter()
@@ -384,20 +383,30 @@ def train(out: Path, seed: int = 0, effort: float = 1.0, pictures: int = 3000, r
         save(out / f"image_encoder_{name}.safetensors", encoders[name].state_dict(),
              {"config": encoders[name].config.to_json_string()})  # fmt: skip
         report["seconds"][f"encoder {name}"] = round(time.perf_counter() - clock, 1)
+
+    clock = time.perf_counter()
+    zero = torch.zeros(1, 3, 224, 224)
+    conditions = {}
     for stem, (variant, encoder_name, output) in ADAPTERS.items():
-        clock = time.perf_counter()
         encoder = encoders[encoder_name]
         embeds = encode(encoder, pixels, output)
-        negative = torch.zeros_like(embeds[0]) if output == "image_embeds" else encode(encoder, zero, output)[0]
-        adapter = train_adapter(stem, unet, text_encoder, data, latents, embeds, negative, steps["adapter"],
-                                stage_generator(seed, stem))  # fmt: skip
-        save(out / f"{stem}.safetensors", _adapter_factored(adapter), {"format": "pt", "encoder": encoder_name})
-        report["seconds"][stem] = round(time.perf_counter() - clock, 1)
+        conditions[stem] = embeds, torch.zeros_like(embeds[0]) if output == "image_embeds" else encode(encoder, zero, output)[0]
+    unet, text_encoder, adapters = train_unet_and_adapters(data, latents, conditions, steps["unet and adapters"],
+                                                           stage_generator(seed, "unet and adapters"))  # fmt: skip
+    save(out / "unet.safetensors", factored_state(unet), {"config": json.dumps(diffusers_config(unet))})
+    save(out / "text_encoder.safetensors", factored_state(text_encoder), {"config": text_encoder.config.to_json_string()})
+    for stem, adapter in adapters.items():
+        save(out / f"{stem}.safetensors", _adapter_factored(adapter), {"format": "pt", "encoder": ADAPTERS[stem][1]})
+    report["seconds"]["unet and adapters"] = round(time.perf_counter() - clock, 1)
     report.update({"seed": seed, "effort": effort, "pictures": pictures, "steps": steps, "threads": torch.get_num_threads()})
-    if reuse_pipeline:
-        report["reused_pipeline"] = True
     (out / "training.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def diffusers_config(model) -> dict:
+    """A diffusers model's config to save beside its weights, without `_use_default_values`: from_config would
+    otherwise reset the values set after construction (the VAE's fitted scaling factor) to their defaults."""
+    return {k: v for k, v in model.config.items() if k != "_use_default_values"}
 
 
 def stage_generator(seed: int, stage: str) -> torch.Generator:
@@ -405,33 +414,6 @@ def stage_generator(seed: int, stage: str) -> torch.Generator:
     number = zlib.crc32(f"{seed}/{stage}".encode())
     torch.manual_seed(number)
     return torch.Generator().manual_seed(number)
-
-
-def load_pipeline(out: Path):
-    """VAE, UNet and text encoder as saved in `out` (fp16 values), frozen; UNet and text encoder with the
-    low-rank modules they were trained with, so the text's 768-wide projections stay cheap."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from .pack import read_factored_weights
-
-    def read(name):  # factors go back into the LowRank modules' `up` / `down`
-        tensors, metadata = read_factored_weights(out / f"{name}.safetensors")
-        tensors = {k.replace(".weight:up", ".up").replace(".weight:down", ".down"): v.float() for k, v in tensors.items()}
-        return tensors, json.loads(metadata["config"])
-
-    tensors, config = read("vae")
-    vae = AutoencoderKL.from_config(config)
-    vae.load_state_dict(tensors, strict=True)
-    tensors, config = read("unet")
-    unet = UNet2DConditionModel.from_config(config)
-    replace_low_rank(unet, unet_low_rank_names(unet))
-    unet.load_state_dict(tensors, strict=True)
-    tensors, config = read("text_encoder")
-    text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(config))
-    replace_low_rank(text_encoder, text_low_rank_names(text_encoder))
-    text_encoder.load_state_dict(tensors, strict=True)
-    return tuple(model.eval().requires_grad_(False) for model in (vae, unet, text_encoder))
 
 
 def _adapter_factored(adapter) -> dict[str, torch.Tensor]:
@@ -458,14 +440,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--effort", type=float, default=1.0, help="multiplies every stage's steps (0.1: a try-out)")
     parser.add_argument("--pictures", type=int, default=3000, help="training pictures drawn")
-    parser.add_argument("--reuse-pipeline", action="store_true",
-                        help="keep the VAE, UNet and text encoder in --out; train only the encoders and adapters")  # fmt: skip
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     from .cli import quiet_libraries
 
     quiet_libraries()
-    print(json.dumps(train(args.out, args.seed, args.effort, args.pictures, args.reuse_pipeline), indent=2))
+    print(json.dumps(train(args.out, args.seed, args.effort, args.pictures), indent=2))
     return 0
 
 
