@@ -143,8 +143,10 @@ def soak(roots: list[str], valid: dict, failing: dict, references: dict[str, Pat
     expected = {name: np.asarray(Image.open(path).convert("RGB")).astype(np.int16) for name, path in references.items()}
     engine = Engine(roots, cache_budget=cache_budget)
     family, counts, failures = "sd15", {"valid": 0, "refused": 0}, []
-    rss_start, started = _rss(), time.perf_counter()
+    rss_start, rss_after_warmup, started = _rss(), None, time.perf_counter()
     for i in range(count):
+        if i == 100:  # before the request: a refused request skips the loop's end
+            rss_after_warmup = _rss()
         if rng.random() < switch_family:
             family = "sdxl" if family == "sd15" else "sd15"
         if rng.random() < 0.1:
@@ -163,8 +165,6 @@ def soak(roots: list[str], valid: dict, failing: dict, references: dict[str, Pat
             failures.append({"request": i, "name": name, "problem": f"pixels differ by {difference}"})
         if progress and (i + 1) % 100 == 0:
             progress(i + 1, failures)
-        if i == 99:
-            rss_after_warmup = _rss()
     return {
         "requests": count,
         "valid": counts["valid"],
@@ -172,7 +172,7 @@ def soak(roots: list[str], valid: dict, failing: dict, references: dict[str, Pat
         "failures": failures,
         "seconds": round(time.perf_counter() - started, 1),
         "rss_start_bytes": rss_start,
-        "rss_after_100_bytes": rss_after_warmup if count >= 100 else None,
+        "rss_after_100_bytes": rss_after_warmup,
         "rss_end_bytes": _rss(),
         "cache": {k: v["used_bytes"] for k, v in engine.cache_info().items() if isinstance(v, dict)},
     }
