@@ -28,7 +28,7 @@ load: install
 	$(BIN)/python -m imprompt.loadtest --clients 8 --requests 50
 
 # Not part of the tests: train tiny SD 1.5 weights and adapters on flat shapes into src/imprompt/demo_weights/
-# (about 75 minutes on 2 cores), then judge them on 100 held-out references (docs/demo-pack.json and a grid image).
+# (about an hour on 2 cores), then judge them on 100 held-out references (docs/demo-pack.json and a grid image).
 train: install
 	$(BIN)/python -m imprompt.training
 

@@ -31,7 +31,7 @@ GRID_SCENES = [
     shapes.Scene("circle", "green", "white"),
     shapes.Scene("star", "black", "red"),
 ]
-SETTINGS = {"prompt": "", "steps": 20, "cfg_scale": 5.0, "scale": 1.0}
+SETTINGS = {"prompt": "", "steps": 20, "cfg_scale": 1.5, "scale": 1.0}  # CFG: see docs/demo-pack.md
 
 
 def generate(engine, scene: shapes.Scene, adapter: str, scale: float, seed: int, settings=SETTINGS) -> Image.Image:
