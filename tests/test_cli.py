@@ -23,7 +23,7 @@ def imprompt(*args, check=True):
 
 def test_demo_runs_the_articles_switching_scenario(pack, engine, tmp_path):
     out = tmp_path / "demo"
-    done = imprompt("demo", "--models", pack, "--out", out, "--steps", 4)
+    done = imprompt("demo", "--models", pack, "--random-weights", "--out", out, "--steps", 4)
     rows = json.loads((out / "demo-report.json").read_text())
     steps = [(r["step"], r["adapter"], r["encoder"]) for r in rows]
     vit_h, vit_g = "IP-Adapter/models/image_encoder", "IP-Adapter/sdxl_models/image_encoder"
@@ -50,8 +50,8 @@ def test_demo_runs_the_articles_switching_scenario(pack, engine, tmp_path):
     # a demo image is exactly what the Python API gives for the same request
     reference = Image.open(pack / "images" / "red-circle.png").convert("RGB")
     same = engine.generate(
-        model="tiny-sd15", prompt="a shape", seed=7, steps=4, cfg_scale=5.0,
-        ip_adapters=[{"adapter": "Base ViT-G", "images": [reference], "scale": 0.7}],
+        model="tiny-sd15", prompt="", seed=7, steps=4, cfg_scale=1.5,
+        ip_adapters=[{"adapter": "Base ViT-G", "images": [reference], "scale": 1.0}],
     )  # fmt: skip
     assert max_diff(Image.open(out / "02-base-vit-g.png").convert("RGB"), same.images[0]) == 0
 

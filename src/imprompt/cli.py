@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = commands.add_parser("demo", help="build the demo model pack (if missing) and run the switching scenario")
     d.add_argument("--models", type=Path, default=Path("demo-models"), help="where the pack is (default: %(default)s)")
     d.add_argument("--out", type=Path, default=Path("demo-output"), help="where images go (default: %(default)s)")
-    d.add_argument("--steps", type=int, default=8)
+    d.add_argument("--steps", type=int, default=20)
+    _weights_arguments(d)
     d.set_defaults(run=_demo)
 
     e = commands.add_parser("embed", help="encode reference images once and save the embeddings for reuse")
@@ -115,9 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("bench_args", nargs=argparse.REMAINDER)
     bn.set_defaults(run=_bench)
 
-    pk = commands.add_parser("pack", help="build the demo model pack (tiny random-weight models) if missing")
+    pk = commands.add_parser("pack", help="build the demo model pack (tiny models, trained on flat shapes) if missing")
     pk.add_argument("folder", type=Path, nargs="?", default=Path("demo-models"))
-    pk.add_argument("--weights", type=Path, help="trained weights from `python -m imprompt.training` for the SD 1.5 part")
+    _weights_arguments(pk)
     pk.set_defaults(run=_pack)
 
     dl = commands.add_parser("download", help="download published adapters and their encoders (needs internet)")
@@ -125,6 +126,22 @@ def build_parser() -> argparse.ArgumentParser:
     dl.add_argument("names", nargs="+", metavar="NAME", help='friendly names, e.g. "Base ViT-G"')
     dl.set_defaults(run=_download)
     return parser
+
+
+def _weights_arguments(parser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--weights", type=Path,
+                       help="trained weights (from `python -m imprompt.training`) for the SD 1.5 pipeline, both encoders "
+                            "and the Base, Base ViT-G and Plus adapters (default: the ones shipped with imprompt)")  # fmt: skip
+    group.add_argument("--random-weights", action="store_true",
+                       help="random weights everywhere (pictures are noise; the plumbing is the same)")  # fmt: skip
+
+
+def _pack_weights(args) -> Path | None:
+    """The trained weights folder `--weights` / `--random-weights` ask for (None: random)."""
+    from .pack import DEMO_WEIGHTS
+
+    return None if args.random_weights else args.weights or DEMO_WEIGHTS
 
 
 def _models_argument(parser) -> None:
@@ -290,7 +307,7 @@ def _demo(args) -> int:
     from .demo import run_demo
 
     quiet_libraries()
-    run_demo(args.models, args.out, steps=args.steps)
+    run_demo(args.models, args.out, steps=args.steps, weights=_pack_weights(args))
     return 0
 
 
@@ -340,7 +357,7 @@ def _pack(args) -> int:
     from .pack import build_demo_pack
 
     quiet_libraries()
-    print(build_demo_pack(args.folder, weights=args.weights))
+    print(build_demo_pack(args.folder, weights=_pack_weights(args)))
     return 0
 
 
