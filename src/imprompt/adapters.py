@@ -129,14 +129,14 @@ class AdapterSlots:
             processor.scale = [scale * weights[j] for scale, weights in zip(scales, layer_weights)]
 
 
-def h94_state_dict(adapter: BuiltAdapter) -> dict[str, torch.Tensor]:
+def h94_state_dict(adapter: BuiltAdapter, state_of=lambda module: module.state_dict()) -> dict[str, torch.Tensor]:
     """The inverse of `build_adapter` for Base and Plus adapters: the modules' tensors under the flat h94 key
-    names (`image_proj.*`, `ip_adapter.{1,3,5,...}.to_{k,v}_ip.weight`), for saving trained adapters."""
-    projection = {k: v.detach() for k, v in adapter.image_projection.state_dict().items()}
-    tensors = {f"image_proj.{k}": v for k, v in h94_image_proj(projection).items()}
+    names (`image_proj.*`, `ip_adapter.{1,3,5,...}.to_{k,v}_ip.weight`), for saving trained adapters.
+    `state_of(module)` gives a module's tensors (training passes one that keeps low-rank weights as factors)."""
+    tensors = {f"image_proj.{k}": v.detach() for k, v in h94_image_proj(state_of(adapter.image_projection)).items()}
     for j, (k, v) in enumerate(zip(adapter.to_k_ip, adapter.to_v_ip)):
-        tensors[f"ip_adapter.{2 * j + 1}.to_k_ip.weight"] = k.weight.detach()
-        tensors[f"ip_adapter.{2 * j + 1}.to_v_ip.weight"] = v.weight.detach()
+        for name, layer in (("to_k_ip", k), ("to_v_ip", v)):
+            tensors |= {f"ip_adapter.{2 * j + 1}.{name}.{key}": t.detach() for key, t in state_of(layer).items()}
     return tensors
 
 

@@ -120,8 +120,9 @@ def factored_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     factored = {name for name, m in model.named_modules() if isinstance(m, (LowRankLinear, LowRankEmbedding))}
     state = {}
     for key, tensor in model.state_dict().items():
-        owner, _, leaf = key.rpartition(".")
-        state[f"{owner}.weight:{leaf}" if owner in factored and leaf in ("up", "down") else key] = tensor
+        owner, _, leaf = key.rpartition(".")  # owner "" when `model` is itself a low-rank module
+        weight = f"{owner}.weight" if owner else "weight"
+        state[f"{weight}:{leaf}" if owner in factored and leaf in ("up", "down") else key] = tensor
     return state
 
 
@@ -263,7 +264,9 @@ def encode_text(text_encoder, ids: torch.Tensor) -> torch.Tensor:
     """The text encoder's output for each row of `ids`, computing each distinct prompt once (a batch holds a
     few dozen of the 122 possible prompts)."""
     unique, inverse = torch.unique(ids, dim=0, return_inverse=True)
-    return text_encoder(unique)[0][inverse]
+    # index_select, not [inverse]: the backward of advanced indexing adds repeated rows in thread order, so two
+    # runs on 2 threads drifted apart; index_select's backward is deterministic (measured: identical weights)
+    return text_encoder(unique)[0].index_select(0, inverse)
 
 
 def unet_low_rank_names(unet) -> list[str]:
@@ -361,6 +364,7 @@ def train(out: Path, seed: int = 0, effort: float = 1.0, pictures: int = 3000) -
     """All stages, each with a random stream of its own; writes the weights and training.json into `out`."""
     from transformers import CLIPImageProcessor, CLIPTokenizer
 
+    from .adapters import h94_state_dict
     from .pack import write_tokenizer
 
     steps = {k: max(1, round(v * effort)) for k, v in STEPS.items()}
@@ -396,7 +400,8 @@ def train(out: Path, seed: int = 0, effort: float = 1.0, pictures: int = 3000) -
     save(out / "unet.safetensors", factored_state(unet), {"config": json.dumps(diffusers_config(unet))})
     save(out / "text_encoder.safetensors", factored_state(text_encoder), {"config": text_encoder.config.to_json_string()})
     for stem, adapter in adapters.items():
-        save(out / f"{stem}.safetensors", _adapter_factored(adapter), {"format": "pt", "encoder": ADAPTERS[stem][1]})
+        metadata = {"format": "pt", "encoder": ADAPTERS[stem][1]}
+        save(out / f"{stem}.safetensors", h94_state_dict(adapter, factored_state), metadata)
     report["seconds"]["unet and adapters"] = round(time.perf_counter() - clock, 1)
     report.update({"seed": seed, "effort": effort, "pictures": pictures, "steps": steps, "threads": torch.get_num_threads()})
     (out / "training.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -414,18 +419,6 @@ def stage_generator(seed: int, stage: str) -> torch.Generator:
     number = zlib.crc32(f"{seed}/{stage}".encode())
     torch.manual_seed(number)
     return torch.Generator().manual_seed(number)
-
-
-def _adapter_factored(adapter) -> dict[str, torch.Tensor]:
-    """h94 key names, with each low-rank weight as its two factors (`<key>:up`, `<key>:down`)."""
-    from .adapters import h94_image_proj
-
-    tensors = {f"image_proj.{k}": v for k, v in h94_image_proj(factored_state(adapter.image_projection)).items()}
-    for j, (k, v) in enumerate(zip(adapter.to_k_ip, adapter.to_v_ip)):
-        for name, layer in (("to_k_ip", k), ("to_v_ip", v)):
-            tensors[f"ip_adapter.{2 * j + 1}.{name}.weight:up"] = layer.up.detach()
-            tensors[f"ip_adapter.{2 * j + 1}.{name}.weight:down"] = layer.down.detach()
-    return tensors
 
 
 def _chunks(items: list, size: int):
