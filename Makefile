@@ -16,24 +16,25 @@ serve: install
 test: install
 	$(BIN)/python -m pytest -q
 
+# Development tools (tools/, not installed with imprompt).
 # Not part of the tests: real-size models (about 7 GB, built once into .bench-cache), about 40 minutes on 2 cores.
 bench: install
-	$(BIN)/imprompt bench --size real --trials 5
+	$(BIN)/python -m tools.bench --size real --trials 5
 
 # Not part of the tests: 5,000 random requests through one engine, and 8 clients x 50 requests through the server.
 soak: install
-	$(BIN)/python -m imprompt.soak --requests 5000
+	$(BIN)/python -m tools.soak --requests 5000
 
 load: install
-	$(BIN)/python -m imprompt.loadtest --clients 8 --requests 50
+	$(BIN)/python -m tools.loadtest --clients 8 --requests 50
 
-# Not part of the tests: train tiny SD 1.5 weights and adapters on flat shapes into src/imprompt/demo_weights/
+# Not part of the tests: train tiny SD 1.5 weights and adapters on flat shapes into src/imprompt/demo/weights/
 # (about an hour on 2 cores), then judge them on 100 held-out references (docs/demo-pack.json and a grid image).
 train: install
-	$(BIN)/python -m imprompt.training
+	$(BIN)/python -m tools.training
 
 evaluate: install
-	$(BIN)/python -m imprompt.evaluation
+	$(BIN)/python -m tools.evaluation
 
 install: $(VENV)/.installed
 

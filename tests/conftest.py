@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imprompt.pack import SD15_MODEL, build_demo_pack
+from imprompt.demo.pack import SD15_MODEL, build_demo_pack
 
 # Tests never touch the network: the models are built here.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

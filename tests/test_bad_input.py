@@ -12,10 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import max_diff, request, unit
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from conftest import max_diff, request, unit
+from imprompt.demo.pack import SD15_MODEL
+from imprompt.demo.tiny_models import TINY_VIT_H, build_clip_vision, write_adapter
 from imprompt.errors import (
     CheckpointError,
     ImageError,
@@ -30,9 +32,8 @@ from imprompt.errors import (
     UnsafeCheckpointError,
     UnsupportedError,
 )
-from imprompt.pack import SD15_MODEL, TINY_VIT_H, build_clip_vision, write_adapter
-from imprompt.probe import probe
-from imprompt.store import ModelStore
+from imprompt.models.probe import probe
+from imprompt.models.store import ModelStore
 
 H94 = ("IP-Adapter", "models")
 

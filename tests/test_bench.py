@@ -1,4 +1,4 @@
-"""Smoke test of the benchmark harness at tiny size: it runs end to end through the CLI and writes its report.
+"""Smoke test of the benchmark harness at tiny size: it runs end to end as `make bench` runs it and writes its report.
 It asserts that numbers were produced, never how large they are (benchmarks are not tests)."""
 
 from __future__ import annotations
@@ -6,15 +6,18 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def test_bench_runs_at_tiny_size(tmp_path):
     out = tmp_path / "bench.md"
     phases = "switch_imprompt,switch_sdnext,embeddings,workload_small_budget"
-    command = [sys.executable, "-m", "imprompt.cli", "bench", "--size", "tiny", "--trials", "1", "--cache",
+    command = [sys.executable, "-m", "tools.bench", "--size", "tiny", "--trials", "1", "--cache",
                str(tmp_path / "cache"), "--out", str(out), "--phases", phases, "--workload-size", "64",
                "--workload-steps", "2", "--workload-requests", "3", "--device", "cpu"]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
 
     report = out.read_text()

@@ -6,13 +6,13 @@ from __future__ import annotations
 import shutil
 
 import pytest
+from conftest import max_diff, request, unit
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import max_diff, request, unit
-from imprompt.cache import ByteLRU, parse_bytes
-from imprompt.pack import TINY_VIT_H, build_clip_vision, draw_reference, write_adapter
-from imprompt.probe import probe
+from imprompt.demo.tiny_models import TINY_VIT_H, build_clip_vision, draw_reference, write_adapter
+from imprompt.models.probe import probe
+from imprompt.util.cache import ByteLRU, parse_bytes
 
 # ------------------------------------------------------------------------------------------------------ ByteLRU
 

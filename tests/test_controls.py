@@ -246,7 +246,7 @@ def test_img2img_with_a_unit_equals_diffusers(pack, engine, red_circle, yellow_s
 
 
 def test_saved_embeddings_give_the_same_pixels_without_an_encoder(pack, tmp_path, red_circle, yellow_square):
-    from imprompt.probe import probe
+    from imprompt.models.probe import probe
 
     engine = Engine([pack, tmp_path])
     path = engine.save_embeddings({"adapter": "Plus Face", "images": [red_circle, yellow_square]}, tmp_path / "face.safetensors")

@@ -9,33 +9,33 @@ import pytest
 import torch
 from PIL import Image
 
-from imprompt import shapes
-from imprompt.adapters import build_adapter, h94_state_dict
-from imprompt.demo import run_demo
-from imprompt.evaluation import ADAPTERS, HELD_OUT_SEED, score
-from imprompt.loading import load_adapter_state_dict, read_tensors
-from imprompt.pack import (
+from imprompt.demo import shapes
+from imprompt.demo.pack import (
     DEMO_WEIGHTS,
     TRAINED_ADAPTERS,
     TRAINED_ENCODERS,
     build_demo_pack,
     build_trained_sd15,
-    cross_attention_widths,
     expand_factors,
     read_factored_weights,
-    write_adapter,
     write_trained_adapter,
     write_trained_encoder,
 )
-from imprompt.probe import probe
+from imprompt.demo.scenario import run_demo
+from imprompt.demo.tiny_models import cross_attention_widths, write_adapter
+from imprompt.ipadapter.build import build_adapter, load_adapter_state_dict
+from imprompt.loading.tensors import read_tensors
+from imprompt.models.probe import probe
+from tools.evaluation import ADAPTERS, HELD_OUT_SEED, classify, score
+from tools.training import h94_state_dict
 
 SCENES = shapes.scenes(8, HELD_OUT_SEED)  # the first of the evaluation's held-out references
 
 
 def test_classifier_reads_back_every_drawn_scene():
     for scene in shapes.scenes(200, seed=5):
-        assert shapes.classify(shapes.draw(scene)).matches(scene), scene
-    assert shapes.classify(Image.new("RGB", (64, 64), shapes.PALETTE["green"])) == shapes.Scene("none", "none", "green")
+        assert classify(shapes.draw(scene)).matches(scene), scene
+    assert classify(Image.new("RGB", (64, 64), shapes.PALETTE["green"])) == shapes.Scene("none", "none", "green")
 
 
 @pytest.mark.parametrize("variant, embed_dim", [("base", 1024), ("plus", 64)])
@@ -61,10 +61,10 @@ def test_expand_factors_multiplies_low_rank_pairs_out():
 
 
 def test_training_script_output_builds_a_working_pack(tmp_path):
-    """A few steps of every stage of `python -m imprompt.training`, then the pack built from what it wrote
-    generates with each trained adapter. (How well a full run draws is measured by imprompt.evaluation.)"""
+    """A few steps of every stage of `python -m tools.training`, then the pack built from what it wrote
+    generates with each trained adapter. (How well a full run draws is measured by tools/evaluation.py.)"""
     from imprompt import Engine
-    from imprompt.training import main
+    from tools.training import main
 
     weights = tmp_path / "weights"
     assert main(["--out", str(weights), "--effort", "0.001", "--pictures", "48"]) == 0
@@ -119,4 +119,4 @@ def test_each_shipped_adapter_draws_its_reference_far_more_often_than_no_adapter
 def test_the_demo_draws_the_red_circle_with_the_trained_adapters(trained_pack, tmp_path):
     rows = run_demo(trained_pack, tmp_path, echo=lambda *_: None)
     for image in {row["image"] for row in rows if row["adapters"] in ("Base", "Base ViT-G", "Plus", "Base + Base ViT-G")}:
-        assert shapes.classify(Image.open(tmp_path / image)).matches(shapes.Scene("circle", "red", "blue")), image
+        assert classify(Image.open(tmp_path / image)).matches(shapes.Scene("circle", "red", "blue")), image

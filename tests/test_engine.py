@@ -8,8 +8,8 @@ import pytest
 from conftest import max_diff, request, unit
 
 from imprompt import Engine
-from imprompt.download import download
-from imprompt.store import ModelStore
+from imprompt.models.download import download
+from imprompt.models.store import ModelStore
 
 
 def test_info_is_json_and_names_what_served_each_unit(engine, red_circle):

@@ -191,8 +191,8 @@ def test_load_fails_half_way(world, tmp_path, monkeypatch, where):
 
 def test_a_fifo_in_the_models_folder_is_skipped_not_opened(pack, tmp_path, red_circle):
     """Opening a FIFO blocks forever; the scan takes regular files only, and probe refuses anything else."""
-    from imprompt.probe import probe
-    from imprompt.store import ModelStore
+    from imprompt.models.probe import probe
+    from imprompt.models.store import ModelStore
 
     os.mkfifo(tmp_path / "trap.safetensors")
     store = ModelStore([pack, tmp_path])

@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from imprompt.errors import ImpromptError
-from imprompt.loading import read_tensors
-from imprompt.probe import probe
+from imprompt.loading.tensors import read_tensors
+from imprompt.models.probe import probe
 
 # CI runs 60 examples per test; IMPROMPT_FUZZ_EXAMPLES=2000 for a long run (docs/security.md has its figures).
 FUZZ = settings(

@@ -14,8 +14,8 @@ from PIL import Image
 
 from imprompt import Engine
 from imprompt.errors import ImpromptError
-from imprompt.loadtest import load, start_server
-from imprompt.soak import failing_menu, fresh_references, pack_images, sd15_menu, sdxl_menu, soak, write_bad_files
+from tools.loadtest import load, start_server
+from tools.soak import failing_menu, fresh_references, pack_images, sd15_menu, sdxl_menu, soak, write_bad_files
 
 
 @pytest.fixture(scope="module")

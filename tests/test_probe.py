@@ -19,9 +19,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
+from imprompt.demo.pack import SD15_MODEL
+from imprompt.demo.tiny_models import write_adapter
 from imprompt.errors import CheckpointError
-from imprompt.pack import SD15_MODEL, write_adapter
-from imprompt.probe import AdapterSpec, EncoderSpec, PipelineSpec, probe, read_safetensors_header
+from imprompt.loading.tensors import read_safetensors_header
+from imprompt.models.probe import probe
+from imprompt.models.specs import AdapterSpec, EncoderSpec, PipelineSpec
 
 MODELS = ("IP-Adapter", "models")
 

@@ -10,13 +10,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import max_diff, request, unit
+from single_files import single_file_tensors, write_single_file
 from transformers import CLIPTokenizer
 
 from imprompt import Engine
+from imprompt.demo.tiny_models import build_sd15_pipeline, build_sdxl_pipeline
 from imprompt.errors import UnsupportedError
-from imprompt.pack import build_sd15_pipeline, build_sdxl_pipeline, single_file_tensors, write_single_file
-from imprompt.probe import probe, read_tensor_table
-from imprompt.single_file import CONFIGS, write_clip_vocabulary, write_config_folder
+from imprompt.loading.tensors import read_tensor_table
+from imprompt.models.probe import probe
+from imprompt.models.single_file import CONFIGS, write_clip_vocabulary, write_config_folder
 
 BUILDERS = {"sd15": build_sd15_pipeline, "sdxl": build_sdxl_pipeline}
 

@@ -14,10 +14,12 @@ import struct
 
 import pytest
 import torch
+from conftest import max_diff, request, unit
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import max_diff, request, unit
+from imprompt.demo.pack import SD15_MODEL
+from imprompt.demo.tiny_models import TINY_VIT_BIGG, TINY_VIT_H, build_clip_vision, write_adapter
 from imprompt.errors import (
     CheckpointError,
     MissingEncoderError,
@@ -25,9 +27,8 @@ from imprompt.errors import (
     UnknownEncoderError,
     UnknownModelError,
 )
-from imprompt.pack import SD15_MODEL, TINY_VIT_BIGG, TINY_VIT_H, build_clip_vision, write_adapter
-from imprompt.probe import probe
-from imprompt.store import ModelStore
+from imprompt.models.probe import probe
+from imprompt.models.store import ModelStore
 
 SIX = {
     "Base": "ip-adapter_sd15",

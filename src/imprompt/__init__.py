@@ -1,5 +1,6 @@
-"""imprompt: Stable Diffusion image generation in which image prompts (IP-Adapters) are first-class.
+"""The public API: Engine, Result, GenerateRequest, IPAdapterUnit, ImpromptError.
 
+imprompt is Stable Diffusion image generation in which image prompts (IP-Adapters) are first-class.
 `from imprompt import Engine` works as usual; the heavy imports (torch, diffusers) happen on first use, so
 `imprompt --help` and `imprompt probe` answer at once.
 """
@@ -9,8 +10,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "Engine": "imprompt.engine",
     "Result": "imprompt.engine",
-    "GenerateRequest": "imprompt.schema",
-    "IPAdapterUnit": "imprompt.schema",
+    "GenerateRequest": "imprompt.request",
+    "IPAdapterUnit": "imprompt.request",
     "ImpromptError": "imprompt.errors",
 }
 __all__ = [*_EXPORTS, "__version__"]

@@ -1,4 +1,6 @@
-"""imprompt's command line: generate | embed | probe | models | serve | demo | pack | bench | download."""
+"""imprompt's command line: generate | embed | probe | models | serve | demo | pack | download.
+
+User commands only: the benchmarks, soak, load test and training live in `tools/` (see the Makefile)."""
 
 from __future__ import annotations
 
@@ -27,9 +29,6 @@ IP_JSON_HELP = (
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["bench"]:  # bench parses its own options (argparse's REMAINDER cannot take leading ones)
-        _configure_logging(quiet=False)
-        return _bench(argparse.Namespace(bench_args=argv[1:]))
     parser = build_parser()
     args = parser.parse_args(argv)
     _configure_logging(args.quiet)
@@ -111,11 +110,6 @@ def build_parser() -> argparse.ArgumentParser:
     _engine_arguments(s)
     s.set_defaults(run=_serve)
 
-    bn = commands.add_parser("bench", help="measure switching, reuse and step costs at real size (see --help)",
-                             add_help=False)  # fmt: skip
-    bn.add_argument("bench_args", nargs=argparse.REMAINDER)
-    bn.set_defaults(run=_bench)
-
     pk = commands.add_parser("pack", help="build the demo model pack (tiny models, trained on flat shapes) if missing")
     pk.add_argument("folder", type=Path, nargs="?", default=Path("demo-models"))
     _weights_arguments(pk)
@@ -131,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _weights_arguments(parser) -> None:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--weights", type=Path,
-                       help="trained weights (from `python -m imprompt.training`) for the SD 1.5 pipeline, both encoders "
+                       help="trained weights (from `make train`) for the SD 1.5 pipeline, both encoders "
                             "and the Base, Base ViT-G and Plus adapters (default: the ones shipped with imprompt)")  # fmt: skip
     group.add_argument("--random-weights", action="store_true",
                        help="random weights everywhere (pictures are noise; the plumbing is the same)")  # fmt: skip
@@ -139,7 +133,7 @@ def _weights_arguments(parser) -> None:
 
 def _pack_weights(args) -> Path | None:
     """The trained weights folder `--weights` / `--random-weights` ask for (None: random)."""
-    from .pack import DEMO_WEIGHTS
+    from .demo.pack import DEMO_WEIGHTS
 
     return None if args.random_weights else args.weights or DEMO_WEIGHTS
 
@@ -173,7 +167,8 @@ def _require_models(args) -> list[Path]:
 
 def _generate(args) -> int:
     from .engine import Engine
-    from .schema import from_sdnext_payload, parse_request
+    from .request import parse_request
+    from .server.a1111 import from_sdnext_payload
 
     if args.request:
         try:
@@ -262,7 +257,7 @@ def _is_number(text: str) -> bool:
 
 
 def _probe(args) -> int:
-    from .probe import probe
+    from .models.probe import probe
 
     status = 0
     for path in args.files:
@@ -275,8 +270,8 @@ def _probe(args) -> int:
 
 
 def _models(args) -> int:
+    from .models.store import ModelStore
     from .plan import describe_store
-    from .store import ModelStore
 
     listing = describe_store(ModelStore(_require_models(args)))
     if args.json:
@@ -304,7 +299,7 @@ def _models(args) -> int:
 
 
 def _demo(args) -> int:
-    from .demo import run_demo
+    from .demo.scenario import run_demo
 
     quiet_libraries()
     run_demo(args.models, args.out, steps=args.steps, weights=_pack_weights(args))
@@ -325,9 +320,9 @@ def _embed(args) -> int:
 def _serve(args) -> int:
     import uvicorn
 
-    from .cache import parse_bytes
     from .engine import Engine
     from .server.app import ServerSettings, create_app
+    from .util.cache import parse_bytes
 
     quiet_libraries()
     engine = Engine(
@@ -346,15 +341,8 @@ def _serve(args) -> int:
     return 0
 
 
-def _bench(args) -> int:
-    from .bench import main as bench
-
-    quiet_libraries()
-    return bench(args.bench_args)
-
-
 def _pack(args) -> int:
-    from .pack import build_demo_pack
+    from .demo.pack import build_demo_pack
 
     quiet_libraries()
     print(build_demo_pack(args.folder, weights=_pack_weights(args)))
@@ -362,7 +350,7 @@ def _pack(args) -> int:
 
 
 def _download(args) -> int:
-    from .download import download
+    from .models.download import download
 
     for path in download(args.names, _require_models(args)[0]):
         print(path)

@@ -22,17 +22,18 @@ import torch
 from PIL import Image
 
 from . import __version__
-from .adapters import AdapterSlots, BuiltAdapter, build_adapter
-from .cache import ByteLRU, parse_bytes
-from .encoders import Encoders, load_saved_embeddings, save_embeddings
 from .errors import CheckpointError, RequestError
-from .images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, image_digest, load_image, noise_image
-from .infotext import parameters_text, png_info
-from .loading import load_adapter_state_dict, load_pipeline
+from .ipadapter.attach import AttachedAdapters, ip_adapter_masks
+from .ipadapter.build import BuiltAdapter, build_adapter, load_adapter_state_dict
+from .ipadapter.embeddings import ImageEmbedder, load_saved_embeddings, save_embeddings
+from .loading.pipelines import load_pipeline
+from .models.store import Entry, ModelStore
 from .plan import Plan, make_plan, plan_unit
-from .samplers import canonical_sampler, make_scheduler, sampler_label
-from .schema import GenerateRequest, IPAdapterUnit, parse_request, parse_unit
-from .store import Entry, ModelStore
+from .request import GenerateRequest, IPAdapterUnit, parse_request, parse_unit
+from .util.cache import ByteLRU, parse_bytes
+from .util.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, image_digest, load_image, noise_image
+from .util.infotext import parameters_text, png_info
+from .util.samplers import canonical_sampler, make_scheduler, sampler_label
 
 log = logging.getLogger("imprompt")
 
@@ -56,7 +57,7 @@ class _LoadedPipeline:
     key: tuple
     name: str
     pipeline: object
-    slots: AdapterSlots
+    attached: AttachedAdapters  # the IP-Adapters its UNet carries now
     scheduler_config: dict
     scheduler_class: str
     load_seconds: float
@@ -77,16 +78,6 @@ class _UnitInputs:
     images: list
     negatives: list | None
     masks: list | None
-
-
-def _masks(masks: list | None, width: int, height: int):
-    """A unit's masks as diffusers' IPAdapterMaskProcessor makes them: [1, masks, height, width], binarised."""
-    if masks is None:
-        return None
-    from diffusers.image_processor import IPAdapterMaskProcessor
-
-    tensor = IPAdapterMaskProcessor().preprocess(masks, height=height, width=width)
-    return tensor.reshape(1, tensor.shape[0], tensor.shape[2], tensor.shape[3])
 
 
 @dataclass
@@ -153,7 +144,7 @@ class Engine:
         self.device = torch.device(device) if device else default_device()
         self.dtype = resolve_dtype(dtype, self.device)
         self.encoder_dtype = resolve_dtype(encoder_dtype, self.device) if encoder_dtype else self.dtype
-        self.encoders = Encoders(
+        self.embedder = ImageEmbedder(
             self.device,
             self.encoder_dtype,
             parse_bytes(cache_budget, _default_encoder_budget()),
@@ -218,7 +209,7 @@ class Engine:
         embeddings = [self._embeddings(unit, unit_inputs, events) for unit, unit_inputs in zip(plan.units, inputs)]
         timer.mark("encode")
 
-        swapped = loaded.slots.attach(built, tuple(u.adapter.key(self.dtype, self.device) for u in plan.units))
+        swapped = loaded.attached.attach(built, tuple(u.adapter.key(self.dtype, self.device) for u in plan.units))
         if swapped:
             names = " + ".join(u.label for u in plan.units) or "none"
             log.info("UNet adapters now: %s", names)
@@ -227,7 +218,7 @@ class Engine:
 
         seed = request.seed if request.seed >= 0 else secrets.randbelow(2**32)
         width, height = self._size(request, plan, init_image)
-        masks = [_masks(unit_inputs.masks, width, height) for unit_inputs in inputs]
+        masks = [ip_adapter_masks(unit_inputs.masks, width, height) for unit_inputs in inputs]
         images_out, active_steps = self._denoise(
             loaded, plan, request, embeddings, masks, init_image, seed, width, height, sampler, on_step
         )
@@ -283,7 +274,7 @@ class Engine:
     def _embeddings(self, unit, inputs: _UnitInputs, events: list):
         if unit.embeddings is not None:
             return load_saved_embeddings(unit.embeddings, self.device, self.encoder_dtype)
-        return self.encoders.embed(
+        return self.embedder.embed(
             unit.encoder, unit.output, inputs.images, unit.label, unit.why, events, inputs.negatives, unit.unit.average
         )
 
@@ -309,7 +300,7 @@ class Engine:
             for i, on in enumerate(active):
                 if on:
                     active_steps[i].append(step)
-            loaded.slots.set_scales([u.scale if on else 0.0 for u, on in zip(units, active)], weights)
+            loaded.attached.set_scales([u.scale if on else 0.0 for u, on in zip(units, active)], weights)
 
         def step_end(pipe, step, timestep, tensors):
             total = pipe.num_timesteps
@@ -393,18 +384,18 @@ class Engine:
         seconds = time.perf_counter() - started
         log.info("model %s loaded in %.2f s", entry.name, seconds)
         events.append({"event": "model_loaded", "model": entry.name, "seconds": round(seconds, 4)})
-        slots = AdapterSlots(pipeline.unet)
-        if tuple(slots.names) != tuple(entry.spec.layer_names):
+        attached = AttachedAdapters(pipeline.unet)
+        if tuple(attached.names) != tuple(entry.spec.layer_names):
             raise CheckpointError(
                 entry.path,
-                f"the loaded UNet's cross-attention layers {slots.names[:2]}... differ from its weights file's "
+                f"the loaded UNet's cross-attention layers {attached.names[:2]}... differ from its weights file's "
                 f"{entry.spec.layer_names[:2]}...; the pipeline folder is inconsistent",
             )
         self._pipeline = _LoadedPipeline(
             key=key,
             name=entry.name,
             pipeline=pipeline,
-            slots=slots,
+            attached=attached,
             scheduler_config=dict(pipeline.scheduler.config),
             scheduler_class=type(pipeline.scheduler).__name__,
             load_seconds=seconds,
@@ -432,8 +423,8 @@ class Engine:
 
     def cache_info(self) -> dict:
         return {
-            "encoders": self.encoders.loaded.stats(),
-            "embeddings": self.encoders.embeddings.stats(),
+            "encoders": self.embedder.encoders.stats(),
+            "embeddings": self.embedder.embeddings.stats(),
             "adapters": self.adapters.stats(),
             "model": self._pipeline.name if self._pipeline else None,
         }
@@ -442,8 +433,8 @@ class Engine:
         """Drop loaded encoders, embeddings and built adapters (the loaded model stays)."""
         with self._lock:
             if self._pipeline is not None:
-                self._pipeline.slots.attach([], ())
-                self._pipeline.slots.forget_shells()
-            cleared = self.encoders.clear()
+                self._pipeline.attached.attach([], ())
+                self._pipeline.attached.forget_shells()
+            cleared = self.embedder.clear()
             cleared["adapters"] = self.adapters.clear()
             return cleared

@@ -9,11 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import catalog
 from .errors import ImpromptError, IncompatibleError, MissingEncoderError, UnknownModelError, UnsupportedError
-from .layers import layer_weights
-from .schema import GenerateRequest, IPAdapterUnit
-from .store import Entry, ModelStore
+from .ipadapter.block_weights import layer_weights
+from .models import catalog
+from .models.store import Entry, ModelStore
+from .request import GenerateRequest, IPAdapterUnit
 
 
 @dataclass(frozen=True)

@@ -19,12 +19,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .. import __version__, catalog
+from .. import __version__
 from ..engine import Engine
 from ..errors import AuthError, ImpromptError, PayloadTooLargeError
+from ..models import catalog
 from ..plan import describe_store
+from .a1111 import Img2ImgPayload, OptionsPayload, Txt2ImgPayload, to_request, to_response
 from .jobs import JobQueue
-from .sdapi import Img2ImgPayload, OptionsPayload, Txt2ImgPayload, to_request, to_response
 
 log = logging.getLogger("imprompt")
 
@@ -111,7 +112,7 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
 
     @app.get("/sdapi/v1/samplers")
     def samplers() -> list[dict]:
-        from ..samplers import SAMPLERS
+        from ..util.samplers import SAMPLERS
 
         return [{"name": name, "aliases": [], "options": {}} for name in SAMPLERS]
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from ..engine import Engine, Result
 from ..errors import ImpromptError, QueueFullError
-from ..schema import GenerateRequest
+from ..request import GenerateRequest
 
 log = logging.getLogger("imprompt")
 _ids = itertools.count(1)

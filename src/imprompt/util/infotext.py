@@ -1,10 +1,10 @@
-"""A1111's "parameters" text, the PNG text chunk that A1111, SD.Next, ComfyUI and civitai read back."""
+"""A1111's "parameters" PNG text, which A1111, SD.Next, ComfyUI and civitai read back."""
 
 from __future__ import annotations
 
 from PIL.PngImagePlugin import PngInfo
 
-from . import __version__
+from .. import __version__
 
 
 def quote(value) -> str:

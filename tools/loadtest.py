@@ -1,6 +1,6 @@
 """Load: `imprompt serve` as a real process, many concurrent clients on loopback, every answer checked.
 
-    python -m imprompt.loadtest --clients 8 --requests 50 [--models DIR] [--report docs/load.json]
+    python -m tools.loadtest --clients 8 --requests 50 [--models DIR] [--report docs/load.json]
 
 Each client sends SD.Next txt2img payloads drawn from the soak menu (different adapters, mixes, controls);
 every image must equal that request's fresh-process reference, and no answer may be a 5xx. Reported:
@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import base64
 import io
-import json
 import random
 import socket
 import statistics
@@ -131,10 +130,11 @@ def load(url: str, valid: dict, references: dict[str, Path], clients: int, reque
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .pack import build_demo_pack
+    from imprompt.demo.pack import build_demo_pack
+
     from .soak import fresh_references, pack_images, sd15_menu, write_report
 
-    parser = argparse.ArgumentParser(prog="python -m imprompt.loadtest", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.loadtest", description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--requests", type=int, default=50, help="per client")
     parser.add_argument("--max-queue", type=int, default=16)

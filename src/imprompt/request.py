@@ -1,4 +1,7 @@
-"""Request models shared by the Python API, the CLI and the HTTP server, and SD.Next payload conversion."""
+"""The one request shape (GenerateRequest and its IP-Adapter units) that the CLI, Python and HTTP all build.
+
+The server builds it from A1111 / SD.Next payloads (`server/a1111.py`); the engine takes nothing else.
+"""
 
 from __future__ import annotations
 
@@ -114,43 +117,3 @@ def describe_validation_error(exc: ValidationError) -> str:
         shown = "" if isinstance(found, (dict, list)) or found is None else f" (got {str(found)[:60]!r})"
         parts.append(f"{where}: {message}{shown}")
     return "invalid request: " + "; ".join(parts)
-
-
-UNIT_FIELDS = tuple(IPAdapterUnit.model_fields)
-
-
-def from_sdnext_payload(payload: dict, img2img: bool | None = None) -> GenerateRequest:
-    """An SD.Next / A1111 `txt2img` or `img2img` JSON payload -> GenerateRequest. A1111 fields imprompt has no use
-    for (restore_faces, styles, alwayson_scripts, ...) are ignored, as A1111 ignores fields it does not know.
-    `img2img`: None decides from the payload (init_images present); txt2img ignores init_images and
-    denoising_strength (A1111 clients send the latter for hires fix)."""
-    if not isinstance(payload, dict):
-        raise RequestError(f"request must be a JSON object, got {type(payload).__name__}")
-    overrides = payload.get("override_settings") or {}
-    if not isinstance(overrides, dict):
-        raise RequestError("override_settings must be a JSON object")
-    units = payload.get("ip_adapter") or []
-    if not isinstance(units, list):
-        raise RequestError("ip_adapter must be a list of units")
-    if img2img is None:
-        img2img = bool(payload.get("init_images"))
-    keys = ["prompt", "negative_prompt", "seed", "steps", "cfg_scale", "width", "height", "batch_size"]
-    if img2img:
-        keys += ["init_images", "denoising_strength"]
-    fields: dict[str, Any] = {key: payload[key] for key in keys if payload.get(key) is not None}
-    sampler = payload.get("sampler_name") or payload.get("sampler_index")
-    if sampler:
-        scheduler = str(payload.get("scheduler") or "").lower()
-        fields["sampler"] = f"{sampler} Karras" if scheduler == "karras" and "karras" not in sampler.lower() else sampler
-    if overrides.get("sd_model_checkpoint"):
-        fields["model"] = overrides["sd_model_checkpoint"]
-    fields["ip_adapters"] = []
-    for i, unit in enumerate(units):
-        if not isinstance(unit, dict):
-            raise RequestError(f"ip_adapter.{i}: each unit must be a JSON object")
-        if not unit.get("adapter") or str(unit["adapter"]).lower() == "none":
-            continue  # SD.Next treats "None" as an empty unit
-        fields["ip_adapters"].append(
-            {k: unit[k] for k in UNIT_FIELDS if unit.get(k) is not None}
-        )
-    return parse_request(fields)

@@ -1,5 +1,9 @@
-"""A1111 / SD.Next API shapes: request payloads (typed, so wrong types are a 422 naming the field), and the
-responses A1111 clients parse (`images` as base64 PNG, `parameters`, and `info` as a JSON string)."""
+"""A1111 / SD.Next API shapes: payloads in (typed), responses out, and their conversion to a request.
+
+Payloads are typed, so wrong types are a 422 naming the field; responses are what A1111 clients parse (`images` as
+base64 PNG, `parameters`, and `info` as a JSON string). The dict form of a payload (`imprompt generate --request
+payload.json`) goes through `from_sdnext_payload`.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +15,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..engine import Result
-from ..infotext import png_info
-from ..schema import GenerateRequest, from_sdnext_payload
+from ..errors import RequestError
+from ..request import GenerateRequest, IPAdapterUnit, parse_request
+from ..util.infotext import png_info
 
 
 class IPAdapterPayload(BaseModel):
@@ -65,6 +70,46 @@ class OptionsPayload(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     sd_model_checkpoint: str | None = None
+
+
+UNIT_FIELDS = tuple(IPAdapterUnit.model_fields)
+
+
+def from_sdnext_payload(payload: dict, img2img: bool | None = None) -> GenerateRequest:
+    """An SD.Next / A1111 `txt2img` or `img2img` JSON payload -> GenerateRequest. A1111 fields imprompt has no use
+    for (restore_faces, styles, alwayson_scripts, ...) are ignored, as A1111 ignores fields it does not know.
+    `img2img`: None decides from the payload (init_images present); txt2img ignores init_images and
+    denoising_strength (A1111 clients send the latter for hires fix)."""
+    if not isinstance(payload, dict):
+        raise RequestError(f"request must be a JSON object, got {type(payload).__name__}")
+    overrides = payload.get("override_settings") or {}
+    if not isinstance(overrides, dict):
+        raise RequestError("override_settings must be a JSON object")
+    units = payload.get("ip_adapter") or []
+    if not isinstance(units, list):
+        raise RequestError("ip_adapter must be a list of units")
+    if img2img is None:
+        img2img = bool(payload.get("init_images"))
+    keys = ["prompt", "negative_prompt", "seed", "steps", "cfg_scale", "width", "height", "batch_size"]
+    if img2img:
+        keys += ["init_images", "denoising_strength"]
+    fields: dict[str, Any] = {key: payload[key] for key in keys if payload.get(key) is not None}
+    sampler = payload.get("sampler_name") or payload.get("sampler_index")
+    if sampler:
+        scheduler = str(payload.get("scheduler") or "").lower()
+        fields["sampler"] = f"{sampler} Karras" if scheduler == "karras" and "karras" not in sampler.lower() else sampler
+    if overrides.get("sd_model_checkpoint"):
+        fields["model"] = overrides["sd_model_checkpoint"]
+    fields["ip_adapters"] = []
+    for i, unit in enumerate(units):
+        if not isinstance(unit, dict):
+            raise RequestError(f"ip_adapter.{i}: each unit must be a JSON object")
+        if not unit.get("adapter") or str(unit["adapter"]).lower() == "none":
+            continue  # SD.Next treats "None" as an empty unit
+        fields["ip_adapters"].append(
+            {k: unit[k] for k in UNIT_FIELDS if unit.get(k) is not None}
+        )
+    return parse_request(fields)
 
 
 def to_request(payload: Txt2ImgPayload, model: str | None) -> GenerateRequest:

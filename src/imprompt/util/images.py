@@ -1,4 +1,4 @@
-"""Reference images in: PIL images, paths, bytes or base64 (with or without a data-URL prefix) -> RGB PIL.
+"""Reference images in (PIL, paths, bytes, base64) -> RGB PIL, size-checked before decoding.
 
 The pixel count is checked from the header before any pixel is decoded, so a decompression bomb costs nothing.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from .errors import ImageError, ImageTooLargeError
+from ..errors import ImageError, ImageTooLargeError
 
 DEFAULT_MAX_PIXELS = 4096 * 4096
 DEFAULT_MAX_BYTES = 32 * 2**20

@@ -1,7 +1,7 @@
 """Soak: thousands of random requests through one engine, every valid result checked against the image that
 request gives as the only request of a fresh process.
 
-    python -m imprompt.soak --requests 5000 [--models DIR] [--report docs/soak.json]
+    python -m tools.soak --requests 5000 [--models DIR] [--report docs/soak.json]
 
 Requests are drawn from a menu that covers every adapter variant of both families, alone and combined, with
 the per-unit controls, plus requests that must fail (unknown names, bad images, corrupt and incompatible
@@ -15,14 +15,15 @@ import argparse
 import hashlib
 import json
 import random
-import resource
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .pack import write_adapter
+import psutil
+
+from imprompt.demo.tiny_models import write_adapter
 
 
 def _request(*units, model="tiny-sd15", seed=1, steps=4, **fields) -> dict:
@@ -135,8 +136,8 @@ def soak(roots: list[str], valid: dict, failing: dict, references: dict[str, Pat
     import numpy as np
     from PIL import Image
 
-    from .engine import Engine
-    from .errors import ImpromptError
+    from imprompt.engine import Engine
+    from imprompt.errors import ImpromptError
 
     rng = random.Random(seed)
     families = {"sd15": [n for n in valid if not n.startswith("xl-")], "sdxl": [n for n in valid if n.startswith("xl-")]}
@@ -179,21 +180,15 @@ def soak(roots: list[str], valid: dict, failing: dict, references: dict[str, Pat
 
 
 def _rss() -> int:
-    """Current resident set size (Linux), in bytes."""
-    try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-        import os
-
-        return pages * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """Current resident set size, in bytes."""
+    return psutil.Process().memory_info().rss
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .cli import quiet_libraries
-    from .pack import build_demo_pack
+    from imprompt.cli import quiet_libraries
+    from imprompt.demo.pack import build_demo_pack
 
-    parser = argparse.ArgumentParser(prog="python -m imprompt.soak", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.soak", description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=5000)
     parser.add_argument("--models", type=Path, default=Path("demo-models"), help="the demo pack (built if missing)")
     parser.add_argument("--work", type=Path, default=Path(".soak"), help="bad files and references")

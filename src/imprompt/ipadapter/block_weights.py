@@ -1,4 +1,4 @@
-"""Per-block IP-Adapter weights (InstantStyle): presets, strict validation, one weight per cross-attention layer.
+"""Per-block weights (InstantStyle): presets, strict checks, one weight per cross-attention layer.
 
 The dictionary form is diffusers' `set_ip_adapter_scale` form: `{"down": {"block_2": [0.0, 1.0]}, "mid": 0.5,
 "up": {"block_0": [0.0, 1.0, 0.0]}}`, a number for a whole level or block, or a list with one weight per
@@ -11,8 +11,8 @@ from __future__ import annotations
 import copy
 import re
 
-from .errors import RequestError
-from .probe import PipelineSpec
+from ..errors import RequestError
+from ..models.specs import PipelineSpec
 
 # InstantStyle (Wang et al. 2024) for SDXL: up_blocks.0.attentions.1 carries style, down_blocks.2.attentions.1
 # carries layout. For SD 1.5, the blocks ComfyUI_IPAdapter_plus uses for "style transfer" and "composition".

@@ -1,7 +1,9 @@
-"""A1111 / SD.Next single-file checkpoints (`models/Stable-diffusion/*.safetensors`), loaded offline.
+"""A1111 / SD.Next single-file checkpoints: their model type and configs, offline.
 
-A single file holds weights in the original (LDM) layout and no configuration. diffusers' `from_single_file`
-converts the weights; it needs a diffusers config folder, which it normally downloads. imprompt ships the small
+A single file (`models/Stable-diffusion/*.safetensors`) holds weights in the original (LDM) layout and no
+configuration. What kind of model it is comes from diffusers' own detection (`infer_diffusers_model_type`: SD 1.5,
+SD 2, inpainting, SDXL base and refiner, Playground, upscalers, ...). Loading goes through diffusers'
+`from_single_file`, which needs a diffusers config folder that it normally downloads: imprompt ships the small
 SD 1.5 and SDXL config files (`configs/`), sets every width the tensors decide (channels, blocks per level,
 transformer depths, conditioning widths, text-encoder sizes) and fills in what shapes cannot say (attention heads,
 activations, VAE scaling) from the family's published convention. The CLIP tokenizer's vocabulary is built from
@@ -15,22 +17,32 @@ import gzip
 import importlib.util
 import json
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import CheckpointError, UnsupportedError
-from .probe import PipelineSpec, TensorInfo
+from ..errors import CheckpointError, UnsupportedError
+from ..loading.tensors import REDOWNLOAD, TensorInfo
+from .specs import PipelineSpec, unet_layer_order
 
 UNET = "model.diffusion_model."
 VAE = "first_stage_model."
 CONFIGS = Path(__file__).parent / "configs"
 
-# cross-attention width -> (family, pipeline class, config folder, default image size)
-FAMILIES = {
-    768: ("SD 1.5", "StableDiffusionPipeline", "sd15", 512),
-    2048: ("SDXL", "StableDiffusionXLPipeline", "sdxl", 1024),
+# diffusers' model type -> (pipeline class, config folder, default image size): the types imprompt runs
+RUNNABLE = {
+    "v1": ("StableDiffusionPipeline", "sd15", 512),
+    "xl_base": ("StableDiffusionXLPipeline", "sdxl", 1024),
 }
+# diffusers' model types, as users call them (for refusals)
+TYPE_NAMES = {
+    "v1": "SD 1.5", "v2": "SD 2.x", "xl_base": "SDXL", "xl_refiner": "SDXL refiner", "inpainting": "SD 1.5 inpainting",
+    "inpainting_v2": "SD 2 inpainting", "xl_inpaint": "SDXL inpainting", "playground-v2-5": "Playground v2.5",
+    "upscale": "SD x4 upscaler", "controlnet": "ControlNet", "sd3": "SD 3", "sd35_medium": "SD 3.5 Medium",
+    "sd35_large": "SD 3.5 Large", "flux-dev": "FLUX.1 dev", "flux-schnell": "FLUX.1 schnell",
+}  # fmt: skip
+# cross-attention width -> model type, where diffusers' markers (a few layer indices of the full-size models,
+# e.g. the 10th text-encoder block) are absent, as in checkpoints with shallower text encoders
+BY_CROSS_ATTENTION = {768: "v1", 1024: "v2", 1280: "xl_refiner", 2048: "xl_base"}
 # text encoders: config subfolder -> key prefix in the single file, and whether it is in OpenCLIP's layout
 TEXT_ENCODERS = {
     "sd15": {"text_encoder": ("cond_stage_model.transformer.text_model.", False)},
@@ -43,6 +55,22 @@ TEXT_ENCODERS = {
 
 def is_single_file_checkpoint(table: dict[str, TensorInfo]) -> bool:
     return any(k.startswith(UNET) for k in table)
+
+
+def model_type(table: dict[str, TensorInfo]) -> str:
+    """diffusers' name for what the checkpoint is ("v1", "xl_base", "inpainting", "v2", ...)."""
+    from diffusers.loaders.single_file_utils import infer_diffusers_model_type
+
+    found = infer_diffusers_model_type(table)
+    if found == "v1":  # diffusers' answer when none of its markers is present: decide by the conditioning width
+        widths = {info.shape[-1] for key, info in table.items() if key.startswith(UNET) and key.endswith("attn2.to_k.weight")}
+        if len(widths) == 1:
+            found = BY_CROSS_ATTENTION.get(widths.pop(), "unknown")
+    return found
+
+
+def describe_type(name: str) -> str:
+    return TYPE_NAMES.get(name, f"diffusers model type {name!r}")
 
 
 @dataclass(frozen=True)
@@ -60,17 +88,15 @@ class UNetLayout:
 
 
 def unet_layout(path, table: dict[str, TensorInfo]) -> UNetLayout:
-    cross = {info.shape[1] for key, info in table.items() if key.startswith(UNET) and key.endswith("attn2.to_k.weight")}
-    if len(cross) != 1:
-        raise CheckpointError(path, f"single-file UNet has cross-attention widths {sorted(cross)}, expected one")
-    family_of(path, cross_attention_dim=next(iter(cross)))  # refuse unsupported families before reading more
-
     def shape(key):
         info = table.get(UNET + key)
         if info is None:
-            raise CheckpointError(path, f"single-file checkpoint lacks {UNET}{key}", "Download it again")
+            raise CheckpointError(path, f"single-file checkpoint lacks {UNET}{key}", REDOWNLOAD)
         return info.shape
 
+    cross = {info.shape[1] for key, info in table.items() if key.startswith(UNET) and key.endswith("attn2.to_k.weight")}
+    if len(cross) != 1:
+        raise CheckpointError(path, f"single-file UNet has cross-attention widths {sorted(cross)}, expected one")
     indices = sorted({int(k[len(UNET) :].split(".")[1]) for k in table if k.startswith(UNET + "input_blocks.")})
     channels, depth, per_level, level = [], [], [], 0
     blocks_in_level = 0
@@ -90,36 +116,35 @@ def unet_layout(path, table: dict[str, TensorInfo]) -> UNetLayout:
             depth.append(len(transformer))
     per_level.append(blocks_in_level)
     if len(set(per_level)) != 1 or not channels:
-        raise CheckpointError(path, f"unexpected UNet layout in single file (resnets per level {per_level})")
-    proj_in = next(info for key, info in table.items() if key.startswith(UNET) and key.endswith(".1.proj_in.weight"))
+        raise CheckpointError(path, f"unexpected UNet layout in single file (resnets per level {per_level})", REDOWNLOAD)
+    proj_in = [info for key, info in table.items() if key.startswith(UNET) and key.endswith(".1.proj_in.weight")]
+    if not proj_in:
+        raise CheckpointError(path, "single-file UNet has no attention block (no *.1.proj_in.weight)", REDOWNLOAD)
     label = table.get(UNET + "label_emb.0.0.weight")
     return UNetLayout(
         layers_per_block=per_level[0],
         block_out_channels=tuple(channels),
         depth=tuple(depth),
         cross_attention_dim=next(iter(cross)),
-        linear_projection=len(proj_in.shape) == 2,
+        linear_projection=len(proj_in[0].shape) == 2,
         in_channels=shape("input_blocks.0.0.weight")[1],
         out_channels=shape("out.2.weight")[0],
         addition_input_dim=label.shape[1] if label is not None else None,
     )
 
 
-def family_of(path, cross_attention_dim: int) -> tuple[str, str, str, int]:
-    family = FAMILIES.get(cross_attention_dim)
-    if family is None:
-        raise UnsupportedError(
-            f"{path}: single-file checkpoint with cross-attention width {cross_attention_dim} (SD 2.x or "
-            f"another family); single files are supported for SD 1.5 (768) and SDXL (2048). Convert it to a "
-            f"diffusers folder and put it under DIR/diffusers/"
-        )
-    return family
-
-
 def single_file_spec(path: Path, table: dict[str, TensorInfo]) -> PipelineSpec:
-    """The pipeline spec of a single file: cross-attention layers renamed from LDM to diffusers order."""
+    """The pipeline spec of a single file: its model type, and its cross-attention layers renamed from LDM to
+    diffusers order. Types imprompt cannot run are refused here, naming the type."""
+    kind = model_type(table)
+    if kind not in RUNNABLE:
+        raise UnsupportedError(
+            f"{path}: a {describe_type(kind)} single-file checkpoint (diffusers model type {kind!r}); imprompt runs "
+            f"{' and '.join(describe_type(t) for t in RUNNABLE)} checkpoints (text-to-image and image-to-image). "
+            f"Use another checkpoint, or remove this one from the models folder"
+        )
+    pipeline_class, _, size = RUNNABLE[kind]
     layout = unet_layout(path, table)
-    _, pipeline_class, _, size = family_of(path, layout.cross_attention_dim)
     step = layout.layers_per_block + 1
     layers = []
     for key, info in table.items():
@@ -135,8 +160,6 @@ def single_file_spec(path: Path, table: dict[str, TensorInfo]) -> PipelineSpec:
         else:
             name = f"mid_block.attentions.0.transformer_blocks.{t}"
         layers.append((name, info.shape[0]))
-    from .probe import unet_layer_order
-
     layers.sort(key=lambda item: unet_layer_order(item[0]))
     return PipelineSpec(
         path=str(path),
@@ -148,36 +171,13 @@ def single_file_spec(path: Path, table: dict[str, TensorInfo]) -> PipelineSpec:
     )
 
 
-# -------------------------------------------------------------------------------------------------- loading
-
-
-def load_single_file(spec: PipelineSpec, device, dtype):
-    import diffusers
-
-    from .probe import read_tensor_table
-
-    path = Path(spec.path)
-    table, _ = read_tensor_table(path)
-    extra = {"safety_checker": None, "requires_safety_checker": False} if spec.pipeline_class == "StableDiffusionPipeline" else {}
-    with tempfile.TemporaryDirectory(prefix="imprompt-config-") as folder:
-        write_config_folder(path, table, Path(folder))
-        try:
-            pipeline = getattr(diffusers, spec.pipeline_class).from_single_file(
-                str(path), config=folder, local_files_only=True, dtype=dtype, image_encoder=None,
-                feature_extractor=None, **extra,
-            )  # fmt: skip
-        except (OSError, RuntimeError, ValueError, KeyError, TypeError) as exc:
-            from .probe import _first_line
-
-            raise CheckpointError(path, f"cannot load single-file checkpoint ({_first_line(exc)})") from None
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline.to(device)
+# ----------------------------------------------------------------------------------------- the config folder
 
 
 def write_config_folder(path: Path, table: dict[str, TensorInfo], folder: Path) -> None:
     """The family's shipped configs with every width the tensors decide, plus tokenizer vocabularies."""
     layout = unet_layout(path, table)
-    family, _, name, _ = family_of(path, layout.cross_attention_dim)
+    _, name, _ = RUNNABLE[model_type(table)]
     shutil.copytree(CONFIGS / name, folder, dirs_exist_ok=True)
 
     unet = _read(folder / "unet" / "config.json")
@@ -193,7 +193,7 @@ def write_config_folder(path: Path, table: dict[str, TensorInfo], folder: Path) 
         down_block_types=["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention],
         up_block_types=["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)],
     )
-    if family == "SDXL":  # 64 channels per attention head, by SDXL's convention
+    if name == "sdxl":  # 64 channels per attention head, by SDXL's convention
         unet["attention_head_dim"] = [max(1, c // 64) for c in layout.block_out_channels]
     if layout.addition_input_dim is not None:
         pooled = table["conditioner.embedders.1.model.text_projection"].shape[1]
@@ -250,11 +250,11 @@ def _text_encoder_widths(path, table, prefix: str, open_clip: bool) -> dict:
 def write_clip_vocabulary(folder: Path) -> None:
     """vocab.json + merges.txt of OpenAI's CLIP tokenizer, built from the BPE merges file as CLIP builds it:
     the 256 byte symbols, the same with `</w>`, one token per merge (48,894 of them), then the two specials."""
-    from .pack import _bytes_to_unicode
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     lines = gzip.open(clip_bpe_file()).read().decode("utf-8").split("\n")
     merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
-    symbols = list(_bytes_to_unicode().values())
+    symbols = list(bytes_to_unicode().values())
     vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))

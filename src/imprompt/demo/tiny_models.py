@@ -1,27 +1,23 @@
-"""Builds tiny random-weight models in the real on-disk formats: the demo model pack, and what tests need.
+"""Tiny random-weight models in the real on-disk formats: what the demo pack (and the tests) are made of.
 
 The shapes that decide compatibility are the real ones (UNet cross-attention width 768 with SD 1.5's 16
-cross-attention layers; encoder projections 1024 for ViT-H and 1280 for ViT-bigG; h94 adapter key layouts), while
-everything else is tiny, so a whole pack is built in a few seconds and a 64 px image takes a fraction of one.
-Files are written exactly as users get them: diffusers pipeline folders, transformers encoder folders (and
-ComfyUI-style single files), h94 adapter `.safetensors` in fp16.
+cross-attention layers, SDXL's 70 at 2048; encoder projections 1024 for ViT-H and 1280 for ViT-bigG; h94 adapter
+key layouts), while everything else is tiny, so a whole pack is built in a few seconds and a 64 px image takes a
+fraction of one. Files are written exactly as users get them: diffusers pipeline folders, transformers encoder
+folders (and ComfyUI-style single files), h94 adapter `.safetensors` in fp16.
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import shutil
 from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
 
-log = logging.getLogger("imprompt")
+from ..models.single_file import write_clip_vocabulary
+from .shapes import draw_shape
 
-PACK_VERSION = 4
-SD15_MODEL = "tiny-sd15"
-SDXL_MODEL = "tiny-sdxl"
 CROSS_ATTENTION_SD15 = 768
 CROSS_ATTENTION_SDXL = 2048  # 768 (CLIP ViT-L text) + 1280 (OpenCLIP bigG text), concatenated
 
@@ -31,170 +27,8 @@ TINY_VIT_H = dict(hidden_size=64, projection_dim=1024, num_layers=3, heads=4)
 TINY_VIT_BIGG = dict(hidden_size=96, projection_dim=1280, num_layers=3, heads=4)
 TINY_ENCODERS = {"vit-h": TINY_VIT_H, "vit-g": TINY_VIT_BIGG}
 
-# h94 file stem -> (variant, encoder it was trained against)
-SD15_ADAPTERS = {
-    "ip-adapter_sd15": ("base", TINY_VIT_H),
-    "ip-adapter_sd15_light": ("base", TINY_VIT_H),
-    "ip-adapter-plus_sd15": ("plus", TINY_VIT_H),
-    "ip-adapter-plus-face_sd15": ("plus", TINY_VIT_H),
-    "ip-adapter-full-face_sd15": ("full-face", TINY_VIT_H),
-    "ip-adapter_sd15_vit-G": ("base", TINY_VIT_BIGG),
-}
 
-SDXL_ADAPTERS = {
-    "ip-adapter_sdxl": ("base", TINY_VIT_BIGG),
-    "ip-adapter_sdxl_vit-h": ("base", TINY_VIT_H),
-    "ip-adapter-plus_sdxl_vit-h": ("plus", TINY_VIT_H),
-    "ip-adapter-plus-face_sdxl_vit-h": ("plus", TINY_VIT_H),
-}
-
-# ostris' composition adapters are Plus-type (Resampler over ViT-H hidden states); ComfyUI keeps them in ipadapter/
-COMPOSITION_ADAPTERS = {
-    "ip_plus_composition_sd15": ("plus", TINY_VIT_H, SD15_MODEL),
-    "ip_plus_composition_sdxl": ("plus", TINY_VIT_H, SDXL_MODEL),
-}
-
-# Colours from shapes.PALETTE, so the trained models recognise them.
-REFERENCE_IMAGES = {
-    "red-circle": ("circle", (220, 40, 40), (40, 70, 210)),
-    "yellow-square": ("square", (240, 210, 40), (40, 170, 60)),
-    "white-triangle": ("triangle", (245, 245, 245), (20, 20, 20)),
-    "blue-star": ("star", (40, 70, 210), (240, 210, 40)),
-}
-
-# Where `python -m imprompt.training` writes by default, and where its files go in a pack.
-DEMO_WEIGHTS = Path(__file__).parent / "demo_weights"
-TRAINED_ENCODERS = {"vit-h": "IP-Adapter/models/image_encoder", "vit-g": "IP-Adapter/sdxl_models/image_encoder"}
-TRAINED_ADAPTERS = ("ip-adapter_sd15", "ip-adapter_sd15_vit-G", "ip-adapter-plus_sd15")  # in IP-Adapter/models
-
-
-def build_demo_pack(root: Path, force: bool = False, weights: Path | None = None) -> Path:
-    """The demo model pack, skipped when already built:
-    - `diffusers/tiny-sd15`, `diffusers/tiny-sdxl`: pipelines with SD 1.5's and SDXL's block structure;
-    - `IP-Adapter/` in the h94 repository layout: ViT-H-like and ViT-bigG-like encoders, the six SD 1.5 adapters
-      in `models/`, the four SDXL adapters in `sdxl_models/`;
-    - `ipadapter/` in ComfyUI's layout: ostris' composition adapters for SD 1.5 and SDXL;
-    - `images/`: reference images.
-
-    Every model has random weights, unless `weights` names a folder written by `python -m imprompt.training`:
-    then the SD 1.5 pipeline, both encoders and the Base, Base ViT-G and Plus SD 1.5 adapters are those trained
-    weights (everything else stays random). The pack is rebuilt when the weights change."""
-    root = Path(root)
-    stamp = root / "pack.json"
-    trained = weights is not None
-    wanted = {"builder": "imprompt.pack", "version": PACK_VERSION, "weights": _weights_digest(weights) if trained else None}
-    if not force and stamp.is_file() and json.loads(stamp.read_text()) == wanted:
-        return root
-    if root.exists():
-        shutil.rmtree(root)
-    log.info("building the demo model pack in %s (%s)", root, "trained" if trained else "random weights")
-    sd15 = root / "diffusers" / SD15_MODEL
-    widths = {
-        SD15_MODEL: cross_attention_widths((build_trained_sd15(sd15, weights) if trained else build_sd15_pipeline(sd15)).unet),
-        SDXL_MODEL: cross_attention_widths(build_sdxl_pipeline(root / "diffusers" / SDXL_MODEL, seed=3).unet),
-    }
-    cross = {SD15_MODEL: CROSS_ATTENTION_SD15, SDXL_MODEL: CROSS_ATTENTION_SDXL}
-    h94 = root / "IP-Adapter"
-    if trained:
-        for name, folder in TRAINED_ENCODERS.items():
-            write_trained_encoder(root / folder, name, weights)
-    else:
-        build_clip_vision(h94 / "models" / "image_encoder", seed=1, **TINY_VIT_H)
-        build_clip_vision(h94 / "sdxl_models" / "image_encoder", seed=2, **TINY_VIT_BIGG)
-    adapters = [(h94 / "models", stem, variant, encoder, SD15_MODEL) for stem, (variant, encoder) in SD15_ADAPTERS.items()]
-    adapters += [(h94 / "sdxl_models", stem, v, e, SDXL_MODEL) for stem, (v, e) in SDXL_ADAPTERS.items()]
-    adapters += [(root / "ipadapter", stem, v, e, m) for stem, (v, e, m) in COMPOSITION_ADAPTERS.items()]
-    for seed, (folder, stem, variant, encoder, model) in enumerate(adapters, start=10):
-        if trained and stem in TRAINED_ADAPTERS:
-            write_trained_adapter(folder / f"{stem}.safetensors", stem, weights)
-            continue
-        embed_dim = encoder["projection_dim"] if variant == "base" else encoder["hidden_size"]
-        write_adapter(folder / f"{stem}.safetensors", variant, embed_dim, widths[model], cross[model], seed)
-    for name, (shape, color, background) in REFERENCE_IMAGES.items():
-        (root / "images").mkdir(parents=True, exist_ok=True)
-        draw_reference(shape, color, background).save(root / "images" / f"{name}.png")
-    stamp.write_text(json.dumps(wanted))
-    return root
-
-
-# ------------------------------------------------------------------------------------- the trained demo weights
-
-
-def _weights_digest(weights: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    for path in sorted(Path(weights).glob("*.safetensors")):
-        digest.update(path.name.encode() + path.read_bytes())
-    return digest.hexdigest()[:16]
-
-
-def read_demo_weights(name: str, weights: Path = DEMO_WEIGHTS) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """One trained weights file, factors multiplied out, and its metadata (the model's config)."""
-    tensors, metadata = read_factored_weights(Path(weights) / f"{name}.safetensors")
-    return expand_factors(tensors), metadata
-
-
-def read_factored_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """A file as `imprompt.training` writes it: tensors (low-rank ones as factors) and metadata."""
-    from safetensors import safe_open
-
-    with safe_open(path, framework="pt") as handle:
-        return {key: handle.get_tensor(key) for key in handle.keys()}, handle.metadata() or {}
-
-
-def expand_factors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """`<key>:up` and `<key>:down` (a low-rank weight as trained and shipped) become `<key>` = up @ down, in
-    fp32; other tensors are kept as they are."""
-    expanded = {k: v for k, v in tensors.items() if not k.endswith((":up", ":down"))}
-    for key in tensors:
-        if key.endswith(":up"):
-            name = key.removesuffix(":up")
-            expanded[name] = tensors[key].float() @ tensors[f"{name}:down"].float()
-    return expanded
-
-
-def build_trained_sd15(folder: Path, weights: Path = DEMO_WEIGHTS):
-    """The trained tiny SD 1.5 pipeline as a diffusers folder (its tokenizer, text encoder, UNet, VAE and the
-    PNDM scheduler the random pipeline has)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    def model(factory, name):
-        tensors, metadata = read_demo_weights(name, weights)
-        instance = factory(json.loads(metadata["config"]))
-        instance.load_state_dict(tensors, strict=True)
-        return instance
-
-    return save_sd15_pipeline(
-        folder,
-        vae=model(AutoencoderKL.from_config, "vae"),
-        text_encoder=model(lambda config: CLIPTextModel(CLIPTextConfig.from_dict(config)), "text_encoder"),
-        tokenizer=CLIPTokenizer.from_pretrained(Path(weights) / "tokenizer"),
-        unet=model(UNet2DConditionModel.from_config, "unet"),
-    )
-
-
-def write_trained_encoder(folder: Path, name: str, weights: Path = DEMO_WEIGHTS) -> None:
-    """A trained image encoder as a transformers folder (config.json + model.safetensors, fp16, as h94's)."""
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
-    tensors, metadata = read_demo_weights(f"image_encoder_{name}", weights)
-    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig.from_dict(json.loads(metadata["config"])))
-    encoder.load_state_dict(tensors, strict=True)
-    encoder.to(torch.float16).save_pretrained(folder, safe_serialization=True)
-
-
-def write_trained_adapter(path: Path, stem: str, weights: Path = DEMO_WEIGHTS) -> None:
-    """A trained adapter as an h94 `.safetensors` (flat image_proj.* / ip_adapter.* keys, fp16)."""
-    from safetensors.torch import save_file
-
-    tensors, _ = read_demo_weights(stem, weights)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.to(torch.float16).contiguous() for k, v in tensors.items()}, path, metadata={"format": "pt"})
-
-
-# ------------------------------------------------------------------------------------------------ the pipeline
+# ------------------------------------------------------------------------------------------------ the pipelines
 
 
 def build_sd15_pipeline(folder: Path, seed: int = 0, cross_attention_dim: int = CROSS_ATTENTION_SD15,
@@ -384,11 +218,11 @@ def write_tokenizer(folder: Path, clip_vocabulary: bool = False, pad: str = "<|e
     folder.mkdir(parents=True, exist_ok=True)
     _write_tokenizer_config(folder, pad)
     if clip_vocabulary:
-        from .single_file import write_clip_vocabulary
-
         write_clip_vocabulary(folder)
         return
-    symbols = list(_bytes_to_unicode().values())
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    symbols = list(bytes_to_unicode().values())
     vocab = symbols + [s + "</w>" for s in symbols]
     merges: list[tuple[str, str]] = []
     for word in _WORDS:
@@ -417,17 +251,6 @@ def _write_tokenizer_config(folder: Path, pad: str) -> None:
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
     special = {k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
     (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP's reversible byte -> printable character table, in CLIP's order (printable bytes first, then
-    the others mapped past 255), which is the order of the vocabulary's first 256 tokens."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    printable += list(range(ord("®"), ord("ÿ") + 1))
-    others = [b for b in range(256) if b not in printable]
-    table = {b: chr(b) for b in printable}
-    table.update({b: chr(256 + n) for n, b in enumerate(others)})
-    return table
 
 
 # ------------------------------------------------------------------------------------------------- the encoders
@@ -599,132 +422,7 @@ def adapter_tensors(
 
 def draw_reference(shape: str, color, background, size: int = 96) -> Image.Image:
     """A flat shape on a flat background: a reference image whose content is easy to recognise."""
-    from .shapes import draw_shape
-
     image = Image.new("RGB", (size, size), background)
     m = size // 5
     draw_shape(ImageDraw.Draw(image), shape, (m, m, size - m, size - m), color)
     return image
-
-
-# -------------------------------------------------------------------------------------- A1111 single files
-
-
-def write_single_file(pipeline, path: Path, dtype: torch.dtype = torch.float16) -> Path:
-    """Save a diffusers SD 1.5 / SDXL pipeline as an A1111-style single checkpoint (original LDM key names), the
-    way users download base models. The inverse of diffusers' `from_single_file` conversion, which reads it."""
-    from safetensors.torch import save_file
-
-    tensors = single_file_tensors(pipeline)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.to(dtype).contiguous() for k, v in tensors.items()}, path, metadata={"format": "pt"})
-    return path
-
-
-def single_file_tensors(pipeline) -> dict[str, torch.Tensor]:
-    """The pipeline's tensors under their A1111/LDM names (works on meta tensors too: names and shapes only)."""
-    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
-
-    unet_config = pipeline.unet.config
-    tensors = {}
-    fixed = {**DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"], **DIFFUSERS_TO_LDM_MAPPING["unet"]["addition_embed_type"]}
-    state = pipeline.unet.state_dict()
-    with_attention = {int(k.split(".")[1]) for k in state if k.startswith("up_blocks.") and ".attentions." in k}
-    for key, tensor in state.items():
-        tensors["model.diffusion_model." + (fixed.get(key) or _ldm_unet_key(key, unet_config.layers_per_block, with_attention))] = tensor
-    for key, tensor in pipeline.vae.state_dict().items():
-        ldm, tensor = _ldm_vae_key(key, tensor, len(pipeline.vae.config.block_out_channels))
-        tensors["first_stage_model." + ldm] = tensor
-    if hasattr(pipeline, "text_encoder_2"):
-        prefixes = ("conditioner.embedders.0.transformer.",)
-        tensors.update(_open_clip_tensors(pipeline.text_encoder_2, "conditioner.embedders.1.model."))
-    else:
-        prefixes = ("cond_stage_model.transformer.",)
-    for key, tensor in pipeline.text_encoder.state_dict().items():
-        if not key.endswith("position_ids"):
-            tensors[prefixes[0] + ("" if key.startswith("text_model.") else "text_model.") + key] = tensor
-    return tensors
-
-
-_RESNET_TO_LDM = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
-                  "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}  # fmt: skip
-
-
-def _ldm_unet_key(key: str, layers_per_block: int, up_with_attention: set[int]) -> str:
-    parts = key.split(".")
-    step = layers_per_block + 1
-
-    def resnet(rest):
-        return ".".join([_RESNET_TO_LDM[rest[0]], *rest[1:]])
-
-    if parts[0] == "down_blocks":
-        i, kind = int(parts[1]), parts[2]
-        if kind == "downsamplers":  # down_blocks.i.downsamplers.0.conv.weight
-            return f"input_blocks.{step * (i + 1)}.0.op.{parts[-1]}"
-        j = int(parts[3])
-        where = f"input_blocks.{step * i + j + 1}"
-        return f"{where}.0.{resnet(parts[4:])}" if kind == "resnets" else f"{where}.1.{'.'.join(parts[4:])}"
-    if parts[0] == "up_blocks":
-        i, kind = int(parts[1]), parts[2]
-        if kind == "upsamplers":
-            slot = 2 if i in up_with_attention else 1
-            return f"output_blocks.{step * i + layers_per_block}.{slot}.conv.{parts[-1]}"
-        j = int(parts[3])
-        where = f"output_blocks.{step * i + j}"
-        return f"{where}.0.{resnet(parts[4:])}" if kind == "resnets" else f"{where}.1.{'.'.join(parts[4:])}"
-    if parts[0] == "mid_block":
-        if parts[1] == "attentions":
-            return f"middle_block.1.{'.'.join(parts[3:])}"
-        return f"middle_block.{2 * int(parts[2])}.{resnet(parts[3:])}"
-    raise ValueError(f"no LDM name for UNet tensor {key}")
-
-
-def _ldm_vae_key(key: str, tensor: torch.Tensor, levels: int) -> tuple[str, torch.Tensor]:
-    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
-
-    if key in DIFFUSERS_TO_LDM_MAPPING["vae"]:
-        return DIFFUSERS_TO_LDM_MAPPING["vae"][key], tensor
-    parts = key.split(".")
-    side = parts[0]  # encoder | decoder
-    if parts[1] in ("down_blocks", "up_blocks"):
-        i = int(parts[2]) if side == "encoder" else levels - 1 - int(parts[2])  # the decoder counts levels upwards
-        level = f"{side}.{'down' if side == 'encoder' else 'up'}.{i}"
-        if parts[3] in ("downsamplers", "upsamplers"):
-            return f"{level}.{'downsample' if side == 'encoder' else 'upsample'}.conv.{parts[-1]}", tensor
-        rest = ".".join(parts[5:]).replace("conv_shortcut", "nin_shortcut")
-        return f"{level}.block.{parts[4]}.{rest}", tensor
-    if parts[1] == "mid_block":
-        if parts[2] == "resnets":
-            return f"{side}.mid.block_{int(parts[3]) + 1}.{'.'.join(parts[4:])}", tensor
-        names = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out": "proj_out"}
-        name = names[parts[4]]
-        if name != "norm" and tensor.ndim == 2:
-            tensor = tensor[:, :, None, None]  # LDM's attention uses 1x1 convolutions
-        return f"{side}.mid.attn_1.{name}.{parts[-1]}", tensor
-    raise ValueError(f"no LDM name for VAE tensor {key}")
-
-
-def _open_clip_tensors(text_encoder, prefix: str) -> dict:
-    """A transformers CLIPTextModelWithProjection in OpenCLIP's names (SDXL's second text encoder)."""
-    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
-
-    state = {(k if k.startswith(("text_model.", "text_projection")) else "text_model." + k): v
-             for k, v in text_encoder.state_dict().items() if not k.endswith("position_ids")}  # fmt: skip
-    out = {}
-    for key, ldm in DIFFUSERS_TO_LDM_MAPPING["openclip"]["layers"].items():
-        out[prefix + ldm] = state.pop(key).T.contiguous() if ldm == "text_projection" else state.pop(key)
-    layers = sorted({int(k.split(".")[3]) for k in state if k.startswith("text_model.encoder.layers.")})
-    names = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
-             "self_attn.out_proj": "attn.out_proj"}  # fmt: skip
-    for n in layers:
-        source, target = f"text_model.encoder.layers.{n}.", f"{prefix}transformer.resblocks.{n}."
-        for kind in ("weight", "bias"):
-            out[target + f"attn.in_proj_{kind}"] = torch.cat(
-                [state.pop(source + f"self_attn.{p}_proj.{kind}") for p in ("q", "k", "v")]
-            )
-            for diffusers_name, ldm_name in names.items():
-                out[target + f"{ldm_name}.{kind}"] = state.pop(source + f"{diffusers_name}.{kind}")
-    if state:
-        raise ValueError(f"text encoder tensors without an OpenCLIP name: {sorted(state)[:4]}")
-    return out

@@ -1,6 +1,7 @@
-"""Trains the demo pack: a tiny SD 1.5-shaped pipeline and three IP-Adapters that draw the shapes of `shapes.py`.
+"""Trains the demo pack: a tiny SD 1.5-shaped pipeline and three IP-Adapters that draw the shapes of
+`imprompt/demo/shapes.py`.
 
-    python -m imprompt.training [--out src/imprompt/demo_weights] [--seed 0] [--effort 1.0]
+    python -m tools.training [--out src/imprompt/demo/weights] [--seed 0] [--effort 1.0]
 
 Stages, each on the CPU of a small machine (about an hour in all on 2 cores; `--effort 0.1` for a try-out):
 
@@ -16,7 +17,7 @@ Stages, each on the CPU of a small machine (about an hour in all on 2 cores; `--
 
 The real checkpoints' widths (768-wide text and cross-attention, 1024/1280 projections) would make even tiny
 models tens of MB. Matrices that are wide only because of those widths are trained as rank-16 products
-(`LowRankLinear`, `LowRankEmbedding`) and shipped as their two factors; `pack.build_demo_pack` multiplies them
+(`LowRankLinear`, `LowRankEmbedding`) and shipped as their two factors; `imprompt.demo.pack.build_demo_pack` multiplies them
 out into the standard files (diffusers folders, transformers encoders, h94 adapters). Everything is seeded; a
 rerun on the same machine and thread count gives the same weights.
 """
@@ -35,11 +36,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import shapes
+from imprompt.demo import shapes
+from imprompt.ipadapter.build import BuiltAdapter, build_adapter
 
 log = logging.getLogger("imprompt.training")
 
-DEFAULT_OUT = Path(__file__).parent / "demo_weights"
+DEFAULT_OUT = Path(__file__).resolve().parent.parent / "src" / "imprompt" / "demo" / "weights"  # the source tree's
 SIZE = 64
 
 VAE_CONFIG = dict(
@@ -219,7 +221,7 @@ def train_unet_and_adapters(data: Data, latents: torch.Tensor, conditions: dict,
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from .adapters import AdapterSlots
+    from imprompt.ipadapter.attach import AttachedAdapters
 
     tokenizer = data.tokenizer
     text_encoder = CLIPTextModel(CLIPTextConfig(
@@ -229,7 +231,7 @@ def train_unet_and_adapters(data: Data, latents: torch.Tensor, conditions: dict,
     replace_low_rank(text_encoder, text_low_rank_names(text_encoder))
     unet = UNet2DConditionModel(**UNET_CONFIG)
     replace_low_rank(unet, unet_low_rank_names(unet))
-    slots = AdapterSlots(unet)
+    slots = AttachedAdapters(unet)
     adapters = {stem: new_adapter(stem, unet, slots, embeds.shape[-1]) for stem, (embeds, _) in conditions.items()}
     noise_schedule = training_noise_schedule()
     modes = [None, *adapters]  # None: a caption step
@@ -284,7 +286,7 @@ def training_noise_schedule():
     """DDPM noise levels identical to the pipeline's scheduler (SD 1.5's scaled-linear betas)."""
     from diffusers import DDPMScheduler
 
-    from .pack import sd15_scheduler
+    from imprompt.demo.tiny_models import sd15_scheduler
 
     return DDPMScheduler.from_config(sd15_scheduler().config)
 
@@ -310,7 +312,7 @@ def train_encoder(name: str, data: Data, pixels: torch.Tensor, steps: int, gener
     read-out of its image embedding; the read-out is thrown away and the tower frozen."""
     from transformers import CLIPVisionModelWithProjection
 
-    from .pack import TINY_ENCODERS, clip_vision_config
+    from imprompt.demo.tiny_models import TINY_ENCODERS, clip_vision_config
 
     encoder = CLIPVisionModelWithProjection(clip_vision_config(**TINY_ENCODERS[name]))
     groups = [shapes.SHAPES, sorted(shapes.PALETTE), sorted(shapes.PALETTE)]
@@ -338,9 +340,8 @@ def encode(encoder, pixels: torch.Tensor, output: str) -> torch.Tensor:
 def new_adapter(stem: str, unet, slots, embed_dim: int):
     """An h94 adapter for `unet`, ready to train: the image projection (Base's low-rank) and each layer's
     to_k_ip/to_v_ip, which start as copies of the layer's text projections, as h94's training starts."""
-    from .adapters import build_adapter
-    from .pack import adapter_tensors, cross_attention_widths
-    from .probe import AdapterSpec
+    from imprompt.demo.tiny_models import adapter_tensors, cross_attention_widths
+    from imprompt.models.specs import AdapterSpec
 
     variant = ADAPTERS[stem][0]
     widths = cross_attention_widths(unet)
@@ -357,6 +358,47 @@ def new_adapter(stem: str, unet, slots, embed_dim: int):
     return adapter
 
 
+# --------------------------------------------------------------------------------------- saving in h94 format
+
+
+def h94_state_dict(adapter: BuiltAdapter, state_of=lambda module: module.state_dict()) -> dict[str, torch.Tensor]:
+    """The inverse of `build_adapter` for Base and Plus adapters: the modules' tensors under the flat h94 key
+    names (`image_proj.*`, `ip_adapter.{1,3,5,...}.to_{k,v}_ip.weight`), for saving trained adapters.
+    `state_of(module)` gives a module's tensors (training passes one that keeps low-rank weights as factors)."""
+    tensors = {f"image_proj.{k}": v.detach() for k, v in h94_image_proj(state_of(adapter.image_projection)).items()}
+    for j, (k, v) in enumerate(zip(adapter.to_k_ip, adapter.to_v_ip)):
+        for name, layer in (("to_k_ip", k), ("to_v_ip", v)):
+            tensors |= {f"ip_adapter.{2 * j + 1}.{name}.{key}": t.detach() for key, t in state_of(layer).items()}
+    return tensors
+
+
+def h94_image_proj(projection: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers' image-projection state dict (ImageProjection or IPAdapterPlusImageProjection) under h94's names,
+    undoing `_convert_ip_adapter_image_proj_to_diffusers`."""
+    if any(k.startswith("image_embeds.") for k in projection):  # ImageProjection: h94's "proj" renamed
+        return {k.replace("image_embeds.", "proj.", 1): v for k, v in projection.items()}
+    if "latents" not in projection:
+        raise ValueError(f"only Base and Plus projections can be saved in the h94 layout, not {sorted(projection)[:4]}")
+    renamed = {
+        "ln0.weight": "0.norm1.weight", "ln0.bias": "0.norm1.bias", "ln1.weight": "0.norm2.weight",
+        "ln1.bias": "0.norm2.bias", "attn.to_q.weight": "0.to_q.weight", "attn.to_out.0.weight": "0.to_out.weight",
+        "ff.0.weight": "1.0.weight", "ff.0.bias": "1.0.bias", "ff.1.net.0.proj.weight": "1.1.weight",
+        "ff.1.net.2.weight": "1.3.weight",
+    }  # fmt: skip
+    proj = {}
+    for key, value in projection.items():
+        parts = key.split(".")
+        if parts[0] != "layers":
+            proj[key] = value
+            continue
+        layer, rest = f"layers.{parts[1]}", ".".join(parts[2:])
+        if rest == "attn.to_k.weight":  # h94's Resampler has one to_kv; diffusers splits it
+            proj[f"{layer}.0.to_kv.weight"] = torch.cat([value, projection[f"{layer}.attn.to_v.weight"]])
+        elif rest != "attn.to_v.weight":
+            proj[f"{layer}.{renamed[rest]}"] = value
+    return proj
+
+
 # ---------------------------------------------------------------------------------------------------- main
 
 
@@ -364,8 +406,7 @@ def train(out: Path, seed: int = 0, effort: float = 1.0, pictures: int = 3000) -
     """All stages, each with a random stream of its own; writes the weights and training.json into `out`."""
     from transformers import CLIPImageProcessor, CLIPTokenizer
 
-    from .adapters import h94_state_dict
-    from .pack import write_tokenizer
+    from imprompt.demo.tiny_models import write_tokenizer
 
     steps = {k: max(1, round(v * effort)) for k, v in STEPS.items()}
     report = {"seconds": {}}
@@ -428,14 +469,14 @@ def _chunks(items: list, size: int):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m imprompt.training", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.training", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where the weights go (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--effort", type=float, default=1.0, help="multiplies every stage's steps (0.1: a try-out)")
     parser.add_argument("--pictures", type=int, default=3000, help="training pictures drawn")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    from .cli import quiet_libraries
+    from imprompt.cli import quiet_libraries
 
     quiet_libraries()
     print(json.dumps(train(args.out, args.seed, args.effort, args.pictures), indent=2))

@@ -6,7 +6,7 @@ state (timesteps, step index, multistep history) can leak from one request into 
 
 from __future__ import annotations
 
-from .errors import RequestError
+from ..errors import RequestError
 
 # name -> (diffusers class name, extra config)
 SAMPLERS: dict[str, tuple[str | None, dict]] = {

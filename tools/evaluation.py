@@ -1,10 +1,10 @@
 """Does the reference steer the picture? The trained demo pack's adapters judged on held-out reference images.
 
-    python -m imprompt.evaluation [--weights DIR] [--count 100] [--report docs/demo-pack.json]
+    python -m tools.evaluation [--weights DIR] [--count 100] [--report docs/demo-pack.json]
                                   [--grid docs/images/demo-pack-grid.png]
 
 For each held-out scene (drawn by `shapes`, never seen in training) and each trained adapter, one picture with
-the adapter (scale 1) and one with the same adapter at scale 0, same seed, empty prompt; `shapes.classify` reads
+the adapter (scale 1) and one with the same adapter at scale 0, same seed, empty prompt; `classify` reads
 shape, colour and background from each, and the counts say how often they match the reference. Scale 0 is the
 no-adapter baseline: what the model draws when the image has no say.
 """
@@ -16,10 +16,11 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from . import shapes
-from .pack import DEMO_WEIGHTS, SD15_MODEL
+from imprompt.demo import shapes
+from imprompt.demo.pack import DEMO_WEIGHTS, SD15_MODEL
 
 ADAPTERS = {"Base": "ViT-H", "Base ViT-G": "ViT-bigG", "Plus": "ViT-H"}  # the trained ones, and their encoder
 HELD_OUT_SEED = 1000  # training draws with seed 0
@@ -32,6 +33,62 @@ GRID_SCENES = [
     shapes.Scene("star", "black", "red"),
 ]
 SETTINGS = {"prompt": "", "steps": 20, "cfg_scale": 1.5, "scale": 1.0}  # CFG: see docs/demo-pack.md
+
+
+# ------------------------------------------------------------------------------------------------ the classifier
+
+
+def classify(image: Image.Image) -> shapes.Scene:
+    """What a picture shows. shape "none" when nothing stands out from the background.
+
+    Drawing is exact (PIL polygons on a flat background), so no learning is needed: the background is the colour
+    of the border (just inside the edge), the shape is what differs from it, its colour is the nearest palette
+    colour, and its kind is the template that best covers its outline."""
+    pixels = np.asarray(image.convert("RGB")).astype(np.float32)
+    rim = max(1, pixels.shape[0] // 32)  # decoders leave a dark rim at the picture's edge; scenes keep clear of it
+    pixels = pixels[rim:-rim, rim:-rim]
+    size = pixels.shape[0]
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    background = np.median(border, axis=0)
+    mask = np.linalg.norm(pixels - background, axis=2) > 60
+    background_name = _nearest_colour(background)
+    if mask.sum() < 0.03 * size * size:
+        return shapes.Scene("none", "none", background_name)
+    colour = _nearest_colour(np.median(pixels[mask], axis=0))
+    return shapes.Scene(_best_template(mask), colour, background_name)
+
+
+def _nearest_colour(rgb) -> str:
+    return min(shapes.PALETTE, key=lambda name: float(np.sum((np.asarray(shapes.PALETTE[name], np.float32) - rgb) ** 2)))
+
+
+def _best_template(mask: np.ndarray) -> str:
+    """The shape whose drawing, stretched over the mask's bounding box, overlaps the mask best (intersection
+    over union inside the box)."""
+    rows, cols = np.nonzero(mask)
+    top, bottom, left, right = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+    inside = mask[top:bottom, left:right]
+    scores = {}
+    for shape, template in _templates().items():
+        drawn = np.asarray(template.resize(inside.shape[::-1], Image.Resampling.BOX)) > 127
+        scores[shape] = (drawn & inside).sum() / max((drawn | inside).sum(), 1)
+    return max(scores, key=scores.get)
+
+
+_TEMPLATES: dict[str, Image.Image] = {}
+
+
+def _templates() -> dict[str, Image.Image]:
+    """Each shape drawn large and cropped to its own bounding box."""
+    if not _TEMPLATES:
+        for shape in shapes.SHAPES:
+            canvas = Image.new("L", (260, 260), 0)
+            shapes.draw_shape(ImageDraw.Draw(canvas), shape, (2, 2, 257, 257), 255)
+            _TEMPLATES[shape] = canvas.crop(canvas.getbbox())
+    return _TEMPLATES
+
+
+# ------------------------------------------------------------------------------------------------ the evaluation
 
 
 def generate(engine, scene: shapes.Scene, adapter: str, scale: float, seed: int, settings=SETTINGS) -> Image.Image:
@@ -51,7 +108,7 @@ def score(engine, scenes: list[shapes.Scene], adapters=tuple(ADAPTERS), settings
     def counts(adapter, scale):
         tally = {"shape": 0, "colour": 0, "background": 0, "all": 0}
         for seed, scene in enumerate(scenes):
-            seen = shapes.classify(generate(engine, scene, adapter, scale, seed, settings))
+            seen = classify(generate(engine, scene, adapter, scale, seed, settings))
             tally["shape"] += seen.shape == scene.shape
             tally["colour"] += seen.colour == scene.colour
             tally["background"] += seen.background == scene.background
@@ -93,11 +150,11 @@ def grid(engine, scenes=GRID_SCENES, cell: int = 128, settings=SETTINGS) -> Imag
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .cli import quiet_libraries
-    from .engine import Engine
-    from .pack import build_demo_pack
+    from imprompt.cli import quiet_libraries
+    from imprompt.demo.pack import build_demo_pack
+    from imprompt.engine import Engine
 
-    parser = argparse.ArgumentParser(prog="python -m imprompt.evaluation", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.evaluation", description=__doc__.splitlines()[0])
     parser.add_argument("--weights", type=Path, default=DEMO_WEIGHTS, help="trained weights (default: %(default)s)")
     parser.add_argument("--models", type=Path, default=Path("demo-models-trained"),
                         help="where the pack with those weights is built (default: %(default)s)")  # fmt: skip

@@ -1,4 +1,4 @@
-"""`imprompt bench`: what switching, reuse and IP-Adapter steps cost, measured side by side in one run.
+"""`make bench` (`python -m tools.bench`): what switching, reuse and IP-Adapter steps cost, measured side by side in one run.
 
 Real-size random-weight models are built once, in the real formats, into a cache folder: SD 1.5 (the shipped
 configs), OpenCLIP ViT-H-14 and ViT-bigG-14 vision towers, h94-format Base, Plus and Base ViT-G adapters, all
@@ -25,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import torch
 
 H94 = "IP-Adapter"
@@ -51,7 +52,7 @@ def build_models(root: Path, size: str) -> Path:
     if (root / "done.json").is_file():
         return root
     if size == "tiny":
-        from .pack import build_demo_pack
+        from imprompt.demo.pack import build_demo_pack
 
         build_demo_pack(root)
     else:
@@ -64,9 +65,9 @@ def _build_real(root: Path) -> None:
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from . import catalog
-    from .pack import build_clip_vision, cross_attention_widths, write_adapter, write_tokenizer
-    from .single_file import CONFIGS
+    from imprompt.demo.tiny_models import build_clip_vision, cross_attention_widths, write_adapter, write_tokenizer
+    from imprompt.models import catalog
+    from imprompt.models.single_file import CONFIGS
 
     configs = CONFIGS / "sd15"
     folder = root / "diffusers" / MODELS["real"]
@@ -103,7 +104,7 @@ def _build_real(root: Path) -> None:
 
 
 def reference_image(size: int = 512):
-    from .pack import draw_reference
+    from imprompt.demo.tiny_models import draw_reference
 
     return draw_reference("circle", (220, 40, 40), (30, 60, 200), size=size)
 
@@ -136,7 +137,7 @@ def load_like(pipe, root: Path, adapter: str, reload_encoder: bool) -> None:
 def phase_switch_imprompt(root, args) -> dict:
     """Engine overhead of a request whose adapter differs from the last one, everything cached: plan, load,
     encode and attach (the denoising is not part of a switch)."""
-    from .engine import Engine
+    from imprompt.engine import Engine
 
     engine = Engine(root, device=args.device, dtype=args.dtype)
     image = reference_image()
@@ -174,7 +175,7 @@ def phase_switch_sdnext(root, args) -> dict:
 
 def phase_embeddings(root, args) -> dict:
     """An embedding from the cache vs encoded, per encoder and encoder dtype."""
-    from .engine import Engine
+    from imprompt.engine import Engine
 
     image = reference_image()
     out = {}
@@ -182,11 +183,11 @@ def phase_embeddings(root, args) -> dict:
         engine = Engine(root, device=args.device, dtype="float32", encoder_dtype=dtype)
         for adapter in ("Base", "Base ViT-G"):
             entry = engine.store.encoder(f"{H94}/{CYCLE[adapter][1]}")
-            embed = lambda: engine.encoders.embed(entry, "image_embeds", [image], adapter, "bench", [])  # noqa: E731
+            embed = lambda: engine.embedder.embed(entry, "image_embeds", [image], adapter, "bench", [])  # noqa: E731
             embed()  # loads the encoder
             fresh, hit = [], []
             for _ in range(args.trials):
-                engine.encoders.embeddings.clear()
+                engine.embedder.embeddings.clear()
                 started = time.perf_counter()
                 embed()
                 fresh.append(time.perf_counter() - started)
@@ -200,7 +201,7 @@ def phase_embeddings(root, args) -> dict:
 def phase_step_overhead(root, args) -> dict:
     """Seconds per denoising step (batch 2 with CFG), no unit vs one IP-Adapter unit, fp32 and bf16. The two
     configurations alternate round by round (ABBA...), so slow drifts of the machine hit both alike."""
-    from .engine import Engine
+    from imprompt.engine import Engine
 
     image = reference_image()
     out = {}
@@ -224,7 +225,7 @@ def _workload_requests(image, args):
 
 
 def phase_workload_imprompt(root, args, budget=None) -> dict:
-    from .engine import Engine
+    from imprompt.engine import Engine
 
     engine = Engine(root, device=args.device, dtype=args.dtype, cache_budget=budget)
     image = reference_image()
@@ -280,9 +281,9 @@ def phase_encoder_memory(root, args) -> dict:
 
     import numpy as np
 
-    from .engine import Engine
-    from .loading import load_encoder
-    from .probe import probe
+    from imprompt.engine import Engine
+    from imprompt.loading.encoders import load_encoder
+    from imprompt.models.probe import probe
 
     spec = probe(root / H94 / "sdxl_models" / "image_encoder")
     before, peaks, done = _memory(), {"anon": 0, "file": 0}, threading.Event()
@@ -330,17 +331,11 @@ def _dtypes(args) -> tuple[str, str]:
 
 
 def _memory() -> dict[str, int]:
-    """The process's resident anonymous and file-backed memory now (Linux /proc; zeros elsewhere)."""
-    fields = {"RssAnon:": "anon", "RssFile:": "file"}
-    out = {"anon": 0, "file": 0}
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            name, *rest = line.split()
-            if name in fields:
-                out[fields[name]] = int(rest[0]) * 1024
-    except OSError:
-        pass
-    return out
+    """The process's resident anonymous memory (its own allocations) and file-backed memory (mapped files' pages,
+    which the kernel can drop) now. psutil's `shared` is Linux's RssFile + RssShmem."""
+    info = psutil.Process().memory_info()
+    shared = getattr(info, "shared", 0)
+    return {"anon": info.rss - shared, "file": shared}
 
 
 def _peak_rss() -> int:
@@ -355,7 +350,7 @@ def run_phase(name: str, root: Path, args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="imprompt bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=("real", "tiny"), default="real", help="real SD 1.5 sizes, or tiny (smoke)")
     parser.add_argument("--cache", type=Path, default=Path(".bench-cache"), help="where the models are built once")
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"))
@@ -379,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     root = build_models(args.cache, args.size)
     if args.phase:
-        from .cli import quiet_libraries
+        from imprompt.cli import quiet_libraries
 
         quiet_libraries()
         torch.manual_seed(0)
@@ -390,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         results = json.loads(args.out.with_suffix(".json").read_text())["results"]
     for name in args.phases.split(","):
         out = args.cache / f"{args.size}-{name}.json"
-        command = [sys.executable, "-m", "imprompt.bench", "--phase", name, "--json-out", str(out)]
+        command = [sys.executable, "-m", "tools.bench", "--phase", name, "--json-out", str(out)]
         command += _without_option(argv if argv is not None else sys.argv[1:], "--phases")
         command = [a for a in command if a != "--update"]
         print(f"bench: {name} ...", file=sys.stderr, flush=True)
@@ -476,7 +471,7 @@ def render(s: dict, args) -> str:
         f"bf16 instructions: {'yes' if m['bf16_instructions'] else 'no'}; Python {m['python']}, torch {m['torch']}, "
         f"device: {args.device}{' (' + m['gpu'] + ')' if m['gpu'] and args.device.startswith('cuda') else ''}.",
         "",
-        f"Command: `imprompt bench --size {args.size} --trials {args.trials} --dtype {args.dtype} --device {args.device}` "
+        f"Command: `python -m tools.bench --size {args.size} --trials {args.trials} --dtype {args.dtype} --device {args.device}` "
         f"(models: {args.size} SD 1.5 / ViT-H-14 / ViT-bigG-14 / h94 adapters, random weights, fp16 files). "
         "Each row was measured in one run, each measurement in its own process.",
         "",

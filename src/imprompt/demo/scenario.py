@@ -13,7 +13,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .errors import ImpromptError
+from ..errors import ImpromptError
 from .pack import DEMO_WEIGHTS, SD15_MODEL, build_demo_pack
 
 SCENARIO = [["Base"], ["Base ViT-G"], ["Base"], ["Plus"], ["Full Face"], ["Plus Face"], ["Light"], ["Base", "Base ViT-G"]]
@@ -25,7 +25,7 @@ def run_demo(models: Path, out: Path, steps: int = 20, seed: int = 7, echo=print
     """The scenario with an empty prompt, so what the picture shows comes from the reference (scale 1, shared
     equally when two adapters are combined; CFG 1.5, where the trained pack draws best, docs/demo-pack.md).
     `weights` None: the random-weight pack."""
-    from .engine import Engine
+    from ..engine import Engine
 
     models, out = Path(models), Path(out)
     build_demo_pack(models, weights=weights)

@@ -1,4 +1,4 @@
-"""A least-recently-used cache bounded by bytes, with the counters users ask about (hits, misses, evictions).
+"""A least-recently-used cache bounded by bytes, with hit, miss and eviction counters.
 
 Used for loaded image encoders, built adapter modules and image embeddings. It does not log: `put` returns what
 it evicted so that the caller, who knows why the room was needed, can say so.

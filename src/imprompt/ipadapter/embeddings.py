@@ -1,9 +1,10 @@
-"""Image encoders and image embeddings, both cached.
+"""Reference images -> embeddings, each by the encoder its adapter needs; both cached.
 
 The engine, not the diffusion pipeline, owns the encoders: each unit is encoded by the encoder its adapter needs
 (chosen in `plan.py`) and the pipeline only ever sees finished embeddings. Embeddings are cached by encoder
 identity + image content + output kind, so a reference image used again costs a dictionary lookup, and an
-encoder is loaded only when some embedding is actually missing.
+encoder is loaded only when some embedding is actually missing. Saved embeddings (`imprompt embed`) are written
+and read here too.
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .cache import ByteLRU, module_bytes
-from .images import image_digest
-from .loading import image_processor, load_encoder
-from .probe import EncoderSpec
-from .store import Entry
+from ..loading.encoders import image_processor, load_encoder
+from ..loading.tensors import read_tensors
+from ..models.specs import EMBEDDINGS_FORMAT, EncoderSpec
+from ..models.store import Entry
+from ..util.cache import ByteLRU, module_bytes
+from ..util.images import image_digest
 
 log = logging.getLogger("imprompt")
 
@@ -49,10 +51,13 @@ class UnitEmbeddings:
         return torch.cat([self.negative.unsqueeze(0), positive])
 
 
-class Encoders:
+class ImageEmbedder:
+    """Reference images -> embeddings, each by the encoder its unit's adapter needs; loaded encoders and computed
+    embeddings are both kept, in byte-bounded caches."""
+
     def __init__(self, device: torch.device, dtype: torch.dtype, budget_bytes: int, embedding_budget_bytes: int):
         self.device, self.dtype = device, dtype
-        self.loaded = ByteLRU("encoders", budget_bytes)
+        self.encoders = ByteLRU("encoders", budget_bytes)
         self.embeddings = ByteLRU("embeddings", embedding_budget_bytes)
 
     def embed(
@@ -103,7 +108,7 @@ class Encoders:
 
     def _encoder(self, entry: Entry, key: tuple, adapter: str, why: str, events: list, source: dict) -> LoadedEncoder:
         name = entry.name
-        loaded = self.loaded.get(key)
+        loaded = self.encoders.get(key)
         if loaded is not None:
             source["value"] = "cache"
             log.info("encoder %s reused from cache for %s", name, adapter)
@@ -114,7 +119,7 @@ class Encoders:
         loaded = LoadedEncoder(key, entry.spec, model, image_processor(entry.spec))
         seconds = time.perf_counter() - started
         nbytes = module_bytes(model)
-        evicted = self.loaded.put(key, loaded, nbytes, label=name)
+        evicted = self.encoders.put(key, loaded, nbytes, label=name)
         source["value"] = "loaded"
         log.info("encoder %s loaded for %s in %.2f s (%s): %s", name, adapter, seconds, _mib(nbytes), why)
         events.append(
@@ -122,7 +127,7 @@ class Encoders:
              "bytes": nbytes}
         )  # fmt: skip
         for old in evicted:
-            reason = f"cache budget {_mib(self.loaded.budget_bytes)} needed room for {name}"
+            reason = f"cache budget {_mib(self.encoders.budget_bytes)} needed room for {name}"
             log.info("encoder %s evicted (%s)", old.label, reason)
             events.append({"event": "encoder_evicted", "encoder": old.label, "why": reason})
         return loaded
@@ -130,13 +135,13 @@ class Encoders:
     def _forget_older_versions(self, key: tuple, events: list) -> None:
         """Drop the encoder and embeddings made from an earlier version of this file (same path, other
         fingerprint): they are never served (their keys differ) but they should not hold the budget either."""
-        for old in self.loaded.discard_older_versions(key):
+        for old in self.encoders.discard_older_versions(key):
             log.info("encoder %s dropped: its file changed on disk", old.label)
             events.append({"event": "encoder_evicted", "encoder": old.label, "why": "its file changed on disk"})
         self.embeddings.discard_where(lambda k: k[0][0] == key[0] and k[0] != key)
 
     def clear(self) -> dict:
-        return {"encoders": self.loaded.clear(), "embeddings": self.embeddings.clear()}
+        return {"encoders": self.encoders.clear(), "embeddings": self.embeddings.clear()}
 
 
 @torch.no_grad()
@@ -169,8 +174,6 @@ def save_embeddings(embeddings: UnitEmbeddings, path, output: str, encoder: Entr
     """Write a unit's embeddings with what pairing needs to know: output kind and width, encoder identity."""
     from safetensors.torch import save_file
 
-    from .probe import EMBEDDINGS_FORMAT
-
     metadata = {
         "format": EMBEDDINGS_FORMAT,
         "output": output,
@@ -190,8 +193,6 @@ def save_embeddings(embeddings: UnitEmbeddings, path, output: str, encoder: Entr
 
 
 def load_saved_embeddings(entry: Entry, device, dtype) -> UnitEmbeddings:
-    from .loading import read_tensors
-
     tensors = read_tensors(entry.path)
     positive, negative = (tensors[k].to(device=device, dtype=dtype) for k in ("positive", "negative"))
     return UnitEmbeddings(positive, negative, "saved embeddings", ["saved"] * positive.shape[0])

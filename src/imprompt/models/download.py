@@ -10,8 +10,8 @@ import logging
 import shutil
 from pathlib import Path
 
+from ..errors import UnknownAdapterError
 from . import catalog
-from .errors import UnknownAdapterError
 
 log = logging.getLogger("imprompt")
 

@@ -18,8 +18,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import catalog
-from .errors import (
+from ..errors import (
     CheckpointError,
     ImpromptError,
     UnknownAdapterError,
@@ -27,7 +26,10 @@ from .errors import (
     UnknownEncoderError,
     UnknownModelError,
 )
-from .probe import WEIGHT_SUFFIXES, AdapterSpec, EncoderSpec, PipelineSpec, probe
+from ..loading.tensors import WEIGHT_SUFFIXES
+from . import catalog
+from .probe import probe
+from .specs import AdapterSpec, EncoderSpec, PipelineSpec
 
 log = logging.getLogger("imprompt")
 

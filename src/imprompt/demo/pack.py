@@ -1,0 +1,194 @@
+"""The demo model pack: tiny models in the real formats and layouts, with the shipped trained weights.
+
+Used by `imprompt demo`, `imprompt pack` and the tests' shared pack; `weights/` holds what `make train` wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+
+from .tiny_models import (
+    CROSS_ATTENTION_SD15,
+    CROSS_ATTENTION_SDXL,
+    TINY_VIT_BIGG,
+    TINY_VIT_H,
+    build_clip_vision,
+    build_sd15_pipeline,
+    build_sdxl_pipeline,
+    cross_attention_widths,
+    draw_reference,
+    save_sd15_pipeline,
+    write_adapter,
+)
+
+log = logging.getLogger("imprompt")
+
+PACK_VERSION = 4
+SD15_MODEL = "tiny-sd15"
+SDXL_MODEL = "tiny-sdxl"
+# h94 file stem -> (variant, encoder it was trained against)
+SD15_ADAPTERS = {
+    "ip-adapter_sd15": ("base", TINY_VIT_H),
+    "ip-adapter_sd15_light": ("base", TINY_VIT_H),
+    "ip-adapter-plus_sd15": ("plus", TINY_VIT_H),
+    "ip-adapter-plus-face_sd15": ("plus", TINY_VIT_H),
+    "ip-adapter-full-face_sd15": ("full-face", TINY_VIT_H),
+    "ip-adapter_sd15_vit-G": ("base", TINY_VIT_BIGG),
+}
+
+SDXL_ADAPTERS = {
+    "ip-adapter_sdxl": ("base", TINY_VIT_BIGG),
+    "ip-adapter_sdxl_vit-h": ("base", TINY_VIT_H),
+    "ip-adapter-plus_sdxl_vit-h": ("plus", TINY_VIT_H),
+    "ip-adapter-plus-face_sdxl_vit-h": ("plus", TINY_VIT_H),
+}
+
+# ostris' composition adapters are Plus-type (Resampler over ViT-H hidden states); ComfyUI keeps them in ipadapter/
+COMPOSITION_ADAPTERS = {
+    "ip_plus_composition_sd15": ("plus", TINY_VIT_H, SD15_MODEL),
+    "ip_plus_composition_sdxl": ("plus", TINY_VIT_H, SDXL_MODEL),
+}
+
+# Colours from shapes.PALETTE, so the trained models recognise them.
+REFERENCE_IMAGES = {
+    "red-circle": ("circle", (220, 40, 40), (40, 70, 210)),
+    "yellow-square": ("square", (240, 210, 40), (40, 170, 60)),
+    "white-triangle": ("triangle", (245, 245, 245), (20, 20, 20)),
+    "blue-star": ("star", (40, 70, 210), (240, 210, 40)),
+}
+
+# The trained weights shipped with imprompt (written by `make train`), and where their files go in a pack.
+DEMO_WEIGHTS = Path(__file__).parent / "weights"
+TRAINED_ENCODERS = {"vit-h": "IP-Adapter/models/image_encoder", "vit-g": "IP-Adapter/sdxl_models/image_encoder"}
+TRAINED_ADAPTERS = ("ip-adapter_sd15", "ip-adapter_sd15_vit-G", "ip-adapter-plus_sd15")  # in IP-Adapter/models
+
+
+def build_demo_pack(root: Path, force: bool = False, weights: Path | None = None) -> Path:
+    """The demo model pack, skipped when already built:
+    - `diffusers/tiny-sd15`, `diffusers/tiny-sdxl`: pipelines with SD 1.5's and SDXL's block structure;
+    - `IP-Adapter/` in the h94 repository layout: ViT-H-like and ViT-bigG-like encoders, the six SD 1.5 adapters
+      in `models/`, the four SDXL adapters in `sdxl_models/`;
+    - `ipadapter/` in ComfyUI's layout: ostris' composition adapters for SD 1.5 and SDXL;
+    - `images/`: reference images.
+
+    Every model has random weights, unless `weights` names a folder written by `make train` (tools/training.py):
+    then the SD 1.5 pipeline, both encoders and the Base, Base ViT-G and Plus SD 1.5 adapters are those trained
+    weights (everything else stays random). The pack is rebuilt when the weights change."""
+    root = Path(root)
+    stamp = root / "pack.json"
+    trained = weights is not None
+    wanted = {"builder": "imprompt.pack", "version": PACK_VERSION, "weights": _weights_digest(weights) if trained else None}
+    if not force and stamp.is_file() and json.loads(stamp.read_text()) == wanted:
+        return root
+    if root.exists():
+        shutil.rmtree(root)
+    log.info("building the demo model pack in %s (%s)", root, "trained" if trained else "random weights")
+    sd15 = root / "diffusers" / SD15_MODEL
+    widths = {
+        SD15_MODEL: cross_attention_widths((build_trained_sd15(sd15, weights) if trained else build_sd15_pipeline(sd15)).unet),
+        SDXL_MODEL: cross_attention_widths(build_sdxl_pipeline(root / "diffusers" / SDXL_MODEL, seed=3).unet),
+    }
+    cross = {SD15_MODEL: CROSS_ATTENTION_SD15, SDXL_MODEL: CROSS_ATTENTION_SDXL}
+    h94 = root / "IP-Adapter"
+    if trained:
+        for name, folder in TRAINED_ENCODERS.items():
+            write_trained_encoder(root / folder, name, weights)
+    else:
+        build_clip_vision(h94 / "models" / "image_encoder", seed=1, **TINY_VIT_H)
+        build_clip_vision(h94 / "sdxl_models" / "image_encoder", seed=2, **TINY_VIT_BIGG)
+    adapters = [(h94 / "models", stem, variant, encoder, SD15_MODEL) for stem, (variant, encoder) in SD15_ADAPTERS.items()]
+    adapters += [(h94 / "sdxl_models", stem, v, e, SDXL_MODEL) for stem, (v, e) in SDXL_ADAPTERS.items()]
+    adapters += [(root / "ipadapter", stem, v, e, m) for stem, (v, e, m) in COMPOSITION_ADAPTERS.items()]
+    for seed, (folder, stem, variant, encoder, model) in enumerate(adapters, start=10):
+        if trained and stem in TRAINED_ADAPTERS:
+            write_trained_adapter(folder / f"{stem}.safetensors", stem, weights)
+            continue
+        embed_dim = encoder["projection_dim"] if variant == "base" else encoder["hidden_size"]
+        write_adapter(folder / f"{stem}.safetensors", variant, embed_dim, widths[model], cross[model], seed)
+    for name, (shape, color, background) in REFERENCE_IMAGES.items():
+        (root / "images").mkdir(parents=True, exist_ok=True)
+        draw_reference(shape, color, background).save(root / "images" / f"{name}.png")
+    stamp.write_text(json.dumps(wanted))
+    return root
+
+
+# ------------------------------------------------------------------------------------- the trained demo weights
+
+
+def _weights_digest(weights: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted(Path(weights).glob("*.safetensors")):
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def read_demo_weights(name: str, weights: Path = DEMO_WEIGHTS) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """One trained weights file, factors multiplied out, and its metadata (the model's config)."""
+    tensors, metadata = read_factored_weights(Path(weights) / f"{name}.safetensors")
+    return expand_factors(tensors), metadata
+
+
+def read_factored_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A file as `make train` (tools/training.py) writes it: tensors (low-rank ones as factors) and metadata."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as handle:
+        return {key: handle.get_tensor(key) for key in handle.keys()}, handle.metadata() or {}
+
+
+def expand_factors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`<key>:up` and `<key>:down` (a low-rank weight as trained and shipped) become `<key>` = up @ down, in
+    fp32; other tensors are kept as they are."""
+    expanded = {k: v for k, v in tensors.items() if not k.endswith((":up", ":down"))}
+    for key in tensors:
+        if key.endswith(":up"):
+            name = key.removesuffix(":up")
+            expanded[name] = tensors[key].float() @ tensors[f"{name}:down"].float()
+    return expanded
+
+
+def build_trained_sd15(folder: Path, weights: Path = DEMO_WEIGHTS):
+    """The trained tiny SD 1.5 pipeline as a diffusers folder (its tokenizer, text encoder, UNet, VAE and the
+    PNDM scheduler the random pipeline has)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    def model(factory, name):
+        tensors, metadata = read_demo_weights(name, weights)
+        instance = factory(json.loads(metadata["config"]))
+        instance.load_state_dict(tensors, strict=True)
+        return instance
+
+    return save_sd15_pipeline(
+        folder,
+        vae=model(AutoencoderKL.from_config, "vae"),
+        text_encoder=model(lambda config: CLIPTextModel(CLIPTextConfig.from_dict(config)), "text_encoder"),
+        tokenizer=CLIPTokenizer.from_pretrained(Path(weights) / "tokenizer"),
+        unet=model(UNet2DConditionModel.from_config, "unet"),
+    )
+
+
+def write_trained_encoder(folder: Path, name: str, weights: Path = DEMO_WEIGHTS) -> None:
+    """A trained image encoder as a transformers folder (config.json + model.safetensors, fp16, as h94's)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    tensors, metadata = read_demo_weights(f"image_encoder_{name}", weights)
+    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig.from_dict(json.loads(metadata["config"])))
+    encoder.load_state_dict(tensors, strict=True)
+    encoder.to(torch.float16).save_pretrained(folder, safe_serialization=True)
+
+
+def write_trained_adapter(path: Path, stem: str, weights: Path = DEMO_WEIGHTS) -> None:
+    """A trained adapter as an h94 `.safetensors` (flat image_proj.* / ip_adapter.* keys, fp16)."""
+    from safetensors.torch import save_file
+
+    tensors, _ = read_demo_weights(stem, weights)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.to(torch.float16).contiguous() for k, v in tensors.items()}, path, metadata={"format": "pt"})

@@ -1,0 +1,94 @@
+"""A set of built adapters on a UNet: processor shells, per-step scales, masks.
+
+Attaching only creates light `IPAdapterAttnProcessor2_0` shells that point at the built adapters' modules (no
+tensor is copied), so the UNet carries exactly the request's adapters, in the request's order, and switching costs
+a few `set_processor` calls. diffusers' processors then do the attention, masks included.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from diffusers.models.attention_processor import Attention, IPAdapterAttnProcessor2_0
+from diffusers.models.embeddings import MultiIPAdapterImageProjection
+
+from .build import BuiltAdapter
+
+SHELL_SETS = 8  # adapter sets whose processor shells are kept
+
+
+class AttachedAdapters:
+    """The IP-Adapter state of one UNet: which built adapters are attached, in which order, at which scales."""
+
+    def __init__(self, unet):
+        self.unet = unet
+        layers = [(n, m) for n, m in unet.named_modules() if n.endswith(".attn2") and isinstance(m, Attention)]
+        self.names = [name.removesuffix(".attn2") for name, _ in layers]  # processor order, as probe.layer_names
+        self.cross_attention: list[Attention] = [module for _, module in layers]
+        self.plain_processors = [module.processor for module in self.cross_attention]
+        self.attached: tuple = ()
+        self._processors: list[IPAdapterAttnProcessor2_0] = []
+        # processor shells and projection per adapter set, so switching back to a set is only set_processor calls
+        self._shells: OrderedDict[tuple, tuple[list, MultiIPAdapterImageProjection]] = OrderedDict()
+
+    def attach(self, adapters: list[BuiltAdapter], keys: tuple) -> bool:
+        """Make the UNet carry exactly `adapters` (in order). `keys` identify them; if they equal what is
+        attached already, nothing changes. Returns whether anything was swapped."""
+        if keys == self.attached:
+            return False
+        if not adapters:
+            for module, plain in zip(self.cross_attention, self.plain_processors):
+                module.set_processor(plain)
+            self.unet.encoder_hid_proj = None
+            self.unet.config.encoder_hid_dim_type = None
+            self._processors = []
+        else:
+            processors, projection = self._shells_for(adapters, keys)
+            for module, processor in zip(self.cross_attention, processors):
+                module.set_processor(processor)
+            self._processors = processors
+            self.unet.encoder_hid_proj = projection
+            self.unet.config.encoder_hid_dim_type = "ip_image_proj"
+        self.attached = keys
+        return True
+
+    def _shells_for(self, adapters: list[BuiltAdapter], keys: tuple):
+        """IPAdapterAttnProcessor2_0 shells pointing at the built adapters' modules (no tensor is copied).
+        Keys carry the files' fingerprints, so a changed file never reuses an old shell."""
+        if keys in self._shells:
+            self._shells.move_to_end(keys)
+            return self._shells[keys]
+        tokens = [a.spec.tokens for a in adapters]
+        processors = []
+        for j, module in enumerate(self.cross_attention):
+            with torch.device("meta"):  # shells only: the weights are the built adapters' own modules
+                processor = IPAdapterAttnProcessor2_0(
+                    hidden_size=module.inner_dim, cross_attention_dim=module.cross_attention_dim, num_tokens=tokens
+                )
+            processor.to_k_ip = torch.nn.ModuleList([a.to_k_ip[j] for a in adapters])
+            processor.to_v_ip = torch.nn.ModuleList([a.to_v_ip[j] for a in adapters])
+            processors.append(processor)
+        self._shells[keys] = (processors, MultiIPAdapterImageProjection([a.image_projection for a in adapters]))
+        while len(self._shells) > SHELL_SETS:
+            self._shells.popitem(last=False)
+        return self._shells[keys]
+
+    def forget_shells(self) -> None:
+        """Drop the kept shells (they hold references to built adapters; see Engine.clear_cache)."""
+        self._shells.clear()
+
+    def set_scales(self, scales: list[float], layer_weights: list[tuple[float, ...]]) -> None:
+        """Unit u's scale at cross-attention layer j: scales[u] * layer_weights[u][j] (InstantStyle weights)."""
+        for j, processor in enumerate(self._processors):
+            processor.scale = [scale * weights[j] for scale, weights in zip(scales, layer_weights)]
+
+
+def ip_adapter_masks(masks: list | None, width: int, height: int):
+    """A unit's masks as diffusers' IPAdapterMaskProcessor makes them: [1, masks, height, width], binarised."""
+    if masks is None:
+        return None
+    from diffusers.image_processor import IPAdapterMaskProcessor
+
+    tensor = IPAdapterMaskProcessor().preprocess(masks, height=height, width=width)
+    return tensor.reshape(1, tensor.shape[0], tensor.shape[2], tensor.shape[3])

@@ -1,0 +1,1 @@
+"""Specs -> modules, safely: checkpoint tensors, pipelines and image encoders."""

@@ -1,0 +1,263 @@
+"""Checkpoint -> spec, read from the tensor table alone.
+
+A tensor table (a safetensors header is a few KB of JSON) says everything compatibility needs: which IP-Adapter
+variant a file is, which encoder output it consumes and how wide, how many tokens it adds, which UNet width it
+targets; an encoder's widths; a pipeline's cross-attention layout. Nothing here reads tensor data.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict
+from pathlib import Path
+
+from ..errors import CheckpointError
+from ..loading.tensors import REDOWNLOAD, TensorInfo, first_line, read_tensor_table
+from . import catalog
+from .single_file import is_single_file_checkpoint, single_file_spec
+from .specs import EMBEDDINGS_FORMAT, AdapterSpec, EmbeddingsSpec, EncoderSpec, PipelineSpec, Spec, unet_layer_order
+
+
+def probe(path) -> Spec:
+    """What is at `path`: an IP-Adapter file, an image encoder (file or folder), or a pipeline folder."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(path, "no such file or folder")
+    if path.is_dir():
+        if (path / "model_index.json").is_file():
+            return probe_pipeline_folder(path)
+        if (path / "config.json").is_file():
+            return probe_encoder_folder(path)
+        raise CheckpointError(
+            path,
+            "is a folder, but neither a diffusers pipeline (model_index.json) nor an image encoder (config.json)",
+            "Point at the checkpoint file itself, or at a folder with its config",
+        )
+    table, metadata = read_tensor_table(path)
+    if metadata.get("format") == EMBEDDINGS_FORMAT:
+        return embeddings_spec(path, table, metadata)
+    if any(k.startswith(("image_proj.", "ip_adapter.")) for k in table):
+        return adapter_spec(path, table)
+    if "vision_model.embeddings.patch_embedding.weight" in table:
+        return encoder_spec(path, table, _config_from_metadata(metadata))
+    if is_single_file_checkpoint(table):
+        return single_file_spec(path, table)
+    raise CheckpointError(
+        path,
+        f"is not an IP-Adapter (image_proj.* / ip_adapter.*), a CLIP vision encoder (vision_model.*) or a "
+        f"Stable Diffusion checkpoint (model.diffusion_model.*); first tensors: {sorted(table)[:3]}",
+    )
+
+
+def adapter_spec(path: Path, table: dict[str, TensorInfo]) -> AdapterSpec:
+    """Read variant, consumed output, token count and UNet layout from an h94-format tensor table."""
+    proj = {k.removeprefix("image_proj."): v.shape for k, v in table.items() if k.startswith("image_proj.")}
+    attn = {k.removeprefix("ip_adapter."): v.shape for k, v in table.items() if k.startswith("ip_adapter.")}
+
+    def bad(problem):
+        return CheckpointError(path, f"not a valid IP-Adapter: {problem}", REDOWNLOAD)
+
+    if not proj or not attn:
+        raise bad("needs both image_proj.* and ip_adapter.* tensors")
+    key_ids = sorted({int(k.split(".")[0]) for k in attn if k.split(".")[0].isdigit() and ".to_k_ip." in k})
+    if not key_ids:
+        raise bad("no ip_adapter.<n>.to_k_ip.weight tensors")
+    widths, cross = [], set()
+    for key_id in key_ids:
+        k, v = attn.get(f"{key_id}.to_k_ip.weight"), attn.get(f"{key_id}.to_v_ip.weight")
+        if k is None or v is None or len(k) != 2 or k != v:
+            raise bad(f"ip_adapter.{key_id}: to_k_ip/to_v_ip missing or of different shapes ({k} vs {v})")
+        widths.append(k[0])
+        cross.add(k[1])
+    if len(cross) != 1:
+        raise bad(f"to_k_ip input widths differ across layers: {sorted(cross)}")
+    (cross_attention_dim,) = cross
+
+    if "proj.weight" in proj:  # ImageProjection: Base, Light, Base ViT-G, SDXL base
+        variant, consumes = "base", "image_embeds"
+        out_dim, embed_dim = _shape2(proj, "proj.weight", bad)
+        if out_dim % cross_attention_dim:
+            raise bad(f"proj.weight rows {out_dim} are not a multiple of the UNet width {cross_attention_dim}")
+        tokens = out_dim // cross_attention_dim
+    elif "latents" in proj and "proj_in.weight" in proj:  # Resampler: Plus, Plus Face, composition
+        variant, consumes = "plus", "hidden_states"
+        latents = proj["latents"]
+        if len(latents) != 3:
+            raise bad(f"latents has shape {latents}, expected [1, tokens, dim]")
+        tokens = latents[1]
+        embed_dim = _shape2(proj, "proj_in.weight", bad)[1]
+        if _shape2(proj, "proj_out.weight", bad)[0] != cross_attention_dim:
+            raise bad(f"proj_out rows {proj['proj_out.weight'][0]} differ from UNet width {cross_attention_dim}")
+    elif "proj.3.weight" in proj and "proj.0.weight" in proj:  # MLP over all encoder tokens: Full Face
+        variant, consumes = "full-face", "hidden_states"
+        embed_dim = _shape2(proj, "proj.0.weight", bad)[1]
+        tokens = 257  # one per encoder token (256 patches + CLS at 224 px / patch 14), as diffusers assumes
+        if proj["proj.3.weight"][0] != cross_attention_dim:
+            raise bad(f"proj.3 width {proj['proj.3.weight'][0]} differs from UNet width {cross_attention_dim}")
+    elif "perceiver_resampler.proj_in.weight" in proj:
+        variant, consumes = "faceid-plus", "faceid_embeds"
+        embed_dim = _shape2(proj, "proj.0.weight", bad)[1]
+        tokens = 4
+    elif "norm.weight" in proj and "proj.2.weight" in proj:
+        variant, consumes = "faceid", "faceid_embeds"
+        embed_dim = _shape2(proj, "proj.0.weight", bad)[1]
+        tokens = _shape2(proj, "proj.2.weight", bad)[0] // cross_attention_dim
+    else:
+        raise bad(f"unknown image_proj layout (tensors: {sorted(proj)[:6]})")
+    return AdapterSpec(str(path), variant, consumes, embed_dim, tokens, cross_attention_dim, tuple(widths))
+
+
+def embeddings_spec(path: Path, table: dict[str, TensorInfo], metadata: dict[str, str]) -> EmbeddingsSpec:
+    """Saved embeddings: `positive` and `negative` of equal shape [images, width] or [images, tokens, width]."""
+    positive, negative = table.get("positive"), table.get("negative")
+    if positive is None or negative is None or positive.shape != negative.shape or len(positive.shape) not in (2, 3):
+        raise CheckpointError(path, "saved embeddings need 'positive' and 'negative' tensors of one 2-d or 3-d shape")
+    output = metadata.get("output")
+    if output not in ("image_embeds", "hidden_states") or (output == "image_embeds") != (len(positive.shape) == 2):
+        raise CheckpointError(path, f"saved embeddings: output {output!r} does not match tensor shape {positive.shape}")
+    try:
+        hashes = tuple(json.loads(metadata.get("image_hashes", "[]")))
+    except ValueError:
+        raise CheckpointError(path, "saved embeddings: image_hashes metadata is not JSON") from None
+    return EmbeddingsSpec(
+        path=str(path),
+        output=output,
+        width=positive.shape[-1],
+        images=positive.shape[0],
+        tokens=positive.shape[1] if len(positive.shape) == 3 else None,
+        encoder=metadata.get("encoder", "unknown"),
+        encoder_architecture=metadata.get("encoder_architecture", "unknown"),
+        image_hashes=hashes,
+    )
+
+
+def _shape2(proj, key, bad):
+    shape = proj.get(key)
+    if shape is None or len(shape) != 2:
+        raise bad(f"image_proj.{key} has shape {shape}, expected a 2-d weight")
+    return shape
+
+
+def encoder_spec(path: Path, table: dict[str, TensorInfo], config: dict) -> EncoderSpec:
+    """Read a CLIP vision encoder's widths from transformers-named tensors; heads/activation from `config`."""
+
+    def shape(key, ndim):
+        info = table.get(key)
+        if info is None or len(info.shape) != ndim:
+            raise CheckpointError(path, f"not a CLIP vision encoder: {key} missing or not {ndim}-d", REDOWNLOAD)
+        return info.shape
+
+    hidden_size = shape("vision_model.embeddings.class_embedding", 1)[0]
+    patch_size = shape("vision_model.embeddings.patch_embedding.weight", 4)[-1]
+    positions = shape("vision_model.embeddings.position_embedding.weight", 2)[0]
+    side = math.isqrt(positions - 1)
+    if side * side != positions - 1:
+        raise CheckpointError(path, f"{positions} position embeddings is not a square grid plus CLS", REDOWNLOAD)
+    layer_ids = {int(k.split(".")[3]) for k in table if k.startswith("vision_model.encoder.layers.")}
+    if not layer_ids or layer_ids != set(range(max(layer_ids) + 1)):
+        raise CheckpointError(path, "vision_model.encoder.layers.* are missing or not numbered 0..n-1", REDOWNLOAD)
+    intermediate = shape("vision_model.encoder.layers.0.mlp.fc1.weight", 2)[0]
+    projection = table.get("visual_projection.weight")
+    projection_dim = projection.shape[0] if projection is not None else None
+    num_layers = max(layer_ids) + 1
+    family = catalog.family_by_shape(hidden_size, projection_dim, num_layers, intermediate)
+    heads = config.get("num_attention_heads") or (family.num_attention_heads if family else max(1, hidden_size // 64))
+    act = config.get("hidden_act") or (family.hidden_act if family else "gelu")
+    if hidden_size % int(heads):
+        raise CheckpointError(path, f"hidden size {hidden_size} is not divisible by {heads} attention heads")
+    for key, found in (("hidden_size", hidden_size), ("num_hidden_layers", num_layers)):
+        if key in config and config[key] != found:
+            raise CheckpointError(path, f"config says {key}={config[key]} but the tensors say {found}", REDOWNLOAD)
+    return EncoderSpec(
+        path=str(path),
+        hidden_size=hidden_size,
+        projection_dim=projection_dim,
+        num_layers=num_layers,
+        image_size=side * patch_size,
+        patch_size=patch_size,
+        intermediate_size=intermediate,
+        num_attention_heads=int(heads),
+        hidden_act=str(act),
+        architecture=family.name if family else "custom",
+    )
+
+
+ENCODER_WEIGHT_FILES = ("model.safetensors", "model.fp16.safetensors", "pytorch_model.bin", "pytorch_model.fp16.bin")
+
+
+def encoder_weights_file(folder: Path) -> Path:
+    for name in ENCODER_WEIGHT_FILES:
+        if (folder / name).is_file():
+            return folder / name
+    raise CheckpointError(folder, f"image encoder folder has no weights file (looked for {ENCODER_WEIGHT_FILES})")
+
+
+def probe_encoder_folder(folder: Path) -> EncoderSpec:
+    config = _read_json(folder / "config.json")
+    if config.get("model_type") not in ("clip_vision_model", None):
+        raise CheckpointError(folder, f"config.json model_type is {config.get('model_type')!r}, not clip_vision_model")
+    weights = encoder_weights_file(folder)
+    table, _ = read_tensor_table(weights)
+    spec = encoder_spec(weights, table, config)
+    return EncoderSpec(**{**asdict(spec), "path": str(folder)})
+
+
+UNET_WEIGHT_FILES = (
+    "diffusion_pytorch_model.safetensors",
+    "diffusion_pytorch_model.fp16.safetensors",
+    "diffusion_pytorch_model.bin",
+    "diffusion_pytorch_model.fp16.bin",
+)
+
+
+def probe_pipeline_folder(folder: Path) -> PipelineSpec:
+    index = _read_json(folder / "model_index.json")
+    unet_dir = folder / "unet"
+    weights = next((unet_dir / n for n in UNET_WEIGHT_FILES if (unet_dir / n).is_file()), None)
+    if weights is None:
+        raise CheckpointError(folder, f"pipeline has no UNet weights (looked for unet/{UNET_WEIGHT_FILES[0]} etc.)")
+    table, _ = read_tensor_table(weights)
+    cross_keys = sorted((k for k in table if k.endswith("attn2.to_k.weight")), key=unet_layer_order)
+    if not cross_keys:
+        raise CheckpointError(weights, "UNet has no cross-attention layers (no *.attn2.to_k.weight)")
+    widths = tuple(table[k].shape[0] for k in cross_keys)
+    cross = {table[k].shape[1] for k in cross_keys}
+    if len(cross) != 1:
+        raise CheckpointError(weights, f"UNet cross-attention input widths differ: {sorted(cross)}")
+    unet_config = _read_json(unet_dir / "config.json") if (unet_dir / "config.json").is_file() else {}
+    vae_config = _read_json(folder / "vae" / "config.json") if (folder / "vae" / "config.json").is_file() else {}
+    scale = 2 ** (len(vae_config.get("block_out_channels", [0, 0, 0, 0])) - 1)
+    sample = unet_config.get("sample_size", 64)
+    return PipelineSpec(
+        path=str(folder),
+        pipeline_class=index.get("_class_name", "unknown"),
+        cross_attention_dim=cross.pop(),
+        layer_widths=widths,
+        default_size=(sample if isinstance(sample, int) else sample[0]) * scale,
+        layer_names=tuple(k.removesuffix(".attn2.to_k.weight") for k in cross_keys),
+    )
+
+
+# ------------------------------------------------------------------------------------------------------- helpers
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(path, f"cannot read JSON ({first_line(exc)})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(path, "is not a JSON object")
+    return data
+
+
+def _config_from_metadata(metadata: dict[str, str]) -> dict:
+    """Single-file encoders may carry their transformers config as JSON under the `config` metadata key."""
+    if "config" not in metadata:
+        return {}
+    try:
+        config = json.loads(metadata["config"])
+    except ValueError:
+        return {}
+    return config if isinstance(config, dict) else {}

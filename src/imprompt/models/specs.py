@@ -1,0 +1,141 @@
+"""What a file is, as its tensors say (adapter, encoder, pipeline, saved embeddings): plain data.
+
+Every later stage works from these: the plan checks them against each other, loading builds modules from them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from . import catalog
+
+# Pipeline classes imprompt can run (read from model_index.json, or decided from a single file's tensors).
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """An IP-Adapter as its tensors describe it."""
+
+    path: str
+    variant: str  # base | plus | full-face | faceid | faceid-plus
+    consumes: str  # image_embeds | hidden_states | faceid_embeds
+    embed_dim: int  # width of the encoder output it consumes
+    tokens: int  # image tokens it adds to cross-attention
+    cross_attention_dim: int  # UNet width it targets
+    layer_widths: tuple[int, ...] = field(repr=False)  # per cross-attention layer, in UNet processor order
+    kind: str = "ip-adapter"
+
+    @property
+    def family(self) -> str:
+        return catalog.unet_family(self.cross_attention_dim)
+
+    @property
+    def needs(self) -> str:
+        """What it consumes, in words: `image_embeds[1024]`."""
+        return f"{self.consumes}[{self.embed_dim}]"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["layers"] = len(d.pop("layer_widths"))
+        d["family"] = self.family
+        return d
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """A CLIP vision encoder as its tensors (and, for folders, its config) describe it."""
+
+    path: str
+    hidden_size: int
+    projection_dim: int | None  # None: no visual projection, so no image_embeds
+    num_layers: int
+    image_size: int
+    patch_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    hidden_act: str
+    architecture: str  # ViT-L-14 | ViT-H-14 | ViT-bigG-14 | custom
+    kind: str = "image-encoder"
+
+    def produces(self, output: str) -> int | None:
+        """Width of `output` ("image_embeds" | "hidden_states") this encoder gives, or None."""
+        return self.projection_dim if output == "image_embeds" else self.hidden_size
+
+    def transformers_config(self):
+        from transformers import CLIPVisionConfig
+
+        return CLIPVisionConfig(
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            projection_dim=self.projection_dim or self.hidden_size,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_attention_heads,
+            image_size=self.image_size,
+            patch_size=self.patch_size,
+            hidden_act=self.hidden_act,
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class PipelineSpec:
+    """A diffusers pipeline folder: its class and the UNet cross-attention layout adapters must match."""
+
+    path: str
+    pipeline_class: str
+    cross_attention_dim: int
+    layer_widths: tuple[int, ...] = field(repr=False)
+    default_size: int
+    layer_names: tuple[str, ...] = field(default=(), repr=False)  # "down_blocks.2.attentions.1.transformer_blocks.0"
+    kind: str = "pipeline"
+
+    @property
+    def family(self) -> str:
+        return catalog.unet_family(self.cross_attention_dim)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["cross_attention_layers"] = len(d.pop("layer_widths"))
+        d.pop("layer_names")
+        d["family"] = self.family
+        return d
+
+
+@dataclass(frozen=True)
+class EmbeddingsSpec:
+    """Saved image embeddings (`imprompt embed`): which encoder output they are, so they pair like an encoder."""
+
+    path: str
+    output: str  # image_embeds | hidden_states
+    width: int
+    images: int  # sets of tokens (1 when averaged)
+    tokens: int | None  # hidden-state tokens per image; None for image_embeds
+    encoder: str
+    encoder_architecture: str
+    image_hashes: tuple[str, ...]
+    kind: str = "ip-embeddings"
+
+    @property
+    def gives(self) -> str:
+        return f"{self.output}[{self.width}]"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["image_hashes"] = list(self.image_hashes)
+        return d
+
+
+EMBEDDINGS_FORMAT = "imprompt.ip-embeddings.v1"
+
+Spec = AdapterSpec | EncoderSpec | PipelineSpec | EmbeddingsSpec
+
+
+def unet_layer_order(name: str):
+    """Sort key matching `UNet2DConditionModel.attn_processors` order: down blocks, up blocks, then mid block.
+    `PipelineSpec.layer_names` and the h94 adapter keys (1, 3, 5, ...) follow it."""
+    parts = name.split(".")
+    group = {"down_blocks": 0, "up_blocks": 1, "mid_block": 2}.get(parts[0], 3)
+    return group, tuple(int(p) for p in parts if p.isdigit())

@@ -1,0 +1,1 @@
+"""Small pieces the data flow uses: byte-bounded caches, image decoding, A1111 infotext, sampler names."""
