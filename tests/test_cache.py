@@ -338,3 +338,53 @@ def test_clear_cache_changes_nothing(pack, red_circle):
     after = engine.generate(req)
     assert max_diff(before, after.images[0]) == 0
     assert [u["embeddings"] for u in after.info["ip_adapters"]] == [["encoded"], ["encoded"]]
+
+
+def test_an_evicted_adapter_is_freed(pack, red_circle):
+    """The adapter cache is a real bound: once evicted, nothing (processor shells on the UNet, kept shell sets)
+    holds an adapter any more, so its memory is returned."""
+    import gc
+    import weakref
+
+    from imprompt import Engine
+
+    engine = Engine(pack, adapter_cache_budget=1)  # room for one built adapter: each new one evicts the last
+    engine.generate(request(unit("Base", red_circle)))
+    gone = weakref.ref(engine.adapters.get(engine.store.adapter("Base").key(engine.dtype, engine.device)))
+    assert gone() is not None
+    result = engine.generate(request(unit("Plus", red_circle)))
+    assert [e["adapter"] for e in result.info["events"] if e["event"] == "adapter_evicted"] == ["ip-adapter_sd15"]
+    gc.collect()
+    assert gone() is None
+    engine.generate(request(unit("Base", red_circle)))  # and it is built again when asked for
+
+
+def test_every_cache_budget_can_be_set_on_the_command_line(pack, red_circle, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "imprompt.cli", "generate", "--models", str(pack), "--model", "tiny-sd15",
+               "--steps", "1", "--width", "64", "--height", "64", "--ip", f"Base:{tmp_path / 'red.png'}",
+               "--ip", f"Base ViT-G:{tmp_path / 'red.png'}", "--out", str(tmp_path / "out.png"), "--json",
+               "--cache-budget", "1", "--adapter-budget", "1", "--embedding-budget", "1"]  # fmt: skip
+    red_circle.save(tmp_path / "red.png")
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    events = [e["event"] for e in json.loads(done.stdout)["events"]]
+    assert "adapter_evicted" in events and "encoder_evicted" in events
+
+
+def test_budgets_follow_the_device(monkeypatch):
+    """On a GPU the budgets are shares of the GPU's own memory (torch.cuda.mem_get_info), not of the RAM."""
+    import torch
+
+    from imprompt.util import devices
+
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (5 * 2**30, 24 * 2**30))
+    assert devices.default_budget("encoders", gpu) == int(0.3 * 24 * 2**30)
+    assert devices.default_budget("adapters", gpu) == int(0.1 * 24 * 2**30)
+    assert devices.default_budget("embeddings", gpu) == int(0.02 * 24 * 2**30)  # under the 512 MiB cap
+    ram = devices.device_memory(torch.device("cpu"))
+    assert devices.default_budget("encoders", torch.device("cpu")) == int(ram * 0.5)

@@ -59,6 +59,7 @@ def test_sd15_composition_adapter_equals_diffusers(pack, engine, red_circle):
     expected = reference.run(pipe, ip_adapter_image=red_circle)
     result = engine.generate(request(unit("Ostris Composition ViT-H", red_circle, 0.6)))
     assert max_diff(result.images[0], expected) <= 1
+    assert max_diff(result.images[0], engine.generate(request()).images[0]) > 20  # the adapter acts
 
 
 def test_switching_families_in_one_engine(pack, red_circle, yellow_square):
@@ -82,12 +83,16 @@ def test_switching_families_in_one_engine(pack, red_circle, yellow_square):
     "model, adapter, widths",
     [("tiny-sd15", "Base SDXL", ("2048", "768")), (SDXL, "Base", ("768", "2048")), (SDXL, "Plus", ("768", "2048"))],
 )
-def test_family_mismatch_is_refused_before_compute(engine, red_circle, model, adapter, widths):
+def test_family_mismatch_is_refused_before_compute(pack, red_circle, model, adapter, widths):
+    """Refused in the plan: in a fresh engine, no model, encoder, adapter or embedding was loaded or computed."""
+    engine = Engine(pack)
     with pytest.raises(IncompatibleError) as caught:
         engine.generate(request(unit(adapter, red_circle), model=model))
     message = str(caught.value)
     assert all(w in message for w in widths) and "SD 1.5" in message and "SDXL" in message
-    assert caught.value.__traceback__ is not None
+    cache = engine.cache_info()
+    assert cache["model"] is None
+    assert [cache[kind]["entries"] for kind in ("encoders", "adapters", "embeddings")] == [[], [], []]
 
 
 # ------------------------------------------------------------------------------------------------------ windows
@@ -95,8 +100,9 @@ def test_family_mismatch_is_refused_before_compute(engine, red_circle, model, ad
 
 @pytest.mark.parametrize("start, end, active", [(0.0, 0.5, [0, 1]), (0.25, 0.75, [1, 2]), (0.5, 1.0, [2, 3]), (0.0, 1.0, [0, 1, 2, 3])])
 def test_window_is_honoured_step_by_step(pack, engine, red_circle, start, end, active):
-    """The unit acts at step i of n exactly when start <= i/n < end: same pixels as diffusers with the scale
-    switched per step in a callback, and the result says at which steps the unit acted."""
+    """The unit acts at step i of n exactly when start <= i/n < end. diffusers has no start/end of its own, so
+    the reference is diffusers with the scale switched per step by a callback that follows that same documented
+    rule: this checks that imprompt applies its rule exactly (and reports the steps), not where the rule comes from."""
     pipe = reference.load_adapters(reference.pipeline(pack), pack, "IP-Adapter/models/ip-adapter_sd15.safetensors")
     from diffusers import EulerDiscreteScheduler
 
@@ -124,6 +130,8 @@ def test_several_images_in_one_unit_equal_diffusers(pack, engine, red_circle, ye
     result = engine.generate(request({"adapter": "Plus", "images": [red_circle, yellow_square], "scale": 0.7}))
     assert max_diff(result.images[0], expected) <= 1
     assert result.info["ip_adapters"][0]["images"] == 2
+    first_only = engine.generate(request({"adapter": "Plus", "images": [red_circle], "scale": 0.7}))
+    assert max_diff(result.images[0], first_only.images[0]) > 10  # the second image acts too
 
 
 def test_averaging_folds_images_into_one_token_set(engine, red_circle, yellow_square):
@@ -272,3 +280,24 @@ def test_saved_embeddings_of_another_width_are_refused(pack, tmp_path, red_circl
         with pytest.raises(IncompatibleError) as caught:
             engine.generate(request({"adapter": adapter, "embeddings": "vit-h"}))
         assert "image_embeds[1024]" in str(caught.value) and needs in str(caught.value)
+
+
+# ------------------------------------------------------------------------------------------- negative prompts
+
+
+def test_an_empty_sdxl_negative_prompt_is_zeros_as_in_a1111(pack, engine):
+    """A1111 (sd_models_xl.get_learned_conditioning: force_zero_negative_prompt) and diffusers' SDXL
+    (force_zeros_for_empty_prompt with negative_prompt=None) use zero embeddings for an empty negative prompt;
+    imprompt does too. Encoding the empty string instead gives another picture."""
+    pipe = reference.pipeline(pack, SDXL)
+    zeros = reference.run(pipe, negative_prompt=None)
+    encoded = reference.run(pipe, negative_prompt="")
+    result = engine.generate(request(model=SDXL, negative_prompt=""))
+    assert max_diff(result.images[0], zeros) <= 1
+    assert max_diff(encoded, zeros) > 10
+
+
+def test_an_empty_sd15_negative_prompt_is_the_encoded_empty_string(pack, engine):
+    """SD 1.5 has no zero option: A1111 and diffusers encode "" for it."""
+    expected = reference.run(reference.pipeline(pack), negative_prompt="")
+    assert max_diff(engine.generate(request(negative_prompt="")).images[0], expected) <= 1

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from conftest import max_diff, request, unit
+from PIL import Image
 
 from imprompt import Engine
 from imprompt.models.download import download
@@ -33,12 +38,6 @@ def test_without_classifier_free_guidance_the_unit_still_acts(engine, red_circle
     plain = engine.generate(request(cfg_scale=1.0))
     with_unit = engine.generate(request(unit("Base ViT-G", red_circle, 1.0), cfg_scale=1.0))
     assert max_diff(plain.images[0], with_unit.images[0]) > 0
-
-
-def test_batches(engine, red_circle):
-    result = engine.generate(request(unit("Plus", red_circle), batch_size=2))
-    assert len(result.images) == 2
-    assert max_diff(result.images[0], result.images[1]) > 0
 
 
 def test_an_empty_window_equals_no_unit(engine, red_circle):
@@ -100,10 +99,14 @@ def test_download_places_adapters_and_their_encoders_where_the_store_finds_them(
     h94 = pack / "IP-Adapter"
     calls = []
 
-    def fake_fetch(repo_id, filename, subfolder=None):
+    def fake_fetch(repo_id, filename, subfolder=None, local_dir=None):
+        """hf_hub_download(local_dir=...): the file at local_dir/subfolder/filename, its path returned."""
         calls.append((repo_id, subfolder, filename))
         assert repo_id == "h94/IP-Adapter"
-        return h94 / (subfolder or "") / filename
+        target = Path(local_dir) / (subfolder or "") / filename
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(h94 / (subfolder or "") / filename, target)
+        return str(target)
 
     models = tmp_path / "models"
     download(["Base ViT-G", "Plus"], models, fetch=fake_fetch)
@@ -111,11 +114,12 @@ def test_download_places_adapters_and_their_encoders_where_the_store_finds_them(
     assert ("h94/IP-Adapter", "models", "ip-adapter-plus_sd15.safetensors") in calls
     store = ModelStore(models)
     assert {e.name for e in store.adapters} == {"ip-adapter_sd15_vit-G", "ip-adapter-plus_sd15"}
-    assert {e.name for e in store.encoders} == {"clip_vision/ViT-bigG-14", "clip_vision/ViT-H-14"}
-    assert not list(models.rglob("*.partial"))
+    assert {e.name for e in store.encoders} == {"IP-Adapter/sdxl_models/image_encoder", "IP-Adapter/models/image_encoder"}
+    download(["Base ViT-G"], models, fetch=fake_fetch)  # what is there is not fetched again
+    assert len(calls) == 6
     engine = Engine([pack / "diffusers", models])
     result = engine.generate(request(unit("Base ViT-G", red_circle)))
-    assert result.info["ip_adapters"][0]["encoder"] == "clip_vision/ViT-bigG-14"
+    assert result.info["ip_adapters"][0]["encoder"] == "IP-Adapter/sdxl_models/image_encoder"
 
 
 def test_download_refuses_unknown_names(tmp_path):
@@ -123,3 +127,32 @@ def test_download_refuses_unknown_names(tmp_path):
 
     with pytest.raises(UnknownAdapterError, match="Base ViT-G"):
         download(["Base Turbo"], tmp_path, fetch=lambda **kw: None)
+
+
+# --------------------------------------------------------------------------------------------- images in
+
+
+def test_phone_photos_are_encoded_upright(engine, tmp_path, red_circle):
+    """A JPEG whose pixels are stored sideways with EXIF orientation 6 (turn 90° clockwise to view) is the same
+    reference as its pixels turned upright: viewers, A1111, SD.Next and ComfyUI all turn it first."""
+    import numpy as np
+
+    sideways = red_circle.crop((0, 0, 96, 64)).transpose(Image.Transpose.ROTATE_90)  # what the camera stored
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "phone.jpg"
+    sideways.save(path, exif=exif, quality=95)
+    stored = Image.fromarray(np.asarray(Image.open(path).convert("RGB")))  # its pixels as stored, no EXIF
+    turned = stored.transpose(Image.Transpose.ROTATE_270)
+    assert turned.size == (96, 64)
+    from_file = engine.generate(request(unit("Base", str(path))))
+    assert max_diff(from_file.images[0], engine.generate(request(unit("Base", turned))).images[0]) == 0
+    assert max_diff(from_file.images[0], engine.generate(request(unit("Base", stored))).images[0]) > 0
+
+
+def test_dtype_float16_on_the_cpu_is_refused_with_what_to_use(pack, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "imprompt.cli", "generate", "--models", str(pack), "--model", "tiny-sd15",
+                           "--dtype", "float16", "--device", "cpu", "--out", str(tmp_path / "x.png")],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 1 and "float16 on the CPU" in done.stderr and "bfloat16" in done.stderr
+    assert not (tmp_path / "x.png").exists()

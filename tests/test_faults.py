@@ -199,3 +199,24 @@ def test_a_fifo_in_the_models_folder_is_skipped_not_opened(pack, tmp_path, red_c
     assert all(e.name != "trap" for e in store.entries)
     with pytest.raises(ImpromptError, match="not a regular file"):
         probe(tmp_path / "trap.safetensors")
+
+
+# ---------------------------------------------------------------------------------------- switching models
+
+
+def test_a_failed_model_switch_keeps_the_current_model(pack, tmp_path, red_circle):
+    """Refused in the plan (an inpainting pipeline) or failing while it loads (a broken VAE): either way the model
+    in use stays loaded and the next request for it loads nothing."""
+    broken = shutil.copytree(pack / "diffusers" / "tiny-sdxl", tmp_path / "models" / "tiny-sdxl-broken")
+    (broken / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(b"not a checkpoint")
+    inpaint = shutil.copytree(pack / "diffusers" / "tiny-sd15", tmp_path / "models" / "tiny-inpaint")
+    index = (inpaint / "model_index.json").read_text()
+    (inpaint / "model_index.json").write_text(index.replace("StableDiffusionPipeline", "StableDiffusionInpaintPipeline"))
+    engine = Engine([pack / "diffusers", pack / "IP-Adapter", tmp_path / "models"])
+    first = engine.generate(request(unit("Base", red_circle)))
+    for model, error in (("tiny-inpaint", "StableDiffusionInpaintPipeline"), ("tiny-sdxl-broken", "tiny-sdxl-broken")):
+        with pytest.raises(ImpromptError, match=error):
+            engine.generate(request(model=model))
+        again = engine.generate(request(unit("Base", red_circle)))
+        assert [e["event"] for e in again.info["events"] if e["event"].startswith("model_")] == []  # nothing reloaded
+        assert max_diff(again.images[0], first.images[0]) == 0

@@ -7,6 +7,7 @@ import struct
 from pathlib import Path
 from types import SimpleNamespace
 
+import diffusers_reference as reference
 import pytest
 import torch
 from conftest import max_diff, request, unit
@@ -120,4 +121,59 @@ def test_sd2_single_files_are_refused_with_a_fix(tmp_path):
     tensors = {"model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": torch.empty(320, 1024)}
     path = sparse_checkpoint(tmp_path / "sd21.safetensors", tensors)
     with pytest.raises(UnsupportedError, match=r"sd21.safetensors: a SD 2.x single-file .* runs SD 1.5 and SDXL"):
+        probe(path)
+
+
+def test_an_inpainting_checkpoint_is_refused_naming_its_type(a1111, tmp_path, pack, red_circle):
+    """Its UNet takes 9 channels: it would crash mid-denoise. diffusers' detection names it, and the request is
+    refused before anything is loaded; the model list says why it cannot run."""
+    import subprocess
+    import sys
+
+    from diffusers import UNet2DConditionModel
+
+    pipeline = build_sd15_pipeline(tmp_path / "source", seed=5, clip_vocabulary=True)
+    pipeline.unet = UNet2DConditionModel.from_config({**pipeline.unet.config, "in_channels": 9})
+    write_single_file(pipeline, tmp_path / "models" / "tiny-inpainting.safetensors")
+    engine = Engine([tmp_path / "models", pack / "IP-Adapter"])
+    with pytest.raises(UnsupportedError, match=r"tiny-inpainting.safetensors: a SD 1.5 inpainting single-file"):
+        engine.generate(request(unit("Base", red_circle), model="tiny-inpainting"))
+    assert engine.cache_info()["model"] is None
+    listing = subprocess.run([sys.executable, "-m", "imprompt.cli", "models", "--models", str(tmp_path / "models")],
+                             capture_output=True, text=True, check=True).stdout  # fmt: skip
+    assert "SD 1.5 inpainting" in listing
+
+
+def test_a_v_prediction_sdxl_checkpoint_loads_as_v_prediction(a1111, tmp_path, pack, red_circle):
+    """SDXL v-prediction fine-tunes carry a `v_pred` key; loaded as epsilon they draw noise. The reference is the
+    folder the file came from with diffusers' scheduler switched to v-prediction."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(a1111 / "models" / "Stable-diffusion" / "tiny-sdxl-single.safetensors")
+    (tmp_path / "models").mkdir()
+    save_file({**tensors, "v_pred": torch.tensor([])}, tmp_path / "models" / "tiny-sdxl-vpred.safetensors")
+    engine = Engine([tmp_path / "models", a1111 / "models", a1111 / "reference", pack / "IP-Adapter"])
+    result = engine.generate(request(unit("Base SDXL", red_circle), model="tiny-sdxl-vpred", sampler="Euler"))
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(a1111 / "reference" / "folder-sdxl")
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, prediction_type="v_prediction")
+    pipe = reference.load_adapters(pipe, pack, "IP-Adapter/sdxl_models/ip-adapter_sdxl.safetensors", reference.VIT_G)
+    pipe.set_ip_adapter_scale(0.6)
+    expected = reference.run(pipe, ip_adapter_image=red_circle)
+    assert max_diff(result.images[0], expected) <= 1
+    epsilon = engine.generate(request(unit("Base SDXL", red_circle), model="tiny-sdxl-single", sampler="Euler"))
+    assert max_diff(result.images[0], epsilon.images[0]) > 10
+
+
+def test_a_single_file_without_attention_blocks_is_a_checkpoint_error(a1111, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from imprompt.errors import CheckpointError
+
+    tensors = load_file(a1111 / "models" / "Stable-diffusion" / "tiny-sd15-single.safetensors")
+    path = tmp_path / "cut.safetensors"
+    save_file({k: v for k, v in tensors.items() if not k.endswith(".1.proj_in.weight")}, path)
+    with pytest.raises(CheckpointError, match="no attention block"):
         probe(path)

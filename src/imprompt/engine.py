@@ -11,7 +11,6 @@ dtype). A request that fails before `attach` changes nothing the next request ca
 from __future__ import annotations
 
 import logging
-import os
 import secrets
 import threading
 import time
@@ -22,18 +21,19 @@ import torch
 from PIL import Image
 
 from . import __version__
-from .errors import CheckpointError, RequestError
+from .errors import CheckpointError, LimitError, RequestError
 from .ipadapter.attach import AttachedAdapters, ip_adapter_masks
 from .ipadapter.build import BuiltAdapter, build_adapter, load_adapter_state_dict
 from .ipadapter.embeddings import ImageEmbedder, load_saved_embeddings, save_embeddings
 from .loading.pipelines import load_pipeline
-from .models.store import Entry, ModelStore
+from .models.store import Entry, ModelStore, a1111_hash
 from .plan import Plan, make_plan, plan_unit
 from .request import GenerateRequest, IPAdapterUnit, parse_request, parse_unit
 from .util.cache import ByteLRU, parse_bytes
+from .util.devices import default_budget, default_device, release_memory, resolve_dtype
 from .util.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, image_digest, load_image, noise_image
-from .util.infotext import parameters_text, png_info
-from .util.samplers import canonical_sampler, make_scheduler, sampler_label
+from .util.infotext import image_fields, parameters_text, png_info
+from .util.samplers import a1111_names, canonical_sampler, make_scheduler
 
 log = logging.getLogger("imprompt")
 
@@ -42,13 +42,18 @@ log = logging.getLogger("imprompt")
 class Result:
     images: list[Image.Image]
     info: dict
-    parameters: str
+    infotexts: list[str]  # A1111's "parameters" text of each image (each with its own seed)
+
+    @property
+    def parameters(self) -> str:
+        """The first image's infotext (A1111's `parameters` field)."""
+        return self.infotexts[0]
 
     def save(self, path, index: int = 0) -> Path:
-        """Write one image as PNG with the A1111 `parameters` text chunk."""
+        """Write one image as PNG with its A1111 `parameters` text chunk."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.images[index].save(path, pnginfo=png_info(self.parameters))
+        self.images[index].save(path, pnginfo=png_info(self.infotexts[index]))
         return path
 
 
@@ -61,6 +66,7 @@ class _LoadedPipeline:
     scheduler_config: dict
     scheduler_class: str
     load_seconds: float
+    model_hash: str | None  # A1111's short hash of a single-file checkpoint (folders have none)
     _img2img: object = None
 
     def img2img(self):
@@ -95,30 +101,6 @@ class _Timer:
         return {**self.marks, "total": round(time.perf_counter() - self.started, 4)}
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
-    if dtype in (None, "auto"):
-        return torch.float16 if device.type == "cuda" else torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}  # fmt: skip
-    if str(dtype).lower() not in names:
-        raise RequestError(f"unknown dtype {dtype!r}; use one of float32, float16, bfloat16 or auto")
-    return names[str(dtype).lower()]
-
-
-def _default_encoder_budget() -> int:
-    """Half the machine's memory: room for ViT-H and ViT-bigG together on a 32 GB machine in fp32."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
-    except (ValueError, OSError, AttributeError):
-        return 8 * 2**30
-
-
 class Engine:
     """Generates images from a text prompt plus image prompts (IP-Adapter units) with any mix of adapters."""
 
@@ -129,17 +111,22 @@ class Engine:
         dtype: str | torch.dtype | None = None,
         encoder_dtype: str | torch.dtype | None = None,
         cache_budget: str | int | None = None,
-        embedding_cache_budget: str | int | None = "512MiB",
-        adapter_cache_budget: str | int | None = "4GiB",
+        embedding_cache_budget: str | int | None = None,
+        adapter_cache_budget: str | int | None = None,
         default_model: str | None = None,
         allow_paths: bool = True,
         max_image_pixels: int = DEFAULT_MAX_PIXELS,
         max_image_bytes: int = DEFAULT_MAX_BYTES,
+        max_units: int = 8,
+        max_images: int = 16,
     ):
         """`models`: a models folder (or several). `dtype`: of the pipeline; `encoder_dtype`: of the image
         encoders (default: the same; bfloat16 halves their memory and, on CPUs with bf16 support, their time).
-        `cache_budget`: bytes of loaded image encoders kept ("8GiB"; default half the machine's memory).
-        Paths as names are allowed unless `allow_paths=False`."""
+        Budgets ("8GiB", "512MB", bytes) of the caches, on the device the models live on: `cache_budget` for loaded
+        image encoders (default half the RAM on the CPU, 30 % of the GPU's memory on CUDA), `adapter_cache_budget`
+        for built adapters, `embedding_cache_budget` for embeddings (see `util/devices.py`).
+        Paths as names are allowed unless `allow_paths=False`. `max_units` per request and `max_images` per unit
+        are checked before any image is decoded."""
         self.store = ModelStore(models, allow_paths=allow_paths)
         self.device = torch.device(device) if device else default_device()
         self.dtype = resolve_dtype(dtype, self.device)
@@ -147,14 +134,15 @@ class Engine:
         self.embedder = ImageEmbedder(
             self.device,
             self.encoder_dtype,
-            parse_bytes(cache_budget, _default_encoder_budget()),
-            parse_bytes(embedding_cache_budget, 512 * 2**20),
+            parse_bytes(cache_budget, default_budget("encoders", self.device)),
+            parse_bytes(embedding_cache_budget, default_budget("embeddings", self.device)),
         )
-        self.adapters = ByteLRU("adapters", parse_bytes(adapter_cache_budget, 4 * 2**30))
+        self.adapters = ByteLRU("adapters", parse_bytes(adapter_cache_budget, default_budget("adapters", self.device)))
         self.default_model = default_model
         self.allow_paths = allow_paths
         self.max_image_pixels = max_image_pixels
         self.max_image_bytes = max_image_bytes
+        self.max_units, self.max_images = max_units, max_images
         self._pipeline: _LoadedPipeline | None = None
         self._lock = threading.Lock()
         self._interrupt = threading.Event()
@@ -165,9 +153,25 @@ class Engine:
         """Generate images. Accepts a `GenerateRequest`, a dict, or its fields as keyword arguments.
         `on_step(step, total)` is called after every denoising step. One generation runs at a time."""
         request = parse_request(request, **fields)
+        self.check_limits(request)
         with self._lock:
             self._interrupt.clear()
             return self._generate(request, on_step)
+
+    def check_limits(self, request: GenerateRequest) -> None:
+        """How many units and images a request may bring: checked before any image is decoded (a body of 64 MiB
+        holds 100,000 tiny PNGs, each an encoder pass). The server calls this before it queues a job."""
+        if len(request.ip_adapters) > self.max_units:
+            raise LimitError(
+                f"ip_adapters: {len(request.ip_adapters)} units is more than the {self.max_units} a request may have; "
+                f"send fewer (the server's --max-units sets the limit)"
+            )
+        for i, unit in enumerate(request.ip_adapters):  # masks and negative images never outnumber the images
+            if len(unit.images) > self.max_images:
+                raise LimitError(
+                    f"ip_adapters.{i}.images: {len(unit.images)} is more than the {self.max_images} a unit may have; "
+                    f"send fewer, or average them once with `imprompt embed` (the server's --max-images sets the limit)"
+                )
 
     def save_embeddings(self, unit: IPAdapterUnit | dict, path) -> Path:
         """Encode a unit's images once, with the encoder its adapter needs, and write the embeddings to a
@@ -219,7 +223,7 @@ class Engine:
         seed = request.seed if request.seed >= 0 else secrets.randbelow(2**32)
         width, height = self._size(request, plan, init_image)
         masks = [ip_adapter_masks(unit_inputs.masks, width, height) for unit_inputs in inputs]
-        images_out, active_steps = self._denoise(
+        images_out, active_steps, scheduler = self._denoise(
             loaded, plan, request, embeddings, masks, init_image, seed, width, height, sampler, on_step
         )
         timer.mark("denoise")
@@ -227,21 +231,33 @@ class Engine:
         units_info = [
             self._unit_info(u, e, steps) for u, e, steps in zip(plan.units, embeddings, active_steps)
         ]
-        label = sampler_label(sampler, loaded.scheduler_class)
-        parameters = parameters_text(request, seed, width, height, label, loaded.name, units_info)
+        sampler_name, schedule_type = a1111_names(scheduler)
+        seeds = [seed + i for i in range(len(images_out))]  # image i is what a request with seed + i gives
+        strength = request.denoising_strength if init_image is not None else None
+        infotexts = [
+            parameters_text(request.prompt, request.negative_prompt, image_fields(
+                steps=request.steps, sampler=sampler_name, schedule_type=schedule_type, cfg_scale=request.cfg_scale,
+                seed=image_seed, width=width, height=height, model_hash=loaded.model_hash, model=loaded.name,
+                denoising_strength=strength, batch_size=request.batch_size, batch_pos=i, units=units_info,
+            ))
+            for i, image_seed in enumerate(seeds)
+        ]  # fmt: skip
         info = {
             "model": loaded.name,
             "mode": "img2img" if init_image is not None else "txt2img",
             "prompt": request.prompt,
             "negative_prompt": request.negative_prompt,
             "seed": seed,
+            "all_seeds": seeds,
             "steps": request.steps,
             "cfg_scale": request.cfg_scale,
             "width": width,
             "height": height,
             "batch_size": request.batch_size,
-            "sampler": label,
-            "denoising_strength": request.denoising_strength if init_image is not None else None,
+            "sampler": sampler_name,
+            "schedule_type": schedule_type,
+            "model_hash": loaded.model_hash,
+            "denoising_strength": strength,
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
             "encoder_dtype": str(self.encoder_dtype).removeprefix("torch."),
@@ -251,7 +267,7 @@ class Engine:
             "interrupted": self._interrupt.is_set(),
             "version": __version__,
         }
-        return Result(images_out, info, parameters)
+        return Result(images_out, info, infotexts)
 
     def _image(self, ref, what: str):
         return load_image(ref, what, self.max_image_pixels, self.allow_paths, self.max_image_bytes)
@@ -289,16 +305,19 @@ class Engine:
 
     def _denoise(self, loaded, plan: Plan, request, embeddings, masks, init_image, seed, width, height, sampler,
                  on_step):  # fmt: skip
+        """A batch is made one image at a time, each with a fresh scheduler and its own generator (seed + i), so
+        image i is exactly the image a request with seed + i gives alone (batched on one tensor, it would differ in
+        the last bit: the batched arithmetic rounds otherwise)."""
         pipeline = loaded.pipeline if init_image is None else loaded.img2img()
-        pipeline.scheduler = make_scheduler(sampler, loaded.scheduler_config, loaded.scheduler_class)
         units = [u.unit for u in plan.units]
         weights = [u.layer_weights for u in plan.units]
         active_steps: list[list[int]] = [[] for _ in units]
+        image = {"index": 0}
 
         def set_scales(step: int, total: int) -> None:
             active = [u.active_at(step, total) for u in units]
             for i, on in enumerate(active):
-                if on:
+                if on and image["index"] == 0:
                     active_steps[i].append(step)
             loaded.attached.set_scales([u.scale if on else 0.0 for u, on in zip(units, active)], weights)
 
@@ -307,7 +326,7 @@ class Engine:
             if step + 1 < total:
                 set_scales(step + 1, total)
             if on_step is not None:
-                on_step(step + 1, total)
+                on_step(image["index"] * total + step + 1, request.batch_size * total)
             if self._interrupt.is_set():
                 pipe._interrupt = True
             return tensors
@@ -325,19 +344,25 @@ class Engine:
         else:
             kwargs.update(image=init_image.resize((width, height), Image.Resampling.LANCZOS),
                           strength=request.denoising_strength)  # fmt: skip
-        set_scales(0, request.steps)  # step 0 acts iff start == 0 < end, whatever the number of steps
-        output = pipeline(
-            prompt=request.prompt,
-            negative_prompt=request.negative_prompt or None,
-            num_inference_steps=request.steps,
-            guidance_scale=request.cfg_scale,
-            num_images_per_prompt=request.batch_size,
-            generator=torch.Generator(device="cpu").manual_seed(seed),
-            callback_on_step_end=step_end,
-            output_type="pil",
-            **kwargs,
-        )
-        return list(output.images), active_steps
+        images = []
+        for index in range(request.batch_size):
+            if index and self._interrupt.is_set():
+                break
+            image["index"] = index
+            pipeline.scheduler = make_scheduler(sampler, loaded.scheduler_config, loaded.scheduler_class)
+            set_scales(0, request.steps)  # step 0 acts iff start == 0 < end, whatever the number of steps
+            output = pipeline(
+                prompt=request.prompt,
+                negative_prompt=request.negative_prompt or None,
+                num_inference_steps=request.steps,
+                guidance_scale=request.cfg_scale,
+                generator=torch.Generator(device="cpu").manual_seed(seed + index),
+                callback_on_step_end=step_end,
+                output_type="pil",
+                **kwargs,
+            )
+            images += output.images
+        return images, active_steps, pipeline.scheduler
 
     def _unit_info(self, unit, embeddings, active_steps: list[int]) -> dict:
         a = unit.adapter.spec
@@ -372,18 +397,34 @@ class Engine:
     # --------------------------------------------------------------------------------------- loading, cached
 
     def _load_pipeline(self, entry: Entry, events: list) -> _LoadedPipeline:
+        """The request's pipeline. A switch is transactional: the new model is loaded while the current one stays
+        usable (on a GPU it waits in CPU memory meanwhile, to leave room), and only a successful load replaces it."""
         key = entry.key(self.dtype, self.device)
-        if self._pipeline is not None and self._pipeline.key == key:
-            return self._pipeline
-        if self._pipeline is not None:
-            log.info("model %s unloaded to make room for %s", self._pipeline.name, entry.name)
-            events.append({"event": "model_unloaded", "model": self._pipeline.name, "why": f"{entry.name} requested"})
-            self._pipeline = None
+        current = self._pipeline
+        if current is not None and current.key == key:
+            return current
+        parked = current is not None and self.device.type == "cuda"
+        if parked:
+            current.pipeline.to("cpu")
+        try:
+            loaded = self._loaded_pipeline(entry, key)
+        except BaseException:
+            if parked:
+                current.pipeline.to(self.device)
+            raise
+        self._pipeline = loaded
+        if current is not None:
+            log.info("model %s unloaded: %s replaced it", current.name, entry.name)
+            events.append({"event": "model_unloaded", "model": current.name, "why": f"{entry.name} requested"})
+            del current
+            release_memory(self.device)
+        log.info("model %s loaded in %.2f s", entry.name, loaded.load_seconds)
+        events.append({"event": "model_loaded", "model": entry.name, "seconds": round(loaded.load_seconds, 4)})
+        return loaded
+
+    def _loaded_pipeline(self, entry: Entry, key: tuple) -> _LoadedPipeline:
         started = time.perf_counter()
         pipeline = load_pipeline(entry.spec, self.device, self.dtype)
-        seconds = time.perf_counter() - started
-        log.info("model %s loaded in %.2f s", entry.name, seconds)
-        events.append({"event": "model_loaded", "model": entry.name, "seconds": round(seconds, 4)})
         attached = AttachedAdapters(pipeline.unet)
         if tuple(attached.names) != tuple(entry.spec.layer_names):
             raise CheckpointError(
@@ -391,30 +432,34 @@ class Engine:
                 f"the loaded UNet's cross-attention layers {attached.names[:2]}... differ from its weights file's "
                 f"{entry.spec.layer_names[:2]}...; the pipeline folder is inconsistent",
             )
-        self._pipeline = _LoadedPipeline(
+        return _LoadedPipeline(
             key=key,
             name=entry.name,
             pipeline=pipeline,
             attached=attached,
             scheduler_config=dict(pipeline.scheduler.config),
             scheduler_class=type(pipeline.scheduler).__name__,
-            load_seconds=seconds,
+            load_seconds=time.perf_counter() - started,
+            model_hash=a1111_hash(entry.path) if entry.path.is_file() else None,
         )
-        return self._pipeline
 
     def _built_adapter(self, entry: Entry, loaded: _LoadedPipeline, label: str, events: list) -> BuiltAdapter:
         key = entry.key(self.dtype, self.device)
         built = self.adapters.get(key)
         if built is not None:
             return built
-        self.adapters.discard_older_versions(key)
+        stale = self.adapters.discard_older_versions(key)
         started = time.perf_counter()
         state = load_adapter_state_dict(entry.spec)
         built = build_adapter(entry.spec, state, loaded.pipeline.unet)
         seconds = time.perf_counter() - started
-        for old in self.adapters.put(key, built, built.nbytes, label=entry.name):
-            log.info("adapter %s evicted from cache (budget %d bytes)", old.label, self.adapters.budget_bytes)
-            events.append({"event": "adapter_evicted", "adapter": old.label, "why": "adapter cache budget"})
+        evicted = self.adapters.put(key, built, built.nbytes, label=entry.name)
+        for old, why in [(e, "its file changed on disk") for e in stale] + [(e, "adapter cache budget") for e in evicted]:
+            log.info("adapter %s evicted from cache: %s", old.label, why)
+            events.append({"event": "adapter_evicted", "adapter": old.label, "why": why})
+        if stale or evicted:  # shells on the UNet must not keep evicted adapters alive
+            loaded.attached.forget([e.key for e in stale + evicted])
+            release_memory(self.device)
         log.info("adapter %s (%s) loaded in %.2f s", label, entry.path.name, seconds)
         events.append({"event": "adapter_loaded", "adapter": label, "file": str(entry.path), "seconds": round(seconds, 4)})
         return built
@@ -422,11 +467,13 @@ class Engine:
     # ------------------------------------------------------------------------------------------ introspection
 
     def cache_info(self) -> dict:
+        """What is loaded now; answers at once, even while a generation (or a model switch) runs."""
+        loaded = self._pipeline  # read once: another thread may replace it meanwhile
         return {
             "encoders": self.embedder.encoders.stats(),
             "embeddings": self.embedder.embeddings.stats(),
             "adapters": self.adapters.stats(),
-            "model": self._pipeline.name if self._pipeline else None,
+            "model": loaded.name if loaded is not None else None,
         }
 
     def clear_cache(self) -> dict:

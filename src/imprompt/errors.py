@@ -36,6 +36,12 @@ class PayloadTooLargeError(ImpromptError):
     http_status = 413
 
 
+class LimitError(ImpromptError):
+    """A request over one of the engine's or server's count limits (units, images per unit)."""
+
+    http_status = 413
+
+
 class QueueFullError(ImpromptError):
     """The server's job queue is full; try again later."""
 
@@ -52,6 +58,12 @@ class NotFoundError(ImpromptError):
     """A named model, adapter or encoder does not exist in the model store."""
 
     http_status = 404
+
+
+class MethodNotAllowedError(ImpromptError):
+    """An HTTP endpoint called with a method it does not take."""
+
+    http_status = 405
 
 
 class UnknownModelError(NotFoundError):

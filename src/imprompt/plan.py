@@ -12,6 +12,7 @@ from pathlib import Path
 from .errors import ImpromptError, IncompatibleError, MissingEncoderError, UnknownModelError, UnsupportedError
 from .ipadapter.block_weights import layer_weights
 from .models import catalog
+from .models.specs import SUPPORTED_PIPELINES
 from .models.store import Entry, ModelStore
 from .request import GenerateRequest, IPAdapterUnit
 
@@ -45,6 +46,7 @@ class Plan:
 def make_plan(request: GenerateRequest, store: ModelStore, default_model: str | None = None) -> Plan:
     model = request.model or default_model or _only_pipeline(store)
     pipeline = store.pipeline(model)
+    check_runnable(pipeline)
     units = tuple(plan_unit(i, unit, store, pipeline) for i, unit in enumerate(request.ip_adapters))
     return Plan(pipeline, units)
 
@@ -63,6 +65,23 @@ def plan_unit(index: int, unit: IPAdapterUnit, store: ModelStore, pipeline: Entr
         return UnitPlan(index, unit, adapter, None, why, weights, saved)
     encoder, why = pick_encoder(adapter, store, unit.encoder)
     return UnitPlan(index, unit, adapter, encoder, why, weights)
+
+
+def check_runnable(pipeline: Entry) -> None:
+    """Every reason a model cannot run, found before anything (the current model included) is unloaded. Single
+    files of other types (SD 2, inpainting, refiners, ...) are refused earlier, when they are probed."""
+    spec = pipeline.spec
+    if spec.pipeline_class not in SUPPORTED_PIPELINES:
+        raise UnsupportedError(
+            f"model {pipeline.name} ({spec.path}) is a {spec.pipeline_class}; imprompt runs "
+            f"{' and '.join(SUPPORTED_PIPELINES)} models. Choose another model"
+        )
+    if spec.in_channels != 4:
+        kind = {9: "an inpainting model", 8: "an instruct-pix2pix model"}.get(spec.in_channels, "not a text-to-image model")
+        raise UnsupportedError(
+            f"model {pipeline.name} ({spec.path}) is {kind} (its UNet takes {spec.in_channels} input channels, "
+            f"text-to-image models take 4); imprompt runs text-to-image and image-to-image. Choose another model"
+        )
 
 
 def check_saved_embeddings(saved: Entry, adapter: Entry) -> None:

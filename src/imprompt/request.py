@@ -77,7 +77,7 @@ class GenerateRequest(BaseModel):
     height: int | None = Field(None, ge=64, le=2048)
     batch_size: int = Field(1, ge=1, le=8)
     sampler: str = "Default"
-    ip_adapters: list[IPAdapterUnit] = Field(default_factory=list, max_length=8)
+    ip_adapters: list[IPAdapterUnit] = Field(default_factory=list, description="how many: see Engine(max_units)")
     init_images: list[Any] | None = Field(None, description="img2img: the image to start from (the first is used)")
     denoising_strength: float = Field(0.75, gt=0.0, le=1.0, description="img2img: how much of it is redrawn")
 

@@ -78,6 +78,15 @@ class AttachedAdapters:
         """Drop the kept shells (they hold references to built adapters; see Engine.clear_cache)."""
         self._shells.clear()
 
+    def forget(self, keys) -> None:
+        """Adapters evicted from the engine's cache: drop every kept shell set that holds one, and take them off
+        the UNet if attached, so that no reference keeps their memory (the next request attaches its own set)."""
+        gone = set(keys)
+        for kept in [k for k in self._shells if gone & set(k)]:
+            del self._shells[kept]
+        if gone & set(self.attached):
+            self.attach([], ())
+
     def set_scales(self, scales: list[float], layer_weights: list[tuple[float, ...]]) -> None:
         """Unit u's scale at cross-attention layer j: scales[u] * layer_weights[u][j] (InstantStyle weights)."""
         for j, processor in enumerate(self._processors):

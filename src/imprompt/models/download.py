@@ -1,13 +1,11 @@
 """`imprompt download`: fetch published adapters, and the encoder each one needs, into a models folder.
 
-Needs internet (users have it; the test machine does not, so tests pass a fake `fetch`). Files land where the
-store finds them: adapters in `DIR/ipadapter/`, encoders as folders in `DIR/clip_vision/<family>/`.
+Needs internet (users have it; the test machine does not, so tests pass a fake `fetch`).
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 
 from ..errors import UnknownAdapterError
@@ -24,7 +22,12 @@ TRAINED_WITH = {
 
 
 def download(names: list[str], models: Path, fetch=None) -> list[Path]:
-    """Download the adapters called `names` (friendly names) and their encoders. Returns the paths written."""
+    """Download the adapters called `names` (friendly names) and the encoders they need. Returns their paths.
+
+    Files land in the hub repository's own layout under `DIR/<repository name>/` (h94's: `IP-Adapter/models/`,
+    `IP-Adapter/models/image_encoder/`, `IP-Adapter/sdxl_models/...`), which the store understands and where the
+    encoder sits beside its adapters. `hf_hub_download(local_dir=...)` writes each file there once (no copy from
+    the hub cache) and only moves it into place when it is complete."""
     if fetch is None:
         from huggingface_hub import hf_hub_download as fetch
     models = Path(models)
@@ -34,26 +37,18 @@ def download(names: list[str], models: Path, fetch=None) -> list[Path]:
         if known is None:
             available = ", ".join(a.name for a in catalog.KNOWN_ADAPTERS)
             raise UnknownAdapterError(f"no published adapter called {name!r}; known: {available}")
-        filename = f"{known.stems[0]}.safetensors"
-        target = models / "ipadapter" / filename
-        if not target.exists():
-            log.info("downloading %s from %s", filename, known.hub_repo)
-            source = fetch(repo_id=known.hub_repo, filename=filename, subfolder=known.hub_subfolder or None)
-            _place(Path(source), target)
-        written.append(target)
+        written.append(_fetch(fetch, models, known.hub_repo, known.hub_subfolder, f"{known.stems[0]}.safetensors"))
         family = TRAINED_WITH.get(known.name, catalog.VIT_H)
-        folder = models / "clip_vision" / family.name
-        if not (folder / "model.safetensors").exists():
-            log.info("downloading the %s image encoder from %s/%s", family.name, family.hub_repo, family.hub_subfolder)
-            for file in ("config.json", "model.safetensors"):
-                source = fetch(repo_id=family.hub_repo, filename=file, subfolder=family.hub_subfolder or None)
-                _place(Path(source), folder / file)
-        written.append(folder)
+        for file in ("config.json", "model.safetensors"):
+            path = _fetch(fetch, models, family.hub_repo, family.hub_subfolder, file)
+        written.append(path.parent)
     return written
 
 
-def _place(source: Path, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(target.name + ".partial")
-    shutil.copyfile(source, partial)
-    partial.replace(target)  # never leave a half-copied checkpoint where the store would find it
+def _fetch(fetch, models: Path, repo: str, subfolder: str, filename: str) -> Path:
+    local = models / repo.split("/")[-1]
+    target = local / subfolder / filename
+    if not target.exists():
+        log.info("downloading %s from %s", f"{subfolder}/{filename}".lstrip("/"), repo)
+        target = Path(fetch(repo_id=repo, filename=filename, subfolder=subfolder or None, local_dir=local))
+    return target

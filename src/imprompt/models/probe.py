@@ -16,7 +16,16 @@ from ..errors import CheckpointError
 from ..loading.tensors import REDOWNLOAD, TensorInfo, first_line, read_tensor_table
 from . import catalog
 from .single_file import is_single_file_checkpoint, single_file_spec
-from .specs import EMBEDDINGS_FORMAT, AdapterSpec, EmbeddingsSpec, EncoderSpec, PipelineSpec, Spec, unet_layer_order
+from .specs import (
+    EMBEDDINGS_FORMAT,
+    MODEL_DEFAULTS,
+    AdapterSpec,
+    EmbeddingsSpec,
+    EncoderSpec,
+    PipelineSpec,
+    Spec,
+    unet_layer_order,
+)
 
 
 def probe(path) -> Spec:
@@ -236,7 +245,26 @@ def probe_pipeline_folder(folder: Path) -> PipelineSpec:
         layer_widths=widths,
         default_size=(sample if isinstance(sample, int) else sample[0]) * scale,
         layer_names=tuple(k.removesuffix(".attn2.to_k.weight") for k in cross_keys),
+        in_channels=unet_config.get("in_channels", 4),
+        defaults=model_defaults(folder / "imprompt.json"),
     )
+
+
+def model_defaults(path: Path) -> dict:
+    """`imprompt.json` beside a model: `{"defaults": {"prompt": "", "cfg_scale": 1.5, "ip_scale": 1.0, ...}}`, the
+    settings its maker suggests. A file that is not that shape is an error naming the key, so a typo shows."""
+    if not path.is_file():
+        return {}
+    data = _read_json(path).get("defaults", {})
+    if not isinstance(data, dict):
+        raise CheckpointError(path, "'defaults' must be a JSON object")
+    for key, value in data.items():
+        kind = MODEL_DEFAULTS.get(key)
+        if kind is None:
+            raise CheckpointError(path, f"unknown default {key!r}; known: {', '.join(MODEL_DEFAULTS)}")
+        if not isinstance(value, (int, float) if kind is float else kind) or isinstance(value, bool):
+            raise CheckpointError(path, f"default {key!r} must be a {kind.__name__}, got {value!r}")
+    return data
 
 
 # ------------------------------------------------------------------------------------------------------- helpers

@@ -203,6 +203,11 @@ def write_config_folder(path: Path, table: dict[str, TensorInfo], folder: Path) 
         )
     _write(folder / "unet" / "config.json", unet)
 
+    if "v_pred" in table:  # v-prediction SDXL fine-tunes (NoobAI-XL v-pred, ...) mark themselves with this key
+        scheduler = _read(folder / "scheduler" / "scheduler_config.json")
+        scheduler.update(prediction_type="v_prediction", rescale_betas_zero_snr="ztsnr" in table)
+        _write(folder / "scheduler" / "scheduler_config.json", scheduler)
+
     vae = _read(folder / "vae" / "config.json")
     levels = sorted({int(k.split(".")[3]) for k in table if k.startswith(VAE + "encoder.down.")})
     vae.update(

@@ -11,6 +11,9 @@ from . import catalog
 
 # Pipeline classes imprompt can run (read from model_index.json, or decided from a single file's tensors).
 SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+# What a model's `imprompt.json` may suggest, and of which type: the web page's starting values.
+MODEL_DEFAULTS = {"prompt": str, "negative_prompt": str, "steps": int, "cfg_scale": float, "sampler": str,
+                  "width": int, "height": int, "ip_scale": float}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,9 @@ class PipelineSpec:
     layer_widths: tuple[int, ...] = field(repr=False)
     default_size: int
     layer_names: tuple[str, ...] = field(default=(), repr=False)  # "down_blocks.2.attentions.1.transformer_blocks.0"
+    in_channels: int = 4  # of the UNet: 4 for text-to-image models, 9 for inpainting, 8 for instruct-pix2pix
+    # settings the model's maker suggests (`imprompt.json` in its folder); the web page starts from them
+    defaults: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
     kind: str = "pipeline"
 
     @property

@@ -12,6 +12,7 @@ never served from a stale index (callers key their caches on `Entry.fingerprint`
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -274,6 +275,22 @@ def _relative(path: Path, root: Path) -> str | None:
 
 def _article(kind: str) -> str:
     return "an" if kind[0] in "aeiou" else "a"
+
+
+_HASHES: dict[tuple, str] = {}
+
+
+def a1111_hash(path: Path) -> str:
+    """A1111's short model hash ("Model hash" in infotexts): the first 10 hex digits of the file's sha256, computed
+    once per version of the file (a few seconds for a multi-GB checkpoint, as in A1111)."""
+    key = (str(path), fingerprint_of(path))
+    if key not in _HASHES:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(2**20), b""):
+                digest.update(block)
+        _HASHES[key] = digest.hexdigest()[:10]
+    return _HASHES[key]
 
 
 def fingerprint_of(path: Path) -> tuple:

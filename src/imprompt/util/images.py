@@ -11,12 +11,13 @@ import hashlib
 import io
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import ImageError, ImageTooLargeError
 
 DEFAULT_MAX_PIXELS = 4096 * 4096
 DEFAULT_MAX_BYTES = 32 * 2**20
+ORIENTATION = 0x0112  # the EXIF tag
 
 
 def load_image(
@@ -29,6 +30,7 @@ def load_image(
     """Decode one image reference; `what` names it in errors ("ip_adapters.0.images.1")."""
     if isinstance(ref, Image.Image):
         _check_pixels(ref, what, max_pixels)
+        ref = upright(ref)
         return ref if ref.mode == "RGB" else ref.convert("RGB")  # never modified later, so no copy is needed
     if isinstance(ref, (bytes, bytearray)):
         _check_bytes(len(ref), what, max_bytes)
@@ -41,11 +43,12 @@ def load_image(
             text = text.partition(",")[2]
         elif allow_paths and len(text) < 4096 and Path(text).expanduser().is_file():
             return _read_file(Path(text), what, max_pixels, allow_paths, max_bytes)
+        text = "".join(text.split())  # line-wrapped base64 (MIME, `base64` without -w0), as A1111 accepts it
         _check_bytes(len(text) * 3 // 4, what, max_bytes)  # before decoding the base64
         try:
             data = base64.b64decode(text, validate=True)
         except (binascii.Error, ValueError):
-            shown = text[:80] + ("..." if len(text) > 80 else "")
+            shown = text[:240] + ("..." if len(text) > 240 else "")  # a path in full; base64 cut short
             raise ImageError(f"{what}: {shown!r} is neither an existing image file nor base64 image data") from None
         return _decode(data, what, max_pixels)
     raise ImageError(f"{what}: expected a PIL image, a path or base64 data, got {type(ref).__name__}")
@@ -81,7 +84,15 @@ def _decode(data: bytes, what: str, max_pixels: int):
         image.load()
     except (OSError, ValueError, Image.DecompressionBombError) as exc:
         raise ImageError(f"{what}: image data is truncated or corrupt ({exc})") from None
-    return image.convert("RGB")
+    return upright(image).convert("RGB")
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """The picture as it is meant to be seen: phone photos store their pixels sideways plus an EXIF orientation
+    tag, which viewers (and A1111, SD.Next, ComfyUI) apply before using the image."""
+    if image.getexif().get(ORIENTATION, 1) == 1:
+        return image
+    return ImageOps.exif_transpose(image)
 
 
 def _check_pixels(image, what: str, max_pixels: int) -> None:

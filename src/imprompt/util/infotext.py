@@ -1,6 +1,13 @@
-"""A1111's "parameters" PNG text, which A1111, SD.Next, ComfyUI and civitai read back."""
+"""A1111's "parameters" PNG text, which A1111, SD.Next, ComfyUI and civitai read back.
+
+Written as A1111's `create_infotext` writes it: the prompt, `Negative prompt: ...` when there is one, then
+`key: value` pairs in A1111's order, each value quoted as A1111's `quote` does (JSON, when it holds a comma, a
+colon or a newline), so that A1111's own reader (`parse_generation_parameters`) gets every value back.
+"""
 
 from __future__ import annotations
+
+import json
 
 from PIL.PngImagePlugin import PngInfo
 
@@ -8,35 +15,45 @@ from .. import __version__
 
 
 def quote(value) -> str:
-    """A1111 quotes values that contain its separators."""
+    """A1111's rule: a value with a comma, a colon or a newline is written as a JSON string."""
     text = str(value)
-    if "," not in text and ":" not in text and "\n" not in text and '"' not in text:
+    if "," not in text and ":" not in text and "\n" not in text:
         return text
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return json.dumps(text, ensure_ascii=False)
 
 
-def parameters_text(request, seed: int, width: int, height: int, sampler: str, model: str, units: list[dict]) -> str:
-    """`units`: one dict per IP-Adapter unit with its display name, scale, start and end."""
-    lines = [request.prompt]
-    if request.negative_prompt:
-        lines.append(f"Negative prompt: {request.negative_prompt}")
+def parameters_text(prompt: str, negative_prompt: str, fields: dict) -> str:
+    """The infotext of one image. `fields` in A1111's order; None values are left out."""
+    lines = [prompt]
+    if negative_prompt:
+        lines.append(f"Negative prompt: {negative_prompt}")
+    lines.append(", ".join(f"{key}: {quote(value)}" for key, value in fields.items() if value is not None))
+    return "\n".join(lines).strip()
+
+
+def image_fields(*, steps: int, sampler: str, schedule_type: str | None, cfg_scale: float, seed: int, width: int,
+                 height: int, model_hash: str | None, model: str, denoising_strength: float | None, batch_size: int,
+                 batch_pos: int, units: list[dict]) -> dict:  # fmt: skip
+    """The fields of one image, in A1111's order (Steps, Sampler, Schedule type, CFG scale, Seed, Size, Model hash,
+    Model, Denoising strength, Batch size/pos), then imprompt's IP-Adapter units in SD.Next's form."""
     fields = {
-        "Steps": request.steps,
+        "Steps": steps,
         "Sampler": sampler,
-        "CFG scale": request.cfg_scale,
+        "Schedule type": schedule_type,
+        "CFG scale": cfg_scale,
         "Seed": seed,
         "Size": f"{width}x{height}",
+        "Model hash": model_hash,
         "Model": model,
+        "Denoising strength": denoising_strength,
+        "Batch size": batch_size if batch_size > 1 else None,
+        "Batch pos": batch_pos if batch_size > 1 else None,
     }
-    if request.batch_size > 1:
-        fields["Batch size"] = request.batch_size
-    if units:
-        # SD.Next's form: name:scale:start:end per unit, units separated by ';'
+    if units:  # SD.Next's form: name:scale:start:end per unit, units separated by ';'
         fields["IP Adapter"] = ";".join(f"{u['adapter']}:{u['scale']}:{u['start']}:{u['end']}" for u in units)
         fields["IP Adapter encoders"] = ";".join(u["encoder"] for u in units)
     fields["Version"] = f"imprompt {__version__}"
-    lines.append(", ".join(f"{k}: {quote(v)}" for k, v in fields.items()))
-    return "\n".join(lines)
+    return fields
 
 
 def png_info(parameters: str) -> PngInfo:

@@ -19,9 +19,17 @@ SAMPLERS: dict[str, tuple[str | None, dict]] = {
     "DPM++ 2M SDE": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
     "UniPC": ("UniPCMultistepScheduler", {}),
     "DDIM": ("DDIMScheduler", {}),
-    "PNDM": ("PNDMScheduler", {}),
+    "PLMS": ("PNDMScheduler", {}),
+    "PNDM": ("PNDMScheduler", {}),  # diffusers' name for A1111's PLMS
+    "LMS": ("LMSDiscreteScheduler", {}),
     "DEIS": ("DEISMultistepScheduler", {}),
 }
+# diffusers scheduler class -> the sampler name A1111 writes (and reads back)
+A1111_NAMES = {
+    "PNDMScheduler": "PLMS", "EulerDiscreteScheduler": "Euler", "EulerAncestralDiscreteScheduler": "Euler a",
+    "DPMSolverMultistepScheduler": "DPM++ 2M", "DDIMScheduler": "DDIM", "LMSDiscreteScheduler": "LMS",
+    "HeunDiscreteScheduler": "Heun", "UniPCMultistepScheduler": "UniPC", "DEISMultistepScheduler": "DEIS",
+}  # fmt: skip
 
 
 def canonical_sampler(name: str | None) -> str:
@@ -42,7 +50,11 @@ def make_scheduler(name: str, model_scheduler_config: dict, model_scheduler_clas
     return cls.from_config(model_scheduler_config, **extra)
 
 
-def sampler_label(name: str, model_scheduler_class: str) -> str:
-    """What the infotext calls the sampler actually used."""
-    name = canonical_sampler(name)
-    return name if name != "Default" else model_scheduler_class.removesuffix("Scheduler")
+def a1111_names(scheduler) -> tuple[str, str | None]:
+    """(Sampler, Schedule type) as A1111 writes them for the scheduler actually used ("Default" included), e.g.
+    ("DPM++ 2M", "Karras"); A1111 reads both back."""
+    cls = type(scheduler).__name__
+    name = A1111_NAMES.get(cls, cls.removesuffix("Scheduler"))
+    if cls == "DPMSolverMultistepScheduler" and scheduler.config.get("algorithm_type") == "sde-dpmsolver++":
+        name = "DPM++ 2M SDE"
+    return name, "Karras" if scheduler.config.get("use_karras_sigmas") else None
