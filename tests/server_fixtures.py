@@ -60,5 +60,17 @@ def client(url: str, **kwargs) -> httpx.Client:
     return httpx.Client(base_url=url, timeout=300, **kwargs)
 
 
-def new_engine(pack) -> Engine:
-    return Engine(pack, allow_paths=False)
+def new_engine(pack, **limits) -> Engine:
+    return Engine(pack, allow_paths=False, **limits)
+
+
+def wait_until(condition, seconds: float = 120, what: str = "condition"):
+    """Poll `condition()` until it is true (returns its value); bounded, so a test never hangs."""
+    deadline = time.time() + seconds
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.time() > deadline:
+            raise AssertionError(f"{what} not reached in {seconds} s")
+        time.sleep(0.05)

@@ -315,11 +315,53 @@ def test_bad_request(case, pack, tmp_path, engine, red_circle, fixed_request, re
     assert_unchanged(engine, fixed_request, reference)
 
 
-def test_http_statuses():
-    assert RequestError.http_status == ImageError.http_status == 422
-    assert UnknownAdapterError.http_status == 404
-    for error in (IncompatibleError, MissingEncoderError, UnsupportedError, CheckpointError, UnsafeCheckpointError):
-        assert error.http_status == 422
+def test_every_typed_error_reaches_http_clients_with_its_status(pack, tmp_path, red_circle):
+    """One request per kind of error, through a real server: the answer names the error type, and its status is
+    the one that type carries (4xx: the caller's or the files' problem, never a 500)."""
+    import json
+
+    from server_fixtures import b64, client, new_engine, running_server
+
+    from imprompt import errors
+
+    bad = tmp_path / "bad"
+    good = (pack / "IP-Adapter" / "models" / "ip-adapter_sd15.safetensors").read_bytes()
+    bad.mkdir()
+    (bad / "ip-adapter_broken.safetensors").write_bytes(good[: len(good) // 2])
+    write_malicious_bin(bad / "ip-adapter_evil.bin", tmp_path / "pwned")
+    shutil.copy(pack / "IP-Adapter" / "models" / "ip-adapter_sd15_vit-G.safetensors", bad)  # its encoder is absent
+    shutil.copy(pack / "IP-Adapter" / "sdxl_models" / "ip-adapter_sdxl.safetensors", bad)
+    inpaint = shutil.copytree(pack / "diffusers" / SD15_MODEL, bad / "tiny-inpaint")
+    index = json.loads((inpaint / "model_index.json").read_text())
+    (inpaint / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionInpaintPipeline"}))
+    roots = [pack / "diffusers", bad, pack / "IP-Adapter" / "models" / "image_encoder"]
+    red = b64(red_circle)
+
+    def txt(*units, **fields):
+        return {"prompt": "a cat", "seed": 1, "steps": 2, "width": 64, "height": 64, "ip_adapter": list(units),
+                "override_settings": {"sd_model_checkpoint": fields.pop("model", SD15_MODEL)}, **fields}  # fmt: skip
+
+    cases = {
+        "CheckpointError": txt({"adapter": "ip-adapter_broken", "images": [red]}),
+        "UnsafeCheckpointError": txt({"adapter": "ip-adapter_evil", "images": [red]}),
+        "MissingEncoderError": txt({"adapter": "Base ViT-G", "images": [red]}),
+        "IncompatibleError": txt({"adapter": "Base SDXL", "images": [red]}),
+        "UnsupportedError": txt(model="tiny-inpaint"),
+        "UnknownAdapterError": txt({"adapter": "Base Turbo", "images": [red]}),
+        "UnknownModelError": txt(model="sd-9"),
+        "ImageError": txt({"adapter": "Base", "images": ["aGVsbG8="]}),
+        "ImageTooLargeError": txt({"adapter": "Base", "images": [b64(Image.new("1", (5000, 5000)))]}),
+        "LimitError": txt(*[{"adapter": "Base", "images": [red]}] * 9),
+        "RequestError": txt(steps=0),
+    }
+    with running_server(new_engine(roots)) as url, client(url) as http:
+        for name, payload in cases.items():
+            response = http.post("/sdapi/v1/txt2img", json=payload)
+            body = response.json()
+            assert body["error"] == name, (name, body)
+            assert response.status_code == getattr(errors, name).http_status and 400 <= response.status_code < 500
+        assert http.post("/sdapi/v1/txt2img", json=txt()).status_code == 200
+    assert not (tmp_path / "pwned").exists()
 
 
 # ------------------------------------------------------------------------------------ separate model roots

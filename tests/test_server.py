@@ -11,7 +11,7 @@ import pytest
 import webuiapi
 from conftest import max_diff, request, unit
 from PIL import Image
-from server_fixtures import b64, client, decode, new_engine, running_server
+from server_fixtures import b64, client, decode, new_engine, running_server, wait_until
 
 from imprompt import Engine
 
@@ -96,6 +96,15 @@ def test_img2img_with_units_and_data_url_prefixes(server, reference, red_circle,
         request(unit("Plus", red_circle), steps=5, init_images=[yellow_square.resize((64, 64))], denoising_strength=0.6)
     )
     assert max_diff(decode(response.json()["images"][0]).convert("RGB"), expected) == 0
+
+
+def test_line_wrapped_base64_is_accepted_as_a1111_accepts_it(server, reference, red_circle):
+    """`base64` without -w0, MIME encoders and some clients wrap at 76 characters."""
+    text = b64(red_circle)
+    wrapped = "\n".join(text[i : i + 76] for i in range(0, len(text), 76))
+    p = payload({"adapter": "Base", "images": [wrapped], "scale": 0.6})
+    image = decode(http_post(server, p)["images"][0]).convert("RGB")
+    assert max_diff(image, reference(request(unit("Base", red_circle)))) == 0
 
 
 def test_n_iter_runs_batches_with_counting_seeds(server, reference, red_circle):
@@ -262,21 +271,109 @@ def test_queue_full_is_429(pack, red_circle):
         slow = payload(sdnext_unit("Base", red_circle), steps=150)
         threads = [threading.Thread(target=lambda: http_post(url, slow)) for _ in range(2)]
         threads[0].start()
-        while not http.get("/healthz").json()["busy"]:
-            time.sleep(0.02)
+        wait_until(lambda: http.get("/healthz").json()["busy"], what="the first job running")
         threads[1].start()  # waits in the queue, which is now full
-        while http.get("/healthz").json()["queue"] < 1:
-            time.sleep(0.02)
+        wait_until(lambda: http.get("/healthz").json()["queue"] >= 1, what="the second job waiting")
         response = http.post("/sdapi/v1/txt2img", json=payload(sdnext_unit("Base", red_circle)))
         assert response.status_code == 429 and "queue is full" in response.json()["detail"]
-        for _ in threads:  # stop the slow jobs
-            while http.get("/healthz").json()["busy"] and not http.post("/sdapi/v1/interrupt").json()["interrupted"]:
-                time.sleep(0.02)
-            time.sleep(0.2)
-            http.post("/sdapi/v1/interrupt")
-        for thread in threads:
-            thread.join(timeout=120)
+        stop_jobs(http, threads)
         assert http.post("/sdapi/v1/txt2img", json=payload(sdnext_unit("Base", red_circle))).status_code == 200
+
+
+def stop_jobs(http, threads) -> None:
+    """Interrupt running jobs until every client thread has its answer."""
+    for thread in threads:
+        while thread.is_alive():
+            http.post("/sdapi/v1/interrupt")
+            thread.join(timeout=0.2)
+
+
+def test_a_long_queue_never_starves_progress_interrupt_and_health(pack, red_circle):
+    """48 clients wait behind a long job: more than the 40 threads Starlette has for blocking handlers. Waiting
+    handlers hold no thread, so progress, health and interrupt still answer while the long job runs."""
+    with running_server(new_engine(pack), max_queue=64) as url, client(url) as http:
+        done = []
+        long = threading.Thread(target=lambda: done.append(http_post(url, payload(sdnext_unit("Base", red_circle), steps=150))))
+        long.start()
+        wait_until(lambda: http.get("/healthz").json()["busy"], what="the long job running")
+        waiting = [threading.Thread(target=lambda i=i: done.append(http_post(url, payload(seed=i)))) for i in range(48)]
+        for thread in waiting:
+            thread.start()
+        wait_until(lambda: http.get("/healthz", timeout=10).json()["queue"] == 48, what="48 jobs waiting")
+        progress = http.get("/sdapi/v1/progress", timeout=10).json()
+        assert progress["state"]["job_count"] == 49 and progress["state"]["sampling_step"] < 150
+        assert http.post("/sdapi/v1/interrupt", timeout=10).json() == {"interrupted": True}
+        stop_jobs(http, [long] + waiting)
+        assert len(done) == 49
+
+
+def test_a_client_that_leaves_while_waiting_has_its_job_dropped(pack, red_circle):
+    import httpx
+
+    with running_server(new_engine(pack), max_queue=4) as url, client(url) as http:
+        long = threading.Thread(target=lambda: http_post(url, payload(sdnext_unit("Base", red_circle), steps=150)))
+        long.start()
+        wait_until(lambda: http.get("/healthz").json()["busy"], what="the long job running")
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up while its job waits
+            httpx.post(url + "/sdapi/v1/txt2img", json=payload(seed=77), timeout=1.5)
+        wait_until(lambda: http.get("/healthz").json()["queue"] == 0, what="the abandoned job dropped")
+        assert http.get("/healthz").json()["busy"]  # still the long job: the abandoned one never ran
+        events = http.get("/v1/events").json()
+        assert [e["why"] for e in events if e["event"] == "request_dropped"] == ["the client disconnected"]
+        stop_jobs(http, [long])
+
+
+def test_max_queue_must_be_positive(pack):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "imprompt.cli", "serve", "--models", str(pack), "--max-queue", "0"],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 2 and "--max-queue" in done.stderr and "not a positive whole number" in done.stderr
+    from imprompt.errors import RequestError
+    from imprompt.server.app import ServerSettings, create_app
+
+    with pytest.raises(RequestError, match="max_queue must be at least 1"):
+        create_app(new_engine(pack), ServerSettings(max_queue=0))
+
+
+def test_units_and_images_over_the_limits_are_refused_before_decoding(pack, red_circle):
+    """A 64 MiB body holds ~100,000 tiny PNGs; counts are checked before any of them is decoded (the images here
+    are not even base64, yet the answer is about the count)."""
+    garbage = ["not base64 at all!"]
+    with running_server(new_engine(pack, max_units=2, max_images=3), max_queue=4) as url, client(url) as http:
+        for body, where in [
+            (payload(*[{"adapter": "Base", "images": garbage}] * 3), "ip_adapters: 3 units is more than the 2"),
+            (payload({"adapter": "Base", "images": garbage * 4}), "ip_adapters.0.images: 4 is more than the 3"),
+            (payload({"adapter": "Base", "images": garbage * 4, "masks": garbage * 4}), "ip_adapters.0.images: 4"),
+        ]:
+            response = http.post("/sdapi/v1/txt2img", json=body)
+            assert response.status_code == 413 and response.json()["error"] == "LimitError", response.text
+            assert where in response.json()["detail"]
+        assert http.post("/sdapi/v1/txt2img", json=payload(sdnext_unit("Base", red_circle))).status_code == 200
+
+
+def test_cache_answers_during_model_switches(pack, red_circle):
+    """/v1/cache reads the engine while another thread switches models: always an answer, and always a model
+    (a switch keeps the current model until the next one is loaded)."""
+    with running_server(new_engine(pack)) as url, client(url) as http:
+        http_post(url, payload(seed=1))
+        answers, stop = [], threading.Event()
+
+        def poll():
+            while not stop.is_set():
+                response = http.get("/v1/cache")
+                answers.append((response.status_code, response.json().get("model")))
+
+        poller = threading.Thread(target=poll)
+        poller.start()
+        try:
+            for i, model in enumerate(["tiny-sdxl", "tiny-sd15", "tiny-sdxl", "tiny-sd15"]):
+                http_post(url, payload(seed=i, override_settings={"sd_model_checkpoint": model}))
+        finally:
+            stop.set()
+            poller.join(timeout=60)
+        assert answers and all(status == 200 and model in ("tiny-sd15", "tiny-sdxl") for status, model in answers)
 
 
 def test_api_key(pack, red_circle):
@@ -294,6 +391,21 @@ def test_api_key(pack, red_circle):
         host, port = url.removeprefix("http://").split(":")
         api = webuiapi.WebUIApi(host=host, port=int(port), username="user", password="s3cret")
         assert api.util_get_current_model() == "tiny-sd15"
+        with client(url) as http:
+            for header in ("Bearer clé".encode(), b"Basic \xff\xfe", "Bearer s3crét".encode("latin-1")):
+                response = http.get("/sdapi/v1/sd-models", headers={"Authorization": header})
+                assert response.status_code == 401 and response.json()["error"] == "AuthError"
+
+
+def test_chunked_body_over_the_limit_is_413_json(pack, red_circle):
+    """A body without Content-Length is limited while it streams, with imprompt's error shape."""
+    with running_server(new_engine(pack), max_body_bytes=10_000) as url, client(url) as http:
+        chunks = (b" " * 1000 for _ in range(50))
+        response = http.post("/sdapi/v1/txt2img", content=chunks, headers={"content-type": "application/json"})
+        assert "content-length" not in response.request.headers
+        assert response.status_code == 413 and response.json()["error"] == "PayloadTooLargeError"
+        assert "10000 byte limit" in response.json()["detail"]
+        assert http.post("/sdapi/v1/txt2img", json=payload(sdnext_unit("Base", red_circle))).status_code == 200
 
 
 def test_serve_cli_starts_on_loopback(pack):

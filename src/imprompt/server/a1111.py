@@ -125,16 +125,17 @@ def to_response(results: list[Result], payload: Txt2ImgPayload) -> dict:
     """A1111's response: base64 PNGs that carry the `parameters` text chunk, and `info` as a JSON string."""
     images, infotexts, seeds = [], [], []
     for result in results:
-        for i, image in enumerate(result.images):
+        for image, infotext, seed in zip(result.images, result.infotexts, result.info["all_seeds"]):
             buffer = io.BytesIO()
-            image.save(buffer, format="PNG", pnginfo=png_info(result.parameters))
+            image.save(buffer, format="PNG", pnginfo=png_info(infotext))
             images.append(base64.b64encode(buffer.getvalue()).decode())
-            infotexts.append(result.parameters)
-            seeds.append(result.info["seed"] + i)
+            infotexts.append(infotext)
+            seeds.append(seed)
     first = results[0].info if results else {}
     info = {
         **first,
         "all_prompts": [first.get("prompt", "")] * len(images),
+        "all_negative_prompts": [first.get("negative_prompt", "")] * len(images),
         "all_seeds": seeds,
         "infotexts": infotexts,
         "imprompt": [r.info for r in results],  # one entry per n_iter batch, with its own units and events

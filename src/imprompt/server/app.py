@@ -15,13 +15,15 @@ from dataclasses import dataclass
 from importlib import resources
 
 from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .. import __version__
 from ..engine import Engine
-from ..errors import AuthError, ImpromptError, PayloadTooLargeError
+from ..errors import AuthError, ImpromptError, MethodNotAllowedError, NotFoundError, PayloadTooLargeError
 from ..models import catalog
 from ..plan import describe_store
 from .a1111 import Img2ImgPayload, OptionsPayload, Txt2ImgPayload, to_request, to_response
@@ -47,12 +49,15 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
         version=__version__,
         description="Stable Diffusion with image prompts (IP-Adapters): A1111/SD.Next-compatible and native API.",
     )
+    # Bodies that do not declare their length (chunked) are limited while they stream, route by route (inside the
+    # exception handlers, so the 413 has imprompt's JSON shape); a declared Content-Length is refused by `Limits`.
+    app.router.max_body_size = settings.max_body_bytes
     app.state.engine, app.state.jobs = engine, jobs
 
     # ------------------------------------------------------------------------------------------------ errors
 
     @app.exception_handler(ImpromptError)
-    async def impromt_error(request: Request, exc: ImpromptError):
+    async def imprompt_error(request: Request, exc: ImpromptError):
         headers = {"WWW-Authenticate": AUTH_CHALLENGE} if isinstance(exc, AuthError) else None
         return JSONResponse({"error": type(exc).__name__, "detail": str(exc)}, exc.http_status, headers=headers)
 
@@ -64,6 +69,19 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
             parts.append(f"{where}: {err['msg']}")
         return JSONResponse({"error": "RequestError", "detail": "invalid request: " + "; ".join(parts)}, 422)
 
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        """The framework's own answers (unknown route, wrong method, body over the limit) in imprompt's shape."""
+        if exc.status_code == 413:
+            error: ImpromptError = _too_large(None, settings.max_body_bytes)
+        elif exc.status_code == 404:
+            error = NotFoundError(f"no such endpoint: {request.method} {request.url.path}; the API is listed at /docs")
+        elif exc.status_code == 405:
+            error = MethodNotAllowedError(f"{request.url.path} does not take {request.method}; the API is listed at /docs")
+        else:
+            return JSONResponse({"error": "HTTPError", "detail": str(exc.detail)}, exc.status_code, headers=exc.headers)
+        return JSONResponse({"error": type(error).__name__, "detail": str(error)}, exc.status_code, headers=exc.headers)
+
     @app.exception_handler(Exception)
     async def server_fault(request: Request, exc: Exception):
         log.error("internal error on %s %s: %r", request.method, request.url.path, exc, exc_info=exc)
@@ -71,15 +89,20 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
 
     # --------------------------------------------------------------------------------------- A1111 / SD.Next
 
-    @app.post("/sdapi/v1/txt2img")
-    def txt2img(payload: Txt2ImgPayload) -> dict:
+    async def generate(payload: Txt2ImgPayload, http: Request) -> dict:
+        """Handlers await their job on the event loop: no thread is held while it waits in the queue."""
         request = to_request(payload, state["model"])
-        return to_response(jobs.run(request, payload.n_iter), payload)
+        engine.check_limits(request)  # before the job is queued, before any image is decoded
+        results = await jobs.run_async(request, payload.n_iter, http.is_disconnected)
+        return await run_in_threadpool(to_response, results, payload)  # PNG encoding off the event loop
+
+    @app.post("/sdapi/v1/txt2img")
+    async def txt2img(payload: Txt2ImgPayload, http: Request) -> dict:
+        return await generate(payload, http)
 
     @app.post("/sdapi/v1/img2img")
-    def img2img(payload: Img2ImgPayload) -> dict:
-        request = to_request(payload, state["model"])
-        return to_response(jobs.run(request, payload.n_iter), payload)
+    async def img2img(payload: Img2ImgPayload, http: Request) -> dict:
+        return await generate(payload, http)
 
     @app.get("/sdapi/v1/sd-models")
     def sd_models() -> list[dict]:
@@ -121,11 +144,11 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
         return {"txt2img": [], "img2img": []}  # no A1111 scripts; webuiapi asks on connect
 
     @app.get("/sdapi/v1/progress")
-    def progress() -> dict:
+    async def progress() -> dict:
         return jobs.progress()
 
     @app.post("/sdapi/v1/interrupt")
-    def interrupt() -> dict:
+    async def interrupt() -> dict:
         return {"interrupted": jobs.interrupt()}
 
     # ------------------------------------------------------------------------------------------------ native
@@ -151,7 +174,7 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
         return [e for e in list(jobs.events) if e.get("time", 0) > since]
 
     @app.get("/healthz")
-    def healthz() -> dict:
+    async def healthz() -> dict:
         return {"status": "ok", "version": __version__, "queue": jobs.waiting, "busy": jobs.current is not None}
 
     # -------------------------------------------------------------------------------------------------- page
@@ -164,7 +187,7 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
     def static(name: str) -> Response:
         files = {"app.js": "text/javascript", "style.css": "text/css"}
         if name not in files:
-            return JSONResponse({"error": "NotFound", "detail": f"no static file {name!r}"}, 404)
+            return JSONResponse({"error": "NotFoundError", "detail": f"no static file {name!r}"}, 404)
         return Response(resources.files("imprompt.server").joinpath(f"static/{name}").read_text(), media_type=files[name])
 
     app.add_middleware(Auth, api_key=settings.api_key)
@@ -198,55 +221,38 @@ class Auth:
         await _json(send, error.http_status, error, {"www-authenticate": AUTH_CHALLENGE})
 
     def _allowed(self, scope: Scope) -> bool:
-        header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-        kind, _, value = header.partition(" ")
-        if kind.lower() == "bearer":
-            return secrets.compare_digest(value.strip(), self.api_key)
-        if kind.lower() == "basic":
+        header = dict(scope["headers"]).get(b"authorization", b"")
+        kind, _, value = header.partition(b" ")
+        if kind.lower() == b"bearer":
+            given = value.strip()
+        elif kind.lower() == b"basic":
             try:
-                password = base64.b64decode(value.strip(), validate=True).decode().partition(":")[2]
-            except (binascii.Error, UnicodeDecodeError):
+                given = base64.b64decode(value.strip(), validate=True).partition(b":")[2]
+            except binascii.Error:
                 return False
-            return secrets.compare_digest(password, self.api_key)
-        return False
+        else:
+            return False
+        return secrets.compare_digest(given, self.api_key.encode())  # bytes: any header byte compares, none raises
 
 
 class Limits:
-    """Refuse bodies over the limit (413) from Content-Length before reading, and while streaming otherwise."""
+    """Refuse a body whose Content-Length is over the limit (413) before anything reads it. Bodies that do not
+    declare their length are limited while they stream, by FastAPI's `max_body_size`."""
 
     def __init__(self, app: ASGIApp, max_body_bytes: int):
         self.app, self.max_body_bytes = app, max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        length = dict(scope["headers"]).get(b"content-length")
+        length = dict(scope["headers"]).get(b"content-length") if scope["type"] == "http" else None
         if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
             await _json(send, 413, _too_large(int(length), self.max_body_bytes))
             return
-        received = 0
-
-        async def limited_receive():
-            nonlocal received
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.max_body_bytes:
-                raise _BodyTooLarge()
-            return message
-
-        try:
-            await self.app(scope, limited_receive, send)
-        except _BodyTooLarge:
-            await _json(send, 413, _too_large(received, self.max_body_bytes))
+        await self.app(scope, receive, send)
 
 
-class _BodyTooLarge(Exception):
-    pass
-
-
-def _too_large(size: int, limit: int) -> PayloadTooLargeError:
-    return PayloadTooLargeError(f"request body of {size} bytes is over the {limit} byte limit; send smaller images")
+def _too_large(size: int | None, limit: int) -> PayloadTooLargeError:
+    what = f"request body of {size} bytes" if size is not None else "request body"
+    return PayloadTooLargeError(f"{what} is over the {limit} byte limit; send smaller images")
 
 
 async def _json(send: Send, status: int, error: ImpromptError, headers: dict | None = None) -> None:

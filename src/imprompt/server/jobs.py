@@ -1,27 +1,31 @@
 """One engine, one generation at a time: a bounded FIFO queue of jobs and the worker thread that runs them.
 
-HTTP handlers submit a job and wait for it; a full queue is refused at once (429) rather than making clients
-wait without bound. Each job carries its own request, so concurrent clients with different adapters each get
-exactly the image their request asks for.
+HTTP handlers submit a job and wait for it without holding a thread (they await its completion on the event
+loop), so a long queue never starves the server: progress, interrupt and health checks still answer at once. A
+full queue is refused at once (429) rather than making clients wait without bound. A client that disconnects
+while its job waits has the job dropped; while it runs, interrupted. Each job carries its own request, so
+concurrent clients with different adapters each get exactly the image their request asks for.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
-import queue
 import secrets
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Awaitable, Callable
 
 from ..engine import Engine, Result
-from ..errors import ImpromptError, QueueFullError
+from ..errors import ImpromptError, QueueFullError, RequestError
 from ..request import GenerateRequest
 
 log = logging.getLogger("imprompt")
 _ids = itertools.count(1)
+DISCONNECT_POLL_SECONDS = 0.5  # how often a waiting handler checks that its client is still there
 
 
 @dataclass
@@ -37,46 +41,84 @@ class Job:
     results: list[Result] = field(default_factory=list)
     error: BaseException | None = None
     done: threading.Event = field(default_factory=threading.Event)
+    on_done: Callable[[], None] | None = None  # called from the worker thread when the job ends
 
     def fraction(self) -> float:
         if not self.total:
             return 0.0
         return min(1.0, (self.iteration + self.step / self.total) / self.iterations)
 
+    def finish(self) -> None:
+        self.done.set()
+        if self.on_done is not None:
+            self.on_done()
+
 
 class JobQueue:
     def __init__(self, engine: Engine, max_queue: int = 16, recent_events: int = 200):
+        if max_queue < 1:
+            raise RequestError(f"max_queue must be at least 1 (jobs that may wait), got {max_queue}")
         self.engine = engine
         self.max_queue = max_queue
-        self._queue: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
+        self._waiting: deque[Job] = deque()
+        self._changed = threading.Condition()
         self.current: Job | None = None
         self.events: deque[dict] = deque(maxlen=recent_events)
         self._worker = threading.Thread(target=self._work, name="imprompt-worker", daemon=True)
         self._worker.start()
 
-    def submit(self, request: GenerateRequest, iterations: int = 1) -> Job:
+    def submit(self, request: GenerateRequest, iterations: int = 1, on_done=None) -> Job:
         if request.seed < 0:  # fix the seed now, so the n_iter batches continue from it
             request = request.model_copy(update={"seed": secrets.randbelow(2**32 - 64)})
-        job = Job(request, iterations)
-        try:
-            self._queue.put_nowait(job)
-        except queue.Full:
-            raise QueueFullError(
-                f"the queue is full ({self.max_queue} jobs waiting); try again when a job has finished"
-            ) from None
+        job = Job(request, iterations, on_done=on_done)
+        with self._changed:
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFullError(
+                    f"the queue is full ({self.max_queue} jobs waiting); try again when a job has finished"
+                )
+            self._waiting.append(job)
+            self._changed.notify()
         return job
 
-    def run(self, request: GenerateRequest, iterations: int = 1) -> list[Result]:
-        """Submit and wait; raises the job's error (typed errors keep their type)."""
-        job = self.submit(request, iterations)
-        job.done.wait()
-        if job.error is not None:
-            raise job.error
-        return job.results
+    async def run_async(self, request: GenerateRequest, iterations: int,
+                        client_gone: Callable[[], Awaitable[bool]]) -> list[Result]:  # fmt: skip
+        """Submit and await the job on the event loop (no thread is held while it waits). If `client_gone()`
+        turns true first, the job is dropped (waiting) or interrupted (running)."""
+        loop = asyncio.get_running_loop()
+        finished = loop.create_future()
+
+        def wake() -> None:
+            loop.call_soon_threadsafe(lambda: finished.done() or finished.set_result(None))
+
+        job = self.submit(request, iterations, on_done=wake)
+        while not finished.done():  # ends when the job does: the worker finishes every job it is given
+            try:
+                await asyncio.wait_for(asyncio.shield(finished), DISCONNECT_POLL_SECONDS)
+            except TimeoutError:
+                if await client_gone():
+                    self.cancel(job, "the client disconnected")
+                    await finished
+        return _outcome(job)
+
+    def cancel(self, job: Job, why: str) -> None:
+        """Drop a job that is still waiting; interrupt it if it is running."""
+        with self._changed:
+            waiting = job in self._waiting
+            if waiting:
+                self._waiting.remove(job)
+        if waiting:
+            log.info("job %d dropped before it ran: %s", job.id, why)
+            self.events.append({"event": "request_dropped", "job": job.id, "why": why, "time": time.time()})
+            job.error = RequestError(f"request dropped before it ran: {why}")
+            job.finish()
+        elif self.current is job:
+            log.info("job %d interrupted: %s", job.id, why)
+            self.events.append({"event": "request_interrupted", "job": job.id, "why": why, "time": time.time()})
+            self.engine.interrupt()
 
     @property
     def waiting(self) -> int:
-        return self._queue.qsize()
+        return len(self._waiting)
 
     def interrupt(self) -> bool:
         if self.current is None:
@@ -84,10 +126,17 @@ class JobQueue:
         self.engine.interrupt()
         return True
 
+    def _next(self) -> Job:
+        with self._changed:
+            while not self._waiting:
+                self._changed.wait()
+            job = self._waiting.popleft()
+            self.current, job.started = job, time.time()
+            return job
+
     def _work(self) -> None:
         while True:
-            job = self._queue.get()
-            self.current, job.started = job, time.time()
+            job = self._next()
             try:
                 for job.iteration in range(job.iterations):
                     seed = job.request.seed + job.iteration * job.request.batch_size
@@ -104,7 +153,7 @@ class JobQueue:
                 job.error = exc
             finally:
                 self.current = None
-                job.done.set()
+                job.finish()
 
     @staticmethod
     def _progress(job: Job):
@@ -146,3 +195,9 @@ class JobQueue:
         }
         return {"progress": round(fraction, 4), "eta_relative": round(eta, 3), "state": state,
                 "current_image": None, "textinfo": None}  # fmt: skip
+
+
+def _outcome(job: Job) -> list[Result]:
+    if job.error is not None:
+        raise job.error
+    return job.results
