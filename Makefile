@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 .PHONY: demo test serve bench soak load train evaluate install clean
 
 demo: install
-	$(BIN)/imprompt demo --models demo-models --out demo-output
+	$(BIN)/imprompt demo --pack demo-models --out demo-output
 
 serve: install
 	$(BIN)/imprompt pack demo-models

@@ -23,7 +23,7 @@ def imprompt(*args, check=True):
 
 def test_demo_runs_the_articles_switching_scenario(pack, engine, tmp_path):
     out = tmp_path / "demo"
-    done = imprompt("demo", "--models", pack, "--random-weights", "--out", out, "--steps", 4)
+    done = imprompt("demo", "--pack", pack, "--random-weights", "--out", out, "--steps", 4)
     rows = json.loads((out / "demo-report.json").read_text())
     steps = [(r["step"], r["adapter"], r["encoder"]) for r in rows]
     vit_h, vit_g = "IP-Adapter/models/image_encoder", "IP-Adapter/sdxl_models/image_encoder"
@@ -46,7 +46,13 @@ def test_demo_runs_the_articles_switching_scenario(pack, engine, tmp_path):
     assert "encoder IP-Adapter/sdxl_models/image_encoder loaded for Base ViT-G" in done.stderr
     assert "consumes image_embeds[1280]" in done.stderr
     assert "wrong pairing refused" in done.stdout and "image_embeds[1280]" in done.stdout
-    assert (out / "demo-grid.png").is_file() and (out / "demo-report.md").is_file()
+    assert (out / "demo-report.md").is_file()
+    grid = Image.open(out / "demo-grid.png").convert("L")
+    cell = grid.width // 9  # the reference and the eight steps, each labelled underneath
+    assert grid.height > cell
+    for i in range(9):  # under every picture, its label: dark text on white
+        band = grid.crop((i * cell, cell, (i + 1) * cell, grid.height))
+        assert min(band.getdata()) < 100, f"cell {i} has no label"
     # a demo image is exactly what the Python API gives for the same request
     reference = Image.open(pack / "images" / "red-circle.png").convert("RGB")
     same = engine.generate(
@@ -206,3 +212,29 @@ def test_full_units_as_json_and_img2img(pack, engine, red_circle, yellow_square,
         )
     )  # fmt: skip
     assert max_diff(Image.open(out).convert("RGB"), expected.images[0]) == 0
+
+
+def test_the_demo_never_builds_into_or_clears_a_folder_it_did_not_create(tmp_path):
+    """`imprompt demo --pack ~/ComfyUI/models` must not wipe the user's models: any folder that is not new, empty
+    or a demo pack is refused, naming it, and nothing in it is touched."""
+    models = tmp_path / "ComfyUI" / "models"
+    (models / "loras").mkdir(parents=True)
+    (models / "loras" / "mine.safetensors").write_bytes(b"the user's own")
+    for command in (["demo", "--pack", models, "--random-weights"], ["pack", models, "--random-weights"]):
+        done = imprompt(*command, check=False)
+        assert done.returncode == 1
+        assert f"{models} is not empty and is not a demo pack" in done.stderr and "never deletes" in done.stderr
+    assert sorted(p.name for p in models.rglob("*")) == ["loras", "mine.safetensors"]
+
+
+def test_rebuilding_a_demo_pack_removes_only_its_own_files(tmp_path):
+    pack = tmp_path / "demo-models"
+    imprompt("pack", pack, "--random-weights")
+    stamp = json.loads((pack / "pack.json").read_text())
+    assert stamp["files"] and all((pack / name).is_file() for name in stamp["files"])
+    (pack / "ipadapter" / "my-adapter.safetensors").write_bytes(b"put there by the user")
+    imprompt("pack", pack)  # the trained weights: another pack, rebuilt in place
+    assert (pack / "ipadapter" / "my-adapter.safetensors").read_bytes() == b"put there by the user"
+    rebuilt = json.loads((pack / "pack.json").read_text())
+    assert rebuilt["weights"] is not None and "ipadapter/my-adapter.safetensors" not in rebuilt["files"]
+    assert (pack / "diffusers" / "tiny-sd15" / "imprompt.json").is_file()  # the trained model's own defaults

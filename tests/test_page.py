@@ -113,3 +113,27 @@ def test_page_behind_an_api_key(pack, browser):
         assert "Base ← IP-Adapter/models/image_encoder" in caption
         assert errors == []
         context.close()
+
+
+def test_a_models_own_defaults_are_where_the_page_starts(pack, browser, tmp_path):
+    """A model may carry the settings its maker suggests (imprompt.json beside it, as the trained demo model
+    does): selecting it puts them in the form, so a newcomer's first click shows the reference steering."""
+    import json
+
+    models = tmp_path / "models"
+    shutil.copytree(pack / "diffusers" / "tiny-sd15", models / "suggests")
+    defaults = {"prompt": "", "cfg_scale": 1.5, "steps": 12, "ip_scale": 1.0}
+    (models / "suggests" / "imprompt.json").write_text(json.dumps({"defaults": defaults}))
+    with running_server(new_engine([models, pack / "diffusers", pack / "IP-Adapter"])) as url:
+        page = browser.new_page()
+        page.goto(url)
+        page.wait_for_selector(".unit .adapter option", state="attached")
+        assert page.input_value("#model") == "suggests"  # the server's current model: the first one
+        assert (page.input_value("#prompt"), page.input_value("#cfg"), page.input_value("#steps")) == ("", "1.5", "12")
+        assert page.input_value(".unit .scale") == "1"
+        page.click("#add-unit")
+        assert page.locator(".unit .scale").nth(1).input_value() == "1"
+        page.select_option("#model", "tiny-sd15")  # suggests nothing: the page's own starting values again
+        page.wait_for_function("document.getElementById('cfg').value === '7'", timeout=10_000)
+        assert (page.input_value("#prompt"), page.input_value("#cfg"), page.input_value("#steps")) == ("a shape", "7", "20")
+        assert page.locator(".unit .scale").nth(0).input_value() == "0.7"

@@ -81,7 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(run=_models)
 
     d = commands.add_parser("demo", help="build the demo model pack (if missing) and run the switching scenario")
-    d.add_argument("--models", type=Path, default=Path("demo-models"), help="where the pack is (default: %(default)s)")
+    d.add_argument("--pack", type=Path, default=Path("demo-models"),
+                   help="the demo pack's folder: built there if new or empty, reused if it holds a demo pack; any other "
+                        "folder is refused, never overwritten (default: %(default)s)")  # fmt: skip
     d.add_argument("--out", type=Path, default=Path("demo-output"), help="where images go (default: %(default)s)")
     d.add_argument("--steps", type=int, default=20)
     _weights_arguments(d)
@@ -103,7 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--api-key", default=os.environ.get("IMPROMPT_API_KEY"),
                    help="require this key (Bearer, or HTTP Basic password) on every endpoint but /healthz")  # fmt: skip
     s.add_argument("--model", help="the current model at start (default: the first in the models folder)")
-    s.add_argument("--max-queue", type=int, default=16, help="jobs waiting before requests get 429 (default: %(default)s)")
+    s.add_argument("--max-queue", type=_positive, default=16, help="jobs waiting before requests get 429 (default: %(default)s)")
+    s.add_argument("--max-units", type=_positive, default=8, help="IP-Adapter units per request (default: %(default)s)")
+    s.add_argument("--max-images", type=_positive, default=16,
+                   help="reference images per unit (default: %(default)s)")  # fmt: skip
     s.add_argument("--max-body", default="64MiB", help="largest request body (default: %(default)s)")
     s.add_argument("--max-image", default="32MiB", help="largest image, encoded (default: %(default)s)")
     s.add_argument("--max-pixels", type=int, default=4096 * 4096, help="largest image, pixels (default: %(default)s)")
@@ -111,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(run=_serve)
 
     pk = commands.add_parser("pack", help="build the demo model pack (tiny models, trained on flat shapes) if missing")
-    pk.add_argument("folder", type=Path, nargs="?", default=Path("demo-models"))
+    pk.add_argument("folder", type=Path, nargs="?", default=Path("demo-models"),
+                    help="new or empty, or holding a demo pack; any other folder is refused (default: %(default)s)")  # fmt: skip
     _weights_arguments(pk)
     pk.set_defaults(run=_pack)
 
@@ -151,7 +157,28 @@ def _engine_arguments(parser) -> None:
     parser.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
     parser.add_argument("--dtype", help="float32, float16, bfloat16 (default: float16 on cuda, float32 on cpu)")
     parser.add_argument("--encoder-dtype", help="dtype of the image encoders (default: --dtype); bfloat16 halves them")
-    parser.add_argument("--cache-budget", help="memory for loaded image encoders, e.g. 8GiB (default: half the RAM)")
+    parser.add_argument("--cache-budget", metavar="SIZE",
+                        help="memory for loaded image encoders, e.g. 8GiB (default: half the RAM; 30%% of a GPU's)")
+    parser.add_argument("--adapter-budget", metavar="SIZE",
+                        help="memory for built IP-Adapters (default: 4GiB, at most 1/8 of the RAM; 10%% of a GPU's)")
+    parser.add_argument("--embedding-budget", metavar="SIZE",
+                        help="memory for cached image embeddings (default: 512MiB, at most 2%% of the device's)")
+
+
+def _engine(args, **settings):
+    """The engine the command's options describe (models folders, device, dtypes, cache budgets)."""
+    from .engine import Engine
+
+    return Engine(_require_models(args), device=args.device, dtype=args.dtype, encoder_dtype=args.encoder_dtype,
+                  cache_budget=args.cache_budget, adapter_cache_budget=args.adapter_budget,
+                  embedding_cache_budget=args.embedding_budget, **settings)  # fmt: skip
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive whole number")
+    return value
 
 
 def _require_models(args) -> list[Path]:
@@ -166,7 +193,6 @@ def _require_models(args) -> list[Path]:
 
 
 def _generate(args) -> int:
-    from .engine import Engine
     from .request import parse_request
     from .server.a1111 import from_sdnext_payload
 
@@ -202,9 +228,7 @@ def _generate(args) -> int:
         overrides["ip_adapters"] = [parse_ip_unit(text) for text in args.ip] + [_json_unit(t) for t in args.ip_json]
     request = parse_request(request.model_dump() | overrides)
     quiet_libraries()
-    engine = Engine(_require_models(args), device=args.device, dtype=args.dtype, encoder_dtype=args.encoder_dtype,
-                    cache_budget=args.cache_budget)  # fmt: skip
-    result = engine.generate(request)
+    result = _engine(args).generate(request)
     outputs = []
     for i in range(len(result.images)):
         path = args.out if len(result.images) == 1 else args.out.with_stem(f"{args.out.stem}-{i + 1}")
@@ -302,16 +326,13 @@ def _demo(args) -> int:
     from .demo.scenario import run_demo
 
     quiet_libraries()
-    run_demo(args.models, args.out, steps=args.steps, weights=_pack_weights(args))
+    run_demo(args.pack, args.out, steps=args.steps, weights=_pack_weights(args))
     return 0
 
 
 def _embed(args) -> int:
-    from .engine import Engine
-
     quiet_libraries()
-    engine = Engine(_require_models(args), device=args.device, dtype=args.dtype, encoder_dtype=args.encoder_dtype,
-                    cache_budget=args.cache_budget)  # fmt: skip
+    engine = _engine(args)
     unit = {"adapter": args.adapter, "images": [str(p) for p in args.images], "average": args.average}
     print(engine.save_embeddings(unit, args.out))
     return 0
@@ -320,15 +341,12 @@ def _embed(args) -> int:
 def _serve(args) -> int:
     import uvicorn
 
-    from .engine import Engine
     from .server.app import ServerSettings, create_app
     from .util.cache import parse_bytes
 
     quiet_libraries()
-    engine = Engine(
-        _require_models(args), device=args.device, dtype=args.dtype, encoder_dtype=args.encoder_dtype,
-        cache_budget=args.cache_budget, allow_paths=False, max_image_pixels=args.max_pixels, max_image_bytes=parse_bytes(args.max_image, 0),
-    )  # fmt: skip
+    engine = _engine(args, allow_paths=False, max_image_pixels=args.max_pixels, max_image_bytes=parse_bytes(args.max_image, 0),
+                     max_units=args.max_units, max_images=args.max_images)  # fmt: skip
     settings = ServerSettings(
         api_key=args.api_key, max_body_bytes=parse_bytes(args.max_body, 0), max_queue=args.max_queue, model=args.model
     )

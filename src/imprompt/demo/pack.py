@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import RequestError
 from .tiny_models import (
     CROSS_ATTENTION_SD15,
     CROSS_ATTENTION_SDXL,
@@ -28,7 +29,7 @@ from .tiny_models import (
 
 log = logging.getLogger("imprompt")
 
-PACK_VERSION = 4
+PACK_VERSION = 5  # 5: pack.json lists the files the pack wrote
 SD15_MODEL = "tiny-sd15"
 SDXL_MODEL = "tiny-sdxl"
 # h94 file stem -> (variant, encoder it was trained against)
@@ -66,6 +67,8 @@ REFERENCE_IMAGES = {
 DEMO_WEIGHTS = Path(__file__).parent / "weights"
 TRAINED_ENCODERS = {"vit-h": "IP-Adapter/models/image_encoder", "vit-g": "IP-Adapter/sdxl_models/image_encoder"}
 TRAINED_ADAPTERS = ("ip-adapter_sd15", "ip-adapter_sd15_vit-G", "ip-adapter-plus_sd15")  # in IP-Adapter/models
+# the trained SD 1.5 model's suggested settings: the reference alone decides the picture
+TRAINED_DEFAULTS = {"prompt": "", "cfg_scale": 1.5, "steps": 20, "ip_scale": 1.0}
 
 
 def build_demo_pack(root: Path, force: bool = False, weights: Path | None = None) -> Path:
@@ -78,16 +81,95 @@ def build_demo_pack(root: Path, force: bool = False, weights: Path | None = None
 
     Every model has random weights, unless `weights` names a folder written by `make train` (tools/training.py):
     then the SD 1.5 pipeline, both encoders and the Base, Base ViT-G and Plus SD 1.5 adapters are those trained
-    weights (everything else stays random). The pack is rebuilt when the weights change."""
+    weights (everything else stays random). The pack is rebuilt when the weights change.
+
+    Nothing that the pack did not create is ever deleted: `root` must be new, empty, or a demo pack (its
+    `pack.json` lists the files it wrote, and a rebuild removes exactly those). Any other folder is refused."""
     root = Path(root)
     stamp = root / "pack.json"
     trained = weights is not None
     wanted = {"builder": "imprompt.pack", "version": PACK_VERSION, "weights": _weights_digest(weights) if trained else None}
-    if not force and stamp.is_file() and json.loads(stamp.read_text()) == wanted:
+    built = _own_pack(root)
+    if built is not None and not force and {k: built.get(k) for k in wanted} == wanted:
         return root
-    if root.exists():
-        shutil.rmtree(root)
+    if built is not None:
+        _remove_files(root, built["files"] + ["pack.json"])
     log.info("building the demo model pack in %s (%s)", root, "trained" if trained else "random weights")
+    building = root / BUILDING  # hidden from the model store; moved into place when complete
+    if building.exists():
+        shutil.rmtree(building)  # an interrupted build of ours
+    _build(building, weights)
+    files = sorted(p.relative_to(building).as_posix() for p in building.rglob("*") if p.is_file())
+    for entry in sorted(building.iterdir()):
+        _merge(entry, root / entry.name)
+    building.rmdir()
+    stamp.write_text(json.dumps({**wanted, "files": files}, indent=1))
+    return root
+
+
+BUILDING = ".building"
+
+
+def _own_pack(root: Path) -> dict | None:
+    """The stamp of the demo pack at `root`; None if `root` is new or empty (or holds only an interrupted build
+    of ours). Anything else is refused, so that no user folder is ever built into or cleared."""
+    if not root.exists():
+        return None
+    if not root.is_dir():
+        raise RequestError(f"{root} is a file; the demo pack needs a folder (a new one, or one holding a demo pack)")
+    entries = [p.name for p in root.iterdir()]
+    if not entries or entries == [BUILDING]:
+        return None
+    stamp = root / "pack.json"
+    refuse = (
+        f"{root} is not empty and is not a demo pack; imprompt builds its demo pack only into a new or empty folder "
+        f"and never deletes anything it did not create. Choose another folder (imprompt demo --pack DIR, imprompt "
+        f"pack DIR), e.g. demo-models; to use your own models, pass them with --models to the other commands"
+    )
+    try:
+        built = json.loads(stamp.read_text())
+    except (OSError, ValueError):
+        raise RequestError(refuse) from None
+    if not isinstance(built, dict) or built.get("builder") != "imprompt.pack":
+        raise RequestError(refuse)
+    if not isinstance(built.get("files"), list):
+        raise RequestError(
+            f"{root} holds a demo pack from an older imprompt, which did not record the files it wrote, so imprompt "
+            f"cannot tell them from yours. Delete that folder yourself (e.g. rm -r {root}) and run again"
+        )
+    return built
+
+
+def _remove_files(root: Path, files: list[str]) -> None:
+    """Remove the pack's own files, then the folders they leave empty; nothing else, nothing outside `root`."""
+    base = root.resolve()
+    folders = set()
+    for name in files:
+        path = (root / name).resolve()
+        if base not in path.parents or not path.is_file():
+            continue  # a stamp edited to point elsewhere, or a file already gone
+        path.unlink()
+        folders.update(p for p in path.parents if base in p.parents)
+    for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
+        if not any(folder.iterdir()):
+            folder.rmdir()
+
+
+def _merge(source: Path, target: Path) -> None:
+    """Move a built entry into the pack folder, into folders that (after removing the old pack) may still hold
+    files of the user's own."""
+    if source.is_dir() and target.is_dir():
+        for child in sorted(source.iterdir()):
+            _merge(child, target / child.name)
+        source.rmdir()
+    elif target.exists():
+        raise RequestError(f"{target} is in the way of the demo pack and is not the pack's own; move it elsewhere")
+    else:
+        source.replace(target)
+
+
+def _build(root: Path, weights: Path | None) -> None:
+    trained = weights is not None
     sd15 = root / "diffusers" / SD15_MODEL
     widths = {
         SD15_MODEL: cross_attention_widths((build_trained_sd15(sd15, weights) if trained else build_sd15_pipeline(sd15)).unet),
@@ -113,8 +195,8 @@ def build_demo_pack(root: Path, force: bool = False, weights: Path | None = None
     for name, (shape, color, background) in REFERENCE_IMAGES.items():
         (root / "images").mkdir(parents=True, exist_ok=True)
         draw_reference(shape, color, background).save(root / "images" / f"{name}.png")
-    stamp.write_text(json.dumps(wanted))
-    return root
+    if trained:  # where the trained pack draws best (docs/demo-pack.md): the web page starts from these
+        (sd15 / "imprompt.json").write_text(json.dumps({"defaults": TRAINED_DEFAULTS}, indent=1))
 
 
 # ------------------------------------------------------------------------------------- the trained demo weights

@@ -11,7 +11,7 @@ import json
 import time
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from ..errors import ImpromptError
 from .pack import DEMO_WEIGHTS, SD15_MODEL, build_demo_pack
@@ -107,10 +107,22 @@ def _markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _contact_sheet(reference: Image.Image, images: list[Image.Image], cell: int = 96) -> Image.Image:
-    """Reference first, then one cell per scenario step."""
-    tiles = [reference] + images
-    sheet = Image.new("RGB", (cell * len(tiles), cell), "white")
-    for i, tile in enumerate(tiles):
+def _contact_sheet(reference: Image.Image, images: list[Image.Image], cell: int = 128) -> Image.Image:
+    """The reference, then one cell per scenario step, each labelled with its step and adapter(s), so the picture
+    explains itself without the table."""
+    labels = ["reference"] + [f"{n}. {' + '.join(adapters)}" for n, adapters in enumerate(SCENARIO, start=1)]
+    font = ImageFont.load_default(size=13)
+    band = 40
+    sheet = Image.new("RGB", (cell * len(labels), cell + band), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (tile, label) in enumerate(zip([reference, *images], labels)):
         sheet.paste(tile.resize((cell, cell), Image.Resampling.NEAREST), (i * cell, 0))
+        words, lines = label.split(" "), [""]
+        for word in words:  # wrap to the cell's width
+            candidate = f"{lines[-1]} {word}".strip()
+            if lines[-1] and draw.textlength(candidate, font=font) > cell - 6:
+                lines.append(word)
+            else:
+                lines[-1] = candidate
+        draw.multiline_text((i * cell + 3, cell + 3), "\n".join(lines[:2]), fill="black", font=font, spacing=2)
     return sheet

@@ -3,6 +3,7 @@
 
 const $ = (id) => document.getElementById(id);
 let listing = null;          // GET /v1/models
+let defaultScale = 0.7;      // a new unit's scale; a model's own defaults (imprompt.json) may change it
 let lastEventTime = 0;       // newest event shown
 
 async function api(path, options = {}) {
@@ -41,7 +42,33 @@ function currentModel() {
 function showFamily() {
   const model = currentModel();
   $("model-family").textContent = model ? `${model.family}, ${model.cross_attention_layers} cross-attention layers` : "";
-  if (model) { $("width").value = model.default_size; $("height").value = model.default_size; }
+  if (model) { $("width").value = model.default_size; $("height").value = model.default_size; applyDefaults(model); }
+}
+
+// The settings a model's maker suggests (its imprompt.json; the trained demo model's: empty prompt, CFG 1.5,
+// scale 1). Switching to a model that suggests nothing puts back the page's own starting values for those fields.
+const SUGGESTIBLE = { prompt: "prompt", negative_prompt: "negative-prompt", steps: "steps", cfg_scale: "cfg",
+                      width: "width", height: "height" };
+const PAGE_DEFAULT_SCALE = 0.7;
+let pageDefaults = null;     // the form's values as the page was loaded
+let suggested = {};          // what the current model's defaults set
+
+function applyDefaults(model) {
+  if (pageDefaults === null) {
+    pageDefaults = Object.fromEntries(Object.values(SUGGESTIBLE).map((id) => [id, $(id).value]));
+  }
+  const defaults = model.defaults || {};
+  for (const key of Object.keys(suggested)) {
+    if (key in SUGGESTIBLE && !(key in defaults)) $(SUGGESTIBLE[key]).value = pageDefaults[SUGGESTIBLE[key]];
+  }
+  for (const [key, value] of Object.entries(defaults)) {
+    if (key in SUGGESTIBLE) $(SUGGESTIBLE[key]).value = value;
+  }
+  if ("ip_scale" in defaults || "ip_scale" in suggested) {
+    defaultScale = defaults.ip_scale ?? PAGE_DEFAULT_SCALE;
+    document.querySelectorAll(".unit .scale").forEach((input) => { input.value = defaultScale; });
+  }
+  suggested = defaults;
 }
 
 function adaptersForModel() {
@@ -81,6 +108,7 @@ function addUnit() {
   const unit = $("unit-template").content.firstElementChild.cloneNode(true);
   unit.querySelector(".remove").onclick = () => { unit.remove(); numberUnits(); };
   const select = unit.querySelector(".adapter");
+  unit.querySelector(".scale").value = defaultScale;
   select.onchange = () => describeAdapter(select);
   unit.querySelector(".images").onchange = (event) => showPreviews(unit, event.target.files);
   units.appendChild(unit);
