@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from conftest import max_diff
 from PIL import Image
 
 from imprompt.demo import shapes
@@ -82,9 +83,23 @@ def test_training_script_output_builds_a_working_pack(tmp_path):
         write_trained_adapter(pack / "IP-Adapter" / "models" / f"{stem}.safetensors", stem, weights)
     engine = Engine(pack)
     reference = shapes.draw(SCENES[0])
+
+    def generate(adapter, scale):
+        return engine.generate(model="tiny-sd15", prompt="", steps=2, seed=1,
+                               ip_adapters=[{"adapter": adapter, "images": [reference], "scale": scale}])  # fmt: skip
+
     for adapter in ADAPTERS:
-        result = engine.generate(model="tiny-sd15", prompt="", steps=2, ip_adapters=[{"adapter": adapter, "images": [reference]}])
+        result = generate(adapter, 1.0)
+        [unit] = result.info["ip_adapters"]
+        assert unit["file"] == str(pack / "IP-Adapter" / "models" / f"{unit_stem(adapter)}.safetensors")
         assert result.images[0].size == (64, 64)
+        assert max_diff(result.images[0], generate(adapter, 0.0).images[0]) > 0  # the trained layers act
+
+
+def unit_stem(adapter: str) -> str:
+    from imprompt.models import catalog
+
+    return catalog.known_adapter(adapter).stems[0]
 
 
 # ------------------------------------------------------------------------------------- the shipped weights

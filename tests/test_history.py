@@ -15,7 +15,16 @@ from PIL import Image
 from imprompt import Engine
 from imprompt.errors import ImpromptError
 from tools.loadtest import load, start_server
-from tools.soak import failing_menu, fresh_references, pack_images, sd15_menu, sdxl_menu, soak, write_bad_files
+from tools.soak import (
+    failing_menu,
+    fresh_references,
+    pack_images,
+    random_requests,
+    sd15_menu,
+    sdxl_menu,
+    soak,
+    write_bad_files,
+)
 
 
 @pytest.fixture(scope="module")
@@ -134,11 +143,16 @@ def test_failures_name_their_cause(roots, images):
     assert "block_0" in messages["bad-layers"]
 
 
-def test_soak_200_requests(roots, images, fresh_paths):
-    """The soak script's loop at 200 requests: random requests of both families, valid and invalid, with a
-    1-byte encoder budget (evictions all the time): every valid result equals its fresh-process image."""
-    valid = sd15_menu(images) | sdxl_menu(images)
-    report = soak(roots, valid, failing_menu(images), fresh_paths, count=200, seed=0, cache_budget=1)
+def test_soak_200_requests(roots, images, tmp_path_factory):
+    """The soak script's loop at 200 requests: 12 requests drawn at random from the space the engine serves
+    (families, adapters, scales, windows, images, masks, presets, samplers, img2img), run in a random order with
+    requests that must fail slipped in, with a 1-byte encoder budget (evictions all the time): every valid result
+    equals its fresh-process image."""
+    pool = random_requests(12, seed=0, images=images)
+    assert {r["model"] for r in pool.values()} == {"tiny-sd15", "tiny-sdxl"}
+    assert len({u["adapter"] for r in pool.values() for u in r["ip_adapters"]}) >= 6
+    references = fresh_references(roots, pool, tmp_path_factory.mktemp("random-fresh"))
+    report = soak(roots, pool, failing_menu(images), references, count=200, seed=0, cache_budget=1)
     assert report["failures"] == []
     assert report["valid"] + report["refused_as_expected"] == 200 and report["refused_as_expected"] > 0
     # seed 0's 100th request is one that must fail: the memory reading after warm-up must not depend on it

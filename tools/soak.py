@@ -1,12 +1,14 @@
 """Soak: thousands of random requests through one engine, every valid result checked against the image that
 request gives as the only request of a fresh process.
 
-    python -m tools.soak --requests 5000 [--models DIR] [--report docs/soak.json]
+    python -m tools.soak --requests 5000 [--distinct 150] [--models DIR] [--report docs/soak.json]
 
-Requests are drawn from a menu that covers every adapter variant of both families, alone and combined, with
-the per-unit controls, plus requests that must fail (unknown names, bad images, corrupt and incompatible
-files). The families are mixed in runs (base-model switches happen, not on every request). Fresh-process
-references are computed once per menu entry and kept on disk.
+`--distinct` requests are drawn at random from the space the engine serves (`random_request`: either family,
+0 to 3 units of any adapter of it with both encoders mixed, random scales, start/end windows, one or two images
+or their average, masks, per-block presets, noise negatives, samplers, CFG, seeds, img2img); each one's
+fresh-process image is computed once and kept on disk. The soak then runs `--requests` of them in a random order,
+families in runs (base-model switches happen, not on every request), with 10 % requests that must fail (unknown
+names, bad images, corrupt and incompatible files) slipped in.
 """
 
 from __future__ import annotations
@@ -14,11 +16,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import multiprocessing
 import random
-import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
@@ -33,6 +34,46 @@ def _request(*units, model="tiny-sd15", seed=1, steps=4, **fields) -> dict:
 
 def _unit(adapter, *images, scale=0.6, **fields) -> dict:
     return {"adapter": adapter, "images": list(images), "scale": scale, **fields}
+
+
+SD15_ADAPTERS = ("Base", "Light", "Plus", "Plus Face", "Full Face", "Base ViT-G", "Ostris Composition ViT-H")
+SDXL_ADAPTERS = ("Base SDXL", "Base ViT-H SDXL", "Plus ViT-H SDXL", "Plus Face ViT-H SDXL", "Ostris Composition ViT-H SDXL")
+SAMPLERS = ("Default", "Euler", "Euler a", "DPM++ 2M", "DPM++ 2M Karras", "DDIM", "UniPC")
+
+
+def random_request(rng: random.Random, images: dict[str, str]) -> dict:
+    """One request drawn from the space of what the engine serves (see the module's docstring)."""
+    family = rng.choice(["sd15", "sdxl"])
+    adapters = SD15_ADAPTERS if family == "sd15" else SDXL_ADAPTERS
+    pictures = sorted(images)
+    units = []
+    for _ in range(rng.choice([0, 1, 1, 2, 2, 3])):
+        chosen = [images[p] for p in rng.sample(pictures, rng.choice([1, 1, 2]))]
+        start = rng.choice([0.0, 0.0, 0.25, 0.5])
+        unit = {"adapter": rng.choice(adapters), "images": chosen, "scale": round(rng.uniform(-0.5, 1.5), 2),
+                "start": start, "end": rng.choice([e for e in (0.5, 0.75, 1.0, 1.0) if e >= start])}  # fmt: skip
+        if len(chosen) > 1 and rng.random() < 0.3:
+            unit["average"] = True
+        if rng.random() < 0.2:
+            unit["masks"] = [images[rng.choice(pictures)] for _ in range(1 if unit.get("average") else len(chosen))]
+        if rng.random() < 0.25:
+            unit["layers"] = rng.choice(["style", "composition", "style+composition"])
+        if rng.random() < 0.15:
+            unit["negative_images"] = ["noise"]
+        units.append(unit)
+    request = _request(*units, model="tiny-sd15" if family == "sd15" else "tiny-sdxl", seed=rng.randrange(1000),
+                       steps=rng.choice([2, 3, 4]), cfg_scale=rng.choice([1.0, 3.0, 7.0]),
+                       sampler=rng.choice(SAMPLERS))  # fmt: skip
+    if rng.random() < 0.15:
+        request.update(init_images=[images[rng.choice(pictures)]], denoising_strength=rng.choice([0.5, 0.75]))
+    return request
+
+
+def random_requests(count: int, seed: int, images: dict[str, str]) -> dict[str, dict]:
+    """`count` requests drawn with `seed`, named by their family and number ("sd15-007", "sdxl-012")."""
+    rng = random.Random(seed)
+    drawn = [random_request(rng, images) for _ in range(count)]
+    return {f"{'sdxl' if r['model'] == 'tiny-sdxl' else 'sd15'}-{i:03d}": r for i, r in enumerate(drawn)}
 
 
 def sd15_menu(images: dict[str, str]) -> dict[str, dict]:
@@ -101,33 +142,49 @@ def pack_images(pack: Path) -> dict[str, str]:
     return {p.stem: str(p) for p in (pack / "images").glob("*.png")}
 
 
-_FRESH_PROCESS = """
-import json, sys
-from imprompt import Engine
-roots, req, out = json.loads(sys.argv[1])
-Engine(roots).generate(req).images[0].save(out)
-"""
+# What every reference process would import on its own: imprompt, and the parts of diffusers and transformers
+# that a first request pulls in lazily (diffusers imports all its model classes then).
+PRELOADED = ["imprompt.engine", "diffusers.models", "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion",
+             "diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl", "transformers.models.clip.modeling_clip",
+             "transformers.models.clip.tokenization_clip"]  # fmt: skip
 
 
-def fresh_references(roots: list[str], requests: dict[str, dict], folder: Path, workers: int = 2) -> dict[str, Path]:
-    """Each request's image as the only request of a brand-new Python process, kept on disk by content."""
+def _first_request(roots: list[str], request: dict, out: str) -> None:
+    """Runs in a process of its own: one engine, one request, its first image to `out`."""
+    from imprompt import Engine
+
+    Engine(roots).generate(request).images[0].save(out)
+
+
+def fresh_references(roots: list[str], requests: dict[str, dict], folder: Path, workers: int = 1) -> dict[str, Path]:
+    """Each request's image as the only request of a brand-new process, kept on disk by content.
+
+    Every reference runs in a process of its own that ran nothing before (`maxtasksperchild=1`), forked from a
+    fork server that has only imported imprompt, torch and diffusers (multiprocessing's forkserver, started
+    fresh and single-threaded): the same state as `python -c ...`, without paying the imports each time (2.5 s
+    a reference instead of 10 on 2 cores). One worker by default: two torch processes on 2 cores, each with
+    2 threads, were 2.3x slower in all than one after the other."""
     folder.mkdir(parents=True, exist_ok=True)
     stamps = [(Path(root) / "pack.json").read_text() for root in roots if (Path(root) / "pack.json").is_file()]
-
-    def one(name):  # keyed by the pack's build stamp too: a rebuilt pack never meets an old reference
-        key = hashlib.sha256(json.dumps([roots, requests[name], stamps], sort_keys=True).encode()).hexdigest()[:16]
-        target = folder / f"{name}-{key}.png"
-        if not target.exists():
-            partial = folder / f".{target.name}.partial.png"
-            args = json.dumps([roots, requests[name], str(partial)])
-            done = subprocess.run([sys.executable, "-c", _FRESH_PROCESS, args], capture_output=True, text=True)
-            if done.returncode != 0:
-                raise RuntimeError(f"fresh-process reference for {name} failed:\n{done.stderr[-2000:]}")
-            partial.replace(target)
-        return name, target
-
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        return dict(pool.map(one, requests))
+    targets, missing = {}, []
+    for name, request in requests.items():  # keyed by the pack's build stamp too: a rebuilt pack never meets old ones
+        key = hashlib.sha256(json.dumps([roots, request, stamps], sort_keys=True).encode()).hexdigest()[:16]
+        targets[name] = folder / f"{name}-{key}.png"
+        if not targets[name].exists():
+            missing.append(name)
+    if missing:
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(PRELOADED)
+        with context.Pool(workers, maxtasksperchild=1) as pool:
+            partials = {name: folder / f".{targets[name].name}.partial.png" for name in missing}
+            jobs = {name: pool.apply_async(_first_request, (roots, requests[name], str(partials[name]))) for name in missing}
+            for name, job in jobs.items():
+                try:
+                    job.get(timeout=600)
+                except Exception as exc:
+                    raise RuntimeError(f"fresh-process reference for {name} failed: {exc!r}") from exc
+                partials[name].replace(targets[name])
+    return targets
 
 
 def soak(roots: list[str], valid: dict, failing: dict, references: dict[str, Path], count: int, seed: int = 0,
@@ -140,7 +197,8 @@ def soak(roots: list[str], valid: dict, failing: dict, references: dict[str, Pat
     from imprompt.errors import ImpromptError
 
     rng = random.Random(seed)
-    families = {"sd15": [n for n in valid if not n.startswith("xl-")], "sdxl": [n for n in valid if n.startswith("xl-")]}
+    families = {"sd15": [n for n in valid if valid[n]["model"] == "tiny-sd15"],
+                "sdxl": [n for n in valid if valid[n]["model"] == "tiny-sdxl"]}  # fmt: skip
     expected = {name: np.asarray(Image.open(path).convert("RGB")).astype(np.int16) for name, path in references.items()}
     engine = Engine(roots, cache_budget=cache_budget)
     family, counts, failures = "sd15", {"valid": 0, "refused": 0}, []
@@ -190,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m tools.soak", description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=5000)
+    parser.add_argument("--distinct", type=int, default=150, help="distinct random requests (each gets a fresh-process image)")
     parser.add_argument("--models", type=Path, default=Path("demo-models"), help="the demo pack (built if missing)")
     parser.add_argument("--work", type=Path, default=Path(".soak"), help="bad files and references")
     parser.add_argument("--seed", type=int, default=0)
@@ -200,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     pack = build_demo_pack(args.models)
     roots = [str(pack.resolve()), str(write_bad_files(args.work / "bad", pack).resolve())]
     images = pack_images(pack)
-    valid, failing = sd15_menu(images) | sdxl_menu(images), failing_menu(images)
+    valid, failing = random_requests(args.distinct, args.seed, images), failing_menu(images)
     references = fresh_references(roots, valid, args.work / "references")
     report = soak(roots, valid, failing, references, args.requests, args.seed, cache_budget=args.cache_budget,
                   progress=lambda n, f: print(f"soak: {n} requests, {len(f)} failures, RSS {_rss() / 2**20:.0f} MiB",
