@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def test_bench_runs_at_tiny_size(tmp_path):
     out = tmp_path / "bench.md"
-    phases = "switch_imprompt,switch_sdnext,embeddings,workload_small_budget"
+    phases = "switch_imprompt,switch_expert,switch_sdnext,embeddings,workload_expert,workload_small_budget"
     command = [sys.executable, "-m", "tools.bench", "--size", "tiny", "--trials", "1", "--cache",
                str(tmp_path / "cache"), "--out", str(out), "--phases", phases, "--workload-size", "64",
                "--workload-steps", "2", "--workload-requests", "3", "--device", "cpu"]  # fmt: skip
@@ -25,6 +25,9 @@ def test_bench_runs_at_tiny_size(tmp_path):
         assert heading in report
     raw = json.loads(out.with_suffix(".json").read_text())["results"]
     assert set(raw) == set(phases.split(","))
-    assert len(raw["switch_imprompt"]["result"]["switch_s"]) == 3 and len(raw["switch_sdnext"]["result"]["switch_s"]) == 3
+    for phase in ("switch_imprompt", "switch_expert", "switch_sdnext"):
+        assert len(raw[phase]["result"]["switch_s"]) == 3
+    assert raw["workload_expert"]["result"]["requests"] == ["Base", "Base ViT-G", "Plus"]
+    assert "Against the expert script" in report
     small = raw["workload_small_budget"]["result"]
     assert small["requests"] == ["Base", "Base ViT-G", "Plus"] and small["evictions"] >= 1  # nothing failed, evictions happened
