@@ -45,6 +45,7 @@ ORDER = (
     "ipadapter/embeddings.py",
     "ipadapter/attach.py",
     "util/",
+    "util/devices.py",
     "util/cache.py",
     "util/images.py",
     "util/infotext.py",

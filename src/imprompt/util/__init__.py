@@ -1,1 +1,1 @@
-"""Small pieces the data flow uses: byte-bounded caches, image decoding, A1111 infotext, sampler names."""
+"""Small pieces the data flow uses: devices and budgets, caches, image decoding, A1111 infotext, samplers."""
