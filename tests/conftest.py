@@ -22,6 +22,13 @@ from PIL import Image  # noqa: E402
 from imprompt.demo.pack import SD15_MODEL, build_demo_pack  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def probe_cache(tmp_path_factory):
+    """What the model store learns about files is kept on disk: the tests keep theirs apart from the user's (and
+    the processes they start use the same)."""
+    os.environ["IMPROMPT_CACHE_DIR"] = str(tmp_path_factory.mktemp("probe-cache"))
+
+
 @pytest.fixture(scope="session")
 def pack(tmp_path_factory) -> Path:
     """The demo model pack: tiny SD 1.5 pipeline, ViT-H/bigG-like encoders, six SD 1.5 adapters (h94 layout)."""

@@ -111,7 +111,9 @@ def test_malicious_pickle_is_never_run(pack, tmp_path, legacy, engine, red_circl
     assert str(path) in str(info.value)
     assert not target.exists()
 
-    store = ModelStore(root)  # scanning a folder that holds it
+    store = ModelStore(root)  # scanning a folder that holds it: pickles are not even opened
+    assert [e.path for e in store.of_kind("unread")] == [path]
+    store.read_all()  # listing what everything is reads it, weights only
     [entry] = store.unreadable
     assert isinstance(entry.error, UnsafeCheckpointError)
     assert not target.exists()

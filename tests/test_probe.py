@@ -357,12 +357,13 @@ def test_unknown_extension(tmp_path):
         probe(path)
 
 
-def test_unrelated_tensors(tmp_path):
-    path = tmp_path / "lora.safetensors"
-    save_file({"lora_unet_down.alpha": torch.zeros(1)}, path)
-    with pytest.raises(CheckpointError, match="is not an IP-Adapter .* or a Stable Diffusion checkpoint") as info:
-        probe(path)
-    assert info.value.path == str(path)
+def test_unrelated_tensors_are_listed_as_unknown_naming_them(tmp_path):
+    """Readable tensors of no kind imprompt knows: "unknown" (not "unreadable"), with what the file holds."""
+    path = tmp_path / "mystery.safetensors"
+    save_file({"mystery.weight": torch.zeros(3), "other.bias": torch.zeros(2)}, path)
+    spec = probe(path)
+    assert (spec.kind, spec.path) == ("unknown", str(path))
+    assert "2 tensors" in spec.detail and "mystery.weight" in spec.detail
 
 
 def test_adapter_without_attention_layers(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import struct
 from pathlib import Path
 from types import SimpleNamespace
@@ -120,8 +121,11 @@ def test_real_size_checkpoints_get_exactly_the_shipped_configs(tmp_path, family)
 def test_sd2_single_files_are_refused_with_a_fix(tmp_path):
     tensors = {"model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": torch.empty(320, 1024)}
     path = sparse_checkpoint(tmp_path / "sd21.safetensors", tensors)
-    with pytest.raises(UnsupportedError, match=r"sd21.safetensors: a SD 2.x single-file .* runs SD 1.5 and SDXL"):
-        probe(path)
+    spec = probe(path)  # listed as what it is, with the reason; a request for it is refused by the plan
+    assert spec.kind == "pipeline" and spec.model_type.startswith("v2")
+    assert re.search(r"sd21.safetensors: a SD 2.x single-file .* runs SD 1.5 and SDXL", spec.unsupported)
+    with pytest.raises(UnsupportedError, match=r"sd21.safetensors: a SD 2.x single-file"):
+        Engine(tmp_path).generate(prompt="a cat", steps=1, width=64, height=64)
 
 
 def test_an_inpainting_checkpoint_is_refused_naming_its_type(a1111, tmp_path, pack, red_circle):

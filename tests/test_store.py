@@ -102,6 +102,7 @@ def test_unreadable_files_are_listed_not_fatal(pack, tmp_path):
     shutil.copy(adapter_file(pack, "ip-adapter_sd15"), root / "good.safetensors")
     store = ModelStore(root)
     assert [e.name for e in store.adapters] == ["good"]
+    store.read_all()
     [broken] = store.unreadable
     assert broken.name == "cut" and broken.kind == "unreadable"
     assert isinstance(broken.error, CheckpointError)
@@ -198,6 +199,8 @@ def test_safetensors_preferred_over_pickle(pack, tmp_path, sd15_widths):
     write_adapter(root / "same.bin", "plus", 64, sd15_widths, 768, seed=1, file_format="bin")
     write_adapter(root / "same.safetensors", "base", 1024, sd15_widths, 768, seed=1)
     store = ModelStore(root)
+    assert [e.path.suffix for e in store.of_kind("unread")] == [".bin"]  # the scan leaves pickles unread
+    store.read_all()
     assert len(store.adapters) == 2
     assert store.adapter("same").path.suffix == ".safetensors"
     assert store.adapter("same.bin").spec.variant == "plus"
@@ -391,6 +394,9 @@ def test_scan_survives_broken_files(pack, tmp_path):
     (root / "folder.safetensors").mkdir()
     store = ModelStore(root)
     assert [e.name for e in store.adapters] == ["good"]
+    assert sorted(e.name for e in store.unreadable) == ["empty", "list", "random"]
+    assert sorted(e.path.name for e in store.of_kind("unread")) == ["plain.pt", "random.bin"]  # pickles: lazily
+    store.read_all()
     assert sorted(e.name for e in store.unreadable) == ["empty", "list", "plain", "random", "random"]
     assert all(isinstance(e.error, CheckpointError) for e in store.unreadable)
 
@@ -404,5 +410,6 @@ def test_scan_survives_a_corrupt_pickle(pack, tmp_path, seed):
     (root / "corrupt.bin").write_bytes(random.Random(seed).randbytes(4096))
     store = ModelStore(root)
     assert [e.name for e in store.adapters] == ["good"]
+    store.read_all()
     [broken] = store.unreadable
     assert isinstance(broken.error, CheckpointError)

@@ -82,6 +82,14 @@ class UnknownEmbeddingsError(NotFoundError):
     pass
 
 
+class UnknownLoraError(NotFoundError):
+    pass
+
+
+class UnknownVaeError(NotFoundError):
+    pass
+
+
 class IncompatibleError(ImpromptError):
     """Two things that must fit together do not (adapter vs UNet, adapter vs encoder)."""
 

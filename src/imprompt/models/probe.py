@@ -15,21 +15,26 @@ from pathlib import Path
 from ..errors import CheckpointError
 from ..loading.tensors import REDOWNLOAD, TensorInfo, first_line, read_tensor_table
 from . import catalog
+from .recognise import recognise
 from .single_file import is_single_file_checkpoint, single_file_spec
 from .specs import (
     EMBEDDINGS_FORMAT,
     MODEL_DEFAULTS,
+    SUPPORTED_PIPELINES,
     AdapterSpec,
     EmbeddingsSpec,
     EncoderSpec,
+    OtherModelSpec,
     PipelineSpec,
     Spec,
+    VaeSpec,
     unet_layer_order,
 )
 
 
 def probe(path) -> Spec:
-    """What is at `path`: an IP-Adapter file, an image encoder (file or folder), or a pipeline folder."""
+    """What is at `path`: a pipeline, an IP-Adapter, an image encoder, saved embeddings, or another model file of
+    a user's tree (LoRA, VAE, textual inversion, ControlNet, upscaler, ...; see `recognise.py`)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(path, "no such file or folder")
@@ -37,13 +42,15 @@ def probe(path) -> Spec:
         if (path / "model_index.json").is_file():
             return probe_pipeline_folder(path)
         if (path / "config.json").is_file():
-            return probe_encoder_folder(path)
+            return probe_config_folder(path)
         raise CheckpointError(
             path,
-            "is a folder, but neither a diffusers pipeline (model_index.json) nor an image encoder (config.json)",
+            "is a folder, but neither a diffusers pipeline (model_index.json) nor a model with its config.json",
             "Point at the checkpoint file itself, or at a folder with its config",
         )
     table, metadata = read_tensor_table(path)
+    if not table:
+        raise CheckpointError(path, "holds no tensors: it is not a model file", "Remove it from the models folder")
     if metadata.get("format") == EMBEDDINGS_FORMAT:
         return embeddings_spec(path, table, metadata)
     if any(k.startswith(("image_proj.", "ip_adapter.")) for k in table):
@@ -52,11 +59,7 @@ def probe(path) -> Spec:
         return encoder_spec(path, table, _config_from_metadata(metadata))
     if is_single_file_checkpoint(table):
         return single_file_spec(path, table)
-    raise CheckpointError(
-        path,
-        f"is not an IP-Adapter (image_proj.* / ip_adapter.*), a CLIP vision encoder (vision_model.*) or a "
-        f"Stable Diffusion checkpoint (model.diffusion_model.*); first tensors: {sorted(table)[:3]}",
-    )
+    return recognise(path, table)
 
 
 def adapter_spec(path: Path, table: dict[str, TensorInfo]) -> AdapterSpec:
@@ -202,10 +205,33 @@ def encoder_weights_file(folder: Path) -> Path:
     raise CheckpointError(folder, f"image encoder folder has no weights file (looked for {ENCODER_WEIGHT_FILES})")
 
 
-def probe_encoder_folder(folder: Path) -> EncoderSpec:
+# a model folder's config.json (diffusers `_class_name`, transformers `model_type`) -> (kind, in words)
+FOLDER_KINDS = {
+    "ControlNetModel": ("controlnet", "ControlNet (diffusers folder)"),
+    "ControlNetUnionModel": ("controlnet", "ControlNet Union (diffusers folder)"),
+    "T2IAdapter": ("t2i-adapter", "T2I-Adapter (diffusers folder)"),
+    "UNet2DConditionModel": ("diffusion-model", "UNet alone (diffusers folder)"),
+    "SD3Transformer2DModel": ("diffusion-model", "SD 3 transformer alone (diffusers folder)"),
+    "FluxTransformer2DModel": ("diffusion-model", "FLUX transformer alone (diffusers folder)"),
+    "clip_text_model": ("text-encoder", "CLIP text encoder (transformers folder)"),
+    "t5": ("text-encoder", "T5 text encoder (transformers folder)"),
+    "siglip_vision_model": ("image-encoder-other", "SigLIP vision tower (transformers folder)"),
+}
+
+
+def probe_config_folder(folder: Path) -> Spec:
+    """A model folder with a config.json: a CLIP vision encoder (h94's image_encoder), or another model kind."""
     config = _read_json(folder / "config.json")
-    if config.get("model_type") not in ("clip_vision_model", None):
-        raise CheckpointError(folder, f"config.json model_type is {config.get('model_type')!r}, not clip_vision_model")
+    name = config.get("_class_name") or config.get("model_type")
+    if name in (None, "clip_vision_model"):
+        return probe_encoder_folder(folder, config)
+    if name == "AutoencoderKL":
+        return VaeSpec(str(folder), "diffusers", int(config.get("latent_channels", 4)))
+    kind, words = FOLDER_KINDS.get(name, ("unknown", f"a {name} folder, not a kind imprompt knows"))
+    return OtherModelSpec(str(folder), kind, words)
+
+
+def probe_encoder_folder(folder: Path, config: dict) -> EncoderSpec:
     weights = encoder_weights_file(folder)
     table, _ = read_tensor_table(weights)
     spec = encoder_spec(weights, table, config)
@@ -247,7 +273,20 @@ def probe_pipeline_folder(folder: Path) -> PipelineSpec:
         layer_names=tuple(k.removesuffix(".attn2.to_k.weight") for k in cross_keys),
         in_channels=unet_config.get("in_channels", 4),
         defaults=model_defaults(folder / "imprompt.json"),
+        unsupported=folder_unsupported(folder, index.get("_class_name", "unknown"), unet_config.get("in_channels", 4)),
     )
+
+
+def folder_unsupported(folder: Path, pipeline_class: str, in_channels: int) -> str | None:
+    """Why imprompt cannot run this pipeline folder, in words that name it (None: it can)."""
+    if pipeline_class not in SUPPORTED_PIPELINES:
+        return (f"model {folder.name} ({folder}) is a {pipeline_class}; imprompt runs "
+                f"{' and '.join(SUPPORTED_PIPELINES)} models. Choose another model")  # fmt: skip
+    if in_channels != 4:
+        kind = {9: "an inpainting model", 8: "an instruct-pix2pix model"}.get(in_channels, "not a text-to-image model")
+        return (f"model {folder.name} ({folder}) is {kind} (its UNet takes {in_channels} input channels, "
+                f"text-to-image models take 4); imprompt runs text-to-image and image-to-image. Choose another model")  # fmt: skip
+    return None
 
 
 def model_defaults(path: Path) -> dict:

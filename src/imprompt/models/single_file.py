@@ -40,6 +40,15 @@ TYPE_NAMES = {
     "upscale": "SD x4 upscaler", "controlnet": "ControlNet", "sd3": "SD 3", "sd35_medium": "SD 3.5 Medium",
     "sd35_large": "SD 3.5 Large", "flux-dev": "FLUX.1 dev", "flux-schnell": "FLUX.1 schnell",
 }  # fmt: skip
+# diffusers' model type -> the pipeline class that runs it (for the listing of types imprompt does not run)
+TYPE_PIPELINES = {
+    "v2": "StableDiffusionPipeline", "inpainting": "StableDiffusionInpaintPipeline",
+    "inpainting_v2": "StableDiffusionInpaintPipeline", "xl_inpaint": "StableDiffusionXLInpaintPipeline",
+    "xl_refiner": "StableDiffusionXLImg2ImgPipeline", "playground-v2-5": "StableDiffusionXLPipeline",
+    "upscale": "StableDiffusionUpscalePipeline", "sd3": "StableDiffusion3Pipeline",
+    "sd35_medium": "StableDiffusion3Pipeline", "sd35_large": "StableDiffusion3Pipeline", "flux-dev": "FluxPipeline",
+    "flux-schnell": "FluxPipeline",
+}  # fmt: skip
 # cross-attention width -> model type, where diffusers' markers (a few layer indices of the full-size models,
 # e.g. the 10th text-encoder block) are absent, as in checkpoints with shallower text encoders
 BY_CROSS_ATTENTION = {768: "v1", 1024: "v2", 1280: "xl_refiner", 2048: "xl_base"}
@@ -135,13 +144,22 @@ def unet_layout(path, table: dict[str, TensorInfo]) -> UNetLayout:
 
 def single_file_spec(path: Path, table: dict[str, TensorInfo]) -> PipelineSpec:
     """The pipeline spec of a single file: its model type, and its cross-attention layers renamed from LDM to
-    diffusers order. Types imprompt cannot run are refused here, naming the type."""
+    diffusers order. A type imprompt cannot run is listed as what it is, with the reason the plan will give."""
     kind = model_type(table)
     if kind not in RUNNABLE:
-        raise UnsupportedError(
-            f"{path}: a {describe_type(kind)} single-file checkpoint (diffusers model type {kind!r}); imprompt runs "
-            f"{' and '.join(describe_type(t) for t in RUNNABLE)} checkpoints (text-to-image and image-to-image). "
-            f"Use another checkpoint, or remove this one from the models folder"
+        widths = {info.shape[-1] for key, info in table.items() if key.startswith(UNET) and key.endswith("attn2.to_k.weight")}
+        return PipelineSpec(
+            path=str(path),
+            pipeline_class=TYPE_PIPELINES.get(kind, "unknown"),
+            cross_attention_dim=widths.pop() if len(widths) == 1 else 0,
+            layer_widths=(),
+            default_size=0,
+            model_type=kind,
+            unsupported=(
+                f"{path}: a {describe_type(kind)} single-file checkpoint (diffusers model type {kind!r}); imprompt "
+                f"runs {' and '.join(describe_type(t) for t in RUNNABLE)} checkpoints (text-to-image and "
+                f"image-to-image). Use another checkpoint"
+            ),
         )
     pipeline_class, _, size = RUNNABLE[kind]
     layout = unet_layout(path, table)
@@ -168,6 +186,7 @@ def single_file_spec(path: Path, table: dict[str, TensorInfo]) -> PipelineSpec:
         layer_widths=tuple(width for _, width in layers),
         default_size=size,
         layer_names=tuple(name for name, _ in layers),
+        model_type=kind,
     )
 
 

@@ -1,11 +1,11 @@
-"""What a file is, as its tensors say (adapter, encoder, pipeline, saved embeddings): plain data.
+"""What a file is, as its tensors say (adapter, encoder, pipeline, LoRA, VAE, ...): plain data.
 
 Every later stage works from these: the plan checks them against each other, loading builds modules from them.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 from . import catalog
 
@@ -96,6 +96,8 @@ class PipelineSpec:
     in_channels: int = 4  # of the UNet: 4 for text-to-image models, 9 for inpainting, 8 for instruct-pix2pix
     # settings the model's maker suggests (`imprompt.json` in its folder); the web page starts from them
     defaults: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
+    model_type: str = ""  # diffusers' name for what it is: v1, xl_base, inpainting, v2, ... ("" for folders)
+    unsupported: str | None = None  # why imprompt cannot run it (said in the listing, raised by the plan)
     kind: str = "pipeline"
 
     @property
@@ -134,9 +136,99 @@ class EmbeddingsSpec:
         return d
 
 
+@dataclass(frozen=True)
+class LoraSpec:
+    """A LoRA (kohya / A1111 names, LyCORIS, or diffusers / PEFT), for the UNet and, or, the text encoders."""
+
+    path: str
+    width: int | None  # cross-attention width of the models it is for (768 SD 1.5, 1024 SD 2.x, 2048 SDXL), if known
+    format: str  # kohya | lycoris-loha | lycoris-lokr | lycoris | diffusers
+    rank: int | None  # of its first low-rank pair (None where the format has no rank)
+    parts: tuple[str, ...]  # unet, text_encoder, text_encoder_2
+    kind: str = "lora"
+
+    @property
+    def family(self) -> str:
+        return catalog.unet_family(self.width) if self.width else "unknown family"
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "family": self.family}
+
+
+@dataclass(frozen=True)
+class VaeSpec:
+    """A standalone VAE (A1111's VAE/, ComfyUI's vae/): single file in LDM or diffusers names, or a folder."""
+
+    path: str
+    format: str  # ldm | diffusers
+    latent_channels: int  # 4: SD 1.x, 2.x and SDXL VAEs (same shapes); 16: SD 3 and FLUX
+    kind: str = "vae"
+
+    @property
+    def family(self) -> str:
+        return "SD 1.x / 2.x / SDXL" if self.latent_channels == 4 else f"{self.latent_channels} latent channels (SD 3 / FLUX)"
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "family": self.family}
+
+
+@dataclass(frozen=True)
+class TextualInversionSpec:
+    """A textual-inversion embedding (A1111's embeddings/): token vectors for one text encoder, or SDXL's two."""
+
+    path: str
+    widths: tuple[int, ...]  # of its vectors, one per text encoder: (768,) SD 1.5, (1024,) SD 2.x, (768, 1280) SDXL
+    vectors: int
+    kind: str = "textual-inversion"
+
+    @property
+    def family(self) -> str:
+        return TEXT_FAMILIES.get(self.widths, f"text encoders of width {' + '.join(map(str, self.widths))}")
+
+    def fits(self, pipeline: PipelineSpec) -> bool:
+        """Whether its vectors fit the pipeline's text encoders (their widths add up to the cross-attention width;
+        SDXL's two need a two-encoder embedding)."""
+        two_encoders = pipeline.pipeline_class.startswith("StableDiffusionXL")
+        return sum(self.widths) == pipeline.cross_attention_dim and (len(self.widths) == 2) == two_encoders
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "family": self.family}
+
+
+TEXT_FAMILIES = {(768,): "SD 1.5", (1024,): "SD 2.x", (768, 1280): "SDXL"}
+
+
+@dataclass(frozen=True)
+class OtherModelSpec:
+    """A file imprompt recognises but does not run: ControlNet, T2I-Adapter, upscaler, face restorer, a text encoder
+    or diffusion model on its own. Listed as what it is, so a whole A1111 / ComfyUI tree reads right."""
+
+    path: str
+    kind: str  # controlnet | t2i-adapter | upscaler | face-restorer | text-encoder | diffusion-model | unknown
+    detail: str  # what the tensors say, in words ("SD 1.5 ControlNet (LDM names)", "ESRGAN (RRDBNet)", ...)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
 EMBEDDINGS_FORMAT = "imprompt.ip-embeddings.v1"
 
-Spec = AdapterSpec | EncoderSpec | PipelineSpec | EmbeddingsSpec
+Spec = AdapterSpec | EncoderSpec | PipelineSpec | EmbeddingsSpec | LoraSpec | VaeSpec | TextualInversionSpec | OtherModelSpec
+SPEC_CLASSES = (AdapterSpec, EncoderSpec, PipelineSpec, EmbeddingsSpec, LoraSpec, VaeSpec, TextualInversionSpec)
+
+
+def spec_to_json(spec: Spec) -> dict:
+    """A spec as JSON, to keep probe results on disk (models/probe_cache.py)."""
+    return {"class": type(spec).__name__, **asdict(spec)}
+
+
+def spec_from_json(data: dict) -> Spec:
+    """The inverse of `spec_to_json` (tuples come back as tuples)."""
+    classes = {cls.__name__: cls for cls in (*SPEC_CLASSES, OtherModelSpec)}
+    data = dict(data)
+    cls = classes[data.pop("class")]
+    tuples = {f.name for f in fields(cls) if str(f.type).startswith("tuple")}
+    return cls(**{k: tuple(v) if k in tuples else v for k, v in data.items()})
 
 
 def unet_layer_order(name: str):

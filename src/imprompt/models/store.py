@@ -8,6 +8,10 @@ Layouts understood (scanned recursively, hidden folders skipped):
 
 Every lookup re-checks the file's size and modification time, so a file replaced on disk is probed again and
 never served from a stale index (callers key their caches on `Entry.fingerprint` for the same reason).
+
+Scanning is cheap: a safetensors file is probed from its header (a few KB), a pickle (`.ckpt`, `.pt`, `.bin`,
+`.pth`) is not unpickled until it is first needed (a request names it, an encoder is looked for, or the tree is
+listed), and what was probed is kept on disk (`probe_cache.py`), so a rescan of an unchanged tree reads no file.
 """
 
 from __future__ import annotations
@@ -25,14 +29,18 @@ from ..errors import (
     UnknownAdapterError,
     UnknownEmbeddingsError,
     UnknownEncoderError,
+    UnknownLoraError,
     UnknownModelError,
+    UnknownVaeError,
 )
 from ..loading.tensors import WEIGHT_SUFFIXES
 from . import catalog
 from .probe import probe
-from .specs import AdapterSpec, EncoderSpec, PipelineSpec
+from .probe_cache import ProbeCache
+from .specs import Spec
 
 log = logging.getLogger("imprompt")
+PICKLE_SUFFIXES = tuple(s for s in WEIGHT_SUFFIXES if s != ".safetensors")
 
 
 @dataclass(frozen=True)
@@ -42,12 +50,15 @@ class Entry:
     name: str
     path: Path
     fingerprint: tuple
-    spec: AdapterSpec | EncoderSpec | PipelineSpec | None = None
+    spec: Spec | None = None
     error: ImpromptError | None = None
 
     @property
     def kind(self) -> str:
-        return self.spec.kind if self.spec is not None else "unreadable"
+        """What the file is; "unread" for a pickle not unpickled yet, "unreadable" for one that failed."""
+        if self.spec is not None:
+            return self.spec.kind
+        return "unreadable" if self.error is not None else "unread"
 
     def key(self, *how) -> tuple:
         """Cache key for something loaded from this entry: path first, then the fingerprint (so a changed file
@@ -68,18 +79,28 @@ class ModelStore:
         self.allow_paths = allow_paths
         self._lock = threading.RLock()
         self._probed: dict[Path, Entry] = {}
+        self._disk = ProbeCache()
+        self.probes = 0  # files read to learn what they are (not counting the cache on disk)
         self.entries: list[Entry] = []
         self.refresh()
 
     # ------------------------------------------------------------------------------------------------- scanning
 
     def refresh(self) -> None:
-        """Walk the roots again; files whose fingerprint did not change are not probed again."""
+        """Walk the roots again; files whose fingerprint did not change are not probed again, and pickles are left
+        unread until needed."""
         with self._lock:
             found: list[tuple[str, Path]] = []
             for root in self.roots:
                 self._walk(root, root, found)
-            self.entries = [self._entry(name, path) for name, path in found]
+            self.entries = [self._entry(name, path, lazy=True) for name, path in found]
+            self._disk.save()
+
+    def read_all(self) -> None:
+        """Probe what the scan left unread (pickles), for a listing that says what every file is."""
+        with self._lock:
+            self.entries = [self._entry(e.name, e.path) if e.kind == "unread" else e for e in self.entries]
+            self._disk.save()
 
     def _walk(self, root: Path, folder: Path, found: list) -> None:
         if folder.is_dir() and _is_model_folder(folder):
@@ -101,16 +122,26 @@ class ModelStore:
             elif child.suffix in WEIGHT_SUFFIXES and child.is_file():  # regular files only: a FIFO would block
                 found.append((child.stem, child))
 
-    def _entry(self, name: str, path: Path) -> Entry:
-        """The entry for `path`, probed again only if its fingerprint changed since last time."""
+    def _entry(self, name: str, path: Path, lazy: bool = False) -> Entry:
+        """The entry for `path`, probed again only if its fingerprint changed since last time (in this process or,
+        through the cache on disk, in an earlier one). `lazy`: leave a pickle unread."""
         fingerprint = fingerprint_of(path)
         cached = self._probed.get(path)
         if cached is not None and cached.fingerprint == fingerprint and cached.name == name:
-            return cached
-        try:
-            entry = Entry(name, path, fingerprint, spec=probe(path))
-        except ImpromptError as exc:
-            entry = Entry(name, path, fingerprint, error=exc)
+            if lazy or cached.kind != "unread":
+                return cached
+        spec = self._disk.get(path, fingerprint)
+        if spec is not None:
+            entry = Entry(name, path, fingerprint, spec=spec)
+        elif lazy and path.suffix in PICKLE_SUFFIXES and path.is_file():
+            entry = Entry(name, path, fingerprint)
+        else:
+            self.probes += 1
+            try:
+                entry = Entry(name, path, fingerprint, spec=probe(path))
+                self._disk.put(path, fingerprint, entry.spec)
+            except ImpromptError as exc:
+                entry = Entry(name, path, fingerprint, error=exc)
         self._probed[path] = entry
         return entry
 
@@ -120,7 +151,9 @@ class ModelStore:
             if not entry.path.exists():
                 self.refresh()
                 raise CheckpointError(entry.path, "was removed from disk", "Restore the file or choose another")
-            return self._entry(entry.name, entry.path)
+            current = self._entry(entry.name, entry.path)
+            self._disk.save()
+            return current
 
     # ------------------------------------------------------------------------------------------------- listings
 
@@ -146,12 +179,13 @@ class ModelStore:
         with self._lock:
             updated = []
             for e in self.entries:
-                if e.kind in (kind, "unreadable"):  # an unreadable file may have been fixed meanwhile
+                if e.kind in (kind, "unreadable", "unread"):  # fixed meanwhile, or a pickle not read yet
                     if not e.path.exists():
                         continue
                     e = self._entry(e.name, e.path)
                 updated.append(e)
             self.entries = updated  # the index follows what was found
+            self._disk.save()
             return [e for e in updated if e.kind == kind]
 
     @property
@@ -198,6 +232,29 @@ class ModelStore:
             raise UnknownEmbeddingsError(
                 f"saved embeddings {name!r} not found in {self._where()}. Available: {available}. "
                 f"Save some with `imprompt embed`"
+            )
+        return entry
+
+    def lora(self, name: str) -> Entry:
+        """A LoRA by file stem (as `<lora:NAME:...>` names it, case-insensitive), relative path, or path."""
+        entry = self._resolve(name, "lora")
+        if entry is None:
+            available = ", ".join(sorted(e.name for e in self.of_kind("lora"))) or "none"
+            raise UnknownLoraError(
+                f"LoRA {name!r} not found in {self._where()}. Available LoRAs: {available}. "
+                f"Put the .safetensors file in the tree's Lora/ (A1111) or loras/ (ComfyUI) folder"
+            )
+        return entry
+
+    def vae(self, name: str) -> Entry:
+        """A VAE by file name (A1111's `sd_vae` names it with its extension), stem, relative path, or path."""
+        stem = Path(name).stem if Path(name).suffix in WEIGHT_SUFFIXES and not Path(name).is_absolute() else name
+        entry = self._resolve(stem, "vae")
+        if entry is None:
+            available = ", ".join(sorted(e.path.name for e in self.of_kind("vae"))) or "none"
+            raise UnknownVaeError(
+                f"VAE {name!r} not found in {self._where()}. Available VAEs: {available}. "
+                f"Put the file in the tree's VAE/ (A1111) or vae/ (ComfyUI) folder"
             )
         return entry
 
@@ -280,16 +337,28 @@ def _article(kind: str) -> str:
 _HASHES: dict[tuple, str] = {}
 
 
-def a1111_hash(path: Path) -> str:
-    """A1111's short model hash ("Model hash" in infotexts): the first 10 hex digits of the file's sha256, computed
-    once per version of the file (a few seconds for a multi-GB checkpoint, as in A1111)."""
+def a1111_hash(path: Path, digits: int = 10) -> str:
+    """A1111's short hash: the first hex digits of the file's sha256 (10 for "Model hash" and "VAE hash", 12 for
+    "Lora hashes" and "TI hashes"), computed once per version of the file (seconds for a multi-GB checkpoint, as in
+    A1111)."""
     key = (str(path), fingerprint_of(path))
     if key not in _HASHES:
         digest = hashlib.sha256()
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(2**20), b""):
                 digest.update(block)
-        _HASHES[key] = digest.hexdigest()[:10]
+        _HASHES[key] = digest.hexdigest()
+    return _HASHES[key][:digits]
+
+
+def legacy_hash(path: Path) -> str:
+    """A1111's old short hash, which the ControlNet extension still shows in its model names ("name [6a3f6166]"):
+    sha256 of the 64 KiB at offset 1 MiB, first 8 hex digits (a file under 1 MiB hashes the empty string)."""
+    key = ("legacy", str(path), fingerprint_of(path))
+    if key not in _HASHES:
+        with open(path, "rb") as f:
+            f.seek(0x100000)
+            _HASHES[key] = hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
     return _HASHES[key]
 
 

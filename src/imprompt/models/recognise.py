@@ -1,0 +1,197 @@
+"""The rest of an A1111 / ComfyUI models tree, recognised from tensor names: LoRAs, VAEs, embeddings, ControlNets...
+
+A user's tree holds far more than pipelines, IP-Adapters and image encoders. Each file is told from its tensor
+names and shapes (the key patterns A1111, ComfyUI, spandrel and diffusers use to tell them apart), never from its
+name or folder, so `imprompt models` lists it as what it is; only a file that cannot be read is "unreadable".
+"""
+
+from __future__ import annotations
+
+import re
+
+from ..loading.tensors import TensorInfo
+from . import catalog
+from .specs import LoraSpec, OtherModelSpec, TextualInversionSpec, VaeSpec
+
+WRAPPERS = ("state_dict.", "params_ema.", "params.", "module.", "first_stage_model.")  # a whole file nested once
+KOHYA_PARTS = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2"}
+MAX_VECTORS = 75  # a textual inversion fills at most one 75-token chunk
+
+
+def unwrapped(table: dict[str, TensorInfo]) -> dict[str, TensorInfo]:
+    """The table without a prefix every key shares (`state_dict.` in .ckpt files, `params_ema.` in upscalers)."""
+    for prefix in WRAPPERS:
+        if table and all(k.startswith(prefix) for k in table):
+            return unwrapped({k[len(prefix) :]: v for k, v in table.items()})
+    return table
+
+
+def recognise(path, table: dict[str, TensorInfo]):
+    """A spec for what `table` is, or an `OtherModelSpec` of kind "unknown" (readable, but not something known)."""
+    table = unwrapped(table)
+    keys = list(table)
+    for test in (lora, vae, textual_inversion, controlnet, t2i_adapter, upscaler, face_restorer, text_encoder,
+                 diffusion_model):  # fmt: skip
+        spec = test(str(path), table, keys)
+        if spec is not None:
+            return spec
+    shown = ", ".join(sorted(keys)[:3]) or "no tensors"
+    return OtherModelSpec(str(path), "unknown", f"{len(keys)} tensors not of a kind imprompt knows (first: {shown})")
+
+
+# ------------------------------------------------------------------------------------------------------- LoRA
+
+
+def lora(path, table, keys):
+    kohya = [k for k in keys if k.startswith(tuple(KOHYA_PARTS))]
+    peft = [k for k in keys if re.search(r"\.(lora_A|lora_B|lora\.down|lora\.up|lora_linear_layer\.(up|down))\.", k)]
+    if not kohya and not peft:
+        return None
+    if kohya:
+        suffixes = {k.rsplit(".", 2)[-2] if k.endswith(".weight") else k.rsplit(".", 1)[-1] for k in kohya}
+        if {"hada_w1_a", "hada_w1_b"} & suffixes:
+            fmt = "lycoris-loha"
+        elif any(s.startswith("lokr_w") for s in suffixes):
+            fmt = "lycoris-lokr"
+        elif {"lora_down", "lora_up"} & suffixes:
+            fmt = "kohya"
+        else:
+            fmt = "lycoris"
+        parts = sorted({part for prefix, part in KOHYA_PARTS.items() for k in kohya if k.startswith(prefix)})
+    else:
+        fmt = "diffusers"
+        parts = sorted({k.split(".")[0] for k in peft if k.split(".")[0] in ("unet", "text_encoder", "text_encoder_2")})
+        parts = parts or ["unet"]
+    return LoraSpec(path, _lora_width(table, keys, parts), fmt, _lora_rank(table, keys), tuple(parts))
+
+
+def _lora_width(table, keys, parts) -> int | None:
+    """The cross-attention width of the models it is for: the input width of the cross-attention key projection
+    it adapts (768 SD 1.5, 1024 SD 2.x, 2048 SDXL); for a LoRA of the text encoders alone, their widths added up
+    (SDXL: 768 + 1280). None if nothing tells."""
+    for key in keys:
+        if ("attn2_to_k" in key or "attn2.to_k" in key) and key.endswith("weight"):
+            down = re.search(r"(lora_down|lora_A|lora\.down|hada_w1_b|hada_w2_b|lora_linear_layer\.down)\.weight$", key)
+            if down is not None and len(table[key].shape) == 2:
+                return table[key].shape[1]
+    widths = {}
+    for key in keys:
+        if re.search(r"(lora_down|lora_A)\.weight$", key) and len(table[key].shape) == 2 and "mlp" not in key:
+            part = "text_encoder_2" if key.startswith(("lora_te2_", "text_encoder_2.")) else "text_encoder"
+            widths.setdefault(part, set()).add(table[key].shape[1])
+    if widths and all(len(w) == 1 for w in widths.values()):
+        return sum(w.pop() for w in widths.values())
+    return None
+
+
+def _lora_rank(table, keys) -> int | None:
+    for key in keys:
+        if re.search(r"(lora_down|lora_A|lora\.down|lora_linear_layer\.down)\.weight$", key):
+            return table[key].shape[0]
+    return None
+
+
+# -------------------------------------------------------------------------------------------------------- VAE
+
+
+def vae(path, table, keys):
+    if "quantize.embedding.weight" in table:  # RestoreFormer: VAE-like names, but a face restorer
+        return None
+    if "encoder.down.0.block.0.conv1.weight" in table and "decoder.conv_in.weight" in table:
+        return VaeSpec(path, "ldm", table["decoder.conv_in.weight"].shape[1])
+    if "encoder.down_blocks.0.resnets.0.conv1.weight" in table and "decoder.conv_in.weight" in table:
+        return VaeSpec(path, "diffusers", table["decoder.conv_in.weight"].shape[1])
+    return None
+
+
+# ------------------------------------------------------------------------------------------ textual inversion
+
+
+def textual_inversion(path, table, keys):
+    if set(keys) >= {"clip_l", "clip_g"} and len(table["clip_l"].shape) == 2 and len(table["clip_g"].shape) == 2:
+        return TextualInversionSpec(path, (table["clip_l"].shape[1], table["clip_g"].shape[1]), table["clip_l"].shape[0])
+    vectors = [k for k in keys if k.startswith("string_to_param.")] or (keys if len(keys) == 1 else [])
+    for key in vectors:  # A1111's .pt (string_to_param), `emb_params`, or a diffusers concept's one token
+        shape = table[key].shape
+        rows = shape[0] if len(shape) == 2 else 1
+        if len(shape) in (1, 2) and shape[-1] >= 8 and rows <= MAX_VECTORS:
+            return TextualInversionSpec(path, (shape[-1],), rows)
+    return None
+
+
+# --------------------------------------------------------------------------------- what imprompt does not run
+
+
+def controlnet(path, table, keys):
+    if any("lora_controlnet" in k for k in keys):
+        return OtherModelSpec(path, "controlnet", "Control-LoRA")
+    ldm = [k for k in keys if k.startswith(("control_model.input_hint_block.", "input_hint_block.", "control_model.zero_convs."))]
+    if ldm:
+        return OtherModelSpec(path, "controlnet", f"{_unet_family(table, keys)} ControlNet (original names)")
+    if "controlnet_cond_embedding.conv_in.weight" in table:
+        return OtherModelSpec(path, "controlnet", f"{_unet_family(table, keys)} ControlNet (diffusers names)")
+    if "controlnet_blocks.0.weight" in table:
+        return OtherModelSpec(path, "controlnet", "FLUX / SD 3 ControlNet")
+    if any("lllite" in k for k in keys):
+        return OtherModelSpec(path, "controlnet", "ControlNet-LLLite")
+    return None
+
+
+def t2i_adapter(path, table, keys):
+    if ("conv_in.weight" in table and "body.0.block2.weight" in table) or "body.0.in_conv.weight" in table \
+            or "style_embedding" in table or "adapter.body.0.resnets.0.block1.weight" in table:  # fmt: skip
+        return OtherModelSpec(path, "t2i-adapter", "T2I-Adapter")
+    return None
+
+
+def upscaler(path, table, keys):
+    arch = None
+    if "model.0.weight" in table and any(k.startswith("model.1.sub.0.RDB1.") for k in keys):
+        arch = "ESRGAN"
+    elif "conv_first.weight" in table and ("body.0.rdb1.conv1.weight" in table or "RRDB_trunk.0.RDB1.conv1.weight" in table):
+        arch = "ESRGAN (RRDBNet)"
+    elif any(k.startswith("layers.0.residual_group.blocks.0.") for k in keys):
+        arch = "SwinIR / HAT"
+    elif "before_RG.1.weight" in table:
+        arch = "DAT"
+    elif "body.0.weight" in table and all(re.fullmatch(r"body\.\d+\.(weight|bias)", k) for k in keys):
+        arch = "Real-ESRGAN compact (SRVGG)"
+    return OtherModelSpec(path, "upscaler", arch) if arch else None
+
+
+def face_restorer(path, table, keys):
+    if "toRGB.0.weight" in table and any(k.startswith("stylegan_decoder.") for k in keys):
+        return OtherModelSpec(path, "face-restorer", "GFPGAN")
+    if "quantize.embedding.weight" in table and "position_emb" in table:
+        return OtherModelSpec(path, "face-restorer", "CodeFormer")
+    if "quantize.embedding.weight" in table:
+        return OtherModelSpec(path, "face-restorer", "RestoreFormer")
+    return None
+
+
+def text_encoder(path, table, keys):
+    prefix = "text_model." if "text_model.embeddings.token_embedding.weight" in table else ""  # transformers 4 and 5
+    layers = {k.split(".")[2 + bool(prefix)] for k in keys if k.startswith(f"{prefix}encoder.layers.")}
+    if layers and f"{prefix}embeddings.token_embedding.weight" in table:
+        width = table[f"{prefix}embeddings.token_embedding.weight"].shape[1]
+        return OtherModelSpec(path, "text-encoder", f"CLIP text encoder ({len(layers)} layers, width {width})")
+    if any(k.startswith("encoder.block.0.layer.0.SelfAttention.") for k in keys):
+        return OtherModelSpec(path, "text-encoder", "T5 text encoder")
+    return None
+
+
+def diffusion_model(path, table, keys):
+    if "input_blocks.0.0.weight" in table and any(k.startswith("middle_block.") for k in keys):
+        return OtherModelSpec(path, "diffusion-model", f"{_unet_family(table, keys)} UNet alone (original names)")
+    if "conv_in.weight" in table and "time_embedding.linear_1.weight" in table:
+        return OtherModelSpec(path, "diffusion-model", f"{_unet_family(table, keys)} UNet alone (diffusers names)")
+    if any(k.startswith("double_blocks.") for k in keys):
+        return OtherModelSpec(path, "diffusion-model", "FLUX transformer alone")
+    if any(k.startswith("joint_blocks.") for k in keys):
+        return OtherModelSpec(path, "diffusion-model", "SD 3 transformer alone")
+    return None
+
+
+def _unet_family(table, keys) -> str:
+    widths = {table[k].shape[1] for k in keys if k.endswith("attn2.to_k.weight") and len(table[k].shape) == 2}
+    return catalog.unet_family(widths.pop()) if len(widths) == 1 else "unknown family"
