@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--height", type=int)
     g.add_argument("--batch-size", type=int)
     g.add_argument("--sampler", help="A1111 sampler name: Euler, Euler a, DPM++ 2M, DPM++ 2M Karras, DDIM, ...")
+    g.add_argument("--lora", action="append", default=[], metavar="NAME[:WEIGHT]",
+                   help="a LoRA from the models folders, as <lora:NAME:WEIGHT> in the prompt does (repeatable)")
+    g.add_argument("--clip-skip", type=int, help="A1111's CLIP_stop_at_last_layers (1, the default: the last layer)")
+    g.add_argument("--vae", help="a VAE file from the models folders instead of the model's own")
     g.add_argument("--ip", action="append", default=[], metavar="UNIT", help=IP_HELP)
     g.add_argument("--ip-json", action="append", default=[], metavar="JSON", help=IP_JSON_HELP)
     g.add_argument("--init-image", type=Path, help="img2img: start from this image")
@@ -163,6 +167,8 @@ def _engine_arguments(parser) -> None:
                         help="memory for built IP-Adapters (default: 4GiB, at most 1/8 of the RAM; 10%% of a GPU's)")
     parser.add_argument("--embedding-budget", metavar="SIZE",
                         help="memory for cached image embeddings (default: 512MiB, at most 2%% of the device's)")
+    parser.add_argument("--lora-budget", metavar="SIZE",
+                        help="memory for LoRAs kept loaded in the model (default: 4GiB, at most 10%% of the device's)")
 
 
 def _engine(args, **settings):
@@ -171,7 +177,8 @@ def _engine(args, **settings):
 
     return Engine(_require_models(args), device=args.device, dtype=args.dtype, encoder_dtype=args.encoder_dtype,
                   cache_budget=args.cache_budget, adapter_cache_budget=args.adapter_budget,
-                  embedding_cache_budget=args.embedding_budget, **settings)  # fmt: skip
+                  embedding_cache_budget=args.embedding_budget, lora_cache_budget=args.lora_budget,
+                  **settings)  # fmt: skip
 
 
 def _positive(text: str) -> int:
@@ -196,12 +203,17 @@ def _generate(args) -> int:
     from .request import parse_request
     from .server.a1111 import from_sdnext_payload
 
+    quiet_libraries()
+    engine = _engine(args)
     if args.request:
         try:
             payload = json.loads(args.request.read_text())
         except (OSError, ValueError) as exc:
             raise RequestError(f"--request {args.request}: cannot read JSON ({exc})") from None
-        request = from_sdnext_payload(payload)
+        converted = from_sdnext_payload(payload, store=engine.store)
+        request = converted.request
+        for warning in converted.warnings:
+            logging.getLogger("imprompt").warning("%s", warning)
     else:
         request = parse_request({})
     overrides = {
@@ -217,6 +229,8 @@ def _generate(args) -> int:
             "height": args.height,
             "batch_size": args.batch_size,
             "sampler": args.sampler,
+            "clip_skip": args.clip_skip,
+            "vae": args.vae,
         }.items()
         if value is not None
     }
@@ -224,11 +238,12 @@ def _generate(args) -> int:
         overrides["denoising_strength"] = args.denoising_strength
     if args.init_image:
         overrides["init_images"] = [str(args.init_image)]
+    if args.lora:
+        overrides["loras"] = [parse_lora(text) for text in args.lora]
     if args.ip or args.ip_json:
         overrides["ip_adapters"] = [parse_ip_unit(text) for text in args.ip] + [_json_unit(t) for t in args.ip_json]
     request = parse_request(request.model_dump() | overrides)
-    quiet_libraries()
-    result = _engine(args).generate(request)
+    result = engine.generate(request)
     outputs = []
     for i in range(len(result.images)):
         path = args.out if len(result.images) == 1 else args.out.with_stem(f"{args.out.stem}-{i + 1}")
@@ -239,6 +254,16 @@ def _generate(args) -> int:
         for path in outputs:
             print(path)
     return 0
+
+
+def parse_lora(text: str) -> dict:
+    """'NAME[:WEIGHT]' -> {"name", "weight"} (a name may hold ':' only if a weight follows)."""
+    name, sep, weight = text.rpartition(":")
+    if not sep or not _is_number(weight):
+        name, weight = text, "1"
+    if not name.strip():
+        raise RequestError(f"--lora {text!r}: expected NAME or NAME:WEIGHT")
+    return {"name": name.strip(), "weight": float(weight)}
 
 
 def parse_ip_unit(text: str) -> dict:
@@ -303,8 +328,12 @@ def _models(args) -> int:
         return 0
     print("Models (and the adapters that fit each):")
     for m in listing["models"]:
-        print(f"  {m['name']:<28} {m['family']:<8} {m['pipeline_class']}")
-        print(f"    adapters: {', '.join(m['adapters']) or 'none in this folder'}")
+        kind = f"{m['family']:<8} {m['pipeline_class']}" + (f" ({m['model_type']})" if m["model_type"] else "")
+        print(f"  {m['name']:<28} {kind}")
+        if m["unsupported"]:
+            print(f"    not runnable: {m['unsupported']}")
+        else:
+            print(f"    adapters: {', '.join(m['adapters']) or 'none in this folder'}")
     print("IP-Adapters:")
     for a in listing["adapters"]:
         label = a["friendly_name"] or a["name"]
@@ -315,11 +344,37 @@ def _models(args) -> int:
     for e in listing["encoders"]:
         outputs = f"image_embeds[{e['projection_dim']}] hidden_states[{e['hidden_size']}]"
         print(f"  {e['name']:<40} {e['architecture']:<12} {outputs}")
+    for kind, entries in listing["other"].items():
+        if entries:
+            print(f"{OTHER_TITLES[kind]}:")
+            for e in entries:
+                print(f"  {e['name']:<40} {_describe_other(e)}")
     if listing["unreadable"]:
         print("Unreadable files:")
-        for u in listing["unreadable"]:
-            print(f"  {u['path']}: {u['error']}")
+        for u in listing["unreadable"]:  # the error names the file already
+            print(f"  {u['error'] if u['error'].startswith(u['path']) else u['path'] + ': ' + u['error']}")
     return 0
+
+
+OTHER_TITLES = {
+    "lora": "LoRAs", "vae": "VAEs", "textual-inversion": "Textual-inversion embeddings", "controlnet": "ControlNets",
+    "t2i-adapter": "T2I-Adapters", "upscaler": "Upscalers", "face-restorer": "Face restorers",
+    "text-encoder": "Text encoders", "diffusion-model": "Diffusion models alone", "image-encoder-other":
+    "Other image encoders", "ip-embeddings": "Saved IP-Adapter embeddings", "unknown": "Other files",
+}  # fmt: skip
+
+
+def _describe_other(e: dict) -> str:
+    """One line for a LoRA, VAE, embedding or another recognised file."""
+    if e["kind"] == "lora":
+        return f"{e['family']:<8} {e['format']}, rank {e['rank']}, {'+'.join(e['parts'])}"
+    if e["kind"] == "vae":
+        return f"{e['family']} ({e['format']} names)"
+    if e["kind"] == "textual-inversion":
+        return f"{e['family']:<8} {e['vectors']} vector(s)"
+    if e["kind"] == "ip-embeddings":
+        return f"{e['output']}[{e['width']}] from {e['encoder']}"
+    return e["detail"]
 
 
 def _demo(args) -> int:

@@ -10,14 +10,17 @@ from __future__ import annotations
 import base64
 import io
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..engine import Result
 from ..errors import RequestError
+from ..models.store import ModelStore
 from ..request import GenerateRequest, IPAdapterUnit, parse_request
 from ..util.infotext import png_info
+from .controlnet import controlnet_units
 
 
 class IPAdapterPayload(BaseModel):
@@ -41,9 +44,10 @@ class IPAdapterPayload(BaseModel):
 
 
 class Txt2ImgPayload(BaseModel):
-    """The A1111 txt2img fields imprompt uses; any other A1111 field is accepted and ignored, as A1111 does."""
+    """The A1111 txt2img fields imprompt reads. Every other field is kept and judged by `check_fields`: ignored
+    when it cannot change the picture, refused (422) or reported in `info.warnings` when it would."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")
 
     prompt: str = ""
     negative_prompt: str = ""
@@ -59,6 +63,7 @@ class Txt2ImgPayload(BaseModel):
     scheduler: str | None = None
     override_settings: dict[str, Any] = Field(default_factory=dict)
     ip_adapter: list[IPAdapterPayload] = Field(default_factory=list)
+    alwayson_scripts: dict[str, Any] = Field(default_factory=dict, description="the ControlNet extension's units")
 
 
 class Img2ImgPayload(Txt2ImgPayload):
@@ -74,12 +79,84 @@ class OptionsPayload(BaseModel):
 
 UNIT_FIELDS = tuple(IPAdapterUnit.model_fields)
 
+# What imprompt does with each A1111 / SD.Next field (the README's table says the same):
+READ = {"prompt", "negative_prompt", "seed", "steps", "cfg_scale", "width", "height", "batch_size", "n_iter",
+        "sampler_name", "sampler_index", "scheduler", "override_settings", "ip_adapter", "alwayson_scripts",
+        "init_images", "denoising_strength", "clip_skip"}  # fmt: skip
+# no effect on the picture (or only together with a field that must stay off, below)
+IGNORED = {"send_images", "save_images", "do_not_save_samples", "do_not_save_grid", "override_settings_restore_afterwards",
+           "force_task_id", "comments", "infotext", "include_init_images", "script_args", "image_cfg_scale",
+           "firstphase_width", "firstphase_height", "hr_scale", "hr_upscaler", "hr_second_pass_steps", "hr_resize_x",
+           "hr_resize_y", "hr_checkpoint_name", "hr_sampler_name", "hr_scheduler", "hr_prompt", "hr_negative_prompt",
+           "hr_additional_modules", "hr_cfg", "hr_distilled_cfg", "subseed", "refiner_switch_at", "mask_blur",
+           "mask_blur_x", "mask_blur_y", "mask_round", "inpainting_fill", "inpaint_full_res",
+           "inpaint_full_res_padding", "inpainting_mask_invert", "s_tmin", "s_tmax", "distilled_cfg_scale",
+           "disable_extra_networks", "firstpass_image", "user"}  # fmt: skip
+# honoured only at the values A1111 treats as off: anything else would change the picture, and is refused
+OFF = {"restore_faces": (False, None), "tiling": (False, None), "enable_hr": (False, None),
+       "subseed_strength": (0, None), "seed_resize_from_h": (-1, 0, None), "seed_resize_from_w": (-1, 0, None),
+       "styles": ([], None), "script_name": (None, "", "None"), "refiner_checkpoint": (None, "", "None"),
+       "mask": (None, ""), "latent_mask": (None, ""), "initial_noise_multiplier": (None, 1), "resize_mode": (0, None)}  # fmt: skip
+WHY_OFF = {"restore_faces": "face restoration", "tiling": "tiling", "enable_hr": "hires fix",
+           "subseed_strength": "variation seeds", "seed_resize_from_h": "seed resize", "seed_resize_from_w": "seed resize",
+           "styles": "A1111 styles (put their text into the prompt)", "script_name": "A1111 scripts",
+           "refiner_checkpoint": "a refiner", "mask": "inpainting", "latent_mask": "inpainting",
+           "initial_noise_multiplier": "extra initial noise", "resize_mode": "resize modes but 0 (just resize)"}  # fmt: skip
+# sampler options A1111 applies and imprompt does not: carried on, with a warning, as A1111 does for what it lacks
+WARN_UNLESS = {"s_churn": (0, None), "s_noise": (1, None), "s_min_uncond": (0, None)}
+SETTINGS_READ = {"sd_model_checkpoint", "sd_vae", "CLIP_stop_at_last_layers"}
+SETTINGS_OFF = {"eta_noise_seed_delta": (None, 0)}
+OWN_VAE = (None, "", "None", "Automatic")  # sd_vae values meaning the model's own VAE
+ETA_DEFAULT = {"Euler a": 1.0, "DDIM": 0.0}  # samplers eta changes; eta means nothing to the others
 
-def from_sdnext_payload(payload: dict, img2img: bool | None = None) -> GenerateRequest:
-    """An SD.Next / A1111 `txt2img` or `img2img` JSON payload -> GenerateRequest. A1111 fields imprompt has no use
-    for (restore_faces, styles, alwayson_scripts, ...) are ignored, as A1111 ignores fields it does not know.
-    `img2img`: None decides from the payload (init_images present); txt2img ignores init_images and
-    denoising_strength (A1111 clients send the latter for hires fix)."""
+
+@dataclass
+class Converted:
+    """A payload as a request, and what the client should hear about it."""
+
+    request: GenerateRequest
+    warnings: list[str]  # fields A1111 would honour that imprompt carried on without
+    modules: list[str | None]  # per unit: the ControlNet-extension preprocessor it named (None: an SD.Next unit)
+
+
+def check_fields(payload: dict, img2img: bool) -> list[str]:
+    """Judge every field of a payload: raise a RequestError naming a field that would change the picture and that
+    imprompt cannot honour; return warnings for those A1111 would honour and imprompt carries on without."""
+    warnings = []
+    for name, value in payload.items():
+        if name in READ or name in IGNORED:
+            continue
+        if name in OFF:
+            if value not in OFF[name]:
+                raise RequestError(f"{name}: {value!r} asks for {WHY_OFF[name]}, which imprompt does not do; leave it out")
+        elif name in WARN_UNLESS:
+            if value not in WARN_UNLESS[name]:
+                warnings.append(f"{name}={value!r} is not applied (imprompt's samplers use their defaults)")
+        elif name == "eta":
+            sampler = payload.get("sampler_name") or payload.get("sampler_index") or ""
+            default = ETA_DEFAULT.get(sampler)
+            if value is not None and default is not None and value != default:
+                warnings.append(f"eta={value!r} is not applied: {sampler} uses eta {default}")
+        else:
+            warnings.append(f"{name}: not an A1111 field imprompt knows; ignored")
+    if not img2img and payload.get("init_images"):
+        warnings.append("init_images: ignored by txt2img (send the request to /sdapi/v1/img2img)")
+    settings = payload.get("override_settings") or {}
+    for name, value in settings.items():
+        if name in SETTINGS_READ:
+            continue
+        if name in SETTINGS_OFF:
+            if value not in SETTINGS_OFF[name]:
+                raise RequestError(f"override_settings.{name}: {value!r} is not supported yet; leave it out")
+        else:
+            warnings.append(f"override_settings.{name}: not a setting imprompt has; ignored")
+    return warnings
+
+
+def from_sdnext_payload(payload: dict, img2img: bool | None = None, store: ModelStore | None = None) -> Converted:
+    """An SD.Next / A1111 `txt2img` or `img2img` JSON payload -> a request, with SD.Next's `ip_adapter` units and
+    the ControlNet extension's IP-Adapter units (`alwayson_scripts`; resolving their models needs `store`).
+    `img2img`: None decides from the payload (init_images present)."""
     if not isinstance(payload, dict):
         raise RequestError(f"request must be a JSON object, got {type(payload).__name__}")
     overrides = payload.get("override_settings") or {}
@@ -88,8 +165,12 @@ def from_sdnext_payload(payload: dict, img2img: bool | None = None) -> GenerateR
     units = payload.get("ip_adapter") or []
     if not isinstance(units, list):
         raise RequestError("ip_adapter must be a list of units")
+    scripts = payload.get("alwayson_scripts") or {}
+    if not isinstance(scripts, dict):
+        raise RequestError("alwayson_scripts must be a JSON object")
     if img2img is None:
         img2img = bool(payload.get("init_images"))
+    warnings = check_fields(payload, img2img)
     keys = ["prompt", "negative_prompt", "seed", "steps", "cfg_scale", "width", "height", "batch_size"]
     if img2img:
         keys += ["init_images", "denoising_strength"]
@@ -100,29 +181,41 @@ def from_sdnext_payload(payload: dict, img2img: bool | None = None) -> GenerateR
         fields["sampler"] = f"{sampler} Karras" if scheduler == "karras" and "karras" not in sampler.lower() else sampler
     if overrides.get("sd_model_checkpoint"):
         fields["model"] = overrides["sd_model_checkpoint"]
-    fields["ip_adapters"] = []
+    if overrides.get("sd_vae") not in OWN_VAE:
+        fields["vae"] = overrides["sd_vae"]
+    clip_skip = overrides.get("CLIP_stop_at_last_layers", payload.get("clip_skip"))
+    if clip_skip is not None:
+        fields["clip_skip"] = clip_skip
+    fields["ip_adapters"], modules = [], []
     for i, unit in enumerate(units):
         if not isinstance(unit, dict):
             raise RequestError(f"ip_adapter.{i}: each unit must be a JSON object")
         if not unit.get("adapter") or str(unit["adapter"]).lower() == "none":
             continue  # SD.Next treats "None" as an empty unit
-        fields["ip_adapters"].append(
-            {k: unit[k] for k in UNIT_FIELDS if unit.get(k) is not None}
-        )
-    return parse_request(fields)
+        fields["ip_adapters"].append({k: unit[k] for k in UNIT_FIELDS if unit.get(k) is not None})
+        modules.append(None)
+    if scripts:
+        if store is None:
+            raise RequestError("alwayson_scripts: ControlNet units need the models folder to resolve their models")
+        controlnet = controlnet_units(scripts, store)
+        fields["ip_adapters"] += controlnet.units
+        modules += controlnet.modules
+        warnings += controlnet.warnings
+    return Converted(parse_request(fields), warnings, modules)
 
 
-def to_request(payload: Txt2ImgPayload, model: str | None) -> GenerateRequest:
+def to_request(payload: Txt2ImgPayload, model: str | None, store: ModelStore) -> Converted:
     """The payload as an engine request; the server's current model unless the payload overrides it."""
-    data = payload.model_dump(exclude_none=True)
+    data = payload.model_dump()
     data["ip_adapter"] = [unit.model_dump(exclude_none=True) for unit in payload.ip_adapter]
     if model and not (payload.override_settings or {}).get("sd_model_checkpoint"):
         data.setdefault("override_settings", {})["sd_model_checkpoint"] = model
-    return from_sdnext_payload(data, img2img=isinstance(payload, Img2ImgPayload))
+    return from_sdnext_payload(data, img2img=isinstance(payload, Img2ImgPayload), store=store)
 
 
-def to_response(results: list[Result], payload: Txt2ImgPayload) -> dict:
-    """A1111's response: base64 PNGs that carry the `parameters` text chunk, and `info` as a JSON string."""
+def to_response(results: list[Result], payload: Txt2ImgPayload, warnings: list[str] | None = None) -> dict:
+    """A1111's response: base64 PNGs that carry the `parameters` text chunk, and `info` as a JSON string, with
+    `warnings`: what the request asked for that imprompt carried on without."""
     images, infotexts, seeds = [], [], []
     for result in results:
         for image, infotext, seed in zip(result.images, result.infotexts, result.info["all_seeds"]):
@@ -138,9 +231,10 @@ def to_response(results: list[Result], payload: Txt2ImgPayload) -> dict:
         "all_negative_prompts": [first.get("negative_prompt", "")] * len(images),
         "all_seeds": seeds,
         "infotexts": infotexts,
+        "warnings": list(warnings or []),
         "imprompt": [r.info for r in results],  # one entry per n_iter batch, with its own units and events
     }
-    parameters = payload.model_dump(exclude={"ip_adapter"})
+    parameters = payload.model_dump(exclude={"ip_adapter", "alwayson_scripts", "init_images"})
     parameters["ip_adapter"] = [{**u.model_dump(exclude={"images", "masks", "negative_images"}),
                                  "images": len(u.images)} for u in payload.ip_adapter]  # fmt: skip
     return {"images": images, "parameters": parameters, "info": json.dumps(info)}

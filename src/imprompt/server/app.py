@@ -25,8 +25,9 @@ from .. import __version__
 from ..engine import Engine
 from ..errors import AuthError, ImpromptError, MethodNotAllowedError, NotFoundError, PayloadTooLargeError
 from ..models import catalog
-from ..plan import describe_store
+from ..plan import describe_store, lora_fits
 from .a1111 import Img2ImgPayload, OptionsPayload, Txt2ImgPayload, to_request, to_response
+from .controlnet import MODULE_LIST, model_list, module_warnings
 from .jobs import JobQueue
 
 log = logging.getLogger("imprompt")
@@ -91,10 +92,12 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
 
     async def generate(payload: Txt2ImgPayload, http: Request) -> dict:
         """Handlers await their job on the event loop: no thread is held while it waits in the queue."""
-        request = to_request(payload, state["model"])
-        engine.check_limits(request)  # before the job is queued, before any image is decoded
-        results = await jobs.run_async(request, payload.n_iter, http.is_disconnected)
-        return await run_in_threadpool(to_response, results, payload)  # PNG encoding off the event loop
+        converted = await run_in_threadpool(to_request, payload, state["model"], engine.store)  # may read the disk
+        engine.check_limits(converted.request)  # before the job is queued, before any image is decoded
+        results = await jobs.run_async(converted.request, payload.n_iter, http.is_disconnected)
+        units = results[0].info["ip_adapters"] if results else []
+        warnings = converted.warnings + module_warnings(converted.modules, units, engine.store)
+        return await run_in_threadpool(to_response, results, payload, warnings)  # PNG encoding off the event loop
 
     @app.post("/sdapi/v1/txt2img")
     async def txt2img(payload: Txt2ImgPayload, http: Request) -> dict:
@@ -142,6 +145,63 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
     @app.get("/sdapi/v1/scripts")
     def scripts() -> dict:
         return {"txt2img": [], "img2img": []}  # no A1111 scripts; webuiapi asks on connect
+
+    @app.get("/sdapi/v1/loras")
+    def loras() -> list[dict]:
+        """A1111's shape: the LoRAs in the models folders that fit the current model (all, if none is chosen)."""
+        current = engine.store.pipeline(state["model"]) if state["model"] else None
+        return [{"name": e.name, "alias": e.name, "path": str(e.path), "metadata": {}, "family": e.spec.family}
+                for e in _read(engine.store, "lora") if current is None or lora_fits(e, current)]  # fmt: skip
+
+    @app.get("/sdapi/v1/sd-vae")
+    def sd_vae() -> list[dict]:
+        """A1111's shape: the VAE files (any fits SD 1.x / 2.x / SDXL models; SD 3 / FLUX VAEs are left out)."""
+        return [{"model_name": e.path.name, "filename": str(e.path)} for e in _read(engine.store, "vae")
+                if e.spec.latent_channels == 4]  # fmt: skip
+
+    @app.get("/sdapi/v1/embeddings")
+    def embeddings() -> dict:
+        """A1111's shape: textual-inversion embeddings that fit the current model "loaded", the others "skipped"."""
+        current = engine.store.pipeline(state["model"]) if state["model"] else None
+        listing = {"loaded": {}, "skipped": {}}
+        for e in _read(engine.store, "textual-inversion"):
+            item = {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": sum(e.spec.widths),
+                    "vectors": e.spec.vectors}  # fmt: skip
+            usable = current is not None and e.spec.fits(current.spec)
+            listing["loaded" if usable else "skipped"][e.name] = item
+        return listing
+
+    @app.post("/sdapi/v1/refresh-checkpoints")
+    @app.post("/sdapi/v1/refresh-loras")
+    @app.post("/sdapi/v1/refresh-vae")
+    def refresh_a1111() -> None:
+        """A1111's rescans (it answers null): a model added to the folders since is then listed."""
+        refresh_models()
+
+    @app.post("/v1/models/refresh")
+    def refresh_models() -> dict:
+        """Scan the models folders again; files that did not change are not read again."""
+        engine.store.refresh()
+        kinds = sorted({e.kind for e in engine.store.entries})
+        return {kind: len(engine.store.of_kind(kind)) for kind in kinds}
+
+    # ---------------------------------------------------------------------------- the ControlNet extension's API
+
+    @app.get("/controlnet/version")
+    async def controlnet_version() -> dict:
+        return {"version": 3}
+
+    @app.get("/controlnet/model_list")
+    def controlnet_model_list(update: bool = True) -> dict:
+        """The IP-Adapters, named as the extension names models (`stem [hash]`); imprompt runs no ControlNet."""
+        if update:
+            engine.store.refresh()
+        return {"model_list": model_list(engine.store)}
+
+    @app.get("/controlnet/module_list")
+    async def controlnet_module_list(alias_names: bool = False) -> dict:
+        """The IP-Adapter preprocessors (any of them: the adapter's weights choose the encoder)."""
+        return {"module_list": MODULE_LIST, "module_detail": {m: {"model_free": False, "sliders": []} for m in MODULE_LIST}}
 
     @app.get("/sdapi/v1/progress")
     async def progress() -> dict:
@@ -195,9 +255,15 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
     return app
 
 
+def _read(store, kind: str) -> list:
+    """Every entry of `kind`, pickles read first (a listing says what every file is)."""
+    store.read_all()
+    return store.of_kind(kind)
+
+
 def _first_model(engine: Engine) -> str | None:
-    pipelines = engine.store.pipelines
-    return pipelines[0].name if pipelines else None
+    runnable = [p for p in engine.store.pipelines if not p.spec.unsupported]
+    return runnable[0].name if runnable else None
 
 
 # Browsers prompt for a user and password only on a Basic challenge (Chromium reads one scheme per header);

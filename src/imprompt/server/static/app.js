@@ -29,7 +29,12 @@ async function loadModels() {
   const select = $("model");
   select.innerHTML = "";
   for (const model of listing.models) {
-    select.add(new Option(`${model.name} (${model.family})`, model.name, false, model.name === listing.current_model));
+    const label = model.unsupported ? `${model.name} (${model.model_type || model.pipeline_class}: not runnable)`
+                                    : `${model.name} (${model.family})`;
+    const option = new Option(label, model.name, false, model.name === listing.current_model);
+    option.disabled = Boolean(model.unsupported);
+    option.title = model.unsupported || "";
+    select.add(option);
   }
   showFamily();
   refreshAdapterLists();
@@ -98,6 +103,26 @@ function describeAdapter(select) {
 
 function refreshAdapterLists() {
   document.querySelectorAll(".unit .adapter").forEach(fillAdapterSelect);
+  fillLoraPicker();
+}
+
+// The LoRAs that fit the model (their cross-attention width, read from their tensors); picking one writes
+// A1111's tag into the prompt, where its weight can be edited, as A1111's LoRA cards do.
+function fillLoraPicker() {
+  const model = currentModel();
+  const select = $("lora-picker");
+  const loras = (listing.other.lora || []).filter((l) => model && (l.width == null || l.width === model.cross_attention_dim));
+  select.innerHTML = "";
+  select.add(new Option(loras.length ? "add a LoRA to the prompt…" : "no LoRA fits this model", ""));
+  for (const lora of loras) select.add(new Option(`${lora.name} (${lora.family}, rank ${lora.rank ?? "?"})`, lora.name));
+}
+
+function addLoraTag() {
+  const name = $("lora-picker").value;
+  if (!name) return;
+  const prompt = $("prompt");
+  prompt.value = `${prompt.value.trimEnd()} <lora:${name}:1>`.trimStart();
+  $("lora-picker").value = "";
 }
 
 // -------------------------------------------------------------------------------------------------- units
@@ -191,7 +216,8 @@ function showResult(result) {
     img.alt = `seed ${info.all_seeds[i]}`;
     const caption = document.createElement("figcaption");
     const units = info.ip_adapters.map((u) => `${u.adapter} ← ${u.encoder} (${u.encoder_source})`).join("\n");
-    caption.textContent = `${info.infotexts[i]}\n${units}`;
+    const loras = info.loras.length ? `\nLoRAs: ${info.loras.map((l) => `${l.name} (${l.weight})`).join(", ")}` : "";
+    caption.textContent = `${info.infotexts[i]}\n${units}${loras}`;
     figure.append(img, caption);
     $("gallery").prepend(figure);
   });
@@ -210,6 +236,9 @@ function describeEvent(e) {
     case "adapters_attached": return ["UNet adapters", e.adapters.join(" + ") || "none"];
     case "model_loaded": return ["model loaded", `${e.model}${seconds}`];
     case "model_unloaded": return ["model unloaded", `${e.model}: ${e.why}`];
+    case "lora_loaded": return ["LoRA loaded", `${e.lora}${seconds}`];
+    case "lora_evicted": return ["LoRA unloaded", `${e.lora}: ${e.why}`];
+    case "vae_loaded": return ["VAE loaded", `${e.vae}${seconds}`];
     case "request_refused": return ["refused", e.why];
     default: return [e.event, JSON.stringify(e)];
   }
@@ -233,6 +262,7 @@ async function updateEvents() {
 
 $("add-unit").onclick = addUnit;
 $("generate").onclick = generate;
+$("lora-picker").onchange = addLoraTag;
 $("model").onchange = async () => {
   await api("/sdapi/v1/options", { method: "POST", body: JSON.stringify({ sd_model_checkpoint: $("model").value }) });
   showFamily();
