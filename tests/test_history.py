@@ -18,19 +18,21 @@ from tools.loadtest import load, start_server
 from tools.soak import (
     failing_menu,
     fresh_references,
+    lora_menu,
     pack_images,
     random_requests,
     sd15_menu,
     sdxl_menu,
     soak,
-    write_bad_files,
+    write_extra_files,
 )
 
 
 @pytest.fixture(scope="module")
 def roots(pack, tmp_path_factory) -> list[str]:
-    """The pack plus a folder of bad files: a truncated adapter and an SDXL-width adapter."""
-    return [str(pack), str(write_bad_files(tmp_path_factory.mktemp("extra"), pack))]
+    """The pack plus an A1111-style folder: LoRAs, an embedding, a VAE, and bad files (a truncated adapter and
+    LoRA, an SDXL-width adapter)."""
+    return [str(pack), str(write_extra_files(tmp_path_factory.mktemp("extra"), pack))]
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +43,8 @@ def images(pack) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def fresh_paths(roots, images, tmp_path_factory) -> dict[str, Path]:
     """Each valid request's image, computed as the only request of a brand-new Python process."""
-    return fresh_references(roots, sd15_menu(images) | sdxl_menu(images), tmp_path_factory.mktemp("fresh"))
+    valid = sd15_menu(images) | sdxl_menu(images) | lora_menu(images)
+    return fresh_references(roots, valid, tmp_path_factory.mktemp("fresh"))
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +63,7 @@ def test_fresh_references_are_distinct(fresh):
 @settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(data=st.data())
 def test_any_sequence_gives_fresh_process_pixels(roots, images, fresh, data):
-    valid, bad = sd15_menu(images) | sdxl_menu(images), failing_menu(images)
+    valid, bad = sd15_menu(images) | sdxl_menu(images) | lora_menu(images), failing_menu(images)
     budget = data.draw(st.sampled_from([None, 1]), label="encoder cache budget (1 byte: evict on every switch)")
     sequence = data.draw(
         st.lists(st.sampled_from(sorted(valid) + sorted(bad)), min_size=2, max_size=7), label="requests"
@@ -108,6 +111,26 @@ def test_every_request_after_every_other_in_one_engine(roots, images, fresh):
         assert max_diff(result.images[0], fresh[name]) == 0, f"{name} (step {i}) after {previous}"
 
 
+def test_every_lora_request_after_every_other(roots, images, fresh):
+    """LoRA sets (tags and field, weights), weighted and long prompts, a textual inversion, a VAE and clip skip,
+    in every order with plain requests and failures, with a LoRA budget of one byte (a LoRA is unloaded whenever
+    another is needed): nothing one request set up reaches the next."""
+    menu = lora_menu(images)
+    valid = {name: menu[name] for name in menu if name != "xl-lora"} | {n: sd15_menu(images)[n] for n in ("none", "base")}
+    bad = failing_menu(images)
+    sequence = every_ordered_pair(sorted(valid))
+    for budget in (None, 1):
+        engine = Engine(roots, lora_cache_budget=budget)
+        for i, name in enumerate(sequence):
+            if i % 4 == 3:
+                failure = ("unknown-lora", "sdxl-lora-on-sd15", "corrupt-lora", "bad-lora-tag")[i // 4 % 4]
+                with pytest.raises(ImpromptError):
+                    engine.generate(bad[failure])
+            result = engine.generate(valid[name])
+            previous = sequence[i - 1] if i else "nothing"
+            assert max_diff(result.images[0], fresh[name]) == 0, f"{name} (step {i}, budget {budget}) after {previous}"
+
+
 def test_every_request_after_every_other_across_families(roots, images, fresh):
     """SD 1.5 and SDXL requests in every order (each switch of family reloads the base model), with failures."""
     sd15 = sd15_menu(images)
@@ -141,6 +164,10 @@ def test_failures_name_their_cause(roots, images):
     assert "Nope" in messages["second-unit-bad"]
     assert "768" in messages["sd15-on-sdxl"] and "2048" in messages["sd15-on-sdxl"]
     assert "block_0" in messages["bad-layers"]
+    assert "nope" in messages["unknown-lora"] and "detail-sd15" in messages["unknown-lora"]
+    assert "style-sdxl" in messages["sdxl-lora-on-sd15"] and "SD 1.5" in messages["sdxl-lora-on-sd15"]
+    assert "broken-lora.safetensors" in messages["corrupt-lora"]
+    assert "<lora:detail-sd15:1:2:3>" in messages["bad-lora-tag"]
 
 
 def test_soak_200_requests(roots, images, tmp_path_factory):

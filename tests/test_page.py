@@ -137,3 +137,31 @@ def test_a_models_own_defaults_are_where_the_page_starts(pack, browser, tmp_path
         page.wait_for_function("document.getElementById('cfg').value === '7'", timeout=10_000)
         assert (page.input_value("#prompt"), page.input_value("#cfg"), page.input_value("#steps")) == ("a shape", "7", "20")
         assert page.locator(".unit .scale").nth(0).input_value() == "0.7"
+
+
+def test_pick_a_lora_for_the_model_and_see_it_used(pack, browser, tmp_path):
+    from tools.extra_models import write_extra_models
+
+    extras = write_extra_models(tmp_path / "a1111", pack)
+    with running_server(new_engine([pack, extras])) as url:
+        page = browser.new_page()
+        errors = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(url)
+        page.wait_for_selector("#lora-picker option[value='detail-sd15']", state="attached")
+        names = page.eval_on_selector_all("#lora-picker option", "options => options.map(o => o.value)")
+        assert "style-sdxl" not in names and {"detail-sd15", "style-sd15"} <= set(names)  # only what fits SD 1.5
+        page.fill("#prompt", "a cat")
+        page.select_option("#lora-picker", "detail-sd15")
+        assert page.input_value("#prompt") == "a cat <lora:detail-sd15:1>"
+        for field, value in (("#steps", "2"), ("#width", "64"), ("#height", "64"), ("#seed", "1")):
+            page.fill(field, value)
+        page.click("#generate")
+        page.wait_for_selector("#gallery figure img", timeout=120_000)
+        caption = page.text_content("#gallery figcaption")
+        assert "LoRAs: detail-sd15 (1)" in caption and 'Lora hashes: "detail-sd15: ' in caption
+        page.wait_for_selector("#events li.lora_loaded")
+        page.select_option("#model", "tiny-sdxl")
+        page.wait_for_selector("#lora-picker option[value='style-sdxl']", state="attached")
+        assert "detail-sd15" not in page.eval_on_selector_all("#lora-picker option", "os => os.map(o => o.value)")
+        assert errors == []

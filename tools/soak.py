@@ -5,10 +5,11 @@ request gives as the only request of a fresh process.
 
 `--distinct` requests are drawn at random from the space the engine serves (`random_request`: either family,
 0 to 3 units of any adapter of it with both encoders mixed, random scales, start/end windows, one or two images
-or their average, masks, per-block presets, noise negatives, samplers, CFG, seeds, img2img); each one's
+or their average, masks, per-block presets, noise negatives, samplers, CFG, seeds, img2img, LoRA tags with random
+weights, weighted, long and BREAK prompts, a textual inversion, a VAE, clip skip); each one's
 fresh-process image is computed once and kept on disk. The soak then runs `--requests` of them in a random order,
 families in runs (base-model switches happen, not on every request), with 10 % requests that must fail (unknown
-names, bad images, corrupt and incompatible files) slipped in.
+names, bad images, corrupt and incompatible files and LoRAs, malformed tags) slipped in.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ import psutil
 
 from imprompt.demo.tiny_models import write_adapter
 
+from .extra_models import write_extra_models
+
 
 def _request(*units, model="tiny-sd15", seed=1, steps=4, **fields) -> dict:
     return {"model": model, "prompt": "a cat", "seed": seed, "steps": steps, "width": 64, "height": 64,
@@ -39,6 +42,9 @@ def _unit(adapter, *images, scale=0.6, **fields) -> dict:
 SD15_ADAPTERS = ("Base", "Light", "Plus", "Plus Face", "Full Face", "Base ViT-G", "Ostris Composition ViT-H")
 SDXL_ADAPTERS = ("Base SDXL", "Base ViT-H SDXL", "Plus ViT-H SDXL", "Plus Face ViT-H SDXL", "Ostris Composition ViT-H SDXL")
 SAMPLERS = ("Default", "Euler", "Euler a", "DPM++ 2M", "DPM++ 2M Karras", "DDIM", "UniPC")
+# prompt syntax: plain, weighted, a textual inversion (SD 1.5's "shiny"), BREAK, longer than one 75-token chunk
+PROMPTS = ("a cat", "a (red:1.4) cat", "a [shiny] cat", "a cat BREAK on a mat", ", ".join(["a small red cat"] * 20))
+LORAS = {"sd15": ("detail-sd15", "style-sd15"), "sdxl": ("style-sdxl",)}  # from `write_extra_files`
 
 
 def random_request(rng: random.Random, images: dict[str, str]) -> dict:
@@ -61,9 +67,16 @@ def random_request(rng: random.Random, images: dict[str, str]) -> dict:
         if rng.random() < 0.15:
             unit["negative_images"] = ["noise"]
         units.append(unit)
+    prompt = rng.choice(PROMPTS)
+    loras = [name for name in LORAS[family] if rng.random() < 0.3]
+    prompt += "".join(f" <lora:{name}:{round(rng.uniform(-1, 1.5), 2)}>" for name in loras)
     request = _request(*units, model="tiny-sd15" if family == "sd15" else "tiny-sdxl", seed=rng.randrange(1000),
                        steps=rng.choice([2, 3, 4]), cfg_scale=rng.choice([1.0, 3.0, 7.0]),
-                       sampler=rng.choice(SAMPLERS))  # fmt: skip
+                       sampler=rng.choice(SAMPLERS), prompt=prompt)  # fmt: skip
+    if rng.random() < 0.2:
+        request["clip_skip"] = 2
+    if family == "sd15" and rng.random() < 0.15:
+        request["vae"] = "soft-vae.safetensors"
     if rng.random() < 0.15:
         request.update(init_images=[images[rng.choice(pictures)]], denoising_strength=rng.choice([0.5, 0.75]))
     return request
@@ -113,8 +126,22 @@ def sdxl_menu(images: dict[str, str]) -> dict[str, dict]:
     }
 
 
+def lora_menu(images: dict[str, str]) -> dict[str, dict]:
+    """Valid requests with LoRAs (tags and the field), prompt weights, a textual inversion, a VAE and clip skip."""
+    red = images["red-circle"]
+    return {
+        "lora-detail": _request(prompt="a (red:1.3) cat <lora:detail-sd15:0.7>", seed=8),
+        "loras+unit+ti+vae": _request(_unit("Base", red), prompt="a (shiny:1.2) cat <lora:detail-sd15:0.5>",
+                                      loras=[{"name": "style-sd15", "weight": -0.4}], vae="soft-vae.safetensors",
+                                      clip_skip=2, seed=9),  # fmt: skip
+        "long-prompt-style": _request(prompt=", ".join(["a small red cat on a mat"] * 12) + " <lora:style-sd15:1>",
+                                      seed=10),  # fmt: skip
+        "xl-lora": _request(_unit("Base SDXL", red), prompt="a cat <lora:style-sdxl:0.8>", model="tiny-sdxl", seed=11),
+    }
+
+
 def failing_menu(images: dict[str, str]) -> dict[str, dict]:
-    """Requests that must fail with a typed error (the extra root from `write_bad_files` provides two files)."""
+    """Requests that must fail with a typed error (the extra root from `write_extra_files` provides the files)."""
     red = images["red-circle"]
     return {
         "unknown-adapter": _request(_unit("Base XL Turbo", red)),
@@ -126,12 +153,18 @@ def failing_menu(images: dict[str, str]) -> dict[str, dict]:
         "second-unit-bad": _request(_unit("Base ViT-G", red), _unit("Nope", red)),
         "sd15-on-sdxl": _request(_unit("Plus", red), model="tiny-sdxl"),
         "bad-layers": _request(_unit("Base SDXL", red, layers={"down": {"block_0": 1.0}}), model="tiny-sdxl"),
+        "unknown-lora": _request(prompt="a cat <lora:nope:1>"),
+        "sdxl-lora-on-sd15": _request(prompt="a cat <lora:style-sdxl:1>"),
+        "corrupt-lora": _request(prompt="a cat <lora:broken-lora:1>"),
+        "bad-lora-tag": _request(prompt="a cat <lora:detail-sd15:1:2:3>"),
     }
 
 
-def write_bad_files(folder: Path, pack: Path) -> Path:
-    """A truncated adapter and an SDXL-width adapter (refused on SD 1.5), for the failing requests."""
+def write_extra_files(folder: Path, pack: Path) -> Path:
+    """A truncated adapter and an SDXL-width adapter (refused on SD 1.5), for the failing requests; LoRAs, an
+    embedding and a VAE (`tools/extra_models.py`), for the others."""
     folder.mkdir(parents=True, exist_ok=True)
+    write_extra_models(folder, pack)
     good = (pack / "IP-Adapter" / "models" / "ip-adapter_sd15.safetensors").read_bytes()
     (folder / "ip-adapter_broken.safetensors").write_bytes(good[: len(good) // 2])
     write_adapter(folder / "ip-adapter_sdxl_test.safetensors", "base", 1280, [640, 1280], 2048, seed=99)
@@ -257,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     quiet_libraries()
     pack = build_demo_pack(args.models)
-    roots = [str(pack.resolve()), str(write_bad_files(args.work / "bad", pack).resolve())]
+    roots = [str(pack.resolve()), str(write_extra_files(args.work / "extra", pack).resolve())]
     images = pack_images(pack)
     valid, failing = random_requests(args.distinct, args.seed, images), failing_menu(images)
     references = fresh_references(roots, valid, args.work / "references")

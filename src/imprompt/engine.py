@@ -1,7 +1,8 @@
 """Engine.generate(request) -> Result: the data flow, and nothing else.
 
     request -> images -> plan (resolve + probe + validate, no compute) -> pipeline -> adapters -> embeddings
-            -> attach (the UNet carries exactly this request's adapters) -> denoise -> result
+            -> attach (the UNet carries exactly this request's adapters) -> LoRAs, VAE, prompt embeddings
+            -> denoise -> result
 
 Output depends on the request alone: every step either rebuilds its state from the request (scheduler, scales,
 attached set, generator) or takes it from a cache keyed by what determines it (file fingerprints, image content,
@@ -25,11 +26,15 @@ from .errors import CheckpointError, LimitError, RequestError
 from .ipadapter.attach import AttachedAdapters, ip_adapter_masks
 from .ipadapter.build import BuiltAdapter, build_adapter, load_adapter_state_dict
 from .ipadapter.embeddings import ImageEmbedder, load_saved_embeddings, save_embeddings
+from .loading.loras import PipelineLoras
 from .loading.pipelines import load_pipeline
+from .loading.textual_inversions import load_inversion
+from .loading.vaes import load_vae
 from .models.store import Entry, ModelStore, a1111_hash
 from .plan import Plan, make_plan, plan_unit
+from .prompting.encode import encode_prompts
 from .request import GenerateRequest, IPAdapterUnit, parse_request, parse_unit
-from .util.cache import ByteLRU, parse_bytes
+from .util.cache import ByteLRU, module_bytes, parse_bytes
 from .util.devices import default_budget, default_device, release_memory, resolve_dtype
 from .util.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, image_digest, load_image, noise_image
 from .util.infotext import image_fields, parameters_text, png_info
@@ -63,6 +68,8 @@ class _LoadedPipeline:
     name: str
     pipeline: object
     attached: AttachedAdapters  # the IP-Adapters its UNet carries now
+    loras: PipelineLoras  # the LoRAs loaded into it, and which act now
+    own_vae: object  # the VAE it came with (a request may use another from the tree)
     scheduler_config: dict
     scheduler_class: str
     load_seconds: float
@@ -113,6 +120,7 @@ class Engine:
         cache_budget: str | int | None = None,
         embedding_cache_budget: str | int | None = None,
         adapter_cache_budget: str | int | None = None,
+        lora_cache_budget: str | int | None = None,
         default_model: str | None = None,
         allow_paths: bool = True,
         max_image_pixels: int = DEFAULT_MAX_PIXELS,
@@ -124,7 +132,8 @@ class Engine:
         encoders (default: the same; bfloat16 halves their memory and, on CPUs with bf16 support, their time).
         Budgets ("8GiB", "512MB", bytes) of the caches, on the device the models live on: `cache_budget` for loaded
         image encoders (default half the RAM on the CPU, 30 % of the GPU's memory on CUDA), `adapter_cache_budget`
-        for built adapters, `embedding_cache_budget` for embeddings (see `util/devices.py`).
+        for built adapters, `embedding_cache_budget` for embeddings, `lora_cache_budget` for LoRAs loaded into the
+        pipeline (see `util/devices.py`).
         Paths as names are allowed unless `allow_paths=False`. `max_units` per request and `max_images` per unit
         are checked before any image is decoded."""
         self.store = ModelStore(models, allow_paths=allow_paths)
@@ -138,6 +147,9 @@ class Engine:
             parse_bytes(embedding_cache_budget, default_budget("embeddings", self.device)),
         )
         self.adapters = ByteLRU("adapters", parse_bytes(adapter_cache_budget, default_budget("adapters", self.device)))
+        self.lora_budget = parse_bytes(lora_cache_budget, default_budget("loras", self.device))
+        self.vaes = ByteLRU("vaes", default_budget("vaes", self.device))
+        self.inversions = ByteLRU("textual-inversions", default_budget("embeddings", self.device))
         self.default_model = default_model
         self.allow_paths = allow_paths
         self.max_image_pixels = max_image_pixels
@@ -218,13 +230,22 @@ class Engine:
             names = " + ".join(u.label for u in plan.units) or "none"
             log.info("UNet adapters now: %s", names)
             events.append({"event": "adapters_attached", "adapters": [u.label for u in plan.units]})
+        loaded.loras.activate([(lora.entry, lora.weight) for lora in plan.loras], events)
+        vae = self._vae(plan.vae, loaded, events) if plan.vae is not None else loaded.own_vae
         timer.mark("attach")
+
+        inversions = [self._inversion(entry) for entry in plan.inversions]
+        with torch.no_grad():
+            prompts = encode_prompts(loaded.pipeline, plan.prompt, plan.negative_prompt, request.clip_skip, inversions,
+                                     guidance=request.cfg_scale > 1.0)  # fmt: skip
+        timer.mark("prompt")
 
         seed = request.seed if request.seed >= 0 else secrets.randbelow(2**32)
         width, height = self._size(request, plan, init_image)
         masks = [ip_adapter_masks(unit_inputs.masks, width, height) for unit_inputs in inputs]
         images_out, active_steps, scheduler = self._denoise(
-            loaded, plan, request, embeddings, masks, init_image, seed, width, height, sampler, on_step
+            loaded, plan, request, prompts.kwargs, vae, embeddings, masks, init_image, seed, width, height, sampler,
+            on_step,
         )
         timer.mark("denoise")
 
@@ -234,11 +255,19 @@ class Engine:
         sampler_name, schedule_type = a1111_names(scheduler)
         seeds = [seed + i for i in range(len(images_out))]  # image i is what a request with seed + i gives
         strength = request.denoising_strength if init_image is not None else None
+        loras_info = [{"name": lora.entry.name, "weight": lora.weight, "source": lora.source, "file": str(lora.entry.path),
+                       "hash": a1111_hash(lora.entry.path, 12)} for lora in plan.loras]  # fmt: skip
+        vae_info = {"name": plan.vae.path.name, "file": str(plan.vae.path), "hash": a1111_hash(plan.vae.path)} if plan.vae else None
+        inversions_info = [{"name": i.name, "hash": i.hash} for i in prompts.inversions_used]
+        # the prompt as A1111 would show it: LoRAs given as a field are written as tags, so that readers find them
+        shown_prompt = request.prompt + "".join(f" <lora:{lo.entry.name}:{lo.weight:g}>" for lo in plan.loras
+                                                if lo.source == "loras")  # fmt: skip
         infotexts = [
-            parameters_text(request.prompt, request.negative_prompt, image_fields(
+            parameters_text(shown_prompt, request.negative_prompt, image_fields(
                 steps=request.steps, sampler=sampler_name, schedule_type=schedule_type, cfg_scale=request.cfg_scale,
                 seed=image_seed, width=width, height=height, model_hash=loaded.model_hash, model=loaded.name,
                 denoising_strength=strength, batch_size=request.batch_size, batch_pos=i, units=units_info,
+                clip_skip=request.clip_skip, vae=vae_info, loras=loras_info, inversions=inversions_info,
             ))
             for i, image_seed in enumerate(seeds)
         ]  # fmt: skip
@@ -262,6 +291,10 @@ class Engine:
             "dtype": str(self.dtype).removeprefix("torch."),
             "encoder_dtype": str(self.encoder_dtype).removeprefix("torch."),
             "ip_adapters": units_info,
+            "loras": loras_info,
+            "textual_inversions": inversions_info,
+            "clip_skip": request.clip_skip,
+            "vae": vae_info,
             "events": events,
             "timings": timer.summary(),
             "interrupted": self._interrupt.is_set(),
@@ -303,12 +336,13 @@ class Engine:
             default_w = default_h = plan.pipeline.spec.default_size
         return request.width or default_w, request.height or default_h
 
-    def _denoise(self, loaded, plan: Plan, request, embeddings, masks, init_image, seed, width, height, sampler,
-                 on_step):  # fmt: skip
+    def _denoise(self, loaded, plan: Plan, request, prompt_embeds: dict, vae, embeddings, masks, init_image, seed,
+                 width, height, sampler, on_step):  # fmt: skip
         """A batch is made one image at a time, each with a fresh scheduler and its own generator (seed + i), so
         image i is exactly the image a request with seed + i gives alone (batched on one tensor, it would differ in
         the last bit: the batched arithmetic rounds otherwise)."""
         pipeline = loaded.pipeline if init_image is None else loaded.img2img()
+        pipeline.vae = vae  # the request's VAE, or the model's own: set every time, so none outlives its request
         units = [u.unit for u in plan.units]
         weights = [u.layer_weights for u in plan.units]
         active_steps: list[list[int]] = [[] for _ in units]
@@ -352,8 +386,7 @@ class Engine:
             pipeline.scheduler = make_scheduler(sampler, loaded.scheduler_config, loaded.scheduler_class)
             set_scales(0, request.steps)  # step 0 acts iff start == 0 < end, whatever the number of steps
             output = pipeline(
-                prompt=request.prompt,
-                negative_prompt=request.negative_prompt or None,
+                **prompt_embeds,
                 num_inference_steps=request.steps,
                 guidance_scale=request.cfg_scale,
                 generator=torch.Generator(device="cpu").manual_seed(seed + index),
@@ -425,7 +458,7 @@ class Engine:
     def _loaded_pipeline(self, entry: Entry, key: tuple) -> _LoadedPipeline:
         started = time.perf_counter()
         pipeline = load_pipeline(entry.spec, self.device, self.dtype)
-        attached = AttachedAdapters(pipeline.unet)
+        attached = AttachedAdapters(pipeline.unet)  # before any LoRA wraps the UNet's layers
         if tuple(attached.names) != tuple(entry.spec.layer_names):
             raise CheckpointError(
                 entry.path,
@@ -437,6 +470,8 @@ class Engine:
             name=entry.name,
             pipeline=pipeline,
             attached=attached,
+            loras=PipelineLoras(pipeline, self.lora_budget),
+            own_vae=pipeline.vae,
             scheduler_config=dict(pipeline.scheduler.config),
             scheduler_class=type(pipeline.scheduler).__name__,
             load_seconds=time.perf_counter() - started,
@@ -464,6 +499,27 @@ class Engine:
         events.append({"event": "adapter_loaded", "adapter": label, "file": str(entry.path), "seconds": round(seconds, 4)})
         return built
 
+    def _vae(self, entry: Entry, loaded: _LoadedPipeline, events: list):
+        key = entry.key(self.dtype, self.device, loaded.name)  # built to the model's VAE configuration
+        vae = self.vaes.get(key)
+        if vae is None:
+            started = time.perf_counter()
+            vae = load_vae(entry.spec, loaded.own_vae, self.device, self.dtype)
+            for old in self.vaes.put(key, vae, module_bytes(vae), label=entry.path.name):
+                log.info("VAE %s evicted from cache: VAE cache budget", old.label)
+            seconds = time.perf_counter() - started
+            log.info("VAE %s loaded in %.2f s", entry.path.name, seconds)
+            events.append({"event": "vae_loaded", "vae": entry.path.name, "seconds": round(seconds, 4)})
+        return vae
+
+    def _inversion(self, entry: Entry):
+        key = entry.key(self.dtype, self.device)
+        inversion = self.inversions.get(key)
+        if inversion is None:
+            inversion = load_inversion(entry, self.device, self.dtype)
+            self.inversions.put(key, inversion, sum(v.numel() * v.element_size() for v in inversion.vectors), entry.name)
+        return inversion
+
     # ------------------------------------------------------------------------------------------ introspection
 
     def cache_info(self) -> dict:
@@ -473,6 +529,8 @@ class Engine:
             "encoders": self.embedder.encoders.stats(),
             "embeddings": self.embedder.embeddings.stats(),
             "adapters": self.adapters.stats(),
+            "loras": loaded.loras.loaded.stats() if loaded is not None else None,
+            "vaes": self.vaes.stats(),
             "model": loaded.name if loaded is not None else None,
         }
 
@@ -484,4 +542,6 @@ class Engine:
                 self._pipeline.attached.forget_shells()
             cleared = self.embedder.clear()
             cleared["adapters"] = self.adapters.clear()
+            cleared["loras"] = self._pipeline.loras.clear() if self._pipeline is not None else 0
+            cleared["vaes"] = self.vaes.clear()
             return cleared

@@ -9,12 +9,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ImpromptError, IncompatibleError, MissingEncoderError, UnknownModelError, UnsupportedError
+from .errors import (
+    ImpromptError,
+    IncompatibleError,
+    MissingEncoderError,
+    RequestError,
+    UnknownModelError,
+    UnsupportedError,
+)
 from .ipadapter.block_weights import layer_weights
 from .models import catalog
-from .models.specs import SUPPORTED_PIPELINES
 from .models.store import Entry, ModelStore
-from .request import GenerateRequest, IPAdapterUnit
+from .prompting.syntax import take_lora_tags
+from .request import LORA_WEIGHT_RANGE, GenerateRequest, IPAdapterUnit
 
 
 @dataclass(frozen=True)
@@ -37,10 +44,25 @@ class UnitPlan:
         return catalog.friendly_name(self.adapter.name) or self.adapter.name
 
 
+UNREAD_LORA_FORMATS = {"lycoris-loha": "LyCORIS LoHa", "lycoris-lokr": "LyCORIS LoKr"}
+
+
+@dataclass(frozen=True)
+class LoraPlan:
+    entry: Entry
+    weight: float
+    source: str  # "prompt" (a <lora:...> tag) or "loras" (the request field)
+
+
 @dataclass(frozen=True)
 class Plan:
     pipeline: Entry
     units: tuple[UnitPlan, ...]
+    prompt: str = ""  # what the text encoders read: the prompt without its <lora:...> tags
+    negative_prompt: str = ""
+    loras: tuple[LoraPlan, ...] = ()
+    vae: Entry | None = None  # None: the model's own
+    inversions: tuple[Entry, ...] = ()  # textual inversions that fit the model and whose names the prompts contain
 
 
 def make_plan(request: GenerateRequest, store: ModelStore, default_model: str | None = None) -> Plan:
@@ -48,7 +70,61 @@ def make_plan(request: GenerateRequest, store: ModelStore, default_model: str | 
     pipeline = store.pipeline(model)
     check_runnable(pipeline)
     units = tuple(plan_unit(i, unit, store, pipeline) for i, unit in enumerate(request.ip_adapters))
-    return Plan(pipeline, units)
+    prompt, tags = take_lora_tags(request.prompt, "prompt")
+    negative_prompt, negative_tags = take_lora_tags(request.negative_prompt, "negative_prompt")
+    if negative_tags:
+        raise RequestError(
+            f"negative_prompt: <lora:{negative_tags[0].name}:...> — LoRA tags act only in the prompt (as in A1111); "
+            f"move it to the prompt or remove it"
+        )
+    asked = [(tag.name, tag.weight, "prompt") for tag in tags] + [(lo.name, lo.weight, "loras") for lo in request.loras]
+    loras = tuple(plan_lora(name, weight, source, store, pipeline) for name, weight, source in asked)
+    seen: dict[str, LoraPlan] = {}
+    for lora in loras:
+        if lora.entry.path in seen:
+            raise RequestError(
+                f"LoRA {lora.entry.name} is asked for twice ({seen[lora.entry.path].source} and {lora.source}); "
+                f"give it once, with the weight you want"
+            )
+        seen[lora.entry.path] = lora
+    vae = store.vae(request.vae) if request.vae else None
+    if vae is not None and vae.spec.latent_channels != 4:
+        raise IncompatibleError(
+            f"VAE {vae.path.name} has {vae.spec.latent_channels} latent channels ({vae.spec.family}), but model "
+            f"{pipeline.name} ({pipeline.spec.family}) works on 4; choose an SD 1.x / 2.x / SDXL VAE"
+        )
+    texts = f"{prompt}\n{negative_prompt}".lower()
+    inversions = tuple(e for e in store.current_of_kind("textual-inversion")
+                       if e.spec.fits(pipeline.spec) and e.name.lower() in texts)  # fmt: skip
+    return Plan(pipeline, units, prompt, negative_prompt, loras, vae, inversions)
+
+
+def plan_lora(name: str, weight: float, source: str, store: ModelStore, pipeline: Entry) -> LoraPlan:
+    """Resolve one LoRA and check it against the model, from its tensors, before anything is loaded."""
+    low, high = LORA_WEIGHT_RANGE
+    if not low <= weight <= high:
+        raise RequestError(f"LoRA {name}: weight {weight} is outside {low}..{high}; use a weight in that range")
+    entry = store.lora(name)
+    if entry.spec.format in UNREAD_LORA_FORMATS:
+        raise UnsupportedError(
+            f"LoRA {entry.name} ({entry.path.name}) is a {UNREAD_LORA_FORMATS[entry.spec.format]} file: diffusers, "
+            f"whose loader imprompt uses, reads kohya / A1111 LoRAs (LoCon included) and diffusers / PEFT LoRAs for "
+            f"SD 1.5 and SDXL, not this format. Use a LoRA in one of those formats"
+        )
+    if not lora_fits(entry, pipeline):
+        fitting = sorted(e.name for e in store.of_kind("lora") if lora_fits(e, pipeline))
+        raise IncompatibleError(
+            f"LoRA {entry.name} ({entry.path.name}) is for {entry.spec.family} models (cross-attention width "
+            f"{entry.spec.width}), but model {pipeline.name} is {pipeline.spec.family} (width "
+            f"{pipeline.spec.cross_attention_dim}). Use a LoRA made for {pipeline.spec.family} "
+            f"({', '.join(fitting) or 'none in the models folder'})"
+        )
+    return LoraPlan(entry, weight, source)
+
+
+def lora_fits(lora: Entry, pipeline: Entry) -> bool:
+    """A LoRA fits a model whose cross-attention width is the one it was trained for (unknown: let diffusers try)."""
+    return lora.spec.width is None or lora.spec.width == pipeline.spec.cross_attention_dim
 
 
 def plan_unit(index: int, unit: IPAdapterUnit, store: ModelStore, pipeline: Entry | None = None) -> UnitPlan:
@@ -68,20 +144,10 @@ def plan_unit(index: int, unit: IPAdapterUnit, store: ModelStore, pipeline: Entr
 
 
 def check_runnable(pipeline: Entry) -> None:
-    """Every reason a model cannot run, found before anything (the current model included) is unloaded. Single
-    files of other types (SD 2, inpainting, refiners, ...) are refused earlier, when they are probed."""
-    spec = pipeline.spec
-    if spec.pipeline_class not in SUPPORTED_PIPELINES:
-        raise UnsupportedError(
-            f"model {pipeline.name} ({spec.path}) is a {spec.pipeline_class}; imprompt runs "
-            f"{' and '.join(SUPPORTED_PIPELINES)} models. Choose another model"
-        )
-    if spec.in_channels != 4:
-        kind = {9: "an inpainting model", 8: "an instruct-pix2pix model"}.get(spec.in_channels, "not a text-to-image model")
-        raise UnsupportedError(
-            f"model {pipeline.name} ({spec.path}) is {kind} (its UNet takes {spec.in_channels} input channels, "
-            f"text-to-image models take 4); imprompt runs text-to-image and image-to-image. Choose another model"
-        )
+    """Every reason a model cannot run (another pipeline class, an inpainting UNet, a single file of another type),
+    read when it was probed and raised here, before anything (the current model included) is unloaded."""
+    if pipeline.spec.unsupported:
+        raise UnsupportedError(pipeline.spec.unsupported)
 
 
 def check_saved_embeddings(saved: Entry, adapter: Entry) -> None:
@@ -193,9 +259,14 @@ def _compact(widths) -> str:
     return str(widths) if len(widths) <= 6 else f"[{', '.join(map(str, widths[:3]))}, ..., {widths[-1]}]"
 
 
+OTHER_KINDS = ("lora", "vae", "textual-inversion", "controlnet", "t2i-adapter", "upscaler", "face-restorer",
+               "text-encoder", "diffusion-model", "image-encoder-other", "ip-embeddings", "unknown")  # fmt: skip
+
+
 def describe_store(store: ModelStore) -> dict:
-    """Everything in the store; for each adapter the encoder it needs, whether one is present, and which of the
-    store's models it fits (the same checks a request goes through)."""
+    """Everything in the store, each file as what its tensors say it is; for each adapter the encoder it needs,
+    whether one is present, and which of the store's models it fits (the same checks a request goes through)."""
+    store.read_all()
     adapters = []
     for entry in store.adapters:
         spec = entry.spec
@@ -217,6 +288,7 @@ def describe_store(store: ModelStore) -> dict:
         ],  # fmt: skip
         "adapters": adapters,
         "encoders": [{"name": e.name, **e.spec.to_dict()} for e in store.encoders],
+        "other": {kind: [{"name": e.name, **e.spec.to_dict()} for e in store.of_kind(kind)] for kind in OTHER_KINDS},
         "unreadable": [{"name": e.name, "path": str(e.path), "error": str(e.error)} for e in store.unreadable],
     }
 

@@ -12,6 +12,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import RequestError
 
 SCALE_RANGE = (-1.0, 5.0)  # ComfyUI_IPAdapter_plus's weight range; SD.Next's slider is the 0..1 part of it
+LORA_WEIGHT_RANGE = (-10.0, 10.0)  # wider than any UI's slider (A1111 has none: the tag takes any number)
+
+
+class LoraWeight(BaseModel):
+    """A LoRA and how strongly it acts (also written in the prompt as `<lora:NAME:WEIGHT>`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, description="file stem (as in <lora:NAME:...>), relative path, or path")
+    weight: float = Field(1.0, ge=LORA_WEIGHT_RANGE[0], le=LORA_WEIGHT_RANGE[1])
 
 
 class IPAdapterUnit(BaseModel):
@@ -78,6 +88,9 @@ class GenerateRequest(BaseModel):
     batch_size: int = Field(1, ge=1, le=8)
     sampler: str = "Default"
     ip_adapters: list[IPAdapterUnit] = Field(default_factory=list, description="how many: see Engine(max_units)")
+    loras: list[LoraWeight] = Field(default_factory=list, description="besides the <lora:...> tags in the prompt")
+    clip_skip: int = Field(1, ge=1, le=12, description="A1111's CLIP_stop_at_last_layers: 1 = the last layer")
+    vae: str | None = Field(None, description="a VAE file from the models folders; None: the model's own")
     init_images: list[Any] | None = Field(None, description="img2img: the image to start from (the first is used)")
     denoising_strength: float = Field(0.75, gt=0.0, le=1.0, description="img2img: how much of it is redrawn")
 

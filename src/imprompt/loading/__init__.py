@@ -1,1 +1,1 @@
-"""Specs -> modules, safely: checkpoint tensors, pipelines and image encoders."""
+"""Specs -> modules, safely: checkpoint tensors, pipelines, image encoders, LoRAs, VAEs, textual inversions."""

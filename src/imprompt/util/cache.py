@@ -52,14 +52,19 @@ class ByteLRU:
     def __contains__(self, key: Hashable) -> bool:
         return key in self._items
 
-    def put(self, key: Hashable, value: Any, nbytes: int, label: str = "") -> list[Evicted]:
-        """Insert (or replace) and evict least-recently-used items until the budget holds."""
+    def put(self, key: Hashable, value: Any, nbytes: int, label: str = "", keep=()) -> list[Evicted]:
+        """Insert (or replace) and evict least-recently-used items until the budget holds; never `key` itself nor
+        the keys in `keep` (what the same request still needs)."""
         with self._lock:
             self._items.pop(key, None)
             self._items[key] = _Item(value, int(nbytes), label or str(key))
             evicted = []
-            while self.used_bytes > self.budget_bytes and len(self._items) > 1:
-                old_key, old = self._items.popitem(last=False)
+            for old_key in list(self._items):
+                if self.used_bytes <= self.budget_bytes:
+                    break
+                if old_key == key or old_key in keep:
+                    continue
+                old = self._items.pop(old_key)
                 self.evictions += 1
                 evicted.append(Evicted(old_key, old.label, old.nbytes))
             return evicted

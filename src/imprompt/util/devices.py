@@ -20,10 +20,11 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.floa
 # SDXL-era encoders in fp32 on a 32 GB machine), as before budgets were per device; on a GPU the pipeline needs
 # most of it, so the encoders and adapters get less.
 SHARES = {
-    "cpu": {"encoders": 0.5, "adapters": 0.125, "embeddings": 0.02},
-    "cuda": {"encoders": 0.3, "adapters": 0.1, "embeddings": 0.02},
+    "cpu": {"encoders": 0.5, "adapters": 0.125, "embeddings": 0.02, "loras": 0.1, "vaes": 0.02},
+    "cuda": {"encoders": 0.3, "adapters": 0.1, "embeddings": 0.02, "loras": 0.1, "vaes": 0.02},
 }
-CAPS = {"adapters": 4 * 2**30, "embeddings": 512 * 2**20}  # enough for every adapter and reference a server sees
+# enough for every adapter, LoRA (dozens of rank-32 SD 1.5 LoRAs are 150 MB each), VAE and reference a server sees
+CAPS = {"adapters": 4 * 2**30, "embeddings": 512 * 2**20, "loras": 4 * 2**30, "vaes": 2 * 2**30}
 
 
 def default_device() -> torch.device:
@@ -61,7 +62,7 @@ def device_memory(device: torch.device) -> int:
 
 
 def default_budget(cache: str, device: torch.device) -> int:
-    """The default byte budget of one of the engine's caches ("encoders", "adapters", "embeddings") on `device`."""
+    """The default byte budget of one of the engine's caches (a key of SHARES) on `device`."""
     shares = SHARES["cuda" if device.type == "cuda" else "cpu"]
     budget = int(device_memory(device) * shares[cache])
     return min(budget, CAPS[cache]) if cache in CAPS else budget

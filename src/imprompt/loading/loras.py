@@ -1,0 +1,118 @@
+"""LoRAs on a loaded pipeline: loaded once through diffusers (PEFT adapters), then switched per request.
+
+diffusers' `load_lora_weights` reads kohya / A1111 and diffusers LoRAs (and LyCORIS where it can) into PEFT
+adapters; `set_adapters` chooses which act and how strongly. What imprompt adds: every request states its whole LoRA
+set (none included), so what one request activated never reaches the next; loaded adapters stay on the pipeline
+under a byte budget, so switching sets is a `set_adapters` call, not a reload from disk.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from contextlib import contextmanager
+
+from ..errors import CheckpointError
+from ..models.store import Entry
+from ..util.cache import ByteLRU
+from .tensors import first_line, read_tensors
+
+log = logging.getLogger("imprompt")
+
+
+class PipelineLoras:
+    """The LoRAs loaded into one pipeline (PEFT adapter name per file version), and which act now."""
+
+    def __init__(self, pipeline, budget_bytes: int):
+        self.pipeline = pipeline
+        self.loaded = ByteLRU("loras", budget_bytes)  # entry key -> PEFT adapter name
+        self._names: dict = {}  # the same mapping, kept for what the cache evicts
+        self.active: tuple = ()  # ((adapter name, weight), ...) as last set
+        self._count = 0
+
+    def activate(self, loras: list[tuple[Entry, float]], events: list) -> None:
+        """Make exactly these LoRAs act, at these weights (none: the plain model)."""
+        needed = {entry.key() for entry, _ in loras}
+        names = [self._adapter_name(entry, needed, events) for entry, _ in loras]
+        wanted = tuple(zip(names, (weight for _, weight in loras)))
+        if wanted == self.active:
+            return
+        if names:
+            self.pipeline.enable_lora()
+            self.pipeline.set_adapters(names, [weight for _, weight in loras])
+        elif self.active:
+            self.pipeline.disable_lora()
+        self.active = wanted
+
+    def clear(self) -> int:
+        """Unload every LoRA (Engine.clear_cache)."""
+        count = len(self._names)
+        for key in list(self._names):
+            self.pipeline.delete_adapters(self._names.pop(key))
+        self.loaded.clear()
+        self.active = ()
+        return count
+
+    def _adapter_name(self, entry: Entry, needed: set, events: list) -> str:
+        key = entry.key()
+        name = self.loaded.get(key)
+        if name is not None:
+            return name
+        for stale in self.loaded.discard_older_versions(key):
+            self._delete(stale.key, stale.label, "its file changed on disk", events)
+        started = time.perf_counter()
+        self._count += 1
+        name = f"lora{self._count}"  # PEFT adapter names must be plain identifiers
+        path = entry.path
+        try:
+            state = read_tensors(path)
+            nbytes = sum(t.numel() * t.element_size() for t in state.values())
+            with quiet_peft_reports():
+                self.pipeline.load_lora_weights(state, adapter_name=name)
+        except (ValueError, KeyError, RuntimeError, TypeError, AttributeError) as exc:
+            self._discard_partial(name)
+            raise CheckpointError(
+                path, f"diffusers cannot load this LoRA ({first_line(exc)})",
+                "Check that it is a LoRA for this model's family, in kohya / A1111 or diffusers format",
+            ) from None  # fmt: skip
+        seconds = time.perf_counter() - started
+        log.info("LoRA %s loaded in %.2f s", entry.name, seconds)
+        events.append({"event": "lora_loaded", "lora": entry.name, "file": str(path), "seconds": round(seconds, 4)})
+        self._names[key] = name
+        for old in self.loaded.put(key, name, nbytes, label=entry.name, keep=needed):
+            self._delete(old.key, old.label, "LoRA cache budget", events)
+        return name
+
+    def _delete(self, key, label: str, why: str, events: list) -> None:
+        name = self._names.pop(key)
+        self.pipeline.delete_adapters(name)
+        self.active = tuple(a for a in self.active if a[0] != name)
+        log.info("LoRA %s unloaded: %s", label, why)
+        events.append({"event": "lora_evicted", "lora": label, "why": why})
+
+    def _discard_partial(self, name: str) -> None:
+        """A load that failed half way may have added layers: remove them so the next request sees none."""
+        present = {n for names in self.pipeline.get_list_adapters().values() for n in names}
+        if name in present:
+            self.pipeline.delete_adapters(name)
+
+
+@contextmanager
+def quiet_peft_reports():
+    """Loading a second adapter makes PEFT warn that the model has adapters already and transformers print the
+    first adapter's tensors as "MISSING" from the second's file; a UNet-only LoRA makes diffusers say it found no
+    text-encoder keys: all expected here, and noise in users' logs (a failed load still raises)."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    levels = transformers_logging.get_verbosity(), diffusers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    diffusers_logging.set_verbosity_error()  # "no LoRA keys for the text encoder" of a UNet-only LoRA
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            yield
+    finally:
+        transformers_logging.set_verbosity(levels[0])
+        diffusers_logging.set_verbosity(levels[1])

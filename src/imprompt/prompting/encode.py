@@ -1,0 +1,192 @@
+"""Prompt text -> the embeddings diffusers' pipelines take (`prompt_embeds`, ...), the way A1111 makes them.
+
+diffusers cuts a prompt at 77 tokens and has no attention weights; A1111 clients rely on both. So the text is
+parsed (`syntax.py`), cut into chunks of 75 tokens (a chunk ends at BREAK, and a chunk that fills up moves the
+words after its last comma, if that comma is at most 20 tokens back, into the next one), each chunk is framed by
+the begin / end tokens and encoded on its own, the weights multiply each token's vectors and the chunk's mean is
+restored (A1111's "Original" emphasis), and the chunks are concatenated. Textual-inversion embeddings replace the
+token vectors of their name, found token by token as A1111 finds them.
+
+For a prompt of at most 75 tokens without weights this is exactly what diffusers' `encode_prompt` computes (the
+tests hold it to that), so the IP-Adapter path after it is diffusers' own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .syntax import BREAK, parse_attention
+
+CHUNK = 75  # tokens per chunk, between the begin and end tokens
+COMMA_BACKTRACK = 20  # A1111's default `comma_padding_backtrack`
+
+
+@dataclass(frozen=True)
+class Inversion:
+    """A textual-inversion embedding ready to use: its name and its vectors for each text encoder."""
+
+    name: str
+    vectors: tuple[torch.Tensor, ...]  # one [n, width] tensor per text encoder of the pipeline
+    hash: str  # A1111's short hash (for `TI hashes` in the infotext)
+
+
+@dataclass
+class Chunk:
+    tokens: list[int] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
+    fixes: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (position, vectors) of embeddings
+
+
+@dataclass
+class Encoded:
+    """What the pipeline is called with, and which embeddings the texts used."""
+
+    kwargs: dict
+    inversions_used: list[Inversion]
+
+
+def encode_prompts(pipeline, prompt: str, negative_prompt: str, clip_skip: int, inversions: list[Inversion],
+                   guidance: bool) -> Encoded:  # fmt: skip
+    """`prompt_embeds` (and SDXL's pooled embeddings), with their negative counterparts when `guidance` is on."""
+    xl = getattr(pipeline, "text_encoder_2", None) is not None
+    used: dict[str, Inversion] = {}
+    positive, pooled = _encode(pipeline, prompt, clip_skip, inversions, used)
+    kwargs = {"prompt_embeds": positive}
+    if xl:
+        kwargs["pooled_prompt_embeds"] = pooled
+    if guidance:
+        negative, negative_pooled = _encode(pipeline, negative_prompt, clip_skip, inversions, used)
+        if xl and negative_prompt == "":  # SDXL's empty negative prompt is zeros (diffusers and A1111 alike)
+            negative, negative_pooled = torch.zeros_like(negative), torch.zeros_like(negative_pooled)
+        if positive.shape[1] != negative.shape[1]:  # the shorter gets empty-prompt chunks, as in A1111
+            empty, _ = _encode(pipeline, "", clip_skip, [], {})
+            positive, negative = _lengthen(positive, negative, empty), _lengthen(negative, positive, empty)
+        kwargs["prompt_embeds"], kwargs["negative_prompt_embeds"] = positive, negative
+        if xl:
+            kwargs["negative_pooled_prompt_embeds"] = negative_pooled
+    return Encoded(kwargs, list(used.values()))
+
+
+def _lengthen(embeds: torch.Tensor, other: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
+    """`embeds` followed by as many empty-prompt chunks as make it as long as `other`."""
+    missing = (other.shape[1] - embeds.shape[1]) // empty.shape[1]
+    return torch.cat([embeds] + [empty] * missing, dim=1) if missing > 0 else embeds
+
+
+def _encode(pipeline, text: str, clip_skip: int, inversions: list[Inversion], used: dict):
+    """One text through every text encoder of the pipeline: [1, 77 * chunks, width] and SDXL's pooled vector."""
+    xl = getattr(pipeline, "text_encoder_2", None) is not None
+    pairs = [(pipeline.tokenizer, pipeline.text_encoder)]
+    if xl:
+        pairs.append((pipeline.tokenizer_2, pipeline.text_encoder_2))
+    per_encoder, pooled = [], None
+    chunk_lists = [chunks(text, tokenizer, [(i.name, i.vectors[e], i) for i in inversions], used)
+                   for e, (tokenizer, _) in enumerate(pairs)]  # fmt: skip
+    count = max(len(c) for c in chunk_lists)
+    for (tokenizer, encoder), chunk_list in zip(pairs, chunk_lists):
+        chunk_list = chunk_list + [empty_chunk(tokenizer)] * (count - len(chunk_list))
+        outputs = []
+        for i, chunk in enumerate(chunk_list):
+            z, chunk_pooled = _encode_chunk(tokenizer, encoder, chunk, clip_skip, xl)
+            outputs.append(z)
+            if i == 0 and chunk_pooled is not None:
+                pooled = chunk_pooled  # SDXL: the pooled vector of the first chunk, as A1111 takes it
+        per_encoder.append(torch.cat(outputs, dim=1))
+    return torch.cat(per_encoder, dim=-1), pooled
+
+
+def _encode_chunk(tokenizer, encoder, chunk: Chunk, clip_skip: int, xl: bool):
+    ids = [tokenizer.bos_token_id] + chunk.tokens + [tokenizer.eos_token_id]
+    pad, end = tokenizer.pad_token_id, tokenizer.eos_token_id
+    if pad is not None and pad != end:  # SDXL's second tokenizer: everything after the first end token is padding
+        first_end = ids.index(end)
+        ids = ids[: first_end + 1] + [pad] * (len(ids) - first_end - 1)
+    device = encoder.device
+    input_ids = torch.tensor([ids], device=device)
+    hook = None
+    if chunk.fixes:
+        def replace(module, args, output):
+            output = output.clone()
+            for position, vectors in chunk.fixes:
+                output[0, 1 + position : 1 + position + len(vectors)] = vectors.to(output.dtype)
+            return output
+
+        hook = encoder.get_input_embeddings().register_forward_hook(replace)
+    try:
+        out = encoder(input_ids, output_hidden_states=xl or clip_skip > 1)
+    finally:
+        if hook is not None:
+            hook.remove()
+    pooled = out[0] if xl and out[0].ndim == 2 else None
+    if xl:  # SDXL: the penultimate layer; a larger clip skip reaches further back (both encoders)
+        z = out.hidden_states[-max(2, clip_skip)]
+    elif clip_skip > 1:  # A1111's CLIP_stop_at_last_layers: that layer, through the final layer norm
+        z = getattr(encoder, "text_model", encoder).final_layer_norm(out.hidden_states[-clip_skip])
+    else:
+        z = out[0]
+    if any(w != 1.0 for w in chunk.weights):
+        weights = torch.tensor([1.0] + chunk.weights + [1.0], device=z.device, dtype=z.dtype)
+        original_mean = z.mean()
+        z = z * weights.reshape(1, -1, 1).expand(z.shape)
+        z = z * (original_mean / z.mean())
+    return z, pooled
+
+
+def empty_chunk(tokenizer) -> Chunk:
+    return Chunk([tokenizer.eos_token_id] * CHUNK, [1.0] * CHUNK)
+
+
+def chunks(text: str, tokenizer, inversions: list[tuple[str, torch.Tensor, Inversion]], used: dict) -> list[Chunk]:
+    """The text as 75-token chunks with a weight per token, A1111's way (see the module docstring)."""
+    names = sorted(((tokenizer(name, add_special_tokens=False, verbose=False).input_ids, vectors, inv)
+                    for name, vectors, inv in inversions), key=lambda n: -len(n[0]))  # fmt: skip
+    comma = tokenizer(",", add_special_tokens=False).input_ids[-1]
+    done: list[Chunk] = []
+    chunk, last_comma = Chunk(), -1
+
+    def close() -> None:
+        nonlocal chunk, last_comma
+        missing = CHUNK - len(chunk.tokens)
+        chunk.tokens += [tokenizer.eos_token_id] * missing
+        chunk.weights += [1.0] * missing
+        done.append(chunk)
+        chunk, last_comma = Chunk(), -1
+
+    for fragment in parse_attention(text):
+        if fragment is BREAK:
+            close()
+            continue
+        words, weight = fragment
+        tokens = tokenizer(words, add_special_tokens=False, verbose=False).input_ids if words else []
+        position = 0
+        while position < len(tokens):
+            token = tokens[position]
+            if token == comma:
+                last_comma = len(chunk.tokens)
+            elif len(chunk.tokens) == CHUNK and last_comma != -1 and len(chunk.tokens) - last_comma <= COMMA_BACKTRACK:
+                moved_tokens, moved_weights = chunk.tokens[last_comma + 1 :], chunk.weights[last_comma + 1 :]
+                chunk.tokens, chunk.weights = chunk.tokens[: last_comma + 1], chunk.weights[: last_comma + 1]
+                close()
+                chunk.tokens, chunk.weights = moved_tokens, moved_weights
+            if len(chunk.tokens) == CHUNK:
+                close()
+            match = next(((ids, vectors, inv) for ids, vectors, inv in names
+                          if ids and tokens[position : position + len(ids)] == ids), None)  # fmt: skip
+            if match is None:
+                chunk.tokens.append(token)
+                chunk.weights.append(weight)
+                position += 1
+                continue
+            ids, vectors, inversion = match
+            if len(chunk.tokens) + len(vectors) > CHUNK:
+                close()
+            chunk.fixes.append((len(chunk.tokens), vectors))
+            chunk.tokens += [0] * len(vectors)
+            chunk.weights += [weight] * len(vectors)
+            used[inversion.name] = inversion
+            position += len(ids)
+    if chunk.tokens or not done:
+        close()
+    return done

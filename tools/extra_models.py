@@ -1,0 +1,87 @@
+"""LoRAs, textual inversions and VAEs for the demo pack's tiny models, in the formats users download: kohya LoRAs
+(`lora_unet_...`, `lora_te_...`), A1111 embeddings (`emb_params`, SDXL's `clip_l` / `clip_g`), standalone VAEs.
+
+The soak, the history tests and the LoRA tests point the engine at them, next to the pack.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+UNET_LAYERS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
+               "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0")  # fmt: skip
+TEXT_LAYERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj")
+
+
+def kohya_lora(pipe, seed: int, rank: int = 4, text: bool = True, scale: float = 0.2) -> dict[str, torch.Tensor]:
+    """A LoRA on every attention projection of the UNet (and of the text encoders), kohya names: `lora_unet_<module
+    path with _>`, `lora_te_text_model_<...>` (`lora_te1_` / `lora_te2_` for SDXL's two encoders); alpha = rank."""
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+
+    def pair(prefix: str, module: torch.nn.Linear) -> None:
+        tensors[f"{prefix}.lora_down.weight"] = torch.randn(rank, module.in_features, generator=generator) * scale
+        tensors[f"{prefix}.lora_up.weight"] = torch.randn(module.out_features, rank, generator=generator) * scale
+        tensors[f"{prefix}.alpha"] = torch.tensor(float(rank))
+
+    for name, module in pipe.unet.named_modules():
+        if name.endswith(UNET_LAYERS) and isinstance(module, torch.nn.Linear):
+            pair("lora_unet_" + name.replace(".", "_"), module)
+    if text:
+        encoders = [("lora_te_", pipe.text_encoder)]
+        if getattr(pipe, "text_encoder_2", None) is not None:
+            encoders = [("lora_te1_", pipe.text_encoder), ("lora_te2_", pipe.text_encoder_2)]
+        for prefix, encoder in encoders:
+            for name, module in encoder.named_modules():
+                if name.endswith(TEXT_LAYERS) and isinstance(module, torch.nn.Linear):
+                    path = name if name.startswith("text_model.") else f"text_model.{name}"  # transformers 4 and 5
+                    pair(prefix + path.replace(".", "_"), module)
+    return tensors
+
+
+def inversion(pipe, seed: int, vectors: int = 2) -> dict[str, torch.Tensor]:
+    """An A1111 embedding: `emb_params` [vectors, width]; SDXL's `clip_l` and `clip_g`."""
+    generator = torch.Generator().manual_seed(seed)
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        return {"clip_l": torch.randn(vectors, pipe.text_encoder.config.hidden_size, generator=generator),
+                "clip_g": torch.randn(vectors, pipe.text_encoder_2.config.hidden_size, generator=generator)}  # fmt: skip
+    return {"emb_params": torch.randn(vectors, pipe.text_encoder.config.hidden_size, generator=generator)}
+
+
+def altered_vae(pipe, seed: int):
+    """The pipeline's VAE with its decoder's last layer changed: another VAE of the same family."""
+    import copy
+
+    vae = copy.deepcopy(pipe.vae)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        vae.decoder.conv_out.bias.add_(torch.randn(vae.decoder.conv_out.bias.shape, generator=generator) * 0.3)
+    return vae
+
+
+def write(path: Path, tensors: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, path, metadata={"format": "pt"})
+    return path
+
+
+def write_extra_models(folder: Path, pack: Path) -> Path:
+    """An A1111-style tree next to the pack: `Lora/` (an SD 1.5 LoRA with text-encoder parts, one UNet-only, an
+    SDXL one, a truncated one), `embeddings/shiny.safetensors` (SD 1.5), `VAE/soft-vae.safetensors` (SD 1.5,
+    diffusers names)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    sd15 = StableDiffusionPipeline.from_pretrained(pack / "diffusers" / "tiny-sd15", safety_checker=None,
+                                                   requires_safety_checker=False)  # fmt: skip
+    sdxl = StableDiffusionXLPipeline.from_pretrained(pack / "diffusers" / "tiny-sdxl")
+    write(folder / "Lora" / "detail-sd15.safetensors", kohya_lora(sd15, seed=1))
+    write(folder / "Lora" / "style-sd15.safetensors", kohya_lora(sd15, seed=2, text=False))
+    write(folder / "Lora" / "style-sdxl.safetensors", kohya_lora(sdxl, seed=3))
+    good = (folder / "Lora" / "detail-sd15.safetensors").read_bytes()
+    (folder / "Lora" / "broken-lora.safetensors").write_bytes(good[: len(good) // 2])
+    write(folder / "embeddings" / "shiny.safetensors", inversion(sd15, seed=4))
+    write(folder / "VAE" / "soft-vae.safetensors", altered_vae(sd15, seed=5).state_dict())
+    return folder
