@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test serve bench soak load train evaluate install clean
+.PHONY: demo test serve bench bench-lora scan soak load train evaluate install clean
 
 demo: install
 	$(BIN)/imprompt demo --pack demo-models --out demo-output
@@ -20,6 +20,14 @@ test: install
 # Not part of the tests: real-size models (about 7 GB, built once into .bench-cache), about 40 minutes on 2 cores.
 bench: install
 	$(BIN)/python -m tools.bench --size real --trials 5
+
+# Switching LoRA sets and a step with a LoRA, real SD 1.5 size (the same .bench-cache), about 15 minutes.
+bench-lora: install
+	$(BIN)/python -m tools.bench_lora
+
+# How long scanning a tree of 1,000 files takes: first, again, and in a new process.
+scan: install
+	$(BIN)/python -m tools.scan --files 1000
 
 # Not part of the tests: 5,000 random requests through one engine, and 8 clients x 50 requests through the server.
 soak: install

@@ -29,6 +29,7 @@ class PipelineLoras:
         self.loaded = ByteLRU("loras", budget_bytes)  # entry key -> PEFT adapter name
         self._names: dict = {}  # the same mapping, kept for what the cache evicts
         self.active: tuple = ()  # ((adapter name, weight), ...) as last set
+        self.enabled: bool | None = None  # whether the LoRA layers are on (None: unknown, after a load)
         self._count = 0
 
     def activate(self, loras: list[tuple[Entry, float]], events: list) -> None:
@@ -39,10 +40,13 @@ class PipelineLoras:
         if wanted == self.active:
             return
         if names:
-            self.pipeline.enable_lora()
+            if self.enabled is not True:  # a walk over every layer: only when they were switched off
+                self.pipeline.enable_lora()
+                self.enabled = True
             self.pipeline.set_adapters(names, [weight for _, weight in loras])
-        elif self.active:
+        elif self._names and self.enabled is not False:  # LoRAs loaded and possibly acting: off
             self.pipeline.disable_lora()
+            self.enabled = False
         self.active = wanted
 
     def clear(self) -> int:
@@ -51,7 +55,7 @@ class PipelineLoras:
         for key in list(self._names):
             self.pipeline.delete_adapters(self._names.pop(key))
         self.loaded.clear()
-        self.active = ()
+        self.active, self.enabled = (), None
         return count
 
     def _adapter_name(self, entry: Entry, needed: set, events: list) -> str:
@@ -68,6 +72,7 @@ class PipelineLoras:
         try:
             state = read_tensors(path)
             nbytes = sum(t.numel() * t.element_size() for t in state.values())
+            self.enabled = None  # loading may switch the layers on again
             with quiet_peft_reports():
                 self.pipeline.load_lora_weights(state, adapter_name=name)
         except (ValueError, KeyError, RuntimeError, TypeError, AttributeError) as exc:
