@@ -81,6 +81,9 @@ def test_switching_lora_sets_leaves_nothing_and_reloads_nothing(lora_engine):
     again = generate(lora_engine, "a cat <lora:detail-sd15:1>")
     assert max_diff(again.images[0], a) == 0
     assert not [e for e in again.info["events"] if e["event"] == "lora_loaded"]  # switched, not reloaded
+    assert lora_engine.clear_cache()["loras"] == 2  # unloaded from the model; the next use loads it again
+    reloaded = generate(lora_engine, "a cat <lora:detail-sd15:1>")
+    assert max_diff(reloaded.images[0], a) == 0 and [e for e in reloaded.info["events"] if e["event"] == "lora_loaded"]
 
 
 def test_lora_budget_evicts_and_unloads(pack, extras):
