@@ -111,8 +111,10 @@ def ip_attn_shapes(widths, cross):
     return shapes
 
 
-def write_faceid_adapter(path, widths, cross=768, embed=512, tokens=4):
-    """The h94 FaceID image_proj layout (MLPProjModel): proj.0 -> GELU -> proj.2 -> norm."""
+def write_faceid_adapter(path, widths, cross=768, embed=512, tokens=4, lora_rank=None, clip_width=None):
+    """The h94 FaceID image_proj layout (MLPProjModel): proj.0 -> GELU -> proj.2 -> norm; with `clip_width`, the
+    Plus family's perceiver_resampler over CLIP hidden states; with `lora_rank`, the LoRA FaceID files embed
+    (`<n>.to_q_lora.down.weight` ... on every attention processor, self- and cross-attention)."""
     g = torch.Generator().manual_seed(5)
     tensors = {
         "image_proj.proj.0.weight": torch.randn(1024, embed, generator=g),
@@ -122,9 +124,17 @@ def write_faceid_adapter(path, widths, cross=768, embed=512, tokens=4):
         "image_proj.norm.weight": torch.ones(cross),
         "image_proj.norm.bias": torch.zeros(cross),
     }
+    if clip_width:
+        tensors["image_proj.perceiver_resampler.proj_in.weight"] = torch.randn(cross, clip_width, generator=g)
+        tensors["image_proj.perceiver_resampler.proj_out.weight"] = torch.randn(cross, cross, generator=g)
     for j, width in enumerate(widths):
         tensors[f"ip_adapter.{2 * j + 1}.to_k_ip.weight"] = torch.randn(width, cross, generator=g)
         tensors[f"ip_adapter.{2 * j + 1}.to_v_ip.weight"] = torch.randn(width, cross, generator=g)
+        for key_id, source in ((2 * j, width), (2 * j + 1, cross)) if lora_rank else ():
+            for name in ("to_q_lora", "to_k_lora", "to_v_lora", "to_out_lora"):
+                tensors[f"ip_adapter.{key_id}.{name}.down.weight"] = torch.randn(lora_rank, width if name in
+                                                                                ("to_q_lora", "to_out_lora") else source)  # fmt: skip
+                tensors[f"ip_adapter.{key_id}.{name}.up.weight"] = torch.randn(width, lora_rank)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.half().contiguous() for k, v in tensors.items()}, path)
     return path
@@ -331,7 +341,28 @@ def test_faceid_adapter(tmp_path, sd15_widths):
     assert spec.tokens == 4
     assert spec.cross_attention_dim == 768
     assert spec.needs == "faceid_embeds[512]"
+    assert (spec.lora_rank, spec.clip_width, spec.faceid_version) == (None, None, None)
     json.dumps(spec.to_dict())
+
+
+@pytest.mark.parametrize(
+    ("stem", "clip_width", "tokens", "expected"),
+    [
+        ("ip-adapter-faceid-plusv2_sd15", 1280, 4, ("faceid-plus", "v2", "file name contains 'v2'")),
+        ("ip-adapter-faceid-plus_sd15", 1280, 4, ("faceid-plus", "v1", "file name has no 'v2'")),
+        ("my-renamed-faceid-v2", 1024, 4, ("faceid-plus", "v2", "file name contains 'v2'")),
+        ("ip-adapter-faceid-portrait_sd15", None, 16, ("faceid-portrait", None, None)),
+        ("ip-adapter-faceid_sd15", None, 4, ("faceid", None, None)),
+    ],
+)
+def test_faceid_variants_their_lora_and_clip_width(tmp_path, sd15_widths, stem, clip_width, tokens, expected):
+    """What tensors tell (face width, tokens, the embedded LoRA's rank, the CLIP width Plus reads) is read from
+    them; v1 / v2 Plus, whose tensors are identical, is read from the file name and says so."""
+    path = write_faceid_adapter(tmp_path / f"{stem}.safetensors", sd15_widths, tokens=tokens, lora_rank=8,
+                                clip_width=clip_width)  # fmt: skip
+    spec = probe(path)
+    assert (spec.variant, spec.faceid_version, spec.faceid_from) == expected
+    assert (spec.embed_dim, spec.tokens, spec.lora_rank, spec.clip_width) == (512, tokens, 8, clip_width)
 
 
 # --------------------------------------------------------------------------------------------------- bad files

@@ -205,9 +205,14 @@ def pick_encoder(adapter: Entry, store: ModelStore, requested: str | None = None
     spec = adapter.spec
     name = catalog.friendly_name(adapter.name) or adapter.name
     if spec.consumes == "faceid_embeds":
+        read = [f"{spec.tokens} tokens"] + ([f"LoRA rank {spec.lora_rank}"] if spec.lora_rank else [])
+        if spec.faceid_version:
+            read.append(f"{spec.faceid_version} ({spec.faceid_from})")
+        extra = f" and CLIP hidden states [{spec.clip_width}] of the face crop" if spec.clip_width else ""
         raise UnsupportedError(
-            f"IP-Adapter {name} ({Path(spec.path).name}) is a FaceID adapter: it consumes {spec.embed_dim}-d "
-            f"InsightFace face embeddings, which imprompt does not compute. Use Plus Face or Full Face instead"
+            f"IP-Adapter {name} ({Path(spec.path).name}) is a FaceID adapter ({spec.variant}, {', '.join(read)}): it "
+            f"consumes {spec.embed_dim}-d InsightFace face embeddings{extra}, which imprompt does not compute yet. "
+            f"Use Plus Face or Full Face instead"
         )
     if requested:
         encoder = store.encoder(requested)

@@ -124,6 +124,16 @@ KNOWN_ADAPTERS = (
     KnownAdapter("Plus Face ViT-H SDXL", ("ip-adapter-plus-face_sdxl_vit-h",), "h94/IP-Adapter", "sdxl_models"),
     KnownAdapter("Ostris Composition ViT-H", ("ip_plus_composition_sd15",), "ostris/ip-composition-adapter", ""),
     KnownAdapter("Ostris Composition ViT-H SDXL", ("ip_plus_composition_sdxl",), "ostris/ip-composition-adapter", ""),
+    # FaceID (h94/IP-Adapter-FaceID): listed and probed; not run yet (they need face embeddings)
+    KnownAdapter("FaceID Base", ("ip-adapter-faceid_sd15",), "h94/IP-Adapter-FaceID", ""),
+    KnownAdapter("FaceID Plus", ("ip-adapter-faceid-plus_sd15",), "h94/IP-Adapter-FaceID", ""),
+    KnownAdapter("FaceID Plus v2", ("ip-adapter-faceid-plusv2_sd15",), "h94/IP-Adapter-FaceID", ""),
+    KnownAdapter("FaceID Portrait", ("ip-adapter-faceid-portrait_sd15",), "h94/IP-Adapter-FaceID", ""),
+    KnownAdapter("FaceID Portrait v11", ("ip-adapter-faceid-portrait-v11_sd15",), "h94/IP-Adapter-FaceID", ""),
+    KnownAdapter("FaceID Base SDXL", ("ip-adapter-faceid_sdxl",), "h94/IP-Adapter-FaceID", ""),
+    KnownAdapter("FaceID Plus v2 SDXL", ("ip-adapter-faceid-plusv2_sdxl",), "h94/IP-Adapter-FaceID", ""),
+    KnownAdapter("FaceID Portrait SDXL", ("ip-adapter-faceid-portrait_sdxl",), "h94/IP-Adapter-FaceID", ""),
+    KnownAdapter("FaceID Portrait SDXL unnorm", ("ip-adapter-faceid-portrait_sdxl_unnorm",), "h94/IP-Adapter-FaceID", ""),
 )
 
 

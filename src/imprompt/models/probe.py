@@ -107,17 +107,34 @@ def adapter_spec(path: Path, table: dict[str, TensorInfo]) -> AdapterSpec:
         tokens = 257  # one per encoder token (256 patches + CLS at 224 px / patch 14), as diffusers assumes
         if proj["proj.3.weight"][0] != cross_attention_dim:
             raise bad(f"proj.3 width {proj['proj.3.weight'][0]} differs from UNet width {cross_attention_dim}")
-    elif "perceiver_resampler.proj_in.weight" in proj:
-        variant, consumes = "faceid-plus", "faceid_embeds"
-        embed_dim = _shape2(proj, "proj.0.weight", bad)[1]
-        tokens = 4
-    elif "norm.weight" in proj and "proj.2.weight" in proj:
-        variant, consumes = "faceid", "faceid_embeds"
-        embed_dim = _shape2(proj, "proj.0.weight", bad)[1]
-        tokens = _shape2(proj, "proj.2.weight", bad)[0] // cross_attention_dim
+    elif "norm.weight" in proj and "proj.2.weight" in proj:  # FaceID: an MLP over the face embedding
+        return faceid_spec(path, proj, attn, cross_attention_dim, tuple(widths), bad)
     else:
         raise bad(f"unknown image_proj layout (tensors: {sorted(proj)[:6]})")
     return AdapterSpec(str(path), variant, consumes, embed_dim, tokens, cross_attention_dim, tuple(widths))
+
+
+def faceid_spec(path: Path, proj: dict, attn: dict, cross_attention_dim: int, widths: tuple, bad) -> AdapterSpec:
+    """FaceID (Base, Plus, Plus v2, Portrait): `proj.0` / `proj.2` / `norm` turn the 512-d face embedding into
+    tokens; the Plus family's `perceiver_resampler` also reads CLIP hidden states of the face crop; `<n>.to_q_lora`
+    ... hold the LoRA the adapter was trained with. v1 and v2 Plus files have the same tensors, so the version is
+    read from the file name (`plusv2` / `v2`), as SD.Next, ComfyUI and diffusers' users do."""
+    embed_dim = _shape2(proj, "proj.0.weight", bad)[1]
+    out = _shape2(proj, "proj.2.weight", bad)[0]
+    if out % cross_attention_dim:
+        raise bad(f"proj.2 rows {out} are not a multiple of the UNet width {cross_attention_dim}")
+    lora = [shape for key, shape in attn.items() if key.endswith(".to_q_lora.down.weight")]
+    rank = lora[0][0] if lora else None
+    stem = Path(path).stem.lower()
+    if "perceiver_resampler.proj_in.weight" in proj:
+        clip_width = _shape2(proj, "perceiver_resampler.proj_in.weight", bad)[1]
+        v2 = "plusv2" in stem or "v2" in stem.replace("plusv2", "")
+        version, decided = ("v2", "file name contains 'v2'") if v2 else ("v1", "file name has no 'v2'")
+        return AdapterSpec(str(path), "faceid-plus", "faceid_embeds", embed_dim, out // cross_attention_dim,
+                           cross_attention_dim, widths, rank, clip_width, version, decided)  # fmt: skip
+    variant = "faceid-portrait" if out // cross_attention_dim > 4 else "faceid"
+    return AdapterSpec(str(path), variant, "faceid_embeds", embed_dim, out // cross_attention_dim,
+                       cross_attention_dim, widths, rank)  # fmt: skip
 
 
 def embeddings_spec(path: Path, table: dict[str, TensorInfo], metadata: dict[str, str]) -> EmbeddingsSpec:

@@ -27,6 +27,13 @@ class AdapterSpec:
     tokens: int  # image tokens it adds to cross-attention
     cross_attention_dim: int  # UNet width it targets
     layer_widths: tuple[int, ...] = field(repr=False)  # per cross-attention layer, in UNet processor order
+    # FaceID only: the LoRA embedded in the file (its rank), the CLIP hidden-state width the Plus family also
+    # consumes, and what tensors cannot tell: Plus v1 or v2, Portrait normalised or not (decided by the file name,
+    # as every tool does; `faceid_from` says so)
+    lora_rank: int | None = None
+    clip_width: int | None = None
+    faceid_version: str | None = None  # v1 | v2 (Plus); None for the others
+    faceid_from: str | None = None  # how the version was decided
     kind: str = "ip-adapter"
 
     @property
