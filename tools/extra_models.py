@@ -71,7 +71,7 @@ def write(path: Path, tensors: dict) -> Path:
 def write_extra_models(folder: Path, pack: Path) -> Path:
     """An A1111-style tree next to the pack: `Lora/` (an SD 1.5 LoRA with text-encoder parts, one UNet-only, an
     SDXL one, a truncated one), `embeddings/shiny.safetensors` (SD 1.5), `VAE/soft-vae.safetensors` (SD 1.5,
-    diffusers names)."""
+    diffusers names), `ipadapter/ip-adapter-faceid_sd15.safetensors` (FaceID Base with its LoRA)."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     sd15 = StableDiffusionPipeline.from_pretrained(pack / "diffusers" / "tiny-sd15", safety_checker=None,
@@ -84,4 +84,33 @@ def write_extra_models(folder: Path, pack: Path) -> Path:
     (folder / "Lora" / "broken-lora.safetensors").write_bytes(good[: len(good) // 2])
     write(folder / "embeddings" / "shiny.safetensors", inversion(sd15, seed=4))
     write(folder / "VAE" / "soft-vae.safetensors", altered_vae(sd15, seed=5).state_dict())
+    write(folder / "ipadapter" / "ip-adapter-faceid_sd15.safetensors", faceid_adapter(sd15, seed=6))
     return folder
+
+
+def faceid_adapter(pipe, seed: int, tokens: int = 4, lora_rank: int | None = 4, face_width: int = 512) -> dict:
+    """An h94 FaceID adapter for the pipeline's UNet, flat safetensors keys: `image_proj.proj.0/2` and `norm` (the
+    face-embedding MLP), `ip_adapter.<n>.to_k_ip/to_v_ip` on cross-attention processors, and (with `lora_rank`) the
+    LoRA FaceID files embed, `ip_adapter.<n>.to_{q,k,v,out}_lora.{down,up}` on every attention processor."""
+    generator = torch.Generator().manual_seed(seed)
+    cross = pipe.unet.config.cross_attention_dim
+    tensors = {
+        "image_proj.proj.0.weight": torch.randn(2 * face_width, face_width, generator=generator) * 0.05,
+        "image_proj.proj.0.bias": torch.zeros(2 * face_width),
+        "image_proj.proj.2.weight": torch.randn(tokens * cross, 2 * face_width, generator=generator) * 0.05,
+        "image_proj.proj.2.bias": torch.zeros(tokens * cross),
+        "image_proj.norm.weight": torch.ones(cross),
+        "image_proj.norm.bias": torch.zeros(cross),
+    }
+    modules = dict(pipe.unet.named_modules())
+    for key_id, name in enumerate(pipe.unet.attn_processors):
+        attention = modules[name.removesuffix(".processor")]
+        hidden, source = attention.to_q.out_features, attention.to_k.in_features
+        if name.endswith("attn2.processor"):
+            for proj in ("to_k_ip", "to_v_ip"):
+                tensors[f"ip_adapter.{key_id}.{proj}.weight"] = torch.randn(hidden, cross, generator=generator) * 0.1
+        if lora_rank:
+            for proj, width in (("to_q_lora", hidden), ("to_k_lora", source), ("to_v_lora", source), ("to_out_lora", hidden)):
+                tensors[f"ip_adapter.{key_id}.{proj}.down.weight"] = torch.randn(lora_rank, width, generator=generator) * 0.1
+                tensors[f"ip_adapter.{key_id}.{proj}.up.weight"] = torch.randn(hidden, lora_rank, generator=generator) * 0.1
+    return tensors

@@ -25,8 +25,8 @@ from . import __version__
 from .errors import CheckpointError, LimitError, RequestError
 from .ipadapter.attach import AttachedAdapters, ip_adapter_masks
 from .ipadapter.build import BuiltAdapter, build_adapter, load_adapter_state_dict
-from .ipadapter.embeddings import ImageEmbedder, load_saved_embeddings, save_embeddings
-from .loading.loras import PipelineLoras
+from .ipadapter.embeddings import ImageEmbedder, given_face_embeddings, load_saved_embeddings, save_embeddings
+from .loading.loras import LoraUse, PipelineLoras, lora_file
 from .loading.pipelines import load_pipeline
 from .loading.textual_inversions import load_inversion
 from .loading.vaes import load_vae
@@ -179,6 +179,12 @@ class Engine:
                 f"send fewer (the server's --max-units sets the limit)"
             )
         for i, unit in enumerate(request.ip_adapters):  # masks and negative images never outnumber the images
+            faces = unit.face_embeddings if isinstance(unit.face_embeddings, list) else []
+            if len(faces) > self.max_images:
+                raise LimitError(
+                    f"ip_adapters.{i}.face_embeddings: {len(faces)} faces is more than the {self.max_images} a unit "
+                    f"may have; send fewer (the server's --max-images sets the limit)"
+                )
             if len(unit.images) > self.max_images:
                 raise LimitError(
                     f"ip_adapters.{i}.images: {len(unit.images)} is more than the {self.max_images} a unit may have; "
@@ -230,7 +236,7 @@ class Engine:
             names = " + ".join(u.label for u in plan.units) or "none"
             log.info("UNet adapters now: %s", names)
             events.append({"event": "adapters_attached", "adapters": [u.label for u in plan.units]})
-        loaded.loras.activate([(lora.entry, lora.weight) for lora in plan.loras], events)
+        loaded.loras.activate(self._lora_uses(plan, loaded), events)
         vae = self._vae(plan.vae, loaded, events) if plan.vae is not None else loaded.own_vae
         timer.mark("attach")
 
@@ -320,7 +326,24 @@ class Engine:
             masks = [self._image(ref, f"{where}.masks.{j}") for j, ref in enumerate(unit.masks)]
         return _UnitInputs(images, negatives, masks)
 
+    def _lora_uses(self, plan: Plan, loaded: _LoadedPipeline) -> list[LoraUse]:
+        """The request's LoRAs, and the LoRA each FaceID adapter embeds (at 1.0, as diffusers' FaceID loading sets
+        it), active exactly while its unit is in the request, beside the user's own."""
+        uses = [lora_file(lora.entry, lora.weight) for lora in plan.loras]
+        for unit in plan.units:
+            spec = unit.adapter.spec
+            key = unit.adapter.key("faceid-lora")
+            if spec.lora_rank and key not in {use.key for use in uses}:
+                unet = loaded.pipeline.unet
+                uses.append(LoraUse(key, f"{unit.label} (its LoRA)", 1.0,
+                                    lambda spec=spec: unet._load_ip_adapter_loras([load_adapter_state_dict(spec)])[0]))  # fmt: skip
+        return uses
+
     def _embeddings(self, unit, inputs: _UnitInputs, events: list):
+        if unit.unit.face_embeddings is not None:
+            return given_face_embeddings(unit.unit.face_embeddings, unit.adapter.spec.embed_dim, unit.unit.average,
+                                         self.allow_paths, f"ip_adapters.{unit.index}.face_embeddings", self.device,
+                                         self.encoder_dtype)  # fmt: skip
         if unit.embeddings is not None:
             return load_saved_embeddings(unit.embeddings, self.device, self.encoder_dtype)
         return self.embedder.embed(
@@ -401,6 +424,8 @@ class Engine:
         a = unit.adapter.spec
         if unit.encoder is not None:
             encoder, encoder_file, architecture = unit.encoder.name, str(unit.encoder.path), unit.encoder.spec.architecture
+        elif unit.embeddings is None:  # FaceID: face embeddings given
+            encoder, encoder_file, architecture = "face embeddings given", None, None
         else:  # saved embeddings: the encoder they came from, as recorded in the file
             saved = unit.embeddings.spec
             encoder, encoder_file, architecture = saved.encoder, saved.path, saved.encoder_architecture

@@ -134,6 +134,14 @@ def plan_unit(index: int, unit: IPAdapterUnit, store: ModelStore, pipeline: Entr
     if pipeline is not None:
         check_fits(adapter, pipeline, store)
         weights = layer_weights(unit.layers, pipeline.spec, where=f"ip_adapters.{index}.layers")
+    if adapter.spec.consumes == "faceid_embeds":
+        return UnitPlan(index, unit, adapter, None, check_faceid_unit(index, unit, adapter), weights)
+    if unit.face_embeddings:
+        name = catalog.friendly_name(adapter.name) or adapter.name
+        raise IncompatibleError(
+            f"ip_adapters.{index}: face_embeddings are for FaceID adapters, but IP-Adapter {name} consumes "
+            f"{adapter.spec.needs}; give images, or choose a FaceID adapter"
+        )
     if unit.embeddings:
         saved = store.embeddings(unit.embeddings)
         check_saved_embeddings(saved, adapter)
@@ -141,6 +149,27 @@ def plan_unit(index: int, unit: IPAdapterUnit, store: ModelStore, pipeline: Entr
         return UnitPlan(index, unit, adapter, None, why, weights, saved)
     encoder, why = pick_encoder(adapter, store, unit.encoder)
     return UnitPlan(index, unit, adapter, encoder, why, weights)
+
+
+def check_faceid_unit(index: int, unit: IPAdapterUnit, adapter: Entry) -> str:
+    """What a FaceID unit can run on today: face embeddings given (InsightFace is not part of imprompt yet), with
+    Base and Portrait adapters (Plus also reads CLIP hidden states of the aligned face crop, which needs the
+    face detector). Returns why no encoder is used."""
+    spec = adapter.spec
+    name = catalog.friendly_name(adapter.name) or adapter.name
+    if spec.variant == "faceid-plus":
+        raise UnsupportedError(
+            f"IP-Adapter {name} ({Path(spec.path).name}) is FaceID Plus ({spec.faceid_version}, {spec.faceid_from}): "
+            f"besides the face embedding it reads CLIP hidden states [{spec.clip_width}] of the aligned face crop, "
+            f"which needs a face detector imprompt does not have yet. Use FaceID Base or Portrait with face_embeddings"
+        )
+    if not unit.face_embeddings:
+        raise UnsupportedError(
+            f"ip_adapters.{index}: IP-Adapter {name} is a FaceID adapter: it consumes {spec.embed_dim}-d InsightFace "
+            f"face embeddings, and imprompt does not detect faces in images yet. Give face_embeddings instead "
+            f"({spec.embed_dim} floats per face, or a .npy / .safetensors file of them)"
+        )
+    return "face embeddings given (no image encoder)"
 
 
 def check_runnable(pipeline: Entry) -> None:

@@ -33,6 +33,9 @@ class IPAdapterUnit(BaseModel):
     adapter: str = Field(min_length=1, description="friendly name (Base ViT-G), file stem, or path")
     images: list[Any] = Field(default_factory=list, description="PIL images, file paths, or base64 strings")
     embeddings: str | None = Field(None, description="saved embeddings (name or path) used instead of images")
+    face_embeddings: list[list[float]] | str | None = Field(
+        None, description="FaceID: face embeddings (512 floats per face, or a .npy / .safetensors file) instead of images"
+    )
     scale: float = Field(1.0, ge=SCALE_RANGE[0], le=SCALE_RANGE[1])
     start: float = Field(0.0, ge=0.0, le=1.0, description="fraction of the steps where the unit starts acting")
     end: float = Field(1.0, ge=0.0, le=1.0, description="fraction of the steps where it stops acting")
@@ -51,9 +54,14 @@ class IPAdapterUnit(BaseModel):
     def _consistent(self):
         if self.start > self.end:
             raise ValueError(f"start ({self.start}) is after end ({self.end}); use start <= end")
-        if bool(self.images) == bool(self.embeddings):
-            raise ValueError("give either images or embeddings (saved with `imprompt embed`), not both or neither")
-        count = 1 if self.average or self.embeddings else len(self.images)
+        given = [name for name in ("images", "embeddings", "face_embeddings") if getattr(self, name)]
+        if len(given) != 1:
+            raise ValueError(
+                "give one of images, embeddings (saved with `imprompt embed`) or face_embeddings (FaceID), "
+                f"not {' and '.join(given) or 'none'}"
+            )
+        faces = len(self.face_embeddings) if isinstance(self.face_embeddings, list) else 1
+        count = 1 if self.average or self.embeddings else (faces if self.face_embeddings else len(self.images))
         if self.masks is not None and len(self.masks) != count:
             raise ValueError(
                 f"{len(self.masks)} masks for {count} {'averaged image' if count == 1 and self.average else 'images'}; "
@@ -63,7 +71,7 @@ class IPAdapterUnit(BaseModel):
             raise ValueError(
                 f"{len(self.negative_images)} negative images for {len(self.images)} images; give one, or one per image"
             )
-        if self.negative_images is not None and self.embeddings:
+        if self.negative_images is not None and (self.embeddings or self.face_embeddings):
             raise ValueError("negative_images cannot be combined with saved embeddings (they carry their negative)")
         if self.crop:
             raise ValueError("crop=true needs a face detector, which imprompt does not have; crop the image yourself")

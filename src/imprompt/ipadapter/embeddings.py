@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import IncompatibleError, RequestError
 from ..loading.encoders import image_processor, load_encoder
 from ..loading.tensors import read_tensors
 from ..models.specs import EMBEDDINGS_FORMAT, EncoderSpec
@@ -196,3 +197,45 @@ def load_saved_embeddings(entry: Entry, device, dtype) -> UnitEmbeddings:
     tensors = read_tensors(entry.path)
     positive, negative = (tensors[k].to(device=device, dtype=dtype) for k in ("positive", "negative"))
     return UnitEmbeddings(positive, negative, "saved embeddings", ["saved"] * positive.shape[0])
+
+
+def given_face_embeddings(value, width: int, average: bool, allow_paths: bool, where: str, device, dtype) -> UnitEmbeddings:
+    """FaceID: face embeddings the client computed (InsightFace's normed 512-d `normed_embedding`, one per face),
+    inline or as a `.npy` / `.safetensors` file. The negative branch is zeros, as in diffusers' FaceID examples;
+    several faces give several token sets, or one averaged set."""
+    if isinstance(value, str):
+        faces = _read_face_file(value, allow_paths, where)
+    else:
+        faces = torch.tensor(value, dtype=torch.float32)
+    if faces.ndim == 1:
+        faces = faces.unsqueeze(0)
+    if faces.ndim != 2 or faces.shape[1] != width or faces.shape[0] == 0:
+        raise IncompatibleError(
+            f"{where}: face embeddings of shape {list(faces.shape)}; the adapter consumes {width}-d face embeddings "
+            f"(InsightFace's normed_embedding), one row per face"
+        )
+    if average:
+        faces = faces.mean(dim=0, keepdim=True)
+    faces = faces.to(device=device, dtype=dtype)
+    return UnitEmbeddings(faces, torch.zeros_like(faces), "face embeddings given", ["given"] * faces.shape[0])
+
+
+def _read_face_file(name: str, allow_paths: bool, where: str) -> torch.Tensor:
+    from pathlib import Path
+
+    import numpy as np
+
+    path = Path(name).expanduser()
+    if not allow_paths:
+        raise RequestError(f"{where}: face embeddings as a file path are not accepted here; send them inline")
+    if not path.is_file():
+        raise RequestError(f"{where}: face embeddings file {name!r} not found")
+    if path.suffix == ".npy":
+        try:
+            return torch.from_numpy(np.load(path, allow_pickle=False).astype(np.float32))
+        except ValueError as exc:
+            raise RequestError(f"{where}: {path} is not a plain .npy array of numbers ({exc})") from None
+    tensors = read_tensors(path)
+    if len(tensors) != 1:
+        raise RequestError(f"{where}: {path} should hold one tensor of face embeddings, found {sorted(tensors)[:4]}")
+    return next(iter(tensors.values())).float()

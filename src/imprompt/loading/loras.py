@@ -11,7 +11,9 @@ from __future__ import annotations
 import logging
 import time
 import warnings
+from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 from ..errors import CheckpointError
 from ..models.store import Entry
@@ -19,6 +21,21 @@ from ..util.cache import ByteLRU
 from .tensors import first_line, read_tensors
 
 log = logging.getLogger("imprompt")
+
+
+@dataclass(frozen=True)
+class LoraUse:
+    """A LoRA a request wants: its cache key (file identity), how users call it, its weight, and how to read it
+    (a LoRA file, or the LoRA embedded in a FaceID adapter)."""
+
+    key: tuple
+    label: str
+    weight: float
+    read: Callable[[], dict]
+
+
+def lora_file(entry: Entry, weight: float) -> LoraUse:
+    return LoraUse(entry.key(), entry.name, weight, lambda: read_tensors(entry.path))
 
 
 class PipelineLoras:
@@ -32,18 +49,18 @@ class PipelineLoras:
         self.enabled: bool | None = None  # whether the LoRA layers are on (None: unknown, after a load)
         self._count = 0
 
-    def activate(self, loras: list[tuple[Entry, float]], events: list) -> None:
+    def activate(self, loras: list[LoraUse], events: list) -> None:
         """Make exactly these LoRAs act, at these weights (none: the plain model)."""
-        needed = {entry.key() for entry, _ in loras}
-        names = [self._adapter_name(entry, needed, events) for entry, _ in loras]
-        wanted = tuple(zip(names, (weight for _, weight in loras)))
+        needed = {lora.key for lora in loras}
+        names = [self._adapter_name(lora, needed, events) for lora in loras]
+        wanted = tuple(zip(names, (lora.weight for lora in loras)))
         if wanted == self.active:
             return
         if names:
             if self.enabled is not True:  # a walk over every layer: only when they were switched off
                 self.pipeline.enable_lora()
                 self.enabled = True
-            self.pipeline.set_adapters(names, [weight for _, weight in loras])
+            self.pipeline.set_adapters(names, [lora.weight for lora in loras])
         elif self._names and self.enabled is not False:  # LoRAs loaded and possibly acting: off
             self.pipeline.disable_lora()
             self.enabled = False
@@ -58,8 +75,8 @@ class PipelineLoras:
         self.active, self.enabled = (), None
         return count
 
-    def _adapter_name(self, entry: Entry, needed: set, events: list) -> str:
-        key = entry.key()
+    def _adapter_name(self, lora: LoraUse, needed: set, events: list) -> str:
+        key = lora.key
         name = self.loaded.get(key)
         if name is not None:
             return name
@@ -68,9 +85,9 @@ class PipelineLoras:
         started = time.perf_counter()
         self._count += 1
         name = f"lora{self._count}"  # PEFT adapter names must be plain identifiers
-        path = entry.path
+        path = key[0]
         try:
-            state = read_tensors(path)
+            state = lora.read()
             nbytes = sum(t.numel() * t.element_size() for t in state.values())
             self.enabled = None  # loading may switch the layers on again
             with quiet_peft_reports():
@@ -82,10 +99,10 @@ class PipelineLoras:
                 "Check that it is a LoRA for this model's family, in kohya / A1111 or diffusers format",
             ) from None  # fmt: skip
         seconds = time.perf_counter() - started
-        log.info("LoRA %s loaded in %.2f s", entry.name, seconds)
-        events.append({"event": "lora_loaded", "lora": entry.name, "file": str(path), "seconds": round(seconds, 4)})
+        log.info("LoRA %s loaded in %.2f s", lora.label, seconds)
+        events.append({"event": "lora_loaded", "lora": lora.label, "file": str(path), "seconds": round(seconds, 4)})
         self._names[key] = name
-        for old in self.loaded.put(key, name, nbytes, label=entry.name, keep=needed):
+        for old in self.loaded.put(key, name, nbytes, label=lora.label, keep=needed):
             self._delete(old.key, old.label, "LoRA cache budget", events)
         return name
 

@@ -40,6 +40,7 @@ class IPAdapterPayload(BaseModel):
     layers: str | dict | None = None
     negative_images: list[str] | None = None
     embeddings: str | None = None
+    face_embeddings: list[list[float]] | None = None
     encoder: str | None = None
 
 
