@@ -45,6 +45,7 @@ SAMPLERS = ("Default", "Euler", "Euler a", "DPM++ 2M", "DPM++ 2M Karras", "DDIM"
 # prompt syntax: plain, weighted, a textual inversion (SD 1.5's "shiny"), BREAK, longer than one 75-token chunk
 PROMPTS = ("a cat", "a (red:1.4) cat", "a [shiny] cat", "a cat BREAK on a mat", ", ".join(["a small red cat"] * 20))
 LORAS = {"sd15": ("detail-sd15", "style-sd15"), "sdxl": ("style-sdxl",)}  # from `write_extra_files`
+FACE = [round(random.Random(5).gauss(0, 1), 4) for _ in range(512)]  # a face embedding, as InsightFace gives
 
 
 def random_request(rng: random.Random, images: dict[str, str]) -> dict:
@@ -137,6 +138,9 @@ def lora_menu(images: dict[str, str]) -> dict[str, dict]:
         "long-prompt-style": _request(prompt=", ".join(["a small red cat on a mat"] * 12) + " <lora:style-sd15:1>",
                                       seed=10),  # fmt: skip
         "xl-lora": _request(_unit("Base SDXL", red), prompt="a cat <lora:style-sdxl:0.8>", model="tiny-sdxl", seed=11),
+        "faceid+lora+unit": _request({"adapter": "FaceID Base", "face_embeddings": [FACE], "scale": 0.7},
+                                     _unit("Base ViT-G", red, scale=0.4), prompt="a cat <lora:style-sd15:0.6>",
+                                     seed=12),  # fmt: skip
     }
 
 
@@ -157,6 +161,8 @@ def failing_menu(images: dict[str, str]) -> dict[str, dict]:
         "sdxl-lora-on-sd15": _request(prompt="a cat <lora:style-sdxl:1>"),
         "corrupt-lora": _request(prompt="a cat <lora:broken-lora:1>"),
         "bad-lora-tag": _request(prompt="a cat <lora:detail-sd15:1:2:3>"),
+        "faceid-from-an-image": _request(_unit("FaceID Base", red)),
+        "faceid-wrong-width": _request({"adapter": "FaceID Base", "face_embeddings": [FACE[:256]]}),
     }
 
 
