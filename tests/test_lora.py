@@ -175,11 +175,15 @@ def test_lora_of_unknown_width_is_tried_and_a_misfit_is_a_checkpoint_error(pack,
     tensors = {k: v for k, v in kohya_lora(pipe, seed=9).items() if "attn2_to_k" not in k and "lora_te" not in k}
     tensors = {k: (v[:, :-1] if k.endswith("lora_down.weight") else v) for k, v in tensors.items()}  # wrong widths
     write(tmp_path / "misfit.safetensors", tensors)
+    write(tmp_path / "fits.safetensors", kohya_lora(pipe, seed=10))
     engine = Engine([pack, tmp_path])
     plain = generate(engine).images[0]
     with pytest.raises(CheckpointError, match="misfit.safetensors"):
         generate(engine, "a cat <lora:misfit:1>")
     assert max_diff(generate(engine).images[0], plain) == 0
+    with pytest.raises(CheckpointError, match="misfit.safetensors"):  # one LoRA loads, the next fails
+        generate(engine, "a cat <lora:fits:1> <lora:misfit:1>")
+    assert max_diff(generate(engine).images[0], plain) == 0  # the one that loaded does not act
 
 
 def test_locon_loads_and_loha_is_refused_before_compute(pack, tmp_path):

@@ -54,7 +54,7 @@ class PipelineLoras:
         needed = {lora.key for lora in loras}
         names = [self._adapter_name(lora, needed, events) for lora in loras]
         wanted = tuple(zip(names, (lora.weight for lora in loras)))
-        if wanted == self.active:
+        if wanted == self.active and self.enabled is not None:  # after a load (even a failed one) set it again
             return
         if names:
             if self.enabled is not True:  # a walk over every layer: only when they were switched off
