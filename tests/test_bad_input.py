@@ -298,7 +298,7 @@ CASES = {
     ),
     "unknown-field": lambda c: (request(strength=0.5), RequestError, ["strength"]),
     "unit-without-images": lambda c: (
-        request({"adapter": "Base", "images": []}), RequestError, ["ip_adapters.0", "images or embeddings"]
+        request({"adapter": "Base", "images": []}), RequestError, ["ip_adapters.0", "give one of images, embeddings"]
     ),
     "empty-adapter-name": lambda c: (request(unit("", c.red)), RequestError, ["ip_adapters.0.adapter"]),
 }

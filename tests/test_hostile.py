@@ -58,7 +58,7 @@ CASES = [
     ("ip_adapter not a list", "post", "/sdapi/v1/txt2img", lambda i: {"json": txt(ip_adapter={"adapter": "Base"})}, 422, "ip_adapter"),
     ("unit without adapter", "post", "/sdapi/v1/txt2img", lambda i: {"json": txt(ip_adapter=[{"images": [i["red"]]}])}, 422, "adapter"),
     ("unit with unknown field", "post", "/sdapi/v1/txt2img", lambda i: {"json": txt(ip_adapter=[ip(i, strength=3)])}, 422, "strength"),
-    ("unit without images", "post", "/sdapi/v1/txt2img", lambda i: {"json": txt(ip_adapter=[ip(i, images=[])])}, 422, "images or embeddings"),
+    ("unit without images", "post", "/sdapi/v1/txt2img", lambda i: {"json": txt(ip_adapter=[ip(i, images=[])])}, 422, "give one of images, embeddings"),
     ("scale out of range", "post", "/sdapi/v1/txt2img", lambda i: {"json": txt(ip_adapter=[ip(i, scale=50)])}, 422, "scale"),
     ("start after end", "post", "/sdapi/v1/txt2img", lambda i: {"json": txt(ip_adapter=[ip(i, start=0.9, end=0.2)])}, 422, "start"),
     ("base64 garbage", "post", "/sdapi/v1/txt2img", lambda i: {"json": txt(ip_adapter=[ip(i, images=["%%%not base64%%%"])])}, 422, "base64"),

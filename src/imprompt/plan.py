@@ -165,8 +165,9 @@ def check_faceid_unit(index: int, unit: IPAdapterUnit, adapter: Entry) -> str:
         )
     if not unit.face_embeddings:
         raise UnsupportedError(
-            f"ip_adapters.{index}: IP-Adapter {name} is a FaceID adapter: it consumes {spec.embed_dim}-d InsightFace "
-            f"face embeddings, and imprompt does not detect faces in images yet. Give face_embeddings instead "
+            f"ip_adapters.{index}: IP-Adapter {name} ({Path(spec.path).name}) is a FaceID adapter: it consumes "
+            f"{spec.embed_dim}-d InsightFace face embeddings, and imprompt does not detect faces in images yet. "
+            f"Give face_embeddings instead "
             f"({spec.embed_dim} floats per face, or a .npy / .safetensors file of them)"
         )
     return "face embeddings given (no image encoder)"
