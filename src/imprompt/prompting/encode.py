@@ -57,9 +57,10 @@ def encode_prompts(pipeline, prompt: str, negative_prompt: str, clip_skip: int, 
     if xl:
         kwargs["pooled_prompt_embeds"] = pooled
     if guidance:
-        negative, negative_pooled = _encode(pipeline, negative_prompt, clip_skip, inversions, used)
-        if xl and negative_prompt == "":  # SDXL's empty negative prompt is zeros (diffusers and A1111 alike)
-            negative, negative_pooled = torch.zeros_like(negative), torch.zeros_like(negative_pooled)
+        if xl and negative_prompt == "":  # SDXL's empty negative prompt is zeros of one chunk (diffusers, A1111)
+            negative, negative_pooled = torch.zeros_like(positive[:, :77]), torch.zeros_like(pooled)
+        else:
+            negative, negative_pooled = _encode(pipeline, negative_prompt, clip_skip, inversions, used)
         if positive.shape[1] != negative.shape[1]:  # the shorter gets empty-prompt chunks, as in A1111
             empty, _ = _encode(pipeline, "", clip_skip, [], {})
             positive, negative = _lengthen(positive, negative, empty), _lengthen(negative, positive, empty)
