@@ -114,3 +114,32 @@ def faceid_adapter(pipe, seed: int, tokens: int = 4, lora_rank: int | None = 4, 
                 tensors[f"ip_adapter.{key_id}.{proj}.down.weight"] = torch.randn(lora_rank, width, generator=generator) * 0.1
                 tensors[f"ip_adapter.{key_id}.{proj}.up.weight"] = torch.randn(hidden, lora_rank, generator=generator) * 0.1
     return tensors
+
+
+def faceid_plus_adapter(pipe, seed: int, clip_width: int, lora_rank: int | None = 4, heads: int = 1) -> dict:
+    """An h94 FaceID Plus / Plus v2 adapter (the two share their keys): the FaceID tensors, and the
+    `perceiver_resampler` that reads CLIP hidden states [clip_width] of the face crop. Upstream and diffusers fix
+    its shape: 4 tokens, 4 layers, 64-wide heads, feed-forward x4, its width the UNet's cross-attention width."""
+    tensors = faceid_adapter(pipe, seed, tokens=4, lora_rank=lora_rank)
+    generator = torch.Generator().manual_seed(seed + 1000)
+    width, inner = pipe.unet.config.cross_attention_dim, 64 * heads
+
+    def weight(rows: int, cols: int) -> torch.Tensor:
+        return torch.randn(rows, cols, generator=generator) / cols**0.5
+
+    prefix = "image_proj.perceiver_resampler"
+    tensors.update({
+        f"{prefix}.proj_in.weight": weight(width, clip_width), f"{prefix}.proj_in.bias": torch.zeros(width),
+        f"{prefix}.proj_out.weight": weight(width, width), f"{prefix}.proj_out.bias": torch.zeros(width),
+        f"{prefix}.norm_out.weight": torch.ones(width), f"{prefix}.norm_out.bias": torch.zeros(width),
+    })  # fmt: skip
+    for i in range(4):
+        layer = f"{prefix}.layers.{i}"
+        for norm in (f"{layer}.0.norm1", f"{layer}.0.norm2", f"{layer}.1.0"):
+            tensors[f"{norm}.weight"], tensors[f"{norm}.bias"] = torch.ones(width), torch.zeros(width)
+        tensors[f"{layer}.0.to_q.weight"] = weight(inner, width)
+        tensors[f"{layer}.0.to_kv.weight"] = weight(2 * inner, width)
+        tensors[f"{layer}.0.to_out.weight"] = weight(width, inner)
+        tensors[f"{layer}.1.1.weight"] = weight(4 * width, width)
+        tensors[f"{layer}.1.3.weight"] = weight(width, 4 * width)
+    return tensors

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -25,7 +26,15 @@ from . import __version__
 from .errors import CheckpointError, LimitError, RequestError
 from .ipadapter.attach import AttachedAdapters, ip_adapter_masks
 from .ipadapter.build import BuiltAdapter, build_adapter, load_adapter_state_dict
-from .ipadapter.embeddings import ImageEmbedder, given_face_embeddings, load_saved_embeddings, save_embeddings
+from .ipadapter.embeddings import (
+    ImageEmbedder,
+    UnitEmbeddings,
+    face_embeddings,
+    given_face_embeddings,
+    load_saved_embeddings,
+    save_embeddings,
+)
+from .ipadapter.faces import FaceAnalyzer, insightface_roots
 from .loading.loras import LoraUse, PipelineLoras, lora_file
 from .loading.pipelines import load_pipeline
 from .loading.textual_inversions import load_inversion
@@ -36,7 +45,7 @@ from .prompting.encode import encode_prompts
 from .request import GenerateRequest, IPAdapterUnit, parse_request, parse_unit
 from .util.cache import ByteLRU, module_bytes, parse_bytes
 from .util.devices import default_budget, default_device, release_memory, resolve_dtype
-from .util.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, image_digest, load_image, noise_image
+from .util.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, image_digest, image_to_base64, load_image, noise_image
 from .util.infotext import image_fields, parameters_text, png_info
 from .util.samplers import a1111_names, canonical_sampler, make_scheduler
 
@@ -127,6 +136,7 @@ class Engine:
         max_image_bytes: int = DEFAULT_MAX_BYTES,
         max_units: int = 8,
         max_images: int = 16,
+        insightface_root: str | Path | None = None,
     ):
         """`models`: a models folder (or several). `dtype`: of the pipeline; `encoder_dtype`: of the image
         encoders (default: the same; bfloat16 halves their memory and, on CPUs with bf16 support, their time).
@@ -135,7 +145,8 @@ class Engine:
         for built adapters, `embedding_cache_budget` for embeddings, `lora_cache_budget` for LoRAs loaded into the
         pipeline (see `util/devices.py`).
         Paths as names are allowed unless `allow_paths=False`. `max_units` per request and `max_images` per unit
-        are checked before any image is decoded."""
+        are checked before any image is decoded. `insightface_root`: where InsightFace's model pack is (FaceID from
+        images; see `ipadapter/faces.py` for where else it is looked for)."""
         self.store = ModelStore(models, allow_paths=allow_paths)
         self.device = torch.device(device) if device else default_device()
         self.dtype = resolve_dtype(dtype, self.device)
@@ -146,6 +157,7 @@ class Engine:
             parse_bytes(cache_budget, default_budget("encoders", self.device)),
             parse_bytes(embedding_cache_budget, default_budget("embeddings", self.device)),
         )
+        self.faces = FaceAnalyzer(insightface_roots(self.store.roots, insightface_root))
         self.adapters = ByteLRU("adapters", parse_bytes(adapter_cache_budget, default_budget("adapters", self.device)))
         self.lora_budget = parse_bytes(lora_cache_budget, default_budget("loras", self.device))
         self.vaes = ByteLRU("vaes", default_budget("vaes", self.device))
@@ -196,15 +208,18 @@ class Engine:
         `.safetensors` file that later units can name (`"embeddings": "<file stem or path>"`) instead of images.
         Any adapter that consumes the same output kind and width can use them; others are refused."""
         unit = parse_unit(unit)
-        if unit.embeddings:
-            raise RequestError("save_embeddings needs images, not saved embeddings")
+        if unit.embeddings or unit.face_embeddings is not None:
+            raise RequestError("save_embeddings needs images, not embeddings")
         path = Path(path)
         with self._lock:
             inputs = self._unit_inputs(0, unit)
             planned = plan_unit(0, unit, self.store)
             embeddings = self._embeddings(planned, inputs, events=[])
             path.parent.mkdir(parents=True, exist_ok=True)
-            save_embeddings(embeddings, path, planned.output, planned.encoder, [image_digest(i) for i in inputs.images])
+            spec = planned.adapter.spec
+            face = ("raw" if spec.faceid_version == "unnorm" else "normed") if spec.consumes == "faceid_embeds" else None
+            save_embeddings(embeddings, path, planned.output, planned.encoder, [image_digest(i) for i in inputs.images],
+                            face)  # fmt: skip
         log.info("embeddings of %d image(s) for %s saved to %s", len(inputs.images), planned.label, path)
         return path
 
@@ -339,7 +354,9 @@ class Engine:
                                     lambda spec=spec: unet._load_ip_adapter_loras([load_adapter_state_dict(spec)])[0]))  # fmt: skip
         return uses
 
-    def _embeddings(self, unit, inputs: _UnitInputs, events: list):
+    def _embeddings(self, unit, inputs: _UnitInputs, events: list) -> UnitEmbeddings:
+        if unit.output == "faceid_embeds" and unit.embeddings is None and unit.unit.face_embeddings is None:
+            return self._face_embeddings(unit, inputs, events)
         if unit.unit.face_embeddings is not None:
             return given_face_embeddings(unit.unit.face_embeddings, unit.adapter.spec.embed_dim, unit.unit.average,
                                          self.allow_paths, f"ip_adapters.{unit.index}.face_embeddings", self.device,
@@ -349,6 +366,23 @@ class Engine:
         return self.embedder.embed(
             unit.encoder, unit.output, inputs.images, unit.label, unit.why, events, inputs.negatives, unit.unit.average
         )
+
+    def _face_embeddings(self, unit, inputs: _UnitInputs, events: list) -> UnitEmbeddings:
+        """FaceID from images: InsightFace's face embedding of each image (normed, or raw for Portrait unnorm) and,
+        for the Plus family, CLIP hidden states of each aligned face crop from the encoder the plan picked."""
+        spec, where = unit.adapter.spec, f"ip_adapters.{unit.index}"
+        found = [self.faces.face(image, f"{where}.images.{j}", events) for j, image in enumerate(inputs.images)]
+        raw = spec.faceid_version == "unnorm"
+        vectors = torch.from_numpy(np.stack([face.embedding if raw else face.normed_embedding for face, _ in found]))
+        result = face_embeddings(vectors, spec.embed_dim, unit.unit.average, f"{where}.images", self.device,
+                                 self.encoder_dtype, [origin for _, origin in found])  # fmt: skip
+        if spec.clip_width:
+            crops = [face.crop_image() for face, _ in found]
+            result.clip = self.embedder.embed(unit.encoder, "hidden_states", crops, unit.label, unit.why, events,
+                                              None, unit.unit.average)  # fmt: skip
+            result.encoder_source = result.clip.encoder_source
+        result.faces = [face for face, _ in found]
+        return result
 
     @staticmethod
     def _size(request, plan: Plan, init_image) -> tuple[int, int]:
@@ -401,31 +435,41 @@ class Engine:
         else:
             kwargs.update(image=init_image.resize((width, height), Image.Resampling.LANCZOS),
                           strength=request.denoising_strength)  # fmt: skip
-        images = []
-        for index in range(request.batch_size):
-            if index and self._interrupt.is_set():
-                break
-            image["index"] = index
-            pipeline.scheduler = make_scheduler(sampler, loaded.scheduler_config, loaded.scheduler_class)
-            set_scales(0, request.steps)  # step 0 acts iff start == 0 < end, whatever the number of steps
-            output = pipeline(
-                **prompt_embeds,
-                num_inference_steps=request.steps,
-                guidance_scale=request.cfg_scale,
-                generator=torch.Generator(device="cpu").manual_seed(seed + index),
-                callback_on_step_end=step_end,
-                output_type="pil",
-                **kwargs,
-            )
-            images += output.images
+        loaded.attached.set_face_crops([
+            (e.clip.for_pipeline(cfg).to(device=self.device, dtype=pipeline.unet.dtype) if e.clip else None,
+             u.faceid_version == "v2", u.unit.structure)
+            for u, e in zip(plan.units, embeddings)
+        ])  # fmt: skip
+        try:
+            images = []
+            for index in range(request.batch_size):
+                if index and self._interrupt.is_set():
+                    break
+                image["index"] = index
+                pipeline.scheduler = make_scheduler(sampler, loaded.scheduler_config, loaded.scheduler_class)
+                set_scales(0, request.steps)  # step 0 acts iff start == 0 < end, whatever the number of steps
+                output = pipeline(
+                    **prompt_embeds,
+                    num_inference_steps=request.steps,
+                    guidance_scale=request.cfg_scale,
+                    generator=torch.Generator(device="cpu").manual_seed(seed + index),
+                    callback_on_step_end=step_end,
+                    output_type="pil",
+                    **kwargs,
+                )
+                images += output.images
+        finally:
+            loaded.attached.set_face_crops([])  # the face crops' hidden states belong to this request only
         return images, active_steps, pipeline.scheduler
 
     def _unit_info(self, unit, embeddings, active_steps: list[int]) -> dict:
         a = unit.adapter.spec
         if unit.encoder is not None:
             encoder, encoder_file, architecture = unit.encoder.name, str(unit.encoder.path), unit.encoder.spec.architecture
-        elif unit.embeddings is None:  # FaceID: face embeddings given
+        elif unit.embeddings is None and unit.unit.face_embeddings is not None:
             encoder, encoder_file, architecture = "face embeddings given", None, None
+        elif unit.embeddings is None:  # FaceID Base / Portrait from images: InsightFace alone
+            encoder, encoder_file, architecture = f"InsightFace {self.faces.pack.name}", str(self.faces.pack), None
         else:  # saved embeddings: the encoder they came from, as recorded in the file
             saved = unit.embeddings.spec
             encoder, encoder_file, architecture = saved.encoder, saved.path, saved.encoder_architecture
@@ -450,7 +494,24 @@ class Engine:
             "masked": unit.unit.masks is not None,
             "averaged": unit.unit.average,
             "layers": unit.unit.layers,
+            **(self._faceid_info(unit, embeddings) if a.consumes == "faceid_embeds" else {}),
         }
+
+    def _faceid_info(self, unit, embeddings: UnitEmbeddings) -> dict:
+        """How a FaceID unit was served: which version and how that was decided, and the face found in each image
+        (with the aligned crop the Plus family's encoder read, shown by the web page)."""
+        a = unit.adapter.spec
+        decided = "the request's faceid_version" if unit.unit.faceid_version else a.faceid_from
+        faces = [{"score": round(face.score, 4), "box": list(face.box), "faces_found": face.faces_found,
+                  "crop": image_to_base64(face.crop_preview().resize((112, 112)))} for face in embeddings.faces]  # fmt: skip
+        info = {"faceid_version": unit.faceid_version, "faceid_version_from": decided, "faces": faces,
+                "face_source": ("face_embeddings" if unit.unit.face_embeddings is not None else
+                                "saved embeddings" if unit.embeddings is not None else "InsightFace")}  # fmt: skip
+        if a.variant == "faceid-plus":
+            info["structure"] = unit.unit.structure if unit.faceid_version == "v2" else None
+        if a.lora_rank:
+            info["lora"] = {"rank": a.lora_rank, "weight": 1.0}
+        return info
 
     # --------------------------------------------------------------------------------------- loading, cached
 
@@ -556,6 +617,7 @@ class Engine:
             "adapters": self.adapters.stats(),
             "loras": loaded.loras.loaded.stats() if loaded is not None else None,
             "vaes": self.vaes.stats(),
+            "faces": self.faces.faces.stats(),
             "model": loaded.name if loaded is not None else None,
         }
 
@@ -569,4 +631,5 @@ class Engine:
             cleared["adapters"] = self.adapters.clear()
             cleared["loras"] = self._pipeline.loras.clear() if self._pipeline is not None else 0
             cleared["vaes"] = self.vaes.clear()
+            cleared["faces"] = self.faces.clear()
             return cleared

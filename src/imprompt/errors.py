@@ -102,6 +102,16 @@ class MissingEncoderError(ImpromptError):
     http_status = 422
 
 
+class MissingFaceAnalysisError(ImpromptError):
+    """FaceID from images needs InsightFace (the optional `faceid` extra) and its model pack; one is missing."""
+
+    http_status = 422
+
+
+class NoFaceError(RequestError):
+    """A FaceID reference image in which the face detector found no face."""
+
+
 class UnsupportedError(ImpromptError):
     """A recognised checkpoint that imprompt cannot run (yet), e.g. FaceID adapters."""
 

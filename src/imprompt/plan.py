@@ -39,6 +39,11 @@ class UnitPlan:
         return self.adapter.spec.consumes
 
     @property
+    def faceid_version(self) -> str | None:
+        """FaceID Plus v1 / v2 (the request's override, else what the file name says), Portrait "unnorm", or None."""
+        return self.unit.faceid_version or self.adapter.spec.faceid_version
+
+    @property
     def label(self) -> str:
         """How the unit is named to users: the friendly name if the file has one, else the file stem."""
         return catalog.friendly_name(self.adapter.name) or self.adapter.name
@@ -135,7 +140,7 @@ def plan_unit(index: int, unit: IPAdapterUnit, store: ModelStore, pipeline: Entr
         check_fits(adapter, pipeline, store)
         weights = layer_weights(unit.layers, pipeline.spec, where=f"ip_adapters.{index}.layers")
     if adapter.spec.consumes == "faceid_embeds":
-        return UnitPlan(index, unit, adapter, None, check_faceid_unit(index, unit, adapter), weights)
+        return plan_faceid_unit(index, unit, adapter, store, weights)
     if unit.face_embeddings:
         name = catalog.friendly_name(adapter.name) or adapter.name
         raise IncompatibleError(
@@ -151,26 +156,46 @@ def plan_unit(index: int, unit: IPAdapterUnit, store: ModelStore, pipeline: Entr
     return UnitPlan(index, unit, adapter, encoder, why, weights)
 
 
-def check_faceid_unit(index: int, unit: IPAdapterUnit, adapter: Entry) -> str:
-    """What a FaceID unit can run on today: face embeddings given (InsightFace is not part of imprompt yet), with
-    Base and Portrait adapters (Plus also reads CLIP hidden states of the aligned face crop, which needs the
-    face detector). Returns why no encoder is used."""
+def plan_faceid_unit(index: int, unit: IPAdapterUnit, adapter: Entry, store: ModelStore, weights) -> UnitPlan:
+    """FaceID: face embeddings come from the unit's images through InsightFace, from `face_embeddings`, or from
+    saved embeddings. The Plus family also reads CLIP hidden states of the aligned face crop: its encoder is picked
+    from the weights (`perceiver_resampler.proj_in` width) like any adapter's, and given face embeddings alone
+    cannot serve it (they carry no crop)."""
     spec = adapter.spec
     name = catalog.friendly_name(adapter.name) or adapter.name
-    if spec.variant == "faceid-plus":
-        raise UnsupportedError(
-            f"IP-Adapter {name} ({Path(spec.path).name}) is FaceID Plus ({spec.faceid_version}, {spec.faceid_from}): "
-            f"besides the face embedding it reads CLIP hidden states [{spec.clip_width}] of the aligned face crop, "
-            f"which needs a face detector imprompt does not have yet. Use FaceID Base or Portrait with face_embeddings"
+    where = f"ip_adapters.{index}"
+    if unit.faceid_version and spec.variant != "faceid-plus":
+        raise RequestError(
+            f"{where}.faceid_version: {unit.faceid_version!r} is for FaceID Plus adapters (v1 / v2 files have the "
+            f"same tensors), but {name} ({Path(spec.path).name}) is {spec.variant}; leave it unset"
         )
-    if not unit.face_embeddings:
-        raise UnsupportedError(
-            f"ip_adapters.{index}: IP-Adapter {name} ({Path(spec.path).name}) is a FaceID adapter: it consumes "
-            f"{spec.embed_dim}-d InsightFace face embeddings, and imprompt does not detect faces in images yet. "
-            f"Give face_embeddings instead "
-            f"({spec.embed_dim} floats per face, or a .npy / .safetensors file of them)"
+    if (unit.faceid_version or spec.faceid_version) != "v2" and unit.structure != 1.0:
+        raise RequestError(
+            f"{where}.structure: {unit.structure} acts only on FaceID Plus v2 (its face-structure shortcut), but "
+            f"{name} ({Path(spec.path).name}) is {' '.join(filter(None, (spec.variant, unit.faceid_version or spec.faceid_version)))}; "
+            f"leave it at 1"
         )
-    return "face embeddings given (no image encoder)"
+    if unit.negative_images is not None:
+        raise RequestError(f"{where}.negative_images: FaceID's negative branch is a zero face embedding; remove them")
+    if unit.encoder and spec.variant != "faceid-plus":
+        raise RequestError(f"{where}.encoder: {name} reads InsightFace face embeddings, no image encoder; remove it")
+    if unit.embeddings:
+        saved = store.embeddings(unit.embeddings)
+        check_saved_embeddings(saved, adapter)
+        why = f"saved embeddings {saved.name} ({saved.spec.gives} from {saved.spec.encoder})"
+        return UnitPlan(index, unit, adapter, None, why, weights, saved)
+    if spec.variant == "faceid-plus" and unit.face_embeddings:
+        raise IncompatibleError(
+            f"{where}: IP-Adapter {name} ({Path(spec.path).name}) is FaceID Plus: besides the face embedding it reads "
+            f"CLIP hidden states [{spec.clip_width}] of the aligned face crop, which face_embeddings do not carry. Give "
+            f"images of the face (InsightFace finds and crops it), or embeddings saved with "
+            f"`imprompt embed --adapter {name!r} FACE.jpg`"
+        )
+    if spec.variant != "faceid-plus":
+        source = "face embeddings given" if unit.face_embeddings else "InsightFace face embeddings of the images"
+        return UnitPlan(index, unit, adapter, None, f"{name} consumes {spec.needs}: {source} (no image encoder)", weights)
+    encoder, why = pick_encoder(adapter, store, unit.encoder)
+    return UnitPlan(index, unit, adapter, encoder, f"InsightFace face embeddings and, for the face crop, {why}", weights)
 
 
 def check_runnable(pipeline: Entry) -> None:
@@ -181,13 +206,20 @@ def check_runnable(pipeline: Entry) -> None:
 
 
 def check_saved_embeddings(saved: Entry, adapter: Entry) -> None:
-    """Saved embeddings pair with an adapter exactly as an encoder would: same output kind, same width."""
+    """Saved embeddings pair with an adapter exactly as an encoder would: same output kind, same width; FaceID Plus
+    also needs the face crop's hidden states of its width, and Portrait unnorm the raw face embedding."""
     a, e = adapter.spec, saved.spec
-    if (e.output, e.width) != (a.consumes, a.embed_dim):
+    fits = (e.output, e.width) == (a.consumes, a.embed_dim)
+    if fits and a.variant == "faceid-plus":
+        fits = e.clip_width == a.clip_width
+    if fits and a.consumes == "faceid_embeds":
+        fits = e.face_embedding == ("raw" if a.faceid_version == "unnorm" else "normed")
+    if not fits:
         name = catalog.friendly_name(adapter.name) or adapter.name
+        wants = " (raw)" if a.faceid_version == "unnorm" else " (normed)" if a.consumes == "faceid_embeds" else ""
         raise IncompatibleError(
-            f"saved embeddings {saved.name} hold {e.gives} (from encoder {e.encoder}), but IP-Adapter {name} "
-            f"consumes {a.needs}. Save embeddings for this adapter with `imprompt embed --adapter {name!r} ...`"
+            f"saved embeddings {saved.name} hold {e.gives} (from {e.encoder}), but IP-Adapter {name} consumes "
+            f"{a.needs}{wants}. Save embeddings for this adapter with `imprompt embed --adapter {name!r} ...`"
         )
 
 
@@ -234,38 +266,36 @@ def pick_encoder(adapter: Entry, store: ModelStore, requested: str | None = None
     `models/*.safetensors`), then a published architecture over a custom one, then the shortest path."""
     spec = adapter.spec
     name = catalog.friendly_name(adapter.name) or adapter.name
-    if spec.consumes == "faceid_embeds":
-        read = [f"{spec.tokens} tokens"] + ([f"LoRA rank {spec.lora_rank}"] if spec.lora_rank else [])
-        if spec.faceid_version:
-            read.append(f"{spec.faceid_version} ({spec.faceid_from})")
-        extra = f" and CLIP hidden states [{spec.clip_width}] of the face crop" if spec.clip_width else ""
-        raise UnsupportedError(
-            f"IP-Adapter {name} ({Path(spec.path).name}) is a FaceID adapter ({spec.variant}, {', '.join(read)}): it "
-            f"consumes {spec.embed_dim}-d InsightFace face embeddings{extra}, which imprompt does not compute yet. "
-            f"Use Plus Face or Full Face instead"
+    output, width = (("hidden_states", spec.clip_width) if spec.variant == "faceid-plus"  # its face crop's encoder
+                     else (spec.consumes, spec.embed_dim))  # fmt: skip
+    needs = f"{output}[{width}]"
+    if output == "faceid_embeds":
+        raise MissingEncoderError(
+            f"IP-Adapter {name} ({Path(spec.path).name}) consumes {needs} InsightFace face embeddings, which no CLIP "
+            f"image encoder produces; give images (InsightFace reads the face) or face_embeddings"
         )
     if requested:
         encoder = store.encoder(requested)
-        produced = encoder.spec.produces(spec.consumes)
-        if produced != spec.embed_dim:
+        produced = encoder.spec.produces(output)
+        if produced != width:
             raise IncompatibleError(
-                f"encoder {encoder.name} gives {spec.consumes}[{produced}], but IP-Adapter {name} consumes "
-                f"{spec.needs}. Leave the encoder unset and imprompt picks the right one"
+                f"encoder {encoder.name} gives {output}[{produced}], but IP-Adapter {name} consumes "
+                f"{needs}. Leave the encoder unset and imprompt picks the right one"
             )
-        return encoder, f"{name} consumes {spec.needs}; encoder chosen in the request"
+        return encoder, f"{name} consumes {needs}; encoder chosen in the request"
     for attempt in range(2):  # on a miss, scan the folders again: an encoder may have been added or restored
         encoders = store.current_of_kind("image-encoder")
-        candidates = [e for e in encoders if e.spec.produces(spec.consumes) == spec.embed_dim]
+        candidates = [e for e in encoders if e.spec.produces(output) == width]
         if candidates or attempt:
             break
         store.refresh()
     if not candidates:
-        family = catalog.family_by_output(spec.consumes, spec.embed_dim)
+        family = catalog.family_by_output(output, width)
         usual = f" ({family.name}: {' or '.join(family.usual_files)})" if family else ""
         present = ", ".join(f"{e.name} gives {_outputs(e.spec)}" for e in encoders) or "none"
         unreadable = "".join(f" Unreadable, perhaps the one: {e.error}." for e in store.current_of_kind("unreadable")[:3])
         raise MissingEncoderError(
-            f"IP-Adapter {name} ({Path(spec.path).name}) consumes {spec.needs}, and no image encoder in the "
+            f"IP-Adapter {name} ({Path(spec.path).name}) consumes {needs}, and no image encoder in the "
             f"models folder produces it. Encoders present: {present}.{unreadable} Add the encoder it was trained "
             f"with{usual} to DIR/clip_vision/"
         )
@@ -275,10 +305,10 @@ def pick_encoder(adapter: Entry, store: ModelStore, requested: str | None = None
     )
     chosen = candidates[0]
     if len(candidates) == 1:
-        why = f"{name} consumes {spec.needs}; {chosen.name} is the encoder that produces it"
+        why = f"{name} consumes {needs}; {chosen.name} is the encoder that produces it"
     else:
         reason = "it sits beside the adapter" if chosen.path == beside else "first of them by architecture and path"
-        why = f"{name} consumes {spec.needs}; {len(candidates)} encoders produce it, chose {chosen.name} ({reason})"
+        why = f"{name} consumes {needs}; {len(candidates)} encoders produce it, chose {chosen.name} ({reason})"
     return chosen, why
 
 

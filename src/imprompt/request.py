@@ -5,7 +5,7 @@ The server builds it from A1111 / SD.Next payloads (`server/a1111.py`); the engi
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -48,7 +48,15 @@ class IPAdapterUnit(BaseModel):
     negative_images: list[Any] | None = Field(
         None, description='images encoded for the negative branch instead of zeros, or ["noise"]'
     )
-    crop: bool = Field(False, description="SD.Next's face crop; imprompt has no face detector, so only false")
+    crop: bool = Field(False, description="SD.Next's face crop of the images before encoding; not supported yet")
+    structure: float = Field(
+        1.0, ge=SCALE_RANGE[0], le=SCALE_RANGE[1],
+        description="FaceID Plus v2: weight of the face-structure shortcut (SD.Next's ip_structure, diffusers' "
+                    "shortcut_scale, ComfyUI's weight_faceidv2)",
+    )  # fmt: skip
+    faceid_version: Literal["v1", "v2"] | None = Field(
+        None, description="FaceID Plus: v1 or v2 (the files have the same tensors); None: read from the file name"
+    )
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -74,7 +82,7 @@ class IPAdapterUnit(BaseModel):
         if self.negative_images is not None and (self.embeddings or self.face_embeddings):
             raise ValueError("negative_images cannot be combined with saved embeddings (they carry their negative)")
         if self.crop:
-            raise ValueError("crop=true needs a face detector, which imprompt does not have; crop the image yourself")
+            raise ValueError("crop=true (SD.Next's face crop) is not supported yet; crop the image yourself")
         return self
 
     def active_at(self, step: int, total: int) -> bool:

@@ -18,6 +18,27 @@ from .build import BuiltAdapter
 SHELL_SETS = 8  # adapter sets whose processor shells are kept
 
 
+class FaceCropProjection(torch.nn.Module):
+    """One unit's view of a FaceID Plus projection. diffusers keeps the face crop's hidden states (`clip_embeds`)
+    and the v2 shortcut on the projection module itself, so one file could serve one face per call; imprompt gives
+    each unit its own wrapper holding its crop, so the same Plus file serves two units with two faces in one
+    request. The weights stay the built adapter's; diffusers' module does all the computing."""
+
+    def __init__(self, projection: torch.nn.Module):
+        super().__init__()
+        self.projection = projection
+        self.clip_embeds: torch.Tensor | None = None
+        self.shortcut, self.shortcut_scale = False, 1.0
+
+    def forward(self, id_embeds: torch.Tensor) -> torch.Tensor:
+        inner = self.projection
+        inner.clip_embeds, inner.shortcut, inner.shortcut_scale = self.clip_embeds, self.shortcut, self.shortcut_scale
+        try:
+            return inner(id_embeds)
+        finally:
+            inner.clip_embeds = None
+
+
 class AttachedAdapters:
     """The IP-Adapter state of one UNet: which built adapters are attached, in which order, at which scales."""
 
@@ -69,7 +90,9 @@ class AttachedAdapters:
             processor.to_k_ip = torch.nn.ModuleList([a.to_k_ip[j] for a in adapters])
             processor.to_v_ip = torch.nn.ModuleList([a.to_v_ip[j] for a in adapters])
             processors.append(processor)
-        self._shells[keys] = (processors, MultiIPAdapterImageProjection([a.image_projection for a in adapters]))
+        projections = [FaceCropProjection(a.image_projection) if a.spec.clip_width else a.image_projection
+                       for a in adapters]  # fmt: skip
+        self._shells[keys] = (processors, MultiIPAdapterImageProjection(projections))
         while len(self._shells) > SHELL_SETS:
             self._shells.popitem(last=False)
         return self._shells[keys]
@@ -86,6 +109,16 @@ class AttachedAdapters:
             del self._shells[kept]
         if gone & set(self.attached):
             self.attach([], ())
+
+    def set_face_crops(self, crops: list[tuple]) -> None:
+        """FaceID Plus units: (hidden states of the face crops as the pipeline batches them, v2 shortcut on?,
+        shortcut scale) per attached unit, None for other units; `[]` clears them after a request."""
+        projection = self.unet.encoder_hid_proj
+        layers = projection.image_projection_layers if isinstance(projection, MultiIPAdapterImageProjection) else []
+        for i, layer in enumerate(layers):
+            if isinstance(layer, FaceCropProjection):
+                clip, shortcut, scale = crops[i] if crops else (None, False, 1.0)
+                layer.clip_embeds, layer.shortcut, layer.shortcut_scale = clip, shortcut, scale
 
     def set_scales(self, scales: list[float], layer_weights: list[tuple[float, ...]]) -> None:
         """Unit u's scale at cross-attention layer j: scales[u] * layer_weights[u][j] (InstantStyle weights)."""

@@ -43,6 +43,8 @@ class UnitEmbeddings:
     negative: torch.Tensor  # same shape: zeros (image_embeds) or the encoding of an all-zero image
     encoder_source: str  # "loaded" | "cache" | "not needed" (every embedding was cached)
     embeddings: list[str] = field(default_factory=list)  # per image: "cache" | "encoded"
+    clip: UnitEmbeddings | None = None  # FaceID Plus: CLIP hidden states of the aligned face crops
+    faces: list = field(default_factory=list)  # FaceID from images: the `Face` InsightFace found in each
 
     def for_pipeline(self, classifier_free_guidance: bool) -> torch.Tensor:
         """diffusers' `ip_adapter_image_embeds` element: [1, n, ...], or cat([negative, positive]) under CFG."""
@@ -171,42 +173,46 @@ def _mib(nbytes: int) -> str:
 # ---------------------------------------------------------------------------------------------- saved embeddings
 
 
-def save_embeddings(embeddings: UnitEmbeddings, path, output: str, encoder: Entry, image_hashes: list[str]):
-    """Write a unit's embeddings with what pairing needs to know: output kind and width, encoder identity."""
+def save_embeddings(embeddings: UnitEmbeddings, path, output: str, encoder: Entry | None, image_hashes: list[str],
+                    face_embedding: str | None = None):  # fmt: skip
+    """Write a unit's embeddings with what pairing needs to know: output kind and width, encoder identity. FaceID
+    units save their face embeddings (`face_embedding`: normed | raw) and, for Plus, the face crops' hidden states."""
     from safetensors.torch import save_file
 
     metadata = {
         "format": EMBEDDINGS_FORMAT,
         "output": output,
         "width": str(embeddings.positive.shape[-1]),
-        "encoder": encoder.name,
-        "encoder_architecture": encoder.spec.architecture,
-        "encoder_hidden_size": str(encoder.spec.hidden_size),
-        "encoder_projection_dim": str(encoder.spec.projection_dim),
         "image_hashes": json.dumps(image_hashes),
     }
-    tensors = {
-        "positive": embeddings.positive.detach().to("cpu", torch.float32).contiguous(),
-        "negative": embeddings.negative.detach().to("cpu", torch.float32).contiguous(),
-    }
+    if encoder is not None:
+        metadata.update(encoder=encoder.name, encoder_architecture=encoder.spec.architecture,
+                        encoder_hidden_size=str(encoder.spec.hidden_size),
+                        encoder_projection_dim=str(encoder.spec.projection_dim))  # fmt: skip
+    if face_embedding:
+        metadata["face_embedding"] = face_embedding
+        metadata.setdefault("encoder", "InsightFace")
+    parts = {"": embeddings, "clip_": embeddings.clip}
+    tensors = {f"{prefix}{branch}": getattr(part, branch).detach().to("cpu", torch.float32).contiguous()
+               for prefix, part in parts.items() if part is not None for branch in ("positive", "negative")}  # fmt: skip
     save_file(tensors, str(path), metadata=metadata)
     return path
 
 
 def load_saved_embeddings(entry: Entry, device, dtype) -> UnitEmbeddings:
-    tensors = read_tensors(entry.path)
-    positive, negative = (tensors[k].to(device=device, dtype=dtype) for k in ("positive", "negative"))
-    return UnitEmbeddings(positive, negative, "saved embeddings", ["saved"] * positive.shape[0])
+    tensors = {k: v.to(device=device, dtype=dtype) for k, v in read_tensors(entry.path).items()}
+    clip = None
+    if "clip_positive" in tensors:
+        clip = UnitEmbeddings(tensors["clip_positive"], tensors["clip_negative"], "saved embeddings",
+                              ["saved"] * tensors["clip_positive"].shape[0])  # fmt: skip
+    positive = tensors["positive"]
+    return UnitEmbeddings(positive, tensors["negative"], "saved embeddings", ["saved"] * positive.shape[0], clip)
 
 
-def given_face_embeddings(value, width: int, average: bool, allow_paths: bool, where: str, device, dtype) -> UnitEmbeddings:
-    """FaceID: face embeddings the client computed (InsightFace's normed 512-d `normed_embedding`, one per face),
-    inline or as a `.npy` / `.safetensors` file. The negative branch is zeros, as in diffusers' FaceID examples;
-    several faces give several token sets, or one averaged set."""
-    if isinstance(value, str):
-        faces = _read_face_file(value, allow_paths, where)
-    else:
-        faces = torch.tensor(value, dtype=torch.float32)
+def face_embeddings(faces: torch.Tensor, width: int, average: bool, where: str, device, dtype,
+                    origins: list[str]) -> UnitEmbeddings:  # fmt: skip
+    """FaceID: face embeddings [faces, 512] as the pipeline takes them. The negative branch is zeros, as in
+    diffusers' FaceID examples; several faces give several token sets (Portrait's way), or one averaged set."""
     if faces.ndim == 1:
         faces = faces.unsqueeze(0)
     if faces.ndim != 2 or faces.shape[1] != width or faces.shape[0] == 0:
@@ -217,9 +223,17 @@ def given_face_embeddings(value, width: int, average: bool, allow_paths: bool, w
     if average:
         faces = faces.mean(dim=0, keepdim=True)
     faces = faces.to(device=device, dtype=dtype)
-    return UnitEmbeddings(faces, torch.zeros_like(faces), "face embeddings given", ["given"] * faces.shape[0])
+    return UnitEmbeddings(faces, torch.zeros_like(faces), "not needed", origins)
 
 
+def given_face_embeddings(value, width: int, average: bool, allow_paths: bool, where: str, device, dtype) -> UnitEmbeddings:
+    """FaceID: face embeddings the client computed (InsightFace's normed 512-d `normed_embedding`, one per face),
+    inline or as a `.npy` / `.safetensors` file."""
+    if isinstance(value, str):
+        faces = _read_face_file(value, allow_paths, where)
+    else:
+        faces = torch.tensor(value, dtype=torch.float32)
+    return face_embeddings(faces, width, average, where, device, dtype, ["given"] * max(1, len(faces)))
 def _read_face_file(name: str, allow_paths: bool, where: str) -> torch.Tensor:
     from pathlib import Path
 

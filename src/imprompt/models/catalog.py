@@ -103,12 +103,14 @@ def unet_family(cross_attention_dim: int) -> str:
 
 @dataclass(frozen=True)
 class KnownAdapter:
-    """A published IP-Adapter: its friendly name (SD.Next's), the file stems it ships under, where to get it."""
+    """A published IP-Adapter: its friendly name (SD.Next's), the file stems it ships under, where to get it, and
+    other names clients send for it (SD.Next's `face` payload says "FaceID Plus v1" and "FaceID XL")."""
 
     name: str
     stems: tuple[str, ...]
     hub_repo: str
     hub_subfolder: str
+    aliases: tuple[str, ...] = ()
 
 
 KNOWN_ADAPTERS = (
@@ -124,13 +126,13 @@ KNOWN_ADAPTERS = (
     KnownAdapter("Plus Face ViT-H SDXL", ("ip-adapter-plus-face_sdxl_vit-h",), "h94/IP-Adapter", "sdxl_models"),
     KnownAdapter("Ostris Composition ViT-H", ("ip_plus_composition_sd15",), "ostris/ip-composition-adapter", ""),
     KnownAdapter("Ostris Composition ViT-H SDXL", ("ip_plus_composition_sdxl",), "ostris/ip-composition-adapter", ""),
-    # FaceID (h94/IP-Adapter-FaceID): listed and probed; not run yet (they need face embeddings)
+    # FaceID (h94/IP-Adapter-FaceID): face embeddings from InsightFace (the Plus family also reads the face crop)
     KnownAdapter("FaceID Base", ("ip-adapter-faceid_sd15",), "h94/IP-Adapter-FaceID", ""),
-    KnownAdapter("FaceID Plus", ("ip-adapter-faceid-plus_sd15",), "h94/IP-Adapter-FaceID", ""),
+    KnownAdapter("FaceID Plus", ("ip-adapter-faceid-plus_sd15",), "h94/IP-Adapter-FaceID", "", ("FaceID Plus v1",)),
     KnownAdapter("FaceID Plus v2", ("ip-adapter-faceid-plusv2_sd15",), "h94/IP-Adapter-FaceID", ""),
     KnownAdapter("FaceID Portrait", ("ip-adapter-faceid-portrait_sd15",), "h94/IP-Adapter-FaceID", ""),
     KnownAdapter("FaceID Portrait v11", ("ip-adapter-faceid-portrait-v11_sd15",), "h94/IP-Adapter-FaceID", ""),
-    KnownAdapter("FaceID Base SDXL", ("ip-adapter-faceid_sdxl",), "h94/IP-Adapter-FaceID", ""),
+    KnownAdapter("FaceID Base SDXL", ("ip-adapter-faceid_sdxl",), "h94/IP-Adapter-FaceID", "", ("FaceID XL",)),
     KnownAdapter("FaceID Plus v2 SDXL", ("ip-adapter-faceid-plusv2_sdxl",), "h94/IP-Adapter-FaceID", ""),
     KnownAdapter("FaceID Portrait SDXL", ("ip-adapter-faceid-portrait_sdxl",), "h94/IP-Adapter-FaceID", ""),
     KnownAdapter("FaceID Portrait SDXL unnorm", ("ip-adapter-faceid-portrait_sdxl_unnorm",), "h94/IP-Adapter-FaceID", ""),
@@ -141,7 +143,7 @@ def known_adapter(name: str):
     """The published adapter with this friendly name (case-insensitive), or None."""
     wanted = name.strip().lower()
     for adapter in KNOWN_ADAPTERS:
-        if adapter.name.lower() == wanted:
+        if wanted in (n.lower() for n in (adapter.name, *adapter.aliases)):
             return adapter
     return None
 

@@ -133,8 +133,11 @@ def faceid_spec(path: Path, proj: dict, attn: dict, cross_attention_dim: int, wi
         return AdapterSpec(str(path), "faceid-plus", "faceid_embeds", embed_dim, out // cross_attention_dim,
                            cross_attention_dim, widths, rank, clip_width, version, decided)  # fmt: skip
     variant = "faceid-portrait" if out // cross_attention_dim > 4 else "faceid"
+    version = decided = None
+    if variant == "faceid-portrait" and "unnorm" in stem:  # trained on InsightFace's raw, unnormalised embedding
+        version, decided = "unnorm", "file name contains 'unnorm'"
     return AdapterSpec(str(path), variant, "faceid_embeds", embed_dim, out // cross_attention_dim,
-                       cross_attention_dim, widths, rank)  # fmt: skip
+                       cross_attention_dim, widths, rank, None, version, decided)  # fmt: skip
 
 
 def embeddings_spec(path: Path, table: dict[str, TensorInfo], metadata: dict[str, str]) -> EmbeddingsSpec:
@@ -143,8 +146,13 @@ def embeddings_spec(path: Path, table: dict[str, TensorInfo], metadata: dict[str
     if positive is None or negative is None or positive.shape != negative.shape or len(positive.shape) not in (2, 3):
         raise CheckpointError(path, "saved embeddings need 'positive' and 'negative' tensors of one 2-d or 3-d shape")
     output = metadata.get("output")
-    if output not in ("image_embeds", "hidden_states") or (output == "image_embeds") != (len(positive.shape) == 2):
+    if output not in ("image_embeds", "hidden_states", "faceid_embeds") or (output != "hidden_states") != (len(positive.shape) == 2):
         raise CheckpointError(path, f"saved embeddings: output {output!r} does not match tensor shape {positive.shape}")
+    clip, clip_negative = table.get("clip_positive"), table.get("clip_negative")  # FaceID: the face crop's
+    if (clip is None) != (clip_negative is None) or (clip is not None and (
+            clip.shape != clip_negative.shape or len(clip.shape) != 3 or clip.shape[0] != positive.shape[0])):
+        raise CheckpointError(path, "saved face embeddings: 'clip_positive' and 'clip_negative' need one 3-d shape, one "
+                                    "row per face")  # fmt: skip
     try:
         hashes = tuple(json.loads(metadata.get("image_hashes", "[]")))
     except ValueError:
@@ -158,6 +166,8 @@ def embeddings_spec(path: Path, table: dict[str, TensorInfo], metadata: dict[str
         encoder=metadata.get("encoder", "unknown"),
         encoder_architecture=metadata.get("encoder_architecture", "unknown"),
         image_hashes=hashes,
+        clip_width=clip.shape[-1] if clip is not None else None,
+        face_embedding=metadata.get("face_embedding") if output == "faceid_embeds" else None,
     )
 
 

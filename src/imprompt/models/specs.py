@@ -32,7 +32,7 @@ class AdapterSpec:
     # as every tool does; `faceid_from` says so)
     lora_rank: int | None = None
     clip_width: int | None = None
-    faceid_version: str | None = None  # v1 | v2 (Plus); None for the others
+    faceid_version: str | None = None  # v1 | v2 (Plus), unnorm (Portrait SDXL unnorm); None for the others
     faceid_from: str | None = None  # how the version was decided
     kind: str = "ip-adapter"
 
@@ -42,8 +42,9 @@ class AdapterSpec:
 
     @property
     def needs(self) -> str:
-        """What it consumes, in words: `image_embeds[1024]`."""
-        return f"{self.consumes}[{self.embed_dim}]"
+        """What it consumes, in words: `image_embeds[1024]`; FaceID Plus also names its face crop's encoder output."""
+        crop = f" + hidden_states[{self.clip_width}] of the face crop" if self.clip_width else ""
+        return f"{self.consumes}[{self.embed_dim}]{crop}"
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -124,18 +125,22 @@ class EmbeddingsSpec:
     """Saved image embeddings (`imprompt embed`): which encoder output they are, so they pair like an encoder."""
 
     path: str
-    output: str  # image_embeds | hidden_states
+    output: str  # image_embeds | hidden_states | faceid_embeds
     width: int
     images: int  # sets of tokens (1 when averaged)
     tokens: int | None  # hidden-state tokens per image; None for image_embeds
     encoder: str
     encoder_architecture: str
     image_hashes: tuple[str, ...]
+    clip_width: int | None = None  # FaceID: hidden states of the face crop saved beside (what Plus also reads)
+    face_embedding: str | None = None  # FaceID: "normed" (what most FaceID adapters read) | "raw" (Portrait unnorm)
     kind: str = "ip-embeddings"
 
     @property
     def gives(self) -> str:
-        return f"{self.output}[{self.width}]"
+        crop = f" + hidden_states[{self.clip_width}] of the face crop" if self.clip_width else ""
+        kind = f" ({self.face_embedding})" if self.face_embedding else ""
+        return f"{self.output}[{self.width}]{kind}{crop}"
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -123,3 +123,13 @@ def noise_image(size: int = 224) -> Image.Image:
 
     pixels = np.random.default_rng(0).integers(0, 256, size=(size, size, 3), dtype=np.uint8)
     return Image.fromarray(pixels, "RGB")
+
+
+def image_to_base64(image: Image.Image) -> str:
+    """A small picture for a result's info (the face crop a FaceID unit used): base64 PNG."""
+    import base64
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
