@@ -303,3 +303,56 @@ print("FACE EMBEDDINGS OK")
     engine = Engine([pack, faceid_root], insightface_root=tmp_path / "empty")
     with pytest.raises(MissingFaceAnalysisError, match=r"buffalo_l model pack, found in none of: .*empty/models/buffalo_l"):
         generate(engine, [{"adapter": "FaceID Base", "images": [face_image(1)]}])
+
+
+# ------------------------------------------------------------------------------------------------ over HTTP
+
+
+def post(url, payload, status=200):
+    import json
+
+    from server_fixtures import client, decode
+
+    with client(url) as http:
+        response = http.post("/sdapi/v1/txt2img", json=payload)
+    assert response.status_code == status, response.text[:2000]
+    body = response.json()
+    return body if status != 200 else (decode(body["images"][0]).convert("RGB"), json.loads(body["info"]))
+
+
+def txt(**fields) -> dict:
+    return {"prompt": "a cat", "seed": 1, "steps": 3, "width": 64, "height": 64, "cfg_scale": 7.0,
+            "override_settings": {"sd_model_checkpoint": "tiny-sd15"}, **fields}  # fmt: skip
+
+
+def test_sdnext_face_payload_sdnext_unit_and_controlnet_unit_agree(pack, faceid_root, plus_root):
+    """SD.Next's `face` payload (FaceID mode: Override sampler means DDIM), an SD.Next `ip_adapter` unit naming the
+    FaceID adapter, and an A1111 ControlNet unit with the ip-adapter_face_id_plus module: one path, same pixels."""
+    from server_fixtures import b64, new_engine, running_server
+
+    face = b64(face_image(seed=4))
+    with running_server(new_engine([pack, faceid_root, plus_root])) as url:
+        from_face, info = post(url, txt(face={"mode": "FaceID", "source_images": [face], "ip_model": "FaceID Plus v2",
+                                              "ip_strength": 0.8, "ip_structure": 0.6}))  # fmt: skip
+        from_unit, _ = post(url, txt(sampler_name="DDIM", ip_adapter=[
+            {"adapter": "FaceID Plus v2", "images": [face], "scale": 0.8, "structure": 0.6}]))  # fmt: skip
+        assert max_diff(from_face, from_unit) == 0
+        unit = info["ip_adapters"][0]
+        assert info["sampler"] == "DDIM" and unit["structure"] == 0.6 and unit["faces"][0]["crop"]
+        cn = {"enabled": True, "module": "ip-adapter_face_id_plus", "model": "ip-adapter-faceid-plusv2_sd15",
+              "image": face, "weight": 0.8}  # fmt: skip
+        from_controlnet, cn_info = post(url, txt(sampler_name="DDIM", alwayson_scripts={"controlnet": {"args": [cn]}}))
+        plain_unit, _ = post(url, txt(sampler_name="DDIM", ip_adapter=[
+            {"adapter": "FaceID Plus v2", "images": [face], "scale": 0.8}]))  # fmt: skip
+        assert max_diff(from_controlnet, plain_unit) == 0 and cn_info["warnings"] == []
+
+        # a CLIP module naming a FaceID adapter: the weights decide, and the response says so
+        _, warned = post(url, txt(alwayson_scripts={"controlnet": {"args": [{**cn, "module": "ip-adapter_clip_sd15"}]}}))
+        assert "runs ViT-H-14" in warned["warnings"][0] and "faceid_embeds[512]" in warned["warnings"][0]
+        # structure on FaceID Base means nothing in SD.Next either: carried on, and said
+        _, base = post(url, txt(face={"source_images": [face], "ip_model": "FaceID Base", "ip_structure": 0.5}))
+        assert "no effect on FaceID Base" in base["warnings"][0]
+        refused = post(url, txt(face={"mode": "InstantID", "source_images": [face]}), status=422)
+        assert "face.mode" in refused["detail"] and "InstantID" in refused["detail"]
+        no_face = post(url, txt(face={"source_images": [b64(no_face_image())], "ip_model": "FaceID Base"}), status=422)
+        assert "no face found" in no_face["detail"]

@@ -165,3 +165,39 @@ def test_pick_a_lora_for_the_model_and_see_it_used(pack, browser, tmp_path):
         page.wait_for_selector("#lora-picker option[value='style-sdxl']", state="attached")
         assert "detail-sd15" not in page.eval_on_selector_all("#lora-picker option", "os => os.map(o => o.value)")
         assert errors == []
+
+
+def test_a_faceid_unit_shows_the_face_crop_it_used(pack, browser, tmp_path):
+    """FaceID Plus v2: the Structure field appears for it, the face is found by InsightFace (its pack where ComfyUI
+    keeps it), and the result shows the aligned crop the unit used."""
+    pytest.importorskip("insightface", reason="InsightFace is the optional `faceid` extra")
+    from diffusers_reference import VIT_H, pipeline
+    from transformers import CLIPVisionConfig
+
+    from tools.extra_models import faceid_plus_adapter, write
+    from tools.insightface_pack import face_image, write_insightface_pack
+
+    tree = tmp_path / "models"
+    width = CLIPVisionConfig.from_pretrained(pack / VIT_H).hidden_size
+    write(tree / "ipadapter" / "ip-adapter-faceid-plusv2_sd15.safetensors",
+          faceid_plus_adapter(pipeline(pack), seed=11, clip_width=width))  # fmt: skip
+    write_insightface_pack(tree / "insightface")
+    face_image(seed=4).save(tmp_path / "face.png")
+    with running_server(new_engine([pack, tree])) as url:
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        errors = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(url)
+        page.wait_for_selector(".unit .adapter option[value='FaceID Plus v2']", state="attached")
+        assert not page.is_visible(".unit .structure")
+        page.select_option(".unit .adapter", "FaceID Plus v2")
+        assert page.is_visible(".unit .structure")
+        page.fill(".unit .structure", "0.5")
+        caption = generate_with(page, "FaceID Plus v2", tmp_path / "face.png", steps=2)
+        assert "FaceID Plus v2 ← IP-Adapter/models/image_encoder" in caption
+        crop = page.locator("#gallery figure img.face-crop")
+        assert crop.count() == 1 and "face used by unit 1, image 1" in crop.get_attribute("alt")
+        assert page.evaluate("document.querySelector('img.face-crop').naturalWidth") == 112
+        page.wait_for_selector("#events li.face_analysis_loaded")
+        page.screenshot(path=str(ARTIFACTS / "web-page-faceid.png"), full_page=True)
+        assert errors == []

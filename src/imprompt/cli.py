@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     _weights_arguments(d)
     d.set_defaults(run=_demo)
 
-    e = commands.add_parser("embed", help="encode reference images once and save the embeddings for reuse")
+    e = commands.add_parser("embed", help="encode reference images once and save the embeddings for reuse (FaceID: "
+                                          "the face embedding and, for Plus, the face crop's hidden states)")
     _models_argument(e)
     e.add_argument("--adapter", required=True, help="the adapter the embeddings are for (decides the encoder)")
     e.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
@@ -169,6 +170,9 @@ def _engine_arguments(parser) -> None:
                         help="memory for cached image embeddings (default: 512MiB, at most 2%% of the device's)")
     parser.add_argument("--lora-budget", metavar="SIZE",
                         help="memory for LoRAs kept loaded in the model (default: 4GiB, at most 10%% of the device's)")
+    parser.add_argument("--insightface-root", metavar="DIR", default=os.environ.get("IMPROMPT_INSIGHTFACE_ROOT"),
+                        help="FaceID from images: the folder holding InsightFace's models/buffalo_l (default: "
+                             "$IMPROMPT_INSIGHTFACE_ROOT, then MODELS/insightface, then ~/.insightface)")  # fmt: skip
 
 
 def _engine(args, **settings):
@@ -178,7 +182,7 @@ def _engine(args, **settings):
     return Engine(_require_models(args), device=args.device, dtype=args.dtype, encoder_dtype=args.encoder_dtype,
                   cache_budget=args.cache_budget, adapter_cache_budget=args.adapter_budget,
                   embedding_cache_budget=args.embedding_budget, lora_cache_budget=args.lora_budget,
-                  **settings)  # fmt: skip
+                  insightface_root=args.insightface_root, **settings)  # fmt: skip
 
 
 def _positive(text: str) -> int:

@@ -339,8 +339,12 @@ def describe_store(store: ModelStore) -> dict:
         item = {"name": entry.name, "friendly_name": catalog.friendly_name(entry.name), **spec.to_dict()}
         item["needs"] = spec.needs + (f" ({family.name})" if family else "")
         try:
-            encoder, _ = pick_encoder(entry, store)
-            item.update(encoder=encoder.name, encoder_present=True)
+            if spec.consumes == "faceid_embeds" and not spec.clip_width:  # InsightFace, or face_embeddings given
+                item.update(encoder="InsightFace", encoder_present=True)
+            else:
+                encoder, _ = pick_encoder(entry, store)
+                faceid = "InsightFace + " if spec.clip_width else ""
+                item.update(encoder=f"{faceid}{encoder.name}", encoder_present=True)
         except ImpromptError as exc:
             item.update(encoder=None, encoder_present=False, encoder_problem=str(exc))
         item["fits_models"] = [p.name for p in store.pipelines if _fits(entry, p)]

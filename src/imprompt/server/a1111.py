@@ -13,12 +13,12 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..engine import Result
 from ..errors import RequestError
 from ..models.store import ModelStore
-from ..request import GenerateRequest, IPAdapterUnit, parse_request
+from ..request import GenerateRequest, IPAdapterUnit, describe_validation_error, parse_request
 from ..util.infotext import png_info
 from .controlnet import controlnet_units
 
@@ -42,6 +42,32 @@ class IPAdapterPayload(BaseModel):
     embeddings: str | None = None
     face_embeddings: list[list[float]] | None = None
     encoder: str | None = None
+    structure: float = 1.0
+    faceid_version: str | None = None
+
+
+class FacePayload(BaseModel):
+    """SD.Next's `face` field (its Face script). Its FaceID mode is one FaceID unit; the other modes (FaceSwap,
+    InstantID, PhotoMaker, ReSwapper) are other models, which imprompt does not run."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: str = "FaceID"
+    source_images: list[str] = Field(default_factory=list)
+    ip_model: str = "FaceID Base"
+    ip_override_sampler: bool = True  # SD.Next then samples with DDIM
+    ip_cache_model: bool = True  # no effect on the picture: imprompt keeps what it built
+    ip_strength: float = Field(1.0, ge=0.0, le=2.0)
+    ip_structure: float = Field(1.0, ge=0.0, le=1.0)
+    # the other modes' settings, accepted as SD.Next sends them; they mean nothing to FaceID
+    id_strength: float = 1.0
+    id_conditioning: float = 0.5
+    id_cache: bool = True
+    pm_model: str | None = None
+    pm_trigger: str = "person"
+    pm_strength: float = 1.0
+    pm_start: float = 0.5
+    fs_cache: bool = True
 
 
 class Txt2ImgPayload(BaseModel):
@@ -64,6 +90,7 @@ class Txt2ImgPayload(BaseModel):
     scheduler: str | None = None
     override_settings: dict[str, Any] = Field(default_factory=dict)
     ip_adapter: list[IPAdapterPayload] = Field(default_factory=list)
+    face: FacePayload | None = Field(None, description="SD.Next's Face script: FaceID mode, as a FaceID unit")
     alwayson_scripts: dict[str, Any] = Field(default_factory=dict, description="the ControlNet extension's units")
 
 
@@ -83,7 +110,7 @@ UNIT_FIELDS = tuple(IPAdapterUnit.model_fields)
 # What imprompt does with each A1111 / SD.Next field (the README's table says the same):
 READ = {"prompt", "negative_prompt", "seed", "steps", "cfg_scale", "width", "height", "batch_size", "n_iter",
         "sampler_name", "sampler_index", "scheduler", "override_settings", "ip_adapter", "alwayson_scripts",
-        "init_images", "denoising_strength", "clip_skip"}  # fmt: skip
+        "init_images", "denoising_strength", "clip_skip", "face"}  # fmt: skip
 # no effect on the picture (or only together with a field that must stay off, below)
 IGNORED = {"send_images", "save_images", "do_not_save_samples", "do_not_save_grid", "override_settings_restore_afterwards",
            "force_task_id", "comments", "infotext", "include_init_images", "script_args", "image_cfg_scale",
@@ -195,6 +222,14 @@ def from_sdnext_payload(payload: dict, img2img: bool | None = None, store: Model
             continue  # SD.Next treats "None" as an empty unit
         fields["ip_adapters"].append({k: unit[k] for k in UNIT_FIELDS if unit.get(k) is not None})
         modules.append(None)
+    if payload.get("face") is not None:
+        face_unit, face_warnings = sdnext_face_unit(payload["face"], store)
+        if face_unit is not None:
+            fields["ip_adapters"].append(face_unit)
+            modules.append(None)
+            warnings += face_warnings
+            if payload["face"].get("ip_override_sampler", True):
+                fields["sampler"] = "DDIM"  # what SD.Next's FaceID does with "Override sampler" (its default)
     if scripts:
         if store is None:
             raise RequestError("alwayson_scripts: ControlNet units need the models folder to resolve their models")
@@ -205,10 +240,39 @@ def from_sdnext_payload(payload: dict, img2img: bool | None = None, store: Model
     return Converted(parse_request(fields), warnings, modules)
 
 
+def sdnext_face_unit(face, store: ModelStore | None) -> tuple[dict | None, list[str]]:
+    """SD.Next's `face` payload in FaceID mode -> a FaceID unit (None for mode "None"). `ip_structure` acts, as in
+    SD.Next, on FaceID Plus v2 only (its shortcut); elsewhere it is said to have no effect."""
+    try:
+        face = FacePayload.model_validate(face)
+    except ValidationError as exc:
+        raise RequestError(describe_validation_error(exc).replace("invalid request: ", "invalid request: face.")) from None
+    if face.mode.lower() == "none":
+        return None, []
+    if face.mode.lower() != "faceid":
+        raise RequestError(
+            f"face.mode: {face.mode!r} runs SD.Next's {face.mode} models, which imprompt does not have; use mode "
+            f"FaceID (an IP-Adapter FaceID unit), or leave face out"
+        )
+    if not face.source_images:
+        raise RequestError("face.source_images: FaceID needs at least one image of the face (base64)")
+    unit = {"adapter": face.ip_model, "images": face.source_images, "scale": face.ip_strength}
+    warnings = []
+    if face.ip_structure != 1.0:
+        version = store.adapter(face.ip_model).spec.faceid_version if store is not None else None
+        if version == "v2":
+            unit["structure"] = face.ip_structure
+        else:
+            warnings.append(f"face.ip_structure={face.ip_structure} has no effect on {face.ip_model}: it weights "
+                            f"FaceID Plus v2's face-structure shortcut (as in SD.Next)")  # fmt: skip
+    return unit, warnings
+
+
 def to_request(payload: Txt2ImgPayload, model: str | None, store: ModelStore) -> Converted:
     """The payload as an engine request; the server's current model unless the payload overrides it."""
     data = payload.model_dump()
     data["ip_adapter"] = [unit.model_dump(exclude_none=True) for unit in payload.ip_adapter]
+    data["face"] = payload.face.model_dump() if payload.face is not None else None
     if model and not (payload.override_settings or {}).get("sd_model_checkpoint"):
         data.setdefault("override_settings", {})["sd_model_checkpoint"] = model
     return from_sdnext_payload(data, img2img=isinstance(payload, Img2ImgPayload), store=store)
@@ -235,7 +299,10 @@ def to_response(results: list[Result], payload: Txt2ImgPayload, warnings: list[s
         "warnings": list(warnings or []),
         "imprompt": [r.info for r in results],  # one entry per n_iter batch, with its own units and events
     }
-    parameters = payload.model_dump(exclude={"ip_adapter", "alwayson_scripts", "init_images"})
+    parameters = payload.model_dump(exclude={"ip_adapter", "alwayson_scripts", "init_images", "face"})
+    if payload.face is not None:
+        parameters["face"] = {**payload.face.model_dump(exclude={"source_images"}),
+                              "source_images": len(payload.face.source_images)}  # fmt: skip
     parameters["ip_adapter"] = [{**u.model_dump(exclude={"images", "masks", "negative_images"}),
                                  "images": len(u.images)} for u in payload.ip_adapter]  # fmt: skip
     return {"images": images, "parameters": parameters, "info": json.dumps(info)}

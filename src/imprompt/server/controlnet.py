@@ -148,13 +148,22 @@ def _images(where: str, unit: dict) -> tuple[list, bool]:
 
 
 def module_warnings(modules: list[str], units_info: list[dict], store: ModelStore) -> list[str]:
-    """A module that runs another encoder (in the extension) than the adapter's weights need: what was asked, what
-    imprompt used instead."""
+    """A module that runs another encoder (in the extension) than the adapter's weights need, a CLIP module for a
+    FaceID adapter or a FaceID module for a CLIP adapter included: what was asked, what imprompt used instead."""
     warnings = []
     for i, (module, unit) in enumerate(zip(modules, units_info)):
         named = IP_ADAPTER_MODULES.get(module.lower()) if module else None
-        if named not in PROJECTION_OF:
-            continue  # ip-adapter-auto, FaceID: no encoder to contradict
+        if named is None:
+            continue  # ip-adapter-auto, or an SD.Next unit: no encoder to contradict
+        faceid = unit["consumes"] == "faceid_embeds"
+        if named.startswith("InsightFace") or faceid:
+            if named.startswith("InsightFace") != faceid:
+                warnings.append(
+                    f"{WHERE}.{i}: module {module} runs {named} in the ControlNet extension, but {unit['adapter']}'s "
+                    f"weights consume {unit['consumes']}[{unit['embed_dim']}]; imprompt used what they need: "
+                    f"{unit['encoder']}"
+                )
+            continue
         used = _encoder_family(unit, store)
         if used is not None and used != named:
             warnings.append(

@@ -99,6 +99,8 @@ function describeAdapter(select) {
   needs.textContent = adapter
     ? `${adapter.variant}, ${adapter.tokens} tokens; encoder: ${adapter.encoder || adapter.encoder_problem}`
     : "no adapter fits this model";
+  // FaceID Plus v2's face-structure weight (SD.Next's "Structure"); it means nothing to other adapters
+  select.closest(".unit").querySelector(".structure-field").hidden = !(adapter && adapter.faceid_version === "v2");
 }
 
 function refreshAdapterLists() {
@@ -167,6 +169,7 @@ async function unitPayload(unit) {
     start: Number(unit.querySelector(".start").value),
     end: Number(unit.querySelector(".end").value),
   };
+  if (!unit.querySelector(".structure-field").hidden) payload.structure = Number(unit.querySelector(".structure").value);
   const mask = unit.querySelector(".mask").files[0];
   if (mask) payload.masks = [await fileToBase64(mask)];
   return payload;
@@ -219,6 +222,15 @@ function showResult(result) {
     const loras = info.loras.length ? `\nLoRAs: ${info.loras.map((l) => `${l.name} (${l.weight})`).join(", ")}` : "";
     caption.textContent = `${info.infotexts[i]}\n${units}${loras}`;
     figure.append(img, caption);
+    // FaceID units: the aligned face crop InsightFace found in each reference image
+    info.ip_adapters.forEach((u, n) => (u.faces || []).forEach((face, j) => {
+      const crop = document.createElement("img");
+      crop.className = "face-crop";
+      crop.src = `data:image/png;base64,${face.crop}`;
+      crop.alt = `face used by unit ${n + 1}, image ${j + 1} (detection score ${face.score.toFixed(2)})`;
+      crop.title = crop.alt;
+      figure.append(crop);
+    }));
     $("gallery").prepend(figure);
   });
 }
@@ -233,6 +245,7 @@ function describeEvent(e) {
     case "encoder_evicted": return ["encoder evicted", `${e.encoder}: ${e.why}`];
     case "cache_hit": return ["cache hit", `${e.what} from ${e.encoder} for ${e.for}`];
     case "adapter_loaded": return ["adapter loaded", `${e.adapter}${seconds}`];
+    case "face_analysis_loaded": return ["face analysis loaded", `InsightFace from ${e.pack}${seconds}`];
     case "adapters_attached": return ["UNet adapters", e.adapters.join(" + ") || "none"];
     case "model_loaded": return ["model loaded", `${e.model}${seconds}`];
     case "model_unloaded": return ["model unloaded", `${e.model}: ${e.why}`];
