@@ -164,7 +164,8 @@ def _faceid(ctx):
         tensors[f"ip_adapter.{2 * j + 1}.to_v_ip.weight"] = torch.randn(width, 768, generator=g)
     path = ctx.tmp / "ip-adapter-faceid_sd15.safetensors"
     save_file({k: v.half() for k, v in tensors.items()}, path)
-    return request(unit(str(path), ctx.red)), UnsupportedError, ["FaceID", "InsightFace", path.name]
+    faces = {"adapter": str(path), "face_embeddings": [[0.1] * 256], "scale": 0.6}  # ArcFace gives 512, not 256
+    return request(faces), IncompatibleError, ["[1, 256]", "512-d", "InsightFace"]
 
 
 def _sdxl_adapter(ctx):

@@ -62,6 +62,8 @@ def plus_root(pack, insightface_root, tmp_path_factory):
     write(root / "ipadapter" / "ip-adapter-faceid-plus_sd15.safetensors", plus)
     write(root / "ipadapter" / "ip-adapter-faceid-plusv2_sd15.safetensors", plus)
     write(root / "ipadapter" / "ip-adapter-faceid-plusv2_sdxl.safetensors", faceid_plus_adapter(sdxl, 12, width))
+    write(root / "ipadapter" / "ip-adapter-faceid-portrait_sdxl_unnorm.safetensors",
+          faceid_adapter(sdxl, seed=13, tokens=16, lora_rank=None))  # fmt: skip
     shutil.copytree(insightface_root / "models", root / "insightface" / "models")
     return root
 
@@ -71,7 +73,7 @@ def plus_engine(pack, faceid_root, plus_root):
     return Engine([pack, faceid_root, plus_root])
 
 
-def insightface(root, image):
+def insightface(root, image, raw=False):
     """What h94's examples, diffusers' FaceID docs and SD.Next do: BGR in, the first face, its normed embedding and
     the aligned 224 crop (BGR, handed to the CLIP processor as it is)."""
     import cv2
@@ -82,7 +84,8 @@ def insightface(root, image):
     app.prepare(ctx_id=0, det_size=(640, 640))
     bgr = cv2.cvtColor(np.asarray(image), cv2.COLOR_RGB2BGR)
     face = app.get(bgr)[0]
-    return torch.from_numpy(face.normed_embedding)[None], face_align.norm_crop(bgr, landmark=face.kps, image_size=224)
+    embedding = face.embedding if raw else face.normed_embedding
+    return torch.from_numpy(embedding)[None], face_align.norm_crop(bgr, landmark=face.kps, image_size=224)
 
 
 def faces(count: int = 1, seed: int = 3) -> torch.Tensor:
@@ -215,6 +218,21 @@ def test_faceid_plus_equals_diffusers(pack, plus_root, plus_engine, file, name, 
     info = result.info["ip_adapters"][0]
     assert info["encoder_file"] == str(pack / VIT_H) and info["variant"] == "faceid-plus"
     assert info["faceid_version"] == ("v2" if structure else "v1") and "file name" in info["faceid_version_from"]
+
+
+def test_portrait_unnorm_reads_the_raw_face_embedding(pack, plus_root, plus_engine):
+    """Portrait SDXL "unnorm" was trained on InsightFace's raw embedding (its file name says so, as upstream)."""
+    image = face_image(seed=3)
+    result = generate(plus_engine, [{"adapter": "FaceID Portrait SDXL unnorm", "images": [image], "scale": 0.9}],
+                      model="tiny-sdxl")  # fmt: skip
+    raw, _ = insightface(plus_root / "insightface", image, raw=True)
+    expected = diffusers_faceid(pack, plus_root, "ip-adapter-faceid-portrait_sdxl_unnorm.safetensors", 0.9, raw,
+                                "tiny-sdxl")  # fmt: skip
+    assert max_diff(result.images[0], expected) <= 1
+    assert result.info["ip_adapters"][0]["faceid_version"] == "unnorm"
+    normed, _ = insightface(plus_root / "insightface", image)
+    assert max_diff(result.images[0], diffusers_faceid(pack, plus_root, "ip-adapter-faceid-portrait_sdxl_unnorm.safetensors",
+                                                       0.9, normed, "tiny-sdxl")) > 1  # fmt: skip
 
 
 def test_plus_version_override_and_two_faces_on_one_file(pack, plus_root, plus_engine):
@@ -356,3 +374,28 @@ def test_sdnext_face_payload_sdnext_unit_and_controlnet_unit_agree(pack, faceid_
         assert "face.mode" in refused["detail"] and "InstantID" in refused["detail"]
         no_face = post(url, txt(face={"source_images": [b64(no_face_image())], "ip_model": "FaceID Base"}), status=422)
         assert "no face found" in no_face["detail"]
+
+
+def test_cli_embed_a_face_then_generate_from_it(pack, faceid_root, plus_root, plus_engine, tmp_path):
+    """`imprompt embed --adapter "FaceID Plus v2" face.png --out face.safetensors` (InsightFace found through
+    --insightface-root), then `imprompt generate --ip "FaceID Plus v2:face.safetensors"`: the image the face gives."""
+    import subprocess
+    import sys
+
+    face_image(seed=4).save(tmp_path / "face.png")
+    models = [arg for root in (pack, faceid_root, plus_root) for arg in ("--models", str(root))]
+
+    def imprompt(*args):
+        done = subprocess.run([sys.executable, "-m", "imprompt.cli", *args], capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done
+
+    imprompt("embed", *models, "--insightface-root", str(plus_root / "insightface"), "--adapter", "FaceID Plus v2",
+             str(tmp_path / "face.png"), "--out", str(tmp_path / "face.safetensors"))  # fmt: skip
+    imprompt("generate", *models, "--model", "tiny-sd15", "--prompt", "a cat", "--seed", "1", "--steps", str(STEPS),
+             "--width", str(SIZE), "--height", str(SIZE), "--ip", f"FaceID Plus v2:{tmp_path / 'face.safetensors'}:0.8",
+             "--out", str(tmp_path / "out.png"))  # fmt: skip
+    expected = generate(plus_engine, [{"adapter": "FaceID Plus v2", "images": [face_image(seed=4)], "scale": 0.8}])
+    from PIL import Image
+
+    assert max_diff(Image.open(tmp_path / "out.png").convert("RGB"), expected.images[0]) == 0

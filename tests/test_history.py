@@ -17,6 +17,7 @@ from imprompt.errors import ImpromptError
 from tools.loadtest import load, start_server
 from tools.soak import (
     failing_menu,
+    faceid_menu,
     fresh_references,
     lora_menu,
     pack_images,
@@ -43,7 +44,7 @@ def images(pack) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def fresh_paths(roots, images, tmp_path_factory) -> dict[str, Path]:
     """Each valid request's image, computed as the only request of a brand-new Python process."""
-    valid = sd15_menu(images) | sdxl_menu(images) | lora_menu(images)
+    valid = sd15_menu(images) | sdxl_menu(images) | lora_menu(images) | faceid_menu(roots[1])
     return fresh_references(roots, valid, tmp_path_factory.mktemp("fresh"))
 
 
@@ -63,7 +64,8 @@ def test_fresh_references_are_distinct(fresh):
 @settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(data=st.data())
 def test_any_sequence_gives_fresh_process_pixels(roots, images, fresh, data):
-    valid, bad = sd15_menu(images) | sdxl_menu(images) | lora_menu(images), failing_menu(images)
+    valid = sd15_menu(images) | sdxl_menu(images) | lora_menu(images) | faceid_menu(roots[1])
+    bad = failing_menu(images, roots[1])
     budget = data.draw(st.sampled_from([None, 1]), label="encoder cache budget (1 byte: evict on every switch)")
     sequence = data.draw(
         st.lists(st.sampled_from(sorted(valid) + sorted(bad)), min_size=2, max_size=7), label="requests"
@@ -96,7 +98,7 @@ def every_ordered_pair(names: list[str]) -> list[str]:
 def test_every_request_after_every_other_in_one_engine(roots, images, fresh):
     """Every valid request directly after every valid request (121 pairs), with a failing request slipped in
     every third step, in one engine."""
-    valid, bad = sd15_menu(images), failing_menu(images)
+    valid, bad = sd15_menu(images), failing_menu(images, roots[1])
     sequence = every_ordered_pair(sorted(valid))
     pairs = set(zip(sequence, sequence[1:]))
     assert len(pairs) == len(valid) ** 2
@@ -117,7 +119,7 @@ def test_every_lora_request_after_every_other(roots, images, fresh):
     another is needed): nothing one request set up reaches the next."""
     menu = lora_menu(images)
     valid = {name: menu[name] for name in menu if name != "xl-lora"} | {n: sd15_menu(images)[n] for n in ("none", "base")}
-    bad = failing_menu(images)
+    bad = failing_menu(images, roots[1])
     sequence = every_ordered_pair(sorted(valid))
     for budget in (None, 1):
         engine = Engine(roots, lora_cache_budget=budget)
@@ -131,11 +133,34 @@ def test_every_lora_request_after_every_other(roots, images, fresh):
             assert max_diff(result.images[0], fresh[name]) == 0, f"{name} (step {i}, budget {budget}) after {previous}"
 
 
+def test_every_faceid_request_after_every_other(roots, images, fresh):
+    """FaceID from images (InsightFace; Base, and Plus v2 with its face crop's encoder and structure), FaceID
+    beside other units and user LoRAs, in every order with plain requests and failures, with caches of one byte
+    (encoders, embeddings, LoRAs evicted whenever another is needed): the FaceID LoRA and crops never linger."""
+    menu = faceid_menu(roots[1])
+    if not menu:
+        pytest.skip("InsightFace (the `faceid` extra) is not installed")
+    plain = sd15_menu(images)
+    valid = menu | {"faceid+lora+unit": lora_menu(images)["faceid+lora+unit"]} | {n: plain[n] for n in ("none", "base")}
+    bad = failing_menu(images, roots[1])
+    sequence = every_ordered_pair(sorted(valid))
+    for budget in (None, 1):
+        engine = Engine(roots, cache_budget=budget, embedding_cache_budget=budget, lora_cache_budget=budget)
+        for i, name in enumerate(sequence):
+            if i % 4 == 3:
+                failure = ("faceid-no-face", "faceid-plus-without-crop", "faceid-wrong-width")[i // 4 % 3]
+                with pytest.raises(ImpromptError):
+                    engine.generate(bad[failure])
+            result = engine.generate(valid[name])
+            previous = sequence[i - 1] if i else "nothing"
+            assert max_diff(result.images[0], fresh[name]) == 0, f"{name} (step {i}, budget {budget}) after {previous}"
+
+
 def test_every_request_after_every_other_across_families(roots, images, fresh):
     """SD 1.5 and SDXL requests in every order (each switch of family reloads the base model), with failures."""
     sd15 = sd15_menu(images)
     valid = {name: sd15[name] for name in ("base", "base+vit-g", "plus+vit-g+full")} | sdxl_menu(images)
-    bad = failing_menu(images)
+    bad = failing_menu(images, roots[1])
     sequence = every_ordered_pair(sorted(valid))
     engine = Engine(roots)
     for i, name in enumerate(sequence):
@@ -149,7 +174,7 @@ def test_every_request_after_every_other_across_families(roots, images, fresh):
 
 def test_failures_name_their_cause(roots, images):
     engine = Engine(roots)
-    bad = failing_menu(images)
+    bad = failing_menu(images, roots[1])
     messages = {}
     for name, req in bad.items():
         with pytest.raises(ImpromptError) as caught:
@@ -180,7 +205,7 @@ def test_soak_120_requests(roots, images, tmp_path_factory):
     assert {r["model"] for r in pool.values()} == {"tiny-sd15", "tiny-sdxl"}
     assert len({u["adapter"] for r in pool.values() for u in r["ip_adapters"]}) >= 6
     references = fresh_references(roots, pool, tmp_path_factory.mktemp("random-fresh"))
-    report = soak(roots, pool, failing_menu(images), references, count=120, seed=0, cache_budget=1)
+    report = soak(roots, pool, failing_menu(images, roots[1]), references, count=120, seed=0, cache_budget=1)
     assert report["failures"] == []
     assert report["valid"] + report["refused_as_expected"] == 120 and report["refused_as_expected"] > 0
     # seed 0's 100th request is one that must fail: the memory reading after warm-up must not depend on it

@@ -66,7 +66,7 @@ CASES = [
     ("decompression bomb", "post", "/sdapi/v1/txt2img", lambda i: {"json": txt(ip_adapter=[ip(i, images=[b64(Image.new("1", (30000, 30000)))])])}, 413, "pixels"),
     ("mask count mismatch", "post", "/sdapi/v1/txt2img", lambda i: {"json": txt(ip_adapter=[ip(i, masks=[i["red"], i["red"]])])}, 422, "2 masks for 1 images"),
     ("invalid layer block", "post", "/sdapi/v1/txt2img", lambda i: {"json": txt(ip_adapter=[ip(i, layers={"up": {"block_7": 1}})])}, 422, "block_7"),
-    ("face crop requested", "post", "/sdapi/v1/txt2img", lambda i: {"json": txt(ip_adapter=[ip(i, crop=True)])}, 422, "face detector"),
+    ("face crop requested", "post", "/sdapi/v1/txt2img", lambda i: {"json": txt(ip_adapter=[ip(i, crop=True)])}, 422, "crop=true"),
     ("unknown adapter", "post", "/sdapi/v1/txt2img", lambda i: {"json": txt(ip_adapter=[ip(i, adapter="Base XL Turbo")])}, 404, "Base XL Turbo"),
     ("path traversal in adapter", "post", "/sdapi/v1/txt2img", lambda i: {"json": txt(ip_adapter=[ip(i, adapter="../../../etc/passwd")])}, 404, "not found"),
     ("absolute path as adapter", "post", "/sdapi/v1/txt2img", lambda i: {"json": txt(ip_adapter=[ip(i, adapter="/etc/passwd")])}, 404, "not found"),

@@ -352,6 +352,7 @@ def test_faceid_adapter(tmp_path, sd15_widths):
         ("ip-adapter-faceid-plus_sd15", 1280, 4, ("faceid-plus", "v1", "file name has no 'v2'")),
         ("my-renamed-faceid-v2", 1024, 4, ("faceid-plus", "v2", "file name contains 'v2'")),
         ("ip-adapter-faceid-portrait_sd15", None, 16, ("faceid-portrait", None, None)),
+        ("ip-adapter-faceid-portrait_sdxl_unnorm", None, 16, ("faceid-portrait", "unnorm", "file name contains 'unnorm'")),
         ("ip-adapter-faceid_sd15", None, 4, ("faceid", None, None)),
     ],
 )

@@ -6,6 +6,8 @@ The soak, the history tests and the LoRA tests point the engine at them, next to
 
 from __future__ import annotations
 
+import importlib.util
+import json
 from pathlib import Path
 
 import torch
@@ -71,7 +73,10 @@ def write(path: Path, tensors: dict) -> Path:
 def write_extra_models(folder: Path, pack: Path) -> Path:
     """An A1111-style tree next to the pack: `Lora/` (an SD 1.5 LoRA with text-encoder parts, one UNet-only, an
     SDXL one, a truncated one), `embeddings/shiny.safetensors` (SD 1.5), `VAE/soft-vae.safetensors` (SD 1.5,
-    diffusers names), `ipadapter/ip-adapter-faceid_sd15.safetensors` (FaceID Base with its LoRA)."""
+    diffusers names), `ipadapter/ip-adapter-faceid_sd15.safetensors` (FaceID Base with its LoRA) and
+    `ip-adapter-faceid-plusv2_sd15.safetensors` (FaceID Plus v2, for the pack's ViT-H), and, where InsightFace is
+    installed, a tiny `insightface/models/buffalo_l` (ComfyUI's place for it), `faces/face-<n>.png` and
+    `faces/no-face.png`."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     sd15 = StableDiffusionPipeline.from_pretrained(pack / "diffusers" / "tiny-sd15", safety_checker=None,
@@ -85,6 +90,16 @@ def write_extra_models(folder: Path, pack: Path) -> Path:
     write(folder / "embeddings" / "shiny.safetensors", inversion(sd15, seed=4))
     write(folder / "VAE" / "soft-vae.safetensors", altered_vae(sd15, seed=5).state_dict())
     write(folder / "ipadapter" / "ip-adapter-faceid_sd15.safetensors", faceid_adapter(sd15, seed=6))
+    vit_h = json.loads((pack / "IP-Adapter" / "models" / "image_encoder" / "config.json").read_text())["hidden_size"]
+    write(folder / "ipadapter" / "ip-adapter-faceid-plusv2_sd15.safetensors", faceid_plus_adapter(sd15, 7, vit_h))
+    if importlib.util.find_spec("insightface") is not None:
+        from .insightface_pack import face_image, no_face_image, write_insightface_pack
+
+        write_insightface_pack(folder / "insightface")
+        (folder / "faces").mkdir(exist_ok=True)
+        for seed in (1, 2):
+            face_image(seed).save(folder / "faces" / f"face-{seed}.png")
+        no_face_image().save(folder / "faces" / "no-face.png")
     return folder
 
 

@@ -144,9 +144,27 @@ def lora_menu(images: dict[str, str]) -> dict[str, dict]:
     }
 
 
-def failing_menu(images: dict[str, str]) -> dict[str, dict]:
+def faceid_menu(extra: Path) -> dict[str, dict]:
+    """FaceID from images (InsightFace, where installed: `write_extra_files` then writes its tiny pack and faces),
+    Base and Plus v2 with structure, beside other units and LoRAs; empty without InsightFace."""
+    faces = sorted(str(p) for p in (Path(extra) / "faces").glob("face-*.png"))
+    if not faces:
+        return {}
+    return {
+        "faceid-image": _request(_unit("FaceID Base", faces[0], scale=0.8), seed=13),
+        "faceid-plus-v2+lora": _request(_unit("FaceID Plus v2", faces[1], scale=0.7, structure=0.6),
+                                        prompt="a cat <lora:detail-sd15:0.5>", seed=14),  # fmt: skip
+        "faceid-plus-two-faces+unit": _request(_unit("FaceID Plus v2", *faces, scale=0.5),
+                                               {"adapter": "FaceID Base", "face_embeddings": [FACE], "scale": 0.4},
+                                               seed=15),  # fmt: skip
+    }
+
+
+def failing_menu(images: dict[str, str], extra: Path | None = None) -> dict[str, dict]:
     """Requests that must fail with a typed error (the extra root from `write_extra_files` provides the files)."""
     red = images["red-circle"]
+    no_face = Path(extra or "") / "faces" / "no-face.png"
+    no_face = str(no_face) if extra and no_face.is_file() else red  # without InsightFace, any image fails
     return {
         "unknown-adapter": _request(_unit("Base XL Turbo", red)),
         "bad-image": _request(_unit("Plus", "bm90IGFuIGltYWdl")),  # base64 of "not an image"
@@ -161,7 +179,8 @@ def failing_menu(images: dict[str, str]) -> dict[str, dict]:
         "sdxl-lora-on-sd15": _request(prompt="a cat <lora:style-sdxl:1>"),
         "corrupt-lora": _request(prompt="a cat <lora:broken-lora:1>"),
         "bad-lora-tag": _request(prompt="a cat <lora:detail-sd15:1:2:3>"),
-        "faceid-from-an-image": _request(_unit("FaceID Base", red)),
+        "faceid-no-face": _request(_unit("FaceID Base", no_face)),
+        "faceid-plus-without-crop": _request({"adapter": "FaceID Plus v2", "face_embeddings": [FACE]}),
         "faceid-wrong-width": _request({"adapter": "FaceID Base", "face_embeddings": [FACE[:256]]}),
     }
 
@@ -298,7 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     pack = build_demo_pack(args.models)
     roots = [str(pack.resolve()), str(write_extra_files(args.work / "extra", pack).resolve())]
     images = pack_images(pack)
-    valid, failing = random_requests(args.distinct, args.seed, images), failing_menu(images)
+    valid = random_requests(args.distinct, args.seed, images) | faceid_menu(Path(roots[1]))
+    failing = failing_menu(images, Path(roots[1]))
     references = fresh_references(roots, valid, args.work / "references")
     report = soak(roots, valid, failing, references, args.requests, args.seed, cache_budget=args.cache_budget,
                   progress=lambda n, f: print(f"soak: {n} requests, {len(f)} failures, RSS {_rss() / 2**20:.0f} MiB",
