@@ -50,6 +50,7 @@ ORDER = (
     "ipadapter/",
     "ipadapter/build.py",
     "ipadapter/block_weights.py",
+    "ipadapter/faces.py",
     "ipadapter/embeddings.py",
     "ipadapter/attach.py",
     "util/",
