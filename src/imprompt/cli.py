@@ -170,6 +170,11 @@ def _engine_arguments(parser) -> None:
                         help="memory for cached image embeddings (default: 512MiB, at most 2%% of the device's)")
     parser.add_argument("--lora-budget", metavar="SIZE",
                         help="memory for LoRAs kept loaded in the model (default: 4GiB, at most 10%% of the device's)")
+    parser.add_argument("--model-budget", metavar="SIZE",
+                        help="memory for base models kept loaded, so switching back costs no reload (default: 40%% "
+                             "of the RAM; half a GPU's)")  # fmt: skip
+    parser.add_argument("--offload-budget", metavar="SIZE",
+                        help="on a GPU: CPU memory where models pushed out wait to move back (default: 30%% of the RAM)")
     parser.add_argument("--insightface-root", metavar="DIR", default=os.environ.get("IMPROMPT_INSIGHTFACE_ROOT"),
                         help="FaceID from images: the folder holding InsightFace's models/buffalo_l (default: "
                              "$IMPROMPT_INSIGHTFACE_ROOT, then MODELS/insightface, then ~/.insightface)")  # fmt: skip
@@ -182,6 +187,7 @@ def _engine(args, **settings):
     return Engine(_require_models(args), device=args.device, dtype=args.dtype, encoder_dtype=args.encoder_dtype,
                   cache_budget=args.cache_budget, adapter_cache_budget=args.adapter_budget,
                   embedding_cache_budget=args.embedding_budget, lora_cache_budget=args.lora_budget,
+                  pipeline_cache_budget=args.model_budget, offload_budget=args.offload_budget,
                   insightface_root=args.insightface_root, **settings)  # fmt: skip
 
 

@@ -11,6 +11,7 @@ dtype). A request that fails before `attach` changes nothing the next request ca
 
 from __future__ import annotations
 
+import itertools
 import logging
 import secrets
 import threading
@@ -36,7 +37,8 @@ from .ipadapter.embeddings import (
 )
 from .ipadapter.faces import FaceAnalyzer, insightface_roots
 from .loading.loras import LoraUse, PipelineLoras, lora_file
-from .loading.pipelines import load_pipeline
+from .loading.pipelines import component_identities, load_pipeline
+from .loading.resident import LoadedPipeline, ResidentPipelines
 from .loading.textual_inversions import load_inversion
 from .loading.vaes import load_vae
 from .models.store import Entry, ModelStore, a1111_hash
@@ -69,30 +71,6 @@ class Result:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.images[index].save(path, pnginfo=png_info(self.infotexts[index]))
         return path
-
-
-@dataclass
-class _LoadedPipeline:
-    key: tuple
-    name: str
-    pipeline: object
-    attached: AttachedAdapters  # the IP-Adapters its UNet carries now
-    loras: PipelineLoras  # the LoRAs loaded into it, and which act now
-    own_vae: object  # the VAE it came with (a request may use another from the tree)
-    scheduler_config: dict
-    scheduler_class: str
-    load_seconds: float
-    model_hash: str | None  # A1111's short hash of a single-file checkpoint (folders have none)
-    _img2img: object = None
-
-    def img2img(self):
-        """The image-to-image pipeline over the same components (same UNet, so the same attached adapters)."""
-        if self._img2img is None:
-            from diffusers import AutoPipelineForImage2Image
-
-            self._img2img = AutoPipelineForImage2Image.from_pipe(self.pipeline)
-            self._img2img.set_progress_bar_config(disable=True)
-        return self._img2img
 
 
 @dataclass
@@ -130,6 +108,8 @@ class Engine:
         embedding_cache_budget: str | int | None = None,
         adapter_cache_budget: str | int | None = None,
         lora_cache_budget: str | int | None = None,
+        pipeline_cache_budget: str | int | None = None,
+        offload_budget: str | int | None = None,
         default_model: str | None = None,
         allow_paths: bool = True,
         max_image_pixels: int = DEFAULT_MAX_PIXELS,
@@ -143,7 +123,8 @@ class Engine:
         Budgets ("8GiB", "512MB", bytes) of the caches, on the device the models live on: `cache_budget` for loaded
         image encoders (default half the RAM on the CPU, 30 % of the GPU's memory on CUDA), `adapter_cache_budget`
         for built adapters, `embedding_cache_budget` for embeddings, `lora_cache_budget` for LoRAs loaded into the
-        pipeline (see `util/devices.py`).
+        pipeline, `pipeline_cache_budget` for base models kept loaded, and on a GPU `offload_budget` for base models
+        waiting in CPU memory (see `util/devices.py`).
         Paths as names are allowed unless `allow_paths=False`. `max_units` per request and `max_images` per unit
         are checked before any image is decoded. `insightface_root`: where InsightFace's model pack is (FaceID from
         images; see `ipadapter/faces.py` for where else it is looked for)."""
@@ -167,7 +148,12 @@ class Engine:
         self.max_image_pixels = max_image_pixels
         self.max_image_bytes = max_image_bytes
         self.max_units, self.max_images = max_units, max_images
-        self._pipeline: _LoadedPipeline | None = None
+        self._pipeline_loads = itertools.count()  # numbers each loaded pipeline's LoRA adapter names
+        self.pipelines = ResidentPipelines(
+            self.device,
+            parse_bytes(pipeline_cache_budget, default_budget("pipelines", self.device)),
+            parse_bytes(offload_budget, default_budget("offload", torch.device("cpu"))),
+        )
         self._lock = threading.Lock()
         self._interrupt = threading.Event()
 
@@ -341,7 +327,7 @@ class Engine:
             masks = [self._image(ref, f"{where}.masks.{j}") for j, ref in enumerate(unit.masks)]
         return _UnitInputs(images, negatives, masks)
 
-    def _lora_uses(self, plan: Plan, loaded: _LoadedPipeline) -> list[LoraUse]:
+    def _lora_uses(self, plan: Plan, loaded: LoadedPipeline) -> list[LoraUse]:
         """The request's LoRAs, and the LoRA each FaceID adapter embeds (at 1.0, as diffusers' FaceID loading sets
         it), active exactly while its unit is in the request, beside the user's own."""
         uses = [lora_file(lora.entry, lora.weight) for lora in plan.loras]
@@ -515,35 +501,38 @@ class Engine:
 
     # --------------------------------------------------------------------------------------- loading, cached
 
-    def _load_pipeline(self, entry: Entry, events: list) -> _LoadedPipeline:
-        """The request's pipeline. A switch is transactional: the new model is loaded while the current one stays
-        usable (on a GPU it waits in CPU memory meanwhile, to leave room), and only a successful load replaces it."""
+    def _load_pipeline(self, entry: Entry, events: list) -> LoadedPipeline:
+        """The request's pipeline: resident already (no reload), or loaded. A load happens in CPU memory first and
+        joins the device only once it succeeded, so a failed load leaves every resident pipeline as it was."""
         key = entry.key(self.dtype, self.device)
-        current = self._pipeline
-        if current is not None and current.key == key:
-            return current
-        parked = current is not None and self.device.type == "cuda"
-        if parked:
-            current.pipeline.to("cpu")
-        try:
-            loaded = self._loaded_pipeline(entry, key)
-        except BaseException:
-            if parked:
-                current.pipeline.to(self.device)
-            raise
-        self._pipeline = loaded
-        if current is not None:
-            log.info("model %s unloaded: %s replaced it", current.name, entry.name)
-            events.append({"event": "model_unloaded", "model": current.name, "why": f"{entry.name} requested"})
-            del current
-            release_memory(self.device)
-        log.info("model %s loaded in %.2f s", entry.name, loaded.load_seconds)
-        events.append({"event": "model_loaded", "model": entry.name, "seconds": round(loaded.load_seconds, 4)})
+        current = self.pipelines.current
+        loaded = self.pipelines.get(key, events)
+        if loaded is None:
+            for stale in self.pipelines.discard_older_versions(key):
+                log.info("model %s unloaded: its file changed on disk", stale.label)
+                events.append({"event": "model_unloaded", "model": stale.label, "why": "its file changed on disk"})
+            loaded = self._loaded_pipeline(entry, key, events)
+            self.pipelines.add(loaded, events)
+            release_memory(self.device)  # what was pushed out
+            log.info("model %s loaded in %.2f s", entry.name, loaded.load_seconds)
+            events.append({"event": "model_loaded", "model": entry.name, "seconds": round(loaded.load_seconds, 4)})
+        elif loaded is not current:
+            log.info("model %s was resident: no reload", entry.name)
+            events.append({"event": "model_reused", "model": entry.name})
+        if loaded is not current:
+            # a VAE or text encoder shared with another pipeline may carry that pipeline's LoRA state: set it anew
+            loaded.loras.enabled = None
+            self.pipelines.current = loaded
         return loaded
 
-    def _loaded_pipeline(self, entry: Entry, key: tuple) -> _LoadedPipeline:
+    def _loaded_pipeline(self, entry: Entry, key: tuple, events: list) -> LoadedPipeline:
         started = time.perf_counter()
-        pipeline = load_pipeline(entry.spec, self.device, self.dtype)
+        identities = component_identities(entry.spec, self.dtype)
+        shared = self.pipelines.shared_components(identities)
+        for name in shared:
+            log.info("model %s: %s shared with a resident model (same files on disk)", entry.name, name)
+            events.append({"event": "component_shared", "model": entry.name, "component": name})
+        pipeline = load_pipeline(entry.spec, torch.device("cpu"), self.dtype, shared)
         attached = AttachedAdapters(pipeline.unet)  # before any LoRA wraps the UNet's layers
         if tuple(attached.names) != tuple(entry.spec.layer_names):
             raise CheckpointError(
@@ -551,20 +540,21 @@ class Engine:
                 f"the loaded UNet's cross-attention layers {attached.names[:2]}... differ from its weights file's "
                 f"{entry.spec.layer_names[:2]}...; the pipeline folder is inconsistent",
             )
-        return _LoadedPipeline(
+        return LoadedPipeline(
             key=key,
             name=entry.name,
             pipeline=pipeline,
             attached=attached,
-            loras=PipelineLoras(pipeline, self.lora_budget),
+            loras=PipelineLoras(pipeline, self.lora_budget, prefix=f"p{next(self._pipeline_loads)}_"),
             own_vae=pipeline.vae,
             scheduler_config=dict(pipeline.scheduler.config),
             scheduler_class=type(pipeline.scheduler).__name__,
             load_seconds=time.perf_counter() - started,
             model_hash=a1111_hash(entry.path) if entry.path.is_file() else None,
+            components=identities,
         )
 
-    def _built_adapter(self, entry: Entry, loaded: _LoadedPipeline, label: str, events: list) -> BuiltAdapter:
+    def _built_adapter(self, entry: Entry, loaded: LoadedPipeline, label: str, events: list) -> BuiltAdapter:
         key = entry.key(self.dtype, self.device)
         built = self.adapters.get(key)
         if built is not None:
@@ -578,14 +568,15 @@ class Engine:
         for old, why in [(e, "its file changed on disk") for e in stale] + [(e, "adapter cache budget") for e in evicted]:
             log.info("adapter %s evicted from cache: %s", old.label, why)
             events.append({"event": "adapter_evicted", "adapter": old.label, "why": why})
-        if stale or evicted:  # shells on the UNet must not keep evicted adapters alive
-            loaded.attached.forget([e.key for e in stale + evicted])
+        if stale or evicted:  # shells on any resident UNet must not keep evicted adapters alive
+            for resident in self.pipelines.all():
+                resident.attached.forget([e.key for e in stale + evicted])
             release_memory(self.device)
         log.info("adapter %s (%s) loaded in %.2f s", label, entry.path.name, seconds)
         events.append({"event": "adapter_loaded", "adapter": label, "file": str(entry.path), "seconds": round(seconds, 4)})
         return built
 
-    def _vae(self, entry: Entry, loaded: _LoadedPipeline, events: list):
+    def _vae(self, entry: Entry, loaded: LoadedPipeline, events: list):
         key = entry.key(self.dtype, self.device, loaded.name)  # built to the model's VAE configuration
         vae = self.vaes.get(key)
         if vae is None:
@@ -610,7 +601,7 @@ class Engine:
 
     def cache_info(self) -> dict:
         """What is loaded now; answers at once, even while a generation (or a model switch) runs."""
-        loaded = self._pipeline  # read once: another thread may replace it meanwhile
+        loaded = self.pipelines.current  # read once: another thread may replace it meanwhile
         return {
             "encoders": self.embedder.encoders.stats(),
             "embeddings": self.embedder.embeddings.stats(),
@@ -619,17 +610,18 @@ class Engine:
             "vaes": self.vaes.stats(),
             "faces": self.faces.faces.stats(),
             "model": loaded.name if loaded is not None else None,
+            "pipelines": self.pipelines.stats(),
         }
 
     def clear_cache(self) -> dict:
         """Drop loaded encoders, embeddings and built adapters (the loaded model stays)."""
         with self._lock:
-            if self._pipeline is not None:
-                self._pipeline.attached.attach([], ())
-                self._pipeline.attached.forget_shells()
+            for resident in self.pipelines.all():
+                resident.attached.attach([], ())
+                resident.attached.forget_shells()
             cleared = self.embedder.clear()
             cleared["adapters"] = self.adapters.clear()
-            cleared["loras"] = self._pipeline.loras.clear() if self._pipeline is not None else 0
+            cleared["loras"] = sum(resident.loras.clear() for resident in self.pipelines.all())
             cleared["vaes"] = self.vaes.clear()
             cleared["faces"] = self.faces.clear()
             return cleared

@@ -15,6 +15,8 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import torch
+
 from ..errors import CheckpointError
 from ..models.store import Entry
 from ..util.cache import ByteLRU
@@ -41,8 +43,11 @@ def lora_file(entry: Entry, weight: float) -> LoraUse:
 class PipelineLoras:
     """The LoRAs loaded into one pipeline (PEFT adapter name per file version), and which act now."""
 
-    def __init__(self, pipeline, budget_bytes: int):
+    def __init__(self, pipeline, budget_bytes: int, prefix: str = ""):
+        """`prefix` makes adapter names unique across pipelines that share a text encoder (PEFT names are per
+        module, and a shared module holds both pipelines' LoRA layers)."""
         self.pipeline = pipeline
+        self.prefix = prefix
         self.loaded = ByteLRU("loras", budget_bytes)  # entry key -> PEFT adapter name
         self._names: dict = {}  # the same mapping, kept for what the cache evicts
         self.active: tuple = ()  # ((adapter name, weight), ...) as last set
@@ -61,10 +66,19 @@ class PipelineLoras:
                 self.pipeline.enable_lora()
                 self.enabled = True
             self.pipeline.set_adapters(names, [lora.weight for lora in loras])
-        elif self._names and self.enabled is not False:  # LoRAs loaded and possibly acting: off
-            self.pipeline.disable_lora()
+        elif self.enabled is not False and (self._names or self.enabled is None):  # LoRA layers possibly acting: off
+            self._switch_off()
             self.enabled = False
         self.active = wanted
+
+    def _switch_off(self) -> None:
+        """Every LoRA layer in the pipeline's modules off, its own and those another pipeline that shares a text
+        encoder or VAE loaded into it (diffusers' `disable_lora` walks only modules with its own adapters)."""
+        from diffusers.utils.peft_utils import set_adapter_layers
+
+        for component in self.pipeline.components.values():
+            if isinstance(component, torch.nn.Module):
+                set_adapter_layers(component, enabled=False)
 
     def clear(self) -> int:
         """Unload every LoRA (Engine.clear_cache)."""
@@ -84,7 +98,7 @@ class PipelineLoras:
             self._delete(stale.key, stale.label, "its file changed on disk", events)
         started = time.perf_counter()
         self._count += 1
-        name = f"lora{self._count}"  # PEFT adapter names must be plain identifiers
+        name = f"{self.prefix}lora{self._count}"  # PEFT adapter names must be plain identifiers
         path = key[0]
         try:
             state = lora.read()

@@ -24,8 +24,28 @@ WITHOUT = {
 }
 
 
-def load_pipeline(spec: PipelineSpec, device: torch.device, dtype: torch.dtype):
-    """The text-to-image pipeline `spec` describes, on `device` in `dtype`."""
+SHAREABLE = ("vae", "text_encoder", "text_encoder_2")  # never the UNet: its attached adapters are per pipeline
+
+
+def component_identities(spec: PipelineSpec, dtype: torch.dtype) -> dict[str, str]:
+    """For a pipeline folder, each shareable component's identity: its weight files as the disk knows them (device,
+    inode, size, modification time) and the dtype, so two folders whose `vae/` is the same file (a symlink, a hard
+    link) share one module. Single files hold their components inside: {}."""
+    path = Path(spec.path)
+    if not path.is_dir():
+        return {}
+    identities = {}
+    for name in SHAREABLE:
+        files = sorted(f for f in (path / name).glob("*") if f.suffix in (".safetensors", ".bin") and f.is_file())
+        if files:
+            stats = [f.stat() for f in files]
+            identities[name] = f"{dtype}|" + ";".join(f"{s.st_dev}:{s.st_ino}:{s.st_size}:{s.st_mtime_ns}" for s in stats)
+    return identities
+
+
+def load_pipeline(spec: PipelineSpec, device: torch.device, dtype: torch.dtype, shared: dict | None = None):
+    """The text-to-image pipeline `spec` describes, on `device` in `dtype`. `shared`: components already loaded
+    (name -> module) that it uses instead of reading its own copy of the same files."""
     import diffusers
 
     cls = getattr(diffusers, spec.pipeline_class)
@@ -42,7 +62,7 @@ def load_pipeline(spec: PipelineSpec, device: torch.device, dtype: torch.dtype):
         else:
             pipeline = cls.from_pretrained(
                 spec.path, dtype=dtype, image_encoder=None, feature_extractor=None, local_files_only=True,
-                **WITHOUT[spec.pipeline_class],
+                **WITHOUT[spec.pipeline_class], **(shared or {}),
             )  # fmt: skip
     except (OSError, RuntimeError, ValueError, KeyError, TypeError) as exc:
         what = "single-file checkpoint" if path.is_file() else "pipeline"

@@ -19,6 +19,7 @@ class Evicted:
     key: Hashable
     label: str
     nbytes: int
+    value: Any = None  # what was evicted, for a caller that moves it elsewhere (a pipeline to CPU memory)
 
 
 @dataclass
@@ -52,9 +53,10 @@ class ByteLRU:
     def __contains__(self, key: Hashable) -> bool:
         return key in self._items
 
-    def put(self, key: Hashable, value: Any, nbytes: int, label: str = "", keep=()) -> list[Evicted]:
+    def put(self, key: Hashable, value: Any, nbytes: int, label: str = "", keep=(), with_values: bool = False) -> list[Evicted]:
         """Insert (or replace) and evict least-recently-used items until the budget holds; never `key` itself nor
-        the keys in `keep` (what the same request still needs)."""
+        the keys in `keep` (what the same request still needs). `with_values`: the evicted values come back too
+        (otherwise not, so that nothing the caller holds keeps their memory)."""
         with self._lock:
             self._items.pop(key, None)
             self._items[key] = _Item(value, int(nbytes), label or str(key))
@@ -66,7 +68,7 @@ class ByteLRU:
                     continue
                 old = self._items.pop(old_key)
                 self.evictions += 1
-                evicted.append(Evicted(old_key, old.label, old.nbytes))
+                evicted.append(Evicted(old_key, old.label, old.nbytes, old.value if with_values else None))
             return evicted
 
     def discard(self, key: Hashable) -> None:
@@ -83,6 +85,11 @@ class ByteLRU:
         """Drop items loaded from the same file (`key[0]`, its path) under another fingerprint: they can never be
         served again (their keys differ) but should not hold the budget."""
         return self.discard_where(lambda k: k[0] == key[0] and k != key)
+
+    def values(self) -> list:
+        """The cached values, least recently used first."""
+        with self._lock:
+            return [item.value for item in self._items.values()]
 
     def clear(self) -> int:
         with self._lock:

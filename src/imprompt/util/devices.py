@@ -19,10 +19,13 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.floa
 # Share of the device's memory each cache may hold by default. On the CPU the encoders keep half the RAM (both
 # SDXL-era encoders in fp32 on a 32 GB machine), as before budgets were per device; on a GPU the pipeline needs
 # most of it, so the encoders and adapters get less.
+# Base models kept loaded ("pipelines"): 40 % of the RAM on the CPU (SD 1.5 in fp32 is 4.3 GB, SDXL 10 GB in
+# fp32), half a GPU (SDXL in fp16 is 7 GB); "offload": the RAM where pipelines pushed off a GPU wait.
 SHARES = {
-    "cpu": {"encoders": 0.5, "adapters": 0.125, "embeddings": 0.02, "loras": 0.1, "vaes": 0.02},
-    "cuda": {"encoders": 0.3, "adapters": 0.1, "embeddings": 0.02, "loras": 0.1, "vaes": 0.02},
-}
+    "cpu": {"encoders": 0.5, "adapters": 0.125, "embeddings": 0.02, "loras": 0.1, "vaes": 0.02, "pipelines": 0.4,
+            "offload": 0.3},
+    "cuda": {"encoders": 0.3, "adapters": 0.1, "embeddings": 0.02, "loras": 0.1, "vaes": 0.02, "pipelines": 0.5},
+}  # fmt: skip
 # enough for every adapter, LoRA (dozens of rank-32 SD 1.5 LoRAs are 150 MB each), VAE and reference a server sees
 CAPS = {"adapters": 4 * 2**30, "embeddings": 512 * 2**20, "loras": 4 * 2**30, "vaes": 2 * 2**30}
 

@@ -249,6 +249,10 @@ function describeEvent(e) {
     case "adapters_attached": return ["UNet adapters", e.adapters.join(" + ") || "none"];
     case "model_loaded": return ["model loaded", `${e.model}${seconds}`];
     case "model_unloaded": return ["model unloaded", `${e.model}: ${e.why}`];
+    case "model_reused": return ["model resident", `${e.model}: no reload`];
+    case "model_offloaded": return ["model to CPU memory", `${e.model}: ${e.why}`];
+    case "model_restored": return ["model back from CPU memory", e.model];
+    case "component_shared": return ["component shared", `${e.model}: ${e.component} (same files as a resident model)`];
     case "lora_loaded": return ["LoRA loaded", `${e.lora}${seconds}`];
     case "lora_evicted": return ["LoRA unloaded", `${e.lora}: ${e.why}`];
     case "vae_loaded": return ["VAE loaded", `${e.vae}${seconds}`];

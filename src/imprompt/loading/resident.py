@@ -1,0 +1,123 @@
+"""Resident pipelines: several base models kept loaded within a byte budget, so switching models costs no reload.
+
+SD.Next, the A1111 webui and diffusers scripts hold one pipeline and read the next from disk on every checkpoint
+change. imprompt keeps each pipeline it loaded, least recently used out first, within a budget of device memory;
+on a GPU, a pipeline pushed out can wait in CPU memory (its own budget) and move back instead of being read from
+disk again. Keys carry the file's fingerprint, dtype and device, so a changed file is never served from an old
+copy. A new pipeline is built in CPU memory first and moved to the device only when it loaded, so a failed load
+leaves every resident pipeline as it was. Components that two pipeline folders share on disk (the same VAE or text
+encoder files, e.g. by symlink) are loaded once and handed to diffusers' `from_pretrained` for the second.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from ..util.cache import ByteLRU, module_bytes
+from .loras import PipelineLoras
+
+log = logging.getLogger("imprompt")
+
+
+@dataclass
+class LoadedPipeline:
+    """One resident pipeline and what imprompt keeps beside it."""
+
+    key: tuple
+    name: str
+    pipeline: object
+    attached: object  # ipadapter.attach.AttachedAdapters: the IP-Adapters its UNet carries now
+    loras: PipelineLoras  # the LoRAs loaded into it, and which act now
+    own_vae: object  # the VAE it came with (a request may use another from the tree)
+    scheduler_config: dict
+    scheduler_class: str
+    load_seconds: float
+    model_hash: str | None  # A1111's short hash of a single-file checkpoint (folders have none)
+    components: dict = field(default_factory=dict)  # name -> identity of its files on disk (shared components)
+    _img2img: object = None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(module_bytes(m) for m in self.pipeline.components.values() if isinstance(m, torch.nn.Module))
+
+    def img2img(self):
+        """The image-to-image pipeline over the same components (same UNet, so the same attached adapters)."""
+        if self._img2img is None:
+            from diffusers import AutoPipelineForImage2Image
+
+            self._img2img = AutoPipelineForImage2Image.from_pipe(self.pipeline)
+            self._img2img.set_progress_bar_config(disable=True)
+        return self._img2img
+
+
+class ResidentPipelines:
+    """The pipelines on the device (byte-bounded LRU) and, on a GPU, those waiting in CPU memory."""
+
+    def __init__(self, device: torch.device, budget_bytes: int, offload_budget_bytes: int):
+        self.device = device
+        self.on_device = ByteLRU("pipelines", budget_bytes)
+        # on the CPU there is nowhere cheaper to wait: a pipeline pushed out is freed
+        self.offloaded = ByteLRU("offloaded pipelines", offload_budget_bytes if device.type == "cuda" else 0)
+        self.current: LoadedPipeline | None = None
+
+    def get(self, key: tuple, events: list) -> LoadedPipeline | None:
+        """The resident pipeline for `key`: on the device, or moved back from CPU memory; None if not resident."""
+        loaded = self.on_device.get(key)
+        if loaded is not None or key not in self.offloaded:
+            return loaded
+        loaded = self.offloaded.get(key)
+        self.offloaded.discard(key)
+        log.info("model %s moving back to %s from CPU memory", loaded.name, self.device)
+        events.append({"event": "model_restored", "model": loaded.name, "from": "CPU memory"})
+        self.add(loaded, events)
+        return loaded
+
+    def add(self, loaded: LoadedPipeline, events: list) -> None:
+        """Make `loaded` resident on the device, pushing the least recently used ones out to fit the budget: to
+        CPU memory on a GPU while that budget allows, else freed. Room is made before `loaded` moves in."""
+        evicted = self.on_device.put(loaded.key, loaded, loaded.nbytes, label=loaded.name, with_values=True)
+        for old in evicted:
+            why = f"the pipeline budget ({_mib(self.on_device.budget_bytes)}) needed room for {loaded.name}"
+            if 0 < old.nbytes <= self.offloaded.budget_bytes:
+                old.value.pipeline.to("cpu")
+                for gone in self.offloaded.put(old.key, old.value, old.nbytes, label=old.label):
+                    log.info("model %s unloaded from CPU memory (its budget)", gone.label)
+                    events.append({"event": "model_unloaded", "model": gone.label, "why": "CPU memory budget"})
+                log.info("model %s moved to CPU memory: %s", old.label, why)
+                events.append({"event": "model_offloaded", "model": old.label, "why": why})
+            else:
+                old.value.loras.clear()  # its LoRA layers may sit in a text encoder another pipeline shares
+                log.info("model %s unloaded: %s", old.label, why)
+                events.append({"event": "model_unloaded", "model": old.label, "why": why})
+        del evicted  # nothing here may keep an evicted pipeline alive
+        loaded.pipeline.to(self.device)
+
+    def all(self) -> list[LoadedPipeline]:
+        """Every resident pipeline, on the device and in CPU memory."""
+        return [*self.on_device.values(), *self.offloaded.values()]
+
+    def shared_components(self, identities: dict[str, str]) -> dict:
+        """For a pipeline about to load: its components (name -> identity of their files) that a resident pipeline
+        already holds, as modules to hand to `from_pretrained`."""
+        held = {known: loaded.pipeline.components[name]
+                for loaded in self.all() for name, known in loaded.components.items()}  # fmt: skip
+        return {name: held[identity] for name, identity in identities.items() if identity in held}
+
+    def discard_older_versions(self, key: tuple) -> list:
+        """Pipelines loaded from an earlier version of this file: never served again, so freed."""
+        return self.on_device.discard_older_versions(key) + self.offloaded.discard_older_versions(key)
+
+    def clear(self) -> None:
+        self.on_device.clear()
+        self.offloaded.clear()
+        self.current = None
+
+    def stats(self) -> dict:
+        return {"on_device": self.on_device.stats(), "offloaded": self.offloaded.stats()}
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.0f} MiB"

@@ -1,0 +1,134 @@
+"""Several base models resident at once: switching back to a model is no reload, the pipeline budget is a real
+bound (what it pushes out is freed), components two folders share on disk are loaded once, a failed load or a
+changed file leaves the others as they were, and every picture is the one a fresh engine gives."""
+
+from __future__ import annotations
+
+import gc
+import shutil
+import weakref
+
+import pytest
+import torch
+from conftest import max_diff, request, unit
+
+from imprompt import Engine
+from imprompt.errors import CheckpointError
+from tools.extra_models import kohya_lora, write
+
+SDXL = "tiny-sdxl"
+
+
+@pytest.fixture(scope="module")
+def models(pack, tmp_path_factory):
+    """`tiny-sd15-b`: another SD 1.5 model whose UNet differs and whose `vae/` and `text_encoder/` are the first
+    model's files (linked, as users share components between folders); a LoRA with text-encoder parts; a broken
+    model whose UNet file is cut short."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    root = tmp_path_factory.mktemp("resident")
+    a, b = pack / "diffusers" / "tiny-sd15", root / "tiny-sd15-b"
+    b.mkdir()
+    for name in ("scheduler", "tokenizer", "model_index.json"):
+        (shutil.copytree if (a / name).is_dir() else shutil.copy)(a / name, b / name)
+    for name in ("vae", "text_encoder"):
+        (b / name).mkdir()
+        for file in (a / name).iterdir():
+            (b / name / file.name).symlink_to(file)
+    unet = UNet2DConditionModel.from_pretrained(a / "unet")
+    with torch.no_grad():
+        for parameter in unet.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=torch.Generator().manual_seed(3)) * 0.02)
+    unet.save_pretrained(b / "unet")
+    broken = shutil.copytree(a, root / "tiny-sd15-broken")
+    weights = next((broken / "unet").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:1000])
+    sd15 = StableDiffusionPipeline.from_pretrained(a, safety_checker=None, requires_safety_checker=False)
+    write(root / "Lora" / "detail-sd15.safetensors", kohya_lora(sd15, seed=1))
+    return root
+
+
+def fresh(pack, models, req):
+    return Engine([pack, models]).generate(req).images[0]
+
+
+def model_events(result) -> list[str]:
+    return [e["event"] for e in result.info["events"] if e["event"].startswith(("model_", "component_"))]
+
+
+def test_switching_back_is_no_reload_and_shared_files_load_once(pack, models, red_circle):
+    engine = Engine([pack, models])
+    sequence = [
+        request(unit("Base", red_circle)),
+        request(unit("Base", red_circle), model="tiny-sd15-b"),
+        request(unit("Plus", red_circle)),
+        request(unit("Base SDXL", red_circle), model=SDXL),
+        request(unit("Base ViT-G", red_circle), model="tiny-sd15-b"),
+    ]
+    results = [engine.generate(r) for r in sequence]
+    assert [model_events(r) for r in results] == [
+        ["model_loaded"], ["component_shared", "component_shared", "model_loaded"], ["model_reused"],
+        ["model_loaded"], ["model_reused"],
+    ]  # fmt: skip
+    assert max_diff(results[0].images[0], results[1].images[0]) > 0  # another UNet, another picture
+    for result, req in zip(results, sequence):
+        assert max_diff(result.images[0], fresh(pack, models, req)) == 0
+    resident = {p.name: p.pipeline for p in engine.pipelines.all()}
+    assert set(resident) == {"tiny-sd15", "tiny-sd15-b", SDXL}
+    assert resident["tiny-sd15"].vae is resident["tiny-sd15-b"].vae
+    assert resident["tiny-sd15"].text_encoder is resident["tiny-sd15-b"].text_encoder
+    assert resident["tiny-sd15"].unet is not resident["tiny-sd15-b"].unet
+    listed = [e["label"] for e in engine.cache_info()["pipelines"]["on_device"]["entries"]]
+    assert listed == ["tiny-sd15", SDXL, "tiny-sd15-b"]  # least recently used first
+
+
+def test_a_shared_text_encoder_carries_no_lora_from_one_model_to_the_other(pack, models):
+    """LoRA layers for the text encoder sit in the module both models share: each request still gets exactly
+    its own LoRAs, in every order."""
+    engine = Engine([pack, models])
+    sequence = [
+        request(prompt="a cat <lora:detail-sd15:0.9>"),
+        request(model="tiny-sd15-b"),
+        request(prompt="a cat <lora:detail-sd15:0.9>"),
+        request(prompt="a cat <lora:detail-sd15:-0.6>", model="tiny-sd15-b"),
+        request(),
+        request(prompt="a cat <lora:detail-sd15:0.9>", model="tiny-sd15-b"),
+        request(prompt="a cat <lora:detail-sd15:0.9>"),
+    ]
+    for i, req in enumerate(sequence):
+        assert max_diff(engine.generate(req).images[0], fresh(pack, models, req)) == 0, f"request {i}"
+
+
+def test_the_pipeline_budget_is_a_bound_and_what_it_pushes_out_is_freed(pack, models, red_circle):
+    engine = Engine([pack, models], pipeline_cache_budget=1)  # room for one: every switch unloads
+    first = engine.generate(request(unit("Base", red_circle)))
+    unet = weakref.ref(engine.pipelines.current.pipeline.unet)
+    second = engine.generate(request(unit("Base SDXL", red_circle), model=SDXL))
+    assert model_events(second) == ["model_unloaded", "model_loaded"]
+    unloaded = next(e for e in second.info["events"] if e["event"] == "model_unloaded")
+    assert unloaded["model"] == "tiny-sd15" and "pipeline budget" in unloaded["why"]
+    gc.collect()
+    assert unet() is None  # nothing (attached adapters, LoRAs, shells) keeps it alive
+    again = engine.generate(request(unit("Base", red_circle)))
+    assert model_events(again) == ["model_unloaded", "model_loaded"]
+    assert max_diff(again.images[0], first.images[0]) == 0
+
+
+def test_a_failed_load_or_a_changed_file_leaves_the_others_as_they_were(pack, models, red_circle, tmp_path):
+    engine = Engine([pack, models, tmp_path])
+    before = engine.generate(request(unit("Base", red_circle)))
+    with pytest.raises(CheckpointError, match="tiny-sd15-broken"):
+        engine.generate(request(unit("Base", red_circle), model="tiny-sd15-broken"))
+    after = engine.generate(request(unit("Base", red_circle)))
+    assert model_events(after) == []  # still resident and current: nothing to do
+    assert max_diff(after.images[0], before.images[0]) == 0
+    assert [e["label"] for e in engine.cache_info()["pipelines"]["on_device"]["entries"]] == ["tiny-sd15"]
+
+    copy = shutil.copytree(models / "tiny-sd15-b", tmp_path / "tiny-sd15-c", symlinks=True)
+    engine.generate(request(model="tiny-sd15-c"))
+    weights = next((copy / "unet").glob("*.safetensors"))
+    shutil.copy(pack / "diffusers" / "tiny-sd15" / "unet" / weights.name, weights)  # now tiny-sd15's UNet
+    changed = engine.generate(request(model="tiny-sd15-c"))  # its VAE and text encoder are still tiny-sd15's
+    assert model_events(changed) == ["model_unloaded", "component_shared", "component_shared", "model_loaded"]
+    assert next(e for e in changed.info["events"] if e["event"] == "model_unloaded")["why"] == "its file changed on disk"
+    assert max_diff(changed.images[0], engine.generate(request()).images[0]) == 0  # the new file's picture
