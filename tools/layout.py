@@ -40,6 +40,7 @@ ORDER = (
     "loading/",
     "loading/tensors.py",
     "loading/pipelines.py",
+    "loading/resident.py",
     "loading/encoders.py",
     "loading/loras.py",
     "loading/vaes.py",
