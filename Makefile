@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test serve bench bench-lora scan soak load train evaluate install clean
+.PHONY: demo test serve bench bench-lora bench-models scan soak load train evaluate install clean
 
 demo: install
 	$(BIN)/imprompt demo --pack demo-models --out demo-output
@@ -24,6 +24,10 @@ bench: install
 # Switching LoRA sets and a step with a LoRA, real SD 1.5 size (the same .bench-cache), about 15 minutes.
 bench-lora: install
 	$(BIN)/python -m tools.bench_lora
+
+# Switching between two real-size SD 1.5 models: resident vs reloaded (the same .bench-cache), about 10 minutes.
+bench-models: install
+	$(BIN)/python -m tools.bench_models
 
 # How long scanning a tree of 1,000 files takes: first, again, and in a new process.
 scan: install

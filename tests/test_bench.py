@@ -31,3 +31,16 @@ def test_bench_runs_at_tiny_size(tmp_path):
     assert "Against the expert script" in report
     small = raw["workload_small_budget"]["result"]
     assert small["requests"] == ["Base", "Base ViT-G", "Plus"] and small["evictions"] >= 1  # nothing failed, evictions happened
+
+
+def test_model_switch_bench_runs_at_tiny_size(tmp_path):
+    out = tmp_path / "models.md"
+    command = [sys.executable, "-m", "tools.bench_models", "--size", "tiny", "--switches", "2", "--cache",
+               str(tmp_path / "cache"), "--out", str(out), "--device", "cpu"]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    raw = json.loads(out.with_suffix(".json").read_text())["results"]
+    assert set(raw) == {"imprompt_resident", "imprompt_one_at_a_time", "diffusers_reload"}
+    for system in raw.values():
+        assert len(system["result"]["switch_s"]) == 2 and len(system["result"]["first_loads_s"]) == 2
+    assert "| imprompt, both resident" in out.read_text()

@@ -512,8 +512,8 @@ class Engine:
                 log.info("model %s unloaded: its file changed on disk", stale.label)
                 events.append({"event": "model_unloaded", "model": stale.label, "why": "its file changed on disk"})
             loaded = self._loaded_pipeline(entry, key, events)
-            self.pipelines.add(loaded, events)
-            release_memory(self.device)  # what was pushed out
+            if self.pipelines.add(loaded, events):
+                release_memory(self.device)  # what was pushed out
             log.info("model %s loaded in %.2f s", entry.name, loaded.load_seconds)
             events.append({"event": "model_loaded", "model": entry.name, "seconds": round(loaded.load_seconds, 4)})
         elif loaded is not current:

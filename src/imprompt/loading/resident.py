@@ -75,9 +75,10 @@ class ResidentPipelines:
         self.add(loaded, events)
         return loaded
 
-    def add(self, loaded: LoadedPipeline, events: list) -> None:
+    def add(self, loaded: LoadedPipeline, events: list) -> bool:
         """Make `loaded` resident on the device, pushing the least recently used ones out to fit the budget: to
-        CPU memory on a GPU while that budget allows, else freed. Room is made before `loaded` moves in."""
+        CPU memory on a GPU while that budget allows, else freed. Room is made before `loaded` moves in. Returns
+        whether any was pushed out (then the caller collects the memory)."""
         evicted = self.on_device.put(loaded.key, loaded, loaded.nbytes, label=loaded.name, with_values=True)
         for old in evicted:
             why = f"the pipeline budget ({_mib(self.on_device.budget_bytes)}) needed room for {loaded.name}"
@@ -92,8 +93,10 @@ class ResidentPipelines:
                 old.value.loras.clear()  # its LoRA layers may sit in a text encoder another pipeline shares
                 log.info("model %s unloaded: %s", old.label, why)
                 events.append({"event": "model_unloaded", "model": old.label, "why": why})
+        pushed_out = bool(evicted)
         del evicted  # nothing here may keep an evicted pipeline alive
         loaded.pipeline.to(self.device)
+        return pushed_out
 
     def all(self) -> list[LoadedPipeline]:
         """Every resident pipeline, on the device and in CPU memory."""
