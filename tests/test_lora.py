@@ -81,7 +81,10 @@ def test_switching_lora_sets_leaves_nothing_and_reloads_nothing(lora_engine):
     again = generate(lora_engine, "a cat <lora:detail-sd15:1>")
     assert max_diff(again.images[0], a) == 0
     assert not [e for e in again.info["events"] if e["event"] == "lora_loaded"]  # switched, not reloaded
-    assert lora_engine.clear_cache()["loras"] == 2  # unloaded from the model; the next use loads it again
+    loaded = {p.name: len(p.loras.loaded.values()) for p in lora_engine.pipelines.all()}  # other tests' too
+    assert loaded["tiny-sd15"] == 2
+    assert lora_engine.clear_cache()["loras"] == sum(loaded.values())  # unloaded from every resident model
+    assert all(not p.loras.loaded.values() for p in lora_engine.pipelines.all())
     reloaded = generate(lora_engine, "a cat <lora:detail-sd15:1>")
     assert max_diff(reloaded.images[0], a) == 0 and [e for e in reloaded.info["events"] if e["event"] == "lora_loaded"]
 

@@ -78,7 +78,7 @@ def test_switching_back_is_no_reload_and_shared_files_load_once(pack, models, re
     assert resident["tiny-sd15"].vae is resident["tiny-sd15-b"].vae
     assert resident["tiny-sd15"].text_encoder is resident["tiny-sd15-b"].text_encoder
     assert resident["tiny-sd15"].unet is not resident["tiny-sd15-b"].unet
-    listed = [e["label"] for e in engine.cache_info()["pipelines"]["on_device"]["entries"]]
+    listed = [e["label"] for e in engine.cache_info()["pipelines"]["entries"]]
     assert listed == ["tiny-sd15", SDXL, "tiny-sd15-b"]  # least recently used first
 
 
@@ -122,7 +122,7 @@ def test_a_failed_load_or_a_changed_file_leaves_the_others_as_they_were(pack, mo
     after = engine.generate(request(unit("Base", red_circle)))
     assert model_events(after) == []  # still resident and current: nothing to do
     assert max_diff(after.images[0], before.images[0]) == 0
-    assert [e["label"] for e in engine.cache_info()["pipelines"]["on_device"]["entries"]] == ["tiny-sd15"]
+    assert [e["label"] for e in engine.cache_info()["pipelines"]["entries"]] == ["tiny-sd15"]
 
     copy = shutil.copytree(models / "tiny-sd15-b", tmp_path / "tiny-sd15-c", symlinks=True)
     engine.generate(request(model="tiny-sd15-c"))

@@ -119,7 +119,8 @@ class ResidentPipelines:
         self.current = None
 
     def stats(self) -> dict:
-        return {"on_device": self.on_device.stats(), "offloaded": self.offloaded.stats()}
+        """The pipelines on the device, as every cache reports itself, with those waiting in CPU memory."""
+        return {**self.on_device.stats(), "offloaded": self.offloaded.stats()}
 
 
 def _mib(nbytes: int) -> str:
