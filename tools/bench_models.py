@@ -49,7 +49,7 @@ def second_model(root: Path, first: str) -> str:
             if item.name == "unet":
                 shutil.copytree(item, target / "unet")
             else:
-                (target / item.name).symlink_to(item)
+                (target / item.name).symlink_to(item.resolve())
         (target / "done").write_text("")
     return target.name
 
@@ -119,7 +119,9 @@ def render(results: dict, previous: dict | None, args, info: dict) -> str:
     one = statistics.median(results["imprompt_one_at_a_time"]["result"]["switch_s"])
     lines += ["", f"A switch to a resident model is **{reload / max(resident, 1e-9):.0f}x** faster than diffusers' "
                   f"reload (p50 over p50); imprompt reloading one at a time takes {one / reload:.2f}x diffusers' "
-                  f"reload. Holding both costs their memory: the peak RSS column."]  # fmt: skip
+                  f"reload. Holding both costs their memory: the peak RSS column. The first loads are not "
+                  f"comparable across rows: the first system to run reads the files from disk, later ones find "
+                  f"them in the page cache (imprompt's first load also imports diffusers' pipeline classes)."]  # fmt: skip
     if previous:  # kept beside the new numbers, so that a regression shows
         before = [f"{n} {ms(statistics.median(previous['results'][n]['result']['switch_s']))}"
                   for n in SYSTEMS if n in previous.get("results", {})]  # fmt: skip
