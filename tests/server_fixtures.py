@@ -74,3 +74,14 @@ def wait_until(condition, seconds: float = 120, what: str = "condition"):
         if time.time() > deadline:
             raise AssertionError(f"{what} not reached in {seconds} s")
         time.sleep(0.05)
+
+
+def post_txt2img(url: str, payload: dict, status: int = 200):
+    """POST /sdapi/v1/txt2img expecting `status`: (first image, parsed info) on 200, else the error body."""
+    import json
+
+    with client(url) as http:
+        response = http.post("/sdapi/v1/txt2img", json=payload)
+    assert response.status_code == status, response.text[:2000]
+    body = response.json()
+    return body if status != 200 else (decode(body["images"][0]).convert("RGB"), json.loads(body["info"]))

@@ -3,13 +3,11 @@ the A1111 fields imprompt honours, ignores, refuses or reports: nothing a client
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import webuiapi
 from conftest import max_diff
 from PIL import Image
-from server_fixtures import b64, client, decode, new_engine, running_server
+from server_fixtures import b64, new_engine, post_txt2img, running_server
 
 from imprompt.models.store import legacy_hash
 
@@ -31,12 +29,7 @@ def cn_unit(image: str, module="ip-adapter_clip_sd15", model="ip-adapter_sd15", 
             "pixel_perfect": False, "processor_res": 512, "threshold_a": 64, "threshold_b": 64, **fields}  # fmt: skip
 
 
-def post(url, payload, status=200):
-    with client(url) as http:
-        response = http.post("/sdapi/v1/txt2img", json=payload)
-    assert response.status_code == status, response.text[:2000]
-    body = response.json()
-    return body if status != 200 else (decode(body["images"][0]).convert("RGB"), json.loads(body["info"]))
+post = post_txt2img
 
 
 def sdnext(url, *units, **fields):

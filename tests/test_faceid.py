@@ -16,7 +16,6 @@ from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
 from imprompt import Engine
 from imprompt.errors import IncompatibleError, MissingFaceAnalysisError, NoFaceError, RequestError
-from imprompt.models.probe import probe
 from tools.extra_models import faceid_adapter, faceid_plus_adapter, kohya_lora, write
 from tools.insightface_pack import face_image, no_face_image, write_insightface_pack
 
@@ -327,15 +326,9 @@ print("FACE EMBEDDINGS OK")
 
 
 def post(url, payload, status=200):
-    import json
+    from server_fixtures import post_txt2img
 
-    from server_fixtures import client, decode
-
-    with client(url) as http:
-        response = http.post("/sdapi/v1/txt2img", json=payload)
-    assert response.status_code == status, response.text[:2000]
-    body = response.json()
-    return body if status != 200 else (decode(body["images"][0]).convert("RGB"), json.loads(body["info"]))
+    return post_txt2img(url, payload, status)
 
 
 def txt(**fields) -> dict:
