@@ -202,10 +202,8 @@ class Engine:
             planned = plan_unit(0, unit, self.store)
             embeddings = self._embeddings(planned, inputs, events=[])
             path.parent.mkdir(parents=True, exist_ok=True)
-            spec = planned.adapter.spec
-            face = ("raw" if spec.faceid_version == "unnorm" else "normed") if spec.consumes == "faceid_embeds" else None
             save_embeddings(embeddings, path, planned.output, planned.encoder, [image_digest(i) for i in inputs.images],
-                            face)  # fmt: skip
+                            planned.adapter.spec.face_embedding)  # fmt: skip
         log.info("embeddings of %d image(s) for %s saved to %s", len(inputs.images), planned.label, path)
         return path
 
@@ -358,7 +356,7 @@ class Engine:
         for the Plus family, CLIP hidden states of each aligned face crop from the encoder the plan picked."""
         spec, where = unit.adapter.spec, f"ip_adapters.{unit.index}"
         found = [self.faces.face(image, f"{where}.images.{j}", events) for j, image in enumerate(inputs.images)]
-        raw = spec.faceid_version == "unnorm"
+        raw = spec.face_embedding == "raw"
         vectors = torch.from_numpy(np.stack([face.embedding if raw else face.normed_embedding for face, _ in found]))
         result = face_embeddings(vectors, spec.embed_dim, unit.unit.average, f"{where}.images", self.device,
                                  self.encoder_dtype, [origin for _, origin in found])  # fmt: skip

@@ -213,10 +213,10 @@ def check_saved_embeddings(saved: Entry, adapter: Entry) -> None:
     if fits and a.variant == "faceid-plus":
         fits = e.clip_width == a.clip_width
     if fits and a.consumes == "faceid_embeds":
-        fits = e.face_embedding == ("raw" if a.faceid_version == "unnorm" else "normed")
+        fits = e.face_embedding == a.face_embedding
     if not fits:
         name = catalog.friendly_name(adapter.name) or adapter.name
-        wants = " (raw)" if a.faceid_version == "unnorm" else " (normed)" if a.consumes == "faceid_embeds" else ""
+        wants = f" ({a.face_embedding})" if a.face_embedding else ""
         raise IncompatibleError(
             f"saved embeddings {saved.name} hold {e.gives} (from {e.encoder}), but IP-Adapter {name} consumes "
             f"{a.needs}{wants}. Save embeddings for this adapter with `imprompt embed --adapter {name!r} ...`"

@@ -234,6 +234,8 @@ def given_face_embeddings(value, width: int, average: bool, allow_paths: bool, w
     else:
         faces = torch.tensor(value, dtype=torch.float32)
     return face_embeddings(faces, width, average, where, device, dtype, ["given"] * max(1, len(faces)))
+
+
 def _read_face_file(name: str, allow_paths: bool, where: str) -> torch.Tensor:
     from pathlib import Path
 

@@ -41,6 +41,13 @@ class AdapterSpec:
         return catalog.unet_family(self.cross_attention_dim)
 
     @property
+    def face_embedding(self) -> str | None:
+        """FaceID: which InsightFace embedding it was trained on: "raw" (Portrait unnorm) or "normed"; None: no FaceID."""
+        if self.consumes != "faceid_embeds":
+            return None
+        return "raw" if self.faceid_version == "unnorm" else "normed"
+
+    @property
     def needs(self) -> str:
         """What it consumes, in words: `image_embeds[1024]`; FaceID Plus also names its face crop's encoder output."""
         crop = f" + hidden_states[{self.clip_width}] of the face crop" if self.clip_width else ""
