@@ -114,6 +114,24 @@ def test_the_pipeline_budget_is_a_bound_and_what_it_pushes_out_is_freed(pack, mo
     assert max_diff(again.images[0], first.images[0]) == 0
 
 
+def test_a_pushed_out_model_is_gone_before_the_next_moves_to_the_device(pack, models, red_circle, monkeypatch):
+    """On a GPU with room for one model, holding the old one while the new one moves in would run out of memory."""
+    from diffusers import StableDiffusionXLPipeline
+
+    engine = Engine([pack, models], pipeline_cache_budget=1)
+    engine.generate(request(unit("Base", red_circle)))
+    unet = weakref.ref(engine.pipelines.current.pipeline.unet)
+    old_alive_at_each_move, move = [], StableDiffusionXLPipeline.to
+
+    def to(self, *args, **kwargs):
+        old_alive_at_each_move.append(unet() is not None)
+        return move(self, *args, **kwargs)
+
+    monkeypatch.setattr(StableDiffusionXLPipeline, "to", to)
+    engine.generate(request(unit("Base SDXL", red_circle), model=SDXL))
+    assert old_alive_at_each_move and old_alive_at_each_move[-1] is False  # the last move: onto the device
+
+
 def test_a_failed_load_or_a_changed_file_leaves_the_others_as_they_were(pack, models, red_circle, tmp_path):
     engine = Engine([pack, models, tmp_path])
     before = engine.generate(request(unit("Base", red_circle)))

@@ -503,21 +503,20 @@ class Engine:
         """The request's pipeline: resident already (no reload), or loaded. A load happens in CPU memory first and
         joins the device only once it succeeded, so a failed load leaves every resident pipeline as it was."""
         key = entry.key(self.dtype, self.device)
-        current = self.pipelines.current
-        loaded = self.pipelines.get(key, events)
+        current = self.pipelines.current.key if self.pipelines.current else None  # the key: a reference would
+        loaded = self.pipelines.get(key, events)  # keep a pushed-out pipeline on the device while another moves in
         if loaded is None:
             for stale in self.pipelines.discard_older_versions(key):
                 log.info("model %s unloaded: its file changed on disk", stale.label)
                 events.append({"event": "model_unloaded", "model": stale.label, "why": "its file changed on disk"})
             loaded = self._loaded_pipeline(entry, key, events)
-            if self.pipelines.add(loaded, events):
-                release_memory(self.device)  # what was pushed out
+            self.pipelines.add(loaded, events)
             log.info("model %s loaded in %.2f s", entry.name, loaded.load_seconds)
             events.append({"event": "model_loaded", "model": entry.name, "seconds": round(loaded.load_seconds, 4)})
-        elif loaded is not current:
+        elif loaded.key != current:
             log.info("model %s was resident: no reload", entry.name)
             events.append({"event": "model_reused", "model": entry.name})
-        if loaded is not current:
+        if loaded.key != current:
             # a VAE or text encoder shared with another pipeline may carry that pipeline's LoRA state: set it anew
             loaded.loras.enabled = None
             self.pipelines.current = loaded

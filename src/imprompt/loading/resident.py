@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..util.cache import ByteLRU, module_bytes
+from ..util.devices import release_memory
 from .loras import PipelineLoras
 
 log = logging.getLogger("imprompt")
@@ -75,28 +76,36 @@ class ResidentPipelines:
         self.add(loaded, events)
         return loaded
 
-    def add(self, loaded: LoadedPipeline, events: list) -> bool:
+    def add(self, loaded: LoadedPipeline, events: list) -> None:
         """Make `loaded` resident on the device, pushing the least recently used ones out to fit the budget: to
-        CPU memory on a GPU while that budget allows, else freed. Room is made before `loaded` moves in. Returns
-        whether any was pushed out (then the caller collects the memory)."""
-        evicted = self.on_device.put(loaded.key, loaded, loaded.nbytes, label=loaded.name, with_values=True)
+        CPU memory on a GPU while that budget allows, else freed. What is pushed out leaves the device before
+        `loaded` moves in: a GPU with room for one model never holds two, not even for a moment."""
+        if self._make_room(loaded, events):
+            release_memory(self.device)  # no reference to what was unloaded is left: collect it now
+        loaded.pipeline.to(self.device)
+
+    def _make_room(self, loaded: LoadedPipeline, events: list) -> bool:
+        """Evict for `loaded`; returns whether any pipeline was unloaded (one moved to CPU memory frees its device
+        memory as it moves, with no collection). Its locals (the evicted pipelines) die with it."""
+        evicted, unloaded = self.on_device.put(loaded.key, loaded, loaded.nbytes, label=loaded.name, with_values=True), 0
         for old in evicted:
+            if self.current is old.value:
+                self.current = None
             why = f"the pipeline budget ({_mib(self.on_device.budget_bytes)}) needed room for {loaded.name}"
             if 0 < old.nbytes <= self.offloaded.budget_bytes:
                 old.value.pipeline.to("cpu")
                 for gone in self.offloaded.put(old.key, old.value, old.nbytes, label=old.label):
+                    unloaded += 1
                     log.info("model %s unloaded from CPU memory (its budget)", gone.label)
                     events.append({"event": "model_unloaded", "model": gone.label, "why": "CPU memory budget"})
                 log.info("model %s moved to CPU memory: %s", old.label, why)
                 events.append({"event": "model_offloaded", "model": old.label, "why": why})
             else:
+                unloaded += 1
                 old.value.loras.clear()  # its LoRA layers may sit in a text encoder another pipeline shares
                 log.info("model %s unloaded: %s", old.label, why)
                 events.append({"event": "model_unloaded", "model": old.label, "why": why})
-        pushed_out = bool(evicted)
-        del evicted  # nothing here may keep an evicted pipeline alive
-        loaded.pipeline.to(self.device)
-        return pushed_out
+        return unloaded > 0
 
     def all(self) -> list[LoadedPipeline]:
         """Every resident pipeline, on the device and in CPU memory."""
