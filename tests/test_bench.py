@@ -11,26 +11,38 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
+def bench(tmp_path, out, phases, *extra):
+    command = [sys.executable, "-m", "tools.bench", "--size", "tiny", "--trials", "1", "--cache",
+               str(tmp_path / "cache"), "--out", str(out), "--phases", phases, "--workload-size", "64",
+               "--workload-steps", "2", "--workload-requests", "3", "--device", "cpu", *extra]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out.read_text(), json.loads(out.with_suffix(".json").read_text())["results"]
+
+
 def test_bench_runs_at_tiny_size(tmp_path):
     out = tmp_path / "bench.md"
     phases = "switch_imprompt,switch_expert,switch_sdnext,embeddings,workload_expert,workload_small_budget"
-    command = [sys.executable, "-m", "tools.bench", "--size", "tiny", "--trials", "1", "--cache",
-               str(tmp_path / "cache"), "--out", str(out), "--phases", phases, "--workload-size", "64",
-               "--workload-steps", "2", "--workload-requests", "3", "--device", "cpu"]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO)
-    assert done.returncode == 0, done.stderr[-3000:]
-
-    report = out.read_text()
+    report, raw = bench(tmp_path, out, phases, "--rounds", "2")
     for heading in ("# Benchmarks", "## Switching adapters", "## Embedding reuse", "## The article's workload"):
         assert heading in report
-    raw = json.loads(out.with_suffix(".json").read_text())["results"]
     assert set(raw) == set(phases.split(","))
+    # imprompt and the expert script alternate over the rounds, each round a process of its own; the others run once
+    assert [len(raw[p]["runs"]) for p in ("switch_imprompt", "switch_expert", "switch_sdnext")] == [2, 2, 1]
     for phase in ("switch_imprompt", "switch_expert", "switch_sdnext"):
-        assert len(raw[phase]["result"]["switch_s"]) == 3
-    assert raw["workload_expert"]["result"]["requests"] == ["Base", "Base ViT-G", "Plus"]
-    assert "Against the expert script" in report
-    small = raw["workload_small_budget"]["result"]
+        assert all(len(run["result"]["switch_s"]) == 3 and run["machine"]["cores"] for run in raw[phase]["runs"])
+    expert = raw["workload_expert"]["runs"][0]["result"]
+    assert expert["requests"] == ["Base", "Base ViT-G", "Plus"] and len(expert["request_s"]) == 3
+    assert "Against the expert script" in report and "none recorded" in report
+    small = raw["workload_small_budget"]["runs"][0]["result"]
     assert small["requests"] == ["Base", "Base ViT-G", "Plus"] and small["evictions"] >= 1  # nothing failed, evictions happened
+
+    # --quick runs each phase once; the previous run's numbers stand beside the new ones, so a regression shows
+    report, raw = bench(tmp_path, out, "switch_imprompt,switch_expert", "--quick", "--update")
+    assert [len(raw[p]["runs"]) for p in ("switch_imprompt", "switch_expert")] == [1, 1]
+    assert "workload_small_budget" in raw  # --update kept the phases it did not measure
+    row = next(line for line in report.splitlines() if line.startswith("| imprompt (plan"))
+    assert not row.rstrip(" |").endswith("–")  # the previous p50 is there
 
 
 def test_model_switch_bench_runs_at_tiny_size(tmp_path):
@@ -40,7 +52,7 @@ def test_model_switch_bench_runs_at_tiny_size(tmp_path):
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
     raw = json.loads(out.with_suffix(".json").read_text())["results"]
-    assert set(raw) == {"imprompt_resident", "imprompt_one_at_a_time", "diffusers_reload"}
+    assert set(raw) == {"imprompt_resident", "imprompt_one_at_a_time", "diffusers_reload"}  # no offload tier on a CPU
     for system in raw.values():
         assert len(system["result"]["switch_s"]) == 2 and len(system["result"]["first_loads_s"]) == 2
     assert "| imprompt, both resident" in out.read_text()

@@ -44,13 +44,17 @@ PHASES = (
     "workload_imprompt", "workload_expert", "workload_diffusers", "workload_sdnext", "workload_small_budget",
     "workload_imprompt_bf16", "encoder_memory",
 )  # fmt: skip
+# imprompt and the expert script, the strongest baseline, are compared over --rounds alternated trials (A B, B A,
+# ...), each in a fresh process, so that slow drifts of the machine and the page cache's state hit both alike.
+ALTERNATED = (("switch_imprompt", "switch_expert"), ("workload_imprompt", "workload_expert"))
 
 
 # ------------------------------------------------------------------------------------------- the model pack
 
 
-def build_models(root: Path, size: str) -> Path:
-    """Real-size (or tiny, for the smoke test) models for the benchmark, built once."""
+def build_models(root: Path, size: str, adapters: bool = True) -> Path:
+    """Real-size (or tiny, for the smoke test) models for the benchmark, built once. `adapters=False` builds the
+    SD 1.5 pipeline alone (what `bench_models` needs; the encoders are most of the build's time)."""
     root = Path(root) / size
     if (root / "done.json").is_file():
         return root
@@ -59,17 +63,21 @@ def build_models(root: Path, size: str) -> Path:
 
         build_demo_pack(root)
     else:
-        _build_real(root)
+        if not (root / "pipeline.done").is_file():
+            _build_real_pipeline(root)
+            (root / "pipeline.done").write_text("")
+        if not adapters:
+            return root
+        _build_real_adapters(root)
     (root / "done.json").write_text(json.dumps({"size": size}))
     return root
 
 
-def _build_real(root: Path) -> None:
+def _build_real_pipeline(root: Path) -> None:
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from imprompt.demo.tiny_models import build_clip_vision, cross_attention_widths, write_adapter, write_tokenizer
-    from imprompt.models import catalog
+    from imprompt.demo.tiny_models import write_tokenizer
     from imprompt.models.single_file import CONFIGS
 
     configs = CONFIGS / "sd15"
@@ -77,7 +85,6 @@ def _build_real(root: Path) -> None:
     write_tokenizer(folder / "tokenizer", clip_vocabulary=True)
     torch.manual_seed(0)
     unet = UNet2DConditionModel.from_config(json.loads((configs / "unet" / "config.json").read_text()))
-    widths = cross_attention_widths(unet)
     pipeline = StableDiffusionPipeline(
         vae=AutoencoderKL.from_config(json.loads((configs / "vae" / "config.json").read_text())),
         text_encoder=CLIPTextModel(CLIPTextConfig.from_json_file(configs / "text_encoder" / "config.json")),
@@ -90,7 +97,18 @@ def _build_real(root: Path) -> None:
         requires_safety_checker=False,
     )
     pipeline.to(torch.float16).save_pretrained(folder, safe_serialization=True)  # fp16 files, as distributed
-    del pipeline, unet
+
+
+def _build_real_adapters(root: Path) -> None:
+    from diffusers import UNet2DConditionModel
+
+    from imprompt.demo.tiny_models import build_clip_vision, cross_attention_widths, write_adapter
+    from imprompt.models import catalog
+    from imprompt.models.single_file import CONFIGS
+
+    with torch.device("meta"):  # the widths only
+        unet = UNet2DConditionModel.from_config(json.loads((CONFIGS / "sd15" / "unet" / "config.json").read_text()))
+    widths = cross_attention_widths(unet)
     for family, sub in ((catalog.VIT_H, "models"), (catalog.VIT_BIGG, "sdxl_models")):
         build_clip_vision(
             root / H94 / sub / "image_encoder", hidden_size=family.hidden_size, projection_dim=family.projection_dim,
@@ -146,6 +164,7 @@ class ExpertScript:
         from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
         self.pipe = diffusers_pipeline(root, args.model, _dtype(args.dtype), args.device)
+        started = time.perf_counter()
         self.names = list(CYCLE)
         self.pipe.load_ip_adapter(str(root / H94), subfolder=["models"] * len(self.names),
                                   weight_name=[CYCLE[n][0] for n in self.names], image_encoder_folder=None)  # fmt: skip
@@ -156,6 +175,7 @@ class ExpertScript:
         }  # fmt: skip
         self.processor = CLIPImageProcessor(size=224, crop_size=224)
         self.device = args.device
+        self.setup_s = time.perf_counter() - started  # loading every adapter and encoder, before any request
 
     @torch.no_grad()
     def embeddings(self, adapter: str, image) -> list[torch.Tensor]:
@@ -201,18 +221,23 @@ def phase_switch_expert(root, args) -> dict:
 
 
 def phase_workload_expert(root, args) -> dict:
+    """The expert's whole sequence counts its setup (every adapter and encoder loaded up front), as imprompt's
+    sequence counts the loads it does on first use; both start with the pipeline loaded."""
     expert = ExpertScript(root, args)
     image = reference_image()
     sequence, _ = _workload_requests(image, args)
     expert.pipe("a shape", num_inference_steps=1, width=64, height=64,
                 ip_adapter_image_embeds=expert.prepare(sequence[0], image))  # warm, as the others  # fmt: skip
-    started = time.perf_counter()
+    started, seconds = time.perf_counter(), []
     for adapter in sequence:
+        began = time.perf_counter()
         embeds = expert.prepare(adapter, image)
         expert.pipe("a shape", num_inference_steps=args.workload_steps, guidance_scale=7.0, width=args.workload_size,
                     height=args.workload_size, generator=torch.Generator().manual_seed(1),
                     ip_adapter_image_embeds=embeds)  # fmt: skip
-    return {"total_s": time.perf_counter() - started, "requests": sequence}
+        seconds.append(time.perf_counter() - began)
+    return {"total_s": expert.setup_s + time.perf_counter() - started, "setup_s": expert.setup_s, "requests": sequence,
+            "request_s": seconds}  # fmt: skip
 
 
 def phase_switch_imprompt(root, args) -> dict:
@@ -312,11 +337,13 @@ def phase_workload_imprompt(root, args, budget=None) -> dict:
     image = reference_image()
     engine.generate(request(None, 64, 1, image, args.model))  # the pipeline is loaded before the clock starts, as for others
     sequence, _ = _workload_requests(image, args)
-    started, events = time.perf_counter(), []
+    started, events, seconds = time.perf_counter(), [], []
     for adapter in sequence:
+        began = time.perf_counter()
         result = engine.generate(request(adapter, args.workload_size, args.workload_steps, image, args.model))
+        seconds.append(time.perf_counter() - began)
         events += [e["event"] for e in result.info["events"]]
-    return {"total_s": time.perf_counter() - started, "requests": sequence,
+    return {"total_s": time.perf_counter() - started, "requests": sequence, "request_s": seconds,
             "evictions": events.count("encoder_evicted"), "encoder_loads": events.count("encoder_loaded")}  # fmt: skip
 
 
@@ -334,14 +361,16 @@ def _workload_baseline(root, args, reload_always: bool) -> dict:
     pipe = diffusers_pipeline(root, args.model, _dtype(args.dtype), args.device)
     image = reference_image()
     sequence, _ = _workload_requests(image, args)
-    started, encoder = time.perf_counter(), None
+    started, encoder, seconds = time.perf_counter(), None, []
     for adapter in sequence:
+        began = time.perf_counter()
         needed = CYCLE[adapter][1]
         load_like(pipe, root, adapter, reload_encoder=reload_always or needed != encoder)
         encoder = needed
         pipe("a shape", num_inference_steps=args.workload_steps, guidance_scale=7.0, width=args.workload_size,
              height=args.workload_size, generator=torch.Generator().manual_seed(1), ip_adapter_image=image)  # fmt: skip
-    return {"total_s": time.perf_counter() - started, "requests": sequence}
+        seconds.append(time.perf_counter() - began)
+    return {"total_s": time.perf_counter() - started, "requests": sequence, "request_s": seconds}
 
 
 def phase_workload_diffusers(root, args) -> dict:
@@ -427,15 +456,40 @@ def run_phase(name: str, root: Path, args) -> dict:
     started = time.perf_counter()
     result = globals()[f"phase_{name}"](root, args)
     return {"phase": name, "result": result, "wall_s": time.perf_counter() - started, "peak_rss_bytes": _peak_rss(),
-            "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+            "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine()}
+
+
+def schedule(phases: list[str], rounds: int) -> list[str]:
+    """The order the phases' processes run in: each alternated pair whose two phases are both asked for runs
+    `rounds` times, in the order A B, B A, A B, ...; every other phase runs once."""
+    order, done = [], set()
+    for name in phases:
+        pair = next((p for p in ALTERNATED if name in p and all(n in phases for n in p)), None)
+        if pair is None:
+            order.append(name)
+        elif name not in done:
+            for round_ in range(rounds):
+                order += list(pair if round_ % 2 == 0 else pair[::-1])
+            done.update(pair)
+    return order
+
+
+def runs(entry: dict) -> list[dict]:
+    """A phase's runs (one per round); results written before rounds existed hold a single run."""
+    return entry["runs"] if "runs" in entry else [entry]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=("real", "tiny"), default="real", help="real SD 1.5 sizes, or tiny (smoke)")
     parser.add_argument("--cache", type=Path, default=Path(".bench-cache"), help="where the models are built once")
-    parser.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"))
+    parser.add_argument("--out", type=Path, help="the report (default docs/benchmarks.md; with --quick, "
+                        "<cache>/benchmarks-quick.md); the raw numbers go beside it as .json")  # fmt: skip
     parser.add_argument("--trials", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="alternated trials (fresh processes) of imprompt and the expert script")
+    parser.add_argument("--quick", action="store_true",
+                        help="each phase once at its smallest (1 trial, 1 round, 1 step, 3 requests): a fast check")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=3, help="measured steps per configuration (step overhead)")
@@ -450,6 +504,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--phase", help=argparse.SUPPRESS)  # internal: run one phase in this process
     parser.add_argument("--json-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.quick:
+        args.trials, args.rounds, args.steps, args.step_rounds, args.workload_requests = 1, 1, 1, 1, 3
+    if args.out is None:
+        args.out = args.cache / "benchmarks-quick.md" if args.quick else Path("docs/benchmarks.md")
     args.model = MODELS[args.size]
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
@@ -461,25 +519,31 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(0)
         args.json_out.write_text(json.dumps(run_phase(args.phase, root, args)))
         return 0
-    results = {}
-    if args.update and args.out.with_suffix(".json").is_file():  # keep the other phases of the last full run
-        results = json.loads(args.out.with_suffix(".json").read_text())["results"]
-    for name in args.phases.split(","):
-        out = args.cache / f"{args.size}-{name}.json"
+    raw = args.out.with_suffix(".json")
+    previous = json.loads(raw.read_text()) if raw.is_file() else None
+    results = dict(previous["results"]) if args.update and previous else {}  # --update keeps the other phases
+    phases = args.phases.split(",")
+    fresh: dict[str, list] = {}
+    for count, name in enumerate(schedule(phases, args.rounds)):
+        out = args.cache / f"{args.size}-{name}-{count}.json"
         command = [sys.executable, "-m", "tools.bench", "--phase", name, "--json-out", str(out)]
-        command += _without_option(argv if argv is not None else sys.argv[1:], "--phases")
-        command = [a for a in command if a != "--update"]
+        command += [a for a in _without_option(argv if argv is not None else sys.argv[1:], "--phases") if a != "--update"]
         print(f"bench: {name} ...", file=sys.stderr, flush=True)
         subprocess.run(command, check=True)
-        results[name] = json.loads(out.read_text())
-    report = summarise(results, args)
+        fresh.setdefault(name, []).append(json.loads(out.read_text()))
+    results.update({name: {"runs": measured} for name, measured in fresh.items()})
+    report = summarise(results)
     if args.update:
-        report["updated"] = {name: results[name]["measured_at"] for name in args.phases.split(",")}
+        report["updated"] = {name: runs(results[name])[-1]["measured_at"] for name in phases}
+    before = summarise(previous["results"]) if previous else None
+    when = previous.get("measured_at") if previous else None
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps({"machine": machine(), "args": vars(args) | {
-        "cache": str(args.cache), "out": str(args.out), "json_out": None}, "results": results}, indent=2))  # fmt: skip
-    args.out.write_text(render(report, args))
-    print(render(report, args))
+    raw.write_text(json.dumps({"machine": machine(), "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                               "args": vars(args) | {"cache": str(args.cache), "out": str(args.out), "json_out": None},
+                               "results": results}, indent=2))  # fmt: skip
+    text = render(report, args, before, when)
+    args.out.write_text(text)
+    print(text)
     return 0
 
 
@@ -518,76 +582,112 @@ def _p(values, q):
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def summarise(results: dict, args) -> dict:
-    r = {name: data["result"] for name, data in results.items()}
-    rss = {name: data["peak_rss_bytes"] for name, data in results.items()}
-    s = {"rss": rss}
-    if "switch_imprompt" in r:
+def _spread(values: list[float]) -> dict:
+    return {"p50": statistics.median(values), "p90": _p(values, 0.9), "min": min(values), "max": max(values)}
+
+
+def summarise(results: dict) -> dict:
+    """The numbers the report shows, from the raw results (pooled over a phase's rounds, and per round: the noise)."""
+    r = {name: [run["result"] for run in runs(entry)] for name, entry in results.items()}
+    s = {"rss": {name: max(run["peak_rss_bytes"] for run in runs(entry)) for name, entry in results.items()},
+         "machines": {name: runs(entry)[-1].get("machine") for name, entry in results.items()}}  # fmt: skip
+    switch = [n for n in ("switch_imprompt", "switch_expert", "switch_diffusers", "switch_sdnext") if n in r]
+    if switch:
         s["switch"] = {
-            name: {"p50": statistics.median(r[name]["switch_s"]), "p90": _p(r[name]["switch_s"], 0.9),
-                   "min": min(r[name]["switch_s"]), "max": max(r[name]["switch_s"])}
-            for name in ("switch_imprompt", "switch_expert", "switch_diffusers", "switch_sdnext") if name in r
+            name: _spread([x for run in r[name] for x in run["switch_s"]])
+            | {"rounds": [statistics.median(run["switch_s"]) for run in r[name]]}
+            for name in switch
         }  # fmt: skip
-        s["attach_p50"] = statistics.median(r["switch_imprompt"]["attach_s"])
+        if "switch_imprompt" in r:
+            s["attach_p50"] = statistics.median([x for run in r["switch_imprompt"] for x in run["attach_s"]])
     if "embeddings" in r:
+        e = r["embeddings"][-1]
         s["embeddings"] = {k: {"encode_p50": statistics.median(v["encode_s"]), "hit_p50": statistics.median(v["cache_hit_s"])}
-                           for k, v in r["embeddings"].items()}  # fmt: skip
+                           for k, v in e.items()}  # fmt: skip
     if "step_overhead" in r:
-        s["steps"] = {k: {"p50": statistics.median(v), "min": min(v), "max": max(v)} for k, v in r["step_overhead"].items()}
+        s["steps"] = {k: {"p50": statistics.median(v), "min": min(v), "max": max(v)} for k, v in r["step_overhead"][-1].items()}
     workloads = ("workload_imprompt", "workload_expert", "workload_diffusers", "workload_sdnext", "workload_small_budget",
-                 "workload_imprompt_bf16")
-    s["workload"] = {k: r[k] for k in workloads if k in r}
+                 "workload_imprompt_bf16")  # fmt: skip
+    s["workload"] = {}
+    for name in (w for w in workloads if w in r):
+        totals = [run["total_s"] for run in r[name]]
+        # per request once every adapter was used (and loaded) once: the steady state of the sequence
+        per_request = [x for run in r[name] for x in run.get("request_s", [])[len(CYCLE):]]
+        s["workload"][name] = r[name][-1] | {
+            "total_s": statistics.median(totals), "total_min": min(totals), "total_max": max(totals), "rounds": len(totals),
+            "request_p50": statistics.median(per_request) if per_request else None,
+        }  # fmt: skip
     if "encoder_memory" in r:
-        s["encoder_memory"] = r["encoder_memory"]
+        s["encoder_memory"] = r["encoder_memory"][-1]
     return s
 
 
-def render(s: dict, args) -> str:
+def render(s: dict, args, before: dict | None = None, when: str | None = None) -> str:
+    """The report. `before` is the previous run's summary: its numbers stand beside the new ones."""
     m = machine()
+    before = before or {}
     gib = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
     ms = lambda x: f"{x * 1000:.1f} ms" if x < 1 else f"{x:.2f} s"  # noqa: E731
+
+    def prev(section: str, name: str, key: str, fmt=ms) -> str:
+        value = before.get(section, {}).get(name, {}).get(key)
+        return fmt(value) if value is not None else "–"
+
+    here = {k: m[k] for k in ("cpu", "cores", "memory_gib", "torch", "gpu")}
+    elsewhere = sorted({name for name, mm in s.get("machines", {}).items()
+                        if mm and {k: mm.get(k) for k in here} != here})  # fmt: skip
     lines = [
         "# Benchmarks",
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores ({m['threads']} torch threads), {m['memory_gib']} GiB RAM, "
         f"bf16 instructions: {'yes' if m['bf16_instructions'] else 'no'}; Python {m['python']}, torch {m['torch']}, "
-        f"device: {args.device}{' (' + m['gpu'] + ')' if m['gpu'] and args.device.startswith('cuda') else ''}.",
+        f"device: {args.device}{' (' + m['gpu'] + ')' if m['gpu'] and args.device.startswith('cuda') else ''}. "
+        "Each row's machine is recorded with its raw numbers (`benchmarks.json`)"
+        + (f"; measured on another machine: {', '.join(elsewhere)}." if elsewhere else "; all rows were measured on this one."),
         "",
-        f"Command: `python -m tools.bench --size {args.size} --trials {args.trials} --dtype {args.dtype} --device {args.device}` "
+        f"Command: `python -m tools.bench --size {args.size} --trials {args.trials} --rounds {args.rounds} "
+        f"--dtype {args.dtype} --device {args.device}{' --quick' if args.quick else ''}` "
         f"(models: {args.size} SD 1.5 / ViT-H-14 / ViT-bigG-14 / h94 adapters, random weights, fp16 files). "
-        "Each row was measured in one run, each measurement in its own process.",
+        "Each measurement ran in its own process; imprompt and the expert script alternated over "
+        f"{args.rounds} round(s) (A B, B A, ...). The last column is the previous run of this harness "
+        f"({when or 'none recorded'}), so that a regression shows.",
         "",
-    ]
+    ]  # fmt: skip
     if s.get("updated"):
         lines += ["Re-measured after that run, alone (`--update --phases ...`): "
                   + ", ".join(f"{n} ({t})" for n, t in s["updated"].items()) + ".", ""]
     if "switch" in s:
         sw = s["switch"]
         lines += ["## Switching adapters (Base → Base ViT-G → Plus, repeated)", "",
-                  "| system | p50 | p90 | min | max | peak RSS |", "|---|---|---|---|---|---|"]
+                  "| system | p50 | p90 | min | max | p50 of each round | peak RSS | previous p50 |",
+                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
         labels = {"switch_imprompt": "imprompt (plan + cached load/encode + attach)",
                   "switch_expert": "expert script (all loaded once; scales set, embeddings encoded per request)",
                   "switch_diffusers": "diffusers correct path (unload, load adapter + encoder)",
                   "switch_sdnext": "SD.Next approach (reload encoder only when it changes)"}  # fmt: skip
         for name, v in sw.items():
-            lines.append(f"| {labels[name]} | {ms(v['p50'])} | {ms(v['p90'])} | {ms(v['min'])} | {ms(v['max'])} | {gib(s['rss'][name])} |")
-        if "switch_diffusers" in sw and "switch_sdnext" in sw:
-            lines += ["", f"imprompt's warm switch is **{sw['switch_diffusers']['p50'] / sw['switch_imprompt']['p50']:.0f}×** "
-                      f"faster than diffusers' correct path and {sw['switch_sdnext']['p50'] / sw['switch_imprompt']['p50']:.0f}× "
+            lines.append(f"| {labels[name]} | {ms(v['p50'])} | {ms(v['p90'])} | {ms(v['min'])} | {ms(v['max'])} | "
+                         f"{', '.join(ms(x) for x in v['rounds'])} | {gib(s['rss'][name])} | {prev('switch', name, 'p50')} |")  # fmt: skip
+        imp = sw.get("switch_imprompt")
+        if imp and "switch_diffusers" in sw and "switch_sdnext" in sw:
+            lines += ["", f"imprompt's warm switch is **{sw['switch_diffusers']['p50'] / imp['p50']:.0f}×** "
+                      f"faster than diffusers' correct path and {sw['switch_sdnext']['p50'] / imp['p50']:.0f}× "
                       f"faster than the SD.Next approach (p50 over p50), which reload from disk: that is what users of those "
                       f"tools wait for. The processor swap alone (attach) is {ms(s['attach_p50'])}."]  # fmt: skip
-        if "switch_expert" in sw:
+        if imp and "switch_expert" in sw:
+            ex = sw["switch_expert"]
             lines += ["", f"Against the expert script, which keeps everything loaded too: "
-                      f"{sw['switch_expert']['p50'] / sw['switch_imprompt']['p50']:.0f}× (p50 over p50); its switch is "
-                      "encoding the request's image again, which imprompt takes from its embedding cache. It also cannot "
-                      "refuse a wrong pairing before the matmul fails, and never frees what it loaded."]  # fmt: skip
+                      f"{ex['p50'] / imp['p50']:.0f}× (p50 over p50; imprompt's slowest switch {ms(imp['max'])} against "
+                      f"the expert's fastest {ms(ex['min'])}). The expert's switch is encoding the request's image "
+                      "again, which imprompt takes from its embedding cache."]  # fmt: skip
         lines.append("")
     if "embeddings" in s:
-        lines += ["## Embedding reuse (512 px reference image)", "", "| encoder / dtype | encode | cache hit | ratio |",
-                  "|---|---|---|---|"]  # fmt: skip
+        lines += ["## Embedding reuse (512 px reference image)", "",
+                  "| encoder / dtype | encode | cache hit | ratio | previous encode |", "|---|---|---|---|---|"]  # fmt: skip
         for k, v in s["embeddings"].items():
             label = k.replace("Base ViT-G", "ViT-bigG-14").replace("Base", "ViT-H-14")
-            lines.append(f"| {label} | {ms(v['encode_p50'])} | {ms(v['hit_p50'])} | {v['encode_p50'] / v['hit_p50']:.0f}× |")
+            lines.append(f"| {label} | {ms(v['encode_p50'])} | {ms(v['hit_p50'])} | {v['encode_p50'] / v['hit_p50']:.0f}× | "
+                         f"{prev('embeddings', k, 'encode_p50')} |")  # fmt: skip
         e = s["embeddings"]
         low = _dtypes(args)[1]
         if "Base/float32" in e and f"Base/{low}" in e:
@@ -597,18 +697,23 @@ def render(s: dict, args) -> str:
     if "steps" in s:
         st = s["steps"]
         lines += [f"## Per-step overhead of one IP-Adapter unit ({args.step_size} px, batch 2 with CFG)", "",
-                  "| dtype | no unit (p50) | one unit (p50) | overhead |", "|---|---|---|---|"]  # fmt: skip
+                  "| dtype | no unit (p50, min–max) | one unit (p50, min–max) | overhead | previous overhead |",
+                  "|---|---|---|---|---|"]  # fmt: skip
         for dtype in _dtypes(args):
             a, b = st.get(f"{dtype}/none"), st.get(f"{dtype}/one unit")
             if a and b:
-                lines.append(f"| {dtype} | {ms(a['p50'])} | {ms(b['p50'])} | {100 * (b['p50'] / a['p50'] - 1):+.1f} % |")
+                pa, pb = before.get("steps", {}).get(f"{dtype}/none"), before.get("steps", {}).get(f"{dtype}/one unit")
+                was = f"{100 * (pb['p50'] / pa['p50'] - 1):+.1f} %" if pa and pb else "–"
+                lines.append(f"| {dtype} | {ms(a['p50'])} ({ms(a['min'])}–{ms(a['max'])}) | {ms(b['p50'])} "
+                             f"({ms(b['min'])}–{ms(b['max'])}) | {100 * (b['p50'] / a['p50'] - 1):+.1f} % | {was} |")  # fmt: skip
         lines.append("")
     if s.get("workload"):
         w = s["workload"]
         lines += [f"## The article's workload ({args.workload_requests} requests alternating Base / Base ViT-G / Plus, "
                   f"{args.workload_size} px, {args.workload_steps} steps, same reference image)", "",
-                  "| system | whole sequence | vs imprompt | peak RSS |", "|---|---|---|---|"]  # fmt: skip
-        labels = {"workload_imprompt": "imprompt", "workload_expert": "expert script (all loaded once, no caches)",
+                  "| system | whole sequence (median) | min–max over rounds | per request, all loaded (p50) | vs imprompt | peak RSS | previous |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        labels = {"workload_imprompt": "imprompt", "workload_expert": "expert script (all loaded up front, counted; no caches)",
                   "workload_diffusers": "diffusers correct path",
                   "workload_sdnext": "SD.Next approach",
                   "workload_small_budget": "imprompt, encoder budget too small for two encoders",
@@ -616,7 +721,19 @@ def render(s: dict, args) -> str:
         base = w.get("workload_imprompt", {}).get("total_s")
         for name, v in w.items():
             ratio = f"{v['total_s'] / base:.2f}×" if base else ""
-            lines.append(f"| {labels[name]} | {v['total_s']:.1f} s | {ratio} | {gib(s['rss'][name])} |")
+            spread = f"{v['total_min']:.1f}–{v['total_max']:.1f} s ({v['rounds']})" if v["rounds"] > 1 else "1 round"
+            per = ms(v["request_p50"]) if v.get("request_p50") else "–"
+            was = prev("workload", name, "total_s", lambda x: f"{x:.1f} s")
+            lines.append(f"| {labels[name]} | {v['total_s']:.1f} s | {spread} | {per} | {ratio} | {gib(s['rss'][name])} | {was} |")
+        if "workload_imprompt" in w and "workload_expert" in w:
+            imp, ex = w["workload_imprompt"], w["workload_expert"]
+            verdict = ("no slower than" if imp["total_s"] <= ex["total_s"]
+                       else "within the rounds' noise of" if imp["total_min"] <= ex["total_max"] else "SLOWER than")  # fmt: skip
+            lines += ["", f"imprompt against the expert script, same run, {imp['rounds']} alternated round(s): whole "
+                      f"sequence {imp['total_s']:.1f} s against {ex['total_s']:.1f} s ({ex['total_s'] / imp['total_s']:.2f}×), "
+                      f"imprompt {verdict} the expert script. What the expert script cannot do: refuse a wrong "
+                      "pairing before the matmul fails, reuse an embedding (it encodes every request's image again), "
+                      "load an adapter or encoder it was not started with, or free one it no longer needs."]  # fmt: skip
         if "workload_small_budget" in w:
             sb = w["workload_small_budget"]
             lines += ["", f"With a 1-byte encoder budget, {sb['evictions']} evictions and {sb['encoder_loads']} encoder "

@@ -4,6 +4,8 @@ Two SD 1.5 checkpoints at real size (the `make bench` pack's random-weight `sd15
 components but its own copy of the UNet file, so nothing is shared), alternated A, B, A, B, ... Compared:
 - imprompt with room for both (`pipeline_cache_budget`): after the first load of each, a switch finds it resident;
 - imprompt with room for one: every switch unloads one and loads the other (imprompt before resident pipelines);
+- on a GPU, imprompt with room for one on the device and the other waiting in CPU memory (`offload_budget`): a
+  switch moves one model off the device and the other back, instead of reading it from disk;
 - diffusers reloading on every change, `StableDiffusionPipeline.from_pretrained` of the next model after dropping
   the current one: what SD.Next and the A1111 webui do on a checkpoint change (with their checkpoint cache off,
   its default).
@@ -31,9 +33,10 @@ import torch
 
 from .bench import _peak_rss, build_models, machine
 
-SYSTEMS = ("imprompt_resident", "imprompt_one_at_a_time", "diffusers_reload")
+SYSTEMS = ("imprompt_resident", "imprompt_offloaded", "imprompt_one_at_a_time", "diffusers_reload")
 LABELS = {
     "imprompt_resident": "imprompt, both resident (model budget for two)",
+    "imprompt_offloaded": "imprompt, budget for one on the GPU, the other waiting in CPU memory (offload tier)",
     "imprompt_one_at_a_time": "imprompt, model budget for one (reload on every switch)",
     "diffusers_reload": "diffusers `from_pretrained` on every change (SD.Next / A1111 approach)",
 }
@@ -58,15 +61,23 @@ def switches(models: list[str], count: int) -> list[str]:
     return [models[i % 2] for i in range(count + 2)]  # the first two are first loads
 
 
-def run_imprompt(root: Path, models: list[str], args, budget: str) -> dict:
+def systems(device: str) -> tuple[str, ...]:
+    """The offload tier exists on CUDA devices only (on the CPU the pipelines already live in CPU memory)."""
+    return SYSTEMS if device.startswith("cuda") else tuple(s for s in SYSTEMS if s != "imprompt_offloaded")
+
+
+def run_imprompt(root: Path, models: list[str], args, budget: str, offload_budget: str) -> dict:
     from imprompt import Engine
 
-    engine = Engine(root, device=args.device, dtype=args.dtype, pipeline_cache_budget=budget)
-    seconds = []
+    engine = Engine(root, device=args.device, dtype=args.dtype, pipeline_cache_budget=budget,
+                    offload_budget=offload_budget)  # fmt: skip
+    seconds, events = [], []
     for model in switches(models, args.switches):
         result = engine.generate(model=model, prompt="a shape", steps=1, width=64, height=64, seed=1)
         seconds.append(result.info["timings"]["load"])
-    return {"first_loads_s": seconds[:2], "switch_s": seconds[2:]}
+        events += [e["event"] for e in result.info["events"]]
+    counts = {name: events.count(name) for name in ("model_loaded", "model_offloaded", "model_restored", "model_reused")}
+    return {"first_loads_s": seconds[:2], "switch_s": seconds[2:], "events": counts}
 
 
 def run_diffusers(root: Path, models: list[str], args) -> dict:
@@ -91,37 +102,49 @@ def run_system(name: str, root: Path, models: list[str], args) -> dict:
     if name == "diffusers_reload":
         result = run_diffusers(root, models, args)
     else:
-        result = run_imprompt(root, models, args, "64GiB" if name == "imprompt_resident" else "1")
+        budget, offload = {"imprompt_resident": ("64GiB", "1"), "imprompt_offloaded": ("1", "64GiB"),
+                           "imprompt_one_at_a_time": ("1", "1")}[name]  # fmt: skip
+        result = run_imprompt(root, models, args, budget, offload)
+    gpu = torch.cuda.max_memory_allocated() if args.device.startswith("cuda") else None
     return {"system": name, "result": result, "wall_s": time.perf_counter() - started, "peak_rss_bytes": _peak_rss(),
-            "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+            "peak_gpu_bytes": gpu, "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
 def render(results: dict, previous: dict | None, args, info: dict) -> str:
-    def ms(seconds: float) -> str:
-        return f"{seconds * 1000:.1f} ms" if seconds < 1 else f"{seconds:.2f} s"
+    def ms(seconds: float) -> str:  # the engine's timings are rounded to 0.1 ms
+        return "< 0.1 ms" if seconds < 1e-4 else f"{seconds * 1000:.1f} ms" if seconds < 1 else f"{seconds:.2f} s"
 
     lines = [
         "# Switching base models: resident pipelines vs reloading", "",
         f"Machine: {info['cpu']}, {info['cores']} cores ({info['threads']} torch threads), {info['memory_gib']} GiB RAM; "
         f"Python {info['python']}, torch {info['torch']}, device: {args.device}, dtype {args.dtype}.", "",
-        f"Command: `python -m tools.bench_models --size {args.size} --switches {args.switches}` (two SD 1.5 models, "
+        f"Command: `python -m tools.bench_models --size {args.size} --switches {args.switches} --device {args.device} "
+        f"--dtype {args.dtype}` (two SD 1.5 models, "
         f"random weights, alternated; each system in its own process). Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
         "",
-        "| system | switch p50 | min | max | first load of each | peak RSS |", "|---|---|---|---|---|---|",
     ]  # fmt: skip
-    for name in SYSTEMS:
+    gpu = args.device.startswith("cuda")
+    lines += ["| system | switch p50 | min | max | first load of each | peak RSS |" + (" peak GPU memory |" if gpu else ""),
+              "|---|---|---|---|---|---|" + ("---|" if gpu else "")]  # fmt: skip
+    for name in systems(args.device):
         r = results[name]["result"]
         lines.append(f"| {LABELS[name]} | {ms(statistics.median(r['switch_s']))} | {ms(min(r['switch_s']))} | "
                      f"{ms(max(r['switch_s']))} | {', '.join(ms(s) for s in r['first_loads_s'])} | "
-                     f"{results[name]['peak_rss_bytes'] / 2**30:.2f} GiB |")  # fmt: skip
+                     f"{results[name]['peak_rss_bytes'] / 2**30:.2f} GiB |"
+                     + (f" {results[name]['peak_gpu_bytes'] / 2**30:.2f} GiB |" if gpu else ""))  # fmt: skip
     resident = statistics.median(results["imprompt_resident"]["result"]["switch_s"])
     reload = statistics.median(results["diffusers_reload"]["result"]["switch_s"])
     one = statistics.median(results["imprompt_one_at_a_time"]["result"]["switch_s"])
-    lines += ["", f"A switch to a resident model is **{reload / max(resident, 1e-9):.0f}x** faster than diffusers' "
+    faster = f"{reload / resident:.0f}x" if resident >= 1e-4 else f"more than {reload / 1e-4:.0f}x"
+    lines += ["", f"A switch to a resident model is **{faster}** faster than diffusers' "
                   f"reload (p50 over p50); imprompt reloading one at a time takes {one / reload:.2f}x diffusers' "
                   f"reload. Holding both costs their memory: the peak RSS column. The first loads are not "
                   f"comparable across rows: the first system to run reads the files from disk, later ones find "
                   f"them in the page cache (imprompt's first load also imports diffusers' pipeline classes)."]  # fmt: skip
+    if "imprompt_offloaded" in results:
+        offloaded = statistics.median(results["imprompt_offloaded"]["result"]["switch_s"])
+        lines += ["", f"Moving a model back from CPU memory (the offload tier) takes {ms(offloaded)}, "
+                      f"{reload / offloaded:.1f}x faster than diffusers' reload from disk."]  # fmt: skip
     if previous:  # kept beside the new numbers, so that a regression shows
         before = [f"{n} {ms(statistics.median(previous['results'][n]['result']['switch_s']))}"
                   for n in SYSTEMS if n in previous.get("results", {})]  # fmt: skip
@@ -145,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         args.switches = 2
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    root = build_models(args.cache, args.size)
+    root = build_models(args.cache, args.size, adapters=False)
     first = "sd15" if args.size == "real" else "tiny-sd15"
     models = [first, second_model(root, first)]
     if args.system:
@@ -155,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         args.json_out.write_text(json.dumps(run_system(args.system, root, models, args)))
         return 0
     results = {}
-    for name in SYSTEMS:
+    for name in systems(args.device):
         out = args.cache / f"{args.size}-models-{name}.json"
         print(f"bench-models: {name} ...", file=sys.stderr, flush=True)
         subprocess.run([sys.executable, "-m", "tools.bench_models", *(argv if argv is not None else sys.argv[1:]),
