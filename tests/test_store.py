@@ -413,3 +413,29 @@ def test_scan_survives_a_corrupt_pickle(pack, tmp_path, seed):
     store.read_all()
     [broken] = store.unreadable
     assert isinstance(broken.error, CheckpointError)
+
+
+def test_a_files_sha256_is_kept_on_disk_and_read_again_only_when_the_file_changes(pack, tmp_path, monkeypatch):
+    """A1111's model hash is the sha256 of the whole checkpoint (seconds for GBs): a new process must not read the
+    file again before its first image, and a changed file must not keep its old hash."""
+    import hashlib
+
+    from imprompt.models import store as store_module
+
+    monkeypatch.setenv("IMPROMPT_CACHE_DIR", str(tmp_path / "cache"))
+    file = tmp_path / "models" / "checkpoint.safetensors"
+    file.parent.mkdir()
+    file.write_bytes(b"weights" * 1000)
+    first = ModelStore([pack]).a1111_hash(file)
+    assert first == hashlib.sha256(file.read_bytes()).hexdigest()[:10]
+
+    store_module._HASHES.clear()  # a new process: only the disk remembers
+    expected = hashlib.sha256(file.read_bytes()).hexdigest()[:12]
+    monkeypatch.setattr(store_module.hashlib, "sha256", lambda: pytest.fail("the file was read again"))
+    assert ModelStore([pack]).a1111_hash(file, 12) == expected
+
+    monkeypatch.undo()
+    monkeypatch.setenv("IMPROMPT_CACHE_DIR", str(tmp_path / "cache"))
+    file.write_bytes(b"other weights" * 1000)
+    store_module._HASHES.clear()
+    assert ModelStore([pack]).a1111_hash(file) == hashlib.sha256(file.read_bytes()).hexdigest()[:10] != first

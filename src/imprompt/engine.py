@@ -41,7 +41,7 @@ from .loading.pipelines import component_identities, load_pipeline
 from .loading.resident import LoadedPipeline, ResidentPipelines
 from .loading.textual_inversions import load_inversion
 from .loading.vaes import load_vae
-from .models.store import Entry, ModelStore, a1111_hash
+from .models.store import Entry, ModelStore
 from .plan import Plan, make_plan, plan_unit
 from .prompting.encode import encode_prompts
 from .request import GenerateRequest, IPAdapterUnit, parse_request, parse_unit
@@ -261,8 +261,8 @@ class Engine:
         seeds = [seed + i for i in range(len(images_out))]  # image i is what a request with seed + i gives
         strength = request.denoising_strength if init_image is not None else None
         loras_info = [{"name": lora.entry.name, "weight": lora.weight, "source": lora.source, "file": str(lora.entry.path),
-                       "hash": a1111_hash(lora.entry.path, 12)} for lora in plan.loras]  # fmt: skip
-        vae_info = {"name": plan.vae.path.name, "file": str(plan.vae.path), "hash": a1111_hash(plan.vae.path)} if plan.vae else None
+                       "hash": self.store.a1111_hash(lora.entry.path, 12)} for lora in plan.loras]  # fmt: skip
+        vae_info = {"name": plan.vae.path.name, "file": str(plan.vae.path), "hash": self.store.a1111_hash(plan.vae.path)} if plan.vae else None
         inversions_info = [{"name": i.name, "hash": i.hash} for i in prompts.inversions_used]
         # the prompt as A1111 would show it: LoRAs given as a field are written as tags, so that readers find them
         shown_prompt = request.prompt + "".join(f" <lora:{lo.entry.name}:{lo.weight:g}>" for lo in plan.loras
@@ -547,7 +547,7 @@ class Engine:
             scheduler_config=dict(pipeline.scheduler.config),
             scheduler_class=type(pipeline.scheduler).__name__,
             load_seconds=time.perf_counter() - started,
-            model_hash=a1111_hash(entry.path) if entry.path.is_file() else None,
+            model_hash=self.store.a1111_hash(entry.path) if entry.path.is_file() else None,
             components=identities,
         )
 
@@ -590,7 +590,7 @@ class Engine:
         key = entry.key(self.dtype, self.device)
         inversion = self.inversions.get(key)
         if inversion is None:
-            inversion = load_inversion(entry, self.device, self.dtype)
+            inversion = load_inversion(entry, self.device, self.dtype, self.store.a1111_hash(entry.path, 12))
             self.inversions.put(key, inversion, sum(v.numel() * v.element_size() for v in inversion.vectors), entry.name)
         return inversion
 

@@ -12,12 +12,13 @@ import torch
 
 from ..errors import CheckpointError
 from ..models.recognise import unwrapped
-from ..models.store import Entry, a1111_hash
+from ..models.store import Entry
 from ..prompting.encode import Inversion
 from .tensors import read_tensors
 
 
-def load_inversion(entry: Entry, device: torch.device, dtype: torch.dtype) -> Inversion:
+def load_inversion(entry: Entry, device: torch.device, dtype: torch.dtype, short_hash: str) -> Inversion:
+    """`short_hash`: A1111's "TI hashes" entry for the file (the store's `a1111_hash`)."""
     tensors = unwrapped(read_tensors(entry.path))
     if len(entry.spec.widths) == 2:
         vectors = (tensors["clip_l"], tensors["clip_g"])
@@ -27,4 +28,4 @@ def load_inversion(entry: Entry, device: torch.device, dtype: torch.dtype) -> In
     vectors = tuple(v.reshape(-1, v.shape[-1]).to(device=device, dtype=dtype) for v in vectors)
     if tuple(v.shape[-1] for v in vectors) != entry.spec.widths:
         raise CheckpointError(entry.path, "its vectors changed shape since it was scanned", "Refresh the models list")
-    return Inversion(entry.name, vectors, a1111_hash(entry.path, 12))
+    return Inversion(entry.name, vectors, short_hash)

@@ -1,8 +1,10 @@
 """What earlier runs learnt about the files of a models tree, kept on disk: a rescan of an unchanged tree reads none.
 
 One JSON file (`$IMPROMPT_CACHE_DIR/probes.json`, by default `~/.cache/imprompt/probes.json`) maps a file's path to
-its fingerprint (size, modification time, inode) and its spec. A spec is used again only while the fingerprint is
-the same, so what it says was read from the file's own tensors, by this version of the probe (`PROBE_VERSION`).
+its fingerprint (size, modification time, inode) and its spec, and, once computed, its sha256 (A1111's model, VAE
+and LoRA hashes in the infotext: seconds to read a multi-GB checkpoint, which A1111 also keeps on disk). Each is
+used again only while the fingerprint is the same, so what it says was read from the file's own bytes, by this
+version of the probe (`PROBE_VERSION`).
 Nothing is written into the user's models folders (they may be read-only, or shared by several machines).
 """
 
@@ -30,11 +32,13 @@ class ProbeCache:
         self.path = path or cache_file()
         self._lock = threading.Lock()
         self._entries: dict[str, dict] = {}
+        self._digests: dict[str, dict] = {}
         self._dirty = False
         try:
             data = json.loads(self.path.read_text())
             if data.get("version") == PROBE_VERSION:
                 self._entries = data.get("files", {})
+                self._digests = data.get("sha256", {})
         except (OSError, ValueError, AttributeError):
             pass  # no cache yet, or an unreadable one: everything is probed again
 
@@ -53,12 +57,24 @@ class ProbeCache:
             self._entries[str(path)] = {"fingerprint": fingerprint, "spec": spec_to_json(spec)}
             self._dirty = True
 
+    def sha256(self, path: Path, fingerprint: tuple) -> str | None:
+        with self._lock:
+            entry = self._digests.get(str(path))
+        if entry is None or tuple(tuple(f) if isinstance(f, list) else f for f in entry["fingerprint"]) != fingerprint:
+            return None
+        return entry.get("sha256")
+
+    def put_sha256(self, path: Path, fingerprint: tuple, digest: str) -> None:
+        with self._lock:
+            self._digests[str(path)] = {"fingerprint": fingerprint, "sha256": digest}
+            self._dirty = True
+
     def save(self) -> None:
         """Write what was learnt (atomically); a cache that cannot be written only costs the next scan time."""
         with self._lock:
             if not self._dirty:
                 return
-            data = json.dumps({"version": PROBE_VERSION, "files": self._entries})
+            data = json.dumps({"version": PROBE_VERSION, "files": self._entries, "sha256": self._digests})
             self._dirty = False
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,7 @@ import hashlib
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,6 +96,28 @@ class ModelStore:
                 self._walk(root, root, found)
             self.entries = [self._entry(name, path, lazy=True) for name, path in found]
             self._disk.save()
+
+    def a1111_hash(self, path: Path, digits: int = 10) -> str:
+        """A1111's short hash: the first hex digits of the file's sha256 (10 for "Model hash" and "VAE hash", 12
+        for "Lora hashes" and "TI hashes"). Computed once per version of the file and kept with the probes on
+        disk, so a new process does not read a multi-GB checkpoint again before its first image."""
+        fingerprint = fingerprint_of(path)
+        key = (str(path), fingerprint)
+        if key not in _HASHES:
+            known = self._disk.sha256(path, fingerprint)
+            if known is None:
+                started = time.perf_counter()
+                digest = hashlib.sha256()
+                with open(path, "rb") as f:
+                    for block in iter(lambda: f.read(2**20), b""):
+                        digest.update(block)
+                known = digest.hexdigest()
+                log.info("sha256 of %s (%.1f GB) in %.2f s, kept on disk", path.name, fingerprint[0] / 1e9,
+                         time.perf_counter() - started)  # fmt: skip
+                self._disk.put_sha256(path, fingerprint, known)
+                self._disk.save()
+            _HASHES[key] = known
+        return _HASHES[key][:digits]
 
     def read_all(self) -> None:
         """Probe what the scan left unread (pickles), for a listing that says what every file is."""
@@ -335,20 +358,6 @@ def _article(kind: str) -> str:
 
 
 _HASHES: dict[tuple, str] = {}
-
-
-def a1111_hash(path: Path, digits: int = 10) -> str:
-    """A1111's short hash: the first hex digits of the file's sha256 (10 for "Model hash" and "VAE hash", 12 for
-    "Lora hashes" and "TI hashes"), computed once per version of the file (seconds for a multi-GB checkpoint, as in
-    A1111)."""
-    key = (str(path), fingerprint_of(path))
-    if key not in _HASHES:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(2**20), b""):
-                digest.update(block)
-        _HASHES[key] = digest.hexdigest()
-    return _HASHES[key][:digits]
 
 
 def legacy_hash(path: Path) -> str:
