@@ -408,8 +408,9 @@ def test_chunked_body_over_the_limit_is_413_json(pack, red_circle):
         assert http.post("/sdapi/v1/txt2img", json=payload(sdnext_unit("Base", red_circle))).status_code == 200
 
 
-def test_serve_cli_starts_on_loopback(pack):
-    """`imprompt serve` itself, as a process: binds loopback by default and answers."""
+def test_serve_cli_starts_on_loopback_and_preloads_its_model(pack):
+    """`imprompt serve` itself, as a process: binds loopback by default and answers at once, loads its model
+    meanwhile, and the first request finds it loaded."""
     import subprocess
     import sys
 
@@ -432,6 +433,13 @@ def test_serve_cli_starts_on_loopback(pack):
                 assert process.poll() is None and time.time() < deadline, process.stderr.read()
                 time.sleep(0.2)
         assert health["status"] == "ok"
+        preloaded = wait_until(lambda: [e for e in httpx.get(f"http://127.0.0.1:{port}/v1/events").json()
+                                        if e["event"] == "model_loaded"], what="the preload")  # fmt: skip
+        assert [e["job"] for e in preloaded] == ["preload"]
+        txt2img = {"prompt": "a shape", "steps": 2, "width": 64, "height": 64, "seed": 1}
+        assert httpx.post(f"http://127.0.0.1:{port}/sdapi/v1/txt2img", json=txt2img, timeout=120).status_code == 200
+        events = httpx.get(f"http://127.0.0.1:{port}/v1/events").json()
+        assert [e["job"] for e in events if e["event"] == "model_loaded"] == ["preload"]  # the request loaded nothing
     finally:
         process.terminate()
         process.wait(timeout=30)

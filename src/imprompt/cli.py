@@ -110,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--api-key", default=os.environ.get("IMPROMPT_API_KEY"),
                    help="require this key (Bearer, or HTTP Basic password) on every endpoint but /healthz")  # fmt: skip
     s.add_argument("--model", help="the current model at start (default: the first in the models folder)")
+    s.add_argument("--no-preload", action="store_true",
+                   help="load the current model at the first request, not while the server starts")  # fmt: skip
     s.add_argument("--max-queue", type=_positive, default=16, help="jobs waiting before requests get 429 (default: %(default)s)")
     s.add_argument("--max-units", type=_positive, default=8, help="IP-Adapter units per request (default: %(default)s)")
     s.add_argument("--max-images", type=_positive, default=16,
@@ -413,7 +415,8 @@ def _serve(args) -> int:
     engine = _engine(args, allow_paths=False, max_image_pixels=args.max_pixels, max_image_bytes=parse_bytes(args.max_image, 0),
                      max_units=args.max_units, max_images=args.max_images)  # fmt: skip
     settings = ServerSettings(
-        api_key=args.api_key, max_body_bytes=parse_bytes(args.max_body, 0), max_queue=args.max_queue, model=args.model
+        api_key=args.api_key, max_body_bytes=parse_bytes(args.max_body, 0), max_queue=args.max_queue, model=args.model,
+        preload=not args.no_preload,
     )
     if args.model:
         engine.store.pipeline(args.model)  # unknown model: fail now, not at the first request

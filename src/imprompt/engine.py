@@ -168,6 +168,14 @@ class Engine:
             self._interrupt.clear()
             return self._generate(request, on_step)
 
+    def preload(self, model: str) -> list[dict]:
+        """Load a model before any request needs it (the server does this as it starts, so that the first request
+        does not wait for the load). Returns the load's events; a failed load raises as a request would."""
+        events: list[dict] = []
+        with self._lock:
+            self._load_pipeline(self.store.pipeline(model), events)
+        return events
+
     def check_limits(self, request: GenerateRequest) -> None:
         """How many units and images a request may bring: checked before any image is decoded (a body of 64 MiB
         holds 100,000 tiny PNGs, each an encoder pass). The server calls this before it queues a job."""

@@ -39,12 +39,15 @@ class ServerSettings:
     max_body_bytes: int = 64 * 2**20
     max_queue: int = 16
     model: str | None = None  # the current model (A1111's sd_model_checkpoint)
+    preload: bool = False  # load the current model while the server starts (`imprompt serve` does)
 
 
 def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAPI:
     settings = settings or ServerSettings()
     jobs = JobQueue(engine, settings.max_queue)
     state = {"model": settings.model or _first_model(engine)}
+    if settings.preload and state["model"]:
+        jobs.preload(state["model"])
     app = FastAPI(
         title="imprompt",
         version=__version__,

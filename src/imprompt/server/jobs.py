@@ -116,6 +116,25 @@ class JobQueue:
             self.events.append({"event": "request_interrupted", "job": job.id, "why": why, "time": time.time()})
             self.engine.interrupt()
 
+    def preload(self, model: str) -> threading.Thread:
+        """Load `model` in the background while the server starts; a request that comes meanwhile waits for the
+        engine as it would for a running job. A failure is logged here and met again, as a 4xx, by the first
+        request for that model."""
+
+        def load() -> None:
+            log.info("preloading model %s while the server starts", model)
+            try:
+                events = self.engine.preload(model)
+            except ImpromptError as exc:
+                log.error("could not preload model %s: %s", model, exc)
+                self.events.append({"event": "preload_failed", "model": model, "why": str(exc), "time": time.time()})
+                return
+            self.events.extend({**event, "job": "preload", "time": time.time()} for event in events)
+
+        thread = threading.Thread(target=load, name="imprompt-preload", daemon=True)
+        thread.start()
+        return thread
+
     @property
     def waiting(self) -> int:
         return len(self._waiting)
