@@ -150,3 +150,19 @@ def test_a_failed_load_or_a_changed_file_leaves_the_others_as_they_were(pack, mo
     assert model_events(changed) == ["model_unloaded", "component_shared", "component_shared", "model_loaded"]
     assert next(e for e in changed.info["events"] if e["event"] == "model_unloaded")["why"] == "its file changed on disk"
     assert max_diff(changed.images[0], engine.generate(request()).images[0]) == 0  # the new file's picture
+
+
+def test_a_model_dropped_for_a_changed_file_takes_its_loras_out_of_a_shared_text_encoder(pack, models, tmp_path):
+    """A model whose file changed is loaded anew; the old one's LoRA layers must not stay behind in the text
+    encoder it shared with other models (memory that nothing frees, adapters nothing switches)."""
+    engine = Engine([pack, models, tmp_path])
+    engine.generate(request(prompt="a cat <lora:detail-sd15:0.9>"))  # tiny-sd15: LoRA layers in the shared encoder
+    copy = shutil.copytree(models / "tiny-sd15-b", tmp_path / "tiny-sd15-c", symlinks=True)
+    engine.generate(request(prompt="a cat <lora:detail-sd15:0.9>", model="tiny-sd15-c"))
+    weights = next((copy / "unet").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes())  # the same bytes, a new file version
+    req = request(prompt="a cat <lora:detail-sd15:0.5>", model="tiny-sd15-c")
+    assert max_diff(engine.generate(req).images[0], Engine([pack, models, tmp_path]).generate(req).images[0]) == 0
+    encoder = engine.pipelines.current.pipeline.text_encoder
+    prefixes = {resident.loras.prefix for resident in engine.pipelines.all()}
+    assert all(name.startswith(tuple(prefixes)) for name in encoder.peft_config)  # the dropped model's are gone

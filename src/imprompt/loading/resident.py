@@ -119,7 +119,12 @@ class ResidentPipelines:
         return {name: held[identity] for name, identity in identities.items() if identity in held}
 
     def discard_older_versions(self, key: tuple) -> list:
-        """Pipelines loaded from an earlier version of this file: never served again, so freed."""
+        """Pipelines loaded from an earlier version of this file: never served again, so freed (their LoRA
+        layers taken out of any text encoder or VAE they share with others)."""
+        for stale in [p for p in self.all() if p.key[0] == key[0] and p.key != key]:
+            stale.loras.clear()
+            if self.current is stale:
+                self.current = None
         return self.on_device.discard_older_versions(key) + self.offloaded.discard_older_versions(key)
 
     def clear(self) -> None:
