@@ -622,9 +622,10 @@ def summarise(results: dict) -> dict:
     return s
 
 
-def render(s: dict, args, before: dict | None = None, when: str | None = None) -> str:
-    """The report. `before` is the previous run's summary: its numbers stand beside the new ones."""
-    m = machine()
+def render(s: dict, args, before: dict | None = None, when: str | None = None, m: dict | None = None) -> str:
+    """The report. `before` is the previous run's summary: its numbers stand beside the new ones. `m`: the
+    machine the report is about (default: this one)."""
+    m = m or machine()
     before = before or {}
     gib = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
     ms = lambda x: f"{x * 1000:.1f} ms" if x < 1 else f"{x:.2f} s"  # noqa: E731
@@ -642,7 +643,7 @@ def render(s: dict, args, before: dict | None = None, when: str | None = None) -
         f"Machine: {m['cpu']}, {m['cores']} cores ({m['threads']} torch threads), {m['memory_gib']} GiB RAM, "
         f"bf16 instructions: {'yes' if m['bf16_instructions'] else 'no'}; Python {m['python']}, torch {m['torch']}, "
         f"device: {args.device}{' (' + m['gpu'] + ')' if m['gpu'] and args.device.startswith('cuda') else ''}. "
-        "Each row's machine is recorded with its raw numbers (`benchmarks.json`)"
+        f"Each row's machine is recorded with its raw numbers (`{args.out.with_suffix('.json').name}`)"
         + (f"; measured on another machine: {', '.join(elsewhere)}." if elsewhere else "; all rows were measured on this one."),
         "",
         f"Command: `python -m tools.bench --size {args.size} --trials {args.trials} --rounds {args.rounds} "
@@ -653,6 +654,9 @@ def render(s: dict, args, before: dict | None = None, when: str | None = None) -
         f"({when or 'none recorded'}), so that a regression shows.",
         "",
     ]  # fmt: skip
+    if args.quick:
+        lines += ["A `--quick` run: each phase once, one round, three requests. It checks that every path runs at real "
+                  "size; its ratios are single samples, not noise-bounded comparisons.", ""]
     if s.get("updated"):
         lines += ["Re-measured after that run, alone (`--update --phases ...`): "
                   + ", ".join(f"{n} ({t})" for n, t in s["updated"].items()) + ".", ""]
