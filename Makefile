@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test serve bench bench-lora bench-models scan soak load train evaluate install clean
+.PHONY: demo test serve bench bench-lora bench-models bench-cold scan soak load train evaluate install clean
 
 demo: install
 	$(BIN)/imprompt demo --pack demo-models --out demo-output
@@ -29,6 +29,11 @@ bench-lora: install
 # Switching between two real-size SD 1.5 models: resident vs reloaded (the same .bench-cache), about 10 minutes.
 bench-models: install
 	$(BIN)/python -m tools.bench_models
+
+# Time from `imprompt generate` / `imprompt serve` to the first image on the demo pack, this tree alone or against
+# BASELINE=<an older checkout, e.g. a git worktree>, alternated; about 10 minutes.
+bench-cold: install
+	$(BIN)/python -m tools.bench_cold --size tiny $(if $(BASELINE),--baseline-src $(BASELINE)/src)
 
 # How long scanning a tree of 1,000 files takes: first, again, and in a new process.
 scan: install
