@@ -132,6 +132,30 @@ def test_a_pushed_out_model_is_gone_before_the_next_moves_to_the_device(pack, mo
     assert old_alive_at_each_move and old_alive_at_each_move[-1] is False  # the last move: onto the device
 
 
+def test_a_model_that_fails_to_move_onto_the_device_is_not_left_resident(pack, models, red_circle, monkeypatch):
+    """Out of device memory halfway through the move: the half-moved model is never served, the others are."""
+    import sys
+
+    from diffusers import StableDiffusionXLPipeline
+
+    engine = Engine([pack, models])
+    before = engine.generate(request(unit("Base", red_circle)))
+    move = StableDiffusionXLPipeline.to
+
+    def to(self, *args, **kwargs):
+        if sys._getframe(1).f_code.co_name == "add":  # ResidentPipelines.add: the move onto the device
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return move(self, *args, **kwargs)
+
+    monkeypatch.setattr(StableDiffusionXLPipeline, "to", to)
+    with pytest.raises(torch.OutOfMemoryError):
+        engine.generate(request(unit("Base SDXL", red_circle), model=SDXL))
+    assert [e["label"] for e in engine.cache_info()["pipelines"]["entries"]] == ["tiny-sd15"]
+    monkeypatch.undo()
+    assert max_diff(engine.generate(request(unit("Base", red_circle))).images[0], before.images[0]) == 0
+    assert "model_loaded" in model_events(engine.generate(request(unit("Base SDXL", red_circle), model=SDXL)))
+
+
 def test_a_failed_load_or_a_changed_file_leaves_the_others_as_they_were(pack, models, red_circle, tmp_path):
     engine = Engine([pack, models, tmp_path])
     before = engine.generate(request(unit("Base", red_circle)))

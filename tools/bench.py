@@ -504,6 +504,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--phase", help=argparse.SUPPRESS)  # internal: run one phase in this process
     parser.add_argument("--json-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     if args.quick:
         args.trials, args.rounds, args.steps, args.step_rounds, args.workload_requests = 1, 1, 1, 1, 3
     if args.out is None:
@@ -532,15 +534,16 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run(command, check=True)
         fresh.setdefault(name, []).append(json.loads(out.read_text()))
     results.update({name: {"runs": measured} for name, measured in fresh.items()})
+    args.out.parent.mkdir(parents=True, exist_ok=True)  # the raw numbers first: nothing below can lose them
+    raw.write_text(json.dumps({"machine": machine(), "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                               "args": vars(args) | {"cache": str(args.cache), "out": str(args.out), "json_out": None},
+                               "results": results}, indent=2))  # fmt: skip
     report = summarise(results)
+    report["this_run"] = sorted(fresh)
     if args.update:
         report["updated"] = {name: runs(results[name])[-1]["measured_at"] for name in phases}
     before = summarise(previous["results"]) if previous else None
     when = previous.get("measured_at") if previous else None
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    raw.write_text(json.dumps({"machine": machine(), "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                               "args": vars(args) | {"cache": str(args.cache), "out": str(args.out), "json_out": None},
-                               "results": results}, indent=2))  # fmt: skip
     text = render(report, args, before, when)
     args.out.write_text(text)
     print(text)
@@ -615,6 +618,7 @@ def summarise(results: dict) -> dict:
         per_request = [x for run in r[name] for x in run.get("request_s", [])[len(CYCLE):]]
         s["workload"][name] = r[name][-1] | {
             "total_s": statistics.median(totals), "total_min": min(totals), "total_max": max(totals), "rounds": len(totals),
+            "totals": totals,
             "request_p50": statistics.median(per_request) if per_request else None,
         }  # fmt: skip
     if "encoder_memory" in r:
@@ -635,8 +639,8 @@ def render(s: dict, args, before: dict | None = None, when: str | None = None, m
         return fmt(value) if value is not None else "–"
 
     here = {k: m[k] for k in ("cpu", "cores", "memory_gib", "torch", "gpu")}
-    elsewhere = sorted({name for name, mm in s.get("machines", {}).items()
-                        if mm and {k: mm.get(k) for k in here} != here})  # fmt: skip
+    elsewhere = sorted(name for name, mm in s.get("machines", {}).items() if mm and {k: mm.get(k) for k in here} != here)
+    unrecorded = sorted(name for name, mm in s.get("machines", {}).items() if not mm)
     lines = [
         "# Benchmarks",
         "",
@@ -644,7 +648,9 @@ def render(s: dict, args, before: dict | None = None, when: str | None = None, m
         f"bf16 instructions: {'yes' if m['bf16_instructions'] else 'no'}; Python {m['python']}, torch {m['torch']}, "
         f"device: {args.device}{' (' + m['gpu'] + ')' if m['gpu'] and args.device.startswith('cuda') else ''}. "
         f"Each row's machine is recorded with its raw numbers (`{args.out.with_suffix('.json').name}`)"
-        + (f"; measured on another machine: {', '.join(elsewhere)}." if elsewhere else "; all rows were measured on this one."),
+        + (f"; measured on another machine: {', '.join(elsewhere)}" if elsewhere else "")
+        + (f"; machine not recorded (an older run): {', '.join(unrecorded)}" if unrecorded else "")
+        + ("." if elsewhere or unrecorded else "; all rows were measured on this one."),
         "",
         f"Command: `python -m tools.bench --size {args.size} --trials {args.trials} --rounds {args.rounds} "
         f"--dtype {args.dtype} --device {args.device}{' --quick' if args.quick else ''}` "
@@ -729,15 +735,19 @@ def render(s: dict, args, before: dict | None = None, when: str | None = None, m
             per = ms(v["request_p50"]) if v.get("request_p50") else "–"
             was = prev("workload", name, "total_s", lambda x: f"{x:.1f} s")
             lines.append(f"| {labels[name]} | {v['total_s']:.1f} s | {spread} | {per} | {ratio} | {gib(s['rss'][name])} | {was} |")
-        if "workload_imprompt" in w and "workload_expert" in w:
+        pair = ("workload_imprompt", "workload_expert")
+        if all(name in w for name in pair) and all(name in s.get("this_run", pair) for name in pair):
             imp, ex = w["workload_imprompt"], w["workload_expert"]
-            verdict = ("no slower than" if imp["total_s"] <= ex["total_s"]
-                       else "within the rounds' noise of" if imp["total_min"] <= ex["total_max"] else "SLOWER than")  # fmt: skip
-            lines += ["", f"imprompt against the expert script, same run, {imp['rounds']} alternated round(s): whole "
-                      f"sequence {imp['total_s']:.1f} s against {ex['total_s']:.1f} s ({ex['total_s'] / imp['total_s']:.2f}×), "
-                      f"imprompt {verdict} the expert script. What the expert script cannot do: refuse a wrong "
-                      "pairing before the matmul fails, reuse an embedding (it encodes every request's image again), "
-                      "load an adapter or encoder it was not started with, or free one it no longer needs."]  # fmt: skip
+            ratios = [e / i for i, e in zip(imp["totals"], ex["totals"])]  # round by round: A B, then B A, ...
+            slower = sum(r < 1 for r in ratios)
+            verdict = ("no slower than the expert script in any round" if not slower
+                       else f"SLOWER than the expert script in {slower} of {len(ratios)} rounds")  # fmt: skip
+            lines += ["", f"imprompt against the expert script, same run, {len(ratios)} alternated round(s): whole "
+                      f"sequence {imp['total_s']:.1f} s against {ex['total_s']:.1f} s (median); expert / imprompt "
+                      f"round by round {', '.join(f'{r:.2f}×' for r in ratios)}: imprompt {verdict}. What the expert "
+                      "script cannot do: refuse a wrong pairing before the matmul fails, reuse an embedding (it "
+                      "encodes every request's image again), load an adapter or encoder it was not started with, or "
+                      "free one it no longer needs."]  # fmt: skip
         if "workload_small_budget" in w:
             sb = w["workload_small_budget"]
             lines += ["", f"With a 1-byte encoder budget, {sb['evictions']} evictions and {sb['encoder_loads']} encoder "

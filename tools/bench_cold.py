@@ -15,6 +15,7 @@ numbers are those of a user's second start. Servers bind 127.0.0.1 and are stopp
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -88,7 +89,8 @@ def time_serve(src: Path, root: Path, args, work: Path, think: float) -> dict:
         now = time.perf_counter()
         return {"answering_s": answering, "first_image_s": now - started, "request_s": now - asked}
     finally:
-        os.killpg(process.pid, signal.SIGTERM)  # its own session: the server and anything it started
+        with contextlib.suppress(ProcessLookupError):  # already gone (it failed): its log says why
+            os.killpg(process.pid, signal.SIGTERM)  # its own session: the server and anything it started
         try:
             process.wait(timeout=30)
         except subprocess.TimeoutExpired:

@@ -144,7 +144,7 @@ def render(results: dict, previous: dict | None, args, info: dict) -> str:
     if "imprompt_offloaded" in results:
         offloaded = statistics.median(results["imprompt_offloaded"]["result"]["switch_s"])
         lines += ["", f"Moving a model back from CPU memory (the offload tier) takes {ms(offloaded)}, "
-                      f"{reload / offloaded:.1f}x faster than diffusers' reload from disk."]  # fmt: skip
+                      f"{reload / max(offloaded, 1e-4):.1f}x faster than diffusers' reload from disk."]  # fmt: skip
     if previous:  # kept beside the new numbers, so that a regression shows
         before = [f"{n} {ms(statistics.median(previous['results'][n]['result']['switch_s']))}"
                   for n in SYSTEMS if n in previous.get("results", {})]  # fmt: skip

@@ -67,6 +67,8 @@ class ResidentPipelines:
     def get(self, key: tuple, events: list) -> LoadedPipeline | None:
         """The resident pipeline for `key`: on the device, or moved back from CPU memory; None if not resident."""
         loaded = self.on_device.get(key)
+        if loaded is not None and self.device.type == "cuda" and loaded is not self.current:
+            loaded.pipeline.to(self.device)  # a component it shares with a model moved to CPU memory went along
         if loaded is not None or key not in self.offloaded:
             return loaded
         loaded = self.offloaded.get(key)
@@ -82,7 +84,15 @@ class ResidentPipelines:
         `loaded` moves in: a GPU with room for one model never holds two, not even for a moment."""
         if self._make_room(loaded, events):
             release_memory(self.device)  # no reference to what was unloaded is left: collect it now
-        loaded.pipeline.to(self.device)
+        try:
+            loaded.pipeline.to(self.device)
+        except BaseException:  # e.g. out of device memory halfway: a pipeline half on the device is never served
+            self.on_device.discard(loaded.key)
+            loaded.loras.clear()
+            if self.current is loaded:
+                self.current = None
+            release_memory(self.device)
+            raise
 
     def _make_room(self, loaded: LoadedPipeline, events: list) -> bool:
         """Evict for `loaded`; returns whether any pipeline was unloaded (one moved to CPU memory frees its device
@@ -93,8 +103,13 @@ class ResidentPipelines:
                 self.current = None
             why = f"the pipeline budget ({_mib(self.on_device.budget_bytes)}) needed room for {loaded.name}"
             if 0 < old.nbytes <= self.offloaded.budget_bytes:
+                # what it holds but does not own stays on the device: the IP-Adapters (cached for every model)
+                # and a request's VAE (cached); a component shared with another model comes back with `get`
+                old.value.attached.attach([], ())
+                old.value.pipeline.vae = old.value.own_vae
                 old.value.pipeline.to("cpu")
-                for gone in self.offloaded.put(old.key, old.value, old.nbytes, label=old.label):
+                for gone in self.offloaded.put(old.key, old.value, old.nbytes, label=old.label, with_values=True):
+                    gone.value.loras.clear()  # its LoRA layers may sit in a text encoder another pipeline shares
                     unloaded += 1
                     log.info("model %s unloaded from CPU memory (its budget)", gone.label)
                     events.append({"event": "model_unloaded", "model": gone.label, "why": "CPU memory budget"})
@@ -121,11 +136,16 @@ class ResidentPipelines:
     def discard_older_versions(self, key: tuple) -> list:
         """Pipelines loaded from an earlier version of this file: never served again, so freed (their LoRA
         layers taken out of any text encoder or VAE they share with others)."""
-        for stale in [p for p in self.all() if p.key[0] == key[0] and p.key != key]:
+        found = [p for p in self.all() if p.key[0] == key[0] and p.key != key]
+        for stale in found:
             stale.loras.clear()
             if self.current is stale:
                 self.current = None
-        return self.on_device.discard_older_versions(key) + self.offloaded.discard_older_versions(key)
+        dropped = self.on_device.discard_older_versions(key) + self.offloaded.discard_older_versions(key)
+        if found:
+            del found, stale
+            release_memory(self.device)
+        return dropped
 
     def clear(self) -> None:
         self.on_device.clear()

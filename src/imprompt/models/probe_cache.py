@@ -31,6 +31,7 @@ class ProbeCache:
     def __init__(self, path: Path | None = None):
         self.path = path or cache_file()
         self._lock = threading.Lock()
+        self._writing = threading.Lock()  # one writer at a time: writers share the partial file's name
         self._entries: dict[str, dict] = {}
         self._digests: dict[str, dict] = {}
         self._dirty = False
@@ -60,7 +61,7 @@ class ProbeCache:
     def sha256(self, path: Path, fingerprint: tuple) -> str | None:
         with self._lock:
             entry = self._digests.get(str(path))
-        if entry is None or tuple(tuple(f) if isinstance(f, list) else f for f in entry["fingerprint"]) != fingerprint:
+        if entry is None or tuple(tuple(f) if isinstance(f, list) else f for f in entry.get("fingerprint", ())) != fingerprint:
             return None
         return entry.get("sha256")
 
@@ -77,9 +78,10 @@ class ProbeCache:
             data = json.dumps({"version": PROBE_VERSION, "files": self._entries, "sha256": self._digests})
             self._dirty = False
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            partial = self.path.with_name(f".{self.path.name}.{os.getpid()}.partial")
-            partial.write_text(data)
-            partial.replace(self.path)
+            with self._writing:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                partial = self.path.with_name(f".{self.path.name}.{os.getpid()}.partial")
+                partial.write_text(data)
+                partial.replace(self.path)
         except OSError as exc:
             log.warning("could not keep probe results in %s (%s); the next scan probes again", self.path, exc)

@@ -127,7 +127,13 @@ class JobQueue:
                 events = self.engine.preload(model)
             except ImpromptError as exc:
                 log.error("could not preload model %s: %s", model, exc)
-                self.events.append({"event": "preload_failed", "model": model, "why": str(exc), "time": time.time()})
+                self.events.append({"event": "preload_failed", "job": "preload", "model": model, "why": str(exc),
+                                    "time": time.time()})  # fmt: skip
+                return
+            except Exception as exc:  # a real fault (out of memory, I/O): the traceback goes to the log
+                log.exception("preloading model %s failed", model)
+                self.events.append({"event": "preload_failed", "job": "preload", "model": model,
+                                    "why": f"{type(exc).__name__}: {exc}", "time": time.time()})  # fmt: skip
                 return
             self.events.extend({**event, "job": "preload", "time": time.time()} for event in events)
 
