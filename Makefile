@@ -17,8 +17,9 @@ test: install
 	$(BIN)/python -m pytest -q
 
 # Development tools (tools/, not installed with imprompt).
-# Not part of the tests: real-size models (about 7 GB, built once into .bench-cache), about 45 minutes on 2 cores;
-# imprompt and the expert script alternate over 3 rounds. `python -m tools.bench --quick` runs each phase once.
+# Not part of the tests: real-size models (about 7 GB, built once into .bench-cache), about 40 minutes on 2 AVX-512
+# cores (two to three times that on AVX2-only ones); imprompt and the expert script alternate over 2 rounds.
+# `python -m tools.bench --quick` runs each phase once.
 bench: install
 	$(BIN)/python -m tools.bench --size real --trials 5
 

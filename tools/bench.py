@@ -486,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="the report (default docs/benchmarks.md; with --quick, "
                         "<cache>/benchmarks-quick.md); the raw numbers go beside it as .json")  # fmt: skip
     parser.add_argument("--trials", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=3,
+    parser.add_argument("--rounds", type=int, default=2,
                         help="alternated trials (fresh processes) of imprompt and the expert script")
     parser.add_argument("--quick", action="store_true",
                         help="each phase once at its smallest (1 trial, 1 round, 1 step, 3 requests): a fast check")
@@ -574,8 +574,9 @@ def machine() -> dict:
         pass
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    vector = next((isa for isa in ("amx_bf16", "avx512_bf16", "avx512f", "avx2") if f" {isa}" in flags), "other")
     return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(memory / 2**30, 1), "python": platform.python_version(),
-            "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "vector_isa": vector,
             "bf16_instructions": any(f in flags for f in ("avx512_bf16", "amx_bf16")),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}  # fmt: skip
 
@@ -638,13 +639,21 @@ def render(s: dict, args, before: dict | None = None, when: str | None = None, m
         value = before.get(section, {}).get(name, {}).get(key)
         return fmt(value) if value is not None else "–"
 
-    here = {k: m[k] for k in ("cpu", "cores", "memory_gib", "torch", "gpu")}
-    elsewhere = sorted(name for name, mm in s.get("machines", {}).items() if mm and {k: mm.get(k) for k in here} != here)
+    # "AMD EPYC" names hosts with and without AVX-512: the instruction sets tell them apart (2-4x in fp32 here)
+    keys = ("cpu", "cores", "memory_gib", "torch", "gpu", "bf16_instructions")
+    here = {k: m.get(k) for k in keys}
+    elsewhere = sorted(name for name, mm in s.get("machines", {}).items() if mm and {k: mm.get(k) for k in keys} != here)
     unrecorded = sorted(name for name, mm in s.get("machines", {}).items() if not mm)
+
+    def other_host(name: str) -> str:
+        """A mark for a row not measured on this report's machine: its numbers are not comparable with the rest."""
+        return " (earlier run, another host)" if name in elsewhere or name in unrecorded else ""
+
     lines = [
         "# Benchmarks",
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores ({m['threads']} torch threads), {m['memory_gib']} GiB RAM, "
+        f"widest vector instructions: {m.get('vector_isa', 'not recorded')}, "
         f"bf16 instructions: {'yes' if m['bf16_instructions'] else 'no'}; Python {m['python']}, torch {m['torch']}, "
         f"device: {args.device}{' (' + m['gpu'] + ')' if m['gpu'] and args.device.startswith('cuda') else ''}. "
         f"Each row's machine is recorded with its raw numbers (`{args.out.with_suffix('.json').name}`)"
@@ -676,7 +685,7 @@ def render(s: dict, args, before: dict | None = None, when: str | None = None, m
                   "switch_diffusers": "diffusers correct path (unload, load adapter + encoder)",
                   "switch_sdnext": "SD.Next approach (reload encoder only when it changes)"}  # fmt: skip
         for name, v in sw.items():
-            lines.append(f"| {labels[name]} | {ms(v['p50'])} | {ms(v['p90'])} | {ms(v['min'])} | {ms(v['max'])} | "
+            lines.append(f"| {labels[name]}{other_host(name)} | {ms(v['p50'])} | {ms(v['p90'])} | {ms(v['min'])} | {ms(v['max'])} | "
                          f"{', '.join(ms(x) for x in v['rounds'])} | {gib(s['rss'][name])} | {prev('switch', name, 'p50')} |")  # fmt: skip
         imp = sw.get("switch_imprompt")
         if imp and "switch_diffusers" in sw and "switch_sdnext" in sw:
@@ -695,7 +704,7 @@ def render(s: dict, args, before: dict | None = None, when: str | None = None, m
         lines += ["## Embedding reuse (512 px reference image)", "",
                   "| encoder / dtype | encode | cache hit | ratio | previous encode |", "|---|---|---|---|---|"]  # fmt: skip
         for k, v in s["embeddings"].items():
-            label = k.replace("Base ViT-G", "ViT-bigG-14").replace("Base", "ViT-H-14")
+            label = k.replace("Base ViT-G", "ViT-bigG-14").replace("Base", "ViT-H-14") + other_host("embeddings")
             lines.append(f"| {label} | {ms(v['encode_p50'])} | {ms(v['hit_p50'])} | {v['encode_p50'] / v['hit_p50']:.0f}× | "
                          f"{prev('embeddings', k, 'encode_p50')} |")  # fmt: skip
         e = s["embeddings"]
@@ -714,7 +723,7 @@ def render(s: dict, args, before: dict | None = None, when: str | None = None, m
             if a and b:
                 pa, pb = before.get("steps", {}).get(f"{dtype}/none"), before.get("steps", {}).get(f"{dtype}/one unit")
                 was = f"{100 * (pb['p50'] / pa['p50'] - 1):+.1f} %" if pa and pb else "–"
-                lines.append(f"| {dtype} | {ms(a['p50'])} ({ms(a['min'])}–{ms(a['max'])}) | {ms(b['p50'])} "
+                lines.append(f"| {dtype}{other_host('step_overhead')} | {ms(a['p50'])} ({ms(a['min'])}–{ms(a['max'])}) | {ms(b['p50'])} "
                              f"({ms(b['min'])}–{ms(b['max'])}) | {100 * (b['p50'] / a['p50'] - 1):+.1f} % | {was} |")  # fmt: skip
         lines.append("")
     if s.get("workload"):
@@ -730,11 +739,13 @@ def render(s: dict, args, before: dict | None = None, when: str | None = None, m
                   "workload_imprompt_bf16": "imprompt, bf16 compute (not equal compute: other pixels)"}  # fmt: skip
         base = w.get("workload_imprompt", {}).get("total_s")
         for name, v in w.items():
-            ratio = f"{v['total_s'] / base:.2f}×" if base else ""
+            comparable = base and not other_host(name) and not other_host("workload_imprompt")
+            ratio = f"{v['total_s'] / base:.2f}×" if comparable else "–"
             spread = f"{v['total_min']:.1f}–{v['total_max']:.1f} s ({v['rounds']})" if v["rounds"] > 1 else "1 round"
             per = ms(v["request_p50"]) if v.get("request_p50") else "–"
             was = prev("workload", name, "total_s", lambda x: f"{x:.1f} s")
-            lines.append(f"| {labels[name]} | {v['total_s']:.1f} s | {spread} | {per} | {ratio} | {gib(s['rss'][name])} | {was} |")
+            lines.append(f"| {labels[name]}{other_host(name)} | {v['total_s']:.1f} s | {spread} | {per} | {ratio} | "
+                         f"{gib(s['rss'][name])} | {was} |")  # fmt: skip
         pair = ("workload_imprompt", "workload_expert")
         if all(name in w for name in pair) and all(name in s.get("this_run", pair) for name in pair):
             imp, ex = w["workload_imprompt"], w["workload_expert"]
