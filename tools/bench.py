@@ -770,7 +770,7 @@ def render(s: dict, args, before: dict | None = None, when: str | None = None, m
         rss = em["rss_peak_after_load_bytes"] - em["rss_before_bytes"]
         verdict = ("so no fp32 copy (" + gib(2 * em["bf16_weights_bytes"]) + ") was ever held"
                    if anon < 1.5 * em["bf16_weights_bytes"] else "MORE than the bf16 weights: a larger copy was made")
-        lines += ["## Memory and bf16 encoders", "",
+        lines += [f"## Memory and bf16 encoders{other_host('encoder_memory')}", "",
                   f"Loading the fp16 ViT-bigG-14 file for bf16 compute took {em['bf16_load_s']:.2f} s; its bf16 weights "
                   f"are {gib(em['bf16_weights_bytes'])} and the process's own (anonymous) memory peaked "
                   f"{gib(anon)} above where it started, {verdict}. Its RSS grew by {gib(rss)}: that also counts the "
