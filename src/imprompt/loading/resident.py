@@ -88,11 +88,16 @@ class ResidentPipelines:
             loaded.pipeline.to(self.device)
         except BaseException:  # e.g. out of device memory halfway: a pipeline half on the device is never served
             self.on_device.discard(loaded.key)
-            loaded.loras.clear()
-            if self.current is loaded:
-                self.current = None
+            self._let_go(loaded)
             release_memory(self.device)
             raise
+
+    def _let_go(self, pipeline: LoadedPipeline) -> None:
+        """A pipeline leaving for good: its LoRA layers out of any text encoder or VAE it shares with others,
+        and no longer the current one."""
+        pipeline.loras.clear()
+        if self.current is pipeline:
+            self.current = None
 
     def _make_room(self, loaded: LoadedPipeline, events: list) -> bool:
         """Evict for `loaded`; returns whether any pipeline was unloaded (one moved to CPU memory frees its device
@@ -109,7 +114,7 @@ class ResidentPipelines:
                 old.value.pipeline.vae = old.value.own_vae
                 old.value.pipeline.to("cpu")
                 for gone in self.offloaded.put(old.key, old.value, old.nbytes, label=old.label, with_values=True):
-                    gone.value.loras.clear()  # its LoRA layers may sit in a text encoder another pipeline shares
+                    self._let_go(gone.value)
                     unloaded += 1
                     log.info("model %s unloaded from CPU memory (its budget)", gone.label)
                     events.append({"event": "model_unloaded", "model": gone.label, "why": "CPU memory budget"})
@@ -117,7 +122,7 @@ class ResidentPipelines:
                 events.append({"event": "model_offloaded", "model": old.label, "why": why})
             else:
                 unloaded += 1
-                old.value.loras.clear()  # its LoRA layers may sit in a text encoder another pipeline shares
+                self._let_go(old.value)
                 log.info("model %s unloaded: %s", old.label, why)
                 events.append({"event": "model_unloaded", "model": old.label, "why": why})
         return unloaded > 0
@@ -138,9 +143,7 @@ class ResidentPipelines:
         layers taken out of any text encoder or VAE they share with others)."""
         found = [p for p in self.all() if p.key[0] == key[0] and p.key != key]
         for stale in found:
-            stale.loras.clear()
-            if self.current is stale:
-                self.current = None
+            self._let_go(stale)
         dropped = self.on_device.discard_older_versions(key) + self.offloaded.discard_older_versions(key)
         if found:
             del found, stale
