@@ -119,6 +119,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-body", default="64MiB", help="largest request body (default: %(default)s)")
     s.add_argument("--max-image", default="32MiB", help="largest image, encoded (default: %(default)s)")
     s.add_argument("--max-pixels", type=int, default=4096 * 4096, help="largest image, pixels (default: %(default)s)")
+    c = s.add_argument_group("cluster (Ray Serve; needs `pip install 'imprompt[cluster]'`; see docs/scale-out.md)")
+    c.add_argument("--workers", type=_positive, default=1,
+                   help="generator replicas; 1 (default) serves from this process, without Ray; more start a local Ray "
+                        "cluster on loopback, requests routed to the replica that holds their model")  # fmt: skip
+    c.add_argument("--encoder-workers", type=_positive,
+                   help="image-encoder replicas (default: as many as --workers); a request's encoders run at once")
+    c.add_argument("--address", metavar="HOST:PORT",
+                   help="join this Ray cluster (`ray start --head` prints it) instead of starting a local one")
+    c.add_argument("--models-per-worker", type=_positive, default=2,
+                   help="models (encoders) a generator (encoder) replica keeps loaded (default: %(default)s)")
+    c.add_argument("--gpus-per-worker", type=float, default=0.0,
+                   help="GPUs Ray gives each replica (default: %(default)s, CPU; 1 on GPU nodes)")
     _engine_arguments(s)
     s.set_defaults(run=_serve)
 
@@ -186,11 +198,16 @@ def _engine(args, **settings):
     """The engine the command's options describe (models folders, device, dtypes, cache budgets)."""
     from .engine import Engine
 
-    return Engine(_require_models(args), device=args.device, dtype=args.dtype, encoder_dtype=args.encoder_dtype,
-                  cache_budget=args.cache_budget, adapter_cache_budget=args.adapter_budget,
-                  embedding_cache_budget=args.embedding_budget, lora_cache_budget=args.lora_budget,
-                  pipeline_cache_budget=args.model_budget, offload_budget=args.offload_budget,
-                  insightface_root=args.insightface_root, **settings)  # fmt: skip
+    return Engine(**_engine_options(args, **settings))
+
+
+def _engine_options(args, **settings) -> dict:
+    """Engine's keyword arguments from the command's options (a cluster's workers each build their engine from them)."""
+    return dict(models=_require_models(args), device=args.device, dtype=args.dtype, encoder_dtype=args.encoder_dtype,
+                cache_budget=args.cache_budget, adapter_cache_budget=args.adapter_budget,
+                embedding_cache_budget=args.embedding_budget, lora_cache_budget=args.lora_budget,
+                pipeline_cache_budget=args.model_budget, offload_budget=args.offload_budget,
+                insightface_root=args.insightface_root, **settings)  # fmt: skip
 
 
 def _positive(text: str) -> int:
@@ -408,20 +425,31 @@ def _embed(args) -> int:
 def _serve(args) -> int:
     import uvicorn
 
+    from .engine import Engine
     from .server.app import ServerSettings, create_app
     from .util.cache import parse_bytes
 
     quiet_libraries()
-    engine = _engine(args, allow_paths=False, max_image_pixels=args.max_pixels, max_image_bytes=parse_bytes(args.max_image, 0),
-                     max_units=args.max_units, max_images=args.max_images)  # fmt: skip
+    options = _engine_options(args, allow_paths=False, max_image_pixels=args.max_pixels,
+                              max_image_bytes=parse_bytes(args.max_image, 0), max_units=args.max_units,
+                              max_images=args.max_images)  # fmt: skip
+    engine = Engine(**options)
+    clustered = args.workers > 1 or args.encoder_workers is not None or args.address is not None
     settings = ServerSettings(
         api_key=args.api_key, max_body_bytes=parse_bytes(args.max_body, 0), max_queue=args.max_queue, model=args.model,
-        preload=not args.no_preload,
+        preload=not args.no_preload and not clustered,  # a cluster loads each model where Ray routes it first
     )
     if args.model:
         engine.store.pipeline(args.model)  # unknown model: fail now, not at the first request
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         logging.getLogger("imprompt").warning("listening on %s without --api-key: anyone who can reach it can use it", args.host)
+    if clustered:
+        from .cluster.start import ClusterSettings, serve_cluster  # Ray is imported only here
+
+        cluster = ClusterSettings(args.workers, args.encoder_workers or args.workers, args.address,
+                                  args.models_per_worker, args.gpus_per_worker)  # fmt: skip
+        serve_cluster(options, settings, cluster, args.host, args.port)
+        return 0
     logging.getLogger("imprompt").info("serving on http://%s:%d (API docs at /docs)", args.host, args.port)
     uvicorn.run(create_app(engine, settings), host=args.host, port=args.port, log_level="warning")
     return 0

@@ -159,14 +159,44 @@ class Engine:
 
     # ----------------------------------------------------------------------------------------------- generation
 
-    def generate(self, request: GenerateRequest | dict | None = None, on_step=None, **fields) -> Result:
+    def generate(self, request: GenerateRequest | dict | None = None, on_step=None,
+                 embeddings: dict[int, UnitEmbeddings] | None = None, **fields) -> Result:  # fmt: skip
         """Generate images. Accepts a `GenerateRequest`, a dict, or its fields as keyword arguments.
-        `on_step(step, total)` is called after every denoising step. One generation runs at a time."""
+        `on_step(step, total)` is called after every denoising step. One generation runs at a time.
+        `embeddings`: finished embeddings of some units (by unit index), made elsewhere by `embed` (a cluster's
+        encoder workers); the other units are encoded here. Either way the pipeline only sees finished embeddings."""
         request = parse_request(request, **fields)
         self.check_limits(request)
         with self._lock:
             self._interrupt.clear()
-            return self._generate(request, on_step)
+            return self._generate(request, on_step, embeddings or {})
+
+    def plan(self, request: GenerateRequest | dict) -> Plan:
+        """Everything a request would be refused for (images, names, pairings, limits), checked without loading
+        or computing anything: a cluster's ingress calls this before it hands the request to any worker."""
+        request = parse_request(request)
+        self.check_limits(request)
+        return self._prepare(request)[0]
+
+    def embed(self, request: GenerateRequest | dict, index: int) -> tuple[UnitEmbeddings, list[dict]]:
+        """The finished embeddings of unit `index` of `request` (on the CPU, to travel), and the events of making
+        them: the same step `generate` takes for a unit, run on its own (a cluster's encoder worker)."""
+        request = parse_request(request)
+        unit = request.ip_adapters[index]
+        events: list[dict] = []
+        with self._lock:
+            inputs = self._unit_inputs(index, unit)
+            planned = plan_unit(index, unit, self.store, self.store.pipeline(request.model) if request.model else None)
+            embeddings = self._embeddings(planned, inputs, events)
+        return embeddings.to("cpu"), events
+
+    def unload(self, kind: str, key: tuple) -> bool:
+        """Drop one loaded pipeline ("pipeline") or image encoder ("encoder") by its cache key, waiting for a running
+        generation; a cluster's worker does this when Ray's model multiplexing lets the model go."""
+        with self._lock:
+            if kind == "pipeline":
+                return self.pipelines.unload(key)
+            return self.embedder.unload(key)
 
     def preload(self, model: str) -> list[dict]:
         """Load a model before any request needs it (the server does this as it starts, so that the first request
@@ -174,6 +204,14 @@ class Engine:
         events: list[dict] = []
         with self._lock:
             self._load_pipeline(self.store.pipeline(model), events)
+        return events
+
+    def preload_encoder(self, entry: Entry) -> list[dict]:
+        """Load an image encoder before a unit needs it (a cluster's encoder worker, as Ray routes a new encoder
+        to it). Returns the load's events."""
+        events: list[dict] = []
+        with self._lock:
+            self.embedder.load(entry, "preloaded for the cluster's routing", events)
         return events
 
     def check_limits(self, request: GenerateRequest) -> None:
@@ -223,19 +261,25 @@ class Engine:
     def interrupt_requested(self) -> bool:
         return self._interrupt.is_set()
 
-    def _generate(self, request: GenerateRequest, on_step) -> Result:
-        timer, events = _Timer(), []
-        sampler = canonical_sampler(request.sampler)
+    def _prepare(self, request: GenerateRequest) -> tuple[Plan, list[_UnitInputs], Image.Image | None]:
+        """Every image decoded (so checked) and the plan made: all a request can be refused for, before compute."""
+        canonical_sampler(request.sampler)
         inputs = [self._unit_inputs(i, unit) for i, unit in enumerate(request.ip_adapters)]
         init_image = self._image(request.init_images[0], "init_images.0") if request.init_images else None
-        plan = make_plan(request, self.store, self.default_model)
+        return make_plan(request, self.store, self.default_model), inputs, init_image
+
+    def _generate(self, request: GenerateRequest, on_step, given: dict[int, UnitEmbeddings]) -> Result:
+        timer, events = _Timer(), []
+        sampler = canonical_sampler(request.sampler)
+        plan, inputs, init_image = self._prepare(request)
         timer.mark("plan")
 
         loaded = self._load_pipeline(plan.pipeline, events)
         built = [self._built_adapter(unit.adapter, loaded, unit.label, events) for unit in plan.units]
         timer.mark("load")
 
-        embeddings = [self._embeddings(unit, unit_inputs, events) for unit, unit_inputs in zip(plan.units, inputs)]
+        embeddings = [given[unit.index] if unit.index in given else self._embeddings(unit, unit_inputs, events)
+                      for unit, unit_inputs in zip(plan.units, inputs)]  # fmt: skip
         timer.mark("encode")
 
         swapped = loaded.attached.attach(built, tuple(u.adapter.key(self.dtype, self.device) for u in plan.units))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -45,6 +45,11 @@ class UnitEmbeddings:
     embeddings: list[str] = field(default_factory=list)  # per image: "cache" | "encoded"
     clip: UnitEmbeddings | None = None  # FaceID Plus: CLIP hidden states of the aligned face crops
     faces: list = field(default_factory=list)  # FaceID from images: the `Face` InsightFace found in each
+
+    def to(self, device) -> UnitEmbeddings:
+        """A copy whose tensors are on `device` (the CPU, to travel between a cluster's workers)."""
+        clip = self.clip.to(device) if self.clip is not None else None
+        return replace(self, positive=self.positive.to(device), negative=self.negative.to(device), clip=clip)
 
     def for_pipeline(self, classifier_free_guidance: bool) -> torch.Tensor:
         """diffusers' `ip_adapter_image_embeds` element: [1, n, ...], or cat([negative, positive]) under CFG."""
@@ -142,6 +147,20 @@ class ImageEmbedder:
             log.info("encoder %s dropped: its file changed on disk", old.label)
             events.append({"event": "encoder_evicted", "encoder": old.label, "why": "its file changed on disk"})
         self.embeddings.discard_where(lambda k: k[0][0] == key[0] and k[0] != key)
+
+    def load(self, entry: Entry, why: str, events: list) -> LoadedEncoder:
+        """The encoder at `entry`, loaded now unless it is loaded already."""
+        key = entry.key(self.dtype, self.device)
+        self._forget_older_versions(key, events)
+        return self._encoder(entry, key, "no unit yet", why, events, {})
+
+    def unload(self, key: tuple) -> bool:
+        """Drop one loaded encoder (its embeddings stay: they are valid as long as its file is unchanged)."""
+        found = key in self.encoders
+        self.encoders.discard(key)
+        if found:
+            log.info("encoder %s unloaded", key[0])
+        return found
 
     def clear(self) -> dict:
         return {"encoders": self.encoders.clear(), "embeddings": self.embeddings.clear()}

@@ -150,6 +150,20 @@ class ResidentPipelines:
             release_memory(self.device)
         return dropped
 
+    def unload(self, key: tuple) -> bool:
+        """Free one pipeline, wherever it waits (on the device or in CPU memory)."""
+        found = [p for p in self.all() if p.key == key]
+        for pipeline in found:
+            self._let_go(pipeline)
+            log.info("model %s unloaded", pipeline.name)
+        self.on_device.discard(key)
+        self.offloaded.discard(key)
+        if found:
+            del pipeline
+            found.clear()
+            release_memory(self.device)
+        return bool(found)
+
     def clear(self) -> None:
         self.on_device.clear()
         self.offloaded.clear()

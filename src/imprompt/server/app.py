@@ -42,9 +42,11 @@ class ServerSettings:
     preload: bool = False  # load the current model while the server starts (`imprompt serve` does)
 
 
-def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAPI:
+def create_app(engine: Engine, settings: ServerSettings | None = None, jobs=None) -> FastAPI:
+    """`jobs`: who runs the generations — by default one `JobQueue` over `engine`; a cluster's ingress passes its
+    `cluster.ingress.ClusterJobs` (same methods), and `engine` then only plans (lists models, refuses requests)."""
     settings = settings or ServerSettings()
-    jobs = JobQueue(engine, settings.max_queue)
+    jobs = jobs if jobs is not None else JobQueue(engine, settings.max_queue)
     state = {"model": settings.model or _first_model(engine)}
     if settings.preload and state["model"]:
         jobs.preload(state["model"])
@@ -207,11 +209,11 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
         return {"module_list": MODULE_LIST, "module_detail": {m: {"model_free": False, "sliders": []} for m in MODULE_LIST}}
 
     @app.get("/sdapi/v1/progress")
-    async def progress() -> dict:
+    def progress() -> dict:  # a thread: a cluster asks its job board
         return jobs.progress()
 
     @app.post("/sdapi/v1/interrupt")
-    async def interrupt() -> dict:
+    def interrupt() -> dict:
         return {"interrupted": jobs.interrupt()}
 
     # ------------------------------------------------------------------------------------------------ native
@@ -225,20 +227,20 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
 
     @app.get("/v1/cache")
     def cache() -> dict:
-        return engine.cache_info()
+        return jobs.cache_info()
 
     @app.delete("/v1/cache")
     def clear_cache() -> dict:
-        return {"cleared": engine.clear_cache()}
+        return {"cleared": jobs.clear_cache()}
 
     @app.get("/v1/events")
     def events(since: float = 0.0) -> list[dict]:
         """Recent encoder loads, reuses, cache hits and evictions, oldest first."""
-        return [e for e in list(jobs.events) if e.get("time", 0) > since]
+        return jobs.recent_events(since)
 
     @app.get("/healthz")
     async def healthz() -> dict:
-        return {"status": "ok", "version": __version__, "queue": jobs.waiting, "busy": jobs.current is not None}
+        return {"status": "ok", "version": __version__, "queue": jobs.waiting, "busy": jobs.busy}
 
     # -------------------------------------------------------------------------------------------------- page
 

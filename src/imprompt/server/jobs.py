@@ -145,6 +145,19 @@ class JobQueue:
     def waiting(self) -> int:
         return len(self._waiting)
 
+    @property
+    def busy(self) -> bool:
+        return self.current is not None
+
+    def recent_events(self, since: float = 0.0) -> list[dict]:
+        return [e for e in list(self.events) if e.get("time", 0) > since]
+
+    def cache_info(self) -> dict:
+        return self.engine.cache_info()
+
+    def clear_cache(self) -> dict:
+        return self.engine.clear_cache()
+
     def interrupt(self) -> bool:
         if self.current is None:
             return False
