@@ -1,0 +1,184 @@
+"""The cluster's ingress: the same FastAPI app as the single-process server, with generations run by workers.
+
+`ClusterJobs` stands where the single process has its `JobQueue` (same methods, so routes, auth, limits and error
+JSON are the same code). For each request it plans first (every 4xx before any worker computes), computes the
+model ids the request needs (`routing.py`), has encoder workers make the units' embeddings (two encoders: two
+workers at once), then a generator worker denoise with them. Progress, interrupt, events and cache state go through
+the job board (`board.py`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import secrets
+import time
+
+import ray
+from fastapi.concurrency import run_in_threadpool
+from ray import serve
+from ray.exceptions import RayActorError, RayTaskError
+
+from ..engine import Engine, Result
+from ..errors import ImpromptError, QueueFullError, UnsupportedError
+from ..request import GenerateRequest
+from ..server.app import ServerSettings, create_app
+from .board import BOARD_NAME, NAMESPACE
+from .routing import route
+
+log = logging.getLogger("imprompt")
+DISCONNECT_POLL_SECONDS = 0.5
+
+
+class WorkerLostError(ImpromptError):
+    """A worker replica stopped while it ran the request (Ray restarts it)."""
+
+    http_status = 503
+
+
+class ClusterJobs:
+    """The server's job runner over a Ray Serve cluster: the `JobQueue` methods the app calls, cluster-wide."""
+
+    def __init__(self, engine: Engine, encoders, generators, board, max_queue: int, retries: int = 1):
+        self.engine, self.encoders, self.generators, self.board = engine, encoders, generators, board
+        self.max_queue, self.retries = max_queue, retries
+        self.in_flight = 0
+        self._ids = itertools.count(1)
+        self._known: set[str] = set()  # model ids a worker has answered for: Ray routes them to where they are
+        self._first_calls: dict[str, asyncio.Event] = {}  # model ids whose first call runs now
+
+    async def run_async(self, request: GenerateRequest, iterations: int, client_gone) -> list[Result]:
+        if self.in_flight >= self.max_queue:
+            raise QueueFullError(f"the cluster has {self.in_flight} jobs in flight (the limit is {self.max_queue}); "
+                                 f"try again when a job has finished")  # fmt: skip
+        self.in_flight += 1
+        job = next(self._ids)
+        try:
+            plan = await run_in_threadpool(self.engine.plan, request)  # refused here, before any worker computes
+            if request.seed < 0:  # fix the seed now, so the n_iter batches continue from it
+                request = request.model_copy(update={"seed": secrets.randbelow(2**32 - 64)})
+            request = request.model_copy(update={"model": plan.pipeline.name})  # every worker reads the same model
+            wanted = route(plan)
+            await self.board.submit.remote(job)
+            payload = request.model_dump()
+            embeddings, encoder_events = await self._embed(payload, wanted.encoders)
+            results = await self._generate(payload, iterations, embeddings, wanted.pipeline, job, client_gone)
+        finally:
+            self.in_flight -= 1
+            self.board.finished.remote(job)
+        for result in results[:1]:  # the encoders ran once, for the first batch
+            result.info["events"] = encoder_events + result.info["events"]
+        return results
+
+    async def _embed(self, payload: dict, encoders: dict[int, str]) -> tuple[dict, list]:
+        """Every unit that needs an encoder, on the encoder worker that holds it, all at once."""
+
+        def call(index: int, wanted: str):
+            return lambda: _plain(self.encoders.options(multiplexed_model_id=wanted).embed.remote(payload, index))
+
+        made = await asyncio.gather(*(self._first_alone(wanted, call(i, wanted)) for i, wanted in encoders.items()))
+        embeddings = {index: embedding for index, (embedding, _) in zip(encoders, made)}
+        return embeddings, [event for _, events in made for event in events]
+
+    async def _first_alone(self, wanted: str, call):
+        """Ray's router sends a request whose id no replica reports yet to a replica with the fewest models, so a
+        burst of first requests for one new model would load it on several replicas at once (herding). imprompt
+        lets the first go alone; the others wait for it, then find the model where it loaded. (After Ray lets a
+        model go, its id is new again; this gate is per ingress replica.)"""
+        if wanted in self._known:
+            return await call()
+        gate = self._first_calls.get(wanted)
+        if gate is not None:
+            await gate.wait()  # bounded: the first call ends, answered or failed
+            return await call()
+        gate = self._first_calls[wanted] = asyncio.Event()
+        try:
+            answer = await call()
+            self._known.add(wanted)
+            return answer
+        finally:
+            del self._first_calls[wanted]
+            gate.set()
+
+    async def _generate(self, payload, iterations, embeddings, wanted: str, job: int, client_gone) -> list[Result]:
+        """On the generator worker that holds the model. A worker that dies mid-run (its process killed, its node
+        gone) costs a retry on another replica: the request carries everything, its seed included, so the retry
+        gives the same image."""
+        def call():
+            return _plain(self.generators.options(multiplexed_model_id=wanted).generate.remote(
+                payload, iterations, embeddings, job))
+
+        for attempt in range(self.retries + 1):
+            task = asyncio.ensure_future(self._first_alone(wanted, call))
+            try:
+                while True:  # ends when the worker answers (or dies): each wait is bounded
+                    done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_SECONDS)
+                    if done:
+                        return task.result()
+                    if await client_gone():
+                        log.info("job %d interrupted: the client disconnected", job)
+                        await self.board.interrupt.remote(job)
+                        return await task
+            except WorkerLostError:
+                if attempt == self.retries:
+                    raise
+                log.warning("job %d: its generator worker stopped; retrying on another replica", job)
+        raise AssertionError("unreachable")
+
+    # ------------------------------------------------------------------------------- what the app reads
+
+    @property
+    def waiting(self) -> int:
+        return self.in_flight
+
+    @property
+    def busy(self) -> bool:
+        return self.in_flight > 0
+
+    def progress(self) -> dict:
+        return ray.get(self.board.progress.remote())
+
+    def interrupt(self) -> bool:
+        """The job `progress` shows (the longest-running, on whichever worker) stops after its current step."""
+        return ray.get(self.board.interrupt.remote())
+
+    def recent_events(self, since: float = 0.0) -> list[dict]:
+        return ray.get(self.board.recent.remote(since))
+
+    def cache_info(self) -> dict:
+        """Every worker's caches, by replica (as each last reported them: after each load and each request)."""
+        return {"workers": ray.get(self.board.state.remote()), "time": time.time()}
+
+    def clear_cache(self) -> dict:
+        raise UnsupportedError(
+            "DELETE /v1/cache clears one process's caches; a cluster's workers free models as Ray's multiplexing "
+            "lets them go (--models-per-worker). To empty them, redeploy: stop and start `imprompt serve --workers`"
+        )
+
+
+async def _plain(call):
+    """A worker's answer; its ImpromptError raised as itself (Ray wraps it), a lost worker as a 503."""
+    try:
+        return await call
+    except RayTaskError as exc:
+        if isinstance(exc.cause, ImpromptError):
+            raise exc.cause from None
+        raise
+    except RayActorError as exc:  # died, or unreachable
+        raise WorkerLostError(f"a worker stopped while it ran this request ({type(exc).__name__}); Ray restarts "
+                              f"it: send the request again") from exc  # fmt: skip
+
+
+@serve.ingress()
+class Ingress:
+    """The HTTP front: plans and routes; holds no model (its engine reads the models folder and never loads)."""
+
+    def __init__(self, generators, encoders, engine: dict, settings: ServerSettings):
+        self.engine = Engine(**{**engine, "device": "cpu"})
+        board = ray.get_actor(BOARD_NAME, namespace=NAMESPACE)
+        self.jobs = ClusterJobs(self.engine, encoders, generators, board, settings.max_queue)
+        self.settings = settings
+
+    def __serve_build_asgi_app__(self):
+        return create_app(self.engine, self.settings, jobs=self.jobs)

@@ -1,0 +1,94 @@
+"""`imprompt serve --workers N`: start a local Ray cluster on loopback (or join one), deploy, serve until stopped.
+
+A local cluster is kept on 127.0.0.1: Ray's own processes otherwise talk over the machine's other addresses even
+with `_node_ip_address="127.0.0.1"`; with `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` they do not. Usage reports and
+the dashboard are off. On SIGTERM or Ctrl-C the application is deleted, Serve shut down and, for a local cluster,
+every Ray process this one started stopped with it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+
+from ..server.app import ServerSettings
+
+log = logging.getLogger("imprompt")
+LOCAL_ENVIRONMENT = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # every Ray peer on 127.0.0.1 (measured)
+    "RAY_USAGE_STATS_ENABLED": "0",
+    # On a small, busy machine Ray's HTTP proxy took over 15 s to start, and Serve killed it as unhealthy (5 s
+    # timeouts, 3 tries): give it a minute.
+    "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60",
+    "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60",
+}
+APP_NAME = "imprompt"
+
+
+@dataclass
+class ClusterSettings:
+    generators: int = 1  # generator replicas
+    encoders: int = 1  # encoder replicas
+    address: str | None = None  # join this cluster (`ray start --head` printed it) instead of starting one
+    models_per_worker: int = 2
+    gpus_per_worker: float = 0.0
+    max_ongoing: int = 4  # requests a replica takes at once (they queue in it, one generation at a time)
+
+
+def serve_cluster(engine: dict, server: ServerSettings, cluster: ClusterSettings, host: str, port: int,
+                  stop: threading.Event | None = None) -> None:  # fmt: skip
+    """Serve on host:port until SIGTERM / SIGINT (or `stop` is set)."""
+    stop = stop or threading.Event()
+    started = time.perf_counter()
+    ray = _connect(cluster.address)
+    try:
+        from ray import serve
+
+        from .board import BOARD_NAME, NAMESPACE, JobBoard
+        from .ingress import Ingress
+        from .workers import WorkerSettings, deployments
+
+        # owned by this process: it goes when this process does
+        board = ray.remote(JobBoard).options(name=BOARD_NAME, namespace=NAMESPACE, num_cpus=0).remote()  # noqa: F841
+        serve.start(http_options={"host": host, "port": port}, proxy_location="HeadOnly")
+        workers = WorkerSettings(engine, cluster.models_per_worker)
+        generators, encoders = deployments(workers, cluster.generators, cluster.encoders, cluster.gpus_per_worker,
+                                           cluster.max_ongoing)  # fmt: skip
+        app = serve.deployment(Ingress, name="ingress", ray_actor_options={"num_cpus": 0}).bind(
+            generators, encoders, engine, server)
+        serve.run(app, name=APP_NAME, route_prefix="/")
+        if threading.current_thread() is threading.main_thread():  # after Ray's own driver handlers, replacing them
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: stop.set())
+        log.info("cluster ready in %.1f s: %d generator and %d encoder replica(s); serving on http://%s:%d",
+                 time.perf_counter() - started, cluster.generators, cluster.encoders, host, port)  # fmt: skip
+        while not stop.wait(0.5):
+            pass
+        log.info("stopping the cluster")
+        serve.delete(APP_NAME)
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+
+
+def _connect(address: str | None):
+    """Join `address`, or start a local cluster on loopback and check that Ray put its node there."""
+    for name, value in LOCAL_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)  # before Ray starts any process: they inherit it
+    import ray
+
+    if address:
+        ray.init(address=address, namespace="imprompt", logging_level=logging.WARNING)
+        log.info("joined the Ray cluster at %s", address)
+        return ray
+    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, namespace="imprompt", logging_level=logging.WARNING)
+    node = ray.util.get_node_ip_address()
+    if node != "127.0.0.1":
+        ray.shutdown()
+        raise RuntimeError(f"Ray placed its node on {node}, not on loopback; refusing to serve from it")
+    log.info("started a local Ray cluster on 127.0.0.1")
+    return ray

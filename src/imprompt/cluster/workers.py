@@ -1,0 +1,176 @@
+"""A cluster's two kinds of workers, as Ray Serve deployments: encoders (a unit's reference images -> finished
+embeddings) and generators (a request and its finished embeddings -> images).
+
+Each replica owns one `Engine` on the shared models folder and runs the same code the single process runs
+(`Engine.embed`, `Engine.generate(..., embeddings=...)`), so the pixels are the same. What imprompt adds to Ray
+Serve is the model identity: the ingress computes from the plan which pipeline and encoders a request needs
+(`routing.py`), and each replica's multiplexed `hold` loads them into its engine, so Ray's router finds them there
+again. When Ray's multiplexing lets a model go (least recently used, past `models_per_worker`), the replica frees it
+in its engine too: what Ray reports a replica holds is what it holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+from dataclasses import dataclass
+
+import ray
+from ray import serve
+
+from ..engine import Engine
+from ..errors import ImpromptError, RequestError
+from ..plan import plan_unit
+from ..request import parse_request
+from .board import BOARD_NAME, NAMESPACE
+from .routing import model_id
+
+log = logging.getLogger("imprompt")
+
+
+@dataclass
+class WorkerSettings:
+    engine: dict  # Engine's keyword arguments: models folders, device, dtypes, budgets, limits
+    models_per_worker: int = 2  # pipelines a generator replica (encoders an encoder replica) holds at most
+
+
+class WorkerMismatchError(ImpromptError):
+    """A worker's own plan names another model than the id it was routed for: the models folders differ."""
+
+    http_status = 500
+
+
+class Held:
+    """What Ray Serve's multiplexing keeps for one model id. Ray calls `__del__` when it lets the id go (its LRU);
+    the model then leaves the engine as well."""
+
+    def __init__(self, engine: Engine, kind: str, key: tuple):
+        self.engine, self.kind, self.key = engine, kind, key
+        self.released = False
+
+    def __del__(self):
+        if not self.released:
+            self.released = True
+            self.engine.unload(self.kind, self.key)
+
+
+class Worker:
+    kind = ""  # "generator" | "encoder"
+
+    def __init__(self, settings: WorkerSettings):
+        logging.getLogger("imprompt").setLevel(logging.INFO)
+        self.engine = Engine(**settings.engine)
+        self.replica = serve.get_replica_context().replica_id.unique_id
+        self.board = ray.get_actor(BOARD_NAME, namespace=NAMESPACE)
+        self._wanted: dict[str, object] = {}  # model id -> its Entry, set by the request before `hold` runs
+        self._report([])
+
+    async def load(self, wanted: str) -> Held:
+        """Ray Serve's multiplexed loader (see `multiplexed`): runs once per id and replica, until Ray lets it go."""
+        entry = self._wanted[wanted]
+        if self.kind == "generator":
+            events = await asyncio.to_thread(self.engine.preload, entry.name)
+            key = entry.key(self.engine.dtype, self.engine.device)
+        else:
+            events = await asyncio.to_thread(self.engine.preload_encoder, entry)
+            key = entry.key(self.engine.embedder.dtype, self.engine.embedder.device)
+        self._report(events)
+        return Held(self.engine, "pipeline" if self.kind == "generator" else "encoder", key)
+
+    def _check(self, entry) -> str:
+        wanted = serve.get_multiplexed_model_id()
+        if model_id(entry) != wanted:
+            raise WorkerMismatchError(
+                f"worker {self.replica} was sent for {wanted} but its own plan needs {model_id(entry)}: the "
+                f"models folders differ between the ingress and this worker; give every node the same folder"
+            )
+        self._wanted[wanted] = entry
+        return wanted
+
+    def _report(self, events: list[dict], job: int | None = None) -> None:
+        """Events to the board (not awaited: a report never delays a request), with this replica's cache state."""
+        if events:
+            self.board.record.remote(self.replica, self.kind, events, job)
+        self.board.report.remote(self.replica, self.kind, os.getpid(), ray.util.get_node_ip_address(),
+                                 self.engine.cache_info())  # fmt: skip
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+class EncoderWorker(Worker):
+    kind = "encoder"
+
+    async def embed(self, request: dict, index: int) -> tuple:
+        """Unit `index`'s finished embeddings (on the CPU) and the events of making them."""
+        parsed = parse_request(request)
+        planned = plan_unit(index, parsed.ip_adapters[index], self.engine.store)  # names only: no image is read
+        wanted = self._check(planned.encoder)
+        await self.hold(wanted)
+        embeddings, events = await asyncio.to_thread(self.engine.embed, request, index)
+        self._report(events)
+        return embeddings, [{**e, "replica": self.replica} for e in events]
+
+
+class GeneratorWorker(Worker):
+    kind = "generator"
+
+    def __init__(self, settings: WorkerSettings):
+        super().__init__(settings)
+        self._one_at_a_time = threading.Lock()
+
+    async def generate(self, request: dict, iterations: int, embeddings: dict, job: int) -> list:
+        """The request's images, `iterations` batches one after another (A1111's n_iter, seeds counting on), with
+        the units' embeddings made by encoder workers; steps reported to the board, which answers interrupts."""
+        parsed = parse_request(request)
+        await self.hold(self._check(self.engine.store.pipeline(parsed.model)))
+        return await asyncio.to_thread(self._run, parsed, iterations, embeddings, job)
+
+    def _run(self, request, iterations: int, embeddings: dict, job: int) -> list:
+        with self._one_at_a_time:  # a job waiting here is not running yet: the board learns when it starts
+            return self._run_now(request, iterations, embeddings, job)
+
+    def _run_now(self, request, iterations: int, embeddings: dict, job: int) -> list:
+        if ray.get(self.board.started.remote(job, self.replica, iterations)):
+            raise RequestError("request dropped before it ran: its client disconnected")
+        results = []
+        for iteration in range(iterations):
+
+            def on_step(step: int, total: int, iteration=iteration) -> None:
+                if ray.get(self.board.step.remote(job, step, total, iteration)):
+                    self.engine.interrupt()
+
+            seed = request.seed + iteration * request.batch_size
+            result = self.engine.generate(request.model_copy(update={"seed": seed}), on_step=on_step, embeddings=embeddings)
+            result.info["worker"] = self.replica
+            result.info["events"] = [{**e, "replica": self.replica} for e in result.info["events"]]
+            self._report(result.info["events"], job)
+            results.append(result)
+            if result.info["interrupted"]:
+                break
+        return results
+
+
+def deployments(settings: WorkerSettings, generators: int, encoders: int, gpus_per_worker: float,
+                max_ongoing: int) -> tuple:  # fmt: skip
+    """The two deployments. Ray Serve's `@serve.multiplexed` takes its per-replica limit when the method is
+    defined, so the classes that carry it are made here, for the limit this cluster was started with."""
+
+    class Generator(GeneratorWorker):
+        @serve.multiplexed(max_num_models_per_replica=settings.models_per_worker)
+        async def hold(self, wanted: str) -> Held:
+            return await self.load(wanted)
+
+    class Encoder(EncoderWorker):
+        @serve.multiplexed(max_num_models_per_replica=settings.models_per_worker)
+        async def hold(self, wanted: str) -> Held:
+            return await self.load(wanted)
+
+    # num_cpus 0: a replica's threads are PyTorch's to schedule, and a small head node still places them all
+    generator = serve.deployment(Generator, name="generator", num_replicas=generators, max_ongoing_requests=max_ongoing,
+                                 ray_actor_options={"num_cpus": 0, "num_gpus": gpus_per_worker})  # fmt: skip
+    encoder = serve.deployment(Encoder, name="encoder", num_replicas=encoders, max_ongoing_requests=max_ongoing,
+                               ray_actor_options={"num_cpus": 0, "num_gpus": gpus_per_worker})  # fmt: skip
+    return generator.bind(settings), encoder.bind(settings)

@@ -1,0 +1,242 @@
+"""imprompt on Ray Serve, as users run it: `imprompt serve --workers 2 --encoder-workers 2` (a local cluster on
+loopback) in its own process, driven over HTTP by real clients; every image checked against the single process.
+
+One cluster for the whole file and one test that takes it through its phases in order (affinity first: it needs
+models no request has loaded yet), because starting a cluster costs about a minute on two cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+pytest.importorskip("ray.serve", reason="the cluster extra is not installed: pip install 'imprompt[cluster]'")
+psutil = pytest.importorskip("psutil")
+
+from server_fixtures import b64, client, decode, free_port, wait_until  # noqa: E402
+
+from imprompt import Engine  # noqa: E402
+from imprompt.demo.pack import SD15_MODEL, SDXL_MODEL  # noqa: E402
+
+START_SECONDS = 300  # bounded waits: a cluster that does not come up fails the test, never hangs it
+
+
+@pytest.fixture(scope="module")
+def burst_models(pack, tmp_path_factory) -> Path:
+    """Two more copies of the SD 1.5 pipeline under other names: models no request has loaded yet."""
+    root = tmp_path_factory.mktemp("burst-models")
+    for name in ("burst-a", "burst-b"):
+        shutil.copytree(pack / "diffusers" / SD15_MODEL, root / name)
+    return root
+
+
+@pytest.fixture(scope="module")
+def cluster(pack, burst_models):
+    """`imprompt serve` with 2 generator and 2 encoder replicas; stopped, and every Ray process it started with
+    it (found by the Ray temp folder in their command lines, killed by PID if any outlived it)."""
+    ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    port = free_port()
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+    log = open(Path(ray_tmp) / "serve.log", "w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "imprompt.cli", "serve", "--models", str(pack), "--models", str(burst_models),
+         "--workers", "2", "--encoder-workers", "2", "--models-per-worker", "3", "--port", str(port)],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: _ready(url, process), START_SECONDS, "the cluster serving")
+        yield url
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(120)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(30)
+        log.close()
+        leftover = [p for p in psutil.process_iter(["pid", "cmdline"]) if ray_tmp in " ".join(p.info["cmdline"] or [])]
+        for p in leftover:
+            p.kill()
+        print((Path(ray_tmp) / "serve.log").read_text()[-4000:])
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+        assert not leftover, f"Ray processes outlived `imprompt serve`: {[p.pid for p in leftover]}"
+
+
+def _ready(url: str, process) -> bool:
+    if process.poll() is not None:
+        raise AssertionError(f"`imprompt serve --workers 2` exited with {process.returncode}")
+    try:
+        with httpx.Client(base_url=url, timeout=5) as http:
+            return http.get("/sdapi/v1/sd-models").status_code == 200  # answered by the ingress replica
+    except httpx.TransportError:  # not listening yet
+        return False
+
+
+def txt2img(url: str, model: str, units: list, seed: int, steps: int = 4, size: int = 64) -> dict:
+    """An A1111 ControlNet-extension payload, as the extension's users send it."""
+    payload = {"prompt": "a cat", "seed": seed, "steps": steps, "width": size, "height": size, "cfg_scale": 7.0,
+               "override_settings": {"sd_model_checkpoint": model},
+               "alwayson_scripts": {"controlnet": {"args": [
+                   {"enabled": True, "module": "ip-adapter_clip_sd15", "model": adapter, "weight": 0.7,
+                    "image": b64(image)} for adapter, image in units]}}}  # fmt: skip
+    return payload
+
+
+def post(url: str, payload: dict):
+    with client(url) as http:
+        response = http.post("/sdapi/v1/txt2img", json=payload)
+    assert response.status_code == 200, response.text[:2000]
+    body = response.json()
+    return decode(body["images"][0]).convert("RGB"), json.loads(body["info"])
+
+
+def reference(pack, engine: Engine, payload: dict):
+    """The single process's image for the same payload, through the same A1111 conversion."""
+    from imprompt.server.a1111 import Txt2ImgPayload, to_request
+
+    request = to_request(Txt2ImgPayload(**payload), SD15_MODEL, engine.store).request
+    return engine.generate(request).images[0]
+
+
+def same(a, b) -> bool:
+    import numpy as np
+
+    return np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def events(url: str, since: float = 0.0) -> list[dict]:
+    with client(url) as http:
+        return http.get("/v1/events", params={"since": since}).json()
+
+
+def test_cluster(cluster, pack, engine, red_circle, yellow_square):
+    url = cluster
+    with client(url) as http:
+        workers = wait_until(lambda: _workers(http, 4), 120, "every replica reporting")
+    assert {w["node"] for w in workers.values()} == {"127.0.0.1"}, workers  # Ray kept every replica on loopback
+
+    # ----------------------------------------------------------------------------------------------- affinity
+    encoder_sets = [
+        (SD15_MODEL, [("ip-adapter_sd15", red_circle)]),  # {ViT-H}
+        (SDXL_MODEL, [("ip-adapter_sdxl", yellow_square)]),  # {bigG}
+        (SDXL_MODEL, [("ip-adapter_sdxl", red_circle), ("ip-adapter_sdxl_vit-h", yellow_square)]),  # {ViT-H, bigG}
+    ]
+    started = time.time()
+    for i in range(12):
+        model, units = encoder_sets[i % 3]
+        post(url, txt2img(url, model, units, seed=i))
+    seen = events(url, started - 1)
+    pipeline_loads = [(e["model"], e["replica"]) for e in seen if e["event"] == "model_loaded"]
+    encoder_loads = [(e["encoder"], e["replica"]) for e in seen if e["event"] == "encoder_loaded"]
+    assert Counter(m for m, _ in pipeline_loads) == {SD15_MODEL: 1, SDXL_MODEL: 1}, pipeline_loads
+    assert sorted(Counter(e for e, _ in encoder_loads).values()) == [1, 1], encoder_loads
+    assert {e["worker"] for e in seen if e["event"] == "encoder_loaded"} == {"encoder"}
+
+    # ------------------------------------------------------------------------- no cross-talk, 8 clients at once
+    mixes = [
+        (SD15_MODEL, [("ip-adapter_sd15", red_circle)]),
+        (SD15_MODEL, [("ip-adapter-plus_sd15", yellow_square)]),
+        (SD15_MODEL, [("ip-adapter_sd15_vit-G", red_circle)]),
+        (SD15_MODEL, [("ip-adapter_sd15", yellow_square), ("ip-adapter_sd15_vit-G", red_circle)]),
+        (SDXL_MODEL, [("ip-adapter_sdxl", yellow_square)]),
+        (SDXL_MODEL, [("ip-adapter_sdxl_vit-h", red_circle)]),
+        (SDXL_MODEL, [("ip-adapter-plus_sdxl_vit-h", yellow_square), ("ip-adapter_sdxl", red_circle)]),
+        (SD15_MODEL, []),
+    ]
+    payloads = [txt2img(url, model, units, seed=100 + i) for i, (model, units) in enumerate(mixes)]
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda p: post(url, p), payloads))
+    for payload, (model, units), (image, info) in zip(payloads, mixes, answers):
+        assert [Path(u["file"]).stem for u in info["ip_adapters"]] == [a for a, _ in units], info["ip_adapters"]
+        assert same(image, reference(pack, engine, payload)), f"{model} {units}: differs from the single process"
+
+    # --------------------------------------------------------------------- interrupt: the long job, not the short
+    long_payload = {**txt2img(url, SD15_MODEL, [("ip-adapter_sd15", red_circle)], seed=7, steps=150, size=128),
+                    "n_iter": 8}  # fmt: skip
+    short_payload = txt2img(url, SD15_MODEL, [("ip-adapter_sd15", yellow_square)], seed=8)
+    outcome = {}
+    long_thread = threading.Thread(target=lambda: outcome.update(long=post(url, long_payload)))
+    long_thread.start()
+    with client(url) as http:
+        wait_until(lambda: http.get("/sdapi/v1/progress").json()["state"]["sampling_step"] > 0, 120, "the long job running")
+        short_thread = threading.Thread(target=lambda: outcome.update(short=post(url, short_payload)))
+        short_thread.start()
+        wait_until(lambda: http.get("/sdapi/v1/progress").json()["state"]["job_count"] == 2, 60, "the short job submitted")
+        assert http.post("/sdapi/v1/interrupt").json() == {"interrupted": True}
+    long_thread.join(300)
+    short_thread.join(300)
+    long_info = outcome["long"][1]
+    assert long_info["interrupted"] is True and len(long_info["imprompt"]) < 8, long_info  # stopped in a batch
+    assert outcome["short"][1]["interrupted"] is False
+    assert same(outcome["short"][0], reference(pack, engine, short_payload))
+
+    # ----------------------------------------------------------- burst: first requests for never-loaded models
+    started = time.time()
+    burst = [txt2img(url, model, [("ip-adapter_sd15", red_circle)], seed=200 + i)
+             for i, model in enumerate(["burst-a", "burst-b"] * 3)]  # fmt: skip
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(lambda p: post(url, p), burst))
+    loads = Counter(e["model"] for e in events(url, started - 1) if e["event"] == "model_loaded")
+    print(f"burst of 6 first requests over 2 new models: loads {dict(loads)}")
+    assert loads == {"burst-a": 1, "burst-b": 1}, loads  # no herd: the first request of each goes alone
+
+    # --------------------------------------------------------------- faults: a generator replica killed mid-run
+    with client(url) as http:
+        victim_payload = {**txt2img(url, SD15_MODEL, [("ip-adapter_sd15", red_circle)], seed=9, steps=150), "n_iter": 3}
+        other_payload = txt2img(url, SDXL_MODEL, [("ip-adapter_sdxl", yellow_square)], seed=10)
+        outcome = {}
+        victim = threading.Thread(target=lambda: outcome.update(victim=_post_any(url, victim_payload)))
+        victim.start()
+        progress = wait_until(lambda: _running(http), 120, "the victim job running")
+        replica = progress["textinfo"].removeprefix("on ")
+        pid = http.get("/v1/cache").json()["workers"][replica]["pid"]
+        with ThreadPoolExecutor(2) as pool:  # requests for the other model, on the other replica, meanwhile
+            pending = [pool.submit(post, url, other_payload) for _ in range(2)]
+            os.kill(pid, signal.SIGKILL)
+            others = [p.result() for p in pending]
+        victim.join(300)
+        status, body = outcome["victim"]
+        if status == 200:  # retried on another replica: the request carries its seed, so the image is the same
+            assert same(decode(body["images"][0]).convert("RGB"), reference(pack, engine, victim_payload))
+        else:
+            assert status == 503 and body["error"] == "WorkerLostError", body
+        expected = reference(pack, engine, other_payload)
+        assert all(same(image, expected) for image, _ in others)
+        # Ray restarts the replica: two generators report again, one of them a new process
+        workers = wait_until(lambda: _workers(http, 4, without_pid=pid), 180, "the killed replica replaced")
+        assert pid not in {w["pid"] for w in workers.values()}
+    image, _ = post(url, victim_payload)
+    assert same(image, reference(pack, engine, victim_payload))
+
+
+def _workers(http, count: int, without_pid: int | None = None) -> dict | None:
+    """The live replicas, as the board last heard from them, once `count` of them report."""
+    reported = http.get("/v1/cache").json()["workers"]
+    alive = {r: w for r, w in reported.items() if w["pid"] != without_pid and psutil.pid_exists(w["pid"])}
+    return alive if len(alive) >= count else None
+
+
+def _running(http) -> dict | None:
+    progress = http.get("/sdapi/v1/progress").json()
+    return progress if progress["state"]["sampling_step"] > 0 else None
+
+
+def _post_any(url: str, payload: dict) -> tuple[int, dict]:
+    with client(url) as http:
+        response = http.post("/sdapi/v1/txt2img", json=payload)
+    return response.status_code, response.json()
