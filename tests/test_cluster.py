@@ -146,6 +146,10 @@ def test_cluster(cluster, pack, engine, red_circle, yellow_square):
     assert Counter(m for m, _ in pipeline_loads) == {SD15_MODEL: 1, SDXL_MODEL: 1}, pipeline_loads
     assert sorted(Counter(e for e, _ in encoder_loads).values()) == [1, 1], encoder_loads
     assert {e["worker"] for e in seen if e["event"] == "encoder_loaded"} == {"encoder"}
+    with client(url) as http:
+        workers = http.get("/v1/cache").json()["workers"]
+    held = Counter(i.split("@")[0] for w in workers.values() if w["kind"] == "generator" for i in w["held"])
+    assert held == {SD15_MODEL: 1, SDXL_MODEL: 1}, workers  # what Ray routes by: each model on one replica
 
     # ------------------------------------------------------------------------- no cross-talk, 8 clients at once
     mixes = [
@@ -218,17 +222,17 @@ def test_cluster(cluster, pack, engine, red_circle, yellow_square):
         expected = reference(pack, engine, other_payload)
         assert all(same(image, expected) for image, _ in others)
         # Ray restarts the replica: two generators report again, one of them a new process
-        workers = wait_until(lambda: _workers(http, 4, without_pid=pid), 180, "the killed replica replaced")
-        assert pid not in {w["pid"] for w in workers.values()}
+        wait_until(lambda: _workers(http, 4, without_pid=pid), 180, "the killed replica replaced")
     image, _ = post(url, victim_payload)
     assert same(image, reference(pack, engine, victim_payload))
 
 
 def _workers(http, count: int, without_pid: int | None = None) -> dict | None:
-    """The live replicas, as the board last heard from them, once `count` of them report."""
+    """The live replicas `/v1/cache` lists, once `count` of them report (and none is the process `without_pid`)."""
     reported = http.get("/v1/cache").json()["workers"]
-    alive = {r: w for r, w in reported.items() if w["pid"] != without_pid and psutil.pid_exists(w["pid"])}
-    return alive if len(alive) >= count else None
+    if any(w["pid"] == without_pid for w in reported.values()):
+        return None
+    return reported if len(reported) >= count else None
 
 
 def _running(http) -> dict | None:

@@ -6,6 +6,7 @@ import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import webuiapi
@@ -410,7 +411,8 @@ def test_chunked_body_over_the_limit_is_413_json(pack, red_circle):
 
 def test_serve_cli_starts_on_loopback_and_preloads_its_model(pack):
     """`imprompt serve` itself, as a process: binds loopback by default and answers at once, loads its model
-    meanwhile, and the first request finds it loaded."""
+    meanwhile, and the first request finds it loaded. With one worker (the default) it serves from this process:
+    Ray is never loaded, even where the cluster extra is installed."""
     import subprocess
     import sys
 
@@ -418,7 +420,7 @@ def test_serve_cli_starts_on_loopback_and_preloads_its_model(pack):
 
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "imprompt.cli", "serve", "--models", str(pack), "--port", str(port)],
+        [sys.executable, "-m", "imprompt.cli", "serve", "--models", str(pack), "--port", str(port), "--workers", "1"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
@@ -440,6 +442,8 @@ def test_serve_cli_starts_on_loopback_and_preloads_its_model(pack):
         assert httpx.post(f"http://127.0.0.1:{port}/sdapi/v1/txt2img", json=txt2img, timeout=120).status_code == 200
         events = httpx.get(f"http://127.0.0.1:{port}/v1/events").json()
         assert [e["job"] for e in events if e["event"] == "model_loaded"] == ["preload"]  # the request loaded nothing
+        mapped = Path(f"/proc/{process.pid}/maps").read_text()  # every shared library the process has loaded
+        assert "torch" in mapped and "_raylet" not in mapped
     finally:
         process.terminate()
         process.wait(timeout=30)

@@ -130,7 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--models-per-worker", type=_positive, default=2,
                    help="models (encoders) a generator (encoder) replica keeps loaded (default: %(default)s)")
     c.add_argument("--gpus-per-worker", type=float, default=0.0,
-                   help="GPUs Ray gives each replica (default: %(default)s, CPU; 1 on GPU nodes)")
+                   help="GPUs Ray gives each generator replica (default: %(default)s, CPU; 1 on GPU nodes)")
+    c.add_argument("--gpus-per-encoder", type=float, default=0.0,
+                   help="GPUs Ray gives each encoder replica (default: %(default)s, CPU; a share such as 0.25 lets "
+                        "encoders sit beside generators)")  # fmt: skip
     _engine_arguments(s)
     s.set_defaults(run=_serve)
 
@@ -447,7 +450,7 @@ def _serve(args) -> int:
         from .cluster.start import ClusterSettings, serve_cluster  # Ray is imported only here
 
         cluster = ClusterSettings(args.workers, args.encoder_workers or args.workers, args.address,
-                                  args.models_per_worker, args.gpus_per_worker)  # fmt: skip
+                                  args.models_per_worker, args.gpus_per_worker, args.gpus_per_encoder)  # fmt: skip
         serve_cluster(options, settings, cluster, args.host, args.port)
         return 0
     logging.getLogger("imprompt").info("serving on http://%s:%d (API docs at /docs)", args.host, args.port)

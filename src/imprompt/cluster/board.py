@@ -23,21 +23,27 @@ class JobBoard:
 
     # ------------------------------------------------------------------------------------------- jobs
 
-    def submit(self, job: int) -> None:
+    def submit(self, job: int, wanted: list[str]) -> list[str]:
+        """A job enters; returns which of the model ids it needs some replica holds now."""
         self.jobs[job] = {"submitted": time.time(), "started": None, "replica": None, "step": 0, "total": 0,
                           "iteration": 0, "iterations": 1, "interrupted": False}  # fmt: skip
+        held = {i for worker in self.workers.values() for i in worker.get("held", [])}
+        return [i for i in wanted if i in held]
 
     def started(self, job: int, replica: str, iterations: int) -> bool:
-        """A generator replica starts the job; returns whether it was cancelled while it waited."""
-        state = self.jobs.setdefault(job, {"submitted": time.time(), "interrupted": False, "step": 0, "total": 0})
+        """A generator replica starts the job; returns whether it should not (interrupted while it waited, or
+        gone from the board: its client went away)."""
+        state = self.jobs.get(job)
+        if state is None:
+            return True
         state.update(started=time.time(), replica=replica, iteration=0, iterations=iterations)
         return state["interrupted"]
 
     def step(self, job: int, step: int, total: int, iteration: int) -> bool:
         """A denoising step of the job is done; returns whether the job should stop."""
         state = self.jobs.get(job)
-        if state is None:  # finished meanwhile
-            return False
+        if state is None:  # ended at the ingress (its client went away): nobody waits for the picture
+            return True
         state.update(step=step, total=total, iteration=iteration)
         return state["interrupted"]
 
@@ -89,8 +95,13 @@ class JobBoard:
         for event in events:
             self.events.append({**event, "replica": replica, "worker": kind, "job": job, "time": now})
 
-    def report(self, replica: str, kind: str, pid: int, node: str, cache: dict) -> None:
-        self.workers[replica] = {"kind": kind, "pid": pid, "node": node, "cache": cache, "time": time.time()}
+    def report(self, replica: str, state: dict) -> None:
+        """A replica's state: kind, pid, actor name, node, the model ids it holds, its caches."""
+        self.workers[replica] = {**state, "time": time.time()}
+
+    def forget(self, replica: str) -> None:
+        """A replica that is gone (its actor no longer exists)."""
+        self.workers.pop(replica, None)
 
     def recent(self, since: float = 0.0) -> list[dict]:
         return [e for e in self.events if e["time"] > since]

@@ -25,7 +25,7 @@ from ..errors import ImpromptError, QueueFullError, UnsupportedError
 from ..request import GenerateRequest
 from ..server.app import ServerSettings, create_app
 from .board import BOARD_NAME, NAMESPACE
-from .routing import route
+from .routing import Route, route
 
 log = logging.getLogger("imprompt")
 DISCONNECT_POLL_SECONDS = 0.5
@@ -45,85 +45,99 @@ class ClusterJobs:
         self.max_queue, self.retries = max_queue, retries
         self.in_flight = 0
         self._ids = itertools.count(1)
-        self._known: set[str] = set()  # model ids a worker has answered for: Ray routes them to where they are
-        self._first_calls: dict[str, asyncio.Event] = {}  # model ids whose first call runs now
+        self._first_calls: dict[str, asyncio.Event] = {}  # model ids no replica held, whose first load runs now
 
     async def run_async(self, request: GenerateRequest, iterations: int, client_gone) -> list[Result]:
         if self.in_flight >= self.max_queue:
             raise QueueFullError(f"the cluster has {self.in_flight} jobs in flight (the limit is {self.max_queue}); "
                                  f"try again when a job has finished")  # fmt: skip
         self.in_flight += 1
-        job = next(self._ids)
+        job = {"id": next(self._ids)}  # a retry on another replica is a new job on the board
         try:
             plan = await run_in_threadpool(self.engine.plan, request)  # refused here, before any worker computes
             if request.seed < 0:  # fix the seed now, so the n_iter batches continue from it
                 request = request.model_copy(update={"seed": secrets.randbelow(2**32 - 64)})
             request = request.model_copy(update={"model": plan.pipeline.name})  # every worker reads the same model
             wanted = route(plan)
-            await self.board.submit.remote(job)
+            held = await self.board.submit.remote(job["id"], [wanted.pipeline, *wanted.encoders.values()])
             payload = request.model_dump()
+            await self._warm(payload, wanted, set(held))
             embeddings, encoder_events = await self._embed(payload, wanted.encoders)
             results = await self._generate(payload, iterations, embeddings, wanted.pipeline, job, client_gone)
-        finally:
+        finally:  # also when the client went away and Serve cancelled this: its generation stops at the next step
             self.in_flight -= 1
-            self.board.finished.remote(job)
+            self.board.finished.remote(job["id"])
         for result in results[:1]:  # the encoders ran once, for the first batch
             result.info["events"] = encoder_events + result.info["events"]
         return results
 
-    async def _embed(self, payload: dict, encoders: dict[int, str]) -> tuple[dict, list]:
-        """Every unit that needs an encoder, on the encoder worker that holds it, all at once."""
+    async def _warm(self, payload: dict, wanted: Route, held: set[str]) -> None:
+        """Ray's router sends a request whose id no replica reports to a replica with the fewest models, so a burst
+        of first requests for one new model would load it on several replicas at once (herding). For an id no
+        replica holds, imprompt sends one `warm` call (it only loads) and holds the other requests for that id until
+        it is done; then they all go, and Ray finds the model where it loaded. (The gate is per ingress replica.)"""
+        calls = []
+        if wanted.pipeline not in held:
+            calls.append((wanted.pipeline, lambda: self._call(self.generators, wanted.pipeline, "warm", payload)))
+        for index, encoder in wanted.encoders.items():
+            if encoder not in held:
+                calls.append((encoder, lambda i=index, e=encoder: self._call(self.encoders, e, "warm", payload, i)))
+        await _all(*(self._first_alone(model, call) for model, call in calls))
 
-        def call(index: int, wanted: str):
-            return lambda: _plain(self.encoders.options(multiplexed_model_id=wanted).embed.remote(payload, index))
-
-        made = await asyncio.gather(*(self._first_alone(wanted, call(i, wanted)) for i, wanted in encoders.items()))
-        embeddings = {index: embedding for index, (embedding, _) in zip(encoders, made)}
-        return embeddings, [event for _, events in made for event in events]
-
-    async def _first_alone(self, wanted: str, call):
-        """Ray's router sends a request whose id no replica reports yet to a replica with the fewest models, so a
-        burst of first requests for one new model would load it on several replicas at once (herding). imprompt
-        lets the first go alone; the others wait for it, then find the model where it loaded. (After Ray lets a
-        model go, its id is new again; this gate is per ingress replica.)"""
-        if wanted in self._known:
-            return await call()
+    async def _first_alone(self, wanted: str, call) -> None:
         gate = self._first_calls.get(wanted)
         if gate is not None:
-            await gate.wait()  # bounded: the first call ends, answered or failed
-            return await call()
+            await gate.wait()  # bounded: the first call ends, loaded or failed (then this request's own call tries)
+            return
         gate = self._first_calls[wanted] = asyncio.Event()
         try:
-            answer = await call()
-            self._known.add(wanted)
-            return answer
+            await call()
         finally:
             del self._first_calls[wanted]
             gate.set()
 
-    async def _generate(self, payload, iterations, embeddings, wanted: str, job: int, client_gone) -> list[Result]:
+    async def _embed(self, payload: dict, encoders: dict[int, str]) -> tuple[dict, list]:
+        """Every unit that needs an encoder, on the encoder worker that holds it, all at once."""
+        made = await _all(*(self._call(self.encoders, wanted, "embed", payload, index)
+                            for index, wanted in encoders.items()))  # fmt: skip
+        embeddings = {index: embedding for index, (embedding, _) in zip(encoders, made)}
+        return embeddings, [event for _, events in made for event in events]
+
+    async def _call(self, deployment, wanted: str, method: str, *args):
+        """One call to the replica Ray routes `wanted` to; a replica lost mid-call costs one retry elsewhere."""
+        for attempt in range(self.retries + 1):
+            try:
+                return await _plain(getattr(deployment.options(multiplexed_model_id=wanted), method).remote(*args))
+            except WorkerLostError:
+                if attempt == self.retries:
+                    raise
+                log.warning("%s for %s: its worker stopped; retrying on another replica", method, wanted)
+
+    async def _generate(self, payload, iterations, embeddings, wanted: str, job: dict, client_gone) -> list[Result]:
         """On the generator worker that holds the model. A worker that dies mid-run (its process killed, its node
         gone) costs a retry on another replica: the request carries everything, its seed included, so the retry
-        gives the same image."""
-        def call():
-            return _plain(self.generators.options(multiplexed_model_id=wanted).generate.remote(
-                payload, iterations, embeddings, job))
-
+        gives the same image. The retry is a new job on the board, so a replica that was only unreachable and
+        still runs the old one stops it at its next step."""
         for attempt in range(self.retries + 1):
-            task = asyncio.ensure_future(self._first_alone(wanted, call))
+            call = self.generators.options(multiplexed_model_id=wanted).generate.remote(payload, iterations, embeddings,
+                                                                                        job["id"])  # fmt: skip
+            task = asyncio.ensure_future(_plain(call))
             try:
                 while True:  # ends when the worker answers (or dies): each wait is bounded
                     done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_SECONDS)
                     if done:
                         return task.result()
                     if await client_gone():
-                        log.info("job %d interrupted: the client disconnected", job)
-                        await self.board.interrupt.remote(job)
+                        log.info("job %d interrupted: the client disconnected", job["id"])
+                        await self.board.interrupt.remote(job["id"])
                         return await task
             except WorkerLostError:
                 if attempt == self.retries:
                     raise
-                log.warning("job %d: its generator worker stopped; retrying on another replica", job)
+                log.warning("job %d: its generator worker stopped; retrying on another replica", job["id"])
+                self.board.finished.remote(job["id"])
+                job["id"] = next(self._ids)
+                await self.board.submit.remote(job["id"], [])
         raise AssertionError("unreachable")
 
     # ------------------------------------------------------------------------------- what the app reads
@@ -147,14 +161,32 @@ class ClusterJobs:
         return ray.get(self.board.recent.remote(since))
 
     def cache_info(self) -> dict:
-        """Every worker's caches, by replica (as each last reported them: after each load and each request)."""
-        return {"workers": ray.get(self.board.state.remote()), "time": time.time()}
+        """Every live replica's models and caches (as each last reported them: after each load and each request);
+        replicas whose actor is gone (killed, replaced by Ray) are dropped from the board."""
+        workers = ray.get(self.board.state.remote())
+        for replica, state in list(workers.items()):
+            try:
+                ray.get_actor(state["actor"], namespace="serve")
+            except ValueError:  # no such actor any more
+                self.board.forget.remote(replica)
+                del workers[replica]
+        return {"workers": workers, "time": time.time()}
 
     def clear_cache(self) -> dict:
         raise UnsupportedError(
             "DELETE /v1/cache clears one process's caches; a cluster's workers free models as Ray's multiplexing "
             "lets them go (--models-per-worker). To empty them, redeploy: stop and start `imprompt serve --workers`"
         )
+
+
+async def _all(*calls) -> list:
+    """Every call's answer; if any failed, the first failure, raised once every call has ended (none is left
+    running unobserved)."""
+    answers = await asyncio.gather(*calls, return_exceptions=True)
+    for answer in answers:
+        if isinstance(answer, BaseException):
+            raise answer
+    return answers
 
 
 async def _plain(call):

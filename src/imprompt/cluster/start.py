@@ -35,44 +35,53 @@ class ClusterSettings:
     encoders: int = 1  # encoder replicas
     address: str | None = None  # join this cluster (`ray start --head` printed it) instead of starting one
     models_per_worker: int = 2
-    gpus_per_worker: float = 0.0
+    gpus_per_worker: float = 0.0  # of a generator replica
+    gpus_per_encoder: float = 0.0
     max_ongoing: int = 4  # requests a replica takes at once (they queue in it, one generation at a time)
 
 
 def serve_cluster(engine: dict, server: ServerSettings, cluster: ClusterSettings, host: str, port: int,
                   stop: threading.Event | None = None) -> None:  # fmt: skip
-    """Serve on host:port until SIGTERM / SIGINT (or `stop` is set)."""
+    """Serve on host:port until SIGTERM / SIGINT (or `stop` is set); a second signal stops at once."""
     stop = stop or threading.Event()
     started = time.perf_counter()
     ray = _connect(cluster.address)
-    try:
-        from ray import serve
+    from ray import serve
 
+    serving = False
+    try:
         from .board import BOARD_NAME, NAMESPACE, JobBoard
         from .ingress import Ingress
         from .workers import WorkerSettings, deployments
 
-        # owned by this process: it goes when this process does
+        # owned by this process: it goes when this process does (and the application with it, below)
         board = ray.remote(JobBoard).options(name=BOARD_NAME, namespace=NAMESPACE, num_cpus=0).remote()  # noqa: F841
         serve.start(http_options={"host": host, "port": port}, proxy_location="HeadOnly")
-        workers = WorkerSettings(engine, cluster.models_per_worker)
-        generators, encoders = deployments(workers, cluster.generators, cluster.encoders, cluster.gpus_per_worker,
-                                           cluster.max_ongoing)  # fmt: skip
+        serving = True
+        generators, encoders = deployments(WorkerSettings(engine, cluster.models_per_worker), cluster)
         app = serve.deployment(Ingress, name="ingress", ray_actor_options={"num_cpus": 0}).bind(
             generators, encoders, engine, server)
         serve.run(app, name=APP_NAME, route_prefix="/")
         if threading.current_thread() is threading.main_thread():  # after Ray's own driver handlers, replacing them
             for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, lambda *_: stop.set())
+                signal.signal(sig, lambda *_: _stop(stop))
         log.info("cluster ready in %.1f s: %d generator and %d encoder replica(s); serving on http://%s:%d",
                  time.perf_counter() - started, cluster.generators, cluster.encoders, host, port)  # fmt: skip
         while not stop.wait(0.5):
             pass
         log.info("stopping the cluster")
-        serve.delete(APP_NAME)
-        serve.shutdown()
     finally:
+        if serving:
+            serve.delete(APP_NAME)  # ours only: a joined cluster may serve other applications
+            if not cluster.address:
+                serve.shutdown()
         ray.shutdown()
+
+
+def _stop(stop: threading.Event) -> None:
+    if stop.is_set():
+        raise KeyboardInterrupt  # a second signal: do not wait for a graceful stop
+    stop.set()
 
 
 def _connect(address: str | None):

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import threading
 from dataclasses import dataclass
 
 import ray
@@ -37,35 +36,45 @@ class WorkerSettings:
 
 
 class WorkerMismatchError(ImpromptError):
-    """A worker's own plan names another model than the id it was routed for: the models folders differ."""
+    """A worker's own plan names another model than the id it was routed for."""
 
-    http_status = 500
+    http_status = 503  # the request itself is fine
 
 
 class Held:
     """What Ray Serve's multiplexing keeps for one model id. Ray calls `__del__` when it lets the id go (its LRU);
-    the model then leaves the engine as well."""
+    the model then leaves the engine as well, and the board learns the replica no longer holds it."""
 
-    def __init__(self, engine: Engine, kind: str, key: tuple):
-        self.engine, self.kind, self.key = engine, kind, key
+    def __init__(self, worker: Worker, wanted: str, kind: str, key: tuple):
+        self.worker, self.wanted, self.kind, self.key = worker, wanted, kind, key
         self.released = False
 
     def __del__(self):
         if not self.released:
             self.released = True
-            self.engine.unload(self.kind, self.key)
+            self.worker.held.discard(self.wanted)
+            self.worker.engine.unload(self.kind, self.key)
+            self.worker.report([{"event": "model_let_go" if self.kind == "pipeline" else "encoder_let_go",
+                                 "id": self.wanted, "why": "Ray's multiplexing (--models-per-worker)"}])  # fmt: skip
 
 
 class Worker:
+    """One replica. Requests take `self.turn` from before `hold` until they are done: a model Ray's multiplexing
+    marked as used cannot be let go (by a later request's `hold`) while an earlier request waits to use it."""
+
     kind = ""  # "generator" | "encoder"
 
     def __init__(self, settings: WorkerSettings):
         logging.getLogger("imprompt").setLevel(logging.INFO)
         self.engine = Engine(**settings.engine)
-        self.replica = serve.get_replica_context().replica_id.unique_id
+        context = serve.get_replica_context()
+        self.replica = context.replica_id.unique_id
+        self.actor = ray.get_runtime_context().get_actor_name()  # the board's readers look it up to see it alive
         self.board = ray.get_actor(BOARD_NAME, namespace=NAMESPACE)
+        self.held: set[str] = set()  # model ids this replica holds (Ray's multiplexing loaded and kept them)
+        self.turn = asyncio.Lock()
         self._wanted: dict[str, object] = {}  # model id -> its Entry, set by the request before `hold` runs
-        self._report([])
+        self.report([])
 
     async def load(self, wanted: str) -> Held:
         """Ray Serve's multiplexed loader (see `multiplexed`): runs once per id and replica, until Ray lets it go."""
@@ -76,28 +85,29 @@ class Worker:
         else:
             events = await asyncio.to_thread(self.engine.preload_encoder, entry)
             key = entry.key(self.engine.embedder.dtype, self.engine.embedder.device)
-        self._report(events)
-        return Held(self.engine, "pipeline" if self.kind == "generator" else "encoder", key)
+        self.held.add(wanted)
+        self.report([{**e, "id": wanted} for e in events])
+        return Held(self, wanted, "pipeline" if self.kind == "generator" else "encoder", key)
 
-    def _check(self, entry) -> str:
+    def check(self, entry) -> str:
+        """The id this request was routed for, if this replica's own plan agrees."""
         wanted = serve.get_multiplexed_model_id()
         if model_id(entry) != wanted:
             raise WorkerMismatchError(
-                f"worker {self.replica} was sent for {wanted} but its own plan needs {model_id(entry)}: the "
-                f"models folders differ between the ingress and this worker; give every node the same folder"
+                f"worker {self.replica} was sent for {wanted} but its own plan needs {model_id(entry)}: either the "
+                f"file changed between the ingress's plan and this worker's (send the request again), or the models "
+                f"folders differ between nodes (give every node the same folder, at the same path)"
             )
         self._wanted[wanted] = entry
         return wanted
 
-    def _report(self, events: list[dict], job: int | None = None) -> None:
-        """Events to the board (not awaited: a report never delays a request), with this replica's cache state."""
+    def report(self, events: list[dict], job: int | None = None) -> None:
+        """Events to the board (not awaited: a report never delays a request), with this replica's state."""
         if events:
             self.board.record.remote(self.replica, self.kind, events, job)
-        self.board.report.remote(self.replica, self.kind, os.getpid(), ray.util.get_node_ip_address(),
-                                 self.engine.cache_info())  # fmt: skip
-
-    def pid(self) -> int:
-        return os.getpid()
+        self.board.report.remote(self.replica, {"kind": self.kind, "pid": os.getpid(), "actor": self.actor,
+                                                "node": ray.util.get_node_ip_address(), "held": sorted(self.held),
+                                                "cache": self.engine.cache_info()})  # fmt: skip
 
 
 class EncoderWorker(Worker):
@@ -105,36 +115,42 @@ class EncoderWorker(Worker):
 
     async def embed(self, request: dict, index: int) -> tuple:
         """Unit `index`'s finished embeddings (on the CPU) and the events of making them."""
+        async with self.turn:
+            await self.warm_unit(request, index)
+            embeddings, events = await asyncio.to_thread(self.engine.embed, request, index)
+        self.report(events)
+        return embeddings, [{**e, "replica": self.replica} for e in events]
+
+    async def warm(self, request: dict, index: int) -> None:
+        """Load unit `index`'s encoder (the ingress's first call for an id no replica holds)."""
+        async with self.turn:
+            await self.warm_unit(request, index)
+
+    async def warm_unit(self, request: dict, index: int) -> None:
         parsed = parse_request(request)
         planned = plan_unit(index, parsed.ip_adapters[index], self.engine.store)  # names only: no image is read
-        wanted = self._check(planned.encoder)
-        await self.hold(wanted)
-        embeddings, events = await asyncio.to_thread(self.engine.embed, request, index)
-        self._report(events)
-        return embeddings, [{**e, "replica": self.replica} for e in events]
+        await self.hold(self.check(planned.encoder))
 
 
 class GeneratorWorker(Worker):
     kind = "generator"
 
-    def __init__(self, settings: WorkerSettings):
-        super().__init__(settings)
-        self._one_at_a_time = threading.Lock()
-
     async def generate(self, request: dict, iterations: int, embeddings: dict, job: int) -> list:
         """The request's images, `iterations` batches one after another (A1111's n_iter, seeds counting on), with
         the units' embeddings made by encoder workers; steps reported to the board, which answers interrupts."""
         parsed = parse_request(request)
-        await self.hold(self._check(self.engine.store.pipeline(parsed.model)))
-        return await asyncio.to_thread(self._run, parsed, iterations, embeddings, job)
+        async with self.turn:  # a job waiting here is not running yet: the board learns when it starts
+            await self.hold(self.check(self.engine.store.pipeline(parsed.model)))
+            return await asyncio.to_thread(self._run, parsed, iterations, embeddings, job)
+
+    async def warm(self, request: dict, index: int = 0) -> None:
+        """Load the request's model (the ingress's first call for an id no replica holds)."""
+        async with self.turn:
+            await self.hold(self.check(self.engine.store.pipeline(parse_request(request).model)))
 
     def _run(self, request, iterations: int, embeddings: dict, job: int) -> list:
-        with self._one_at_a_time:  # a job waiting here is not running yet: the board learns when it starts
-            return self._run_now(request, iterations, embeddings, job)
-
-    def _run_now(self, request, iterations: int, embeddings: dict, job: int) -> list:
         if ray.get(self.board.started.remote(job, self.replica, iterations)):
-            raise RequestError("request dropped before it ran: its client disconnected")
+            raise RequestError("request dropped before it ran: its client went away")
         results = []
         for iteration in range(iterations):
 
@@ -146,17 +162,16 @@ class GeneratorWorker(Worker):
             result = self.engine.generate(request.model_copy(update={"seed": seed}), on_step=on_step, embeddings=embeddings)
             result.info["worker"] = self.replica
             result.info["events"] = [{**e, "replica": self.replica} for e in result.info["events"]]
-            self._report(result.info["events"], job)
+            self.report(result.info["events"], job)
             results.append(result)
             if result.info["interrupted"]:
                 break
         return results
 
 
-def deployments(settings: WorkerSettings, generators: int, encoders: int, gpus_per_worker: float,
-                max_ongoing: int) -> tuple:  # fmt: skip
-    """The two deployments. Ray Serve's `@serve.multiplexed` takes its per-replica limit when the method is
-    defined, so the classes that carry it are made here, for the limit this cluster was started with."""
+def deployments(settings: WorkerSettings, cluster) -> tuple:
+    """The two deployments, sized by `cluster` (`start.ClusterSettings`). Ray Serve's `@serve.multiplexed` takes
+    its per-replica limit when the method is defined, so the classes that carry it are made here."""
 
     class Generator(GeneratorWorker):
         @serve.multiplexed(max_num_models_per_replica=settings.models_per_worker)
@@ -169,8 +184,10 @@ def deployments(settings: WorkerSettings, generators: int, encoders: int, gpus_p
             return await self.load(wanted)
 
     # num_cpus 0: a replica's threads are PyTorch's to schedule, and a small head node still places them all
-    generator = serve.deployment(Generator, name="generator", num_replicas=generators, max_ongoing_requests=max_ongoing,
-                                 ray_actor_options={"num_cpus": 0, "num_gpus": gpus_per_worker})  # fmt: skip
-    encoder = serve.deployment(Encoder, name="encoder", num_replicas=encoders, max_ongoing_requests=max_ongoing,
-                               ray_actor_options={"num_cpus": 0, "num_gpus": gpus_per_worker})  # fmt: skip
+    generator = serve.deployment(Generator, name="generator", num_replicas=cluster.generators,
+                                 max_ongoing_requests=cluster.max_ongoing,
+                                 ray_actor_options={"num_cpus": 0, "num_gpus": cluster.gpus_per_worker})  # fmt: skip
+    encoder = serve.deployment(Encoder, name="encoder", num_replicas=cluster.encoders,
+                               max_ongoing_requests=cluster.max_ongoing,
+                               ray_actor_options={"num_cpus": 0, "num_gpus": cluster.gpus_per_encoder})  # fmt: skip
     return generator.bind(settings), encoder.bind(settings)
