@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test serve bench bench-lora bench-models bench-cold scan soak load train evaluate install clean
+.PHONY: demo test serve bench bench-lora bench-models bench-cold bench-cluster scan soak load train evaluate install clean
 
 demo: install
 	$(BIN)/imprompt demo --pack demo-models --out demo-output
@@ -35,6 +35,12 @@ bench-models: install
 # BASELINE=<an older checkout, e.g. a git worktree>, alternated; about 10 minutes.
 bench-cold: install
 	$(BIN)/python -m tools.bench_cold --size tiny $(if $(BASELINE),--baseline-src $(BASELINE)/src)
+
+# One process against a local Ray Serve cluster (2 + 2 replicas), the same requests side by side, and the routing
+# simulation of docs/scale-out.md; about 5 minutes.
+bench-cluster: install
+	$(BIN)/python -m tools.bench_cluster --out docs/scale-out.json
+	$(BIN)/python -m tools.scale_sim --requests 5000 --rate 1.5
 
 # How long scanning a tree of 1,000 files takes: first, again, and in a new process.
 scan: install

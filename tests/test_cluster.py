@@ -59,7 +59,7 @@ def cluster(pack, burst_models):
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until(lambda: _ready(url, process), START_SECONDS, "the cluster serving")
-        yield url
+        yield url, process.pid, ray_tmp
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
@@ -125,10 +125,12 @@ def events(url: str, since: float = 0.0) -> list[dict]:
 
 
 def test_cluster(cluster, pack, engine, red_circle, yellow_square):
-    url = cluster
+    url, pid, ray_tmp = cluster
     with client(url) as http:
         workers = wait_until(lambda: _workers(http, 4), 120, "every replica reporting")
     assert {w["node"] for w in workers.values()} == {"127.0.0.1"}, workers  # Ray kept every replica on loopback
+    listening = _listening(pid, ray_tmp)
+    assert listening and all(ip in LOOPBACK for ip, _, _ in listening), listening  # and every socket it opened
 
     # ----------------------------------------------------------------------------------------------- affinity
     encoder_sets = [
@@ -197,7 +199,9 @@ def test_cluster(cluster, pack, engine, red_circle, yellow_square):
         answers = list(pool.map(lambda p: post(url, p), burst))
     loads = Counter(e["model"] for e in events(url, started - 1) if e["event"] == "model_loaded")
     print(f"burst of 6 first requests over 2 new models: loads {dict(loads)}")
-    assert loads == {"burst-a": 1, "burst-b": 1}, loads  # no herd: the first request of each goes alone
+    # every request answered (above); each model loaded once, or on both replicas at most: the first request of a
+    # new id goes alone (no herd), but when the replica holding it has 4 requests, Ray spills the next elsewhere
+    assert set(loads) == {"burst-a", "burst-b"} and max(loads.values()) <= 2, loads
 
     # --------------------------------------------------------------- faults: a generator replica killed mid-run
     with client(url) as http:
@@ -215,6 +219,7 @@ def test_cluster(cluster, pack, engine, red_circle, yellow_square):
             others = [p.result() for p in pending]
         victim.join(300)
         status, body = outcome["victim"]
+        print(f"the killed replica's request: {status} {'(retried)' if status == 200 else body}")
         if status == 200:  # retried on another replica: the request carries its seed, so the image is the same
             assert same(decode(body["images"][0]).convert("RGB"), reference(pack, engine, victim_payload))
         else:
@@ -233,6 +238,22 @@ def _workers(http, count: int, without_pid: int | None = None) -> dict | None:
     if any(w["pid"] == without_pid for w in reported.values()):
         return None
     return reported if len(reported) >= count else None
+
+
+LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
+
+
+def _listening(pid: int, ray_tmp: str) -> list[tuple]:
+    """(address, port, process) of every socket listening in `imprompt serve` or a Ray process of its session."""
+    found = []
+    for p in psutil.process_iter(["pid", "name", "cmdline"]):
+        if p.info["pid"] == pid or ray_tmp in " ".join(p.info["cmdline"] or []):
+            try:
+                found += [(c.laddr.ip, c.laddr.port, p.info["name"]) for c in p.net_connections(kind="inet")
+                          if c.status == psutil.CONN_LISTEN]  # fmt: skip
+            except psutil.Error:  # ended meanwhile
+                continue
+    return found
 
 
 def _running(http) -> dict | None:

@@ -207,7 +207,7 @@ class Ingress:
     """The HTTP front: plans and routes; holds no model (its engine reads the models folder and never loads)."""
 
     def __init__(self, generators, encoders, engine: dict, settings: ServerSettings):
-        self.engine = Engine(**{**engine, "device": "cpu"})
+        self.engine = Engine(**{**engine, "device": "cpu", "dtype": None, "encoder_dtype": None})  # plans only
         board = ray.get_actor(BOARD_NAME, namespace=NAMESPACE)
         self.jobs = ClusterJobs(self.engine, encoders, generators, board, settings.max_queue)
         self.settings = settings
