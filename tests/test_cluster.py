@@ -30,6 +30,7 @@ from server_fixtures import b64, client, decode, free_port, wait_until  # noqa: 
 
 from imprompt import Engine  # noqa: E402
 from imprompt.demo.pack import SD15_MODEL, SDXL_MODEL  # noqa: E402
+from tools.bench_cluster import stop  # noqa: E402
 
 START_SECONDS = 300  # bounded waits: a cluster that does not come up fails the test, never hangs it
 
@@ -61,20 +62,11 @@ def cluster(pack, burst_models):
         wait_until(lambda: _ready(url, process), START_SECONDS, "the cluster serving")
         yield url, process.pid, ray_tmp
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(120)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(30)
+        leftover = stop(process, ray_tmp)
         log.close()
-        leftover = [p for p in psutil.process_iter(["pid", "cmdline"]) if ray_tmp in " ".join(p.info["cmdline"] or [])]
-        for p in leftover:
-            p.kill()
         print((Path(ray_tmp) / "serve.log").read_text()[-4000:])
         shutil.rmtree(ray_tmp, ignore_errors=True)
-        assert not leftover, f"Ray processes outlived `imprompt serve`: {[p.pid for p in leftover]}"
+        assert not leftover, f"Ray processes outlived `imprompt serve`: {leftover}"
 
 
 def _ready(url: str, process) -> bool:

@@ -124,8 +124,9 @@ def processes_memory(pid: int, ray_tmp: str) -> dict:
     return {"rss_mib_by_process": found, "total_mib": sum(sum(v) for v in found.values())}
 
 
-def stop(process: subprocess.Popen, ray_tmp: str) -> None:
-    """SIGTERM (imprompt serve shuts Ray down), then anything of its session left is killed by PID."""
+def stop(process: subprocess.Popen, ray_tmp: str) -> list[int]:
+    """SIGTERM (imprompt serve shuts Ray down), then any process of its Ray session left (its command line names
+    the session's temp folder) is killed by PID. Returns those PIDs: none, when the server stopped cleanly."""
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
         try:
@@ -133,9 +134,10 @@ def stop(process: subprocess.Popen, ray_tmp: str) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait(30)
-    for p in psutil.process_iter(["cmdline"]):
-        if ray_tmp in " ".join(p.info["cmdline"] or []):
-            p.kill()
+    leftover = [p for p in psutil.process_iter(["cmdline"]) if ray_tmp in " ".join(p.info["cmdline"] or [])]
+    for p in leftover:
+        p.kill()
+    return [p.pid for p in leftover]
 
 
 def main(argv=None) -> int:
