@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -257,3 +258,56 @@ def _post_any(url: str, payload: dict) -> tuple[int, dict]:
     with client(url) as http:
         response = http.post("/sdapi/v1/txt2img", json=payload)
     return response.status_code, response.json()
+
+
+def test_joining_a_cluster_started_with_ray_start(pack, red_circle, engine):
+    """`ray start --head` (as on a GPU node), then `imprompt serve --address`: it deploys onto that cluster, serves,
+    and on SIGTERM deletes its application and leaves the cluster running. Everything on loopback; every process
+    of the Ray session stopped at the end (`ray stop`, then by PID)."""
+    ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
+           "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60",
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}  # the cluster's token, as a driver needs it
+    ray = str(Path(sys.executable).parent / "ray")
+    head, port = free_port(), free_port()
+    started = subprocess.run([ray, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(head),
+                              "--include-dashboard", "false", "--disable-usage-stats", "--temp-dir", ray_tmp],
+                             env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    process = None
+    try:
+        assert started.returncode == 0, started.stderr[-3000:]
+        log = open(Path(ray_tmp) / "serve.log", "w")
+        process = subprocess.Popen(
+            [sys.executable, "-m", "imprompt.cli", "serve", "--models", str(pack), "--address", f"127.0.0.1:{head}",
+             "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
+        wait_until(lambda: _ready(url, process), START_SECONDS, "the application deployed")
+        payload = txt2img(url, SD15_MODEL, [("ip-adapter_sd15", red_circle)], seed=3)
+        image, info = post(url, payload)
+        assert info["worker"] and same(image, reference(pack, engine, payload))
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(120) == 0
+        with httpx.Client(base_url=url, timeout=10) as http:  # Serve's proxy still answers: the cluster runs on,
+            assert http.get("/sdapi/v1/sd-models").status_code == 404  # without imprompt's application
+        session = _session(ray_tmp)
+        assert {"gcs_server", "raylet"} <= {p.name() for p in session}  # what `ray start` started is found here
+    finally:
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait(30)
+        # not `ray stop`: it stops every Ray process on the machine; this session's, by PID
+        session = _session(ray_tmp)
+        for p in session:
+            p.terminate()
+        gone, alive = psutil.wait_procs(session, timeout=30)
+        for p in alive:
+            p.kill()
+        print((Path(ray_tmp) / "serve.log").read_text()[-3000:] if (Path(ray_tmp) / "serve.log").exists() else "")
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert not _session(ray_tmp)
+
+
+def _session(ray_tmp: str) -> list:
+    """The processes of one Ray session: their command lines name its temp folder."""
+    return [p for p in psutil.process_iter(["cmdline"]) if ray_tmp in " ".join(p.info["cmdline"] or [])]
