@@ -30,7 +30,6 @@ from imprompt.errors import (
     UnknownEncoderError,
     UnknownModelError,
     UnsafeCheckpointError,
-    UnsupportedError,
 )
 from imprompt.models.probe import probe
 from imprompt.models.store import ModelStore
