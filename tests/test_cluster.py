@@ -117,13 +117,32 @@ def events(url: str, since: float = 0.0) -> list[dict]:
         return http.get("/v1/events", params={"since": since}).json()
 
 
-def test_cluster(cluster, pack, engine, red_circle, yellow_square):
+def test_cluster(cluster, pack, burst_models, engine, red_circle, yellow_square):
     url, pid, ray_tmp = cluster
     with client(url) as http:
         workers = wait_until(lambda: _workers(http, 4), 120, "every replica reporting")
     assert {w["node"] for w in workers.values()} == {"127.0.0.1"}, workers  # Ray kept every replica on loopback
     listening = _listening(pid, ray_tmp)
     assert listening and all(ip in LOOPBACK for ip, _, _ in listening), listening  # and every socket it opened
+
+    # ------------------------------------------- refusals: the same status, JSON and text as one process, no load
+    from starlette.testclient import TestClient
+
+    from imprompt.server.app import (  # the single-process app, for its answers
+        ServerSettings,
+        create_app,
+    )
+
+    wrong = txt2img(url, SD15_MODEL, [("ip-adapter_sdxl", red_circle)], seed=1)  # an SDXL adapter on SD 1.5
+    unknown = txt2img(url, SD15_MODEL, [("no-such-adapter", red_circle)], seed=1)
+    with client(url) as http, TestClient(create_app(Engine([pack, burst_models], allow_paths=False), ServerSettings())) as alone:
+        for payload in (wrong, unknown):
+            answer, expected = http.post("/sdapi/v1/txt2img", json=payload), alone.post("/sdapi/v1/txt2img", json=payload)
+            assert (answer.status_code, answer.json()) == (expected.status_code, expected.json())
+            assert answer.status_code in (404, 422)
+        cleared = http.delete("/v1/cache")
+        assert cleared.status_code == 422 and "--models-per-worker" in cleared.json()["detail"]
+    assert [e for e in events(url) if e["event"].endswith("_loaded")] == []  # refused before any worker computed
 
     # ----------------------------------------------------------------------------------------------- affinity
     encoder_sets = [
@@ -311,3 +330,21 @@ def test_joining_a_cluster_started_with_ray_start(pack, red_circle, engine):
 def _session(ray_tmp: str) -> list:
     """The processes of one Ray session: their command lines name its temp folder."""
     return [p for p in psutil.process_iter(["cmdline"]) if ray_tmp in " ".join(p.info["cmdline"] or [])]
+
+
+def test_the_cluster_refuses_past_its_jobs_in_flight(pack):
+    """`--max-queue` bounds the jobs in flight at the ingress: one more is a 429 before anything is planned."""
+    import asyncio
+
+    from imprompt.cluster.ingress import ClusterJobs
+    from imprompt.errors import QueueFullError
+    from imprompt.request import parse_request
+
+    jobs = ClusterJobs(Engine(pack), encoders=None, generators=None, board=None, max_queue=2)
+    jobs.in_flight = 2
+    try:
+        asyncio.run(jobs.run_async(parse_request({"prompt": "a cat"}), 1, client_gone=None))
+    except QueueFullError as exc:
+        assert exc.http_status == 429 and "2 jobs in flight" in str(exc)
+    else:
+        raise AssertionError("a job past the limit was accepted")

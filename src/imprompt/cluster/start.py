@@ -94,7 +94,9 @@ def _connect(address: str | None):
         ray.init(address=address, namespace="imprompt", logging_level=logging.WARNING)
         log.info("joined the Ray cluster at %s", address)
         return ray
-    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, namespace="imprompt", logging_level=logging.WARNING)
+    # "local": a new cluster even where `ray start` left one running (Ray would join that one for address=None)
+    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, namespace="imprompt",
+             logging_level=logging.WARNING)  # fmt: skip
     node = ray.util.get_node_ip_address()
     if node != "127.0.0.1":
         ray.shutdown()
