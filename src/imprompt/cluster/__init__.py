@@ -1,2 +1,3 @@
-"""Several replicas on Ray Serve (`imprompt serve --workers N`, the `cluster` extra): the same app, with each
-request routed to the replicas that already hold its models. Nothing here is imported without Ray."""
+"""Several replicas on Ray Serve (`imprompt serve --workers N`): each request goes to the replica holding its models.
+
+The same app as the single-process server, with the `cluster` extra; nothing here is imported without Ray."""

@@ -1,5 +1,7 @@
-"""A cluster's two kinds of workers, as Ray Serve deployments: encoders (a unit's reference images -> finished
-embeddings) and generators (a request and its finished embeddings -> images).
+"""A cluster's two kinds of workers, as Ray Serve deployments: encoders and generators.
+
+Encoders turn a unit's reference images into finished embeddings; generators turn a request and its finished
+embeddings into images.
 
 Each replica owns one `Engine` on the shared models folder and runs the same code the single process runs
 (`Engine.embed`, `Engine.generate(..., embeddings=...)`), so the pixels are the same. What imprompt adds to Ray
