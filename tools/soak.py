@@ -246,8 +246,9 @@ def fresh_references(roots: list[str], requests: dict[str, dict], folder: Path, 
 
 
 def soak(roots: list[str], valid: dict, failing: dict, references: dict[str, Path], count: int, seed: int = 0,
-         switch_family: float = 0.15, cache_budget=None, progress=None) -> dict:  # fmt: skip
-    """Run `count` random requests through one engine. Returns the report (failures listed, not raised)."""
+         switch_family: float = 0.15, cache_budget=None, progress=None, warmup: int = 100) -> dict:  # fmt: skip
+    """Run `count` random requests through one engine. Returns the report (failures listed, not raised), with the
+    memory at the start, after `warmup` requests (every model and encoder loaded by then) and at the end."""
     import numpy as np
     from PIL import Image
 
@@ -262,7 +263,7 @@ def soak(roots: list[str], valid: dict, failing: dict, references: dict[str, Pat
     family, counts, failures = "sd15", {"valid": 0, "refused": 0}, []
     rss_start, rss_after_warmup, started = _rss(), None, time.perf_counter()
     for i in range(count):
-        if i == 100:  # before the request: a refused request skips the loop's end
+        if i == warmup:  # before the request: a refused request skips the loop's end
             rss_after_warmup = _rss()
         if rng.random() < switch_family:
             family = "sdxl" if family == "sd15" else "sd15"
@@ -289,7 +290,8 @@ def soak(roots: list[str], valid: dict, failing: dict, references: dict[str, Pat
         "failures": failures,
         "seconds": round(time.perf_counter() - started, 1),
         "rss_start_bytes": rss_start,
-        "rss_after_100_bytes": rss_after_warmup,
+        "warmup_requests": warmup,
+        "rss_after_warmup_bytes": rss_after_warmup,
         "rss_end_bytes": _rss(),
         "cache": {k: v["used_bytes"] for k, v in engine.cache_info().items() if isinstance(v, dict)},
     }
