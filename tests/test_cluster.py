@@ -31,7 +31,7 @@ from server_fixtures import b64, client, decode, free_port, wait_until  # noqa: 
 
 from imprompt import Engine  # noqa: E402
 from imprompt.demo.pack import SD15_MODEL, SDXL_MODEL  # noqa: E402
-from tools.bench_cluster import stop  # noqa: E402
+from tools.bench_cluster import ready, stop  # noqa: E402
 
 START_SECONDS = 300  # bounded waits: a cluster that does not come up fails the test, never hangs it
 
@@ -60,7 +60,7 @@ def cluster(pack, burst_models):
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_until(lambda: _ready(url, process), START_SECONDS, "the cluster serving")
+        wait_until(lambda: ready(url, process), START_SECONDS, "the cluster serving")
         yield url, process.pid, ray_tmp
     finally:
         leftover = stop(process, ray_tmp)
@@ -68,16 +68,6 @@ def cluster(pack, burst_models):
         print((Path(ray_tmp) / "serve.log").read_text()[-4000:])
         shutil.rmtree(ray_tmp, ignore_errors=True)
         assert not leftover, f"Ray processes outlived `imprompt serve`: {leftover}"
-
-
-def _ready(url: str, process) -> bool:
-    if process.poll() is not None:
-        raise AssertionError(f"`imprompt serve --workers 2` exited with {process.returncode}")
-    try:
-        with httpx.Client(base_url=url, timeout=5) as http:
-            return http.get("/sdapi/v1/sd-models").status_code == 200  # answered by the ingress replica
-    except httpx.TransportError:  # not listening yet
-        return False
 
 
 def txt2img(url: str, model: str, units: list, seed: int, steps: int = 4, size: int = 64) -> dict:
@@ -301,7 +291,7 @@ def test_joining_a_cluster_started_with_ray_start(pack, red_circle, engine):
              "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
         url = f"http://127.0.0.1:{port}"
-        wait_until(lambda: _ready(url, process), START_SECONDS, "the application deployed")
+        wait_until(lambda: ready(url, process), START_SECONDS, "the application deployed")
         payload = txt2img(url, SD15_MODEL, [("ip-adapter_sd15", red_circle)], seed=3)
         image, info = post(url, payload)
         assert info["worker"] and same(image, reference(pack, engine, payload))

@@ -67,6 +67,7 @@ def post(url: str, payload: dict) -> float:
 
 
 def ready(url: str, process: subprocess.Popen) -> bool:
+    """Whether the server answers (the ingress, for a cluster); an exited server raises."""
     if process.poll() is not None:
         raise RuntimeError(f"the server exited with {process.returncode}")
     try:

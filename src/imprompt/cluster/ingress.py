@@ -103,8 +103,10 @@ class ClusterJobs:
         embeddings = {index: embedding for index, (embedding, _) in zip(encoders, made)}
         return embeddings, [event for _, events in made for event in events]
 
-    async def _call(self, deployment, wanted: str, method: str, *args):
-        """One call to the replica Ray routes `wanted` to; a replica lost mid-call costs one retry elsewhere."""
+    async def _call(self, deployment, wanted: str, method: str, *args, before_retry=None):
+        """One call to the replica Ray routes `wanted` to. A replica lost mid-call (its process killed, its node
+        gone) costs one retry on another: the request carries everything, its seed included, so the retry gives
+        the same answer. `before_retry()` returns the arguments the retry sends instead."""
         for attempt in range(self.retries + 1):
             try:
                 return await _plain(getattr(deployment.options(multiplexed_model_id=wanted), method).remote(*args))
@@ -112,33 +114,29 @@ class ClusterJobs:
                 if attempt == self.retries:
                     raise
                 log.warning("%s for %s: its worker stopped; retrying on another replica", method, wanted)
+                if before_retry is not None:
+                    args = await before_retry()
 
     async def _generate(self, payload, iterations, embeddings, wanted: str, job: dict, client_gone) -> list[Result]:
-        """On the generator worker that holds the model. A worker that dies mid-run (its process killed, its node
-        gone) costs a retry on another replica: the request carries everything, its seed included, so the retry
-        gives the same image. The retry is a new job on the board, so a replica that was only unreachable and
-        still runs the old one stops it at its next step."""
-        for attempt in range(self.retries + 1):
-            call = self.generators.options(multiplexed_model_id=wanted).generate.remote(payload, iterations, embeddings,
-                                                                                        job["id"])  # fmt: skip
-            task = asyncio.ensure_future(_plain(call))
-            try:
-                while True:  # ends when the worker answers (or dies): each wait is bounded
-                    done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_SECONDS)
-                    if done:
-                        return task.result()
-                    if await client_gone():
-                        log.info("job %d interrupted: the client disconnected", job["id"])
-                        await self.board.interrupt.remote(job["id"])
-                        return await task
-            except WorkerLostError:
-                if attempt == self.retries:
-                    raise
-                log.warning("job %d: its generator worker stopped; retrying on another replica", job["id"])
-                self.board.finished.remote(job["id"])
-                job["id"] = next(self._ids)
-                await self.board.submit.remote(job["id"], [])
-        raise AssertionError("unreachable")
+        """On the generator worker that holds the model. A retry is a new job on the board, so a replica that was
+        only unreachable and still runs the old one stops it at its next step."""
+
+        async def as_new_job() -> tuple:
+            self.board.finished.remote(job["id"])
+            job["id"] = next(self._ids)
+            await self.board.submit.remote(job["id"], [])
+            return payload, iterations, embeddings, job["id"]
+
+        task = asyncio.ensure_future(self._call(self.generators, wanted, "generate", payload, iterations, embeddings,
+                                                job["id"], before_retry=as_new_job))  # fmt: skip
+        while True:  # ends when the worker answers (or is lost twice): each wait is bounded
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_SECONDS)
+            if done:
+                return task.result()
+            if await client_gone():
+                log.info("job %d interrupted: the client disconnected", job["id"])
+                await self.board.interrupt.remote(job["id"])
+                return await task
 
     # ------------------------------------------------------------------------------- what the app reads
 
