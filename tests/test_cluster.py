@@ -31,7 +31,7 @@ from server_fixtures import b64, client, decode, free_port, wait_until  # noqa: 
 
 from imprompt import Engine  # noqa: E402
 from imprompt.demo.pack import SD15_MODEL, SDXL_MODEL  # noqa: E402
-from tools.bench_cluster import ready, stop  # noqa: E402
+from tools.bench_cluster import ready, session_processes, stop  # noqa: E402
 
 START_SECONDS = 300  # bounded waits: a cluster that does not come up fails the test, never hangs it
 
@@ -48,7 +48,7 @@ def burst_models(pack, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def cluster(pack, burst_models):
     """`imprompt serve` with 2 generator and 2 encoder replicas; stopped, and every Ray process it started with
-    it (found by the Ray temp folder in their command lines, killed by PID if any outlived it)."""
+    it (found by the Ray temp folder in their command line or environment; any that outlived it fails the test)."""
     ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     port = free_port()
     env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
@@ -113,7 +113,8 @@ def test_cluster(cluster, pack, burst_models, engine, red_circle, yellow_square)
         workers = wait_until(lambda: _workers(http, 4), 120, "every replica reporting")
     assert {w["node"] for w in workers.values()} == {"127.0.0.1"}, workers  # Ray kept every replica on loopback
     listening = _listening(pid, ray_tmp)
-    assert listening and all(ip in LOOPBACK for ip, _, _ in listening), listening  # and every socket it opened
+    outside = [(ip, port, name) for ip, port, name in listening if ip not in LOOPBACK]
+    assert listening and not outside, outside  # and every socket it opened listens on loopback only
 
     # ------------------------------------------- refusals: the same status, JSON and text as one process, no load
     from starlette.testclient import TestClient
@@ -248,13 +249,12 @@ LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
 def _listening(pid: int, ray_tmp: str) -> list[tuple]:
     """(address, port, process) of every socket listening in `imprompt serve` or a Ray process of its session."""
     found = []
-    for p in psutil.process_iter(["pid", "name", "cmdline"]):
-        if p.info["pid"] == pid or ray_tmp in " ".join(p.info["cmdline"] or []):
-            try:
-                found += [(c.laddr.ip, c.laddr.port, p.info["name"]) for c in p.net_connections(kind="inet")
-                          if c.status == psutil.CONN_LISTEN]  # fmt: skip
-            except psutil.Error:  # ended meanwhile
-                continue
+    for p in [psutil.Process(pid), *session_processes(ray_tmp)]:
+        try:
+            found += [(c.laddr.ip, c.laddr.port, p.name()) for c in p.net_connections(kind="inet")
+                      if c.status == psutil.CONN_LISTEN]  # fmt: skip
+        except psutil.Error:  # ended meanwhile
+            continue
     return found
 
 
@@ -299,14 +299,14 @@ def test_joining_a_cluster_started_with_ray_start(pack, red_circle, engine):
         assert process.wait(120) == 0
         with httpx.Client(base_url=url, timeout=10) as http:  # Serve's proxy still answers: the cluster runs on,
             assert http.get("/sdapi/v1/sd-models").status_code == 404  # without imprompt's application
-        session = _session(ray_tmp)
+        session = session_processes(ray_tmp)
         assert {"gcs_server", "raylet"} <= {p.name() for p in session}  # what `ray start` started is found here
     finally:
         if process is not None and process.poll() is None:
             process.kill()
             process.wait(30)
         # not `ray stop`: it stops every Ray process on the machine; this session's, by PID
-        session = _session(ray_tmp)
+        session = session_processes(ray_tmp)
         for p in session:
             p.terminate()
         gone, alive = psutil.wait_procs(session, timeout=30)
@@ -314,12 +314,8 @@ def test_joining_a_cluster_started_with_ray_start(pack, red_circle, engine):
             p.kill()
         print((Path(ray_tmp) / "serve.log").read_text()[-3000:] if (Path(ray_tmp) / "serve.log").exists() else "")
         shutil.rmtree(ray_tmp, ignore_errors=True)
-    assert not _session(ray_tmp)
+    assert not session_processes(ray_tmp)
 
-
-def _session(ray_tmp: str) -> list:
-    """The processes of one Ray session: their command lines name its temp folder."""
-    return [p for p in psutil.process_iter(["cmdline"]) if ray_tmp in " ".join(p.info["cmdline"] or [])]
 
 
 def test_the_cluster_refuses_past_its_jobs_in_flight(pack):

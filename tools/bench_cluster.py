@@ -114,8 +114,7 @@ def processes_memory(pid: int, ray_tmp: str) -> dict:
     """RSS of the server process, its descendants and every Ray process of its session, by name."""
     found = {}
     main = psutil.Process(pid)
-    procs = [main, *main.children(recursive=True)]
-    procs += [p for p in psutil.process_iter(["cmdline"]) if ray_tmp in " ".join(p.info["cmdline"] or [])]
+    procs = [main, *main.children(recursive=True), *session_processes(ray_tmp)]
     for p in {p.pid: p for p in procs}.values():
         try:
             name = " ".join(p.cmdline()[:1]).rsplit("/", 1)[-1] if not p.name().startswith("ray::") else p.name()
@@ -125,9 +124,36 @@ def processes_memory(pid: int, ray_tmp: str) -> dict:
     return {"rss_mib_by_process": found, "total_mib": sum(sum(v) for v in found.values())}
 
 
-def stop(process: subprocess.Popen, ray_tmp: str) -> list[int]:
-    """SIGTERM (imprompt serve shuts Ray down), then any process of its Ray session left (its command line names
-    the session's temp folder) is killed by PID. Returns those PIDs: none, when the server stopped cleanly."""
+def session_processes(ray_tmp: str) -> list[psutil.Process]:
+    """The processes of the Ray session started with RAY_TMPDIR=ray_tmp: their command line names the folder, or
+    (Ray's agents rename their command line) their environment carries it."""
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if ray_tmp in " ".join(p.info["cmdline"] or []) or f"RAY_TMPDIR={ray_tmp}" in environment(p):
+                found.append(p)
+        except psutil.Error:  # ended meanwhile, or another user's
+            continue
+    return found
+
+
+def environment(process: psutil.Process) -> list[str]:
+    """A process's environment entries. Not psutil's `environ()`: a process that renamed itself (Ray's agents)
+    zeroed the start of its environment block, and psutil stops reading at the first empty entry."""
+    if not sys.platform.startswith("linux"):
+        return [f"{k}={v}" for k, v in process.environ().items()]
+    try:
+        raw = Path(f"/proc/{process.pid}/environ").read_bytes()
+    except PermissionError as exc:  # another user's
+        raise psutil.AccessDenied(process.pid) from exc
+    except OSError:  # ended, or a kernel thread
+        return []
+    return [entry.decode(errors="replace") for entry in raw.split(b"\0") if entry]
+
+
+def stop(process: subprocess.Popen, ray_tmp: str) -> list[str]:
+    """SIGTERM (imprompt serve shuts Ray down and stops what is left of its session), then any process of its
+    Ray session still there is killed by PID. Returns them (PID and name): none, when the server stopped cleanly."""
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
         try:
@@ -135,10 +161,14 @@ def stop(process: subprocess.Popen, ray_tmp: str) -> list[int]:
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait(30)
-    leftover = [p for p in psutil.process_iter(["cmdline"]) if ray_tmp in " ".join(p.info["cmdline"] or [])]
-    for p in leftover:
-        p.kill()
-    return [p.pid for p in leftover]
+    leftover = []
+    for p in session_processes(ray_tmp):
+        try:
+            leftover.append(f"{p.pid} {p.name()}")
+            p.kill()
+        except psutil.NoSuchProcess:
+            continue
+    return leftover
 
 
 def main(argv=None) -> int:

@@ -72,6 +72,7 @@ ORDER = (
     "cluster/routing.py",
     "cluster/workers.py",
     "cluster/board.py",
+    "cluster/loopback.py",
     "demo/",
     "demo/scenario.py",
     "demo/pack.py",

@@ -25,6 +25,7 @@ from ..errors import ImpromptError, QueueFullError, UnsupportedError
 from ..request import GenerateRequest
 from ..server.app import ServerSettings, create_app
 from .board import BOARD_NAME, NAMESPACE
+from .loopback import keep_replica_on_loopback
 from .routing import Route, route
 
 log = logging.getLogger("imprompt")
@@ -205,6 +206,7 @@ class Ingress:
     """The HTTP front: plans and routes; holds no model (its engine reads the models folder and never loads)."""
 
     def __init__(self, generators, encoders, engine: dict, settings: ServerSettings):
+        keep_replica_on_loopback(ray.util.get_node_ip_address())
         self.engine = Engine(**{**engine, "device": "cpu", "dtype": None, "encoder_dtype": None})  # plans only
         board = ray.get_actor(BOARD_NAME, namespace=NAMESPACE)
         self.jobs = ClusterJobs(self.engine, encoders, generators, board, settings.max_queue)

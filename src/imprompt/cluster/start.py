@@ -3,7 +3,9 @@
 A local cluster is kept on 127.0.0.1: Ray's own processes otherwise talk over the machine's other addresses even
 with `_node_ip_address="127.0.0.1"`; with `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` they do not. Usage reports and
 the dashboard are off. On SIGTERM or Ctrl-C the application is deleted, Serve shut down and, for a local cluster,
-every Ray process this one started stopped with it.
+every Ray process this one started stopped with it: `ray.shutdown()` leaves Ray 2.60's dashboard and runtime-env
+agents running (they ignore SIGTERM), so the processes of the session, recorded before the shutdown, are waited for
+and the ones left killed by PID.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
+
+import psutil
 
 from ..server.app import ServerSettings
 
@@ -75,7 +79,24 @@ def serve_cluster(engine: dict, server: ServerSettings, cluster: ClusterSettings
             serve.delete(APP_NAME)  # ours only: a joined cluster may serve other applications
             if not cluster.address:
                 serve.shutdown()
+        started_here = [] if cluster.address else psutil.Process().children(recursive=True)
         ray.shutdown()
+        _stop_left_over(started_here)
+
+
+def _stop_left_over(processes: list, wait_s: float = 10.0) -> None:
+    """Kill by PID what of a local Ray session outlived `ray.shutdown()`, its raylet first (it would restart its
+    agents). psutil checks each process's start time, so a PID taken by another process since is left alone."""
+    gone, alive = psutil.wait_procs(processes, timeout=wait_s)
+    alive.sort(key=lambda p: p.name() != "raylet" if p.is_running() else True)
+    for process in alive:
+        try:
+            name = process.name()
+            process.kill()
+            log.info("stopped %s (pid %d): it outlived the Ray shutdown", name, process.pid)
+        except psutil.NoSuchProcess:
+            continue
+    psutil.wait_procs(alive, timeout=wait_s)
 
 
 def _stop(stop: threading.Event) -> None:

@@ -26,6 +26,7 @@ from ..errors import ImpromptError, RequestError
 from ..plan import plan_unit
 from ..request import parse_request
 from .board import BOARD_NAME, NAMESPACE
+from .loopback import keep_replica_on_loopback
 from .routing import model_id
 
 log = logging.getLogger("imprompt")
@@ -68,6 +69,7 @@ class Worker:
 
     def __init__(self, settings: WorkerSettings):
         logging.getLogger("imprompt").setLevel(logging.INFO)
+        keep_replica_on_loopback(ray.util.get_node_ip_address())
         self.engine = Engine(**settings.engine)
         context = serve.get_replica_context()
         self.replica = context.replica_id.unique_id
