@@ -7,6 +7,7 @@ imprompt encodes reference images itself and hands the pipeline finished embeddi
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
@@ -21,7 +22,20 @@ from .tensors import first_line, read_tensor_table
 WITHOUT = {
     "StableDiffusionPipeline": {"safety_checker": None, "requires_safety_checker": False},
     "StableDiffusionXLPipeline": {},
+    "StableDiffusion3Pipeline": {},
+    "FluxPipeline": {},
 }
+
+
+def absent_components(path: Path) -> dict:
+    """Components a folder's model_index.json lists as `[null, null]` (an SD 3.5 saved without T5): diffusers
+    loads such a folder only when they are passed as None."""
+    index = path / "model_index.json"
+    if not index.is_file():
+        return {}
+    entries = json.loads(index.read_text())
+    return {name: None for name, value in entries.items()
+            if isinstance(value, list) and len(value) == 2 and value == [None, None]}  # fmt: skip
 
 
 SHAREABLE = ("vae", "text_encoder", "text_encoder_2")  # never the UNet: its attached adapters are per pipeline
@@ -61,8 +75,8 @@ def load_pipeline(spec: PipelineSpec, device: torch.device, dtype: torch.dtype, 
                 )  # fmt: skip
         else:
             pipeline = cls.from_pretrained(
-                spec.path, dtype=dtype, image_encoder=None, feature_extractor=None, local_files_only=True,
-                **WITHOUT[spec.pipeline_class], **(shared or {}),
+                spec.path, dtype=dtype, local_files_only=True, **{**absent_components(path), "image_encoder": None,
+                "feature_extractor": None, **WITHOUT[spec.pipeline_class], **(shared or {})},
             )  # fmt: skip
     except (OSError, RuntimeError, ValueError, KeyError, TypeError) as exc:
         what = "single-file checkpoint" if path.is_file() else "pipeline"

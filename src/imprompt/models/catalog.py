@@ -69,7 +69,22 @@ VIT_BIGG = EncoderFamily(
     hub_repo="h94/IP-Adapter",
     hub_subfolder="sdxl_models/image_encoder",
 )
-ENCODER_FAMILIES = (VIT_L, VIT_H, VIT_BIGG)
+SIGLIP_SO400M = EncoderFamily(  # SD 3.5's InstantX adapter reads its hidden_states[-2] (729 x 1152)
+    name="SigLIP-so400m-14-384",
+    hidden_size=1152,
+    projection_dim=0,  # a SigLIP vision tower has no visual projection: only hidden states
+    num_layers=27,
+    intermediate_size=4304,
+    num_attention_heads=16,
+    hidden_act="gelu_pytorch_tanh",
+    image_size=384,
+    patch_size=14,
+    usual_files=("siglip-so400m-patch14-384.safetensors", "google/siglip-so400m-patch14-384"),
+    hub_repo="google/siglip-so400m-patch14-384",
+    hub_subfolder="",
+)
+ENCODER_FAMILIES = (VIT_L, VIT_H, VIT_BIGG)  # CLIP
+SIGLIP_FAMILIES = (SIGLIP_SO400M,)
 
 
 def family_by_shape(hidden_size: int, projection_dim: int | None, num_layers: int, intermediate_size: int):
@@ -84,9 +99,10 @@ def family_by_shape(hidden_size: int, projection_dim: int | None, num_layers: in
     return None
 
 
-def family_by_output(kind: str, width: int):
-    """The published family that produces `kind` ("image_embeds" | "hidden_states") of this width, if any."""
-    for family in ENCODER_FAMILIES:
+def family_by_output(kind: str, width: int, encoder_type: str = "clip"):
+    """The published family of `encoder_type` ("clip" | "siglip") that produces `kind` ("image_embeds" |
+    "hidden_states") of this width, if any."""
+    for family in SIGLIP_FAMILIES if encoder_type == "siglip" else ENCODER_FAMILIES:
         produced = family.projection_dim if kind == "image_embeds" else family.hidden_size
         if produced == width:
             return family
@@ -99,6 +115,15 @@ UNET_FAMILIES = {768: "SD 1.5", 1024: "SD 2.x", 2048: "SDXL"}
 
 def unet_family(cross_attention_dim: int) -> str:
     return UNET_FAMILIES.get(cross_attention_dim, f"custom ({cross_attention_dim}-wide)")
+
+
+# Diffusion transformers: the architecture names the family (their widths vary with the model's size).
+DIT_FAMILIES = {"sd3": "SD 3.5", "flux": "FLUX.1"}
+
+
+def model_family(architecture: str, width: int) -> str:
+    """A denoiser's family: a UNet's by its cross-attention width, a transformer's by its architecture."""
+    return unet_family(width) if architecture == "unet" else DIT_FAMILIES[architecture]
 
 
 @dataclass(frozen=True)
@@ -136,6 +161,11 @@ KNOWN_ADAPTERS = (
     KnownAdapter("FaceID Plus v2 SDXL", ("ip-adapter-faceid-plusv2_sdxl",), "h94/IP-Adapter-FaceID", ""),
     KnownAdapter("FaceID Portrait SDXL", ("ip-adapter-faceid-portrait_sdxl",), "h94/IP-Adapter-FaceID", ""),
     KnownAdapter("FaceID Portrait SDXL unnorm", ("ip-adapter-faceid-portrait_sdxl_unnorm",), "h94/IP-Adapter-FaceID", ""),
+    # diffusion transformers: SD 3.5 Large (SigLIP) and FLUX.1 (CLIP ViT-L)
+    # (their repositories ship `ip-adapter.bin` / `ip_adapter.safetensors`: these are the names users give them)
+    KnownAdapter("SD3.5 Large", ("sd3.5-large-ip-adapter", "sd35-large-ip-adapter"), "InstantX/SD3.5-Large-IP-Adapter", ""),
+    KnownAdapter("FLUX XLabs", ("flux-ip-adapter",), "XLabs-AI/flux-ip-adapter", ""),
+    KnownAdapter("FLUX XLabs v2", ("flux-ip-adapter-v2",), "XLabs-AI/flux-ip-adapter-v2", ""),
 )
 
 

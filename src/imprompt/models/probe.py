@@ -20,6 +20,7 @@ from .single_file import is_single_file_checkpoint, single_file_spec
 from .specs import (
     EMBEDDINGS_FORMAT,
     MODEL_DEFAULTS,
+    ARCHITECTURES,
     SUPPORTED_PIPELINES,
     AdapterSpec,
     EmbeddingsSpec,
@@ -53,10 +54,14 @@ def probe(path) -> Spec:
         raise CheckpointError(path, "holds no tensors: it is not a model file", "Remove it from the models folder")
     if metadata.get("format") == EMBEDDINGS_FORMAT:
         return embeddings_spec(path, table, metadata)
+    if any(k.startswith("ip_adapter_proj_model.") for k in table):  # XLabs' FLUX adapter, under its own names
+        return flux_adapter_spec(path, xlabs_names(table))
     if any(k.startswith(("image_proj.", "ip_adapter.")) for k in table):
         return adapter_spec(path, table)
+    if "embeddings.patch_embedding.weight" in table and "embeddings.class_embedding" not in table:
+        table = {f"vision_model.{k}": v for k, v in table.items()}  # a SiglipVisionModel saved by transformers 5
     if "vision_model.embeddings.patch_embedding.weight" in table:
-        return encoder_spec(path, table, _config_from_metadata(metadata))
+        return vision_tower_spec(path, table, _config_from_metadata(metadata))
     if is_single_file_checkpoint(table):
         return single_file_spec(path, table)
     return recognise(path, table)
@@ -85,6 +90,11 @@ def adapter_spec(path: Path, table: dict[str, TensorInfo]) -> AdapterSpec:
     if len(cross) != 1:
         raise bad(f"to_k_ip input widths differ across layers: {sorted(cross)}")
     (cross_attention_dim,) = cross
+
+    if "time_embedding.linear_1.weight" in proj:  # InstantX SD 3.5: a Resampler conditioned on the timestep
+        return sd3_adapter_spec(path, proj, attn, cross_attention_dim, tuple(widths), bad)
+    if f"{key_ids[0]}.to_k_ip.bias" in attn:  # FLUX (XLabs) in diffusers' names: h94's to_k_ip have no bias
+        return flux_adapter_spec(path, table)
 
     if "proj.weight" in proj:  # ImageProjection: Base, Light, Base ViT-G, SDXL base
         variant, consumes = "base", "image_embeds"
@@ -138,6 +148,67 @@ def faceid_spec(path: Path, proj: dict, attn: dict, cross_attention_dim: int, wi
         version, decided = "unnorm", "file name contains 'unnorm'"
     return AdapterSpec(str(path), variant, "faceid_embeds", embed_dim, out // cross_attention_dim,
                        cross_attention_dim, widths, rank, None, version, decided)  # fmt: skip
+
+
+def sd3_adapter_spec(path: Path, proj: dict, attn: dict, width: int, widths: tuple, bad) -> AdapterSpec:
+    """InstantX's SD3.5-Large-IP-Adapter: `latents` [1, tokens, hidden], `proj_in` [hidden, SigLIP width],
+    `proj_out` [block width, hidden], `time_embedding.*`; per joint block `norm_ip` (AdaLN of the time embedding) and
+    to_k_ip / to_v_ip reading the projection's output (so of the blocks' own width)."""
+    latents = proj.get("latents")
+    if latents is None or len(latents) != 3:
+        raise bad(f"SD3 image_proj.latents has shape {latents}, expected [1, tokens, dim]")
+    embed_dim = _shape2(proj, "proj_in.weight", bad)[1]
+    if _shape2(proj, "proj_out.weight", bad)[0] != width:
+        raise bad(f"proj_out rows {proj['proj_out.weight'][0]} differ from the to_k_ip input width {width}")
+    if not any(k.endswith(".norm_ip.linear.weight") for k in attn):
+        raise bad("SD3 adapter without ip_adapter.<n>.norm_ip.linear.weight tensors")
+    return AdapterSpec(str(path), "sd3", "hidden_states", embed_dim, latents[1], width, widths,
+                       architecture="sd3", encoder_type="siglip")  # fmt: skip
+
+
+def xlabs_names(table: dict) -> dict:
+    """XLabs' key names -> the h94-style names diffusers converts them to (`FluxIPAdapterMixin.load_ip_adapter`);
+    other names unchanged. Values (tensor infos, tensors) are passed through."""
+    renamed = {}
+    for key, info in table.items():
+        if key.startswith("ip_adapter_proj_model."):
+            key = "image_proj." + key.removeprefix("ip_adapter_proj_model.")
+        elif key.startswith("double_blocks."):
+            key = ("ip_adapter." + key.removeprefix("double_blocks.").replace("processor.", "")
+                   .replace("ip_adapter_double_stream_k_proj", "to_k_ip").replace("ip_adapter_double_stream_v_proj", "to_v_ip"))  # fmt: skip
+        renamed[key] = info
+    return renamed
+
+
+def flux_adapter_spec(path: Path, table: dict[str, TensorInfo]) -> AdapterSpec:
+    """XLabs' flux-ip-adapter (v1: 4 tokens, v2: 16): `proj` [tokens x T5 width, CLIP ViT-L image_embeds width]
+    and `norm`; per double-stream block to_k_ip / to_v_ip (with bias) from T5's width to the block's. The token
+    count is the projection's rows over T5's width (diffusers assumes 4 unless the rows are 65536)."""
+    proj = {k.removeprefix("image_proj."): v.shape for k, v in table.items() if k.startswith("image_proj.")}
+    attn = {k.removeprefix("ip_adapter."): v.shape for k, v in table.items() if k.startswith("ip_adapter.")}
+
+    def bad(problem):
+        return CheckpointError(path, f"not a valid FLUX IP-Adapter: {problem}", REDOWNLOAD)
+
+    blocks = sorted({int(k.split(".")[0]) for k in attn if k.split(".")[0].isdigit() and ".to_k_ip." in k})
+    if not blocks or blocks != list(range(len(blocks))):
+        raise bad("double-stream block tensors missing or not numbered 0..n-1")
+    widths, reads = [], set()
+    for block in blocks:
+        for part in ("to_k_ip", "to_v_ip"):
+            weight, bias = attn.get(f"{block}.{part}.weight"), attn.get(f"{block}.{part}.bias")
+            if weight is None or len(weight) != 2 or bias != (weight[0],):
+                raise bad(f"block {block}: {part} weight {weight} / bias {bias} missing or inconsistent")
+        widths.append(attn[f"{block}.to_k_ip.weight"][0])
+        reads.add(attn[f"{block}.to_k_ip.weight"][1])
+    if len(reads) != 1:
+        raise bad(f"to_k_ip input widths differ across blocks: {sorted(reads)}")
+    (width,) = reads
+    rows, embed_dim = _shape2(proj, "proj.weight", bad)
+    if rows % width or proj.get("norm.weight") != (width,):
+        raise bad(f"proj rows {rows} / norm {proj.get('norm.weight')} do not fit tokens of width {width}")
+    return AdapterSpec(str(path), "flux", "image_embeds", embed_dim, rows // width, width, tuple(widths),
+                       architecture="flux")  # fmt: skip
 
 
 def embeddings_spec(path: Path, table: dict[str, TensorInfo], metadata: dict[str, str]) -> EmbeddingsSpec:
@@ -222,6 +293,54 @@ def encoder_spec(path: Path, table: dict[str, TensorInfo], config: dict) -> Enco
     )
 
 
+def vision_tower_spec(path: Path, table: dict[str, TensorInfo], config: dict) -> EncoderSpec:
+    """A CLIP vision encoder, or (no CLS token) a SigLIP one."""
+    if "vision_model.embeddings.class_embedding" not in table:
+        return siglip_encoder_spec(path, table, config)
+    return encoder_spec(path, table, config)
+
+
+def siglip_encoder_spec(path: Path, table: dict[str, TensorInfo], config: dict) -> EncoderSpec:
+    """A SigLIP vision tower (transformers names; a whole SiglipModel's `vision_model.*` too): no CLS token, so the
+    position embeddings are a square grid; no visual projection, so it gives hidden states only."""
+
+    def shape(key, ndim):
+        info = table.get(key)
+        if info is None or len(info.shape) != ndim:
+            raise CheckpointError(path, f"not a SigLIP vision tower: {key} missing or not {ndim}-d", REDOWNLOAD)
+        return info.shape
+
+    hidden_size, _, _, patch_size = shape("vision_model.embeddings.patch_embedding.weight", 4)
+    positions = shape("vision_model.embeddings.position_embedding.weight", 2)[0]
+    side = math.isqrt(positions)
+    if side * side != positions:
+        raise CheckpointError(path, f"{positions} position embeddings is not a square grid", REDOWNLOAD)
+    layer_ids = {int(k.split(".")[3]) for k in table if k.startswith("vision_model.encoder.layers.")}
+    if not layer_ids or layer_ids != set(range(max(layer_ids) + 1)):
+        raise CheckpointError(path, "vision_model.encoder.layers.* are missing or not numbered 0..n-1", REDOWNLOAD)
+    intermediate = shape("vision_model.encoder.layers.0.mlp.fc1.weight", 2)[0]
+    num_layers = max(layer_ids) + 1
+    config = config.get("vision_config", config)  # a whole SiglipModel's config nests the tower's
+    family = next((f for f in catalog.SIGLIP_FAMILIES if (f.hidden_size, f.num_layers, f.intermediate_size)
+                   == (hidden_size, num_layers, intermediate)), None)  # fmt: skip
+    heads = config.get("num_attention_heads") or (family.num_attention_heads if family else max(1, hidden_size // 72))
+    if hidden_size % int(heads):
+        raise CheckpointError(path, f"hidden size {hidden_size} is not divisible by {heads} attention heads")
+    return EncoderSpec(
+        path=str(path),
+        hidden_size=hidden_size,
+        projection_dim=None,
+        num_layers=num_layers,
+        image_size=side * patch_size,
+        patch_size=patch_size,
+        intermediate_size=intermediate,
+        num_attention_heads=int(heads),
+        hidden_act=str(config.get("hidden_act") or (family.hidden_act if family else "gelu_pytorch_tanh")),
+        architecture=family.name if family else "custom",
+        model_type="siglip",
+    )
+
+
 ENCODER_WEIGHT_FILES = ("model.safetensors", "model.fp16.safetensors", "pytorch_model.bin", "pytorch_model.fp16.bin")
 
 
@@ -242,7 +361,6 @@ FOLDER_KINDS = {
     "FluxTransformer2DModel": ("diffusion-model", "FLUX transformer alone (diffusers folder)"),
     "clip_text_model": ("text-encoder", "CLIP text encoder (transformers folder)"),
     "t5": ("text-encoder", "T5 text encoder (transformers folder)"),
-    "siglip_vision_model": ("image-encoder-other", "SigLIP vision tower (transformers folder)"),
 }
 
 
@@ -250,7 +368,7 @@ def probe_config_folder(folder: Path) -> Spec:
     """A model folder with a config.json: a CLIP vision encoder (h94's image_encoder), or another model kind."""
     config = _read_json(folder / "config.json")
     name = config.get("_class_name") or config.get("model_type")
-    if name in (None, "clip_vision_model"):
+    if name in (None, "clip_vision_model", "siglip_vision_model", "siglip"):
         return probe_encoder_folder(folder, config)
     if name == "AutoencoderKL":
         return VaeSpec(str(folder), "diffusers", int(config.get("latent_channels", 4)))
@@ -261,7 +379,9 @@ def probe_config_folder(folder: Path) -> Spec:
 def probe_encoder_folder(folder: Path, config: dict) -> EncoderSpec:
     weights = encoder_weights_file(folder)
     table, _ = read_tensor_table(weights)
-    spec = encoder_spec(weights, table, config)
+    if "embeddings.patch_embedding.weight" in table:  # a SiglipVisionModel saved by transformers 5: no prefix
+        table = {f"vision_model.{k}": v for k, v in table.items()}
+    spec = vision_tower_spec(weights, table, config)
     return EncoderSpec(**{**asdict(spec), "path": str(folder)})
 
 
@@ -275,6 +395,8 @@ UNET_WEIGHT_FILES = (
 
 def probe_pipeline_folder(folder: Path) -> PipelineSpec:
     index = _read_json(folder / "model_index.json")
+    if ARCHITECTURES.get(index.get("_class_name")) in ("sd3", "flux"):
+        return probe_transformer_folder(folder, index)
     unet_dir = folder / "unet"
     weights = next((unet_dir / n for n in UNET_WEIGHT_FILES if (unet_dir / n).is_file()), None)
     if weights is None:
@@ -302,6 +424,74 @@ def probe_pipeline_folder(folder: Path) -> PipelineSpec:
         defaults=model_defaults(folder / "imprompt.json"),
         unsupported=folder_unsupported(folder, index.get("_class_name", "unknown"), unet_config.get("in_channels", 4)),
     )
+
+
+TRANSFORMER_WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json",
+                            "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.bin")  # fmt: skip
+
+
+def probe_transformer_folder(folder: Path, index: dict) -> PipelineSpec:
+    """An SD 3.5 or FLUX pipeline folder: the widths its IP-Adapters must match, from the transformer's tensors
+    (sharded or not). SD3: every joint block, of width heads x head_dim, reads image tokens of that width. FLUX:
+    the double-stream blocks read image tokens of T5's width (`context_embedder`'s input)."""
+    pipeline_class = index["_class_name"]
+    architecture = ARCHITECTURES[pipeline_class]
+    t_dir = folder / "transformer"
+    weights = next((t_dir / n for n in TRANSFORMER_WEIGHT_FILES if (t_dir / n).is_file()), None)
+    if weights is None:
+        raise CheckpointError(folder, f"pipeline has no transformer weights (looked for transformer/{TRANSFORMER_WEIGHT_FILES[0]} etc.)")
+    table = _sharded_table(weights)
+    blocks = sorted({int(k.split(".")[1]) for k in table if k.startswith("transformer_blocks.") and k.endswith(".attn.to_k.weight")})
+    if not blocks:
+        raise CheckpointError(weights, "transformer has no joint blocks (no transformer_blocks.<n>.attn.to_k.weight)")
+    widths = tuple(table[f"transformer_blocks.{b}.attn.to_k.weight"].shape[0] for b in blocks)
+    context = table.get("context_embedder.weight")
+    if context is None or len(context.shape) != 2:
+        raise CheckpointError(weights, "transformer has no context_embedder.weight")
+    reads = context.shape[1] if architecture == "flux" else widths[0]
+    config = _read_json(t_dir / "config.json") if (t_dir / "config.json").is_file() else {}
+    vae_config = _read_json(folder / "vae" / "config.json") if (folder / "vae" / "config.json").is_file() else {}
+    scale = 2 ** (len(vae_config.get("block_out_channels", [0, 0, 0, 0])) - 1)
+    sample = config.get("sample_size", 128)  # FLUX's transformer has none: diffusers' FluxPipeline uses 128
+    in_channels = config.get("in_channels", 16 if architecture == "sd3" else 64)
+    return PipelineSpec(
+        path=str(folder),
+        pipeline_class=pipeline_class,
+        cross_attention_dim=reads,
+        layer_widths=widths,
+        default_size=(sample if isinstance(sample, int) else sample[0]) * scale,
+        layer_names=tuple(f"transformer_blocks.{b}" for b in blocks),
+        in_channels=in_channels,
+        defaults=model_defaults(folder / "imprompt.json"),
+        unsupported=transformer_unsupported(folder, architecture, in_channels, index),
+        architecture=architecture,
+    )
+
+
+def transformer_unsupported(folder: Path, architecture: str, in_channels: int, index: dict) -> str | None:
+    """SD 3.5 runs without T5 (diffusers allows it: `text_encoder_3: [null, null]`); FLUX needs its T5. Fill /
+    Depth / Canny FLUX variants take more input channels than text-to-image."""
+    usual = 16 if architecture == "sd3" else 64
+    if in_channels != usual:
+        return (f"model {folder.name} ({folder}) is not a text-to-image model (its transformer takes {in_channels} "
+                f"input channels, text-to-image {catalog.DIT_FAMILIES[architecture]} takes {usual}). Choose another model")  # fmt: skip
+    if architecture == "flux" and None in (index.get("text_encoder_2") or [None]):
+        return (f"model {folder.name} ({folder}) has no T5 text encoder (text_encoder_2), which FLUX needs. Add "
+                f"text_encoder_2/ and tokenizer_2/ from the model's repository")  # fmt: skip
+    return None
+
+
+def _sharded_table(weights: Path) -> dict[str, TensorInfo]:
+    """The tensor table of a weights file, or of every shard an `.index.json` names."""
+    if weights.name.endswith(".index.json"):
+        shards = sorted(set(_read_json(weights).get("weight_map", {}).values()))
+        if not shards:
+            raise CheckpointError(weights, "index names no shards (no weight_map)")
+        table = {}
+        for shard in shards:
+            table.update(read_tensor_table(weights.parent / shard)[0])
+        return table
+    return read_tensor_table(weights)[0]
 
 
 def folder_unsupported(folder: Path, pipeline_class: str, in_channels: int) -> str | None:

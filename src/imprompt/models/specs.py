@@ -10,7 +10,10 @@ from dataclasses import asdict, dataclass, field, fields
 from . import catalog
 
 # Pipeline classes imprompt can run (read from model_index.json, or decided from a single file's tensors).
-SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline", "FluxPipeline")
+# pipeline class -> the denoiser architecture adapters attach to
+ARCHITECTURES = {"StableDiffusionPipeline": "unet", "StableDiffusionXLPipeline": "unet",
+                 "StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}  # fmt: skip
 # What a model's `imprompt.json` may suggest, and of which type: the web page's starting values.
 MODEL_DEFAULTS = {"prompt": str, "negative_prompt": str, "steps": int, "cfg_scale": float, "sampler": str,
                   "width": int, "height": int, "ip_scale": float}  # fmt: skip
@@ -34,11 +37,15 @@ class AdapterSpec:
     clip_width: int | None = None
     faceid_version: str | None = None  # v1 | v2 (Plus), unnorm (Portrait SDXL unnorm); None for the others
     faceid_from: str | None = None  # how the version was decided
+    # the denoiser it attaches to: unet (SD 1.5 / 2.x / SDXL), sd3 (SD 3.5, InstantX) or flux (FLUX.1, XLabs); for
+    # transformers `cross_attention_dim` is the width of what its to_k_ip reads and `layer_widths` its blocks'
+    architecture: str = "unet"
+    encoder_type: str = "clip"  # clip | siglip: which kind of vision tower produced what it consumes
     kind: str = "ip-adapter"
 
     @property
     def family(self) -> str:
-        return catalog.unet_family(self.cross_attention_dim)
+        return catalog.model_family(self.architecture, self.cross_attention_dim)
 
     @property
     def face_embedding(self) -> str | None:
@@ -51,7 +58,8 @@ class AdapterSpec:
     def needs(self) -> str:
         """What it consumes, in words: `image_embeds[1024]`; FaceID Plus also names its face crop's encoder output."""
         crop = f" + hidden_states[{self.clip_width}] of the face crop" if self.clip_width else ""
-        return f"{self.consumes}[{self.embed_dim}]{crop}"
+        tower = "siglip " if self.encoder_type == "siglip" else ""
+        return f"{tower}{self.consumes}[{self.embed_dim}]{crop}"
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -73,16 +81,40 @@ class EncoderSpec:
     intermediate_size: int
     num_attention_heads: int
     hidden_act: str
-    architecture: str  # ViT-L-14 | ViT-H-14 | ViT-bigG-14 | custom
+    architecture: str  # ViT-L-14 | ViT-H-14 | ViT-bigG-14 | SigLIP-so400m-14-384 | custom
+    model_type: str = "clip"  # clip (CLIPVisionModelWithProjection) | siglip (SiglipVisionModel: no projection)
     kind: str = "image-encoder"
 
-    def produces(self, output: str) -> int | None:
-        """Width of `output` ("image_embeds" | "hidden_states") this encoder gives, or None."""
+    def produces(self, output: str, encoder_type: str = "clip") -> int | None:
+        """Width of `output` ("image_embeds" | "hidden_states") this encoder gives, or None; None too when it is
+        not the `encoder_type` asked for (a 1152-wide CLIP is no SigLIP)."""
+        if encoder_type != self.model_type:
+            return None
         return self.projection_dim if output == "image_embeds" else self.hidden_size
 
-    def transformers_config(self):
-        from transformers import CLIPVisionConfig
+    @property
+    def outputs(self) -> str:
+        """What it produces, in words: `image_embeds[1024] and hidden_states[1280]`, `siglip hidden_states[1152]`."""
+        if self.model_type == "siglip":
+            return f"siglip hidden_states[{self.hidden_size}]"
+        parts = [f"hidden_states[{self.hidden_size}]"]
+        if self.projection_dim:
+            parts.insert(0, f"image_embeds[{self.projection_dim}]")
+        return " and ".join(parts)
 
+    def transformers_config(self):
+        from transformers import CLIPVisionConfig, SiglipVisionConfig
+
+        if self.model_type == "siglip":
+            return SiglipVisionConfig(
+                hidden_size=self.hidden_size,
+                intermediate_size=self.intermediate_size,
+                num_hidden_layers=self.num_layers,
+                num_attention_heads=self.num_attention_heads,
+                image_size=self.image_size,
+                patch_size=self.patch_size,
+                hidden_act=self.hidden_act,
+            )
         return CLIPVisionConfig(
             hidden_size=self.hidden_size,
             intermediate_size=self.intermediate_size,
@@ -113,11 +145,15 @@ class PipelineSpec:
     defaults: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
     model_type: str = ""  # diffusers' name for what it is: v1, xl_base, inpainting, v2, ... ("" for folders)
     unsupported: str | None = None  # why imprompt cannot run it (said in the listing, raised by the plan)
+    # unet | sd3 | flux. For transformers `cross_attention_dim` is the width their IP-Adapters' to_k_ip read (SD3:
+    # the blocks' width; FLUX: T5's, its joint attention width) and `layer_widths` the width of each block an
+    # adapter attaches to (SD3: every joint block; FLUX: the double-stream blocks)
+    architecture: str = "unet"
     kind: str = "pipeline"
 
     @property
     def family(self) -> str:
-        return catalog.unet_family(self.cross_attention_dim)
+        return catalog.model_family(self.architecture, self.cross_attention_dim)
 
     def to_dict(self) -> dict:
         d = asdict(self)
