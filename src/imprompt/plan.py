@@ -20,7 +20,8 @@ from .errors import (
 from .ipadapter.block_weights import layer_weights
 from .models import catalog
 from .models.store import Entry, ModelStore
-from .prompting.syntax import take_lora_tags
+from .prompting.syntax import BREAK as BREAK_MARK
+from .prompting.syntax import parse_attention, take_lora_tags
 from .request import LORA_WEIGHT_RANGE, GenerateRequest, IPAdapterUnit
 
 
@@ -75,6 +76,11 @@ def make_plan(request: GenerateRequest, store: ModelStore, default_model: str | 
     pipeline = store.pipeline(model)
     check_runnable(pipeline)
     units = tuple(plan_unit(i, unit, store, pipeline) for i, unit in enumerate(request.ip_adapters))
+    if pipeline.spec.architecture != "unet":
+        return plan_transformer(request, pipeline, units, store)
+    if request.true_cfg_scale != 1.0:
+        raise RequestError(f"true_cfg_scale is FLUX's true classifier-free guidance; model {pipeline.name} is "
+                           f"{pipeline.spec.family}, whose guidance is cfg_scale. Leave true_cfg_scale at 1")  # fmt: skip
     prompt, tags = take_lora_tags(request.prompt, "prompt")
     negative_prompt, negative_tags = take_lora_tags(request.negative_prompt, "negative_prompt")
     if negative_tags:
@@ -102,6 +108,62 @@ def make_plan(request: GenerateRequest, store: ModelStore, default_model: str | 
     inversions = tuple(e for e in store.current_of_kind("textual-inversion")
                        if e.spec.fits(pipeline.spec) and e.name.lower() in texts)  # fmt: skip
     return Plan(pipeline, units, prompt, negative_prompt, loras, vae, inversions)
+
+
+TRANSFORMER_SAMPLERS = ("Default", "Euler")  # SD 3.5 and FLUX run their own flow-matching Euler scheduler
+
+
+def plan_transformer(request: GenerateRequest, pipeline: Entry, units: tuple, store: ModelStore) -> Plan:
+    """SD 3.5 and FLUX: what imprompt runs for them, and a refusal naming the field for what it does not (yet).
+    Limits of diffusers that imprompt keeps, documented: SD 3.5 takes one IP-Adapter (its transformer holds one
+    image projection), one image per unit (or averaged); FLUX's and SD3's attention processors take no masks."""
+    family, name = pipeline.spec.family, pipeline.name
+
+    def refuse(field: str, why: str):
+        raise UnsupportedError(f"{field}: {why} for {family} models (model {name}); remove it")
+
+    _, tags = take_lora_tags(request.prompt, "prompt")
+    if tags or request.loras:
+        refuse("loras" if request.loras else "prompt", "LoRAs are not supported yet")
+    if take_lora_tags(request.negative_prompt, "negative_prompt")[1]:
+        refuse("negative_prompt", "LoRA tags are not supported")
+    for field, text in (("prompt", request.prompt), ("negative_prompt", request.negative_prompt)):
+        if any(f is BREAK_MARK or f[1] != 1.0 for f in parse_attention(text)):
+            raise UnsupportedError(
+                f"{field}: A1111 attention weights ((word:1.2), [word]) and BREAK are not applied for {family} models "
+                f"(model {name}), whose prompts go to their text encoders as written; remove them")
+    if request.vae:
+        refuse("vae", "another VAE than the model's own is not supported yet")
+    if request.init_images:
+        refuse("init_images", "image-to-image is not supported yet")
+    if request.clip_skip != 1:
+        refuse("clip_skip", "clip_skip is not supported")
+    if request.sampler not in TRANSFORMER_SAMPLERS:
+        refuse("sampler", f"{request.sampler!r}: these models run their own flow-matching Euler scheduler "
+                          f"({' or '.join(TRANSFORMER_SAMPLERS)})")  # fmt: skip
+    flux = pipeline.spec.architecture == "flux"
+    if request.true_cfg_scale != 1.0 and not flux:
+        refuse("true_cfg_scale", "true_cfg_scale is FLUX's; the guidance is cfg_scale")
+    if not flux and len(units) > 1:
+        raise UnsupportedError(
+            f"ip_adapters: model {name} is {family}, whose transformer holds one IP-Adapter (as in diffusers' "
+            f"SD3IPAdapterMixin); the request has {len(units)} units. Use one unit"
+        )
+    for unit in units:
+        where, u = f"ip_adapters.{unit.index}", unit.unit
+        if u.masks is not None:
+            refuse(f"{where}.masks", "IP-Adapter masks are not supported (diffusers' SD3 and FLUX attention "
+                                     "processors take none)")  # fmt: skip
+        if not flux and len(u.images) > 1 and not u.average:
+            raise UnsupportedError(f"{where}.images: {len(u.images)} images, but an SD 3.5 IP-Adapter reads one; "
+                                   f"set average: true to fold them into one, or give one")  # fmt: skip
+        if flux and u.negative_images is not None and request.true_cfg_scale == 1.0:
+            raise RequestError(f"{where}.negative_images: FLUX uses a negative image only under true CFG; set "
+                               f"true_cfg_scale above 1 (and a negative prompt), or remove them")  # fmt: skip
+    if flux and request.true_cfg_scale > 1.0 and not request.negative_prompt:
+        raise RequestError("true_cfg_scale: FLUX's true CFG needs a negative_prompt (diffusers runs it only with "
+                           "one); give one, or set true_cfg_scale to 1")  # fmt: skip
+    return Plan(pipeline, units, request.prompt, request.negative_prompt)
 
 
 def plan_lora(name: str, weight: float, source: str, store: ModelStore, pipeline: Entry) -> LoraPlan:
@@ -238,7 +300,12 @@ def check_fits(adapter: Entry, pipeline: Entry, store: ModelStore | None = None)
     name = catalog.friendly_name(adapter.name) or adapter.name
     if _fits(adapter, pipeline):
         return
-    if a.cross_attention_dim != p.cross_attention_dim:
+    if a.architecture != p.architecture or a.architecture != "unet":
+        problem = (
+            f"IP-Adapter {name} ({Path(a.path).name}) is for {a.family} models ({_layout(a)}), but model "
+            f"{pipeline.name} is {p.family} ({_layout(p)})"
+        )
+    elif a.cross_attention_dim != p.cross_attention_dim:
         problem = (
             f"IP-Adapter {name} ({Path(a.path).name}) is for {a.family} UNets (cross-attention width "
             f"{a.cross_attention_dim}), but model {pipeline.name} is {p.family} (cross-attention width "
@@ -259,6 +326,16 @@ def check_fits(adapter: Entry, pipeline: Entry, store: ModelStore | None = None)
     raise IncompatibleError(f"{problem}. {fix}")
 
 
+def _layout(spec) -> str:
+    """What a family's IP-Adapters attach to and how wide, in words."""
+    blocks = len(spec.layer_widths)
+    if spec.architecture == "sd3":
+        return f"{blocks} joint blocks of width {spec.cross_attention_dim}"
+    if spec.architecture == "flux":
+        return f"{blocks} double-stream blocks of width {spec.layer_widths[0]}, image tokens of width {spec.cross_attention_dim}"
+    return f"cross-attention width {spec.cross_attention_dim}"
+
+
 def pick_encoder(adapter: Entry, store: ModelStore, requested: str | None = None) -> tuple[Entry, str]:
     """The encoder whose output (kind and width) the adapter's tensors consume, and why it was chosen.
 
@@ -268,7 +345,8 @@ def pick_encoder(adapter: Entry, store: ModelStore, requested: str | None = None
     name = catalog.friendly_name(adapter.name) or adapter.name
     output, width = (("hidden_states", spec.clip_width) if spec.variant == "faceid-plus"  # its face crop's encoder
                      else (spec.consumes, spec.embed_dim))  # fmt: skip
-    needs = f"{output}[{width}]"
+    tower = spec.encoder_type if spec.variant != "faceid-plus" else "clip"
+    needs = f"{'siglip ' if tower == 'siglip' else ''}{output}[{width}]"
     if output == "faceid_embeds":
         raise MissingEncoderError(
             f"IP-Adapter {name} ({Path(spec.path).name}) consumes {needs} InsightFace face embeddings, which no CLIP "
@@ -276,23 +354,22 @@ def pick_encoder(adapter: Entry, store: ModelStore, requested: str | None = None
         )
     if requested:
         encoder = store.encoder(requested)
-        produced = encoder.spec.produces(output)
-        if produced != width:
+        if encoder.spec.produces(output, tower) != width:
             raise IncompatibleError(
-                f"encoder {encoder.name} gives {output}[{produced}], but IP-Adapter {name} consumes "
+                f"encoder {encoder.name} gives {encoder.spec.outputs}, but IP-Adapter {name} consumes "
                 f"{needs}. Leave the encoder unset and imprompt picks the right one"
             )
         return encoder, f"{name} consumes {needs}; encoder chosen in the request"
     for attempt in range(2):  # on a miss, scan the folders again: an encoder may have been added or restored
         encoders = store.current_of_kind("image-encoder")
-        candidates = [e for e in encoders if e.spec.produces(output) == width]
+        candidates = [e for e in encoders if e.spec.produces(output, tower) == width]
         if candidates or attempt:
             break
         store.refresh()
     if not candidates:
-        family = catalog.family_by_output(output, width)
+        family = catalog.family_by_output(output, width, tower)
         usual = f" ({family.name}: {' or '.join(family.usual_files)})" if family else ""
-        present = ", ".join(f"{e.name} gives {_outputs(e.spec)}" for e in encoders) or "none"
+        present = ", ".join(f"{e.name} gives {e.spec.outputs}" for e in encoders) or "none"
         unreadable = "".join(f" Unreadable, perhaps the one: {e.error}." for e in store.current_of_kind("unreadable")[:3])
         raise MissingEncoderError(
             f"IP-Adapter {name} ({Path(spec.path).name}) consumes {needs}, and no image encoder in the "
@@ -312,13 +389,6 @@ def pick_encoder(adapter: Entry, store: ModelStore, requested: str | None = None
     return chosen, why
 
 
-def _outputs(spec) -> str:
-    parts = [f"hidden_states[{spec.hidden_size}]"]
-    if spec.projection_dim:
-        parts.insert(0, f"image_embeds[{spec.projection_dim}]")
-    return " and ".join(parts)
-
-
 def _compact(widths) -> str:
     widths = list(widths)
     return str(widths) if len(widths) <= 6 else f"[{', '.join(map(str, widths[:3]))}, ..., {widths[-1]}]"
@@ -335,7 +405,7 @@ def describe_store(store: ModelStore) -> dict:
     adapters = []
     for entry in store.adapters:
         spec = entry.spec
-        family = catalog.family_by_output(spec.consumes, spec.embed_dim)
+        family = catalog.family_by_output(spec.consumes, spec.embed_dim, spec.encoder_type)
         item = {"name": entry.name, "friendly_name": catalog.friendly_name(entry.name), **spec.to_dict()}
         item["needs"] = spec.needs + (f" ({family.name})" if family else "")
         try:
@@ -356,7 +426,7 @@ def describe_store(store: ModelStore) -> dict:
             for m in store.pipelines
         ],  # fmt: skip
         "adapters": adapters,
-        "encoders": [{"name": e.name, **e.spec.to_dict()} for e in store.encoders],
+        "encoders": [{"name": e.name, **e.spec.to_dict(), "outputs": e.spec.outputs} for e in store.encoders],
         "other": {kind: [{"name": e.name, **e.spec.to_dict()} for e in store.of_kind(kind)] for kind in OTHER_KINDS},
         "unreadable": [{"name": e.name, "path": str(e.path), "error": str(e.error)} for e in store.unreadable],
     }
@@ -364,4 +434,5 @@ def describe_store(store: ModelStore) -> dict:
 
 def _fits(adapter: Entry, pipeline: Entry) -> bool:
     a, p = adapter.spec, pipeline.spec
-    return a.cross_attention_dim == p.cross_attention_dim and tuple(a.layer_widths) == tuple(p.layer_widths)
+    return (a.architecture == p.architecture and a.cross_attention_dim == p.cross_attention_dim
+            and tuple(a.layer_widths) == tuple(p.layer_widths))  # fmt: skip

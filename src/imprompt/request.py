@@ -42,9 +42,10 @@ class IPAdapterUnit(BaseModel):
     encoder: str | None = Field(None, description="force an image encoder; it must produce what the adapter needs")
     average: bool = Field(False, description="average the images' embeddings into one set of tokens")
     masks: list[Any] | None = Field(None, description="one mask per image (one if averaged): where the unit acts")
-    layers: str | dict | None = Field(
-        None, description="per-block weights: style, composition, style+composition, or {down/mid/up: ...}"
-    )
+    layers: str | dict | list[float] | None = Field(
+        None, description="per-block weights: style, composition, style+composition, or {down/mid/up: ...}; "
+                          "SD 3.5 / FLUX: a list, one weight per block"
+    )  # fmt: skip
     negative_images: list[Any] | None = Field(
         None, description='images encoded for the negative branch instead of zeros, or ["noise"]'
     )
@@ -98,7 +99,11 @@ class GenerateRequest(BaseModel):
     negative_prompt: str = ""
     seed: int = Field(-1, ge=-1, lt=2**32, description="-1: a random seed (reported in the result)")
     steps: int = Field(20, ge=1, le=150)
-    cfg_scale: float = Field(7.0, ge=0.0, le=30.0)
+    cfg_scale: float = Field(7.0, ge=0.0, le=30.0, description="FLUX: the embedded guidance (diffusers' guidance_scale)")
+    true_cfg_scale: float = Field(
+        1.0, ge=1.0, le=30.0, description="FLUX only: true classifier-free guidance (needs a negative prompt or a "
+                                          "negative image); 1: off"
+    )  # fmt: skip
     width: int | None = Field(None, ge=64, le=2048, description="None: the model's native size")
     height: int | None = Field(None, ge=64, le=2048)
     batch_size: int = Field(1, ge=1, le=8)

@@ -53,6 +53,11 @@ def layer_weights(layers, pipeline: PipelineSpec, where: str = "layers") -> tupl
     names = pipeline.layer_names
     if layers is None:
         return (1.0,) * len(names)
+    if pipeline.architecture != "unet":
+        return _per_block(layers, pipeline, where)
+    if isinstance(layers, list):
+        raise RequestError(f"{where}: a list of per-block weights is for SD 3.5 / FLUX models; {pipeline.family} "
+                           f"models take a preset name or {{down/mid/up: ...}}")  # fmt: skip
     if isinstance(layers, str):
         layers = preset(layers, pipeline.family)
     if not isinstance(layers, dict):
@@ -82,6 +87,19 @@ def layer_weights(layers, pipeline: PipelineSpec, where: str = "layers") -> tupl
         else:
             raise RequestError(f"{where}: unknown level {level!r}; use down, mid and up")
     return tuple(weights.get(_position(name), 0.0) for name in names)
+
+
+def _per_block(layers, pipeline: PipelineSpec, where: str) -> tuple[float, ...]:
+    """SD 3.5 / FLUX: one weight per block an adapter attaches to (SD3's joint blocks, FLUX's double-stream blocks),
+    as diffusers' FLUX `set_ip_adapter_scale([...])` takes them. UNet presets (style, composition) name UNet blocks."""
+    count = len(pipeline.layer_names)
+    if not isinstance(layers, list) or not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in layers):
+        raise RequestError(f"{where}: {pipeline.family} models take a list of {count} per-block weights (the UNet "
+                           f"presets and down/mid/up name UNet blocks)")  # fmt: skip
+    if len(layers) != count:
+        raise RequestError(f"{where}: {len(layers)} weights, but this {pipeline.family} model's adapters attach to "
+                           f"{count} blocks; give {count}")  # fmt: skip
+    return tuple(float(w) for w in layers)
 
 
 def _structure(names) -> dict[tuple[str, int], int]:
