@@ -27,11 +27,13 @@ from . import __version__
 from .errors import CheckpointError, LimitError, RequestError
 from .ipadapter.attach import AttachedAdapters, ip_adapter_masks
 from .ipadapter.build import BuiltAdapter, build_adapter, load_adapter_state_dict
+from .ipadapter.dit import AttachedTransformerAdapters, build_transformer_adapter
 from .ipadapter.embeddings import (
     ImageEmbedder,
     UnitEmbeddings,
     face_embeddings,
     given_face_embeddings,
+    unconditional,
     load_saved_embeddings,
     save_embeddings,
 )
@@ -291,19 +293,25 @@ class Engine:
         vae = self._vae(plan.vae, loaded, events) if plan.vae is not None else loaded.own_vae
         timer.mark("attach")
 
-        inversions = [self._inversion(entry) for entry in plan.inversions]
-        with torch.no_grad():
-            prompts = encode_prompts(loaded.pipeline, plan.prompt, plan.negative_prompt, request.clip_skip, inversions,
-                                     guidance=request.cfg_scale > 1.0)  # fmt: skip
-        timer.mark("prompt")
-
         seed = request.seed if request.seed >= 0 else secrets.randbelow(2**32)
         width, height = self._size(request, plan, init_image)
-        masks = [ip_adapter_masks(unit_inputs.masks, width, height) for unit_inputs in inputs]
-        images_out, active_steps, scheduler = self._denoise(
-            loaded, plan, request, prompts.kwargs, vae, embeddings, masks, init_image, seed, width, height, sampler,
-            on_step,
-        )
+        inversions_used = []
+        if plan.pipeline.spec.architecture == "unet":
+            inversions = [self._inversion(entry) for entry in plan.inversions]
+            with torch.no_grad():
+                prompts = encode_prompts(loaded.pipeline, plan.prompt, plan.negative_prompt, request.clip_skip,
+                                         inversions, guidance=request.cfg_scale > 1.0)  # fmt: skip
+            inversions_used = prompts.inversions_used
+            timer.mark("prompt")
+            masks = [ip_adapter_masks(unit_inputs.masks, width, height) for unit_inputs in inputs]
+            images_out, active_steps, scheduler = self._denoise(
+                loaded, plan, request, prompts.kwargs, vae, embeddings, masks, init_image, seed, width, height,
+                sampler, on_step,
+            )
+        else:  # SD 3.5, FLUX: the pipeline encodes its prompts itself (T5 and CLIP, as the family needs)
+            images_out, active_steps, scheduler = self._denoise_transformer(
+                loaded, plan, request, embeddings, inputs, seed, width, height, on_step
+            )
         timer.mark("denoise")
 
         units_info = [
@@ -315,7 +323,7 @@ class Engine:
         loras_info = [{"name": lora.entry.name, "weight": lora.weight, "source": lora.source, "file": str(lora.entry.path),
                        "hash": self.store.a1111_hash(lora.entry.path, 12)} for lora in plan.loras]  # fmt: skip
         vae_info = {"name": plan.vae.path.name, "file": str(plan.vae.path), "hash": self.store.a1111_hash(plan.vae.path)} if plan.vae else None
-        inversions_info = [{"name": i.name, "hash": i.hash} for i in prompts.inversions_used]
+        inversions_info = [{"name": i.name, "hash": i.hash} for i in inversions_used]
         # the prompt as A1111 would show it: LoRAs given as a field are written as tags, so that readers find them
         shown_prompt = request.prompt + "".join(f" <lora:{lo.entry.name}:{lo.weight:g}>" for lo in plan.loras
                                                 if lo.source == "loras")  # fmt: skip
@@ -400,7 +408,8 @@ class Engine:
         if unit.embeddings is not None:
             return load_saved_embeddings(unit.embeddings, self.device, self.encoder_dtype)
         return self.embedder.embed(
-            unit.encoder, unit.output, inputs.images, unit.label, unit.why, events, inputs.negatives, unit.unit.average
+            unit.encoder, unit.output, inputs.images, unit.label, unit.why, events, inputs.negatives, unit.unit.average,
+            unconditional(unit.adapter.spec),
         )
 
     def _face_embeddings(self, unit, inputs: _UnitInputs, events: list) -> UnitEmbeddings:
@@ -498,6 +507,65 @@ class Engine:
             loaded.attached.set_face_crops([])  # the face crops' hidden states belong to this request only
         return images, active_steps, pipeline.scheduler
 
+    def _denoise_transformer(self, loaded, plan: Plan, request, embeddings, inputs, seed, width, height, on_step):
+        """SD 3.5 and FLUX through their diffusers pipelines, with finished embeddings. SD3 takes one tensor
+        (cat([negative, positive]) under CFG, as its pipeline splits it); FLUX a list per adapter, and its negative
+        images' embeddings separately (used under true CFG only). One image per call, seed + i, as `_denoise`."""
+        pipeline = loaded.pipeline
+        units = [u.unit for u in plan.units]
+        weights = [u.layer_weights for u in plan.units]
+        active_steps: list[list[int]] = [[] for _ in units]
+        image = {"index": 0}
+        dtype = pipeline.transformer.dtype
+
+        def set_scales(step: int, total: int) -> None:
+            active = [u.active_at(step, total) for u in units]
+            for i, on in enumerate(active):
+                if on and image["index"] == 0:
+                    active_steps[i].append(step)
+            loaded.attached.set_scales([u.scale if on else 0.0 for u, on in zip(units, active)], weights)
+
+        def step_end(pipe, step, timestep, tensors):
+            total = pipe.num_timesteps
+            if step + 1 < total:
+                set_scales(step + 1, total)
+            if on_step is not None:
+                on_step(image["index"] * total + step + 1, request.batch_size * total)
+            if self._interrupt.is_set():
+                pipe._interrupt = True
+            return tensors
+
+        kwargs = {"prompt": plan.prompt, "negative_prompt": plan.negative_prompt or None, "width": width,
+                  "height": height, "guidance_scale": request.cfg_scale}  # fmt: skip
+        flux = plan.pipeline.spec.architecture == "flux"
+        if flux:
+            kwargs["true_cfg_scale"] = request.true_cfg_scale
+            if units:
+                kwargs["ip_adapter_image_embeds"] = [e.positive.unsqueeze(0).to(self.device, dtype) for e in embeddings]
+                kwargs["negative_ip_adapter_image_embeds"] = [e.negative.unsqueeze(0).to(self.device, dtype)
+                                                              for e in embeddings]  # fmt: skip
+        else:
+            kwargs["negative_prompt"] = plan.negative_prompt  # SD3 encodes "" for an empty one, as diffusers does
+            if units:
+                (e,) = embeddings
+                kwargs["ip_adapter_image_embeds"] = e.for_pipeline(request.cfg_scale > 1.0)[:, 0].to(self.device, dtype)
+        images = []
+        for index in range(request.batch_size):
+            if index and self._interrupt.is_set():
+                break
+            image["index"] = index
+            pipeline.scheduler = make_scheduler("Default", loaded.scheduler_config, loaded.scheduler_class)
+            set_scales(0, request.steps)
+            output = pipeline(
+                num_inference_steps=request.steps,
+                generator=torch.Generator(device="cpu").manual_seed(seed + index),
+                callback_on_step_end=step_end,
+                output_type="pil",
+                **kwargs,
+            )
+            images += output.images
+        return images, active_steps, pipeline.scheduler
+
     def _unit_info(self, unit, embeddings, active_steps: list[int]) -> dict:
         a = unit.adapter.spec
         if unit.encoder is not None:
@@ -582,8 +650,11 @@ class Engine:
             log.info("model %s: %s shared with a resident model (same files on disk)", entry.name, name)
             events.append({"event": "component_shared", "model": entry.name, "component": name})
         pipeline = load_pipeline(entry.spec, torch.device("cpu"), self.dtype, shared)
-        attached = AttachedAdapters(pipeline.unet)  # before any LoRA wraps the UNet's layers
-        if tuple(attached.names) != tuple(entry.spec.layer_names):
+        if entry.spec.architecture != "unet":  # SD 3.5, FLUX: adapters attach to the transformer's blocks
+            attached = AttachedTransformerAdapters(pipeline.transformer, entry.spec.architecture)
+        else:
+            attached = AttachedAdapters(pipeline.unet)  # before any LoRA wraps the UNet's layers
+        if entry.spec.architecture == "unet" and tuple(attached.names) != tuple(entry.spec.layer_names):
             raise CheckpointError(
                 entry.path,
                 f"the loaded UNet's cross-attention layers {attached.names[:2]}... differ from its weights file's "
@@ -611,7 +682,10 @@ class Engine:
         stale = self.adapters.discard_older_versions(key)
         started = time.perf_counter()
         state = load_adapter_state_dict(entry.spec)
-        built = build_adapter(entry.spec, state, loaded.pipeline.unet)
+        if entry.spec.architecture == "unet":
+            built = build_adapter(entry.spec, state, loaded.pipeline.unet)
+        else:
+            built = build_transformer_adapter(entry.spec, state, loaded.pipeline.transformer)
         seconds = time.perf_counter() - started
         evicted = self.adapters.put(key, built, built.nbytes, label=entry.name)
         for old, why in [(e, "its file changed on disk") for e in stale] + [(e, "adapter cache budget") for e in evicted]:

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..loading.tensors import read_tensors
+from ..models.probe import xlabs_names
 from ..models.specs import AdapterSpec
 from ..util.cache import module_bytes
 
@@ -58,9 +59,10 @@ def build_adapter(spec: AdapterSpec, state_dict: dict, unet) -> BuiltAdapter:
 
 
 def load_adapter_state_dict(spec: AdapterSpec) -> dict[str, dict[str, torch.Tensor]]:
-    """h94 format, either flat safetensors or a nested pickle -> {"image_proj": {...}, "ip_adapter": {...}}."""
+    """h94 format, either flat safetensors or a nested pickle -> {"image_proj": {...}, "ip_adapter": {...}}; XLabs'
+    FLUX names are renamed to those first, as diffusers' FLUX loader does."""
     state = {"image_proj": {}, "ip_adapter": {}}
-    for key, tensor in read_tensors(Path(spec.path)).items():
+    for key, tensor in xlabs_names(read_tensors(Path(spec.path))).items():
         group, _, name = key.partition(".")
         if group in state:
             state[group][name] = tensor

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field, replace
 
 import torch
+from PIL import Image
 
 from ..errors import IncompatibleError, RequestError
 from ..loading.encoders import image_processor, load_encoder
@@ -59,6 +60,20 @@ class UnitEmbeddings:
         return torch.cat([self.negative.unsqueeze(0), positive])
 
 
+BLACK_IMAGE = Image.new("RGB", (64, 64))  # what diffusers' FluxPipeline encodes as its default negative image
+
+
+def unconditional(spec) -> str:
+    """What diffusers' pipeline for an adapter's family feeds its negative (unconditional) branch: zeros of the
+    image_embeds (SD 1.5 / SDXL Base) or of SigLIP's hidden states (SD3: `torch.zeros_like`), the encoding of an
+    all-zero input (Plus / Full Face hidden states), or of a black image (FLUX, used under true CFG)."""
+    if spec.architecture == "flux":
+        return "black-image"
+    if spec.architecture == "sd3" or spec.consumes == "image_embeds":
+        return "zeros"
+    return "zero-input"
+
+
 class ImageEmbedder:
     """Reference images -> embeddings, each by the encoder its unit's adapter needs; loaded encoders and computed
     embeddings are both kept, in byte-bounded caches."""
@@ -78,12 +93,14 @@ class ImageEmbedder:
         events: list,
         negatives: list | None = None,
         average: bool = False,
+        unconditional_kind: str | None = None,
     ) -> UnitEmbeddings:
         """Embeddings of `images` as `output` ("image_embeds" | "hidden_states") from the encoder at `entry`.
 
-        The negative branch is, as in diffusers, zeros for image_embeds and the encoding of an all-zero input for
-        hidden states, unless `negatives` gives images to encode instead (one, or one per image). `average` folds
-        all images into one set of tokens."""
+        The negative branch is what diffusers' pipeline for the adapter's family uses (`unconditional`; by default
+        zeros for image_embeds, the encoding of an all-zero input for hidden states), unless `negatives` gives
+        images to encode instead (one, or one per image). `average` folds all images into one set of tokens."""
+        unconditional_kind = unconditional_kind or ("zeros" if output == "image_embeds" else "zero-input")
         encoder_key = entry.key(self.dtype, self.device)
         self._forget_older_versions(encoder_key, events)
         source = {"value": "not needed"}
@@ -106,8 +123,10 @@ class ImageEmbedder:
         positive = torch.stack([tensor for tensor, _ in encoded])
         if negatives:
             negative = torch.stack([embedding(image)[0] for image in negatives]).expand_as(positive)
-        elif output == "image_embeds":
+        elif unconditional_kind == "zeros":
             negative = torch.zeros_like(positive)  # diffusers' unconditional image embedding
+        elif unconditional_kind == "black-image":
+            negative = embedding(BLACK_IMAGE)[0].unsqueeze(0).expand_as(positive)
         else:
             negative = embedding(None)[0].unsqueeze(0).expand_as(positive)
         if average:
