@@ -25,6 +25,7 @@ from tools.soak import (
     sd15_menu,
     sdxl_menu,
     soak,
+    transformer_menu,
     write_extra_files,
 )
 
@@ -44,7 +45,7 @@ def images(pack) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def fresh_paths(roots, images, tmp_path_factory) -> dict[str, Path]:
     """Each valid request's image, computed as the only request of a brand-new Python process."""
-    valid = sd15_menu(images) | sdxl_menu(images) | lora_menu(images) | faceid_menu(roots[1])
+    valid = sd15_menu(images) | sdxl_menu(images) | lora_menu(images) | faceid_menu(roots[1]) | transformer_menu(images)
     return fresh_references(roots, valid, tmp_path_factory.mktemp("fresh"))
 
 
@@ -64,7 +65,7 @@ def test_fresh_references_are_distinct(fresh):
 @settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(data=st.data())
 def test_any_sequence_gives_fresh_process_pixels(roots, images, fresh, data):
-    valid = sd15_menu(images) | sdxl_menu(images) | lora_menu(images) | faceid_menu(roots[1])
+    valid = sd15_menu(images) | sdxl_menu(images) | lora_menu(images) | faceid_menu(roots[1]) | transformer_menu(images)
     bad = failing_menu(images, roots[1])
     budget = data.draw(st.sampled_from([None, 1]), label="encoder cache budget (1 byte: evict on every switch)")
     sequence = data.draw(
@@ -157,9 +158,11 @@ def test_every_faceid_request_after_every_other(roots, images, fresh):
 
 
 def test_every_request_after_every_other_across_families(roots, images, fresh):
-    """SD 1.5 and SDXL requests in every order (each switch of family reloads the base model), with failures."""
-    sd15 = sd15_menu(images)
-    valid = {name: sd15[name] for name in ("base", "base+vit-g", "plus+vit-g+full")} | sdxl_menu(images)
+    """SD 1.5, SDXL, SD 3.5 and FLUX requests in every order (a switch of model family reloads the base model:
+    the pipeline budget holds one at a time here), with failures."""
+    sd15, sdxl, transformers = sd15_menu(images), sdxl_menu(images), transformer_menu(images)
+    valid = ({name: sd15[name] for name in ("base", "base+vit-g")} | {n: sdxl[n] for n in ("xl-base", "xl-style-masked")}
+             | {n: transformers[n] for n in ("sd35", "sd35-average-window", "flux", "flux-v1+v2", "flux-blocks-true-cfg")})  # fmt: skip
     bad = failing_menu(images, roots[1])
     sequence = every_ordered_pair(sorted(valid))
     engine = Engine(roots)
@@ -193,6 +196,10 @@ def test_failures_name_their_cause(roots, images):
     assert "style-sdxl" in messages["sdxl-lora-on-sd15"] and "SD 1.5" in messages["sdxl-lora-on-sd15"]
     assert "broken-lora.safetensors" in messages["corrupt-lora"]
     assert "<lora:detail-sd15:1:2:3>" in messages["bad-lora-tag"]
+    for name in ("flux-on-sd35", "sd35-on-flux"):  # both families and their widths, named
+        assert "FLUX.1" in messages[name] and "SD 3.5" in messages[name] and "width 32" in messages[name], messages[name]
+    assert "image_embeds[1280]" in messages["flux-with-bigg"] and "image_embeds[768]" in messages["flux-with-bigg"]
+    assert "one IP-Adapter" in messages["two-units-on-sd35"]
 
 
 def test_soak_72_requests(roots, images, tmp_path_factory):

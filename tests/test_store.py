@@ -59,13 +59,16 @@ def adapter_file(pack, stem):
 
 
 def test_lists_the_pack(store, pack):
-    assert [e.name for e in store.pipelines] == [SD15_MODEL, "tiny-sdxl"]
+    assert [e.name for e in store.pipelines] == ["tiny-flux", SD15_MODEL, "tiny-sd35", "tiny-sdxl"]
     sdxl_and_composition = {"ip-adapter_sdxl", "ip-adapter_sdxl_vit-h", "ip-adapter-plus_sdxl_vit-h",
                             "ip-adapter-plus-face_sdxl_vit-h", "ip_plus_composition_sd15", "ip_plus_composition_sdxl"}
-    assert sorted(e.name for e in store.adapters) == sorted(set(SIX.values()) | sdxl_and_composition)
+    transformers = {"sd3.5-large-ip-adapter", "flux-ip-adapter", "flux-ip-adapter-v2"}
+    assert sorted(e.name for e in store.adapters) == sorted(set(SIX.values()) | sdxl_and_composition | transformers)
     assert sorted(e.name for e in store.encoders) == [
         "IP-Adapter/models/image_encoder",
         "IP-Adapter/sdxl_models/image_encoder",
+        "clip_vision_l",
+        "siglip-so400m-patch14-384",
     ]
     assert store.unreadable == []
     assert all(e.path.is_absolute() for e in store.entries)
@@ -252,7 +255,7 @@ def test_comfyui_and_h94_layouts_together(pack, comfy_root):
     from imprompt.plan import pick_encoder
 
     store = ModelStore([pack, comfy_root])
-    assert len(store.encoders) == 3
+    assert len(store.encoders) == 5  # the pack's four, and the ComfyUI tree's ViT-H
     encoder, why = pick_encoder(store.adapter("Base"), store)
     assert encoder.name == "IP-Adapter/models/image_encoder"
     assert "beside the adapter" in why

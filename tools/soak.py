@@ -127,6 +127,24 @@ def sdxl_menu(images: dict[str, str]) -> dict[str, dict]:
     }
 
 
+def transformer_menu(images: dict[str, str]) -> dict[str, dict]:
+    """Valid SD 3.5 and FLUX requests: each adapter, averaged images with a window, two FLUX adapters (v1 + v2),
+    per-block weights, true CFG with a negative image, and none."""
+    red, yellow, white = images["red-circle"], images["yellow-square"], images["white-triangle"]
+    sd35, flux = {"model": "tiny-sd35", "cfg_scale": 5.0}, {"model": "tiny-flux", "cfg_scale": 3.5}
+    return {
+        "sd35": _request(_unit("SD3.5 Large", red), **sd35),
+        "sd35-average-window": _request(_unit("SD3.5 Large", yellow, white, average=True, start=0.25), seed=2, **sd35),
+        "sd35-none": _request(seed=3, **sd35),
+        "flux": _request(_unit("FLUX XLabs", red), **flux),
+        "flux-v1+v2": _request(_unit("FLUX XLabs", yellow, scale=0.5), _unit("FLUX XLabs v2", white, scale=0.7),
+                               seed=2, **flux),  # fmt: skip
+        "flux-blocks-true-cfg": _request(_unit("FLUX XLabs v2", red, layers=[1.0, 0.3], negative_images=[white]),
+                                         negative_prompt="blue", true_cfg_scale=2.5, seed=4, **flux),  # fmt: skip
+        "flux-none": _request(seed=3, **flux),
+    }
+
+
 def lora_menu(images: dict[str, str]) -> dict[str, dict]:
     """Valid requests with LoRAs (tags and the field), prompt weights, a textual inversion, a VAE and clip skip."""
     red = images["red-circle"]
@@ -182,6 +200,11 @@ def failing_menu(images: dict[str, str], extra: Path | None = None) -> dict[str,
         "faceid-no-face": _request(_unit("FaceID Base", no_face)),
         "faceid-plus-without-crop": _request({"adapter": "FaceID Plus v2", "face_embeddings": [FACE]}),
         "faceid-wrong-width": _request({"adapter": "FaceID Base", "face_embeddings": [FACE[:256]]}),
+        "flux-on-sd35": _request(_unit("FLUX XLabs", red), model="tiny-sd35"),
+        "sd35-on-flux": _request(_unit("SD3.5 Large", red), model="tiny-flux"),
+        "flux-with-bigg": _request(_unit("FLUX XLabs", red, encoder="IP-Adapter/sdxl_models/image_encoder"),
+                                   model="tiny-flux"),  # fmt: skip
+        "two-units-on-sd35": _request(_unit("SD3.5 Large", red), _unit("SD3.5 Large", red), model="tiny-sd35"),
     }
 
 

@@ -27,11 +27,29 @@ from .tiny_models import (
     write_adapter,
 )
 
+from .tiny_dits import (
+    TINY_VIT_L,
+    build_flux_pipeline,
+    build_sd3_pipeline,
+    build_siglip_vision,
+    transformer_config,
+    write_flux_adapter,
+    write_sd3_adapter,
+)
+
 log = logging.getLogger("imprompt")
 
-PACK_VERSION = 5  # 5: pack.json lists the files the pack wrote
+PACK_VERSION = 6  # 5: pack.json lists the files the pack wrote; 6: SD 3.5 and FLUX
 SD15_MODEL = "tiny-sd15"
 SDXL_MODEL = "tiny-sdxl"
+SD35_MODEL = "tiny-sd35"
+FLUX_MODEL = "tiny-flux"
+# diffusion transformers' adapters, where ComfyUI users keep them (InstantX in ipadapter/, XLabs' x-flux nodes in
+# xlabs/ipadapters/), and their encoders as ComfyUI's clip_vision/ names them
+SD35_ADAPTER = "ipadapter/sd3.5-large-ip-adapter.safetensors"
+FLUX_ADAPTERS = {"xlabs/ipadapters/flux-ip-adapter.safetensors": 4, "xlabs/ipadapters/flux-ip-adapter-v2.safetensors": 16}
+SIGLIP_FILE = "clip_vision/siglip-so400m-patch14-384.safetensors"
+VIT_L_FILE = "clip_vision/clip_vision_l.safetensors"
 # h94 file stem -> (variant, encoder it was trained against)
 SD15_ADAPTERS = {
     "ip-adapter_sd15": ("base", TINY_VIT_H),
@@ -77,6 +95,9 @@ def build_demo_pack(root: Path, force: bool = False, weights: Path | None = None
     - `IP-Adapter/` in the h94 repository layout: ViT-H-like and ViT-bigG-like encoders, the six SD 1.5 adapters
       in `models/`, the four SDXL adapters in `sdxl_models/`;
     - `ipadapter/` in ComfyUI's layout: ostris' composition adapters for SD 1.5 and SDXL;
+    - `diffusers/tiny-sd35`, `diffusers/tiny-flux`: SD 3.5- and FLUX-shaped pipelines (the first saved without T5),
+      with InstantX's SD 3.5 adapter in `ipadapter/`, XLabs' FLUX adapters (v1, v2) in `xlabs/ipadapters/`, and
+      their encoders in `clip_vision/` (SigLIP with so400m's 1152-wide hidden states, ViT-L's 768 image_embeds);
     - `images/`: reference images.
 
     Every model has random weights, unless `weights` names a folder written by `make train` (tools/training.py):
@@ -192,11 +213,25 @@ def _build(root: Path, weights: Path | None) -> None:
             continue
         embed_dim = encoder["projection_dim"] if variant == "base" else encoder["hidden_size"]
         write_adapter(folder / f"{stem}.safetensors", variant, embed_dim, widths[model], cross[model], seed)
+    _build_transformers(root)
     for name, (shape, color, background) in REFERENCE_IMAGES.items():
         (root / "images").mkdir(parents=True, exist_ok=True)
         draw_reference(shape, color, background).save(root / "images" / f"{name}.png")
     if trained:  # where the trained pack draws best (docs/demo-pack.md): the web page starts from these
         (sd15 / "imprompt.json").write_text(json.dumps({"defaults": TRAINED_DEFAULTS}, indent=1))
+
+
+def _build_transformers(root: Path) -> None:
+    """SD 3.5 and FLUX: tiny pipelines, their adapters under the publishers' key names, and their encoders."""
+    build_sd3_pipeline(root / "diffusers" / SD35_MODEL)
+    build_flux_pipeline(root / "diffusers" / FLUX_MODEL)
+    build_siglip_vision(root / SIGLIP_FILE, single_file=True)
+    build_clip_vision(root / VIT_L_FILE, seed=6, single_file=True, **TINY_VIT_L)
+    (root / SD35_ADAPTER).parent.mkdir(parents=True, exist_ok=True)
+    write_sd3_adapter(root / SD35_ADAPTER, transformer_config(root / "diffusers" / SD35_MODEL))
+    for seed, (name, tokens) in enumerate(FLUX_ADAPTERS.items(), start=51):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        write_flux_adapter(root / name, transformer_config(root / "diffusers" / FLUX_MODEL), seed, tokens=tokens)
 
 
 # ------------------------------------------------------------------------------------- the trained demo weights

@@ -205,7 +205,7 @@ def cross_attention_widths(unet) -> list[int]:
 # ------------------------------------------------------------------------------------------------ the tokenizer
 
 # Words that become single tokens, so prompts tokenize the way CLIP's real vocabulary would tokenize them.
-_WORDS = (
+DEMO_WORDS = (
     "a an the of on in with and photo picture painting portrait face person cat dog red green blue yellow white "
     "black orange purple pink gray circle square triangle star shape background small large big style"
 ).split()
@@ -225,7 +225,7 @@ def write_tokenizer(folder: Path, clip_vocabulary: bool = False, pad: str = "<|e
     symbols = list(bytes_to_unicode().values())
     vocab = symbols + [s + "</w>" for s in symbols]
     merges: list[tuple[str, str]] = []
-    for word in _WORDS:
+    for word in DEMO_WORDS:
         pieces = list(word[:-1]) + [word[-1] + "</w>"]
         current = pieces[0]
         for piece in pieces[1:]:

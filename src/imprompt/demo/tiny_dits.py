@@ -1,0 +1,257 @@
+"""Tiny SD 3.5- and FLUX-shaped models, built offline in their real on-disk formats, and their image prompts.
+
+Real block structure (SD3's joint transformer blocks with RMS q/k norms as SD 3.5 has them; FLUX's double- and
+single-stream blocks with guidance embedding), 16-channel VAEs, tiny widths. The encoders keep the outputs the
+adapters read at their real widths: SigLIP so400m's 1152-wide hidden states, CLIP ViT-L's 768-wide `image_embeds`.
+The adapters are written under their publishers' key names (InstantX's `SD3.5-Large-IP-Adapter`, XLabs'
+`flux-ip-adapter`), so diffusers' own `load_ip_adapter` reads them, which is what the tests compare against.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .tiny_models import write_tokenizer
+
+SIGLIP_WIDTH = 1152  # google/siglip-so400m-patch14-384's hidden size
+VIT_L_PROJECTION = 768  # openai/clip-vit-large-patch14's image_embeds
+TINY_SIGLIP = dict(hidden_size=SIGLIP_WIDTH, intermediate_size=128, num_hidden_layers=2, num_attention_heads=16,
+                   image_size=56, patch_size=14)  # fmt: skip
+TINY_VIT_L = dict(hidden_size=48, projection_dim=VIT_L_PROJECTION, num_layers=3, heads=4)
+
+
+def _vae(seed: int):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(16, 16, 32, 32),
+        layers_per_block=1,
+        latent_channels=16,  # SD 3 and FLUX VAEs: 16 latent channels
+        norm_num_groups=16,
+        sample_size=64,
+        scaling_factor=1.5305,
+        shift_factor=0.0609,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+
+
+def _clip_text(tokenizer, hidden: int, projection: int | None, seed: int):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, projection_dim=projection or hidden,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    return CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)
+
+
+def build_sd3_pipeline(folder: Path, seed: int = 11, heads: int = 4, head_dim: int = 8, layers: int = 3):
+    """A StableDiffusion3Pipeline folder as SD 3.5 Large has it (qk RMS norms, two CLIP text towers), saved without
+    T5 (`text_encoder_3: [null, null]`), as diffusers allows: prompts run through the CLIP towers alone."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTokenizer
+
+    folder = Path(folder)
+    for sub in ("tokenizer", "tokenizer_2"):
+        write_tokenizer(folder / sub, pad="!" if sub == "tokenizer_2" else "<|endoftext|>")
+    tokenizer, tokenizer_2 = (CLIPTokenizer.from_pretrained(folder / s) for s in ("tokenizer", "tokenizer_2"))
+    clip_width = 32
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=layers,
+        attention_head_dim=head_dim,
+        num_attention_heads=heads,
+        joint_attention_dim=2 * clip_width,  # the CLIP towers' hidden states side by side (T5's width with T5)
+        caption_projection_dim=heads * head_dim,
+        pooled_projection_dim=2 * clip_width,  # the two pooled, projected CLIP outputs
+        pos_embed_max_size=16,
+        qk_norm="rms_norm",
+    )
+    pipeline = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_vae(seed + 1),
+        text_encoder=_clip_text(tokenizer, clip_width, clip_width, seed + 2),
+        tokenizer=tokenizer,
+        text_encoder_2=_clip_text(tokenizer_2, clip_width, clip_width, seed + 3),
+        tokenizer_2=tokenizer_2,
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
+    pipeline.save_pretrained(folder, safe_serialization=True)
+    return pipeline
+
+
+def write_t5_tokenizer(folder: Path) -> None:
+    """A T5TokenizerFast built offline: a Unigram vocabulary of the demo words and single characters."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import T5TokenizerFast
+
+    from .tiny_models import DEMO_WORDS
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    pieces += [(f"\u2581{w}", -1.0) for w in DEMO_WORDS] + [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789,.()"]
+    pieces += [("\u2581", -3.0)]
+    tokenizer = Tokenizer(models.Unigram(pieces, unk_id=2))
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    fast = T5TokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), extra_ids=0, pad_token="<pad>",
+                           eos_token="</s>", unk_token="<unk>", model_max_length=512)  # fmt: skip
+    fast.save_pretrained(folder)
+
+
+def build_flux_pipeline(folder: Path, seed: int = 21, heads: int = 2, head_dim: int = 16, double: int = 2,
+                        single: int = 1):  # fmt: skip
+    """A FluxPipeline folder with FLUX.1-dev's structure (double- then single-stream blocks, guidance embedding,
+    CLIP-L pooled text + T5 tokens), tiny widths."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
+
+    folder = Path(folder)
+    write_tokenizer(folder / "tokenizer")
+    write_t5_tokenizer(folder / "tokenizer_2")
+    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    tokenizer_2 = T5TokenizerFast.from_pretrained(folder / "tokenizer_2")
+    t5_width, clip_width = 32, 32
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=64,  # 16 latent channels, packed 2 x 2
+        num_layers=double,
+        num_single_layers=single,
+        attention_head_dim=head_dim,
+        num_attention_heads=heads,
+        joint_attention_dim=t5_width,
+        pooled_projection_dim=clip_width,
+        guidance_embeds=True,
+        axes_dims_rope=(head_dim // 4, head_dim // 4, head_dim // 2),
+    )
+    torch.manual_seed(seed + 4)
+    t5 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), d_model=t5_width, d_kv=8, d_ff=64, num_layers=2,
+                                 num_heads=4, feed_forward_proj="gated-gelu", pad_token_id=tokenizer_2.pad_token_id,
+                                 eos_token_id=tokenizer_2.eos_token_id, decoder_start_token_id=0))  # fmt: skip
+    pipeline = FluxPipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                  max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096),
+        vae=_vae(seed + 1),
+        text_encoder=_clip_text(tokenizer, clip_width, None, seed + 2),
+        tokenizer=tokenizer,
+        text_encoder_2=t5,
+        tokenizer_2=tokenizer_2,
+    )
+    pipeline.save_pretrained(folder, safe_serialization=True)
+    return pipeline
+
+
+def build_siglip_vision(target: Path, seed: int = 31, single_file: bool = False, dtype=torch.float16, **shape):
+    """A SigLIP vision tower with so400m's 1152-wide hidden states, layers and image size tiny, under the key names
+    of the published files (`vision_model.*`): a folder (config.json, model.safetensors, preprocessor_config.json,
+    as google/siglip-so400m-patch14-384 has them) or, with `single_file`, one .safetensors (ComfyUI's clip_vision/)
+    carrying its config as metadata. Stored in fp16, as the published files are."""
+    from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
+
+    config = SiglipVisionConfig(**{**TINY_SIGLIP, **shape})
+    torch.manual_seed(seed)
+    model = SiglipVisionModel(config).eval()
+    model = model.to(dtype)
+    state = {f"vision_model.{k.removeprefix('vision_model.')}": v.contiguous() for k, v in model.state_dict().items()}
+    target = Path(target)
+    if single_file:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        save_file(state, str(target), metadata={"format": "pt", "config": config.to_json_string()})
+        return model
+    target.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(target / "model.safetensors"), metadata={"format": "pt"})
+    config.save_pretrained(target)
+    side = config.image_size
+    SiglipImageProcessor(size={"height": side, "width": side}).save_pretrained(target)
+    return model
+
+
+def write_sd3_adapter(path: Path, transformer_config: dict, seed: int = 41, embed_dim: int = SIGLIP_WIDTH,
+                      hidden_dim: int = 64, tokens: int = 8, depth: int = 4, timestep_dim: int = 32):  # fmt: skip
+    """An InstantX SD3.5-Large-IP-Adapter file: `image_proj.*` (its Resampler, under InstantX's own layer names) and
+    `ip_adapter.<block>.*` (per joint block: AdaLN of the time embedding, to_k_ip / to_v_ip, q/k RMS norms)."""
+    from diffusers.models.attention_processor import SD3IPAdapterJointAttnProcessor2_0
+    from diffusers.models.embeddings import IPAdapterTimeImageProjection
+
+    inner = transformer_config["num_attention_heads"] * transformer_config["attention_head_dim"]
+    torch.manual_seed(seed)
+    projection = IPAdapterTimeImageProjection(embed_dim=embed_dim, output_dim=inner, hidden_dim=hidden_dim,
+                                              depth=depth, heads=hidden_dim // 64, num_queries=tokens,
+                                              timestep_in_dim=timestep_dim)  # fmt: skip
+    tensors = {}
+    for key, value in projection.state_dict().items():
+        if key.startswith("layers."):  # diffusers' names -> InstantX's (the inverse of diffusers' converter)
+            i = key.split(".")[1]
+            for ours, theirs in (("ln0", "0.norm1"), ("ln1", "0.norm2"), ("attn.to_q", "0.to_q"),
+                                 ("attn.to_kv", "0.to_kv"), ("attn.to_out.0", "0.to_out"),
+                                 ("adaln_norm", "1.0"), ("ff.net.0.proj", "1.1"), ("ff.net.2", "1.3"),
+                                 ("adaln_proj", "2.1")):  # fmt: skip
+                key = key.replace(f"layers.{i}.{ours}.", f"layers.{i}.{theirs}.")
+        tensors[f"image_proj.{key}"] = _perturbed(value)
+    for block in range(transformer_config["num_layers"]):
+        processor = SD3IPAdapterJointAttnProcessor2_0(hidden_size=inner, ip_hidden_states_dim=inner,
+                                                      head_dim=transformer_config["attention_head_dim"],
+                                                      timesteps_emb_dim=hidden_dim)  # fmt: skip
+        for key, value in processor.state_dict().items():
+            tensors[f"ip_adapter.{block}.{key}"] = _perturbed(value)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+
+
+def write_flux_adapter(path: Path, transformer_config: dict, seed: int = 51, embed_dim: int = VIT_L_PROJECTION,
+                       tokens: int = 4):  # fmt: skip
+    """An XLabs flux-ip-adapter file (v1: 4 tokens, v2: 16): `ip_adapter_proj_model.proj/norm` (CLIP ViT-L
+    image_embeds -> tokens of T5's width) and `double_blocks.<i>.processor.ip_adapter_double_stream_{k,v}_proj`."""
+    width = transformer_config["joint_attention_dim"]
+    inner = transformer_config["num_attention_heads"] * transformer_config["attention_head_dim"]
+    generator = torch.Generator().manual_seed(seed)
+
+    def weight(rows, cols):
+        return torch.randn(rows, cols, generator=generator) / cols**0.5
+
+    def vector(n, center=0.0):
+        return center + 0.1 * torch.randn(n, generator=generator)
+
+    tensors = {"ip_adapter_proj_model.proj.weight": weight(tokens * width, embed_dim),
+               "ip_adapter_proj_model.proj.bias": vector(tokens * width),
+               "ip_adapter_proj_model.norm.weight": vector(width, 1.0),
+               "ip_adapter_proj_model.norm.bias": vector(width)}  # fmt: skip
+    for block in range(transformer_config["num_layers"]):
+        for kv in ("k", "v"):
+            name = f"double_blocks.{block}.processor.ip_adapter_double_stream_{kv}_proj"
+            tensors[f"{name}.weight"] = weight(inner, width)
+            tensors[f"{name}.bias"] = vector(inner)
+    save_file(tensors, str(path))
+
+
+def _perturbed(value: torch.Tensor) -> torch.Tensor:
+    """diffusers initialises some adapter weights to zeros or ones (AdaLN, norms): perturbed, so every tensor
+    changes the picture and a wrong mapping shows."""
+    generator = torch.Generator().manual_seed(value.numel())
+    return value + 0.05 * torch.randn(value.shape, generator=generator)
+
+
+def transformer_config(folder: Path) -> dict:
+    return json.loads((Path(folder) / "transformer" / "config.json").read_text())
