@@ -106,17 +106,26 @@ def test_models_lists_each_adapter_with_the_encoder_it_needs(pack):
     adapters = {a["friendly_name"]: a for a in listing["adapters"]}
     sd15 = {"Base", "Light", "Plus", "Plus Face", "Full Face", "Base ViT-G", "Ostris Composition ViT-H"}
     sdxl = {"Base SDXL", "Base ViT-H SDXL", "Plus ViT-H SDXL", "Plus Face ViT-H SDXL", "Ostris Composition ViT-H SDXL"}
-    assert set(adapters) == sd15 | sdxl
+    transformers = {"SD3.5 Large": "tiny-sd35", "FLUX XLabs": "tiny-flux", "FLUX XLabs v2": "tiny-flux"}
+    assert set(adapters) == sd15 | sdxl | set(transformers)
     assert adapters["Base ViT-G"]["needs"] == "image_embeds[1280] (ViT-bigG-14)"
     assert adapters["Base ViT-G"]["encoder"] == adapters["Base SDXL"]["encoder"] == "IP-Adapter/sdxl_models/image_encoder"
     assert adapters["Plus"]["encoder"] == adapters["Base ViT-H SDXL"]["encoder"] == "IP-Adapter/models/image_encoder"
     assert all(a["encoder_present"] for a in adapters.values())
     assert all(adapters[n]["fits_models"] == ["tiny-sd15"] for n in sd15)
     assert all(adapters[n]["fits_models"] == ["tiny-sdxl"] for n in sdxl)
+    assert all(adapters[n]["fits_models"] == [m] for n, m in transformers.items())
+    # each with the encoder its tensors ask for: SigLIP's hidden states for SD 3.5, ViT-L's image_embeds for FLUX
+    assert (adapters["SD3.5 Large"]["needs"], adapters["SD3.5 Large"]["encoder"]) == (
+        "siglip hidden_states[1152] (SigLIP-so400m-14-384)", "siglip-so400m-patch14-384")
+    assert (adapters["FLUX XLabs"]["needs"], adapters["FLUX XLabs v2"]["encoder"]) == ("image_embeds[768] (ViT-L-14)", "clip_vision_l")
+    assert (adapters["FLUX XLabs"]["tokens"], adapters["FLUX XLabs v2"]["tokens"]) == (4, 16)
     models = {m["name"]: set(m["adapters"]) for m in listing["models"]}
-    assert models == {"tiny-sd15": sd15, "tiny-sdxl": sdxl}  # per model, only the adapters that fit it
+    assert models == {"tiny-sd15": sd15, "tiny-sdxl": sdxl, "tiny-sd35": {"SD3.5 Large"},
+                      "tiny-flux": {"FLUX XLabs", "FLUX XLabs v2"}}  # per model, only the adapters that fit it
     text = imprompt("models", "--models", pack).stdout
     assert "Base ViT-G" in text and "needs image_embeds[1280]" in text
+    assert "needs siglip hidden_states[1152]" in text and "FLUX.1" in text and "siglip hidden_states[1152]" in text
 
 
 def test_models_says_when_an_encoder_is_missing(pack, tmp_path):

@@ -74,6 +74,51 @@ def test_pick_adapter_upload_generate_and_see_the_encoder(pack, browser):
         assert errors == []
 
 
+def test_flux_and_sd35_adapters_are_listed_with_their_encoders_and_true_cfg_reaches_flux(pack, browser, engine):
+    """Picking FLUX lists XLabs' adapters with CLIP ViT-L and shows the true-CFG field; a FLUX image made on the
+    page (with a negative prompt and true CFG) equals the engine's for the same request. SD 3.5 lists InstantX's
+    adapter with SigLIP, and hides the field."""
+    from conftest import max_diff
+    from PIL import Image
+
+    with running_server(new_engine(pack)) as url:
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        errors = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(url)
+        page.wait_for_selector(".unit .adapter option", state="attached")
+        assert page.is_hidden("#true-cfg-field")
+        page.select_option("#model", "tiny-flux")
+        page.wait_for_function("[...document.querySelectorAll('.unit .adapter option')].some(o => o.value === 'FLUX XLabs')")
+        options = page.locator(".unit .adapter option").all_text_contents()
+        assert sorted(options) == ["FLUX XLabs v2 — needs image_embeds[768] (ViT-L-14) → clip_vision_l",
+                                   "FLUX XLabs — needs image_embeds[768] (ViT-L-14) → clip_vision_l"]  # fmt: skip
+        assert page.is_visible("#true-cfg-field")
+        page.fill("#negative-prompt", "blue")
+        page.fill("#cfg", "3.5")
+        page.fill("#true-cfg", "2")
+        page.fill("#prompt", "a cat")
+        page.fill(".unit .scale", "0.6")
+        caption = generate_with(page, "FLUX XLabs", pack / "images" / "red-circle.png", steps=3)
+        assert "FLUX XLabs ← clip_vision_l" in caption
+        src = page.get_attribute("#gallery figure img", "src")
+        import base64
+        import io
+
+        shown = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).convert("RGB")
+        expected = engine.generate(model="tiny-flux", prompt="a cat", negative_prompt="blue", seed=1, steps=3,
+                                   width=64, height=64, cfg_scale=3.5, true_cfg_scale=2.0,
+                                   ip_adapters=[{"adapter": "FLUX XLabs", "scale": 0.6,
+                                                 "images": [str(pack / "images" / "red-circle.png")]}])  # fmt: skip
+        assert max_diff(shown, expected.images[0]) == 0
+        page.select_option("#model", "tiny-sd35")
+        page.wait_for_function("[...document.querySelectorAll('.unit .adapter option')].some(o => o.value === 'SD3.5 Large')")
+        assert page.locator(".unit .adapter option").all_text_contents() == [
+            "SD3.5 Large — needs siglip hidden_states[1152] (SigLIP-so400m-14-384) → siglip-so400m-patch14-384"]
+        assert page.is_hidden("#true-cfg-field")
+        assert errors == []
+
+
 def test_an_error_is_shown_and_the_page_keeps_working(pack, browser):
     with running_server(new_engine(pack)) as url:
         page = browser.new_page()

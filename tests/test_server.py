@@ -119,8 +119,8 @@ def test_n_iter_runs_batches_with_counting_seeds(server, reference, red_circle):
 def test_models_options_and_adapters_for_the_current_model(pack, red_circle):
     with running_server(new_engine(pack)) as url, client(url) as http:
         titles = [m["title"] for m in http.get("/sdapi/v1/sd-models").json()]
-        assert titles == ["tiny-sd15", "tiny-sdxl"]
-        assert http.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == "tiny-sd15"
+        assert titles == ["tiny-flux", "tiny-sd15", "tiny-sd35", "tiny-sdxl"]
+        assert http.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == "tiny-sd15"  # UNet families first
         sd15 = {a["name"] for a in http.get("/sdapi/v1/ip-adapters").json()}
         assert "Base ViT-G" in sd15 and "Base SDXL" not in sd15
         assert http.post("/sdapi/v1/options", json={"sd_model_checkpoint": "tiny-sdxl"}).status_code == 200
@@ -128,6 +128,13 @@ def test_models_options_and_adapters_for_the_current_model(pack, red_circle):
         assert {a["name"] for a in sdxl} == {"Base SDXL", "Base ViT-H SDXL", "Plus ViT-H SDXL", "Plus Face ViT-H SDXL",
                                              "Ostris Composition ViT-H SDXL"}  # fmt: skip
         assert all(a["encoder_present"] and a["needs"] for a in sdxl)
+        for model, expected in (("tiny-flux", {("FLUX XLabs", "image_embeds[768] (ViT-L-14)", "clip_vision_l"),
+                                               ("FLUX XLabs v2", "image_embeds[768] (ViT-L-14)", "clip_vision_l")}),
+                                ("tiny-sd35", {("SD3.5 Large", "siglip hidden_states[1152] (SigLIP-so400m-14-384)", "siglip-so400m-patch14-384")})):
+            assert http.post("/sdapi/v1/options", json={"sd_model_checkpoint": model}).status_code == 200
+            listed = {(a["name"], a["needs"], a["encoder"]) for a in http.get("/sdapi/v1/ip-adapters").json()}
+            assert listed == expected, model
+        assert http.post("/sdapi/v1/options", json={"sd_model_checkpoint": "tiny-sdxl"}).status_code == 200
         # requests without override_settings now use the current model
         p = payload(sdnext_unit("Base SDXL", red_circle))
         del p["override_settings"]
@@ -138,7 +145,7 @@ def test_native_endpoints(server, red_circle):
     with client(server) as http:
         http_post(server, payload(sdnext_unit("Full Face", red_circle)))
         models = http.get("/v1/models").json()
-        assert {m["name"] for m in models["models"]} == {"tiny-sd15", "tiny-sdxl"}
+        assert {m["name"] for m in models["models"]} == {"tiny-sd15", "tiny-sdxl", "tiny-sd35", "tiny-flux"}
         assert all("fits_models" in a and "needs" in a for a in models["adapters"])
         cache = http.get("/v1/cache").json()
         assert cache["encoders"]["entries"] and {"hits", "misses", "evictions", "used_bytes"} <= set(cache["encoders"])

@@ -54,6 +54,7 @@ ORDER = (
     "ipadapter/faces.py",
     "ipadapter/embeddings.py",
     "ipadapter/attach.py",
+    "ipadapter/dit.py",
     "util/",
     "util/devices.py",
     "util/cache.py",
@@ -77,6 +78,7 @@ ORDER = (
     "demo/scenario.py",
     "demo/pack.py",
     "demo/tiny_models.py",
+    "demo/tiny_dits.py",
     "demo/shapes.py",
 )
 

@@ -374,8 +374,7 @@ def _models(args) -> int:
         print(f"  {label:<28} {a['variant']:<10} {a['family']:<7} needs {a['needs']:<34} {encoder}  (fits: {fits})")
     print("Image encoders:")
     for e in listing["encoders"]:
-        outputs = f"image_embeds[{e['projection_dim']}] hidden_states[{e['hidden_size']}]"
-        print(f"  {e['name']:<40} {e['architecture']:<12} {outputs}")
+        print(f"  {e['name']:<40} {e['architecture']:<12} {e['outputs']}")
     for kind, entries in listing["other"].items():
         if entries:
             print(f"{OTHER_TITLES[kind]}:")

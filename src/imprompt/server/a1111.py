@@ -81,6 +81,7 @@ class Txt2ImgPayload(BaseModel):
     seed: int = -1
     steps: int = 20
     cfg_scale: float = 7.0
+    true_cfg_scale: float | None = Field(None, description="FLUX only: true classifier-free guidance (1: off)")
     width: int = 512
     height: int = 512
     batch_size: int = 1
@@ -110,7 +111,7 @@ UNIT_FIELDS = tuple(IPAdapterUnit.model_fields)
 # What imprompt does with each A1111 / SD.Next field (the README's table says the same):
 READ = {"prompt", "negative_prompt", "seed", "steps", "cfg_scale", "width", "height", "batch_size", "n_iter",
         "sampler_name", "sampler_index", "scheduler", "override_settings", "ip_adapter", "alwayson_scripts",
-        "init_images", "denoising_strength", "clip_skip", "face"}  # fmt: skip
+        "init_images", "denoising_strength", "clip_skip", "face", "true_cfg_scale"}  # fmt: skip
 # no effect on the picture (or only together with a field that must stay off, below)
 IGNORED = {"send_images", "save_images", "do_not_save_samples", "do_not_save_grid", "override_settings_restore_afterwards",
            "force_task_id", "comments", "infotext", "include_init_images", "script_args", "image_cfg_scale",
@@ -199,7 +200,7 @@ def from_sdnext_payload(payload: dict, img2img: bool | None = None, store: Model
     if img2img is None:
         img2img = bool(payload.get("init_images"))
     warnings = check_fields(payload, img2img)
-    keys = ["prompt", "negative_prompt", "seed", "steps", "cfg_scale", "width", "height", "batch_size"]
+    keys = ["prompt", "negative_prompt", "seed", "steps", "cfg_scale", "width", "height", "batch_size", "true_cfg_scale"]
     if img2img:
         keys += ["init_images", "denoising_strength"]
     fields: dict[str, Any] = {key: payload[key] for key in keys if payload.get(key) is not None}
@@ -209,6 +210,12 @@ def from_sdnext_payload(payload: dict, img2img: bool | None = None, store: Model
         fields["sampler"] = f"{sampler} Karras" if scheduler == "karras" and "karras" not in sampler.lower() else sampler
     if overrides.get("sd_model_checkpoint"):
         fields["model"] = overrides["sd_model_checkpoint"]
+    if payload.get("distilled_cfg_scale") is not None and store is not None and fields.get("model"):
+        model = store.pipeline(fields["model"])
+        if model.spec.architecture == "flux":  # Forge's FLUX guidance field; imprompt reads cfg_scale, as SD.Next
+            warnings.append(f"distilled_cfg_scale={payload['distilled_cfg_scale']} (Forge's FLUX guidance) is not "
+                            f"read: imprompt takes FLUX's guidance from cfg_scale ({payload.get('cfg_scale', 7.0)}), "
+                            f"as SD.Next does; set cfg_scale to the guidance you want")  # fmt: skip
     if overrides.get("sd_vae") not in OWN_VAE:
         fields["vae"] = overrides["sd_vae"]
     clip_skip = overrides.get("CLIP_stop_at_last_layers", payload.get("clip_skip"))

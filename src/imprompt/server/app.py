@@ -267,7 +267,11 @@ def _read(store, kind: str) -> list:
 
 
 def _first_model(engine: Engine) -> str | None:
+    """The current model until a client sets one: the first runnable, UNet families (SD 1.5, SDXL) before SD 3.5
+    and FLUX, whose transformers are several times larger and which A1111 clients that never choose a model do
+    not expect."""
     runnable = [p for p in engine.store.pipelines if not p.spec.unsupported]
+    runnable.sort(key=lambda p: p.spec.architecture != "unet")  # stable: folder order otherwise
     return runnable[0].name if runnable else None
 
 

@@ -46,7 +46,9 @@ function currentModel() {
 
 function showFamily() {
   const model = currentModel();
-  $("model-family").textContent = model ? `${model.family}, ${model.cross_attention_layers} cross-attention layers` : "";
+  const layers = model && model.architecture !== "unet" ? "blocks that take image prompts" : "cross-attention layers";
+  $("model-family").textContent = model ? `${model.family}, ${model.cross_attention_layers} ${layers}` : "";
+  $("true-cfg-field").hidden = !(model && model.architecture === "flux");
   if (model) { $("width").value = model.default_size; $("height").value = model.default_size; applyDefaults(model); }
 }
 
@@ -113,7 +115,9 @@ function refreshAdapterLists() {
 function fillLoraPicker() {
   const model = currentModel();
   const select = $("lora-picker");
-  const loras = (listing.other.lora || []).filter((l) => model && (l.width == null || l.width === model.cross_attention_dim));
+  // SD 3.5 / FLUX: imprompt runs no LoRA on them yet (the plan refuses it), so none is offered
+  const loras = (listing.other.lora || []).filter((l) => model && model.architecture === "unet"
+    && (l.width == null || l.width === model.cross_attention_dim));
   select.innerHTML = "";
   select.add(new Option(loras.length ? "add a LoRA to the prompt…" : "no LoRA fits this model", ""));
   for (const lora of loras) select.add(new Option(`${lora.name} (${lora.family}, rank ${lora.rank ?? "?"})`, lora.name));
@@ -189,6 +193,7 @@ async function generate() {
     width: Number($("width").value),
     height: Number($("height").value),
     cfg_scale: Number($("cfg").value),
+    ...(currentModel()?.architecture === "flux" ? { true_cfg_scale: Number($("true-cfg").value) } : {}),
     override_settings: { sd_model_checkpoint: $("model").value },
     ip_adapter: units,
   };
