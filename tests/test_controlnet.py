@@ -125,7 +125,7 @@ def test_the_extensions_helper_endpoints(server, pack):
     assert api.controlnet_version() == 3
     names = api.controlnet_model_list()
     base = pack / "IP-Adapter" / "models" / "ip-adapter_sd15.safetensors"
-    assert f"ip-adapter_sd15 [{legacy_hash(base)}]" in names and len(names) == 12
+    assert f"ip-adapter_sd15 [{legacy_hash(base)}]" in names and len(names) == 15  # SD 1.5, SDXL, SD 3.5, FLUX adapters
     modules = api.controlnet_module_list()
     assert {"ip-adapter_clip_sd15", "ip-adapter_clip_sdxl", "ip-adapter-auto"} <= set(modules)
 

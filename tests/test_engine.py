@@ -90,7 +90,7 @@ def test_engine_wide_defaults(pack, red_circle):
     assert result.info["model"] == "tiny-sd15" and result.images[0].size == (64, 64)
     from imprompt.errors import UnknownModelError
 
-    with pytest.raises(UnknownModelError, match="tiny-sd15, tiny-sdxl"):
+    with pytest.raises(UnknownModelError, match="tiny-flux, tiny-sd15, tiny-sd35, tiny-sdxl"):
         Engine(pack).generate(prompt="a cat", steps=1)
 
 

@@ -236,9 +236,11 @@ def test_switching_across_four_families_in_one_process_is_a_non_event(pack, red_
     ]
     engine = Engine(pack)
     results = [engine.generate(r) for r in requests]
+    fresh = {}
     for i, (req, result) in enumerate(zip(requests, results)):
-        fresh = Engine(pack).generate(req)
-        assert max_diff(result.images[0], fresh.images[0]) == 0, i
+        key = repr(req)
+        fresh.setdefault(key, Engine(pack).generate(req).images[0])
+        assert max_diff(result.images[0], fresh[key]) == 0, i
     loads = [e["encoder"] for r in results for e in r.info["events"] if e["event"] == "encoder_loaded"]
     assert len(loads) == len(set(loads)) == 4  # ViT-H, bigG, SigLIP, ViT-L: each once
 
@@ -250,3 +252,52 @@ def test_a_request_that_fails_on_flux_leaves_the_engine_as_able(pack, red_circle
         engine.generate(request(FLUX_MODEL, unit("SD3.5 Large", red_circle)))
     again = engine.generate(request(FLUX_MODEL, unit("FLUX XLabs", red_circle)))
     assert max_diff(first.images[0], again.images[0]) == 0
+
+
+def test_a1111_payloads_carry_true_cfg_and_name_forges_distilled_cfg(pack, red_circle):
+    """`true_cfg_scale` reaches the request; Forge's `distilled_cfg_scale` (its FLUX guidance) is not read, and on
+    a FLUX model the response says so instead of dropping it silently (on other models it has no effect)."""
+    from imprompt.models.store import ModelStore
+    from imprompt.server.a1111 import from_sdnext_payload
+    from imprompt.util.images import image_to_base64
+
+    store = ModelStore([pack])
+    base = {"prompt": "a cat", "negative_prompt": "blue", "cfg_scale": 3.5, "true_cfg_scale": 2.0,
+            "distilled_cfg_scale": 3.5, "ip_adapter": [{"adapter": "FLUX XLabs", "images": [image_to_base64(red_circle)]}]}  # fmt: skip
+    flux = from_sdnext_payload({**base, "override_settings": {"sd_model_checkpoint": "tiny-flux"}}, store=store)
+    assert flux.request.true_cfg_scale == 2.0 and flux.request.cfg_scale == 3.5
+    assert any("distilled_cfg_scale" in w and "cfg_scale" in w for w in flux.warnings), flux.warnings
+    sd15 = from_sdnext_payload({"prompt": "a cat", "distilled_cfg_scale": 3.5,
+                                "override_settings": {"sd_model_checkpoint": "tiny-sd15"}}, store=store)  # fmt: skip
+    assert sd15.warnings == []
+
+
+def test_flux_v2_at_t5s_full_width_equals_diffusers(tmp_path, red_circle):
+    """XLabs v2 (16 tokens) against diffusers: its FLUX loader counts 16 tokens only when the projection has
+    65536 rows (16 x 4096), so this FLUX has T5's real width (4096) and its encoder a narrow projection (64),
+    which keeps the file small. imprompt reads the 16 tokens from rows / width, here and at any width."""
+    from transformers import CLIPImageProcessor
+
+    from imprompt.demo.tiny_dits import build_flux_pipeline, transformer_config, write_flux_adapter
+    from imprompt.demo.tiny_models import build_clip_vision
+
+    build_flux_pipeline(tmp_path / "diffusers" / "flux-4096", t5_width=4096)
+    build_clip_vision(tmp_path / "clip_vision" / "narrow.safetensors", hidden_size=48, projection_dim=64, num_layers=2,
+                      heads=4, seed=8, single_file=True)  # fmt: skip
+    write_flux_adapter(tmp_path / "flux-ip-adapter-v2.safetensors", transformer_config(tmp_path / "diffusers" / "flux-4096"),
+                       seed=61, embed_dim=64, tokens=16)  # fmt: skip
+    assert probe(tmp_path / "flux-ip-adapter-v2.safetensors").tokens == 16
+    got = Engine(tmp_path).generate(request("flux-4096", unit("flux-ip-adapter-v2", red_circle, scale=0.8)))
+
+    from diffusers import FluxPipeline
+
+    spec = probe(tmp_path / "clip_vision" / "narrow.safetensors")
+    pipe = FluxPipeline.from_pretrained(tmp_path / "diffusers" / "flux-4096",
+                                        image_encoder=load_encoder(spec, torch.device("cpu"), torch.float32),
+                                        feature_extractor=CLIPImageProcessor(size=224, crop_size=224))  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_ip_adapter(str(tmp_path), weight_name="flux-ip-adapter-v2.safetensors",
+                         image_encoder_pretrained_model_name_or_path=None)  # fmt: skip
+    assert pipe.transformer.encoder_hid_proj.image_projection_layers[0].num_image_text_embeds == 16
+    pipe.set_ip_adapter_scale(0.8)
+    assert max_diff(got.images[0], flux_run(pipe, red_circle)) <= 1

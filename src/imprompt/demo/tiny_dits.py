@@ -121,9 +121,9 @@ def write_t5_tokenizer(folder: Path) -> None:
 
 
 def build_flux_pipeline(folder: Path, seed: int = 21, heads: int = 2, head_dim: int = 16, double: int = 2,
-                        single: int = 1):  # fmt: skip
+                        single: int = 1, t5_width: int = 32):  # fmt: skip
     """A FluxPipeline folder with FLUX.1-dev's structure (double- then single-stream blocks, guidance embedding,
-    CLIP-L pooled text + T5 tokens), tiny widths."""
+    CLIP-L pooled text + T5 tokens), tiny widths (`t5_width` 4096 is FLUX's own, for adapters at full width)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
 
@@ -132,7 +132,7 @@ def build_flux_pipeline(folder: Path, seed: int = 21, heads: int = 2, head_dim: 
     write_t5_tokenizer(folder / "tokenizer_2")
     tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
     tokenizer_2 = T5TokenizerFast.from_pretrained(folder / "tokenizer_2")
-    t5_width, clip_width = 32, 32
+    clip_width = 32
     torch.manual_seed(seed)
     transformer = FluxTransformer2DModel(
         patch_size=1,
