@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test serve bench bench-lora bench-models bench-cold bench-cluster scan soak load train evaluate install clean
+.PHONY: demo test serve bench bench-lora bench-models bench-cold bench-cluster bench-transformers scan soak load train evaluate install clean
 
 demo: install
 	$(BIN)/imprompt demo --pack demo-models --out demo-output
@@ -41,6 +41,12 @@ bench-cold: install
 bench-cluster: install
 	$(BIN)/python -m tools.bench_cluster --out docs/scale-out.json
 	$(BIN)/python -m tools.scale_sim --requests 5000 --rate 1.5
+
+# SD 3.5 and FLUX at real size (random weights; adapters and encoders only, the transformers do not fit in fp32):
+# switching between their adapters against diffusers' reload path and an expert script, and SigLIP's cache.
+# Writes about 7 GB into .bench-cache/ once; about 5 minutes.
+bench-transformers: install
+	$(BIN)/python -m tools.bench_transformers --out docs/transformers-benchmark.json
 
 # How long scanning a tree of 1,000 files takes: first, again, and in a new process.
 scan: install
