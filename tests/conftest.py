@@ -29,10 +29,29 @@ def probe_cache(tmp_path_factory):
     os.environ["IMPROMPT_CACHE_DIR"] = str(tmp_path_factory.mktemp("probe-cache"))
 
 
+def shared_folder(tmp_path_factory, name: str) -> Path:
+    """A folder every pytest-xdist worker of this run shares (beside their own temp folders), for what costs
+    minutes to build and is only read: the demo pack, the fresh-process reference images. Build under `locked`."""
+    base = tmp_path_factory.getbasetemp()
+    folder = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / f"shared-{name}"
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
+def locked(folder: Path):
+    """One worker builds, the others wait, then find it built."""
+    from filelock import FileLock
+
+    return FileLock(str(folder) + ".lock")
+
+
 @pytest.fixture(scope="session")
 def pack(tmp_path_factory) -> Path:
-    """The demo model pack: tiny SD 1.5 pipeline, ViT-H/bigG-like encoders, six SD 1.5 adapters (h94 layout)."""
-    return build_demo_pack(tmp_path_factory.mktemp("pack"))
+    """The demo model pack (tiny SD 1.5, SDXL, SD 3.5 and FLUX pipelines, their adapters and encoders), built once
+    for all workers; tests only read it."""
+    folder = shared_folder(tmp_path_factory, "pack")
+    with locked(folder):
+        return build_demo_pack(folder)
 
 
 @pytest.fixture(scope="session")

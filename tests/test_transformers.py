@@ -301,3 +301,22 @@ def test_flux_v2_at_t5s_full_width_equals_diffusers(tmp_path, red_circle):
     assert pipe.transformer.encoder_hid_proj.image_projection_layers[0].num_image_text_embeds == 16
     pipe.set_ip_adapter_scale(0.8)
     assert max_diff(got.images[0], flux_run(pipe, red_circle)) <= 1
+
+
+def test_instantx_bin_pickle_reads_as_its_safetensors(pack, tmp_path, red_circle):
+    """InstantX ships `ip-adapter.bin`, a nested {"image_proj": ..., "ip_adapter": ...} pickle: read weights-only,
+    probed and run exactly as the flat safetensors of the same tensors."""
+    tensors = load_file(pack / SD35_ADAPTER)
+    nested = {"image_proj": {}, "ip_adapter": {}}
+    for key, value in tensors.items():
+        group, _, name = key.partition(".")
+        nested[group][name] = value
+    root = tmp_path / "models"
+    shutil.copytree(pack / "diffusers" / SD35_MODEL, root / SD35_MODEL)
+    shutil.copy(pack / SIGLIP_FILE, root / "siglip.safetensors")
+    torch.save(nested, root / "ip-adapter.bin")
+    spec = probe(root / "ip-adapter.bin")
+    assert (spec.architecture, spec.encoder_type, spec.tokens) == ("sd3", "siglip", 8)
+    got = Engine(root).generate(request(SD35_MODEL, unit("ip-adapter", red_circle)))
+    expected = Engine(pack).generate(request(SD35_MODEL, unit("SD3.5 Large", red_circle)))
+    assert max_diff(got.images[0], expected.images[0]) == 0
