@@ -97,6 +97,36 @@ class _Timer:
         return {**self.marks, "total": round(time.perf_counter() - self.started, 4)}
 
 
+class UnitSchedule:
+    """One request's per-step unit scales (their start / end windows, times their per-layer weights) and the
+    step-end callback diffusers calls: the same for UNet and transformer pipelines. `index` is the batch image
+    being made; the steps each unit acted at are recorded for the first."""
+
+    def __init__(self, attached, plan: Plan, batch_size: int, on_step, interrupt: threading.Event):
+        self.attached, self.batch_size, self.on_step, self.interrupt = attached, batch_size, on_step, interrupt
+        self.units = [u.unit for u in plan.units]
+        self.weights = [u.layer_weights for u in plan.units]
+        self.active_steps: list[list[int]] = [[] for _ in self.units]
+        self.index = 0
+
+    def set_scales(self, step: int, total: int) -> None:
+        active = [u.active_at(step, total) for u in self.units]
+        for i, on in enumerate(active):
+            if on and self.index == 0:
+                self.active_steps[i].append(step)
+        self.attached.set_scales([u.scale if on else 0.0 for u, on in zip(self.units, active)], self.weights)
+
+    def step_end(self, pipe, step, timestep, tensors):
+        total = pipe.num_timesteps
+        if step + 1 < total:
+            self.set_scales(step + 1, total)
+        if self.on_step is not None:
+            self.on_step(self.index * total + step + 1, self.batch_size * total)
+        if self.interrupt.is_set():
+            pipe._interrupt = True
+        return tensors
+
+
 class Engine:
     """Generates images from a text prompt plus image prompts (IP-Adapter units) with any mix of adapters."""
 
@@ -446,26 +476,7 @@ class Engine:
         pipeline = loaded.pipeline if init_image is None else loaded.img2img()
         pipeline.vae = vae  # the request's VAE, or the model's own: set every time, so none outlives its request
         units = [u.unit for u in plan.units]
-        weights = [u.layer_weights for u in plan.units]
-        active_steps: list[list[int]] = [[] for _ in units]
-        image = {"index": 0}
-
-        def set_scales(step: int, total: int) -> None:
-            active = [u.active_at(step, total) for u in units]
-            for i, on in enumerate(active):
-                if on and image["index"] == 0:
-                    active_steps[i].append(step)
-            loaded.attached.set_scales([u.scale if on else 0.0 for u, on in zip(units, active)], weights)
-
-        def step_end(pipe, step, timestep, tensors):
-            total = pipe.num_timesteps
-            if step + 1 < total:
-                set_scales(step + 1, total)
-            if on_step is not None:
-                on_step(image["index"] * total + step + 1, request.batch_size * total)
-            if self._interrupt.is_set():
-                pipe._interrupt = True
-            return tensors
+        schedule = UnitSchedule(loaded.attached, plan, request.batch_size, on_step, self._interrupt)
 
         cfg = request.cfg_scale > 1.0  # diffusers applies classifier-free guidance only above 1
         kwargs = {}
@@ -490,22 +501,22 @@ class Engine:
             for index in range(request.batch_size):
                 if index and self._interrupt.is_set():
                     break
-                image["index"] = index
+                schedule.index = index
                 pipeline.scheduler = make_scheduler(sampler, loaded.scheduler_config, loaded.scheduler_class)
-                set_scales(0, request.steps)  # step 0 acts iff start == 0 < end, whatever the number of steps
+                schedule.set_scales(0, request.steps)  # step 0 acts iff start == 0 < end, whatever the number of steps
                 output = pipeline(
                     **prompt_embeds,
                     num_inference_steps=request.steps,
                     guidance_scale=request.cfg_scale,
                     generator=torch.Generator(device="cpu").manual_seed(seed + index),
-                    callback_on_step_end=step_end,
+                    callback_on_step_end=schedule.step_end,
                     output_type="pil",
                     **kwargs,
                 )
                 images += output.images
         finally:
             loaded.attached.set_face_crops([])  # the face crops' hidden states belong to this request only
-        return images, active_steps, pipeline.scheduler
+        return images, schedule.active_steps, pipeline.scheduler
 
     def _denoise_transformer(self, loaded, plan: Plan, request, embeddings, inputs, seed, width, height, on_step):
         """SD 3.5 and FLUX through their diffusers pipelines, with finished embeddings. SD3 takes one tensor
@@ -513,27 +524,8 @@ class Engine:
         images' embeddings separately (used under true CFG only). One image per call, seed + i, as `_denoise`."""
         pipeline = loaded.pipeline
         units = [u.unit for u in plan.units]
-        weights = [u.layer_weights for u in plan.units]
-        active_steps: list[list[int]] = [[] for _ in units]
-        image = {"index": 0}
+        schedule = UnitSchedule(loaded.attached, plan, request.batch_size, on_step, self._interrupt)
         dtype = pipeline.transformer.dtype
-
-        def set_scales(step: int, total: int) -> None:
-            active = [u.active_at(step, total) for u in units]
-            for i, on in enumerate(active):
-                if on and image["index"] == 0:
-                    active_steps[i].append(step)
-            loaded.attached.set_scales([u.scale if on else 0.0 for u, on in zip(units, active)], weights)
-
-        def step_end(pipe, step, timestep, tensors):
-            total = pipe.num_timesteps
-            if step + 1 < total:
-                set_scales(step + 1, total)
-            if on_step is not None:
-                on_step(image["index"] * total + step + 1, request.batch_size * total)
-            if self._interrupt.is_set():
-                pipe._interrupt = True
-            return tensors
 
         kwargs = {"prompt": plan.prompt, "negative_prompt": plan.negative_prompt or None, "width": width,
                   "height": height, "guidance_scale": request.cfg_scale}  # fmt: skip
@@ -553,18 +545,18 @@ class Engine:
         for index in range(request.batch_size):
             if index and self._interrupt.is_set():
                 break
-            image["index"] = index
+            schedule.index = index
             pipeline.scheduler = make_scheduler("Default", loaded.scheduler_config, loaded.scheduler_class)
-            set_scales(0, request.steps)
+            schedule.set_scales(0, request.steps)
             output = pipeline(
                 num_inference_steps=request.steps,
                 generator=torch.Generator(device="cpu").manual_seed(seed + index),
-                callback_on_step_end=step_end,
+                callback_on_step_end=schedule.step_end,
                 output_type="pil",
                 **kwargs,
             )
             images += output.images
-        return images, active_steps, pipeline.scheduler
+        return images, schedule.active_steps, pipeline.scheduler
 
     def _unit_info(self, unit, embeddings, active_steps: list[int]) -> dict:
         a = unit.adapter.spec
