@@ -58,8 +58,8 @@ def probe(path) -> Spec:
         return flux_adapter_spec(path, xlabs_names(table))
     if any(k.startswith(("image_proj.", "ip_adapter.")) for k in table):
         return adapter_spec(path, table)
-    if "embeddings.patch_embedding.weight" in table and "embeddings.class_embedding" not in table:
-        table = {f"vision_model.{k}": v for k, v in table.items()}  # a SiglipVisionModel saved by transformers 5
+    if "embeddings.class_embedding" not in table:  # (a CLIP file without the prefix is not read as one)
+        table = with_vision_prefix(table)
     if "vision_model.embeddings.patch_embedding.weight" in table:
         return vision_tower_spec(path, table, _config_from_metadata(metadata))
     if is_single_file_checkpoint(table):
@@ -253,10 +253,7 @@ def encoder_spec(path: Path, table: dict[str, TensorInfo], config: dict) -> Enco
     """Read a CLIP vision encoder's widths from transformers-named tensors; heads/activation from `config`."""
 
     def shape(key, ndim):
-        info = table.get(key)
-        if info is None or len(info.shape) != ndim:
-            raise CheckpointError(path, f"not a CLIP vision encoder: {key} missing or not {ndim}-d", REDOWNLOAD)
-        return info.shape
+        return tensor_shape(path, table, key, ndim, "a CLIP vision encoder")
 
     hidden_size = shape("vision_model.embeddings.class_embedding", 1)[0]
     patch_size = shape("vision_model.embeddings.patch_embedding.weight", 4)[-1]
@@ -264,13 +261,10 @@ def encoder_spec(path: Path, table: dict[str, TensorInfo], config: dict) -> Enco
     side = math.isqrt(positions - 1)
     if side * side != positions - 1:
         raise CheckpointError(path, f"{positions} position embeddings is not a square grid plus CLS", REDOWNLOAD)
-    layer_ids = {int(k.split(".")[3]) for k in table if k.startswith("vision_model.encoder.layers.")}
-    if not layer_ids or layer_ids != set(range(max(layer_ids) + 1)):
-        raise CheckpointError(path, "vision_model.encoder.layers.* are missing or not numbered 0..n-1", REDOWNLOAD)
+    num_layers = vision_layer_count(path, table)
     intermediate = shape("vision_model.encoder.layers.0.mlp.fc1.weight", 2)[0]
     projection = table.get("visual_projection.weight")
     projection_dim = projection.shape[0] if projection is not None else None
-    num_layers = max(layer_ids) + 1
     family = catalog.family_by_shape(hidden_size, projection_dim, num_layers, intermediate)
     heads = config.get("num_attention_heads") or (family.num_attention_heads if family else max(1, hidden_size // 64))
     act = config.get("hidden_act") or (family.hidden_act if family else "gelu")
@@ -293,6 +287,28 @@ def encoder_spec(path: Path, table: dict[str, TensorInfo], config: dict) -> Enco
     )
 
 
+def tensor_shape(path: Path, table: dict[str, TensorInfo], key: str, ndim: int, what: str) -> tuple[int, ...]:
+    info = table.get(key)
+    if info is None or len(info.shape) != ndim:
+        raise CheckpointError(path, f"not {what}: {key} missing or not {ndim}-d", REDOWNLOAD)
+    return info.shape
+
+
+def vision_layer_count(path: Path, table: dict[str, TensorInfo]) -> int:
+    """How many `vision_model.encoder.layers.<n>` a vision tower has (numbered 0..n-1, or it is damaged)."""
+    layer_ids = {int(k.split(".")[3]) for k in table if k.startswith("vision_model.encoder.layers.")}
+    if not layer_ids or layer_ids != set(range(max(layer_ids) + 1)):
+        raise CheckpointError(path, "vision_model.encoder.layers.* are missing or not numbered 0..n-1", REDOWNLOAD)
+    return max(layer_ids) + 1
+
+
+def with_vision_prefix(table: dict) -> dict:
+    """A SiglipVisionModel saved by transformers 5 has no `vision_model.` prefix: give it the published names."""
+    if "embeddings.patch_embedding.weight" in table:
+        return {f"vision_model.{k}": v for k, v in table.items()}
+    return table
+
+
 def vision_tower_spec(path: Path, table: dict[str, TensorInfo], config: dict) -> EncoderSpec:
     """A CLIP vision encoder, or (no CLS token) a SigLIP one."""
     if "vision_model.embeddings.class_embedding" not in table:
@@ -305,21 +321,15 @@ def siglip_encoder_spec(path: Path, table: dict[str, TensorInfo], config: dict) 
     position embeddings are a square grid; no visual projection, so it gives hidden states only."""
 
     def shape(key, ndim):
-        info = table.get(key)
-        if info is None or len(info.shape) != ndim:
-            raise CheckpointError(path, f"not a SigLIP vision tower: {key} missing or not {ndim}-d", REDOWNLOAD)
-        return info.shape
+        return tensor_shape(path, table, key, ndim, "a SigLIP vision tower")
 
     hidden_size, _, _, patch_size = shape("vision_model.embeddings.patch_embedding.weight", 4)
     positions = shape("vision_model.embeddings.position_embedding.weight", 2)[0]
     side = math.isqrt(positions)
     if side * side != positions:
         raise CheckpointError(path, f"{positions} position embeddings is not a square grid", REDOWNLOAD)
-    layer_ids = {int(k.split(".")[3]) for k in table if k.startswith("vision_model.encoder.layers.")}
-    if not layer_ids or layer_ids != set(range(max(layer_ids) + 1)):
-        raise CheckpointError(path, "vision_model.encoder.layers.* are missing or not numbered 0..n-1", REDOWNLOAD)
+    num_layers = vision_layer_count(path, table)
     intermediate = shape("vision_model.encoder.layers.0.mlp.fc1.weight", 2)[0]
-    num_layers = max(layer_ids) + 1
     config = config.get("vision_config", config)  # a whole SiglipModel's config nests the tower's
     family = next((f for f in catalog.SIGLIP_FAMILIES if (f.hidden_size, f.num_layers, f.intermediate_size)
                    == (hidden_size, num_layers, intermediate)), None)  # fmt: skip
@@ -379,9 +389,7 @@ def probe_config_folder(folder: Path) -> Spec:
 def probe_encoder_folder(folder: Path, config: dict) -> EncoderSpec:
     weights = encoder_weights_file(folder)
     table, _ = read_tensor_table(weights)
-    if "embeddings.patch_embedding.weight" in table:  # a SiglipVisionModel saved by transformers 5: no prefix
-        table = {f"vision_model.{k}": v for k, v in table.items()}
-    spec = vision_tower_spec(weights, table, config)
+    spec = vision_tower_spec(weights, with_vision_prefix(table), config)
     return EncoderSpec(**{**asdict(spec), "path": str(folder)})
 
 
