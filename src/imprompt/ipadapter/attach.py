@@ -39,7 +39,31 @@ class FaceCropProjection(torch.nn.Module):
             inner.clip_embeds = None
 
 
-class AttachedAdapters:
+class KeptShells:
+    """Processor shells kept per adapter set, and letting go of them: shared by the UNet attachment below and the
+    SD 3.5 / FLUX one (`dit.py`). Subclasses keep `_shells` (adapter keys -> shells) and `attached`, and attach."""
+
+    _shells: OrderedDict
+    attached: tuple
+
+    def attach(self, adapters: list, keys: tuple) -> bool:
+        raise NotImplementedError
+
+    def forget_shells(self) -> None:
+        """Drop the kept shells (they hold references to built adapters; see Engine.clear_cache)."""
+        self._shells.clear()
+
+    def forget(self, keys) -> None:
+        """Adapters evicted from the engine's cache: drop every kept shell set that holds one, and take them off
+        the model if attached, so that no reference keeps their memory (the next request attaches its own set)."""
+        gone = set(keys)
+        for kept in [k for k in self._shells if gone & set(k)]:
+            del self._shells[kept]
+        if gone & set(self.attached):
+            self.attach([], ())
+
+
+class AttachedAdapters(KeptShells):
     """The IP-Adapter state of one UNet: which built adapters are attached, in which order, at which scales."""
 
     def __init__(self, unet):
@@ -96,19 +120,6 @@ class AttachedAdapters:
         while len(self._shells) > SHELL_SETS:
             self._shells.popitem(last=False)
         return self._shells[keys]
-
-    def forget_shells(self) -> None:
-        """Drop the kept shells (they hold references to built adapters; see Engine.clear_cache)."""
-        self._shells.clear()
-
-    def forget(self, keys) -> None:
-        """Adapters evicted from the engine's cache: drop every kept shell set that holds one, and take them off
-        the UNet if attached, so that no reference keeps their memory (the next request attaches its own set)."""
-        gone = set(keys)
-        for kept in [k for k in self._shells if gone & set(k)]:
-            del self._shells[kept]
-        if gone & set(self.attached):
-            self.attach([], ())
 
     def set_face_crops(self, crops: list[tuple]) -> None:
         """FaceID Plus units: (hidden states of the face crops as the pipeline batches them, v2 shortcut on?,

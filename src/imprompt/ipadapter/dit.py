@@ -18,6 +18,7 @@ from diffusers.models.embeddings import ImageProjection, MultiIPAdapterImageProj
 from diffusers.models.transformers.transformer_flux import FluxIPAdapterAttnProcessor
 
 from ..models.specs import AdapterSpec
+from .attach import KeptShells
 from ..util.cache import module_bytes
 
 SHELL_SETS = 8  # FLUX adapter sets whose processor shells are kept
@@ -74,7 +75,7 @@ def build_transformer_adapter(spec: AdapterSpec, state_dict: dict, transformer) 
     )
 
 
-class AttachedTransformerAdapters:
+class AttachedTransformerAdapters(KeptShells):
     """The IP-Adapter state of one SD 3.5 or FLUX transformer: which built adapters it carries, at which scales.
     Same interface as `attach.AttachedAdapters`, so the engine treats both alike."""
 
@@ -136,16 +137,6 @@ class AttachedTransformerAdapters:
         while len(self._shells) > SHELL_SETS:
             self._shells.popitem(last=False)
         return self._shells[keys]
-
-    def forget_shells(self) -> None:
-        self._shells.clear()
-
-    def forget(self, keys) -> None:
-        gone = set(keys)
-        for kept in [k for k in self._shells if gone & set(k)]:
-            del self._shells[kept]
-        if gone & set(self.attached):
-            self.attach([], ())
 
     def set_face_crops(self, crops: list) -> None:
         """No FaceID adapter exists for these families (the plan refuses the pairing)."""
