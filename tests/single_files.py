@@ -126,3 +126,131 @@ def _open_clip_tensors(text_encoder, prefix: str) -> dict:
     if state:
         raise ValueError(f"text encoder tensors without an OpenCLIP name: {sorted(state)[:4]}")
     return out
+
+
+# ------------------------------------------------------------------ SD 3.x / FLUX.1 all-in-one (ComfyUI's layout)
+
+
+def write_transformer_single_file(pipeline, path: Path, with_t5: bool = True, dtype: torch.dtype = torch.float16) -> Path:
+    """Save a diffusers SD 3 / FLUX pipeline as one all-in-one file, as ComfyUI's `checkpoints/` hold them: the
+    transformer in its original names under `model.diffusion_model.`, the VAE under `first_stage_model.`, the text
+    encoders under `text_encoders.clip_l.` / `clip_g.` / `t5xxl.transformer.`."""
+    from safetensors.torch import save_file
+
+    tensors = transformer_single_file_tensors(pipeline, with_t5)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.to(dtype).clone() for k, v in tensors.items()}, path, metadata={"format": "pt"})  # T5 ties two
+    return path
+
+
+def transformer_single_file_tensors(pipeline, with_t5: bool = True) -> dict[str, torch.Tensor]:
+    flux = type(pipeline.transformer).__name__ == "FluxTransformer2DModel"
+    state = pipeline.transformer.state_dict()
+    original = flux_original_names(state) if flux else sd3_original_names(state, pipeline.transformer.config.num_layers)
+    tensors = {"model.diffusion_model." + k: v for k, v in original.items()}
+    levels = len(pipeline.vae.config.block_out_channels)
+    for key, tensor in pipeline.vae.state_dict().items():
+        ldm, tensor = _ldm_vae_key(key, tensor, levels)
+        tensors["first_stage_model." + ldm] = tensor
+    encoders = {"clip_l": pipeline.text_encoder}
+    if flux:
+        encoders["t5xxl"] = pipeline.text_encoder_2
+    else:
+        encoders.update(clip_g=pipeline.text_encoder_2, t5xxl=pipeline.text_encoder_3)
+    for name, encoder in encoders.items():
+        if encoder is None or (name == "t5xxl" and not with_t5):
+            continue
+        for key, tensor in encoder.state_dict().items():
+            if key.endswith("position_ids"):
+                continue
+            if name != "t5xxl" and not key.startswith(("text_model.", "text_projection")):
+                key = "text_model." + key  # transformers 5 saves CLIPTextModel without its text_model wrapper
+            tensors[f"text_encoders.{name}.transformer.{key}"] = tensor
+    return tensors
+
+
+def _swap_halves(tensor: torch.Tensor) -> torch.Tensor:
+    """The original AdaLN order (shift, scale) <-> diffusers' (scale, shift): the same swap both ways."""
+    first, second = tensor.chunk(2, dim=0)
+    return torch.cat([second, first])
+
+
+def sd3_original_names(state: dict, layers: int) -> dict:
+    """SD 3's transformer in Stability's names: the inverse of diffusers' `convert_sd3_transformer_checkpoint_to_
+    diffusers`."""
+    s = dict(state)
+    out = {"pos_embed": s.pop("pos_embed.pos_embed")}
+    renames = {"pos_embed.proj": "x_embedder.proj", "time_text_embed.timestep_embedder.linear_1": "t_embedder.mlp.0",
+               "time_text_embed.timestep_embedder.linear_2": "t_embedder.mlp.2", "context_embedder": "context_embedder",
+               "time_text_embed.text_embedder.linear_1": "y_embedder.mlp.0",
+               "time_text_embed.text_embedder.linear_2": "y_embedder.mlp.2", "proj_out": "final_layer.linear"}  # fmt: skip
+    for i in range(layers):
+        b, o = f"transformer_blocks.{i}.", f"joint_blocks.{i}."
+        for kind in ("weight", "bias"):
+            out[f"{o}x_block.attn.qkv.{kind}"] = torch.cat([s.pop(f"{b}attn.to_{p}.{kind}") for p in "qkv"])
+            out[f"{o}context_block.attn.qkv.{kind}"] = torch.cat([s.pop(f"{b}attn.add_{p}_proj.{kind}") for p in "qkv"])
+            if f"{b}attn2.to_q.{kind}" in s:
+                out[f"{o}x_block.attn2.qkv.{kind}"] = torch.cat([s.pop(f"{b}attn2.to_{p}.{kind}") for p in "qkv"])
+            context_norm = s.pop(f"{b}norm1_context.linear.{kind}")
+            out[f"{o}context_block.adaLN_modulation.1.{kind}"] = _swap_halves(context_norm) if i == layers - 1 else context_norm
+        renames.update({f"{b}attn.to_out.0": f"{o}x_block.attn.proj", f"{b}attn.to_add_out": f"{o}context_block.attn.proj",
+                        f"{b}attn2.to_out.0": f"{o}x_block.attn2.proj", f"{b}norm1.linear": f"{o}x_block.adaLN_modulation.1",
+                        f"{b}ff.net.0.proj": f"{o}x_block.mlp.fc1", f"{b}ff.net.2": f"{o}x_block.mlp.fc2",
+                        f"{b}ff_context.net.0.proj": f"{o}context_block.mlp.fc1", f"{b}ff_context.net.2": f"{o}context_block.mlp.fc2",
+                        f"{b}attn.norm_q": f"{o}x_block.attn.ln_q", f"{b}attn.norm_k": f"{o}x_block.attn.ln_k",
+                        f"{b}attn.norm_added_q": f"{o}context_block.attn.ln_q", f"{b}attn.norm_added_k": f"{o}context_block.attn.ln_k",
+                        f"{b}attn2.norm_q": f"{o}x_block.attn2.ln_q", f"{b}attn2.norm_k": f"{o}x_block.attn2.ln_k"})  # fmt: skip
+    for kind in ("weight", "bias"):
+        out[f"final_layer.adaLN_modulation.1.{kind}"] = _swap_halves(s.pop(f"norm_out.linear.{kind}"))
+    return {**out, **_renamed(s, renames)}
+
+
+def flux_original_names(state: dict) -> dict:
+    """FLUX.1's transformer in Black Forest Labs' names: the inverse of diffusers' `convert_flux_transformer_
+    checkpoint_to_diffusers` (at any width)."""
+    s = dict(state)
+    out = {}
+    renames = {"time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
+               "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
+               "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
+               "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
+               "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+               "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
+               "context_embedder": "txt_in", "x_embedder": "img_in", "proj_out": "final_layer.linear"}  # fmt: skip
+    doubles = sorted({int(k.split(".")[1]) for k in s if k.startswith("transformer_blocks.")})
+    singles = sorted({int(k.split(".")[1]) for k in s if k.startswith("single_transformer_blocks.")})
+    for i in doubles:
+        b, o = f"transformer_blocks.{i}.", f"double_blocks.{i}."
+        for kind in ("weight", "bias"):
+            out[f"{o}img_attn.qkv.{kind}"] = torch.cat([s.pop(f"{b}attn.to_{p}.{kind}") for p in "qkv"])
+            out[f"{o}txt_attn.qkv.{kind}"] = torch.cat([s.pop(f"{b}attn.add_{p}_proj.{kind}") for p in "qkv"])
+        renames.update({f"{b}norm1.linear": f"{o}img_mod.lin", f"{b}norm1_context.linear": f"{o}txt_mod.lin",
+                        f"{b}ff.net.0.proj": f"{o}img_mlp.0", f"{b}ff.net.2": f"{o}img_mlp.2",
+                        f"{b}ff_context.net.0.proj": f"{o}txt_mlp.0", f"{b}ff_context.net.2": f"{o}txt_mlp.2",
+                        f"{b}attn.to_out.0": f"{o}img_attn.proj", f"{b}attn.to_add_out": f"{o}txt_attn.proj"})  # fmt: skip
+        for norm, name in (("norm_q", "img_attn.norm.query_norm"), ("norm_k", "img_attn.norm.key_norm"),
+                           ("norm_added_q", "txt_attn.norm.query_norm"), ("norm_added_k", "txt_attn.norm.key_norm")):  # fmt: skip
+            out[f"{o}{name}.scale"] = s.pop(f"{b}attn.{norm}.weight")
+    for i in singles:
+        b, o = f"single_transformer_blocks.{i}.", f"single_blocks.{i}."
+        for kind in ("weight", "bias"):
+            parts = [s.pop(f"{b}attn.to_{p}.{kind}") for p in "qkv"] + [s.pop(f"{b}proj_mlp.{kind}")]
+            out[f"{o}linear1.{kind}"] = torch.cat(parts)
+        out[f"{o}norm.query_norm.scale"] = s.pop(f"{b}attn.norm_q.weight")
+        out[f"{o}norm.key_norm.scale"] = s.pop(f"{b}attn.norm_k.weight")
+        renames.update({f"{b}norm.linear": f"{o}modulation.lin", f"{b}proj_out": f"{o}linear2"})
+    for kind in ("weight", "bias"):
+        out[f"final_layer.adaLN_modulation.1.{kind}"] = _swap_halves(s.pop(f"norm_out.linear.{kind}"))
+    return {**out, **_renamed(s, renames)}
+
+
+def _renamed(state: dict, renames: dict) -> dict:
+    """Each remaining tensor under its module's original name; every tensor must have one."""
+    out = {}
+    for key, tensor in state.items():
+        module, kind = key.rsplit(".", 1)
+        if module not in renames:
+            raise ValueError(f"no original name for transformer tensor {key}")
+        out[f"{renames[module]}.{kind}"] = tensor
+    return out

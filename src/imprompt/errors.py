@@ -108,6 +108,12 @@ class MissingFaceAnalysisError(ImpromptError):
     http_status = 422
 
 
+class MissingTokenizerError(ImpromptError):
+    """A checkpoint whose text encoder's tokenizer is in no file imprompt can find (T5's, for single files)."""
+
+    http_status = 422
+
+
 class NoFaceError(RequestError):
     """A FaceID reference image in which the face detector found no face."""
 

@@ -19,6 +19,7 @@ from .errors import (
 )
 from .ipadapter.block_weights import layer_weights
 from .models import catalog
+from .models.single_file import require_t5_tokenizer
 from .models.store import Entry, ModelStore
 from .prompting.syntax import BREAK as BREAK_MARK
 from .prompting.syntax import parse_attention, take_lora_tags
@@ -122,6 +123,7 @@ def plan_transformer(request: GenerateRequest, pipeline: Entry, units: tuple, st
     def refuse(field: str, why: str):
         raise UnsupportedError(f"{field}: {why} for {family} models (model {name}); remove it")
 
+    require_t5_tokenizer(pipeline.spec)  # a single file that holds T5 needs its tokenizer from elsewhere
     _, tags = take_lora_tags(request.prompt, "prompt")
     if tags or request.loras:
         refuse("loras" if request.loras else "prompt", "LoRAs are not supported yet")

@@ -39,7 +39,7 @@ from .tiny_dits import (
 
 log = logging.getLogger("imprompt")
 
-PACK_VERSION = 6  # 5: pack.json lists the files the pack wrote; 6: SD 3.5 and FLUX
+PACK_VERSION = 7  # 5: pack.json lists the files the pack wrote; 6: SD 3.5 and FLUX; 7: their published conventions
 SD15_MODEL = "tiny-sd15"
 SDXL_MODEL = "tiny-sdxl"
 SD35_MODEL = "tiny-sd35"

@@ -24,7 +24,12 @@ TINY_SIGLIP = dict(hidden_size=SIGLIP_WIDTH, intermediate_size=128, num_hidden_l
 TINY_VIT_L = dict(hidden_size=48, projection_dim=VIT_L_PROJECTION, num_layers=3, heads=4)
 
 
-def _vae(seed: int):
+# each family's VAE latent normalisation (scaling_factor, shift_factor), as their published configs have them
+SD3_VAE_FACTORS = (1.5305, 0.0609)
+FLUX_VAE_FACTORS = (0.3611, 0.1159)
+
+
+def _vae(seed: int, factors: tuple[float, float]):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
@@ -38,36 +43,45 @@ def _vae(seed: int):
         latent_channels=16,  # SD 3 and FLUX VAEs: 16 latent channels
         norm_num_groups=16,
         sample_size=64,
-        scaling_factor=1.5305,
-        shift_factor=0.0609,
+        scaling_factor=factors[0],
+        shift_factor=factors[1],
         use_quant_conv=False,
         use_post_quant_conv=False,
     )
 
 
-def _clip_text(tokenizer, hidden: int, projection: int | None, seed: int):
+def _clip_text(tokenizer, hidden: int, projection: int | None, seed: int, act: str = "quick_gelu"):
+    """A CLIP text tower by CLIP's conventions (64 channels per head, at least one), so a single file written from
+    it reads back with the same configuration."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
     config = CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=77, projection_dim=projection or hidden,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        num_attention_heads=max(1, hidden // 64), max_position_embeddings=77, projection_dim=projection or hidden,
+        hidden_act=act, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )  # fmt: skip
     return CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)
 
 
-def build_sd3_pipeline(folder: Path, seed: int = 11, heads: int = 4, head_dim: int = 8, layers: int = 3):
-    """A StableDiffusion3Pipeline folder as SD 3.5 Large has it (qk RMS norms, two CLIP text towers), saved without
-    T5 (`text_encoder_3: [null, null]`), as diffusers allows: prompts run through the CLIP towers alone."""
+def build_sd3_pipeline(folder: Path, seed: int = 11, heads: int = 4, head_dim: int = 8, layers: int = 3,
+                       clip_vocabulary: bool = False):  # fmt: skip
+    """A StableDiffusion3Pipeline folder as SD 3.5 Large has it (qk RMS norms, two CLIP text towers of different
+    widths: CLIP-L's pooled output unprojected, bigG's with GELU), saved without T5 (`text_encoder_3: [null, null]`),
+    as diffusers allows: prompts run through the CLIP towers alone. `clip_vocabulary`: CLIP's real tokenizer, as
+    single files get it."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTokenizer
 
     folder = Path(folder)
     for sub in ("tokenizer", "tokenizer_2"):
-        write_tokenizer(folder / sub, pad="!" if sub == "tokenizer_2" else "<|endoftext|>")
+        write_tokenizer(folder / sub, clip_vocabulary, pad="!" if sub == "tokenizer_2" else "<|endoftext|>")
     tokenizer, tokenizer_2 = (CLIPTokenizer.from_pretrained(folder / s) for s in ("tokenizer", "tokenizer_2"))
-    clip_width = 32
+    clip_l, clip_g = 32, 48  # CLIP-L and bigG differ in width (768, 1280), which is how single files tell them apart
+    text_encoder = _clip_text(tokenizer, clip_l, clip_l, seed + 2)
+    with torch.no_grad():  # SD 3 reads CLIP-L's pooled output unprojected (diffusers' single-file loader: identity)
+        text_encoder.text_projection.weight.copy_(torch.eye(clip_l))
     torch.manual_seed(seed)
     transformer = SD3Transformer2DModel(
         sample_size=8,
@@ -77,19 +91,19 @@ def build_sd3_pipeline(folder: Path, seed: int = 11, heads: int = 4, head_dim: i
         num_layers=layers,
         attention_head_dim=head_dim,
         num_attention_heads=heads,
-        joint_attention_dim=2 * clip_width,  # the CLIP towers' hidden states side by side (T5's width with T5)
+        joint_attention_dim=clip_l + clip_g,  # the CLIP towers' hidden states side by side (T5's width with T5)
         caption_projection_dim=heads * head_dim,
-        pooled_projection_dim=2 * clip_width,  # the two pooled, projected CLIP outputs
+        pooled_projection_dim=clip_l + clip_g,  # the two pooled CLIP outputs
         pos_embed_max_size=16,
         qk_norm="rms_norm",
     )
     pipeline = StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        vae=_vae(seed + 1),
-        text_encoder=_clip_text(tokenizer, clip_width, clip_width, seed + 2),
+        vae=_vae(seed + 1, SD3_VAE_FACTORS),
+        text_encoder=text_encoder,
         tokenizer=tokenizer,
-        text_encoder_2=_clip_text(tokenizer_2, clip_width, clip_width, seed + 3),
+        text_encoder_2=_clip_text(tokenizer_2, clip_g, clip_g, seed + 3, act="gelu"),
         tokenizer_2=tokenizer_2,
         text_encoder_3=None,
         tokenizer_3=None,
@@ -120,15 +134,16 @@ def write_t5_tokenizer(folder: Path) -> None:
     fast.save_pretrained(folder)
 
 
-def build_flux_pipeline(folder: Path, seed: int = 21, heads: int = 2, head_dim: int = 16, double: int = 2,
-                        single: int = 1, t5_width: int = 32):  # fmt: skip
+def build_flux_pipeline(folder: Path, seed: int = 21, heads: int = 1, head_dim: int = 32, double: int = 2,
+                        single: int = 1, t5_width: int = 32, clip_vocabulary: bool = False):  # fmt: skip
     """A FluxPipeline folder with FLUX.1-dev's structure (double- then single-stream blocks, guidance embedding,
-    CLIP-L pooled text + T5 tokens), tiny widths (`t5_width` 4096 is FLUX's own, for adapters at full width)."""
+    CLIP-L pooled text + T5 tokens, rotary axes splitting each head as FLUX.1's 16/56/56 of 128 do), tiny widths
+    (`t5_width` 4096 is FLUX's own, for adapters at full width)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
 
     folder = Path(folder)
-    write_tokenizer(folder / "tokenizer")
+    write_tokenizer(folder / "tokenizer", clip_vocabulary)
     write_t5_tokenizer(folder / "tokenizer_2")
     tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
     tokenizer_2 = T5TokenizerFast.from_pretrained(folder / "tokenizer_2")
@@ -144,7 +159,7 @@ def build_flux_pipeline(folder: Path, seed: int = 21, heads: int = 2, head_dim: 
         joint_attention_dim=t5_width,
         pooled_projection_dim=clip_width,
         guidance_embeds=True,
-        axes_dims_rope=(head_dim // 4, head_dim // 4, head_dim // 2),
+        axes_dims_rope=(head_dim // 8, head_dim * 7 // 16, head_dim * 7 // 16),
     )
     torch.manual_seed(seed + 4)
     t5 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), d_model=t5_width, d_kv=8, d_ff=64, num_layers=2,
@@ -154,7 +169,7 @@ def build_flux_pipeline(folder: Path, seed: int = 21, heads: int = 2, head_dim: 
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
                                                   max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096),
-        vae=_vae(seed + 1),
+        vae=_vae(seed + 1, FLUX_VAE_FACTORS),
         text_encoder=_clip_text(tokenizer, clip_width, None, seed + 2),
         tokenizer=tokenizer,
         text_encoder_2=t5,

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
-from ..models.single_file import write_config_folder
+from ..models.single_file import UNET, require_t5_tokenizer, write_config_folder, write_transformer_config_folder
 from ..models.specs import PipelineSpec
 from .tensors import first_line, read_tensor_table
 
@@ -66,13 +66,7 @@ def load_pipeline(spec: PipelineSpec, device: torch.device, dtype: torch.dtype, 
     path = Path(spec.path)
     try:
         if path.is_file():
-            table, _ = read_tensor_table(path)
-            with tempfile.TemporaryDirectory(prefix="imprompt-config-") as folder:
-                write_config_folder(path, table, Path(folder))
-                pipeline = cls.from_single_file(
-                    str(path), config=folder, local_files_only=True, dtype=dtype, image_encoder=None,
-                    feature_extractor=None, **WITHOUT[spec.pipeline_class],
-                )  # fmt: skip
+            pipeline = from_single_file(cls, spec, dtype)
         else:
             pipeline = cls.from_pretrained(
                 spec.path, dtype=dtype, local_files_only=True, **{**absent_components(path), "image_encoder": None,
@@ -83,3 +77,58 @@ def load_pipeline(spec: PipelineSpec, device: torch.device, dtype: torch.dtype, 
         raise CheckpointError(spec.path, f"cannot load {what} ({first_line(exc)})") from None
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(device)
+
+
+FLUX1_WIDTH = 3072  # the width diffusers' FLUX single-file converter is written for
+
+
+def from_single_file(cls, spec: PipelineSpec, dtype: torch.dtype):
+    """diffusers' `from_single_file` with the config folder imprompt writes from the tensors. SD 3 files without T5
+    load without it, as diffusers allows; FLUX files of another width than FLUX.1's get their transformer here."""
+    path = Path(spec.path)
+    table, _ = read_tensor_table(path)
+    extra = dict(WITHOUT[spec.pipeline_class])
+    with tempfile.TemporaryDirectory(prefix="imprompt-config-") as name:
+        folder = Path(name)
+        if spec.architecture == "unet":
+            write_config_folder(path, table, folder)
+        else:
+            write_transformer_config_folder(path, table, folder, spec.architecture, require_t5_tokenizer(spec))
+            if spec.architecture == "sd3" and "t5xxl" not in spec.text_encoders:
+                extra.update(text_encoder_3=None, tokenizer_3=None)
+            if spec.architecture == "flux" and table[UNET + "img_in.weight"].shape[0] != FLUX1_WIDTH:
+                extra["transformer"] = flux_transformer_at_any_width(path, folder, dtype)
+        pipeline = cls.from_single_file(str(path), config=str(folder), local_files_only=True, dtype=dtype,
+                                        image_encoder=None, feature_extractor=None, **extra)  # fmt: skip
+    for component in pipeline.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()  # diffusers' single-file loader leaves T5 in training mode: dropout on, prompts drift
+    return pipeline
+
+
+def flux_transformer_at_any_width(path: Path, config_folder: Path, dtype: torch.dtype):
+    """A FLUX-shaped transformer from a single file narrower or wider than FLUX.1 (imprompt goes beyond diffusers
+    here). diffusers' converter splits each single-stream block's fused projection (`linear1`: q, k, v, then the
+    4x MLP) at FLUX.1's width, written into it. imprompt splits those at the file's width and hands diffusers a
+    broadcast stand-in of the size it expects (a zero-stride view, no memory) for everything else it converts."""
+    from diffusers import FluxTransformer2DModel
+    from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
+    from safetensors.torch import load_file
+
+    checkpoint = {k.removeprefix(UNET): v for k, v in load_file(path).items() if k.startswith(UNET)}
+    width = checkpoint["img_in.weight"].shape[0]
+    fused = {}
+    for key in [k for k in checkpoint if k.startswith("single_blocks.") and ".linear1." in k]:
+        fused[key] = checkpoint.pop(key)
+        checkpoint[key] = torch.zeros((), dtype=fused[key].dtype).expand(7 * FLUX1_WIDTH, *fused[key].shape[1:])
+    converted = convert_flux_transformer_checkpoint_to_diffusers(checkpoint)
+    for key, tensor in fused.items():
+        block, kind = key.split(".")[1], key.rsplit(".", 1)[1]
+        q, k, v, mlp = torch.split(tensor, (width, width, width, tensor.shape[0] - 3 * width))
+        target = f"single_transformer_blocks.{block}."
+        converted.update({f"{target}attn.to_q.{kind}": q, f"{target}attn.to_k.{kind}": k,
+                          f"{target}attn.to_v.{kind}": v, f"{target}proj_mlp.{kind}": mlp})  # fmt: skip
+    config = json.loads((config_folder / "transformer" / "config.json").read_text())
+    transformer = FluxTransformer2DModel.from_config(config)
+    transformer.load_state_dict(converted)  # strict: every tensor of the model is named, and nothing else
+    return transformer.to(dtype)

@@ -44,6 +44,66 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
             return table, handle.metadata() or {}
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(path, f"not a valid safetensors file ({first_line(exc)})", REDOWNLOAD) from None
+    except RuntimeError as exc:
+        if "mmap" not in str(exc):
+            raise
+        return parse_safetensors_header(path)  # larger than the memory the kernel will map at once
+
+
+# bytes per element of each safetensors dtype
+DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
+               "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1}  # fmt: skip
+HEADER_LIMIT = 100_000_000  # the safetensors library's own limit on the JSON header
+
+
+def parse_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """The tensor table of a safetensors file too large for the library to map (it maps the whole file to read
+    the header: a 28 GB FLUX checkpoint on a 24 GB machine), read from the header alone with the library's checks:
+    the size limit, known dtypes, sizes that match the shapes, offsets that cover the data exactly."""
+    import json
+    import math
+    import struct
+
+    size = file_size(path)
+
+    def bad(problem):
+        return CheckpointError(path, f"not a valid safetensors file ({problem})", REDOWNLOAD)
+
+    with open(path, "rb") as f:
+        start = f.read(8)
+        if len(start) < 8:
+            raise bad("shorter than its header length")
+        (length,) = struct.unpack("<Q", start)
+        if length > HEADER_LIMIT or 8 + length > size:
+            raise bad(f"header length {length} exceeds the limit or the file")
+        try:
+            header = json.loads(f.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise bad(f"header is not JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise bad("header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    table, spans = {}, []
+    for name, entry in header.items():
+        try:
+            dtype, shape, (first, last) = entry["dtype"], entry["shape"], entry["data_offsets"]
+            count = math.prod(shape)
+        except (KeyError, TypeError, ValueError):
+            raise bad(f"tensor {name!r} has no dtype, shape and two data offsets") from None
+        if dtype not in DTYPE_BYTES or not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise bad(f"tensor {name!r} has dtype {dtype!r} and shape {shape}")
+        if not (isinstance(first, int) and isinstance(last, int)) or last - first != count * DTYPE_BYTES[dtype]:
+            raise bad(f"tensor {name!r}: offsets {first}..{last} do not hold {shape} x {dtype}")
+        table[name] = TensorInfo(dtype, tuple(shape))
+        spans.append((first, last))
+    end = 0
+    for first, last in sorted(spans):
+        if first != end:
+            raise bad(f"tensor data does not cover the file exactly (gap or overlap at byte {first})")
+        end = last
+    if 8 + length + end != size:
+        raise bad(f"tensor data ends at byte {8 + length + end}, the file at {size}")
+    return table, metadata
 
 
 def load_pickle(path: Path, mmap: bool = False):

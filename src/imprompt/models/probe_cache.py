@@ -19,7 +19,7 @@ from pathlib import Path
 from .specs import Spec, spec_from_json, spec_to_json
 
 log = logging.getLogger("imprompt")
-PROBE_VERSION = 7  # raise when what the probe reads from files changes, so old results are not used
+PROBE_VERSION = 8  # raise when what the probe reads from files changes, so old results are not used
 
 
 def cache_file() -> Path:

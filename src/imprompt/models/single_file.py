@@ -9,6 +9,12 @@ transformer depths, conditioning widths, text-encoder sizes) and fills in what s
 activations, VAE scaling) from the family's published convention. The CLIP tokenizer's vocabulary is built from
 the BPE merges file of the `openai-clip` package on PyPI (`clip/bpe_simple_vocab_16e6.txt.gz`, the file OpenAI's
 CLIP tokenizer ships), so nothing is downloaded at run time.
+
+SD 3.x and FLUX.1 run from all-in-one single files (ComfyUI's `checkpoints/`: the transformer, the VAE and the text
+encoders under `text_encoders.clip_l.` / `clip_g.` / `t5xxl.`), which is what diffusers' `from_single_file` loads
+on its own. Their configs come the same way: SD 3.5 Large's and FLUX.1 dev's, with every width the tensors decide.
+T5's tokenizer is in no checkpoint and cannot be built from one: it is taken from a ComfyUI install around the
+model (which ships it) or from the Hugging Face cache, and the plan names the fix when neither has it.
 """
 
 from __future__ import annotations
@@ -16,12 +22,14 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
+import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import CheckpointError, UnsupportedError
+from ..errors import CheckpointError, MissingTokenizerError, UnsupportedError
 from ..loading.tensors import REDOWNLOAD, TensorInfo
+from . import catalog
 from .specs import PipelineSpec, unet_layer_order
 
 UNET = "model.diffusion_model."
@@ -62,8 +70,37 @@ TEXT_ENCODERS = {
 }
 
 
+# all-in-one SD 3.x / FLUX.1 files (ComfyUI's checkpoints/): text encoder -> key prefix
+DIT_TEXT_ENCODERS = {"clip_l": "text_encoders.clip_l.transformer.", "clip_g": "text_encoders.clip_g.transformer.",
+                     "t5xxl": "text_encoders.t5xxl.transformer."}  # fmt: skip
+# what each family's pipeline needs in the file, and the config subfolder each text encoder fills
+DIT_NEEDS = {"sd3": ("clip_l", "clip_g"), "flux": ("clip_l", "t5xxl")}
+DIT_SUBFOLDERS = {"sd3": {"clip_l": "text_encoder", "clip_g": "text_encoder_2", "t5xxl": "text_encoder_3"},
+                  "flux": {"clip_l": "text_encoder", "t5xxl": "text_encoder_2"}}  # fmt: skip
+DIT_PIPELINES = {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
+FLUX_SCHNELL_SCHEDULER = {"shift": 1.0, "use_dynamic_shifting": False}  # FLUX.1 schnell's, where dev's differ
+# T5's tokenizer: where a ComfyUI install ships it, and the Hugging Face repositories (and subfolders) that hold it
+COMFY_T5_TOKENIZER = Path("comfy") / "text_encoders" / "t5_tokenizer"
+T5_TOKENIZER_REPOS = (("google/t5-v1_1-xxl", ""), ("black-forest-labs/FLUX.1-dev", "tokenizer_2"),
+                      ("black-forest-labs/FLUX.1-schnell", "tokenizer_2"),
+                      ("stabilityai/stable-diffusion-3.5-large", "tokenizer_3"),
+                      ("stabilityai/stable-diffusion-3.5-medium", "tokenizer_3"))  # fmt: skip
+T5_TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "tokenizer_config.json", "special_tokens_map.json")
+T5_TOKENIZER_FIX = ("Run `hf download google/t5-v1_1-xxl spiece.model tokenizer_config.json special_tokens_map.json` "
+                    "once (it lands in the Hugging Face cache, where imprompt looks)")  # fmt: skip
+
+
 def is_single_file_checkpoint(table: dict[str, TensorInfo]) -> bool:
     return any(k.startswith(UNET) for k in table)
+
+
+def dit_architecture(table: dict[str, TensorInfo]) -> str | None:
+    """"sd3" or "flux" for an all-in-one SD 3.x / FLUX.1 file, from its transformer's block names; None otherwise."""
+    if UNET + "joint_blocks.0.x_block.attn.qkv.weight" in table:
+        return "sd3"
+    if UNET + "double_blocks.0.img_attn.qkv.weight" in table:
+        return "flux"
+    return None
 
 
 def model_type(table: dict[str, TensorInfo]) -> str:
@@ -145,6 +182,9 @@ def unet_layout(path, table: dict[str, TensorInfo]) -> UNetLayout:
 def single_file_spec(path: Path, table: dict[str, TensorInfo]) -> PipelineSpec:
     """The pipeline spec of a single file: its model type, and its cross-attention layers renamed from LDM to
     diffusers order. A type imprompt cannot run is listed as what it is, with the reason the plan will give."""
+    architecture = dit_architecture(table)
+    if architecture is not None:
+        return transformer_single_file_spec(path, table, architecture)
     kind = model_type(table)
     if kind not in RUNNABLE:
         widths = {info.shape[-1] for key, info in table.items() if key.startswith(UNET) and key.endswith("attn2.to_k.weight")}
@@ -190,7 +230,210 @@ def single_file_spec(path: Path, table: dict[str, TensorInfo]) -> PipelineSpec:
     )
 
 
+# ------------------------------------------------------------------------------------- SD 3.x and FLUX.1 files
+
+
+def transformer_model_type(table: dict[str, TensorInfo], architecture: str) -> str:
+    """diffusers' names: sd3 (SD 3 Medium: no q/k norms), sd35_medium (dual-attention blocks), sd35_large;
+    flux-dev (guidance embedding), flux-schnell; flux-fill / flux-depth by their input channels."""
+    if architecture == "sd3":
+        if not any(k.startswith(UNET) and ".attn.ln_q." in k for k in table):
+            return "sd3"
+        return "sd35_medium" if any(k.startswith(UNET) and ".x_block.attn2." in k for k in table) else "sd35_large"
+    image_in = table.get(UNET + "img_in.weight")
+    channels = image_in.shape[1] if image_in is not None else 64
+    if channels != 64:
+        return {384: "flux-fill", 128: "flux-depth"}.get(channels, "flux-dev")
+    return "flux-dev" if UNET + "guidance_in.in_layer.weight" in table else "flux-schnell"
+
+
+def transformer_config(path, table: dict[str, TensorInfo], architecture: str) -> dict:
+    """The transformer config fields the tensors decide (diffusers' names). Two things shapes cannot say come from
+    the families' convention: SD 3 Medium's head width (64; SD 3.5's q/k norms give theirs), and how FLUX splits a
+    head into rotary axes (FLUX.1's 16 / 56 / 56 of 128, scaled to the head width)."""
+
+    def shape(key):
+        info = table.get(UNET + key)
+        if info is None:
+            raise CheckpointError(path, f"single-file checkpoint lacks {UNET}{key}", REDOWNLOAD)
+        return info.shape
+
+    if architecture == "sd3":
+        blocks = _block_indices(table, "joint_blocks.")
+        width, in_channels, patch, _ = shape("x_embedder.proj.weight")
+        norm = table.get(UNET + "joint_blocks.0.x_block.attn.ln_q.weight")
+        head = norm.shape[0] if norm is not None else 64
+        return {
+            "num_layers": len(blocks), "attention_head_dim": head, "num_attention_heads": width // head,
+            "patch_size": patch, "in_channels": in_channels,
+            "out_channels": shape("final_layer.linear.weight")[0] // (patch * patch),
+            "joint_attention_dim": shape("context_embedder.weight")[1],
+            "caption_projection_dim": shape("context_embedder.weight")[0],
+            "pooled_projection_dim": shape("y_embedder.mlp.0.weight")[1],
+            "pos_embed_max_size": math.isqrt(shape("pos_embed")[1]),
+            "dual_attention_layers": [i for i in blocks if UNET + f"joint_blocks.{i}.x_block.attn2.qkv.weight" in table],
+            "qk_norm": "rms_norm" if norm is not None else None,
+        }  # fmt: skip
+    width, in_channels = shape("img_in.weight")
+    head = shape("double_blocks.0.img_attn.norm.query_norm.scale")[0]
+    return {
+        "num_layers": len(_block_indices(table, "double_blocks.")),
+        "num_single_layers": len(_block_indices(table, "single_blocks.")),
+        "attention_head_dim": head, "num_attention_heads": width // head, "in_channels": in_channels,
+        "joint_attention_dim": shape("txt_in.weight")[1], "pooled_projection_dim": shape("vector_in.in_layer.weight")[1],
+        "guidance_embeds": UNET + "guidance_in.in_layer.weight" in table,
+        "axes_dims_rope": [head // 8, head * 7 // 16, head * 7 // 16],
+    }  # fmt: skip
+
+
+def _block_indices(table: dict[str, TensorInfo], name: str) -> list[int]:
+    return sorted({int(k[len(UNET + name) :].split(".")[0]) for k in table if k.startswith(UNET + name)})
+
+
+def transformer_single_file_spec(path: Path, table: dict[str, TensorInfo], architecture: str) -> PipelineSpec:
+    """An all-in-one SD 3.x / FLUX.1 file: the blocks its IP-Adapters attach to, as the folder probe reports them
+    (SD 3: every joint block, reading image tokens of its own width; FLUX: the double-stream blocks, reading T5's
+    width), and the text encoders it holds."""
+    kind = transformer_model_type(table, architecture)
+    config = transformer_config(path, table, architecture)
+    block, qkv = ("joint_blocks", "x_block.attn.qkv") if architecture == "sd3" else ("double_blocks", "img_attn.qkv")
+    blocks = _block_indices(table, block + ".")
+    widths = tuple(table[UNET + f"{block}.{i}.{qkv}.weight"].shape[0] // 3 for i in blocks)
+    text_encoders = tuple(name for name, prefix in DIT_TEXT_ENCODERS.items() if _has_text_encoder(table, name))
+    return PipelineSpec(
+        path=str(path),
+        pipeline_class=DIT_PIPELINES[architecture],
+        cross_attention_dim=widths[0] if architecture == "sd3" else config["joint_attention_dim"],
+        layer_widths=widths,
+        default_size=1024,  # SD 3.5 and FLUX.1: 128 x 128 latents
+        layer_names=tuple(f"transformer_blocks.{i}" for i in blocks),
+        in_channels=config["in_channels"],
+        model_type=kind,
+        unsupported=transformer_single_file_unsupported(path, table, architecture, kind, config, text_encoders),
+        architecture=architecture,
+        text_encoders=text_encoders,
+    )
+
+
+def _has_text_encoder(table: dict[str, TensorInfo], name: str) -> bool:
+    marker = "shared.weight" if name == "t5xxl" else "text_model.embeddings.position_embedding.weight"
+    return DIT_TEXT_ENCODERS[name] + marker in table
+
+
+def transformer_single_file_unsupported(path: Path, table, architecture: str, kind: str, config: dict,
+                                        text_encoders: tuple[str, ...]) -> str | None:  # fmt: skip
+    """Why an all-in-one SD 3.x / FLUX.1 file cannot run, in words that name it and the fix (None: it can)."""
+    family = catalog.DIT_FAMILIES[architecture]
+    usual = 16 if architecture == "sd3" else 64
+    if config["in_channels"] != usual:
+        return (f"{path}: a {describe_type(kind)} single-file checkpoint whose transformer takes "
+                f"{config['in_channels']} input channels (text-to-image {family} takes {usual}). Choose another model")  # fmt: skip
+    if "scaled_fp8" in table or any(k.endswith(".scale_weight") for k in table):
+        return (f"{path}: a {describe_type(kind)} checkpoint in ComfyUI's scaled-fp8 format, which diffusers cannot "
+                f"read. Use an fp16 / bf16 / plain fp8 checkpoint, or the diffusers folder")  # fmt: skip
+    missing = [name for name in DIT_NEEDS[architecture] if name not in text_encoders]
+    if not any(k.startswith(VAE) for k in table):
+        missing.insert(0, "VAE")
+    if missing:
+        return (f"{path}: a {describe_type(kind)} single file without its {' and '.join(missing)} (its transformer "
+                f"alone, as the model's own repository ships it); imprompt runs all-in-one {family} files (transformer, "
+                f"VAE and text encoders in one, as in ComfyUI's checkpoints/) and diffusers folders. Use one of those")  # fmt: skip
+    head = config["attention_head_dim"]
+    if architecture == "flux" and (sum(config["axes_dims_rope"]) != head or any(a % 2 for a in config["axes_dims_rope"])):
+        return (f"{path}: a FLUX-shaped transformer with {head}-wide attention heads, which FLUX.1's rotary split "
+                f"(16 / 56 / 56 of 128) does not divide. Use its diffusers folder, whose config names the split")  # fmt: skip
+    return None
+
+
+def t5_tokenizer_folder(checkpoint: Path) -> Path | None:
+    """The folder of T5's tokenizer, which no checkpoint holds: ComfyUI ships it (`comfy/text_encoders/
+    t5_tokenizer/`, found from the checkpoint's folders upwards, as in `ComfyUI/models/checkpoints/`), and diffusers
+    users have it in the Hugging Face cache (T5 v1.1 XXL's, or a FLUX / SD 3.5 repository's copy)."""
+    for parent in Path(checkpoint).resolve().parents:
+        if (parent / COMFY_T5_TOKENIZER / "tokenizer.json").is_file():
+            return parent / COMFY_T5_TOKENIZER
+    from huggingface_hub import try_to_load_from_cache
+
+    for repo, subfolder in T5_TOKENIZER_REPOS:
+        for name in ("tokenizer.json", "spiece.model"):
+            found = try_to_load_from_cache(repo, f"{subfolder}/{name}".lstrip("/"))
+            if isinstance(found, str):
+                return Path(found).parent
+    return None
+
+
+def require_t5_tokenizer(spec: PipelineSpec) -> Path | None:
+    """For a single file that holds T5: its tokenizer's folder, or a refusal that says where imprompt looked."""
+    if "t5xxl" not in spec.text_encoders:
+        return None
+    found = t5_tokenizer_folder(Path(spec.path))
+    if found is None:
+        raise MissingTokenizerError(
+            f"model {Path(spec.path).stem} ({spec.path}) holds a T5 text encoder, and T5's tokenizer is in no "
+            f"checkpoint: imprompt looked for it in a ComfyUI install around the model ({COMFY_T5_TOKENIZER}/) and in "
+            f"the Hugging Face cache, and found none. {T5_TOKENIZER_FIX}"
+        )
+    return found
+
+
 # ----------------------------------------------------------------------------------------- the config folder
+
+
+def write_transformer_config_folder(path: Path, table: dict[str, TensorInfo], folder: Path, architecture: str,
+                                    t5_tokenizer: Path | None) -> None:  # fmt: skip
+    """SD 3.5 Large's or FLUX.1 dev's configs with every width the tensors decide; the CLIP vocabularies, and T5's
+    tokenizer copied from where it was found. Text encoders the file lacks (SD 3 without T5) are left out of it."""
+    shutil.copytree(CONFIGS / architecture, folder, dirs_exist_ok=True)
+    transformer = _read(folder / "transformer" / "config.json")
+    transformer.update(transformer_config(path, table, architecture))
+    _write(folder / "transformer" / "config.json", transformer)
+    if transformer_model_type(table, architecture) == "flux-schnell":
+        scheduler = _read(folder / "scheduler" / "scheduler_config.json")
+        _write(folder / "scheduler" / "scheduler_config.json", {**scheduler, **FLUX_SCHNELL_SCHEDULER})
+    _write_vae_widths(folder, table)
+    for name, sub in DIT_SUBFOLDERS[architecture].items():
+        if not _has_text_encoder(table, name):
+            continue
+        config = _read(folder / sub / "config.json")
+        prefix = DIT_TEXT_ENCODERS[name]
+        if name == "t5xxl":
+            config.update(_t5_widths(path, table, prefix))
+        else:
+            config.update(_text_encoder_widths(path, table, prefix + "text_model.", open_clip=False))
+            projection = table.get(prefix + "text_projection.weight")
+            if name == "clip_g" and projection is not None:
+                config["projection_dim"] = projection.shape[0]
+            elif name == "clip_l":  # diffusers reads SD 3's CLIP-L pooled output unprojected (an identity)
+                config["projection_dim"] = config["hidden_size"]
+        _write(folder / sub / "config.json", config)
+    for tokenizer in folder.glob("tokenizer*"):
+        write_clip_vocabulary(tokenizer)
+    if t5_tokenizer is not None:
+        target = folder / ("tokenizer_3" if architecture == "sd3" else "tokenizer_2")
+        target.mkdir(exist_ok=True)
+        for name in T5_TOKENIZER_FILES:
+            if (t5_tokenizer / name).is_file():
+                shutil.copyfile(t5_tokenizer / name, target / name)
+
+
+def _t5_widths(path, table: dict[str, TensorInfo], prefix: str) -> dict:
+    """A T5 encoder's sizes from its tensors: heads from the relative-position bias, gated GELU when wi_0 exists."""
+    attention = prefix + "encoder.block.0.layer.0.SelfAttention."
+    bias, query = table.get(attention + "relative_attention_bias.weight"), table.get(attention + "q.weight")
+    if bias is None or query is None:
+        raise CheckpointError(path, f"single-file checkpoint lacks its T5 attention ({attention}*)", REDOWNLOAD)
+    buckets, heads = bias.shape
+    vocab, width = table[prefix + "shared.weight"].shape
+    gated = prefix + "encoder.block.0.layer.1.DenseReluDense.wi_0.weight" in table
+    feed = table[prefix + "encoder.block.0.layer.1.DenseReluDense." + ("wi_0" if gated else "wi") + ".weight"]
+    layers = {int(k[len(prefix + "encoder.block.") :].split(".")[0]) for k in table if k.startswith(prefix + "encoder.block.")}
+    return {
+        "vocab_size": vocab, "d_model": width, "num_heads": heads, "d_kv": query.shape[0] // heads,
+        "d_ff": feed.shape[0], "num_layers": max(layers) + 1, "relative_attention_num_buckets": buckets,
+        "feed_forward_proj": "gated-gelu" if gated else "relu", "is_gated_act": gated,
+        "dense_act_fn": "gelu_new" if gated else "relu",
+    }  # fmt: skip
+
 
 
 def write_config_folder(path: Path, table: dict[str, TensorInfo], folder: Path) -> None:
@@ -227,15 +470,7 @@ def write_config_folder(path: Path, table: dict[str, TensorInfo], folder: Path) 
         scheduler.update(prediction_type="v_prediction", rescale_betas_zero_snr="ztsnr" in table)
         _write(folder / "scheduler" / "scheduler_config.json", scheduler)
 
-    vae = _read(folder / "vae" / "config.json")
-    levels = sorted({int(k.split(".")[3]) for k in table if k.startswith(VAE + "encoder.down.")})
-    vae.update(
-        block_out_channels=[table[f"{VAE}encoder.down.{i}.block.0.conv2.weight"].shape[0] for i in levels],
-        layers_per_block=len({k.split(".")[5] for k in table if k.startswith(f"{VAE}encoder.down.0.block.")}),
-        latent_channels=table[f"{VAE}post_quant_conv.weight"].shape[0],
-        in_channels=table[f"{VAE}encoder.conv_in.weight"].shape[1],
-    )
-    _write(folder / "vae" / "config.json", vae)
+    _write_vae_widths(folder, table)
 
     for sub, (prefix, open_clip) in TEXT_ENCODERS[name].items():
         config = _read(folder / sub / "config.json")
@@ -243,6 +478,22 @@ def write_config_folder(path: Path, table: dict[str, TensorInfo], folder: Path) 
         _write(folder / sub / "config.json", config)
     for tokenizer in folder.glob("tokenizer*"):
         write_clip_vocabulary(tokenizer)
+
+
+def _write_vae_widths(folder: Path, table: dict[str, TensorInfo]) -> None:
+    """The VAE's channels per level, blocks per level, latent and image channels; 32 norm groups, or fewer where a
+    level has fewer channels than that."""
+    vae = _read(folder / "vae" / "config.json")
+    levels = sorted({int(k.split(".")[3]) for k in table if k.startswith(VAE + "encoder.down.")})
+    channels = [table[f"{VAE}encoder.down.{i}.block.0.conv2.weight"].shape[0] for i in levels]
+    vae.update(
+        block_out_channels=channels,
+        layers_per_block=len({k.split(".")[5] for k in table if k.startswith(f"{VAE}encoder.down.0.block.")}),
+        latent_channels=table[f"{VAE}decoder.conv_in.weight"].shape[1],
+        in_channels=table[f"{VAE}encoder.conv_in.weight"].shape[1],
+        norm_num_groups=math.gcd(32, *channels),
+    )
+    _write(folder / "vae" / "config.json", vae)
 
 
 def _text_encoder_widths(path, table, prefix: str, open_clip: bool) -> dict:

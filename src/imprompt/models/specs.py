@@ -149,6 +149,8 @@ class PipelineSpec:
     # the blocks' width; FLUX: T5's, its joint attention width) and `layer_widths` the width of each block an
     # adapter attaches to (SD3: every joint block; FLUX: the double-stream blocks)
     architecture: str = "unet"
+    # all-in-one SD 3.x / FLUX.1 single files: the text encoders the file holds (clip_l, clip_g, t5xxl)
+    text_encoders: tuple[str, ...] = ()
     kind: str = "pipeline"
 
     @property
