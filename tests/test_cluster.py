@@ -234,6 +234,13 @@ def test_cluster(cluster, pack, burst_models, engine, red_circle, yellow_square)
     image, _ = post(url, victim_payload)
     assert same(image, reference(pack, engine, victim_payload))
 
+    # ------------------------------------------------ SD 3.5 and FLUX: their encoders and adapters, routed the same
+    for model, adapter in (("tiny-sd35", "sd3.5-large-ip-adapter"), ("tiny-flux", "flux-ip-adapter")):
+        payload = {**txt2img(url, model, [(adapter, red_circle)], seed=11, steps=3), "cfg_scale": 3.5}
+        image, info = post(url, payload)
+        assert [Path(u["file"]).stem for u in info["ip_adapters"]] == [adapter]
+        assert same(image, reference(pack, engine, payload)), f"{model}: differs from the single process"
+
 
 def _workers(http, count: int, without_pid: int | None = None) -> dict | None:
     """The live replicas `/v1/cache` lists, once `count` of them report (and none is the process `without_pid`)."""

@@ -211,12 +211,12 @@ def test_failures_name_their_cause(roots, images):
 
 def test_soak_48_requests(roots, images, tmp_path_factory):
     """The soak script's loop at 48 requests: 12 requests drawn at random from the space the engine serves
-    (families, adapters, scales, windows, images, masks, presets, samplers, img2img, LoRAs, prompt syntax, VAE,
-    clip skip), run in a random order with
+    (the four families, adapters, scales, windows, images, masks, presets, samplers, img2img, LoRAs, prompt syntax,
+    VAE, clip skip, true CFG), run in a random order with
     requests that must fail slipped in, with a 1-byte encoder budget (evictions all the time): every valid result
     equals its fresh-process image."""
     pool = random_requests(12, seed=0, images=images)
-    assert {r["model"] for r in pool.values()} == {"tiny-sd15", "tiny-sdxl"}
+    assert {r["model"] for r in pool.values()} == {"tiny-sd15", "tiny-sdxl", "tiny-sd35", "tiny-flux"}
     assert len({u["adapter"] for r in pool.values() for u in r["ip_adapters"]}) >= 6
     references = fresh_references(roots, pool, tmp_path_factory.mktemp("random-fresh"))
     report = soak(roots, pool, failing_menu(images, roots[1]), references, count=48, seed=0, cache_budget=1, warmup=32)

@@ -196,6 +196,16 @@ def test_flux_equals_diffusers_load_ip_adapter(pack, engine, red_circle):
     assert max_diff(got.images[0], flux_run(pipe, red_circle, negative_prompt="blue", true_cfg_scale=2.5)) <= 1
 
 
+def test_flux_encodes_its_black_negative_only_under_true_cfg(pack, red_circle):
+    """FLUX's pipeline reads negative image embeddings only under true CFG: without it only the reference image
+    is encoded; with it the black image diffusers uses is encoded once more."""
+    engine = Engine(pack)
+    engine.generate(request(FLUX_MODEL, unit("FLUX XLabs", red_circle), steps=1))
+    assert engine.cache_info()["embeddings"]["misses"] == 1
+    engine.generate(request(FLUX_MODEL, unit("FLUX XLabs", red_circle), steps=1, negative_prompt="blue", true_cfg_scale=2.0))
+    assert engine.cache_info()["embeddings"]["misses"] == 2
+
+
 def test_two_flux_adapters_equal_diffusers_with_both_loaded(pack, engine, red_circle, yellow_square):
     """Two units (diffusers' FLUX loader reads the same v1 file twice; imprompt builds it once and attaches it
     twice), and a negative image under true CFG."""

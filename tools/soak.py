@@ -3,10 +3,12 @@ request gives as the only request of a fresh process.
 
     python -m tools.soak --requests 5000 [--distinct 150] [--models DIR] [--report docs/soak.json]
 
-`--distinct` requests are drawn at random from the space the engine serves (`random_request`: either family,
-0 to 3 units of any adapter of it with both encoders mixed, random scales, start/end windows, one or two images
-or their average, masks, per-block presets, noise negatives, samplers, CFG, seeds, img2img, LoRA tags with random
-weights, weighted, long and BREAK prompts, a textual inversion, a VAE, clip skip); each one's
+`--distinct` requests are drawn at random from the space the engine serves (`random_request`: any of the four
+families; for SD 1.5 / SDXL 0 to 3 units of any adapter of it with both encoders mixed, random scales, start/end
+windows, one or two images or their average, masks, per-block presets, noise negatives, samplers, CFG, seeds,
+img2img, LoRA tags with random weights, weighted, long and BREAK prompts, a textual inversion, a VAE, clip skip;
+for SD 3.5 / FLUX what those run: their adapters, windows, averages, per-block scales, FLUX's true CFG with
+negative images and its guidance); each one's
 fresh-process image is computed once and kept on disk. The soak then runs `--requests` of them in a random order,
 families in runs (base-model switches happen, not on every request), with 10 % requests that must fail (unknown
 names, bad images, corrupt and incompatible files and LoRAs, malformed tags) slipped in.
@@ -45,12 +47,17 @@ SAMPLERS = ("Default", "Euler", "Euler a", "DPM++ 2M", "DPM++ 2M Karras", "DDIM"
 # prompt syntax: plain, weighted, a textual inversion (SD 1.5's "shiny"), BREAK, longer than one 75-token chunk
 PROMPTS = ("a cat", "a (red:1.4) cat", "a [shiny] cat", "a cat BREAK on a mat", ", ".join(["a small red cat"] * 20))
 LORAS = {"sd15": ("detail-sd15", "style-sd15"), "sdxl": ("style-sdxl",)}  # from `write_extra_files`
+MODELS = {"sd15": "tiny-sd15", "sdxl": "tiny-sdxl", "sd35": "tiny-sd35", "flux": "tiny-flux"}  # the demo pack's
+TRANSFORMER_ADAPTERS = {"sd35": ("SD3.5 Large",), "flux": ("FLUX XLabs", "FLUX XLabs v2")}
+TRANSFORMER_BLOCKS = {"sd35": 3, "flux": 2}  # blocks an adapter attaches to in the pack's tiny SD 3.5 / FLUX
 FACE = [round(random.Random(5).gauss(0, 1), 4) for _ in range(512)]  # a face embedding, as InsightFace gives
 
 
 def random_request(rng: random.Random, images: dict[str, str]) -> dict:
     """One request drawn from the space of what the engine serves (see the module's docstring)."""
-    family = rng.choice(["sd15", "sdxl"])
+    family = rng.choice(["sd15", "sdxl", "sd15", "sdxl", "sd35", "flux"])
+    if family in TRANSFORMER_ADAPTERS:
+        return random_transformer_request(rng, images, family)
     adapters = SD15_ADAPTERS if family == "sd15" else SDXL_ADAPTERS
     pictures = sorted(images)
     units = []
@@ -83,11 +90,39 @@ def random_request(rng: random.Random, images: dict[str, str]) -> dict:
     return request
 
 
+def random_transformer_request(rng: random.Random, images: dict[str, str], family: str) -> dict:
+    """An SD 3.5 / FLUX request within what those run: one SD 3.5 unit (several images averaged), up to two FLUX
+    units, windows, per-block scales, FLUX's guidance and true CFG with a negative prompt and negative images."""
+    pictures = sorted(images)
+    units = []
+    for _ in range(rng.choice([0, 1, 1, 2] if family == "flux" else [0, 1, 1])):
+        chosen = [images[p] for p in rng.sample(pictures, rng.choice([1, 1, 2]))]
+        start = rng.choice([0.0, 0.0, 0.25])
+        unit = {"adapter": rng.choice(TRANSFORMER_ADAPTERS[family]), "images": chosen,
+                "scale": round(rng.uniform(-0.5, 1.5), 2), "start": start,
+                "end": rng.choice([e for e in (0.5, 0.75, 1.0, 1.0) if e >= start])}  # fmt: skip
+        if len(chosen) > 1 and (family == "sd35" or rng.random() < 0.3):
+            unit["average"] = True
+        if rng.random() < 0.25:
+            unit["layers"] = [round(rng.uniform(0.0, 1.2), 2) for _ in range(TRANSFORMER_BLOCKS[family])]
+        units.append(unit)
+    request = _request(*units, model=MODELS[family], seed=rng.randrange(1000), steps=rng.choice([2, 3]),
+                       cfg_scale=rng.choice([1.0, 3.5, 5.0]), sampler=rng.choice(["Default", "Euler"]),
+                       prompt=rng.choice(["a cat", "a red cat on a mat"]))  # fmt: skip
+    if family == "flux" and rng.random() < 0.35:
+        request.update(true_cfg_scale=rng.choice([1.5, 2.5]), negative_prompt="blurry")
+        for unit in units:
+            if rng.random() < 0.5:
+                unit["negative_images"] = [images[rng.choice(pictures)]]
+    return request
+
+
 def random_requests(count: int, seed: int, images: dict[str, str]) -> dict[str, dict]:
-    """`count` requests drawn with `seed`, named by their family and number ("sd15-007", "sdxl-012")."""
+    """`count` requests drawn with `seed`, named by their family and number ("sd15-007", "flux-012")."""
     rng = random.Random(seed)
     drawn = [random_request(rng, images) for _ in range(count)]
-    return {f"{'sdxl' if r['model'] == 'tiny-sdxl' else 'sd15'}-{i:03d}": r for i, r in enumerate(drawn)}
+    family = {model: name for name, model in MODELS.items()}
+    return {f"{family[r['model']]}-{i:03d}": r for i, r in enumerate(drawn)}
 
 
 def sd15_menu(images: dict[str, str]) -> dict[str, dict]:
@@ -279,17 +314,17 @@ def soak(roots: list[str], valid: dict, failing: dict, references: dict[str, Pat
     from imprompt.errors import ImpromptError
 
     rng = random.Random(seed)
-    families = {"sd15": [n for n in valid if valid[n]["model"] == "tiny-sd15"],
-                "sdxl": [n for n in valid if valid[n]["model"] == "tiny-sdxl"]}  # fmt: skip
+    families = {name: [n for n in valid if valid[n]["model"] == model] for name, model in MODELS.items()}
+    families = {name: requests for name, requests in families.items() if requests}
     expected = {name: np.asarray(Image.open(path).convert("RGB")).astype(np.int16) for name, path in references.items()}
     engine = Engine(roots, cache_budget=cache_budget)
-    family, counts, failures = "sd15", {"valid": 0, "refused": 0}, []
+    family, counts, failures = next(iter(families)), {"valid": 0, "refused": 0}, []
     rss_start, rss_after_warmup, started = _rss(), None, time.perf_counter()
     for i in range(count):
         if i == warmup:  # before the request: a refused request skips the loop's end
             rss_after_warmup = _rss()
         if rng.random() < switch_family:
-            family = "sdxl" if family == "sd15" else "sd15"
+            family = rng.choice([f for f in sorted(families) if f != family] or [family])
         if rng.random() < 0.1:
             name = rng.choice(sorted(failing))
             try:

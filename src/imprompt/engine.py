@@ -219,7 +219,7 @@ class Engine:
         with self._lock:
             inputs = self._unit_inputs(index, unit)
             planned = plan_unit(index, unit, self.store, self.store.pipeline(request.model) if request.model else None)
-            embeddings = self._embeddings(planned, inputs, events)
+            embeddings = self._embeddings(planned, inputs, events, request.true_cfg_scale > 1.0)
         return embeddings.to("cpu"), events
 
     def unload(self, kind: str, key: tuple) -> bool:
@@ -310,7 +310,8 @@ class Engine:
         built = [self._built_adapter(unit.adapter, loaded, unit.label, events) for unit in plan.units]
         timer.mark("load")
 
-        embeddings = [given[unit.index] if unit.index in given else self._embeddings(unit, unit_inputs, events)
+        true_cfg = request.true_cfg_scale > 1.0
+        embeddings = [given[unit.index] if unit.index in given else self._embeddings(unit, unit_inputs, events, true_cfg)
                       for unit, unit_inputs in zip(plan.units, inputs)]  # fmt: skip
         timer.mark("encode")
 
@@ -428,7 +429,8 @@ class Engine:
                                     lambda spec=spec: unet._load_ip_adapter_loras([load_adapter_state_dict(spec)])[0]))  # fmt: skip
         return uses
 
-    def _embeddings(self, unit, inputs: _UnitInputs, events: list) -> UnitEmbeddings:
+    def _embeddings(self, unit, inputs: _UnitInputs, events: list, true_cfg: bool = True) -> UnitEmbeddings:
+        """A unit's embeddings; `true_cfg`: FLUX's negative branch is used (saved embeddings keep it, for later)."""
         if unit.output == "faceid_embeds" and unit.embeddings is None and unit.unit.face_embeddings is None:
             return self._face_embeddings(unit, inputs, events)
         if unit.unit.face_embeddings is not None:
@@ -439,7 +441,7 @@ class Engine:
             return load_saved_embeddings(unit.embeddings, self.device, self.encoder_dtype)
         return self.embedder.embed(
             unit.encoder, unit.output, inputs.images, unit.label, unit.why, events, inputs.negatives, unit.unit.average,
-            unconditional(unit.adapter.spec),
+            unconditional(unit.adapter.spec, true_cfg),
         )
 
     def _face_embeddings(self, unit, inputs: _UnitInputs, events: list) -> UnitEmbeddings:

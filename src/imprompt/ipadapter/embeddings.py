@@ -63,12 +63,13 @@ class UnitEmbeddings:
 BLACK_IMAGE = Image.new("RGB", (64, 64))  # what diffusers' FluxPipeline encodes as its default negative image
 
 
-def unconditional(spec) -> str:
+def unconditional(spec, true_cfg: bool = True) -> str:
     """What diffusers' pipeline for an adapter's family feeds its negative (unconditional) branch: zeros of the
     image_embeds (SD 1.5 / SDXL Base) or of SigLIP's hidden states (SD3: `torch.zeros_like`), the encoding of an
-    all-zero input (Plus / Full Face hidden states), or of a black image (FLUX, used under true CFG)."""
+    all-zero input (Plus / Full Face hidden states), or of a black image (FLUX, under true CFG; without it FLUX's
+    pipeline reads no negative, so none is encoded)."""
     if spec.architecture == "flux":
-        return "black-image"
+        return "black-image" if true_cfg else "zeros"
     if spec.architecture == "sd3" or spec.consumes == "image_embeds":
         return "zeros"
     return "zero-input"
