@@ -3,6 +3,8 @@ of single-file loading: the inverse of diffusers' `from_single_file` conversion,
 
 from __future__ import annotations
 
+import json
+import struct
 from pathlib import Path
 
 import torch
@@ -254,3 +256,17 @@ def _renamed(state: dict, renames: dict) -> dict:
             raise ValueError(f"no original name for transformer tensor {key}")
         out[f"{renames[module]}.{kind}"] = tensor
     return out
+
+
+def sparse_checkpoint(path: Path, tensors: dict) -> Path:
+    """A safetensors file with the real header and no data (a sparse file): probing reads only the header."""
+    header, offset = {}, 0
+    for name, tensor in tensors.items():
+        size = tensor.numel() * 2
+        header[name] = {"dtype": "F16", "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        f.truncate(8 + len(raw) + offset)
+    return path

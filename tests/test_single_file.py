@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import struct
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -12,7 +11,7 @@ import diffusers_reference as reference
 import pytest
 import torch
 from conftest import max_diff, request, unit
-from single_files import single_file_tensors, write_single_file
+from single_files import single_file_tensors, sparse_checkpoint, write_single_file
 from transformers import CLIPTokenizer
 
 from imprompt import Engine
@@ -64,20 +63,6 @@ def test_the_clip_vocabulary_is_clips(tmp_path):
     tokenizer = CLIPTokenizer.from_pretrained(tmp_path)
     assert len(tokenizer) == 49408
     assert tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
-
-
-def sparse_checkpoint(path: Path, tensors: dict) -> Path:
-    """A safetensors file with the real header and no data (a sparse file): probing reads only the header."""
-    header, offset = {}, 0
-    for name, tensor in tensors.items():
-        size = tensor.numel() * 2
-        header[name] = {"dtype": "F16", "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    raw = json.dumps(header).encode()
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)) + raw)
-        f.truncate(8 + len(raw) + offset)
-    return path
 
 
 def real_size_pipeline(family: str):

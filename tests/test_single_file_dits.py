@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import max_diff
-from single_files import transformer_single_file_tensors, write_transformer_single_file
+from single_files import sparse_checkpoint, transformer_single_file_tensors, write_transformer_single_file
 
 from imprompt import Engine
 from imprompt.demo.pack import FLUX_ADAPTERS, SD35_ADAPTER
@@ -70,6 +70,16 @@ def test_dit_single_files_generate_like_their_folders(pack, comfy, red_circle, n
     assert max_diff(single.images[0], without.images[0]) > 0  # the adapter is attached to the single file's model
 
 
+def test_sd35_with_clip_towers_of_one_width_reads_each_from_its_own_tensors(pack, tmp_path, red_circle):
+    """diffusers tells SD 3's two CLIP towers apart by width only (768 / 1280); in a file where both are 32 wide
+    imprompt still fills bigG from `text_encoders.clip_g.`: the same pixels as the folder."""
+    sd3 = build_sd3_pipeline(tmp_path / "reference" / "same-widths", seed=6, clip_vocabulary=True, clip_widths=(32, 32))
+    write_transformer_single_file(sd3, tmp_path / "models" / "same-widths-aio.safetensors")
+    engine = Engine([tmp_path / "models", tmp_path / "reference", pack])
+    single = engine.generate(request("same-widths-aio", SD35, red_circle))
+    assert max_diff(single.images[0], engine.generate(request("same-widths", SD35, red_circle)).images[0]) <= 1
+
+
 def test_a_single_file_holding_t5_needs_its_tokenizer_and_says_where_to_get_it(comfy, pack, red_circle, tmp_path, monkeypatch):
     """T5's tokenizer is in no checkpoint: outside a ComfyUI install and with an empty Hugging Face cache, the
     request is refused before anything loads, naming the command that fetches it; the cache is the second place
@@ -106,20 +116,6 @@ def test_files_without_what_their_pipeline_needs_are_listed_with_the_reason(comf
 
 
 # ---------------------------------------------------------------------------------- real sizes, on the meta device
-
-
-def sparse_checkpoint(path: Path, tensors: dict) -> Path:
-    """A safetensors file with the real header and no data (sparse): probing reads only the header."""
-    header, offset = {}, 0
-    for name, tensor in tensors.items():
-        size = tensor.numel() * 2
-        header[name] = {"dtype": "F16", "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    raw = json.dumps(header).encode()
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)) + raw)
-        f.truncate(8 + len(raw) + offset)
-    return path
 
 
 def real_size_pipeline(architecture: str, **transformer_fields):

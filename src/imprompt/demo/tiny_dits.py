@@ -66,7 +66,7 @@ def _clip_text(tokenizer, hidden: int, projection: int | None, seed: int, act: s
 
 
 def build_sd3_pipeline(folder: Path, seed: int = 11, heads: int = 4, head_dim: int = 8, layers: int = 3,
-                       clip_vocabulary: bool = False):  # fmt: skip
+                       clip_vocabulary: bool = False, clip_widths: tuple[int, int] = (32, 48)):  # fmt: skip
     """A StableDiffusion3Pipeline folder as SD 3.5 Large has it (qk RMS norms, two CLIP text towers of different
     widths: CLIP-L's pooled output unprojected, bigG's with GELU), saved without T5 (`text_encoder_3: [null, null]`),
     as diffusers allows: prompts run through the CLIP towers alone. `clip_vocabulary`: CLIP's real tokenizer, as
@@ -78,7 +78,7 @@ def build_sd3_pipeline(folder: Path, seed: int = 11, heads: int = 4, head_dim: i
     for sub in ("tokenizer", "tokenizer_2"):
         write_tokenizer(folder / sub, clip_vocabulary, pad="!" if sub == "tokenizer_2" else "<|endoftext|>")
     tokenizer, tokenizer_2 = (CLIPTokenizer.from_pretrained(folder / s) for s in ("tokenizer", "tokenizer_2"))
-    clip_l, clip_g = 32, 48  # CLIP-L and bigG differ in width (768, 1280), which is how single files tell them apart
+    clip_l, clip_g = clip_widths  # CLIP-L and bigG: 768 and 1280 wide in SD 3
     text_encoder = _clip_text(tokenizer, clip_l, clip_l, seed + 2)
     with torch.no_grad():  # SD 3 reads CLIP-L's pooled output unprojected (diffusers' single-file loader: identity)
         text_encoder.text_projection.weight.copy_(torch.eye(clip_l))

@@ -14,7 +14,14 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
-from ..models.single_file import UNET, require_t5_tokenizer, write_config_folder, write_transformer_config_folder
+from ..models.single_file import (
+    DIT_TEXT_ENCODERS,
+    UNET,
+    clip_widths,
+    require_t5_tokenizer,
+    write_config_folder,
+    write_transformer_config_folder,
+)
 from ..models.specs import PipelineSpec
 from .tensors import first_line, read_tensor_table
 
@@ -96,6 +103,9 @@ def from_single_file(cls, spec: PipelineSpec, dtype: torch.dtype):
             write_transformer_config_folder(path, table, folder, spec.architecture, require_t5_tokenizer(spec))
             if spec.architecture == "sd3" and "t5xxl" not in spec.text_encoders:
                 extra.update(text_encoder_3=None, tokenizer_3=None)
+            widths = clip_widths(table)
+            if spec.architecture == "sd3" and widths["clip_l"] == widths["clip_g"]:
+                extra["text_encoder_2"] = sd3_clip_g(path, folder, dtype)
             if spec.architecture == "flux" and table[UNET + "img_in.weight"].shape[0] != FLUX1_WIDTH:
                 extra["transformer"] = flux_transformer_at_any_width(path, folder, dtype)
         pipeline = cls.from_single_file(str(path), config=str(folder), local_files_only=True, dtype=dtype,
@@ -104,6 +114,21 @@ def from_single_file(cls, spec: PipelineSpec, dtype: torch.dtype):
         if isinstance(component, torch.nn.Module):
             component.eval()  # diffusers' single-file loader leaves T5 in training mode: dropout on, prompts drift
     return pipeline
+
+
+def sd3_clip_g(path: Path, config_folder: Path, dtype: torch.dtype):
+    """SD 3's CLIP bigG tower from a file where it is as wide as CLIP-L (imprompt goes beyond diffusers here):
+    diffusers' single-file loader tells the two towers apart by width alone (768 / 1280) and would fill both from
+    `clip_l`. The tensors under `text_encoders.clip_g.` are converted by diffusers' own function."""
+    from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint
+    from safetensors.torch import load_file
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    prefix = DIT_TEXT_ENCODERS["clip_g"]
+    checkpoint = {k: v for k, v in load_file(path).items() if k.startswith(prefix)}
+    model = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(config_folder / "text_encoder_2"))
+    model.load_state_dict(convert_ldm_clip_checkpoint(checkpoint, prefix))  # strict: every tensor named
+    return model.to(dtype)
 
 
 def flux_transformer_at_any_width(path: Path, config_folder: Path, dtype: torch.dtype):

@@ -315,6 +315,12 @@ def transformer_single_file_spec(path: Path, table: dict[str, TensorInfo], archi
     )
 
 
+def clip_widths(table: dict[str, TensorInfo]) -> dict[str, int]:
+    """The width of each CLIP tower an all-in-one file holds (clip_l, clip_g)."""
+    return {name: table[DIT_TEXT_ENCODERS[name] + "text_model.embeddings.position_embedding.weight"].shape[-1]
+            for name in ("clip_l", "clip_g") if _has_text_encoder(table, name)}  # fmt: skip
+
+
 def _has_text_encoder(table: dict[str, TensorInfo], name: str) -> bool:
     marker = "shared.weight" if name == "t5xxl" else "text_model.embeddings.position_embedding.weight"
     return DIT_TEXT_ENCODERS[name] + marker in table
@@ -339,6 +345,10 @@ def transformer_single_file_unsupported(path: Path, table, architecture: str, ki
                 f"alone, as the model's own repository ships it); imprompt runs all-in-one {family} files (transformer, "
                 f"VAE and text encoders in one, as in ComfyUI's checkpoints/) and diffusers folders. Use one of those")  # fmt: skip
     head = config["attention_head_dim"]
+    if architecture == "sd3" and config["qk_norm"] is None and config["caption_projection_dim"] % head:
+        return (f"{path}: an SD 3-shaped transformer {config['caption_projection_dim']} wide without q/k norms, so its "
+                f"head width cannot be read from the file, and SD 3's (64) does not divide it. Use its diffusers "
+                f"folder, whose config names it")  # fmt: skip
     if architecture == "flux" and (sum(config["axes_dims_rope"]) != head or any(a % 2 for a in config["axes_dims_rope"])):
         return (f"{path}: a FLUX-shaped transformer with {head}-wide attention heads, which FLUX.1's rotary split "
                 f"(16 / 56 / 56 of 128) does not divide. Use its diffusers folder, whose config names the split")  # fmt: skip

@@ -162,6 +162,7 @@ class PipelineSpec:
         d["cross_attention_layers"] = len(d.pop("layer_widths"))
         d.pop("layer_names")
         d["family"] = self.family
+        d["text_encoders"] = list(self.text_encoders)
         return d
 
 
