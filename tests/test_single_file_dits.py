@@ -91,12 +91,12 @@ def test_a_single_file_holding_t5_needs_its_tokenizer_and_says_where_to_get_it(c
     alone.mkdir()
     shutil.copy(comfy / "models" / "checkpoints" / "tiny-flux-aio.safetensors", alone)
     engine = Engine([alone, pack])
-    with pytest.raises(MissingTokenizerError, match=r"holds a T5 text encoder.*hf download google/t5-v1_1-xxl"):
+    with pytest.raises(MissingTokenizerError, match=r"holds a T5 text encoder.*hf download black-forest-labs/FLUX.1-schnell"):
         engine.generate(request("tiny-flux-aio", FLUX_V1, red_circle))
     assert engine.cache_info()["model"] is None
-    # the same tokenizer in the Hugging Face cache's layout (refs/main -> snapshots/<commit>/) is found there
-    snapshot = tmp_path / "hub" / "models--google--t5-v1_1-xxl" / "snapshots" / ("0" * 40)
-    shutil.copytree(comfy / COMFY_T5_TOKENIZER, snapshot)
+    # the same tokenizer where that command puts it (refs/main -> snapshots/<commit>/tokenizer_2/) is found there
+    snapshot = tmp_path / "hub" / "models--black-forest-labs--FLUX.1-schnell" / "snapshots" / ("0" * 40)
+    shutil.copytree(comfy / COMFY_T5_TOKENIZER, snapshot / "tokenizer_2")
     (snapshot.parents[1] / "refs").mkdir()
     (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
     assert engine.generate(request("tiny-flux-aio", FLUX_V1, red_circle)).images

@@ -127,14 +127,16 @@ def processes_memory(pid: int, ray_tmp: str) -> dict:
 def session_processes(ray_tmp: str) -> list[psutil.Process]:
     """The processes of the Ray session started with RAY_TMPDIR=ray_tmp: their command line names the folder, or
     (Ray's agents rename their command line) their environment carries it, or (a long new name overwrites the
-    environment too) they hold a file open in one of its `session_*` folders: their logs. (Not any file in the
-    folder: the test that started the session holds `serve.log` there.)"""
+    environment too) a renamed `ray::` process holds a file open in one of its session folders (`session_*`, under
+    `ray/` when Ray picked the folder from RAY_TMPDIR): its logs. Only `ray::` names: the test that started the
+    session holds `serve.log` in the folder, and a user may be reading a log."""
     found = []
-    sessions = str(Path(ray_tmp) / "session_")
-    for p in psutil.process_iter(["cmdline"]):
+    sessions = (str(Path(ray_tmp) / "session_"), str(Path(ray_tmp) / "ray" / "session_"))
+    for p in psutil.process_iter(["cmdline", "name"]):
         try:
             if (ray_tmp in " ".join(p.info["cmdline"] or []) or f"RAY_TMPDIR={ray_tmp}" in environment(p)
-                    or any(f.path.startswith(sessions) for f in p.open_files())):  # fmt: skip
+                    or ((p.info["name"] or "").startswith("ray::")
+                        and any(f.path.startswith(sessions) for f in p.open_files()))):  # fmt: skip
                 found.append(p)
         except psutil.Error:  # ended meanwhile, or another user's
             continue

@@ -23,7 +23,7 @@ from ..models.single_file import (
     write_transformer_config_folder,
 )
 from ..models.specs import PipelineSpec
-from .tensors import first_line, read_tensor_table
+from .tensors import first_line, read_tensor_table, read_tensors_under
 
 # pipeline class (one of models.specs.SUPPORTED_PIPELINES) -> the components it loads without
 WITHOUT = {
@@ -121,13 +121,12 @@ def sd3_clip_g(path: Path, config_folder: Path, dtype: torch.dtype):
     diffusers' single-file loader tells the two towers apart by width alone (768 / 1280) and would fill both from
     `clip_l`. The tensors under `text_encoders.clip_g.` are converted by diffusers' own function."""
     from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint
-    from safetensors.torch import load_file
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     prefix = DIT_TEXT_ENCODERS["clip_g"]
-    checkpoint = {k: v for k, v in load_file(path).items() if k.startswith(prefix)}
+    state = convert_ldm_clip_checkpoint(read_tensors_under(path, prefix), prefix)
     model = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(config_folder / "text_encoder_2"))
-    model.load_state_dict(convert_ldm_clip_checkpoint(checkpoint, prefix))  # strict: every tensor named
+    model.load_state_dict({k: v for k, v in state.items() if not k.endswith("position_ids")})  # strict: all named
     return model.to(dtype)
 
 
@@ -135,17 +134,16 @@ def flux_transformer_at_any_width(path: Path, config_folder: Path, dtype: torch.
     """A FLUX-shaped transformer from a single file narrower or wider than FLUX.1 (imprompt goes beyond diffusers
     here). diffusers' converter splits each single-stream block's fused projection (`linear1`: q, k, v, then the
     4x MLP) at FLUX.1's width, written into it. imprompt splits those at the file's width and hands diffusers a
-    broadcast stand-in of the size it expects (a zero-stride view, no memory) for everything else it converts."""
+    stand-in with as many rows as it expects (a broadcast zero, one column) for everything else it converts."""
     from diffusers import FluxTransformer2DModel
     from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
-    from safetensors.torch import load_file
 
-    checkpoint = {k.removeprefix(UNET): v for k, v in load_file(path).items() if k.startswith(UNET)}
+    checkpoint = {k.removeprefix(UNET): v for k, v in read_tensors_under(path, UNET).items()}
     width = checkpoint["img_in.weight"].shape[0]
     fused = {}
     for key in [k for k in checkpoint if k.startswith("single_blocks.") and ".linear1." in k]:
         fused[key] = checkpoint.pop(key)
-        checkpoint[key] = torch.zeros((), dtype=fused[key].dtype).expand(7 * FLUX1_WIDTH, *fused[key].shape[1:])
+        checkpoint[key] = torch.zeros((), dtype=fused[key].dtype).expand(7 * FLUX1_WIDTH, *[1] * (fused[key].ndim - 1))
     converted = convert_flux_transformer_checkpoint_to_diffusers(checkpoint)
     for key, tensor in fused.items():
         block, kind = key.split(".")[1], key.rsplit(".", 1)[1]

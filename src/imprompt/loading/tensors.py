@@ -44,15 +44,15 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
             return table, handle.metadata() or {}
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(path, f"not a valid safetensors file ({first_line(exc)})", REDOWNLOAD) from None
-    except RuntimeError as exc:
-        if "mmap" not in str(exc):
+    except (RuntimeError, MemoryError) as exc:
+        if isinstance(exc, RuntimeError) and "mmap" not in str(exc):
             raise
         return parse_safetensors_header(path)  # larger than the memory the kernel will map at once
 
 
 # bytes per element of each safetensors dtype
-DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
-               "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1}  # fmt: skip
+DTYPE_BYTES = {"C64": 8, "F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
+               "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1}  # fmt: skip
 HEADER_LIMIT = 100_000_000  # the safetensors library's own limit on the JSON header
 
 
@@ -83,6 +83,8 @@ def parse_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[st
     if not isinstance(header, dict):
         raise bad("header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
+    if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise bad("__metadata__ is not a map of strings")
     table, spans = {}, []
     for name, entry in header.items():
         try:
@@ -90,9 +92,9 @@ def parse_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[st
             count = math.prod(shape)
         except (KeyError, TypeError, ValueError):
             raise bad(f"tensor {name!r} has no dtype, shape and two data offsets") from None
-        if dtype not in DTYPE_BYTES or not all(isinstance(d, int) and d >= 0 for d in shape):
+        if dtype not in DTYPE_BYTES or not all(type(d) is int and d >= 0 for d in shape):
             raise bad(f"tensor {name!r} has dtype {dtype!r} and shape {shape}")
-        if not (isinstance(first, int) and isinstance(last, int)) or last - first != count * DTYPE_BYTES[dtype]:
+        if not (type(first) is int and type(last) is int) or last - first != count * DTYPE_BYTES[dtype]:
             raise bad(f"tensor {name!r}: offsets {first}..{last} do not hold {shape} x {dtype}")
         table[name] = TensorInfo(dtype, tuple(shape))
         spans.append((first, last))
@@ -159,6 +161,14 @@ def read_tensor_table(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]
         flat = flatten_state_dict(load_pickle(path, mmap=True))
         return {k: TensorInfo(str(t.dtype).removeprefix("torch."), tuple(t.shape)) for k, t in flat.items()}, {}
     raise CheckpointError(path, f"unknown checkpoint extension {path.suffix!r}, expected one of {WEIGHT_SUFFIXES}")
+
+
+def read_tensors_under(path: Path, prefix: str) -> dict:
+    """The tensors of a `.safetensors` file whose names start with `prefix`, read one by one (the rest is not)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device="cpu") as handle:
+        return {name: handle.get_tensor(name) for name in handle.keys() if name.startswith(prefix)}
 
 
 def read_tensors(path: Path, dtype=None) -> dict:

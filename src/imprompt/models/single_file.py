@@ -81,13 +81,13 @@ DIT_PIPELINES = {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
 FLUX_SCHNELL_SCHEDULER = {"shift": 1.0, "use_dynamic_shifting": False}  # FLUX.1 schnell's, where dev's differ
 # T5's tokenizer: where a ComfyUI install ships it, and the Hugging Face repositories (and subfolders) that hold it
 COMFY_T5_TOKENIZER = Path("comfy") / "text_encoders" / "t5_tokenizer"
-T5_TOKENIZER_REPOS = (("google/t5-v1_1-xxl", ""), ("black-forest-labs/FLUX.1-dev", "tokenizer_2"),
-                      ("black-forest-labs/FLUX.1-schnell", "tokenizer_2"),
+T5_TOKENIZER_REPOS = (("black-forest-labs/FLUX.1-schnell", "tokenizer_2"), ("black-forest-labs/FLUX.1-dev", "tokenizer_2"),
                       ("stabilityai/stable-diffusion-3.5-large", "tokenizer_3"),
-                      ("stabilityai/stable-diffusion-3.5-medium", "tokenizer_3"))  # fmt: skip
+                      ("stabilityai/stable-diffusion-3.5-medium", "tokenizer_3"), ("google/t5-v1_1-xxl", ""))  # fmt: skip
 T5_TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "tokenizer_config.json", "special_tokens_map.json")
-T5_TOKENIZER_FIX = ("Run `hf download google/t5-v1_1-xxl spiece.model tokenizer_config.json special_tokens_map.json` "
-                    "once (it lands in the Hugging Face cache, where imprompt looks)")  # fmt: skip
+T5_TOKENIZER_FIX = ("Run `hf download black-forest-labs/FLUX.1-schnell tokenizer_2/tokenizer.json "
+                    "tokenizer_2/tokenizer_config.json tokenizer_2/special_tokens_map.json` once (it lands in the "
+                    "Hugging Face cache, where imprompt looks; FLUX.1 schnell's repository is not gated)")  # fmt: skip
 
 
 def is_single_file_checkpoint(table: dict[str, TensorInfo]) -> bool:
@@ -358,14 +358,16 @@ def transformer_single_file_unsupported(path: Path, table, architecture: str, ki
 def t5_tokenizer_folder(checkpoint: Path) -> Path | None:
     """The folder of T5's tokenizer, which no checkpoint holds: ComfyUI ships it (`comfy/text_encoders/
     t5_tokenizer/`, found from the checkpoint's folders upwards, as in `ComfyUI/models/checkpoints/`), and diffusers
-    users have it in the Hugging Face cache (T5 v1.1 XXL's, or a FLUX / SD 3.5 repository's copy)."""
+    users have it in the Hugging Face cache (a FLUX / SD 3.5 repository's copy, or T5 v1.1 XXL's). A `tokenizer.json`
+    anywhere comes first; a bare `spiece.model` (google's repository) only when `sentencepiece` can convert it."""
     for parent in Path(checkpoint).resolve().parents:
         if (parent / COMFY_T5_TOKENIZER / "tokenizer.json").is_file():
             return parent / COMFY_T5_TOKENIZER
     from huggingface_hub import try_to_load_from_cache
 
-    for repo, subfolder in T5_TOKENIZER_REPOS:
-        for name in ("tokenizer.json", "spiece.model"):
+    names = ["tokenizer.json"] + (["spiece.model"] if importlib.util.find_spec("sentencepiece") else [])
+    for name in names:
+        for repo, subfolder in T5_TOKENIZER_REPOS:
             found = try_to_load_from_cache(repo, f"{subfolder}/{name}".lstrip("/"))
             if isinstance(found, str):
                 return Path(found).parent
