@@ -16,7 +16,7 @@ from ..errors import CheckpointError
 from ..loading.tensors import REDOWNLOAD, TensorInfo, first_line, read_tensor_table
 from . import catalog
 from .recognise import recognise
-from .single_file import is_single_file_checkpoint, single_file_spec
+from .single_file import is_single_file_checkpoint, single_file_spec, wrong_input_channels
 from .specs import (
     EMBEDDINGS_FORMAT,
     MODEL_DEFAULTS,
@@ -479,10 +479,9 @@ def probe_transformer_folder(folder: Path, index: dict) -> PipelineSpec:
 def transformer_unsupported(folder: Path, architecture: str, in_channels: int, index: dict) -> str | None:
     """SD 3.5 runs without T5 (diffusers allows it: `text_encoder_3: [null, null]`); FLUX needs its T5. Fill /
     Depth / Canny FLUX variants take more input channels than text-to-image."""
-    usual = 16 if architecture == "sd3" else 64
-    if in_channels != usual:
-        return (f"model {folder.name} ({folder}) is not a text-to-image model (its transformer takes {in_channels} "
-                f"input channels, text-to-image {catalog.DIT_FAMILIES[architecture]} takes {usual}). Choose another model")  # fmt: skip
+    channels = wrong_input_channels(architecture, in_channels)
+    if channels:
+        return f"model {folder.name} ({folder}) is not a text-to-image model (its {channels}). Choose another model"
     if architecture == "flux" and None in (index.get("text_encoder_2") or [None]):
         return (f"model {folder.name} ({folder}) has no T5 text encoder (text_encoder_2), which FLUX needs. Add "
                 f"text_encoder_2/ and tokenizer_2/ from the model's repository")  # fmt: skip

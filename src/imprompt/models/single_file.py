@@ -299,7 +299,7 @@ def transformer_single_file_spec(path: Path, table: dict[str, TensorInfo], archi
     block, qkv = ("joint_blocks", "x_block.attn.qkv") if architecture == "sd3" else ("double_blocks", "img_attn.qkv")
     blocks = _block_indices(table, block + ".")
     widths = tuple(table[UNET + f"{block}.{i}.{qkv}.weight"].shape[0] // 3 for i in blocks)
-    text_encoders = tuple(name for name, prefix in DIT_TEXT_ENCODERS.items() if _has_text_encoder(table, name))
+    text_encoders = tuple(name for name in DIT_TEXT_ENCODERS if _has_text_encoder(table, name))
     return PipelineSpec(
         path=str(path),
         pipeline_class=DIT_PIPELINES[architecture],
@@ -330,10 +330,9 @@ def transformer_single_file_unsupported(path: Path, table, architecture: str, ki
                                         text_encoders: tuple[str, ...]) -> str | None:  # fmt: skip
     """Why an all-in-one SD 3.x / FLUX.1 file cannot run, in words that name it and the fix (None: it can)."""
     family = catalog.DIT_FAMILIES[architecture]
-    usual = 16 if architecture == "sd3" else 64
-    if config["in_channels"] != usual:
-        return (f"{path}: a {describe_type(kind)} single-file checkpoint whose transformer takes "
-                f"{config['in_channels']} input channels (text-to-image {family} takes {usual}). Choose another model")  # fmt: skip
+    channels = wrong_input_channels(architecture, config["in_channels"])
+    if channels:
+        return f"{path}: a {describe_type(kind)} single-file checkpoint whose {channels}. Choose another model"
     if "scaled_fp8" in table or any(k.endswith(".scale_weight") for k in table):
         return (f"{path}: a {describe_type(kind)} checkpoint in ComfyUI's scaled-fp8 format, which diffusers cannot "
                 f"read. Use an fp16 / bf16 / plain fp8 checkpoint, or the diffusers folder")  # fmt: skip
@@ -353,6 +352,15 @@ def transformer_single_file_unsupported(path: Path, table, architecture: str, ki
         return (f"{path}: a FLUX-shaped transformer with {head}-wide attention heads, which FLUX.1's rotary split "
                 f"(16 / 56 / 56 of 128) does not divide. Use its diffusers folder, whose config names the split")  # fmt: skip
     return None
+
+
+def wrong_input_channels(architecture: str, in_channels: int) -> str | None:
+    """How an SD 3 / FLUX transformer that is not text-to-image (Fill, Depth, ...) differs, for a refusal."""
+    usual = 16 if architecture == "sd3" else 64
+    if in_channels == usual:
+        return None
+    return (f"transformer takes {in_channels} input channels, where text-to-image {catalog.DIT_FAMILIES[architecture]} "
+            f"takes {usual}")  # fmt: skip
 
 
 def t5_tokenizer_folder(checkpoint: Path) -> Path | None:
