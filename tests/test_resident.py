@@ -190,3 +190,41 @@ def test_a_model_dropped_for_a_changed_file_takes_its_loras_out_of_a_shared_text
     encoder = engine.pipelines.current.pipeline.text_encoder
     prefixes = {resident.loras.prefix for resident in engine.pipelines.all()}
     assert all(name.startswith(tuple(prefixes)) for name in encoder.peft_config)  # the dropped model's are gone
+
+
+@pytest.fixture(scope="module")
+def vaes(pack, tmp_path_factory):
+    """A folder with one SD 1.5 VAE file (another decoder than the models' own)."""
+    from diffusers import StableDiffusionPipeline
+
+    from tools.extra_models import altered_vae
+
+    root = tmp_path_factory.mktemp("vaes")
+    sd15 = StableDiffusionPipeline.from_pretrained(pack / "diffusers" / "tiny-sd15", safety_checker=None,
+                                                   requires_safety_checker=False)  # fmt: skip
+    write(root / "VAE" / "soft-vae.safetensors", altered_vae(sd15, seed=5).state_dict())
+    return root
+
+
+def test_a_request_vae_is_never_handed_out_as_a_shared_component(pack, models, vaes):
+    """A request's VAE acts for that request only: a model loaded later that shares the first model's `vae/` files
+    gets those files' VAE, not the one the earlier request swapped in."""
+    engine = Engine([pack, models, vaes])
+    with_vae = engine.generate(request(vae="soft-vae.safetensors"))
+    assert with_vae.info["vae"]["name"] == "soft-vae.safetensors"
+    later = engine.generate(request(model="tiny-sd15-b"))  # loads tiny-sd15-b, sharing tiny-sd15's vae/ files
+    assert "component_shared" in model_events(later) and later.info["vae"] is None
+    assert max_diff(later.images[0], Engine([pack, models, vaes]).generate(request(model="tiny-sd15-b")).images[0]) == 0
+
+
+def test_a_request_vae_is_not_kept_alive_by_a_model_that_is_not_current(pack, models, vaes, red_circle):
+    """After the request, every resident pipeline (its image-to-image twin included) holds its own VAE again, so a
+    VAE the cache lets go is freed (on a GPU: its memory too)."""
+    engine = Engine([pack, models, vaes])
+    engine.generate(request(vae="soft-vae.safetensors", init_images=[red_circle], denoising_strength=0.5))
+    engine.generate(request(vae="soft-vae.safetensors"))
+    request_vae = weakref.ref(engine.vaes.values()[0])
+    engine.generate(request(model="tiny-sd15-b"))
+    engine.clear_cache()  # lets the VAE go from the cache
+    gc.collect()
+    assert request_vae() is None

@@ -476,7 +476,6 @@ class Engine:
         image i is exactly the image a request with seed + i gives alone (batched on one tensor, it would differ in
         the last bit: the batched arithmetic rounds otherwise)."""
         pipeline = loaded.pipeline if init_image is None else loaded.img2img()
-        pipeline.vae = vae  # the request's VAE, or the model's own: set every time, so none outlives its request
         units = [u.unit for u in plan.units]
         schedule = UnitSchedule(loaded.attached, plan, request.batch_size, on_step, self._interrupt)
 
@@ -499,6 +498,7 @@ class Engine:
             for u, e in zip(plan.units, embeddings)
         ])  # fmt: skip
         try:
+            pipeline.vae = vae  # the request's VAE, or the model's own; its own again after the request
             images = []
             for index in range(request.batch_size):
                 if index and self._interrupt.is_set():
@@ -518,6 +518,7 @@ class Engine:
                 images += output.images
         finally:
             loaded.attached.set_face_crops([])  # the face crops' hidden states belong to this request only
+            loaded.restore_components()
         return images, schedule.active_steps, pipeline.scheduler
 
     def _denoise_transformer(self, loaded, plan: Plan, request, embeddings, inputs, seed, width, height, on_step):
@@ -660,7 +661,7 @@ class Engine:
             pipeline=pipeline,
             attached=attached,
             loras=PipelineLoras(pipeline, self.lora_budget, prefix=f"p{next(self._pipeline_loads)}_"),
-            own_vae=pipeline.vae,
+            own_components=dict(pipeline.components),
             scheduler_config=dict(pipeline.scheduler.config),
             scheduler_class=type(pipeline.scheduler).__name__,
             load_seconds=time.perf_counter() - started,

@@ -32,7 +32,7 @@ class LoadedPipeline:
     pipeline: object
     attached: object  # ipadapter.attach.AttachedAdapters: the IP-Adapters its UNet carries now
     loras: PipelineLoras  # the LoRAs loaded into it, and which act now
-    own_vae: object  # the VAE it came with (a request may use another from the tree)
+    own_components: dict  # name -> module as loaded: a request may swap one (its VAE) for the length of the request
     scheduler_config: dict
     scheduler_class: str
     load_seconds: float
@@ -41,8 +41,21 @@ class LoadedPipeline:
     _img2img: object = None
 
     @property
+    def own_vae(self):
+        """The VAE it came with (a request may use another from the tree, for that request only)."""
+        return self.own_components["vae"]
+
+    @property
     def nbytes(self) -> int:
-        return sum(module_bytes(m) for m in self.pipeline.components.values() if isinstance(m, torch.nn.Module))
+        return sum(module_bytes(m) for m in self.own_components.values() if isinstance(m, torch.nn.Module))
+
+    def restore_components(self) -> None:
+        """Its own components back on it and on its image-to-image twin, after a request that swapped one in: a
+        pipeline that is not current must not keep a request's module alive (nor hand it out as shared)."""
+        for pipeline in filter(None, (self.pipeline, self._img2img)):
+            for name, module in self.own_components.items():
+                if getattr(pipeline, name, None) is not module:
+                    setattr(pipeline, name, module)
 
     def img2img(self):
         """The image-to-image pipeline over the same components (same UNet, so the same attached adapters)."""
@@ -111,7 +124,7 @@ class ResidentPipelines:
                 # what it holds but does not own stays on the device: the IP-Adapters (cached for every model)
                 # and a request's VAE (cached); a component shared with another model comes back with `get`
                 old.value.attached.attach([], ())
-                old.value.pipeline.vae = old.value.own_vae
+                old.value.restore_components()
                 old.value.pipeline.to("cpu")
                 for gone in self.offloaded.put(old.key, old.value, old.nbytes, label=old.label, with_values=True):
                     self._let_go(gone.value)
@@ -134,7 +147,7 @@ class ResidentPipelines:
     def shared_components(self, identities: dict[str, str]) -> dict:
         """For a pipeline about to load: its components (name -> identity of their files) that a resident pipeline
         already holds, as modules to hand to `from_pretrained`."""
-        held = {known: loaded.pipeline.components[name]
+        held = {known: loaded.own_components[name]  # never what a request swapped in
                 for loaded in self.all() for name, known in loaded.components.items()}  # fmt: skip
         return {name: held[identity] for name, identity in identities.items() if identity in held}
 
