@@ -17,20 +17,20 @@ NAMESPACE = "imprompt"
 
 class JobBoard:
     def __init__(self, recent_events: int = 1000):
-        self.jobs: dict[int, dict] = {}  # job id -> its state, from submission to its end
+        self.jobs: dict[str, dict] = {}  # job id (unique across ingresses) -> its state, from submission to its end
         self.events: deque[dict] = deque(maxlen=recent_events)
         self.workers: dict[str, dict] = {}  # replica -> {"kind", "cache", "pid", "time"}
 
     # ------------------------------------------------------------------------------------------- jobs
 
-    def submit(self, job: int, wanted: list[str]) -> list[str]:
+    def submit(self, job: str, wanted: list[str]) -> list[str]:
         """A job enters; returns which of the model ids it needs some replica holds now."""
         self.jobs[job] = {"submitted": time.time(), "started": None, "replica": None, "step": 0, "total": 0,
                           "iteration": 0, "iterations": 1, "interrupted": False}  # fmt: skip
         held = {i for worker in self.workers.values() for i in worker.get("held", [])}
         return [i for i in wanted if i in held]
 
-    def started(self, job: int, replica: str, iterations: int) -> bool:
+    def started(self, job: str, replica: str, iterations: int) -> bool:
         """A generator replica starts the job; returns whether it should not (interrupted while it waited, or
         gone from the board: its client went away)."""
         state = self.jobs.get(job)
@@ -39,7 +39,7 @@ class JobBoard:
         state.update(started=time.time(), replica=replica, iteration=0, iterations=iterations)
         return state["interrupted"]
 
-    def step(self, job: int, step: int, total: int, iteration: int) -> bool:
+    def step(self, job: str, step: int, total: int, iteration: int) -> bool:
         """A denoising step of the job is done; returns whether the job should stop."""
         state = self.jobs.get(job)
         if state is None:  # ended at the ingress (its client went away): nobody waits for the picture
@@ -47,10 +47,10 @@ class JobBoard:
         state.update(step=step, total=total, iteration=iteration)
         return state["interrupted"]
 
-    def finished(self, job: int) -> None:
+    def finished(self, job: str) -> None:
         self.jobs.pop(job, None)
 
-    def interrupt(self, job: int | None = None) -> bool:
+    def interrupt(self, job: str | None = None) -> bool:
         """Interrupt `job`, or (None) the job `progress` shows: A1111's interrupt stops the job its progress
         reports, and so does a cluster's, whichever replica runs it. Returns whether there was one."""
         if job is None:
@@ -90,7 +90,7 @@ class JobBoard:
 
     # ------------------------------------------------------------------------------------------ workers
 
-    def record(self, replica: str, kind: str, events: list[dict], job: int | None = None) -> None:
+    def record(self, replica: str, kind: str, events: list[dict], job: str | None = None) -> None:
         now = time.time()
         for event in events:
             self.events.append({**event, "replica": replica, "worker": kind, "job": job, "time": now})

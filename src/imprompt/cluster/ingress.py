@@ -45,7 +45,10 @@ class ClusterJobs:
         self.engine, self.encoders, self.generators, self.board = engine, encoders, generators, board
         self.max_queue, self.retries = max_queue, retries
         self.in_flight = 0
-        self._ids = itertools.count(1)
+        # Job ids are the board's keys, and the board outlives an ingress replica and serves several: a random
+        # 64-bit prefix per instance makes a restarted or second replica's ids new (1 in 2**64 to meet another's),
+        # the counter keeps one instance's apart and readable ("job 9f3c...-12" in A1111's progress).
+        self._ids = (f"{secrets.token_hex(8)}-{n}" for n in itertools.count(1))
         self._first_calls: dict[str, asyncio.Event] = {}  # model ids no replica held, whose first load runs now
 
     async def run_async(self, request: GenerateRequest, iterations: int, client_gone) -> list[Result]:
@@ -135,7 +138,7 @@ class ClusterJobs:
             if done:
                 return task.result()
             if await client_gone():
-                log.info("job %d interrupted: the client disconnected", job["id"])
+                log.info("job %s interrupted: the client disconnected", job["id"])
                 await self.board.interrupt.remote(job["id"])
                 return await task
 
