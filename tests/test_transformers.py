@@ -330,3 +330,27 @@ def test_instantx_bin_pickle_reads_as_its_safetensors(pack, tmp_path, red_circle
     got = Engine(root).generate(request(SD35_MODEL, unit("ip-adapter", red_circle)))
     expected = Engine(pack).generate(request(SD35_MODEL, unit("SD3.5 Large", red_circle)))
     assert max_diff(got.images[0], expected.images[0]) == 0
+
+
+def test_a_second_sd35_adapter_or_a_rewritten_one_builds_while_another_is_attached(pack, red_circle, tmp_path):
+    """diffusers' SD3 converter numbers blocks by the transformer's live attention processors, which an attached
+    adapter's image projection adds to: a second adapter file, or the same file rewritten, must still build (and
+    every later request on the model must not fail)."""
+    from imprompt.demo.tiny_dits import transformer_config, write_sd3_adapter
+
+    folder = tmp_path / "ipadapter"
+    folder.mkdir()
+    config = transformer_config(pack / "diffusers" / SD35_MODEL)
+    write_sd3_adapter(folder / "second-sd35.safetensors", config, seed=77)
+    engine = Engine([pack, tmp_path])
+    first = engine.generate(request(SD35_MODEL, unit("SD3.5 Large", red_circle)))
+    second = engine.generate(request(SD35_MODEL, unit("second-sd35", red_circle)))
+    assert max_diff(second.images[0], Engine([pack, tmp_path]).generate(
+        request(SD35_MODEL, unit("second-sd35", red_circle))).images[0]) == 0
+    assert max_diff(first.images[0], second.images[0]) > 0
+    file = folder / "second-sd35.safetensors"
+    file.write_bytes(file.read_bytes())  # the same bytes, a new file version: built again while it is attached
+    again = engine.generate(request(SD35_MODEL, unit("second-sd35", red_circle)))
+    assert max_diff(again.images[0], second.images[0]) == 0
+    assert max_diff(engine.generate(request(SD35_MODEL, unit("SD3.5 Large", red_circle))).images[0],
+                    first.images[0]) == 0  # fmt: skip

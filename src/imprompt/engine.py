@@ -41,6 +41,7 @@ from .ipadapter.faces import FaceAnalyzer, insightface_roots
 from .loading.loras import LoraUse, PipelineLoras, lora_file
 from .loading.pipelines import component_identities, load_pipeline
 from .loading.resident import LoadedPipeline, ResidentPipelines
+from .loading.tensors import first_line
 from .loading.textual_inversions import load_inversion
 from .loading.vaes import load_vae
 from .models.store import Entry, ModelStore
@@ -677,10 +678,14 @@ class Engine:
         stale = self.adapters.discard_older_versions(key)
         started = time.perf_counter()
         state = load_adapter_state_dict(entry.spec)
-        if entry.spec.architecture == "unet":
-            built = build_adapter(entry.spec, state, loaded.pipeline.unet)
-        else:
-            built = build_transformer_adapter(entry.spec, state, loaded.pipeline.transformer)
+        try:
+            if entry.spec.architecture == "unet":
+                built = build_adapter(entry.spec, state, loaded.pipeline.unet)
+            else:
+                built = build_transformer_adapter(entry.spec, state, loaded.pipeline.transformer)
+        except (RuntimeError, KeyError, ValueError, IndexError) as exc:  # tensors the probe read but cannot build
+            raise CheckpointError(entry.path, f"cannot build this IP-Adapter ({first_line(exc)})",
+                                  "Check that the file is complete and of a published layout") from None  # fmt: skip
         seconds = time.perf_counter() - started
         evicted = self.adapters.put(key, built, built.nbytes, label=entry.name)
         for old, why in [(e, "its file changed on disk") for e in stale] + [(e, "adapter cache budget") for e in evicted]:

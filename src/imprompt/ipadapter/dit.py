@@ -48,8 +48,15 @@ def build_transformer_adapter(spec: AdapterSpec, state_dict: dict, transformer) 
     to_k_ip / to_v_ip as plain Linear layers with bias, the XLabs blocks in order. The transformer is not modified."""
     device, dtype = transformer.device, transformer.dtype
     if spec.architecture == "sd3":
-        processors = transformer._convert_ip_adapter_attn_to_diffusers(state_dict["ip_adapter"], low_cpu_mem_usage=False)
-        projection = transformer._convert_ip_adapter_image_proj_to_diffusers(state_dict["image_proj"], low_cpu_mem_usage=False)
+        # diffusers numbers the joint blocks by the transformer's live attention processors, which an attached
+        # adapter's image projection (it holds Attention modules) adds to: build with none attached
+        attached, transformer.image_proj = getattr(transformer, "image_proj", None), None
+        try:
+            processors = transformer._convert_ip_adapter_attn_to_diffusers(state_dict["ip_adapter"], low_cpu_mem_usage=False)
+            projection = transformer._convert_ip_adapter_image_proj_to_diffusers(state_dict["image_proj"],
+                                                                                 low_cpu_mem_usage=False)  # fmt: skip
+        finally:
+            transformer.image_proj = attached
         blocks = [p.to(device=device, dtype=dtype).eval().requires_grad_(False) for p in processors.values()]
         return BuiltTransformerAdapter(spec, projection.to(device=device, dtype=dtype).eval().requires_grad_(False),
                                        [], [], blocks)  # fmt: skip
