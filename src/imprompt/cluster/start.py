@@ -5,7 +5,7 @@ with `_node_ip_address="127.0.0.1"`; with `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` 
 the dashboard are off. On SIGTERM or Ctrl-C the application is deleted, Serve shut down and, for a local cluster,
 every Ray process this one started stopped with it: `ray.shutdown()` leaves Ray 2.60's dashboard and runtime-env
 agents running (they ignore SIGTERM), so the processes of the session, recorded before the shutdown, are waited for
-and the ones left killed by PID.
+and the ones left killed by PID. Only those: a program that serves from its own process keeps its other children.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def serve_cluster(engine: dict, server: ServerSettings, cluster: ClusterSettings
     """Serve on host:port until SIGTERM / SIGINT (or `stop` is set); a second signal stops at once."""
     stop = stop or threading.Event()
     started = time.perf_counter()
-    ray = _connect(cluster.address)
+    ray, session_dir = _connect(cluster.address)
     from ray import serve
 
     serving = False
@@ -79,12 +79,34 @@ def serve_cluster(engine: dict, server: ServerSettings, cluster: ClusterSettings
             serve.delete(APP_NAME)  # ours only: a joined cluster may serve other applications
             if not cluster.address:
                 serve.shutdown()
-        started_here = [] if cluster.address else psutil.Process().children(recursive=True)
+        started_here = session_processes(session_dir)  # recorded while they run: they are found by parentage
         ray.shutdown()
-        _stop_left_over(started_here)
+        stop_left_over(started_here)
 
 
-def _stop_left_over(processes: list, wait_s: float = 10.0) -> None:
+def session_processes(session_dir: str) -> list[psutil.Process]:
+    """The processes of this process's local Ray session: the children `ray.init` started (gcs_server, raylet, the
+    monitors: each names the session's folder on its command line) and all they started (Ray's agents, workers and
+    Serve's actors, renamed `ray::...`). Any other child of this process (an embedding program's) is not Ray's."""
+    if not session_dir:  # a joined cluster: none of its processes is this one's to stop
+        return []
+    roots = []
+    for child in psutil.Process().children():
+        try:
+            if any(session_dir in argument for argument in child.cmdline()):
+                roots.append(child)
+        except psutil.Error:  # ended meanwhile
+            continue
+    found = {root.pid: root for root in roots}
+    for root in roots:
+        try:
+            found.update((process.pid, process) for process in root.children(recursive=True))
+        except psutil.Error:
+            continue
+    return list(found.values())
+
+
+def stop_left_over(processes: list, wait_s: float = 10.0) -> None:
     """Kill by PID what of a local Ray session outlived `ray.shutdown()`, its raylet first (it would restart its
     agents). psutil checks each process's start time, so a PID taken by another process since is left alone."""
     gone, alive = psutil.wait_procs(processes, timeout=wait_s)
@@ -106,7 +128,8 @@ def _stop(stop: threading.Event) -> None:
 
 
 def _connect(address: str | None):
-    """Join `address`, or start a local cluster on loopback and check that Ray put its node there."""
+    """Join `address` (no session of this process's own: None), or start a local cluster on loopback and check
+    that Ray put its node there (its session's folder, whose processes `session_processes` finds)."""
     for name, value in LOCAL_ENVIRONMENT.items():
         os.environ.setdefault(name, value)  # before Ray starts any process: they inherit it
     import ray
@@ -114,13 +137,13 @@ def _connect(address: str | None):
     if address:
         ray.init(address=address, namespace="imprompt", logging_level=logging.WARNING)
         log.info("joined the Ray cluster at %s", address)
-        return ray
+        return ray, None
     # "local": a new cluster even where `ray start` left one running (Ray would join that one for address=None)
-    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, namespace="imprompt",
-             logging_level=logging.WARNING)  # fmt: skip
+    context = ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, namespace="imprompt",
+                       logging_level=logging.WARNING)  # fmt: skip
     node = ray.util.get_node_ip_address()
     if node != "127.0.0.1":
         ray.shutdown()
         raise RuntimeError(f"Ray placed its node on {node}, not on loopback; refusing to serve from it")
     log.info("started a local Ray cluster on 127.0.0.1")
-    return ray
+    return ray, context.address_info["session_dir"]
