@@ -228,3 +228,20 @@ def test_a_request_vae_is_not_kept_alive_by_a_model_that_is_not_current(pack, mo
     engine.clear_cache()  # lets the VAE go from the cache
     gc.collect()
     assert request_vae() is None
+
+
+def test_loading_a_model_leaves_the_components_it_shares_where_they_are(pack, models):
+    """On a GPU a resident model's VAE and text encoder sit on the device while a model that shares them loads into
+    CPU memory: the load must not move them there (if it then failed, the current model would be left with CPU
+    components). Emulated with modules on the meta device, which cannot move at all."""
+    from diffusers import AutoencoderKL
+
+    from imprompt.loading.pipelines import load_pipeline
+    from imprompt.models.probe import probe
+
+    config = AutoencoderKL.load_config(pack / "diffusers" / "tiny-sd15" / "vae")
+    with torch.device("meta"):
+        on_the_gpu = AutoencoderKL.from_config(config)
+    pipeline = load_pipeline(probe(models / "tiny-sd15-b"), torch.device("cpu"), torch.float32, {"vae": on_the_gpu})
+    assert pipeline.vae is on_the_gpu and on_the_gpu.device.type == "meta"
+    assert pipeline.unet.device.type == "cpu"

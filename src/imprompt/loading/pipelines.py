@@ -83,7 +83,10 @@ def load_pipeline(spec: PipelineSpec, device: torch.device, dtype: torch.dtype, 
         what = "single-file checkpoint" if path.is_file() else "pipeline"
         raise CheckpointError(spec.path, f"cannot load {what} ({first_line(exc)})") from None
     pipeline.set_progress_bar_config(disable=True)
-    return pipeline.to(device)
+    for name, component in pipeline.components.items():  # not `pipeline.to`: that would move the shared ones too,
+        if isinstance(component, torch.nn.Module) and name not in (shared or {}):  # off a resident model's device
+            component.to(device)
+    return pipeline
 
 
 FLUX1_WIDTH = 3072  # the width diffusers' FLUX single-file converter is written for
