@@ -156,3 +156,13 @@ def test_dtype_float16_on_the_cpu_is_refused_with_what_to_use(pack, tmp_path):
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert done.returncode == 1 and "float16 on the CPU" in done.stderr and "bfloat16" in done.stderr
     assert not (tmp_path / "x.png").exists()
+
+
+def test_saved_embeddings_of_several_images_are_averaged_when_the_unit_asks(engine, red_circle, yellow_square, tmp_path):
+    """`average` acts on saved embeddings as on images (it was ignored: the unit got two token sets)."""
+    saved = engine.save_embeddings({"adapter": "Plus", "images": [red_circle, yellow_square]}, tmp_path / "two.safetensors")
+    averaged = engine.generate(request({"adapter": "Plus", "embeddings": str(saved), "scale": 0.6, "average": True}))
+    expected = engine.generate(request(unit("Plus", red_circle, average=True, images=[red_circle, yellow_square])))
+    assert max_diff(averaged.images[0], expected.images[0]) == 0
+    both = engine.generate(request({"adapter": "Plus", "embeddings": str(saved), "scale": 0.6}))
+    assert max_diff(both.images[0], averaged.images[0]) > 0

@@ -354,3 +354,18 @@ def test_a_second_sd35_adapter_or_a_rewritten_one_builds_while_another_is_attach
     assert max_diff(again.images[0], second.images[0]) == 0
     assert max_diff(engine.generate(request(SD35_MODEL, unit("SD3.5 Large", red_circle))).images[0],
                     first.images[0]) == 0  # fmt: skip
+
+
+def test_sd35_saved_embeddings_of_several_images_are_refused_or_averaged(pack, red_circle, yellow_square, tmp_path):
+    """An SD 3.5 adapter reads one image: saved embeddings of two are refused before compute, as two images are,
+    unless the unit averages them; then they give what averaging the images gives."""
+    engine = Engine(pack)
+    saved = engine.save_embeddings({"adapter": "SD3.5 Large", "images": [red_circle, yellow_square]},
+                                   tmp_path / "two.safetensors")  # fmt: skip
+    with pytest.raises(UnsupportedError, match=r"ip_adapters\.0\.embeddings: .*2 images.*average"):
+        engine.generate(request(SD35_MODEL, {"adapter": "SD3.5 Large", "embeddings": str(saved), "scale": 0.6}))
+    averaged = engine.generate(request(SD35_MODEL, {"adapter": "SD3.5 Large", "embeddings": str(saved), "scale": 0.6,
+                                                    "average": True}))  # fmt: skip
+    expected = engine.generate(request(SD35_MODEL, unit("SD3.5 Large", red_circle, yellow_square, average=True)))
+    assert max_diff(averaged.images[0], expected.images[0]) == 0
+    assert averaged.info["ip_adapters"][0]["averaged"] is True

@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from . import __version__
-from .errors import CheckpointError, LimitError, RequestError
+from .errors import CheckpointError, IncompatibleError, LimitError, RequestError
 from .ipadapter.attach import AttachedAdapters, ip_adapter_masks
 from .ipadapter.build import BuiltAdapter, build_adapter, load_adapter_state_dict
 from .ipadapter.dit import AttachedTransformerAdapters, build_transformer_adapter
@@ -439,7 +439,7 @@ class Engine:
                                          self.allow_paths, f"ip_adapters.{unit.index}.face_embeddings", self.device,
                                          self.encoder_dtype)  # fmt: skip
         if unit.embeddings is not None:
-            return load_saved_embeddings(unit.embeddings, self.device, self.encoder_dtype)
+            return load_saved_embeddings(unit.embeddings, self.device, self.encoder_dtype, unit.unit.average)
         return self.embedder.embed(
             unit.encoder, unit.output, inputs.images, unit.label, unit.why, events, inputs.negatives, unit.unit.average,
             unconditional(unit.adapter.spec, true_cfg),
@@ -544,6 +544,9 @@ class Engine:
             kwargs["negative_prompt"] = plan.negative_prompt  # SD3 encodes "" for an empty one, as diffusers does
             if units:
                 (e,) = embeddings
+                if e.positive.shape[0] != 1:  # the plan refuses more; embeddings made elsewhere (a cluster) too
+                    raise IncompatibleError(f"ip_adapters.0: embeddings of {e.positive.shape[0]} images, but an SD 3.5 "
+                                            f"IP-Adapter reads one; average them")  # fmt: skip
                 kwargs["ip_adapter_image_embeds"] = e.for_pipeline(request.cfg_scale > 1.0)[:, 0].to(self.device, dtype)
         images = []
         for index in range(request.batch_size):

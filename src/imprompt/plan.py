@@ -159,6 +159,11 @@ def plan_transformer(request: GenerateRequest, pipeline: Entry, units: tuple, st
         if not flux and len(u.images) > 1 and not u.average:
             raise UnsupportedError(f"{where}.images: {len(u.images)} images, but an SD 3.5 IP-Adapter reads one; "
                                    f"set average: true to fold them into one, or give one")  # fmt: skip
+        if not flux and unit.embeddings is not None and unit.embeddings.spec.images > 1 and not u.average:
+            raise UnsupportedError(
+                f"{where}.embeddings: {unit.embeddings.name} holds the embeddings of {unit.embeddings.spec.images} "
+                f"images, but an SD 3.5 IP-Adapter reads one; set average: true to fold them into one, or save "
+                f"embeddings of one image")  # fmt: skip
         if flux and u.negative_images is not None and request.true_cfg_scale == 1.0:
             raise RequestError(f"{where}.negative_images: FLUX uses a negative image only under true CFG; set "
                                f"true_cfg_scale above 1 (and a negative prompt), or remove them")  # fmt: skip

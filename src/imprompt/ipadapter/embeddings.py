@@ -238,14 +238,16 @@ def save_embeddings(embeddings: UnitEmbeddings, path, output: str, encoder: Entr
     return path
 
 
-def load_saved_embeddings(entry: Entry, device, dtype) -> UnitEmbeddings:
+def load_saved_embeddings(entry: Entry, device, dtype, average: bool = False) -> UnitEmbeddings:
+    """Saved embeddings as a unit hands them on; `average` folds several images' into one, as for images."""
     tensors = {k: v.to(device=device, dtype=dtype) for k, v in read_tensors(entry.path).items()}
+    origins = ["saved"] * tensors["positive"].shape[0]  # one per image saved, averaged or not
+    if average:
+        tensors = {k: v.mean(0, keepdim=True) for k, v in tensors.items()}
     clip = None
     if "clip_positive" in tensors:
-        clip = UnitEmbeddings(tensors["clip_positive"], tensors["clip_negative"], "saved embeddings",
-                              ["saved"] * tensors["clip_positive"].shape[0])  # fmt: skip
-    positive = tensors["positive"]
-    return UnitEmbeddings(positive, tensors["negative"], "saved embeddings", ["saved"] * positive.shape[0], clip)
+        clip = UnitEmbeddings(tensors["clip_positive"], tensors["clip_negative"], "saved embeddings", origins)
+    return UnitEmbeddings(tensors["positive"], tensors["negative"], "saved embeddings", origins, clip)
 
 
 def face_embeddings(faces: torch.Tensor, width: int, average: bool, where: str, device, dtype,
