@@ -17,6 +17,7 @@ from PIL import Image
 from server_fixtures import client, decode, running_server
 
 from imprompt import Engine
+from imprompt.errors import RequestError, UnsupportedError
 from imprompt.prompting.encode import chunks, encode_prompts
 from imprompt.prompting.syntax import BREAK, parse_attention, take_lora_tags
 from tools.extra_models import write_extra_models
@@ -192,3 +193,39 @@ def test_cli_lora_and_vae_flags(pack, extras, tmp_path):
     info = json.loads(done.stdout)
     assert info["loras"][0]["source"] == "loras" and info["vae"]["name"] == "soft-vae.safetensors"
     assert "<lora:detail-sd15:0.7>" in Image.open(out).info["parameters"]
+
+
+# A1111's own documented examples of prompt editing and alternation (the docstring of
+# `get_learned_conditioning_prompt_schedules`): each is computed per step there, so it must not be read as words here
+SCHEDULED = ["a [b:3]", "a [b: 3]", "a [[[b]]:2]", "[(a:2):3]", "a [b : c : 1] d", "a[b:[c:d:2]:1]e", "a [b:.5] c",
+             "a [{b|d{:.5] c", "((a][:b:c [d:3]", "[a|(b:1.1)]"]  # fmt: skip
+LITERAL = ["test", "a [unbalanced", "a [shiny] cat", "a (red:1.4) cat", "a [b:c]", "BLACK and white", "a \\[b:3\\]"]
+
+
+@pytest.mark.parametrize("prompt", SCHEDULED + ["a cat AND a dog", "a cat AND a dog:0.5", "a cat :1.2", "(red:1.2"])
+def test_per_step_and_composable_prompts_are_refused_before_anything_loads(pack, prompt):
+    """Until imprompt computes them, A1111's prompt editing, alternation and AND are refused, naming what was found."""
+    engine = Engine(pack)
+    with pytest.raises(UnsupportedError, match=r"^prompt: .*(prompt editing|alternation|AND|at its end)"):
+        engine.generate({"model": "tiny-sd15", "prompt": prompt, "steps": 2, "width": 64, "height": 64})
+    assert engine.cache_info()["model"] is None and engine.pipelines.all() == []
+
+
+@pytest.mark.parametrize("prompt", SCHEDULED)
+def test_the_negative_prompt_is_checked_too_but_and_is_its_words(pack, prompt):
+    engine = Engine(pack)
+    with pytest.raises(UnsupportedError, match=r"^negative_prompt: "):
+        engine.plan({"model": "tiny-sd15", "negative_prompt": prompt})
+    engine.plan({"model": "tiny-sd15", "negative_prompt": "a cat AND a dog :1.2"})  # A1111: no AND in negatives
+
+
+@pytest.mark.parametrize("prompt", LITERAL)
+def test_prompts_a1111_reads_as_text_are_accepted(pack, prompt):
+    Engine(pack).plan({"model": "tiny-sd15", "prompt": prompt})
+
+
+def test_a_weight_that_is_no_number_is_refused_in_the_plan(pack):
+    engine = Engine(pack)
+    with pytest.raises(RequestError, match=r"^prompt: the weight in .*\(cat:\.\).* is '\.', not a number"):
+        engine.generate({"model": "tiny-sd15", "prompt": "a (cat:.)", "steps": 2, "width": 64, "height": 64})
+    assert engine.pipelines.all() == []

@@ -22,7 +22,7 @@ from .models import catalog
 from .models.single_file import require_t5_tokenizer
 from .models.store import Entry, ModelStore
 from .prompting.syntax import BREAK as BREAK_MARK
-from .prompting.syntax import parse_attention, take_lora_tags
+from .prompting.syntax import parse_attention, scheduling_syntax, take_lora_tags
 from .request import LORA_WEIGHT_RANGE, GenerateRequest, IPAdapterUnit
 
 
@@ -89,6 +89,8 @@ def make_plan(request: GenerateRequest, store: ModelStore, default_model: str | 
             f"negative_prompt: <lora:{negative_tags[0].name}:...> — LoRA tags act only in the prompt (as in A1111); "
             f"move it to the prompt or remove it"
         )
+    check_prompt_syntax(prompt, "prompt", composable=True)
+    check_prompt_syntax(negative_prompt, "negative_prompt", composable=False)  # A1111 reads no AND there
     asked = [(tag.name, tag.weight, "prompt") for tag in tags] + [(lo.name, lo.weight, "loras") for lo in request.loras]
     loras = tuple(plan_lora(name, weight, source, store, pipeline) for name, weight, source in asked)
     seen: dict[str, LoraPlan] = {}
@@ -111,6 +113,19 @@ def make_plan(request: GenerateRequest, store: ModelStore, default_model: str | 
     return Plan(pipeline, units, prompt, negative_prompt, loras, vae, inversions)
 
 
+def check_prompt_syntax(text: str, field: str, composable: bool) -> None:
+    """A1111 prompt syntax that imprompt reads (weights, BREAK) must parse; what it does not compute yet (prompt
+    editing, alternation, AND) is refused rather than read as words, which would give another picture."""
+    parse_attention(text, field)
+    found = scheduling_syntax(text, composable)
+    if found:
+        raise UnsupportedError(
+            f"{field}: {found} is A1111 syntax computed per step (or per composable prompt), which imprompt does not "
+            f"do yet; read as words it would give another picture than A1111's. Remove it, or write the prompt as it "
+            f"should read throughout (escape literal brackets as \\[ \\])"
+        )
+
+
 TRANSFORMER_SAMPLERS = ("Default", "Euler")  # SD 3.5 and FLUX run their own flow-matching Euler scheduler
 
 
@@ -130,7 +145,7 @@ def plan_transformer(request: GenerateRequest, pipeline: Entry, units: tuple, st
     if take_lora_tags(request.negative_prompt, "negative_prompt")[1]:
         refuse("negative_prompt", "LoRA tags are not supported")
     for field, text in (("prompt", request.prompt), ("negative_prompt", request.negative_prompt)):
-        if any(f is BREAK_MARK or f[1] != 1.0 for f in parse_attention(text)):
+        if any(f is BREAK_MARK or f[1] != 1.0 for f in parse_attention(text, field)):
             raise UnsupportedError(
                 f"{field}: A1111 attention weights ((word:1.2), [word]) and BREAK are not applied for {family} models "
                 f"(model {name}), whose prompts go to their text encoders as written; remove them")
