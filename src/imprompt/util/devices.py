@@ -1,7 +1,20 @@
 """Devices, dtypes and memory budgets: where models live, in which precision, and how much of it each cache gets.
 
 Budgets are sized from the memory of the device the models live on (system RAM on the CPU, the GPU's own memory on
-CUDA, from `torch.cuda.mem_get_info`), and every one can be set by the user.
+CUDA, from `torch.cuda.mem_get_info`), and every one can be set by the user. The default shares of one memory add
+up to at most what it can give, less a share reserved for what no cache holds (`RESERVED`):
+- the device (`SHARES["cpu"]`, `SHARES["cuda"]`): the caches' shares add up to 79 % (with InsightFace's fixed
+  64 MiB of faces, under 80 % of any device of 8 GiB or more), so 20 % is left for a generation's activations (on
+  the CPU, for the process too). `python -m tools.activation_memory` counts them for
+  SDXL: one UNet step at 1024x1024 (float16, classifier-free guidance) holds 0.31 GiB, the VAE decode of that image
+  3.0 GiB in float32 (diffusers upcasts SDXL's VAE; 1.5 GiB in float16), 0.75 GiB at 512x512; the allocator adds
+  about a quarter. 20 % of a 24 GiB GPU (4.8 GiB) holds a 1024x1024 SDXL image's decode; a batch of them grows the
+  decode with its size (4 images: 12 GiB), beyond what any share reserves.
+- on a GPU machine, the host RAM (`SHARES["host"]`): only the offload tier (pipelines pushed off the GPU) is kept
+  there; half of the RAM stays free for a model being loaded (in CPU memory until it joins the GPU) and the
+  process. On the CPU device there is no offload tier: everything is in `SHARES["cpu"]`.
+"loras" is counted once: one budget for the LoRAs of all resident pipelines. "inversions" (textual inversions) is
+the same share as "embeddings", which the engine sizes them from.
 """
 
 from __future__ import annotations
@@ -16,18 +29,22 @@ from ..errors import RequestError
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}  # fmt: skip
 
-# Share of the device's memory each cache may hold by default. On the CPU the encoders keep half the RAM (both
-# SDXL-era encoders in fp32 on a 32 GB machine), as before budgets were per device; on a GPU the pipeline needs
-# most of it, so the encoders and adapters get less.
-# Base models kept loaded ("pipelines"): 40 % of the RAM on the CPU (SD 1.5 in fp32 is 4.3 GB, SDXL 10 GB in
-# fp32), half a GPU (SDXL in fp16 is 7 GB); "offload": the RAM where pipelines pushed off a GPU wait.
+# Share of a memory each cache may hold by default (see above for what is left). On the CPU the encoders keep 30 %
+# of the RAM (both SDXL-era encoders in fp32, 9.3 GiB, on a 32 GiB machine); on a GPU the pipelines need more and
+# the encoders get 20 % (both in fp16, 4.6 GiB, on a 24 GiB GPU). Base models kept loaded ("pipelines"): 40 % of the
+# RAM on the CPU (SD 1.5 in fp32 is 4.3 GB, SDXL 14 GB in fp32), half a GPU (SDXL in fp16 is 7 GB); "offload":
+# the RAM where pipelines pushed off a GPU wait.
 SHARES = {
-    "cpu": {"encoders": 0.5, "adapters": 0.125, "embeddings": 0.02, "loras": 0.1, "vaes": 0.02, "pipelines": 0.4,
-            "offload": 0.3},
-    "cuda": {"encoders": 0.3, "adapters": 0.1, "embeddings": 0.02, "loras": 0.1, "vaes": 0.02, "pipelines": 0.5},
+    "cpu": {"pipelines": 0.4, "encoders": 0.3, "adapters": 0.04, "loras": 0.03, "vaes": 0.01, "embeddings": 0.005,
+            "inversions": 0.005},
+    "cuda": {"pipelines": 0.5, "encoders": 0.2, "adapters": 0.04, "loras": 0.03, "vaes": 0.01, "embeddings": 0.005,
+             "inversions": 0.005},
+    "host": {"offload": 0.3},
 }  # fmt: skip
+RESERVED = {"cpu": 0.2, "cuda": 0.2, "host": 0.5}  # left by the caches: activations (device), loading (host)
 # enough for every adapter, LoRA (dozens of rank-32 SD 1.5 LoRAs are 150 MB each), VAE and reference a server sees
-CAPS = {"adapters": 4 * 2**30, "embeddings": 512 * 2**20, "loras": 4 * 2**30, "vaes": 2 * 2**30}
+CAPS = {"adapters": 4 * 2**30, "embeddings": 512 * 2**20, "inversions": 512 * 2**20, "loras": 4 * 2**30,
+        "vaes": 2 * 2**30}
 
 
 def default_device() -> torch.device:
@@ -65,9 +82,12 @@ def device_memory(device: torch.device) -> int:
 
 
 def default_budget(cache: str, device: torch.device) -> int:
-    """The default byte budget of one of the engine's caches (a key of SHARES) on `device`."""
-    shares = SHARES["cuda" if device.type == "cuda" else "cpu"]
-    budget = int(device_memory(device) * shares[cache])
+    """The default byte budget of one of the engine's caches (a key of SHARES) on `device`; "offload" is always a
+    share of the RAM, where a GPU's pipelines wait."""
+    if cache in SHARES["host"]:
+        budget = int(device_memory(torch.device("cpu")) * SHARES["host"][cache])
+    else:
+        budget = int(device_memory(device) * SHARES["cuda" if device.type == "cuda" else "cpu"][cache])
     return min(budget, CAPS[cache]) if cache in CAPS else budget
 
 

@@ -1,0 +1,67 @@
+"""Default memory budgets that are real bounds: what an Engine takes by default on a device, all caches together,
+leaves room for a generation's activations; a GPU machine's offload tier is a share of its RAM, not of the GPU's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from imprompt import Engine
+from imprompt.util import devices
+
+GiB = 2**30
+# `python -m tools.activation_memory`: SDXL's VAE decoding one 1024x1024 image in float32 (diffusers upcasts it)
+# holds 3.0 GiB of activations, one SDXL UNet step at that size in float16 0.31 GiB; the allocator adds about a
+# quarter (a real decode at 512 px on the CPU grew the process by 0.94 GiB for 0.75 GiB counted)
+SDXL_1024 = (3.0 + 0.31) * 1.25 * GiB
+
+
+def on_device(engine: Engine) -> dict[str, int]:
+    """The byte budgets an engine took for the caches that live on its device. LoRAs: one budget for the LoRAs of
+    every resident pipeline, read from its default."""
+    return {
+        "pipelines": engine.pipelines.on_device.budget_bytes,
+        "encoders": engine.embedder.encoders.budget_bytes,
+        "embeddings": engine.embedder.embeddings.budget_bytes,
+        "adapters": engine.adapters.budget_bytes,
+        "loras": devices.default_budget("loras", engine.device),
+        "vaes": engine.vaes.budget_bytes,
+        "textual inversions": engine.inversions.budget_bytes,
+        "faces": engine.faces.faces.budget_bytes,
+    }
+
+
+@pytest.mark.parametrize("device, memory", [("cpu", 32 * GiB), ("cuda", 24 * GiB)])
+def test_an_engine_s_default_budgets_leave_room_for_an_sdxl_generation(pack, monkeypatch, device, memory):
+    """A 32 GiB machine on the CPU, a 24 GiB GPU (with 64 GiB of RAM): every cache full at its default budget, the
+    device still has room for an SDXL 1024x1024 step and its VAE decode."""
+    ram = memory if device == "cpu" else 64 * GiB
+    monkeypatch.setattr(devices, "device_memory", lambda d: memory if d.type == device else ram)
+    engine = Engine(pack, device=device)
+    took = on_device(engine)
+    left = memory - sum(took.values())
+    assert left >= memory * devices.RESERVED[device] >= SDXL_1024, (
+        f"{left / GiB:.1f} GiB of {memory / GiB:.0f} GiB left for activations: {took}")  # fmt: skip
+    if device == "cuda":  # the offload tier is RAM, where nothing else of the engine's is kept
+        assert engine.pipelines.offloaded.budget_bytes <= ram * (1 - devices.RESERVED["host"])
+
+
+def test_the_default_shares_of_each_memory_leave_its_reserved_share():
+    for memory in ("cpu", "cuda", "host"):
+        assert sum(devices.SHARES[memory].values()) + devices.RESERVED[memory] <= 1, memory
+    assert "offload" in devices.SHARES["host"]
+    assert "offload" not in devices.SHARES["cpu"] and "offload" not in devices.SHARES["cuda"]
+    assert set(devices.SHARES["cpu"]) == set(devices.SHARES["cuda"])  # the same caches on either device
+
+
+def test_the_caps_still_apply(monkeypatch):
+    """A large device reaches each cache's cap; a small one gets its share."""
+    for device in (torch.device("cpu"), torch.device("cuda", 0)):
+        kind = device.type
+        monkeypatch.setattr(devices, "device_memory", lambda d: 2**40)
+        for cache, cap in devices.CAPS.items():
+            assert devices.default_budget(cache, device) == cap, (cache, kind)
+        monkeypatch.setattr(devices, "device_memory", lambda d: 8 * GiB)
+        for cache, cap in devices.CAPS.items():
+            assert devices.default_budget(cache, device) == int(8 * GiB * devices.SHARES[kind][cache]) < cap
+        assert devices.default_budget("offload", device) == int(8 * GiB * devices.SHARES["host"]["offload"])
