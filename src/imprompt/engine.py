@@ -321,7 +321,7 @@ class Engine:
             names = " + ".join(u.label for u in plan.units) or "none"
             log.info("UNet adapters now: %s", names)
             events.append({"event": "adapters_attached", "adapters": [u.label for u in plan.units]})
-        loaded.loras.activate(self._lora_uses(plan, loaded), events)
+        warnings = loaded.loras.activate(self._lora_uses(plan, loaded), events)
         vae = self._vae(plan.vae, loaded, events) if plan.vae is not None else loaded.own_vae
         timer.mark("attach")
 
@@ -392,6 +392,7 @@ class Engine:
             "textual_inversions": inversions_info,
             "clip_skip": request.clip_skip,
             "vae": vae_info,
+            "warnings": warnings,  # what the request asked for that acts only in part
             "events": events,
             "timings": timer.summary(),
             "interrupted": self._interrupt.is_set(),

@@ -52,15 +52,18 @@ class PipelineLoras:
         self._names: dict = {}  # the same mapping, kept for what the cache evicts
         self.active: tuple = ()  # ((adapter name, weight), ...) as last set
         self.enabled: bool | None = None  # whether the LoRA layers are on (None: unknown, after a load)
+        self.partial: dict = {}  # entry key -> what did not load of a LoRA that loaded only in part
         self._count = 0
 
-    def activate(self, loras: list[LoraUse], events: list) -> None:
-        """Make exactly these LoRAs act, at these weights (none: the plain model)."""
+    def activate(self, loras: list[LoraUse], events: list) -> list[str]:
+        """Make exactly these LoRAs act, at these weights (none: the plain model). Returns a warning for each of
+        them that loaded only in part (said on every request that uses it)."""
         needed = {lora.key for lora in loras}
         names = [self._adapter_name(lora, needed, events) for lora in loras]
+        warnings = [self.partial[lora.key] for lora in loras if lora.key in self.partial]
         wanted = tuple(zip(names, (lora.weight for lora in loras)))
         if wanted == self.active and self.enabled is not None:  # after a load (even a failed one) set it again
-            return
+            return warnings
         if names:
             if self.enabled is not True:  # a walk over every layer: only when they were switched off
                 self.pipeline.enable_lora()
@@ -70,6 +73,7 @@ class PipelineLoras:
             self._switch_off()
             self.enabled = False
         self.active = wanted
+        return warnings
 
     def _switch_off(self) -> None:
         """Every LoRA layer in the pipeline's modules off, its own and those another pipeline that shares a text
@@ -113,6 +117,13 @@ class PipelineLoras:
                 "Check that it is a LoRA for this model's family, in kohya / A1111 or diffusers format",
             ) from None  # fmt: skip
         seconds = time.perf_counter() - started
+        layers, found = lora_layer_count(state), self._layers_holding(name)
+        if found < layers:  # diffusers loads what matches a module and drops the rest without a word
+            self.partial[key] = (
+                f"LoRA {lora.label}: {found} of its {layers} layers match a module of this model and act; the other "
+                f"{layers - found} match none (a LoRA for another model's layout, or a damaged file)"
+            )
+            log.warning("%s", self.partial[key])
         log.info("LoRA %s loaded in %.2f s", lora.label, seconds)
         events.append({"event": "lora_loaded", "lora": lora.label, "file": str(path), "seconds": round(seconds, 4)})
         self._names[key] = name
@@ -120,7 +131,17 @@ class PipelineLoras:
             self._delete(old.key, old.label, "LoRA cache budget", events)
         return name
 
+    def _layers_holding(self, name: str) -> int:
+        """How many layers of the pipeline's modules hold PEFT adapter `name` (a shared module's counted once)."""
+        layers = set()
+        for component in self.pipeline.components.values():
+            if isinstance(component, torch.nn.Module):
+                layers |= {id(m) for m in component.modules()
+                           if isinstance(getattr(m, "lora_A", None), torch.nn.ModuleDict) and name in m.lora_A}  # fmt: skip
+        return len(layers)
+
     def _delete(self, key, label: str, why: str, events: list) -> None:
+        self.partial.pop(key, None)
         name = self._names.pop(key)
         self.pipeline.delete_adapters(name)
         self.active = tuple(a for a in self.active if a[0] != name)
@@ -134,11 +155,21 @@ class PipelineLoras:
             self.pipeline.delete_adapters(name)
 
 
+LORA_DOWN = ("lora_down.weight", "lora_A.weight", "lora.down.weight")  # kohya / LyCORIS, PEFT, older diffusers
+
+
+def lora_layer_count(state: dict) -> int:
+    """The layers a LoRA file holds: one down projection each, in every format diffusers reads."""
+    return sum(key.endswith(LORA_DOWN) for key in state)
+
+
 @contextmanager
 def quiet_peft_reports():
     """Loading a second adapter makes PEFT warn that the model has adapters already and transformers print the
     first adapter's tensors as "MISSING" from the second's file; a UNet-only LoRA makes diffusers say it found no
-    text-encoder keys: all expected here, and noise in users' logs (a failed load still raises)."""
+    text-encoder keys: all expected here, and noise in users' logs. What matters is said by imprompt itself: a
+    failed load raises, and a LoRA whose layers match only some modules is counted (`lora_layer_count`) and
+    reported on every request that uses it."""
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
