@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 from single_files import single_file_tensors
 
 from imprompt import Engine
-from imprompt.errors import CheckpointError, IncompatibleError, RequestError, UnknownLoraError, UnsupportedError
+from imprompt.errors import (CheckpointError, IncompatibleError, RequestError, UnknownLoraError, UnknownVaeError,
+                             UnsupportedError)
 from tools.extra_models import altered_vae, kohya_lora, write, write_extra_models
 
 SIZE, STEPS = 64, 3
@@ -111,7 +112,8 @@ def test_lora_budget_evicts_and_unloads(pack, extras):
         ("a <hypernet:foo:1>", {}, RequestError, ["hypernetwork"]),
         ("a <lora:detail-sd15:1>", {"loras": [{"name": "detail-sd15"}]}, RequestError, ["twice"]),
         ("a cat", {"negative_prompt": "<lora:detail-sd15:1>"}, RequestError, ["only in the prompt"]),
-        ("a cat", {"vae": "nope.safetensors"}, Exception, ["nope.safetensors", "soft-vae.safetensors"]),
+        ("a cat", {"vae": "nope.safetensors"}, UnknownVaeError, ["'nope.safetensors' not found", "soft-vae.safetensors",
+                                                                 "VAE/ (A1111)"]),
     ],
 )
 def test_bad_loras_are_named_and_change_nothing(lora_engine, prompt, fields, error, words):
@@ -130,8 +132,13 @@ def test_textual_inversion_equals_diffusers_loader(pack, extras, lora_engine):
     assert max_diff(result.images[0], reference(pipe, "a shiny cat")) <= 1
     assert [i["name"] for i in result.info["textual_inversions"]] == ["shiny"]
     assert "TI hashes: " in result.parameters
-    # the name changes no other prompt: "shinyness" is read as text, and the plain prompt after it is unchanged
-    assert generate(lora_engine, "a cat").info["textual_inversions"] == []
+    # the name changes no other prompt: "shinyness" holds "shiny" but is other tokens (A1111 matches an embedding's
+    # name token by token), so it is read as text, as by a pipeline without the embedding; so is the plain prompt
+    plain = pipeline(pack)
+    for prompt in ("a shinyness cat", "a cat"):
+        other = generate(lora_engine, prompt)
+        assert other.info["textual_inversions"] == [] and "TI hashes" not in other.parameters, prompt
+        assert max_diff(other.images[0], reference(plain, prompt)) <= 1, prompt
 
 
 def test_vae_from_the_tree_equals_diffusers_with_it(pack, extras, lora_engine):
