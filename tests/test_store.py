@@ -300,6 +300,7 @@ def test_file_added_later_is_found(pack, tmp_path):
     entry = store.adapter("added")  # not in the index yet: found by scanning again on the miss
     assert entry.spec.variant == "plus"
     assert sorted(e.name for e in store.adapters) == ["added", "first"]
+    store.rescan_interval = 0  # a second miss this soon walks again only without the interval (test_store_hostile)
     shutil.copy(adapter_file(pack, "ip-adapter_sd15_vit-G"), root / "ip-adapter_sd15_vit-G.safetensors")
     assert store.adapter("Base ViT-G").spec.embed_dim == 1280  # friendly names too
 

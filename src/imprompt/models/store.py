@@ -9,6 +9,15 @@ Layouts understood (scanned recursively, hidden folders skipped):
 Every lookup re-checks the file's size and modification time, so a file replaced on disk is probed again and
 never served from a stale index (callers key their caches on `Entry.fingerprint` for the same reason).
 
+Symlinks are followed (A1111 and ComfyUI trees are often linked into each other), but each real folder is walked
+once (known by device and inode) and each file is listed once per name: a link loop ends, and a folder reachable
+through a link and by its real path is listed at its real path (links are walked after every real folder).
+
+A name that is not in the index makes the store walk the roots again (a file may have been added), unless another
+unknown name did less than `rescan_interval` seconds ago: a burst of typos costs one walk per interval, and a file
+added just before it is asked for is still found. `refresh()` (the `/refresh` endpoints) always walks. Lookups
+never wait for a walk: it runs outside the lock they take, and its index is swapped in at the end.
+
 Scanning is cheap: a safetensors file is probed from its header (a few KB), a pickle (`.ckpt`, `.pt`, `.bin`,
 `.pth`) is not unpickled until it is first needed (a request names it, an encoder is looked for, or the tree is
 listed), and what was probed is kept on disk (`probe_cache.py`), so a rescan of an unchanged tree reads no file.
@@ -19,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import stat
 import threading
 import time
 from dataclasses import dataclass
@@ -67,10 +77,14 @@ class Entry:
         return (str(self.path), self.fingerprint, *map(str, how))
 
 
+RESCAN_INTERVAL = 2.0  # seconds between two walks that unknown names start (explicit refreshes always walk)
+
+
 class ModelStore:
-    def __init__(self, roots, allow_paths: bool = True):
+    def __init__(self, roots, allow_paths: bool = True, rescan_interval: float = RESCAN_INTERVAL):
         """`roots`: one folder or several. `allow_paths`: whether names may also be filesystem paths outside the
-        roots (the CLI and Python API allow it; the HTTP server does not)."""
+        roots (the CLI and Python API allow it; the HTTP server does not). `rescan_interval`: an unknown name walks
+        the roots again unless another one did less than this many seconds ago (0: every miss walks)."""
         if isinstance(roots, (str, os.PathLike)):
             roots = [roots]
         self.roots = [Path(r).expanduser().resolve() for r in roots]
@@ -78,7 +92,11 @@ class ModelStore:
             if not root.exists():
                 raise UnknownModelError(f"models folder {root} does not exist. Pass --models DIR (or set IMPROMPT_MODELS)")
         self.allow_paths = allow_paths
-        self._lock = threading.RLock()
+        self.rescan_interval = rescan_interval
+        self._lock = threading.RLock()  # the index (`entries`, `_probed`); never held while walking the roots
+        self._walking = threading.Lock()  # one walk at a time; taken before `_lock`, never while holding it
+        self._missed_at = float("-inf")  # time.monotonic() when the last walk that a miss started ended
+        self.scans = 0  # walks of the roots (the first one included)
         self._probed: dict[Path, Entry] = {}
         self._disk = ProbeCache()
         self.probes = 0  # files read to learn what they are (not counting the cache on disk)
@@ -89,13 +107,35 @@ class ModelStore:
 
     def refresh(self) -> None:
         """Walk the roots again; files whose fingerprint did not change are not probed again, and pickles are left
-        unread until needed."""
+        unread until needed. Waits for a walk under way, then walks (what is on disk now is asked for)."""
+        with self._walking:
+            self._scan()
+
+    def refresh_if_stale(self) -> bool:
+        """For a name not found (a file may have been added since): walk the roots again, unless this method walked
+        less than `rescan_interval` seconds ago or a walk is under way (its index comes soon; a lookup never waits
+        for it). True if it walked."""
+        if time.monotonic() - self._missed_at < self.rescan_interval:
+            return False
+        if not self._walking.acquire(blocking=False):
+            return False
+        try:
+            if time.monotonic() - self._missed_at < self.rescan_interval:
+                return False  # another miss walked just before this one took the lock
+            self._scan()
+            self._missed_at = time.monotonic()
+            return True
+        finally:
+            self._walking.release()
+
+    def _scan(self) -> None:
+        """Walk and probe without `_lock` (lookups go on meanwhile), then swap the new index in. Under `_walking`."""
+        self.scans += 1
+        found = walk_roots(self.roots)
+        entries = [self._entry(name, path, lazy=True) for name, path in found]
         with self._lock:
-            found: list[tuple[str, Path]] = []
-            for root in self.roots:
-                self._walk(root, root, found)
-            self.entries = [self._entry(name, path, lazy=True) for name, path in found]
-            self._disk.save()
+            self.entries = entries
+        self._disk.save()
 
     def a1111_hash(self, path: Path, digits: int = 10) -> str:
         """A1111's short hash: the first hex digits of the file's sha256 (10 for "Model hash" and "VAE hash", 12
@@ -123,27 +163,7 @@ class ModelStore:
         """Probe what the scan left unread (pickles), for a listing that says what every file is."""
         with self._lock:
             self.entries = [self._entry(e.name, e.path) if e.kind == "unread" else e for e in self.entries]
-            self._disk.save()
-
-    def _walk(self, root: Path, folder: Path, found: list) -> None:
-        if folder.is_dir() and _is_model_folder(folder):
-            found.append((_folder_name(root, folder), folder))
-            return
-        if folder.is_file():
-            found.append((folder.stem, folder))
-            return
-        try:
-            children = sorted(folder.iterdir())
-        except OSError as exc:
-            log.warning("cannot list %s: %s", folder, exc.strerror)
-            return
-        for child in children:
-            if child.name.startswith("."):
-                continue
-            if child.is_dir():
-                self._walk(root, child, found)
-            elif child.suffix in WEIGHT_SUFFIXES and child.is_file():  # regular files only: a FIFO would block
-                found.append((child.stem, child))
+        self._disk.save()  # outside the lock: it may wait for another process's save
 
     def _entry(self, name: str, path: Path, lazy: bool = False) -> Entry:
         """The entry for `path`, probed again only if its fingerprint changed since last time (in this process or,
@@ -171,12 +191,12 @@ class ModelStore:
     def current(self, entry: Entry) -> Entry:
         """`entry` as the disk has it now (probed again if the file changed; raises if it is gone)."""
         with self._lock:
-            if not entry.path.exists():
-                self.refresh()
+            if not entry.path.exists():  # out of the index, without a walk (which is never made under the lock)
+                self.entries = [e for e in self.entries if e.path != entry.path]
                 raise CheckpointError(entry.path, "was removed from disk", "Restore the file or choose another")
             current = self._entry(entry.name, entry.path)
-            self._disk.save()
-            return current
+        self._disk.save()
+        return current
 
     # ------------------------------------------------------------------------------------------------- listings
 
@@ -208,8 +228,8 @@ class ModelStore:
                     e = self._entry(e.name, e.path)
                 updated.append(e)
             self.entries = updated  # the index follows what was found
-            self._disk.save()
-            return [e for e in updated if e.kind == kind]
+        self._disk.save()
+        return [e for e in updated if e.kind == kind]
 
     @property
     def unreadable(self) -> list[Entry]:
@@ -290,15 +310,16 @@ class ModelStore:
 
     def _resolve(self, name: str, kind: str) -> Entry | None:
         """The entry called `name` of `kind`; raises the probe error if the only match is unreadable or of
-        another kind. Scans again once before giving up (a file may have been added since)."""
-        with self._lock:
-            for attempt in range(2):
+        another kind. On a miss, walks the roots again if the last walk is old enough (`refresh_if_stale`): a file
+        may have been added since. The walk is made without the lock, so other lookups go on meanwhile."""
+        for attempt in range(2):
+            with self._lock:
                 matches = self._matches(name)
-                if matches:
-                    return self._choose(name, kind, matches)
-                if attempt == 0:
-                    self.refresh()
-            return self._outside_path(name, kind)
+            if matches:
+                return self._choose(name, kind, matches)
+            if attempt == 0 and not self.refresh_if_stale():
+                break
+        return self._outside_path(name, kind)
 
     def _matches(self, name: str) -> list[Entry]:
         lowered = name.strip().lower()
@@ -333,6 +354,77 @@ class ModelStore:
 
     def _where(self) -> str:
         return ", ".join(str(r) for r in self.roots)
+
+
+def walk_roots(roots: list[Path]) -> list[tuple[str, Path]]:
+    """(name, path) of every model file and model folder below `roots`: the real tree in sorted walk order, then
+    what symlinks lead to. Links are followed, but each real folder (device, inode) is walked once and each model
+    is listed once per name, so link loops end, and what is reachable both ways is listed at its real path."""
+    walk = _Walk()
+    for root in roots:
+        walk.visit(root, root, top=True)
+    while walk.links:  # links found meanwhile join the end: a deterministic, breadth-first order for them
+        root, path = walk.links.pop(0)
+        walk.visit(root, path)
+    return walk.found
+
+
+class _Walk:
+    """What one walk of the roots has seen: the real folders walked, what was listed (identity and name), the
+    symlinks left for after the real tree."""
+
+    def __init__(self):
+        self.found: list[tuple[str, Path]] = []
+        self.links: list[tuple[Path, Path]] = []
+        self.folders: set[tuple[int, int]] = set()
+        self.listed: set[tuple[int, int, str]] = set()
+
+    def visit(self, root: Path, path: Path, top: bool = False) -> None:
+        """A root (`top`: a single file is listed whatever its suffix) or a symlink found below one."""
+        try:
+            st = path.stat()
+        except OSError as exc:  # a dangling link, or no permission
+            if path.suffix in WEIGHT_SUFFIXES or not path.suffix:  # a model, or a folder of them: say why it is absent
+                log.warning("cannot read %s: %s", path, exc.strerror or exc)
+            return
+        if stat.S_ISDIR(st.st_mode):
+            self.folder(root, path, st)
+        elif stat.S_ISREG(st.st_mode) and (top or path.suffix in WEIGHT_SUFFIXES):  # never a FIFO: it would block
+            self.add(path.stem, path, st)
+
+    def folder(self, root: Path, folder: Path, st: os.stat_result) -> None:
+        if _is_model_folder(folder):  # listed, never walked into: no loop can start there
+            self.add(_folder_name(root, folder), folder, st)
+            return
+        if _identity(st) in self.folders:
+            return  # walked already: by its real path, through another link, or a loop back to it
+        self.folders.add(_identity(st))
+        try:
+            children = sorted(folder.iterdir())
+        except OSError as exc:
+            log.warning("cannot list %s: %s", folder, exc.strerror)
+            return
+        for child in children:
+            if child.name.startswith("."):
+                continue
+            if child.is_symlink():
+                self.links.append((root, child))
+                continue
+            try:
+                child_st = child.stat()
+            except OSError:
+                continue  # gone since the listing
+            if stat.S_ISDIR(child_st.st_mode):
+                self.folder(root, child, child_st)
+            elif stat.S_ISREG(child_st.st_mode) and child.suffix in WEIGHT_SUFFIXES:
+                self.add(child.stem, child, child_st)
+
+    def add(self, name: str, path: Path, st: os.stat_result) -> None:
+        """A file or model folder, listed once per name: a hard link or a link under the same name is the same
+        model; a link under another name is an alias its user made, listed under that name too."""
+        if (*_identity(st), name) not in self.listed:
+            self.listed.add((*_identity(st), name))
+            self.found.append((name, path))
 
 
 def _is_model_folder(folder: Path) -> bool:
@@ -382,13 +474,29 @@ def fingerprint_of(path: Path) -> tuple:
 
 
 def _walk_stats(folder: str, prefix: str):
-    """(relative path, size, mtime, inode) of every file below `folder` (os.scandir: this runs per request)."""
-    with os.scandir(folder) as entries:
-        for entry in entries:
-            if entry.is_dir(follow_symlinks=True):
-                yield from _walk_stats(entry.path, prefix + entry.name + "/")
-            elif entry.is_file(follow_symlinks=True):
-                yield (prefix + entry.name, *_stat(entry.stat()))
+    """(relative path, size, mtime, inode) of every file below `folder` (os.scandir: this runs per request).
+    Symlinks are followed, each real folder walked once (a loop ends); linked folders are walked after the real
+    ones, each in a fixed order, so the same tree always gives the same fingerprint."""
+    real, links, seen = [(folder, prefix)], [], set()
+    while real or links:
+        path, relative = real.pop() if real else links.pop()
+        try:
+            identity = _identity(os.stat(path))
+        except OSError:
+            continue  # a link to a folder that is gone
+        if identity in seen:
+            continue
+        seen.add(identity)
+        with os.scandir(path) as entries:
+            for entry in sorted(entries, key=lambda e: e.name, reverse=True):  # popped from the end: sorted order
+                if entry.is_dir(follow_symlinks=True):
+                    (links if entry.is_symlink() else real).append((entry.path, relative + entry.name + "/"))
+                elif entry.is_file(follow_symlinks=True):
+                    yield (relative + entry.name, *_stat(entry.stat()))
+
+
+def _identity(st: os.stat_result) -> tuple[int, int]:
+    return (st.st_dev, st.st_ino)
 
 
 def _stat(st: os.stat_result) -> tuple:
