@@ -135,3 +135,83 @@ def test_the_demo_draws_the_red_circle_with_the_trained_adapters(trained_pack, t
     rows = run_demo(trained_pack, tmp_path, echo=lambda *_: None)
     for image in {row["image"] for row in rows if row["adapters"] in ("Base", "Base ViT-G", "Plus", "Base + Base ViT-G")}:
         assert classify(Image.open(tmp_path / image)).matches(shapes.Scene("circle", "red", "blue")), image
+
+
+# ------------------------------------------------------------------------------------- rebuilding a pack in place
+
+
+def imprompt_pack(folder, *args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "imprompt.cli", "pack", str(folder), "--random-weights", *args],
+                          capture_output=True, text=True)  # fmt: skip
+
+
+def old_pack(root, files: dict[str, bytes], stamped_ns: int):
+    """A pack as an older imprompt left it: its files, and a pack.json that lists their paths but not their
+    contents, written at `stamped_ns`."""
+    import os
+
+    from imprompt.demo.pack import PACK_VERSION
+
+    for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    stamp = {"builder": "imprompt.pack", "version": PACK_VERSION - 1, "weights": None, "files": sorted(files)}
+    (root / "pack.json").write_text(json.dumps(stamp))
+    os.utime(root / "pack.json", ns=(stamped_ns, stamped_ns))
+
+
+def test_a_rebuild_keeps_a_file_saved_over_the_old_packs(tmp_path):
+    """An older pack.json lists paths only: a file there that changed after the stamp was written is the user's
+    (saved over the pack's, in place or by a copy that kept an old modification time), so the rebuild refuses,
+    names it, and touches nothing."""
+    import os
+    import time
+
+    root = tmp_path / "demo-models"
+    now = time.time_ns()
+    old_pack(root, {"images/red-circle.png": b"the pack's", "images/old.png": b"the pack's too"}, now + 10**12)
+    (root / "images" / "red-circle.png").write_bytes(b"the user's own picture")
+    os.utime(root / "images" / "red-circle.png", ns=(now + 2 * 10**12, now + 2 * 10**12))
+    done = imprompt_pack(root)
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "images/red-circle.png" in done.stderr and "changed after" in done.stderr, done.stderr
+    assert (root / "images" / "red-circle.png").read_bytes() == b"the user's own picture"
+    assert (root / "images" / "old.png").read_bytes() == b"the pack's too"
+    assert sorted(p.name for p in root.iterdir()) == ["images", "pack.json"]  # nothing built, nothing left over
+
+
+def test_a_rebuild_replaces_only_the_packs_own_files_and_records_their_contents(tmp_path):
+    """From an older stamp whose files are unchanged: they are replaced, the user's other files kept; the new
+    pack.json records each file's sha256, so a file the user later saves over one of the pack's is never
+    deleted, and a rebuild refuses to overwrite it. The same pack asked for again is reused as it is."""
+    import hashlib
+    import time
+
+    root = tmp_path / "demo-models"
+    old_pack(root, {"images/red-circle.png": b"old", "images/gone-from-the-pack.png": b"old"}, time.time_ns() + 10**12)
+    (root / "images" / "mine.png").write_bytes(b"the user's")
+    done = imprompt_pack(root)
+    assert done.returncode == 0, done.stderr[-3000:]
+    stamp = json.loads((root / "pack.json").read_text())
+    assert isinstance(stamp["files"], dict) and "images/red-circle.png" in stamp["files"]
+    for name, digest in stamp["files"].items():
+        assert hashlib.sha256((root / name).read_bytes()).hexdigest() == digest, name
+    assert not (root / "images" / "gone-from-the-pack.png").exists()
+    assert (root / "images" / "mine.png").read_bytes() == b"the user's"
+    assert not [p for p in root.iterdir() if p.name.startswith(".")]  # no build folder, no partial stamp
+
+    written = (root / "pack.json").stat().st_mtime_ns
+    assert build_demo_pack(root) == root and (root / "pack.json").stat().st_mtime_ns == written  # reused
+
+    from imprompt.errors import RequestError
+
+    config = root / "diffusers" / "tiny-sd15" / "model_index.json"
+    config.write_text(config.read_text().replace("PNDMScheduler", "EulerDiscreteScheduler"))  # the user's edit
+    with pytest.raises(RequestError, match=r"diffusers/tiny-sd15/model_index.json") as refused:
+        build_demo_pack(root, force=True)
+    assert "Move" in str(refused.value)
+    assert "EulerDiscreteScheduler" in config.read_text()
+    assert all((root / name).is_file() for name in stamp["files"])  # nothing removed

@@ -121,10 +121,11 @@ def test_models_options_and_adapters_for_the_current_model(pack, red_circle):
         titles = [m["title"] for m in http.get("/sdapi/v1/sd-models").json()]
         assert titles == ["tiny-flux", "tiny-sd15", "tiny-sd35", "tiny-sdxl"]
         assert http.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == "tiny-sd15"  # UNet families first
-        sd15 = {a["name"] for a in http.get("/sdapi/v1/ip-adapters").json()}
+        sd15 = set(http.get("/sdapi/v1/ip-adapters").json())  # SD.Next's shape: names
         assert "Base ViT-G" in sd15 and "Base SDXL" not in sd15
         assert http.post("/sdapi/v1/options", json={"sd_model_checkpoint": "tiny-sdxl"}).status_code == 200
-        sdxl = http.get("/sdapi/v1/ip-adapters").json()
+        assert http.get("/sdapi/v1/ip-adapters").json()[0] == "None"
+        sdxl = http.get("/v1/ip-adapters").json()
         assert {a["name"] for a in sdxl} == {"Base SDXL", "Base ViT-H SDXL", "Plus ViT-H SDXL", "Plus Face ViT-H SDXL",
                                              "Ostris Composition ViT-H SDXL"}  # fmt: skip
         assert all(a["encoder_present"] and a["needs"] for a in sdxl)
@@ -132,7 +133,7 @@ def test_models_options_and_adapters_for_the_current_model(pack, red_circle):
                                                ("FLUX XLabs v2", "image_embeds[768] (ViT-L-14)", "clip_vision_l")}),
                                 ("tiny-sd35", {("SD3.5 Large", "siglip hidden_states[1152] (SigLIP-so400m-14-384)", "siglip-so400m-patch14-384")})):
             assert http.post("/sdapi/v1/options", json={"sd_model_checkpoint": model}).status_code == 200
-            listed = {(a["name"], a["needs"], a["encoder"]) for a in http.get("/sdapi/v1/ip-adapters").json()}
+            listed = {(a["name"], a["needs"], a["encoder"]) for a in http.get("/v1/ip-adapters").json()}
             assert listed == expected, model
         assert http.post("/sdapi/v1/options", json={"sd_model_checkpoint": "tiny-sdxl"}).status_code == 200
         # requests without override_settings now use the current model

@@ -1,13 +1,23 @@
 """The demo model pack: tiny models in the real formats and layouts, with the shipped trained weights.
 
 Used by `imprompt demo`, `imprompt pack` and the tests' shared pack; `weights/` holds what `make train` wrote.
+
+A pack folder is the user's too: they may add files, or save over one of the pack's. `pack.json` (written last,
+atomically) lists every file the pack wrote with its sha256. A rebuild (a new imprompt, other weights) builds
+the new pack beside the old one first, then removes only files that still hold the pack's bytes. A pack file that
+was changed is the user's now: the rebuild refuses before touching anything, naming the files, since removing it
+would lose their work and keeping it would leave a pack that is not the pack (they move it aside and run again).
+An older `pack.json` lists paths only; its files count as changed if modified (or replaced) after the stamp.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -40,6 +50,7 @@ from .tiny_dits import (
 log = logging.getLogger("imprompt")
 
 PACK_VERSION = 7  # 5: pack.json lists the files the pack wrote; 6: SD 3.5 and FLUX; 7: their published conventions
+# pack.json maps each file it wrote to its sha256 (older stamps list paths only; both are read)
 SD15_MODEL = "tiny-sd15"
 SDXL_MODEL = "tiny-sdxl"
 SD35_MODEL = "tiny-sd35"
@@ -104,31 +115,46 @@ def build_demo_pack(root: Path, force: bool = False, weights: Path | None = None
     then the SD 1.5 pipeline, both encoders and the Base, Base ViT-G and Plus SD 1.5 adapters are those trained
     weights (everything else stays random). The pack is rebuilt when the weights change.
 
-    Nothing that the pack did not create is ever deleted: `root` must be new, empty, or a demo pack (its
-    `pack.json` lists the files it wrote, and a rebuild removes exactly those). Any other folder is refused."""
+    Nothing that the pack did not write is ever deleted or overwritten: `root` must be new, empty, or a demo pack
+    (its `pack.json` lists the files it wrote and their sha256, and a rebuild removes exactly those that still hold
+    them). Any other folder is refused, and so is a rebuild over a pack file the user changed (module docstring)."""
     root = Path(root)
-    stamp = root / "pack.json"
     trained = weights is not None
     wanted = {"builder": "imprompt.pack", "version": PACK_VERSION, "weights": _weights_digest(weights) if trained else None}
     built = _own_pack(root)
     if built is not None and not force and {k: built.get(k) for k in wanted} == wanted:
         return root
     if built is not None:
-        _remove_files(root, built["files"] + ["pack.json"])
+        _refuse_changed(root, built)  # before the build's minutes, and again before removing anything
     log.info("building the demo model pack in %s (%s)", root, "trained" if trained else "random weights")
     building = root / BUILDING  # hidden from the model store; moved into place when complete
     if building.exists():
         shutil.rmtree(building)  # an interrupted build of ours
     _build(building, weights)
-    files = sorted(p.relative_to(building).as_posix() for p in building.rglob("*") if p.is_file())
+    files = {p.relative_to(building).as_posix(): _sha256(p) for p in sorted(building.rglob("*")) if p.is_file()}
+    old = _pack_files(built)
+    try:
+        if built is not None:
+            _refuse_changed(root, built)  # changed while the pack was building
+        in_the_way = [name for name in files if _occupied(root, name) and name not in old]
+        if in_the_way:
+            raise RequestError(
+                f"{root}: files that are not the demo pack's stand where it puts its own: {_shown(in_the_way)}. "
+                f"imprompt never overwrites a file it did not write. Move them out of {root} and run again"
+            )
+    except RequestError:
+        shutil.rmtree(building)  # the folder is left as it was
+        raise
+    _remove_files(root, old)
     for entry in sorted(building.iterdir()):
         _merge(entry, root / entry.name)
     building.rmdir()
-    stamp.write_text(json.dumps({**wanted, "files": files}, indent=1))
+    _write_stamp(root / "pack.json", {**wanted, "files": files})
     return root
 
 
 BUILDING = ".building"
+STAMP_PARTIAL = ".pack.json."  # the prefix of a stamp being written (moved into place when complete)
 
 
 def _own_pack(root: Path) -> dict | None:
@@ -138,8 +164,8 @@ def _own_pack(root: Path) -> dict | None:
         return None
     if not root.is_dir():
         raise RequestError(f"{root} is a file; the demo pack needs a folder (a new one, or one holding a demo pack)")
-    entries = [p.name for p in root.iterdir()]
-    if not entries or entries == [BUILDING]:
+    entries = [p.name for p in root.iterdir() if p.name != BUILDING and not p.name.startswith(STAMP_PARTIAL)]
+    if not entries:
         return None
     stamp = root / "pack.json"
     refuse = (
@@ -153,7 +179,10 @@ def _own_pack(root: Path) -> dict | None:
         raise RequestError(refuse) from None
     if not isinstance(built, dict) or built.get("builder") != "imprompt.pack":
         raise RequestError(refuse)
-    if not isinstance(built.get("files"), list):
+    files = built.get("files")
+    if not (isinstance(files, list) and all(isinstance(f, str) for f in files)) and not (
+        isinstance(files, dict) and all(isinstance(f, str) and isinstance(d, str) for f, d in files.items())
+    ):
         raise RequestError(
             f"{root} holds a demo pack from an older imprompt, which did not record the files it wrote, so imprompt "
             f"cannot tell them from yours. Delete that folder yourself (e.g. rm -r {root}) and run again"
@@ -161,19 +190,93 @@ def _own_pack(root: Path) -> dict | None:
     return built
 
 
-def _remove_files(root: Path, files: list[str]) -> None:
-    """Remove the pack's own files, then the folders they leave empty; nothing else, nothing outside `root`."""
+def _pack_files(built: dict | None) -> dict[str, str | None]:
+    """The files a pack's stamp lists, each with its sha256 (None where an older stamp recorded paths only)."""
+    if built is None:
+        return {}
+    files = built["files"]
+    return dict(files) if isinstance(files, dict) else dict.fromkeys(files)
+
+
+def _own_file(root: Path, name: str) -> Path | None:
+    """A file the stamp lists, if it is there and inside `root` (a stamp edited to point elsewhere is ignored)."""
+    base = root.resolve()
+    path = (root / name).resolve()
+    return path if base in path.parents and path.is_file() else None
+
+
+def _changed(root: Path, built: dict) -> list[str]:
+    """The pack's files that no longer hold what the pack wrote: another sha256, or (an older stamp without
+    them) modified or replaced after the stamp was written. Files already gone are not listed."""
+    stamped = (root / "pack.json").stat().st_mtime_ns
+    changed = []
+    for name, digest in _pack_files(built).items():
+        path = _own_file(root, name)
+        if path is None:
+            continue
+        if digest is not None:
+            if _sha256(path) != digest:
+                changed.append(name)
+        elif max(path.stat().st_mtime_ns, path.stat().st_ctime_ns) > stamped:  # ctime: a copy that kept an old mtime
+            changed.append(name)
+    return changed
+
+
+def _refuse_changed(root: Path, built: dict) -> None:
+    changed = _changed(root, built)
+    if changed:
+        raise RequestError(
+            f"{root}: files of the demo pack changed after it was built, so they are yours now: {_shown(changed)}. "
+            f"imprompt never deletes or overwrites a file it did not write. Move them out of {root} (or delete them, "
+            f"to get the pack's own back) and run again"
+        )
+
+
+def _shown(names: list[str]) -> str:
+    return ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+
+
+def _occupied(root: Path, name: str) -> bool:
+    """Whether something other than a folder already stands where the pack puts `name`, or on the way to it."""
+    target = root / name
+    return target.exists() or any(p.exists() and not p.is_dir() for p in target.parents if root in p.parents)
+
+
+def _remove_files(root: Path, files: dict[str, str | None]) -> None:
+    """Remove the pack's own files (the caller has just refused any that changed: `_refuse_changed`), then the
+    folders they leave empty; nothing else, nothing outside `root`. The stamp stays until the new one replaces it."""
     base = root.resolve()
     folders = set()
     for name in files:
-        path = (root / name).resolve()
-        if base not in path.parents or not path.is_file():
+        path = _own_file(root, name)
+        if path is None:
             continue  # a stamp edited to point elsewhere, or a file already gone
         path.unlink()
         folders.update(p for p in path.parents if base in p.parents)
     for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
         if not any(folder.iterdir()):
             folder.rmdir()
+
+
+def _write_stamp(stamp: Path, data: dict) -> None:
+    """pack.json through a temporary file and one rename: an interrupted write never leaves half a stamp (which
+    would make the folder look like the user's)."""
+    handle, partial = tempfile.mkstemp(dir=stamp.parent, prefix=STAMP_PARTIAL, suffix=".partial")
+    try:
+        with os.fdopen(handle, "w") as f:
+            json.dump(data, f, indent=1)
+        os.replace(partial, stamp)
+    except BaseException:
+        Path(partial).unlink(missing_ok=True)
+        raise
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _merge(source: Path, target: Path) -> None:
@@ -238,8 +341,6 @@ def _build_transformers(root: Path) -> None:
 
 
 def _weights_digest(weights: Path) -> str:
-    import hashlib
-
     digest = hashlib.sha256()
     for path in sorted(Path(weights).glob("*.safetensors")):
         digest.update(path.name.encode() + path.read_bytes())

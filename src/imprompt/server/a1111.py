@@ -13,26 +13,29 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..engine import Result
 from ..errors import RequestError
 from ..models.store import ModelStore
 from ..request import GenerateRequest, IPAdapterUnit, describe_validation_error, parse_request
+from ..util.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from ..util.infotext import png_info
-from .controlnet import controlnet_units
+from ..util.samplers import SAMPLERS
+from .controlnet import InputMap, controlnet_units, detected_map
 
 
 class IPAdapterPayload(BaseModel):
-    """SD.Next's `ip_adapter` unit (images and masks as base64, with or without a data: prefix), plus imprompt's
-    extra unit fields."""
+    """SD.Next's `ip_adapter` unit (images and masks as base64, with or without a data: prefix) with SD.Next's
+    defaults (its `ItemIPAdapter`: a client that leaves a field out gets what SD.Next would give it), plus
+    imprompt's extra unit fields. An empty `masks` list means no masks, as in SD.Next."""
 
     model_config = ConfigDict(extra="forbid")
 
-    adapter: str
+    adapter: str = "Base"
     images: list[str] = Field(default_factory=list)
-    masks: list[str] | None = None
-    scale: float = 1.0
+    masks: list[str] | None = Field(default_factory=list)
+    scale: float = 0.5
     start: float = 0.0
     end: float = 1.0
     crop: bool = False
@@ -70,11 +73,25 @@ class FacePayload(BaseModel):
     fs_cache: bool = True
 
 
+class SDNextUnits(BaseModel):
+    """A dict payload's `ip_adapter` list, typed as the server types it (errors name `ip_adapter.N.field`)."""
+
+    ip_adapter: list[IPAdapterPayload]
+
+
 class Txt2ImgPayload(BaseModel):
     """The A1111 txt2img fields imprompt reads. Every other field is kept and judged by `check_fields`: ignored
-    when it cannot change the picture, refused (422) or reported in `info.warnings` when it would."""
+    when it cannot change the picture, refused (422) or reported in `info.warnings` when it would. SD.Next's and
+    A1111's own request models make every field Optional, so null is read as the field left out."""
 
     model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_left_out(cls, data):
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None or k not in cls.model_fields}
+        return data
 
     prompt: str = ""
     negative_prompt: str = ""
@@ -87,7 +104,7 @@ class Txt2ImgPayload(BaseModel):
     batch_size: int = 1
     n_iter: int = Field(1, ge=1, le=16, description="batches run one after another, seeds counting on")
     sampler_name: str | None = None
-    sampler_index: str | None = None
+    sampler_index: int | str | None = Field(None, description="SD.Next: a name, or a place in /sdapi/v1/samplers")
     scheduler: str | None = None
     override_settings: dict[str, Any] = Field(default_factory=dict)
     ip_adapter: list[IPAdapterPayload] = Field(default_factory=list)
@@ -98,12 +115,6 @@ class Txt2ImgPayload(BaseModel):
 class Img2ImgPayload(Txt2ImgPayload):
     init_images: list[str] = Field(min_length=1)
     denoising_strength: float = 0.75
-
-
-class OptionsPayload(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    sd_model_checkpoint: str | None = None
 
 
 UNIT_FIELDS = tuple(IPAdapterUnit.model_fields)
@@ -133,7 +144,9 @@ WHY_OFF = {"restore_faces": "face restoration", "tiling": "tiling", "enable_hr":
            "initial_noise_multiplier": "extra initial noise", "resize_mode": "resize modes but 0 (just resize)"}  # fmt: skip
 # sampler options A1111 applies and imprompt does not: carried on, with a warning, as A1111 does for what it lacks
 WARN_UNLESS = {"s_churn": (0, None), "s_noise": (1, None), "s_min_uncond": (0, None)}
-SETTINGS_READ = {"sd_model_checkpoint", "sd_vae", "CLIP_stop_at_last_layers"}
+SETTINGS_READ = {"sd_model_checkpoint", "sd_vae", "CLIP_stop_at_last_layers", "control_net_no_detectmap"}
+# what POST /sdapi/v1/options can set, beside sd_model_checkpoint, and its value before any client sets it
+OPTION_DEFAULTS = {"sd_vae": "Automatic", "CLIP_stop_at_last_layers": 1, "control_net_no_detectmap": False}
 SETTINGS_OFF = {"eta_noise_seed_delta": (None, 0)}
 OWN_VAE = (None, "", "None", "Automatic")  # sd_vae values meaning the model's own VAE
 ETA_DEFAULT = {"Euler a": 1.0, "DDIM": 0.0}  # samplers eta changes; eta means nothing to the others
@@ -146,6 +159,7 @@ class Converted:
     request: GenerateRequest
     warnings: list[str]  # fields A1111 would honour that imprompt carried on without
     modules: list[str | None]  # per unit: the ControlNet-extension preprocessor it named (None: an SD.Next unit)
+    input_maps: list[InputMap]  # the extension's input maps, returned after the generated images
 
 
 def check_fields(payload: dict, img2img: bool) -> list[str]:
@@ -162,7 +176,7 @@ def check_fields(payload: dict, img2img: bool) -> list[str]:
             if value not in WARN_UNLESS[name]:
                 warnings.append(f"{name}={value!r} is not applied (imprompt's samplers use their defaults)")
         elif name == "eta":
-            sampler = payload.get("sampler_name") or payload.get("sampler_index") or ""
+            sampler = sampler_of(payload) or ""
             default = ETA_DEFAULT.get(sampler)
             if value is not None and default is not None and value != default:
                 warnings.append(f"eta={value!r} is not applied: {sampler} uses eta {default}")
@@ -182,18 +196,42 @@ def check_fields(payload: dict, img2img: bool) -> list[str]:
     return warnings
 
 
-def from_sdnext_payload(payload: dict, img2img: bool | None = None, store: ModelStore | None = None) -> Converted:
+def sampler_of(payload: dict) -> str | None:
+    """The sampler a payload names: `sampler_name`, else `sampler_index`, a name or (SD.Next's integer) a place in
+    the sampler list, as SD.Next's processing reads it (`samplers[index]`; 0 is "Default")."""
+    if payload.get("sampler_name"):
+        return payload["sampler_name"]
+    index = payload.get("sampler_index")
+    if isinstance(index, int) and not isinstance(index, bool):
+        names = list(SAMPLERS)
+        if not 0 <= index < len(names):
+            raise RequestError(
+                f"sampler_index: {index} is not a place in the sampler list (0 to {len(names) - 1}, in the order "
+                f"GET /sdapi/v1/samplers gives); give one of those, or a sampler_name"
+            )
+        return names[index]
+    return index or None
+
+
+def from_sdnext_payload(payload: dict, img2img: bool | None = None, store: ModelStore | None = None,
+                        settings: dict | None = None) -> Converted:  # fmt: skip
     """An SD.Next / A1111 `txt2img` or `img2img` JSON payload -> a request, with SD.Next's `ip_adapter` units and
     the ControlNet extension's IP-Adapter units (`alwayson_scripts`; resolving their models needs `store`).
-    `img2img`: None decides from the payload (init_images present)."""
+    `img2img`: None decides from the payload (init_images present). `settings`: the server's options (POST
+    /sdapi/v1/options, `sd_model_checkpoint` included), which the payload's override_settings and fields override."""
     if not isinstance(payload, dict):
         raise RequestError(f"request must be a JSON object, got {type(payload).__name__}")
     overrides = payload.get("override_settings") or {}
     if not isinstance(overrides, dict):
         raise RequestError("override_settings must be a JSON object")
+    chosen = {**(settings or {}), **{k: v for k, v in overrides.items() if v is not None}}
     units = payload.get("ip_adapter") or []
     if not isinstance(units, list):
         raise RequestError("ip_adapter must be a list of units")
+    try:
+        units = SDNextUnits.model_validate({"ip_adapter": units}).ip_adapter  # SD.Next's defaults
+    except ValidationError as exc:
+        raise RequestError(describe_validation_error(exc)) from None
     scripts = payload.get("alwayson_scripts") or {}
     if not isinstance(scripts, dict):
         raise RequestError("alwayson_scripts must be a JSON object")
@@ -204,30 +242,35 @@ def from_sdnext_payload(payload: dict, img2img: bool | None = None, store: Model
     if img2img:
         keys += ["init_images", "denoising_strength"]
     fields: dict[str, Any] = {key: payload[key] for key in keys if payload.get(key) is not None}
-    sampler = payload.get("sampler_name") or payload.get("sampler_index")
+    sampler = sampler_of(payload)
     if sampler:
         scheduler = str(payload.get("scheduler") or "").lower()
         fields["sampler"] = f"{sampler} Karras" if scheduler == "karras" and "karras" not in sampler.lower() else sampler
-    if overrides.get("sd_model_checkpoint"):
-        fields["model"] = overrides["sd_model_checkpoint"]
+    if chosen.get("sd_model_checkpoint"):
+        fields["model"] = chosen["sd_model_checkpoint"]
     if payload.get("distilled_cfg_scale") is not None and store is not None and fields.get("model"):
         model = store.pipeline(fields["model"])
         if model.spec.architecture == "flux":  # Forge's FLUX guidance field; imprompt reads cfg_scale, as SD.Next
             warnings.append(f"distilled_cfg_scale={payload['distilled_cfg_scale']} (Forge's FLUX guidance) is not "
                             f"read: imprompt takes FLUX's guidance from cfg_scale ({payload.get('cfg_scale', 7.0)}), "
                             f"as SD.Next does; set cfg_scale to the guidance you want")  # fmt: skip
-    if overrides.get("sd_vae") not in OWN_VAE:
-        fields["vae"] = overrides["sd_vae"]
-    clip_skip = overrides.get("CLIP_stop_at_last_layers", payload.get("clip_skip"))
+    if chosen.get("sd_vae") not in OWN_VAE:
+        fields["vae"] = chosen["sd_vae"]
+    clip_skip = next((v for v in (overrides.get("CLIP_stop_at_last_layers"), payload.get("clip_skip"),
+                                  chosen.get("CLIP_stop_at_last_layers")) if v is not None), None)  # fmt: skip
     if clip_skip is not None:
         fields["clip_skip"] = clip_skip
-    fields["ip_adapters"], modules = [], []
-    for i, unit in enumerate(units):
-        if not isinstance(unit, dict):
-            raise RequestError(f"ip_adapter.{i}: each unit must be a JSON object")
-        if not unit.get("adapter") or str(unit["adapter"]).lower() == "none":
+    fields["ip_adapters"], modules, input_maps = [], [], []
+    for i, given in enumerate(units):
+        if not given.adapter or given.adapter.lower() == "none":
             continue  # SD.Next treats "None" as an empty unit
-        fields["ip_adapters"].append({k: unit[k] for k in UNIT_FIELDS if unit.get(k) is not None})
+        if not (given.images or given.embeddings or given.face_embeddings):
+            warnings.append(f"ip_adapter.{i}: unit skipped (no images), as SD.Next skips a unit without images")
+            continue
+        unit = given.model_dump(exclude_none=True)
+        if not unit.get("masks"):
+            unit.pop("masks", None)  # SD.Next's default, []: no masks
+        fields["ip_adapters"].append({k: unit[k] for k in UNIT_FIELDS if k in unit})
         modules.append(None)
     if payload.get("face") is not None:
         face_unit, face_warnings = sdnext_face_unit(payload["face"], store)
@@ -244,7 +287,9 @@ def from_sdnext_payload(payload: dict, img2img: bool | None = None, store: Model
         fields["ip_adapters"] += controlnet.units
         modules += controlnet.modules
         warnings += controlnet.warnings
-    return Converted(parse_request(fields), warnings, modules)
+        if not chosen.get("control_net_no_detectmap"):  # the extension's switch for them, off by default
+            input_maps += controlnet.input_maps
+    return Converted(parse_request(fields), warnings, modules, input_maps)
 
 
 def sdnext_face_unit(face, store: ModelStore | None) -> tuple[dict | None, list[str]]:
@@ -275,19 +320,61 @@ def sdnext_face_unit(face, store: ModelStore | None) -> tuple[dict | None, list[
     return unit, warnings
 
 
-def to_request(payload: Txt2ImgPayload, model: str | None, store: ModelStore) -> Converted:
-    """The payload as an engine request; the server's current model unless the payload overrides it."""
+def to_request(payload: Txt2ImgPayload, model: str | None, store: ModelStore, settings: dict | None = None) -> Converted:
+    """The payload as an engine request; the server's current model and options (`settings`) unless the payload
+    overrides them."""
     data = payload.model_dump()
     data["ip_adapter"] = [unit.model_dump(exclude_none=True) for unit in payload.ip_adapter]
     data["face"] = payload.face.model_dump() if payload.face is not None else None
-    if model and not (payload.override_settings or {}).get("sd_model_checkpoint"):
-        data.setdefault("override_settings", {})["sd_model_checkpoint"] = model
-    return from_sdnext_payload(data, img2img=isinstance(payload, Img2ImgPayload), store=store)
+    settings = {**(settings or {}), **({"sd_model_checkpoint": model} if model else {})}
+    return from_sdnext_payload(data, img2img=isinstance(payload, Img2ImgPayload), store=store, settings=settings)
 
 
-def to_response(results: list[Result], payload: Txt2ImgPayload, warnings: list[str] | None = None) -> dict:
-    """A1111's response: base64 PNGs that carry the `parameters` text chunk, and `info` as a JSON string, with
-    `warnings`: what the request asked for that imprompt carried on without."""
+def apply_options(current: dict, given: dict, store: ModelStore) -> tuple[dict, dict]:
+    """POST /sdapi/v1/options: the server's options after `given`, and the answer (SD.Next's `updated`, plus
+    `warnings`). The options that change pictures are checked (an unknown model or VAE, a clip skip out of range, a
+    setting imprompt cannot honour: an error naming it, and nothing is set); the others change nothing and are
+    named in `warnings`. null leaves an option as it is."""
+    chosen, updated, warnings = dict(current), [], []
+    for name, value in given.items():
+        if value is None:
+            updated.append({name: False})
+            continue
+        if name == "sd_model_checkpoint":
+            value = store.pipeline(str(value)).name  # 404 naming it if unknown
+        elif name == "sd_vae":
+            value = "Automatic" if value in OWN_VAE else store.vae(str(value)).path.name  # 404 if unknown
+        elif name == "CLIP_stop_at_last_layers":
+            try:
+                value = parse_request(clip_skip=value).clip_skip
+            except RequestError as exc:
+                raise RequestError(f"CLIP_stop_at_last_layers: {value!r} is not a clip skip imprompt takes "
+                                   f"({str(exc).removeprefix('invalid request: ')})") from None  # fmt: skip
+        elif name == "control_net_no_detectmap":
+            if not isinstance(value, bool):
+                raise RequestError(f"control_net_no_detectmap: expected true or false, got {value!r}")
+        elif name in SETTINGS_OFF:
+            if value not in SETTINGS_OFF[name]:
+                raise RequestError(f"{name}: {value!r} is not supported yet; leave it out")
+            updated.append({name: False})
+            continue
+        else:
+            warnings.append(f"{name}: not a setting imprompt has; ignored")
+            updated.append({name: False})
+            continue
+        updated.append({name: chosen.get(name) != value})
+        chosen[name] = value
+    return chosen, {"updated": updated, "warnings": warnings}
+
+
+def to_response(results: list[Result], payload: Txt2ImgPayload, warnings: list[str] | None = None,
+                input_maps: list[InputMap] | None = None, image_limits: tuple[int, int] = (DEFAULT_MAX_PIXELS,
+                DEFAULT_MAX_BYTES)) -> dict:  # fmt: skip
+    """A1111's response: base64 PNGs that carry the `parameters` text chunk, then (as the ControlNet extension
+    appends them) the input maps of its units (`input_maps`, read under `image_limits`: the engine's pixels and bytes),
+    and `info` as a JSON string, with `warnings`: what the request asked for that imprompt carried on without. A
+    job interrupted between its n_iter batches has fewer results than n_iter: `interrupted` says so."""
+    warnings = list(warnings or [])
     images, infotexts, seeds = [], [], []
     for result in results:
         for image, infotext, seed in zip(result.images, result.infotexts, result.info["all_seeds"]):
@@ -303,9 +390,17 @@ def to_response(results: list[Result], payload: Txt2ImgPayload, warnings: list[s
         "all_negative_prompts": [first.get("negative_prompt", "")] * len(images),
         "all_seeds": seeds,
         "infotexts": infotexts,
-        "warnings": list(warnings or []),
+        "interrupted": len(results) < payload.n_iter or any(r.info["interrupted"] for r in results),
+        "warnings": warnings,
         "imprompt": [r.info for r in results],  # one entry per n_iter batch, with its own units and events
     }
+    for item in input_maps or []:
+        picture, warning = detected_map(item, *image_limits)
+        buffer = io.BytesIO()
+        picture.save(buffer, format="PNG")
+        images.append(base64.b64encode(buffer.getvalue()).decode())
+        if warning:
+            warnings.append(warning)
     parameters = payload.model_dump(exclude={"ip_adapter", "alwayson_scripts", "init_images", "face"})
     if payload.face is not None:
         parameters["face"] = {**payload.face.model_dump(exclude={"source_images"}),

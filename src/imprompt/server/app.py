@@ -13,6 +13,7 @@ import logging
 import secrets
 from dataclasses import dataclass
 from importlib import resources
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
@@ -26,8 +27,8 @@ from ..engine import Engine
 from ..errors import AuthError, ImpromptError, MethodNotAllowedError, NotFoundError, PayloadTooLargeError
 from ..models import catalog
 from ..plan import describe_store, lora_fits
-from .a1111 import Img2ImgPayload, OptionsPayload, Txt2ImgPayload, to_request, to_response
-from .controlnet import MODULE_LIST, model_list, module_warnings
+from .a1111 import OPTION_DEFAULTS, Img2ImgPayload, Txt2ImgPayload, apply_options, to_request, to_response
+from .controlnet import model_list, module_list, module_warnings
 from .jobs import JobQueue
 
 log = logging.getLogger("imprompt")
@@ -47,7 +48,8 @@ def create_app(engine: Engine, settings: ServerSettings | None = None, jobs=None
     `cluster.ingress.ClusterJobs` (same methods), and `engine` then only plans (lists models, refuses requests)."""
     settings = settings or ServerSettings()
     jobs = jobs if jobs is not None else JobQueue(engine, settings.max_queue)
-    state = {"model": settings.model or _first_model(engine)}
+    # the current model (A1111's sd_model_checkpoint) and the other options POST /sdapi/v1/options set
+    state = {"model": settings.model or _first_model(engine), "options": dict(OPTION_DEFAULTS)}
     if settings.preload and state["model"]:
         jobs.preload(state["model"])
     app = FastAPI(
@@ -97,12 +99,15 @@ def create_app(engine: Engine, settings: ServerSettings | None = None, jobs=None
 
     async def generate(payload: Txt2ImgPayload, http: Request) -> dict:
         """Handlers await their job on the event loop: no thread is held while it waits in the queue."""
-        converted = await run_in_threadpool(to_request, payload, state["model"], engine.store)  # may read the disk
+        # reading the payload may read the disk
+        converted = await run_in_threadpool(to_request, payload, state["model"], engine.store, state["options"])
         engine.check_limits(converted.request)  # before the job is queued, before any image is decoded
         results = await jobs.run_async(converted.request, payload.n_iter, http.is_disconnected)
         units = results[0].info["ip_adapters"] if results else []
         warnings = converted.warnings + module_warnings(converted.modules, units, engine.store)
-        return await run_in_threadpool(to_response, results, payload, warnings)  # PNG encoding off the event loop
+        limits = (engine.max_image_pixels, engine.max_image_bytes)
+        # PNG encoding off the event loop
+        return await run_in_threadpool(to_response, results, payload, warnings, converted.input_maps, limits)
 
     @app.post("/sdapi/v1/txt2img")
     async def txt2img(payload: Txt2ImgPayload, http: Request) -> dict:
@@ -122,17 +127,28 @@ def create_app(engine: Engine, settings: ServerSettings | None = None, jobs=None
 
     @app.get("/sdapi/v1/options")
     def get_options() -> dict:
-        return {"sd_model_checkpoint": state["model"], "sd_checkpoint_hash": None}
+        return {"sd_model_checkpoint": state["model"], "sd_checkpoint_hash": None, **state["options"]}
 
     @app.post("/sdapi/v1/options")
-    def set_options(options: OptionsPayload) -> None:
-        if options.sd_model_checkpoint:
-            state["model"] = engine.store.pipeline(options.sd_model_checkpoint).name  # 404 if unknown
-            log.info("current model: %s", state["model"])
+    def set_options(options: dict[str, Any]) -> dict:
+        """The options that change pictures hold for the requests that follow (their own override_settings win);
+        one imprompt cannot honour is refused naming it (nothing is then set), the others named in `warnings`."""
+        current = {"sd_model_checkpoint": state["model"], **state["options"]}
+        chosen, answer = apply_options(current, options, engine.store)
+        if chosen["sd_model_checkpoint"] != state["model"]:
+            log.info("current model: %s", chosen["sd_model_checkpoint"])
+        state["model"] = chosen.pop("sd_model_checkpoint")
+        state["options"] = chosen
+        return answer
 
     @app.get("/sdapi/v1/ip-adapters")
-    def ip_adapters() -> list[dict]:
-        """The adapters that fit the current model, with the encoder each needs."""
+    def ip_adapters() -> list[str]:
+        """SD.Next's shape: the names of the adapters that fit the current model, "None" first."""
+        return ["None"] + [a["name"] for a in adapters_listing()]
+
+    @app.get("/v1/ip-adapters")
+    def adapters_listing() -> list[dict]:
+        """The adapters that fit the current model, with their files and the encoder each needs."""
         listing = describe_store(engine.store)
         return [
             {"name": a["friendly_name"] or a["name"], "file": a["path"], "variant": a["variant"], "needs": a["needs"],
@@ -205,8 +221,9 @@ def create_app(engine: Engine, settings: ServerSettings | None = None, jobs=None
 
     @app.get("/controlnet/module_list")
     async def controlnet_module_list(alias_names: bool = False) -> dict:
-        """The IP-Adapter preprocessors (any of them: the adapter's weights choose the encoder)."""
-        return {"module_list": MODULE_LIST, "module_detail": {m: {"model_free": False, "sliders": []} for m in MODULE_LIST}}
+        """The IP-Adapter preprocessors (any of them: the adapter's weights choose the encoder), as the extension
+        lists them: internal names, or with `alias_names` its labels (ip-adapter_clip_h, ...)."""
+        return module_list(alias_names)
 
     @app.get("/sdapi/v1/progress")
     def progress() -> dict:  # a thread: a cluster asks its job board

@@ -40,6 +40,7 @@ class Job:
     iteration: int = 0
     results: list[Result] = field(default_factory=list)
     error: BaseException | None = None
+    interrupted: bool = False  # set by an interrupt: no further n_iter batch starts
     done: threading.Event = field(default_factory=threading.Event)
     on_done: Callable[[], None] | None = None  # called from the worker thread when the job ends
 
@@ -114,6 +115,7 @@ class JobQueue:
         elif self.current is job:
             log.info("job %d interrupted: %s", job.id, why)
             self.events.append({"event": "request_interrupted", "job": job.id, "why": why, "time": time.time()})
+            job.interrupted = True
             self.engine.interrupt()
 
     def preload(self, model: str) -> threading.Thread:
@@ -159,8 +161,12 @@ class JobQueue:
         return self.engine.clear_cache()
 
     def interrupt(self) -> bool:
-        if self.current is None:
+        """Stop the running job: its batch ends after the current step, and no further n_iter batch starts (the
+        engine clears its own flag at each `generate`, so the job carries the interrupt)."""
+        job = self.current
+        if job is None:
             return False
+        job.interrupted = True
         self.engine.interrupt()
         return True
 
@@ -177,6 +183,8 @@ class JobQueue:
             job = self._next()
             try:
                 for job.iteration in range(job.iterations):
+                    if job.interrupted:
+                        break
                     seed = job.request.seed + job.iteration * job.request.batch_size
                     result = self.engine.generate(job.request.model_copy(update={"seed": seed}), on_step=self._progress(job))
                     job.results.append(result)
@@ -193,10 +201,11 @@ class JobQueue:
                 self.current = None
                 job.finish()
 
-    @staticmethod
-    def _progress(job: Job):
+    def _progress(self, job: Job):
         def on_step(step: int, total: int) -> None:
             job.step, job.total = step, total
+            if job.interrupted and not self.engine.interrupt_requested:
+                self.engine.interrupt()  # it came after the check above but before `generate` cleared the flag
 
         return on_step
 
@@ -223,7 +232,7 @@ class JobQueue:
         eta = elapsed / fraction - elapsed if fraction > 0 else 0.0
         state = {
             "skipped": False,
-            "interrupted": self.engine.interrupt_requested,
+            "interrupted": job.interrupted,
             "job": f"job {job.id}",
             "job_count": self.waiting + 1,
             "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.submitted)),
