@@ -383,8 +383,9 @@ def test_budgets_follow_the_device(monkeypatch):
 
     gpu = torch.device("cuda", 0)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (5 * 2**30, 24 * 2**30))
-    assert devices.default_budget("encoders", gpu) == int(0.3 * 24 * 2**30)
-    assert devices.default_budget("adapters", gpu) == int(0.1 * 24 * 2**30)
-    assert devices.default_budget("embeddings", gpu) == int(0.02 * 24 * 2**30)  # under the 512 MiB cap
+    shares = devices.SHARES["cuda"]
+    assert devices.default_budget("encoders", gpu) == int(shares["encoders"] * 24 * 2**30)
+    assert devices.default_budget("adapters", gpu) == int(shares["adapters"] * 24 * 2**30)
+    assert devices.default_budget("embeddings", gpu) == int(shares["embeddings"] * 24 * 2**30)  # under its cap
     ram = devices.device_memory(torch.device("cpu"))
-    assert devices.default_budget("encoders", torch.device("cpu")) == int(ram * 0.5)
+    assert devices.default_budget("encoders", torch.device("cpu")) == int(ram * devices.SHARES["cpu"]["encoders"])

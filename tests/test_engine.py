@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import max_diff, request, unit
 from PIL import Image
 
@@ -166,3 +167,47 @@ def test_saved_embeddings_of_several_images_are_averaged_when_the_unit_asks(engi
     assert max_diff(averaged.images[0], expected.images[0]) == 0
     both = engine.generate(request({"adapter": "Plus", "embeddings": str(saved), "scale": 0.6}))
     assert max_diff(both.images[0], averaged.images[0]) > 0
+
+
+def test_an_image_whose_decode_would_not_fit_is_decoded_tile_by_tile_as_diffusers_tiles(pack):
+    """The VAE decode is what a large image's memory goes to (SD 1.5 at 2048 px: about 15 GiB in float32): where the
+    whole decode would not fit the device memory left for activations, diffusers' tiled VAE decodes it. Emulated with
+    a small activation budget at a size where the tiny VAE's 64 px tiles act; the pixels are diffusers' own."""
+    from diffusers_reference import pipeline, run
+
+    small = Engine(pack, activation_budget="4MiB")  # the tiny VAE: 2 MiB to decode 64 px, 8 MiB at 128 px
+    tiled = small.generate(request(width=128, height=128, prompt="a cat"))
+    assert tiled.info["vae_tiling"] is True
+    pipe = pipeline(pack)
+    pipe.vae.enable_tiling()
+    assert max_diff(tiled.images[0], run(pipe, size=128)) <= 1
+    whole = Engine(pack).generate(request(width=128, height=128, prompt="a cat"))  # the default budget: fits
+    assert whole.info["vae_tiling"] is False
+    pipe.vae.disable_tiling()
+    assert max_diff(whole.images[0], run(pipe, size=128)) <= 1
+    assert max_diff(whole.images[0], tiled.images[0]) > 0  # tiles are blended: not the same picture
+    again = small.generate(request(width=64, height=64, prompt="a cat"))  # small enough: whole, in the same engine
+    assert again.info["vae_tiling"] is False
+
+
+def test_the_largest_request_the_limits_allow_fits_the_activation_budget_of_a_24_gib_device():
+    """At the request limits (2048 x 2048, batch 8; a batch is made one image at a time, so one image's decode is
+    the peak) SD 1.5's and SDXL's VAE decode tile by tile on a 24 GiB GPU and a 24 GiB CPU, and one tile fits."""
+    from diffusers import AutoencoderKL
+
+    from imprompt.loading.vaes import decode_bytes, needs_tiling
+    from imprompt.request import GenerateRequest
+    from imprompt.util.devices import RESERVED
+
+    limits = GenerateRequest.model_fields
+    side = max(m.le for m in limits["width"].metadata if hasattr(m, "le"))
+    assert side == 2048
+    configs = Path(__file__).parent.parent / "src" / "imprompt" / "models" / "configs"
+    for family in ("sd15", "sdxl"):
+        for device, dtype in (("cpu", "float32"), ("cuda", "float16")):
+            with torch.device("meta"):
+                vae = AutoencoderKL.from_config(AutoencoderKL.load_config(configs / family / "vae")).to(getattr(torch, dtype))
+            budget = int(24 * 2**30 * RESERVED[device])
+            assert needs_tiling(vae, side, side, budget), (family, device)
+            tile = vae.config.sample_size
+            assert decode_bytes(vae, tile, tile) <= budget, (family, device)

@@ -43,12 +43,13 @@ from .loading.pipelines import component_identities, load_pipeline
 from .loading.resident import LoadedPipeline, ResidentPipelines
 from .loading.tensors import first_line
 from .loading.textual_inversions import load_inversion
-from .loading.vaes import load_vae
+from .loading.vaes import load_vae, needs_tiling
 from .models.store import Entry, ModelStore
 from .plan import Plan, make_plan, plan_unit
 from .prompting.encode import encode_prompts
 from .request import GenerateRequest, IPAdapterUnit, parse_request, parse_unit
 from .util.cache import ByteLRU, module_bytes, parse_bytes
+from .util.devices import activation_budget as default_activation_budget
 from .util.devices import default_budget, default_device, release_memory, resolve_dtype
 from .util.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, image_digest, image_to_base64, load_image, noise_image
 from .util.infotext import image_fields, parameters_text, png_info
@@ -150,6 +151,7 @@ class Engine:
         max_units: int = 8,
         max_images: int = 16,
         insightface_root: str | Path | None = None,
+        activation_budget: str | int | None = None,
     ):
         """`models`: a models folder (or several). `dtype`: of the pipeline; `encoder_dtype`: of the image
         encoders (default: the same; bfloat16 halves their memory and, on CPUs with bf16 support, their time).
@@ -160,7 +162,9 @@ class Engine:
         waiting in CPU memory (see `util/devices.py`).
         Paths as names are allowed unless `allow_paths=False`. `max_units` per request and `max_images` per unit
         are checked before any image is decoded. `insightface_root`: where InsightFace's model pack is (FaceID from
-        images; see `ipadapter/faces.py` for where else it is looked for)."""
+        images; see `ipadapter/faces.py` for where else it is looked for). `activation_budget`: the device memory
+        a generation may use beyond the caches (default: what their shares leave, `util/devices.py`); an image whose
+        VAE decode would need more is decoded tile by tile."""
         self.store = ModelStore(models, allow_paths=allow_paths)
         self.device = torch.device(device) if device else default_device()
         self.dtype = resolve_dtype(dtype, self.device)
@@ -175,7 +179,7 @@ class Engine:
         self.adapters = ByteLRU("adapters", parse_bytes(adapter_cache_budget, default_budget("adapters", self.device)))
         self.lora_budget = parse_bytes(lora_cache_budget, default_budget("loras", self.device))
         self.vaes = ByteLRU("vaes", default_budget("vaes", self.device))
-        self.inversions = ByteLRU("textual-inversions", default_budget("embeddings", self.device))
+        self.inversions = ByteLRU("textual-inversions", default_budget("inversions", self.device))
         self.default_model = default_model
         self.allow_paths = allow_paths
         self.max_image_pixels = max_image_pixels
@@ -187,6 +191,7 @@ class Engine:
             parse_bytes(pipeline_cache_budget, default_budget("pipelines", self.device)),
             parse_bytes(offload_budget, default_budget("offload", torch.device("cpu"))),
         )
+        self.activation_budget = parse_bytes(activation_budget, default_activation_budget(self.device))
         self._lock = threading.Lock()
         self._interrupt = threading.Event()
 
@@ -336,12 +341,12 @@ class Engine:
             inversions_used = prompts.inversions_used
             timer.mark("prompt")
             masks = [ip_adapter_masks(unit_inputs.masks, width, height) for unit_inputs in inputs]
-            images_out, active_steps, scheduler = self._denoise(
+            images_out, active_steps, scheduler, tiled = self._denoise(
                 loaded, plan, request, prompts.kwargs, vae, embeddings, masks, init_image, seed, width, height,
                 sampler, on_step,
             )
         else:  # SD 3.5, FLUX: the pipeline encodes its prompts itself (T5 and CLIP, as the family needs)
-            images_out, active_steps, scheduler = self._denoise_transformer(
+            images_out, active_steps, scheduler, tiled = self._denoise_transformer(
                 loaded, plan, request, embeddings, inputs, seed, width, height, on_step
             )
         timer.mark("denoise")
@@ -392,6 +397,7 @@ class Engine:
             "textual_inversions": inversions_info,
             "clip_skip": request.clip_skip,
             "vae": vae_info,
+            "vae_tiling": tiled,  # decoded tile by tile: the whole image would not fit the activation budget
             "warnings": warnings,  # what the request asked for that acts only in part
             "events": events,
             "timings": timer.summary(),
@@ -501,6 +507,7 @@ class Engine:
         ])  # fmt: skip
         try:
             pipeline.vae = vae  # the request's VAE, or the model's own; its own again after the request
+            vae.use_tiling = needs_tiling(vae, width, height, self.activation_budget)  # set by every request
             images = []
             for index in range(request.batch_size):
                 if index and self._interrupt.is_set():
@@ -521,7 +528,7 @@ class Engine:
         finally:
             loaded.attached.set_face_crops([])  # the face crops' hidden states belong to this request only
             loaded.restore_components()
-        return images, schedule.active_steps, pipeline.scheduler
+        return images, schedule.active_steps, pipeline.scheduler, vae.use_tiling
 
     def _denoise_transformer(self, loaded, plan: Plan, request, embeddings, inputs, seed, width, height, on_step):
         """SD 3.5 and FLUX through their diffusers pipelines, with finished embeddings. SD3 takes one tensor
@@ -549,6 +556,7 @@ class Engine:
                     raise IncompatibleError(f"ip_adapters.0: embeddings of {e.positive.shape[0]} images, but an SD 3.5 "
                                             f"IP-Adapter reads one; average them")  # fmt: skip
                 kwargs["ip_adapter_image_embeds"] = e.for_pipeline(request.cfg_scale > 1.0)[:, 0].to(self.device, dtype)
+        pipeline.vae.use_tiling = needs_tiling(pipeline.vae, width, height, self.activation_budget)
         images = []
         for index in range(request.batch_size):
             if index and self._interrupt.is_set():
@@ -564,7 +572,7 @@ class Engine:
                 **kwargs,
             )
             images += output.images
-        return images, schedule.active_steps, pipeline.scheduler
+        return images, schedule.active_steps, pipeline.scheduler, pipeline.vae.use_tiling
 
     def _unit_info(self, unit, embeddings, active_steps: list[int]) -> dict:
         a = unit.adapter.spec

@@ -387,7 +387,7 @@ def pick_encoder(adapter: Entry, store: ModelStore, requested: str | None = None
         candidates = [e for e in encoders if e.spec.produces(output, tower) == width]
         if candidates or attempt:
             break
-        store.refresh()
+        store.refresh_if_stale()
     if not candidates:
         family = catalog.family_by_output(output, width, tower)
         usual = f" ({family.name}: {' or '.join(family.usual_files)})" if family else ""

@@ -53,8 +53,8 @@ class LoadedPipeline:
         """Its own components back on it and on its image-to-image twin, after a request that swapped one in: a
         pipeline that is not current must not keep a request's module alive (nor hand it out as shared)."""
         for pipeline in filter(None, (self.pipeline, self._img2img)):
-            for name, module in self.own_components.items():
-                if getattr(pipeline, name, None) is not module:
+            for name, module in self.own_components.items():  # modules only: the scheduler is set per request
+                if isinstance(module, torch.nn.Module) and getattr(pipeline, name, None) is not module:
                     setattr(pipeline, name, module)
 
     def img2img(self):

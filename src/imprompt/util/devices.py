@@ -8,8 +8,9 @@ up to at most what it can give, less a share reserved for what no cache holds (`
   the CPU, for the process too). `python -m tools.activation_memory` counts them for
   SDXL: one UNet step at 1024x1024 (float16, classifier-free guidance) holds 0.31 GiB, the VAE decode of that image
   3.0 GiB in float32 (diffusers upcasts SDXL's VAE; 1.5 GiB in float16), 0.75 GiB at 512x512; the allocator adds
-  about a quarter. 20 % of a 24 GiB GPU (4.8 GiB) holds a 1024x1024 SDXL image's decode; a batch of them grows the
-  decode with its size (4 images: 12 GiB), beyond what any share reserves.
+  about a quarter. 20 % of a 24 GiB GPU (4.8 GiB) holds a 1024x1024 SDXL image's decode; the engine makes a batch
+  one image at a time, so a batch needs no more. A larger image whose decode would not fit (`activation_budget`)
+  is decoded tile by tile (`loading/vaes.py`).
 - on a GPU machine, the host RAM (`SHARES["host"]`): only the offload tier (pipelines pushed off the GPU) is kept
   there; half of the RAM stays free for a model being loaded (in CPU memory until it joins the GPU) and the
   process. On the CPU device there is no offload tier: everything is in `SHARES["cpu"]`.
@@ -89,6 +90,12 @@ def default_budget(cache: str, device: torch.device) -> int:
     else:
         budget = int(device_memory(device) * SHARES["cuda" if device.type == "cuda" else "cpu"][cache])
     return min(budget, CAPS[cache]) if cache in CAPS else budget
+
+
+def activation_budget(device: torch.device) -> int:
+    """The device memory the caches leave for a generation's activations (`RESERVED`): what decides whether a large
+    image's VAE decode goes tile by tile (`loading/vaes.py`)."""
+    return int(device_memory(device) * RESERVED["cuda" if device.type == "cuda" else "cpu"])
 
 
 def release_memory(device: torch.device) -> None:
