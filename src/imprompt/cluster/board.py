@@ -47,6 +47,11 @@ class JobBoard:
         state.update(step=step, total=total, iteration=iteration)
         return state["interrupted"]
 
+    def interrupted(self, job: str) -> bool:
+        """Whether the job should not start its next n_iter batch (interrupted, or gone from the board)."""
+        state = self.jobs.get(job)
+        return state is None or state["interrupted"]
+
     def finished(self, job: str) -> None:
         self.jobs.pop(job, None)
 

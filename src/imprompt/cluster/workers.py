@@ -105,7 +105,7 @@ class Worker:
         self._wanted[wanted] = entry
         return wanted
 
-    def report(self, events: list[dict], job: int | None = None) -> None:
+    def report(self, events: list[dict], job: str | None = None) -> None:
         """Events to the board (not awaited: a report never delays a request), with this replica's state."""
         if events:
             self.board.record.remote(self.replica, self.kind, events, job)
@@ -139,7 +139,7 @@ class EncoderWorker(Worker):
 class GeneratorWorker(Worker):
     kind = "generator"
 
-    async def generate(self, request: dict, iterations: int, embeddings: dict, job: int) -> list:
+    async def generate(self, request: dict, iterations: int, embeddings: dict, job: str) -> list:
         """The request's images, `iterations` batches one after another (A1111's n_iter, seeds counting on), with
         the units' embeddings made by encoder workers; steps reported to the board, which answers interrupts."""
         parsed = parse_request(request)
@@ -152,11 +152,13 @@ class GeneratorWorker(Worker):
         async with self.turn:
             await self.hold(self.check(self.engine.store.pipeline(parse_request(request).model)))
 
-    def _run(self, request, iterations: int, embeddings: dict, job: int) -> list:
+    def _run(self, request, iterations: int, embeddings: dict, job: str) -> list:
         if ray.get(self.board.started.remote(job, self.replica, iterations)):
             raise RequestError("request dropped before it ran: its client went away")
         results = []
         for iteration in range(iterations):
+            if iteration and ray.get(self.board.interrupted.remote(job)):  # interrupted between two batches
+                break
 
             def on_step(step: int, total: int, iteration=iteration) -> None:
                 if ray.get(self.board.step.remote(job, step, total, iteration)):
