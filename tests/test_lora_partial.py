@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import logging
 
+import json
+
 import torch
 from conftest import max_diff
+from server_fixtures import client, running_server
 
 from imprompt import Engine
 from tools.extra_models import kohya_lora, write
@@ -38,3 +41,8 @@ def test_a_lora_that_half_loads_is_reported_on_every_request(pack, tmp_path, cap
     fine = engine.generate(prompt="a cat <lora:whole:0.8>", **call)
     assert fine.info["warnings"] == []
     assert max_diff(fine.images[0], again.images[0]) == 0  # what fits is loaded and acts
+    with running_server(engine) as url, client(url) as http:  # an A1111 client reads it in info.warnings
+        answer = http.post("/sdapi/v1/txt2img", json={"prompt": "a cat <lora:partial:0.8>", "steps": 2, "width": 64,
+                                                      "height": 64, "override_settings": {"sd_model_checkpoint": "tiny-sd15"}})  # fmt: skip
+        assert answer.status_code == 200, answer.text
+        assert any(expected in w for w in json.loads(answer.json()["info"])["warnings"])

@@ -1,4 +1,4 @@
-"""Checkpoint -> spec, read from the tensor table alone.
+"""Checkpoint -> spec, read from the tensor table (and, for FaceID's two tensor-identical variants, the file name).
 
 A tensor table (a safetensors header is a few KB of JSON) says everything compatibility needs: which IP-Adapter
 variant a file is, which encoder output it consumes and how wide, how many tokens it adds, which UNet width it

@@ -375,6 +375,8 @@ def to_response(results: list[Result], payload: Txt2ImgPayload, warnings: list[s
     and `info` as a JSON string, with `warnings`: what the request asked for that imprompt carried on without. A
     job interrupted between its n_iter batches has fewer results than n_iter: `interrupted` says so."""
     warnings = list(warnings or [])
+    for result in results:  # the engine's own (a LoRA that acts only in part), once each
+        warnings += [w for w in result.info.get("warnings", []) if w not in warnings]
     images, infotexts, seeds = [], [], []
     for result in results:
         for image, infotext, seed in zip(result.images, result.infotexts, result.info["all_seeds"]):
