@@ -16,7 +16,7 @@ from conftest import max_diff, request, unit
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from imprompt.demo.pack import SD15_MODEL
+from imprompt.demo.pack import FLUX_MODEL, SD15_MODEL
 from imprompt.demo.tiny_models import TINY_VIT_H, build_clip_vision, write_adapter
 from imprompt.errors import (
     CheckpointError,
@@ -24,6 +24,7 @@ from imprompt.errors import (
     ImageTooLargeError,
     ImpromptError,
     IncompatibleError,
+    LimitError,
     MissingEncoderError,
     RequestError,
     UnknownAdapterError,
@@ -301,7 +302,33 @@ CASES = {
         request({"adapter": "Base", "images": []}), RequestError, ["ip_adapters.0", "give one of images, embeddings"]
     ),
     "empty-adapter-name": lambda c: (request(unit("", c.red)), RequestError, ["ip_adapters.0.adapter"]),
-}
+    # text that is not Unicode (a lone surrogate) and weights that are not finite, or far out of range
+    "prompt-lone-surrogate": lambda c: (request(prompt="a \ud800 cat"), RequestError, ["prompt: not valid Unicode text"]),
+    "lora-name-lone-surrogate": lambda c: (
+        request(loras=[{"name": "x\udc00"}]), RequestError, ["loras.0.name: not valid Unicode text"]
+    ),
+    "layers-nan": lambda c: (
+        request(unit("Base", c.red, layers={"mid": float("nan")})), RequestError, ["ip_adapters.0.layers.mid", "nan"]
+    ),
+    "layers-huge": lambda c: (
+        request(unit("Base", c.red, layers={"down": {"block_2": 1e300}})), RequestError,
+        ["ip_adapters.0.layers.down.block_2", "1e+300", "-1.0..5.0"],
+    ),
+    "layers-list-nan-flux": lambda c: (
+        request(unit("FLUX XLabs", c.red, layers=[float("nan"), 1.0]), model=FLUX_MODEL, cfg_scale=3.5),
+        RequestError, ["ip_adapters.0.layers[0]", "nan"],
+    ),
+    "layers-list-inf-flux": lambda c: (
+        request(unit("FLUX XLabs", c.red, layers=[1.0, float("-inf")]), model=FLUX_MODEL, cfg_scale=3.5),
+        RequestError, ["ip_adapters.0.layers[1]", "-inf"],
+    ),
+    "face-embedding-nan": lambda c: (
+        request({"adapter": "Base", "face_embeddings": [[float("nan")] * 512]}), RequestError,
+        ["ip_adapters.0.face_embeddings", "finite"],
+    ),
+    # list lengths over the ceilings every request is parsed against (the engine's limits are below them)
+    "loras-over-the-ceiling": lambda c: (request(loras=[{"name": "x"}] * 100_000), LimitError, ["loras", "100000"]),
+}  # fmt: skip
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -4,6 +4,7 @@ then answers a good request with exactly the right image."""
 from __future__ import annotations
 
 import base64
+import json
 
 import pytest
 from conftest import max_diff, request, unit
@@ -34,6 +35,11 @@ def txt(**fields) -> dict:
 
 def ip(pictures: dict, **fields) -> dict:
     return {"adapter": "Base", "images": [pictures["red"]], "scale": 0.6, **fields}
+
+
+def raw(body: dict) -> dict:
+    """Request kwargs for a JSON body httpx would not encode itself (NaN, lone surrogates): Python's json does."""
+    return {"content": json.dumps(body).encode(), "headers": {"content-type": "application/json"}}
 
 
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -83,6 +89,15 @@ CASES = [
     ("too many units", "post", "/sdapi/v1/txt2img", lambda i: {"json": txt(ip_adapter=[ip(i)] * 9)}, 413, "9 units"),
     ("too many images", "post", "/sdapi/v1/txt2img", lambda i: {"json": txt(ip_adapter=[ip(i, images=[i["red"]] * 17)])}, 413, "17 is more than the 16"),
     ("line-wrapped base64 garbage", "post", "/sdapi/v1/txt2img", lambda i: {"json": txt(ip_adapter=[ip(i, images=["%%%%\n%%%%"])])}, 422, "base64"),
+    ("lone surrogate in prompt", "post", "/sdapi/v1/txt2img", lambda i: raw(txt(prompt="a \ud800 cat")), 422, "prompt: not valid Unicode text"),
+    ("lone surrogate in negative prompt", "post", "/sdapi/v1/txt2img", lambda i: raw(txt(negative_prompt="\udfff")), 422, "negative_prompt: not valid Unicode text"),
+    ("lone surrogate in adapter name", "post", "/sdapi/v1/txt2img", lambda i: raw(txt(ip_adapter=[ip(i, adapter="Base\ud800")])), 422, "ip_adapters.0.adapter: not valid Unicode text"),
+    ("script args a number", "post", "/sdapi/v1/txt2img", lambda i: {"json": txt(alwayson_scripts={"X": {"args": 5}})}, 422, "alwayson_scripts.X.args"),
+    ("script args an object", "post", "/sdapi/v1/txt2img", lambda i: {"json": txt(alwayson_scripts={"X": {"args": {"a": 1}}})}, 422, "alwayson_scripts.X.args"),
+    ("script not an object", "post", "/sdapi/v1/txt2img", lambda i: {"json": txt(alwayson_scripts={"X": [1, 2]})}, 422, "alwayson_scripts.X"),
+    ("NaN layer weight", "post", "/sdapi/v1/txt2img", lambda i: raw(txt(ip_adapter=[ip(i, layers={"mid": float("nan")})])), 422, "layers.mid"),
+    ("huge layer weight", "post", "/sdapi/v1/txt2img", lambda i: raw(txt(ip_adapter=[ip(i, layers={"up": {"block_1": [0, 1e300, 0]}})])), 422, "layers.up.block_1[1]"),
+    ("infinite layer weight", "post", "/sdapi/v1/txt2img", lambda i: raw(txt(ip_adapter=[ip(i, layers={"down": float("inf")})])), 422, "layers.down"),
 ]  # fmt: skip
 AUTH_CASES = [
     ("missing API key", {}, 401),
@@ -121,3 +136,51 @@ def test_auth(server, images, reference, name, headers, status):
         response = http.post("/sdapi/v1/txt2img", json=txt(), headers=headers)
     assert response.status_code == status and "API key" in response.json()["detail"]
     good_request_is_served(server, images, reference)
+
+
+# Caller input that used to reach a raw exception: a 500, after which uvicorn closes the connection, so a client
+# that keeps its connection alive (most do) had its next request fail too.
+KEPT_ALIVE_CASES = [
+    ("lone surrogate in prompt", lambda i: raw(txt(prompt="\ud800"))),
+    ("script args a number", lambda i: raw(txt(alwayson_scripts={"X": {"args": 5}}))),
+    ("script not an object", lambda i: raw(txt(alwayson_scripts={"controlnet": "yes"}))),
+    ("NaN layer weight", lambda i: raw(txt(ip_adapter=[ip(i, layers={"mid": float("nan")})]))),
+]
+
+
+def test_refused_requests_keep_the_connection_for_the_next(server, images, reference):
+    """One client, one connection: every bad request gets its 4xx, and the good request after it is answered on
+    the same connection with exactly its image."""
+    with client(server, headers=AUTH) as http:
+        for name, build in KEPT_ALIVE_CASES:
+            response = http.post("/sdapi/v1/txt2img", **build(images))
+            assert 400 <= response.status_code < 500, (name, response.text[:500])
+            response = http.post("/sdapi/v1/txt2img", json=txt(ip_adapter=[ip(images, adapter="Base ViT-G")]))
+            assert response.status_code == 200, (name, response.text[:500])
+            assert max_diff(decode(response.json()["images"][0]).convert("RGB"), reference) == 0
+
+
+# Values a client sent come back cut short in error messages: (name, request kwargs builder, status, fragment).
+MEGABYTE = "A" * 1_000_000
+ECHO_CASES = [
+    ("1 MB mask that is not an image", lambda i: {"json": txt(ip_adapter=[ip(i, masks=["%" + MEGABYTE])])}, 422, "masks.0"),
+    ("1 MB img2img mask (inpainting)", lambda i: {"json": txt(init_images=[i["red"]], mask=MEGABYTE)}, 422, "mask"),
+    ("1 MB adapter name", lambda i: {"json": txt(ip_adapter=[ip(i, adapter=MEGABYTE)])}, 422, "adapter: 1000000 characters"),
+    ("1 MB ControlNet model name", lambda i: {"json": txt(alwayson_scripts={"controlnet": {"args": [
+        {"enabled": True, "module": "ip-adapter_clip_sd15", "model": MEGABYTE, "image": i["red"]}]}})}, 404, "not found"),
+    ("1 MB script name", lambda i: {"json": txt(alwayson_scripts={MEGABYTE: {"args": [1]}})}, 422, "alwayson_scripts"),
+    ("1 MB sampler", lambda i: {"json": txt(sampler_name=MEGABYTE)}, 422, "sampler"),
+    ("1 MB LoRA in the prompt", lambda i: {"json": txt(prompt=f"<lora:{MEGABYTE[:30_000]}:1>")}, 404, "LoRA"),
+    ("1 MB prompt", lambda i: {"json": txt(prompt=MEGABYTE)}, 422, "prompt: 1000000 characters, more than the 32768"),
+    ("1 MB list of styles", lambda i: {"json": txt(styles=["a"] * 200_000)}, 422, "styles"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name, build, status, fragment", ECHO_CASES, ids=[c[0] for c in ECHO_CASES])
+def test_error_messages_do_not_echo_big_values(server, images, name, build, status, fragment):
+    """A 1 MB value in a request gives an answer of a few hundred bytes that still names the field."""
+    with client(server, headers=AUTH) as http:
+        path = "/sdapi/v1/img2img" if "img2img" in name else "/sdapi/v1/txt2img"
+        response = http.post(path, **build(images))
+    assert response.status_code == status and len(response.content) < 5000, (response.status_code, response.text[:300])
+    assert fragment in response.json()["detail"], response.text[:300]

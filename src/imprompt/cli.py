@@ -13,6 +13,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import ImpromptError, RequestError
+from .request import MAX_IMAGES, MAX_UNITS
 
 IP_HELP = (
     'an IP-Adapter unit, repeatable: "NAME:IMAGE[+IMAGE...][:SCALE[:START[:END]]]", '
@@ -113,9 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-preload", action="store_true",
                    help="load the current model at the first request, not while the server starts")  # fmt: skip
     s.add_argument("--max-queue", type=_positive, default=16, help="jobs waiting before requests get 429 (default: %(default)s)")
-    s.add_argument("--max-units", type=_positive, default=8, help="IP-Adapter units per request (default: %(default)s)")
-    s.add_argument("--max-images", type=_positive, default=16,
-                   help="reference images per unit (default: %(default)s)")  # fmt: skip
+    s.add_argument("--max-units", type=_at_most(MAX_UNITS), default=8,
+                   help=f"IP-Adapter units per request (default: %(default)s; at most {MAX_UNITS})")  # fmt: skip
+    s.add_argument("--max-images", type=_at_most(MAX_IMAGES), default=16,
+                   help=f"reference images per unit (default: %(default)s; at most {MAX_IMAGES})")  # fmt: skip
     s.add_argument("--max-body", default="64MiB", help="largest request body (default: %(default)s)")
     s.add_argument("--max-image", default="32MiB", help="largest image, encoded (default: %(default)s)")
     s.add_argument("--max-pixels", type=int, default=4096 * 4096, help="largest image, pixels (default: %(default)s)")
@@ -218,6 +220,21 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} is not a positive whole number")
     return value
+
+
+def _at_most(ceiling: int):
+    """A limit of the engine's, which may not pass the ceiling every request is parsed against (`request.py`)."""
+
+    def limit(text: str) -> int:
+        value = _positive(text)
+        if value > ceiling:
+            raise argparse.ArgumentTypeError(
+                f"{value} is over {ceiling}, the most any request is read with (a longer list is refused while the "
+                f"request is parsed); give at most {ceiling}"
+            )
+        return value
+
+    return limit
 
 
 def _require_models(args) -> list[Path]:

@@ -38,7 +38,7 @@ from .ipadapter.embeddings import (
     save_embeddings,
 )
 from .ipadapter.faces import FaceAnalyzer, insightface_roots
-from .loading.loras import LoraUse, PipelineLoras, lora_file
+from .loading.loras import LoraBudget, LoraUse, PipelineLoras, lora_file
 from .loading.pipelines import component_identities, load_pipeline
 from .loading.resident import LoadedPipeline, ResidentPipelines
 from .loading.tensors import first_line
@@ -177,7 +177,7 @@ class Engine:
         )
         self.faces = FaceAnalyzer(insightface_roots(self.store.roots, insightface_root))
         self.adapters = ByteLRU("adapters", parse_bytes(adapter_cache_budget, default_budget("adapters", self.device)))
-        self.lora_budget = parse_bytes(lora_cache_budget, default_budget("loras", self.device))
+        self.loras = LoraBudget(parse_bytes(lora_cache_budget, default_budget("loras", self.device)))
         self.vaes = ByteLRU("vaes", default_budget("vaes", self.device))
         self.inversions = ByteLRU("textual-inversions", default_budget("inversions", self.device))
         self.default_model = default_model
@@ -673,7 +673,7 @@ class Engine:
             name=entry.name,
             pipeline=pipeline,
             attached=attached,
-            loras=PipelineLoras(pipeline, self.lora_budget, prefix=f"p{next(self._pipeline_loads)}_"),
+            loras=PipelineLoras(pipeline, self.loras, prefix=f"p{next(self._pipeline_loads)}_"),
             own_components=dict(pipeline.components),
             scheduler_config=dict(pipeline.scheduler.config),
             scheduler_class=type(pipeline.scheduler).__name__,
@@ -741,7 +741,7 @@ class Engine:
             "encoders": self.embedder.encoders.stats(),
             "embeddings": self.embedder.embeddings.stats(),
             "adapters": self.adapters.stats(),
-            "loras": loaded.loras.loaded.stats() if loaded is not None else None,
+            "loras": self.loras.cache.stats(),
             "vaes": self.vaes.stats(),
             "faces": self.faces.faces.stats(),
             "model": loaded.name if loaded is not None else None,

@@ -7,6 +7,40 @@ text with a 4xx status (see `http_status`).
 
 from __future__ import annotations
 
+import re
+import reprlib
+
+SHOWN = 60  # characters of a client's value that an error message repeats
+SHORT = reprlib.Repr()  # containers: their first items, nested two deep
+SHORT.maxlevel, SHORT.maxstring, SHORT.maxother, SHORT.maxlist, SHORT.maxdict = 2, SHOWN, SHOWN, 6, 4
+
+
+def shown(value, limit: int = SHOWN) -> str:
+    """A value a client sent, as an error message repeats it: its repr, cut after `limit` characters with its
+    length said (`'AAAA...'... (1000000 characters)`), so a 1 MB string does not come back in a 1 MB answer. repr
+    also escapes what UTF-8 cannot carry (a lone surrogate)."""
+    if isinstance(value, (str, bytes)):
+        text = repr(value[: limit + 1])
+        unit = "characters" if isinstance(value, str) else "bytes"
+        return text if len(value) <= limit else f"{text[:limit + 1]}... ({len(value)} {unit})"
+    text = SHORT.repr(value)
+    size = f" ({len(value)} items)" if isinstance(value, (list, tuple, dict, set)) and len(value) > 6 else ""
+    return (text if len(text) <= 2 * limit else text[: 2 * limit] + "...") + size
+
+
+LONG_RUN = re.compile(r"\S{300,}")  # base64, a pasted file: nothing a message needs in full
+
+
+def bounded(message: str, limit: int = 4000) -> str:
+    """A message as the HTTP API answers it, whatever value it repeats: any run of 300 characters without a space
+    cut as `shown` cuts values, the whole kept under `limit` characters (its end, where the fix is, kept), and what
+    UTF-8 cannot carry escaped. The safety net behind `shown` for the messages that repeat a value in full."""
+    message = LONG_RUN.sub(lambda m: f"{m.group()[:SHOWN]}... ({len(m.group())} characters)", message)
+    if len(message) > limit:
+        tail = limit // 5
+        message = f"{message[: limit - tail]} ... ({len(message) - limit} characters cut) ... {message[-tail:]}"
+    return message.encode("utf-8", "backslashreplace").decode("utf-8")
+
 
 class ImpromptError(Exception):
     """Base class. `http_status` is the status the HTTP API answers with."""

@@ -5,22 +5,54 @@ The server builds it from A1111 / SD.Next payloads (`server/a1111.py`); the engi
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import RequestError
+from .errors import ImpromptError, LimitError, RequestError, shown
 
 SCALE_RANGE = (-1.0, 5.0)  # ComfyUI_IPAdapter_plus's weight range; SD.Next's slider is the 0..1 part of it
 LORA_WEIGHT_RANGE = (-10.0, 10.0)  # wider than any UI's slider (A1111 has none: the tag takes any number)
+
+# Ceilings on what any request may hold, checked while it is parsed (pydantic's `max_length`), so that an absurd
+# body (300,000 tiny units in 9 MiB) is refused before anything converts it. They are not the limits that apply:
+# those are the engine's `max_units` and `max_images` (the server's --max-units / --max-images; 413 LimitError
+# naming them), which may be set up to these ceilings and no higher. A list over a ceiling is a LimitError too.
+MAX_UNITS = 64  # IP-Adapter units in a request (the engine's max_units: 8 by default)
+MAX_IMAGES = 256  # images, masks, negative images or faces in a unit, init images in a request (max_images: 16)
+MAX_LORAS = 64  # LoRAs in a request's `loras`
+MAX_EMBEDDING_WIDTH = 4096  # floats in one given face embedding (FaceID's are 512)
+MAX_BLOCK_WEIGHTS = 1024  # weights in a `layers` list (SD 3.5 large has 38 joint blocks, FLUX 19 double blocks)
+MAX_NAME = 4096  # characters in a name or path (Linux's PATH_MAX)
+# Characters in a prompt: each 75 tokens are one more text-encoder pass and 77 more tokens every cross-attention
+# layer reads at every step, so a 60 MiB prompt would hold the server for hours; A1111 prompts are far shorter.
+MAX_PROMPT = 32_768
+
+
+def _unicode(value):
+    """Text must be Unicode that UTF-8 can carry: JSON can send a lone surrogate ("\\ud800"), which would fail deep
+    in a tokenizer or a file lookup (a 500) instead of here (a 422 naming the field)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(
+                f"not valid Unicode text (a lone surrogate, {exc.object[exc.start]!r}, at character {exc.start}); "
+                f"send UTF-8 text"
+            ) from None
+    return value
+
+
+Text = Annotated[str, BeforeValidator(_unicode)]  # a prompt, a name or a path: checked before its length and type
+Name = Annotated[Text, Field(max_length=MAX_NAME)]
 
 
 class LoraWeight(BaseModel):
     """A LoRA and how strongly it acts (also written in the prompt as `<lora:NAME:WEIGHT>`)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    name: str = Field(min_length=1, description="file stem (as in <lora:NAME:...>), relative path, or path")
+    name: Name = Field(min_length=1, description="file stem (as in <lora:NAME:...>), relative path, or path")
     weight: float = Field(1.0, ge=LORA_WEIGHT_RANGE[0], le=LORA_WEIGHT_RANGE[1])
 
 
@@ -28,26 +60,33 @@ class IPAdapterUnit(BaseModel):
     """One image prompt: an adapter, its reference image(s) (or saved embeddings), and how strongly, when and
     where it acts."""
 
-    model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")
+    model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid", allow_inf_nan=False)
 
-    adapter: str = Field(min_length=1, description="friendly name (Base ViT-G), file stem, or path")
-    images: list[Any] = Field(default_factory=list, description="PIL images, file paths, or base64 strings")
-    embeddings: str | None = Field(None, description="saved embeddings (name or path) used instead of images")
-    face_embeddings: list[list[float]] | str | None = Field(
-        None, description="FaceID: face embeddings (512 floats per face, or a .npy / .safetensors file) instead of images"
+    adapter: Name = Field(min_length=1, description="friendly name (Base ViT-G), file stem, or path")
+    images: list[Any] = Field(
+        default_factory=list, max_length=MAX_IMAGES, description="PIL images, file paths, or base64 strings"
     )
+    embeddings: Name | None = Field(None, description="saved embeddings (name or path) used instead of images")
+    face_embeddings: (
+        Annotated[list[Annotated[list[float], Field(max_length=MAX_EMBEDDING_WIDTH)]], Field(max_length=MAX_IMAGES)]
+        | Name
+        | None
+    ) = Field(None, description="FaceID: face embeddings (512 floats per face, or a .npy / .safetensors file) instead of images")
     scale: float = Field(1.0, ge=SCALE_RANGE[0], le=SCALE_RANGE[1])
     start: float = Field(0.0, ge=0.0, le=1.0, description="fraction of the steps where the unit starts acting")
     end: float = Field(1.0, ge=0.0, le=1.0, description="fraction of the steps where it stops acting")
-    encoder: str | None = Field(None, description="force an image encoder; it must produce what the adapter needs")
+    encoder: Name | None = Field(None, description="force an image encoder; it must produce what the adapter needs")
     average: bool = Field(False, description="average the images' embeddings into one set of tokens")
-    masks: list[Any] | None = Field(None, description="one mask per image (one if averaged): where the unit acts")
-    layers: str | dict | list[float] | None = Field(
+    masks: list[Any] | None = Field(
+        None, max_length=MAX_IMAGES, description="one mask per image (one if averaged): where the unit acts"
+    )
+    # the weights are checked (finite, in SCALE_RANGE) by `ipadapter.block_weights`, which knows the model's blocks
+    layers: Name | dict | Annotated[list, Field(max_length=MAX_BLOCK_WEIGHTS)] | None = Field(
         None, description="per-block weights: style, composition, style+composition, or {down/mid/up: ...}; "
                           "SD 3.5 / FLUX: a list, one weight per block"
     )  # fmt: skip
     negative_images: list[Any] | None = Field(
-        None, description='images encoded for the negative branch instead of zeros, or ["noise"]'
+        None, max_length=MAX_IMAGES, description='images encoded for the negative branch instead of zeros, or ["noise"]'
     )
     crop: bool = Field(False, description="SD.Next's face crop of the images before encoding; not supported yet")
     structure: float = Field(
@@ -92,11 +131,11 @@ class IPAdapterUnit(BaseModel):
 
 
 class GenerateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    model: str | None = Field(None, description="pipeline name; None: the engine's default model")
-    prompt: str = ""
-    negative_prompt: str = ""
+    model: Name | None = Field(None, description="pipeline name; None: the engine's default model")
+    prompt: Text = Field("", max_length=MAX_PROMPT)
+    negative_prompt: Text = Field("", max_length=MAX_PROMPT)
     seed: int = Field(-1, ge=-1, lt=2**32, description="-1: a random seed (reported in the result)")
     steps: int = Field(20, ge=1, le=150)
     cfg_scale: float = Field(7.0, ge=0.0, le=30.0, description="FLUX: the embedded guidance (diffusers' guidance_scale)")
@@ -107,12 +146,18 @@ class GenerateRequest(BaseModel):
     width: int | None = Field(None, ge=64, le=2048, description="None: the model's native size")
     height: int | None = Field(None, ge=64, le=2048)
     batch_size: int = Field(1, ge=1, le=8)
-    sampler: str = "Default"
-    ip_adapters: list[IPAdapterUnit] = Field(default_factory=list, description="how many: see Engine(max_units)")
-    loras: list[LoraWeight] = Field(default_factory=list, description="besides the <lora:...> tags in the prompt")
+    sampler: Name = "Default"
+    ip_adapters: list[IPAdapterUnit] = Field(
+        default_factory=list, max_length=MAX_UNITS, description="how many: see Engine(max_units)"
+    )
+    loras: list[LoraWeight] = Field(
+        default_factory=list, max_length=MAX_LORAS, description="besides the <lora:...> tags in the prompt"
+    )
     clip_skip: int = Field(1, ge=1, le=12, description="A1111's CLIP_stop_at_last_layers: 1 = the last layer")
-    vae: str | None = Field(None, description="a VAE file from the models folders; None: the model's own")
-    init_images: list[Any] | None = Field(None, description="img2img: the image to start from (the first is used)")
+    vae: Name | None = Field(None, description="a VAE file from the models folders; None: the model's own")
+    init_images: list[Any] | None = Field(
+        None, max_length=MAX_IMAGES, description="img2img: the image to start from (the first is used)"
+    )
     denoising_strength: float = Field(0.75, gt=0.0, le=1.0, description="img2img: how much of it is redrawn")
 
     @field_validator("width", "height")
@@ -124,13 +169,14 @@ class GenerateRequest(BaseModel):
 
 
 def parse_request(request: GenerateRequest | dict | None = None, **fields) -> GenerateRequest:
-    """Validate a request given as a model, a dict or keyword arguments; errors become `RequestError`."""
+    """Validate a request given as a model, a dict or keyword arguments; errors become `RequestError` (a list over
+    a ceiling: `LimitError`)."""
     if isinstance(request, GenerateRequest):
         return request.model_copy(update=fields) if fields else request
     try:
         return GenerateRequest.model_validate({**(request or {}), **fields})
     except ValidationError as exc:
-        raise RequestError(describe_validation_error(exc)) from None
+        raise validation_error(exc.errors()) from None
 
 
 def parse_unit(unit: IPAdapterUnit | dict) -> IPAdapterUnit:
@@ -139,15 +185,40 @@ def parse_unit(unit: IPAdapterUnit | dict) -> IPAdapterUnit:
     try:
         return IPAdapterUnit.model_validate(unit)
     except ValidationError as exc:
-        raise RequestError(describe_validation_error(exc)) from None
+        raise validation_error(exc.errors()) from None
+
+
+def validation_error(errors: list[dict]) -> ImpromptError:
+    """pydantic's (or FastAPI's) errors as one typed error: a `LimitError` (413) when a list is over its ceiling,
+    else a `RequestError` (422)."""
+    message = describe_errors(errors)
+    return LimitError(message) if any(_list_too_long(err) for err in errors) else RequestError(message)
+
+
+def _list_too_long(err: dict) -> bool:
+    return err["type"] == "too_long" and not isinstance(err.get("input"), str)
 
 
 def describe_validation_error(exc: ValidationError) -> str:
+    return describe_errors(exc.errors())
+
+
+def describe_errors(errors: list[dict]) -> str:
+    """One message naming each field and what is wrong with it; the values a client sent are shown cut short (a
+    1 MB string comes back as its first characters and its length), lists and objects not at all."""
     parts = []
-    for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "request"
-        message = err["msg"].removeprefix("Value error, ")
-        found = err.get("input")
-        shown = "" if isinstance(found, (dict, list)) or found is None else f" (got {str(found)[:60]!r})"
-        parts.append(f"{where}: {message}{shown}")
+    for err in errors:
+        where = ".".join(str(p) for p in err["loc"] if p != "body") or "request"  # FastAPI's locations start at body
+        ctx, found = err.get("ctx") or {}, err.get("input")
+        if _list_too_long(err):
+            message = f"{ctx.get('actual_length')} items, more than the {ctx['max_length']} any request may hold; send fewer"
+        elif err["type"] in ("too_long", "string_too_long") and isinstance(found, str):
+            message = f"{len(found)} characters, more than the {ctx['max_length']} accepted; send a shorter one"
+            found = found[:20]
+        elif err["type"] == "string_unicode":
+            message = "not valid Unicode text (a lone surrogate); send UTF-8 text"
+        else:
+            message = err["msg"].removeprefix("Value error, ")
+        got = "" if isinstance(found, (dict, list)) or found is None else f" (got {shown(found)})"
+        parts.append(f"{where}: {message}{got}")
     return "invalid request: " + "; ".join(parts)

@@ -3,7 +3,8 @@
 The dictionary form is diffusers' `set_ip_adapter_scale` form: `{"down": {"block_2": [0.0, 1.0]}, "mid": 0.5,
 "up": {"block_0": [0.0, 1.0, 0.0]}}`, a number for a whole level or block, or a list with one weight per
 attention block of a block. Layers not named get 0. Unlike diffusers, a block that does not exist (or has no
-attention) is an error, not a silent zero. Weights multiply the unit's `scale`.
+attention) is an error, not a silent zero. Weights multiply the unit's `scale`, and each lies in the range of a
+scale (`SCALE_RANGE`): a NaN or a 1e300 would give a black image and a bare NaN in the answer's JSON.
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ from __future__ import annotations
 import copy
 import re
 
-from ..errors import RequestError
+from ..errors import RequestError, shown
 from ..models.specs import PipelineSpec
+from ..request import SCALE_RANGE
 
 # InstantStyle (Wang et al. 2024) for SDXL: up_blocks.0.attentions.1 carries style, down_blocks.2.attentions.1
 # carries layout. For SD 1.5, the blocks ComfyUI_IPAdapter_plus uses for "style transfer" and "composition".
@@ -33,11 +35,11 @@ def preset(name: str, family: str) -> dict:
     """"style", "composition" or "style+composition" for the model's family."""
     presets = PRESETS.get(family)
     if presets is None:
-        raise RequestError(f"layers preset {name!r}: no presets for {family} models; give per-block weights instead")
+        raise RequestError(f"layers preset {shown(name)}: no presets for {family} models; give per-block weights instead")
     parts = [p.strip() for p in name.lower().split("+")]
     unknown = [p for p in parts if p not in presets]
     if unknown or not parts:
-        raise RequestError(f"unknown layers preset {name!r}; use one of style, composition, style+composition")
+        raise RequestError(f"unknown layers preset {shown(name)}; use one of style, composition, style+composition")
     merged: dict = {}
     for part in parts:
         for level, value in presets[part].items():
@@ -79,13 +81,13 @@ def layer_weights(layers, pipeline: PipelineSpec, where: str = "layers") -> tupl
                 if key not in structure:
                     valid = ", ".join(f"block_{b}" for (lv, b) in sorted(structure) if lv == level)
                     raise RequestError(
-                        f"{where}.{level}.{block_name}: no such {level} block with attention in this model "
+                        f"{where}.{level}.{shown(block_name)}: no such {level} block with attention in this model "
                         f"(valid: {valid})"
                     )
                 for i, w in enumerate(_per_attention(block_value, structure[key], f"{where}.{level}.{block_name}")):
                     weights[(level, key[1], i)] = w
         else:
-            raise RequestError(f"{where}: unknown level {level!r}; use down, mid and up")
+            raise RequestError(f"{where}: unknown level {shown(level)}; use down, mid and up")
     return tuple(weights.get(_position(name), 0.0) for name in names)
 
 
@@ -99,7 +101,7 @@ def _per_block(layers, pipeline: PipelineSpec, where: str) -> tuple[float, ...]:
     if len(layers) != count:
         raise RequestError(f"{where}: {len(layers)} weights, but this {pipeline.family} model's adapters attach to "
                            f"{count} blocks; give {count}")  # fmt: skip
-    return tuple(float(w) for w in layers)
+    return tuple(_weight(w, f"{where}[{i}]") for i, w in enumerate(layers))
 
 
 def _structure(names) -> dict[tuple[str, int], int]:
@@ -125,8 +127,17 @@ def _single(value, where: str) -> float:
         if len(value) != 1:
             raise RequestError(f"{where}: expected one weight, got {len(value)}")
         value = value[0]
+    return _weight(value, where)
+
+
+def _weight(value, where: str) -> float:
+    """One weight: a number in SCALE_RANGE (NaN and infinities fail the comparison, huge integers too)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise RequestError(f"{where}: weight {value!r} is not a number")
+        raise RequestError(f"{where}: weight {shown(value)} is not a number")
+    low, high = SCALE_RANGE
+    if not low <= value <= high:
+        raise RequestError(f"{where}: weight {shown(value)} is outside {low}..{high} (the range of a unit's scale); "
+                           f"use a weight in that range")  # fmt: skip
     return float(value)
 
 

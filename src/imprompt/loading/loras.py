@@ -14,6 +14,7 @@ import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -40,16 +41,27 @@ def lora_file(entry: Entry, weight: float) -> LoraUse:
     return LoraUse(entry.key(), entry.name, weight, lambda: read_tensors(entry.path))
 
 
+class LoraBudget:
+    """One byte budget for the LoRA layers of every resident pipeline (file LoRAs and FaceID adapters' own), least
+    recently used out first, whichever pipeline holds them: these layers sit inside the pipelines' modules, so
+    they are counted here and not in the pipeline budget."""
+
+    def __init__(self, budget_bytes: int):
+        self.cache = ByteLRU("loras", budget_bytes)  # (pipeline prefix, entry key) -> PEFT adapter name
+        self.owners: dict[str, PipelineLoras] = {}  # pipeline prefix -> its LoRAs
+
+
 class PipelineLoras:
     """The LoRAs loaded into one pipeline (PEFT adapter name per file version), and which act now."""
 
-    def __init__(self, pipeline, budget_bytes: int, prefix: str = ""):
+    def __init__(self, pipeline, budget: LoraBudget, prefix: str):
         """`prefix` makes adapter names unique across pipelines that share a text encoder (PEFT names are per
-        module, and a shared module holds both pipelines' LoRA layers)."""
+        module, and a shared module holds both pipelines' LoRA layers) and keys this pipeline's part of `budget`."""
         self.pipeline = pipeline
         self.prefix = prefix
-        self.loaded = ByteLRU("loras", budget_bytes)  # entry key -> PEFT adapter name
-        self._names: dict = {}  # the same mapping, kept for what the cache evicts
+        self.budget = budget
+        budget.owners[prefix] = self
+        self._names: dict = {}  # entry key -> PEFT adapter name, of the LoRAs loaded into this pipeline
         self.active: tuple = ()  # ((adapter name, weight), ...) as last set
         self.enabled: bool | None = None  # whether the LoRA layers are on (None: unknown, after a load)
         self.partial: dict = {}  # entry key -> what did not load of a LoRA that loaded only in part
@@ -84,22 +96,33 @@ class PipelineLoras:
             if isinstance(component, torch.nn.Module):
                 set_adapter_layers(component, enabled=False)
 
+    @property
+    def names(self) -> list[str]:
+        """The PEFT adapter names of the LoRAs loaded into this pipeline."""
+        return list(self._names.values())
+
+    def release(self) -> None:
+        """The pipeline leaves for good: its LoRAs out of its modules (and of any module it shares) and the budget."""
+        self.clear()
+        self.budget.owners.pop(self.prefix, None)
+
     def clear(self) -> int:
-        """Unload every LoRA (Engine.clear_cache)."""
+        """Unload every LoRA (Engine.clear_cache; a pipeline leaving the device)."""
         count = len(self._names)
         for key in list(self._names):
             self.pipeline.delete_adapters(self._names.pop(key))
-        self.loaded.clear()
+            self.budget.cache.discard((self.prefix, key))
+        self.partial.clear()
         self.active, self.enabled = (), None
         return count
 
     def _adapter_name(self, lora: LoraUse, needed: set, events: list) -> str:
         key = lora.key
-        name = self.loaded.get(key)
-        if name is not None:
-            return name
-        for stale in self.loaded.discard_older_versions(key):
-            self._delete(stale.key, stale.label, "its file changed on disk", events)
+        if self.budget.cache.get((self.prefix, key)) is not None:  # (a get marks it recently used)
+            return self._names[key]
+        for stale in [k for k in self._names if k[0] == key[0]]:  # an earlier version of the same file
+            self.budget.cache.discard((self.prefix, stale))
+            self._delete(stale, Path(stale[0]).stem, "its file changed on disk", events)
         started = time.perf_counter()
         self._count += 1
         name = f"{self.prefix}lora{self._count}"  # PEFT adapter names must be plain identifiers
@@ -127,8 +150,10 @@ class PipelineLoras:
         log.info("LoRA %s loaded in %.2f s", lora.label, seconds)
         events.append({"event": "lora_loaded", "lora": lora.label, "file": str(path), "seconds": round(seconds, 4)})
         self._names[key] = name
-        for old in self.loaded.put(key, name, nbytes, label=lora.label, keep=needed):
-            self._delete(old.key, old.label, "LoRA cache budget", events)
+        keep = {(self.prefix, k) for k in needed}
+        for old in self.budget.cache.put((self.prefix, key), name, nbytes, label=lora.label, keep=keep):
+            owner, old_key = self.budget.owners[old.key[0]], old.key[1]  # this pipeline's, or another's
+            owner._delete(old_key, old.label, "LoRA cache budget", events)
         return name
 
     def _layers_holding(self, name: str) -> int:

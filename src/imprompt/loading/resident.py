@@ -45,9 +45,9 @@ class LoadedPipeline:
         """The VAE it came with (a request may use another from the tree, for that request only)."""
         return self.own_components["vae"]
 
-    @property
-    def nbytes(self) -> int:
-        return sum(module_bytes(m) for m in self.own_components.values() if isinstance(m, torch.nn.Module))
+    def __post_init__(self):
+        # its weights as loaded; the LoRA layers later added inside its modules count in the one LoRA budget
+        self.nbytes = sum(module_bytes(m) for m in self.own_components.values() if isinstance(m, torch.nn.Module))
 
     def restore_components(self) -> None:
         """Its own components back on it and on its image-to-image twin, after a request that swapped one in: a
@@ -108,7 +108,7 @@ class ResidentPipelines:
     def _let_go(self, pipeline: LoadedPipeline) -> None:
         """A pipeline leaving for good: its LoRA layers out of any text encoder or VAE it shares with others,
         and no longer the current one."""
-        pipeline.loras.clear()
+        pipeline.loras.release()
         if self.current is pipeline:
             self.current = None
 
@@ -125,6 +125,7 @@ class ResidentPipelines:
                 # and a request's VAE (cached); a component shared with another model comes back with `get`
                 old.value.attached.attach([], ())
                 old.value.restore_components()
+                old.value.loras.clear()  # the LoRA budget is the device's: they load again if it comes back
                 old.value.pipeline.to("cpu")
                 for gone in self.offloaded.put(old.key, old.value, old.nbytes, label=old.label, with_values=True):
                     self._let_go(gone.value)

@@ -24,9 +24,10 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .. import __version__
 from ..engine import Engine
-from ..errors import AuthError, ImpromptError, MethodNotAllowedError, NotFoundError, PayloadTooLargeError
+from ..errors import AuthError, ImpromptError, MethodNotAllowedError, NotFoundError, PayloadTooLargeError, bounded
 from ..models import catalog
 from ..plan import describe_store, lora_fits
+from ..request import validation_error
 from .a1111 import OPTION_DEFAULTS, Img2ImgPayload, Txt2ImgPayload, apply_options, to_request, to_response
 from .controlnet import model_list, module_list, module_warnings
 from .jobs import JobQueue
@@ -64,18 +65,18 @@ def create_app(engine: Engine, settings: ServerSettings | None = None, jobs=None
 
     # ------------------------------------------------------------------------------------------------ errors
 
+    # Every answer's detail goes through `bounded`: whatever value a message repeats, the answer stays small.
+
     @app.exception_handler(ImpromptError)
     async def imprompt_error(request: Request, exc: ImpromptError):
         headers = {"WWW-Authenticate": AUTH_CHALLENGE} if isinstance(exc, AuthError) else None
-        return JSONResponse({"error": type(exc).__name__, "detail": str(exc)}, exc.http_status, headers=headers)
+        return JSONResponse({"error": type(exc).__name__, "detail": bounded(str(exc))}, exc.http_status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError):
-        parts = []
-        for err in exc.errors():
-            where = ".".join(str(p) for p in err["loc"] if p != "body") or "body"
-            parts.append(f"{where}: {err['msg']}")
-        return JSONResponse({"error": "RequestError", "detail": "invalid request: " + "; ".join(parts)}, 422)
+    async def invalid_payload(request: Request, exc: RequestValidationError):
+        """A payload of the wrong shape: 422 naming each field, or 413 for a list over its ceiling."""
+        error = validation_error(exc.errors())
+        return JSONResponse({"error": type(error).__name__, "detail": bounded(str(error))}, error.http_status)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
@@ -87,13 +88,16 @@ def create_app(engine: Engine, settings: ServerSettings | None = None, jobs=None
         elif exc.status_code == 405:
             error = MethodNotAllowedError(f"{request.url.path} does not take {request.method}; the API is listed at /docs")
         else:
-            return JSONResponse({"error": "HTTPError", "detail": str(exc.detail)}, exc.status_code, headers=exc.headers)
-        return JSONResponse({"error": type(error).__name__, "detail": str(error)}, exc.status_code, headers=exc.headers)
+            return JSONResponse({"error": "HTTPError", "detail": bounded(str(exc.detail))}, exc.status_code,
+                                headers=exc.headers)  # fmt: skip
+        return JSONResponse({"error": type(error).__name__, "detail": bounded(str(error))}, exc.status_code,
+                            headers=exc.headers)  # fmt: skip
 
     @app.exception_handler(Exception)
     async def server_fault(request: Request, exc: Exception):
         log.error("internal error on %s %s: %r", request.method, request.url.path, exc, exc_info=exc)
-        return JSONResponse({"error": "InternalError", "detail": f"internal error: {type(exc).__name__}: {exc}"}, 500)
+        detail = bounded(f"internal error: {type(exc).__name__}: {exc}")
+        return JSONResponse({"error": "InternalError", "detail": detail}, 500)
 
     # --------------------------------------------------------------------------------------- A1111 / SD.Next
 
@@ -349,7 +353,7 @@ def _too_large(size: int | None, limit: int) -> PayloadTooLargeError:
 
 async def _json(send: Send, status: int, error: ImpromptError, headers: dict | None = None) -> None:
     """A JSON error response sent from middleware (before FastAPI's handlers see the request)."""
-    body = json.dumps({"error": type(error).__name__, "detail": str(error)}).encode()
+    body = json.dumps({"error": type(error).__name__, "detail": bounded(str(error))}).encode()
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     raw += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
     await send({"type": "http.response.start", "status": status, "headers": raw})

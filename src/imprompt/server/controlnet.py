@@ -19,8 +19,10 @@ from dataclasses import dataclass, field
 from PIL import Image
 
 from ..errors import ImageError, ImpromptError, RequestError, UnknownAdapterError
+from ..errors import SHOWN, LimitError, shown
 from ..models import catalog
 from ..models.store import ModelStore, legacy_hash
+from ..request import MAX_UNITS
 from ..util.images import load_image
 
 # The IP-Adapter preprocessors, as sd-webui-controlnet names them (internal names and labels) and Forge labels
@@ -70,16 +72,24 @@ def controlnet_units(scripts: dict, store: ModelStore) -> ControlNetUnits:
     entry with arguments would change the picture in A1111, so it is refused naming it."""
     found = ControlNetUnits([], [], [])
     for script, value in scripts.items():
-        args = value.get("args") if isinstance(value, dict) else None
+        name = script if len(script) <= SHOWN and script.isprintable() else shown(script)
+        if value is not None and not isinstance(value, dict):
+            raise RequestError(f"alwayson_scripts.{name}: expected {{\"args\": [...]}}, got {type(value).__name__}")
+        args = (value or {}).get("args")
+        if args is not None and not isinstance(args, list):
+            raise RequestError(f"alwayson_scripts.{name}.args: expected a list, got {type(args).__name__}")
+        if args is not None and len(args) > MAX_UNITS:
+            raise LimitError(f"alwayson_scripts.{name}.args: {len(args)} items, more than the {MAX_UNITS} any "
+                             f"request may hold; send fewer")  # fmt: skip
         if script.lower() != "controlnet":
             if args and any(a not in (None, False, "", [], {}) for a in args):
                 raise RequestError(
-                    f"alwayson_scripts.{script}: imprompt runs no A1111 script but the ControlNet extension's "
-                    f"IP-Adapter units; remove {script} from the request"
+                    f"alwayson_scripts.{name}: imprompt runs no A1111 script but the ControlNet extension's "
+                    f"IP-Adapter units; remove {name} from the request"
                 )
             continue
         if not isinstance(args, list):
-            raise RequestError(f"alwayson_scripts.{script}.args must be a list of ControlNet units")
+            raise RequestError(f"alwayson_scripts.{name}.args must be a list of ControlNet units")
         for i, unit in enumerate(args):
             _unit(i, unit, store, found)
     return found

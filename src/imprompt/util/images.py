@@ -13,7 +13,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..errors import ImageError, ImageTooLargeError
+from ..errors import ImageError, ImageTooLargeError, shown
 
 DEFAULT_MAX_PIXELS = 4096 * 4096
 DEFAULT_MAX_BYTES = 32 * 2**20
@@ -48,8 +48,9 @@ def load_image(
         try:
             data = base64.b64decode(text, validate=True)
         except (binascii.Error, ValueError):
-            shown = text[:240] + ("..." if len(text) > 240 else "")  # a path in full; base64 cut short
-            raise ImageError(f"{what}: {shown!r} is neither an existing image file nor base64 image data") from None
+            raise ImageError(  # 240 characters: a mistyped path in full; base64 cut short
+                f"{what}: {shown(text, 240)} is neither an existing image file nor base64 image data"
+            ) from None
         return _decode(data, what, max_pixels)
     raise ImageError(f"{what}: expected a PIL image, a path or base64 data, got {type(ref).__name__}")
 
