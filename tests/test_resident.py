@@ -245,3 +245,25 @@ def test_loading_a_model_leaves_the_components_it_shares_where_they_are(pack, mo
     pipeline = load_pipeline(probe(models / "tiny-sd15-b"), torch.device("cpu"), torch.float32, {"vae": on_the_gpu})
     assert pipeline.vae is on_the_gpu and on_the_gpu.device.type == "meta"
     assert pipeline.unet.device.type == "cpu"
+
+
+def test_the_offload_tier_gives_the_pictures_a_fresh_engine_gives(pack, models, vaes, red_circle):
+    """A GPU's second tier (a model pushed off the device waits in CPU memory and moves back), emulated on the CPU
+    with an offload budget: after going out and coming back, with adapters, LoRAs and a request VAE in between,
+    every picture is a fresh engine's."""
+    roots = [pack, models, vaes]
+    engine = Engine(roots, pipeline_cache_budget=1, offload_budget="64GiB")  # one on the "device", the rest wait
+    sequence = [
+        request(unit("Plus", red_circle), prompt="a cat <lora:detail-sd15:0.8>", vae="soft-vae.safetensors"),
+        request(unit("Base SDXL", red_circle), model=SDXL),
+        request(unit("Plus", red_circle), prompt="a cat <lora:detail-sd15:0.8>"),
+        request(unit("Base", red_circle), model="tiny-sd15-b", vae="soft-vae.safetensors"),
+        request(prompt="a cat <lora:detail-sd15:0.5>"),
+        request(unit("Base SDXL", red_circle), model=SDXL),
+    ]
+    seen = []
+    for i, req in enumerate(sequence):
+        result = engine.generate(req)
+        seen += model_events(result) + [e["event"] for e in result.info["events"] if e["event"] == "model_restored"]
+        assert max_diff(result.images[0], Engine(roots).generate(req).images[0]) == 0, f"request {i}"
+    assert "model_offloaded" in seen and "model_restored" in seen and "model_unloaded" not in seen

@@ -189,7 +189,7 @@ class Engine:
         self.pipelines = ResidentPipelines(
             self.device,
             parse_bytes(pipeline_cache_budget, default_budget("pipelines", self.device)),
-            parse_bytes(offload_budget, default_budget("offload", torch.device("cpu"))),
+            parse_bytes(offload_budget, default_budget("offload", self.device) if self.device.type == "cuda" else 0),
         )
         self.activation_budget = parse_bytes(activation_budget, default_activation_budget(self.device))
         self._lock = threading.Lock()

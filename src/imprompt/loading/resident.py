@@ -73,8 +73,9 @@ class ResidentPipelines:
     def __init__(self, device: torch.device, budget_bytes: int, offload_budget_bytes: int):
         self.device = device
         self.on_device = ByteLRU("pipelines", budget_bytes)
-        # on the CPU there is nowhere cheaper to wait: a pipeline pushed out is freed
-        self.offloaded = ByteLRU("offloaded pipelines", offload_budget_bytes if device.type == "cuda" else 0)
+        # on the CPU there is nowhere cheaper to wait: the engine gives no offload budget there by default (one
+        # given anyway makes a second tier in the same memory, which is how the tests run this path without a GPU)
+        self.offloaded = ByteLRU("offloaded pipelines", offload_budget_bytes)
         self.current: LoadedPipeline | None = None
 
     def get(self, key: tuple, events: list) -> LoadedPipeline | None:
