@@ -110,6 +110,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=7860, help="default: %(default)s, as A1111 and SD.Next")
     s.add_argument("--api-key", default=os.environ.get("IMPROMPT_API_KEY"),
                    help="require this key (Bearer, or HTTP Basic password) on every endpoint but /healthz")  # fmt: skip
+    s.add_argument("--allowed-hosts", type=_names, default=(), metavar="NAMES",
+                   help="comma-separated host names the server answers to besides localhost, loopback addresses "
+                        "and the address it is reached at (the names clients use with --host 0.0.0.0 or behind a "
+                        "proxy); '*': any. Other names are refused (403): DNS-rebinding pages")  # fmt: skip
+    s.add_argument("--cors-allow-origins", type=_names, default=(), metavar="ORIGINS",
+                   help="comma-separated origins (https://app.example) of web pages that may call the API, as "
+                        "A1111's flag; other sites' pages are refused (403)")  # fmt: skip
+    s.add_argument("--cors-allow-origins-regex", metavar="REGEX",
+                   help="origins that may call the API, as one regular expression (A1111's flag)")
     s.add_argument("--model", help="the current model at start (default: the first in the models folder)")
     s.add_argument("--no-preload", action="store_true",
                    help="load the current model at the first request, not while the server starts")  # fmt: skip
@@ -235,6 +244,11 @@ def _at_most(ceiling: int):
         return value
 
     return limit
+
+
+def _names(text: str) -> tuple[str, ...]:
+    """A comma-separated list, as A1111's --cors-allow-origins takes it."""
+    return tuple(name.strip() for name in text.split(",") if name.strip())
 
 
 def _require_models(args) -> list[Path]:
@@ -454,14 +468,21 @@ def _serve(args) -> int:
                               max_images=args.max_images)  # fmt: skip
     engine = Engine(**options)
     clustered = args.workers > 1 or args.encoder_workers is not None or args.address is not None
+    bound = () if args.host in ("0.0.0.0", "::", "") else (args.host,)  # a name given as --host is one it answers to
     settings = ServerSettings(
         api_key=args.api_key, max_body_bytes=parse_bytes(args.max_body, 0), max_queue=args.max_queue, model=args.model,
         preload=not args.no_preload and not clustered,  # a cluster loads each model where Ray routes it first
+        allowed_hosts=bound + args.allowed_hosts, cors_allow_origins=args.cors_allow_origins,
+        cors_allow_origins_regex=args.cors_allow_origins_regex,
     )
     if args.model:
         engine.store.pipeline(args.model)  # unknown model: fail now, not at the first request
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         logging.getLogger("imprompt").warning("listening on %s without --api-key: anyone who can reach it can use it", args.host)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.allowed_hosts:
+        logging.getLogger("imprompt").warning(
+            "clients must reach %s by IP address: names (a DNS name, a proxy's) are refused unless listed with "
+            "--allowed-hosts", args.host)  # fmt: skip
     if clustered:
         from .cluster.start import ClusterSettings, serve_cluster  # Ray is imported only here
 

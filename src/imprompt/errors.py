@@ -88,6 +88,13 @@ class AuthError(ImpromptError):
     http_status = 401
 
 
+class CrossSiteError(ImpromptError):
+    """A request from a web page of another site (its Origin), or for a host name the server does not answer to (a
+    DNS-rebinding page): refused, so a page the user visits cannot use the API through the user's browser."""
+
+    http_status = 403
+
+
 class NotFoundError(ImpromptError):
     """A named model, adapter or encoder does not exist in the model store."""
 

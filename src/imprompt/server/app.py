@@ -31,6 +31,7 @@ from ..request import validation_error
 from .a1111 import OPTION_DEFAULTS, Img2ImgPayload, Txt2ImgPayload, apply_options, to_request, to_response
 from .controlnet import model_list, module_list, module_warnings
 from .jobs import JobQueue
+from .origins import add_origin_checks
 
 log = logging.getLogger("imprompt")
 
@@ -42,6 +43,11 @@ class ServerSettings:
     max_queue: int = 16
     model: str | None = None  # the current model (A1111's sd_model_checkpoint)
     preload: bool = False  # load the current model while the server starts (`imprompt serve` does)
+    # Who may call it from a browser (server/origins.py): host names it answers to besides loopback and the address
+    # a connection came in on ("*": any), and other sites' pages that may call it (A1111's CORS flags)
+    allowed_hosts: tuple[str, ...] = ()
+    cors_allow_origins: tuple[str, ...] = ()
+    cors_allow_origins_regex: str | None = None
 
 
 def create_app(engine: Engine, settings: ServerSettings | None = None, jobs=None) -> FastAPI:
@@ -277,6 +283,7 @@ def create_app(engine: Engine, settings: ServerSettings | None = None, jobs=None
         return Response(resources.files("imprompt.server").joinpath(f"static/{name}").read_text(), media_type=files[name])
 
     app.add_middleware(Auth, api_key=settings.api_key)
+    add_origin_checks(app, settings.allowed_hosts, settings.cors_allow_origins, settings.cors_allow_origins_regex)
     app.add_middleware(Limits, max_body_bytes=settings.max_body_bytes)  # outermost: refuses before anything reads
     return app
 
