@@ -133,3 +133,11 @@ def test_serve_flags(pack):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def test_serve_refuses_a_regex_that_does_not_compile(pack):
+    done = subprocess.run([sys.executable, "-m", "imprompt.cli", "serve", "--models", str(pack), "--no-preload",
+                           "--port", str(free_port()), "--cors-allow-origins-regex", "https://("],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 2 and "--cors-allow-origins-regex" in done.stderr, done.stderr[-2000:]
+    assert "not a regular expression" in done.stderr

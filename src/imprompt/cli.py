@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cors-allow-origins", type=_names, default=(), metavar="ORIGINS",
                    help="comma-separated origins (https://app.example) of web pages that may call the API, as "
                         "A1111's flag; other sites' pages are refused (403)")  # fmt: skip
-    s.add_argument("--cors-allow-origins-regex", metavar="REGEX",
+    s.add_argument("--cors-allow-origins-regex", type=_regex, metavar="REGEX",
                    help="origins that may call the API, as one regular expression (A1111's flag)")
     s.add_argument("--model", help="the current model at start (default: the first in the models folder)")
     s.add_argument("--no-preload", action="store_true",
@@ -249,6 +249,17 @@ def _at_most(ceiling: int):
 def _names(text: str) -> tuple[str, ...]:
     """A comma-separated list, as A1111's --cors-allow-origins takes it."""
     return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
+def _regex(text: str) -> str:
+    """A regular expression, checked when the command is read (not at the first request it would fail)."""
+    import re
+
+    try:
+        re.compile(text)
+    except re.error as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a regular expression ({exc})") from None
+    return text
 
 
 def _require_models(args) -> list[Path]:
