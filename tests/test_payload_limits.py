@@ -41,9 +41,6 @@ def peak_rss(process: psutil.Process):
         sampler.join()
 
 
-@pytest.mark.xfail(strict=True, reason="needs max_length on the payload models of server/a1111.py (the ceilings of "
-                   "request.py on ip_adapter, images, masks, negative_images, face_embeddings, source_images, "
-                   "init_images); remove this mark with that change")  # fmt: skip
 def test_a_body_of_300k_tiny_units_is_refused_while_it_is_parsed(pack, red_circle):
     """9 MiB of JSON holding 300,000 units: a 413 naming the count, and the server's memory at its peak no more than
     what reading the JSON takes (it grew by about 1 GB while every unit was converted)."""

@@ -11,14 +11,22 @@ import base64
 import io
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ..engine import Result
+from ..result import Result
 from ..errors import RequestError
 from ..models.store import ModelStore
-from ..request import GenerateRequest, IPAdapterUnit, describe_validation_error, parse_request
+from ..request import (
+    MAX_EMBEDDING_WIDTH,
+    MAX_IMAGES,
+    MAX_UNITS,
+    GenerateRequest,
+    IPAdapterUnit,
+    describe_validation_error,
+    parse_request,
+)
 from ..util.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from ..util.infotext import png_info
 from ..util.samplers import SAMPLERS
@@ -33,17 +41,19 @@ class IPAdapterPayload(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     adapter: str = "Base"
-    images: list[str] = Field(default_factory=list)
-    masks: list[str] | None = Field(default_factory=list)
+    images: list[str] = Field(default_factory=list, max_length=MAX_IMAGES)
+    masks: list[str] | None = Field(default_factory=list, max_length=MAX_IMAGES)
     scale: float = 0.5
     start: float = 0.0
     end: float = 1.0
     crop: bool = False
     average: bool = False
     layers: str | dict | None = None
-    negative_images: list[str] | None = None
+    negative_images: list[str] | None = Field(None, max_length=MAX_IMAGES)
     embeddings: str | None = None
-    face_embeddings: list[list[float]] | None = None
+    face_embeddings: (
+        Annotated[list[Annotated[list[float], Field(max_length=MAX_EMBEDDING_WIDTH)]], Field(max_length=MAX_IMAGES)] | None
+    ) = None
     encoder: str | None = None
     structure: float = 1.0
     faceid_version: str | None = None
@@ -56,7 +66,7 @@ class FacePayload(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     mode: str = "FaceID"
-    source_images: list[str] = Field(default_factory=list)
+    source_images: list[str] = Field(default_factory=list, max_length=MAX_IMAGES)
     ip_model: str = "FaceID Base"
     ip_override_sampler: bool = True  # SD.Next then samples with DDIM
     ip_cache_model: bool = True  # no effect on the picture: imprompt keeps what it built
@@ -76,7 +86,7 @@ class FacePayload(BaseModel):
 class SDNextUnits(BaseModel):
     """A dict payload's `ip_adapter` list, typed as the server types it (errors name `ip_adapter.N.field`)."""
 
-    ip_adapter: list[IPAdapterPayload]
+    ip_adapter: list[IPAdapterPayload] = Field(max_length=MAX_UNITS)
 
 
 class Txt2ImgPayload(BaseModel):
@@ -107,13 +117,13 @@ class Txt2ImgPayload(BaseModel):
     sampler_index: int | str | None = Field(None, description="SD.Next: a name, or a place in /sdapi/v1/samplers")
     scheduler: str | None = None
     override_settings: dict[str, Any] = Field(default_factory=dict)
-    ip_adapter: list[IPAdapterPayload] = Field(default_factory=list)
+    ip_adapter: list[IPAdapterPayload] = Field(default_factory=list, max_length=MAX_UNITS)
     face: FacePayload | None = Field(None, description="SD.Next's Face script: FaceID mode, as a FaceID unit")
     alwayson_scripts: dict[str, Any] = Field(default_factory=dict, description="the ControlNet extension's units")
 
 
 class Img2ImgPayload(Txt2ImgPayload):
-    init_images: list[str] = Field(min_length=1)
+    init_images: list[str] = Field(min_length=1, max_length=MAX_IMAGES)
     denoising_strength: float = 0.75
 
 
