@@ -20,14 +20,14 @@ def on_device(engine: Engine) -> dict[str, int]:
     """The byte budgets an engine took for the caches that live on its device. LoRAs: one budget for the LoRAs of
     every resident pipeline, read from its default."""
     return {
-        "pipelines": engine.pipelines.on_device.budget_bytes,
-        "encoders": engine.embedder.encoders.budget_bytes,
-        "embeddings": engine.embedder.embeddings.budget_bytes,
-        "adapters": engine.adapters.budget_bytes,
-        "loras": devices.default_budget("loras", engine.device),
-        "vaes": engine.vaes.budget_bytes,
-        "textual inversions": engine.inversions.budget_bytes,
-        "faces": engine.faces.faces.budget_bytes,
+        "pipelines": engine.state.pipelines.on_device.budget_bytes,
+        "encoders": engine.state.embedder.encoders.budget_bytes,
+        "embeddings": engine.state.embedder.embeddings.budget_bytes,
+        "adapters": engine.state.adapters.budget_bytes,
+        "loras": engine.state.loras.cache.budget_bytes,
+        "vaes": engine.state.vaes.budget_bytes,
+        "textual inversions": engine.state.inversions.budget_bytes,
+        "faces": engine.state.faces.faces.budget_bytes,
     }
 
 
@@ -43,7 +43,7 @@ def test_an_engine_s_default_budgets_leave_room_for_an_sdxl_generation(pack, mon
     assert left >= memory * devices.RESERVED[device] >= SDXL_1024, (
         f"{left / GiB:.1f} GiB of {memory / GiB:.0f} GiB left for activations: {took}")  # fmt: skip
     if device == "cuda":  # the offload tier is RAM, where nothing else of the engine's is kept
-        assert engine.pipelines.offloaded.budget_bytes <= ram * (1 - devices.RESERVED["host"])
+        assert engine.state.pipelines.offloaded.budget_bytes <= ram * (1 - devices.RESERVED["host"])
 
 
 def test_the_default_shares_of_each_memory_leave_its_reserved_share():

@@ -350,7 +350,7 @@ def test_an_evicted_adapter_is_freed(pack, red_circle):
 
     engine = Engine(pack, adapter_cache_budget=1)  # room for one built adapter: each new one evicts the last
     engine.generate(request(unit("Base", red_circle)))
-    gone = weakref.ref(engine.adapters.get(engine.store.adapter("Base").key(engine.dtype, engine.device)))
+    gone = weakref.ref(engine.state.adapters.get(engine.store.adapter("Base").key(engine.dtype, engine.device)))
     assert gone() is not None
     result = engine.generate(request(unit("Plus", red_circle)))
     assert [e["adapter"] for e in result.info["events"] if e["event"] == "adapter_evicted"] == ["ip-adapter_sd15"]

@@ -25,7 +25,8 @@ def test_info_is_json_and_names_what_served_each_unit(engine, red_circle):
     assert u["adapter"] == "Plus Face" and u["variant"] == "plus" and u["consumes"] == "hidden_states"
     assert u["encoder_source"] in ("loaded", "cache", "not needed")
     assert u["encoder_why"].startswith("Plus Face consumes hidden_states[64]")
-    assert set(info["timings"]) >= {"plan", "load", "encode", "attach", "denoise", "total"}
+    assert set(info["timings"]) == {"plan", "load", "prepare", "apply", "denoise", "total", "by_kind"}
+    assert set(info["timings"]["by_kind"]) == {"init_image", "image_prompts", "loras", "vae", "prompt"}
 
 
 def test_random_seed_is_reported_and_reproduces(engine, red_circle):

@@ -26,6 +26,7 @@ def world(pack, adapters_copy, red_circle, yellow_square):
     needs = request(unit("Base ViT-G", red_circle))  # needs the adapter file and the bigG encoder
     other = request(unit("Plus", yellow_square), seed=2)  # needs neither
     engine = Engine(roots)
+    engine.store.rescan_interval = 0  # a file restored is found by the next miss (not only after the interval)
     fresh = {name: Engine(roots).generate(r).images[0] for name, r in (("needs", needs), ("other", other))}
     for r in (needs, other):
         engine.generate(r)

@@ -82,10 +82,10 @@ def test_switching_lora_sets_leaves_nothing_and_reloads_nothing(lora_engine):
     again = generate(lora_engine, "a cat <lora:detail-sd15:1>")
     assert max_diff(again.images[0], a) == 0
     assert not [e for e in again.info["events"] if e["event"] == "lora_loaded"]  # switched, not reloaded
-    loaded = {p.name: len(p.loras.names) for p in lora_engine.pipelines.all()}  # other tests' too
+    loaded = {p.name: len(p.loras.names) for p in lora_engine.state.pipelines.all()}  # other tests' too
     assert loaded["tiny-sd15"] == 2
     assert lora_engine.clear_cache()["loras"] == sum(loaded.values())  # unloaded from every resident model
-    assert all(not p.loras.names for p in lora_engine.pipelines.all())
+    assert all(not p.loras.names for p in lora_engine.state.pipelines.all())
     reloaded = generate(lora_engine, "a cat <lora:detail-sd15:1>")
     assert max_diff(reloaded.images[0], a) == 0 and [e for e in reloaded.info["events"] if e["event"] == "lora_loaded"]
 
@@ -231,7 +231,7 @@ def test_the_lora_budget_is_one_budget_for_every_resident_model(pack, extras):
     first = generate(engine, "a cat <lora:detail-sd15:1>")
     second = generate(engine, "a cat <lora:style-sdxl:1>", model="tiny-sdxl")
     assert [e["lora"] for e in second.info["events"] if e["event"] == "lora_evicted"] == ["detail-sd15"]
-    assert [len(p.loras.names) for p in engine.pipelines.all()] == [0, 1]
+    assert [len(p.loras.names) for p in engine.state.pipelines.all()] == [0, 1]
     assert [e["label"] for e in engine.cache_info()["loras"]["entries"]] == ["style-sdxl"]
     again = generate(engine, "a cat <lora:detail-sd15:1>")  # loaded again, in its model, and the same picture
     assert [e["event"] for e in again.info["events"] if e["event"].startswith("lora_")] == ["lora_loaded", "lora_evicted"]

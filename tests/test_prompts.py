@@ -208,7 +208,7 @@ def test_per_step_and_composable_prompts_are_refused_before_anything_loads(pack,
     engine = Engine(pack)
     with pytest.raises(UnsupportedError, match=r"^prompt: .*(prompt editing|alternation|AND|at its end)"):
         engine.generate({"model": "tiny-sd15", "prompt": prompt, "steps": 2, "width": 64, "height": 64})
-    assert engine.cache_info()["model"] is None and engine.pipelines.all() == []
+    assert engine.cache_info()["model"] is None and engine.state.pipelines.all() == []
 
 
 @pytest.mark.parametrize("prompt", SCHEDULED)
@@ -228,4 +228,4 @@ def test_a_weight_that_is_no_number_is_refused_in_the_plan(pack):
     engine = Engine(pack)
     with pytest.raises(RequestError, match=r"^prompt: the weight in .*\(cat:\.\).* is '\.', not a number"):
         engine.generate({"model": "tiny-sd15", "prompt": "a (cat:.)", "steps": 2, "width": 64, "height": 64})
-    assert engine.pipelines.all() == []
+    assert engine.state.pipelines.all() == []

@@ -73,7 +73,7 @@ def test_switching_back_is_no_reload_and_shared_files_load_once(pack, models, re
     assert max_diff(results[0].images[0], results[1].images[0]) > 0  # another UNet, another picture
     for result, req in zip(results, sequence):
         assert max_diff(result.images[0], fresh(pack, models, req)) == 0
-    resident = {p.name: p.pipeline for p in engine.pipelines.all()}
+    resident = {p.name: p.pipeline for p in engine.state.pipelines.all()}
     assert set(resident) == {"tiny-sd15", "tiny-sd15-b", SDXL}
     assert resident["tiny-sd15"].vae is resident["tiny-sd15-b"].vae
     assert resident["tiny-sd15"].text_encoder is resident["tiny-sd15-b"].text_encoder
@@ -102,7 +102,7 @@ def test_a_shared_text_encoder_carries_no_lora_from_one_model_to_the_other(pack,
 def test_the_pipeline_budget_is_a_bound_and_what_it_pushes_out_is_freed(pack, models, red_circle):
     engine = Engine([pack, models], pipeline_cache_budget=1)  # room for one: every switch unloads
     first = engine.generate(request(unit("Base", red_circle)))
-    unet = weakref.ref(engine.pipelines.current.pipeline.unet)
+    unet = weakref.ref(engine.state.pipelines.current.pipeline.unet)
     second = engine.generate(request(unit("Base SDXL", red_circle), model=SDXL))
     assert model_events(second) == ["model_unloaded", "model_loaded"]
     unloaded = next(e for e in second.info["events"] if e["event"] == "model_unloaded")
@@ -120,7 +120,7 @@ def test_a_pushed_out_model_is_gone_before_the_next_moves_to_the_device(pack, mo
 
     engine = Engine([pack, models], pipeline_cache_budget=1)
     engine.generate(request(unit("Base", red_circle)))
-    unet = weakref.ref(engine.pipelines.current.pipeline.unet)
+    unet = weakref.ref(engine.state.pipelines.current.pipeline.unet)
     old_alive_at_each_move, move = [], StableDiffusionXLPipeline.to
 
     def to(self, *args, **kwargs):
@@ -187,8 +187,8 @@ def test_a_model_dropped_for_a_changed_file_takes_its_loras_out_of_a_shared_text
     weights.write_bytes(weights.read_bytes())  # the same bytes, a new file version
     req = request(prompt="a cat <lora:detail-sd15:0.5>", model="tiny-sd15-c")
     assert max_diff(engine.generate(req).images[0], Engine([pack, models, tmp_path]).generate(req).images[0]) == 0
-    encoder = engine.pipelines.current.pipeline.text_encoder
-    prefixes = {resident.loras.prefix for resident in engine.pipelines.all()}
+    encoder = engine.state.pipelines.current.pipeline.text_encoder
+    prefixes = {resident.loras.prefix for resident in engine.state.pipelines.all()}
     assert all(name.startswith(tuple(prefixes)) for name in encoder.peft_config)  # the dropped model's are gone
 
 
@@ -223,7 +223,7 @@ def test_a_request_vae_is_not_kept_alive_by_a_model_that_is_not_current(pack, mo
     engine = Engine([pack, models, vaes])
     engine.generate(request(vae="soft-vae.safetensors", init_images=[red_circle], denoising_strength=0.5))
     engine.generate(request(vae="soft-vae.safetensors"))
-    request_vae = weakref.ref(engine.vaes.values()[0])
+    request_vae = weakref.ref(engine.state.vaes.values()[0])
     engine.generate(request(model="tiny-sd15-b"))
     engine.clear_cache()  # lets the VAE go from the cache
     gc.collect()

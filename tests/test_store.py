@@ -252,7 +252,7 @@ def test_comfyui_layout_generates(pack, comfy_root, engine, red_circle):
 def test_comfyui_and_h94_layouts_together(pack, comfy_root):
     """Two encoders produce image_embeds[1024]: the one beside the adapter (h94 layout) wins for Base, and the
     ComfyUI adapter gets one of them; both choices are explained."""
-    from imprompt.plan import pick_encoder
+    from imprompt.conditioning.ip_adapter import pick_encoder
 
     store = ModelStore([pack, comfy_root])
     assert len(store.encoders) == 5  # the pack's four, and the ComfyUI tree's ViT-H
@@ -357,7 +357,7 @@ def test_file_turned_into_an_encoder(pack, tmp_path):
 def test_encoder_replaced_on_disk_is_seen_by_encoder_choice(adapters_copy, pack):
     """The ViT-H-like folder is replaced by a bigG-like one: nothing gives image_embeds[1024] any more, so Base
     has no encoder (MissingEncoderError), instead of being paired with a folder that no longer gives 1024."""
-    from imprompt.plan import pick_encoder
+    from imprompt.conditioning.ip_adapter import pick_encoder
 
     store = ModelStore([pack / "diffusers", adapters_copy])
     encoder, _ = pick_encoder(store.adapter("Base"), store)

@@ -253,8 +253,8 @@ def phase_switch_imprompt(root, args) -> dict:
     for _ in range(args.trials):
         for adapter in CYCLE:
             t = engine.generate(request(adapter, 64, 1, image, args.model)).info["timings"]
-            switch.append(t["plan"] + t["load"] + t["encode"] + t["attach"])
-            attach.append(t["attach"])
+            switch.append(t["plan"] + t["load"] + t["prepare"] + t["apply"] - t["by_kind"]["prompt"]["apply"])
+            attach.append(t["by_kind"]["image_prompts"]["apply"])
     return {"switch_s": switch, "attach_s": attach}
 
 
@@ -289,11 +289,11 @@ def phase_embeddings(root, args) -> dict:
         engine = Engine(root, device=args.device, dtype="float32", encoder_dtype=dtype)
         for adapter in ("Base", "Base ViT-G"):
             entry = engine.store.encoder(f"{H94}/{CYCLE[adapter][1]}")
-            embed = lambda: engine.embedder.embed(entry, "image_embeds", [image], adapter, "bench", [])  # noqa: E731
+            embed = lambda: engine.state.embedder.embed(entry, "image_embeds", [image], adapter, "bench", [])  # noqa: E731
             embed()  # loads the encoder
             fresh, hit = [], []
             for _ in range(args.trials):
-                engine.embedder.embeddings.clear()
+                engine.state.embedder.embeddings.clear()
                 started = time.perf_counter()
                 embed()
                 fresh.append(time.perf_counter() - started)

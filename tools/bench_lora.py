@@ -35,7 +35,7 @@ def switch_imprompt(root: Path, loras: Path, switches: int) -> list[float]:
         name = "lora-a" if i % 2 == 0 else "lora-b"
         result = engine.generate(model=MODELS["real"], prompt=f"a cat <lora:{name}:0.8>", steps=1, width=64, height=64, seed=1)
         if i >= 2:  # both loaded once; from here on every request switches
-            seconds.append(result.info["timings"]["attach"])
+            seconds.append(result.info["timings"]["by_kind"]["loras"]["apply"])
     return seconds
 
 

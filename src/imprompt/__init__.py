@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "Engine": "imprompt.engine",
-    "Result": "imprompt.engine",
+    "Result": "imprompt.result",
     "GenerateRequest": "imprompt.request",
     "IPAdapterUnit": "imprompt.request",
     "ImpromptError": "imprompt.errors",

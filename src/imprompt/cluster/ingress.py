@@ -20,7 +20,8 @@ from fastapi.concurrency import run_in_threadpool
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 
-from ..engine import Engine, Result
+from ..engine import Engine
+from ..result import Result
 from ..errors import ImpromptError, QueueFullError, UnsupportedError
 from ..request import GenerateRequest
 from ..server.app import ServerSettings, create_app

@@ -13,7 +13,8 @@ import hashlib
 from dataclasses import dataclass
 
 from ..models.store import Entry
-from ..plan import Plan, UnitPlan
+from ..conditioning.ip_adapter import UnitPlan
+from ..plan import Plan
 
 
 @dataclass(frozen=True)

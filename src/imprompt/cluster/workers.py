@@ -23,7 +23,7 @@ from ray import serve
 
 from ..engine import Engine
 from ..errors import ImpromptError, RequestError
-from ..plan import plan_unit
+from ..conditioning.image_prompts import plan_unit
 from ..request import parse_request
 from .board import BOARD_NAME, NAMESPACE
 from .loopback import keep_replica_on_loopback
@@ -88,7 +88,7 @@ class Worker:
             key = entry.key(self.engine.dtype, self.engine.device)
         else:
             events = await asyncio.to_thread(self.engine.preload_encoder, entry)
-            key = entry.key(self.engine.embedder.dtype, self.engine.embedder.device)
+            key = entry.key(self.engine.state.embedder.dtype, self.engine.state.embedder.device)
         self.held.add(wanted)
         self.report([{**e, "id": wanted} for e in events])
         return Held(self, wanted, "pipeline" if self.kind == "generator" else "encoder", key)

@@ -1,4 +1,7 @@
-"""A set of built adapters on a UNet: processor shells, per-step scales, masks.
+"""A set of built adapters on a UNet (processor shells, per-step scales, masks), and each family's attachment.
+
+`attachment` gives a loaded pipeline its attachment: this one for UNets, `dit.py`'s for SD 3.5 and FLUX
+transformers.
 
 Attaching only creates light `IPAdapterAttnProcessor2_0` shells that point at the built adapters' modules (no
 tensor is copied), so the UNet carries exactly the request's adapters, in the request's order, and switching costs
@@ -13,7 +16,10 @@ import torch
 from diffusers.models.attention_processor import Attention, IPAdapterAttnProcessor2_0
 from diffusers.models.embeddings import MultiIPAdapterImageProjection
 
-from .build import BuiltAdapter
+from ..errors import CheckpointError
+from .build import BuiltAdapter, build_adapter
+from .dit import AttachedTransformerAdapters
+from .shells import KeptShells
 
 SHELL_SETS = 8  # adapter sets whose processor shells are kept
 
@@ -37,30 +43,6 @@ class FaceCropProjection(torch.nn.Module):
             return inner(id_embeds)
         finally:
             inner.clip_embeds = None
-
-
-class KeptShells:
-    """Processor shells kept per adapter set, and letting go of them: shared by the UNet attachment below and the
-    SD 3.5 / FLUX one (`dit.py`). Subclasses keep `_shells` (adapter keys -> shells) and `attached`, and attach."""
-
-    _shells: OrderedDict
-    attached: tuple
-
-    def attach(self, adapters: list, keys: tuple) -> bool:
-        raise NotImplementedError
-
-    def forget_shells(self) -> None:
-        """Drop the kept shells (they hold references to built adapters; see Engine.clear_cache)."""
-        self._shells.clear()
-
-    def forget(self, keys) -> None:
-        """Adapters evicted from the engine's cache: drop every kept shell set that holds one, and take them off
-        the model if attached, so that no reference keeps their memory (the next request attaches its own set)."""
-        gone = set(keys)
-        for kept in [k for k in self._shells if gone & set(k)]:
-            del self._shells[kept]
-        if gone & set(self.attached):
-            self.attach([], ())
 
 
 class AttachedAdapters(KeptShells):
@@ -121,6 +103,22 @@ class AttachedAdapters(KeptShells):
             self._shells.popitem(last=False)
         return self._shells[keys]
 
+    def build(self, spec, state_dict: dict) -> BuiltAdapter:
+        """An adapter file's modules for this UNet's layout (the UNet is not modified)."""
+        return build_adapter(spec, state_dict, self.unet)
+
+    def pipeline_kwargs(self, embeddings: list, masks: list, cfg_scale: float) -> dict:
+        """What diffusers' UNet pipelines take: one `ip_adapter_image_embeds` element per unit, cat([negative,
+        positive]) under classifier-free guidance (diffusers applies it above 1), and the units' masks."""
+        if not embeddings:
+            return {}
+        device, dtype = self.unet.device, self.unet.dtype
+        kwargs = {"ip_adapter_image_embeds": [e.for_pipeline(cfg_scale > 1.0).to(device=device, dtype=dtype)
+                                              for e in embeddings]}  # fmt: skip
+        if any(m is not None for m in masks):
+            kwargs["cross_attention_kwargs"] = {"ip_adapter_masks": masks}
+        return kwargs
+
     def set_face_crops(self, crops: list[tuple]) -> None:
         """FaceID Plus units: (hidden states of the face crops as the pipeline batches them, v2 shortcut on?,
         shortcut scale) per attached unit, None for other units; `[]` clears them after a request."""
@@ -145,3 +143,18 @@ def ip_adapter_masks(masks: list | None, width: int, height: int):
 
     tensor = IPAdapterMaskProcessor().preprocess(masks, height=height, width=width)
     return tensor.reshape(1, tensor.shape[0], tensor.shape[2], tensor.shape[3])
+
+
+def attachment(pipeline, spec):
+    """The IP-Adapter attachment of a pipeline just loaded, for its family: a UNet's cross-attention layers, or an
+    SD 3.5 / FLUX transformer's blocks. A UNet whose layers are not those its weights file lists is refused."""
+    if spec.architecture != "unet":
+        return AttachedTransformerAdapters(pipeline.transformer, spec.architecture)
+    attached = AttachedAdapters(pipeline.unet)
+    if tuple(attached.names) != tuple(spec.layer_names):
+        raise CheckpointError(
+            spec.path,
+            f"the loaded UNet's cross-attention layers {attached.names[:2]}... differ from its weights file's "
+            f"{spec.layer_names[:2]}...; the pipeline folder is inconsistent",
+        )
+    return attached

@@ -81,7 +81,7 @@ def layer_weights(layers, pipeline: PipelineSpec, where: str = "layers") -> tupl
                 if key not in structure:
                     valid = ", ".join(f"block_{b}" for (lv, b) in sorted(structure) if lv == level)
                     raise RequestError(
-                        f"{where}.{level}.{shown(block_name)}: no such {level} block with attention in this model "
+                        f"{where}.{level}.{str(block_name)[:60]}: no such {level} block with attention in this model "
                         f"(valid: {valid})"
                     )
                 for i, w in enumerate(_per_attention(block_value, structure[key], f"{where}.{level}.{block_name}")):

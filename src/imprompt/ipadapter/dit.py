@@ -17,9 +17,10 @@ from diffusers.models.attention_processor import SD3IPAdapterJointAttnProcessor2
 from diffusers.models.embeddings import ImageProjection, MultiIPAdapterImageProjection
 from diffusers.models.transformers.transformer_flux import FluxIPAdapterAttnProcessor
 
+from ..errors import IncompatibleError
 from ..models.specs import AdapterSpec
-from .attach import KeptShells
 from ..util.cache import module_bytes
+from .shells import KeptShells
 
 SHELL_SETS = 8  # FLUX adapter sets whose processor shells are kept
 
@@ -144,6 +145,27 @@ class AttachedTransformerAdapters(KeptShells):
         while len(self._shells) > SHELL_SETS:
             self._shells.popitem(last=False)
         return self._shells[keys]
+
+    def build(self, spec: AdapterSpec, state_dict: dict) -> BuiltTransformerAdapter:
+        """An adapter file's modules for this transformer's layout (the transformer is not modified)."""
+        return build_transformer_adapter(spec, state_dict, self.transformer)
+
+    def pipeline_kwargs(self, embeddings: list, masks: list, cfg_scale: float) -> dict:
+        """What diffusers' SD3 and FLUX pipelines take. SD3: one tensor, cat([negative, positive]) under CFG (its
+        pipeline splits it), of one image. FLUX: a list per adapter, and its negative images' embeddings apart
+        (read under true CFG only). Neither takes masks (the plan refuses them)."""
+        if not embeddings:
+            return {}
+        device, dtype = self.transformer.device, self.transformer.dtype
+        if self.architecture == "flux":
+            return {"ip_adapter_image_embeds": [e.positive.unsqueeze(0).to(device, dtype) for e in embeddings],
+                    "negative_ip_adapter_image_embeds": [e.negative.unsqueeze(0).to(device, dtype)
+                                                         for e in embeddings]}  # fmt: skip
+        (e,) = embeddings
+        if e.positive.shape[0] != 1:  # the plan refuses more; embeddings made elsewhere (a cluster) too
+            raise IncompatibleError(f"ip_adapters.0: embeddings of {e.positive.shape[0]} images, but an SD 3.5 "
+                                    f"IP-Adapter reads one; average them")  # fmt: skip
+        return {"ip_adapter_image_embeds": e.for_pipeline(cfg_scale > 1.0)[:, 0].to(device, dtype)}
 
     def set_face_crops(self, crops: list) -> None:
         """No FaceID adapter exists for these families (the plan refuses the pairing)."""

@@ -26,7 +26,8 @@ from .. import __version__
 from ..engine import Engine
 from ..errors import AuthError, ImpromptError, MethodNotAllowedError, NotFoundError, PayloadTooLargeError, bounded
 from ..models import catalog
-from ..plan import describe_store, lora_fits
+from ..conditioning.loras import lora_fits
+from ..plan import describe_store
 from ..request import validation_error
 from .a1111 import OPTION_DEFAULTS, Img2ImgPayload, Txt2ImgPayload, apply_options, to_request, to_response
 from .controlnet import model_list, module_list, module_warnings
@@ -115,7 +116,7 @@ def create_app(engine: Engine, settings: ServerSettings | None = None, jobs=None
         results = await jobs.run_async(converted.request, payload.n_iter, http.is_disconnected)
         units = results[0].info["ip_adapters"] if results else []
         warnings = converted.warnings + module_warnings(converted.modules, units, engine.store)
-        limits = (engine.max_image_pixels, engine.max_image_bytes)
+        limits = (engine.state.limits.max_image_pixels, engine.state.limits.max_image_bytes)
         # PNG encoding off the event loop
         return await run_in_threadpool(to_response, results, payload, warnings, converted.input_maps, limits)
 

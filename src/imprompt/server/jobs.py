@@ -19,7 +19,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
-from ..engine import Engine, Result
+from ..engine import Engine
+from ..result import Result
 from ..errors import ImpromptError, QueueFullError, RequestError
 from ..request import GenerateRequest
 

@@ -31,13 +31,18 @@ def parameters_text(prompt: str, negative_prompt: str, fields: dict) -> str:
     return "\n".join(lines).strip()
 
 
+# A1111's order of the fields (`create_infotext`), then imprompt's IP-Adapter units in SD.Next's form
+ORDER = ("Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Model hash", "Model", "VAE hash", "VAE",
+         "Denoising strength", "Clip skip", "Batch size", "Batch pos", "Lora hashes", "TI hashes", "IP Adapter",
+         "IP Adapter encoders")  # fmt: skip
+
+
 def image_fields(*, steps: int, sampler: str, schedule_type: str | None, cfg_scale: float, seed: int, width: int,
-                 height: int, model_hash: str | None, model: str, denoising_strength: float | None, batch_size: int,
-                 batch_pos: int, units: list[dict], clip_skip: int = 1, vae: dict | None = None,
-                 loras: list[dict] = (), inversions: list[dict] = ()) -> dict:  # fmt: skip
-    """The fields of one image, in A1111's order (Steps, Sampler, Schedule type, CFG scale, Seed, Size, Model hash,
-    Model, VAE hash, VAE, Denoising strength, Clip skip, Batch size/pos, Lora hashes, TI hashes), then imprompt's
-    IP-Adapter units in SD.Next's form."""
+                 height: int, model_hash: str | None, model: str, batch_size: int, batch_pos: int,
+                 described: dict) -> dict:  # fmt: skip
+    """The fields of one image: those of every request, and `described` (the conditionings' own: VAE, Denoising
+    strength, Clip skip, Lora hashes, TI hashes, IP Adapter...), in A1111's order (`ORDER`; fields it does not
+    know come after), then the version."""
     fields = {
         "Steps": steps,
         "Sampler": sampler,
@@ -47,22 +52,14 @@ def image_fields(*, steps: int, sampler: str, schedule_type: str | None, cfg_sca
         "Size": f"{width}x{height}",
         "Model hash": model_hash,
         "Model": model,
-        "VAE hash": vae["hash"] if vae else None,
-        "VAE": vae["name"] if vae else None,
-        "Denoising strength": denoising_strength,
-        "Clip skip": clip_skip if clip_skip > 1 else None,
         "Batch size": batch_size if batch_size > 1 else None,
         "Batch pos": batch_pos if batch_size > 1 else None,
+        **described,
     }
-    if loras:  # A1111's form: "name: sha256[:12], ..." (the prompt keeps the <lora:...> tags)
-        fields["Lora hashes"] = ", ".join(f"{lora['name']}: {lora['hash']}" for lora in loras)
-    if inversions:
-        fields["TI hashes"] = ", ".join(f"{i['name']}: {i['hash']}" for i in inversions)
-    if units:  # SD.Next's form: name:scale:start:end per unit, units separated by ';'
-        fields["IP Adapter"] = ";".join(f"{u['adapter']}:{u['scale']}:{u['start']}:{u['end']}" for u in units)
-        fields["IP Adapter encoders"] = ";".join(u["encoder"] for u in units)
-    fields["Version"] = f"imprompt {__version__}"
-    return fields
+    rank = {name: i for i, name in enumerate(ORDER)}
+    ordered = dict(sorted(fields.items(), key=lambda item: rank.get(item[0], len(ORDER))))
+    ordered["Version"] = f"imprompt {__version__}"
+    return ordered
 
 
 def png_info(parameters: str) -> PngInfo:

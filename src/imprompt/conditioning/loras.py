@@ -1,0 +1,106 @@
+"""A request's LoRA set: its `<lora:...>` tags and `loras` field, checked, then exactly what acts on the model.
+
+Each LoRA is checked against the model from its tensors before anything loads. With the LoRAs any other
+conditioning brings (FaceID adapters' own), the set is exactly what acts on the model during its call (none
+included: what one request activated never reaches the next). Loading and switching are `loading/loras.py`'s.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..errors import IncompatibleError, RequestError, UnsupportedError
+from ..models.store import Entry, ModelStore
+from ..request import LORA_WEIGHT_RANGE, GenerateRequest
+from . import Conditioning, Description, Preparation
+
+UNREAD_LORA_FORMATS = {"lycoris-loha": "LyCORIS LoHa", "lycoris-lokr": "LyCORIS LoKr"}
+
+
+@dataclass(frozen=True)
+class LoraPlan:
+    entry: Entry
+    weight: float
+    source: str  # "prompt" (a <lora:...> tag) or "loras" (the request field)
+
+
+def plan(request: GenerateRequest, model: Entry, store: ModelStore, tags: list) -> LoraSet:
+    """`tags`: the prompt's `<lora:...>` tags (`prompt.py` takes them out of the text)."""
+    if model.spec.architecture != "unet":
+        if tags or request.loras:
+            field_name = "loras" if request.loras else "prompt"
+            raise UnsupportedError(f"{field_name}: LoRAs are not supported yet for {model.spec.family} models "
+                                   f"(model {model.name}); remove it")  # fmt: skip
+        return LoraSet(())
+    asked = [(tag.name, tag.weight, "prompt") for tag in tags] + [(lo.name, lo.weight, "loras") for lo in request.loras]
+    loras = tuple(plan_lora(name, weight, source, store, model) for name, weight, source in asked)
+    seen: dict = {}
+    for lora in loras:
+        if lora.entry.path in seen:
+            raise RequestError(
+                f"LoRA {lora.entry.name} is asked for twice ({seen[lora.entry.path].source} and {lora.source}); "
+                f"give it once, with the weight you want"
+            )
+        seen[lora.entry.path] = lora
+    return LoraSet(loras)
+
+
+def plan_lora(name: str, weight: float, source: str, store: ModelStore, pipeline: Entry) -> LoraPlan:
+    """Resolve one LoRA and check it against the model, from its tensors, before anything is loaded."""
+    low, high = LORA_WEIGHT_RANGE
+    if not low <= weight <= high:
+        raise RequestError(f"LoRA {name}: weight {weight} is outside {low}..{high}; use a weight in that range")
+    entry = store.lora(name)
+    if entry.spec.format in UNREAD_LORA_FORMATS:
+        raise UnsupportedError(
+            f"LoRA {entry.name} ({entry.path.name}) is a {UNREAD_LORA_FORMATS[entry.spec.format]} file: diffusers, "
+            f"whose loader imprompt uses, reads kohya / A1111 LoRAs (LoCon included) and diffusers / PEFT LoRAs for "
+            f"SD 1.5 and SDXL, not this format. Use a LoRA in one of those formats"
+        )
+    if not lora_fits(entry, pipeline):
+        fitting = sorted(e.name for e in store.of_kind("lora") if lora_fits(e, pipeline))
+        raise IncompatibleError(
+            f"LoRA {entry.name} ({entry.path.name}) is for {entry.spec.family} models (cross-attention width "
+            f"{entry.spec.width}), but model {pipeline.name} is {pipeline.spec.family} (width "
+            f"{pipeline.spec.cross_attention_dim}). Use a LoRA made for {pipeline.spec.family} "
+            f"({', '.join(fitting) or 'none in the models folder'})"
+        )
+    return LoraPlan(entry, weight, source)
+
+
+def lora_fits(lora: Entry, pipeline: Entry) -> bool:
+    """A LoRA fits a model whose cross-attention width is the one it was trained for (unknown: let diffusers try)."""
+    return lora.spec.width is None or lora.spec.width == pipeline.spec.cross_attention_dim
+
+
+@dataclass
+class LoraSet(Conditioning):
+    kind = "loras"
+
+    loras: tuple[LoraPlan, ...]
+    hashes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def prepare(self, prep: Preparation) -> None:
+        """A1111's short hashes, for the infotext (computed once per file version, kept on disk)."""
+        self.hashes = [prep.state.store.a1111_hash(lora.entry.path, 12) for lora in self.loras]
+
+    def apply(self, call) -> None:
+        """Exactly these LoRAs, and those the other conditionings added to the call, act (loaded where missing)."""
+        from ..loading.loras import lora_file  # torch-heavy: imported where used, so planning stays light
+
+        uses = [lora_file(lora.entry, lora.weight) for lora in self.loras]
+        for use in call.lora_uses:  # two units of one FaceID adapter bring its LoRA once
+            if use.key not in {u.key for u in uses}:
+                uses.append(use)
+        self.warnings = call.loaded.loras.activate(uses, call.events)
+
+    def describe(self, call) -> Description:
+        loras = [{"name": lora.entry.name, "weight": lora.weight, "source": lora.source, "file": str(lora.entry.path),
+                  "hash": digest} for lora, digest in zip(self.loras, self.hashes)]  # fmt: skip
+        infotext = {}
+        if loras:  # A1111's form: "name: sha256[:12], ..." (the prompt keeps the <lora:...> tags)
+            infotext["Lora hashes"] = ", ".join(f"{lora['name']}: {lora['hash']}" for lora in loras)
+        # the prompt as A1111 would show it: LoRAs given as a field are written as tags, so that readers find them
+        suffix = "".join(f" <lora:{lo.entry.name}:{lo.weight:g}>" for lo in self.loras if lo.source == "loras")
+        return Description(info={"loras": loras}, infotext=infotext, prompt_suffix=suffix, warnings=self.warnings)

@@ -1,0 +1,162 @@
+"""What an engine keeps between requests: its store, caches, budgets, resident pipelines, limits and locks.
+
+The model store, the caches with their byte budgets, the resident pipelines, the limits, and the lock and interrupt
+flag of its one running generation.
+
+The per-request flow (`engine.py`) reads and fills these; nothing here knows a request. A cluster worker and the
+coming request batching run the same flow over the same state, without the server around it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .ipadapter.attach import attachment
+from .ipadapter.embeddings import ImageEmbedder
+from .ipadapter.faces import FaceAnalyzer, insightface_roots
+from .loading.loras import LoraBudget, PipelineLoras
+from .loading.pipelines import component_identities, load_pipeline
+from .loading.resident import LoadedPipeline, ResidentPipelines
+from .models.store import Entry, ModelStore
+from .util.cache import ByteLRU, parse_bytes
+from .util.devices import activation_budget, default_budget, default_device, resolve_dtype
+from .util.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, load_image
+
+log = logging.getLogger("imprompt")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may bring: units, images per unit (checked before any image is decoded), and each image's
+    pixels and bytes; and whether names may be paths outside the models folders."""
+
+    max_units: int = 8
+    max_images: int = 16
+    max_image_pixels: int = DEFAULT_MAX_PIXELS
+    max_image_bytes: int = DEFAULT_MAX_BYTES
+    allow_paths: bool = True
+
+
+class EngineState:
+    """The store, caches, budgets, resident pipelines and locks of one engine (see `Engine` for the arguments)."""
+
+    def __init__(self, models, device=None, dtype=None, encoder_dtype=None, budgets: dict | None = None,
+                 limits: Limits = Limits(), default_model: str | None = None, insightface_root=None):  # fmt: skip
+        budgets = budgets or {}
+        self.store = ModelStore(models, allow_paths=limits.allow_paths)
+        self.device = torch.device(device) if device else default_device()
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.encoder_dtype = resolve_dtype(encoder_dtype, self.device) if encoder_dtype else self.dtype
+        self.limits, self.default_model = limits, default_model
+
+        def budget(name: str, default: int) -> int:
+            return parse_bytes(budgets.get(name), default)
+
+        self.embedder = ImageEmbedder(self.device, self.encoder_dtype,
+                                      budget("encoders", default_budget("encoders", self.device)),
+                                      budget("embeddings", default_budget("embeddings", self.device)))  # fmt: skip
+        self.faces = FaceAnalyzer(insightface_roots(self.store.roots, insightface_root))
+        self.adapters = ByteLRU("adapters", budget("adapters", default_budget("adapters", self.device)))
+        self.loras = LoraBudget(budget("loras", default_budget("loras", self.device)))
+        self.vaes = ByteLRU("vaes", default_budget("vaes", self.device))
+        self.inversions = ByteLRU("textual-inversions", default_budget("inversions", self.device))
+        offload = default_budget("offload", self.device) if self.device.type == "cuda" else 0
+        self.pipelines = ResidentPipelines(self.device, budget("pipelines", default_budget("pipelines", self.device)),
+                                           budget("offload", offload))  # fmt: skip
+        self.activation_budget = budget("activations", activation_budget(self.device))
+        self.lock = threading.Lock()  # one generation at a time
+        self.interrupt = threading.Event()
+        self._pipeline_loads = itertools.count()  # numbers each loaded pipeline's LoRA adapter names
+
+    def image(self, ref, what: str):
+        """A request's image (PIL, path or base64), decoded within the limits; `what` names it in errors."""
+        limits = self.limits
+        return load_image(ref, what, limits.max_image_pixels, limits.allow_paths, limits.max_image_bytes)
+
+    # ------------------------------------------------------------------------------------------ the pipelines
+
+    def pipeline(self, entry: Entry, events: list) -> LoadedPipeline:
+        """The request's pipeline: resident already (no reload), or loaded. A load happens in CPU memory first and
+        joins the device only once it succeeded, so a failed load leaves every resident pipeline as it was."""
+        key = entry.key(self.dtype, self.device)
+        current = self.pipelines.current.key if self.pipelines.current else None  # the key: a reference would
+        loaded = self.pipelines.get(key, events)  # keep a pushed-out pipeline on the device while another moves in
+        if loaded is None:
+            for stale in self.pipelines.discard_older_versions(key):
+                log.info("model %s unloaded: its file changed on disk", stale.label)
+                events.append({"event": "model_unloaded", "model": stale.label, "why": "its file changed on disk"})
+            loaded = self._load(entry, key, events)
+            self.pipelines.add(loaded, events)
+            log.info("model %s loaded in %.2f s", entry.name, loaded.load_seconds)
+            events.append({"event": "model_loaded", "model": entry.name, "seconds": round(loaded.load_seconds, 4)})
+        elif loaded.key != current:
+            log.info("model %s was resident: no reload", entry.name)
+            events.append({"event": "model_reused", "model": entry.name})
+        if loaded.key != current:
+            # a VAE or text encoder shared with another pipeline may carry that pipeline's LoRA state: set it anew
+            loaded.loras.enabled = None
+            self.pipelines.current = loaded
+        return loaded
+
+    def _load(self, entry: Entry, key: tuple, events: list) -> LoadedPipeline:
+        started = time.perf_counter()
+        identities = component_identities(entry.spec, self.dtype)
+        shared = self.pipelines.shared_components(identities)
+        for name in shared:
+            log.info("model %s: %s shared with a resident model (same files on disk)", entry.name, name)
+            events.append({"event": "component_shared", "model": entry.name, "component": name})
+        pipeline = load_pipeline(entry.spec, torch.device("cpu"), self.dtype, shared)
+        return LoadedPipeline(
+            key=key,
+            name=entry.name,
+            pipeline=pipeline,
+            attached=attachment(pipeline, entry.spec),  # before any LoRA wraps the model's layers
+            loras=PipelineLoras(pipeline, self.loras, prefix=f"p{next(self._pipeline_loads)}_"),
+            own_components=dict(pipeline.components),
+            scheduler_config=dict(pipeline.scheduler.config),
+            scheduler_class=type(pipeline.scheduler).__name__,
+            load_seconds=time.perf_counter() - started,
+            model_hash=self.store.a1111_hash(entry.path) if entry.path.is_file() else None,
+            components=identities,
+        )
+
+    def unload(self, kind: str, key: tuple) -> bool:
+        """Drop one loaded pipeline ("pipeline") or image encoder ("encoder") by its cache key."""
+        if kind == "pipeline":
+            return self.pipelines.unload(key)
+        return self.embedder.unload(key)
+
+    # ------------------------------------------------------------------------------------------ introspection
+
+    def cache_info(self) -> dict:
+        """What is loaded now; answers at once, even while a generation (or a model switch) runs."""
+        loaded = self.pipelines.current  # read once: another thread may replace it meanwhile
+        return {
+            "encoders": self.embedder.encoders.stats(),
+            "embeddings": self.embedder.embeddings.stats(),
+            "adapters": self.adapters.stats(),
+            "loras": self.loras.cache.stats(),
+            "vaes": self.vaes.stats(),
+            "faces": self.faces.faces.stats(),
+            "model": loaded.name if loaded is not None else None,
+            "pipelines": self.pipelines.stats(),
+        }
+
+    def clear_cache(self) -> dict:
+        """Drop loaded encoders, embeddings, built adapters, LoRAs, VAEs and faces (the loaded models stay)."""
+        for resident in self.pipelines.all():
+            resident.attached.attach([], ())
+            resident.attached.forget_shells()
+        cleared = self.embedder.clear()
+        cleared["adapters"] = self.adapters.clear()
+        cleared["loras"] = sum(resident.loras.clear() for resident in self.pipelines.all())
+        cleared["vaes"] = self.vaes.clear()
+        cleared["faces"] = self.faces.clear()
+        return cleared
+
