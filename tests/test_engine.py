@@ -212,3 +212,11 @@ def test_the_largest_request_the_limits_allow_fits_the_activation_budget_of_a_24
             assert needs_tiling(vae, side, side, budget), (family, device)
             tile = vae.config.sample_size
             assert decode_bytes(vae, tile, tile) <= budget, (family, device)
+
+
+def test_engine_limits_above_the_ceilings_every_request_is_parsed_under_are_refused(pack):
+    from imprompt.errors import RequestError
+    from imprompt.request import MAX_UNITS
+
+    with pytest.raises(RequestError, match=f"max_units: {MAX_UNITS + 1} is outside 1..{MAX_UNITS}"):
+        Engine(pack, max_units=MAX_UNITS + 1)

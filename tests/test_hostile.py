@@ -98,6 +98,10 @@ CASES = [
     ("NaN layer weight", "post", "/sdapi/v1/txt2img", lambda i: raw(txt(ip_adapter=[ip(i, layers={"mid": float("nan")})])), 422, "layers.mid"),
     ("huge layer weight", "post", "/sdapi/v1/txt2img", lambda i: raw(txt(ip_adapter=[ip(i, layers={"up": {"block_1": [0, 1e300, 0]}})])), 422, "layers.up.block_1[1]"),
     ("infinite layer weight", "post", "/sdapi/v1/txt2img", lambda i: raw(txt(ip_adapter=[ip(i, layers={"down": float("inf")})])), 422, "layers.down"),
+    ("clip skip deeper than the text encoder", "post", "/sdapi/v1/txt2img", lambda i: {"json": txt(clip_skip=12)}, 422, "clip_skip: 12 is more than the"),
+    ("model name not a string", "post", "/sdapi/v1/txt2img", lambda i: {"json": txt(override_settings={"sd_model_checkpoint": 5}, distilled_cfg_scale=3.5)}, 422, "sd_model_checkpoint: expected a model name"),
+    ("a thousand BREAKs", "post", "/sdapi/v1/txt2img", lambda i: {"json": txt(prompt=" BREAK ".join(["a cat"] * 1000))}, 413, "1000 chunks of 75 tokens"),
+    ("over the units ceiling", "post", "/sdapi/v1/txt2img", lambda i: {"json": txt(ip_adapter=[{"adapter": "Base"}] * 65)}, 413, "ip_adapter"),
 ]  # fmt: skip
 AUTH_CASES = [
     ("missing API key", {}, 401),

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import RequestError
 from .ipadapter.attach import attachment
 from .ipadapter.embeddings import ImageEmbedder
 from .ipadapter.faces import FaceAnalyzer, insightface_roots
@@ -24,6 +25,7 @@ from .loading.loras import LoraBudget, PipelineLoras
 from .loading.pipelines import component_identities, load_pipeline
 from .loading.resident import LoadedPipeline, ResidentPipelines
 from .models.store import Entry, ModelStore
+from .request import MAX_IMAGES, MAX_UNITS
 from .util.cache import ByteLRU, parse_bytes
 from .util.devices import activation_budget, default_budget, default_device, resolve_dtype
 from .util.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, load_image
@@ -41,6 +43,12 @@ class Limits:
     max_image_pixels: int = DEFAULT_MAX_PIXELS
     max_image_bytes: int = DEFAULT_MAX_BYTES
     allow_paths: bool = True
+
+    def __post_init__(self):
+        for name, value, ceiling in (("max_units", self.max_units, MAX_UNITS), ("max_images", self.max_images, MAX_IMAGES)):
+            if not 1 <= value <= ceiling:  # the payloads are bounded by the ceilings while they are parsed
+                raise RequestError(f"{name}: {value} is outside 1..{ceiling}, the ceiling every request is parsed "
+                                   f"under; choose a limit in that range")  # fmt: skip
 
 
 class EngineState:

@@ -116,6 +116,10 @@ class A1111Prompt(Conditioning):
 
         from ..prompting.encode import encode_prompts
 
+        layers = call.loaded.pipeline.text_encoder.config.num_hidden_layers
+        if self.clip_skip > layers:  # A1111's CLIP_stop_at_last_layers counts back from the last of them
+            raise RequestError(f"clip_skip: {self.clip_skip} is more than the {layers} layers of model "
+                               f"{call.loaded.name}'s text encoder; use 1..{layers}")  # fmt: skip
         with torch.no_grad():
             encoded = encode_prompts(call.loaded.pipeline, self.text, self.negative_text, self.clip_skip,
                                      self.inversions, guidance=self.cfg_scale > 1.0)  # fmt: skip

@@ -17,10 +17,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import LimitError
 from .syntax import BREAK, parse_attention
 
 CHUNK = 75  # tokens per chunk, between the begin and end tokens
 COMMA_BACKTRACK = 20  # A1111's default `comma_padding_backtrack`
+# Chunks a text may fill (2,400 tokens): each is one more text-encoder pass and 77 more tokens that every
+# cross-attention layer reads at every step; 1,000 BREAKs held even the tiny test models for 41 s
+MAX_CHUNKS = 32
 
 
 @dataclass(frozen=True)
@@ -52,7 +56,7 @@ def encode_prompts(pipeline, prompt: str, negative_prompt: str, clip_skip: int, 
     """`prompt_embeds` (and SDXL's pooled embeddings), with their negative counterparts when `guidance` is on."""
     xl = getattr(pipeline, "text_encoder_2", None) is not None
     used: dict[str, Inversion] = {}
-    positive, pooled = _encode(pipeline, prompt, clip_skip, inversions, used)
+    positive, pooled = _encode(pipeline, prompt, clip_skip, inversions, used, "prompt")
     kwargs = {"prompt_embeds": positive}
     if xl:
         kwargs["pooled_prompt_embeds"] = pooled
@@ -60,9 +64,10 @@ def encode_prompts(pipeline, prompt: str, negative_prompt: str, clip_skip: int, 
         if xl and negative_prompt == "":  # SDXL's empty negative prompt is zeros of one chunk (diffusers, A1111)
             negative, negative_pooled = torch.zeros_like(positive[:, :77]), torch.zeros_like(pooled)
         else:
-            negative, negative_pooled = _encode(pipeline, negative_prompt, clip_skip, inversions, used)
+            negative, negative_pooled = _encode(pipeline, negative_prompt, clip_skip, inversions, used,
+                                                "negative_prompt")
         if positive.shape[1] != negative.shape[1]:  # the shorter gets empty-prompt chunks, as in A1111
-            empty, _ = _encode(pipeline, "", clip_skip, [], {})
+            empty, _ = _encode(pipeline, "", clip_skip, [], {}, "")
             positive, negative = _lengthen(positive, negative, empty), _lengthen(negative, positive, empty)
         kwargs["prompt_embeds"], kwargs["negative_prompt_embeds"] = positive, negative
         if xl:
@@ -76,7 +81,7 @@ def _lengthen(embeds: torch.Tensor, other: torch.Tensor, empty: torch.Tensor) ->
     return torch.cat([embeds] + [empty] * missing, dim=1) if missing > 0 else embeds
 
 
-def _encode(pipeline, text: str, clip_skip: int, inversions: list[Inversion], used: dict):
+def _encode(pipeline, text: str, clip_skip: int, inversions: list[Inversion], used: dict, field: str):
     """One text through every text encoder of the pipeline: [1, 77 * chunks, width] and SDXL's pooled vector."""
     xl = getattr(pipeline, "text_encoder_2", None) is not None
     pairs = [(pipeline.tokenizer, pipeline.text_encoder)]
@@ -86,6 +91,9 @@ def _encode(pipeline, text: str, clip_skip: int, inversions: list[Inversion], us
     chunk_lists = [chunks(text, tokenizer, [(i.name, i.vectors[e], i) for i in inversions], used)
                    for e, (tokenizer, _) in enumerate(pairs)]  # fmt: skip
     count = max(len(c) for c in chunk_lists)
+    if count > MAX_CHUNKS:
+        raise LimitError(f"{field}: {count} chunks of 75 tokens (BREAK starts one) is more than the {MAX_CHUNKS} a "
+                         f"prompt may fill; shorten it")  # fmt: skip
     for (tokenizer, encoder), chunk_list in zip(pairs, chunk_lists):
         chunk_list = chunk_list + [empty_chunk(tokenizer)] * (count - len(chunk_list))
         outputs = []

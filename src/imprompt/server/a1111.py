@@ -15,8 +15,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ..result import Result
-from ..errors import RequestError
+from ..errors import RequestError, shown
 from ..models.store import ModelStore
 from ..request import (
     MAX_EMBEDDING_WIDTH,
@@ -26,7 +25,9 @@ from ..request import (
     IPAdapterUnit,
     describe_validation_error,
     parse_request,
+    validation_error,
 )
+from ..result import Result
 from ..util.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from ..util.infotext import png_info
 from ..util.samplers import SAMPLERS
@@ -241,7 +242,7 @@ def from_sdnext_payload(payload: dict, img2img: bool | None = None, store: Model
     try:
         units = SDNextUnits.model_validate({"ip_adapter": units}).ip_adapter  # SD.Next's defaults
     except ValidationError as exc:
-        raise RequestError(describe_validation_error(exc)) from None
+        raise validation_error(exc.errors()) from None  # a list over its ceiling: 413
     scripts = payload.get("alwayson_scripts") or {}
     if not isinstance(scripts, dict):
         raise RequestError("alwayson_scripts must be a JSON object")
@@ -257,6 +258,9 @@ def from_sdnext_payload(payload: dict, img2img: bool | None = None, store: Model
         scheduler = str(payload.get("scheduler") or "").lower()
         fields["sampler"] = f"{sampler} Karras" if scheduler == "karras" and "karras" not in sampler.lower() else sampler
     if chosen.get("sd_model_checkpoint"):
+        if not isinstance(chosen["sd_model_checkpoint"], str):
+            raise RequestError(f"override_settings.sd_model_checkpoint: expected a model name, got "
+                               f"{shown(chosen['sd_model_checkpoint'])}; GET /sdapi/v1/sd-models lists them")  # fmt: skip
         fields["model"] = chosen["sd_model_checkpoint"]
     if payload.get("distilled_cfg_scale") is not None and store is not None and fields.get("model"):
         model = store.pipeline(fields["model"])
