@@ -65,3 +65,26 @@ def test_the_caps_still_apply(monkeypatch):
         for cache, cap in devices.CAPS.items():
             assert devices.default_budget(cache, device) == int(8 * GiB * devices.SHARES[kind][cache]) < cap
         assert devices.default_budget("offload", device) == int(8 * GiB * devices.SHARES["host"]["offload"])
+
+
+def test_the_command_line_says_the_default_shares_the_engine_takes():
+    """`--help` names each budget's default share; it must be the share `util/devices.py` gives."""
+    import argparse
+
+    from imprompt.cli import _engine_arguments
+
+    parser = argparse.ArgumentParser()
+    _engine_arguments(parser)
+    helps = {a.dest: (a.help or "").replace("%%", "%") for a in parser._actions}
+
+    def percent(share: float) -> str:
+        return f"{share * 100:g}%"
+
+    cpu, gpu = devices.SHARES["cpu"], devices.SHARES["cuda"]
+    assert f"{percent(cpu['encoders'])} of the RAM; {percent(gpu['encoders'])} of a GPU" in helps["cache_budget"]
+    assert percent(cpu["adapters"]) in helps["adapter_budget"] and cpu["adapters"] == gpu["adapters"]
+    assert percent(cpu["embeddings"]) in helps["embedding_budget"] and cpu["embeddings"] == gpu["embeddings"]
+    assert percent(cpu["loras"]) in helps["lora_budget"] and cpu["loras"] == gpu["loras"]
+    assert percent(cpu["pipelines"]) in helps["model_budget"] and gpu["pipelines"] == 0.5
+    assert percent(devices.SHARES["host"]["offload"]) in helps["offload_budget"]
+    assert percent(devices.RESERVED["cpu"]) in helps["activation_budget"] and devices.RESERVED["cpu"] == devices.RESERVED["cuda"]

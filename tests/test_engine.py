@@ -220,3 +220,10 @@ def test_engine_limits_above_the_ceilings_every_request_is_parsed_under_are_refu
 
     with pytest.raises(RequestError, match=f"max_units: {MAX_UNITS + 1} is outside 1..{MAX_UNITS}"):
         Engine(pack, max_units=MAX_UNITS + 1)
+
+
+def test_an_empty_mask_list_means_no_masks(engine, red_circle):
+    """SD.Next sends `masks: []` for a unit without masks; imprompt's own form reads it the same way."""
+    plain = engine.generate(request(unit("Base", red_circle)))
+    empty = engine.generate(request(unit("Base", red_circle, masks=[])))
+    assert max_diff(empty.images[0], plain.images[0]) == 0 and empty.info["ip_adapters"][0]["masked"] is False

@@ -191,18 +191,22 @@ def _engine_arguments(parser) -> None:
     parser.add_argument("--dtype", help="float32, float16, bfloat16 (default: float16 on cuda, float32 on cpu)")
     parser.add_argument("--encoder-dtype", help="dtype of the image encoders (default: --dtype); bfloat16 halves them")
     parser.add_argument("--cache-budget", metavar="SIZE",
-                        help="memory for loaded image encoders, e.g. 8GiB (default: half the RAM; 30%% of a GPU's)")
+                        help="memory for loaded image encoders, e.g. 8GiB (default: 30%% of the RAM; 20%% of a GPU's)")
     parser.add_argument("--adapter-budget", metavar="SIZE",
-                        help="memory for built IP-Adapters (default: 4GiB, at most 1/8 of the RAM; 10%% of a GPU's)")
+                        help="memory for built IP-Adapters (default: 4%% of the device's, at most 4GiB)")
     parser.add_argument("--embedding-budget", metavar="SIZE",
-                        help="memory for cached image embeddings (default: 512MiB, at most 2%% of the device's)")
+                        help="memory for cached image embeddings (default: 0.5%% of the device's, at most 512MiB)")
     parser.add_argument("--lora-budget", metavar="SIZE",
-                        help="memory for LoRAs kept loaded in the model (default: 4GiB, at most 10%% of the device's)")
+                        help="memory for LoRAs kept loaded, one budget for every resident model (default: 3%% of the "
+                             "device's, at most 4GiB)")  # fmt: skip
     parser.add_argument("--model-budget", metavar="SIZE",
                         help="memory for base models kept loaded, so switching back costs no reload (default: 40%% "
                              "of the RAM; half a GPU's)")  # fmt: skip
     parser.add_argument("--offload-budget", metavar="SIZE",
                         help="on a GPU: CPU memory where models pushed out wait to move back (default: 30%% of the RAM)")
+    parser.add_argument("--activation-budget", metavar="SIZE",
+                        help="memory a generation may use beyond the caches; an image whose VAE decode needs more is "
+                             "decoded tile by tile (default: the 20%% of the device the caches leave)")  # fmt: skip
     parser.add_argument("--insightface-root", metavar="DIR", default=os.environ.get("IMPROMPT_INSIGHTFACE_ROOT"),
                         help="FaceID from images: the folder holding InsightFace's models/buffalo_l (default: "
                              "$IMPROMPT_INSIGHTFACE_ROOT, then MODELS/insightface, then ~/.insightface)")  # fmt: skip
@@ -221,7 +225,7 @@ def _engine_options(args, **settings) -> dict:
                 cache_budget=args.cache_budget, adapter_cache_budget=args.adapter_budget,
                 embedding_cache_budget=args.embedding_budget, lora_cache_budget=args.lora_budget,
                 pipeline_cache_budget=args.model_budget, offload_budget=args.offload_budget,
-                insightface_root=args.insightface_root, **settings)  # fmt: skip
+                activation_budget=args.activation_budget, insightface_root=args.insightface_root, **settings)  # fmt: skip
 
 
 def _positive(text: str) -> int:

@@ -98,6 +98,11 @@ class IPAdapterUnit(BaseModel):
         None, description="FaceID Plus: v1 or v2 (the files have the same tensors); None: read from the file name"
     )
 
+    @field_validator("masks")
+    @classmethod
+    def _empty_masks_are_none(cls, value):
+        return value or None  # `masks: []` (SD.Next's default) means no masks, as SD.Next reads it
+
     @model_validator(mode="after")
     def _consistent(self):
         if self.start > self.end:
