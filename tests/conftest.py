@@ -62,6 +62,15 @@ def engine(pack):
     return Engine(pack)
 
 
+@pytest.fixture(scope="module")
+def reference(pack):
+    """What a request gives run alone, in an engine of its own (modules with their own meaning override it)."""
+    from imprompt import Engine
+
+    engine = Engine(pack)
+    return lambda req: engine.generate(req).images[0]
+
+
 @pytest.fixture
 def adapters_copy(pack, tmp_path) -> Path:
     """A private, writable copy of the pack's h94 SD 1.5 adapters and both encoders, for tests that damage files.

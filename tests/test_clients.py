@@ -23,13 +23,6 @@ def server(pack):
         yield url
 
 
-@pytest.fixture(scope="module")
-def reference(pack):
-    """What a request gives run alone, in an engine of its own."""
-    engine = Engine(pack)
-    return lambda req: engine.generate(req).images[0]
-
-
 def sdnext(*units, **fields) -> dict:
     """An SD.Next txt2img payload with only the fields a client sets (64 px, 4 steps, tiny-sd15)."""
     return {"prompt": "a cat", "seed": 1, "steps": 4, "width": 64, "height": 64,
@@ -121,7 +114,8 @@ def test_the_extensions_input_maps_follow_the_generated_images(server, pack, red
     host, port = server.removeprefix("http://").split(":")
     api = webuiapi.WebUIApi(host=host, port=int(port), sampler="Euler a", steps=4)
     units = [webuiapi.ControlNetUnit(image=red_circle, module="ip-adapter_clip_sd15", model="ip-adapter_sd15", weight=0.6)]
-    result = api.txt2img(prompt="a cat", seed=1, width=64, height=64, cfg_scale=7.0, controlnet_units=units)
+    result = api.txt2img(prompt="a cat", seed=1, width=64, height=64, cfg_scale=7.0, controlnet_units=units,
+                         alwayson_scripts={})  # webuiapi adds the units to its shared default dict otherwise
     assert len(result.images) == 2 and len(result.info["infotexts"]) == 1
     picture, detected = result.images
     assert detected.mode == "RGBA" and np.array_equal(np.asarray(detected), shown(red_circle))

@@ -47,7 +47,8 @@ def test_webuiapi_controlnet_units_equal_sdnext_units(server, pack, red_circle, 
         webuiapi.ControlNetUnit(image=yellow_square, module="ip-adapter_clip_sdxl", weight=0.4, guidance_end=0.5,
                                 model=f"ip-adapter_sd15_vit-G [{legacy_hash(base_vit_g)}]"),
     ]  # fmt: skip
-    result = api.txt2img(prompt="a cat", seed=1, width=64, height=64, cfg_scale=7.0, controlnet_units=units)
+    result = api.txt2img(prompt="a cat", seed=1, width=64, height=64, cfg_scale=7.0, controlnet_units=units,
+                         alwayson_scripts={})  # webuiapi adds the units to its shared default dict otherwise
     expected, _ = sdnext(server, {"adapter": "Base", "images": [b64(red_circle)], "scale": 0.6},
                          {"adapter": "Base ViT-G", "images": [b64(yellow_square)], "scale": 0.4, "end": 0.5})  # fmt: skip
     assert max_diff(result.images[0].convert("RGB"), expected) == 0

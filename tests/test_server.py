@@ -14,20 +14,12 @@ from conftest import max_diff, request, unit
 from PIL import Image
 from server_fixtures import b64, client, decode, new_engine, running_server, wait_until
 
-from imprompt import Engine
 
 
 @pytest.fixture(scope="module")
 def server(pack):
     with running_server(new_engine(pack), max_queue=8) as url:
         yield url
-
-
-@pytest.fixture(scope="module")
-def reference(pack):
-    """What each request gives run alone, in an engine of its own."""
-    engine = Engine(pack)
-    return lambda req: engine.generate(req).images[0]
 
 
 def payload(*units, **fields) -> dict:
