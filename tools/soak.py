@@ -319,10 +319,10 @@ def soak(roots: list[str], valid: dict, failing: dict, references: dict[str, Pat
     expected = {name: np.asarray(Image.open(path).convert("RGB")).astype(np.int16) for name, path in references.items()}
     engine = Engine(roots, cache_budget=cache_budget)
     family, counts, failures = next(iter(families)), {"valid": 0, "refused": 0}, []
-    rss_start, rss_after_warmup, started = _rss(), None, time.perf_counter()
+    rss_start, rss_after_warmup, cache_after_warmup, started = _rss(), None, None, time.perf_counter()
     for i in range(count):
         if i == warmup:  # before the request: a refused request skips the loop's end
-            rss_after_warmup = _rss()
+            rss_after_warmup, cache_after_warmup = _rss(), _cache_bytes(engine)
         if rng.random() < switch_family:
             family = rng.choice([f for f in sorted(families) if f != family] or [family])
         if rng.random() < 0.1:
@@ -351,8 +351,14 @@ def soak(roots: list[str], valid: dict, failing: dict, references: dict[str, Pat
         "warmup_requests": warmup,
         "rss_after_warmup_bytes": rss_after_warmup,
         "rss_end_bytes": _rss(),
-        "cache": {k: v["used_bytes"] for k, v in engine.cache_info().items() if isinstance(v, dict)},
+        # what the bounded caches held after the warm-up and at the end: RSS grows with them while they fill
+        "cache_after_warmup": cache_after_warmup,
+        "cache": _cache_bytes(engine),
     }
+
+
+def _cache_bytes(engine) -> dict:
+    return {k: v["used_bytes"] for k, v in engine.cache_info().items() if isinstance(v, dict)}
 
 
 def _rss() -> int:
