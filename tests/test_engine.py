@@ -227,3 +227,44 @@ def test_an_empty_mask_list_means_no_masks(engine, red_circle):
     plain = engine.generate(request(unit("Base", red_circle)))
     empty = engine.generate(request(unit("Base", red_circle, masks=[])))
     assert max_diff(empty.images[0], plain.images[0]) == 0 and empty.info["ip_adapters"][0]["masked"] is False
+
+
+def test_what_the_files_tell_is_refused_in_the_plan_before_anything_loads(pack):
+    """Clip skip deeper than the text encoder (its layers are read when the model is probed) and a prompt of more
+    chunks than the limit (each BREAK starts one) are refused by `plan`, as a cluster's ingress calls it."""
+    from imprompt.errors import LimitError, RequestError
+
+    fresh = Engine(pack)
+    with pytest.raises(RequestError, match=r"clip_skip: 12 is more than the \d+ layers of model tiny-sd15"):
+        fresh.plan(request(clip_skip=12))
+    with pytest.raises(LimitError, match="prompt: 40 chunks of 75 tokens"):
+        fresh.plan(request(prompt=" BREAK ".join(["a cat"] * 40)))
+    assert fresh.pipelines.all() == []
+
+
+def test_fields_that_would_change_nothing_are_refused_not_dropped(engine, red_circle):
+    """FaceID Plus's `structure` and `faceid_version` on another adapter, a second init image, a unit index that is
+    not there: each named, none silently ignored."""
+    from imprompt.errors import RequestError, UnsupportedError
+
+    with pytest.raises(RequestError, match=r"ip_adapters\.0\.structure: acts on FaceID Plus adapters only"):
+        engine.plan(request(unit("Base", red_circle, structure=2.0)))
+    with pytest.raises(RequestError, match=r"ip_adapters\.0\.faceid_version: acts on FaceID Plus adapters only"):
+        engine.plan(request(unit("Base", red_circle, faceid_version="v2")))
+    with pytest.raises(UnsupportedError, match="init_images: 2 images"):
+        engine.plan(request(init_images=[red_circle, red_circle]))
+    with pytest.raises(RequestError, match="unit 3: the request has 1 IP-Adapter units"):
+        engine.embed(request(unit("Base", red_circle)), 3)
+
+
+def test_a_field_of_several_types_is_named_by_the_type_tried(engine, red_circle):
+    from imprompt.errors import RequestError
+
+    with pytest.raises(RequestError) as refused:
+        engine.plan(request(unit("Base", red_circle, layers=12)))
+    assert "layers.str: Input should be a valid string" in str(refused.value) and "0x" not in str(refused.value)
+
+
+def test_the_engine_still_shows_its_limits_and_caches(pack):
+    engine = Engine(pack, max_units=3)
+    assert (engine.max_units, engine.allow_paths, engine.pipelines) == (3, True, engine.state.pipelines)

@@ -229,3 +229,10 @@ def test_a_weight_that_is_no_number_is_refused_in_the_plan(pack):
     with pytest.raises(RequestError, match=r"^prompt: the weight in .*\(cat:\.\).* is '\.', not a number"):
         engine.generate({"model": "tiny-sd15", "prompt": "a (cat:.)", "steps": 2, "width": 64, "height": 64})
     assert engine.state.pipelines.all() == []
+
+
+def test_the_escape_the_refusal_advises_gives_literal_brackets(pack):
+    with pytest.raises(UnsupportedError) as refused:
+        Engine(pack).plan({"model": "tiny-sd15", "prompt": "a [cat:dog:3]"})
+    assert "escape literal brackets as \\[ \\]" in str(refused.value)
+    assert parse_attention("a \\[cat:dog:3\\]") == [("a [cat:dog:3]", 1.0)]  # as it advises: the words, weight 1

@@ -62,7 +62,6 @@ class PipelineCall:
         self.kwargs: dict = {"guidance_scale": cfg_scale, "width": width, "height": height}
         self.schedule = StepSchedule(batch_size, on_step, interrupt)
         self.lora_uses: list = []  # LoRAs that act during the call (loading.loras.LoraUse), from any conditioning
-        self.interrupt = interrupt
         self.scheduler = None  # the last image's scheduler, for the result's sampler names
         self._undo: list[Callable[[], None]] = []
 
@@ -80,7 +79,7 @@ class PipelineCall:
     def run(self) -> list:
         images = []
         for index in range(self.batch_size):
-            if index and self.interrupt.is_set():
+            if index and self.schedule.interrupt.is_set():
                 break
             self.pipeline.scheduler = make_scheduler(self.sampler, self.loaded.scheduler_config,
                                                      self.loaded.scheduler_class)  # fmt: skip

@@ -32,6 +32,10 @@ from .state import EngineState, Limits
 from .util.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 
 __all__ = ["Engine", "Result"]
+# what an engine showed of itself before its state had a module of its own: read from the state (or its limits)
+STATE_ATTRIBUTES = ("encoder_dtype", "embedder", "faces", "adapters", "loras", "vaes", "inversions", "pipelines",
+                    "default_model", "activation_budget")  # fmt: skip
+LIMIT_ATTRIBUTES = ("max_units", "max_images", "max_image_pixels", "max_image_bytes", "allow_paths")
 
 
 class Engine:
@@ -75,6 +79,13 @@ class Engine:
         limits = Limits(max_units, max_images, max_image_pixels, max_image_bytes, allow_paths)
         self.state = EngineState(models, device, dtype, encoder_dtype, budgets, limits, default_model, insightface_root)
         self.store, self.device, self.dtype = self.state.store, self.state.device, self.state.dtype
+
+    def __getattr__(self, name: str):
+        if name in STATE_ATTRIBUTES:
+            return getattr(self.state, name)
+        if name in LIMIT_ATTRIBUTES:
+            return getattr(self.state.limits, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     # ----------------------------------------------------------------------------------------------- generation
 

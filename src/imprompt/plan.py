@@ -48,19 +48,19 @@ def make_plan(request: GenerateRequest, state) -> Plan:
     check_runnable(model)
     if model.spec.architecture != "unet":
         require_t5_tokenizer(model.spec)  # a single file that holds T5 needs its tokenizer from elsewhere
-        sampler = transformer_sampler(request.sampler, model)
     width, height = size(request, model, start)
+    images = image_prompts.plan(request, model, state, inputs, width, height)
+    lora_set = loras.plan(request, model, state.store)
     text = prompt.plan(request, model, state.store)
-    return Plan(model, (
-        init_image.plan(request, model, start),
-        image_prompts.plan(request, model, state, inputs, width, height),
-        loras.plan(request, model, state.store, text.lora_tags),
-        vae.plan(request, model, state.store),
-        text,
-    ), sampler, width, height)  # fmt: skip
+    decoder = vae.plan(request, model, state.store)
+    start_image = init_image.plan(request, model, start)
+    if model.spec.architecture != "unet":
+        sampler = transformer_sampler(sampler, model)
+    return Plan(model, (start_image, images, lora_set, decoder, text), sampler, width, height)
 
 
 def transformer_sampler(sampler: str, model: Entry) -> str:
+    """SD 3.5 and FLUX run their own scheduler: "Default" (or "Euler", which it is) and nothing else."""
     if sampler not in TRANSFORMER_SAMPLERS:
         raise UnsupportedError(f"sampler: {sampler!r}: these models run their own flow-matching Euler scheduler "
                                f"({' or '.join(TRANSFORMER_SAMPLERS)}) for {model.spec.family} models (model "

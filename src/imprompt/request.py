@@ -208,12 +208,21 @@ def describe_validation_error(exc: ValidationError) -> str:
     return describe_errors(exc.errors())
 
 
+def location(part) -> str:
+    """A part of pydantic's error location as a client reads it: a field, an index, or for a field of several types
+    the type that was tried (pydantic names it by its validators, `function-after[...]`, which says nothing)."""
+    text = str(part)
+    if "[" not in text:
+        return text
+    return next((kind for kind in ("list", "dict", "str") if text.startswith(f"{kind}[") or f" {kind}]" in text), "value")
+
+
 def describe_errors(errors: list[dict]) -> str:
     """One message naming each field and what is wrong with it; the values a client sent are shown cut short (a
     1 MB string comes back as its first characters and its length), lists and objects not at all."""
     parts = []
     for err in errors:
-        where = ".".join(str(p) for p in err["loc"] if p != "body") or "request"  # FastAPI's locations start at body
+        where = ".".join(location(p) for p in err["loc"] if p != "body") or "request"  # FastAPI's start at body
         ctx, found = err.get("ctx") or {}, err.get("input")
         if _list_too_long(err):
             message = f"{ctx.get('actual_length')} items, more than the {ctx['max_length']} any request may hold; send fewer"

@@ -71,22 +71,22 @@ def make_result(images: list, call, request, descriptions: list, *, model: str, 
     sampler, schedule_type = a1111_names(call.scheduler)
     seeds = [call.seed + i for i in range(len(images))]
     parts: dict = {}
-    fields: dict = {}
+    described: dict = {}
     suffix, warnings = "", []
     for description in descriptions:
         parts |= description.info
-        fields |= description.infotext
+        described |= description.infotext
         suffix += description.prompt_suffix
         warnings += description.warnings
     infotexts = [
         parameters_text(request.prompt + suffix, request.negative_prompt, image_fields(
             steps=request.steps, sampler=sampler, schedule_type=schedule_type, cfg_scale=request.cfg_scale,
             seed=seed, width=call.width, height=call.height, model_hash=model_hash, model=model,
-            batch_size=request.batch_size, batch_pos=i, described=fields,
+            batch_size=request.batch_size, batch_pos=i, described=described,
         ))
         for i, seed in enumerate(seeds)
     ]  # fmt: skip
-    info = {
+    fields = {
         "model": model,
         "seed": call.seed,
         "all_seeds": seeds,
@@ -106,4 +106,13 @@ def make_result(images: list, call, request, descriptions: list, *, model: str, 
         "interrupted": interrupted,
         "version": __version__,
     }
+    rank = {name: i for i, name in enumerate(INFO_ORDER)}  # a kind's fields it does not list: before "warnings"
+    info = dict(sorted(fields.items(), key=lambda item: rank.get(item[0], rank["warnings"] - 0.5)))
     return Result(images, info, infotexts)
+
+
+# the order `info` has always had its fields in (the kinds' among them)
+INFO_ORDER = ("model", "mode", "prompt", "negative_prompt", "seed", "all_seeds", "steps", "cfg_scale", "width",
+              "height", "batch_size", "sampler", "schedule_type", "model_hash", "denoising_strength", "device", "dtype",
+              "encoder_dtype", "ip_adapters", "loras", "textual_inversions", "clip_skip", "vae", "vae_tiling",
+              "warnings", "events", "timings", "interrupted", "version")  # fmt: skip

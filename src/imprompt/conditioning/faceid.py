@@ -16,7 +16,7 @@ from ..models import catalog
 from ..models.store import Entry, ModelStore
 from ..request import IPAdapterUnit
 from ..util.images import image_to_base64
-from .ip_adapter import UnitInputs, UnitPlan, check_saved_embeddings, pick_encoder
+from .ip_adapter import UnitInputs, UnitPlan, pick_encoder, plan_saved
 
 if TYPE_CHECKING:  # torch-heavy modules are imported where used: planning stays light (no torch)
     from ..ipadapter.embeddings import UnitEmbeddings
@@ -25,17 +25,15 @@ if TYPE_CHECKING:  # torch-heavy modules are imported where used: planning stays
 
 @dataclass(frozen=True)
 class FaceIDUnitPlan(UnitPlan):
-    def embed(self, state, inputs: UnitInputs, events: list, true_cfg: bool = True) -> UnitEmbeddings:
-        """Saved embeddings; face embeddings given; or InsightFace's of each image (normed, or raw for Portrait
-        unnorm) and, for the Plus family, the CLIP hidden states of each aligned face crop."""
+    def encode(self, state, inputs: UnitInputs, events: list, true_cfg: bool) -> UnitEmbeddings:
+        """The face embeddings given, or InsightFace's of each image (normed, or raw for Portrait unnorm) and, for the
+        Plus family, the CLIP hidden states of each aligned face crop."""
         import numpy as np
         import torch
 
-        from ..ipadapter.embeddings import face_embeddings, given_face_embeddings, load_saved_embeddings
+        from ..ipadapter.embeddings import face_embeddings, given_face_embeddings
 
         where, spec = f"ip_adapters.{self.index}", self.adapter.spec
-        if self.embeddings is not None:
-            return load_saved_embeddings(self.embeddings, state.device, state.encoder_dtype, self.unit.average)
         if self.unit.face_embeddings is not None:
             return given_face_embeddings(self.unit.face_embeddings, spec.embed_dim, self.unit.average,
                                          state.limits.allow_paths, f"{where}.face_embeddings", state.device,
@@ -53,13 +51,13 @@ class FaceIDUnitPlan(UnitPlan):
         result.faces = [face for face, _ in found]
         return result
 
-    def served_by(self, state) -> tuple:
+    def served_by(self, faces) -> tuple:
         """Base and Portrait from images: InsightFace alone; with the faces given: nobody here."""
         if self.encoder is not None or self.embeddings is not None:
-            return super().served_by(state)
+            return super().served_by(faces)
         if self.unit.face_embeddings is not None:
             return "face embeddings given", None, None
-        return f"InsightFace {state.faces.pack.name}", str(state.faces.pack), None
+        return f"InsightFace {faces.pack.name}", str(faces.pack), None
 
     def lora_use(self, unet) -> LoraUse | None:
         """The LoRA the adapter file embeds, at 1.0 (as diffusers' FaceID loading sets it)."""
@@ -77,10 +75,10 @@ class FaceIDUnitPlan(UnitPlan):
         clip = embeddings.clip.for_pipeline(cfg).to(device=device, dtype=dtype) if embeddings.clip else None
         return (clip, self.faceid_version == "v2", self.unit.structure)
 
-    def describe(self, state, embeddings: UnitEmbeddings, active_steps: list[int]) -> dict:
+    def describe(self, faces, embeddings: UnitEmbeddings, active_steps: list[int]) -> dict:
         """A unit's info, with how the FaceID version was decided and the face found in each image (with the
         aligned crop the Plus family's encoder read, shown by the web page)."""
-        info = super().describe(state, embeddings, active_steps)
+        info = super().describe(faces, embeddings, active_steps)
         a, unit = self.adapter.spec, self.unit
         decided = "the request's faceid_version" if unit.faceid_version else a.faceid_from
         faces = [{"score": round(face.score, 4), "box": list(face.box), "faces_found": face.faces_found,
@@ -95,7 +93,7 @@ class FaceIDUnitPlan(UnitPlan):
         return info
 
 
-def plan_unit(index: int, unit: IPAdapterUnit, adapter: Entry, store: ModelStore, weights: tuple) -> FaceIDUnitPlan:
+def plan_face_unit(index: int, unit: IPAdapterUnit, adapter: Entry, store: ModelStore, weights: tuple) -> FaceIDUnitPlan:
     """FaceID: face embeddings come from the unit's images through InsightFace, from `face_embeddings`, or from
     saved embeddings. The Plus family also reads CLIP hidden states of the aligned face crop: its encoder is picked
     from the weights (`perceiver_resampler.proj_in` width) like any adapter's, and given face embeddings alone
@@ -119,10 +117,7 @@ def plan_unit(index: int, unit: IPAdapterUnit, adapter: Entry, store: ModelStore
     if unit.encoder and spec.variant != "faceid-plus":
         raise RequestError(f"{where}.encoder: {name} reads InsightFace face embeddings, no image encoder; remove it")
     if unit.embeddings:
-        saved = store.embeddings(unit.embeddings)
-        check_saved_embeddings(saved, adapter)
-        why = f"saved embeddings {saved.name} ({saved.spec.gives} from {saved.spec.encoder})"
-        return FaceIDUnitPlan(index, unit, adapter, None, why, weights, saved)
+        return plan_saved(FaceIDUnitPlan, index, unit, adapter, store, weights)
     if spec.variant == "faceid-plus" and unit.face_embeddings:
         raise IncompatibleError(
             f"{where}: IP-Adapter {name} ({Path(spec.path).name}) is FaceID Plus: besides the face embedding it reads "

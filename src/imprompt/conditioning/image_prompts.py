@@ -21,9 +21,8 @@ from ..models.store import Entry, ModelStore
 from ..request import GenerateRequest, IPAdapterUnit, parse_request, parse_unit
 from ..util.images import image_digest, noise_image
 from . import Conditioning, Description, Preparation
-from .faceid import plan_unit as plan_faceid_unit
-from .ip_adapter import UnitInputs, UnitPlan, unit_weights
-from .ip_adapter import plan_unit as plan_image_unit
+from .faceid import plan_face_unit
+from .ip_adapter import UnitInputs, UnitPlan, plan_image_unit, unit_weights
 
 if TYPE_CHECKING:  # torch-heavy modules are imported where used: planning stays light (no torch)
     from ..ipadapter.embeddings import UnitEmbeddings
@@ -73,7 +72,7 @@ def plan_unit(index: int, unit: IPAdapterUnit, store: ModelStore, pipeline: Entr
     adapter = store.adapter(unit.adapter)
     weights = unit_weights(index, unit, adapter, store, pipeline)
     if adapter.spec.consumes == "faceid_embeds":
-        return plan_faceid_unit(index, unit, adapter, store, weights)
+        return plan_face_unit(index, unit, adapter, store, weights)
     return plan_image_unit(index, unit, adapter, store, weights)
 
 
@@ -159,7 +158,8 @@ class ImagePrompts(Conditioning):
     true_cfg: bool  # FLUX's true CFG: its negative branch is read
     width: int
     height: int
-    state: object = None  # the engine's (`prepare`): its dtype and device key the adapters, its faces name a pack
+    keys: tuple = ()  # the built adapters' cache keys, which the attachment compares
+    faces: object = None  # the engine's face analyser, whose pack a FaceID unit's info names
     built: list = field(default_factory=list)
     embeddings: list[UnitEmbeddings] = field(default_factory=list)
     active_steps: list[list[int]] = field(default_factory=list)
@@ -171,7 +171,8 @@ class ImagePrompts(Conditioning):
         self.embeddings = [prep.made_elsewhere[u.index] if u.index in prep.made_elsewhere
                            else u.embed(prep.state, inputs, prep.events, self.true_cfg)
                            for u, inputs in zip(self.units, self.inputs)]  # fmt: skip
-        self.state = prep.state
+        self.keys = tuple(u.adapter.key(prep.state.dtype, prep.state.device) for u in self.units)
+        self.faces = prep.state.faces
 
     def apply(self, call) -> None:
         """The model carries exactly these adapters; the call gets their embeddings (and masks), the face crops
@@ -179,14 +180,13 @@ class ImagePrompts(Conditioning):
         from ..ipadapter.attach import ip_adapter_masks
 
         attached = call.loaded.attached
-        keys = tuple(u.adapter.key(self.state.dtype, self.state.device) for u in self.units)
-        if attached.attach(self.built, keys):
+        if attached.attach(self.built, self.keys):
             log.info("model %s adapters now: %s", call.loaded.name, " + ".join(u.label for u in self.units) or "none")
             call.events.append({"event": "adapters_attached", "adapters": [u.label for u in self.units]})
         masks = [ip_adapter_masks(inputs.masks, self.width, self.height) for inputs in self.inputs]
         call.kwargs |= attached.pipeline_kwargs(self.embeddings, masks, self.cfg_scale)
         unet = getattr(call.loaded.pipeline, "unet", None)  # FaceID's crops and LoRAs exist for UNets only
-        attached.set_face_crops([u.face_crop(e, self.cfg_scale > 1.0, self.state.device, unet.dtype)
+        attached.set_face_crops([u.face_crop(e, self.cfg_scale > 1.0, unet.device, unet.dtype)
                                  for u, e in zip(self.units, self.embeddings)] if unet is not None else [])  # fmt: skip
         call.after(lambda: attached.set_face_crops([]))  # the face crops' hidden states belong to this request
         call.lora_uses += [use for use in (u.lora_use(unet) for u in self.units) if use is not None]
@@ -204,7 +204,7 @@ class ImagePrompts(Conditioning):
         call.schedule.add(scales_at)
 
     def describe(self, call) -> Description:
-        units = [u.describe(self.state, e, steps) for u, e, steps in zip(self.units, self.embeddings, self.active_steps)]
+        units = [u.describe(self.faces, e, steps) for u, e, steps in zip(self.units, self.embeddings, self.active_steps)]
         infotext = {}
         if units:  # SD.Next's form: name:scale:start:end per unit, units separated by ';'
             infotext["IP Adapter"] = ";".join(f"{u['adapter']}:{u['scale']}:{u['start']}:{u['end']}" for u in units)
@@ -216,6 +216,8 @@ def embed_unit(state, request: GenerateRequest | dict, index: int) -> tuple[Unit
     """Unit `index`'s finished embeddings (on the CPU, to travel) and the events of making them: the step a
     generation takes for a unit, run on its own (a cluster's encoder worker)."""
     request = parse_request(request)
+    if not 0 <= index < len(request.ip_adapters):
+        raise RequestError(f"unit {index}: the request has {len(request.ip_adapters)} IP-Adapter units")
     unit = request.ip_adapters[index]
     events: list[dict] = []
     inputs = unit_inputs(index, unit, state)

@@ -17,6 +17,9 @@ from . import Conditioning, Description
 
 def decode(request: GenerateRequest, state):
     """The init image, decoded (and so checked) before anything else happens; None for text to image."""
+    if request.init_images and len(request.init_images) > 1:  # A1111 makes a batch of them, one per position
+        raise UnsupportedError(f"init_images: {len(request.init_images)} images; imprompt starts a request from one "
+                               f"(A1111 makes one batch image from each); send one image per request")  # fmt: skip
     return state.image(request.init_images[0], "init_images.0") if request.init_images else None
 
 

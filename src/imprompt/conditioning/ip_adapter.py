@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import IncompatibleError, MissingEncoderError
+from ..errors import IncompatibleError, MissingEncoderError, RequestError
 from ..ipadapter.block_weights import layer_weights
 from ..models import catalog
 from ..models.store import Entry, ModelStore
@@ -58,11 +58,18 @@ class UnitPlan:
         return catalog.friendly_name(self.adapter.name) or self.adapter.name
 
     def embed(self, state, inputs: UnitInputs, events: list, true_cfg: bool = True) -> UnitEmbeddings:
-        """The unit's embeddings, through the engine's encoder and embedding caches (saved ones read from their
-        file). `true_cfg`: FLUX's negative branch is used (saved embeddings keep it, for later)."""
-        from ..ipadapter.embeddings import load_saved_embeddings, unconditional
+        """The unit's embeddings: saved ones read from their file, else `encode`d. `true_cfg`: FLUX's negative
+        branch is used (saved embeddings keep it, for later)."""
+        from ..ipadapter.embeddings import load_saved_embeddings
+
         if self.embeddings is not None:
             return load_saved_embeddings(self.embeddings, state.device, state.encoder_dtype, self.unit.average)
+        return self.encode(state, inputs, events, true_cfg)
+
+    def encode(self, state, inputs: UnitInputs, events: list, true_cfg: bool) -> UnitEmbeddings:
+        """The images through the encoder the plan picked, with the engine's encoder and embedding caches."""
+        from ..ipadapter.embeddings import unconditional
+
         return state.embedder.embed(
             self.encoder, self.output, inputs.images, self.label, self.why, events, inputs.negatives,
             self.unit.average, unconditional(self.adapter.spec, true_cfg),
@@ -76,17 +83,18 @@ class UnitPlan:
         """What the FaceID Plus projection reads beside the face embedding (`attach.set_face_crops`): none here."""
         return (None, False, 1.0)
 
-    def served_by(self, state) -> tuple:
-        """The encoder that made the embeddings: its name, file and architecture."""
+    def served_by(self, faces) -> tuple:
+        """The encoder that made the embeddings: its name, file and architecture (`faces`: the engine's face
+        analyser, for FaceID's)."""
         if self.encoder is not None:
             return self.encoder.name, str(self.encoder.path), self.encoder.spec.architecture
         saved = self.embeddings.spec  # saved embeddings: the encoder they came from, as recorded in the file
         return saved.encoder, saved.path, saved.encoder_architecture
 
-    def describe(self, state, embeddings: UnitEmbeddings, active_steps: list[int]) -> dict:
+    def describe(self, faces, embeddings: UnitEmbeddings, active_steps: list[int]) -> dict:
         """The unit's part of `info["ip_adapters"]`: what served it, and how."""
         a = self.adapter.spec
-        encoder, encoder_file, architecture = self.served_by(state)
+        encoder, encoder_file, architecture = self.served_by(faces)
         return {
             "adapter": self.label,
             "file": str(a.path),
@@ -111,21 +119,30 @@ class UnitPlan:
         }
 
 
-def plan_unit(index: int, unit: IPAdapterUnit, adapter: Entry, store: ModelStore, weights: tuple) -> UnitPlan:
+def plan_image_unit(index: int, unit: IPAdapterUnit, adapter: Entry, store: ModelStore, weights: tuple) -> UnitPlan:
     """An image unit (not FaceID): its encoder picked from the adapter's weights, or its saved embeddings checked."""
+    name = catalog.friendly_name(adapter.name) or adapter.name
     if unit.face_embeddings:
-        name = catalog.friendly_name(adapter.name) or adapter.name
         raise IncompatibleError(
             f"ip_adapters.{index}: face_embeddings are for FaceID adapters, but IP-Adapter {name} consumes "
             f"{adapter.spec.needs}; give images, or choose a FaceID adapter"
         )
+    for field_name, given in (("structure", unit.structure != 1.0), ("faceid_version", unit.faceid_version)):
+        if given:  # FaceID Plus's; they would change nothing here, and nothing a client sends is dropped unsaid
+            raise RequestError(f"ip_adapters.{index}.{field_name}: acts on FaceID Plus adapters only, but {name} is "
+                               f"{adapter.spec.variant}; leave it out")  # fmt: skip
     if unit.embeddings:
-        saved = store.embeddings(unit.embeddings)
-        check_saved_embeddings(saved, adapter)
-        why = f"saved embeddings {saved.name} ({saved.spec.gives} from {saved.spec.encoder})"
-        return UnitPlan(index, unit, adapter, None, why, weights, saved)
+        return plan_saved(UnitPlan, index, unit, adapter, store, weights)
     encoder, why = pick_encoder(adapter, store, unit.encoder)
     return UnitPlan(index, unit, adapter, encoder, why, weights)
+
+
+def plan_saved(kind: type, index: int, unit: IPAdapterUnit, adapter: Entry, store: ModelStore, weights: tuple):
+    """A unit (of `kind`) that brings saved embeddings instead of images: they pair like an encoder would."""
+    saved = store.embeddings(unit.embeddings)
+    check_saved_embeddings(saved, adapter)
+    why = f"saved embeddings {saved.name} ({saved.spec.gives} from {saved.spec.encoder})"
+    return kind(index, unit, adapter, None, why, weights, saved)
 
 
 def unit_weights(index: int, unit: IPAdapterUnit, adapter: Entry, store: ModelStore, pipeline: Entry | None) -> tuple:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from ..errors import IncompatibleError, RequestError, UnsupportedError
 from ..models.store import Entry, ModelStore
+from ..prompting.syntax import take_lora_tags
 from ..request import LORA_WEIGHT_RANGE, GenerateRequest
 from . import Conditioning, Description, Preparation
 
@@ -24,8 +25,9 @@ class LoraPlan:
     source: str  # "prompt" (a <lora:...> tag) or "loras" (the request field)
 
 
-def plan(request: GenerateRequest, model: Entry, store: ModelStore, tags: list) -> LoraSet:
-    """`tags`: the prompt's `<lora:...>` tags (`prompt.py` takes them out of the text)."""
+def plan(request: GenerateRequest, model: Entry, store: ModelStore) -> LoraSet:
+    """The prompt's `<lora:...>` tags (`prompt.py` reads the text without them) and the `loras` field."""
+    _, tags = take_lora_tags(request.prompt, "prompt")
     if model.spec.architecture != "unet":
         if tags or request.loras:
             field_name = "loras" if request.loras else "prompt"

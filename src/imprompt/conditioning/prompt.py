@@ -11,9 +11,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from ..errors import RequestError, UnsupportedError
+from ..errors import LimitError, RequestError, UnsupportedError
 from ..models.store import Entry, ModelStore
-from ..prompting.syntax import BREAK, parse_attention, scheduling_syntax, take_lora_tags
+from ..prompting.syntax import BREAK, MAX_CHUNKS, parse_attention, scheduling_syntax, take_lora_tags
 from ..request import GenerateRequest
 from . import Conditioning, Description, Preparation
 
@@ -21,13 +21,13 @@ log = logging.getLogger("imprompt")
 
 
 def plan(request: GenerateRequest, model: Entry, store: ModelStore):
-    """The model family's prompt; `.lora_tags` are the prompt's `<lora:...>` tags."""
+    """The model family's prompt, read without its `<lora:...>` tags (`loras.py` reads those)."""
     if model.spec.architecture != "unet":
         return plan_for_transformer(request, model)
     if request.true_cfg_scale != 1.0:
         raise RequestError(f"true_cfg_scale is FLUX's true classifier-free guidance; model {model.name} is "
                            f"{model.spec.family}, whose guidance is cfg_scale. Leave true_cfg_scale at 1")  # fmt: skip
-    prompt, tags = take_lora_tags(request.prompt, "prompt")
+    prompt, _ = take_lora_tags(request.prompt, "prompt")
     negative_prompt, negative_tags = take_lora_tags(request.negative_prompt, "negative_prompt")
     if negative_tags:
         raise RequestError(
@@ -36,23 +36,30 @@ def plan(request: GenerateRequest, model: Entry, store: ModelStore):
         )
     check_prompt_syntax(prompt, "prompt", composable=True)
     check_prompt_syntax(negative_prompt, "negative_prompt", composable=False)  # A1111 reads no AND there
+    layers = model.spec.text_encoder_layers
+    if layers and request.clip_skip > layers:  # A1111's CLIP_stop_at_last_layers counts back from the last of them
+        raise RequestError(f"clip_skip: {request.clip_skip} is more than the {layers} layers of model {model.name}'s "
+                           f"text encoder; use 1..{layers}")  # fmt: skip
     texts = f"{prompt}\n{negative_prompt}".lower()
     inversions = tuple(e for e in store.current_of_kind("textual-inversion")
                        if e.spec.fits(model.spec) and e.name.lower() in texts)  # fmt: skip
-    return A1111Prompt(request.prompt, request.negative_prompt, tags, prompt, negative_prompt, request.clip_skip,
+    return A1111Prompt(request.prompt, request.negative_prompt, prompt, negative_prompt, request.clip_skip,
                        request.cfg_scale, inversions)  # fmt: skip
 
 
 def check_prompt_syntax(text: str, field_name: str, composable: bool) -> None:
     """A1111 prompt syntax that imprompt reads (weights, BREAK) must parse; what it does not compute yet (prompt
     editing, alternation, AND) is refused rather than read as words, which would give another picture."""
-    parse_attention(text, field_name)
+    breaks = sum(fragment is BREAK for fragment in parse_attention(text, field_name))
+    if breaks >= MAX_CHUNKS:  # each BREAK starts a chunk (a long text fills them too: checked as it is encoded)
+        raise LimitError(f"{field_name}: {breaks + 1} chunks of 75 tokens (BREAK starts one) is more than the "
+                         f"{MAX_CHUNKS} a prompt may fill; shorten it")  # fmt: skip
     found = scheduling_syntax(text, composable)
     if found:
         raise UnsupportedError(
             f"{field_name}: {found} is A1111 syntax computed per step (or per composable prompt), which imprompt "
             f"does not do yet; read as words it would give another picture than A1111's. Remove it, or write the "
-            f"prompt as it should read throughout (escape literal brackets as \\\\[ \\\\])"
+            f"prompt as it should read throughout (escape literal brackets as \\[ \\])"
         )
 
 
@@ -62,7 +69,6 @@ def plan_for_transformer(request: GenerateRequest, model: Entry) -> TransformerP
     if take_lora_tags(request.negative_prompt, "negative_prompt")[1]:
         raise UnsupportedError(f"negative_prompt: LoRA tags are not supported for {family} models (model {name}); "
                                f"remove it")  # fmt: skip
-    _, tags = take_lora_tags(request.prompt, "prompt")
     for field_name, text in (("prompt", request.prompt), ("negative_prompt", request.negative_prompt)):
         if any(f is BREAK or f[1] != 1.0 for f in parse_attention(text, field_name)):
             raise UnsupportedError(
@@ -76,7 +82,7 @@ def plan_for_transformer(request: GenerateRequest, model: Entry) -> TransformerP
     if flux and request.true_cfg_scale > 1.0 and not request.negative_prompt:
         raise RequestError("true_cfg_scale: FLUX's true CFG needs a negative_prompt (diffusers runs it only with "
                            "one); give one, or set true_cfg_scale to 1")  # fmt: skip
-    return TransformerPrompt(request.prompt, request.negative_prompt, tags, flux, request.true_cfg_scale)
+    return TransformerPrompt(request.prompt, request.negative_prompt, flux, request.true_cfg_scale)
 
 
 @dataclass
@@ -87,7 +93,6 @@ class A1111Prompt(Conditioning):
 
     prompt: str  # as the request wrote it (tags included), for the result
     negative_prompt: str
-    lora_tags: list
     text: str  # what the text encoders read: the prompt without its <lora:...> tags
     negative_text: str
     clip_skip: int
@@ -117,7 +122,7 @@ class A1111Prompt(Conditioning):
         from ..prompting.encode import encode_prompts
 
         layers = call.loaded.pipeline.text_encoder.config.num_hidden_layers
-        if self.clip_skip > layers:  # A1111's CLIP_stop_at_last_layers counts back from the last of them
+        if self.clip_skip > layers:  # the plan checks this where the files say how many (the backstop, where not)
             raise RequestError(f"clip_skip: {self.clip_skip} is more than the {layers} layers of model "
                                f"{call.loaded.name}'s text encoder; use 1..{layers}")  # fmt: skip
         with torch.no_grad():
@@ -144,7 +149,6 @@ class TransformerPrompt(Conditioning):
 
     prompt: str
     negative_prompt: str
-    lora_tags: list
     flux: bool
     true_cfg_scale: float
 

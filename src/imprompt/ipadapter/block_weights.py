@@ -81,7 +81,7 @@ def layer_weights(layers, pipeline: PipelineSpec, where: str = "layers") -> tupl
                 if key not in structure:
                     valid = ", ".join(f"block_{b}" for (lv, b) in sorted(structure) if lv == level)
                     raise RequestError(
-                        f"{where}.{level}.{str(block_name)[:60]}: no such {level} block with attention in this model "
+                        f"{where}.{level}.{label(block_name)}: no such {level} block with attention in this model "
                         f"(valid: {valid})"
                     )
                 for i, w in enumerate(_per_attention(block_value, structure[key], f"{where}.{level}.{block_name}")):
@@ -149,3 +149,8 @@ def _per_attention(value, count: int, where: str) -> list[float]:
     if len(value) != count:
         raise RequestError(f"{where}: this block has {count} attention blocks, got {len(value)} weights")
     return [_single(v, f"{where}[{i}]") for i, v in enumerate(value)]
+
+
+def label(key) -> str:
+    """A block name a client sent, as a message names it: as written when it is a short name, else quoted and cut."""
+    return str(key) if re.fullmatch(r"\w{1,40}", str(key)) else shown(key)

@@ -419,6 +419,8 @@ def probe_pipeline_folder(folder: Path) -> PipelineSpec:
         raise CheckpointError(weights, f"UNet cross-attention input widths differ: {sorted(cross)}")
     unet_config = _read_json(unet_dir / "config.json") if (unet_dir / "config.json").is_file() else {}
     vae_config = _read_json(folder / "vae" / "config.json") if (folder / "vae" / "config.json").is_file() else {}
+    text_config = (_read_json(folder / "text_encoder" / "config.json")
+                   if (folder / "text_encoder" / "config.json").is_file() else {})  # fmt: skip
     scale = 2 ** (len(vae_config.get("block_out_channels", [0, 0, 0, 0])) - 1)
     sample = unet_config.get("sample_size", 64)
     return PipelineSpec(
@@ -431,6 +433,7 @@ def probe_pipeline_folder(folder: Path) -> PipelineSpec:
         in_channels=unet_config.get("in_channels", 4),
         defaults=model_defaults(folder / "imprompt.json"),
         unsupported=folder_unsupported(folder, index.get("_class_name", "unknown"), unet_config.get("in_channels", 4)),
+        text_encoder_layers=text_config.get("num_hidden_layers", 0),
     )
 
 
@@ -459,6 +462,8 @@ def probe_transformer_folder(folder: Path, index: dict) -> PipelineSpec:
     reads = context.shape[1] if architecture == "flux" else widths[0]
     config = _read_json(t_dir / "config.json") if (t_dir / "config.json").is_file() else {}
     vae_config = _read_json(folder / "vae" / "config.json") if (folder / "vae" / "config.json").is_file() else {}
+    text_config = (_read_json(folder / "text_encoder" / "config.json")
+                   if (folder / "text_encoder" / "config.json").is_file() else {})  # fmt: skip
     scale = 2 ** (len(vae_config.get("block_out_channels", [0, 0, 0, 0])) - 1)
     sample = config.get("sample_size", 128)  # FLUX's transformer has none: diffusers' FluxPipeline uses 128
     in_channels = config.get("in_channels", 16 if architecture == "sd3" else 64)

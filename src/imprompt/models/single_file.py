@@ -227,7 +227,15 @@ def single_file_spec(path: Path, table: dict[str, TensorInfo]) -> PipelineSpec:
         default_size=size,
         layer_names=tuple(name for name, _ in layers),
         model_type=kind,
+        text_encoder_layers=clip_l_layers(table),
     )
+
+
+def clip_l_layers(table: dict[str, TensorInfo]) -> int:
+    """Layers of the CLIP-L text encoder an SD 1.5 / SDXL file holds (transformers names in both)."""
+    marker = "transformer.text_model.encoder.layers."
+    found = {int(k.split(marker, 1)[1].split(".")[0]) for k in table if marker in k}
+    return max(found) + 1 if found else 0
 
 
 # ------------------------------------------------------------------------------------- SD 3.x and FLUX.1 files

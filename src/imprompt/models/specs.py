@@ -151,6 +151,8 @@ class PipelineSpec:
     architecture: str = "unet"
     # all-in-one SD 3.x / FLUX.1 single files: the text encoders the file holds (clip_l, clip_g, t5xxl)
     text_encoders: tuple[str, ...] = ()
+    # layers of its (first) CLIP text encoder, how far back clip skip can reach; 0: not known
+    text_encoder_layers: int = 0
     kind: str = "pipeline"
 
     @property

@@ -18,13 +18,10 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import LimitError
-from .syntax import BREAK, parse_attention
+from .syntax import BREAK, MAX_CHUNKS, parse_attention
 
 CHUNK = 75  # tokens per chunk, between the begin and end tokens
 COMMA_BACKTRACK = 20  # A1111's default `comma_padding_backtrack`
-# Chunks a text may fill (2,400 tokens): each is one more text-encoder pass and 77 more tokens that every
-# cross-attention layer reads at every step; 1,000 BREAKs held even the tiny test models for 41 s
-MAX_CHUNKS = 32
 
 
 @dataclass(frozen=True)
