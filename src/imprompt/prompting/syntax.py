@@ -8,10 +8,8 @@ examples in its documentation), because clients send A1111 prompts and expect A1
 - `<lora:NAME:WEIGHT>` (also `<lyco:...>`, the LyCORIS extension's spelling) is taken out of the text; WEIGHT
   defaults to 1. A1111's extra arguments (`<lora:name:te:unet>`, `dyn=`) are refused, not guessed.
 
-A1111 also computes prompts per step: prompt editing `[from:to:when]` / `[to:when]` / `[from::when]`, alternation
-`[a|b]`, and composable diffusion (`AND`, and a trailing `:weight` of a whole prompt). imprompt does not compute
-those yet, and reading them as literal text would give another picture without a word: `scheduling_syntax` finds
-them so that the plan refuses them, naming what it found.
+Prompt editing, alternation and AND, which make a prompt change with the step or split it into several, are
+`schedule.py`'s: this module reads one text of one step.
 """
 
 from __future__ import annotations
@@ -19,7 +17,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from ..errors import RequestError
+from ..errors import RequestError, shown
 
 ROUND, SQUARE = 1.1, 1 / 1.1
 # Chunks a text may fill (2,400 tokens): each is one more text-encoder pass and 77 more tokens that every
@@ -92,7 +90,7 @@ def parse_attention(text: str, field: str = "prompt") -> list:
             try:
                 factor = float(weight)
             except ValueError:
-                raise RequestError(f"{field}: the weight in {shorten(text[:match.end()][-40:])} is {weight!r}, not a "
+                raise RequestError(f"{field}: the weight in {shown(text[:match.end()][-40:])} is {weight!r}, not a "
                                    f"number; write e.g. (word:1.2), or escape the bracket as \\(") from None  # fmt: skip
             scale_from(open_round.pop(), factor)
         elif token == ")" and open_round:
@@ -116,68 +114,3 @@ def parse_attention(text: str, field: str = "prompt") -> list:
         else:
             merged.append(fragment)
     return [f if f is BREAK else (f[0], f[1]) for f in merged]
-
-
-AND = re.compile(r"\bAND\b")  # A1111's separator of composable prompts (case-sensitive, a word of its own)
-PROMPT_WEIGHT = re.compile(r"\s*:\s*[-+]?(?:\d+\.?|\d*\.\d+)\s*$")  # a whole prompt's `:weight`, at its end
-SIGNED_NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
-
-
-def scheduling_syntax(text: str, composable: bool = True) -> str | None:
-    """The first per-step construct of A1111's in `text`, in words, or None. `composable`: also `AND` and a trailing
-    `:weight` (A1111 reads those in the prompt, not in the negative prompt)."""
-    if composable and AND.search(text):
-        return "AND (A1111's composable prompts)"
-    if composable and PROMPT_WEIGHT.search(text):
-        return f"{PROMPT_WEIGHT.search(text).group(0).strip()!r} at its end (A1111's weight of the whole prompt)"
-    for start, end in _square_groups(text):
-        body, top = text[start + 1 : end], _top_level(text[start + 1 : end])
-        if "|" in top:
-            return f"alternation {shorten(text[start : end + 1])}"
-        colons = [i for i, c in enumerate(top) if c == ":"]
-        if 1 <= len(colons) <= 2 and SIGNED_NUMBER.fullmatch(body[colons[-1] + 1 :].lstrip()):
-            return f"prompt editing {shorten(text[start : end + 1])}"
-    return None
-
-
-def _square_groups(text: str) -> list[tuple[int, int]]:
-    """(start, end) of every matched `[...]` (escaped brackets are text), innermost last."""
-    groups, open_at, i = [], [], 0
-    while i < len(text):
-        if text[i] == "\\":
-            i += 2
-            continue
-        if text[i] == "[":
-            open_at.append(i)
-        elif text[i] == "]" and open_at:
-            groups.append((open_at.pop(), i))
-        i += 1
-    return sorted(groups)
-
-
-def _top_level(body: str) -> str:
-    """`body` with what is inside nested brackets, the brackets, and escaped characters blanked (same length)."""
-    out, depth, i = [], 0, 0
-    while i < len(body):
-        c = body[i]
-        if c == "\\":
-            out.append(" " * len(body[i : i + 2]))
-            i += 2
-            continue
-        if c in "([":
-            depth += 1
-        elif c in ")]" and depth:
-            depth -= 1
-        elif depth == 0:
-            out.append(c)
-            i += 1
-            continue
-        out.append(" ")
-        i += 1
-    return "".join(out)
-
-
-def shorten(value, limit: int = 60) -> str:
-    """A client's value as an error message may quote it: the start, and how long the rest is."""
-    text = value if isinstance(value, str) else repr(value)
-    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"
