@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
 from imprompt import Engine
-from imprompt.errors import IncompatibleError, MissingFaceAnalysisError, NoFaceError, RequestError
+from imprompt.errors import IncompatibleError, MissingFaceAnalysisError, NoFaceError, RequestError, UnsupportedError
 from tools.extra_models import faceid_adapter, faceid_plus_adapter, kohya_lora, write
 from tools.insightface_pack import face_image, no_face_image, write_insightface_pack
 
@@ -392,3 +392,11 @@ def test_cli_embed_a_face_then_generate_from_it(pack, faceid_root, plus_root, pl
     from PIL import Image
 
     assert max_diff(Image.open(tmp_path / "out.png").convert("RGB"), expected.images[0]) == 0
+
+
+def test_and_with_a_faceid_plus_unit_is_refused_before_anything_runs(plus_engine, red_circle):
+    """A composable prompt's parts are rows of one UNet batch, and FaceID Plus's face crops are batched for one
+    prompt row: refused, naming the unit, before InsightFace or anything else runs."""
+    with pytest.raises(UnsupportedError, match=r"AND .* FaceID Plus units \(ip_adapters\.0, FaceID Plus v2\)"):
+        plus_engine.plan({"model": "tiny-sd15", "prompt": "a cat AND a dog",
+                          "ip_adapters": [{"adapter": "FaceID Plus v2", "images": [red_circle]}]})  # fmt: skip

@@ -154,8 +154,11 @@ def test_page_behind_an_api_key(pack, browser):
         page.on("pageerror", lambda exc: errors.append(str(exc)))
         assert page.goto(url).status == 200
         page.wait_for_selector(".unit .adapter option", state="attached")
-        caption = generate_with(page, "Base", pack / "images" / "red-circle.png", steps=2)
+        page.fill("#prompt", "a [red:blue:0.5] cat")
+        caption = generate_with(page, "Base", pack / "images" / "red-circle.png", steps=4)
         assert "Base ← IP-Adapter/models/image_encoder" in caption
+        # the schedule the prompt made: until step 2 (0.5 x 4) red, counted as A1111 counts its calls
+        assert "prompt steps 1-3: a red cat\nprompt steps 4-4: a blue cat" in caption
         assert errors == []
         context.close()
 

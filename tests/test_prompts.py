@@ -17,8 +17,8 @@ from PIL import Image
 from server_fixtures import client, decode, running_server
 
 from imprompt import Engine
-from imprompt.errors import RequestError, UnsupportedError
-from imprompt.prompting.encode import chunks, encode_prompts
+from imprompt.errors import RequestError
+from imprompt.prompting.encode import Reading, chunks, encode_prompts
 from imprompt.prompting.syntax import BREAK, parse_attention, take_lora_tags
 from tools.extra_models import write_extra_models
 
@@ -59,7 +59,7 @@ def sdxl(pack):
 def test_weighted_prompt_equals_a1111s_arithmetic(sd15):
     """`(red:1.5) cat`: each fragment tokenized on its own, the vectors of "red" times 1.5, then the chunk's mean
     restored; computed here directly with transformers, handed to diffusers as prompt_embeds."""
-    encoded = encode_prompts(sd15, "(red:1.5) cat", "", 1, [], guidance=True).kwargs
+    encoded = encode_prompts(sd15, "(red:1.5) cat", "", Reading(), [], guidance=True).kwargs
     tokenizer, encoder = sd15.tokenizer, sd15.text_encoder
     red = tokenizer("red", add_special_tokens=False).input_ids
     cat = tokenizer(" cat", add_special_tokens=False).input_ids
@@ -71,13 +71,13 @@ def test_weighted_prompt_equals_a1111s_arithmetic(sd15):
         weighted = z * weights.reshape(1, -1, 1)
         expected = weighted * (z.mean() / weighted.mean())
     assert torch.equal(encoded["prompt_embeds"], expected)
-    plain = encode_prompts(sd15, "red cat", "", 1, [], guidance=True).kwargs["prompt_embeds"]
+    plain = encode_prompts(sd15, "red cat", "", Reading(), [], guidance=True).kwargs["prompt_embeds"]
     assert not torch.equal(plain, expected)
 
 
 def test_prompt_without_weights_is_diffusers_own_encoding(sd15, sdxl):
     for pipe in (sd15, sdxl):
-        ours = encode_prompts(pipe, "a red cat on a mat", "blurry", 1, [], guidance=True).kwargs
+        ours = encode_prompts(pipe, "a red cat on a mat", "blurry", Reading(), [], guidance=True).kwargs
         theirs = pipe.encode_prompt("a red cat on a mat", device="cpu", num_images_per_prompt=1,
                                     do_classifier_free_guidance=True, negative_prompt="blurry")  # fmt: skip
         assert torch.equal(ours["prompt_embeds"], theirs[0]) and torch.equal(ours["negative_prompt_embeds"], theirs[1])
@@ -89,7 +89,7 @@ def test_long_prompts_are_chunks_of_75_tokens(sd15, sdxl):
     words = " ".join(f"word{i}" for i in range(150))
     for pipe, width in ((sd15, sd15.text_encoder.config.hidden_size), (sdxl, 2048)):
         tokens = len(pipe.tokenizer(words, add_special_tokens=False).input_ids)
-        encoded = encode_prompts(pipe, words, "", 1, [], guidance=True).kwargs
+        encoded = encode_prompts(pipe, words, "", Reading(), [], guidance=True).kwargs
         count = -(-tokens // 75)
         assert encoded["prompt_embeds"].shape == (1, 77 * count, width) and count >= 2
         assert encoded["negative_prompt_embeds"].shape == encoded["prompt_embeds"].shape  # padded with empty chunks
@@ -108,7 +108,7 @@ def test_a_full_chunk_breaks_at_its_last_comma(sd15):
 
 
 def test_sdxl_empty_negative_is_zeros(sdxl):
-    encoded = encode_prompts(sdxl, "a cat", "", 1, [], guidance=True).kwargs
+    encoded = encode_prompts(sdxl, "a cat", "", Reading(), [], guidance=True).kwargs
     assert not encoded["negative_prompt_embeds"].any() and not encoded["negative_pooled_prompt_embeds"].any()
 
 
@@ -195,44 +195,8 @@ def test_cli_lora_and_vae_flags(pack, extras, tmp_path):
     assert "<lora:detail-sd15:0.7>" in Image.open(out).info["parameters"]
 
 
-# A1111's own documented examples of prompt editing and alternation (the docstring of
-# `get_learned_conditioning_prompt_schedules`): each is computed per step there, so it must not be read as words here
-SCHEDULED = ["a [b:3]", "a [b: 3]", "a [[[b]]:2]", "[(a:2):3]", "a [b : c : 1] d", "a[b:[c:d:2]:1]e", "a [b:.5] c",
-             "a [{b|d{:.5] c", "((a][:b:c [d:3]", "[a|(b:1.1)]"]  # fmt: skip
-LITERAL = ["test", "a [unbalanced", "a [shiny] cat", "a (red:1.4) cat", "a [b:c]", "BLACK and white", "a \\[b:3\\]"]
-
-
-@pytest.mark.parametrize("prompt", SCHEDULED + ["a cat AND a dog", "a cat AND a dog:0.5", "a cat :1.2", "(red:1.2"])
-def test_per_step_and_composable_prompts_are_refused_before_anything_loads(pack, prompt):
-    """Until imprompt computes them, A1111's prompt editing, alternation and AND are refused, naming what was found."""
-    engine = Engine(pack)
-    with pytest.raises(UnsupportedError, match=r"^prompt: .*(prompt editing|alternation|AND|at its end)"):
-        engine.generate({"model": "tiny-sd15", "prompt": prompt, "steps": 2, "width": 64, "height": 64})
-    assert engine.cache_info()["model"] is None and engine.state.pipelines.all() == []
-
-
-@pytest.mark.parametrize("prompt", SCHEDULED)
-def test_the_negative_prompt_is_checked_too_but_and_is_its_words(pack, prompt):
-    engine = Engine(pack)
-    with pytest.raises(UnsupportedError, match=r"^negative_prompt: "):
-        engine.plan({"model": "tiny-sd15", "negative_prompt": prompt})
-    engine.plan({"model": "tiny-sd15", "negative_prompt": "a cat AND a dog :1.2"})  # A1111: no AND in negatives
-
-
-@pytest.mark.parametrize("prompt", LITERAL)
-def test_prompts_a1111_reads_as_text_are_accepted(pack, prompt):
-    Engine(pack).plan({"model": "tiny-sd15", "prompt": prompt})
-
-
 def test_a_weight_that_is_no_number_is_refused_in_the_plan(pack):
     engine = Engine(pack)
     with pytest.raises(RequestError, match=r"^prompt: the weight in .*\(cat:\.\).* is '\.', not a number"):
         engine.generate({"model": "tiny-sd15", "prompt": "a (cat:.)", "steps": 2, "width": 64, "height": 64})
     assert engine.state.pipelines.all() == []
-
-
-def test_the_escape_the_refusal_advises_gives_literal_brackets(pack):
-    with pytest.raises(UnsupportedError) as refused:
-        Engine(pack).plan({"model": "tiny-sd15", "prompt": "a [cat:dog:3]"})
-    assert "escape literal brackets as \\[ \\]" in str(refused.value)
-    assert parse_attention("a \\[cat:dog:3\\]") == [("a [cat:dog:3]", 1.0)]  # as it advises: the words, weight 1

@@ -44,8 +44,10 @@ def _unit(adapter, *images, scale=0.6, **fields) -> dict:
 SD15_ADAPTERS = ("Base", "Light", "Plus", "Plus Face", "Full Face", "Base ViT-G", "Ostris Composition ViT-H")
 SDXL_ADAPTERS = ("Base SDXL", "Base ViT-H SDXL", "Plus ViT-H SDXL", "Plus Face ViT-H SDXL", "Ostris Composition ViT-H SDXL")
 SAMPLERS = ("Default", "Euler", "Euler a", "DPM++ 2M", "DPM++ 2M Karras", "DDIM", "UniPC")
-# prompt syntax: plain, weighted, a textual inversion (SD 1.5's "shiny"), BREAK, longer than one 75-token chunk
-PROMPTS = ("a cat", "a (red:1.4) cat", "a [shiny] cat", "a cat BREAK on a mat", ", ".join(["a small red cat"] * 20))
+# prompt syntax: plain, weighted, a textual inversion (SD 1.5's "shiny"), BREAK, longer than one 75-token chunk,
+# prompt editing, alternation, AND with weights
+PROMPTS = ("a cat", "a (red:1.4) cat", "a [shiny] cat", "a cat BREAK on a mat", ", ".join(["a small red cat"] * 20),
+           "a [red:blue:0.5] cat", "a [red|(yellow:1.2)] cat", "a cat AND a [dog::2]:0.6")  # fmt: skip
 LORAS = {"sd15": ("detail-sd15", "style-sd15"), "sdxl": ("style-sdxl",)}  # from `write_extra_files`
 MODELS = {"sd15": "tiny-sd15", "sdxl": "tiny-sdxl", "sd35": "tiny-sd35", "flux": "tiny-flux"}  # the demo pack's
 TRANSFORMER_ADAPTERS = {"sd35": ("SD3.5 Large",), "flux": ("FLUX XLabs", "FLUX XLabs v2")}
@@ -83,6 +85,10 @@ def random_request(rng: random.Random, images: dict[str, str]) -> dict:
                        sampler=rng.choice(SAMPLERS), prompt=prompt)  # fmt: skip
     if rng.random() < 0.2:
         request["clip_skip"] = 2
+    if rng.random() < 0.2:
+        request["negative_prompt"] = rng.choice(["blurry", "[ugly:blurry:2]"])
+    if rng.random() < 0.15:
+        request["pad_cond_uncond"] = True
     if family == "sd15" and rng.random() < 0.15:
         request["vae"] = "soft-vae.safetensors"
     if rng.random() < 0.15:
@@ -141,6 +147,8 @@ def sd15_menu(images: dict[str, str]) -> dict[str, dict]:
         "plus+vit-g+full": _request(_unit("Plus", white, scale=0.5), _unit("Base ViT-G", red, scale=0.4),
                                     _unit("Full Face", yellow, scale=0.3), seed=5),  # fmt: skip
         "base-2-images-window": _request(_unit("Base", red, yellow, scale=0.7, start=0.25, end=0.75)),
+        "scheduled-and": _request(_unit("Plus", red, scale=0.5), prompt="a [red:blue:0.5] cat AND a [dog|fox]:0.5",
+                                  negative_prompt="[ugly:blurry:1]", seed=8),  # fmt: skip
         "light+plus-face": _request(_unit("Light", white), _unit("Plus Face", red), seed=6),
     }
 
@@ -159,6 +167,8 @@ def sdxl_menu(images: dict[str, str]) -> dict[str, dict]:
         "xl-plus-face-negative-noise": _request(_unit("Plus Face ViT-H SDXL", red, negative_images=["noise"]),
                                                 model="tiny-sdxl", seed=6),  # fmt: skip
         "xl-none": _request(model="tiny-sdxl", seed=5),
+        "xl-long-prompt-short-negative": _request(_unit("Base SDXL", red), model="tiny-sdxl", seed=7,
+                                                  prompt=", ".join(["a small red cat"] * 20), negative_prompt="blurry"),
     }
 
 

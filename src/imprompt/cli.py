@@ -66,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lora", action="append", default=[], metavar="NAME[:WEIGHT]",
                    help="a LoRA from the models folders, as <lora:NAME:WEIGHT> in the prompt does (repeatable)")
     g.add_argument("--clip-skip", type=int, help="A1111's CLIP_stop_at_last_layers (1, the default: the last layer)")
+    g.add_argument("--pad-cond-uncond", action="store_true", default=None,
+                   help="A1111's setting: pad a prompt and negative of unequal lengths with empty chunks and run them "
+                        "as one batch (cheaper, another picture); default: each at its own length, as A1111")  # fmt: skip
+    g.add_argument("--sdxl-clip-l-skip", action="store_true", default=None,
+                   help="A1111's setting: --clip-skip acts on SDXL's CLIP-L (default: SDXL ignores clip skip)")
     g.add_argument("--vae", help="a VAE file from the models folders instead of the model's own")
     g.add_argument("--ip", action="append", default=[], metavar="UNIT", help=IP_HELP)
     g.add_argument("--ip-json", action="append", default=[], metavar="JSON", help=IP_JSON_HELP)
@@ -308,6 +313,8 @@ def _generate(args) -> int:
             "batch_size": args.batch_size,
             "sampler": args.sampler,
             "clip_skip": args.clip_skip,
+            "pad_cond_uncond": args.pad_cond_uncond,
+            "sdxl_clip_l_skip": args.sdxl_clip_l_skip,
             "vae": args.vae,
         }.items()
         if value is not None

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from .conditioning import image_prompts, init_image, loras, prompt, vae
 from .conditioning.image_prompts import ImagePrompts
 from .conditioning.ip_adapter import fits, pick_encoder
+from .conditioning.prompt import A1111Prompt
 from .errors import ImpromptError, UnknownModelError, UnsupportedError
 from .models import catalog
 from .models.single_file import require_t5_tokenizer
@@ -52,11 +53,31 @@ def make_plan(request: GenerateRequest, state) -> Plan:
     images = image_prompts.plan(request, model, state, inputs, width, height)
     lora_set = loras.plan(request, model, state.store)
     text = prompt.plan(request, model, state.store)
+    check_composable_with_images(text, images, request)
     decoder = vae.plan(request, model, state.store)
     start_image = init_image.plan(request, model, start)
     if model.spec.architecture != "unet":
         sampler = transformer_sampler(sampler, model)
     return Plan(model, (start_image, images, lora_set, decoder, text), sampler, width, height)
+
+
+def check_composable_with_images(text, images, request: GenerateRequest) -> None:
+    """Where two kinds meet: a composable prompt (AND, or a part's weight) runs the negative and each part as rows
+    of one UNet batch, and the image prompts' embeddings follow the pipeline's rows. A FaceID Plus unit's face
+    crops are batched for the pipeline's one prompt row, and without guidance (cfg_scale <= 1) the pipeline makes no
+    negative image embeddings for the negative's row: both refused, rather than read wrong."""
+    parts = text.parts if isinstance(text, A1111Prompt) else []
+    if not (len(parts) > 1 or any(weight != 1.0 for _, weight in parts)):
+        return
+    for unit in images.units:
+        if unit.output == "faceid_embeds" and unit.adapter.spec.clip_width:
+            raise UnsupportedError(f"prompt: AND (or a part's weight) is not supported with FaceID Plus units "
+                                   f"(ip_adapters.{unit.index}, {unit.label}); write one prompt, or use another "
+                                   f"FaceID adapter")  # fmt: skip
+    if images.units and request.cfg_scale <= 1.0:
+        raise UnsupportedError("prompt: AND (or a part's weight) with image prompts needs classifier-free guidance "
+                               "(cfg_scale above 1), which makes the negative image embeddings its negative reads; "
+                               "raise cfg_scale or write one prompt")  # fmt: skip
 
 
 def transformer_sampler(sampler: str, model: Entry) -> str:

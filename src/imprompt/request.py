@@ -159,6 +159,15 @@ class GenerateRequest(BaseModel):
         default_factory=list, max_length=MAX_LORAS, description="besides the <lora:...> tags in the prompt"
     )
     clip_skip: int = Field(1, ge=1, le=12, description="A1111's CLIP_stop_at_last_layers: 1 = the last layer")
+    pad_cond_uncond: bool = Field(
+        False, description="A1111's setting: a prompt and negative of unequal lengths padded with empty chunks and "
+                           "run in one batch (cheaper; another picture); off: each at its own length, as A1111's default. "
+                           "SD 1.5 / SDXL (SD 3.5 and FLUX pipelines read their prompts themselves)"
+    )  # fmt: skip
+    sdxl_clip_l_skip: bool = Field(
+        False, description="A1111's setting: clip_skip acts on SDXL's CLIP-L (off: SDXL ignores clip_skip, as A1111); "
+                           "no effect on other models"
+    )
     vae: Name | None = Field(None, description="a VAE file from the models folders; None: the model's own")
     init_images: list[Any] | None = Field(
         None, max_length=MAX_IMAGES, description="img2img: the image to start from (the first is used)"

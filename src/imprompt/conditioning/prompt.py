@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 
 from ..errors import LimitError, RequestError, UnsupportedError
 from ..models.store import Entry, ModelStore
-from ..prompting.syntax import BREAK, MAX_CHUNKS, parse_attention, scheduling_syntax, take_lora_tags
+from ..prompting.schedule import composable, schedule
+from ..prompting.syntax import BREAK, MAX_CHUNKS, parse_attention, take_lora_tags
 from ..request import GenerateRequest
+from ..util.samplers import canonical_sampler
 from . import Conditioning, Description, Preparation
 
 log = logging.getLogger("imprompt")
@@ -27,40 +29,50 @@ def plan(request: GenerateRequest, model: Entry, store: ModelStore):
     if request.true_cfg_scale != 1.0:
         raise RequestError(f"true_cfg_scale is FLUX's true classifier-free guidance; model {model.name} is "
                            f"{model.spec.family}, whose guidance is cfg_scale. Leave true_cfg_scale at 1")  # fmt: skip
-    prompt, _ = take_lora_tags(request.prompt, "prompt")
+    prompt, _ = take_lora_tags(request.prompt, "prompt")  # A1111 takes them out of the whole prompt: never scheduled
     negative_prompt, negative_tags = take_lora_tags(request.negative_prompt, "negative_prompt")
     if negative_tags:
         raise RequestError(
             f"negative_prompt: <lora:{negative_tags[0].name}:...> — LoRA tags act only in the prompt (as in A1111); "
             f"move it to the prompt or remove it"
         )
-    check_prompt_syntax(prompt, "prompt", composable=True)
-    check_prompt_syntax(negative_prompt, "negative_prompt", composable=False)  # A1111 reads no AND there
+    calls = denoising_calls(request.sampler, request.steps)
+    parts = [(schedule(text, calls), weight) for text, weight in composable(prompt)]
+    negative = schedule(negative_prompt, calls)  # A1111 reads no AND in the negative prompt
+    for field_name, entries in [("prompt", e) for e, _ in parts] + [("negative_prompt", negative)]:
+        for _, text in entries:
+            check_prompt_syntax(text, field_name)
     layers = model.spec.text_encoder_layers
+    xl = model.spec.pipeline_class == "StableDiffusionXLPipeline"
     if layers and request.clip_skip > layers:  # A1111's CLIP_stop_at_last_layers counts back from the last of them
         raise RequestError(f"clip_skip: {request.clip_skip} is more than the {layers} layers of model {model.name}'s "
                            f"text encoder; use 1..{layers}")  # fmt: skip
-    texts = f"{prompt}\n{negative_prompt}".lower()
+    texts = "\n".join(text for entries in [e for e, _ in parts] + [negative] for _, text in entries).lower()
     inversions = tuple(e for e in store.current_of_kind("textual-inversion")
                        if e.spec.fits(model.spec) and e.name.lower() in texts)  # fmt: skip
-    return A1111Prompt(request.prompt, request.negative_prompt, prompt, negative_prompt, request.clip_skip,
-                       request.cfg_scale, inversions)  # fmt: skip
+    warnings = []
+    if xl and request.clip_skip != 1 and not request.sdxl_clip_l_skip:
+        warnings.append(f"clip_skip={request.clip_skip} does not act on SDXL models (A1111 reads both of SDXL's text "
+                        f"encoders at their penultimate layer whatever the clip skip); set sdxl_clip_l_skip to apply "
+                        f"it to CLIP-L, as A1111's option of that name does")  # fmt: skip
+    # A1111's settings act where they mean something (sdxl_clip_l_skip on SDXL): elsewhere they change nothing
+    return A1111Prompt(request.prompt, request.negative_prompt, parts, negative, calls, request.clip_skip,
+                       request.sdxl_clip_l_skip and xl, request.cfg_scale, request.pad_cond_uncond, inversions,
+                       warnings)  # fmt: skip
 
 
-def check_prompt_syntax(text: str, field_name: str, composable: bool) -> None:
-    """A1111 prompt syntax that imprompt reads (weights, BREAK) must parse; what it does not compute yet (prompt
-    editing, alternation, AND) is refused rather than read as words, which would give another picture."""
+def denoising_calls(sampler: str, steps: int) -> int:
+    """How many times the sampler calls the model for `steps` steps, as A1111 counts a schedule's steps: a second
+    order sampler (Heun) calls it twice a step but the last."""
+    return 2 * steps - 1 if canonical_sampler(sampler) == "Heun" else steps
+
+
+def check_prompt_syntax(text: str, field_name: str) -> None:
+    """A scheduled text's A1111 syntax that imprompt reads (weights, BREAK) must parse, within the chunk limit."""
     breaks = sum(fragment is BREAK for fragment in parse_attention(text, field_name))
     if breaks >= MAX_CHUNKS:  # each BREAK starts a chunk (a long text fills them too: checked as it is encoded)
         raise LimitError(f"{field_name}: {breaks + 1} chunks of 75 tokens (BREAK starts one) is more than the "
                          f"{MAX_CHUNKS} a prompt may fill; shorten it")  # fmt: skip
-    found = scheduling_syntax(text, composable)
-    if found:
-        raise UnsupportedError(
-            f"{field_name}: {found} is A1111 syntax computed per step (or per composable prompt), which imprompt "
-            f"does not do yet; read as words it would give another picture than A1111's. Remove it, or write the "
-            f"prompt as it should read throughout (escape literal brackets as \\[ \\])"
-        )
 
 
 def plan_for_transformer(request: GenerateRequest, model: Entry) -> TransformerPrompt:
@@ -87,19 +99,29 @@ def plan_for_transformer(request: GenerateRequest, model: Entry) -> TransformerP
 
 @dataclass
 class A1111Prompt(Conditioning):
-    """SD 1.5 / SDXL: prompt embeddings made as A1111 makes them, after the LoRA set acts on the text encoders."""
+    """SD 1.5 / SDXL: the prompt's parts (AND) and the negative, each a schedule of texts over the denoising calls,
+    made into conditionings as A1111 makes them (after the LoRA set acts on the text encoders). A prompt that is one
+    part, at weight 1, the same text throughout, goes to the pipeline as its prompt embeddings (padded with empty
+    chunks to the negative's length only with `pad_cond_uncond`, A1111's setting, off by default); any other
+    reaches the UNet through `prompting/conds.py`."""
 
     kind = "prompt"
 
     prompt: str  # as the request wrote it (tags included), for the result
     negative_prompt: str
-    text: str  # what the text encoders read: the prompt without its <lora:...> tags
-    negative_text: str
+    parts: list  # [(schedule, weight)], a schedule being [(last call, text)]
+    negative: list  # the negative prompt's schedule
+    calls: int  # the denoising calls the schedules count
     clip_skip: int
+    sdxl_clip_l_skip: bool
     cfg_scale: float
+    pad_cond_uncond: bool
     inversion_entries: tuple  # textual inversions that fit the model and whose names the prompts contain
+    warnings: list = field(default_factory=list)
     inversions: list = field(default_factory=list)
     used: list = field(default_factory=list)
+    padded: bool = False
+    call_index: int = 0
 
     def prepare(self, prep: Preparation) -> None:
         """The textual inversions' vectors, from the engine's cache or read now."""
@@ -119,26 +141,84 @@ class A1111Prompt(Conditioning):
     def apply(self, call) -> None:
         import torch
 
-        from ..prompting.encode import encode_prompts
+        from ..prompting.conds import Cond, ConditionedUNet, StepConds
+        from ..prompting.encode import Reading, encode_text, lengthen, zero_negative
 
-        layers = call.loaded.pipeline.text_encoder.config.num_hidden_layers
-        if self.clip_skip > layers:  # the plan checks this where the files say how many (the backstop, where not)
+        pipeline = call.loaded.pipeline
+        layers = pipeline.text_encoder.config.num_hidden_layers
+        if self.clip_skip > layers:  # the plan checks it where the files say how many (this is the backstop)
             raise RequestError(f"clip_skip: {self.clip_skip} is more than the {layers} layers of model "
                                f"{call.loaded.name}'s text encoder; use 1..{layers}")  # fmt: skip
+        reading, used, encoded = Reading(self.clip_skip, self.sdxl_clip_l_skip), {}, {}
+
+        def cond(text: str, field_name: str) -> Cond:
+            if text not in encoded:
+                encoded[text] = Cond(*encode_text(pipeline, text, reading, self.inversions, used, field_name))
+            return encoded[text]
+
         with torch.no_grad():
-            encoded = encode_prompts(call.loaded.pipeline, self.text, self.negative_text, self.clip_skip,
-                                     self.inversions, guidance=self.cfg_scale > 1.0)  # fmt: skip
-        call.kwargs |= encoded.kwargs
-        self.used = encoded.inversions_used
+            parts = [([(end, cond(text, "prompt")) for end, text in entries], weight) for entries, weight in self.parts]
+            first = parts[0][0][0][1]
+            if first.pooled is not None and all(text == "" for _, text in self.negative):  # SDXL, as A1111
+                negative = [(end, Cond(*zero_negative(first.embeds, first.pooled))) for end, _ in self.negative]
+            else:
+                negative = [(end, cond(text, "negative_prompt")) for end, text in self.negative]
+            positive, unconditional = first, negative[0][1]
+            guided = self.cfg_scale > 1.0  # diffusers applies classifier-free guidance only above 1
+            unequal = guided and positive.embeds.shape[1] != unconditional.embeds.shape[1]
+            fixed = len(parts) == 1 and parts[0][1] == 1.0 and len(parts[0][0]) == 1 and len(negative) == 1
+            if fixed and unequal and self.pad_cond_uncond:  # A1111's option: one batch, empty chunks added
+                empty = cond("", "")
+                positive, unconditional = (Cond(lengthen(positive.embeds, unconditional.embeds, empty.embeds), positive.pooled),
+                                           Cond(lengthen(unconditional.embeds, positive.embeds, empty.embeds), unconditional.pooled))  # fmt: skip
+                self.padded, unequal = True, False
+        self.used = list(used.values())
+        if not fixed or unequal:
+            # per call, composable, or prompt and negative at their own lengths: the UNet reads them (`conds.py`);
+            # the pipeline's own prompt embeddings are stand-ins of one shape, never read
+            unet = ConditionedUNet(pipeline.unet, StepConds(negative, parts), lambda: self.call_index, guided)
+            call.after(unet.install())
+            call.schedule.add(self.at_call)
+            unconditional = Cond(torch.zeros_like(positive.embeds),
+                                 None if positive.pooled is None else torch.zeros_like(positive.pooled))  # fmt: skip
+        call.kwargs["prompt_embeds"] = positive.embeds
+        if positive.pooled is not None:
+            call.kwargs["pooled_prompt_embeds"] = positive.pooled
+        if guided:
+            call.kwargs["negative_prompt_embeds"] = unconditional.embeds
+            if unconditional.pooled is not None:
+                call.kwargs["negative_pooled_prompt_embeds"] = unconditional.pooled
+
+    def at_call(self, step: int, total: int, index: int) -> None:
+        self.call_index = step
 
     def describe(self, call) -> Description:
         inversions = [{"name": i.name, "hash": i.hash} for i in self.used]
-        infotext = {"Clip skip": self.clip_skip if self.clip_skip > 1 else None}
+        clip_skip = self.clip_skip
+        infotext = {"Clip skip": clip_skip if clip_skip > 1 else None}
         if inversions:
             infotext["TI hashes"] = ", ".join(f"{i['name']}: {i['hash']}" for i in inversions)
+        if self.padded:
+            infotext["Pad conds"] = True  # as A1111 writes it when it padded
+        schedule_info = {
+            "prompt": [{"weight": weight, "texts": steps_of(entries, self.calls)} for entries, weight in self.parts],
+            "negative_prompt": steps_of(self.negative, self.calls),
+        }
         info = {"prompt": self.prompt, "negative_prompt": self.negative_prompt, "textual_inversions": inversions,
-                "clip_skip": self.clip_skip}  # fmt: skip
-        return Description(info=info, infotext=infotext)
+                "clip_skip": clip_skip, "prompt_schedule": schedule_info, "pad_cond_uncond": self.pad_cond_uncond,
+                "sdxl_clip_l_skip": self.sdxl_clip_l_skip}  # fmt: skip
+        return Description(info=info, infotext=infotext, warnings=self.warnings)
+
+
+def steps_of(entries: list[tuple[int, str]], calls: int) -> list[dict]:
+    """A schedule as users read it: each text with the denoising calls it acts at (1-based, first to last)."""
+    shown, start = [], 1
+    for end, text in entries:
+        last = min(end + 1, calls)
+        if last >= start:
+            shown.append({"steps": [start, last], "text": text})
+        start = last + 1
+    return shown
 
 
 @dataclass

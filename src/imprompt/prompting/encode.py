@@ -40,6 +40,23 @@ class Chunk:
     fixes: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (position, vectors) of embeddings
 
 
+@dataclass(frozen=True)
+class Reading:
+    """Which layer of each text encoder a prompt is read from, as A1111 reads it (its settings' names). SD 1.5:
+    `clip_skip` layers from the end, through the final layer norm (1: the last). SDXL: CLIP-L's and CLIP-G's
+    penultimate layers whatever the clip skip (A1111's default), unless `sdxl_clip_l_skip`: then CLIP-L's
+    `clip_skip`-th layer from the end (1: the last), CLIP-G's still the penultimate."""
+
+    clip_skip: int = 1
+    sdxl_clip_l_skip: bool = False
+
+    def layers(self, xl: bool) -> list[tuple[int, bool] | None]:
+        """Per text encoder: (which hidden state from the end, through the final norm?), or None for its output."""
+        if not xl:
+            return [None if self.clip_skip == 1 else (self.clip_skip, True)]
+        return [(self.clip_skip if self.sdxl_clip_l_skip else 2, False), (2, False)]
+
+
 @dataclass
 class Encoded:
     """What the pipeline is called with, and which embeddings the texts used."""
@@ -48,37 +65,45 @@ class Encoded:
     inversions_used: list[Inversion]
 
 
-def encode_prompts(pipeline, prompt: str, negative_prompt: str, clip_skip: int, inversions: list[Inversion],
+def encode_prompts(pipeline, prompt: str, negative_prompt: str, reading: Reading, inversions: list[Inversion],
                    guidance: bool) -> Encoded:  # fmt: skip
-    """`prompt_embeds` (and SDXL's pooled embeddings), with their negative counterparts when `guidance` is on."""
-    xl = getattr(pipeline, "text_encoder_2", None) is not None
+    """`prompt_embeds` (and SDXL's pooled embeddings), with their negative counterparts when `guidance` is on; a
+    prompt and negative of unequal lengths are padded with empty-prompt chunks (A1111's `pad_cond_uncond`), so one
+    batched UNet call takes both."""
     used: dict[str, Inversion] = {}
-    positive, pooled = _encode(pipeline, prompt, clip_skip, inversions, used, "prompt")
+    positive, pooled = encode_text(pipeline, prompt, reading, inversions, used, "prompt")
     kwargs = {"prompt_embeds": positive}
+    xl = pooled is not None
     if xl:
         kwargs["pooled_prompt_embeds"] = pooled
     if guidance:
-        if xl and negative_prompt == "":  # SDXL's empty negative prompt is zeros of one chunk (diffusers, A1111)
-            negative, negative_pooled = torch.zeros_like(positive[:, :77]), torch.zeros_like(pooled)
+        if xl and negative_prompt == "":
+            negative, negative_pooled = zero_negative(positive, pooled)
         else:
-            negative, negative_pooled = _encode(pipeline, negative_prompt, clip_skip, inversions, used,
-                                                "negative_prompt")
+            negative, negative_pooled = encode_text(pipeline, negative_prompt, reading, inversions, used,
+                                                    "negative_prompt")  # fmt: skip
         if positive.shape[1] != negative.shape[1]:  # the shorter gets empty-prompt chunks, as in A1111
-            empty, _ = _encode(pipeline, "", clip_skip, [], {}, "")
-            positive, negative = _lengthen(positive, negative, empty), _lengthen(negative, positive, empty)
+            empty, _ = encode_text(pipeline, "", reading, [], {}, "")
+            positive, negative = lengthen(positive, negative, empty), lengthen(negative, positive, empty)
         kwargs["prompt_embeds"], kwargs["negative_prompt_embeds"] = positive, negative
         if xl:
             kwargs["negative_pooled_prompt_embeds"] = negative_pooled
     return Encoded(kwargs, list(used.values()))
 
 
-def _lengthen(embeds: torch.Tensor, other: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
+def zero_negative(positive: torch.Tensor, pooled: torch.Tensor):
+    """SDXL's empty negative prompt: zeros of one chunk and of the pooled vector (diffusers, and A1111's
+    `force_zero_negative_prompt`)."""
+    return torch.zeros_like(positive[:, :77]), torch.zeros_like(pooled)
+
+
+def lengthen(embeds: torch.Tensor, other: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
     """`embeds` followed by as many empty-prompt chunks as make it as long as `other`."""
     missing = (other.shape[1] - embeds.shape[1]) // empty.shape[1]
     return torch.cat([embeds] + [empty] * missing, dim=1) if missing > 0 else embeds
 
 
-def _encode(pipeline, text: str, clip_skip: int, inversions: list[Inversion], used: dict, field: str):
+def encode_text(pipeline, text: str, reading: Reading, inversions: list[Inversion], used: dict, field: str):
     """One text through every text encoder of the pipeline: [1, 77 * chunks, width] and SDXL's pooled vector."""
     xl = getattr(pipeline, "text_encoder_2", None) is not None
     pairs = [(pipeline.tokenizer, pipeline.text_encoder)]
@@ -91,11 +116,11 @@ def _encode(pipeline, text: str, clip_skip: int, inversions: list[Inversion], us
     if count > MAX_CHUNKS:
         raise LimitError(f"{field}: {count} chunks of 75 tokens (BREAK starts one) is more than the {MAX_CHUNKS} a "
                          f"prompt may fill; shorten it")  # fmt: skip
-    for (tokenizer, encoder), chunk_list in zip(pairs, chunk_lists):
+    for (tokenizer, encoder), chunk_list, layer in zip(pairs, chunk_lists, reading.layers(xl)):
         chunk_list = chunk_list + [empty_chunk(tokenizer)] * (count - len(chunk_list))
         outputs = []
         for i, chunk in enumerate(chunk_list):
-            z, chunk_pooled = _encode_chunk(tokenizer, encoder, chunk, clip_skip, xl)
+            z, chunk_pooled = _encode_chunk(tokenizer, encoder, chunk, layer)
             outputs.append(z)
             if i == 0 and chunk_pooled is not None:
                 pooled = chunk_pooled  # SDXL: the pooled vector of the first chunk, as A1111 takes it
@@ -103,7 +128,7 @@ def _encode(pipeline, text: str, clip_skip: int, inversions: list[Inversion], us
     return torch.cat(per_encoder, dim=-1), pooled
 
 
-def _encode_chunk(tokenizer, encoder, chunk: Chunk, clip_skip: int, xl: bool):
+def _encode_chunk(tokenizer, encoder, chunk: Chunk, layer: tuple[int, bool] | None):
     ids = [tokenizer.bos_token_id] + chunk.tokens + [tokenizer.eos_token_id]
     pad, end = tokenizer.pad_token_id, tokenizer.eos_token_id
     if pad is not None and pad != end:  # SDXL's second tokenizer: everything after the first end token is padding
@@ -121,17 +146,18 @@ def _encode_chunk(tokenizer, encoder, chunk: Chunk, clip_skip: int, xl: bool):
 
         hook = encoder.get_input_embeddings().register_forward_hook(replace)
     try:
-        out = encoder(input_ids, output_hidden_states=xl or clip_skip > 1)
+        out = encoder(input_ids, output_hidden_states=layer is not None)
     finally:
         if hook is not None:
             hook.remove()
-    pooled = out[0] if xl and out[0].ndim == 2 else None
-    if xl:  # SDXL: the penultimate layer; a larger clip skip reaches further back (both encoders)
-        z = out.hidden_states[-max(2, clip_skip)]
-    elif clip_skip > 1:  # A1111's CLIP_stop_at_last_layers: that layer, through the final layer norm
-        z = getattr(encoder, "text_model", encoder).final_layer_norm(out.hidden_states[-clip_skip])
-    else:
+    pooled = out[0] if out[0].ndim == 2 else None  # SDXL's CLIP-G with its projection: the pooled vector
+    if layer is None:
         z = out[0]
+    else:
+        back, normed = layer
+        z = out.hidden_states[-back]
+        if normed:  # A1111's CLIP_stop_at_last_layers on SD 1.5: that layer, through the final layer norm
+            z = getattr(encoder, "text_model", encoder).final_layer_norm(z)
     if any(w != 1.0 for w in chunk.weights):
         weights = torch.tensor([1.0] + chunk.weights + [1.0], device=z.device, dtype=z.dtype)
         original_mean = z.mean()

@@ -155,9 +155,12 @@ WHY_OFF = {"restore_faces": "face restoration", "tiling": "tiling", "enable_hr":
            "initial_noise_multiplier": "extra initial noise", "resize_mode": "resize modes but 0 (just resize)"}  # fmt: skip
 # sampler options A1111 applies and imprompt does not: carried on, with a warning, as A1111 does for what it lacks
 WARN_UNLESS = {"s_churn": (0, None), "s_noise": (1, None), "s_min_uncond": (0, None)}
-SETTINGS_READ = {"sd_model_checkpoint", "sd_vae", "CLIP_stop_at_last_layers", "control_net_no_detectmap"}
+SETTINGS_READ = {"sd_model_checkpoint", "sd_vae", "CLIP_stop_at_last_layers", "control_net_no_detectmap",
+                 "pad_cond_uncond", "sdxl_clip_l_skip"}  # fmt: skip
+PROMPT_SETTINGS = ("pad_cond_uncond", "sdxl_clip_l_skip")  # A1111's settings of how prompts are read: request fields
 # what POST /sdapi/v1/options can set, beside sd_model_checkpoint, and its value before any client sets it
-OPTION_DEFAULTS = {"sd_vae": "Automatic", "CLIP_stop_at_last_layers": 1, "control_net_no_detectmap": False}
+OPTION_DEFAULTS = {"sd_vae": "Automatic", "CLIP_stop_at_last_layers": 1, "control_net_no_detectmap": False,
+                   "pad_cond_uncond": False, "sdxl_clip_l_skip": False}  # fmt: skip
 SETTINGS_OFF = {"eta_noise_seed_delta": (None, 0)}
 OWN_VAE = (None, "", "None", "Automatic")  # sd_vae values meaning the model's own VAE
 ETA_DEFAULT = {"Euler a": 1.0, "DDIM": 0.0}  # samplers eta changes; eta means nothing to the others
@@ -274,6 +277,9 @@ def from_sdnext_payload(payload: dict, img2img: bool | None = None, store: Model
                                   chosen.get("CLIP_stop_at_last_layers")) if v is not None), None)  # fmt: skip
     if clip_skip is not None:
         fields["clip_skip"] = clip_skip
+    for setting in PROMPT_SETTINGS:
+        if chosen.get(setting) is not None:
+            fields[setting] = chosen[setting]
     fields["ip_adapters"], modules, input_maps = [], [], []
     for i, given in enumerate(units):
         if not given.adapter or given.adapter.lower() == "none":
@@ -364,9 +370,9 @@ def apply_options(current: dict, given: dict, store: ModelStore) -> tuple[dict, 
             except RequestError as exc:
                 raise RequestError(f"CLIP_stop_at_last_layers: {value!r} is not a clip skip imprompt takes "
                                    f"({str(exc).removeprefix('invalid request: ')})") from None  # fmt: skip
-        elif name == "control_net_no_detectmap":
+        elif name in ("control_net_no_detectmap", *PROMPT_SETTINGS):
             if not isinstance(value, bool):
-                raise RequestError(f"control_net_no_detectmap: expected true or false, got {value!r}")
+                raise RequestError(f"{name}: expected true or false, got {shown(value)}")
         elif name in SETTINGS_OFF:
             if value not in SETTINGS_OFF[name]:
                 raise RequestError(f"{name}: {value!r} is not supported yet; leave it out")

@@ -215,6 +215,20 @@ async function updateProgress() {
   try { $("progress").value = (await api("/sdapi/v1/progress")).progress; } catch (error) { /* shown on completion */ }
 }
 
+// What a prompt with [from:to:when], [a|b] or AND made of each step (SD 1.5 / SDXL): shown when it changes.
+function schedule(prompts) {
+  if (!prompts) return "";
+  const lines = [];
+  const texts = (name, entries) => entries.forEach((e) => lines.push(`${name} steps ${e.steps[0]}-${e.steps[1]}: ${e.text}`));
+  prompts.prompt.forEach((part, n) => {
+    if (prompts.prompt.length > 1 || part.texts.length > 1 || part.weight !== 1) {
+      texts(prompts.prompt.length > 1 ? `part ${n + 1} (weight ${part.weight})` : "prompt", part.texts);
+    }
+  });
+  if (prompts.negative_prompt.length > 1) texts("negative", prompts.negative_prompt);
+  return lines.length ? `\nschedule:\n${lines.join("\n")}` : "";
+}
+
 function showResult(result) {
   const info = JSON.parse(result.info);
   result.images.forEach((image, i) => {
@@ -225,7 +239,7 @@ function showResult(result) {
     const caption = document.createElement("figcaption");
     const units = info.ip_adapters.map((u) => `${u.adapter} ← ${u.encoder} (${u.encoder_source})`).join("\n");
     const loras = info.loras.length ? `\nLoRAs: ${info.loras.map((l) => `${l.name} (${l.weight})`).join(", ")}` : "";
-    caption.textContent = `${info.infotexts[i]}\n${units}${loras}`;
+    caption.textContent = `${info.infotexts[i]}\n${units}${loras}${schedule(info.prompt_schedule)}`;
     figure.append(img, caption);
     // FaceID units: the aligned face crop InsightFace found in each reference image
     info.ip_adapters.forEach((u, n) => (u.faces || []).forEach((face, j) => {
