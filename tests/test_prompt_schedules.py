@@ -180,3 +180,73 @@ def test_and_is_refused_where_the_image_prompts_cannot_follow_its_rows(engine, r
     plain = engine.plan({"model": "tiny-sd15", "prompt": "a [cat|dog]", "cfg_scale": 1.0,
                          "ip_adapters": [{"adapter": "Base", "images": [red_circle]}]})  # one part: fine
     assert plain.units
+
+
+def test_pad_cond_uncond_pads_scheduled_and_composable_prompts_too(engine, pipes):
+    """A1111 pads at every call, whatever the schedule or the parts: the stacked parts against the negative."""
+    import torch
+
+    pipe = pipes["tiny-sd15"]
+    negative, empty = sd15_cond(pipe, "blurry"), sd15_cond(pipe, "")
+    padded_negative = (torch.cat([negative[0]] + [empty[0]] * 3, dim=1), None)
+    long_red, long_blue = sd15_cond(pipe, LONG + " red"), sd15_cond(pipe, LONG + " blue")
+    conds = [long_red, long_red, long_red, long_blue]
+    expected = denoise(pipe, lambda i: (padded_negative, [(conds[i], 1.0)]), steps=STEPS, cfg=CFG, seed=SEED)
+    got = generate(engine, "tiny-sd15", LONG + " [red:blue:2]", pad_cond_uncond=True)
+    assert max_diff(got.images[0], expected) <= 1 and "Pad conds: True" in got.infotexts[0]
+    assert max_diff(got.images[0], generate(engine, "tiny-sd15", LONG + " [red:blue:2]").images[0]) > 0
+
+
+def test_heun_counts_a_schedule_over_twice_the_steps_as_a1111(engine):
+    """A1111 builds a second-order sampler's schedule over 2 x steps: `[a:b:0.5]` switches after call 4 of 7."""
+    got = engine.generate(model="tiny-sd15", prompt="a [red:blue:0.5] cat", sampler="Heun", seed=SEED, steps=4,
+                          width=64, height=64)  # fmt: skip
+    assert got.info["prompt_schedule"]["prompt"][0]["texts"] == [{"steps": [1, 5], "text": "a red cat"},
+                                                                 {"steps": [6, 7], "text": "a blue cat"}]  # fmt: skip
+
+
+def test_and_below_cfg_1_is_combined_at_the_cfg_scale_as_a1111(engine, pipes):
+    pipe = pipes["tiny-sd15"]
+    negative, cat, dog = sd15_cond(pipe, "blurry"), sd15_cond(pipe, "a red cat"), sd15_cond(pipe, " a blue dog")
+    for cfg in (0.5, 1.0):
+        expected = denoise(pipe, lambda i: (negative, [(cat, 1.0), (dog, 0.5)]), steps=STEPS, cfg=cfg, seed=SEED)
+        got = engine.generate(model="tiny-sd15", prompt="a red cat AND a blue dog:0.5", negative_prompt="blurry",
+                              sampler="Euler", seed=SEED, steps=STEPS, width=64, height=64, cfg_scale=cfg)  # fmt: skip
+        assert max_diff(got.images[0], expected) <= 1, cfg
+
+
+@pytest.mark.parametrize(
+    ("prompt", "entries"),
+    [
+        ("a [b:c:1e400] d", [[10, "a b d"]]),  # past every step: never switches (no overflow)
+        ("a [b:c:-1e400] d", [[10, "a c d"]]),
+        ("(" * 600 + "a [b:3]", [[10, "(" * 600 + "a [b:3]"]]),  # deeper than any prompt: its own text
+        ("a [b:2] \\\nc", [[10, "a [b:2] \\\nc"]]),  # A1111's escape takes no line end: no schedule
+        ("a [b:c:３]", [[10, "a [b:c:３]"]]),  # a step is written in ASCII digits, as in A1111's grammar
+    ],
+)
+def test_prompts_that_once_raised_or_read_otherwise_than_a1111(prompt, entries):
+    assert [list(entry) for entry in schedule(prompt, 10)] == entries
+
+
+def test_parts_texts_and_weights_are_bounded_and_finite(engine):
+    from imprompt.errors import LimitError, RequestError, UnsupportedError
+
+    with pytest.raises(LimitError, match="17 parts"):
+        engine.plan({"model": "tiny-sd15", "prompt": " AND ".join(["a cat"] * 17)})
+    many = "[a|b|c][d|e|f|g][h|i|j|k|l][m|n|o|p|q|r|s]"  # 420 texts before they repeat: one per step
+    with pytest.raises(LimitError, match="texts over 150 steps"):
+        engine.plan({"model": "tiny-sd15", "prompt": many, "steps": 150})
+    with pytest.raises(RequestError, match="weight .* is inf"):
+        engine.plan({"model": "tiny-sd15", "prompt": "a cat:1" + "0" * 400})
+    with pytest.raises(UnsupportedError, match="prompt editing and alternation .* not computed for FLUX"):
+        engine.plan({"model": "tiny-flux", "prompt": "a [red|blue] cat", "cfg_scale": 3.5})
+
+
+def test_a1111_settings_of_other_schedules_are_refused_when_on(pack):
+    engine = Engine(pack, allow_paths=False)
+    with running_server(engine) as url, client(url) as http:
+        for setting in ("use_old_scheduling", "pad_cond_uncond_v0"):
+            answer = http.post("/sdapi/v1/txt2img", json={"prompt": "a [red:blue:0.5] cat", "steps": 2, "width": 64,
+                               "height": 64, "override_settings": {"sd_model_checkpoint": "tiny-sd15", setting: True}})  # fmt: skip
+            assert answer.status_code == 422 and setting in answer.json()["detail"], answer.text

@@ -18,7 +18,7 @@ from server_fixtures import client, decode, running_server
 
 from imprompt import Engine
 from imprompt.errors import RequestError
-from imprompt.prompting.encode import Reading, chunks, encode_prompts
+from imprompt.prompting.encode import Reading, chunks, encode_text
 from imprompt.prompting.syntax import BREAK, parse_attention, take_lora_tags
 from tools.extra_models import write_extra_models
 
@@ -59,7 +59,7 @@ def sdxl(pack):
 def test_weighted_prompt_equals_a1111s_arithmetic(sd15):
     """`(red:1.5) cat`: each fragment tokenized on its own, the vectors of "red" times 1.5, then the chunk's mean
     restored; computed here directly with transformers, handed to diffusers as prompt_embeds."""
-    encoded = encode_prompts(sd15, "(red:1.5) cat", "", Reading(), [], guidance=True).kwargs
+    embeds, _ = encode_text(sd15, "(red:1.5) cat", Reading(), [], {}, "prompt")
     tokenizer, encoder = sd15.tokenizer, sd15.text_encoder
     red = tokenizer("red", add_special_tokens=False).input_ids
     cat = tokenizer(" cat", add_special_tokens=False).input_ids
@@ -70,29 +70,29 @@ def test_weighted_prompt_equals_a1111s_arithmetic(sd15):
         weights[1 : 1 + len(red)] = 1.5
         weighted = z * weights.reshape(1, -1, 1)
         expected = weighted * (z.mean() / weighted.mean())
-    assert torch.equal(encoded["prompt_embeds"], expected)
-    plain = encode_prompts(sd15, "red cat", "", Reading(), [], guidance=True).kwargs["prompt_embeds"]
+    assert torch.equal(embeds, expected)
+    plain, _ = encode_text(sd15, "red cat", Reading(), [], {}, "prompt")
     assert not torch.equal(plain, expected)
 
 
 def test_prompt_without_weights_is_diffusers_own_encoding(sd15, sdxl):
     for pipe in (sd15, sdxl):
-        ours = encode_prompts(pipe, "a red cat on a mat", "blurry", Reading(), [], guidance=True).kwargs
+        ours, pooled = encode_text(pipe, "a red cat on a mat", Reading(), [], {}, "prompt")
+        negative, _ = encode_text(pipe, "blurry", Reading(), [], {}, "negative_prompt")
         theirs = pipe.encode_prompt("a red cat on a mat", device="cpu", num_images_per_prompt=1,
                                     do_classifier_free_guidance=True, negative_prompt="blurry")  # fmt: skip
-        assert torch.equal(ours["prompt_embeds"], theirs[0]) and torch.equal(ours["negative_prompt_embeds"], theirs[1])
+        assert torch.equal(ours, theirs[0]) and torch.equal(negative, theirs[1])
         if pipe is sdxl:
-            assert torch.equal(ours["pooled_prompt_embeds"], theirs[2])
+            assert torch.equal(pooled, theirs[2])
 
 
 def test_long_prompts_are_chunks_of_75_tokens(sd15, sdxl):
     words = " ".join(f"word{i}" for i in range(150))
     for pipe, width in ((sd15, sd15.text_encoder.config.hidden_size), (sdxl, 2048)):
         tokens = len(pipe.tokenizer(words, add_special_tokens=False).input_ids)
-        encoded = encode_prompts(pipe, words, "", Reading(), [], guidance=True).kwargs
+        embeds, _ = encode_text(pipe, words, Reading(), [], {}, "prompt")
         count = -(-tokens // 75)
-        assert encoded["prompt_embeds"].shape == (1, 77 * count, width) and count >= 2
-        assert encoded["negative_prompt_embeds"].shape == encoded["prompt_embeds"].shape  # padded with empty chunks
+        assert embeds.shape == (1, 77 * count, width) and count >= 2
 
 
 def test_a_full_chunk_breaks_at_its_last_comma(sd15):
@@ -107,9 +107,15 @@ def test_a_full_chunk_breaks_at_its_last_comma(sd15):
     assert len(chunks("a cat BREAK a dog", tokenizer, [], {})) == 2
 
 
-def test_sdxl_empty_negative_is_zeros(sdxl):
-    encoded = encode_prompts(sdxl, "a cat", "", Reading(), [], guidance=True).kwargs
-    assert not encoded["negative_prompt_embeds"].any() and not encoded["negative_pooled_prompt_embeds"].any()
+def test_sdxl_empty_negative_is_zeros_as_diffusers_makes_it(engine):
+    """SDXL's empty negative prompt is zeros (diffusers' force_zeros_for_empty_prompt, A1111's
+    force_zero_negative_prompt): the engine's picture is diffusers' own with negative_prompt left out."""
+    from diffusers_reference import pipeline as reference_pipeline
+    from diffusers_reference import run
+
+    ours = engine.generate(model="tiny-sdxl", prompt="a cat", negative_prompt="", seed=1, steps=4, width=64,
+                           height=64, cfg_scale=7.0).images[0]  # fmt: skip
+    assert max_diff(ours, run(reference_pipeline(engine.store.roots[0], "tiny-sdxl"))) <= 1
 
 
 # ------------------------------------------------------------------------------------------------ HTTP, CLI

@@ -9,6 +9,7 @@ themselves (T5 and CLIP), so they get the texts, and A1111's syntax is refused t
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 
 from ..errors import LimitError, RequestError, UnsupportedError
@@ -16,7 +17,7 @@ from ..models.store import Entry, ModelStore
 from ..prompting.schedule import composable, schedule
 from ..prompting.syntax import BREAK, MAX_CHUNKS, parse_attention, take_lora_tags
 from ..request import GenerateRequest
-from ..util.samplers import canonical_sampler
+from ..util.samplers import SAMPLERS, canonical_sampler
 from . import Conditioning, Description, Preparation
 
 log = logging.getLogger("imprompt")
@@ -36,12 +37,22 @@ def plan(request: GenerateRequest, model: Entry, store: ModelStore):
             f"negative_prompt: <lora:{negative_tags[0].name}:...> — LoRA tags act only in the prompt (as in A1111); "
             f"move it to the prompt or remove it"
         )
-    calls = denoising_calls(request.sampler, request.steps)
-    parts = [(schedule(text, calls), weight) for text, weight in composable(prompt)]
-    negative = schedule(negative_prompt, calls)  # A1111 reads no AND in the negative prompt
-    for field_name, entries in [("prompt", e) for e, _ in parts] + [("negative_prompt", negative)]:
-        for _, text in entries:
-            check_prompt_syntax(text, field_name)
+    part_texts = composable(prompt)
+    if len(part_texts) > MAX_PARTS:  # each part is one more UNet row at every call
+        raise LimitError(f"prompt: {len(part_texts)} parts (AND) is more than the {MAX_PARTS} a prompt may have")
+    for _, weight in part_texts:
+        if not math.isfinite(weight):
+            raise RequestError(f"prompt: a part's weight (its trailing :number) is {weight}; give a finite number")
+    steps = schedule_steps(SAMPLERS[canonical_sampler(request.sampler)][0], request.steps)
+    parts = [(schedule(text, steps), weight) for text, weight in part_texts]
+    negative = schedule(negative_prompt, steps)  # A1111 reads no AND in the negative prompt
+    distinct = {(field_name, text) for field_name, entries in [("prompt", e) for e, _ in parts] + [("negative_prompt", negative)]
+                for _, text in entries}  # fmt: skip
+    if len(distinct) > MAX_TEXTS:  # each is encoded, and held for the call
+        raise LimitError(f"prompt: its edits and alternations make {len(distinct)} texts over {request.steps} steps, "
+                         f"more than the {MAX_TEXTS} a request may encode; use fewer")  # fmt: skip
+    for field_name, text in sorted(distinct):
+        check_prompt_syntax(text, field_name)
     layers = model.spec.text_encoder_layers
     xl = model.spec.pipeline_class == "StableDiffusionXLPipeline"
     if layers and request.clip_skip > layers:  # A1111's CLIP_stop_at_last_layers counts back from the last of them
@@ -56,15 +67,20 @@ def plan(request: GenerateRequest, model: Entry, store: ModelStore):
                         f"encoders at their penultimate layer whatever the clip skip); set sdxl_clip_l_skip to apply "
                         f"it to CLIP-L, as A1111's option of that name does")  # fmt: skip
     # A1111's settings act where they mean something (sdxl_clip_l_skip on SDXL): elsewhere they change nothing
-    return A1111Prompt(request.prompt, request.negative_prompt, parts, negative, calls, request.clip_skip,
-                       request.sdxl_clip_l_skip and xl, request.cfg_scale, request.pad_cond_uncond, inversions,
-                       warnings)  # fmt: skip
+    return A1111Prompt(request.prompt, request.negative_prompt, part_texts, negative_prompt, request.steps, parts,
+                       negative, request.clip_skip, request.sdxl_clip_l_skip and xl, request.cfg_scale,
+                       request.pad_cond_uncond, inversions, warnings)  # fmt: skip
 
 
-def denoising_calls(sampler: str, steps: int) -> int:
-    """How many times the sampler calls the model for `steps` steps, as A1111 counts a schedule's steps: a second
-    order sampler (Heun) calls it twice a step but the last."""
-    return 2 * steps - 1 if canonical_sampler(sampler) == "Heun" else steps
+MAX_PARTS = 16  # AND parts of a prompt
+MAX_TEXTS = 64  # distinct texts a prompt's and negative's schedules make
+SECOND_ORDER = ("HeunDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler")
+
+
+def schedule_steps(scheduler_class: str | None, steps: int) -> int:
+    """The steps A1111 counts a schedule over: twice the steps for a second-order sampler (it calls the model
+    twice a step); None (the model's own scheduler) is known once the model is loaded (`count_calls`)."""
+    return 2 * steps if scheduler_class in SECOND_ORDER else steps
 
 
 def check_prompt_syntax(text: str, field_name: str) -> None:
@@ -82,6 +98,10 @@ def plan_for_transformer(request: GenerateRequest, model: Entry) -> TransformerP
         raise UnsupportedError(f"negative_prompt: LoRA tags are not supported for {family} models (model {name}); "
                                f"remove it")  # fmt: skip
     for field_name, text in (("prompt", request.prompt), ("negative_prompt", request.negative_prompt)):
+        if len(schedule(text, request.steps)) > 1:
+            raise UnsupportedError(
+                f"{field_name}: A1111's prompt editing and alternation ([from:to:when], [a|b]) are not computed for "
+                f"{family} models (model {name}), whose prompts go to their text encoders as written; remove them")
         if any(f is BREAK or f[1] != 1.0 for f in parse_attention(text, field_name)):
             raise UnsupportedError(
                 f"{field_name}: A1111 attention weights ((word:1.2), [word]) and BREAK are not applied for {family} "
@@ -109,9 +129,11 @@ class A1111Prompt(Conditioning):
 
     prompt: str  # as the request wrote it (tags included), for the result
     negative_prompt: str
+    part_texts: list  # [(text, weight)]: the prompt without its LoRA tags, split at AND
+    negative_text: str
+    steps: int
     parts: list  # [(schedule, weight)], a schedule being [(last call, text)]
     negative: list  # the negative prompt's schedule
-    calls: int  # the denoising calls the schedules count
     clip_skip: int
     sdxl_clip_l_skip: bool
     cfg_scale: float
@@ -122,6 +144,8 @@ class A1111Prompt(Conditioning):
     used: list = field(default_factory=list)
     padded: bool = False
     call_index: int = 0
+    unet: object = None  # prompting.conds.ConditionedUNet, where the UNet reads the prompt per call
+    calls: int = 0  # the model's calls in the run (shown with the schedule)
 
     def prepare(self, prep: Preparation) -> None:
         """The textual inversions' vectors, from the engine's cache or read now."""
@@ -145,6 +169,7 @@ class A1111Prompt(Conditioning):
         from ..prompting.encode import Reading, encode_text, lengthen, zero_negative
 
         pipeline = call.loaded.pipeline
+        self.count_calls(SAMPLERS[call.sampler][0] or call.loaded.scheduler_class)
         layers = pipeline.text_encoder.config.num_hidden_layers
         if self.clip_skip > layers:  # the plan checks it where the files say how many (this is the backstop)
             raise RequestError(f"clip_skip: {self.clip_skip} is more than the {layers} layers of model "
@@ -163,21 +188,22 @@ class A1111Prompt(Conditioning):
                 negative = [(end, Cond(*zero_negative(first.embeds, first.pooled))) for end, _ in self.negative]
             else:
                 negative = [(end, cond(text, "negative_prompt")) for end, text in self.negative]
-            positive, unconditional = first, negative[0][1]
-            guided = self.cfg_scale > 1.0  # diffusers applies classifier-free guidance only above 1
-            unequal = guided and positive.embeds.shape[1] != unconditional.embeds.shape[1]
-            fixed = len(parts) == 1 and parts[0][1] == 1.0 and len(parts[0][0]) == 1 and len(negative) == 1
-            if fixed and unequal and self.pad_cond_uncond:  # A1111's option: one batch, empty chunks added
-                empty = cond("", "")
-                positive, unconditional = (Cond(lengthen(positive.embeds, unconditional.embeds, empty.embeds), positive.pooled),
-                                           Cond(lengthen(unconditional.embeds, positive.embeds, empty.embeds), unconditional.pooled))  # fmt: skip
-                self.padded, unequal = True, False
+            empty = cond("", "") if self.pad_cond_uncond else None  # what A1111 pads with
         self.used = list(used.values())
+        guided = self.cfg_scale > 1.0  # diffusers applies classifier-free guidance only above 1
+        positive, unconditional = first, negative[0][1]
+        fixed = len(parts) == 1 and parts[0][1] == 1.0 and len(parts[0][0]) == 1 and len(negative) == 1
+        unequal = guided and positive.embeds.shape[1] != unconditional.embeds.shape[1]
+        if fixed and unequal and empty is not None:  # A1111's pad_cond_uncond: one batch, empty chunks added
+            positive, unconditional = (Cond(lengthen(positive.embeds, unconditional.embeds, empty.embeds), positive.pooled),
+                                       Cond(lengthen(unconditional.embeds, positive.embeds, empty.embeds), unconditional.pooled))  # fmt: skip
+            self.padded, unequal = True, False
         if not fixed or unequal:
             # per call, composable, or prompt and negative at their own lengths: the UNet reads them (`conds.py`);
             # the pipeline's own prompt embeddings are stand-ins of one shape, never read
-            unet = ConditionedUNet(pipeline.unet, StepConds(negative, parts), lambda: self.call_index, guided)
-            call.after(unet.install())
+            self.unet = ConditionedUNet(pipeline.unet, StepConds(negative, parts, empty), lambda: self.call_index,
+                                        self.cfg_scale)  # fmt: skip
+            call.after(self.unet.install())
             call.schedule.add(self.at_call)
             unconditional = Cond(torch.zeros_like(positive.embeds),
                                  None if positive.pooled is None else torch.zeros_like(positive.pooled))  # fmt: skip
@@ -189,6 +215,15 @@ class A1111Prompt(Conditioning):
             if unconditional.pooled is not None:
                 call.kwargs["negative_pooled_prompt_embeds"] = unconditional.pooled
 
+    def count_calls(self, scheduler_class: str) -> None:
+        """The model's calls and the schedules over the steps A1111 counts, now that the scheduler is known (a
+        model's own scheduler may be a second-order one the plan could not see)."""
+        second_order = scheduler_class in SECOND_ORDER
+        self.calls = 2 * self.steps - 1 if second_order else self.steps
+        steps = schedule_steps(scheduler_class, self.steps)
+        self.parts = [(schedule(text, steps), weight) for text, weight in self.part_texts]
+        self.negative = schedule(self.negative_text, steps)
+
     def at_call(self, step: int, total: int, index: int) -> None:
         self.call_index = step
 
@@ -198,7 +233,7 @@ class A1111Prompt(Conditioning):
         infotext = {"Clip skip": clip_skip if clip_skip > 1 else None}
         if inversions:
             infotext["TI hashes"] = ", ".join(f"{i['name']}: {i['hash']}" for i in inversions)
-        if self.padded:
+        if self.padded or (self.unet is not None and self.unet.padded):
             infotext["Pad conds"] = True  # as A1111 writes it when it padded
         schedule_info = {
             "prompt": [{"weight": weight, "texts": steps_of(entries, self.calls)} for entries, weight in self.parts],

@@ -35,10 +35,13 @@ class Cond:
 @dataclass
 class StepConds:
     """What every denoising call reads: the negative's schedule, and each part's schedule with its weight, where a
-    schedule is [(last call, Cond), ...] as `prompting/schedule.py` makes it."""
+    schedule is [(last call, Cond), ...] as `prompting/schedule.py` makes it. `empty`: the empty prompt's
+    conditioning, with which the shorter of the parts and the negative is padded (A1111's `pad_cond_uncond`);
+    None: each at its own length."""
 
     negative: list[tuple[int, Cond]]
     parts: list[tuple[list[tuple[int, Cond]], float]]
+    empty: Cond | None = None
 
     def at(self, call: int) -> tuple[Cond, list[tuple[Cond, float]]]:
         return pick(self.negative, call), [(pick(entries, call), weight) for entries, weight in self.parts]
@@ -51,13 +54,15 @@ def pick(entries: list[tuple[int, Cond]], call: int) -> Cond:
 
 class ConditionedUNet:
     """Replaces, for one pipeline call, the conditioning the UNet reads (see the module docstring). `current_call()`
-    is the index of the denoising call under way; `guided`: the pipeline runs classifier-free guidance (its batch
-    is [negative, prompt]); without it the batch is the prompt alone, and the negative still runs where the parts
-    need it (AND, or a part's weight), as A1111 runs it at any cfg scale."""
+    is the index of the denoising call under way. With classifier-free guidance the pipeline's batch is [negative,
+    prompt] and it applies `cfg_scale`; without it (cfg_scale <= 1) the batch is the prompt alone, and the negative
+    still runs where the parts need it (AND, or a part's weight), combined at `cfg_scale` as A1111 does at any
+    scale. `padded` says whether any call padded (for A1111's `Pad conds`)."""
 
-    def __init__(self, unet, conds: StepConds, current_call: Callable[[], int], guided: bool):
-        self.unet, self.conds, self.current_call, self.guided = unet, conds, current_call, guided
+    def __init__(self, unet, conds: StepConds, current_call: Callable[[], int], cfg_scale: float):
+        self.unet, self.conds, self.current_call, self.cfg_scale = unet, conds, current_call, cfg_scale
         self.forward = unet.forward  # the class's own, bound: what this calls
+        self.padded = False
 
     def install(self) -> Callable[[], None]:
         """Route the UNet's calls through `__call__` until the returned undo runs."""
@@ -67,11 +72,12 @@ class ConditionedUNet:
     def __call__(self, sample, timestep, encoder_hidden_states=None, *args, added_cond_kwargs=None,
                  return_dict: bool = True, **kwargs):  # fmt: skip
         negative, parts = self.conds.at(self.current_call())
-        with_negative = self.guided or not (len(parts) == 1 and parts[0][1] == 1.0)
+        guided = sample.shape[0] == 2  # the pipeline's batch: [negative, prompt] (one image at a time), or [prompt]
+        with_negative = guided or not (len(parts) == 1 and parts[0][1] == 1.0)
         rows = ([negative] if with_negative else []) + [cond for cond, _ in parts]
-        prompt_row = 1 if self.guided else 0  # where the pipeline's batch holds the prompt (the negative first)
-        picks = ([0] if with_negative else []) + [prompt_row] * len(parts)
-        embeds, mask = stacked(rows, with_negative)
+        picks = ([0] if with_negative else []) + [1 if guided else 0] * len(parts)  # the pipeline's row each stands for
+        embeds, mask, padded = stacked(rows, with_negative, self.conds.empty)
+        self.padded = self.padded or padded
         out = self.forward(
             sample[-1:].expand(len(rows), *sample.shape[1:]),  # every row of the pipeline's batch is this latent
             timestep,
@@ -84,8 +90,9 @@ class ConditionedUNet:
         )[0]
         if with_negative:
             neg = out[:1]
-            combined = neg + sum(weight * (out[1 + i : 2 + i] - neg) for i, (_, weight) in enumerate(parts))
-            out = torch.cat([neg, combined]) if self.guided else combined
+            scale = 1.0 if guided else self.cfg_scale  # guided: the pipeline multiplies by cfg_scale itself
+            combined = neg + scale * sum(weight * (out[1 + i : 2 + i] - neg) for i, (_, weight) in enumerate(parts))
+            out = torch.cat([neg, combined]) if guided else combined
         if return_dict:
             from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
@@ -93,24 +100,32 @@ class ConditionedUNet:
         return (out,)
 
 
-def stacked(rows: list[Cond], negative_apart: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The rows' embeddings as one batch, and the attention mask that keeps each at its own length. Parts (all rows
-    after the negative, or all of them) of unequal lengths repeat their last vector, as A1111 stacks them; the
-    negative keeps its own length (masked), as A1111 runs it apart."""
+def stacked(rows: list[Cond], negative_apart: bool, empty: Cond | None):
+    """The rows' embeddings as one batch, the attention mask that keeps each at its own length (None where all are
+    one length), and whether empty chunks were added. Parts (all rows after the negative, or all of them) of
+    unequal lengths repeat their last vector, as A1111 stacks them. The negative keeps its own length (masked), as
+    A1111 runs it apart; with `empty` (`pad_cond_uncond`) the shorter of the negative and the parts gets whole empty
+    chunks instead, as A1111 pads them, and all run as one batch."""
     parts = rows[1:] if negative_apart else rows
     longest_part = max(c.embeds.shape[1] for c in parts)
     embeds = [torch.cat([c.embeds, c.embeds[:, -1:].expand(1, longest_part - c.embeds.shape[1], -1)], dim=1)
               for c in parts]  # fmt: skip
-    lengths = [longest_part] * len(parts)
+    padded = False
     if negative_apart:
-        embeds.insert(0, rows[0].embeds)
-        lengths.insert(0, rows[0].embeds.shape[1])
+        negative = rows[0].embeds
+        chunks = (longest_part - negative.shape[1]) // empty.embeds.shape[1] if empty is not None else 0
+        if chunks > 0:
+            negative, padded = torch.cat([negative] + [empty.embeds] * chunks, dim=1), True
+        elif chunks < 0:
+            embeds, padded = [torch.cat([e] + [empty.embeds] * -chunks, dim=1) for e in embeds], True
+        embeds.insert(0, negative)
+    lengths = [e.shape[1] for e in embeds]
     longest = max(lengths)
     if all(length == longest for length in lengths):
-        return torch.cat(embeds), None
-    padded = torch.cat([torch.cat([e, e.new_zeros(1, longest - e.shape[1], e.shape[2])], dim=1) for e in embeds])
-    mask = torch.tensor([[1] * length + [0] * (longest - length) for length in lengths], device=padded.device)
-    return padded, mask
+        return torch.cat(embeds), None, padded
+    batch = torch.cat([torch.cat([e, e.new_zeros(1, longest - e.shape[1], e.shape[2])], dim=1) for e in embeds])
+    mask = torch.tensor([[1] * length + [0] * (longest - length) for length in lengths], device=batch.device)
+    return batch, mask, padded
 
 
 def rows_of(added: dict | None, picks: list[int], rows: list[Cond]) -> dict | None:

@@ -57,40 +57,6 @@ class Reading:
         return [(self.clip_skip if self.sdxl_clip_l_skip else 2, False), (2, False)]
 
 
-@dataclass
-class Encoded:
-    """What the pipeline is called with, and which embeddings the texts used."""
-
-    kwargs: dict
-    inversions_used: list[Inversion]
-
-
-def encode_prompts(pipeline, prompt: str, negative_prompt: str, reading: Reading, inversions: list[Inversion],
-                   guidance: bool) -> Encoded:  # fmt: skip
-    """`prompt_embeds` (and SDXL's pooled embeddings), with their negative counterparts when `guidance` is on; a
-    prompt and negative of unequal lengths are padded with empty-prompt chunks (A1111's `pad_cond_uncond`), so one
-    batched UNet call takes both."""
-    used: dict[str, Inversion] = {}
-    positive, pooled = encode_text(pipeline, prompt, reading, inversions, used, "prompt")
-    kwargs = {"prompt_embeds": positive}
-    xl = pooled is not None
-    if xl:
-        kwargs["pooled_prompt_embeds"] = pooled
-    if guidance:
-        if xl and negative_prompt == "":
-            negative, negative_pooled = zero_negative(positive, pooled)
-        else:
-            negative, negative_pooled = encode_text(pipeline, negative_prompt, reading, inversions, used,
-                                                    "negative_prompt")  # fmt: skip
-        if positive.shape[1] != negative.shape[1]:  # the shorter gets empty-prompt chunks, as in A1111
-            empty, _ = encode_text(pipeline, "", reading, [], {}, "")
-            positive, negative = lengthen(positive, negative, empty), lengthen(negative, positive, empty)
-        kwargs["prompt_embeds"], kwargs["negative_prompt_embeds"] = positive, negative
-        if xl:
-            kwargs["negative_pooled_prompt_embeds"] = negative_pooled
-    return Encoded(kwargs, list(used.values()))
-
-
 def zero_negative(positive: torch.Tensor, pooled: torch.Tensor):
     """SDXL's empty negative prompt: zeros of one chunk and of the pooled vector (diffusers, and A1111's
     `force_zero_negative_prompt`)."""

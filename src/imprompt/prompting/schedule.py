@@ -17,12 +17,14 @@ denoiser counts steps), not from its code:
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
 AND = re.compile(r"\bAND\b")
 PART_WEIGHT = re.compile(r"^((?:\s|.)*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\s*$")
-NUMBER = re.compile(r"\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)\s*\]")  # then the closing bracket
+NUMBER = re.compile(r"\s*([+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?)\s*\]")  # then the closing bracket
+DEPTH = 64  # brackets inside brackets: deeper, the prompt is its own text (A1111's parser reads it as text too)
 STOPS = "[]():|\\"
 
 
@@ -88,6 +90,8 @@ def switch_step(when: str, steps: int) -> int:
     value = float(when)
     if "." in when:
         value *= steps
+    if not math.isfinite(value):  # 1e400: past every step (or, negative, before every one)
+        return steps if value > 0 else -1
     return min(steps, int(value))
 
 
@@ -133,18 +137,20 @@ def parse(text: str) -> tuple:
     return tuple(nodes)
 
 
-def prompt(text: str, i: int) -> tuple[list, int]:
+def prompt(text: str, i: int, depth: int = 0) -> tuple[list, int]:
     """Text, kept brackets, edits and alternations from `i`, up to the first character none of them can take."""
+    if depth > DEPTH:
+        raise Unreadable(text)
     nodes = []
     while i < len(text):
         c = text[i]
         if c == "\\":
-            if i + 1 == len(text):
+            if i + 1 == len(text) or text[i + 1] == "\n":  # A1111's escape takes any character but a line end
                 raise Unreadable(text)
             nodes.append(text[i : i + 2])  # an escaped character, kept as written
             i += 2
         elif c in "([":
-            found = construct(text, i)
+            found = construct(text, i, depth + 1)
             if found is None:
                 break
             node, i = found
@@ -160,15 +166,15 @@ def prompt(text: str, i: int) -> tuple[list, int]:
     return nodes, i
 
 
-def construct(text: str, i: int):
+def construct(text: str, i: int, depth: int):
     """The bracket construct at `i` and where it ends, or None where the brackets make none."""
-    first, j = prompt(text, i + 1)
+    first, j = prompt(text, i + 1, depth)
     at = text[j] if j < len(text) else ""
     if text[i] == "(":
         if at == ")":
             return Group("(", tuple(first), ")"), j + 1
         if at == ":":
-            second, k = prompt(text, j + 1)
+            second, k = prompt(text, j + 1, depth)
             if k < len(text) and text[k] == ")":
                 return Group("(", tuple(first) + (":",) + tuple(second), ")"), k + 1
         return None
@@ -177,13 +183,13 @@ def construct(text: str, i: int):
     if at == "|":
         options = [tuple(first)]
         while j < len(text) and text[j] == "|":
-            option, j = prompt(text, j + 1)
+            option, j = prompt(text, j + 1, depth)
             options.append(tuple(option))
         if j < len(text) and text[j] == "]":
             return Alternate(tuple(options)), j + 1
         return None
     if at == ":":
-        second, k = prompt(text, j + 1)
+        second, k = prompt(text, j + 1, depth)
         if k < len(text) and text[k] == ":":
             number = NUMBER.match(text, k + 1)
             if number:

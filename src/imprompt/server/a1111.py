@@ -161,7 +161,9 @@ PROMPT_SETTINGS = ("pad_cond_uncond", "sdxl_clip_l_skip")  # A1111's settings of
 # what POST /sdapi/v1/options can set, beside sd_model_checkpoint, and its value before any client sets it
 OPTION_DEFAULTS = {"sd_vae": "Automatic", "CLIP_stop_at_last_layers": 1, "control_net_no_detectmap": False,
                    "pad_cond_uncond": False, "sdxl_clip_l_skip": False}  # fmt: skip
-SETTINGS_OFF = {"eta_noise_seed_delta": (None, 0)}
+# settings that change pictures, at the values imprompt computes (A1111's defaults): any other is refused
+SETTINGS_OFF = {"eta_noise_seed_delta": (None, 0), "use_old_scheduling": (None, False),
+                "pad_cond_uncond_v0": (None, False)}  # fmt: skip
 OWN_VAE = (None, "", "None", "Automatic")  # sd_vae values meaning the model's own VAE
 ETA_DEFAULT = {"Euler a": 1.0, "DDIM": 0.0}  # samplers eta changes; eta means nothing to the others
 
