@@ -72,7 +72,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e ".[test,faceid,cluster]"
+	$(BIN)/python -m pip install --quiet -e ".[test,faceid,cluster,controlnet]"
 	touch $@
 
 clean:
