@@ -131,6 +131,10 @@ class UnknownVaeError(NotFoundError):
     pass
 
 
+class UnknownControlNetError(UnknownModelError):
+    """A ControlNet named by a request is not in the models folders."""
+
+
 class IncompatibleError(ImpromptError):
     """Two things that must fit together do not (adapter vs UNet, adapter vs encoder)."""
 
@@ -145,6 +149,16 @@ class MissingEncoderError(ImpromptError):
 
 class MissingFaceAnalysisError(ImpromptError):
     """FaceID from images needs InsightFace (the optional `faceid` extra) and its model pack; one is missing."""
+
+    http_status = 422
+
+
+class UnknownPreprocessorError(RequestError):
+    """A ControlNet unit names a preprocessor (module) imprompt does not know."""
+
+
+class MissingPreprocessorWeightsError(ImpromptError):
+    """A preprocessor's model weights are in none of the folders where users keep them; checked before any load."""
 
     http_status = 422
 
