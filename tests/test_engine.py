@@ -26,7 +26,7 @@ def test_info_is_json_and_names_what_served_each_unit(engine, red_circle):
     assert u["encoder_source"] in ("loaded", "cache", "not needed")
     assert u["encoder_why"].startswith("Plus Face consumes hidden_states[64]")
     assert set(info["timings"]) == {"plan", "load", "prepare", "apply", "denoise", "total", "by_kind"}
-    assert set(info["timings"]["by_kind"]) == {"init_image", "image_prompts", "loras", "vae", "prompt"}
+    assert set(info["timings"]["by_kind"]) == {"init_image", "image_prompts", "loras", "vae", "prompt", "controlnets"}
 
 
 def test_random_seed_is_reported_and_reproduces(engine, red_circle):

@@ -63,6 +63,9 @@ class PipelineCall:
         self.schedule = StepSchedule(batch_size, on_step, interrupt)
         self.lora_uses: list = []  # LoRAs that act during the call (loading.loras.LoraUse), from any conditioning
         self.scheduler = None  # the last image's scheduler, for the result's sampler names
+        # the prompt's `prompting.conds.ConditionedUNet` where the UNet reads other rows than the pipeline's batch
+        # (a ControlNet then reads those rows too); None: the pipeline's own batch
+        self.conditioned_unet = None
         self._undo: list[Callable[[], None]] = []
 
     def after(self, undo: Callable[[], None]) -> None:

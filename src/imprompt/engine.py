@@ -22,10 +22,10 @@ import torch
 
 from .call import PipelineCall
 from .conditioning import Preparation
-from .conditioning.image_prompts import check_limits, embed_unit, save_unit_embeddings
+from .conditioning.image_prompts import embed_unit, save_unit_embeddings
 from .ipadapter.embeddings import UnitEmbeddings
 from .models.store import Entry
-from .plan import Plan, make_plan
+from .plan import Plan, check_limits, make_plan
 from .request import GenerateRequest, IPAdapterUnit, parse_request
 from .result import Result, Timer, make_result
 from .state import EngineState, Limits
@@ -33,7 +33,7 @@ from .util.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 
 __all__ = ["Engine", "Result"]
 # what an engine showed of itself before its state had a module of its own: read from the state (or its limits)
-STATE_ATTRIBUTES = ("encoder_dtype", "embedder", "faces", "adapters", "loras", "vaes", "inversions", "pipelines",
+STATE_ATTRIBUTES = ("encoder_dtype", "embedder", "faces", "adapters", "loras", "vaes", "inversions", "controlnets", "pipelines",
                     "default_model", "activation_budget")  # fmt: skip
 LIMIT_ATTRIBUTES = ("max_units", "max_images", "max_image_pixels", "max_image_bytes", "allow_paths")
 
@@ -51,6 +51,7 @@ class Engine:
         embedding_cache_budget: str | int | None = None,
         adapter_cache_budget: str | int | None = None,
         lora_cache_budget: str | int | None = None,
+        controlnet_cache_budget: str | int | None = None,
         pipeline_cache_budget: str | int | None = None,
         offload_budget: str | int | None = None,
         default_model: str | None = None,
@@ -67,14 +68,14 @@ class Engine:
         Budgets ("8GiB", "512MB", bytes) of the caches, on the device the models live on (defaults: shares of its
         memory, `util/devices.py`): `cache_budget` for loaded image encoders, `adapter_cache_budget` for built
         adapters, `embedding_cache_budget` for embeddings, `lora_cache_budget` for the LoRAs loaded into every
-        resident model, `pipeline_cache_budget` for base models kept loaded, and on a GPU `offload_budget` for
+        resident model, `controlnet_cache_budget` for ControlNet models, `pipeline_cache_budget` for base models kept loaded, and on a GPU `offload_budget` for
         base models waiting in CPU memory; `activation_budget`: the device memory a generation may use beyond the
         caches (an image whose VAE decode would need more is decoded tile by tile).
         Paths as names are allowed unless `allow_paths=False`. `max_units` per request and `max_images` per unit
         are checked before any image is decoded. `insightface_root`: where InsightFace's model pack is (FaceID from
         images; see `ipadapter/faces.py` for where else it is looked for)."""
         budgets = {"encoders": cache_budget, "embeddings": embedding_cache_budget, "adapters": adapter_cache_budget,
-                   "loras": lora_cache_budget, "pipelines": pipeline_cache_budget, "offload": offload_budget,
+                   "loras": lora_cache_budget, "controlnets": controlnet_cache_budget, "pipelines": pipeline_cache_budget, "offload": offload_budget,
                    "activations": activation_budget}  # fmt: skip
         limits = Limits(max_units, max_images, max_image_pixels, max_image_bytes, allow_paths)
         self.state = EngineState(models, device, dtype, encoder_dtype, budgets, limits, default_model, insightface_root)

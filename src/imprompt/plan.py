@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .conditioning import image_prompts, init_image, loras, prompt, vae
+from .conditioning import controlnet, image_prompts, init_image, loras, prompt, vae
 from .conditioning.image_prompts import ImagePrompts
 from .conditioning.ip_adapter import fits, pick_encoder
 from .conditioning.prompt import A1111Prompt
@@ -45,6 +45,7 @@ def make_plan(request: GenerateRequest, state) -> Plan:
     sampler = canonical_sampler(request.sampler)
     inputs = image_prompts.decode_inputs(request, state)
     start = init_image.decode(request, state)
+    control_images = controlnet.decode(request, state)
     model = state.store.pipeline(request.model or state.default_model or _only_pipeline(state.store))
     check_runnable(model)
     if model.spec.architecture != "unet":
@@ -56,9 +57,17 @@ def make_plan(request: GenerateRequest, state) -> Plan:
     check_composable_with_images(text, images, request)
     decoder = vae.plan(request, model, state.store)
     start_image = init_image.plan(request, model, start)
+    controls = controlnet.plan(request, model, state, control_images, width, height)
     if model.spec.architecture != "unet":
         sampler = transformer_sampler(sampler, model)
-    return Plan(model, (start_image, images, lora_set, decoder, text), sampler, width, height)
+    return Plan(model, (start_image, images, lora_set, decoder, text, controls), sampler, width, height)
+
+
+def check_limits(request: GenerateRequest, limits) -> None:
+    """How many units and images a request may bring, checked before any image is decoded (the server calls this
+    before it queues a job)."""
+    image_prompts.check_limits(request, limits)
+    controlnet.check_limits(request, limits)
 
 
 def check_composable_with_images(text, images, request: GenerateRequest) -> None:

@@ -135,6 +135,41 @@ class IPAdapterUnit(BaseModel):
         return self.start <= step / total < self.end
 
 
+# The A1111 ControlNet extension's control modes and resize modes, by name (its API also takes their index)
+CONTROL_MODES = ("Balanced", "My prompt is more important", "ControlNet is more important")
+RESIZE_MODES = ("Just Resize", "Crop and Resize", "Resize and Fill")
+CONTROL_WEIGHT_RANGE = (0.0, 2.0)  # the extension's weight slider
+
+
+class ControlNetUnit(BaseModel):
+    """One ControlNet: a model, the picture it reads (made into a control image by a preprocessor, or given
+    finished with `module="none"`), and how strongly and when it acts, as the A1111 ControlNet extension's unit."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid", allow_inf_nan=False)
+
+    model: Name = Field(min_length=1, description='file name, stem, folder name, "name [hash]" or path')
+    image: Any = Field(description="the picture: PIL image, path or base64 (with module none: the control image)")
+    module: Name = Field("none", description="the preprocessor (the extension's module names); none: the image is the control image")
+    weight: float = Field(1.0, ge=CONTROL_WEIGHT_RANGE[0], le=CONTROL_WEIGHT_RANGE[1])
+    start: float = Field(0.0, ge=0.0, le=1.0, description="fraction of the steps where it starts acting")
+    end: float = Field(1.0, ge=0.0, le=1.0, description="fraction of the steps where it stops acting")
+    control_mode: Literal[CONTROL_MODES] = "Balanced"  # type: ignore[valid-type]
+    resize_mode: Literal[RESIZE_MODES] = "Crop and Resize"  # type: ignore[valid-type]
+    processor_res: int | None = Field(None, ge=64, le=2048, description="the preprocessor's resolution; None: its default")
+    threshold_a: float | None = Field(None, description="the preprocessor's first parameter; None: its default")
+    threshold_b: float | None = Field(None, description="the preprocessor's second parameter; None: its default")
+    pixel_perfect: bool = Field(False, description="the preprocessor's resolution from the image and output sizes")
+    union_type: Name | int | None = Field(
+        None, description="ControlNet Union / ProMax: the control type (name or index); None: from the preprocessor"
+    )
+
+    @model_validator(mode="after")
+    def _window(self):
+        if self.start > self.end:
+            raise ValueError(f"start ({self.start}) is after end ({self.end}); use start <= end")
+        return self
+
+
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
@@ -153,6 +188,9 @@ class GenerateRequest(BaseModel):
     batch_size: int = Field(1, ge=1, le=8)
     sampler: Name = "Default"
     ip_adapters: list[IPAdapterUnit] = Field(
+        default_factory=list, max_length=MAX_UNITS, description="how many: see Engine(max_units)"
+    )
+    controlnets: list[ControlNetUnit] = Field(
         default_factory=list, max_length=MAX_UNITS, description="how many: see Engine(max_units)"
     )
     loras: list[LoraWeight] = Field(

@@ -26,6 +26,7 @@ class Result:
     images: list[Image.Image]
     info: dict
     infotexts: list[str]  # A1111's "parameters" text of each image (each with its own seed)
+    control_images: list[Image.Image] = field(default_factory=list)  # each ControlNet unit's control image
 
     @property
     def parameters(self) -> str:
@@ -72,8 +73,9 @@ def make_result(images: list, call, request, descriptions: list, *, model: str, 
     seeds = [call.seed + i for i in range(len(images))]
     parts: dict = {}
     described: dict = {}
-    suffix, warnings = "", []
+    suffix, warnings, extra = "", [], []
     for description in descriptions:
+        extra += description.images
         parts |= description.info
         described |= description.infotext
         suffix += description.prompt_suffix
@@ -108,11 +110,11 @@ def make_result(images: list, call, request, descriptions: list, *, model: str, 
     }
     rank = {name: i for i, name in enumerate(INFO_ORDER)}  # a kind's fields it does not list: before "warnings"
     info = dict(sorted(fields.items(), key=lambda item: rank.get(item[0], rank["warnings"] - 0.5)))
-    return Result(images, info, infotexts)
+    return Result(images, info, infotexts, extra)
 
 
 # the order `info` has always had its fields in (the kinds' among them)
 INFO_ORDER = ("model", "mode", "prompt", "negative_prompt", "seed", "all_seeds", "steps", "cfg_scale", "width",
               "height", "batch_size", "sampler", "schedule_type", "model_hash", "denoising_strength", "device", "dtype",
-              "encoder_dtype", "ip_adapters", "loras", "textual_inversions", "clip_skip", "vae", "vae_tiling",
+              "encoder_dtype", "ip_adapters", "controlnets", "loras", "textual_inversions", "clip_skip", "vae", "vae_tiling",
               "warnings", "events", "timings", "interrupted", "version")  # fmt: skip

@@ -74,6 +74,9 @@ class EngineState:
         self.loras = LoraBudget(budget("loras", default_budget("loras", self.device)))
         self.vaes = ByteLRU("vaes", default_budget("vaes", self.device))
         self.inversions = ByteLRU("textual-inversions", default_budget("inversions", self.device))
+        self.controlnets = ByteLRU("controlnets", budget("controlnets", default_budget("controlnets", self.device)))
+        # ControlNet preprocessors' outputs by picture and parameters (`preprocess.detect`), sized as the embeddings
+        self.detections = ByteLRU("detections", default_budget("embeddings", self.device))
         offload = default_budget("offload", self.device) if self.device.type == "cuda" else 0
         self.pipelines = ResidentPipelines(self.device, budget("pipelines", default_budget("pipelines", self.device)),
                                            budget("offload", offload))  # fmt: skip
@@ -151,13 +154,16 @@ class EngineState:
             "adapters": self.adapters.stats(),
             "loras": self.loras.cache.stats(),
             "vaes": self.vaes.stats(),
+            "controlnets": self.controlnets.stats(),
+            "detections": self.detections.stats(),
             "faces": self.faces.faces.stats(),
             "model": loaded.name if loaded is not None else None,
             "pipelines": self.pipelines.stats(),
         }
 
     def clear_cache(self) -> dict:
-        """Drop loaded encoders, embeddings, built adapters, LoRAs, VAEs and faces (the loaded models stay)."""
+        """Drop loaded encoders, embeddings, built adapters, LoRAs, VAEs, ControlNets, control images and faces (the
+        loaded models stay)."""
         for resident in self.pipelines.all():
             resident.attached.attach([], ())
             resident.attached.forget_shells()
@@ -165,6 +171,8 @@ class EngineState:
         cleared["adapters"] = self.adapters.clear()
         cleared["loras"] = sum(resident.loras.clear() for resident in self.pipelines.all())
         cleared["vaes"] = self.vaes.clear()
+        cleared["controlnets"] = self.controlnets.clear()
+        cleared["detections"] = self.detections.clear()
         cleared["faces"] = self.faces.clear()
         return cleared
 

@@ -13,7 +13,7 @@ model families is inside each kind (and the IP-Adapter attachment a pipeline is 
 order, so a kind that changes what another reads comes first: image prompts add their FaceID adapters' own LoRAs
 to the call before the LoRA set activates them, and the LoRAs act on the text encoders before the prompt is
 encoded. One module a kind: `init_image`, `image_prompts` (the units, each an `ip_adapter` or a `faceid` unit),
-`loras`, `vae`, `prompt`.
+`loras`, `vae`, `prompt`, `controlnet`.
 """
 
 from __future__ import annotations
@@ -35,12 +35,15 @@ class Preparation:
 @dataclass
 class Description:
     """A conditioning's part of the result: `info` fields, A1111 infotext fields (ordered by `util.infotext`), text
-    the infotext's prompt shows after the request's own (LoRAs given as a field, written as tags), and warnings."""
+    the infotext's prompt shows after the request's own (LoRAs given as a field, written as tags), warnings, and
+    images the response carries after the generated ones (a ControlNet unit's control image, as the A1111
+    ControlNet extension returns its detected maps)."""
 
     info: dict = field(default_factory=dict)
     infotext: dict = field(default_factory=dict)
     prompt_suffix: str = ""
     warnings: list = field(default_factory=list)
+    images: list = field(default_factory=list)
 
 
 class Conditioning:

@@ -204,6 +204,7 @@ class A1111Prompt(Conditioning):
             self.unet = ConditionedUNet(pipeline.unet, StepConds(negative, parts, empty), lambda: self.call_index,
                                         self.cfg_scale)  # fmt: skip
             call.after(self.unet.install())
+            call.conditioned_unet = self.unet
             call.schedule.add(self.at_call)
             unconditional = Cond(torch.zeros_like(positive.embeds),
                                  None if positive.pooled is None else torch.zeros_like(positive.pooled))  # fmt: skip

@@ -71,13 +71,13 @@ class ConditionedUNet:
 
     def __call__(self, sample, timestep, encoder_hidden_states=None, *args, added_cond_kwargs=None,
                  return_dict: bool = True, **kwargs):  # fmt: skip
-        negative, parts = self.conds.at(self.current_call())
         guided = sample.shape[0] == 2  # the pipeline's batch: [negative, prompt] (one image at a time), or [prompt]
-        with_negative = guided or not (len(parts) == 1 and parts[0][1] == 1.0)
-        rows = ([negative] if with_negative else []) + [cond for cond, _ in parts]
-        picks = ([0] if with_negative else []) + [1 if guided else 0] * len(parts)  # the pipeline's row each stands for
+        rows, picks, with_negative, parts = self.rows_at(guided)
         embeds, mask, padded = stacked(rows, with_negative, self.conds.empty)
         self.padded = self.padded or padded
+        for key in RESIDUALS:  # a ControlNet's residuals: computed per row already (`control_batches`), or mapped
+            if kwargs.get(key) is not None:
+                kwargs[key] = rows_of_residuals(kwargs[key], picks)
         out = self.forward(
             sample[-1:].expand(len(rows), *sample.shape[1:]),  # every row of the pipeline's batch is this latent
             timestep,
@@ -98,6 +98,46 @@ class ConditionedUNet:
 
             return UNet2DConditionOutput(sample=out)
         return (out,)
+
+
+    def rows_at(self, guided: bool):
+        """The rows the UNet runs at the current call: each Cond, the pipeline's row each stands for, whether the
+        negative runs, and the parts with their weights."""
+        negative, parts = self.conds.at(self.current_call())
+        with_negative = guided or not (len(parts) == 1 and parts[0][1] == 1.0)
+        rows = ([negative] if with_negative else []) + [cond for cond, _ in parts]
+        picks = ([0] if with_negative else []) + [1 if guided else 0] * len(parts)  # the pipeline's row each stands for
+        return rows, picks, with_negative, parts
+
+    def control_batches(self, guided: bool, added_cond_kwargs: dict | None):
+        """What a ControlNet runs on at the current call, so that it reads each row's own text as the UNet does:
+        the rows as one batch where they are one length (padded or not, as the UNet gets them), else each row alone
+        at its own length (a ControlNet takes no attention mask); and which rows are the unconditional one."""
+        rows, picks, with_negative, _ = self.rows_at(guided)
+        embeds, mask, _ = stacked(rows, with_negative, self.conds.empty)
+        added = rows_of(added_cond_kwargs, picks, rows)
+        uncond = [0] if with_negative else []
+        if mask is None:
+            return [(embeds, added)], uncond
+        lengths = mask.sum(dim=1).tolist()
+        batches = []
+        for i, length in enumerate(lengths):
+            row_added = None if added is None else {k: v[i : i + 1] for k, v in added.items()}
+            batches.append((embeds[i : i + 1, : int(length)], row_added))
+        return batches, uncond
+
+
+RESIDUALS = ("down_block_additional_residuals", "mid_block_additional_residual")
+
+
+def rows_of_residuals(value, picks: list[int]):
+    """A ControlNet's residuals for the UNet's rows: as they are where they were made per row, else each row's
+    pipeline row (the pipeline ran the ControlNet on its own batch)."""
+    if isinstance(value, (list, tuple)):
+        return type(value)(rows_of_residuals(v, picks) for v in value)
+    if value.shape[0] == len(picks):
+        return value
+    return value[torch.tensor(picks, device=value.device)]
 
 
 def stacked(rows: list[Cond], negative_apart: bool, empty: Cond | None):

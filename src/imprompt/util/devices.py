@@ -32,14 +32,15 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.floa
 
 # Share of a memory each cache may hold by default (see above for what is left). On the CPU the encoders keep 30 %
 # of the RAM (both SDXL-era encoders in fp32, 9.3 GiB, on a 32 GiB machine); on a GPU the pipelines need more and
-# the encoders get 20 % (both in fp16, 4.6 GiB, on a 24 GiB GPU). Base models kept loaded ("pipelines"): 40 % of the
-# RAM on the CPU (SD 1.5 in fp32 is 4.3 GB, SDXL 14 GB in fp32), half a GPU (SDXL in fp16 is 7 GB); "offload":
+# the encoders get 20 % (both in fp16, 4.6 GiB, on a 24 GiB GPU). Base models kept loaded ("pipelines"): 32 % of the
+# RAM on the CPU (SD 1.5 in fp32 is 4.3 GB, SDXL 14 GB in fp32), 42 % of a GPU (SDXL in fp16 is 7 GB); ControlNet
+# models 8 % (an SD 1.5 ControlNet is 1.4 GB in fp32, an SDXL one 2.5 GB in fp16); "offload":
 # the RAM where pipelines pushed off a GPU wait.
 SHARES = {
-    "cpu": {"pipelines": 0.4, "encoders": 0.3, "adapters": 0.04, "loras": 0.03, "vaes": 0.01, "embeddings": 0.005,
-            "inversions": 0.005},
-    "cuda": {"pipelines": 0.5, "encoders": 0.2, "adapters": 0.04, "loras": 0.03, "vaes": 0.01, "embeddings": 0.005,
-             "inversions": 0.005},
+    "cpu": {"pipelines": 0.32, "controlnets": 0.08, "encoders": 0.3, "adapters": 0.04, "loras": 0.03, "vaes": 0.01,
+            "embeddings": 0.005, "inversions": 0.005},
+    "cuda": {"pipelines": 0.42, "controlnets": 0.08, "encoders": 0.2, "adapters": 0.04, "loras": 0.03, "vaes": 0.01,
+             "embeddings": 0.005, "inversions": 0.005},
     "host": {"offload": 0.3},
 }  # fmt: skip
 RESERVED = {"cpu": 0.2, "cuda": 0.2, "host": 0.5}  # left by the caches: activations (device), loading (host)

@@ -1,0 +1,238 @@
+"""ControlNet units: a ControlNet and the control image it reads (made by a preprocessor from the user's picture,
+or sent finished), beside the image prompts and the prompt.
+
+diffusers runs ControlNets together with IP-Adapters for every family imprompt serves; imprompt builds that pipeline
+over the resident model's own modules for the request (`controlnets/pipelines.py`), keeps the ControlNet models
+loaded in their own byte budget keyed by file fingerprint (switching between them costs no load), and applies the
+A1111 ControlNet extension's weight, window and control mode (`controlnets/guidance.py`). What imprompt adds to
+diffusers: the model's family is checked against each ControlNet's from the tensors before anything loads, and a
+preprocessor's weights are found (or refused, naming the file and the folders) at the same time.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+from ..errors import ImpromptError, IncompatibleError, LimitError, RequestError, UnsupportedError
+from ..models.store import Entry
+from ..request import ControlNetUnit, GenerateRequest
+from . import Conditioning, Description, Preparation
+
+log = logging.getLogger("imprompt")
+DEFAULT_RESOLUTION = 512  # the extension's processor_res when a client leaves it out (-1)
+
+
+def check_limits(request: GenerateRequest, limits) -> None:
+    if len(request.controlnets) > limits.max_units:
+        raise LimitError(f"controlnets: {len(request.controlnets)} units is more than the {limits.max_units} a request "
+                         f"may have; send fewer (the server's --max-units sets the limit)")  # fmt: skip
+
+
+def decode(request: GenerateRequest, state) -> list[Image.Image]:
+    """Each unit's picture, decoded (and so checked) before anything else happens."""
+    return [state.image(unit.image, f"controlnets.{i}.image") for i, unit in enumerate(request.controlnets)]
+
+
+@dataclass
+class PlannedUnit:
+    index: int
+    unit: ControlNetUnit
+    entry: Entry
+    preprocessor: object  # preprocess.Preprocessor
+    weights: dict  # file name -> path of the preprocessor's weights
+    union_index: int | None  # the control type a Union model is told (its index), None for other models
+    image: Image.Image
+
+    @property
+    def where(self) -> str:
+        return f"controlnets.{self.index}"
+
+
+def plan(request: GenerateRequest, model: Entry, state, images: list[Image.Image], width: int, height: int) -> ControlNets:
+    """Every unit's model found and checked against the model's family, its preprocessor found with its weights,
+    before anything loads."""
+    if not request.controlnets:
+        return ControlNets((), model.spec.pipeline_class, model.spec.architecture == "unet")
+    from .. import preprocess  # OpenCV and ONNX Runtime, where a preprocessor needs them: imported where used
+
+    units = []
+    for i, (unit, image) in enumerate(zip(request.controlnets, images)):
+        where = f"controlnets.{i}"
+        try:
+            entry = state.store.controlnet(unit.model)
+            pre = preprocess.find(unit.module)
+            weights = preprocess.locate_weights(pre, state.store.roots)
+        except ImpromptError as exc:
+            raise type(exc)(f"{where}: {exc}") from None
+        spec = entry.spec
+        if spec.unsupported:
+            raise UnsupportedError(f"{where}: {spec.unsupported}")
+        problem = spec.mismatch(model.spec)
+        if problem:
+            raise IncompatibleError(f"{where}: {problem}")
+        if model.spec.architecture != "unet" and unit.control_mode != "Balanced":
+            raise UnsupportedError(f"{where}.control_mode: {unit.control_mode!r} is the A1111 ControlNet extension's "
+                                   f"rule for SD 1.5 / SDXL ControlNets; {entry.path.name} is a {spec.family} "
+                                   f"ControlNet, which runs Balanced; remove control_mode")  # fmt: skip
+        units.append(PlannedUnit(i, unit, entry, pre, weights, union_index(where, unit, spec, pre), image))
+    if units:
+        unions = {u.entry.spec.union for u in units}
+        if len(unions) > 1 and model.spec.architecture == "unet":
+            raise UnsupportedError("controlnets: a ControlNet Union model with other ControlNets in one request is not "
+                                   "supported (diffusers runs Union models in their own pipeline); use Union models "
+                                   "for every unit, or none")  # fmt: skip
+        if request.init_images and model.spec.architecture != "unet":
+            raise UnsupportedError(f"controlnets: image-to-image with ControlNet is not supported for "
+                                   f"{model.spec.family} models; remove init_images")  # fmt: skip
+    return ControlNets(tuple(units), model.spec.pipeline_class, model.spec.architecture == "unet", width=width,
+                       height=height)
+
+
+def union_index(where: str, unit: ControlNetUnit, spec, pre) -> int | None:
+    """The control type a Union model is told: the unit's `union_type` (a name or an index), else the one its
+    preprocessor's type names (SD.Next's `mode`, the extension's control type)."""
+    if not spec.union:
+        if unit.union_type is not None:
+            raise RequestError(f"{where}.union_type: {spec.variant} {spec.path} is not a Union ControlNet and takes no "
+                               f"control type; remove union_type")  # fmt: skip
+        return None
+    types = list(spec.control_types)
+    wanted = unit.union_type
+    if isinstance(wanted, int) or (isinstance(wanted, str) and wanted.isdigit()):
+        index = int(wanted)
+        if not 0 <= index < len(types):
+            raise RequestError(f"{where}.union_type: {index} is not one of the {len(types)} control types of "
+                               f"{spec.path} (0..{len(types) - 1}: {', '.join(types)})")  # fmt: skip
+        return index
+    name = (wanted or pre.control_type or "").lower()
+    for index, label in enumerate(types):
+        if name and (name == label.lower() or name in label.lower().split("/")):
+            return index
+    raise RequestError(f"{where}.union_type: {'the preprocessor ' + repr(pre.name) + ' names no' if wanted is None else repr(wanted) + ' is not a'} "
+                       f"control type of the Union model {spec.path} ({', '.join(types)}); give union_type")  # fmt: skip
+
+
+@dataclass
+class ControlNets(Conditioning):
+    kind = "controlnets"
+
+    units: tuple[PlannedUnit, ...]
+    pipeline_class: str
+    unet_family: bool
+    models: list = field(default_factory=list)  # the loaded ControlNet of each unit
+    maps: list = field(default_factory=list)  # each unit's control image (the preprocessor's output), as made
+    hashes: list = field(default_factory=list)
+    patches: list = field(default_factory=list)
+    width: int = 0
+    height: int = 0
+    resolutions: dict = field(default_factory=dict)  # unit index -> the preprocessor's resolution, as it ran
+    fitted: list = field(default_factory=list)  # the control images at the call's size
+
+    def prepare(self, prep: Preparation) -> None:
+        """Each ControlNet from the engine's cache (or loaded now), each control image made (or taken from the
+        preprocessor cache)."""
+        from .. import preprocess
+
+        state = prep.state
+        self.models, self.maps, self.hashes = [], [], []
+        for u in self.units:
+            self.models.append(loaded_controlnet(state, u.entry, prep.events, u.where))
+            self.hashes.append(state.store.a1111_hash(u.entry.path) if u.entry.path.is_file() else None)
+            if u.preprocessor.name == "none":
+                self.maps.append(u.image.convert("RGB"))
+                continue
+            resolution = u.unit.processor_res or DEFAULT_RESOLUTION
+            if u.unit.pixel_perfect:  # the resolution that maps the picture onto the output pixel for pixel
+                resolution = preprocess.resize.pixel_perfect_resolution(u.image, self.width, self.height,
+                                                                        u.unit.resize_mode)  # fmt: skip
+            self.resolutions[u.index] = resolution
+            started = time.perf_counter()
+            self.maps.append(preprocess.detect(u.preprocessor, u.image, resolution, u.unit.threshold_a,
+                                               u.unit.threshold_b, u.weights, cache=state.detections))  # fmt: skip
+            prep.events.append({"event": "control_detected", "unit": u.index, "module": u.preprocessor.name,
+                                "seconds": round(time.perf_counter() - started, 4)})  # fmt: skip
+
+    def apply(self, call) -> None:
+        """The ControlNet twin of the call's pipeline, the control images at the call's size, and each model's
+        forward patched for the units' weights, windows and modes (undone after the call)."""
+        if not self.units:
+            return
+        from ..controlnets.guidance import ControlPatch, UnitGuidance
+        from ..controlnets.pipelines import controlnet_pipeline
+        from ..preprocess.resize import fit
+
+        img2img = call.pipeline is not call.loaded.pipeline  # `init_image` chose the model's image-to-image twin
+        union = any(u.entry.spec.union for u in self.units)
+        call.pipeline = controlnet_pipeline(call.loaded.pipeline, self.pipeline_class, union, img2img, self.models)
+        images = [fit(m, call.width, call.height, u.unit.resize_mode) for u, m in zip(self.units, self.maps)]
+        self.fitted = images
+        many = len(images) > 1
+        control = images if many else images[0]
+        if img2img or not self.unet_family or union:
+            call.kwargs["control_image"] = control
+        else:
+            call.kwargs["image"] = control
+        if union:  # diffusers' Union pipelines: per model, its images and modes
+            call.kwargs["control_image"] = [[image] for image in images] if many else [images[0]]
+            call.kwargs["control_mode"] = [[u.union_index] for u in self.units] if many else [self.units[0].union_index]
+        elif not self.unet_family and any(u.union_index is not None for u in self.units):
+            call.kwargs["control_mode"] = [u.union_index for u in self.units] if many else self.units[0].union_index
+        call.kwargs["controlnet_conditioning_scale"] = [1.0] * len(images) if many else 1.0  # applied by the patches
+        by_model: dict[int, list] = {}
+        for u, model in zip(self.units, self.models):
+            by_model.setdefault(id(model), [model, []])[1].append(
+                UnitGuidance(u.unit.weight, u.unit.start, u.unit.end, u.unit.control_mode))
+        self.patches = []
+        for model, guidance in by_model.values():
+            patch = ControlPatch(model, guidance, self.unet_family, lambda: call.conditioned_unet)
+            call.after(patch.install())
+            call.schedule.add(patch.at_step)
+            self.patches.append(patch)
+
+    def describe(self, call) -> Description:
+        units, infotext = [], {}
+        for n, (u, map_hash) in enumerate(zip(self.units, self.hashes)):
+            name = u.entry.path.stem if u.entry.path.is_file() else u.entry.name
+            shown = f"{name} [{map_hash[:8]}]" if map_hash else name
+            unit = u.unit
+            resolution = self.resolutions.get(u.index)
+            units.append({"model": shown, "file": str(u.entry.path), "family": u.entry.spec.family,
+                          "module": u.preprocessor.name, "weight": unit.weight, "start": unit.start, "end": unit.end,
+                          "control_mode": unit.control_mode, "resize_mode": unit.resize_mode,
+                          "processor_res": resolution, "threshold_a": unit.threshold_a, "threshold_b": unit.threshold_b,
+                          "pixel_perfect": unit.pixel_perfect, "union_type": u.union_index})  # fmt: skip
+            infotext[f"ControlNet {n}"] = (
+                f"Module: {u.preprocessor.name}, Model: {shown}, Weight: {unit.weight}, Resize Mode: {unit.resize_mode}, "
+                f"Processor Res: {resolution or DEFAULT_RESOLUTION}, Threshold A: {unit.threshold_a}, Threshold B: "
+                f"{unit.threshold_b}, Guidance Start: {unit.start}, Guidance End: {unit.end}, Pixel Perfect: "
+                f"{unit.pixel_perfect}, Control Mode: {unit.control_mode}"
+            )
+        return Description(info={"controlnets": units}, infotext=infotext, images=list(self.maps))
+
+
+def loaded_controlnet(state, entry: Entry, events: list, where: str):
+    """The ControlNet model of `entry` on the engine's device: from its cache, or loaded now (a load that fails
+    names the unit and leaves the cache as it was)."""
+    from ..loading.controlnets import load_controlnet
+    from ..util.cache import module_bytes
+
+    key = entry.key(state.dtype, state.device)
+    model = state.controlnets.get(key)
+    if model is not None:
+        return model
+    started = time.perf_counter()
+    try:
+        model = load_controlnet(entry.spec, state.dtype).to(state.device)
+    except ImpromptError as exc:
+        raise type(exc)(f"{where}: {exc}") from None
+    for old in state.controlnets.put(key, model, module_bytes(model), label=entry.name):
+        log.info("ControlNet %s evicted from cache: ControlNet cache budget", old.label)
+        events.append({"event": "controlnet_evicted", "controlnet": old.label, "why": "ControlNet cache budget"})
+    seconds = time.perf_counter() - started
+    log.info("ControlNet %s loaded in %.2f s (%s)", entry.name, seconds, where)
+    events.append({"event": "controlnet_loaded", "controlnet": entry.name, "unit": where, "seconds": round(seconds, 4)})
+    return model
