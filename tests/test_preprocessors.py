@@ -304,8 +304,8 @@ def test_dwpose_draws_each_person_where_the_tiny_model_puts_them(tmp_path):
 
     people = dw_expected_people(weights, padded)
     assert len(people) == 2  # the weaker overlapping box is suppressed, the faint one is under 0.3
-    colours = {0: (255, 0, 0), 8: (0, 255, 85), 9: (0, 255, 170), 10: (0, 255, 255), 11: (0, 170, 255),
-               12: (0, 85, 255), 13: (0, 0, 255), 17: (255, 0, 85)}
+    colours = {0: (255, 0, 0), 8: (0, 255, 170), 9: (0, 255, 255), 10: (0, 170, 255), 11: (0, 85, 255),
+               12: (0, 0, 255), 13: (85, 0, 255), 17: (255, 0, 85)}
     for body in people:
         for index, colour in colours.items():
             x, y = body[index]
@@ -314,9 +314,9 @@ def test_dwpose_draws_each_person_where_the_tiny_model_puts_them(tmp_path):
         x, y = people[0][17]
         rx, ry = 2 * people[0][0][0] - x, y  # where the hidden right ear would be (mirror of the left)
         assert tuple(out[int(ry), int(rx)]) != (255, 0, 170)
-    # one red nose per person: nothing drawn for the suppressed or the faint box
-    red = np.all(out == (255, 0, 0), axis=2).astype(np.uint8)
-    assert cv2.connectedComponents(red)[0] - 1 == 2
+    # one left ear (a colour nothing else uses) per person: nothing drawn for the suppressed or the faint box
+    ears = np.all(out == (255, 0, 85), axis=2).astype(np.uint8)
+    assert cv2.connectedComponents(ears)[0] - 1 == 2
     # hands (blue joints) and face ring (white) drawn too
     assert np.all(out == (0, 0, 255), axis=2).sum() > 100
     assert np.all(out == (255, 255, 255), axis=2).sum() > 100
