@@ -213,6 +213,93 @@ def test_unknown_module_is_a_typed_error_not_a_crash():
         preprocess.find("")
 
 
+@pytest.fixture(scope="module")
+def annotator_pack(tmp_path_factory):
+    """Tiny annotator weights in the A1111, ComfyUI and imprompt layouts (tools/annotator_pack.py)."""
+    from tools.annotator_pack import write_annotator_pack
+
+    return write_annotator_pack(tmp_path_factory.mktemp("annotators"))
+
+
+def ext_depth(model, img, res):
+    """The extension's depth_anything, written from its code, on a transformers model loaded by transformers."""
+    import torch
+    import torch.nn.functional as F
+
+    padded, (th, tw) = ext_pad(img, res)
+    h, w = padded.shape[:2]
+    x = cv2.cvtColor(padded, cv2.COLOR_BGR2RGB) / 255.0  # the extension's call on its RGB image
+    scale = max(518 / h, 518 / w)
+
+    def multiple(v):
+        y = int(np.round(v / 14) * 14)
+        return int(np.ceil(v / 14) * 14) if y < 518 else y
+
+    x = cv2.resize(x, (multiple(scale * w), multiple(scale * h)), interpolation=cv2.INTER_CUBIC)
+    x = ((x - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])).transpose(2, 0, 1)
+    with torch.no_grad():
+        depth = model(pixel_values=torch.from_numpy(np.ascontiguousarray(x).astype(np.float32))[None]).predicted_depth
+        depth = F.interpolate(depth[None], (h, w), mode="bilinear", align_corners=False)[0, 0]
+    depth = ((depth - depth.min()) / (depth.max() - depth.min()) * 255.0).numpy().astype(np.uint8)
+    return np.stack([depth[:th, :tw]] * 3, axis=2)
+
+
+def test_depth_anything_from_users_trees_equals_transformers(annotator_pack):
+    from transformers import DepthAnythingForDepthEstimation
+
+    img = photo(240, 180, seed=5)
+    roots = annotator_pack["roots"]
+    paths = annotator_pack["depth_anything"]
+    v1 = DepthAnythingForDepthEstimation.from_pretrained(paths["imprompt_v1"]).eval()
+    v2 = DepthAnythingForDepthEstimation.from_pretrained(paths["transformers_v2"]).eval()
+    expected = {"depth_anything": ext_depth(v1, img, 256), "depth_anything_v2": ext_depth(v2, img, 256)}
+    for name in expected:
+        assert len(np.unique(expected[name])) > 20, name  # a real map, not a constant
+    assert not np.array_equal(expected["depth_anything"], expected["depth_anything_v2"])
+    for tree in ("a1111", "comfyui", "imprompt"):
+        for name in ("depth_anything", "depth_anything_v2") if tree != "imprompt" else ("depth_anything",):
+            pre = preprocess.find(name)
+            weights = preprocess.locate_weights(pre, [roots[tree]])
+            assert str(next(iter(weights.values()))).startswith(str(roots[tree].parent))
+            out = run(name, img, 256, weights=weights, cache=preprocess.DetectionCache(0))
+            assert np.abs(out.astype(int) - expected[name]).max() <= 1, (tree, name)
+
+
+def test_tiny_depth_files_have_the_original_keys(annotator_pack):
+    import torch
+    from safetensors.torch import load_file
+
+    paths = annotator_pack["depth_anything"]
+    v1 = torch.load(paths["a1111_v1"], weights_only=True)
+    v2 = load_file(str(paths["a1111_v2"]))
+    for sd in (v1, v2):
+        for key in ("pretrained.cls_token", "pretrained.pos_embed", "pretrained.mask_token",
+                    "pretrained.patch_embed.proj.weight", "pretrained.blocks.7.attn.qkv.weight",
+                    "pretrained.blocks.0.ls1.gamma", "pretrained.norm.weight", "depth_head.projects.3.weight",
+                    "depth_head.resize_layers.3.weight", "depth_head.scratch.layer4_rn.weight",
+                    "depth_head.scratch.refinenet4.resConfUnit2.conv1.weight",
+                    "depth_head.scratch.refinenet1.out_conv.weight", "depth_head.scratch.output_conv2.2.bias"):
+            assert key in sd, key
+        assert not any(k.startswith(("backbone.", "neck.", "head.", "depth_head.resize_layers.2")) for k in sd)
+        assert sd["pretrained.blocks.0.attn.qkv.weight"].shape == (3 * 128, 128)
+
+
+def test_broken_depth_file_is_a_checkpoint_error_naming_it(tmp_path):
+    import torch
+
+    from imprompt.errors import CheckpointError
+
+    folder = tmp_path / "annotators"
+    folder.mkdir()
+    torch.save({"pretrained.cls_token": torch.zeros(1, 1, 64), "something.else": torch.zeros(2)},
+               folder / "depth_anything_vitl14.pth")
+    pre = preprocess.find("depth_anything")
+    weights = preprocess.locate_weights(pre, [tmp_path])
+    with pytest.raises(CheckpointError) as err:
+        run("depth_anything", photo(64, 64), 64, weights=weights, cache=preprocess.DetectionCache(0))
+    assert "depth_anything_vitl14.pth" in str(err.value) and "missing" in str(err.value)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # DWPose, lineart, HED (helper B): tiny weights in the real layouts; references from the extension's rules
 # ---------------------------------------------------------------------------------------------------------------
@@ -352,3 +439,155 @@ def test_dwpose_unreadable_graph_is_a_checkpoint_error_naming_the_file(tmp_path)
     with pytest.raises(CheckpointError, match="yolox_l.onnx") as caught:
         dwpose.run(photo(128, 128), 128, -1, -1, weights)
     assert "yzd-v/DWPose" in str(caught.value)
+
+
+def test_dwpose_through_the_registry_from_the_users_tree(tmp_path):
+    """find -> locate_weights in the A1111 tree -> detect: the same map as the module computes."""
+    pytest.importorskip("onnxruntime")
+    from imprompt.preprocess import dwpose
+
+    dwpose.write_tiny_weights(tmp_path)
+    (tmp_path / "models").mkdir()
+    pre = preprocess.find("dw_openpose_full")
+    weights = preprocess.locate_weights(pre, [tmp_path / "models"])
+    img = photo(320, 240, seed=5)
+    out = run("dw_openpose_full", img, 320, weights=weights)
+    assert np.array_equal(out, dwpose.run(img, 320, -1, -1, weights))
+    assert out.any()
+
+
+LINEART_KEYS = {"model0.1.weight", "model0.1.bias", "model1.0.weight", "model1.0.bias", "model1.3.weight",
+                "model1.3.bias", "model3.0.weight", "model3.0.bias", "model3.3.weight", "model3.3.bias",
+                "model4.1.weight", "model4.1.bias"} | {
+    f"model2.{i}.conv_block.{j}.{p}" for i in range(3) for j in (1, 5) for p in ("weight", "bias")}
+
+
+def lineart_reference(state, padded):
+    """The informative-drawings generator written out with torch.nn.functional from the file's tensors."""
+    import torch
+    F = torch.nn.functional
+
+    def conv(h, key, pad=0, **kw):
+        if pad:
+            h = F.pad(h, (pad,) * 4, mode="reflect")
+        return F.conv2d(h, state[key + ".weight"], state[key + ".bias"], **kw)
+
+    h = torch.from_numpy(padded).float().div(255.0).permute(2, 0, 1)[None]
+    h = F.relu(F.instance_norm(conv(h, "model0.1", pad=3)))
+    h = F.relu(F.instance_norm(conv(h, "model1.0", stride=2, padding=1)))
+    h = F.relu(F.instance_norm(conv(h, "model1.3", stride=2, padding=1)))
+    for i in range(3):
+        r = F.relu(F.instance_norm(conv(h, f"model2.{i}.conv_block.1", pad=1)))
+        h = h + F.instance_norm(conv(r, f"model2.{i}.conv_block.5", pad=1))
+    for key in ("model3.0", "model3.3"):
+        h = F.relu(F.instance_norm(F.conv_transpose2d(h, state[key + ".weight"], state[key + ".bias"], stride=2,
+                                                      padding=1, output_padding=1)))
+    line = torch.sigmoid(conv(h, "model4.1", pad=3))[0, 0].numpy()
+    return 255 - (line * 255.0).clip(0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("name,file", [("lineart_realistic", "sk_model.pth"), ("lineart_coarse", "sk_model2.pth")])
+def test_lineart_is_the_extensions_from_the_real_layout(tmp_path, name, file):
+    import torch
+    from imprompt.preprocess import lineart
+
+    written = lineart.write_tiny_weights(tmp_path)
+    assert written[file] == tmp_path / A1111_DOWNLOADS / "lineart" / file
+    state = torch.load(written[file], map_location="cpu", weights_only=True)
+    assert set(state) == LINEART_KEYS and state["model0.1.weight"].shape[1:] == (3, 7, 7)
+    (tmp_path / "models").mkdir()
+    weights = preprocess.locate_weights(preprocess.find(name), [tmp_path / "models"])
+    assert weights == {file: written[file]}
+
+    img = photo(300, 200, seed=7)
+    out = run(name, img, 256, weights=weights)
+    padded, (th, tw) = ext_pad(img, 256)
+    expected = lineart_reference(state, padded)[:th, :tw]
+    assert out.shape == (256, 384, 3) and np.array_equal(out[..., 0], out[..., 2])
+    assert np.abs(out[..., 0].astype(int) - expected).max() <= 1
+    assert 10 < len(np.unique(out)) and out.std() > 20  # the tiny generator draws something, not a flat map
+
+
+def test_lineart_realistic_and_coarse_use_their_own_files_and_keep_the_model(tmp_path, monkeypatch):
+    from imprompt.loading import tensors
+    from imprompt.preprocess import lineart
+
+    weights = lineart.write_tiny_weights(tmp_path)
+    img = photo(128, 128, seed=2)
+    reads = []
+    real = tensors.read_tensors
+    monkeypatch.setattr(lineart, "read_tensors", lambda path, *a: (reads.append(Path(path).name), real(path, *a))[1])
+    realistic = lineart.run(img, 128, -1, -1, weights)
+    coarse = lineart.run_coarse(img, 128, -1, -1, weights)
+    assert not np.array_equal(realistic, coarse)
+    assert np.array_equal(lineart.run(img, 128, -1, -1, weights), realistic)
+    assert reads.count("sk_model.pth") <= 1 and reads.count("sk_model2.pth") <= 1
+
+
+def test_lineart_file_of_another_model_is_a_checkpoint_error_naming_it(tmp_path):
+    import torch
+    from imprompt.errors import CheckpointError
+    from imprompt.preprocess import lineart
+
+    weights = lineart.write_tiny_weights(tmp_path)
+    torch.save({"model0.1.weight": torch.zeros(4, 3, 7, 7), "other.weight": torch.zeros(1)}, weights["sk_model.pth"])
+    with pytest.raises(CheckpointError, match="sk_model.pth"):
+        lineart.run(photo(64, 64), 64, -1, -1, weights)
+
+
+HED_KEYS = {"norm"} | {f"block{b}.projection.{p}" for b in range(1, 6) for p in ("weight", "bias")} | {
+    f"block{b}.convs.{c}.{p}" for b, n in zip(range(1, 6), (2, 2, 3, 3, 3)) for c in range(n)
+    for p in ("weight", "bias")}
+
+
+def hed_reference(state, padded):
+    """ControlNet's HED written out with torch.nn.functional from the file's tensors; the sigmoid of the mean of
+    the five projections, each resized bilinearly to the input."""
+    import torch
+    F = torch.nn.functional
+    h = torch.from_numpy(padded.copy()).float().permute(2, 0, 1)[None] - state["norm"]
+    maps = []
+    for b, n in zip(range(1, 6), (2, 2, 3, 3, 3)):
+        if b > 1:
+            h = F.max_pool2d(h, 2, 2)
+        for c in range(n):
+            h = F.relu(F.conv2d(h, state[f"block{b}.convs.{c}.weight"], state[f"block{b}.convs.{c}.bias"], padding=1))
+        p = F.conv2d(h, state[f"block{b}.projection.weight"], state[f"block{b}.projection.bias"])
+        maps.append(cv2.resize(p[0, 0].numpy(), (padded.shape[1], padded.shape[0]), interpolation=cv2.INTER_LINEAR))
+    return 1 / (1 + np.exp(-np.mean(np.stack(maps, 2), 2).astype(np.float64)))
+
+
+def test_hed_softedge_safe_and_scribble_are_the_extensions(tmp_path):
+    import torch
+    from imprompt.preprocess import hed
+
+    written = hed.write_tiny_weights(tmp_path)
+    assert written == {"ControlNetHED.pth": tmp_path / A1111_DOWNLOADS / "hed" / "ControlNetHED.pth"}
+    state = torch.load(written["ControlNetHED.pth"], map_location="cpu", weights_only=True)
+    assert set(state) == HED_KEYS and state["norm"].shape == (1, 3, 1, 1)
+    (tmp_path / "models").mkdir()
+    weights = preprocess.locate_weights(preprocess.find("softedge_hed"), [tmp_path / "models"])
+
+    img = photo(300, 200, seed=11)
+    padded, (th, tw) = ext_pad(img, 256)
+    edge = hed_reference(state, padded)
+    soft = (edge * 255.0).clip(0, 255).astype(np.uint8)[:th, :tw]
+    out = run("softedge_hed", img, 256, weights=weights)
+    assert out.shape == (256, 384, 3) and np.abs(out[..., 1].astype(int) - soft).max() <= 1
+    assert len(np.unique(out)) > 50
+
+    stepped = (edge.astype(np.float32) * 3.0).astype(np.int32).astype(np.float32) / 2.0
+    safe = (stepped * 255.0).clip(0, 255).astype(np.uint8)[:th, :tw]
+    got = hed.run_safe(img, 256, -1, -1, weights)
+    assert set(np.unique(got)) <= {0, 127, 255} and (got[..., 0] != safe).mean() < 0.001
+
+    x = cv2.GaussianBlur(soft.astype(np.float32), (0, 0), 3.0)
+    y = np.zeros_like(x)
+    for k in ([[0, 0, 0], [1, 1, 1], [0, 0, 0]], [[0, 1, 0], [0, 1, 0], [0, 1, 0]],
+              [[1, 0, 0], [0, 1, 0], [0, 0, 1]], [[0, 0, 1], [0, 1, 0], [1, 0, 0]]):
+        np.putmask(y, cv2.dilate(x, kernel=np.array(k, np.uint8)) == x, x)
+    lines = np.where(y > 127, 255, 0).astype(np.uint8)
+    scribble = cv2.GaussianBlur(lines, (0, 0), 3.0)
+    scribble = np.where(scribble > 4, 255, 0).astype(np.uint8)
+    got = run("scribble_hed", img, 256, weights=weights)
+    assert set(np.unique(got)) == {0, 255} and (got[..., 0] != scribble).mean() < 0.001
