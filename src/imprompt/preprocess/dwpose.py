@@ -360,7 +360,7 @@ def tiny_template() -> np.ndarray:
         points = [(wx, wy)]
         for finger in range(5):
             angle = math.radians(60 + 15 * finger) if direction > 0 else math.radians(120 - 15 * finger)
-            points += [(wx + direction * 0 + 8 * j * math.cos(angle), wy + 8 * j * math.sin(angle)) for j in (1, 2, 3, 4)]
+            points += [(wx + 8 * j * math.cos(angle), wy + 8 * j * math.sin(angle)) for j in (1, 2, 3, 4)]
         return points
 
     return np.array(body + feet + face + hand(220, 225, 1) + hand(68, 225, -1), dtype=np.float64)
