@@ -591,3 +591,20 @@ def test_hed_softedge_safe_and_scribble_are_the_extensions(tmp_path):
     scribble = np.where(scribble > 4, 255, 0).astype(np.uint8)
     got = run("scribble_hed", img, 256, weights=weights)
     assert set(np.unique(got)) == {0, 255} and (got[..., 0] != scribble).mean() < 0.001
+
+
+@pytest.mark.parametrize("name", ["dw_openpose_full", "lineart_realistic", "lineart_coarse", "softedge_hed",
+                                  "scribble_hed"])
+def test_pose_lineart_hed_found_in_a1111_and_comfyui_trees_give_the_same_map(annotator_pack, name):
+    pytest.importorskip("onnxruntime")
+    pre = preprocess.find(name)
+    roots = annotator_pack["roots"]
+    a1111 = preprocess.locate_weights(pre, [roots["a1111"]])
+    comfy = preprocess.locate_weights(pre, [roots["comfyui"]])
+    assert set(a1111) == set(comfy) == set(pre.weights)
+    assert all(A1111_DOWNLOADS.as_posix() in p.as_posix() for p in a1111.values())
+    assert all("comfyui_controlnet_aux/ckpts/" in p.as_posix() for p in comfy.values())
+    img = photo(256, 192, seed=13)
+    out = run(name, img, 192, weights=a1111)
+    assert out.shape == (192, 256, 3) and out.any()
+    assert np.array_equal(out, run(name, img, 192, weights=comfy))

@@ -146,7 +146,38 @@ def write_depth_anything(dirs: dict[str, Path]) -> dict:
     return paths
 
 
-WRITERS = [write_depth_anything]  # helper B: add write_dwpose, write_lineart, write_hed here
+def in_both_trees(written: dict[str, Path], dirs: dict[str, Path], repo: str) -> dict:
+    """The A1111 files a module's write_tiny_weights made, copied to ComfyUI's `ckpts/<repo>/` too."""
+    import shutil
+
+    comfy = dirs["comfyui_ckpts"] / repo
+    comfy.mkdir(parents=True, exist_ok=True)
+    copies = {name: Path(shutil.copyfile(path, comfy / name)) for name, path in written.items()}
+    return {"a1111": written, "comfyui": copies}
+
+
+def write_dwpose(dirs: dict[str, Path]) -> dict:
+    """DWPose's tiny YOLOX and pose ONNX graphs (imprompt.preprocess.dwpose: real names, inputs and outputs)."""
+    from imprompt.preprocess import dwpose
+
+    return in_both_trees(dwpose.write_tiny_weights(dirs["a1111"]), dirs, "yzd-v/DWPose")
+
+
+def write_lineart(dirs: dict[str, Path]) -> dict:
+    """The lineart generators sk_model.pth / sk_model2.pth (real key names, width 4)."""
+    from imprompt.preprocess import lineart
+
+    return in_both_trees(lineart.write_tiny_weights(dirs["a1111"]), dirs, "lllyasviel/Annotators")
+
+
+def write_hed(dirs: dict[str, Path]) -> dict:
+    """ControlNet's HED, ControlNetHED.pth (real key names, widths 4..8)."""
+    from imprompt.preprocess import hed
+
+    return in_both_trees(hed.write_tiny_weights(dirs["a1111"]), dirs, "lllyasviel/Annotators")
+
+
+WRITERS = [write_depth_anything, write_dwpose, write_lineart, write_hed]
 
 
 def write_annotator_pack(folder) -> dict:
