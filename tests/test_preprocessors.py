@@ -14,7 +14,8 @@ from PIL import Image
 
 cv2 = pytest.importorskip("cv2")
 
-from imprompt import preprocess  # noqa: E402
+from imprompt import preprocess
+from imprompt.util.cache import ByteLRU  # noqa: E402
 from imprompt.errors import (  # noqa: E402
     ImpromptError,
     MissingPreprocessorWeightsError,
@@ -156,7 +157,7 @@ def test_pixel_perfect_resolution_hand_computed():
 
 
 def test_cache_by_content_and_parameters():
-    cache = preprocess.DetectionCache(64 * 1024 * 1024)
+    cache = ByteLRU("detections", 64 * 1024 * 1024)
     img = photo(seed=4)
     pre = preprocess.find("canny")
     first = preprocess.detect(pre, Image.fromarray(img), 256, 100, 200, {}, cache=cache)
@@ -167,8 +168,9 @@ def test_cache_by_content_and_parameters():
     changed = img.copy()
     changed[0, 0] = 255 - changed[0, 0]
     assert preprocess.detect(pre, Image.fromarray(changed), 256, 100, 200, {}, cache=cache) is not first
-    tiny = preprocess.DetectionCache(1)  # over budget: nothing kept
+    tiny = ByteLRU("detections", 1)  # over budget: only the newest is kept
     one = preprocess.detect(pre, Image.fromarray(img), 256, 100, 200, {}, cache=tiny)
+    preprocess.detect(pre, Image.fromarray(img), 256, 5, 10, {}, cache=tiny)
     assert preprocess.detect(pre, Image.fromarray(img), 256, 100, 200, {}, cache=tiny) is not one
 
 
@@ -261,7 +263,7 @@ def test_depth_anything_from_users_trees_equals_transformers(annotator_pack):
             pre = preprocess.find(name)
             weights = preprocess.locate_weights(pre, [roots[tree]])
             assert str(next(iter(weights.values()))).startswith(str(roots[tree].parent))
-            out = run(name, img, 256, weights=weights, cache=preprocess.DetectionCache(0))
+            out = run(name, img, 256, weights=weights, cache=None)
             assert np.abs(out.astype(int) - expected[name]).max() <= 1, (tree, name)
 
 
@@ -296,7 +298,7 @@ def test_broken_depth_file_is_a_checkpoint_error_naming_it(tmp_path):
     pre = preprocess.find("depth_anything")
     weights = preprocess.locate_weights(pre, [tmp_path])
     with pytest.raises(CheckpointError) as err:
-        run("depth_anything", photo(64, 64), 64, weights=weights, cache=preprocess.DetectionCache(0))
+        run("depth_anything", photo(64, 64), 64, weights=weights, cache=None)
     assert "depth_anything_vitl14.pth" in str(err.value) and "missing" in str(err.value)
 
 
@@ -608,3 +610,23 @@ def test_pose_lineart_hed_found_in_a1111_and_comfyui_trees_give_the_same_map(ann
     out = run(name, img, 192, weights=a1111)
     assert out.shape == (192, 256, 3) and out.any()
     assert np.array_equal(out, run(name, img, 192, weights=comfy))
+
+
+def test_dwpose_nobody_found_is_black_and_only_non_people_mean_the_whole_image_is_one_person(tmp_path):
+    """The extension's two edge cases: nothing over 0.1 -> no pose; boxes that survive NMS but none a person over
+    0.3 -> the pose model runs once on the whole image."""
+    pytest.importorskip("onnxruntime")
+    from imprompt.preprocess import dwpose
+
+    img = photo(256, 256, seed=17)
+    nobody = dwpose.write_tiny_weights(tmp_path / "nobody", detections=())
+    assert not dwpose.run(img, 256, -1, -1, nobody).any()
+
+    car = dwpose.write_tiny_weights(tmp_path / "car", detections=((320.0, 320.0, 100.0, 100.0, 0.9, 0.9, 2),))
+    out = dwpose.run(img, 256, -1, -1, car)
+    # the crop box is the whole 256x256 image: grown 1.25x to 320x320, then to 3:4 -> 320 x 426.67 around (128, 128)
+    scale = np.array([320.0, 320.0 / 0.75])
+    nose = dwpose.tiny_template()[0] / np.array([288, 384]) * scale + 128 - scale / 2
+    assert tuple(out[int(nose[1]), int(nose[0])]) == (255, 0, 0)
+    ears = np.all(out == (255, 0, 85), axis=2).astype(np.uint8)
+    assert cv2.connectedComponents(ears)[0] - 1 == 1

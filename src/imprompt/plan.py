@@ -122,13 +122,14 @@ def _only_pipeline(store: ModelStore) -> str:
     raise UnknownModelError(f"no model named in the request and {len(pipelines)} models in the store ({names}); name one")
 
 
-OTHER_KINDS = ("lora", "vae", "textual-inversion", "controlnet", "t2i-adapter", "upscaler", "face-restorer",
+OTHER_KINDS = ("lora", "vae", "textual-inversion", "t2i-adapter", "upscaler", "face-restorer",
                "text-encoder", "diffusion-model", "image-encoder-other", "ip-embeddings", "unknown")  # fmt: skip
 
 
 def describe_store(store: ModelStore) -> dict:
     """Everything in the store, each file as what its tensors say it is; for each adapter the encoder it needs,
-    whether one is present, and which of the store's models it fits (the same checks a request goes through)."""
+    whether one is present, and which of the store's models it fits (the same checks a request goes through); for
+    each ControlNet the models it fits."""
     store.read_all()
     adapters = []
     for entry in store.adapters:
@@ -147,12 +148,20 @@ def describe_store(store: ModelStore) -> dict:
             item.update(encoder=None, encoder_present=False, encoder_problem=str(exc))
         item["fits_models"] = [p.name for p in store.pipelines if fits(entry, p)]
         adapters.append(item)
+    controlnets = []
+    for entry in store.of_kind("controlnet"):
+        spec = entry.spec
+        runnable = hasattr(spec, "mismatch") and not spec.unsupported  # a ControlNetSpec imprompt runs
+        fits_models = [p.name for p in store.pipelines if runnable and spec.mismatch(p.spec) is None]
+        controlnets.append({"name": entry.name, **spec.to_dict(), "fits_models": fits_models})
     return {
         "models": [
             {"name": m.name, **m.spec.to_dict(), "adapters": [a["friendly_name"] or a["name"] for a in adapters
-                                                              if m.name in a["fits_models"]]}
+                                                              if m.name in a["fits_models"]],
+             "controlnets": [c["name"] for c in controlnets if m.name in c["fits_models"]]}
             for m in store.pipelines
         ],  # fmt: skip
+        "controlnets": controlnets,
         "adapters": adapters,
         "encoders": [{"name": e.name, **e.spec.to_dict(), "outputs": e.spec.outputs} for e in store.encoders],
         "other": {kind: [{"name": e.name, **e.spec.to_dict()} for e in store.of_kind(kind)] for kind in OTHER_KINDS},

@@ -92,6 +92,13 @@ def plan(request: GenerateRequest, model: Entry, state, images: list[Image.Image
                        height=height)
 
 
+# The words clients use for a Union model's control types (the extension's control-type tags and its
+# `union_control_type` names, SD.Next's modes), as the words of the models' own type lists (`models/specs.py`)
+UNION_SYNONYMS = {"openpose": ("pose",), "pose": ("openpose",), "softedge": ("hed",), "scribble": ("scribble",),
+                  "hardedge": ("canny",), "lineart": ("lineart",), "mlsd": ("mlsd",), "normalmap": ("normal",),
+                  "segmentation": ("segment",), "inpaint": ("repaint",), "lq": ("low quality",)}  # fmt: skip
+
+
 def union_index(where: str, unit: ControlNetUnit, spec, pre) -> int | None:
     """The control type a Union model is told: the unit's `union_type` (a name or an index), else the one its
     preprocessor's type names (SD.Next's `mode`, the extension's control type)."""
@@ -108,10 +115,12 @@ def union_index(where: str, unit: ControlNetUnit, spec, pre) -> int | None:
             raise RequestError(f"{where}.union_type: {index} is not one of the {len(types)} control types of "
                                f"{spec.path} (0..{len(types) - 1}: {', '.join(types)})")  # fmt: skip
         return index
-    name = (wanted or pre.control_type or "").lower()
-    for index, label in enumerate(types):
-        if name and (name == label.lower() or name in label.lower().split("/")):
-            return index
+    names = [wanted.lower()] if wanted is not None else [tag.lower() for tag in pre.tags]
+    for name in names:
+        words = {name, *UNION_SYNONYMS.get(name.replace(" ", ""), ())}
+        for index, label in enumerate(types):
+            if words & {label.lower(), *label.lower().split("/")}:
+                return index
     raise RequestError(f"{where}.union_type: {'the preprocessor ' + repr(pre.name) + ' names no' if wanted is None else repr(wanted) + ' is not a'} "
                        f"control type of the Union model {spec.path} ({', '.join(types)}); give union_type")  # fmt: skip
 
@@ -151,8 +160,9 @@ class ControlNets(Conditioning):
                                                                         u.unit.resize_mode)  # fmt: skip
             self.resolutions[u.index] = resolution
             started = time.perf_counter()
-            self.maps.append(preprocess.detect(u.preprocessor, u.image, resolution, u.unit.threshold_a,
-                                               u.unit.threshold_b, u.weights, cache=state.detections))  # fmt: skip
+            a, b = (-1 if t is None else t for t in (u.unit.threshold_a, u.unit.threshold_b))  # -1: its default
+            self.maps.append(preprocess.detect(u.preprocessor, u.image, resolution, a, b, u.weights,
+                                               cache=state.detections))  # fmt: skip
             prep.events.append({"event": "control_detected", "unit": u.index, "module": u.preprocessor.name,
                                 "seconds": round(time.perf_counter() - started, 4)})  # fmt: skip
 

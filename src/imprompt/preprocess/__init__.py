@@ -11,16 +11,13 @@ them, and a cache of their results.
   calls it to refuse a request before any work.
 - `detect`: runs one as the extension does (its resolution is the processor resolution: the short side the
   detector works at; out-of-range values become the slider defaults, as the extension's unit validation makes
-  them), cached by image content, parameters and the weights' fingerprints in a `DetectionCache`.
+  them), cached by image content, parameters and the weights' fingerprints in the engine's byte-bounded cache.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib
-import os
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -29,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import MissingPreprocessorWeightsError, UnknownPreprocessorError
+from ..util.cache import ByteLRU
 from .resize import as_array, hwc3
 
 
@@ -257,57 +255,8 @@ def fingerprint(path: Path) -> tuple:
     return tuple(stats)
 
 
-class DetectionCache:
-    """Detected maps kept by image content, preprocessor, parameters and weights, up to `budget_bytes` of pixels
-    (least recently used dropped first). The same request gets the same Image object back."""
-
-    def __init__(self, budget_bytes: int = 256 * 1024 * 1024):
-        self.budget_bytes = int(budget_bytes)
-        self.entries: OrderedDict = OrderedDict()
-        self.used = 0
-        self.hits = 0
-        self.misses = 0
-        self.lock = threading.Lock()
-
-    def get(self, key):
-        with self.lock:
-            image = self.entries.get(key)
-            if image is None:
-                self.misses += 1
-                return None
-            self.entries.move_to_end(key)
-            self.hits += 1
-            return image
-
-    def put(self, key, image: Image.Image) -> None:
-        size = image.width * image.height * len(image.getbands())
-        with self.lock:
-            if key in self.entries or size > self.budget_bytes:
-                return
-            self.entries[key] = image
-            self.used += size
-            while self.used > self.budget_bytes:
-                _, old = self.entries.popitem(last=False)
-                self.used -= old.width * old.height * len(old.getbands())
-
-    def resize(self, budget_bytes: int) -> None:
-        with self.lock:
-            self.budget_bytes = int(budget_bytes)
-            while self.used > self.budget_bytes and self.entries:
-                _, old = self.entries.popitem(last=False)
-                self.used -= old.width * old.height * len(old.getbands())
-
-    def clear(self) -> None:
-        with self.lock:
-            self.entries.clear()
-            self.used = 0
-
-
-CACHE = DetectionCache(int(os.environ.get("IMPROMPT_DETECTION_CACHE_BYTES", 256 * 1024 * 1024)))
-
-
 def detect(pre: Preprocessor, image: Image.Image, resolution, threshold_a=-1, threshold_b=-1, weights=None,
-           cache: DetectionCache | None = CACHE) -> Image.Image:
+           cache: ByteLRU | None = None) -> Image.Image:
     """The detected map (RGB) of `image` by `pre`, as the extension computes it; `weights` as `locate_weights`
     returned them. Cached in `cache` (None: not cached)."""
     weights = dict(weights or {})
@@ -328,5 +277,5 @@ def detect(pre: Preprocessor, image: Image.Image, resolution, threshold_a=-1, th
             return hit
     result = Image.fromarray(hwc3(np.ascontiguousarray(pre.function()(array, int(res), a, b, weights))))
     if key is not None:
-        cache.put(key, result)
+        cache.put(key, result, result.width * result.height * len(result.getbands()), label=pre.name)
     return result
