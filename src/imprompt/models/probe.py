@@ -15,7 +15,7 @@ from pathlib import Path
 from ..errors import CheckpointError
 from ..loading.tensors import REDOWNLOAD, TensorInfo, first_line, read_tensor_table
 from . import catalog
-from .recognise import recognise
+from .recognise import controlnet_spec, recognise, refused_controlnet
 from .single_file import is_single_file_checkpoint, single_file_spec, wrong_input_channels
 from .specs import (
     EMBEDDINGS_FORMAT,
@@ -23,6 +23,7 @@ from .specs import (
     ARCHITECTURES,
     SUPPORTED_PIPELINES,
     AdapterSpec,
+    ControlNetSpec,
     EmbeddingsSpec,
     EncoderSpec,
     OtherModelSpec,
@@ -363,9 +364,6 @@ def encoder_weights_file(folder: Path) -> Path:
 
 # a model folder's config.json (diffusers `_class_name`, transformers `model_type`) -> (kind, in words)
 FOLDER_KINDS = {
-    "ControlNetModel": ("controlnet", "ControlNet (diffusers folder)"),
-    "ControlNetUnionModel": ("controlnet", "ControlNet Union (diffusers folder)"),
-    "T2IAdapter": ("t2i-adapter", "T2I-Adapter (diffusers folder)"),
     "UNet2DConditionModel": ("diffusion-model", "UNet alone (diffusers folder)"),
     "SD3Transformer2DModel": ("diffusion-model", "SD 3 transformer alone (diffusers folder)"),
     "FluxTransformer2DModel": ("diffusion-model", "FLUX transformer alone (diffusers folder)"),
@@ -382,8 +380,33 @@ def probe_config_folder(folder: Path) -> Spec:
         return probe_encoder_folder(folder, config)
     if name == "AutoencoderKL":
         return VaeSpec(str(folder), "diffusers", int(config.get("latent_channels", 4)))
+    if name in CONTROLNET_CLASSES:
+        return probe_controlnet_folder(folder, name)
     kind, words = FOLDER_KINDS.get(name, ("unknown", f"a {name} folder, not a kind imprompt knows"))
     return OtherModelSpec(str(folder), kind, words)
+
+
+# diffusers ControlNet classes: read from their tensors; the others are listed with the reason they cannot run
+CONTROLNET_CLASSES = ("ControlNetModel", "ControlNetUnionModel", "SD3ControlNetModel", "FluxControlNetModel",
+                      "ControlNetXSAdapter", "UNetControlNetXSModel", "T2IAdapter", "MultiAdapter")  # fmt: skip
+
+
+def probe_controlnet_folder(folder: Path, class_name: str) -> ControlNetSpec:
+    """A diffusers ControlNet folder: what its weights' tensors say (the same reading as a single file's)."""
+    if class_name in ("ControlNetXSAdapter", "UNetControlNetXSModel"):
+        return ControlNetSpec(str(folder), "diffusers", "unet", 0, variant="ControlNet-XS",
+                              unsupported=refused_controlnet(folder.name, "a ControlNet-XS"))  # fmt: skip
+    if class_name in ("T2IAdapter", "MultiAdapter"):
+        return ControlNetSpec(str(folder), "diffusers", "unet", 0, variant="T2I-Adapter", kind="t2i-adapter",
+                              unsupported=refused_controlnet(folder.name, "a T2I-Adapter"))  # fmt: skip
+    weights = next((folder / n for n in TRANSFORMER_WEIGHT_FILES if (folder / n).is_file()), None)
+    if weights is None:
+        raise CheckpointError(folder, f"ControlNet folder has no weights (looked for {TRANSFORMER_WEIGHT_FILES[0]} etc.)",
+                              REDOWNLOAD)  # fmt: skip
+    spec = controlnet_spec(str(folder), _sharded_table(weights), "diffusers")
+    if spec is None:
+        raise CheckpointError(weights, f"config.json says {class_name}, but its tensors are not a ControlNet's", REDOWNLOAD)
+    return spec
 
 
 def probe_encoder_folder(folder: Path, config: dict) -> EncoderSpec:

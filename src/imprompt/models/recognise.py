@@ -8,10 +8,11 @@ name or folder, so `imprompt models` lists it as what it is; only a file that ca
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from ..loading.tensors import TensorInfo
 from . import catalog
-from .specs import LoraSpec, OtherModelSpec, TextualInversionSpec, VaeSpec
+from .specs import FLUX_UNION_TYPES, UNION_TYPES, ControlNetSpec, LoraSpec, OtherModelSpec, TextualInversionSpec, VaeSpec
 
 WRAPPERS = ("state_dict.", "params_ema.", "params.", "module.", "first_stage_model.")  # a whole file nested once
 KOHYA_PARTS = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2"}
@@ -123,24 +124,83 @@ def textual_inversion(path, table, keys):
 
 
 def controlnet(path, table, keys):
-    if any("lora_controlnet" in k for k in keys):
-        return OtherModelSpec(path, "controlnet", "Control-LoRA")
-    ldm = [k for k in keys if k.startswith(("control_model.input_hint_block.", "input_hint_block.", "control_model.zero_convs."))]
-    if ldm:
-        return OtherModelSpec(path, "controlnet", f"{_unet_family(table, keys)} ControlNet (original names)")
-    if "controlnet_cond_embedding.conv_in.weight" in table:
-        return OtherModelSpec(path, "controlnet", f"{_unet_family(table, keys)} ControlNet (diffusers names)")
-    if "controlnet_blocks.0.weight" in table:
-        return OtherModelSpec(path, "controlnet", "FLUX / SD 3 ControlNet")
-    if any("lllite" in k for k in keys):
-        return OtherModelSpec(path, "controlnet", "ControlNet-LLLite")
+    """A ControlNet in any of the layouts users keep (see `controlnet_spec`), or None."""
+    return controlnet_spec(path, table)
+
+
+def controlnet_spec(path, table, fmt: str | None = None) -> ControlNetSpec | None:
+    """What a ControlNet-like tensor table is: the denoiser it feeds and the width it was trained for (read from
+    its cross-attention / context tensors), its Union modes; the kinds imprompt cannot run (Control-LoRA, LLLite,
+    ControlNet-XS, XLabs' FLUX format) with the reason. `fmt` forces the format word (folders: "diffusers")."""
+    keys = list(table)
+    name = Path(path).name
+    if "lora_controlnet" in table:  # Stability AI's marker tensor
+        downs = [table[k].shape[1] for k in keys if k.endswith("attn2.to_k.down") and len(table[k].shape) == 2]
+        return ControlNetSpec(path, "ldm", "unet", downs[0] if downs else 0, variant="Control-LoRA",
+                              unsupported=refused_controlnet(name, "a Control-LoRA (Stability AI's low-rank ControlNet)"))  # fmt: skip
+    if any(k.startswith("lllite_") or "lllite" in k.split(".")[0] for k in keys):
+        return ControlNetSpec(path, "ldm", "unet", 0, variant="ControlNet-LLLite",
+                              unsupported=refused_controlnet(name, "a ControlNet-LLLite (kohya's light ControlNet)"))  # fmt: skip
+    if any("ctrl_to_base" in k or "base_to_ctrl" in k or "control_to_base" in k for k in keys):
+        return ControlNetSpec(path, fmt or "diffusers", "unet", _cross_width(table), variant="ControlNet-XS",
+                              unsupported=refused_controlnet(name, "a ControlNet-XS"))  # fmt: skip
+    bare = {k.removeprefix("control_model."): v for k, v in table.items()}
+    if "input_hint_block.0.weight" in bare and any(k.startswith(("zero_convs.", "input_blocks.", "middle_block_out."))
+                                                   for k in bare):  # fmt: skip
+        width = _cross_width(bare)
+        return ControlNetSpec(path, "ldm", "unet", width, variant=f"{_family_word(width)} ControlNet")
+    if "controlnet_cond_embedding.conv_in.weight" in table and "conv_in.weight" in table:
+        width = _cross_width(table)
+        variant = f"{_family_word(width)} ControlNet"
+        if "task_embedding" in table:  # xinsir's Union: one embedding per control type (6; ProMax: 8)
+            modes = table["task_embedding"].shape[0]
+            variant += " Union ProMax" if modes == len(UNION_TYPES) else " Union"
+            return ControlNetSpec(path, fmt or "diffusers", "unet", width, True, _modes(UNION_TYPES, modes), variant)
+        return ControlNetSpec(path, fmt or "diffusers", "unet", width, variant=variant)
+    if "pos_embed_input.proj.weight" in table and "controlnet_blocks.0.weight" in table:  # SD3ControlNetModel
+        width = table["controlnet_blocks.0.weight"].shape[0]  # the blocks' width, which the model's must equal
+        return ControlNetSpec(path, fmt or "diffusers", "sd3", width, variant="SD 3.5 ControlNet")
+    if "controlnet_x_embedder.weight" in table and "context_embedder.weight" in table:  # FluxControlNetModel
+        width = table["context_embedder.weight"].shape[1]  # the context (T5) width, as the model's
+        if "controlnet_mode_embedder.weight" in table:  # InstantX / Shakker-Labs Union: num_mode embeddings
+            modes = table["controlnet_mode_embedder.weight"].shape[0]
+            return ControlNetSpec(path, fmt or "diffusers", "flux", width, True, _modes(FLUX_UNION_TYPES, modes),
+                                  "FLUX ControlNet Union")  # fmt: skip
+        return ControlNetSpec(path, fmt or "diffusers", "flux", width, variant="FLUX ControlNet")
+    if "controlnet_blocks.0.weight" in table and any(k.startswith("double_blocks.") for k in keys):
+        width = table["txt_in.weight"].shape[1] if "txt_in.weight" in table else 0
+        return ControlNetSpec(path, "xlabs", "flux", width, variant="FLUX ControlNet (XLabs)",
+                              unsupported=refused_controlnet(name, "a FLUX ControlNet in XLabs' own format",
+                                                   "a diffusers-format FLUX ControlNet (InstantX, Shakker-Labs)"))  # fmt: skip
     return None
+
+
+def refused_controlnet(name: str, what: str, instead: str = "a full ControlNet of the same control type") -> str:
+    return (f"ControlNet model {name} is {what}, which imprompt does not run (diffusers' ControlNet pipelines "
+            f"take full ControlNets). Use {instead}")  # fmt: skip
+
+
+def _cross_width(table) -> int:
+    """The cross-attention width a UNet ControlNet was trained for (attn2.to_k's input); 0 if it has none."""
+    widths = {table[k].shape[1] for k in table if k.endswith("attn2.to_k.weight") and len(table[k].shape) == 2}
+    return widths.pop() if len(widths) == 1 else 0
+
+
+def _family_word(width: int) -> str:
+    return catalog.UNET_FAMILIES.get(width, f"{width}-wide" if width else "unknown family")
+
+
+def _modes(names: tuple[str, ...], count: int) -> tuple[str, ...]:
+    """The first `count` mode names; modes past the published ones by their index ("mode 7")."""
+    return tuple(names[i] if i < len(names) else f"mode {i}" for i in range(count))
 
 
 def t2i_adapter(path, table, keys):
     if ("conv_in.weight" in table and "body.0.block2.weight" in table) or "body.0.in_conv.weight" in table \
             or "style_embedding" in table or "adapter.body.0.resnets.0.block1.weight" in table:  # fmt: skip
-        return OtherModelSpec(path, "t2i-adapter", "T2I-Adapter")
+        return ControlNetSpec(str(path), "ldm" if "conv_in.weight" in table else "diffusers", "unet", 0,
+                              variant="T2I-Adapter", kind="t2i-adapter",
+                              unsupported=refused_controlnet(Path(path).name, "a T2I-Adapter"))  # fmt: skip
     return None
 
 

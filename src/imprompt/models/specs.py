@@ -6,6 +6,7 @@ Every later stage works from these: the plan checks them against each other, loa
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 from . import catalog
 
@@ -271,10 +272,67 @@ class OtherModelSpec:
         return asdict(self)
 
 
+# The SDXL ControlNet Union / ProMax control types, in the order of their mode index (xinsir's and the A1111
+# extension's: 0-5 in Union, 6 and 7 added by ProMax), and InstantX's / Shakker-Labs' FLUX Union modes.
+UNION_TYPES = ("openpose", "depth", "hed/pidi/scribble/ted", "canny/lineart/anime_lineart/mlsd", "normal", "segment",
+               "tile", "repaint")  # fmt: skip
+FLUX_UNION_TYPES = ("canny", "tile", "depth", "blur", "pose", "gray", "low quality")
+
+
+@dataclass(frozen=True)
+class ControlNetSpec:
+    """A ControlNet (or a file of a kind the field keeps beside them: Control-LoRA, T2I-Adapter, ControlNet-XS,
+    LLLite) as its tensors describe it: the denoiser it feeds and the width it was trained for, its Union modes."""
+
+    path: str
+    format: str  # diffusers | ldm (the original `control_model.*` / bare `input_blocks.*` names)
+    architecture: str  # unet | sd3 | flux: the denoiser it feeds
+    # UNet: the cross-attention width (768 SD 1.5, 1024 SD 2.x, 2048 SDXL); SD3: the blocks' width; FLUX: the
+    # context (T5) width: the same numbers a PipelineSpec of that denoiser has
+    cross_attention_dim: int
+    union: bool = False
+    control_types: tuple[str, ...] = ()  # Union modes in the order of their index
+    variant: str = ""  # in words: "SD 1.5 ControlNet", "SDXL ControlNet Union ProMax", "FLUX ControlNet", ...
+    unsupported: str | None = None  # why imprompt cannot run it, with the fix
+    kind: str = "controlnet"  # "t2i-adapter" for T2I-Adapters (listed as what they are)
+
+    @property
+    def family(self) -> str:
+        if not self.cross_attention_dim or self.architecture not in ARCHITECTURES.values():
+            return "unknown family"
+        return catalog.model_family(self.architecture, self.cross_attention_dim)
+
+    def mismatch(self, pipeline: PipelineSpec) -> str | None:
+        """None if it can run with `pipeline`; else a sentence naming both (family and width)."""
+        if self.architecture == pipeline.architecture and self.cross_attention_dim == pipeline.cross_attention_dim:
+            return None
+        name = Path(self.path).name
+        model = Path(pipeline.path).name
+        return (f"ControlNet {name} is for {self.family} models (width {self.cross_attention_dim}), but model {model} is "
+                f"{pipeline.family} (width {pipeline.cross_attention_dim}). Choose a ControlNet made for "
+                f"{pipeline.family}, or a {self.family} model")  # fmt: skip
+
+    @property
+    def detail(self) -> str:
+        """One line for a listing: what it is, in which names, and why it cannot run if it cannot."""
+        modes = f", {len(self.control_types)} modes" if self.union else ""
+        refused = f"; not supported: {self.unsupported}" if self.unsupported else ""
+        return f"{self.variant} ({self.format} names{modes}){refused}"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["control_types"] = list(self.control_types)
+        d["family"] = self.family
+        d["detail"] = self.detail
+        return d
+
+
 EMBEDDINGS_FORMAT = "imprompt.ip-embeddings.v1"
 
-Spec = AdapterSpec | EncoderSpec | PipelineSpec | EmbeddingsSpec | LoraSpec | VaeSpec | TextualInversionSpec | OtherModelSpec
-SPEC_CLASSES = (AdapterSpec, EncoderSpec, PipelineSpec, EmbeddingsSpec, LoraSpec, VaeSpec, TextualInversionSpec)
+Spec = (AdapterSpec | EncoderSpec | PipelineSpec | EmbeddingsSpec | LoraSpec | VaeSpec | TextualInversionSpec
+        | ControlNetSpec | OtherModelSpec)
+SPEC_CLASSES = (AdapterSpec, EncoderSpec, PipelineSpec, EmbeddingsSpec, LoraSpec, VaeSpec, TextualInversionSpec,
+                ControlNetSpec)  # fmt: skip
 
 
 def spec_to_json(spec: Spec) -> dict:
