@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import stat
 import threading
 import time
@@ -38,6 +39,7 @@ from ..errors import (
     CheckpointError,
     ImpromptError,
     UnknownAdapterError,
+    UnknownControlNetError,
     UnknownEmbeddingsError,
     UnknownEncoderError,
     UnknownLoraError,
@@ -301,6 +303,53 @@ class ModelStore:
             )
         return entry
 
+    @property
+    def controlnets(self) -> list[Entry]:
+        """ControlNets and the files kept beside them (T2I-Adapters, Control-LoRAs, ...: their spec's `unsupported`
+        says why they cannot run), by name."""
+        return sorted((e for e in self.entries if e.kind in CONTROLNET_KINDS), key=lambda e: e.name.lower())
+
+    def controlnet(self, name: str) -> Entry:
+        """A ControlNet by what clients send: the A1111 extension's "name [hash]" (its legacy 8-hex hash, or the
+        10-hex sha256 prefix A1111 shows), a file name or stem (case-insensitive), a diffusers folder's name, a
+        path relative to a root, or (if allowed) a path. A name not found, with a hash that one ControlNet has,
+        finds that one (the file was renamed since the client listed it); checking that a name's hash still
+        matches is the caller's (a warning, as for IP-Adapter units)."""
+        named = HASHED_NAME.fullmatch(name.strip())
+        bare, digest = (named.group("name"), named.group("hash").lower()) if named else (name.strip(), None)
+        stem = Path(bare).stem if Path(bare).suffix in WEIGHT_SUFFIXES and not Path(bare).is_absolute() else bare
+        for candidate in dict.fromkeys((bare, stem)):
+            entry = self._resolve_controlnet(candidate)
+            if entry is not None:
+                return entry
+        if digest is not None:
+            for entry in self.controlnets:
+                if digest in (controlnet_hash(entry.path), self.a1111_hash(controlnet_file(entry.path), len(digest))):
+                    return self.current(entry)
+        available = ", ".join(self.controlnet_title(e) for e in self.controlnets) or "none"
+        raise UnknownControlNetError(
+            f"ControlNet {name!r} not found in {self._where()}. Available ControlNets: {available}. Put the file in "
+            f"the tree's ControlNet/ (A1111) or controlnet/ (ComfyUI) folder, or a diffusers ControlNet folder beside it"
+        )
+
+    def _resolve_controlnet(self, name: str) -> Entry | None:
+        """By entry name or relative path, else by a diffusers folder's own name; on a miss as `_resolve` (a walk
+        again, a path outside the roots; a file of another kind is an error saying what it is)."""
+        with self._lock:
+            matches = [e for e in self._matches(name) if e.kind in CONTROLNET_KINDS]
+            if not matches:
+                matches = [e for e in self.entries if e.kind in CONTROLNET_KINDS and e.path.is_dir()
+                           and e.path.name.lower() == name.lower()]  # fmt: skip
+        if matches:
+            return self._choose(name, matches[0].kind, matches)
+        return self._resolve(name, "controlnet")
+
+    def controlnet_title(self, entry: Entry) -> str:
+        """How the A1111 extension lists a ControlNet: "stem [legacy hash]" (a folder: its name and its weights'
+        hash). `controlnet()` finds it again from that."""
+        shown = entry.path.name if entry.path.is_dir() else entry.path.stem
+        return f"{shown} [{controlnet_hash(entry.path)}]"
+
     def encoder(self, name: str) -> Entry:
         entry = self._resolve(name, "image-encoder")
         if entry is None:
@@ -461,6 +510,24 @@ def legacy_hash(path: Path) -> str:
             f.seek(0x100000)
             _HASHES[key] = hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
     return _HASHES[key]
+
+
+CONTROLNET_KINDS = ("controlnet", "t2i-adapter")
+HASHED_NAME = re.compile(r"(?P<name>.+?)\s*\[(?P<hash>[0-9a-fA-F]{8,64})\]")  # the extension's "name [hash]"
+CONTROLNET_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
+                      "diffusion_pytorch_model.bin", "diffusion_pytorch_model.safetensors.index.json")  # fmt: skip
+
+
+def controlnet_file(path: Path) -> Path:
+    """The file a ControlNet's hash is of: itself, or a diffusers folder's weights (its config.json if none)."""
+    if not path.is_dir():
+        return path
+    return next((path / n for n in CONTROLNET_WEIGHTS if (path / n).is_file()), path / "config.json")
+
+
+def controlnet_hash(path: Path) -> str:
+    """The legacy hash the A1111 extension shows for a ControlNet file or folder."""
+    return legacy_hash(controlnet_file(path))
 
 
 def fingerprint_of(path: Path) -> tuple:
