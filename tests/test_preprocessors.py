@@ -623,10 +623,13 @@ def test_dwpose_nobody_found_is_black_and_only_non_people_mean_the_whole_image_i
     assert not dwpose.run(img, 256, -1, -1, nobody).any()
 
     car = dwpose.write_tiny_weights(tmp_path / "car", detections=((320.0, 320.0, 100.0, 100.0, 0.9, 0.9, 2),))
-    out = dwpose.run(img, 256, -1, -1, car)
-    # the crop box is the whole 256x256 image: grown 1.25x to 320x320, then to 3:4 -> 320 x 426.67 around (128, 128)
-    scale = np.array([320.0, 320.0 / 0.75])
-    nose = dwpose.tiny_template()[0] / np.array([288, 384]) * scale + 128 - scale / 2
+    tall = photo(200, 400, seed=19)
+    out = dwpose.run(tall, 200, -1, -1, car)
+    padded, (th, tw) = ext_pad(tall, 200)
+    assert padded.shape[:2] == (448, 256) and out.shape == (th, tw, 3) == (400, 200, 3)
+    # the crop box is the whole padded 256x448 image: grown 1.25x to 320x560, then to 3:4 -> 420x560 around its centre
+    scale = np.array([420.0, 560.0])
+    nose = dwpose.tiny_template()[0] / np.array([288, 384]) * scale + np.array([128, 224]) - scale / 2
     assert tuple(out[int(nose[1]), int(nose[0])]) == (255, 0, 0)
     ears = np.all(out == (255, 0, 85), axis=2).astype(np.uint8)
     assert cv2.connectedComponents(ears)[0] - 1 == 1

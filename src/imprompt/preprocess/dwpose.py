@@ -339,7 +339,8 @@ def draw_people(people: list[np.ndarray], height: int, width: int) -> np.ndarray
 # ---- tiny stand-ins in the real layout (tests and the demo) ----------------------------------------------------
 
 # Detector rows the tiny YOLOX graph emits, in its 640x640 input space: (centre x, centre y, width, height,
-# objectness, person probability). Two people; a weaker copy of the first that NMS removes; a faint one under 0.3.
+# objectness, class probability[, COCO class, 0 = person]). Two people; a weaker copy of the first that NMS
+# removes; a faint one under 0.3.
 TINY_DETECTIONS = ((200.0, 210.0, 120.0, 300.0, 0.95, 0.95),
                    (440.0, 230.0, 110.0, 280.0, 0.9, 0.9),
                    (216.0, 220.0, 120.0, 300.0, 0.8, 0.8),
@@ -366,10 +367,10 @@ def tiny_template() -> np.ndarray:
     return np.array(body + feet + face + hand(220, 225, 1) + hand(68, 225, -1), dtype=np.float64)
 
 
-def write_tiny_weights(folder: Path) -> dict[str, Path]:
+def write_tiny_weights(folder: Path, detections=TINY_DETECTIONS) -> dict[str, Path]:
     """Tiny YOLOX and DWPose ONNX graphs with the real names and signatures, where the A1111 extension keeps them
     under `folder` (a WebUI root). Their outputs are constants (plus a small term from the image's mean, so the
-    graphs read their input): the people of TINY_DETECTIONS and the pose of tiny_template()."""
+    graphs read their input): the boxes of `detections` (TINY_DETECTIONS) and the pose of tiny_template()."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -390,12 +391,13 @@ def write_tiny_weights(folder: Path) -> dict[str, Path]:
     # Detector: 8400 rows of zeros, with TINY_DETECTIONS scattered onto the stride-32 anchors they fall in.
     offsets = {8: 0, 16: 80 * 80, 32: 80 * 80 + 40 * 40}
     indices, rows = [], []
-    for cx, cy, w, h, objectness, person in TINY_DETECTIONS:
+    for cx, cy, w, h, objectness, probability, *cls in detections:
         stride = 32
         gx, gy = int(cx // stride), int(cy // stride)
         anchor = offsets[stride] + gy * (DETECT_SIZE // stride) + gx
         row = np.zeros(85, dtype=np.float32)
-        row[:6] = [cx / stride - gx, cy / stride - gy, math.log(w / stride), math.log(h / stride), objectness, person]
+        row[:5] = [cx / stride - gx, cy / stride - gy, math.log(w / stride), math.log(h / stride), objectness]
+        row[5 + (cls[0] if cls else 0)] = probability
         indices.append([0, anchor])
         rows.append(row)
     det_nodes = mean_nodes("images") + [
@@ -405,9 +407,10 @@ def write_tiny_weights(folder: Path) -> dict[str, Path]:
         helper.make_node("ScatterND", ["zeros", "indices", "updates"], ["output"])]
     drift = np.zeros((len(rows), 85), dtype=np.float32)
     drift[:, 0:2] = 1e-7  # box centres move by ~1e-7 cells per unit of mean brightness: read, yet negligible
-    det_inits = [numpy_helper.from_array(np.array(rows), "rows"), numpy_helper.from_array(drift, "drift"),
+    rows = np.array(rows, dtype=np.float32).reshape(-1, 85)
+    det_inits = [numpy_helper.from_array(rows, "rows"), numpy_helper.from_array(drift, "drift"),
                  numpy_helper.from_array(np.array([1, 8400, 85], dtype=np.int64), "shape"),
-                 numpy_helper.from_array(np.array(indices, dtype=np.int64), "indices")]
+                 numpy_helper.from_array(np.array(indices, dtype=np.int64).reshape(-1, 2), "indices")]
     save(det_nodes, det_inits, helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, 640, 640]),
          [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 8400, 85])], target / DETECTOR, "tiny_yolox")
 
