@@ -17,7 +17,7 @@ from imprompt.loading.controlnets import load_controlnet
 from imprompt.models.probe import probe
 from imprompt.models.specs import ControlNetSpec, spec_from_json, spec_to_json
 from imprompt.models.store import ModelStore, legacy_hash
-from tools.controlnet_models import write_controlnets
+from tools.controlnet_models import ldm_names, write_controlnets
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,9 @@ def files(pack, tmp_path_factory) -> dict:
     extra = tmp_path_factory.mktemp("controlnet-singles")
     ldm = load_file(paths["sd15-ldm"])
     save_file({k.removeprefix("control_model."): v for k, v in ldm.items()}, extra / "control_bare_sd15.safetensors")
-    singles = {"sd15-bare": extra / "control_bare_sd15.safetensors"}
+    singles = {"sd15-bare": extra / "control_bare_sd15.safetensors", "sdxl-ldm": extra / "control_sdxl.safetensors"}
+    sdxl = load_file(paths["sdxl"] / "diffusion_pytorch_model.safetensors")
+    save_file(ldm_names(sdxl, layers_per_block=2), singles["sdxl-ldm"])  # SDXL's label_emb too
     for name in ("sdxl", "sdxl-union", "sd35", "flux", "flux-union"):
         singles[f"{name}-single"] = extra / f"diffusers_{name}.safetensors"
         shutil.copy(paths[name] / "diffusion_pytorch_model.safetensors", singles[f"{name}-single"])
@@ -52,6 +54,7 @@ EXPECTED = {
     "sd15": ("diffusers", "sd15", "SD 1.5 ControlNet", ()),
     "sdxl": ("diffusers", "sdxl", "SDXL ControlNet", ()),
     "sdxl-single": ("diffusers", "sdxl", "SDXL ControlNet", ()),
+    "sdxl-ldm": ("ldm", "sdxl", "SDXL ControlNet", ()),
     "sdxl-union": ("diffusers", "sdxl", "SDXL ControlNet Union ProMax", UNION),
     "sdxl-union-single": ("diffusers", "sdxl", "SDXL ControlNet Union ProMax", UNION),
     "sd35": ("diffusers", "sd35", "SD 3.5 ControlNet", ()),
@@ -127,11 +130,13 @@ def _listed(value):
     return value if isinstance(value, (list, tuple)) else [value]
 
 
-@pytest.mark.parametrize("name", ["sdxl", "sdxl-union", "sd35", "flux", "flux-union"])
-def test_a_diffusers_named_single_file_loads_as_its_folder(files, name):
-    """No config beside the file: every width is read from its tensors, and the model equals the folder's."""
-    expected = load_controlnet(probe(files[name]), torch.float32)
-    loaded = load_controlnet(probe(files[f"{name}-single"]), torch.float32)
+@pytest.mark.parametrize("name", ["sdxl", "sdxl-union", "sd35", "flux", "flux-union", "sdxl-ldm"])
+def test_a_single_file_loads_as_its_folder(files, name):
+    """No config beside the file: every width is read from its tensors, and the model equals the folder's (an
+    SDXL ControlNet in original names too: diffusers' converter leaves its added embedding out)."""
+    folder, single = (name.removesuffix("-ldm"), name) if name.endswith("-ldm") else (name, f"{name}-single")
+    expected = load_controlnet(probe(files[folder]), torch.float32)
+    loaded = load_controlnet(probe(files[single]), torch.float32)
     assert type(loaded) is type(expected) and not loaded.training
     reference, state = expected.state_dict(), loaded.state_dict()
     assert state.keys() == reference.keys() and all(torch.equal(state[k], reference[k]) for k in reference)
