@@ -42,7 +42,9 @@ def load_controlnet(spec: ControlNetSpec, dtype):
         tensors = unwrapped(read_tensors(path, dtype))
         if spec.format == "ldm":
             tensors = diffusers_names(tensors)
-        model = from_tensors(cls, config_from_tensors(spec, tensors), tensors, path).to(dtype=dtype)
+        model = from_tensors(cls, config_from_tensors(spec, tensors), tensors, path)
+        if any(p.dtype != dtype for p in model.parameters()):  # (read in `dtype` already: no copy, no warning)
+            model = model.to(dtype=dtype)
     return model.eval()
 
 
