@@ -31,7 +31,8 @@ def listed(*roots) -> dict[str, dict]:
     listing = json.loads(done.stdout)
     entries = {}
     for kind, items in (("pipeline", listing["models"]), ("ip-adapter", listing["adapters"]),
-                        ("image-encoder", listing["encoders"]), *listing["other"].items()):  # fmt: skip
+                        ("image-encoder", listing["encoders"]), ("controlnet", listing["controlnets"]),
+                        *listing["other"].items()):  # fmt: skip
         for item in items:
             entries[item["path"]] = {"kind": kind, **item}
     for item in listing["unreadable"]:

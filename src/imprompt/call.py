@@ -87,13 +87,19 @@ class PipelineCall:
             self.pipeline.scheduler = make_scheduler(self.sampler, self.loaded.scheduler_config,
                                                      self.loaded.scheduler_class)  # fmt: skip
             self.schedule.begin(index, self.steps)
-            output = self.pipeline(
-                num_inference_steps=self.steps,
-                generator=torch.Generator(device="cpu").manual_seed(self.seed + index),
-                callback_on_step_end=self.schedule.step_end,
-                output_type="pil",
-                **self.kwargs,
-            )
+            # a pipeline may draw from torch's global generator besides the one it is given (diffusers' SD 3
+            # ControlNet pipeline samples the control image's latents so): seeded by the request, and the process's
+            # generator left as it was
+            devices = [self.loaded.pipeline.device] if self.loaded.pipeline.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(self.seed + index)
+                output = self.pipeline(
+                    num_inference_steps=self.steps,
+                    generator=torch.Generator(device="cpu").manual_seed(self.seed + index),
+                    callback_on_step_end=self.schedule.step_end,
+                    output_type="pil",
+                    **self.kwargs,
+                )
             images += output.images
         self.scheduler = self.pipeline.scheduler
         return images

@@ -151,8 +151,7 @@ def describe_store(store: ModelStore) -> dict:
     controlnets = []
     for entry in store.of_kind("controlnet"):
         spec = entry.spec
-        runnable = hasattr(spec, "mismatch") and not spec.unsupported  # a ControlNetSpec imprompt runs
-        fits_models = [p.name for p in store.pipelines if runnable and spec.mismatch(p.spec) is None]
+        fits_models = [p.name for p in store.pipelines if not spec.unsupported and spec.mismatch(p.spec) is None]
         controlnets.append({"name": entry.name, **spec.to_dict(), "fits_models": fits_models})
     return {
         "models": [

@@ -5,7 +5,8 @@ diffusers' pipelines scale a ControlNet's residuals by one number per step (`con
 or 1 from `control_guidance_start/end`), and offer `guess_mode` (the control on the conditional rows only, the
 residuals scaled from 0.1 to 1 along a log space). The extension (read for its rules, `scripts/hook.py`) does
 otherwise, and its users' payloads mean its rules:
-- a unit acts at sampling step i of n when start <= i / n <= end (diffusers: start <= i / n and (i + 1) / n <= end);
+- a unit acts at sampling step i of n when start <= max(i - 1, 0) / n <= end: the step number A1111 reports while
+  step i runs is the previous one's (diffusers: start <= i / n and (i + 1) / n <= end);
 - "My prompt is more important" (its soft injection) scales residual k of 13 (12 down, then the middle block) by
   0.825 ** (12 - k), and SDXL's 10 residuals by the first 10 of those;
 - "ControlNet is more important" does that too, and gives the control to the conditional rows only (its cfg
@@ -38,7 +39,8 @@ class UnitGuidance:
     control_mode: str  # request.CONTROL_MODES
 
     def active_at(self, step: int, total: int) -> bool:
-        return self.start <= step / total <= self.end
+        """As the extension decides it: A1111 reports the previous step's number while step `step` runs."""
+        return self.start <= max(step - 1, 0) / total <= self.end
 
     def residual_scales(self, count: int) -> list[float]:
         """The factor of each of a UNet ControlNet's `count` residuals (down blocks, then the middle block)."""

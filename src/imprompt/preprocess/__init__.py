@@ -154,18 +154,18 @@ REGISTRY = (
     entry("depth_anything_v2", "depth_anything_v2", "depth_anything_v2", ["Depth"], "depth:depth_anything_v2",
           weights=["depth_anything_v2_vitl.safetensors"], model_free=False,
           aliases=["Depth Anything V2", "Depth Anything v2"]),
-    # helper B's modules: each exposes run(image, resolution, threshold_a, threshold_b, weights)
+    # the model-based ones (`dwpose.py`, `lineart.py`, `hed.py`): run(image, resolution, threshold_a, threshold_b,
+    # weights); CMU OpenPose (openpose, openpose_full) is not implemented: DWPose is the extension's pose default
     entry("dw_openpose_full", "dw_openpose_full", "dw_openpose_full", ["OpenPose"], "dwpose:run",
           weights=["yolox_l.onnx", "dw-ll_ucoco_384.onnx"], model_free=False, aliases=["DWPose"]),
-    entry("openpose_full", "openpose_full", "openpose_full", ["OpenPose"], "dwpose:run_openpose_full",
-          weights=["body_pose_model.pth", "hand_pose_model.pth", "facenet.pth"], model_free=False,
-          aliases=["OpenPose"]),
     entry("lineart_realistic", "lineart_realistic", "lineart", ["Lineart"], "lineart:run",
           weights=["sk_model.pth"], model_free=False, aliases=["LineArt Realistic"]),
     entry("lineart_coarse", "lineart_coarse", "lineart_coarse", ["Lineart"], "lineart:run_coarse",
           weights=["sk_model2.pth"], model_free=False),
     entry("softedge_hed", "softedge_hed", "hed", ["SoftEdge"], "hed:run",
           weights=["ControlNetHED.pth"], model_free=False, aliases=["HED"]),
+    entry("softedge_hedsafe", "softedge_hedsafe", "hed_safe", ["SoftEdge"], "hed:run_safe",
+          weights=["ControlNetHED.pth"], model_free=False),
     entry("scribble_hed", "scribble_hed", "scribble_hed", ["Scribble", "SparseCtrl"], "hed:run_scribble",
           weights=["ControlNetHED.pth"], model_free=False),
 )

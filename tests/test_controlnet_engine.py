@@ -1,0 +1,178 @@
+"""ControlNet units through the engine, held to diffusers' own ControlNet pipelines (max difference 1/255), and the
+A1111 ControlNet extension's weights, windows and control modes held to references written here from its rules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import locked, max_diff, request, shared_folder, unit
+from diffusers import (
+    ControlNetModel,
+    ControlNetUnionModel,
+    FluxControlNetModel,
+    FluxControlNetPipeline,
+    SD3ControlNetModel,
+    StableDiffusion3ControlNetPipeline,
+    StableDiffusionControlNetPipeline,
+    StableDiffusionXLControlNetPipeline,
+    StableDiffusionXLControlNetUnionPipeline,
+)
+from diffusers.models.controlnets import MultiControlNetModel
+from diffusers_reference import load_adapters, run
+from PIL import Image
+
+from imprompt import Engine
+from imprompt.errors import ImpromptError, IncompatibleError, UnsupportedError
+from tools.controlnet_models import write_controlnets
+
+SOFT = 0.825  # the extension's soft-injection base (its scripts/hook.py), written here from its rules
+
+
+@pytest.fixture(scope="module")
+def nets(pack, tmp_path_factory) -> dict:
+    folder = shared_folder(tmp_path_factory, "controlnets")
+    with locked(folder):
+        return write_controlnets(folder, pack)
+
+
+@pytest.fixture(scope="module")
+def cn_engine(pack, nets) -> Engine:
+    return Engine([pack, nets["sd15"].parent.parent])
+
+
+@pytest.fixture(scope="module")
+def pose(pack) -> Image.Image:
+    """A finished control image (module none), as API clients send a pose or depth map."""
+    return Image.open(pack / "images" / "white-triangle.png").convert("RGB").resize((64, 64))
+
+
+def cn(model, image, **fields) -> dict:
+    return {"model": str(model), "image": image, **fields}
+
+
+def reference_pipe(cls, pack, model, controlnet, **extra):
+    pipe = cls.from_pretrained(pack / "diffusers" / model, controlnet=controlnet, **extra)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sd15_pipe(pack, controlnet):
+    return reference_pipe(StableDiffusionControlNetPipeline, pack, "tiny-sd15", controlnet, safety_checker=None,
+                          requires_safety_checker=False)  # fmt: skip
+
+
+def test_one_controlnet_equals_diffusers_and_changes_the_picture(cn_engine, pack, nets, pose):
+    got = cn_engine.generate(request(controlnets=[cn(nets["sd15"], pose)])).images[0]
+    expected = run(sd15_pipe(pack, ControlNetModel.from_pretrained(nets["sd15"])), image=pose)
+    plain = cn_engine.generate(request()).images[0]
+    assert max_diff(got, expected) <= 1
+    assert max_diff(got, plain) > 8  # the control acts
+    assert max_diff(cn_engine.generate(request()).images[0], plain) == 0  # and leaves nothing behind
+
+
+def test_an_ldm_single_file_with_an_image_prompt_equals_diffusers(cn_engine, pack, nets, pose, red_circle):
+    got = cn_engine.generate(request(unit("Base", red_circle, 0.6), controlnets=[cn(nets["sd15-ldm"], pose, weight=0.8)]))
+    pipe = load_adapters(sd15_pipe(pack, ControlNetModel.from_pretrained(nets["sd15"])), pack,
+                         "IP-Adapter/models/ip-adapter_sd15.safetensors", "IP-Adapter/models/image_encoder")  # fmt: skip
+    pipe.set_ip_adapter_scale(0.6)
+    expected = run(pipe, image=pose, ip_adapter_image=red_circle, controlnet_conditioning_scale=0.8)
+    assert max_diff(got.images[0], expected) <= 1
+    assert got.info["controlnets"][0]["model"].startswith("control_tiny_sd15_canny [")
+    assert "ControlNet 0" in got.parameters
+
+
+def extension_window(start: float, end: float, steps: int) -> tuple[float, float]:
+    """The extension's window (a unit acts at step j when start <= max(j - 1, 0) / steps <= end: A1111 reports the
+    previous step's number while step j runs) as diffusers' control_guidance_start/end (which keeps step i when
+    i / n >= start' and (i + 1) / n <= end')."""
+    active = [j for j in range(steps) if start <= max(j - 1, 0) / steps <= end]
+    return active[0] / steps, (active[-1] + 1) / steps
+
+
+def test_two_controlnets_with_weights_and_windows_equal_diffusers(cn_engine, pack, nets, pose, yellow_square):
+    square = yellow_square.resize((64, 64))
+    got = cn_engine.generate(request(controlnets=[cn(nets["sd15"], pose, weight=0.7, start=0.0, end=0.5),
+                                                  cn(nets["sd15-ldm"], square, weight=1.3, start=0.5, end=1.0)],
+                                     steps=6))  # fmt: skip
+    net = ControlNetModel.from_pretrained(nets["sd15"])
+    windows = [extension_window(0.0, 0.5, 6), extension_window(0.5, 1.0, 6)]
+    expected = run(sd15_pipe(pack, MultiControlNetModel([net, net])), steps=6, image=[pose, square],
+                   controlnet_conditioning_scale=[0.7, 1.3], control_guidance_start=[w[0] for w in windows],
+                   control_guidance_end=[w[1] for w in windows])  # fmt: skip
+    assert windows == [(0.0, 5 / 6), (4 / 6, 1.0)]  # the two overlap at step 4: both units act there
+    assert max_diff(got.images[0], expected) <= 1
+
+
+def mode_reference(net, weight: float, mode: str):
+    """The extension's control modes, written from its rules: residual k of n scaled by weight * 0.825 ** (12 - k)
+    (SDXL: the first 10 of the 13) unless Balanced; "ControlNet is more important" also zeroes the unconditional
+    row (diffusers' batch: [unconditional, conditional])."""
+    forward = net.forward
+
+    def patched(*args, **kwargs):
+        kwargs["conditioning_scale"] = 1.0
+        down, mid = forward(*args, **kwargs)
+        residuals = [*down, mid]
+        scales = [weight * SOFT ** (12 - k) for k in range(13)][: len(residuals)]
+        residuals = [r * s for r, s in zip(residuals, scales)]
+        if mode == "ControlNet is more important":
+            residuals = [torch.cat([torch.zeros_like(r[:1]), r[1:]]) for r in residuals]
+        return residuals[:-1], residuals[-1]
+
+    net.forward = patched
+    return net
+
+
+@pytest.mark.parametrize("mode", ["My prompt is more important", "ControlNet is more important"])
+def test_control_modes_follow_the_extension(cn_engine, pack, nets, pose, mode):
+    got = cn_engine.generate(request(controlnets=[cn(nets["sd15"], pose, weight=1.5, control_mode=mode)]))
+    net = mode_reference(ControlNetModel.from_pretrained(nets["sd15"]), 1.5, mode)
+    expected = run(sd15_pipe(pack, net), image=pose)
+    balanced = cn_engine.generate(request(controlnets=[cn(nets["sd15"], pose, weight=1.5)]))
+    assert max_diff(got.images[0], expected) <= 1
+    assert max_diff(got.images[0], balanced.images[0]) > 0
+
+
+def test_sdxl_and_its_union_model_equal_diffusers(cn_engine, pack, nets, pose):
+    xl = {"model": "tiny-sdxl"}
+    got = cn_engine.generate(request(controlnets=[cn(nets["sdxl"], pose, weight=0.9)], **xl)).images[0]
+    pipe = reference_pipe(StableDiffusionXLControlNetPipeline, pack, "tiny-sdxl", ControlNetModel.from_pretrained(nets["sdxl"]))
+    assert max_diff(got, run(pipe, image=pose, controlnet_conditioning_scale=0.9)) <= 1
+    got = cn_engine.generate(request(controlnets=[cn(nets["sdxl-union"], pose, module="none", union_type="depth")], **xl))
+    union = ControlNetUnionModel.from_pretrained(nets["sdxl-union"])
+    pipe = reference_pipe(StableDiffusionXLControlNetUnionPipeline, pack, "tiny-sdxl", union)
+    assert max_diff(got.images[0], run(pipe, control_image=[pose], control_mode=[1])) <= 1
+    assert got.info["controlnets"][0]["union_type"] == 1
+
+
+def test_sd35_and_flux_controlnets_equal_diffusers(cn_engine, pack, nets, pose):
+    got = cn_engine.generate(request(controlnets=[cn(nets["sd35"], pose, weight=0.8)], model="tiny-sd35", cfg_scale=5.0))
+    pipe = reference_pipe(StableDiffusion3ControlNetPipeline, pack, "tiny-sd35", SD3ControlNetModel.from_pretrained(nets["sd35"]),
+                          text_encoder_3=None, tokenizer_3=None, image_encoder=None, feature_extractor=None)  # fmt: skip
+    torch.manual_seed(1)  # diffusers' SD 3 ControlNet pipeline samples the control latents from the global generator
+    expected = pipe("a cat", num_inference_steps=4, guidance_scale=5.0, width=64, height=64, control_image=pose,
+                    controlnet_conditioning_scale=0.8, generator=torch.Generator().manual_seed(1)).images[0]  # fmt: skip
+    assert max_diff(got.images[0], expected) <= 1
+    torch.manual_seed(7)  # imprompt seeds it by the request, whatever the process's generator holds
+    assert max_diff(cn_engine.generate(request(controlnets=[cn(nets["sd35"], pose, weight=0.8)], model="tiny-sd35",
+                                               cfg_scale=5.0)).images[0], got.images[0]) == 0  # fmt: skip
+    got = cn_engine.generate(request(controlnets=[cn(nets["flux"], pose, weight=0.8)], model="tiny-flux", cfg_scale=3.5))
+    pipe = reference_pipe(FluxControlNetPipeline, pack, "tiny-flux", FluxControlNetModel.from_pretrained(nets["flux"]))
+    expected = pipe("a cat", num_inference_steps=4, guidance_scale=3.5, width=64, height=64, control_image=pose,
+                    controlnet_conditioning_scale=0.8, generator=torch.Generator().manual_seed(1)).images[0]  # fmt: skip
+    assert max_diff(got.images[0], expected) <= 1
+
+
+def test_wrong_units_are_refused_naming_the_unit_and_the_next_request_is_unaffected(cn_engine, nets, pose):
+    plain = cn_engine.generate(request()).images[0]
+    with pytest.raises(IncompatibleError, match=r"controlnets\.0: .*SDXL.*2048.*SD 1\.5.*768"):
+        cn_engine.generate(request(controlnets=[cn(nets["sdxl"], pose)]))
+    with pytest.raises(UnsupportedError, match=r"controlnets\.0: .*Control-LoRA"):
+        cn_engine.generate(request(controlnets=[cn(nets["control-lora"], pose)], model="tiny-sdxl"))
+    with pytest.raises(ImpromptError, match=r"controlnets\.1: .*no-such-net"):
+        cn_engine.generate(request(controlnets=[cn(nets["sd15"], pose), cn("no-such-net", pose)]))
+    with pytest.raises(ImpromptError, match=r"controlnets\.0: .*no-such-module"):
+        cn_engine.generate(request(controlnets=[cn(nets["sd15"], pose, module="no-such-module")]))
+    with pytest.raises(ImpromptError, match=r"controlnets\.0\.image"):
+        cn_engine.generate(request(controlnets=[cn(nets["sd15"], "bm90IGFuIGltYWdl")]))
+    assert max_diff(cn_engine.generate(request()).images[0], plain) == 0
