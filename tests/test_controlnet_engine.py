@@ -176,3 +176,15 @@ def test_wrong_units_are_refused_naming_the_unit_and_the_next_request_is_unaffec
     with pytest.raises(ImpromptError, match=r"controlnets\.0\.image"):
         cn_engine.generate(request(controlnets=[cn(nets["sd15"], "bm90IGFuIGltYWdl")]))
     assert max_diff(cn_engine.generate(request()).images[0], plain) == 0
+
+
+def test_a_controlnet_reads_each_rows_own_text_when_the_prompt_is_composable(cn_engine, nets, pose):
+    """Two equal parts at half weight combine to the one prompt's prediction: with a ControlNet, only if it ran on each
+    row's own text (the pipeline's own negative is a stand-in of zeros there), as the extension's hook runs it."""
+    control = [cn(nets["sd15"], pose, weight=1.2)]
+    one = cn_engine.generate(request(controlnets=control, negative_prompt="blurry")).images[0]
+    halves = cn_engine.generate(request(controlnets=control, negative_prompt="blurry",
+                                        prompt="a cat :0.5 AND a cat :0.5")).images[0]  # fmt: skip
+    assert max_diff(one, halves) <= 1
+    scheduled = cn_engine.generate(request(controlnets=control, negative_prompt="blurry", prompt="a [cat:dog:0.5]"))
+    assert max_diff(scheduled.images[0], one) > 0
