@@ -1,5 +1,6 @@
 """The A1111 ControlNet extension's IP-Adapter units, from webuiapi (its own ControlNetUnit) and raw payloads, and
-the A1111 fields imprompt honours, ignores, refuses or reports: nothing a client sends is dropped silently."""
+the A1111 fields imprompt honours, ignores, refuses or reports: nothing a client sends is dropped silently. (Its
+ControlNet units: test_controlnet_server.py.)"""
 
 from __future__ import annotations
 
@@ -105,7 +106,7 @@ def test_disabled_units_are_skipped_and_said(server, red_circle):
 
 
 CONTROLNET_REFUSALS = [
-    ("a canny ControlNet", dict(module="canny", model="control_v11p_sd15_canny [d14c016b]"), 422, "imprompt runs the extension's IP-Adapter units only, not ControlNet"),
+    ("a ControlNet the folders lack", dict(module="canny", model="control_v11p_sd15_canny [d14c016b]"), 404, "alwayson_scripts.controlnet.args.0.model: ControlNet 'control_v11p_sd15_canny [d14c016b]' not found"),
     ("an IP-Adapter module without a model", dict(model="None"), 422, "needs an IP-Adapter model"),
     ("an unknown adapter", dict(model="ip-adapter_turbo [12345678]"), 404, "ip-adapter_turbo"),
     ("per-block weights", dict(advanced_weighting=[1.0] * 16), 422, "advanced_weighting: not supported"),

@@ -27,6 +27,22 @@ IP_JSON_HELP = (
     '"layers": "style", "masks": ["left.png"]}\''
 )
 
+CONTROL_HELP = (
+    'a ControlNet unit, repeatable: "MODEL=IMAGE[,KEY=VALUE...]", e.g. "control_v11p_sd15_openpose=pose.png" (a '
+    'finished pose map) or "control_v11p_sd15_canny=photo.jpg,module=canny,weight=0.8,start=0,end=0.6,mode=1". MODEL: '
+    'a ControlNet file name, stem, folder name or "name [hash]". Keys: module (the preprocessor, the A1111 ControlNet '
+    "extension's names: none (default), canny, depth_anything, dw_openpose_full, lineart_realistic, softedge_hed, "
+    'scribble_xdog, tile_resample, ...), weight (0-2, default 1), start, end (fractions of the steps), mode (control '
+    'mode: Balanced / 0, "My prompt is more important" / 1, "ControlNet is more important" / 2), resize ("Just '
+    'Resize", "Crop and Resize" (default), "Resize and Fill" or 0, 1, 2), res (the preprocessor\'s resolution), a, b '
+    "(its thresholds), pixel_perfect (true/false), union (a Union model's control type: name or index)"
+)
+CONTROL_KEYS = {"module": "module", "weight": "weight", "start": "start", "end": "end", "mode": "control_mode",
+                "control_mode": "control_mode", "resize": "resize_mode", "resize_mode": "resize_mode",
+                "res": "processor_res", "processor_res": "processor_res", "a": "threshold_a", "threshold_a": "threshold_a",
+                "b": "threshold_b", "threshold_b": "threshold_b", "pixel_perfect": "pixel_perfect",
+                "union": "union_type", "union_type": "union_type"}  # fmt: skip
+
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
@@ -74,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--vae", help="a VAE file from the models folders instead of the model's own")
     g.add_argument("--ip", action="append", default=[], metavar="UNIT", help=IP_HELP)
     g.add_argument("--ip-json", action="append", default=[], metavar="JSON", help=IP_JSON_HELP)
+    g.add_argument("--control", action="append", default=[], metavar="UNIT", help=CONTROL_HELP)
     g.add_argument("--init-image", type=Path, help="img2img: start from this image")
     g.add_argument("--denoising-strength", type=float, help="img2img: how much is redrawn, 0-1 (default 0.75)")
     g.add_argument("--out", type=Path, required=True, help="output PNG (batches add -1, -2, ...)")
@@ -327,6 +344,8 @@ def _generate(args) -> int:
         overrides["loras"] = [parse_lora(text) for text in args.lora]
     if args.ip or args.ip_json:
         overrides["ip_adapters"] = [parse_ip_unit(text) for text in args.ip] + [_json_unit(t) for t in args.ip_json]
+    if args.control:
+        overrides["controlnets"] = [parse_control_unit(text) for text in args.control]
     request = parse_request(request.model_dump() | overrides)
     result = engine.generate(request)
     outputs = []
@@ -370,6 +389,53 @@ def parse_ip_unit(text: str) -> dict:
         unit = {"adapter": name.strip(), "images": images}
     unit.update(zip(("scale", "start", "end"), numbers))
     return unit
+
+
+def parse_control_unit(text: str) -> dict:
+    """'MODEL=IMAGE[,KEY=VALUE...]' -> a ControlNet unit dict. A comma starts a key only where `key=` follows, so
+    image paths may contain commas."""
+    model, sep, rest = text.partition("=")
+    if not sep or not model.strip() or not rest:
+        raise RequestError(f"--control {text!r}: expected MODEL=IMAGE[,KEY=VALUE...]")
+    parts = rest.split(",")
+    image = parts.pop(0)
+    while parts and not _is_key(parts[0]):
+        image += "," + parts.pop(0)
+    unit: dict = {"model": model.strip(), "image": image}
+    for part in parts:
+        key, _, value = part.partition("=")
+        field = CONTROL_KEYS.get(key.strip().lower())
+        if field is None:
+            raise RequestError(f"--control {text!r}: unknown key {key.strip()!r}; keys: {', '.join(sorted(set(CONTROL_KEYS)))}")
+        value = value.strip()
+        if field in ("weight", "start", "end", "threshold_a", "threshold_b"):
+            if not _is_number(value):
+                raise RequestError(f"--control {text!r}: {key.strip()} must be a number, got {value!r}")
+            unit[field] = float(value)
+        elif field in ("processor_res", "control_mode", "resize_mode", "union_type") and value.isdigit():
+            unit[field] = int(value)
+        elif field == "pixel_perfect":
+            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise RequestError(f"--control {text!r}: pixel_perfect must be true or false, got {value!r}")
+            unit[field] = value.lower() in ("true", "1", "yes")
+        else:
+            unit[field] = value
+    if isinstance(unit.get("control_mode"), int):
+        from .request import CONTROL_MODES
+
+        if unit["control_mode"] >= len(CONTROL_MODES):
+            raise RequestError(f"--control {text!r}: mode {unit['control_mode']} is not 0, 1 or 2")
+        unit["control_mode"] = CONTROL_MODES[unit["control_mode"]]
+    if isinstance(unit.get("resize_mode"), int):
+        from .preprocess.resize import resize_mode
+
+        unit["resize_mode"] = resize_mode(unit["resize_mode"])
+    return unit
+
+
+def _is_key(part: str) -> bool:
+    key, sep, _ = part.partition("=")
+    return bool(sep) and key.strip().lower() in CONTROL_KEYS
 
 
 def _json_unit(text: str) -> dict:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -27,11 +27,12 @@ from ..request import (
     parse_request,
     validation_error,
 )
+from ..preprocess.resize import fit
 from ..result import Result
 from ..util.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 from ..util.infotext import png_info
 from ..util.samplers import SAMPLERS
-from .controlnet import InputMap, controlnet_units, detected_map
+from .controlnet import ControlMap, InputMap, controlnet_units, detected_map
 
 
 class IPAdapterPayload(BaseModel):
@@ -121,6 +122,10 @@ class Txt2ImgPayload(BaseModel):
     ip_adapter: list[IPAdapterPayload] = Field(default_factory=list, max_length=MAX_UNITS)
     face: FacePayload | None = Field(None, description="SD.Next's Face script: FaceID mode, as a FaceID unit")
     alwayson_scripts: dict[str, Any] = Field(default_factory=dict, description="the ControlNet extension's units")
+    controlnets: list[dict[str, Any]] = Field(
+        default_factory=list, max_length=MAX_UNITS, description="imprompt's own ControlNet units (base64 images); "
+                                                                "their control images come back in `control_images`"
+    )  # fmt: skip
 
 
 class Img2ImgPayload(Txt2ImgPayload):
@@ -133,7 +138,7 @@ UNIT_FIELDS = tuple(IPAdapterUnit.model_fields)
 # What imprompt does with each A1111 / SD.Next field (the README's table says the same):
 READ = {"prompt", "negative_prompt", "seed", "steps", "cfg_scale", "width", "height", "batch_size", "n_iter",
         "sampler_name", "sampler_index", "scheduler", "override_settings", "ip_adapter", "alwayson_scripts",
-        "init_images", "denoising_strength", "clip_skip", "face", "true_cfg_scale"}  # fmt: skip
+        "init_images", "denoising_strength", "clip_skip", "face", "true_cfg_scale", "controlnets"}  # fmt: skip
 # no effect on the picture (or only together with a field that must stay off, below)
 IGNORED = {"send_images", "save_images", "do_not_save_samples", "do_not_save_grid", "override_settings_restore_afterwards",
            "force_task_id", "comments", "infotext", "include_init_images", "script_args", "image_cfg_scale",
@@ -175,7 +180,9 @@ class Converted:
     request: GenerateRequest
     warnings: list[str]  # fields A1111 would honour that imprompt carried on without
     modules: list[str | None]  # per unit: the ControlNet-extension preprocessor it named (None: an SD.Next unit)
-    input_maps: list[InputMap]  # the extension's input maps, returned after the generated images
+    input_maps: list[InputMap | ControlMap]  # the extension's input maps, returned after the generated images
+    control_wheres: list[str] = field(default_factory=list)  # each ControlNet unit as the client named it
+    own_controlnets: int = 0  # how many of the request's ControlNet units (the last ones) came in imprompt's form
 
 
 def check_fields(payload: dict, img2img: bool) -> list[str]:
@@ -302,16 +309,25 @@ def from_sdnext_payload(payload: dict, img2img: bool | None = None, store: Model
             warnings += face_warnings
             if payload["face"].get("ip_override_sampler", True):
                 fields["sampler"] = "DDIM"  # what SD.Next's FaceID does with "Override sampler" (its default)
+    fields["controlnets"], wheres = [], []
     if scripts:
         if store is None:
             raise RequestError("alwayson_scripts: ControlNet units need the models folder to resolve their models")
-        controlnet = controlnet_units(scripts, store)
+        init = (payload.get("init_images") or [None])[0] if img2img else None
+        controlnet = controlnet_units(scripts, store, init if isinstance(init, str) else None)
         fields["ip_adapters"] += controlnet.units
+        fields["controlnets"] += controlnet.controlnets
+        wheres += controlnet.wheres
         modules += controlnet.modules
         warnings += controlnet.warnings
         if not chosen.get("control_net_no_detectmap"):  # the extension's switch for them, off by default
             input_maps += controlnet.input_maps
-    return Converted(parse_request(fields), warnings, modules, input_maps)
+    own = payload.get("controlnets") or []
+    if not isinstance(own, list):
+        raise RequestError("controlnets must be a list of ControlNet units")
+    fields["controlnets"] += own
+    wheres += [f"controlnets.{i}" for i in range(len(own))]
+    return Converted(parse_request(fields), warnings, modules, input_maps, wheres, len(own))
 
 
 def sdnext_face_unit(face, store: ModelStore | None) -> tuple[dict | None, list[str]]:
@@ -390,12 +406,15 @@ def apply_options(current: dict, given: dict, store: ModelStore) -> tuple[dict, 
 
 
 def to_response(results: list[Result], payload: Txt2ImgPayload, warnings: list[str] | None = None,
-                input_maps: list[InputMap] | None = None, image_limits: tuple[int, int] = (DEFAULT_MAX_PIXELS,
-                DEFAULT_MAX_BYTES)) -> dict:  # fmt: skip
+                input_maps: list[InputMap | ControlMap] | None = None, image_limits: tuple[int, int] = (DEFAULT_MAX_PIXELS,
+                DEFAULT_MAX_BYTES), own_controlnets: int = 0) -> dict:  # fmt: skip
     """A1111's response: base64 PNGs that carry the `parameters` text chunk, then (as the ControlNet extension
-    appends them) the input maps of its units (`input_maps`, read under `image_limits`: the engine's pixels and bytes),
-    and `info` as a JSON string, with `warnings`: what the request asked for that imprompt carried on without. A
-    job interrupted between its n_iter batches has fewer results than n_iter: `interrupted` says so."""
+    appends them) the maps of its units (`input_maps`: an IP-Adapter unit's input image, read under `image_limits`,
+    the engine's pixels and bytes; a ControlNet unit's detected map at the generation size, once per request as the
+    extension does, not per n_iter batch), and `info` as a JSON string, with `warnings`: what the request asked for
+    that imprompt carried on without. The control images of imprompt's own `controlnets` units (the last
+    `own_controlnets` of the request's) come in `control_images`, as the engine made them. A job interrupted between
+    its n_iter batches has fewer results than n_iter: `interrupted` says so."""
     warnings = list(warnings or [])
     for result in results:  # the engine's own (a LoRA that acts only in part), once each
         warnings += [w for w in result.info.get("warnings", []) if w not in warnings]
@@ -418,17 +437,31 @@ def to_response(results: list[Result], payload: Txt2ImgPayload, warnings: list[s
         "warnings": warnings,
         "imprompt": [r.info for r in results],  # one entry per n_iter batch, with its own units and events
     }
+    controls = results[0].control_images if results else []
     for item in input_maps or []:
-        picture, warning = detected_map(item, *image_limits)
-        buffer = io.BytesIO()
-        picture.save(buffer, format="PNG")
-        images.append(base64.b64encode(buffer.getvalue()).decode())
+        if isinstance(item, ControlMap):
+            if item.index >= len(controls):
+                continue  # an interrupted job that made no image
+            picture, warning = fit(controls[item.index], first["width"], first["height"], item.resize_mode), None
+        else:
+            picture, warning = detected_map(item, *image_limits)
+        images.append(png_base64(picture))
         if warning:
             warnings.append(warning)
-    parameters = payload.model_dump(exclude={"ip_adapter", "alwayson_scripts", "init_images", "face"})
+    parameters = payload.model_dump(exclude={"ip_adapter", "alwayson_scripts", "init_images", "face", "controlnets"})
+    parameters["controlnets"] = [{k: v for k, v in u.items() if k != "image"} for u in payload.controlnets]
     if payload.face is not None:
         parameters["face"] = {**payload.face.model_dump(exclude={"source_images"}),
                               "source_images": len(payload.face.source_images)}  # fmt: skip
     parameters["ip_adapter"] = [{**u.model_dump(exclude={"images", "masks", "negative_images"}),
                                  "images": len(u.images)} for u in payload.ip_adapter]  # fmt: skip
-    return {"images": images, "parameters": parameters, "info": json.dumps(info)}
+    answer = {"images": images, "parameters": parameters, "info": json.dumps(info)}
+    if own_controlnets:
+        answer["control_images"] = [png_base64(image) for image in controls[len(controls) - own_controlnets:]]
+    return answer
+
+
+def png_base64(image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()

@@ -25,12 +25,17 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from .. import __version__
 from ..engine import Engine
 from ..errors import AuthError, ImpromptError, MethodNotAllowedError, NotFoundError, PayloadTooLargeError, bounded
+from ..errors import RequestError
+from ..conditioning.controlnet import DEFAULT_RESOLUTION
+from ..preprocess import detect, locate_weights
+from ..util.images import load_image
 from ..models import catalog
 from ..conditioning.loras import lora_fits
 from ..plan import describe_store
 from ..request import validation_error
-from .a1111 import OPTION_DEFAULTS, Img2ImgPayload, Txt2ImgPayload, apply_options, to_request, to_response
-from .controlnet import model_list, module_list, module_warnings
+from .a1111 import OPTION_DEFAULTS, Img2ImgPayload, Txt2ImgPayload, apply_options, png_base64, to_request, to_response
+from .controlnet import control_types, detect_module, model_list, module_list, module_warnings, slider_values
+from .sdnext import DetectPayload, control_response, from_control_payload, named_unit, sdnext_preprocessor_list
 from .jobs import JobQueue
 from .origins import add_origin_checks
 
@@ -113,12 +118,21 @@ def create_app(engine: Engine, settings: ServerSettings | None = None, jobs=None
         # reading the payload may read the disk
         converted = await run_in_threadpool(to_request, payload, state["model"], engine.store, state["options"])
         engine.check_limits(converted.request)  # before the job is queued, before any image is decoded
-        results = await jobs.run_async(converted.request, payload.n_iter, http.is_disconnected)
+        results = await run_named(converted, payload.n_iter, http)
         units = results[0].info["ip_adapters"] if results else []
         warnings = converted.warnings + module_warnings(converted.modules, units, engine.store)
         limits = (engine.state.limits.max_image_pixels, engine.state.limits.max_image_bytes)
         # PNG encoding off the event loop
-        return await run_in_threadpool(to_response, results, payload, warnings, converted.input_maps, limits)
+        return await run_in_threadpool(to_response, results, payload, warnings, converted.input_maps, limits,
+                                       converted.own_controlnets)  # fmt: skip
+
+    async def run_named(converted, iterations: int, http: Request) -> list:
+        """Run a converted request; an error about one of its ControlNet units names the unit as the client sent
+        it (`alwayson_scripts.controlnet.args.2`, `control.0`), not its place in imprompt's request."""
+        try:
+            return await jobs.run_async(converted.request, iterations, http.is_disconnected)
+        except ImpromptError as exc:
+            raise named_unit(exc, converted.control_wheres) from None
 
     @app.post("/sdapi/v1/txt2img")
     async def txt2img(payload: Txt2ImgPayload, http: Request) -> dict:
@@ -225,16 +239,74 @@ def create_app(engine: Engine, settings: ServerSettings | None = None, jobs=None
 
     @app.get("/controlnet/model_list")
     def controlnet_model_list(update: bool = True) -> dict:
-        """The IP-Adapters, named as the extension names models (`stem [hash]`); imprompt runs no ControlNet."""
+        """The IP-Adapters and the ControlNets imprompt can run, named as the extension names models
+        (`stem [hash]`)."""
         if update:
             engine.store.refresh()
+        _read(engine.store, "controlnet")
         return {"model_list": model_list(engine.store)}
 
     @app.get("/controlnet/module_list")
     async def controlnet_module_list(alias_names: bool = False) -> dict:
-        """The IP-Adapter preprocessors (any of them: the adapter's weights choose the encoder), as the extension
-        lists them: internal names, or with `alias_names` its labels (ip-adapter_clip_h, ...)."""
+        """The preprocessors imprompt runs and the IP-Adapter ones (any of them: the adapter's weights choose the
+        encoder), as the extension lists them: internal names, or with `alias_names` its labels, and their sliders."""
         return module_list(alias_names)
+
+    @app.get("/controlnet/control_types")
+    def controlnet_control_types() -> dict:
+        _read(engine.store, "controlnet")
+        return control_types(engine.store)
+
+    @app.get("/controlnet/settings")
+    async def controlnet_settings() -> dict:
+        """The extension's unit count setting: here, how many units a request may have."""
+        return {"control_net_unit_count": engine.state.limits.max_units}
+
+    @app.post("/controlnet/detect")
+    async def controlnet_detect(body: DetectPayload) -> dict:
+        """Run a preprocessor alone on each image, as the extension's detect: the map at the preprocessor's own
+        resolution (its short side), not fitted to any generation size."""
+        pre = detect_module(body.controlnet_module)
+        if not body.controlnet_input_images:
+            raise RequestError("No image selected: controlnet_input_images is empty; send base64 images")
+        limits = engine.state.limits
+
+        def run() -> list[str]:
+            weights = locate_weights(pre, engine.store.roots)
+            values = slider_values(pre.label, pre, body.controlnet_processor_res, body.controlnet_threshold_a,
+                                   body.controlnet_threshold_b, "controlnet")  # fmt: skip
+            answers = []
+            for i, given in enumerate(body.controlnet_input_images):
+                image = load_image(given, f"controlnet_input_images.{i}", limits.max_image_pixels, allow_paths=False,
+                                   max_bytes=limits.max_image_bytes)  # fmt: skip
+                found = detect(pre, image, values["processor_res"] or DEFAULT_RESOLUTION, values["threshold_a"],
+                               values["threshold_b"], weights, cache=engine.state.detections)  # fmt: skip
+                answers.append(png_base64(found))
+            return answers
+
+        return {"info": "Success", "images": await run_in_threadpool(run)}
+
+    @app.post("/sdapi/v1/control")
+    async def sdnext_control(payload: dict[str, Any], http: Request) -> dict:
+        """SD.Next's control API: its `control` units (and `ip_adapter`, `face`) with SD.Next's defaults; the
+        answer is {images, processed, params, info}."""
+        limits = (engine.state.limits.max_image_pixels, engine.state.limits.max_image_bytes)
+        converted = await run_in_threadpool(from_control_payload, payload, engine.store,
+                                            {"sd_model_checkpoint": state["model"], **state["options"]}, limits)  # fmt: skip
+        engine.check_limits(converted.request)
+        results = await run_named(converted, converted.iterations, http)
+        return await run_in_threadpool(control_response, results, payload, converted)
+
+    @app.get("/sdapi/v1/preprocessors")
+    async def sdnext_preprocessors() -> list[dict]:
+        return sdnext_preprocessor_list()
+
+    @app.get("/sdapi/v1/controlnets")
+    def sdnext_controlnets() -> list[str]:
+        """SD.Next's list of control models: the names of the ControlNets imprompt can run."""
+        _read(engine.store, "controlnet")
+        return [engine.store.controlnet_title(e).rsplit(" [", 1)[0] for e in engine.store.controlnets
+                if e.spec is not None and not e.spec.unsupported]  # fmt: skip
 
     @app.get("/sdapi/v1/progress")
     def progress() -> dict:  # a thread: a cluster asks its job board

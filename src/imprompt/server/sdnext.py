@@ -1,0 +1,268 @@
+"""SD.Next's control API (`POST /sdapi/v1/control`, `GET /sdapi/v1/preprocessors`, `GET /sdapi/v1/controlnets`) and
+the ControlNet extension's detect body, mapped onto imprompt's request.
+
+SD.Next's defaults are SD.Next's (`steps` 20, `cfg_scale` 6, `denoising_strength` 0.3, the output the size of the
+first input image, else `width_before` x `height_before`, 1024 x 1024). Its `control` units are ControlNet units:
+`process` (a preprocessor: SD.Next's names or the extension's), `model`, `strength`, `start`, `end`, `override` /
+`image` (the unit's input; `override` wins; else the request's first `inputs`), `mode` (the control type of a Union
+model; "default" is its first, as in SD.Next), `process_params`. imprompt runs the A1111 extension's preprocessors
+(at processor resolution 512), not SD.Next's own implementations: a map made here from the same picture differs
+from SD.Next's by its resizing. `guess` (diffusers' guess mode) is refused: the nearest of the extension's control
+modes, "ControlNet is more important", uses other layer scales (0.825 ** (12 - i) against diffusers' logspace, and a
+mid block at 0.56 on SDXL), so imprompt does not pass one off as the other.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from pydantic import BaseModel, Field
+
+from ..errors import ImpromptError, RequestError, shown
+from ..models.store import ModelStore
+from ..preprocess import PREPROCESSORS
+from ..preprocess.resize import CROP, RESIZE, fit
+from ..request import MAX_IMAGES, MAX_UNITS
+from ..result import Result
+from ..util.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, load_image
+from .a1111 import Converted, from_sdnext_payload, png_base64
+from .controlnet import find_controlnet, find_module
+
+
+class DetectPayload(BaseModel):
+    """POST /controlnet/detect's body, with the extension's defaults (-1: the slider's default)."""
+
+    controlnet_module: str = "none"
+    controlnet_input_images: list[str] = Field(default_factory=list, max_length=MAX_IMAGES)
+    controlnet_processor_res: int | float = -1
+    controlnet_threshold_a: float = -1
+    controlnet_threshold_b: float = -1
+    controlnet_masks: list[str] = Field(default_factory=list, max_length=MAX_IMAGES)  # no module here reads one
+    low_vram: bool = False  # memory, not pixels
+
+
+# SD.Next's control request: what imprompt reads, with SD.Next's defaults (modules/control/run.py control_run).
+DEFAULTS = {"prompt": "", "negative_prompt": "", "steps": 20, "seed": -1, "cfg_scale": 6.0, "sampler_name": "Default",
+            "batch_count": 1, "batch_size": 1, "clip_skip": 1.0, "denoising_strength": 0.3, "input_type": 0,
+            "width_before": 1024, "height_before": 1024}  # fmt: skip
+READ = {*DEFAULTS, "inputs", "inits", "control", "unit_type", "ip_adapter", "face", "width", "height"}
+IGNORED = {"send_images", "save_images", "is_generator", "state", "resize_name_before"}  # no effect on pixels
+# honoured only at the values SD.Next treats as off
+OFF = {"enable_hr": (False, None), "mask": (None, ""), "tiling": (False, None), "hidiffusion": (False, None),
+       "detailer_enabled": (False, None), "styles": (None, []), "script_name": (None, "", "None"),
+       "alwayson_scripts": (None, {}), "subseed_strength": (0, None), "video_type": (None, "None"),
+       "xyz": (None,), "init_control": (None, []), "resize_mode_after": (0, None), "resize_mode_mask": (0, None),
+       "extra": (None, {})}  # fmt: skip
+UNIT_READ = {"process", "model", "strength", "start", "end", "override", "image", "unit_type", "mode", "guess",
+             "process_params", "control_mode"}  # fmt: skip
+UNIT_OTHER_TYPES = {"factor", "attention", "fidelity", "query_weight", "adain_weight"}  # T2I / reference units' only
+# process_params imprompt reads: SD.Next's names -> the unit's fields (per preprocessor, or for any: None)
+PROCESS_PARAMS = {("canny", "low_threshold"): "threshold_a", ("canny", "high_threshold"): "threshold_b",
+                  (None, "detect_resolution"): "processor_res"}  # fmt: skip
+# SD.Next's names for the preprocessors imprompt runs that SD.Next has too (others are listed by the extension's)
+SDNEXT_NAMES = {"none": "None", "canny": "Canny", "dw_openpose_full": "DWPose", "lineart_realistic": "LineArt Realistic",
+                "softedge_hed": "HED", "depth_anything": "Depth Anything"}  # fmt: skip
+SDNEXT_PARAMS = {"canny": {"low_threshold": 100, "high_threshold": 200}}
+
+
+@dataclass
+class ControlConverted(Converted):
+    iterations: int = 1  # SD.Next's batch_count
+
+
+def from_control_payload(payload: dict, store: ModelStore, settings: dict | None = None,
+                         limits: tuple[int, int] = (DEFAULT_MAX_PIXELS, DEFAULT_MAX_BYTES)) -> ControlConverted:  # fmt: skip
+    """An SD.Next /sdapi/v1/control payload -> a request (its ControlNet units, IP-Adapter units and generation
+    fields, with SD.Next's defaults)."""
+    if not isinstance(payload, dict):
+        raise RequestError(f"request must be a JSON object, got {type(payload).__name__}")
+    given = {**DEFAULTS, **{k: v for k, v in payload.items() if v is not None}}
+    warnings = []
+    for name, value in payload.items():
+        if name in READ or name in IGNORED or value is None:
+            continue
+        if name in OFF:
+            if value not in OFF[name]:
+                raise RequestError(f"{name}: {shown(value)} asks for what imprompt does not do; leave it out")
+        elif name == "resize_mode_before":
+            if value not in (0, None) and payload.get("resize_name_before") not in (None, "None"):
+                raise RequestError("resize_mode_before: resizing the input before control is not supported; send "
+                                   "the input at the size wanted")  # fmt: skip
+        else:
+            warnings.append(f"{name}: not applied by imprompt (an SD.Next control field it does not read); ignored")
+    inputs = _strings("inputs", given.get("inputs"))
+    inits = _strings("inits", given.get("inits"))
+    if given["input_type"] not in (0, 1, 2):
+        raise RequestError(f"input_type: {shown(given['input_type'])} is not 0 (control only), 1 (init = input) or "
+                           f"2 (separate init images)")  # fmt: skip
+    first = load_image(inputs[0], "inputs.0", limits[0], allow_paths=False, max_bytes=limits[1]) if inputs else None
+    if first is not None:  # SD.Next generates at the input's size
+        width, height = first.size
+    else:
+        width, height = given["width_before"], given["height_before"]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 64 for v in (width, height)):
+        raise RequestError(f"width_before / height_before: expected whole numbers from 64, got {shown(width)} x "
+                           f"{shown(height)}")  # fmt: skip
+    size = (width // 8 * 8, height // 8 * 8)
+    if size != (width, height):
+        warnings.append(f"the output is {size[0]}x{size[1]}: {width}x{height} rounded down to multiples of 8 (the "
+                        f"VAE's blocks)")  # fmt: skip
+    for name in ("width", "height"):
+        if name in payload and payload[name] != size[name == "height"]:
+            warnings.append(f"{name}={shown(payload[name])} is not read: SD.Next sizes the output from the first input "
+                            f"image, else width_before / height_before")  # fmt: skip
+    fields: dict[str, Any] = {k: given[k] for k in ("prompt", "negative_prompt", "seed", "steps", "cfg_scale",
+                                                  "batch_size", "ip_adapter", "face") if k in given}  # fmt: skip
+    fields |= {"width": size[0], "height": size[1], "override_settings": {}}
+    if given["sampler_name"] not in (None, "", "Default"):
+        fields["sampler_name"] = given["sampler_name"]
+    clip_skip = given["clip_skip"]
+    if isinstance(clip_skip, (int, float)) and not isinstance(clip_skip, bool) and float(clip_skip).is_integer():
+        clip_skip = int(clip_skip)
+    fields["clip_skip"] = clip_skip
+    img2img = given["input_type"] in (1, 2)
+    if given["input_type"] == 1:
+        if not inputs:
+            raise RequestError("input_type 1 (init image = input) needs inputs: send the image in inputs")
+        fields["init_images"] = inputs[:1]
+    elif given["input_type"] == 2:
+        if not inits:
+            raise RequestError("input_type 2 (separate init image) needs inits: send the init image in inits")
+        fields["init_images"] = inits[:1]
+    elif inits:
+        warnings.append("inits: not read with input_type 0 (control only), as in SD.Next; send input_type 2 to "
+                        "start from them")  # fmt: skip
+    if img2img:
+        fields["denoising_strength"] = given["denoising_strength"]
+    units = given.get("control") or []
+    if not isinstance(units, list):
+        raise RequestError("control must be a list of control units")
+    if len(units) > MAX_UNITS:
+        raise RequestError(f"control: {len(units)} units, more than the {MAX_UNITS} any request may hold; send fewer")
+    default_type = given.get("unit_type") or "controlnet"
+    fields["controlnets"] = [_unit(i, u, default_type, inputs, store, warnings) for i, u in enumerate(units)]
+    iterations = given["batch_count"]
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or not 1 <= iterations <= 16:
+        raise RequestError(f"batch_count: expected a whole number from 1 to 16, got {shown(iterations)}")
+    converted = from_sdnext_payload(fields, img2img=img2img, store=store, settings=settings)
+    return ControlConverted(converted.request, warnings + converted.warnings, converted.modules, [],
+                            [f"control.{i}" for i in range(len(units))], 0, iterations)  # fmt: skip
+
+
+def _strings(name: str, value) -> list[str]:
+    if value in (None, ""):
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise RequestError(f"{name}: expected a list of base64 images")
+    if len(value) > MAX_IMAGES:
+        raise RequestError(f"{name}: {len(value)} images, more than the {MAX_IMAGES} any request may hold")
+    return value
+
+
+def _unit(i: int, unit, default_type: str, inputs: list[str], store: ModelStore, warnings: list[str]) -> dict:
+    """One SD.Next control unit -> an imprompt ControlNet unit."""
+    where = f"control.{i}"
+    if not isinstance(unit, dict):
+        raise RequestError(f"{where}: a control unit must be a JSON object")
+    for name in unit:
+        if name not in UNIT_READ and name not in UNIT_OTHER_TYPES:
+            warnings.append(f"{where}.{name}: not an SD.Next control unit field; ignored")
+    kind = unit.get("unit_type") or default_type
+    if str(kind).lower() != "controlnet":
+        raise RequestError(f"{where}.unit_type: {shown(kind)} units (SD.Next's T2I-Adapter, ControlNet-XS, "
+                           f"ControlLLLite, reference, IP) are not supported; send controlnet units (IP-Adapters go "
+                           f"in ip_adapter)")  # fmt: skip
+    model = unit.get("model")
+    if not isinstance(model, str) or model.strip() in ("", "None"):
+        raise RequestError(f"{where}.model: a control unit needs a ControlNet model (SD.Next runs a unit without one "
+                           f"as a preview of its preprocessor only); GET /sdapi/v1/controlnets lists them")  # fmt: skip
+    entry = find_controlnet(f"{where}.model", model, store)
+    process = unit.get("process")
+    pre = find_module(f"{where}.process", "none" if process in (None, "", "None") else process)
+    image = next((unit[k] for k in ("override", "image") if unit.get(k) not in (None, "")), None)
+    if image is None and inputs:
+        image = inputs[0]
+    if not isinstance(image, str):
+        raise RequestError(f"{where}.override: a control unit needs an image (base64): its override or image, or "
+                           f"the request's inputs")  # fmt: skip
+    if unit.get("guess", False) not in (False, None):
+        raise RequestError(f"{where}.guess: diffusers' guess mode is not supported (the A1111 extension's nearest "
+                           f"mode, \"ControlNet is more important\", scales the layers otherwise); leave guess false, "
+                           f"or send control_mode")  # fmt: skip
+    converted = {"model": entry.name, "image": image, "module": pre.name,
+                 "weight": unit.get("strength", 1.0), "start": unit.get("start", 0.0), "end": unit.get("end", 1.0),
+                 "resize_mode": CROP if inputs else RESIZE}  # fmt: skip
+    if unit.get("control_mode") is not None:  # imprompt's: the A1111 extension's control modes
+        converted["control_mode"] = unit["control_mode"]
+    mode = unit.get("mode", "default")
+    union = getattr(entry.spec, "union", False)
+    if union:
+        converted["union_type"] = 0 if mode in (None, "default") else mode  # SD.Next: "default" is the first
+    elif mode not in (None, "default"):
+        warnings.append(f"{where}.mode: {shown(mode)} has no effect: {entry.name} is not a Union ControlNet")
+    params = unit.get("process_params") or {}
+    if not isinstance(params, dict):
+        raise RequestError(f"{where}.process_params: expected a JSON object")
+    for name, value in params.items():
+        field = PROCESS_PARAMS.get((pre.name, name)) or PROCESS_PARAMS.get((None, name))
+        if field is None:
+            known = [n for (p, n) in PROCESS_PARAMS if p in (None, pre.name)]
+            raise RequestError(f"{where}.process_params: {shown(name)} is not a parameter imprompt reads for "
+                               f"{pre.name} (it reads {', '.join(known)})")  # fmt: skip
+        converted[field] = value
+    return converted
+
+
+def control_response(results: list[Result], payload: dict, converted: ControlConverted) -> dict:
+    """SD.Next's answer: the generated images, `processed` (the control maps blended into one, as SD.Next's
+    `util.blend` adds them, at the output size), the request echoed in `params` (long strings cut as SD.Next's
+    sanitising does), `info` the first image's infotext; `warnings` are imprompt's."""
+    send = payload.get("send_images", True) is not False
+    images = [png_base64(image) for result in results for image in result.images] if send else []
+    processed = []
+    if send and results and results[0].control_images:
+        info = results[0].info
+        maps = [np.asarray(fit(m, info["width"], info["height"], u.resize_mode), dtype=np.float32)
+                for m, u in zip(results[0].control_images, converted.request.controlnets)]  # fmt: skip
+        processed = [png_base64(Image.fromarray(np.clip(sum(maps), 0, 255).astype(np.uint8)))]
+    warnings = list(converted.warnings)
+    for result in results:
+        warnings += [w for w in result.info.get("warnings", []) if w not in warnings]
+    return {"images": images, "processed": processed, "params": _sanitised(payload),
+            "info": results[0].infotexts[0] if results else "", "warnings": warnings}  # fmt: skip
+
+
+def _sanitised(value):
+    if isinstance(value, str) and len(value) >= 1000:
+        return f"<str {len(value)}>"
+    if isinstance(value, list):
+        return [_sanitised(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _sanitised(v) for k, v in value.items()}
+    return value
+
+
+def sdnext_preprocessor_list() -> list[dict]:
+    """GET /sdapi/v1/preprocessors: [{name, params}], SD.Next's names where SD.Next has the same preprocessor,
+    the extension's labels for the others; `params` the process_params imprompt reads, at their defaults."""
+    return [{"name": SDNEXT_NAMES.get(p.name, p.label), "params": dict(SDNEXT_PARAMS.get(p.name, {}))}
+            for p in PREPROCESSORS.values()]  # fmt: skip
+
+
+UNIT_ERROR = re.compile(r"^controlnets\.(?P<index>\d+)(?P<rest>.*)$", re.S)
+
+
+def named_unit(exc: ImpromptError, wheres: list[str]) -> ImpromptError:
+    """`exc` with a ControlNet unit named as the client sent it: "controlnets.1: ..." -> "alwayson_scripts.
+    controlnet.args.3: ..." (the same error type, so the same status)."""
+    found = UNIT_ERROR.match(str(exc))
+    if not found or int(found.group("index")) >= len(wheres):
+        return exc
+    where = wheres[int(found.group("index"))]
+    if where == f"controlnets.{found.group('index')}":
+        return exc
+    return type(exc)(f"{where}{found.group('rest')}")
