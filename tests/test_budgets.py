@@ -85,6 +85,7 @@ def test_the_command_line_says_the_default_shares_the_engine_takes():
     assert percent(cpu["adapters"]) in helps["adapter_budget"] and cpu["adapters"] == gpu["adapters"]
     assert percent(cpu["embeddings"]) in helps["embedding_budget"] and cpu["embeddings"] == gpu["embeddings"]
     assert percent(cpu["loras"]) in helps["lora_budget"] and cpu["loras"] == gpu["loras"]
-    assert percent(cpu["pipelines"]) in helps["model_budget"] and gpu["pipelines"] == 0.5
+    assert f"{percent(cpu['pipelines'])} of the RAM; {percent(gpu['pipelines'])} of a GPU" in helps["model_budget"]
+    assert percent(cpu["controlnets"]) in helps["controlnet_budget"] and cpu["controlnets"] == gpu["controlnets"]
     assert percent(devices.SHARES["host"]["offload"]) in helps["offload_budget"]
     assert percent(devices.RESERVED["cpu"]) in helps["activation_budget"] and devices.RESERVED["cpu"] == devices.RESERVED["cuda"]

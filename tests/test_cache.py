@@ -334,7 +334,8 @@ def test_clear_cache_changes_nothing(pack, red_circle):
     before = engine.generate(req).images[0]
     cleared = engine.clear_cache()
     # Plus Face's embeddings are its image's hidden states and those of the all-zero image (its negative).
-    assert cleared == {"encoders": 2, "embeddings": 3, "adapters": 2, "loras": 0, "vaes": 0, "faces": 0}
+    assert cleared == {"encoders": 2, "embeddings": 3, "adapters": 2, "loras": 0, "vaes": 0, "controlnets": 0,
+                       "detections": 0, "faces": 0}
     after = engine.generate(req)
     assert max_diff(before, after.images[0]) == 0
     assert [u["embeddings"] for u in after.info["ip_adapters"]] == [["encoded"], ["encoded"]]

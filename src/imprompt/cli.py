@@ -221,9 +221,12 @@ def _engine_arguments(parser) -> None:
     parser.add_argument("--lora-budget", metavar="SIZE",
                         help="memory for LoRAs kept loaded, one budget for every resident model (default: 3%% of the "
                              "device's, at most 4GiB)")  # fmt: skip
+    parser.add_argument("--controlnet-budget", metavar="SIZE",
+                        help="memory for ControlNet models kept loaded, so switching between them costs no reload "
+                             "(default: 8%% of the device's)")  # fmt: skip
     parser.add_argument("--model-budget", metavar="SIZE",
-                        help="memory for base models kept loaded, so switching back costs no reload (default: 40%% "
-                             "of the RAM; half a GPU's)")  # fmt: skip
+                        help="memory for base models kept loaded, so switching back costs no reload (default: 32%% "
+                             "of the RAM; 42%% of a GPU's)")  # fmt: skip
     parser.add_argument("--offload-budget", metavar="SIZE",
                         help="on a GPU: CPU memory where models pushed out wait to move back (default: 30%% of the RAM)")
     parser.add_argument("--activation-budget", metavar="SIZE",
@@ -246,6 +249,7 @@ def _engine_options(args, **settings) -> dict:
     return dict(models=_require_models(args), device=args.device, dtype=args.dtype, encoder_dtype=args.encoder_dtype,
                 cache_budget=args.cache_budget, adapter_cache_budget=args.adapter_budget,
                 embedding_cache_budget=args.embedding_budget, lora_cache_budget=args.lora_budget,
+                controlnet_cache_budget=args.controlnet_budget,
                 pipeline_cache_budget=args.model_budget, offload_budget=args.offload_budget,
                 activation_budget=args.activation_budget, insightface_root=args.insightface_root, **settings)  # fmt: skip
 
