@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import logging
 
+from pathlib import Path
+
 import pytest
 import webuiapi
 from conftest import locked, max_diff, request, shared_folder, unit
@@ -17,6 +19,7 @@ from test_cli import imprompt
 from imprompt import Engine
 from imprompt.models.store import legacy_hash
 from imprompt.preprocess import PREPROCESSORS, detect, locate_weights
+from imprompt.server.controlnet import module_list
 from tools.controlnet_models import write_controlnets
 
 SD15 = "control_tiny_sd15_canny"  # the LDM single file in A1111's ControlNet/ folder
@@ -30,8 +33,16 @@ def nets(pack, tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="module")
-def cn_engine(pack, nets) -> Engine:
-    return Engine([pack, nets["sd15"].parent.parent], allow_paths=False)
+def annotators(tmp_path_factory) -> Path:
+    """Tiny preprocessor weights in an A1111 tree (extensions/sd-webui-controlnet/annotator/downloads/)."""
+    from tools.annotator_pack import write_annotator_pack
+
+    return write_annotator_pack(tmp_path_factory.mktemp("annotators"))["roots"]["a1111"]
+
+
+@pytest.fixture(scope="module")
+def cn_engine(pack, nets, annotators) -> Engine:
+    return Engine([pack, nets["sd15"].parent.parent, annotators], allow_paths=False)
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +161,8 @@ def test_the_extensions_endpoints(server, nets, pack, caplog):
     assert listing["module_list"][0] == "none" and set(listing["module_list"]) == set(listing["module_detail"])
     assert {"canny", "ip-adapter_clip_sd15", "dw_openpose_full", "lineart", "hed", "tile_resample"} <= set(listing["module_list"])
     assert {"lineart_realistic", "softedge_hed", "ip-adapter_clip_h"} <= set(labels["module_list"])
+    without = module_list(False, [pack])["module_list"]  # a tree without the annotators' weights: not listed
+    assert "canny" in without and "dw_openpose_full" not in without and "lineart" not in without
     assert listing["module_detail"]["canny"] == {"model_free": False, "sliders": [
         {"name": "Resolution", "value": 512, "min": 64, "max": 2048, "step": 8},
         {"name": "Low Threshold", "value": 100, "min": 1, "max": 255, "step": 1},

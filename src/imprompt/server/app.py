@@ -250,7 +250,7 @@ def create_app(engine: Engine, settings: ServerSettings | None = None, jobs=None
     async def controlnet_module_list(alias_names: bool = False) -> dict:
         """The preprocessors imprompt runs and the IP-Adapter ones (any of them: the adapter's weights choose the
         encoder), as the extension lists them: internal names, or with `alias_names` its labels, and their sliders."""
-        return module_list(alias_names)
+        return await run_in_threadpool(module_list, alias_names, engine.store.roots)  # looks for weights on disk
 
     @app.get("/controlnet/control_types")
     def controlnet_control_types() -> dict:

@@ -503,20 +503,29 @@ class Module:
     detail: dict
 
 
-def modules() -> list[Module]:
-    """The modules imprompt runs (its preprocessors and the IP-Adapter ones), in the extension's order."""
+def modules(roots=None) -> list[Module]:
+    """The modules that can run here (the preprocessors whose weights are in `roots`' trees, None: all, and the
+    IP-Adapter ones), in the extension's order."""
     found = [Module(p.module, p.label, p.tags, {"model_free": False, "sliders": [dict(s) for s in p.sliders]})
-             for p in preprocess.PREPROCESSORS.values()]  # fmt: skip
+             for p in preprocess.PREPROCESSORS.values() if roots is None or _weights_present(p, roots)]  # fmt: skip
     found += [Module(name, label, ("IP-Adapter",), MODULE_DETAIL) for name, label in MODULES if name != "none"]
     rest = sorted((m for m in found if m.name != "none"), reverse=True,
                   key=lambda m: str(PRIORITY.get(m.name, 0)).zfill(8) + m.label)  # fmt: skip
     return [m for m in found if m.name == "none"] + rest
 
 
-def module_list(alias_names: bool = False) -> dict:
+def _weights_present(pre, roots) -> bool:
+    try:
+        preprocess.locate_weights(pre, roots)
+        return True
+    except ImpromptError:
+        return False
+
+
+def module_list(alias_names: bool = False, roots=None) -> dict:
     """GET /controlnet/module_list as the extension answers it: internal names, or labels with `alias_names`, and
-    each one's sliders."""
-    listed = modules()
+    each one's sliders; the preprocessors whose weights `roots` lack are left out (they cannot run here)."""
+    listed = modules(roots)
     names = [m.label if alias_names else m.name for m in listed]
     detail = {name: {"model_free": m.detail["model_free"], "sliders": [dict(s) for s in m.detail["sliders"]]}
               for name, m in zip(names, listed)}  # fmt: skip
@@ -538,7 +547,7 @@ def _runs(entry: Entry) -> bool:
 def control_types(store: ModelStore) -> dict:
     """GET /controlnet/control_types: per type, its modules (labels, "none" included), the models whose names
     match it (the extension's filters), and its default module and model."""
-    listed = modules()
+    listed = modules(store.roots)
     models = ["None"] + model_list(store)
     answer = {"All": {"module_list": [m.label for m in listed], "model_list": models, "default_option": "none",
                       "default_model": "None"}}  # fmt: skip
