@@ -1,4 +1,4 @@
-"""The A1111 ControlNet extension's IP-Adapter units (`alwayson_scripts.controlnet.args`), and its helper endpoints.
+"""The A1111 ControlNet extension's units (`alwayson_scripts.controlnet.args`: IP-Adapter and ControlNet), and its endpoints.
 
 Most clients that send IP-Adapter requests over HTTP do it through sd-webui-controlnet's API (or Forge's). A unit
 names a preprocessor (`module`) and a model; in A1111 the module decides the image encoder, so
