@@ -16,6 +16,7 @@ from imprompt import Engine
 from imprompt.errors import ImpromptError
 from tools.loadtest import load, start_server
 from tools.soak import (
+    controlnet_menu,
     failing_menu,
     faceid_menu,
     fresh_references,
@@ -50,7 +51,8 @@ def images(pack) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def fresh_paths(roots, images, tmp_path_factory) -> dict[str, Path]:
     """Each valid request's image, computed as the only request of a brand-new Python process."""
-    valid = sd15_menu(images) | sdxl_menu(images) | lora_menu(images) | faceid_menu(roots[1]) | transformer_menu(images)
+    valid = (sd15_menu(images) | sdxl_menu(images) | lora_menu(images) | faceid_menu(roots[1]) | transformer_menu(images)
+             | controlnet_menu(images))
     folder = shared_folder(tmp_path_factory, "fresh")  # references are kept by request: one worker computes them,
     with locked(folder):  # in two processes of one thread each, while the other waits for them
         return fresh_references(roots, valid, folder, workers=2)
@@ -72,13 +74,14 @@ def test_fresh_references_are_distinct(fresh):
 @settings(max_examples=8, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(data=st.data())
 def test_any_sequence_gives_fresh_process_pixels(roots, images, fresh, data):
-    valid = sd15_menu(images) | sdxl_menu(images) | lora_menu(images) | faceid_menu(roots[1]) | transformer_menu(images)
+    valid = (sd15_menu(images) | sdxl_menu(images) | lora_menu(images) | faceid_menu(roots[1]) | transformer_menu(images)
+             | controlnet_menu(images))
     bad = failing_menu(images, roots[1])
     budget = data.draw(st.sampled_from([None, 1]), label="encoder cache budget (1 byte: evict on every switch)")
     sequence = data.draw(
         st.lists(st.sampled_from(sorted(valid) + sorted(bad)), min_size=2, max_size=7), label="requests"
     )
-    engine = Engine(roots, cache_budget=budget, embedding_cache_budget=budget)
+    engine = Engine(roots, cache_budget=budget, embedding_cache_budget=budget, controlnet_cache_budget=budget)
     for name in sequence:
         if name in bad:
             with pytest.raises(ImpromptError):

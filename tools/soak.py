@@ -29,6 +29,7 @@ import psutil
 
 from imprompt.demo.tiny_models import write_adapter
 
+from .controlnet_models import write_controlnets
 from .extra_models import write_extra_models
 
 
@@ -190,6 +191,30 @@ def transformer_menu(images: dict[str, str]) -> dict[str, dict]:
     }
 
 
+def _control(model, image, **fields) -> dict:
+    return {"model": model, "image": image, **fields}
+
+
+def controlnet_menu(images: dict[str, str]) -> dict[str, dict]:
+    """Valid requests with ControlNet units (`write_extra_files` writes the tiny ControlNets): beside an image
+    prompt, two at once with the extension's control modes and windows under a scheduled prompt, a preprocessor
+    (canny), an SDXL Union model, and FLUX."""
+    red, yellow, white = images["red-circle"], images["yellow-square"], images["white-triangle"]
+    return {
+        "cn-sd15+unit": _request(_unit("Base", red), controlnets=[_control("control_tiny_sd15_canny", white, weight=0.8)],
+                                 seed=11),  # fmt: skip
+        "cn-sd15-canny-modes": _request(controlnets=[
+            _control("control_tiny_sd15_canny", yellow, module="canny", control_mode="My prompt is more important",
+                     end=0.5),
+            _control("tiny-sd15-controlnet", white, weight=0.6, control_mode="ControlNet is more important")],
+            prompt="a [cat:dog:0.5]", seed=12),  # fmt: skip
+        "cn-sdxl-union": _request(_unit("Base SDXL", red), model="tiny-sdxl", seed=13,
+                                  controlnets=[_control("tiny-sdxl-union-promax", white, union_type="depth")]),  # fmt: skip
+        "cn-flux": _request(model="tiny-flux", cfg_scale=3.5, seed=14,
+                            controlnets=[_control("tiny-flux-controlnet", yellow, weight=0.7)]),  # fmt: skip
+    }
+
+
 def lora_menu(images: dict[str, str]) -> dict[str, dict]:
     """Valid requests with LoRAs (tags and the field), prompt weights, a textual inversion, a VAE and clip skip."""
     red = images["red-circle"]
@@ -250,17 +275,21 @@ def failing_menu(images: dict[str, str], extra: Path | None = None) -> dict[str,
         "flux-with-bigg": _request(_unit("FLUX XLabs", red, encoder="IP-Adapter/sdxl_models/image_encoder"),
                                    model="tiny-flux"),  # fmt: skip
         "two-units-on-sd35": _request(_unit("SD3.5 Large", red), _unit("SD3.5 Large", red), model="tiny-sd35"),
+        "sdxl-controlnet-on-sd15": _request(_unit("Base", red), controlnets=[_control("tiny-sdxl-controlnet", red)]),
+        "controlnet-bad-module": _request(controlnets=[_control("control_tiny_sd15_canny", red, module="nope")]),
     }
 
 
 def write_extra_files(folder: Path, pack: Path) -> Path:
     """A truncated adapter and an SDXL-width adapter (refused on SD 1.5), for the failing requests; LoRAs, an
-    embedding and a VAE (`tools/extra_models.py`), for the others."""
+    embedding and a VAE (`tools/extra_models.py`) and the tiny ControlNets (`tools/controlnet_models.py`), for the
+    others."""
     folder.mkdir(parents=True, exist_ok=True)
     write_extra_models(folder, pack)
     good = (pack / "IP-Adapter" / "models" / "ip-adapter_sd15.safetensors").read_bytes()
     (folder / "ip-adapter_broken.safetensors").write_bytes(good[: len(good) // 2])
     write_adapter(folder / "ip-adapter_sdxl_test.safetensors", "base", 1280, [640, 1280], 2048, seed=99)
+    write_controlnets(folder / "controlnets", pack)
     return folder
 
 
