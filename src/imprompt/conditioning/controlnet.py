@@ -1,5 +1,6 @@
-"""ControlNet units: a ControlNet and the control image it reads (made by a preprocessor from the user's picture,
-or sent finished), beside the image prompts and the prompt.
+"""ControlNet units: a ControlNet and its control image, beside the image prompts and the prompt.
+
+The control image is made by a preprocessor from the user's picture, or sent finished.
 
 diffusers runs ControlNets together with IP-Adapters for every family imprompt serves; imprompt builds that pipeline
 over the resident model's own modules for the request (`controlnets/pipelines.py`), keeps the ControlNet models

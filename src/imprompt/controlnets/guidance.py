@@ -1,5 +1,6 @@
-"""How strongly each ControlNet acts at each step: the A1111 ControlNet extension's weight, window and control mode,
-applied to what the ControlNet model returns, for the length of one pipeline call.
+"""How strongly each ControlNet acts at each step: the A1111 ControlNet extension's weight, window and mode.
+
+They are applied to what the ControlNet model returns, for the length of one pipeline call.
 
 diffusers' pipelines scale a ControlNet's residuals by one number per step (`controlnet_conditioning_scale` times 0
 or 1 from `control_guidance_start/end`), and offer `guess_mode` (the control on the conditional rows only, the

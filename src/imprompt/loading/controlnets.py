@@ -1,5 +1,6 @@
-"""ControlNet specs -> diffusers ControlNet modules (ControlNetModel, ControlNetUnionModel, SD3ControlNetModel,
-FluxControlNetModel), on the CPU, in eval mode, offline.
+"""ControlNet specs -> diffusers ControlNet modules, on the CPU, in eval mode, offline.
+
+diffusers' ControlNetModel, ControlNetUnionModel, SD3ControlNetModel and FluxControlNetModel.
 
 Diffusers folders load with their class's `from_pretrained` (local files only). Single files carry no config:
 original (LDM) names are first renamed by diffusers' own converter (`convert_controlnet_checkpoint`; SDXL's

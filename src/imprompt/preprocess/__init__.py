@@ -1,5 +1,6 @@
-"""ControlNet preprocessors (annotators): the A1111 ControlNet extension's modules, their weights where users keep
-them, and a cache of their results.
+"""ControlNet preprocessors (annotators): the A1111 ControlNet extension's modules, found with their weights.
+
+Their weights are looked for where users keep them, and their results are cached.
 
 - `PREPROCESSORS` / `find`: the registry, keyed by the extension's module names ("canny", "depth_anything",
   "lineart_realistic", ...); `find` also takes the extension's internal keys ("lineart", "hed"), its UI labels and

@@ -1,5 +1,6 @@
-"""SD.Next's control API (`POST /sdapi/v1/control`, `GET /sdapi/v1/preprocessors`, `GET /sdapi/v1/controlnets`) and
-the ControlNet extension's detect body, mapped onto imprompt's request.
+"""SD.Next's control API and the ControlNet extension's detect body, mapped onto imprompt's request.
+
+`POST /sdapi/v1/control`, `GET /sdapi/v1/preprocessors`, `GET /sdapi/v1/controlnets`.
 
 SD.Next's defaults are SD.Next's (`steps` 20, `cfg_scale` 6, `denoising_strength` 0.3, the output the size of the
 first input image, else `width_before` x `height_before`, 1024 x 1024). Its `control` units are ControlNet units:
