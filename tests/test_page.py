@@ -249,3 +249,99 @@ def test_a_faceid_unit_shows_the_face_crop_it_used(pack, browser, tmp_path):
         page.wait_for_selector("#events li.face_analysis_loaded")
         page.screenshot(path=str(ARTIFACTS / "web-page-faceid.png"), full_page=True)
         assert errors == []
+
+
+@pytest.fixture(scope="module")
+def nets(pack, tmp_path_factory) -> dict:
+    """The tiny ControlNets (SD 1.5 as an A1111 single file and a diffusers folder, SDXL, Union, SD 3.5, FLUX)."""
+    from conftest import locked, shared_folder
+
+    from tools.controlnet_models import write_controlnets
+
+    folder = shared_folder(tmp_path_factory, "controlnets")
+    with locked(folder):
+        return write_controlnets(folder, pack)
+
+
+def decoded(src: str):
+    """The picture an <img> shows from a data: URL."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    return Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).convert("RGB")
+
+
+def test_a_controlnet_unit_beside_an_image_prompt_equals_the_engine_and_shows_its_map(pack, browser, nets):
+    """A ControlNet unit (preprocessor canny, a SD 1.5 ControlNet, weight, window, control mode) beside an image
+    prompt: the picture equals the engine's own for the same request, and the control map canny made is shown.
+    The model list offers only the ControlNets that fit the selected model; removing the unit removes it."""
+    from conftest import max_diff
+
+    from imprompt import Engine
+
+    models = nets["sd15"].parent.parent
+    triangle = pack / "images" / "white-triangle.png"
+    with running_server(new_engine([pack, models])) as url:
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        errors = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(url)
+        page.wait_for_selector(".unit .adapter option", state="attached")
+        assert page.locator(".control-unit").count() == 0  # a request without ControlNet runs as before
+        page.click("#add-control")
+        page.wait_for_selector(".control-unit .module option[value='canny']", state="attached")
+        values = "os => os.map(o => o.value)"
+        modules = page.eval_on_selector_all(".control-unit .module option", values)
+        assert modules[0] == "none"
+        offered = page.eval_on_selector_all(".control-unit .cn-model option", values)
+        assert sorted(offered) == ["control_tiny_sd15_canny", "controlnet/tiny-sd15-controlnet"]  # SD 1.5's, not SDXL's
+        page.select_option(".control-unit .cn-model", "controlnet/tiny-sd15-controlnet")
+        page.select_option(".control-unit .module", "canny")
+        page.set_input_files(".control-unit .control-image", str(triangle))
+        page.wait_for_selector(".control-unit .previews img")
+        page.fill(".control-unit .cn-weight", "0.8")
+        page.fill(".control-unit .cn-end", "0.8")
+        page.select_option(".control-unit .control-mode", "My prompt is more important")
+        caption = generate_with(page, "Base", pack / "images" / "red-circle.png", steps=3)
+        assert ("ControlNet 1: controlnet/tiny-sd15-controlnet ← canny (weight 0.8, window 0-0.8, My prompt is more "
+                "important)") in caption
+
+        expected = Engine([pack, models]).generate(
+            model="tiny-sd15", prompt="a shape", seed=1, steps=3, width=64, height=64,
+            ip_adapters=[{"adapter": "Base", "scale": 0.7, "images": [str(pack / "images" / "red-circle.png")]}],
+            controlnets=[{"model": "controlnet/tiny-sd15-controlnet", "image": str(triangle), "module": "canny",
+                          "weight": 0.8, "end": 0.8, "control_mode": "My prompt is more important"}],
+        )  # fmt: skip
+        assert max_diff(decoded(page.get_attribute("#gallery figure img", "src")), expected.images[0]) == 0
+        shown = page.locator("#gallery figure img.control-map")
+        assert shown.count() == 1 and "control map of ControlNet 1 (canny)" in shown.get_attribute("alt")
+        assert max_diff(decoded(shown.get_attribute("src")), expected.control_images[0]) == 0
+        page.wait_for_selector("#events li.controlnet_loaded")
+        assert "tiny-sd15-controlnet" in page.text_content("#events li.controlnet_loaded")
+
+        # switching the model filters the ControlNet list (the refused Control-LoRA is never offered)
+        page.select_option("#model", "tiny-sdxl")
+        page.wait_for_function("[...document.querySelectorAll('.control-unit .cn-model option')]"
+                               ".some(o => o.value === 'controlnet/tiny-sdxl-controlnet')")  # fmt: skip
+        offered = page.eval_on_selector_all(".control-unit .cn-model option", values)
+        assert sorted(offered) == ["controlnet/tiny-sdxl-controlnet", "controlnet/tiny-sdxl-union-promax"]
+        page.screenshot(path=str(ARTIFACTS / "web-page-controlnet.png"), full_page=True)
+        page.click(".control-unit .remove")
+        assert page.locator(".control-unit").count() == 0
+        assert errors == []
+
+
+def test_a_controlnet_unit_without_an_image_is_refused_on_the_page(pack, browser, nets):
+    """A ControlNet unit the person added but gave no image is not dropped silently: the page says which unit."""
+    with running_server(new_engine([pack, nets["sd15"].parent.parent])) as url:
+        page = browser.new_page()
+        page.goto(url)
+        page.wait_for_selector(".unit .adapter option", state="attached")
+        page.click("#add-control")
+        page.wait_for_selector(".control-unit .cn-model option", state="attached")
+        page.click("#generate")
+        page.wait_for_function("document.querySelector('#error').textContent.length > 0")
+        assert "ControlNet 1: no control image" in page.text_content("#error")
+        assert page.locator("#gallery figure").count() == 0

@@ -3,6 +3,7 @@
 
 const $ = (id) => document.getElementById(id);
 let listing = null;          // GET /v1/models
+let modules = ["none"];      // GET /controlnet/module_list: the preprocessors that can run here
 let defaultScale = 0.7;      // a new unit's scale; a model's own defaults (imprompt.json) may change it
 let lastEventTime = 0;       // newest event shown
 
@@ -38,6 +39,13 @@ async function loadModels() {
   }
   showFamily();
   refreshAdapterLists();
+}
+
+// The preprocessors whose weights are present (the server leaves out the others), "none" first: the image is then
+// the finished control map.
+async function loadModules() {
+  const names = (await api("/controlnet/module_list")).module_list;
+  modules = ["none", ...names.filter((name) => name !== "none")];
 }
 
 function currentModel() {
@@ -107,6 +115,7 @@ function describeAdapter(select) {
 
 function refreshAdapterLists() {
   document.querySelectorAll(".unit .adapter").forEach(fillAdapterSelect);
+  document.querySelectorAll(".control-unit .cn-model").forEach(fillControlNetSelect);
   fillLoraPicker();
 }
 
@@ -179,12 +188,94 @@ async function unitPayload(unit) {
   return payload;
 }
 
+// ---------------------------------------------------------------------------------------- ControlNet units
+
+const MAX_CONTROL_UNITS = 4;
+
+function addControlUnit() {
+  const units = $("control-units");
+  if (units.children.length >= MAX_CONTROL_UNITS) return;
+  const unit = $("control-template").content.firstElementChild.cloneNode(true);
+  unit.querySelector(".remove").onclick = () => { unit.remove(); numberControlUnits(); };
+  const moduleSelect = unit.querySelector(".module");
+  for (const name of modules) moduleSelect.add(new Option(name, name));
+  const select = unit.querySelector(".cn-model");
+  select.onchange = () => describeControlNet(select);
+  unit.querySelector(".control-image").onchange = (event) => showPreviews(unit, event.target.files);
+  units.appendChild(unit);
+  fillControlNetSelect(select);
+  numberControlUnits();
+}
+
+function numberControlUnits() {
+  document.querySelectorAll(".control-unit").forEach((unit, i) => {
+    unit.querySelector(".control-number").textContent = i + 1;
+  });
+  $("add-control").disabled = $("control-units").children.length >= MAX_CONTROL_UNITS;
+}
+
+// The ControlNets that fit the selected model (the server read each one's family from its tensors).
+function fillControlNetSelect(select) {
+  const previous = select.value;
+  const model = currentModel();
+  const names = (model && model.controlnets) || [];
+  select.innerHTML = "";
+  for (const name of names) {
+    const net = listing.controlnets.find((c) => c.name === name);
+    select.add(new Option(net ? `${name} — ${net.detail}` : name, name));
+  }
+  if (!names.length) select.add(new Option("no ControlNet fits this model", ""));
+  if ([...select.options].some((o) => o.value === previous && previous)) select.value = previous;
+  describeControlNet(select);
+}
+
+// A Union / ProMax model is told which control type its image is: by default the one the preprocessor names.
+function describeControlNet(select) {
+  const unit = select.closest(".control-unit");
+  const net = listing.controlnets.find((c) => c.name === select.value);
+  unit.querySelector(".cn-detail").textContent = net ? `${net.family}` : "";
+  const union = Boolean(net && net.union);
+  unit.querySelector(".union-field").hidden = !union;
+  const types = unit.querySelector(".union-type");
+  types.innerHTML = "";
+  types.add(new Option("from the preprocessor", ""));
+  if (union) net.control_types.forEach((type, i) => types.add(new Option(type, String(i))));
+}
+
+async function controlPayload(unit, n) {
+  const file = unit.querySelector(".control-image").files[0];
+  const model = unit.querySelector(".cn-model").value;
+  // a unit the person added is sent or refused, never dropped in silence
+  if (!file) throw new Error(`ControlNet ${n + 1}: no control image; upload one or remove the unit`);
+  if (!model) throw new Error(`ControlNet ${n + 1}: no ControlNet fits ${$("model").value}; remove the unit or pick another model`);
+  const payload = {
+    model,
+    image: await fileToBase64(file),
+    module: unit.querySelector(".module").value,
+    weight: Number(unit.querySelector(".cn-weight").value),
+    start: Number(unit.querySelector(".cn-start").value),
+    end: Number(unit.querySelector(".cn-end").value),
+    control_mode: unit.querySelector(".control-mode").value,
+  };
+  const type = unit.querySelector(".union-type").value;
+  if (!unit.querySelector(".union-field").hidden && type !== "") payload.union_type = Number(type);
+  return payload;
+}
+
 // ----------------------------------------------------------------------------------------------- generate
 
 async function generate() {
   $("error").textContent = "";
   $("generate").disabled = true;
-  const units = (await Promise.all([...document.querySelectorAll(".unit")].map(unitPayload))).filter(Boolean);
+  let units, controlnets;
+  try {
+    units = (await Promise.all([...document.querySelectorAll(".unit")].map(unitPayload))).filter(Boolean);
+    controlnets = await Promise.all([...document.querySelectorAll(".control-unit")].map(controlPayload));
+  } catch (error) {
+    $("error").textContent = error.message;
+    $("generate").disabled = false;
+    return;
+  }
   const payload = {
     prompt: $("prompt").value,
     negative_prompt: $("negative-prompt").value,
@@ -196,6 +287,7 @@ async function generate() {
     ...(currentModel()?.architecture === "flux" ? { true_cfg_scale: Number($("true-cfg").value) } : {}),
     override_settings: { sd_model_checkpoint: $("model").value },
     ip_adapter: units,
+    controlnets,  // imprompt's own form; their control maps come back in `control_images`
   };
   const poll = setInterval(updateProgress, 300);
   try {
@@ -238,9 +330,22 @@ function showResult(result) {
     img.alt = `seed ${info.all_seeds[i]}`;
     const caption = document.createElement("figcaption");
     const units = info.ip_adapters.map((u) => `${u.adapter} ← ${u.encoder} (${u.encoder_source})`).join("\n");
+    const controls = (info.controlnets || []).map((c, n) => `ControlNet ${n + 1}: ${c.model} ← ${c.module} `
+      + `(weight ${c.weight}, window ${c.start}-${c.end}, ${c.control_mode})`).join("\n");
     const loras = info.loras.length ? `\nLoRAs: ${info.loras.map((l) => `${l.name} (${l.weight})`).join(", ")}` : "";
-    caption.textContent = `${info.infotexts[i]}\n${units}${loras}${schedule(info.prompt_schedule)}`;
+    caption.textContent = `${info.infotexts[i]}\n${units}${controls ? `\n${controls}` : ""}${loras}`
+      + schedule(info.prompt_schedule);
     figure.append(img, caption);
+    // ControlNet units: the control map each one used (the preprocessor's result, or the image given with none)
+    (result.control_images || []).forEach((map, n) => {
+      const shown = document.createElement("img");
+      shown.className = "control-map";
+      shown.src = `data:image/png;base64,${map}`;
+      const unit = (info.controlnets || [])[n];
+      shown.alt = `control map of ControlNet ${n + 1}${unit ? ` (${unit.module})` : ""}`;
+      shown.title = shown.alt;
+      figure.append(shown);
+    });
     // FaceID units: the aligned face crop InsightFace found in each reference image
     info.ip_adapters.forEach((u, n) => (u.faces || []).forEach((face, j) => {
       const crop = document.createElement("img");
@@ -275,6 +380,9 @@ function describeEvent(e) {
     case "lora_loaded": return ["LoRA loaded", `${e.lora}${seconds}`];
     case "lora_evicted": return ["LoRA unloaded", `${e.lora}: ${e.why}`];
     case "vae_loaded": return ["VAE loaded", `${e.vae}${seconds}`];
+    case "controlnet_loaded": return ["ControlNet loaded", `${e.controlnet} for ${e.unit}${seconds}`];
+    case "controlnet_evicted": return ["ControlNet unloaded", `${e.controlnet}: ${e.why}`];
+    case "control_detected": return ["control map made", `${e.module} for ControlNet ${e.unit + 1}${seconds}`];
     case "request_refused": return ["refused", e.why];
     default: return [e.event, JSON.stringify(e)];
   }
@@ -297,6 +405,7 @@ async function updateEvents() {
 // ---------------------------------------------------------------------------------------------------- start
 
 $("add-unit").onclick = addUnit;
+$("add-control").onclick = addControlUnit;
 $("generate").onclick = generate;
 $("lora-picker").onchange = addLoraTag;
 $("model").onchange = async () => {
@@ -304,4 +413,4 @@ $("model").onchange = async () => {
   showFamily();
   refreshAdapterLists();
 };
-loadModels().then(() => { addUnit(); return updateEvents(); }).catch((error) => { $("error").textContent = error.message; });
+Promise.all([loadModels(), loadModules()]).then(() => { addUnit(); return updateEvents(); }).catch((error) => { $("error").textContent = error.message; });
