@@ -76,6 +76,7 @@ ORDER = (
     "controlnets/guidance.py",
     "preprocess/",
     "preprocess/resize.py",
+    "preprocess/loaded.py",
     "preprocess/simple.py",
     "preprocess/depth.py",
     "preprocess/dwpose.py",

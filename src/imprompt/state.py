@@ -25,6 +25,7 @@ from .loading.loras import LoraBudget, PipelineLoras
 from .loading.pipelines import component_identities, load_pipeline
 from .loading.resident import LoadedPipeline, ResidentPipelines
 from .models.store import Entry, ModelStore
+from .preprocess.loaded import MODELS as ANNOTATOR_MODELS
 from .request import MAX_IMAGES, MAX_UNITS
 from .util.cache import ByteLRU, parse_bytes
 from .util.devices import activation_budget, default_budget, default_device, resolve_dtype
@@ -156,6 +157,7 @@ class EngineState:
             "vaes": self.vaes.stats(),
             "controlnets": self.controlnets.stats(),
             "detections": self.detections.stats(),
+            "annotator_models": ANNOTATOR_MODELS.stats(),
             "faces": self.faces.faces.stats(),
             "model": loaded.name if loaded is not None else None,
             "pipelines": self.pipelines.stats(),
@@ -173,6 +175,7 @@ class EngineState:
         cleared["vaes"] = self.vaes.clear()
         cleared["controlnets"] = self.controlnets.clear()
         cleared["detections"] = self.detections.clear()
+        cleared["annotator_models"] = ANNOTATOR_MODELS.clear()
         cleared["faces"] = self.faces.clear()
         return cleared
 

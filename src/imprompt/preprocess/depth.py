@@ -14,12 +14,12 @@ ImageNet-normalised; the depth resized back (bilinear), stretched to 0..255 and 
 from __future__ import annotations
 
 import re
-import threading
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import CheckpointError, UnsupportedError
+from .loaded import cached_model
 from .resize import hwc3, resize_with_pad
 
 NET_SIZE, MULTIPLE = 518, 14
@@ -136,20 +136,9 @@ def load_model(path: Path, version: int):
     return model
 
 
-LOADED: dict = {}  # (path, fingerprint, version) -> model: the last one used, so a repeated detection loads nothing
-LOCK = threading.Lock()
-
-
 def model_for(path: Path, version: int):
-    path = Path(path)
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size, version)
-    with LOCK:
-        if key not in LOADED:
-            model = load_model(path, version)
-            LOADED.clear()
-            LOADED[key] = model
-        return LOADED[key]
+    """The model of `path`, kept while the file is unchanged (`loaded.py`)."""
+    return cached_model(path, lambda: load_model(Path(path), version), f"v{version}")
 
 
 def net_size(height: int, width: int) -> tuple[int, int]:

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CheckpointError
+from .loaded import cached_model
 from .resize import resize_with_pad
 
 DETECTOR = "yolox_l.onnx"
@@ -61,8 +62,6 @@ HAND_EDGES = [(0, 1), (1, 2), (2, 3), (3, 4), (0, 5), (5, 6), (6, 7), (7, 8), (0
 STICK_WIDTH = 4
 EPS = 0.01
 
-_SESSIONS: dict[tuple[str, int, int], object] = {}
-CACHED_SESSIONS = 4
 
 
 def run(image: np.ndarray, resolution: int, threshold_a: float, threshold_b: float,
@@ -77,11 +76,10 @@ def run(image: np.ndarray, resolution: int, threshold_a: float, threshold_b: flo
 
 def load_session(path: Path, role: str):
     """An onnxruntime session for one graph, kept while the file is unchanged (keyed by path, size, mtime)."""
-    path = Path(path)
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    if key in _SESSIONS:
-        return _SESSIONS[key]
+    return cached_model(path, lambda: open_session(Path(path), role), role)
+
+
+def open_session(path: Path, role: str):
     import onnxruntime
 
     try:
@@ -90,9 +88,6 @@ def load_session(path: Path, role: str):
         raise CheckpointError(path, f"is not a readable ONNX graph ({error})",
                               f"download the DWPose {role} again from {SOURCE}") from error
     check_signature(session, path, role)
-    while len(_SESSIONS) >= CACHED_SESSIONS:
-        _SESSIONS.pop(next(iter(_SESSIONS)))
-    _SESSIONS[key] = session
     return session
 
 

@@ -26,6 +26,7 @@ import numpy as np
 
 from ..errors import CheckpointError
 from ..loading.tensors import read_tensors
+from .loaded import cached_model
 from .resize import hwc3, line_nms, resize_with_pad
 
 HED = "ControlNetHED.pth"
@@ -35,8 +36,6 @@ COMFYUI_FOLDER = "custom_nodes/comfyui_controlnet_aux/ckpts/lllyasviel/Annotator
 SOURCE = "https://huggingface.co/lllyasviel/Annotators"
 BLOCKS = 5
 
-_MODELS: dict[tuple[str, int, int], object] = {}
-CACHED_MODELS = 2
 
 
 def run(image: np.ndarray, resolution: int, threshold_a: float, threshold_b: float,
@@ -126,11 +125,10 @@ def build_hed(widths: list[int], depths: list[int]):
 def load_hed(path: Path):
     """The network with the file's weights (pickles only through weights_only=True), kept while the file is
     unchanged (keyed by path, size, mtime)."""
-    path = Path(path)
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    if key in _MODELS:
-        return _MODELS[key]
+    return cached_model(path, lambda: read_hed(Path(path)), "hed")
+
+
+def read_hed(path: Path):
     state = read_tensors(path)
     fix = f"download {HED} again from {SOURCE}"
     if "norm" not in state or any(f"block{i + 1}.projection.weight" not in state for i in range(BLOCKS)):
@@ -144,9 +142,6 @@ def load_hed(path: Path):
     if problems.missing_keys or problems.unexpected_keys:
         raise CheckpointError(path, f"not ControlNet's HED: missing {problems.missing_keys[:4]}, unexpected "
                                     f"{problems.unexpected_keys[:4]}", fix)
-    while len(_MODELS) >= CACHED_MODELS:
-        _MODELS.pop(next(iter(_MODELS)))
-    _MODELS[key] = model
     return model
 
 

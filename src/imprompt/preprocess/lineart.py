@@ -23,6 +23,7 @@ import numpy as np
 
 from ..errors import CheckpointError
 from ..loading.tensors import read_tensors
+from .loaded import cached_model
 from .resize import hwc3, resize_with_pad
 
 REALISTIC = "sk_model.pth"
@@ -32,8 +33,6 @@ A1111_FOLDER = "extensions/sd-webui-controlnet/annotator/downloads/lineart"
 COMFYUI_FOLDER = "custom_nodes/comfyui_controlnet_aux/ckpts/lllyasviel/Annotators"
 SOURCE = "https://huggingface.co/lllyasviel/Annotators"
 
-_MODELS: dict[tuple[str, int, int], object] = {}
-CACHED_MODELS = 2
 
 
 def run(image: np.ndarray, resolution: int, threshold_a: float, threshold_b: float,
@@ -102,11 +101,10 @@ def build_generator(widths: int, residual_blocks: int, input_nc: int = 3, output
 def load_generator(path: Path):
     """The generator with the file's weights (pickles only through weights_only=True), kept while the file is
     unchanged (keyed by path, size, mtime)."""
-    path = Path(path)
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    if key in _MODELS:
-        return _MODELS[key]
+    return cached_model(path, lambda: read_generator(Path(path)), "lineart")
+
+
+def read_generator(path: Path):
     state = read_tensors(path)
     stem = state.get("model0.1.weight")
     if stem is None or stem.ndim != 4:
@@ -118,9 +116,6 @@ def load_generator(path: Path):
     if problems.missing_keys or problems.unexpected_keys:
         raise CheckpointError(path, f"not the lineart generator: missing {problems.missing_keys[:4]}, unexpected "
                                     f"{problems.unexpected_keys[:4]}", f"download {path.name} again from {SOURCE}")
-    while len(_MODELS) >= CACHED_MODELS:
-        _MODELS.pop(next(iter(_MODELS)))
-    _MODELS[key] = model
     return model
 
 
