@@ -327,6 +327,12 @@ def test_a_controlnet_unit_beside_an_image_prompt_equals_the_engine_and_shows_it
                                ".some(o => o.value === 'controlnet/tiny-sdxl-controlnet')")  # fmt: skip
         offered = page.eval_on_selector_all(".control-unit .cn-model option", values)
         assert sorted(offered) == ["controlnet/tiny-sdxl-controlnet", "controlnet/tiny-sdxl-union-promax"]
+        # a Union model is told the control type: by default the preprocessor's, or the one picked
+        assert page.is_hidden(".control-unit .union-type")
+        page.select_option(".control-unit .cn-model", "controlnet/tiny-sdxl-union-promax")
+        assert page.is_visible(".control-unit .union-type")
+        types = page.locator(".control-unit .union-type option").all_text_contents()
+        assert types[0] == "from the preprocessor" and types[1:3] == ["openpose", "depth"]
         page.screenshot(path=str(ARTIFACTS / "web-page-controlnet.png"), full_page=True)
         page.click(".control-unit .remove")
         assert page.locator(".control-unit").count() == 0
