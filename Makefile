@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test serve bench bench-lora bench-models bench-cold bench-cluster bench-transformers scan soak load train evaluate install clean
+.PHONY: demo test serve bench bench-lora bench-models bench-controlnet bench-cold bench-cluster bench-transformers scan soak load train evaluate install clean
 
 demo: install
 	$(BIN)/imprompt demo --pack demo-models --out demo-output
@@ -30,6 +30,12 @@ bench-lora: install
 # Switching between two real-size SD 1.5 models: resident vs reloaded (the same .bench-cache), about 10 minutes.
 bench-models: install
 	$(BIN)/python -m tools.bench_models
+
+# Switching two real-size SD 1.5 ControlNets (resident vs diffusers' reload), the preprocessor cache (canny, Depth
+# Anything v2 ViT-L), a step with one ControlNet vs none (the same .bench-cache, plus 2.7 GB once); about 10 minutes.
+# On a machine shared with other work, THREADS=1 keeps torch from waiting on a descheduled thread.
+bench-controlnet: install
+	$(BIN)/python -m tools.bench_controlnet $(if $(THREADS),--threads $(THREADS))
 
 # Time from `imprompt generate` / `imprompt serve` to the first image on the demo pack, this tree alone or against
 # BASELINE=<an older checkout, e.g. a git worktree>, alternated; about 10 minutes.
