@@ -17,12 +17,13 @@ from diffusers import (
     StableDiffusionXLControlNetPipeline,
     StableDiffusionXLControlNetUnionPipeline,
 )
-from diffusers.models.controlnets import MultiControlNetModel
+from diffusers.models.controlnets import FluxMultiControlNetModel, MultiControlNetModel, MultiControlNetUnionModel
 from diffusers_reference import load_adapters, run
 from PIL import Image
 
 from imprompt import Engine
-from imprompt.errors import ImpromptError, IncompatibleError, UnsupportedError
+from imprompt.controlnets.guidance import reported_fraction
+from imprompt.errors import ImpromptError, IncompatibleError, LimitError, UnsupportedError
 from tools.controlnet_models import write_controlnets
 
 SOFT = 0.825  # the extension's soft-injection base (its scripts/hook.py), written here from its rules
@@ -188,3 +189,91 @@ def test_a_controlnet_reads_each_rows_own_text_when_the_prompt_is_composable(cn_
     assert max_diff(one, halves) <= 1
     scheduled = cn_engine.generate(request(controlnets=control, negative_prompt="blurry", prompt="a [cat:dog:0.5]"))
     assert max_diff(scheduled.images[0], one) > 0
+
+
+def test_a_half_precision_model_stays_in_its_precision_after_a_controlnet_request(pack, nets, pose):
+    """diffusers' from_pipe casts the modules it is given to float32 unless told the dtype: the resident model's
+    own modules would change for every later request."""
+    engine = Engine([pack, nets["sd15"].parent.parent], dtype="bfloat16")
+    fresh = Engine([pack, nets["sd15"].parent.parent], dtype="bfloat16").generate(request()).images[0]
+    engine.generate(request(controlnets=[cn(nets["sd15"], pose)]))
+    unet = engine.state.pipelines.current.pipeline.unet
+    assert unet.dtype == torch.bfloat16
+    assert max_diff(engine.generate(request()).images[0], fresh) == 0
+
+
+def test_union_models_two_units_and_composable_prompts(cn_engine, pack, nets, pose, yellow_square):
+    xl, square = {"model": "tiny-sdxl"}, yellow_square.resize((64, 64))
+    union = ControlNetUnionModel.from_pretrained(nets["sdxl-union"])
+    got = cn_engine.generate(request(controlnets=[cn(nets["sdxl-union"], pose, union_type="depth"),
+                                                  cn(nets["sdxl-union"], square, union_type=6, weight=0.5)], **xl))  # fmt: skip
+    pipe = reference_pipe(StableDiffusionXLControlNetUnionPipeline, pack, "tiny-sdxl",
+                          MultiControlNetUnionModel([union, union]))  # fmt: skip
+    expected = run(pipe, control_image=[pose, square], control_mode=[1, 6], controlnet_conditioning_scale=[1.0, 0.5])
+    assert max_diff(got.images[0], expected) <= 1
+    control = [cn(nets["sdxl-union"], pose, union_type="depth")]
+    one = cn_engine.generate(request(controlnets=control, negative_prompt="blurry", **xl)).images[0]
+    halves = cn_engine.generate(request(controlnets=control, negative_prompt="blurry", prompt="a cat :0.5 AND a cat :0.5",
+                                        **xl)).images[0]  # fmt: skip
+    assert max_diff(one, halves) <= 1
+
+
+def test_a_flux_union_beside_a_plain_flux_controlnet_equals_diffusers(cn_engine, pack, nets, pose, yellow_square):
+    square = yellow_square.resize((64, 64))
+    got = cn_engine.generate(request(controlnets=[cn(nets["flux-union"], pose, union_type="depth"),
+                                                  cn(nets["flux"], square, weight=0.6)], model="tiny-flux", cfg_scale=3.5))  # fmt: skip
+    nets_ = FluxMultiControlNetModel([FluxControlNetModel.from_pretrained(nets["flux-union"]),
+                                      FluxControlNetModel.from_pretrained(nets["flux"])])  # fmt: skip
+    pipe = reference_pipe(FluxControlNetPipeline, pack, "tiny-flux", nets_)
+    expected = pipe("a cat", num_inference_steps=4, guidance_scale=3.5, width=64, height=64, control_image=[pose, square],
+                    control_mode=[2, None], controlnet_conditioning_scale=[1.0, 0.6],
+                    generator=torch.Generator().manual_seed(1)).images[0]  # fmt: skip
+    assert max_diff(got.images[0], expected) <= 1
+
+
+def test_image_to_image_with_a_controlnet_keeps_the_requests_vae(pack, nets, pose, red_circle, tmp_path_factory):
+    """The ControlNet pipeline is built over the call's pipeline as the VAE kind left it (the image-to-image twin,
+    carrying the request's VAE)."""
+    from tools.extra_models import write_extra_models
+
+    extra = shared_folder(tmp_path_factory, "extra-vae")
+    with locked(extra):
+        if not (extra / "VAE" / "soft-vae.safetensors").is_file():
+            write_extra_models(extra, pack)
+    engine = Engine([pack, nets["sd15"].parent.parent, extra])
+    start = {"init_images": [red_circle], "denoising_strength": 0.6, "controlnets": [cn(nets["sd15"], pose)]}
+    own = engine.generate(request(**start)).images[0]
+    soft = engine.generate(request(**start, vae="soft-vae.safetensors"))
+    assert soft.info["vae"]["name"] == "soft-vae.safetensors"
+    assert max_diff(own, soft.images[0]) > 0
+
+
+def test_a_picture_of_an_extreme_shape_is_refused_before_any_work(cn_engine, nets):
+    thin = Image.new("RGB", (4000, 2), "white")
+    with pytest.raises(LimitError, match=r"controlnets\.0: a 4000x2 picture at the preprocessor's resolution 512"):
+        cn_engine.generate(request(controlnets=[cn(nets["sd15"], thin, module="canny")]))
+    thinner = Image.new("RGB", (16000, 2), "white")  # scaled by 32 to cover 64x64: 512000x64
+    with pytest.raises(LimitError, match=r"controlnets\.0: its control image \(16000x2\) scaled to cover 64x64"):
+        cn_engine.generate(request(controlnets=[cn(nets["sd15"], thinner)]))
+
+
+def test_the_window_counts_the_steps_as_a1111_reports_them_to_the_extension():
+    """k-diffusion sets the step number after each step; a second-order sampler calls the model twice per step and
+    its callback runs between the two calls. Written out for 10 steps, end 0.5 (the extension's `frac <= end`)."""
+    euler = [call for call in range(10) if reported_fraction(call, 10, 10) <= 0.5]
+    assert euler == [0, 1, 2, 3, 4, 5, 6]  # call 6 is step 6, which sees step 5: 0.5
+    seen = [0, 0, 0] + [i for i in range(1, 9) for _ in (0, 1)]  # call 0: step 0; calls 2i-1 and 2i see i - 1
+    assert [max((c - 1) // 2, 0) for c in range(19)] == seen[:19]
+    heun = [call for call in range(19) if reported_fraction(call, 19, 10) <= 0.5]
+    assert heun == list(range(13))
+
+
+def test_a_pixel_perfect_resolution_is_used_as_computed(nets):
+    from imprompt import preprocess
+
+    pre = preprocess.find("canny")
+    picture = Image.new("RGB", (100, 1000), "white")
+    resolution = preprocess.resize.pixel_perfect_resolution(picture, 64, 64, "Resize and Fill")
+    assert resolution == 6
+    made = preprocess.detect(pre, picture, resolution, exact_resolution=True)
+    assert min(made.size) == 6  # not the slider's default (512): the extension takes the computed value as it is

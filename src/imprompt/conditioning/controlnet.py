@@ -47,6 +47,7 @@ class PlannedUnit:
     weights: dict  # file name -> path of the preprocessor's weights
     union_index: int | None  # the control type a Union model is told (its index), None for other models
     image: Image.Image
+    resolution: int | None  # the preprocessor's resolution (None: no preprocessor)
 
     @property
     def where(self) -> str:
@@ -79,7 +80,13 @@ def plan(request: GenerateRequest, model: Entry, state, images: list[Image.Image
             raise UnsupportedError(f"{where}.control_mode: {unit.control_mode!r} is the A1111 ControlNet extension's "
                                    f"rule for SD 1.5 / SDXL ControlNets; {entry.path.name} is a {spec.family} "
                                    f"ControlNet, which runs Balanced; remove control_mode")  # fmt: skip
-        units.append(PlannedUnit(i, unit, entry, pre, weights, union_index(where, unit, spec, pre), image))
+        resolution = None
+        if pre.name != "none":
+            resolution = unit.processor_res or DEFAULT_RESOLUTION
+            if unit.pixel_perfect:  # the resolution that maps the picture onto the output pixel for pixel
+                resolution = preprocess.resize.pixel_perfect_resolution(image, width, height, unit.resize_mode)
+        check_work(where, image.size, resolution, width, height, unit.resize_mode, state.limits.max_image_pixels)
+        units.append(PlannedUnit(i, unit, entry, pre, weights, union_index(where, unit, spec, pre), image, resolution))
     if units:
         unions = {u.entry.spec.union for u in units}
         if len(unions) > 1 and model.spec.architecture == "unet":
@@ -91,6 +98,27 @@ def plan(request: GenerateRequest, model: Entry, state, images: list[Image.Image
                                    f"{model.spec.family} models; remove init_images")  # fmt: skip
     return ControlNets(tuple(units), model.spec.pipeline_class, model.spec.architecture == "unet", width=width,
                        height=height)
+
+
+def check_work(where: str, size: tuple[int, int], resolution: int | None, width: int, height: int, resize_mode: str,
+               max_pixels: int) -> None:
+    """A picture of an extreme shape makes a preprocessor's input (its short side scaled to the resolution) and the
+    control image's resize (scaled to cover the output) far larger than the picture: both bounded by the pixels an
+    image may have, before any work."""
+    w, h = size
+    if resolution is not None:
+        k = resolution / min(w, h)
+        w, h = round(w * k), round(h * k)
+        if w * h > max_pixels:
+            raise LimitError(f"{where}: a {size[0]}x{size[1]} picture at the preprocessor's resolution {resolution} is "
+                             f"{w}x{h} pixels, more than the {max_pixels} an image may have; crop the picture or "
+                             f"lower processor_res")  # fmt: skip
+    if resize_mode == "Crop and Resize":
+        k = max(width / w, height / h)
+        if round(w * k) * round(h * k) > max_pixels:
+            raise LimitError(f"{where}: its control image ({w}x{h}) scaled to cover {width}x{height} would be "
+                             f"{round(w * k)}x{round(h * k)} pixels, more than the {max_pixels} an image may have; "
+                             f"crop the picture, or use resize_mode \"Just Resize\" or \"Resize and Fill\"")  # fmt: skip
 
 
 # The words clients use for a Union model's control types (the extension's control-type tags and its
@@ -139,7 +167,6 @@ class ControlNets(Conditioning):
     patches: list = field(default_factory=list)
     width: int = 0
     height: int = 0
-    resolutions: dict = field(default_factory=dict)  # unit index -> the preprocessor's resolution, as it ran
     fitted: list = field(default_factory=list)  # the control images at the call's size
 
     def prepare(self, prep: Preparation) -> None:
@@ -155,15 +182,11 @@ class ControlNets(Conditioning):
             if u.preprocessor.name == "none":
                 self.maps.append(u.image.convert("RGB"))
                 continue
-            resolution = u.unit.processor_res or DEFAULT_RESOLUTION
-            if u.unit.pixel_perfect:  # the resolution that maps the picture onto the output pixel for pixel
-                resolution = preprocess.resize.pixel_perfect_resolution(u.image, self.width, self.height,
-                                                                        u.unit.resize_mode)  # fmt: skip
-            self.resolutions[u.index] = resolution
             started = time.perf_counter()
             a, b = (-1 if t is None else t for t in (u.unit.threshold_a, u.unit.threshold_b))  # -1: its default
-            self.maps.append(preprocess.detect(u.preprocessor, u.image, resolution, a, b, u.weights,
-                                               cache=state.detections))  # fmt: skip
+            # a pixel-perfect resolution is used as computed (the extension sets it after checking the slider)
+            self.maps.append(preprocess.detect(u.preprocessor, u.image, u.resolution, a, b, u.weights,
+                                               cache=state.detections, exact_resolution=u.unit.pixel_perfect))  # fmt: skip
             prep.events.append({"event": "control_detected", "unit": u.index, "module": u.preprocessor.name,
                                 "seconds": round(time.perf_counter() - started, 4)})  # fmt: skip
 
@@ -178,7 +201,8 @@ class ControlNets(Conditioning):
 
         img2img = call.pipeline is not call.loaded.pipeline  # `init_image` chose the model's image-to-image twin
         union = any(u.entry.spec.union for u in self.units)
-        call.pipeline = controlnet_pipeline(call.loaded.pipeline, self.pipeline_class, union, img2img, self.models)
+        # over the call's pipeline as the kinds before left it (its image-to-image twin, the request's VAE)
+        call.pipeline = controlnet_pipeline(call.pipeline, self.pipeline_class, union, img2img, self.models)
         images = [fit(m, call.width, call.height, u.unit.resize_mode) for u, m in zip(self.units, self.maps)]
         self.fitted = images
         many = len(images) > 1
@@ -187,9 +211,9 @@ class ControlNets(Conditioning):
             call.kwargs["control_image"] = control
         else:
             call.kwargs["image"] = control
-        if union:  # diffusers' Union pipelines: per model, its images and modes
-            call.kwargs["control_image"] = [[image] for image in images] if many else [images[0]]
-            call.kwargs["control_mode"] = [[u.union_index] for u in self.units] if many else [self.units[0].union_index]
+        if union and self.unet_family:  # diffusers' SDXL Union pipelines: one image and mode per model, in lists
+            call.kwargs["control_image"] = images
+            call.kwargs["control_mode"] = [u.union_index for u in self.units]
         elif not self.unet_family and any(u.union_index is not None for u in self.units):
             call.kwargs["control_mode"] = [u.union_index for u in self.units] if many else self.units[0].union_index
         call.kwargs["controlnet_conditioning_scale"] = [1.0] * len(images) if many else 1.0  # applied by the patches
@@ -199,7 +223,7 @@ class ControlNets(Conditioning):
                 UnitGuidance(u.unit.weight, u.unit.start, u.unit.end, u.unit.control_mode))
         self.patches = []
         for model, guidance in by_model.values():
-            patch = ControlPatch(model, guidance, self.unet_family, lambda: call.conditioned_unet)
+            patch = ControlPatch(model, guidance, self.unet_family, call.steps, lambda: call.conditioned_unet)
             call.after(patch.install())
             call.schedule.add(patch.at_step)
             self.patches.append(patch)
@@ -210,7 +234,7 @@ class ControlNets(Conditioning):
             name = u.entry.path.stem if u.entry.path.is_file() else u.entry.name
             shown = f"{name} [{map_hash[:8]}]" if map_hash else name
             unit = u.unit
-            resolution = self.resolutions.get(u.index)
+            resolution = u.resolution
             units.append({"model": shown, "file": str(u.entry.path), "family": u.entry.spec.family,
                           "module": u.preprocessor.name, "weight": unit.weight, "start": unit.start, "end": unit.end,
                           "control_mode": unit.control_mode, "resize_mode": unit.resize_mode,

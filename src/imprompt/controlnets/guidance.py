@@ -39,9 +39,9 @@ class UnitGuidance:
     end: float
     control_mode: str  # request.CONTROL_MODES
 
-    def active_at(self, step: int, total: int) -> bool:
-        """As the extension decides it: A1111 reports the previous step's number while step `step` runs."""
-        return self.start <= max(step - 1, 0) / total <= self.end
+    def active_at(self, fraction: float) -> bool:
+        """`fraction`: the sampling step A1111 reports over its steps (`reported_fraction`)."""
+        return self.start <= fraction <= self.end
 
     def residual_scales(self, count: int) -> list[float]:
         """The factor of each of a UNet ControlNet's `count` residuals (down blocks, then the middle block)."""
@@ -54,18 +54,29 @@ class UnitGuidance:
         return self.control_mode == "ControlNet is more important"
 
 
+def reported_fraction(call: int, calls: int, steps: int) -> float:
+    """The fraction of the steps A1111 reports while model call `call` of `calls` runs, which the extension's window
+    reads: the step number is set after each step, so a step's calls see the previous step's (step 0's see 0). A
+    second-order sampler (Heun, DPM2: `calls` = 2 * steps - 1) calls the model twice in a step, the step's number
+    set between the two: call 2i (i >= 1) sees i - 1, call 2i + 1 sees i."""
+    if steps > 1 and calls == 2 * steps - 1:
+        return max((call - 1) // 2, 0) / steps
+    return max(call - 1, 0) / calls
+
+
 class ControlPatch:
     """Replaces, for one call, the forward of one ControlNet model: runs it at scale 1 and applies its units' rules.
     A model named by two units is called once per unit, in the units' order, at every denoising call (diffusers'
     multi model calls its nets in order): `cursor` walks the units."""
 
-    def __init__(self, net, units: list[UnitGuidance], unet_family: bool, conditioned=None):
-        """`conditioned()`: the call's `prompting.conds.ConditionedUNet`, or None where the UNet reads the
-        pipeline's own batch."""
+    def __init__(self, net, units: list[UnitGuidance], unet_family: bool, steps: int, conditioned=None):
+        """`steps`: the request's; `conditioned()`: the call's `prompting.conds.ConditionedUNet`, or None where the
+        UNet reads the pipeline's own batch."""
         self.net, self.units, self.unet_family, self.conditioned = net, units, unet_family, conditioned
         self.forward = net.forward  # the class's own, bound: what this calls
+        self.steps = steps
         self.cursor = 0
-        self.step, self.total = 0, 1
+        self.fraction = 0.0
 
     def install(self):
         self.net.forward = self
@@ -73,14 +84,14 @@ class ControlPatch:
 
     def at_step(self, step: int, total: int, index: int) -> None:
         """The call's step hook: the step about to run (each batch image starts at 0)."""
-        self.step, self.total = step, total
+        self.fraction = reported_fraction(step, total, self.steps)
         self.cursor = 0
 
     def __call__(self, *args, **kwargs):
         unit = self.units[self.cursor % len(self.units)]
         self.cursor += 1
         kwargs["conditioning_scale"] = 1.0
-        factor_on = unit.active_at(self.step, self.total)
+        factor_on = unit.active_at(self.fraction)
         if not self.unet_family:
             out = self.forward(*args, **kwargs)
             factor = unit.weight if factor_on else 0.0
@@ -107,8 +118,19 @@ class ControlPatch:
         outs = []
         for embeds, added in batches:
             n = embeds.shape[0]
-            outs.append(self.forward(sample[-1:].expand(n, *sample.shape[1:]), timestep, embeds,
-                                     controlnet_cond[-1:].expand(n, *controlnet_cond.shape[1:]), *args,
-                                     added_cond_kwargs=added, return_dict=False, **kwargs))  # fmt: skip
+            rows = {key: rowed(value, n, sample.shape[0]) for key, value in kwargs.items()}  # e.g. a Union's control_type
+            outs.append(self.forward(rowed(sample, n, sample.shape[0]), timestep, embeds,
+                                     rowed(controlnet_cond, n, sample.shape[0]), *args, added_cond_kwargs=added,
+                                     return_dict=False, **rows))  # fmt: skip
         down = [torch.cat(parts) for parts in zip(*[list(o[0]) for o in outs])]
         return down, torch.cat([o[1] for o in outs]), uncond_rows
+
+
+def rowed(value, n: int, batch: int):
+    """A per-row input of the pipeline's batch (every row the same latent and control image) for `n` rows: tensors
+    of the batch's first dimension, also inside lists (a Union model's control images); anything else as it is."""
+    if isinstance(value, (list, tuple)):
+        return type(value)(rowed(v, n, batch) for v in value)
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch:
+        return value[-1:].expand(n, *value.shape[1:])
+    return value

@@ -30,7 +30,8 @@ def controlnet_pipeline(pipeline, pipeline_class: str, union: bool, img2img: boo
     name = CONTROLNET_PIPELINES[(pipeline_class, union, img2img)]
     cls = getattr(diffusers, name)
     controlnet = controlnets[0] if len(controlnets) == 1 else multi_controlnet(pipeline_class, union, controlnets)
-    twin = cls.from_pipe(pipeline, controlnet=controlnet)
+    # diffusers' from_pipe casts every module to `torch_dtype` (float32 when not given), in place: the shared ones too
+    twin = cls.from_pipe(pipeline, controlnet=controlnet, torch_dtype=pipeline.dtype)
     twin.set_progress_bar_config(disable=True)
     return twin
 

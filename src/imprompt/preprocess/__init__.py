@@ -257,7 +257,7 @@ def fingerprint(path: Path) -> tuple:
 
 
 def detect(pre: Preprocessor, image: Image.Image, resolution, threshold_a=-1, threshold_b=-1, weights=None,
-           cache: ByteLRU | None = None) -> Image.Image:
+           cache: ByteLRU | None = None, exact_resolution: bool = False) -> Image.Image:
     """The detected map (RGB) of `image` by `pre`, as the extension computes it; `weights` as `locate_weights`
     returned them. Cached in `cache` (None: not cached)."""
     weights = dict(weights or {})
@@ -266,7 +266,7 @@ def detect(pre: Preprocessor, image: Image.Image, resolution, threshold_a=-1, th
         raise MissingPreprocessorWeightsError(
             f"preprocessor {pre.name!r} needs {', '.join(missing)}: locate_weights finds them; none was given")
     array = as_array(image)
-    res = pre.resolution.clamp(resolution)
+    res = max(1, int(resolution)) if exact_resolution else pre.resolution.clamp(resolution)
     a, b = pre.slider_a.clamp(threshold_a), pre.slider_b.clamp(threshold_b)
     key = None
     if cache is not None:
