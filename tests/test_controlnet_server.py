@@ -142,6 +142,21 @@ def test_sdnext_control_equals_the_engine(server, cn_engine, red_circle, pose):
     assert names["Canny"] == {"low_threshold": 100, "high_threshold": 200} and "None" in names
 
 
+def test_sdnext_fields_that_change_the_picture_are_refused_and_unit_errors_use_its_names(server, pose):
+    unit = {"process": "None", "model": "tiny-sd15-controlnet", "strength": 0.8}
+    base = {"prompt": "a cat", "seed": 1, "steps": 2, "inputs": [b64(pose)], "unit_type": "controlnet", "control": [unit]}
+    with client(server) as http:
+        for field, value in (("pag_scale", 1.5), ("cfg_end", 0.5), ("vae_type", "Tiny"), ("hdr_clamp", True)):
+            answer = http.post("/sdapi/v1/control", json={**base, field: value})
+            assert answer.status_code == 422 and field in answer.json()["detail"], (field, answer.text)
+        at_defaults = {"pag_scale": 0.0, "cfg_end": 1.0, "vae_type": "Full", "hdr_clamp": False, "image_cfg_scale": 6.0,
+                       "diffusers_guidance_rescale": 0.7, "refiner_steps": 5}  # fmt: skip
+        answer = http.post("/sdapi/v1/control", json={**base, **at_defaults})
+        assert answer.status_code == 200 and answer.json()["warnings"] == []
+        answer = http.post("/sdapi/v1/control", json={**base, "control": [{**unit, "strength": 3}]})
+        assert answer.status_code == 422 and "control.0.strength" in answer.json()["detail"], answer.text
+
+
 def test_the_extensions_endpoints(server, nets, pack, caplog):
     with client(server) as http:
         assert http.get("/controlnet/version").json() == {"version": 3}

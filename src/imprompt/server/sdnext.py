@@ -51,13 +51,19 @@ DEFAULTS = {"prompt": "", "negative_prompt": "", "steps": 20, "seed": -1, "cfg_s
             "batch_count": 1, "batch_size": 1, "clip_skip": 1.0, "denoising_strength": 0.3, "input_type": 0,
             "width_before": 1024, "height_before": 1024}  # fmt: skip
 READ = {*DEFAULTS, "inputs", "inits", "control", "unit_type", "ip_adapter", "face", "width", "height"}
-IGNORED = {"send_images", "save_images", "is_generator", "state", "resize_name_before"}  # no effect on pixels
+IGNORED = {"send_images", "save_images", "is_generator", "state", "resize_name_before",
+           "image_cfg_scale",  # instruct-pix2pix pipelines' image guidance: none of imprompt's takes it
+           "refiner_steps", "refiner_start", "refiner_prompt", "refiner_negative",  # act only with a refiner model
+           "hdr_mode", "hdr_boundary", "hdr_threshold", "hdr_max_center", "hdr_max_boundry", "hdr_color_picker",
+           "pag_adaptive"}  # parameters of corrections that are off (`OFF`)  # fmt: skip
 # honoured only at the values SD.Next treats as off
 OFF = {"enable_hr": (False, None), "mask": (None, ""), "tiling": (False, None), "hidiffusion": (False, None),
        "detailer_enabled": (False, None), "styles": (None, []), "script_name": (None, "", "None"),
        "alwayson_scripts": (None, {}), "subseed_strength": (0, None), "video_type": (None, "None"),
        "xyz": (None,), "init_control": (None, []), "resize_mode_after": (0, None), "resize_mode_mask": (0, None),
-       "extra": (None, {})}  # fmt: skip
+       "extra": (None, {}), "pag_scale": (0, None), "cfg_end": (1, None), "vae_type": ("Full", None),
+       "hdr_clamp": (False, None), "hdr_maximize": (False, None), "hdr_brightness": (0, None), "hdr_color": (0, None),
+       "hdr_sharpen": (0, None), "hdr_tint_ratio": (0, None)}  # fmt: skip
 UNIT_READ = {"process", "model", "strength", "start", "end", "override", "image", "unit_type", "mode", "guess",
              "process_params", "control_mode"}  # fmt: skip
 UNIT_OTHER_TYPES = {"factor", "attention", "fidelity", "query_weight", "adain_weight"}  # T2I / reference units' only
@@ -89,6 +95,8 @@ def from_control_payload(payload: dict, store: ModelStore, settings: dict | None
         if name in OFF:
             if value not in OFF[name]:
                 raise RequestError(f"{name}: {shown(value)} asks for what imprompt does not do; leave it out")
+        elif name == "diffusers_guidance_rescale" and payload.get("control"):
+            continue  # SD.Next passes it only to pipelines that take it, and its ControlNet pipelines do not
         elif name == "resize_mode_before":
             if value not in (0, None) and payload.get("resize_name_before") not in (None, "None"):
                 raise RequestError("resize_mode_before: resizing the input before control is not supported; send "
@@ -149,9 +157,21 @@ def from_control_payload(payload: dict, store: ModelStore, settings: dict | None
     iterations = given["batch_count"]
     if isinstance(iterations, bool) or not isinstance(iterations, int) or not 1 <= iterations <= 16:
         raise RequestError(f"batch_count: expected a whole number from 1 to 16, got {shown(iterations)}")
-    converted = from_sdnext_payload(fields, img2img=img2img, store=store, settings=settings)
+    try:
+        converted = from_sdnext_payload(fields, img2img=img2img, store=store, settings=settings)
+    except ImpromptError as exc:  # a unit's field, named as the client sent it: control.0.strength, not weight
+        raise type(exc)(SDNEXT_UNIT_FIELD.sub(sdnext_field, str(exc))) from None
     return ControlConverted(converted.request, warnings + converted.warnings, converted.modules, [],
                             [f"control.{i}" for i in range(len(units))], 0, iterations)  # fmt: skip
+
+
+SDNEXT_UNIT_FIELD = re.compile(r"\bcontrolnets\.(?P<index>\d+)(?:\.(?P<field>\w+))?")
+SDNEXT_FIELD_NAMES = {"weight": "strength", "module": "process", "image": "image"}  # imprompt's -> SD.Next's
+
+
+def sdnext_field(match: re.Match) -> str:
+    field = match.group("field")
+    return f"control.{match.group('index')}" + (f".{SDNEXT_FIELD_NAMES.get(field, field)}" if field else "")
 
 
 def _strings(name: str, value) -> list[str]:
