@@ -277,3 +277,54 @@ def test_a_pixel_perfect_resolution_is_used_as_computed(nets):
     assert resolution == 6
     made = preprocess.detect(pre, picture, resolution, exact_resolution=True)
     assert min(made.size) == 6  # not the slider's default (512): the extension takes the computed value as it is
+
+
+def test_each_family_with_a_controlnet_and_an_image_prompt_equals_diffusers(cn_engine, pack, nets, pose, red_circle):
+    """SDXL (plain and Union), SD 3.5 and FLUX: a ControlNet unit beside an IP-Adapter unit, against diffusers' own
+    ControlNet pipeline with `load_ip_adapter`."""
+    from diffusers_reference import VIT_G
+    from test_transformers import FLUX_V1, SD35_ADAPTER, SIGLIP_FILE, VIT_L_FILE
+    from transformers import CLIPImageProcessor, SiglipImageProcessor
+
+    from imprompt.loading.encoders import load_encoder
+    from imprompt.models.probe import probe
+
+    xl_unit = unit("Base SDXL", red_circle, 0.6)
+    got = cn_engine.generate(request(xl_unit, controlnets=[cn(nets["sdxl"], pose, weight=0.9)], model="tiny-sdxl"))
+    pipe = reference_pipe(StableDiffusionXLControlNetPipeline, pack, "tiny-sdxl", ControlNetModel.from_pretrained(nets["sdxl"]))
+    load_adapters(pipe, pack, "IP-Adapter/sdxl_models/ip-adapter_sdxl.safetensors", VIT_G).set_ip_adapter_scale(0.6)
+    expected = run(pipe, image=pose, controlnet_conditioning_scale=0.9, ip_adapter_image=red_circle)
+    assert max_diff(got.images[0], expected) <= 1
+    got = cn_engine.generate(request(xl_unit, controlnets=[cn(nets["sdxl-union"], pose, union_type=1)], model="tiny-sdxl"))
+    pipe = reference_pipe(StableDiffusionXLControlNetUnionPipeline, pack, "tiny-sdxl",
+                          ControlNetUnionModel.from_pretrained(nets["sdxl-union"]))  # fmt: skip
+    load_adapters(pipe, pack, "IP-Adapter/sdxl_models/ip-adapter_sdxl.safetensors", VIT_G).set_ip_adapter_scale(0.6)
+    assert max_diff(got.images[0], run(pipe, control_image=[pose], control_mode=[1], ip_adapter_image=red_circle)) <= 1
+
+    got = cn_engine.generate(request(unit("SD3.5 Large", red_circle, 0.6), controlnets=[cn(nets["sd35"], pose, weight=0.8)],
+                                     model="tiny-sd35", cfg_scale=5.0))  # fmt: skip
+    spec = probe(pack / SIGLIP_FILE)
+    pipe = reference_pipe(StableDiffusion3ControlNetPipeline, pack, "tiny-sd35", SD3ControlNetModel.from_pretrained(nets["sd35"]),
+                          text_encoder_3=None, tokenizer_3=None, image_encoder=load_encoder(spec, torch.device("cpu"), torch.float32),
+                          feature_extractor=SiglipImageProcessor(size={"height": spec.image_size, "width": spec.image_size}))  # fmt: skip
+    folder, name = SD35_ADAPTER.rsplit("/", 1)
+    pipe.load_ip_adapter(str(pack / folder), weight_name=name, image_encoder_folder=None)
+    pipe.set_ip_adapter_scale(0.6)
+    torch.manual_seed(1)
+    expected = pipe("a cat", num_inference_steps=4, guidance_scale=5.0, width=64, height=64, control_image=pose,
+                    controlnet_conditioning_scale=0.8, ip_adapter_image=red_circle,
+                    generator=torch.Generator().manual_seed(1)).images[0]  # fmt: skip
+    assert max_diff(got.images[0], expected) <= 1
+
+    got = cn_engine.generate(request(unit("FLUX XLabs", red_circle, 0.7), controlnets=[cn(nets["flux"], pose, weight=0.8)],
+                                     model="tiny-flux", cfg_scale=3.5))  # fmt: skip
+    spec = probe(pack / VIT_L_FILE)
+    pipe = reference_pipe(FluxControlNetPipeline, pack, "tiny-flux", FluxControlNetModel.from_pretrained(nets["flux"]),
+                          image_encoder=load_encoder(spec, torch.device("cpu"), torch.float32),
+                          feature_extractor=CLIPImageProcessor(size=224, crop_size=224))  # fmt: skip
+    pipe.load_ip_adapter(str(pack), weight_name=[FLUX_V1], subfolder=[""], image_encoder_pretrained_model_name_or_path=None)
+    pipe.set_ip_adapter_scale(0.7)
+    expected = pipe("a cat", num_inference_steps=4, guidance_scale=3.5, width=64, height=64, control_image=pose,
+                    controlnet_conditioning_scale=0.8, ip_adapter_image=red_circle,
+                    generator=torch.Generator().manual_seed(1)).images[0]  # fmt: skip
+    assert max_diff(got.images[0], expected) <= 1
