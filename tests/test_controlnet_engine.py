@@ -328,3 +328,13 @@ def test_each_family_with_a_controlnet_and_an_image_prompt_equals_diffusers(cn_e
                     controlnet_conditioning_scale=0.8, ip_adapter_image=red_circle,
                     generator=torch.Generator().manual_seed(1)).images[0]  # fmt: skip
     assert max_diff(got.images[0], expected) <= 1
+
+
+def test_a_damaged_controlnet_file_is_a_typed_error_naming_the_unit(pack, nets, pose, tmp_path):
+    good = nets["sd15-ldm"].read_bytes()
+    (tmp_path / "ControlNet").mkdir()
+    (tmp_path / "ControlNet" / "control_damaged.safetensors").write_bytes(good[: len(good) // 2])
+    engine = Engine([pack, tmp_path])
+    with pytest.raises(ImpromptError, match=r"controlnets\.0: .*control_damaged"):
+        engine.generate(request(controlnets=[cn("control_damaged", pose)]))
+    assert engine.generate(request()).images  # and the engine serves the next request

@@ -28,6 +28,15 @@ def shown(value, limit: int = SHOWN) -> str:
     return (text if len(text) <= 2 * limit else text[: 2 * limit] + "...") + size
 
 
+def renamed(exc: ImpromptError, message: str) -> ImpromptError:
+    """`exc` with another message (the part of the request it concerns named first, as the client sent it): the
+    same type, so the same status, whatever its constructor takes (`CheckpointError` takes a path and a problem)."""
+    new = type(exc).__new__(type(exc), message)  # not its __init__: the message is made already
+    new.__dict__.update(exc.__dict__)
+    new.args = (message,)
+    return new
+
+
 LONG_RUN = re.compile(r"\S{300,}")  # base64, a pasted file: nothing a message needs in full
 
 

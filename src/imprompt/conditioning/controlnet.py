@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from ..errors import ImpromptError, IncompatibleError, LimitError, RequestError, UnsupportedError
+from ..errors import ImpromptError, IncompatibleError, LimitError, RequestError, UnsupportedError, renamed
 from ..models.store import Entry
 from ..request import ControlNetUnit, GenerateRequest
 from . import Conditioning, Description, Preparation
@@ -69,7 +69,7 @@ def plan(request: GenerateRequest, model: Entry, state, images: list[Image.Image
             pre = preprocess.find(unit.module)
             weights = preprocess.locate_weights(pre, state.store.roots)
         except ImpromptError as exc:
-            raise type(exc)(f"{where}: {exc}") from None
+            raise renamed(exc, f"{where}: {exc}") from None
         spec = entry.spec
         if spec.unsupported:
             raise UnsupportedError(f"{where}: {spec.unsupported}")
@@ -185,8 +185,11 @@ class ControlNets(Conditioning):
             started = time.perf_counter()
             a, b = (-1 if t is None else t for t in (u.unit.threshold_a, u.unit.threshold_b))  # -1: its default
             # a pixel-perfect resolution is used as computed (the extension sets it after checking the slider)
-            self.maps.append(preprocess.detect(u.preprocessor, u.image, u.resolution, a, b, u.weights,
-                                               cache=state.detections, exact_resolution=u.unit.pixel_perfect))  # fmt: skip
+            try:
+                self.maps.append(preprocess.detect(u.preprocessor, u.image, u.resolution, a, b, u.weights,
+                                                   cache=state.detections, exact_resolution=u.unit.pixel_perfect))  # fmt: skip
+            except ImpromptError as exc:  # a preprocessor's weights that do not load, named with the unit
+                raise renamed(exc, f"{u.where}: {exc}") from None
             prep.events.append({"event": "control_detected", "unit": u.index, "module": u.preprocessor.name,
                                 "seconds": round(time.perf_counter() - started, 4)})  # fmt: skip
 
@@ -263,7 +266,7 @@ def loaded_controlnet(state, entry: Entry, events: list, where: str):
     try:
         model = load_controlnet(entry.spec, state.dtype).to(state.device)
     except ImpromptError as exc:
-        raise type(exc)(f"{where}: {exc}") from None
+        raise renamed(exc, f"{where}: {exc}") from None
     for old in state.controlnets.put(key, model, module_bytes(model), label=entry.name):
         log.info("ControlNet %s evicted from cache: ControlNet cache budget", old.label)
         events.append({"event": "controlnet_evicted", "controlnet": old.label, "why": "ControlNet cache budget"})

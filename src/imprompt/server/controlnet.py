@@ -25,7 +25,7 @@ from PIL import Image
 
 from .. import preprocess
 from ..errors import ImageError, ImpromptError, RequestError, UnknownAdapterError, UnknownControlNetError
-from ..errors import SHOWN, LimitError, UnknownPreprocessorError, shown
+from ..errors import SHOWN, LimitError, UnknownPreprocessorError, renamed, shown
 from ..models import catalog
 from ..models.store import Entry, ModelStore, controlnet_file, controlnet_hash, legacy_hash
 from ..preprocess.resize import RESIZE, resize_mode
@@ -326,7 +326,7 @@ def find_controlnet(where: str, model: str, store: ModelStore) -> Entry:
             return close[0]
         raise UnknownControlNetError(f"{where}: {exc}") from None
     except ImpromptError as exc:
-        raise type(exc)(f"{where}: {exc}") from None
+        raise renamed(exc, f"{where}: {exc}") from None
 
 
 def _number(where: str, name: str, value, low: float, high: float) -> float:

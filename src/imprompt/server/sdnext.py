@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, Field
 
-from ..errors import ImpromptError, RequestError, shown
+from ..errors import ImpromptError, RequestError, renamed, shown
 from ..models.store import ModelStore
 from ..preprocess import PREPROCESSORS
 from ..preprocess.resize import CROP, RESIZE, fit
@@ -160,7 +160,7 @@ def from_control_payload(payload: dict, store: ModelStore, settings: dict | None
     try:
         converted = from_sdnext_payload(fields, img2img=img2img, store=store, settings=settings)
     except ImpromptError as exc:  # a unit's field, named as the client sent it: control.0.strength, not weight
-        raise type(exc)(SDNEXT_UNIT_FIELD.sub(sdnext_field, str(exc))) from None
+        raise renamed(exc, SDNEXT_UNIT_FIELD.sub(sdnext_field, str(exc))) from None
     return ControlConverted(converted.request, warnings + converted.warnings, converted.modules, [],
                             [f"control.{i}" for i in range(len(units))], 0, iterations)  # fmt: skip
 
@@ -286,4 +286,4 @@ def named_unit(exc: ImpromptError, wheres: list[str]) -> ImpromptError:
     where = wheres[int(found.group("index"))]
     if where == f"controlnets.{found.group('index')}":
         return exc
-    return type(exc)(f"{where}{found.group('rest')}")
+    return renamed(exc, f"{where}{found.group('rest')}")
