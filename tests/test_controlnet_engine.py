@@ -338,3 +338,15 @@ def test_a_damaged_controlnet_file_is_a_typed_error_naming_the_unit(pack, nets, 
     with pytest.raises(ImpromptError, match=r"controlnets\.0: .*control_damaged"):
         engine.generate(request(controlnets=[cn("control_damaged", pose)]))
     assert engine.generate(request()).images  # and the engine serves the next request
+
+
+def test_a_pth_pickle_as_a1111_users_have_them_runs_as_its_safetensors(pack, nets, pose, tmp_path):
+    """lllyasviel's ControlNet 1.1 files are `.pth` pickles of the original names (read with weights_only)."""
+    from safetensors.torch import load_file
+
+    (tmp_path / "ControlNet").mkdir()
+    torch.save(load_file(nets["sd15-ldm"]), tmp_path / "ControlNet" / "control_v11p_sd15_tiny.pth")
+    engine = Engine([pack, tmp_path, nets["sd15"].parent.parent])
+    from_pth = engine.generate(request(controlnets=[cn("control_v11p_sd15_tiny", pose)])).images[0]
+    from_file = engine.generate(request(controlnets=[cn(nets["sd15-ldm"], pose)])).images[0]
+    assert max_diff(from_pth, from_file) == 0
