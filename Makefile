@@ -32,7 +32,8 @@ bench-models: install
 	$(BIN)/python -m tools.bench_models
 
 # Switching two real-size SD 1.5 ControlNets (resident vs diffusers' reload), the preprocessor cache (canny, Depth
-# Anything v2 ViT-L), a step with one ControlNet vs none (the same .bench-cache, plus 2.7 GB once); about 10 minutes.
+# Anything v2 ViT-L), a step with one ControlNet vs none (the same .bench-cache, plus 2.7 GB once); about 20 minutes on
+# 2 shared cores at 1 thread, most of it the 512 px steps and their decodes.
 # On a machine shared with other work, THREADS=1 keeps torch from waiting on a descheduled thread.
 bench-controlnet: install
 	$(BIN)/python -m tools.bench_controlnet $(if $(THREADS),--threads $(THREADS))

@@ -63,7 +63,7 @@ def build_controlnets(cache: Path, root: Path) -> Path:
     folder = cache / "real-controlnets"
     if (folder / "done").is_file():
         return folder
-    unet = UNet2DConditionModel.from_pretrained(root / "diffusers" / MODELS["real"] / "unet", torch_dtype=torch.float32)
+    unet = UNet2DConditionModel.from_pretrained(root / "diffusers" / MODELS["real"] / "unet", dtype=torch.float32)
     for seed, name in enumerate(NETS, start=1):
         net = ControlNetModel.from_unet(unet)
         torch.manual_seed(seed)
@@ -153,7 +153,7 @@ def part_switch(root: Path, nets: Path, args) -> dict:
     base = diffusers_pipeline(root, MODELS["real"])  # diffusers' base pipeline, loaded once, as a webui keeps it
 
     def load(name: str):
-        return ControlNetModel.from_pretrained(folder / name, torch_dtype=torch.float32).eval()
+        return ControlNetModel.from_pretrained(folder / name, dtype=torch.float32).eval()
 
     def call(pipe) -> None:
         pipe.set_progress_bar_config(disable=True)
@@ -318,7 +318,7 @@ def render(s: dict, report: dict) -> str:
 
     m, load = report["machine"], report["load_average"]
     lines = ["# ControlNet: switching, the preprocessor cache, a step with a unit", "",
-             f"Machine: {m['cpu']}, {m['cores']} cores ({m['threads']} torch threads), {m['memory_gib']} GiB RAM; "
+             f"Machine: {m['cpu']}, {m['cores']} cores ({m['threads']} torch thread{'s' if m['threads'] != 1 else ''}), {m['memory_gib']} GiB RAM; "
              f"Python {m['python']}, torch {m['torch']}, CPU, float32. Load average (1 min) {load['before'][0]:.2f} "
              f"before the run, {load['after'][0]:.2f} after it; other work used "
              f"{report['others_cpu_s'] / report['wall_s']:.2f} of the {m['cores']} cores on average during the run"
