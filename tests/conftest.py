@@ -55,6 +55,17 @@ def pack(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def nets(pack, tmp_path_factory) -> dict:
+    """The tiny ControlNets (`tools/controlnet_models.py`: SD 1.5 as an A1111 single file and a diffusers folder,
+    SDXL, Union, SD 3.5, FLUX, and the refused kinds), built once for all workers; name -> path."""
+    from tools.controlnet_models import write_controlnets
+
+    folder = shared_folder(tmp_path_factory, "controlnets")
+    with locked(folder):
+        return write_controlnets(folder, pack)
+
+
+@pytest.fixture(scope="session")
 def engine(pack):
     """One engine shared by many tests: it also sees every other test's requests, as a long-running server would."""
     from imprompt import Engine

@@ -24,16 +24,8 @@ from PIL import Image
 from imprompt import Engine
 from imprompt.controlnets.guidance import reported_fraction
 from imprompt.errors import ImpromptError, IncompatibleError, LimitError, UnsupportedError
-from tools.controlnet_models import write_controlnets
 
 SOFT = 0.825  # the extension's soft-injection base (its scripts/hook.py), written here from its rules
-
-
-@pytest.fixture(scope="module")
-def nets(pack, tmp_path_factory) -> dict:
-    folder = shared_folder(tmp_path_factory, "controlnets")
-    with locked(folder):
-        return write_controlnets(folder, pack)
 
 
 @pytest.fixture(scope="module")

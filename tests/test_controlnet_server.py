@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import webuiapi
-from conftest import locked, max_diff, request, shared_folder, unit
+from conftest import max_diff, request, unit
 from PIL import Image
 from server_fixtures import b64, client, decode, running_server
 from test_cli import imprompt
@@ -20,16 +20,8 @@ from imprompt import Engine
 from imprompt.models.store import legacy_hash
 from imprompt.preprocess import PREPROCESSORS, detect, locate_weights
 from imprompt.server.controlnet import module_list
-from tools.controlnet_models import write_controlnets
 
 SD15 = "control_tiny_sd15_canny"  # the LDM single file in A1111's ControlNet/ folder
-
-
-@pytest.fixture(scope="module")
-def nets(pack, tmp_path_factory) -> dict:
-    folder = shared_folder(tmp_path_factory, "controlnets")
-    with locked(folder):
-        return write_controlnets(folder, pack)
 
 
 @pytest.fixture(scope="module")

@@ -251,18 +251,6 @@ def test_a_faceid_unit_shows_the_face_crop_it_used(pack, browser, tmp_path):
         assert errors == []
 
 
-@pytest.fixture(scope="module")
-def nets(pack, tmp_path_factory) -> dict:
-    """The tiny ControlNets (SD 1.5 as an A1111 single file and a diffusers folder, SDXL, Union, SD 3.5, FLUX)."""
-    from conftest import locked, shared_folder
-
-    from tools.controlnet_models import write_controlnets
-
-    folder = shared_folder(tmp_path_factory, "controlnets")
-    with locked(folder):
-        return write_controlnets(folder, pack)
-
-
 def decoded(src: str):
     """The picture an <img> shows from a data: URL."""
     import base64
