@@ -498,6 +498,11 @@ def _models(args) -> int:
     print("Image encoders:")
     for e in listing["encoders"]:
         print(f"  {e['name']:<40} {e['architecture']:<12} {e['outputs']}")
+    if listing["controlnets"]:
+        print("ControlNets:")
+        for c in listing["controlnets"]:
+            fits = "" if c["unsupported"] else f"  (fits: {', '.join(c['fits_models']) or 'no model here'})"
+            print(f"  {c['name']:<40} {c['detail']}{fits}")
     for kind, entries in listing["other"].items():
         if entries:
             print(f"{OTHER_TITLES[kind]}:")
@@ -511,7 +516,7 @@ def _models(args) -> int:
 
 
 OTHER_TITLES = {
-    "lora": "LoRAs", "vae": "VAEs", "textual-inversion": "Textual-inversion embeddings", "controlnet": "ControlNets",
+    "lora": "LoRAs", "vae": "VAEs", "textual-inversion": "Textual-inversion embeddings",
     "t2i-adapter": "T2I-Adapters", "upscaler": "Upscalers", "face-restorer": "Face restorers",
     "text-encoder": "Text encoders", "diffusion-model": "Diffusion models alone", "image-encoder-other":
     "Other image encoders", "ip-embeddings": "Saved IP-Adapter embeddings", "unknown": "Other files",
