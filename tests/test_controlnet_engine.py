@@ -342,3 +342,23 @@ def test_a_pth_pickle_as_a1111_users_have_them_runs_as_its_safetensors(pack, net
     from_pth = engine.generate(request(controlnets=[cn("control_v11p_sd15_tiny", pose)])).images[0]
     from_file = engine.generate(request(controlnets=[cn(nets["sd15-ldm"], pose)])).images[0]
     assert max_diff(from_pth, from_file) == 0
+
+
+def test_advanced_weighting_replaces_the_weight_and_the_modes_scales_as_the_extension(cn_engine, pack, nets, pose):
+    scales = [0.2 + 0.05 * k for k in range(13)]
+    got = cn_engine.generate(request(controlnets=[cn(nets["sd15"], pose, weight=1.7, advanced_weighting=scales,
+                                                     control_mode="ControlNet is more important")]))  # fmt: skip
+    net = ControlNetModel.from_pretrained(nets["sd15"])
+    forward = net.forward
+
+    def patched(*args, **kwargs):  # the extension: its scales, no weight, and still the conditional row only
+        kwargs["conditioning_scale"] = 1.0
+        down, mid = forward(*args, **kwargs)
+        residuals = [r * s for r, s in zip([*down, mid], scales)]
+        residuals = [torch.cat([torch.zeros_like(r[:1]), r[1:]]) for r in residuals]
+        return residuals[:-1], residuals[-1]
+
+    net.forward = patched
+    assert max_diff(got.images[0], run(sd15_pipe(pack, net), image=pose)) <= 1
+    with pytest.raises(ImpromptError, match=r"controlnets\.0\.advanced_weighting: 12 scales.*13"):
+        cn_engine.generate(request(controlnets=[cn(nets["sd15"], pose, advanced_weighting=scales[:12])]))

@@ -92,6 +92,14 @@ def test_webuiapi_ip_adapter_and_pose_units_equal_imprompts_form(server, cn_engi
     assert "ControlNet 0: " in result.info["infotexts"][0]
 
 
+def test_advanced_weighting_from_an_a1111_unit_equals_imprompts_form(server, cn_engine, pose):
+    scales = [0.75] * 13  # the extension's own web API test sends this for SD 1.5
+    body = post(server, txt(alwayson_scripts=scripts(ext_unit(b64(pose), advanced_weighting=scales))))
+    expected = cn_engine.generate(request(sampler="Euler a", controlnets=[
+        {"model": SD15, "image": pose, "advanced_weighting": scales}]))  # fmt: skip
+    assert max_diff(decode(body["images"][0]).convert("RGB"), expected.images[0]) == 0
+
+
 def test_detected_maps_follow_the_switches(server, pose):
     """save_detected_map false, or the control_net_no_detectmap setting, leave the maps out; a canny unit's map is
     its edges at the generation size."""
@@ -197,7 +205,7 @@ BAD = [
     ("missing image", dict(image=""), 422, "alwayson_scripts.controlnet.args.1.image: a ControlNet unit needs an image"),
     ("undecodable image", dict(image="bm90IGFuIGltYWdl"), 422, "alwayson_scripts.controlnet.args.1.image"),
     ("a mask", dict(mask=b64(Image.new("RGB", (64, 64)))), 422, "alwayson_scripts.controlnet.args.1.mask"),
-    ("per-block weights", dict(advanced_weighting=[1.0] * 13), 422, "args.1.advanced_weighting"),
+    ("per-block weights, too few", dict(advanced_weighting=[1.0] * 12), 422, "args.1.advanced_weighting: 12 scales"),
     ("weight over 2", dict(weight=3), 422, "args.1.weight"),
     ("control mode", dict(control_mode="Loud"), 422, "args.1.control_mode"),
     ("another family", dict(model="tiny-sdxl-controlnet"), 422, "alwayson_scripts.controlnet.args.1: "),

@@ -162,6 +162,10 @@ class ControlNetUnit(BaseModel):
     union_type: Name | int | None = Field(
         None, description="ControlNet Union / ProMax: the control type (name or index); None: from the preprocessor"
     )
+    advanced_weighting: Annotated[list[Annotated[float, Field(ge=-10.0, le=10.0)]], Field(max_length=32)] | None = Field(
+        None, description="the extension's per-residual scales (SD 1.5: 13, SDXL: 10; down blocks, then the middle "
+                          "one), used instead of the weight and the control mode's scales"
+    )  # fmt: skip
 
     @model_validator(mode="after")
     def _window(self):

@@ -76,6 +76,14 @@ def plan(request: GenerateRequest, model: Entry, state, images: list[Image.Image
         problem = spec.mismatch(model.spec)
         if problem:
             raise IncompatibleError(f"{where}: {problem}")
+        if unit.advanced_weighting is not None:  # one scale per residual: 12 down blocks and the middle one, or SDXL's 10
+            residuals = 10 if model.spec.pipeline_class == "StableDiffusionXLPipeline" else 13
+            if model.spec.architecture != "unet":
+                raise UnsupportedError(f"{where}.advanced_weighting: per-residual scales are the A1111 extension's for "
+                                       f"SD 1.5 / SDXL ControlNets, not {spec.family}'s; remove it")  # fmt: skip
+            if len(unit.advanced_weighting) != residuals:
+                raise RequestError(f"{where}.advanced_weighting: {len(unit.advanced_weighting)} scales, but a "
+                                   f"{model.spec.family} ControlNet has {residuals} residuals; give {residuals}")  # fmt: skip
         if model.spec.architecture != "unet" and unit.control_mode != "Balanced":
             raise UnsupportedError(f"{where}.control_mode: {unit.control_mode!r} is the A1111 ControlNet extension's "
                                    f"rule for SD 1.5 / SDXL ControlNets; {entry.path.name} is a {spec.family} "
@@ -223,7 +231,8 @@ class ControlNets(Conditioning):
         by_model: dict[int, list] = {}
         for u, model in zip(self.units, self.models):
             by_model.setdefault(id(model), [model, []])[1].append(
-                UnitGuidance(u.unit.weight, u.unit.start, u.unit.end, u.unit.control_mode))
+                UnitGuidance(u.unit.weight, u.unit.start, u.unit.end, u.unit.control_mode,
+                             None if u.unit.advanced_weighting is None else tuple(u.unit.advanced_weighting)))
         self.patches = []
         for model, guidance in by_model.values():
             patch = ControlPatch(model, guidance, self.unet_family, call.steps, lambda: call.conditioned_unet)
@@ -242,7 +251,8 @@ class ControlNets(Conditioning):
                           "module": u.preprocessor.name, "weight": unit.weight, "start": unit.start, "end": unit.end,
                           "control_mode": unit.control_mode, "resize_mode": unit.resize_mode,
                           "processor_res": resolution, "threshold_a": unit.threshold_a, "threshold_b": unit.threshold_b,
-                          "pixel_perfect": unit.pixel_perfect, "union_type": u.union_index})  # fmt: skip
+                          "pixel_perfect": unit.pixel_perfect, "union_type": u.union_index,
+                          "advanced_weighting": unit.advanced_weighting})  # fmt: skip
             infotext[f"ControlNet {n}"] = (
                 f"Module: {u.preprocessor.name}, Model: {shown}, Weight: {unit.weight}, Resize Mode: {unit.resize_mode}, "
                 f"Processor Res: {resolution or DEFAULT_RESOLUTION}, Threshold A: {unit.threshold_a}, Threshold B: "

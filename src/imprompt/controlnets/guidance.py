@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import RequestError
+
 SOFT_INJECTION_BASE = 0.825  # the extension's per-residual decay for its two non-balanced modes
 
 
@@ -38,6 +40,7 @@ class UnitGuidance:
     start: float
     end: float
     control_mode: str  # request.CONTROL_MODES
+    advanced_weighting: tuple[float, ...] | None = None  # the extension's own scales, which replace the others
 
     def active_at(self, fraction: float) -> bool:
         """`fraction`: the sampling step A1111 reports over its steps (`reported_fraction`)."""
@@ -45,6 +48,11 @@ class UnitGuidance:
 
     def residual_scales(self, count: int) -> list[float]:
         """The factor of each of a UNet ControlNet's `count` residuals (down blocks, then the middle block)."""
+        if self.advanced_weighting is not None:  # as the extension: the weight and the mode's scales do not apply
+            if len(self.advanced_weighting) != count:
+                raise RequestError(f"advanced_weighting: {len(self.advanced_weighting)} scales for a ControlNet with "
+                                   f"{count} residuals; give {count}")  # fmt: skip
+            return list(self.advanced_weighting)
         if self.control_mode == "Balanced":
             return [self.weight] * count
         return [self.weight * SOFT_INJECTION_BASE ** float(12 - k) for k in range(13)][:count]

@@ -234,7 +234,6 @@ UNION_TAGS = {"openpose": 0, "depth": 1, "scribble": 2, "softedge": 2, "canny": 
 HR_OPTIONS = ("Both", "Low res only", "High res only")
 # Fields of a ControlNet unit that would change the picture and that imprompt does not do.
 CONTROL_REFUSED = {
-    "advanced_weighting": "per-block weights of the control residuals",
     "effective_region_mask": "a region the unit acts in",
     "mask": "ControlNet masks (the extension's inpainting and masked units)",
     "mask_image": "ControlNet masks (the extension's inpainting and masked units)",
@@ -286,6 +285,8 @@ def control_unit(where: str, unit: dict, module: str, model: str, store: ModelSt
         **slider_values(module, pre, unit.get("processor_res"), unit.get("threshold_a"), unit.get("threshold_b"),
                         where),
     }  # fmt: skip
+    if unit.get("advanced_weighting") is not None:  # replaces the weight and the mode's scales, as the extension
+        converted["advanced_weighting"] = unit["advanced_weighting"]
     union = _union_type(f"{where}.union_control_type", unit.get("union_control_type"))
     if union is not None and getattr(entry.spec, "union", False):  # the extension reads it for Union models only
         converted["union_type"] = union
