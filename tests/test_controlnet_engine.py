@@ -24,6 +24,7 @@ from PIL import Image
 from imprompt import Engine
 from imprompt.controlnets.guidance import reported_fraction
 from imprompt.errors import ImpromptError, IncompatibleError, LimitError, UnsupportedError
+from imprompt.models.store import legacy_hash
 
 SOFT = 0.825  # the extension's soft-injection base (its scripts/hook.py), written here from its rules
 
@@ -70,7 +71,9 @@ def test_an_ldm_single_file_with_an_image_prompt_equals_diffusers(cn_engine, pac
     pipe.set_ip_adapter_scale(0.6)
     expected = run(pipe, image=pose, ip_adapter_image=red_circle, controlnet_conditioning_scale=0.8)
     assert max_diff(got.images[0], expected) <= 1
-    assert got.info["controlnets"][0]["model"].startswith("control_tiny_sd15_canny [")
+    # named as /controlnet/model_list lists it (A1111's legacy hash), so a client can send it back
+    assert got.info["controlnets"][0]["model"] == cn_engine.store.controlnet_title(cn_engine.store.controlnet(str(nets["sd15-ldm"])))
+    assert got.info["controlnets"][0]["model"] == f"control_tiny_sd15_canny [{legacy_hash(nets['sd15-ldm'])}]"
     assert "ControlNet 0" in got.parameters
 
 

@@ -10,6 +10,8 @@ import pytest
 from playwright.sync_api import Error as PlaywrightError
 from server_fixtures import new_engine, running_server
 
+from imprompt.models.store import controlnet_hash
+
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = Path(os.environ.get("IMPROMPT_TEST_ARTIFACTS", Path(__file__).parent.parent / "test-artifacts"))
 
@@ -293,7 +295,8 @@ def test_a_controlnet_unit_beside_an_image_prompt_equals_the_engine_and_shows_it
         page.fill(".control-unit .cn-end", "0.8")
         page.select_option(".control-unit .control-mode", "My prompt is more important")
         caption = generate_with(page, "Base", pack / "images" / "red-circle.png", steps=3)
-        assert ("ControlNet 1: controlnet/tiny-sd15-controlnet ← canny (weight 0.8, window 0-0.8, My prompt is more "
+        title = f"tiny-sd15-controlnet [{controlnet_hash(nets['sd15'])}]"  # as /controlnet/model_list names it
+        assert (f"ControlNet 1: {title} ← canny (weight 0.8, window 0-0.8, My prompt is more "
                 "important)") in caption
 
         expected = Engine([pack, models]).generate(

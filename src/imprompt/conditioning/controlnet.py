@@ -95,17 +95,15 @@ def plan(request: GenerateRequest, model: Entry, state, images: list[Image.Image
                 resolution = preprocess.resize.pixel_perfect_resolution(image, width, height, unit.resize_mode)
         check_work(where, image.size, resolution, width, height, unit.resize_mode, state.limits.max_image_pixels)
         units.append(PlannedUnit(i, unit, entry, pre, weights, union_index(where, unit, spec, pre), image, resolution))
-    if units:
-        unions = {u.entry.spec.union for u in units}
-        if len(unions) > 1 and model.spec.architecture == "unet":
-            raise UnsupportedError("controlnets: a ControlNet Union model with other ControlNets in one request is not "
-                                   "supported (diffusers runs Union models in their own pipeline); use Union models "
-                                   "for every unit, or none")  # fmt: skip
-        if request.init_images and model.spec.architecture != "unet":
-            raise UnsupportedError(f"controlnets: image-to-image with ControlNet is not supported for "
-                                   f"{model.spec.family} models; remove init_images")  # fmt: skip
-    return ControlNets(tuple(units), model.spec.pipeline_class, model.spec.architecture == "unet", width=width,
-                       height=height)
+    unions = {u.entry.spec.union for u in units}
+    if len(unions) > 1 and model.spec.architecture == "unet":
+        raise UnsupportedError("controlnets: a ControlNet Union model with other ControlNets in one request is not "
+                               "supported (diffusers runs Union models in their own pipeline); use Union models "
+                               "for every unit, or none")  # fmt: skip
+    if request.init_images and model.spec.architecture != "unet":
+        raise UnsupportedError(f"controlnets: image-to-image with ControlNet is not supported for "
+                               f"{model.spec.family} models; remove init_images")  # fmt: skip
+    return ControlNets(tuple(units), model.spec.pipeline_class, model.spec.architecture == "unet")
 
 
 def check_work(where: str, size: tuple[int, int], resolution: int | None, width: int, height: int, resize_mode: str,
@@ -171,11 +169,7 @@ class ControlNets(Conditioning):
     unet_family: bool
     models: list = field(default_factory=list)  # the loaded ControlNet of each unit
     maps: list = field(default_factory=list)  # each unit's control image (the preprocessor's output), as made
-    hashes: list = field(default_factory=list)
-    patches: list = field(default_factory=list)
-    width: int = 0
-    height: int = 0
-    fitted: list = field(default_factory=list)  # the control images at the call's size
+    titles: list = field(default_factory=list)  # each unit's model as the extension lists it: "name [hash]"
 
     def prepare(self, prep: Preparation) -> None:
         """Each ControlNet from the engine's cache (or loaded now), each control image made (or taken from the
@@ -183,10 +177,10 @@ class ControlNets(Conditioning):
         from .. import preprocess
 
         state = prep.state
-        self.models, self.maps, self.hashes = [], [], []
+        self.models, self.maps = [], []
+        self.titles = [state.store.controlnet_title(u.entry) for u in self.units]  # as /controlnet/model_list has it
         for u in self.units:
             self.models.append(loaded_controlnet(state, u.entry, prep.events, u.where))
-            self.hashes.append(state.store.a1111_hash(u.entry.path) if u.entry.path.is_file() else None)
             if u.preprocessor.name == "none":
                 self.maps.append(u.image.convert("RGB"))
                 continue
@@ -215,17 +209,16 @@ class ControlNets(Conditioning):
         # over the call's pipeline as the kinds before left it (its image-to-image twin, the request's VAE)
         call.pipeline = controlnet_pipeline(call.pipeline, self.pipeline_class, union, img2img, self.models)
         images = [fit(m, call.width, call.height, u.unit.resize_mode) for u, m in zip(self.units, self.maps)]
-        self.fitted = images
         many = len(images) > 1
         control = images if many else images[0]
-        if img2img or not self.unet_family or union:
-            call.kwargs["control_image"] = control
-        else:
-            call.kwargs["image"] = control
         if union and self.unet_family:  # diffusers' SDXL Union pipelines: one image and mode per model, in lists
             call.kwargs["control_image"] = images
             call.kwargs["control_mode"] = [u.union_index for u in self.units]
-        elif not self.unet_family and any(u.union_index is not None for u in self.units):
+        elif img2img or not self.unet_family:  # the img2img twins' `image` is the init image
+            call.kwargs["control_image"] = control
+        else:
+            call.kwargs["image"] = control
+        if not self.unet_family and any(u.union_index is not None for u in self.units):  # FLUX Union models
             call.kwargs["control_mode"] = [u.union_index for u in self.units] if many else self.units[0].union_index
         call.kwargs["controlnet_conditioning_scale"] = [1.0] * len(images) if many else 1.0  # applied by the patches
         by_model: dict[int, list] = {}
@@ -233,18 +226,14 @@ class ControlNets(Conditioning):
             by_model.setdefault(id(model), [model, []])[1].append(
                 UnitGuidance(u.unit.weight, u.unit.start, u.unit.end, u.unit.control_mode,
                              None if u.unit.advanced_weighting is None else tuple(u.unit.advanced_weighting)))
-        self.patches = []
         for model, guidance in by_model.values():
             patch = ControlPatch(model, guidance, self.unet_family, call.steps, lambda: call.conditioned_unet)
             call.after(patch.install())
             call.schedule.add(patch.at_step)
-            self.patches.append(patch)
 
     def describe(self, call) -> Description:
         units, infotext = [], {}
-        for n, (u, map_hash) in enumerate(zip(self.units, self.hashes)):
-            name = u.entry.path.stem if u.entry.path.is_file() else u.entry.name
-            shown = f"{name} [{map_hash[:8]}]" if map_hash else name
+        for n, (u, shown) in enumerate(zip(self.units, self.titles)):
             unit = u.unit
             resolution = u.resolution
             units.append({"model": shown, "file": str(u.entry.path), "family": u.entry.spec.family,
