@@ -24,6 +24,7 @@ from .ipadapter.faces import FaceAnalyzer, insightface_roots
 from .loading.loras import LoraBudget, PipelineLoras
 from .loading.pipelines import component_identities, load_pipeline
 from .loading.resident import LoadedPipeline, ResidentPipelines
+from .models.parts import NO_PARTS, ModelParts
 from .models.store import Entry, ModelStore
 from .preprocess.loaded import MODELS as ANNOTATOR_MODELS
 from .request import MAX_IMAGES, MAX_UNITS
@@ -93,17 +94,18 @@ class EngineState:
 
     # ------------------------------------------------------------------------------------------ the pipelines
 
-    def pipeline(self, entry: Entry, events: list) -> LoadedPipeline:
+    def pipeline(self, entry: Entry, events: list, parts: ModelParts = NO_PARTS) -> LoadedPipeline:
         """The request's pipeline: resident already (no reload), or loaded. A load happens in CPU memory first and
-        joins the device only once it succeeded, so a failed load leaves every resident pipeline as it was."""
-        key = entry.key(self.dtype, self.device)
+        joins the device only once it succeeded, so a failed load leaves every resident pipeline as it was.
+        `parts`: the VAE and text encoders a transformer-alone model runs with (other parts: another pipeline)."""
+        key = entry.key(self.dtype, self.device) + parts.key()
         current = self.pipelines.current.key if self.pipelines.current else None  # the key: a reference would
         loaded = self.pipelines.get(key, events)  # keep a pushed-out pipeline on the device while another moves in
         if loaded is None:
             for stale in self.pipelines.discard_older_versions(key):
                 log.info("model %s unloaded: its file changed on disk", stale.label)
                 events.append({"event": "model_unloaded", "model": stale.label, "why": "its file changed on disk"})
-            loaded = self._load(entry, key, events)
+            loaded = self._load(entry, key, events, parts)
             self.pipelines.add(loaded, events)
             log.info("model %s loaded in %.2f s", entry.name, loaded.load_seconds)
             events.append({"event": "model_loaded", "model": entry.name, "seconds": round(loaded.load_seconds, 4)})
@@ -116,14 +118,14 @@ class EngineState:
             self.pipelines.current = loaded
         return loaded
 
-    def _load(self, entry: Entry, key: tuple, events: list) -> LoadedPipeline:
+    def _load(self, entry: Entry, key: tuple, events: list, parts: ModelParts = NO_PARTS) -> LoadedPipeline:
         started = time.perf_counter()
         identities = component_identities(entry.spec, self.dtype)
         shared = self.pipelines.shared_components(identities)
         for name in shared:
             log.info("model %s: %s shared with a resident model (same files on disk)", entry.name, name)
             events.append({"event": "component_shared", "model": entry.name, "component": name})
-        pipeline = load_pipeline(entry.spec, torch.device("cpu"), self.dtype, shared)
+        pipeline = load_pipeline(entry.spec, torch.device("cpu"), self.dtype, shared, parts)
         return LoadedPipeline(
             key=key,
             name=entry.name,

@@ -22,6 +22,7 @@ from ..models.single_file import (
     write_config_folder,
     write_transformer_config_folder,
 )
+from ..models.parts import NO_PARTS, ModelParts
 from ..models.specs import PipelineSpec
 from .tensors import first_line, read_tensor_table, read_tensors_under
 
@@ -64,9 +65,11 @@ def component_identities(spec: PipelineSpec, dtype: torch.dtype) -> dict[str, st
     return identities
 
 
-def load_pipeline(spec: PipelineSpec, device: torch.device, dtype: torch.dtype, shared: dict | None = None):
+def load_pipeline(spec: PipelineSpec, device: torch.device, dtype: torch.dtype, shared: dict | None = None,
+                  parts: ModelParts = NO_PARTS):  # fmt: skip
     """The text-to-image pipeline `spec` describes, on `device` in `dtype`. `shared`: components already loaded
-    (name -> module) that it uses instead of reading its own copy of the same files."""
+    (name -> module) that it uses instead of reading its own copy of the same files. `parts`: a transformer-alone
+    model's VAE and text encoders (`models/parts.py`)."""
     import diffusers
 
     cls = getattr(diffusers, spec.pipeline_class)

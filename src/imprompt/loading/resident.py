@@ -156,7 +156,7 @@ class ResidentPipelines:
     def discard_older_versions(self, key: tuple) -> list:
         """Pipelines loaded from an earlier version of this file: never served again, so freed (their LoRA
         layers taken out of any text encoder or VAE they share with others)."""
-        found = [p for p in self.all() if p.key[0] == key[0] and p.key != key]
+        found = [p for p in self.all() if p.key[0] == key[0] and p.key[1] != key[1]]
         for stale in found:
             self._let_go(stale)
         dropped = self.on_device.discard_older_versions(key) + self.offloaded.discard_older_versions(key)

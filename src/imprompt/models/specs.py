@@ -154,6 +154,12 @@ class PipelineSpec:
     text_encoders: tuple[str, ...] = ()
     # layers of its (first) CLIP text encoder, how far back clip skip can reach; 0: not known
     text_encoder_layers: int = 0
+    # a transformer alone (ComfyUI's `diffusion_models/`): the parts it needs from other files ("vae", "clip_l",
+    # "clip_g", "t5xxl"), and the text-encoder widths its tensors expect ((role, width), ...), which pair them
+    parts: tuple[str, ...] = ()
+    text_encoder_widths: tuple[tuple[str, int], ...] = ()
+    # how its denoiser's weights are stored: "" (fp16 / bf16 / fp32), fp8_e4m3fn, fp8_e5m2, scaled_fp8, gguf_Q8_0, ...
+    quantization: str = ""
     kind: str = "pipeline"
 
     @property
@@ -211,6 +217,26 @@ class LoraSpec:
     @property
     def family(self) -> str:
         return catalog.unet_family(self.width) if self.width else "unknown family"
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "family": self.family}
+
+
+@dataclass(frozen=True)
+class TextEncoderSpec:
+    """A text encoder alone (ComfyUI's `text_encoders/` / `clip/`: clip_l, clip_g, t5xxl), as its tensors say."""
+
+    path: str
+    role: str  # clip | t5xxl
+    width: int  # hidden size (CLIP) or d_model (T5)
+    layers: int
+    projection: int | None = None  # CLIP: the width of its text_projection, if it has one
+    quantization: str = ""  # "" | fp8_e4m3fn | fp8_e5m2 | scaled_fp8 | gguf_<type>
+    kind: str = "text-encoder"
+
+    @property
+    def family(self) -> str:
+        return f"T5 ({self.width} wide)" if self.role == "t5xxl" else f"CLIP text ({self.width} wide)"
 
     def to_dict(self) -> dict:
         return {**asdict(self), "family": self.family}
@@ -330,9 +356,9 @@ class ControlNetSpec:
 EMBEDDINGS_FORMAT = "imprompt.ip-embeddings.v1"
 
 Spec = (AdapterSpec | EncoderSpec | PipelineSpec | EmbeddingsSpec | LoraSpec | VaeSpec | TextualInversionSpec
-        | ControlNetSpec | OtherModelSpec)
+        | ControlNetSpec | TextEncoderSpec | OtherModelSpec)
 SPEC_CLASSES = (AdapterSpec, EncoderSpec, PipelineSpec, EmbeddingsSpec, LoraSpec, VaeSpec, TextualInversionSpec,
-                ControlNetSpec)  # fmt: skip
+                ControlNetSpec, TextEncoderSpec)  # fmt: skip
 
 
 def spec_to_json(spec: Spec) -> dict:
@@ -346,7 +372,12 @@ def spec_from_json(data: dict) -> Spec:
     data = dict(data)
     cls = classes[data.pop("class")]
     tuples = {f.name for f in fields(cls) if str(f.type).startswith("tuple")}
-    return cls(**{k: tuple(v) if k in tuples else v for k, v in data.items()})
+    return cls(**{k: _tuples(v) if k in tuples else v for k, v in data.items()})
+
+
+def _tuples(value):
+    """JSON's lists back as the (possibly nested) tuples they were."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
 def unet_layer_order(name: str):

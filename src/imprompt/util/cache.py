@@ -83,8 +83,9 @@ class ByteLRU:
 
     def discard_older_versions(self, key: tuple) -> list[Evicted]:
         """Drop items loaded from the same file (`key[0]`, its path) under another fingerprint: they can never be
-        served again (their keys differ) but should not hold the budget."""
-        return self.discard_where(lambda k: k[0] == key[0] and k != key)
+        served again (their keys differ) but should not hold the budget. Keys are `Entry.key`s: (path,
+        fingerprint, how it was loaded...); the same file loaded another way (other parts, another dtype) stays."""
+        return self.discard_where(lambda k: k[0] == key[0] and k[1] != key[1])
 
     def values(self) -> list:
         """The cached values, least recently used first."""
