@@ -98,7 +98,7 @@ class EngineState:
         """The request's pipeline: resident already (no reload), or loaded. A load happens in CPU memory first and
         joins the device only once it succeeded, so a failed load leaves every resident pipeline as it was.
         `parts`: the VAE and text encoders a transformer-alone model runs with (other parts: another pipeline)."""
-        key = entry.key(self.dtype, self.device) + parts.key()
+        key = self.pipeline_key(entry, parts)
         current = self.pipelines.current.key if self.pipelines.current else None  # the key: a reference would
         loaded = self.pipelines.get(key, events)  # keep a pushed-out pipeline on the device while another moves in
         if loaded is None:
@@ -117,6 +117,10 @@ class EngineState:
             loaded.loras.enabled = None
             self.pipelines.current = loaded
         return loaded
+
+    def pipeline_key(self, entry: Entry, parts: ModelParts = NO_PARTS) -> tuple:
+        """What identifies a loaded pipeline: its file's version, how it was loaded, and a transformer alone's parts."""
+        return entry.key(self.dtype, self.device) + parts.key()
 
     def _load(self, entry: Entry, key: tuple, events: list, parts: ModelParts = NO_PARTS) -> LoadedPipeline:
         started = time.perf_counter()
