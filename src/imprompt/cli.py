@@ -87,7 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "as one batch (cheaper, another picture); default: each at its own length, as A1111")  # fmt: skip
     g.add_argument("--sdxl-clip-l-skip", action="store_true", default=None,
                    help="A1111's setting: --clip-skip acts on SDXL's CLIP-L (default: SDXL ignores clip skip)")
-    g.add_argument("--vae", help="a VAE file from the models folders instead of the model's own")
+    g.add_argument("--vae", help="a VAE file from the models folders instead of the model's own (a FLUX / SD 3.5 "
+                                 "transformer alone: its VAE; default: the one found in the models folders)")
+    g.add_argument("--text-encoder", action="append", default=[], metavar="NAME", dest="text_encoders",
+                   help="a FLUX / SD 3.5 transformer alone (ComfyUI's diffusion_models/): one of its text encoder "
+                        "files (clip_l, clip_g, t5xxl; repeat the option); those not given are found in the models "
+                        "folders, and info.model_parts says which and why")  # fmt: skip
     g.add_argument("--ip", action="append", default=[], metavar="UNIT", help=IP_HELP)
     g.add_argument("--ip-json", action="append", default=[], metavar="JSON", help=IP_JSON_HELP)
     g.add_argument("--control", action="append", default=[], metavar="UNIT", help=CONTROL_HELP)
@@ -337,6 +342,7 @@ def _generate(args) -> int:
             "pad_cond_uncond": args.pad_cond_uncond,
             "sdxl_clip_l_skip": args.sdxl_clip_l_skip,
             "vae": args.vae,
+            "text_encoders": args.text_encoders or None,
         }.items()
         if value is not None
     }

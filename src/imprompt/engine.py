@@ -25,7 +25,8 @@ from .conditioning import Preparation
 from .conditioning.image_prompts import embed_unit, save_unit_embeddings
 from .ipadapter.embeddings import UnitEmbeddings
 from .models.store import Entry
-from .plan import Plan, check_limits, make_plan
+from .models.parts import NO_PARTS, ModelParts
+from .plan import Plan, check_limits, make_plan, plan_parts
 from .request import GenerateRequest, IPAdapterUnit, parse_request
 from .result import Result, Timer, make_result
 from .state import EngineState, Limits
@@ -127,12 +128,16 @@ class Engine:
 
     # ---------------------------------------------------------------------------------- what stays between them
 
-    def preload(self, model: str) -> list[dict]:
+    def preload(self, model: str, parts: ModelParts = NO_PARTS) -> list[dict]:
         """Load a model before any request needs it (the server does this as it starts, so that the first request
-        does not wait for the load). Returns the load's events; a failed load raises as a request would."""
+        does not wait for the load). `parts`: a transformer alone's VAE and text encoders (default: as a request
+        naming none would find them). Returns the load's events; a failed load raises as a request would."""
         events: list[dict] = []
+        entry = self.store.pipeline(model)
+        if entry.spec.parts and not parts.files:
+            parts = plan_parts(parse_request({"model": model}), entry, self.store)
         with self.state.lock:
-            self.state.pipeline(self.store.pipeline(model), events)
+            self.state.pipeline(entry, events, parts)
         return events
 
     def preload_encoder(self, entry: Entry) -> list[dict]:
@@ -173,7 +178,7 @@ def generate(state: EngineState, request: GenerateRequest, on_step, made_elsewhe
     plan = make_plan(request, state)
     timer.mark("plan")
 
-    loaded = state.pipeline(plan.pipeline, events)
+    loaded = state.pipeline(plan.pipeline, events, plan.parts)
     timer.mark("load")
 
     preparation = Preparation(state, loaded, events, made_elsewhere)
@@ -195,6 +200,8 @@ def generate(state: EngineState, request: GenerateRequest, on_step, made_elsewhe
 
     device = {"device": str(state.device), "dtype": str(state.dtype).removeprefix("torch."),
               "encoder_dtype": str(state.encoder_dtype).removeprefix("torch.")}  # fmt: skip
+    if plan.parts.files:  # a transformer alone: which VAE and text encoders it ran with, and why those
+        device["model_parts"] = plan.parts.describe()
     return make_result(images, call, request, [c.describe(call) for c in plan.conditionings], model=loaded.name,
                        model_hash=loaded.model_hash, engine=device, events=events, timer=timer,
                        interrupted=state.interrupt.is_set())  # fmt: skip

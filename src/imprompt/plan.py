@@ -16,8 +16,9 @@ from .conditioning import controlnet, image_prompts, init_image, loras, prompt, 
 from .conditioning.image_prompts import ImagePrompts
 from .conditioning.ip_adapter import fits, pick_encoder
 from .conditioning.prompt import A1111Prompt
-from .errors import ImpromptError, UnknownModelError, UnsupportedError
+from .errors import ImpromptError, RequestError, UnknownModelError, UnsupportedError
 from .models import catalog
+from .models import parts as model_parts
 from .models.single_file import require_t5_tokenizer
 from .models.store import Entry, ModelStore
 from .request import GenerateRequest
@@ -29,6 +30,7 @@ TRANSFORMER_SAMPLERS = ("Default", "Euler")  # SD 3.5 and FLUX run their own flo
 @dataclass(frozen=True)
 class Plan:
     pipeline: Entry  # the model
+    parts: model_parts.ModelParts  # a transformer alone: the VAE and text encoders it runs with
     conditionings: tuple  # in the order they apply (see `conditioning/__init__.py`)
     sampler: str
     width: int
@@ -48,7 +50,8 @@ def make_plan(request: GenerateRequest, state) -> Plan:
     control_images = controlnet.decode(request, state)
     model = state.store.pipeline(request.model or state.default_model or _only_pipeline(state.store))
     check_runnable(model)
-    if model.spec.architecture != "unet":
+    parts = plan_parts(request, model, state.store)
+    if model.spec.architecture != "unet" and not model.spec.parts:
         require_t5_tokenizer(model.spec)  # a single file that holds T5 needs its tokenizer from elsewhere
     width, height = size(request, model, start)
     images = image_prompts.plan(request, model, state, inputs, width, height)
@@ -60,7 +63,19 @@ def make_plan(request: GenerateRequest, state) -> Plan:
     controls = controlnet.plan(request, model, state, control_images, width, height)
     if model.spec.architecture != "unet":
         sampler = transformer_sampler(sampler, model)
-    return Plan(model, (start_image, images, lora_set, decoder, text, controls), sampler, width, height)
+    return Plan(model, parts, (start_image, images, lora_set, decoder, text, controls), sampler, width, height)
+
+
+def plan_parts(request: GenerateRequest, model: Entry, store: ModelStore) -> model_parts.ModelParts:
+    """A transformer alone (ComfyUI's split layout) runs with a VAE and text encoders from other files: named in the
+    request or found in the models folders (`models/parts.py`). Other models hold their own."""
+    if model.spec.parts:
+        return model_parts.choose_parts(model, store, request.vae, list(request.text_encoders))
+    if request.text_encoders:
+        raise RequestError(f"text_encoders: model {model.name} holds its own text encoders (a diffusers folder or an "
+                           f"all-in-one file); only a transformer alone (ComfyUI's diffusion_models/) takes them from "
+                           f"other files. Remove text_encoders")  # fmt: skip
+    return model_parts.NO_PARTS
 
 
 def check_limits(request: GenerateRequest, limits) -> None:

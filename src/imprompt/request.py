@@ -210,7 +210,13 @@ class GenerateRequest(BaseModel):
         False, description="A1111's setting: clip_skip acts on SDXL's CLIP-L (off: SDXL ignores clip_skip, as A1111); "
                            "no effect on other models"
     )
-    vae: Name | None = Field(None, description="a VAE file from the models folders; None: the model's own")
+    vae: Name | None = Field(None, description="a VAE file from the models folders; None: the model's own (a "
+                                                "transformer alone: the one found in the models folders)")
+    text_encoders: list[Name] = Field(
+        default_factory=list, max_length=4, description="a transformer alone (ComfyUI's split FLUX / SD 3.5 files): "
+                                                        "its text encoder files (clip_l, clip_g, t5xxl); those not "
+                                                        "given are found in the models folders"
+    )  # fmt: skip
     init_images: list[Any] | None = Field(
         None, max_length=MAX_IMAGES, description="img2img: the image to start from (the first is used)"
     )

@@ -115,6 +115,6 @@ def make_result(images: list, call, request, descriptions: list, *, model: str, 
 
 # the order `info` has always had its fields in (the kinds' among them)
 INFO_ORDER = ("model", "mode", "prompt", "negative_prompt", "seed", "all_seeds", "steps", "cfg_scale", "width",
-              "height", "batch_size", "sampler", "schedule_type", "model_hash", "denoising_strength", "device", "dtype",
+              "height", "batch_size", "sampler", "schedule_type", "model_hash", "model_parts", "denoising_strength", "device", "dtype",
               "encoder_dtype", "ip_adapters", "controlnets", "loras", "textual_inversions", "clip_skip", "vae", "vae_tiling",
               "warnings", "events", "timings", "interrupted", "version")  # fmt: skip

@@ -62,7 +62,11 @@ class ClusterJobs:
             plan = await run_in_threadpool(self.engine.plan, request)  # refused here, before any worker computes
             if request.seed < 0:  # fix the seed now, so the n_iter batches continue from it
                 request = request.model_copy(update={"seed": secrets.randbelow(2**32 - 64)})
-            request = request.model_copy(update={"model": plan.pipeline.name})  # every worker reads the same model
+            # every worker reads the same model, and a transformer alone with the same parts
+            parts = {"vae": plan.parts.files["vae"].name} if "vae" in plan.parts.files else {}
+            if plan.parts.files:
+                parts["text_encoders"] = [e.name for role, e in sorted(plan.parts.files.items()) if role != "vae"]
+            request = request.model_copy(update={"model": plan.pipeline.name, **parts})
             wanted = route(plan)
             held = await self.board.submit.remote(job["id"], [wanted.pipeline, *wanted.encoders.values()])
             payload = request.model_dump()

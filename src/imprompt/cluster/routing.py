@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
+from ..models.parts import NO_PARTS, ModelParts
 from ..models.store import Entry
 from ..conditioning.ip_adapter import UnitPlan
 from ..plan import Plan
@@ -23,9 +24,10 @@ class Route:
     encoders: dict[int, str]  # unit index -> encoder id, for the units an encoder worker encodes
 
 
-def model_id(entry: Entry) -> str:
-    """`name@digest`: readable in Ray's logs and state, and a new id whenever the file changes."""
-    digest = hashlib.sha1(repr(entry.key()).encode()).hexdigest()[:12]
+def model_id(entry: Entry, parts: ModelParts = NO_PARTS) -> str:
+    """`name@digest`: readable in Ray's logs and state, and a new id whenever the file changes (or, for a
+    transformer alone, whenever it runs with other parts: another VAE or text encoder is another pipeline)."""
+    digest = hashlib.sha1(repr(entry.key() + parts.key()).encode()).hexdigest()[:12]
     return f"{entry.name}@{digest}"
 
 
@@ -42,4 +44,4 @@ def encoded_by_encoder_worker(unit: UnitPlan) -> bool:
 
 def route(plan: Plan) -> Route:
     encoders = {u.index: model_id(u.encoder) for u in plan.units if encoded_by_encoder_worker(u)}
-    return Route(model_id(plan.pipeline), encoders)
+    return Route(model_id(plan.pipeline, plan.parts), encoders)

@@ -24,6 +24,8 @@ from ray import serve
 from ..engine import Engine
 from ..errors import ImpromptError, RequestError
 from ..conditioning.image_prompts import plan_unit
+from ..models.parts import NO_PARTS, ModelParts
+from ..plan import plan_parts
 from ..request import parse_request
 from .board import BOARD_NAME, NAMESPACE
 from .loopback import keep_replica_on_loopback
@@ -82,10 +84,10 @@ class Worker:
 
     async def load(self, wanted: str) -> Held:
         """Ray Serve's multiplexed loader (see `multiplexed`): runs once per id and replica, until Ray lets it go."""
-        entry = self._wanted[wanted]
+        entry, parts = self._wanted[wanted]
         if self.kind == "generator":
-            events = await asyncio.to_thread(self.engine.preload, entry.name)
-            key = entry.key(self.engine.dtype, self.engine.device)
+            events = await asyncio.to_thread(self.engine.preload, entry.name, parts)
+            key = self.engine.state.pipeline_key(entry, parts)
         else:
             events = await asyncio.to_thread(self.engine.preload_encoder, entry)
             key = entry.key(self.engine.state.embedder.dtype, self.engine.state.embedder.device)
@@ -93,16 +95,16 @@ class Worker:
         self.report([{**e, "id": wanted} for e in events])
         return Held(self, wanted, "pipeline" if self.kind == "generator" else "encoder", key)
 
-    def check(self, entry) -> str:
+    def check(self, entry, parts: ModelParts = NO_PARTS) -> str:
         """The id this request was routed for, if this replica's own plan agrees."""
         wanted = serve.get_multiplexed_model_id()
-        if model_id(entry) != wanted:
+        if model_id(entry, parts) != wanted:
             raise WorkerMismatchError(
-                f"worker {self.replica} was sent for {wanted} but its own plan needs {model_id(entry)}: either the "
+                f"worker {self.replica} was sent for {wanted} but its own plan needs {model_id(entry, parts)}: either the "
                 f"file changed between the ingress's plan and this worker's (send the request again), or the models "
                 f"folders differ between nodes (give every node the same folder, at the same path)"
             )
-        self._wanted[wanted] = entry
+        self._wanted[wanted] = (entry, parts)
         return wanted
 
     def report(self, events: list[dict], job: str | None = None) -> None:
@@ -144,13 +146,18 @@ class GeneratorWorker(Worker):
         the units' embeddings made by encoder workers; steps reported to the board, which answers interrupts."""
         parsed = parse_request(request)
         async with self.turn:  # a job waiting here is not running yet: the board learns when it starts
-            await self.hold(self.check(self.engine.store.pipeline(parsed.model)))
+            await self.hold(self.check(*self.model(parsed)))
             return await asyncio.to_thread(self._run, parsed, iterations, embeddings, job)
 
     async def warm(self, request: dict, index: int = 0) -> None:
         """Load the request's model (the ingress's first call for an id no replica holds)."""
         async with self.turn:
-            await self.hold(self.check(self.engine.store.pipeline(parse_request(request).model)))
+            await self.hold(self.check(*self.model(parse_request(request))))
+
+    def model(self, request) -> tuple:
+        """The request's model and, for a transformer alone, its parts (the ingress named them in the request)."""
+        entry = self.engine.store.pipeline(request.model)
+        return entry, plan_parts(request, entry, self.engine.store)
 
     def _run(self, request, iterations: int, embeddings: dict, job: str) -> list:
         if ray.get(self.board.started.remote(job, self.replica, iterations)):

@@ -20,7 +20,7 @@ log = logging.getLogger("imprompt")
 
 
 def plan(request: GenerateRequest, model: Entry, store: ModelStore) -> Vae:
-    if not request.vae:
+    if not request.vae or model.spec.parts:  # a transformer alone: its VAE is one of its parts (`plan_parts`)
         return Vae(None)
     if model.spec.architecture != "unet":
         raise UnsupportedError(f"vae: another VAE than the model's own is not supported yet for {model.spec.family} "

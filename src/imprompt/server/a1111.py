@@ -161,11 +161,11 @@ WHY_OFF = {"restore_faces": "face restoration", "tiling": "tiling", "enable_hr":
 # sampler options A1111 applies and imprompt does not: carried on, with a warning, as A1111 does for what it lacks
 WARN_UNLESS = {"s_churn": (0, None), "s_noise": (1, None), "s_min_uncond": (0, None)}
 SETTINGS_READ = {"sd_model_checkpoint", "sd_vae", "CLIP_stop_at_last_layers", "control_net_no_detectmap",
-                 "pad_cond_uncond", "sdxl_clip_l_skip"}  # fmt: skip
+                 "pad_cond_uncond", "sdxl_clip_l_skip", "forge_additional_modules"}  # fmt: skip
 PROMPT_SETTINGS = ("pad_cond_uncond", "sdxl_clip_l_skip")  # A1111's settings of how prompts are read: request fields
 # what POST /sdapi/v1/options can set, beside sd_model_checkpoint, and its value before any client sets it
 OPTION_DEFAULTS = {"sd_vae": "Automatic", "CLIP_stop_at_last_layers": 1, "control_net_no_detectmap": False,
-                   "pad_cond_uncond": False, "sdxl_clip_l_skip": False}  # fmt: skip
+                   "pad_cond_uncond": False, "sdxl_clip_l_skip": False, "forge_additional_modules": []}  # fmt: skip
 # settings that change pictures, at the values imprompt computes (A1111's defaults): any other is refused
 SETTINGS_OFF = {"eta_noise_seed_delta": (None, 0), "use_old_scheduling": (None, False),
                 "pad_cond_uncond_v0": (None, False)}  # fmt: skip
@@ -282,6 +282,8 @@ def from_sdnext_payload(payload: dict, img2img: bool | None = None, store: Model
                             f"as SD.Next does; set cfg_scale to the guidance you want")  # fmt: skip
     if chosen.get("sd_vae") not in OWN_VAE:
         fields["vae"] = chosen["sd_vae"]
+    if chosen.get("forge_additional_modules") and store is not None:
+        fields.update(forge_modules(chosen["forge_additional_modules"], store))
     clip_skip = next((v for v in (overrides.get("CLIP_stop_at_last_layers"), payload.get("clip_skip"),
                                   chosen.get("CLIP_stop_at_last_layers")) if v is not None), None)  # fmt: skip
     if clip_skip is not None:
@@ -368,6 +370,27 @@ def to_request(payload: Txt2ImgPayload, model: str | None, store: ModelStore, se
     return from_sdnext_payload(data, img2img=isinstance(payload, Img2ImgPayload), store=store, settings=settings)
 
 
+def forge_modules(modules, store: ModelStore) -> dict:
+    """Forge's `forge_additional_modules` (the VAE and text-encoder files a FLUX / SD 3.5 transformer alone runs
+    with, as paths on the Forge machine or file names) as imprompt's `vae` and `text_encoders`: each file is looked up
+    by its name in the models folders; a VAE file is the VAE, the others text encoders."""
+    if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
+        raise RequestError(f"forge_additional_modules: expected a list of file names, got {shown(modules)}; GET "
+                           f"/sdapi/v1/sd-modules lists them")  # fmt: skip
+    vaes = {e.name.lower() for e in store.of_kind("vae")}
+    fields: dict[str, Any] = {"text_encoders": []}
+    for module in modules:
+        name = module.replace("\\", "/").rsplit("/", 1)[-1]
+        stem = name.rsplit(".", 1)[0] if name.lower().endswith((".safetensors", ".gguf", ".pt", ".bin")) else name
+        if stem.lower() in vaes:
+            if "vae" in fields:
+                raise RequestError(f"forge_additional_modules: two VAEs ({fields['vae']}, {stem}); give one")
+            fields["vae"] = stem
+        else:
+            fields["text_encoders"].append(stem)
+    return fields
+
+
 def apply_options(current: dict, given: dict, store: ModelStore) -> tuple[dict, dict]:
     """POST /sdapi/v1/options: the server's options after `given`, and the answer (SD.Next's `updated`, plus
     `warnings`). The options that change pictures are checked (an unknown model or VAE, a clip skip out of range, a
@@ -388,6 +411,8 @@ def apply_options(current: dict, given: dict, store: ModelStore) -> tuple[dict, 
             except RequestError as exc:
                 raise RequestError(f"CLIP_stop_at_last_layers: {value!r} is not a clip skip imprompt takes "
                                    f"({str(exc).removeprefix('invalid request: ')})") from None  # fmt: skip
+        elif name == "forge_additional_modules":
+            forge_modules(value, store)  # a malformed list is refused here; names are checked with the model
         elif name in ("control_net_no_detectmap", *PROMPT_SETTINGS):
             if not isinstance(value, bool):
                 raise RequestError(f"{name}: expected true or false, got {shown(value)}")

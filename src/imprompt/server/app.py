@@ -205,6 +205,13 @@ def create_app(engine: Engine, settings: ServerSettings | None = None, jobs=None
         return [{"model_name": e.path.name, "filename": str(e.path)} for e in _read(engine.store, "vae")
                 if e.spec.latent_channels == 4]  # fmt: skip
 
+    @app.get("/sdapi/v1/sd-modules")
+    def sd_modules() -> list[dict]:
+        """Forge's shape: the VAE and text-encoder files a transformer alone (ComfyUI's split FLUX / SD 3.5) can run
+        with, which `forge_additional_modules` names."""
+        files = [*_read(engine.store, "vae"), *_read(engine.store, "text-encoder")]
+        return [{"model_name": e.path.name, "filename": str(e.path)} for e in files]
+
     @app.get("/sdapi/v1/embeddings")
     def embeddings() -> dict:
         """A1111's shape: textual-inversion embeddings that fit the current model "loaded", the others "skipped"."""

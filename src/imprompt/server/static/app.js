@@ -48,6 +48,42 @@ async function loadModules() {
   modules = ["none", ...names.filter((name) => name !== "none")];
 }
 
+// A transformer alone (ComfyUI's split FLUX / SD 3.5): one choice per part it needs, "Automatic" (the file the
+// server finds in the models folders) first; the choices travel as Forge's `forge_additional_modules`.
+const PART_LABELS = { vae: "VAE", clip_l: "CLIP-L", clip_g: "CLIP-G", t5xxl: "T5" };
+
+function partCandidates(role) {
+  const other = listing.other || {};
+  if (role === "vae") return (other.vae || []).filter((v) => v.latent_channels === 16);
+  const wanted = role === "t5xxl" ? "t5xxl" : "clip";
+  return (other["text-encoder"] || []).filter((t) => t.role === wanted);
+}
+
+function showParts(model) {
+  const box = $("model-parts");
+  box.innerHTML = "";
+  const parts = (model && model.parts) || [];
+  box.hidden = parts.length === 0;
+  for (const role of parts) {
+    const label = document.createElement("label");
+    label.textContent = `${PART_LABELS[role] || role} `;
+    const select = document.createElement("select");
+    select.className = "model-part";
+    select.dataset.role = role;
+    select.add(new Option("Automatic", ""));
+    for (const file of partCandidates(role)) {
+      const name = file.path.split(/[\\/]/).pop();
+      select.add(new Option(file.quantization ? `${name} (${file.quantization})` : name, name));
+    }
+    label.append(select);
+    box.append(label);
+  }
+}
+
+function chosenParts() {
+  return [...document.querySelectorAll(".model-part")].map((s) => s.value).filter(Boolean);
+}
+
 function currentModel() {
   return listing.models.find((m) => m.name === $("model").value);
 }
@@ -57,6 +93,7 @@ function showFamily() {
   const layers = model && model.architecture !== "unet" ? "blocks that take image prompts" : "cross-attention layers";
   $("model-family").textContent = model ? `${model.family}, ${model.cross_attention_layers} ${layers}` : "";
   $("true-cfg-field").hidden = !(model && model.architecture === "flux");
+  showParts(model);
   if (model) { $("width").value = model.default_size; $("height").value = model.default_size; applyDefaults(model); }
 }
 
@@ -285,7 +322,8 @@ async function generate() {
     height: Number($("height").value),
     cfg_scale: Number($("cfg").value),
     ...(currentModel()?.architecture === "flux" ? { true_cfg_scale: Number($("true-cfg").value) } : {}),
-    override_settings: { sd_model_checkpoint: $("model").value },
+    override_settings: { sd_model_checkpoint: $("model").value,
+                         ...(chosenParts().length ? { forge_additional_modules: chosenParts() } : {}) },
     ip_adapter: units,
     controlnets,  // imprompt's own form; their control maps come back in `control_images`
   };
@@ -333,7 +371,8 @@ function showResult(result) {
     const controls = (info.controlnets || []).map((c, n) => `ControlNet ${n + 1}: ${c.model} ← ${c.module} `
       + `(weight ${c.weight}, window ${c.start}-${c.end}, ${c.control_mode})`).join("\n");
     const loras = info.loras.length ? `\nLoRAs: ${info.loras.map((l) => `${l.name} (${l.weight})`).join(", ")}` : "";
-    caption.textContent = `${info.infotexts[i]}\n${units}${controls ? `\n${controls}` : ""}${loras}`
+    const parts = Object.entries(info.model_parts || {}).map(([role, p]) => `\n${PART_LABELS[role] || role}: ${p.name} (${p.why})`).join("");
+    caption.textContent = `${info.infotexts[i]}\n${units}${controls ? `\n${controls}` : ""}${loras}${parts}`
       + schedule(info.prompt_schedule);
     figure.append(img, caption);
     // ControlNet units: the control map each one used (the preprocessor's result, or the image given with none)
