@@ -144,6 +144,11 @@ class UnknownControlNetError(UnknownModelError):
     """A ControlNet named by a request is not in the models folders."""
 
 
+class MissingPartError(UnknownModelError):
+    """A transformer alone (ComfyUI's split layout) lacks a part it runs with (its VAE, a text encoder): none named
+    in the request, and none in the models folders fits."""
+
+
 class IncompatibleError(ImpromptError):
     """Two things that must fit together do not (adapter vs UNet, adapter vs encoder)."""
 

@@ -1,7 +1,8 @@
-"""Checkpoint files read safely: tensor tables and tensors, safetensors or weights-only pickles.
+"""Checkpoint files read safely: tensor tables and tensors, safetensors, GGUF or weights-only pickles.
 
-safetensors go through the safetensors library, pickles only through `torch.load(weights_only=True)`, and every
-failure is a `CheckpointError` that names the file. Two levels: the *tensor table* (names, dtypes, shapes,
+safetensors go through the safetensors library, GGUF files (city96's quantized FLUX / SD 3.5 transformers) through
+the `gguf` package, pickles only through `torch.load(weights_only=True)`, and every failure is a `CheckpointError`
+that names the file. Two levels: the *tensor table* (names, dtypes, shapes,
 metadata; no tensor data is read, so probing a 3 GB encoder costs a millisecond) and the *tensors* themselves,
 converted one by one to the compute dtype as they are read, so loading an fp16 file for bf16 compute never holds
 a full-precision copy of the whole file.
@@ -17,7 +18,8 @@ from pathlib import Path
 
 from ..errors import CheckpointError, UnsafeCheckpointError
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt", ".pth", ".ckpt")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 REDOWNLOAD = "Download the file again, or remove it from the models folder"
 
 
@@ -157,10 +159,78 @@ def read_tensor_table(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]
     path = Path(path)
     if path.suffix == ".safetensors":
         return read_safetensors_header(path)
-    if path.suffix in WEIGHT_SUFFIXES:
+    if path.suffix == ".gguf":
+        return read_gguf_table(path)
+    if path.suffix in PICKLE_SUFFIXES:
         flat = flatten_state_dict(load_pickle(path, mmap=True))
         return {k: TensorInfo(str(t.dtype).removeprefix("torch."), tuple(t.shape)) for k, t in flat.items()}, {}
     raise CheckpointError(path, f"unknown checkpoint extension {path.suffix!r}, expected one of {WEIGHT_SUFFIXES}")
+
+
+# GGUF metadata a table keeps (the rest, e.g. a language model's vocabulary, is not about tensors' storage)
+GGUF_METADATA = ("general.architecture", "general.file_type", "general.quantization_version")
+# city96's files keep a tensor's shape here when they stored it reshaped (GGUF holds at most 4 dimensions)
+GGUF_ORIGINAL_SHAPE = "comfy.gguf.orig_shape."
+
+
+def read_gguf_table(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """The tensor table of a GGUF file: dtype is the GGML type's name ("Q8_0", "Q4_K", "F16", ...), shape the
+    tensor's logical (dequantized) shape in torch's order (GGUF lists dimensions innermost first); metadata the
+    architecture and file type, as strings. The file is memory-mapped; no tensor data is read."""
+    import gguf
+
+    file_size(path)
+    try:
+        reader = gguf.GGUFReader(path, "r")
+    except (ValueError, OSError, IndexError, KeyError, TypeError) as exc:  # bad magic, truncated header, ...
+        raise CheckpointError(path, f"not a valid GGUF file ({first_line(exc)})", REDOWNLOAD) from None
+    metadata, shapes = {}, {}
+    for name, field in reader.fields.items():
+        if name in GGUF_METADATA:
+            metadata[name] = str(field.contents())
+        elif name.startswith(GGUF_ORIGINAL_SHAPE):
+            shapes[name.removeprefix(GGUF_ORIGINAL_SHAPE)] = tuple(int(d) for d in field.contents())
+    table = {}
+    for tensor in reader.tensors:
+        shape = shapes.get(tensor.name) or tuple(int(d) for d in reversed(tensor.shape.tolist()))
+        table[tensor.name] = TensorInfo(tensor.tensor_type.name, shape)
+    return table, metadata
+
+
+# storage types that hold weights as they are computed with; any other is a quantization
+PLAIN_DTYPES = ("F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL", "float32", "float16", "bfloat16")
+FP8_DTYPES = {"F8_E4M3": "fp8_e4m3fn", "F8_E5M2": "fp8_e5m2", "float8_e4m3fn": "fp8_e4m3fn", "float8_e5m2": "fp8_e5m2"}
+
+
+def quantization(path: Path, table: dict[str, TensorInfo], metadata: dict[str, str]) -> str:
+    """How a file's weights are stored: "" (fp32 / fp16 / bf16), "fp8_e4m3fn" / "fp8_e5m2", "scaled_fp8"
+    (ComfyUI's: fp8 weights with a `<layer>.scale_weight` each, marked by a `scaled_fp8` tensor), or for GGUF
+    "gguf_<type>": the file type its header declares ("gguf_Q8_0", "gguf_Q4_K_S"), else its commonest quantized
+    tensor type (its commonest type when none is quantized: "gguf_F16")."""
+    if Path(path).suffix == ".gguf":
+        declared = _gguf_file_type(metadata.get("general.file_type"))
+        if declared:
+            return f"gguf_{declared}"
+        counts: dict[str, int] = {}
+        for info in table.values():
+            counts[info.dtype] = counts.get(info.dtype, 0) + 1
+        quantized = {t: n for t, n in counts.items() if t not in PLAIN_DTYPES} or counts
+        return f"gguf_{max(sorted(quantized), key=quantized.get)}" if quantized else ""
+    if "scaled_fp8" in table or any(k.endswith(".scale_weight") for k in table):
+        return "scaled_fp8"
+    found = [FP8_DTYPES[info.dtype] for info in table.values() if info.dtype in FP8_DTYPES]
+    return max(sorted(set(found)), key=found.count) if found else ""
+
+
+def _gguf_file_type(value: str | None) -> str:
+    """llama.cpp's file-type number as its type's name ("7" -> "Q8_0", "1" -> "F16"); "" if absent or unknown."""
+    import gguf
+
+    try:
+        name = gguf.LlamaFileType(int(value)).name
+    except (TypeError, ValueError):
+        return ""
+    return name.removeprefix("MOSTLY_").removeprefix("ALL_")
 
 
 def read_tensors_under(path: Path, prefix: str) -> dict:
@@ -176,6 +246,8 @@ def read_tensors(path: Path, dtype=None) -> dict:
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
+    if path.suffix == ".gguf":
+        return read_gguf_tensors(path, dtype)
     tensors = {}
     if path.suffix == ".safetensors":
         read_safetensors_header(path)  # a damaged header is a CheckpointError before any tensor is read
@@ -189,6 +261,23 @@ def read_tensors(path: Path, dtype=None) -> dict:
                 tensors[key] = _converted(tensor, dtype)
     except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
         raise CheckpointError(path, f"cannot read tensors ({first_line(exc)})", "Download the file again") from None
+    return tensors
+
+
+def read_gguf_tensors(path: Path, dtype=None) -> dict:
+    """All tensors of a GGUF file, dequantized (`gguf.quants.dequantize`) to float32, then to `dtype`, in their
+    logical shapes: what the quantized weights stand for (a reference; loading keeps them quantized)."""
+    import gguf
+    import torch
+
+    table, _ = read_gguf_table(path)
+    tensors = {}
+    try:
+        for tensor in gguf.GGUFReader(path, "r").tensors:
+            values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+            tensors[tensor.name] = _converted(torch.from_numpy(values.copy()).reshape(table[tensor.name].shape), dtype)
+    except (ValueError, NotImplementedError, RuntimeError, OSError) as exc:
+        raise CheckpointError(path, f"cannot read GGUF tensors ({first_line(exc)})", REDOWNLOAD) from None
     return tensors
 
 

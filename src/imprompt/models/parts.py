@@ -10,6 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..errors import IncompatibleError, MissingPartError, RequestError
+from . import catalog
+from .store import Entry, ModelStore
+
 
 @dataclass(frozen=True)
 class ModelParts:
@@ -30,3 +34,203 @@ class ModelParts:
 
 
 NO_PARTS = ModelParts()
+
+
+# role -> what it is, in words; where ComfyUI keeps it; the request field that names it
+ROLE_WORDS = {"vae": "VAE", "clip_l": "CLIP-L text encoder", "clip_g": "CLIP-G text encoder", "t5xxl": "T5 text encoder"}
+ROLE_FOLDERS = {"vae": "vae", "clip_l": "text_encoders", "clip_g": "text_encoders", "t5xxl": "text_encoders"}
+# ComfyUI's usual file names, best first: a tie-break only among files whose tensors fit equally well
+USUAL_NAMES = {
+    "t5xxl": (lambda s: s == "t5xxl_fp16", lambda s: s.startswith("t5xxl_fp8_e4m3fn"), lambda s: "t5xxl" in s),
+    "clip_l": (lambda s: s == "clip_l", lambda s: "clip_l" in s),
+    "clip_g": (lambda s: s == "clip_g", lambda s: "clip_g" in s),
+    ("vae", "flux"): (lambda s: s == "ae", lambda s: "flux" in s),
+    ("vae", "sd3"): (lambda s: "sd3" in s or "sd35" in s,),
+}  # fmt: skip
+USUAL_FILES = {"t5xxl": "t5xxl_fp16.safetensors", "clip_l": "clip_l.safetensors", "clip_g": "clip_g.safetensors",
+               ("vae", "flux"): "ae.safetensors", ("vae", "sd3"): "sd3.5_vae.safetensors"}  # fmt: skip
+
+
+def choose_parts(model: Entry, store: ModelStore, vae: str | None, text_encoders: list[str]) -> ModelParts:
+    """The VAE and text encoders a transformer alone runs with: those the request names (`vae`, `text_encoders`:
+    each given the role its tensors say), the rest from the models folders (the file of that role whose widths
+    fit the transformer's; ComfyUI's usual names break ties tensors cannot). NO_PARTS for a model that holds its
+    own. Refused before anything loads: a part of the wrong kind or width, a part none fits."""
+    spec = model.spec
+    if not getattr(spec, "parts", ()):
+        if text_encoders:
+            raise RequestError(
+                f"text_encoders: model {model.name} holds its own text encoders; text_encoders names the text encoders "
+                f"of a transformer alone (ComfyUI's diffusion_models/). Leave the field out for this model"
+            )
+        return NO_PARTS
+    need = _Needs(model)
+    files, why = {}, {}
+    if vae:
+        files["vae"], why["vae"] = need.fitting_vae(store.vae(vae)), "named in the request (vae)"
+    given = [store.text_encoder(name) for name in text_encoders]
+    for role, entry in need.roles_of(given).items():
+        files[role], why[role] = entry, "named in the request (text_encoders)"
+    for role in (*spec.parts, "t5xxl"):  # SD 3 runs without T5, and with one when the folders have it
+        if role in files:
+            continue
+        taken = {e.path for e in files.values()}
+        candidates = sorted((e for e in need.candidates(role, store, files) if e.path not in taken),
+                            key=lambda e: e.path.name.lower())  # fmt: skip
+        if not candidates:
+            if role in spec.parts:
+                raise need.missing(role, store)
+            continue
+        files[role], why[role] = pick(role, need.architecture, candidates, need.requirement(role))
+    return ModelParts(files, why)
+
+
+def pick(role: str, architecture: str, candidates: list[Entry], requirement: str) -> tuple[Entry, str]:
+    """One of the files that fit a role, and why it: the only one; else the best by ComfyUI's usual names (their
+    tensors cannot tell them apart); else the first by name."""
+    what = ROLE_WORDS[role]
+    if len(candidates) == 1:
+        return candidates[0], f"the only {what} that fits ({requirement}) in the models folders"
+    usual = USUAL_NAMES.get(role) or USUAL_NAMES[(role, architecture)]
+    ranks = [next((i for i, test in enumerate(usual) if test(e.path.stem.lower())), len(usual)) for e in candidates]
+    best = min(ranks)
+    chosen = candidates[ranks.index(best)]
+    fit = f"{len(candidates)} {what}s fit ({requirement}): {', '.join(e.path.name for e in candidates)}"
+    if best == len(usual):
+        return chosen, f"the first by name, none having ComfyUI's usual names ({fit})"
+    tied = f", the first by name of {ranks.count(best)} such" if ranks.count(best) > 1 else ""
+    return chosen, f"ComfyUI's usual name {chosen.path.name}{tied} ({fit})"
+
+
+class _Needs:
+    """What a transformer alone needs of its parts, from its own tensors: the VAE's latent channels (SD 3: its
+    input channels; FLUX: a quarter, it packs 2 x 2 latents), FLUX's CLIP width (its pooled input), SD 3's two
+    CLIPs' pooled widths added up (and their hidden states, side by side, no wider than T5's), T5's width."""
+
+    def __init__(self, model: Entry):
+        self.model, spec = model, model.spec
+        self.architecture = spec.architecture
+        self.family = catalog.DIT_FAMILIES[spec.architecture]
+        self.latent = spec.in_channels // 4 if spec.architecture == "flux" else spec.in_channels
+        widths = dict(spec.text_encoder_widths)
+        self.clip = widths.get("clip", 0)
+        self.pooled = widths.get("clip_pooled", 0)
+        self.t5 = widths.get("t5xxl", 0)
+
+    def __str__(self) -> str:
+        return f"model {self.model.name} ({self.family} transformer alone)"
+
+    def requirement(self, role: str) -> str:
+        if role == "vae":
+            return f"with {self.latent} latent channels"
+        if role == "t5xxl":
+            return f"{self.t5} wide"
+        if self.architecture == "flux":
+            return f"{self.clip} wide"
+        return f"pairing with the other CLIP to a pooled width of {self.pooled}"
+
+    # ---------------------------------------------------------------------------------- what the request names
+
+    def fitting_vae(self, entry: Entry) -> Entry:
+        if entry.spec.latent_channels != self.latent:
+            raise IncompatibleError(
+                f"VAE {entry.name} ({entry.path}) has {entry.spec.latent_channels} latent channels "
+                f"({entry.spec.family}), but {self} needs {self.latent}. Name a {self.family} VAE in vae, or leave "
+                f"the field out to use one from the models folders"
+            )
+        return entry
+
+    def roles_of(self, given: list[Entry]) -> dict[str, Entry]:
+        """role -> each text encoder the request names, by what its tensors say (T5 or CLIP, and which CLIP)."""
+        t5 = [e for e in given if e.spec.role == "t5xxl"]
+        clips = [e for e in given if e.spec.role == "clip"]
+        most = 1 if self.architecture == "flux" else 2
+        if len(t5) > 1 or len(clips) > most:
+            raise RequestError(
+                f"text_encoders: {self} runs with one T5 and {most} CLIP text encoder{'s' if most > 1 else ''}, "
+                f"the request names {len(t5)} T5 and {len(clips)} CLIP ({', '.join(e.name for e in given)})"
+            )
+        roles = {}
+        for entry in t5:
+            if entry.spec.width != self.t5:
+                raise self.refused(entry, f"a T5 text encoder {entry.spec.width} wide", f"T5 {self.t5} wide")
+            roles["t5xxl"] = entry
+        if self.architecture == "flux":
+            for entry in clips:
+                if entry.spec.width != self.clip:
+                    raise self.refused(entry, f"a CLIP text encoder {entry.spec.width} wide", f"CLIP-L {self.clip} wide")
+                roles["clip_l"] = entry
+            return roles
+        if len(clips) == 2:
+            first, second = clips
+            if _pooled(first) + _pooled(second) != self.pooled:
+                raise self.refused(first, f"a CLIP text encoder whose pooled width {_pooled(first)}, with "
+                                          f"{second.name}'s {_pooled(second)}, makes {_pooled(first) + _pooled(second)}",
+                                   f"two CLIPs whose pooled widths make {self.pooled}")  # fmt: skip
+            narrow, wide = sorted(clips, key=lambda e: (e.spec.width, _says_clip_g(e)))
+            roles.update(clip_l=narrow, clip_g=wide)
+        elif clips:
+            (entry,) = clips
+            other = self.pooled - _pooled(entry)
+            if other <= 0:
+                raise self.refused(entry, f"a CLIP text encoder of pooled width {_pooled(entry)}",
+                                   f"two CLIPs whose pooled widths make {self.pooled}")  # fmt: skip
+            wider = _pooled(entry) > other or (_pooled(entry) == other and _says_clip_g(entry))
+            roles["clip_g" if wider else "clip_l"] = entry
+        return roles
+
+    def refused(self, entry: Entry, found: str, expected: str) -> IncompatibleError:
+        return IncompatibleError(
+            f"text encoder {entry.name} ({entry.path}) is {found}, but {self} reads {expected}. Name one that fits "
+            f"in text_encoders, or leave it out to use one from the models folders"
+        )
+
+    # ---------------------------------------------------------------------------------- what the folders hold
+
+    def candidates(self, role: str, store: ModelStore, chosen: dict[str, Entry]) -> list[Entry]:
+        """The files in the models folders whose tensors fit `role`, given the parts chosen so far."""
+        if role == "vae":
+            return [e for e in store.current_of_kind("vae") if e.spec.latent_channels == self.latent]
+        encoders = store.current_of_kind("text-encoder")
+        if role == "t5xxl":
+            return [e for e in encoders if e.spec.role == "t5xxl" and e.spec.width == self.t5]
+        clips = [e for e in encoders if e.spec.role == "clip"]
+        if self.architecture == "flux":
+            return [e for e in clips if e.spec.width == self.clip]
+        if role == "clip_g" and "clip_l" in chosen:  # the partner of the chosen CLIP-L: at least as wide
+            return [e for e in clips if self.pair(chosen["clip_l"], e)]
+        if role == "clip_l" and "clip_g" in chosen:
+            return [e for e in clips if self.pair(e, chosen["clip_g"])]
+        return [e for e in clips if any(self.pair(e, other) for other in clips)]
+
+    def pair(self, narrow: Entry, wide: Entry) -> bool:
+        """Whether two CLIPs make SD 3's pair: different files, the first no wider, pooled widths that add up to
+        the transformer's, hidden states that fit side by side in T5's width (diffusers pads them to it)."""
+        return (narrow.path != wide.path and narrow.spec.width <= wide.spec.width
+                and _pooled(narrow) + _pooled(wide) == self.pooled
+                and narrow.spec.width + wide.spec.width <= self.t5)  # fmt: skip
+
+    def missing(self, role: str, store: ModelStore) -> MissingPartError:
+        usual = USUAL_FILES.get(role) or USUAL_FILES[(role, self.architecture)]
+        if role == "vae":
+            found = [f"{e.path.name} ({e.spec.latent_channels} latent channels)" for e in store.of_kind("vae")]
+            field_ = "vae"
+        else:
+            found = [f"{e.path.name} ({e.spec.family})" for e in store.of_kind("text-encoder")]
+            field_ = "text_encoders"
+        return MissingPartError(
+            f"{self} needs a {ROLE_WORDS[role]} {self.requirement(role)} from another file, and none in the models "
+            f"folders fits (found: {', '.join(found) or 'none'}). Put {usual} in models/{ROLE_FOLDERS[role]}/, or name "
+            f"one in {field_}"
+        )
+
+
+def _pooled(entry: Entry) -> int:
+    """A CLIP's pooled width as SD 3 reads it: its projection's, or its own where it has none (CLIP-L's is read
+    unprojected)."""
+    return entry.spec.projection or entry.spec.width
+
+
+def _says_clip_g(entry: Entry) -> bool:
+    """Where two CLIPs are equally wide (tensors cannot tell which is which): ComfyUI's name says."""
+    return "clip_g" in entry.path.stem.lower()

@@ -16,7 +16,13 @@ from ..errors import CheckpointError
 from ..loading.tensors import REDOWNLOAD, TensorInfo, first_line, read_tensor_table
 from . import catalog
 from .recognise import controlnet_spec, recognise, refused_controlnet
-from .single_file import is_single_file_checkpoint, single_file_spec, wrong_input_channels
+from .single_file import (
+    is_single_file_checkpoint,
+    single_file_spec,
+    transformer_alone_architecture,
+    transformer_alone_spec,
+    wrong_input_channels,
+)
 from .specs import (
     EMBEDDINGS_FORMAT,
     MODEL_DEFAULTS,
@@ -64,7 +70,9 @@ def probe(path) -> Spec:
     if "vision_model.embeddings.patch_embedding.weight" in table:
         return vision_tower_spec(path, table, _config_from_metadata(metadata))
     if is_single_file_checkpoint(table):
-        return single_file_spec(path, table)
+        return single_file_spec(path, table, metadata)
+    if transformer_alone_architecture(table) is not None:  # ComfyUI's split layout: paired with its parts later
+        return transformer_alone_spec(path, table, metadata)
     return recognise(path, table)
 
 

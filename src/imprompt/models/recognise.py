@@ -10,12 +10,22 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from ..loading.tensors import TensorInfo
+from ..loading.tensors import TensorInfo, quantization
 from . import catalog
-from .specs import FLUX_UNION_TYPES, UNION_TYPES, ControlNetSpec, LoraSpec, OtherModelSpec, TextualInversionSpec, VaeSpec
+from .specs import (
+    FLUX_UNION_TYPES,
+    UNION_TYPES,
+    ControlNetSpec,
+    LoraSpec,
+    OtherModelSpec,
+    TextEncoderSpec,
+    TextualInversionSpec,
+    VaeSpec,
+)
 
 WRAPPERS = ("state_dict.", "params_ema.", "params.", "module.", "first_stage_model.")  # a whole file nested once
-KOHYA_PARTS = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2"}
+KOHYA_PARTS = {"lora_unet_": "unet", "lora_transformer_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
+               "lora_te2_": "text_encoder_2", "lora_te3_": "text_encoder_3"}  # fmt: skip
 MAX_VECTORS = 75  # a textual inversion fills at most one 75-token chunk
 
 
@@ -46,8 +56,11 @@ def recognise(path, table: dict[str, TensorInfo]):
 def lora(path, table, keys):
     kohya = [k for k in keys if k.startswith(tuple(KOHYA_PARTS))]
     peft = [k for k in keys if re.search(r"\.(lora_A|lora_B|lora\.down|lora\.up|lora_linear_layer\.(up|down))\.", k)]
-    if not kohya and not peft:
+    xlabs = [k for k in keys if XLABS_LORA.search(k)]
+    comfy = [k for k in keys if k.startswith("diffusion_model.") and re.search(r"\.lora_(down|up)\.weight$", k)]
+    if not kohya and not peft and not xlabs and not comfy:
         return None
+    architecture = _lora_architecture(table, keys)
     if kohya:
         suffixes = {k.rsplit(".", 2)[-2] if k.endswith(".weight") else k.rsplit(".", 1)[-1] for k in kohya}
         if {"hada_w1_a", "hada_w1_b"} & suffixes:
@@ -59,11 +72,48 @@ def lora(path, table, keys):
         else:
             fmt = "lycoris"
         parts = sorted({part for prefix, part in KOHYA_PARTS.items() for k in kohya if k.startswith(prefix)})
+    elif xlabs:
+        fmt, parts = "xlabs", ["unet"]
+    elif comfy or any(k.startswith("diffusion_model.") for k in peft):
+        fmt = "comfyui"  # BFL / Stability's own module names under ComfyUI's `diffusion_model.`
+        parts = ["unet"] + sorted({"text_encoder" for k in peft if k.startswith("text_encoders.")})
     else:
         fmt = "diffusers"
-        parts = sorted({k.split(".")[0] for k in peft if k.split(".")[0] in ("unet", "text_encoder", "text_encoder_2")})
-        parts = parts or ["unet"]
-    return LoraSpec(path, _lora_width(table, keys, parts), fmt, _lora_rank(table, keys), tuple(parts))
+        heads = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
+        parts = sorted({k.split(".")[0] for k in peft if k.split(".")[0] in heads}) or ["unet"]
+    if architecture != "unet":  # the denoiser part of a transformer's LoRA is named for it
+        parts = sorted({"transformer" if p == "unet" else p for p in parts})
+    width = _lora_width(table, keys, parts) if architecture == "unet" else _dit_lora_width(table, keys)
+    if architecture == "dit":  # diffusers' names alone: the published widths tell the families apart
+        architecture = DIT_WIDTHS.get(width, "dit")
+    return LoraSpec(path, width, fmt, _lora_rank(table, keys), tuple(parts), architecture=architecture)
+
+
+XLABS_LORA = re.compile(r"(^|\.)(double|single)_blocks\.\d+\.processor\.(qkv|proj)_lora\d*\.(down|up)\.weight$")
+# the blocks' widths of the published transformers: FLUX.1 (dev, schnell), SD 3.5 Large, SD 3 / 3.5 Medium
+DIT_WIDTHS = {3072: "flux", 2432: "sd3", 1536: "sd3"}
+
+
+def _lora_architecture(table, keys) -> str:
+    """unet | sd3 | flux | dit, from the module names the LoRA adapts (in any of the formats' spellings)."""
+    names = " ".join(keys)
+    if re.search(r"(double_blocks|single_blocks|single_transformer_blocks)[._]\d", names):
+        return "flux"  # FLUX's double / single-stream blocks (BFL, kohya, XLabs, diffusers)
+    if re.search(r"joint_blocks[._]\d", names):
+        return "sd3"  # MMDiT's joint blocks (Stability's names: kohya, ComfyUI)
+    if re.search(r"(^|\.|lora_)transformer[._]transformer_blocks[._]\d", names):
+        return "dit"  # diffusers' names, shared by both families' double-stream / joint blocks
+    return "unet"
+
+
+def _dit_lora_width(table, keys) -> int | None:
+    """A transformer LoRA's blocks' width: the input width of the attention projections it adapts (q, k, v or
+    fused qkv, of the image or the text stream: each reads the blocks' width)."""
+    for key in keys:
+        if re.search(r"(to_[qkv]|add_[qkv]_proj|qkv|qkv_lora\d*|linear1)[._](lora_down|lora_A|lora\.down|down)\.weight$", key):
+            if len(table[key].shape) == 2:
+                return table[key].shape[1]
+    return None
 
 
 def _lora_width(table, keys, parts) -> int | None:
@@ -87,7 +137,7 @@ def _lora_width(table, keys, parts) -> int | None:
 
 def _lora_rank(table, keys) -> int | None:
     for key in keys:
-        if re.search(r"(lora_down|lora_A|lora\.down|lora_linear_layer\.down)\.weight$", key):
+        if re.search(r"(lora_down|lora_A|lora\.down|lora_linear_layer\.down|_lora\d*\.down)\.weight$", key):
             return table[key].shape[0]
     return None
 
@@ -230,13 +280,21 @@ def face_restorer(path, table, keys):
 
 
 def text_encoder(path, table, keys):
+    """A text encoder alone (ComfyUI's `text_encoders/`, `clip/`), in transformers' names: a CLIP text tower
+    (`clip_l.safetensors`; `clip_g.safetensors` with its `text_projection`) or T5's encoder (`t5xxl_fp16`,
+    `t5xxl_fp8_e4m3fn`): its width pairs it with a transformer that runs with it."""
     prefix = "text_model." if "text_model.embeddings.token_embedding.weight" in table else ""  # transformers 4 and 5
     layers = {k.split(".")[2 + bool(prefix)] for k in keys if k.startswith(f"{prefix}encoder.layers.")}
+    stored = quantization(path, table, {})
     if layers and f"{prefix}embeddings.token_embedding.weight" in table:
         width = table[f"{prefix}embeddings.token_embedding.weight"].shape[1]
-        return OtherModelSpec(path, "text-encoder", f"CLIP text encoder ({len(layers)} layers, width {width})")
+        projection = table.get("text_projection.weight")
+        return TextEncoderSpec(path, "clip", width, len(layers), projection.shape[0] if projection else None, stored)
     if any(k.startswith("encoder.block.0.layer.0.SelfAttention.") for k in keys):
-        return OtherModelSpec(path, "text-encoder", "T5 text encoder")
+        blocks = {k.split(".")[2] for k in keys if k.startswith("encoder.block.")}
+        query = table.get("encoder.block.0.layer.0.SelfAttention.q.weight")
+        width = table["shared.weight"].shape[1] if "shared.weight" in table else query.shape[1] if query else 0
+        return TextEncoderSpec(path, "t5xxl", width, len(blocks), quantization=stored)
     return None
 
 

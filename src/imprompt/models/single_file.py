@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import CheckpointError, MissingTokenizerError, UnsupportedError
-from ..loading.tensors import REDOWNLOAD, TensorInfo
+from ..loading.tensors import REDOWNLOAD, TensorInfo, quantization
 from . import catalog
 from .specs import PipelineSpec, unet_layer_order
 
@@ -78,6 +78,8 @@ DIT_NEEDS = {"sd3": ("clip_l", "clip_g"), "flux": ("clip_l", "t5xxl")}
 DIT_SUBFOLDERS = {"sd3": {"clip_l": "text_encoder", "clip_g": "text_encoder_2", "t5xxl": "text_encoder_3"},
                   "flux": {"clip_l": "text_encoder", "t5xxl": "text_encoder_2"}}  # fmt: skip
 DIT_PIPELINES = {"sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
+# a transformer alone (ComfyUI's split layout): the parts it runs with, from other files (SD 3's T5 is optional)
+SPLIT_PARTS = {"flux": ("vae", "clip_l", "t5xxl"), "sd3": ("vae", "clip_l", "clip_g")}
 FLUX_SCHNELL_SCHEDULER = {"shift": 1.0, "use_dynamic_shifting": False}  # FLUX.1 schnell's, where dev's differ
 # T5's tokenizer: where a ComfyUI install ships it, and the Hugging Face repositories (and subfolders) that hold it
 COMFY_T5_TOKENIZER = Path("comfy") / "text_encoders" / "t5_tokenizer"
@@ -179,12 +181,12 @@ def unet_layout(path, table: dict[str, TensorInfo]) -> UNetLayout:
     )
 
 
-def single_file_spec(path: Path, table: dict[str, TensorInfo]) -> PipelineSpec:
+def single_file_spec(path: Path, table: dict[str, TensorInfo], metadata: dict | None = None) -> PipelineSpec:
     """The pipeline spec of a single file: its model type, and its cross-attention layers renamed from LDM to
     diffusers order. A type imprompt cannot run is listed as what it is, with the reason the plan will give."""
     architecture = dit_architecture(table)
     if architecture is not None:
-        return transformer_single_file_spec(path, table, architecture)
+        return transformer_single_file_spec(path, table, architecture, metadata or {})
     kind = model_type(table)
     if kind not in RUNNABLE:
         widths = {info.shape[-1] for key, info in table.items() if key.startswith(UNET) and key.endswith("attn2.to_k.weight")}
@@ -298,16 +300,42 @@ def _block_indices(table: dict[str, TensorInfo], name: str) -> list[int]:
     return sorted({int(k[len(UNET + name) :].split(".")[0]) for k in table if k.startswith(UNET + name)})
 
 
-def transformer_single_file_spec(path: Path, table: dict[str, TensorInfo], architecture: str) -> PipelineSpec:
+def transformer_alone_architecture(table: dict[str, TensorInfo]) -> str | None:
+    """"sd3" or "flux" for an SD 3.x / FLUX.1 transformer alone in its makers' bare names (ComfyUI's
+    `diffusion_models/`: `flux1-dev.safetensors`, `sd3.5_large.safetensors`, city96's `.gguf`); None otherwise."""
+    if "final_layer.linear.weight" not in table:  # a ControlNet or an adapter in the same block names
+        return None
+    return dit_architecture({UNET + key: table[key] for key in DIT_MARKERS if key in table})
+
+
+DIT_MARKERS = ("joint_blocks.0.x_block.attn.qkv.weight", "double_blocks.0.img_attn.qkv.weight")
+
+
+def transformer_alone_spec(path: Path, table: dict[str, TensorInfo], metadata: dict) -> PipelineSpec:
+    """A transformer alone in bare names: read as the all-in-one file it would be a part of (its names under
+    `model.diffusion_model.`), so it has the layers, widths and family of its diffusers folder."""
+    prefixed = {UNET + key: info for key, info in table.items()}
+    return transformer_single_file_spec(path, prefixed, dit_architecture(prefixed), metadata)
+
+
+def transformer_single_file_spec(path: Path, table: dict[str, TensorInfo], architecture: str,
+                                 metadata: dict | None = None) -> PipelineSpec:  # fmt: skip
     """An all-in-one SD 3.x / FLUX.1 file: the blocks its IP-Adapters attach to, as the folder probe reports them
     (SD 3: every joint block, reading image tokens of its own width; FLUX: the double-stream blocks, reading T5's
-    width), and the text encoders it holds."""
+    width), and the text encoders it holds. A file that holds the transformer and nothing else (no VAE, no text
+    encoder) is ComfyUI's split layout: it runs with the `parts` it names, paired by `text_encoder_widths`."""
     kind = transformer_model_type(table, architecture)
     config = transformer_config(path, table, architecture)
     block, qkv = ("joint_blocks", "x_block.attn.qkv") if architecture == "sd3" else ("double_blocks", "img_attn.qkv")
     blocks = _block_indices(table, block + ".")
     widths = tuple(table[UNET + f"{block}.{i}.{qkv}.weight"].shape[0] // 3 for i in blocks)
     text_encoders = tuple(name for name in DIT_TEXT_ENCODERS if _has_text_encoder(table, name))
+    alone = not text_encoders and not any(k.startswith(VAE) for k in table)
+    if alone:
+        unsupported = split_transformer_unsupported(path, architecture, kind, config)
+    else:
+        unsupported = transformer_single_file_unsupported(path, table, architecture, kind, config, text_encoders)
+    pooled = "clip" if architecture == "flux" else "clip_pooled"  # FLUX: CLIP-L's pooled output; SD 3: both CLIPs'
     return PipelineSpec(
         path=str(path),
         pipeline_class=DIT_PIPELINES[architecture],
@@ -317,10 +345,36 @@ def transformer_single_file_spec(path: Path, table: dict[str, TensorInfo], archi
         layer_names=tuple(f"transformer_blocks.{i}" for i in blocks),
         in_channels=config["in_channels"],
         model_type=kind,
-        unsupported=transformer_single_file_unsupported(path, table, architecture, kind, config, text_encoders),
+        unsupported=unsupported,
         architecture=architecture,
         text_encoders=text_encoders,
+        parts=SPLIT_PARTS[architecture] if alone else (),
+        text_encoder_widths=((pooled, config["pooled_projection_dim"]), ("t5xxl", config["joint_attention_dim"])),
+        quantization=quantization(path, {k: v for k, v in table.items() if k.startswith(UNET)}, metadata or {}),
     )
+
+
+def split_transformer_unsupported(path: Path, architecture: str, kind: str, config: dict) -> str | None:
+    """Why a transformer alone cannot run, naming it and the fix (None: it can, with its parts): not text-to-image
+    (FLUX Fill / Depth), or heads whose width its shapes do not say."""
+    channels = wrong_input_channels(architecture, config["in_channels"])
+    if channels:
+        return f"{path}: a {describe_type(kind)} transformer whose {channels}. Choose another model"
+    return config_unsupported(path, architecture, config)
+
+
+def config_unsupported(path: Path, architecture: str, config: dict) -> str | None:
+    """What the family's convention cannot fill in for these shapes: SD 3's head width (64) without q/k norms to
+    read it from, FLUX.1's rotary split (16 / 56 / 56 of 128) of another head width."""
+    head = config["attention_head_dim"]
+    if architecture == "sd3" and config["qk_norm"] is None and config["caption_projection_dim"] % head:
+        return (f"{path}: an SD 3-shaped transformer {config['caption_projection_dim']} wide without q/k norms, so its "
+                f"head width cannot be read from the file, and SD 3's (64) does not divide it. Use its diffusers "
+                f"folder, whose config names it")  # fmt: skip
+    if architecture == "flux" and (sum(config["axes_dims_rope"]) != head or any(a % 2 for a in config["axes_dims_rope"])):
+        return (f"{path}: a FLUX-shaped transformer with {head}-wide attention heads, which FLUX.1's rotary split "
+                f"(16 / 56 / 56 of 128) does not divide. Use its diffusers folder, whose config names the split")  # fmt: skip
+    return None
 
 
 def clip_widths(table: dict[str, TensorInfo]) -> dict[str, int]:

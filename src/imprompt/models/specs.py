@@ -172,6 +172,8 @@ class PipelineSpec:
         d.pop("layer_names")
         d["family"] = self.family
         d["text_encoders"] = list(self.text_encoders)
+        d["parts"] = list(self.parts)
+        d["text_encoder_widths"] = dict(self.text_encoder_widths)
         return d
 
 
@@ -205,17 +207,27 @@ class EmbeddingsSpec:
 
 @dataclass(frozen=True)
 class LoraSpec:
-    """A LoRA (kohya / A1111 names, LyCORIS, or diffusers / PEFT), for the UNet and, or, the text encoders."""
+    """A LoRA (kohya / A1111 names, LyCORIS, diffusers / PEFT, XLabs, ComfyUI's BFL names), for the UNet or the
+    transformer and, or, the text encoders."""
 
     path: str
-    width: int | None  # cross-attention width of the models it is for (768 SD 1.5, 1024 SD 2.x, 2048 SDXL), if known
-    format: str  # kohya | lycoris-loha | lycoris-lokr | lycoris | diffusers
+    # UNet: cross-attention width of the models it is for (768 SD 1.5, 1024 SD 2.x, 2048 SDXL); transformers: the
+    # blocks' width (FLUX.1 3072, SD 3.5 Large 2432, SD 3.x Medium 1536); None if nothing tells
+    width: int | None
+    format: str  # kohya | lycoris-loha | lycoris-lokr | lycoris | diffusers | xlabs | comfyui
     rank: int | None  # of its first low-rank pair (None where the format has no rank)
-    parts: tuple[str, ...]  # unet, text_encoder, text_encoder_2
+    parts: tuple[str, ...]  # unet or transformer, text_encoder, text_encoder_2, text_encoder_3
     kind: str = "lora"
+    # the denoiser it is for: unet | sd3 | flux, or dit where the names are a transformer's but do not tell which
+    # (diffusers' `transformer.transformer_blocks.*` alone, at a width neither family's published models have)
+    architecture: str = "unet"
 
     @property
     def family(self) -> str:
+        if self.architecture == "dit":
+            return "SD 3.5 or FLUX.1"
+        if self.architecture != "unet":
+            return catalog.model_family(self.architecture, self.width or 0)
         return catalog.unet_family(self.width) if self.width else "unknown family"
 
     def to_dict(self) -> dict:
@@ -238,8 +250,17 @@ class TextEncoderSpec:
     def family(self) -> str:
         return f"T5 ({self.width} wide)" if self.role == "t5xxl" else f"CLIP text ({self.width} wide)"
 
+    @property
+    def detail(self) -> str:
+        """One line for a listing: "CLIP text encoder (12 layers, width 768, projection 768)", "T5 text encoder
+        (24 layers, width 4096, fp8_e4m3fn)"."""
+        what = "T5 text encoder" if self.role == "t5xxl" else "CLIP text encoder"
+        projection = f", projection {self.projection}" if self.projection else ""
+        stored = f", {self.quantization}" if self.quantization else ""
+        return f"{what} ({self.layers} layers, width {self.width}{projection}{stored})"
+
     def to_dict(self) -> dict:
-        return {**asdict(self), "family": self.family}
+        return {**asdict(self), "family": self.family, "detail": self.detail}
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ from pathlib import Path
 from ..errors import (
     CheckpointError,
     ImpromptError,
+    MissingPartError,
     UnknownAdapterError,
     UnknownControlNetError,
     UnknownEmbeddingsError,
@@ -46,14 +47,13 @@ from ..errors import (
     UnknownModelError,
     UnknownVaeError,
 )
-from ..loading.tensors import WEIGHT_SUFFIXES
+from ..loading.tensors import PICKLE_SUFFIXES, WEIGHT_SUFFIXES
 from . import catalog
 from .probe import probe
 from .probe_cache import ProbeCache
 from .specs import Spec
 
 log = logging.getLogger("imprompt")
-PICKLE_SUFFIXES = tuple(s for s in WEIGHT_SUFFIXES if s != ".safetensors")
 
 
 @dataclass(frozen=True)
@@ -300,6 +300,22 @@ class ModelStore:
             raise UnknownVaeError(
                 f"VAE {name!r} not found in {self._where()}. Available VAEs: {available}. "
                 f"Put the file in the tree's VAE/ (A1111) or vae/ (ComfyUI) folder"
+            )
+        return entry
+
+    @property
+    def text_encoders(self) -> list[Entry]:
+        return self.of_kind("text-encoder")
+
+    def text_encoder(self, name: str) -> Entry:
+        """A text encoder alone (ComfyUI's `text_encoders/` or `clip/`) by file name, stem, relative path, or path."""
+        stem = Path(name).stem if Path(name).suffix in WEIGHT_SUFFIXES and not Path(name).is_absolute() else name
+        entry = self._resolve(stem, "text-encoder")
+        if entry is None:
+            available = ", ".join(sorted(e.path.name for e in self.text_encoders)) or "none"
+            raise MissingPartError(
+                f"text encoder {name!r} not found in {self._where()}. Available text encoders: {available}. "
+                f"Put the file in the tree's text_encoders/ or clip/ folder (ComfyUI)"
             )
         return entry
 
