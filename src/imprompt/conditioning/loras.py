@@ -28,12 +28,6 @@ class LoraPlan:
 def plan(request: GenerateRequest, model: Entry, store: ModelStore) -> LoraSet:
     """The prompt's `<lora:...>` tags (`prompt.py` reads the text without them) and the `loras` field."""
     _, tags = take_lora_tags(request.prompt, "prompt")
-    if model.spec.architecture != "unet":
-        if tags or request.loras:
-            field_name = "loras" if request.loras else "prompt"
-            raise UnsupportedError(f"{field_name}: LoRAs are not supported yet for {model.spec.family} models "
-                                   f"(model {model.name}); remove it")  # fmt: skip
-        return LoraSet(())
     asked = [(tag.name, tag.weight, "prompt") for tag in tags] + [(lo.name, lo.weight, "loras") for lo in request.loras]
     loras = tuple(plan_lora(name, weight, source, store, model) for name, weight, source in asked)
     seen: dict = {}
@@ -57,22 +51,56 @@ def plan_lora(name: str, weight: float, source: str, store: ModelStore, pipeline
         raise UnsupportedError(
             f"LoRA {entry.name} ({entry.path.name}) is a {UNREAD_LORA_FORMATS[entry.spec.format]} file: diffusers, "
             f"whose loader imprompt uses, reads kohya / A1111 LoRAs (LoCon included) and diffusers / PEFT LoRAs for "
-            f"SD 1.5 and SDXL, not this format. Use a LoRA in one of those formats"
-        )
+            f"SD 1.5, SDXL, SD 3.5 and FLUX.1 (and XLabs' for FLUX.1), not this format. Use a LoRA in one of those "
+            f"formats"
+        )  # fmt: skip
     if not lora_fits(entry, pipeline):
         fitting = sorted(e.name for e in store.of_kind("lora") if lora_fits(e, pipeline))
         raise IncompatibleError(
-            f"LoRA {entry.name} ({entry.path.name}) is for {entry.spec.family} models (cross-attention width "
-            f"{entry.spec.width}), but model {pipeline.name} is {pipeline.spec.family} (width "
-            f"{pipeline.spec.cross_attention_dim}). Use a LoRA made for {pipeline.spec.family} "
-            f"({', '.join(fitting) or 'none in the models folder'})"
+            f"LoRA {entry.name} ({entry.path.name}) is for {entry.spec.family} models ({_width_words(entry.spec)}), "
+            f"but model {pipeline.name} is {pipeline.spec.family} ({_width_words(pipeline.spec)}). Use a LoRA made "
+            f"for {pipeline.spec.family} ({', '.join(fitting) or 'none in the models folder'})"
         )
+    refusal = quantized_lora_refusal(pipeline.spec)
+    if refusal:
+        raise UnsupportedError(f"LoRA {entry.name}: model {pipeline.name} {refusal}")
     return LoraPlan(entry, weight, source)
 
 
 def lora_fits(lora: Entry, pipeline: Entry) -> bool:
-    """A LoRA fits a model whose cross-attention width is the one it was trained for (unknown: let diffusers try)."""
-    return lora.spec.width is None or lora.spec.width == pipeline.spec.cross_attention_dim
+    """A LoRA fits a model of its architecture whose width is the one it was trained for (a UNet's cross-attention
+    width; a transformer's blocks' width). Unknown width, or diffusers' names that do not say SD 3.5 or FLUX: let
+    diffusers try (a misfit is then a CheckpointError naming the file)."""
+    spec, model = lora.spec, pipeline.spec
+    if spec.architecture == "dit":
+        if model.architecture not in ("sd3", "flux"):
+            return False
+    elif spec.architecture != model.architecture:
+        return False
+    return spec.width is None or spec.width == lora_width(model)
+
+
+def lora_width(model) -> int | None:
+    """The width a LoRA of this model's family reads: a UNet's cross-attention width; SD 3's blocks' width (its
+    `cross_attention_dim`); FLUX's double-stream blocks' width (its `cross_attention_dim` is T5's)."""
+    if model.architecture == "flux":
+        return model.layer_widths[0] if model.layer_widths else None
+    return model.cross_attention_dim
+
+
+def _width_words(spec) -> str:
+    if spec.kind == "lora":
+        what = "cross-attention width" if spec.architecture == "unet" else "blocks' width"
+        return f"{what} {spec.width}" if spec.width else f"{what} unknown"
+    what = "cross-attention width" if spec.architecture == "unet" else "blocks' width"
+    return f"{what} {lora_width(spec)}"
+
+
+def quantized_lora_refusal(model) -> str | None:
+    """Why LoRAs cannot act on this model's stored weights, or None. diffusers (through PEFT) adds LoRA layers
+    beside GGUF-quantized and layerwise-cast (fp8 storage) linear layers and computes them in the compute dtype, so
+    those take LoRAs; no other storage is refused today."""
+    return None
 
 
 @dataclass

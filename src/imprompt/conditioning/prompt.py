@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 
 from ..errors import LimitError, RequestError, UnsupportedError
@@ -91,13 +92,20 @@ def check_prompt_syntax(text: str, field_name: str) -> None:
                          f"{MAX_CHUNKS} a prompt may fill; shorten it")  # fmt: skip
 
 
+def without_lora_tags(text: str) -> str:
+    """The text without its `<lora:...>` tags and the spaces they leave (T5's tokenizer reads a space as a token)."""
+    bare, tags = take_lora_tags(text, "prompt")
+    return re.sub(r" {2,}", " ", bare).strip() if tags else text
+
+
 def plan_for_transformer(request: GenerateRequest, model: Entry) -> TransformerPrompt:
     """SD 3.5 and FLUX: the texts as written, and a refusal naming the field for what those pipelines do not read."""
     family, name, flux = model.spec.family, model.name, model.spec.architecture == "flux"
-    if take_lora_tags(request.negative_prompt, "negative_prompt")[1]:
-        raise UnsupportedError(f"negative_prompt: LoRA tags are not supported for {family} models (model {name}); "
-                               f"remove it")  # fmt: skip
-    for field_name, text in (("prompt", request.prompt), ("negative_prompt", request.negative_prompt)):
+    negative_tags = take_lora_tags(request.negative_prompt, "negative_prompt")[1]
+    if negative_tags:
+        raise RequestError(f"negative_prompt: <lora:{negative_tags[0].name}:...> — LoRA tags act only in the prompt "
+                           f"(as in A1111); move it to the prompt")  # fmt: skip
+    for field_name, text in (("prompt", without_lora_tags(request.prompt)), ("negative_prompt", request.negative_prompt)):
         if len(schedule(text, request.steps)) > 1:
             raise UnsupportedError(
                 f"{field_name}: A1111's prompt editing and alternation ([from:to:when], [a|b]) are not computed for "
@@ -269,11 +277,12 @@ class TransformerPrompt(Conditioning):
     true_cfg_scale: float
 
     def apply(self, call) -> None:
+        prompt = without_lora_tags(self.prompt)  # the LoRA set reads the tags (`loras.py`); the encoders do not
         if self.flux:
-            call.kwargs |= {"prompt": self.prompt, "negative_prompt": self.negative_prompt or None,
+            call.kwargs |= {"prompt": prompt, "negative_prompt": self.negative_prompt or None,
                             "true_cfg_scale": self.true_cfg_scale}  # fmt: skip
         else:  # SD3 encodes "" for an empty one, as diffusers does
-            call.kwargs |= {"prompt": self.prompt, "negative_prompt": self.negative_prompt}
+            call.kwargs |= {"prompt": prompt, "negative_prompt": self.negative_prompt}
 
     def describe(self, call) -> Description:
         info = {"prompt": self.prompt, "negative_prompt": self.negative_prompt, "textual_inversions": [],

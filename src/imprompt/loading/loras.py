@@ -9,6 +9,7 @@ under a byte budget, so switching sets is a `set_adapters` call, not a reload fr
 from __future__ import annotations
 
 import logging
+import re
 import time
 import warnings
 from collections.abc import Callable
@@ -39,6 +40,106 @@ class LoraUse:
 
 def lora_file(entry: Entry, weight: float) -> LoraUse:
     return LoraUse(entry.key(), entry.name, weight, lambda: read_tensors(entry.path))
+
+
+def diffusers_lora_state(state: dict, pipeline) -> dict:
+    """The LoRA in names the family's `load_lora_weights` reads. diffusers reads SD 1.5 / SDXL LoRAs in every
+    format imprompt lists, and FLUX's in kohya, XLabs, diffusers and ComfyUI-with-`lora_down` names; imprompt goes
+    beyond diffusers for FLUX LoRAs in ComfyUI's BFL names with `lora_A` / `lora_B` (renamed to the `lora_down` /
+    `lora_up` spelling diffusers converts) and SD 3.x LoRAs in Stability's MMDiT names (kohya, ComfyUI), which
+    diffusers' SD 3 loader does not read (converted here to its names)."""
+    kind = type(getattr(pipeline, "transformer", None)).__name__
+    if kind == "FluxTransformer2DModel" and any(k.startswith("diffusion_model.") and ".lora_A." in k for k in state):
+        return {k.replace(".lora_A.weight", ".lora_down.weight").replace(".lora_B.weight", ".lora_up.weight"): v
+                for k, v in state.items()}  # fmt: skip
+    if kind == "SD3Transformer2DModel" and any(MMDIT_NAME.match(k) for k in state):
+        return sd3_lora_to_diffusers(state, pipeline.transformer.config.num_layers)
+    return state
+
+
+# SD 3's MMDiT modules (Stability's names, dots as underscores as kohya writes them) -> diffusers' modules; a fused
+# q, k, v projection becomes three, each with the same down projection and a third of the up projection's rows
+SD3_BLOCK_MODULES = {
+    "x_block_attn_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"), "x_block_attn_proj": ("attn.to_out.0",),
+    "x_block_attn2_qkv": ("attn2.to_q", "attn2.to_k", "attn2.to_v"), "x_block_attn2_proj": ("attn2.to_out.0",),
+    "x_block_mlp_fc1": ("ff.net.0.proj",), "x_block_mlp_fc2": ("ff.net.2",),
+    "x_block_adaLN_modulation_1": ("norm1.linear",),
+    "context_block_attn_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+    "context_block_attn_proj": ("attn.to_add_out",), "context_block_mlp_fc1": ("ff_context.net.0.proj",),
+    "context_block_mlp_fc2": ("ff_context.net.2",), "context_block_adaLN_modulation_1": ("norm1_context.linear",),
+}  # fmt: skip
+SD3_TOP_MODULES = {
+    "x_embedder_proj": "pos_embed.proj", "context_embedder": "context_embedder", "final_layer_linear": "proj_out",
+    "t_embedder_mlp_0": "time_text_embed.timestep_embedder.linear_1",
+    "t_embedder_mlp_2": "time_text_embed.timestep_embedder.linear_2",
+    "y_embedder_mlp_0": "time_text_embed.text_embedder.linear_1",
+    "y_embedder_mlp_2": "time_text_embed.text_embedder.linear_2",
+    "final_layer_adaLN_modulation_1": "norm_out.linear",
+}  # fmt: skip
+SD3_TEXT_ENCODERS = {"lora_te1_": "text_encoder", "lora_te2_": "text_encoder_2", "text_encoders.clip_l.transformer.":
+                     "text_encoder", "text_encoders.clip_g.transformer.": "text_encoder_2"}  # fmt: skip
+MMDIT_NAME = re.compile(r"(lora_unet_|diffusion_model\.)(joint_blocks|x_embedder|context_embedder|final_layer|t_embedder|y_embedder)")
+PAIR = re.compile(r"^(.*?)\.(lora_down|lora_up|lora_A|lora_B)\.weight$|^(.*?)\.alpha$")
+
+
+def sd3_lora_to_diffusers(state: dict, layers: int) -> dict:
+    """An SD 3.x LoRA in Stability's names (kohya `lora_unet_joint_blocks_*`, `lora_te1_` / `lora_te2_`; ComfyUI
+    `diffusion_model.joint_blocks.*`) in diffusers' PEFT names, each pair's alpha / rank folded into its down
+    projection (diffusers' SD 3 loader reads no alphas). What matches no module is kept as it was: the load then
+    counts it as a layer that does not act (T5's `lora_te3_`: diffusers loads no LoRA into SD 3's T5)."""
+    pairs: dict = {}
+    for key, tensor in state.items():
+        match = PAIR.match(key)
+        if match is None:
+            pairs.setdefault(key, {})["other"] = tensor
+            continue
+        module = match.group(1) or match.group(3)
+        role = {"lora_down": "down", "lora_A": "down", "lora_up": "up", "lora_B": "up"}.get(match.group(2), "alpha")
+        pairs.setdefault(module, {})[role] = tensor
+    out = {}
+    for module, pair in pairs.items():
+        targets = _sd3_targets(module, layers) if {"down", "up"} <= set(pair) else None
+        if targets is None:  # not a pair, or a module diffusers has no name for: as it was
+            out |= {k: v for k, v in state.items() if k == module or k.startswith(module + ".")}
+            continue
+        names, swapped = targets
+        down, up = pair["down"], pair["up"]
+        if "alpha" in pair:
+            down = down * (float(pair["alpha"]) / down.shape[0])
+        if swapped:  # the original AdaLN order (shift, scale) is diffusers' (scale, shift)
+            first, second = up.chunk(2, dim=0)
+            up = torch.cat([second, first])
+        for name, rows in zip(names, up.chunk(len(names), dim=0)):
+            out[f"{name}.lora_A.weight"] = down
+            out[f"{name}.lora_B.weight"] = rows.contiguous()
+    return out
+
+
+def _sd3_targets(module: str, layers: int) -> tuple[tuple[str, ...], bool] | None:
+    """diffusers' module names for an SD 3 LoRA module (and whether its up projection's halves swap), or None."""
+    for prefix, part in SD3_TEXT_ENCODERS.items():
+        if module.startswith(prefix):
+            flat = module[len(prefix) :].replace(".", "_")
+            found = re.fullmatch(r"text_model_encoder_layers_(\d+)_(self_attn|mlp)_(\w+)", flat)
+            if found is None:
+                return None
+            return (f"{part}.text_model.encoder.layers.{found[1]}.{found[2]}.{found[3]}",), False
+    for prefix in ("lora_unet_", "diffusion_model."):
+        if module.startswith(prefix):
+            flat = module[len(prefix) :].replace(".", "_")
+            break
+    else:
+        return None
+    block = re.fullmatch(r"joint_blocks_(\d+)_(\w+)", flat)
+    if block is not None:
+        index, rest = int(block[1]), block[2]
+        if rest not in SD3_BLOCK_MODULES:
+            return None
+        names = tuple(f"transformer.transformer_blocks.{index}.{n}" for n in SD3_BLOCK_MODULES[rest])
+        return names, rest == "context_block_adaLN_modulation_1" and index == layers - 1
+    if flat in SD3_TOP_MODULES:
+        return (f"transformer.{SD3_TOP_MODULES[flat]}",), flat == "final_layer_adaLN_modulation_1"
+    return None
 
 
 class LoraBudget:
@@ -128,7 +229,7 @@ class PipelineLoras:
         name = f"{self.prefix}lora{self._count}"  # PEFT adapter names must be plain identifiers
         path = key[0]
         try:
-            state = lora.read()
+            state = diffusers_lora_state(lora.read(), self.pipeline)
             nbytes = sum(t.numel() * t.element_size() for t in state.values())
             self.enabled = None  # loading may switch the layers on again
             with quiet_peft_reports():
@@ -180,7 +281,7 @@ class PipelineLoras:
             self.pipeline.delete_adapters(name)
 
 
-LORA_DOWN = ("lora_down.weight", "lora_A.weight", "lora.down.weight")  # kohya / LyCORIS, PEFT, older diffusers
+LORA_DOWN = ("lora_down.weight", "lora_A.weight", ".down.weight")  # kohya / LyCORIS, PEFT, older diffusers, XLabs
 
 
 def lora_layer_count(state: dict) -> int:
