@@ -24,6 +24,7 @@ from ..models.single_file import (
 )
 from ..models.parts import NO_PARTS, ModelParts
 from ..models.specs import PipelineSpec
+from .split_files import FLUX1_WIDTH, flux_checkpoint_at_any_width, load_from_parts, needs_components, part_files
 from .tensors import first_line, read_tensor_table, read_tensors_under
 
 # pipeline class (one of models.specs.SUPPORTED_PIPELINES) -> the components it loads without
@@ -75,7 +76,9 @@ def load_pipeline(spec: PipelineSpec, device: torch.device, dtype: torch.dtype, 
     cls = getattr(diffusers, spec.pipeline_class)
     path = Path(spec.path)
     try:
-        if path.is_file():
+        if needs_components(spec, parts):  # a split model, or a quantized all-in-one file
+            pipeline = load_from_parts(cls, spec, part_files(spec, parts), dtype)
+        elif path.is_file():
             pipeline = from_single_file(cls, spec, dtype)
         else:
             pipeline = cls.from_pretrained(
@@ -83,16 +86,13 @@ def load_pipeline(spec: PipelineSpec, device: torch.device, dtype: torch.dtype, 
                 "feature_extractor": None, **WITHOUT[spec.pipeline_class], **(shared or {})},
             )  # fmt: skip
     except (OSError, RuntimeError, ValueError, KeyError, TypeError) as exc:
-        what = "single-file checkpoint" if path.is_file() else "pipeline"
+        what = "split model" if parts.files else "single-file checkpoint" if path.is_file() else "pipeline"
         raise CheckpointError(spec.path, f"cannot load {what} ({first_line(exc)})") from None
     pipeline.set_progress_bar_config(disable=True)
     for name, component in pipeline.components.items():  # not `pipeline.to`: that would move the shared ones too,
         if isinstance(component, torch.nn.Module) and name not in (shared or {}):  # off a resident model's device
             component.to(device)
     return pipeline
-
-
-FLUX1_WIDTH = 3072  # the width diffusers' FLUX single-file converter is written for
 
 
 def from_single_file(cls, spec: PipelineSpec, dtype: torch.dtype):
@@ -137,27 +137,12 @@ def sd3_clip_g(path: Path, config_folder: Path, dtype: torch.dtype):
 
 
 def flux_transformer_at_any_width(path: Path, config_folder: Path, dtype: torch.dtype):
-    """A FLUX-shaped transformer from a single file narrower or wider than FLUX.1 (imprompt goes beyond diffusers
-    here). diffusers' converter splits each single-stream block's fused projection (`linear1`: q, k, v, then the
-    4x MLP) at FLUX.1's width, written into it. imprompt splits those at the file's width and hands diffusers a
-    stand-in with as many rows as it expects (a broadcast zero, one column) for everything else it converts."""
+    """A FLUX-shaped transformer from an all-in-one file narrower or wider than FLUX.1 (imprompt goes beyond
+    diffusers here: `split_files.flux_checkpoint_at_any_width`)."""
     from diffusers import FluxTransformer2DModel
-    from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
 
     checkpoint = {k.removeprefix(UNET): v for k, v in read_tensors_under(path, UNET).items()}
-    width = checkpoint["img_in.weight"].shape[0]
-    fused = {}
-    for key in [k for k in checkpoint if k.startswith("single_blocks.") and ".linear1." in k]:
-        fused[key] = checkpoint.pop(key)
-        checkpoint[key] = torch.zeros((), dtype=fused[key].dtype).expand(7 * FLUX1_WIDTH, *[1] * (fused[key].ndim - 1))
-    converted = convert_flux_transformer_checkpoint_to_diffusers(checkpoint)
-    for key, tensor in fused.items():
-        block, kind = key.split(".")[1], key.rsplit(".", 1)[1]
-        q, k, v, mlp = torch.split(tensor, (width, width, width, tensor.shape[0] - 3 * width))
-        target = f"single_transformer_blocks.{block}."
-        converted.update({f"{target}attn.to_q.{kind}": q, f"{target}attn.to_k.{kind}": k,
-                          f"{target}attn.to_v.{kind}": v, f"{target}proj_mlp.{kind}": mlp})  # fmt: skip
     config = json.loads((config_folder / "transformer" / "config.json").read_text())
     transformer = FluxTransformer2DModel.from_config(config)
-    transformer.load_state_dict(converted)  # strict: every tensor of the model is named, and nothing else
+    transformer.load_state_dict(flux_checkpoint_at_any_width(checkpoint))  # strict: every tensor named, nothing else
     return transformer.to(dtype)

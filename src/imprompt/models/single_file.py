@@ -395,9 +395,7 @@ def transformer_single_file_unsupported(path: Path, table, architecture: str, ki
     channels = wrong_input_channels(architecture, config["in_channels"])
     if channels:
         return f"{path}: a {describe_type(kind)} single-file checkpoint whose {channels}. Choose another model"
-    if "scaled_fp8" in table or any(k.endswith(".scale_weight") for k in table):
-        return (f"{path}: a {describe_type(kind)} checkpoint in ComfyUI's scaled-fp8 format, which diffusers cannot "
-                f"read. Use an fp16 / bf16 / plain fp8 checkpoint, or the diffusers folder")  # fmt: skip
+    # ComfyUI's scaled fp8 runs: `loading/split_files.py` dequantizes it (weight x scale_weight) at load
     missing = [name for name in DIT_NEEDS[architecture] if name not in text_encoders]
     if not any(k.startswith(VAE) for k in table):
         missing.insert(0, "VAE")
