@@ -490,11 +490,19 @@ def _models(args) -> int:
     print("Models (and the adapters that fit each):")
     for m in listing["models"]:
         kind = f"{m['family']:<8} {m['pipeline_class']}" + (f" ({m['model_type']})" if m["model_type"] else "")
-        print(f"  {m['name']:<28} {kind}")
+        stored = f"  [{m['quantization']}]" if m["quantization"] else ""
+        print(f"  {m['name']:<28} {kind}{stored}")
         if m["unsupported"]:
             print(f"    not runnable: {m['unsupported']}")
-        else:
-            print(f"    adapters: {', '.join(m['adapters']) or 'none in this folder'}")
+            continue
+        if m["parts"]:  # a transformer alone (ComfyUI's split layout): what it runs with, from other files
+            chosen = m.get("model_parts", {})
+            shown = ", ".join(f"{role} {chosen[role]['name']}" if role in chosen else role for role in m["parts"])
+            extra = ", ".join(f"{role} {p['name']}" for role, p in chosen.items() if role not in m["parts"])
+            print(f"    transformer alone, runs with: {shown}" + (f" (and {extra})" if extra else ""))
+            if "parts_problem" in m:
+                print(f"    missing part: {m['parts_problem']}")
+        print(f"    adapters: {', '.join(m['adapters']) or 'none in this folder'}")
     print("IP-Adapters:")
     for a in listing["adapters"]:
         label = a["friendly_name"] or a["name"]

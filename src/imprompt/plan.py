@@ -168,11 +168,21 @@ def describe_store(store: ModelStore) -> dict:
         spec = entry.spec
         fits_models = [p.name for p in store.pipelines if not spec.unsupported and spec.mismatch(p.spec) is None]
         controlnets.append({"name": entry.name, **spec.to_dict(), "fits_models": fits_models})
+
+    def parts(model: Entry) -> dict:
+        """A transformer alone: the files it would run with now (role -> name and why), or why it cannot."""
+        if not model.spec.parts or model.spec.unsupported:
+            return {}
+        try:
+            return {"model_parts": model_parts.choose_parts(model, store, None, []).describe()}
+        except ImpromptError as exc:
+            return {"parts_problem": str(exc)}
+
     return {
         "models": [
             {"name": m.name, **m.spec.to_dict(), "adapters": [a["friendly_name"] or a["name"] for a in adapters
                                                               if m.name in a["fits_models"]],
-             "controlnets": [c["name"] for c in controlnets if m.name in c["fits_models"]]}
+             "controlnets": [c["name"] for c in controlnets if m.name in c["fits_models"]], **parts(m)}
             for m in store.pipelines
         ],  # fmt: skip
         "controlnets": controlnets,
