@@ -348,3 +348,27 @@ def test_the_models_listing_shows_parts_and_quantization(trees, gguf_file, tmp_p
 
 def split_tensors_of(path: Path) -> dict:
     return read_tensors(path)
+
+
+def test_an_all_in_one_fp8_file_says_its_transformers_quantization(pipelines, tmp_path):
+    from single_files import transformer_single_file_tensors
+
+    tensors = transformer_single_file_tensors(pipelines.flux)
+    stored = {k: v.to(torch.float8_e4m3fn) if k.startswith("model.diffusion_model.") else v.half() for k, v in tensors.items()}
+    spec = probe(save_part(stored, tmp_path / "flux1-dev-fp8.safetensors", dtype=None))
+    assert (spec.quantization, spec.parts, spec.text_encoders) == ("fp8_e4m3fn", (), ("clip_l", "t5xxl"))
+
+
+def test_gguf_files_that_are_no_transformer_or_no_gguf_are_listed_as_such(tmp_path):
+    writer = gguf.GGUFWriter(str(tmp_path / "llm.gguf"), "llama")
+    for key in ("token_embd.weight", "blk.0.attn_q.weight"):  # a language model's names
+        writer.add_tensor(key, torch.randn(8, 32).half().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    (tmp_path / "broken.gguf").write_bytes(b"GGUF\x03\x00\x00\x00garbage")
+    store = ModelStore(tmp_path)
+    kinds = {e.name: e.kind for e in store.entries}
+    assert kinds == {"llm": "unknown", "broken": "unreadable"}
+    assert "not a valid GGUF file" in str(next(e for e in store.entries if e.name == "broken").error)
