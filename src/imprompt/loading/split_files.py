@@ -208,6 +208,7 @@ def load_text_encoder(role: str, where: PartFile, folder: Path, sub: str, dtype:
         if "encoder.embed_tokens.weight" not in state:  # tied to `shared` in transformers' model
             state["encoder.embed_tokens.weight"] = state["shared.weight"]
         model = load_keeping_fp8(model, state, dtype, T5_SKIP)
+        model.tie_weights()  # one embedding for `shared` and `encoder.embed_tokens`, as transformers' own loading
         if dtype == torch.float16:  # as diffusers' T5 loader: the feed-forward output in float32
             for module in model.modules():
                 if type(module).__name__.endswith("DenseGatedActDense") or type(module).__name__.endswith("DenseActDense"):
@@ -215,8 +216,10 @@ def load_text_encoder(role: str, where: PartFile, folder: Path, sub: str, dtype:
         return model
     checkpoint = {DIT_TEXT_ENCODERS[role] + k: v for k, v in state.items()}
     if role == "t5xxl":
-        return create_diffusers_t5_model_from_checkpoint(T5EncoderModel, checkpoint, subfolder=sub, config=str(folder),
-                                                         torch_dtype=dtype, local_files_only=True).eval()  # fmt: skip
+        model = create_diffusers_t5_model_from_checkpoint(T5EncoderModel, checkpoint, subfolder=sub, config=str(folder),
+                                                          torch_dtype=dtype, local_files_only=True)  # fmt: skip
+        model.tie_weights()  # diffusers' loader leaves `encoder.embed_tokens` a second copy of `shared` (T5-XXL: 0.26 GB)
+        return model.eval()
     cls = CLIPTextModelWithProjection if architecture == "sd3" else CLIPTextModel  # as each pipeline's config names
     if not any(k.endswith("embeddings.position_embedding.weight") for k in checkpoint):
         raise CheckpointError(where.path, f"no CLIP text model in it for {role}", REDOWNLOAD)
