@@ -372,3 +372,33 @@ def test_gguf_files_that_are_no_transformer_or_no_gguf_are_listed_as_such(tmp_pa
     kinds = {e.name: e.kind for e in store.entries}
     assert kinds == {"llm": "unknown", "broken": "unreadable"}
     assert "not a valid GGUF file" in str(next(e for e in store.entries if e.name == "broken").error)
+
+
+@pytest.mark.parametrize("architecture", ["sd3", "flux"])
+def test_real_size_split_trees_pair_at_the_published_widths(tmp_path, architecture):
+    """SD 3.5 Large and FLUX.1 dev at real size (headers only, on the meta device): the transformer alone expects
+    the published text-encoder widths (FLUX: CLIP-L 768, T5 4096; SD 3.5: pooled 768 + 1280, T5 4096), and the
+    real-size parts in ComfyUI's names are the ones chosen."""
+    from single_files import sparse_checkpoint
+    from test_single_file_dits import real_size_pipeline
+
+    names = FLUX_NAMES if architecture == "flux" else SD35_NAMES
+    for part, tensors in split_tensors(real_size_pipeline(architecture)).items():
+        folder, file = names[part]
+        (tmp_path / folder).mkdir(exist_ok=True)
+        sparse_checkpoint(tmp_path / folder / file, tensors)
+    store = ModelStore(tmp_path)
+    model = store.pipeline(Path(names["transformer"][1]).stem)
+    expected = {"flux": {"clip": 768, "t5xxl": 4096}, "sd3": {"clip_pooled": 2048, "t5xxl": 4096}}[architecture]
+    assert dict(model.spec.text_encoder_widths) == expected and model.spec.unsupported is None
+    assert model.spec.layer_widths == probe_real_folder_widths(architecture)
+    parts = choose_parts(model, store, None, [])
+    assert {role: e.path.name for role, e in parts.files.items()} == {
+        role: file for role, (_, file) in names.items() if role != "transformer"}
+    assert store.text_encoder("t5xxl_fp16").spec.layers == 24
+
+
+def probe_real_folder_widths(architecture: str) -> tuple[int, ...]:
+    """The blocks' widths of the published transformer (FLUX.1 dev: 19 double blocks of 3072; SD 3.5 Large: 38
+    joint blocks of 2432)."""
+    return (3072,) * 19 if architecture == "flux" else (2432,) * 38
