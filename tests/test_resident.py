@@ -143,7 +143,7 @@ def test_a_model_that_fails_to_move_onto_the_device_is_not_left_resident(pack, m
     move = StableDiffusionXLPipeline.to
 
     def to(self, *args, **kwargs):
-        if sys._getframe(1).f_code.co_name == "add":  # ResidentPipelines.add: the move onto the device
+        if sys._getframe(1).f_code.co_name in ("add", "place"):  # ResidentPipelines.add: the move onto the device
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return move(self, *args, **kwargs)
 

@@ -237,6 +237,10 @@ def _engine_arguments(parser) -> None:
     parser.add_argument("--activation-budget", metavar="SIZE",
                         help="memory a generation may use beyond the caches; an image whose VAE decode needs more is "
                              "decoded tile by tile (default: the 20%% of the device the caches leave)")  # fmt: skip
+    parser.add_argument("--offload", default="auto", choices=("auto", "none", "encoders", "model", "group"),
+                        help="memory plan for models the GPU cannot hold: auto chooses by size; none (all on the "
+                             "device), encoders (text encoders on the CPU), model (each component moved in as it "
+                             "runs), group (block by block)")  # fmt: skip
     parser.add_argument("--insightface-root", metavar="DIR", default=os.environ.get("IMPROMPT_INSIGHTFACE_ROOT"),
                         help="FaceID from images: the folder holding InsightFace's models/buffalo_l (default: "
                              "$IMPROMPT_INSIGHTFACE_ROOT, then MODELS/insightface, then ~/.insightface)")  # fmt: skip
@@ -256,7 +260,8 @@ def _engine_options(args, **settings) -> dict:
                 embedding_cache_budget=args.embedding_budget, lora_cache_budget=args.lora_budget,
                 controlnet_cache_budget=args.controlnet_budget,
                 pipeline_cache_budget=args.model_budget, offload_budget=args.offload_budget,
-                activation_budget=args.activation_budget, insightface_root=args.insightface_root, **settings)  # fmt: skip
+                activation_budget=args.activation_budget, insightface_root=args.insightface_root,
+                offload=args.offload, **settings)  # fmt: skip
 
 
 def _positive(text: str) -> int:

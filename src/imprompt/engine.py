@@ -63,6 +63,7 @@ class Engine:
         max_images: int = 16,
         insightface_root: str | Path | None = None,
         activation_budget: str | int | None = None,
+        offload: str = "auto",
     ):
         """`models`: a models folder (or several). `dtype`: of the pipeline; `encoder_dtype`: of the image
         encoders (default: the same; bfloat16 halves their memory and, on CPUs with bf16 support, their time).
@@ -74,12 +75,15 @@ class Engine:
         caches (an image whose VAE decode would need more is decoded tile by tile).
         Paths as names are allowed unless `allow_paths=False`. `max_units` per request and `max_images` per unit
         are checked before any image is decoded. `insightface_root`: where InsightFace's model pack is (FaceID from
-        images; see `ipadapter/faces.py` for where else it is looked for)."""
+        images; see `ipadapter/faces.py` for where else it is looked for). `offload`: the memory plan of models that
+        do not fit the device ("auto" chooses by size; "none", "encoders", "model", "group" force one: see
+        `loading/memory_plan.py`)."""
         budgets = {"encoders": cache_budget, "embeddings": embedding_cache_budget, "adapters": adapter_cache_budget,
                    "loras": lora_cache_budget, "controlnets": controlnet_cache_budget, "pipelines": pipeline_cache_budget, "offload": offload_budget,
                    "activations": activation_budget}  # fmt: skip
         limits = Limits(max_units, max_images, max_image_pixels, max_image_bytes, allow_paths)
-        self.state = EngineState(models, device, dtype, encoder_dtype, budgets, limits, default_model, insightface_root)
+        self.state = EngineState(models, device, dtype, encoder_dtype, budgets, limits, default_model, insightface_root,
+                                 offload)
         self.store, self.device, self.dtype = self.state.store, self.state.device, self.state.dtype
 
     def __getattr__(self, name: str):
@@ -198,8 +202,8 @@ def generate(state: EngineState, request: GenerateRequest, on_step, made_elsewhe
         images = call.run()
     timer.mark("denoise")
 
-    device = {"device": str(state.device), "dtype": str(state.dtype).removeprefix("torch."),
-              "encoder_dtype": str(state.encoder_dtype).removeprefix("torch.")}  # fmt: skip
+    device = {"device": str(state.device), "dtype": str(loaded.dtype or state.dtype).removeprefix("torch."),
+              "encoder_dtype": str(state.encoder_dtype).removeprefix("torch."), "memory_plan": loaded.memory.describe()}  # fmt: skip
     if plan.parts.files:  # a transformer alone: which VAE and text encoders it ran with, and why those
         device["model_parts"] = plan.parts.describe()
     return make_result(images, call, request, [c.describe(call) for c in plan.conditionings], model=loaded.name,

@@ -22,6 +22,7 @@ from .ipadapter.attach import attachment
 from .ipadapter.embeddings import ImageEmbedder
 from .ipadapter.faces import FaceAnalyzer, insightface_roots
 from .loading.loras import LoraBudget, PipelineLoras
+from .loading.memory_plan import TRANSFORMERS, MemoryPlan, check_mode, choose_plan, estimate_sizes
 from .loading.pipelines import component_identities, load_pipeline
 from .loading.resident import LoadedPipeline, ResidentPipelines
 from .models.parts import NO_PARTS, ModelParts
@@ -29,7 +30,15 @@ from .models.store import Entry, ModelStore
 from .preprocess.loaded import MODELS as ANNOTATOR_MODELS
 from .request import MAX_IMAGES, MAX_UNITS
 from .util.cache import ByteLRU, parse_bytes
-from .util.devices import activation_budget, default_budget, default_device, resolve_dtype
+from .util.devices import (
+    activation_budget,
+    default_budget,
+    default_device,
+    device_memory,
+    free_memory,
+    model_dtype,
+    resolve_dtype,
+)
 from .util.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, load_image
 
 log = logging.getLogger("imprompt")
@@ -57,11 +66,14 @@ class EngineState:
     """The store, caches, budgets, resident pipelines and locks of one engine (see `Engine` for the arguments)."""
 
     def __init__(self, models, device=None, dtype=None, encoder_dtype=None, budgets: dict | None = None,
-                 limits: Limits = Limits(), default_model: str | None = None, insightface_root=None):  # fmt: skip
+                 limits: Limits = Limits(), default_model: str | None = None, insightface_root=None,
+                 offload: str | None = "auto"):  # fmt: skip
         budgets = budgets or {}
         self.store = ModelStore(models, allow_paths=limits.allow_paths)
         self.device = torch.device(device) if device else default_device()
         self.dtype = resolve_dtype(dtype, self.device)
+        self.dtype_setting = dtype  # "auto" / None: each model's family decides (`model_dtype`)
+        self.offload = check_mode(offload)  # the memory plan the user forces, or "auto"
         self.encoder_dtype = resolve_dtype(encoder_dtype, self.device) if encoder_dtype else self.dtype
         self.limits, self.default_model = limits, default_model
 
@@ -120,16 +132,37 @@ class EngineState:
 
     def pipeline_key(self, entry: Entry, parts: ModelParts = NO_PARTS) -> tuple:
         """What identifies a loaded pipeline: its file's version, how it was loaded, and a transformer alone's parts."""
-        return entry.key(self.dtype, self.device) + parts.key()
+        return entry.key(self.model_dtype(entry.spec), self.device) + parts.key()
+
+    def model_dtype(self, spec) -> torch.dtype:
+        """The dtype a base model runs in: the engine's, or for "auto" on CUDA its family's (`util/devices.py`)."""
+        return model_dtype(self.dtype_setting, self.device, spec.architecture)
+
+    def memory_plan(self, entry: Entry, parts: ModelParts, dtype: torch.dtype) -> MemoryPlan:
+        """Where the model's weights will live, chosen before it loads from its files' sizes and the device's room:
+        what is free now plus what the resident pipelines hold there (they are pushed out for it if need be)."""
+        sizes = estimate_sizes(entry.spec, parts, dtype)
+        room = device_memory(self.device)
+        if self.device.type == "cuda":
+            room = min(room, free_memory(self.device) + self.pipelines.on_device.used_bytes)
+        return choose_plan(room, sizes.total, self.offload, activation_bytes=self.activation_budget,
+                           group_bytes=sizes.group(streams=self.device.type == "cuda"), device_type=self.device.type,
+                           encoders_apart=entry.spec.architecture in TRANSFORMERS)  # fmt: skip
 
     def _load(self, entry: Entry, key: tuple, events: list, parts: ModelParts = NO_PARTS) -> LoadedPipeline:
         started = time.perf_counter()
-        identities = component_identities(entry.spec, self.dtype)
+        dtype = self.model_dtype(entry.spec)
+        memory = self.memory_plan(entry, parts, dtype)
+        log.info("model %s: memory plan %s (%s)", entry.name, memory.mode, memory.why)
+        events.append({"event": "memory_plan", "model": entry.name, **memory.describe()})
+        # modules under diffusers' offload hooks are never shared: another model would carry the hooks along
+        hooked = memory.mode in ("model", "group")
+        identities = {} if hooked else component_identities(entry.spec, dtype)
         shared = self.pipelines.shared_components(identities)
         for name in shared:
             log.info("model %s: %s shared with a resident model (same files on disk)", entry.name, name)
             events.append({"event": "component_shared", "model": entry.name, "component": name})
-        pipeline = load_pipeline(entry.spec, torch.device("cpu"), self.dtype, shared, parts)
+        pipeline = load_pipeline(entry.spec, torch.device("cpu"), dtype, shared, parts)
         return LoadedPipeline(
             key=key,
             name=entry.name,
@@ -142,6 +175,8 @@ class EngineState:
             load_seconds=time.perf_counter() - started,
             model_hash=self.store.a1111_hash(entry.path) if entry.path.is_file() else None,
             components=identities,
+            dtype=dtype,
+            memory=memory,
         )
 
     def unload(self, kind: str, key: tuple) -> bool:

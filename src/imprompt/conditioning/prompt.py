@@ -283,6 +283,36 @@ class TransformerPrompt(Conditioning):
                             "true_cfg_scale": self.true_cfg_scale}  # fmt: skip
         else:  # SD3 encodes "" for an empty one, as diffusers does
             call.kwargs |= {"prompt": prompt, "negative_prompt": self.negative_prompt}
+        if call.loaded.memory.encoders_on_cpu:  # its text encoders stay in CPU memory (`loading/memory_plan.py`)
+            call.kwargs |= self.encoded_on_cpu(call.pipeline, call.kwargs)
+
+    def encoded_on_cpu(self, pipeline, kwargs: dict) -> dict:
+        """The texts the pipeline would encode on its device, encoded by its own `encode_prompt` on the CPU where
+        its text encoders stay, as the embeddings it takes instead (moved to the denoiser's device): the same
+        numbers. diffusers encodes where the denoiser runs; imprompt can keep the 9.5 GB T5 off a GPU too small
+        for both."""
+        import torch
+
+        cpu, device = torch.device("cpu"), pipeline.transformer.device
+        with torch.no_grad():
+            if self.flux:
+                embeds, pooled, _ = pipeline.encode_prompt(prompt=kwargs["prompt"], prompt_2=None, device=cpu)
+                found = {"prompt": None, "prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+                if kwargs["negative_prompt"] is not None and kwargs["true_cfg_scale"] > 1:  # true CFG reads it
+                    embeds, pooled, _ = pipeline.encode_prompt(prompt=kwargs["negative_prompt"], prompt_2=None,
+                                                               device=cpu)  # fmt: skip
+                    found |= {"negative_prompt_embeds": embeds, "negative_pooled_prompt_embeds": pooled}
+                found["negative_prompt"] = None
+            else:
+                guided = kwargs["guidance_scale"] > 1  # SD 3 encodes the negative only when it guides
+                embeds, negative, pooled, negative_pooled = pipeline.encode_prompt(
+                    prompt=kwargs["prompt"], prompt_2=None, prompt_3=None, device=cpu,
+                    do_classifier_free_guidance=guided, negative_prompt=kwargs["negative_prompt"])  # fmt: skip
+                found = {"prompt": None, "negative_prompt": None, "prompt_embeds": embeds,
+                         "pooled_prompt_embeds": pooled}  # fmt: skip
+                if guided:
+                    found |= {"negative_prompt_embeds": negative, "negative_pooled_prompt_embeds": negative_pooled}
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in found.items()}
 
     def describe(self, call) -> Description:
         info = {"prompt": self.prompt, "negative_prompt": self.negative_prompt, "textual_inversions": [],

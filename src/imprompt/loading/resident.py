@@ -7,6 +7,8 @@ disk again. Keys carry the file's fingerprint, dtype and device, so a changed fi
 copy. A new pipeline is built in CPU memory first and moved to the device only when it loaded, so a failed load
 leaves every resident pipeline as it was. Components that two pipeline folders share on disk (the same VAE or text
 encoder files, e.g. by symlink) are loaded once and handed to diffusers' `from_pretrained` for the second.
+A pipeline under a memory plan (`memory_plan.py`) is placed as its plan says, never moved whole where diffusers'
+offload hooks move its parts, and counts in the budget only what it holds on the device.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 from ..util.cache import ByteLRU, module_bytes
 from ..util.devices import release_memory
 from .loras import PipelineLoras
+from .memory_plan import NO_PLAN, MemoryPlan, is_encoder, leave_device, place
 
 log = logging.getLogger("imprompt")
 
@@ -38,6 +41,8 @@ class LoadedPipeline:
     load_seconds: float
     model_hash: str | None  # A1111's short hash of a single-file checkpoint (folders have none)
     components: dict = field(default_factory=dict)  # name -> identity of its files on disk (shared components)
+    dtype: object = None  # torch.dtype it was loaded in (per family: `util/devices.model_dtype`)
+    memory: MemoryPlan = NO_PLAN  # where its weights live (`memory_plan.py`)
     _img2img: object = None
 
     @property
@@ -46,8 +51,21 @@ class LoadedPipeline:
         return self.own_components["vae"]
 
     def __post_init__(self):
-        # its weights as loaded; the LoRA layers later added inside its modules count in the one LoRA budget
-        self.nbytes = sum(module_bytes(m) for m in self.own_components.values() if isinstance(m, torch.nn.Module))
+        # its weights on the device as loaded (the LoRA layers later added inside its modules count in the one LoRA
+        # budget): all, or without the text encoders kept on the CPU; under diffusers' offload hooks, what its plan
+        # holds there at its peak (one component, or a few blocks)
+        modules = {n: m for n, m in self.own_components.items() if isinstance(m, torch.nn.Module)}
+        if self.memory.mode in ("model", "group"):
+            self.nbytes = self.memory.on_device_bytes
+        else:
+            kept = self.memory.mode == "encoders"
+            self.nbytes = sum(module_bytes(m) for n, m in modules.items() if not (kept and is_encoder(n)))
+        self.hooked = False  # diffusers' offload hooks installed (`memory_plan.place`)
+
+    def place(self, device: torch.device) -> None:
+        """Its components where its memory plan says (on the device, the text encoders on the CPU, or under
+        diffusers' offload hooks, installed once)."""
+        self.hooked = place(self.pipeline, self.memory, device, self.hooked)
 
     def restore_components(self) -> None:
         """Its own components back on it and on its image-to-image twin, after a request that swapped one in: a
@@ -82,7 +100,7 @@ class ResidentPipelines:
         """The resident pipeline for `key`: on the device, or moved back from CPU memory; None if not resident."""
         loaded = self.on_device.get(key)
         if loaded is not None and self.device.type == "cuda" and loaded is not self.current:
-            loaded.pipeline.to(self.device)  # a component it shares with a model moved to CPU memory went along
+            loaded.place(self.device)  # a component it shares with a model moved to CPU memory went along
         if loaded is not None or key not in self.offloaded:
             return loaded
         loaded = self.offloaded.get(key)
@@ -99,7 +117,7 @@ class ResidentPipelines:
         if self._make_room(loaded, events):
             release_memory(self.device)  # no reference to what was unloaded is left: collect it now
         try:
-            loaded.pipeline.to(self.device)
+            loaded.place(self.device)
         except BaseException:  # e.g. out of device memory halfway: a pipeline half on the device is never served
             self.on_device.discard(loaded.key)
             self._let_go(loaded)
@@ -127,7 +145,7 @@ class ResidentPipelines:
                 old.value.attached.attach([], ())
                 old.value.restore_components()
                 old.value.loras.clear()  # the LoRA budget is the device's: they load again if it comes back
-                old.value.pipeline.to("cpu")
+                leave_device(old.value.pipeline, old.value.memory)
                 for gone in self.offloaded.put(old.key, old.value, old.nbytes, label=old.label, with_values=True):
                     self._let_go(gone.value)
                     unloaded += 1

@@ -72,6 +72,22 @@ def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     return resolved
 
 
+# Families trained in bfloat16 (diffusers' examples run them so): on CUDA "auto" gives them bfloat16 where the GPU has
+# it; float16's narrower range overflows in their activations. SD 1.5 / SDXL: float16 (diffusers upcasts SDXL's VAE
+# to float32 for its decode, as its configuration's `force_upcast` asks).
+BF16_FAMILIES = ("sd3", "flux")
+
+
+def model_dtype(dtype, device: torch.device, architecture: str, bf16_supported: bool | None = None) -> torch.dtype:
+    """A model's dtype: the user's where given; for "auto" on CUDA bfloat16 for SD 3.x / FLUX (`architecture`
+    "sd3" / "flux") where the GPU supports it (`bf16_supported`, default: asked of CUDA), else float16; float32 on
+    the CPU."""
+    if dtype in (None, "auto") and device.type == "cuda" and architecture in BF16_FAMILIES:
+        supported = torch.cuda.is_bf16_supported() if bf16_supported is None else bf16_supported
+        return torch.bfloat16 if supported else torch.float16
+    return resolve_dtype(dtype, device)
+
+
 def device_memory(device: torch.device) -> int:
     """Bytes of memory on the device: the GPU's own on CUDA, the machine's RAM on the CPU."""
     if device.type == "cuda":
@@ -81,6 +97,15 @@ def device_memory(device: torch.device) -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return 16 * 2**30
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes of the device's memory free now (CUDA's own count); on the CPU, its whole memory (the memory plan does
+    not offload there)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free
+    return device_memory(device)
 
 
 def default_budget(cache: str, device: torch.device) -> int:
