@@ -303,7 +303,8 @@ def diffusion_model(path, table, keys):
         return OtherModelSpec(path, "diffusion-model", f"{_unet_family(table, keys)} UNet alone (original names)")
     if "conv_in.weight" in table and "time_embedding.linear_1.weight" in table:
         return OtherModelSpec(path, "diffusion-model", f"{_unet_family(table, keys)} UNet alone (diffusers names)")
-    runs = "without its VAE and text encoders; imprompt runs all-in-one files and diffusers folders"
+    # whole transformers alone are pipelines (ComfyUI's split layout, `single_file.transformer_alone_spec`)
+    runs = "blocks without the final layer a whole transformer has; not runnable"
     if any(k.startswith("double_blocks.") for k in keys):
         return OtherModelSpec(path, "diffusion-model", f"FLUX transformer alone ({runs})")
     if any(k.startswith("joint_blocks.") for k in keys):
