@@ -240,6 +240,7 @@ class PipelineLoras:
                 path, f"diffusers cannot load this LoRA ({first_line(exc)})",
                 "Check that it is a LoRA for this model's family, in kohya / A1111 or diffusers format",
             ) from None  # fmt: skip
+        self._compute_beside_fp8(name)
         seconds = time.perf_counter() - started
         layers, found = lora_layer_count(state), self._layers_holding(name)
         if found < layers:  # diffusers loads what matches a module and drops the rest without a word
@@ -256,6 +257,23 @@ class PipelineLoras:
             owner, old_key = self.budget.owners[old.key[0]], old.key[1]  # this pipeline's, or another's
             owner._delete(old_key, old.label, "LoRA cache budget", events)
         return name
+
+    def _compute_beside_fp8(self, name: str) -> None:
+        """PEFT makes a LoRA layer in its base layer's dtype: beside a layer kept fp8 by diffusers' layerwise casting
+        (an fp8 file's, `loading/quantized.py`) that is fp8, which no hook upcasts and nothing computes in. imprompt
+        moves those LoRA layers to the layer's compute dtype after the load; their values stay as fp8 rounded them
+        (diffusers' own order, the casting enabled after the LoRA, leaves them unrounded: up to 7/255 apart)."""
+        for component in self.pipeline.components.values():
+            if not isinstance(component, torch.nn.Module):
+                continue
+            for module in component.modules():
+                lora_a = getattr(module, "lora_A", None)
+                if isinstance(lora_a, torch.nn.ModuleDict) and name in lora_a:
+                    registry = getattr(module.get_base_layer(), "_diffusers_hook", None)
+                    hook = registry.get_hook("layerwise_casting") if registry is not None else None
+                    if hook is not None:
+                        lora_a[name].to(hook.compute_dtype)
+                        module.lora_B[name].to(hook.compute_dtype)
 
     def _layers_holding(self, name: str) -> int:
         """How many layers of the pipeline's modules hold PEFT adapter `name` (a shared module's counted once)."""
