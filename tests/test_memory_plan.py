@@ -202,3 +202,21 @@ def test_a_group_offloaded_model_pushed_out_and_back_gives_the_same_pixels(pack,
         result = engine.generate(request(name, **CASES[name]))
         assert max_diff(result.images[0], unplanned[name].images[0]) == 0, name
     assert "model_restored" in [e["event"] for e in result.info["events"]]
+
+
+def test_sizes_of_a_split_model_count_its_parts(pack, tmp_path):
+    """ComfyUI's split layout: the transformer alone, and the VAE and text encoders its parts are paired with."""
+    from comfy_trees import write_split_tree
+
+    from imprompt.models.parts import choose_parts
+    from imprompt.models.store import ModelStore
+
+    pipeline = load_pipeline(probe(pack / "diffusers" / FLUX_MODEL), CPU, torch.float32)
+    write_split_tree(pipeline, tmp_path)  # saved in float16, planned in float32
+    store = ModelStore(tmp_path)
+    entry = store.pipeline("flux1-dev")
+    sizes = estimate_sizes(entry.spec, choose_parts(entry, store, None, []), torch.float32).total
+    assert sizes == {"transformer": module_bytes(pipeline.transformer), "vae": module_bytes(pipeline.vae),
+                     "text_encoder.clip_l": sizes["text_encoder.clip_l"],
+                     "text_encoder.t5xxl": module_bytes(pipeline.text_encoder_2)}  # fmt: skip
+    assert abs(sizes["text_encoder.clip_l"] - module_bytes(pipeline.text_encoder)) <= 1024  # CLIP's position ids
