@@ -138,7 +138,7 @@ UNIT_FIELDS = tuple(IPAdapterUnit.model_fields)
 # What imprompt does with each A1111 / SD.Next field (the README's table says the same):
 READ = {"prompt", "negative_prompt", "seed", "steps", "cfg_scale", "width", "height", "batch_size", "n_iter",
         "sampler_name", "sampler_index", "scheduler", "override_settings", "ip_adapter", "alwayson_scripts",
-        "init_images", "denoising_strength", "clip_skip", "face", "true_cfg_scale", "controlnets"}  # fmt: skip
+        "init_images", "denoising_strength", "clip_skip", "face", "true_cfg_scale", "controlnets", "text_encoders"}  # fmt: skip
 # no effect on the picture (or only together with a field that must stay off, below)
 IGNORED = {"send_images", "save_images", "do_not_save_samples", "do_not_save_grid", "override_settings_restore_afterwards",
            "force_task_id", "comments", "infotext", "include_init_images", "script_args", "image_cfg_scale",
@@ -284,6 +284,8 @@ def from_sdnext_payload(payload: dict, img2img: bool | None = None, store: Model
         fields["vae"] = chosen["sd_vae"]
     if chosen.get("forge_additional_modules") and store is not None:
         fields.update(forge_modules(chosen["forge_additional_modules"], store))
+    if payload.get("text_encoders"):  # imprompt's own field, beside Forge's modules
+        fields["text_encoders"] = [*fields.get("text_encoders", []), *payload["text_encoders"]]
     clip_skip = next((v for v in (overrides.get("CLIP_stop_at_last_layers"), payload.get("clip_skip"),
                                   chosen.get("CLIP_stop_at_last_layers")) if v is not None), None)  # fmt: skip
     if clip_skip is not None:
