@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from imprompt import Engine
 from imprompt.demo.pack import FLUX_ADAPTERS, FLUX_MODEL, SD35_ADAPTER, SD35_MODEL, SIGLIP_FILE, VIT_L_FILE
 from imprompt.demo.tiny_dits import build_siglip_vision
-from imprompt.errors import ImpromptError, IncompatibleError, RequestError, UnsupportedError
+from imprompt.errors import ImpromptError, IncompatibleError, RequestError, UnknownLoraError, UnsupportedError
 from imprompt.loading.encoders import load_encoder
 from imprompt.models.probe import probe
 
@@ -104,7 +104,7 @@ def test_every_cross_family_pairing_is_refused_in_the_plan(pack, red_circle, mod
     (SD35_MODEL, [{}, {}], {}, UnsupportedError, ["one IP-Adapter", "2 units"]),
     (FLUX_MODEL, [{"masks": ["MASK"]}], {}, UnsupportedError, ["masks"]),
     (SD35_MODEL, [{"images": ["IMG", "IMG"]}], {}, UnsupportedError, ["average"]),
-    (FLUX_MODEL, [{}], {"prompt": "a cat <lora:x:1>"}, UnsupportedError, ["LoRA"]),
+    (FLUX_MODEL, [{}], {"prompt": "a cat <lora:x:1>"}, UnknownLoraError, ["LoRA 'x' not found"]),
     (FLUX_MODEL, [{}], {"prompt": "a (cat:1.3)"}, UnsupportedError, ["attention weights"]),
     (FLUX_MODEL, [{}], {"true_cfg_scale": 3.0}, RequestError, ["negative_prompt"]),
     (FLUX_MODEL, [{"negative_images": ["IMG"]}], {}, RequestError, ["true_cfg_scale"]),

@@ -46,6 +46,7 @@ ORDER = (
     "models/specs.py",
     "models/single_file.py",
     "models/recognise.py",
+    "models/parts.py",
     "models/probe_cache.py",
     "models/catalog.py",
     "models/download.py",

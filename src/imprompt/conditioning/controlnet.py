@@ -180,7 +180,7 @@ class ControlNets(Conditioning):
         self.models, self.maps = [], []
         self.titles = [state.store.controlnet_title(u.entry) for u in self.units]  # as /controlnet/model_list has it
         for u in self.units:
-            self.models.append(loaded_controlnet(state, u.entry, prep.events, u.where))
+            self.models.append(loaded_controlnet(state, u.entry, prep.loaded.dtype, prep.events, u.where))
             if u.preprocessor.name == "none":
                 self.maps.append(u.image.convert("RGB"))
                 continue
@@ -251,19 +251,19 @@ class ControlNets(Conditioning):
         return Description(info={"controlnets": units}, infotext=infotext, images=list(self.maps))
 
 
-def loaded_controlnet(state, entry: Entry, events: list, where: str):
-    """The ControlNet model of `entry` on the engine's device: from its cache, or loaded now (a load that fails
-    names the unit and leaves the cache as it was)."""
+def loaded_controlnet(state, entry: Entry, dtype, events: list, where: str):
+    """The ControlNet model of `entry` on the engine's device in the model's `dtype`: from its cache, or loaded now
+    (a load that fails names the unit and leaves the cache as it was)."""
     from ..loading.controlnets import load_controlnet
     from ..util.cache import module_bytes
 
-    key = entry.key(state.dtype, state.device)
+    key = entry.key(dtype, state.device)
     model = state.controlnets.get(key)
     if model is not None:
         return model
     started = time.perf_counter()
     try:
-        model = load_controlnet(entry.spec, state.dtype).to(state.device)
+        model = load_controlnet(entry.spec, dtype).to(state.device)
     except ImpromptError as exc:
         raise renamed(exc, f"{where}: {exc}") from None
     for old in state.controlnets.put(key, model, module_bytes(model), label=entry.name):

@@ -122,7 +122,7 @@ def built_adapter(state, entry: Entry, loaded, label: str, events: list):
     from ..ipadapter.build import load_adapter_state_dict
     from ..util.devices import release_memory
 
-    key = entry.key(state.dtype, state.device)
+    key = entry.key(loaded.dtype, state.device)  # built in the model's dtype (bfloat16 for FLUX on CUDA)
     built = state.adapters.get(key)
     if built is not None:
         return built
@@ -171,7 +171,7 @@ class ImagePrompts(Conditioning):
         self.embeddings = [prep.made_elsewhere[u.index] if u.index in prep.made_elsewhere
                            else u.embed(prep.state, inputs, prep.events, self.true_cfg)
                            for u, inputs in zip(self.units, self.inputs)]  # fmt: skip
-        self.keys = tuple(u.adapter.key(prep.state.dtype, prep.state.device) for u in self.units)
+        self.keys = tuple(u.adapter.key(prep.loaded.dtype, prep.state.device) for u in self.units)
         self.faces = prep.state.faces
 
     def apply(self, call) -> None:

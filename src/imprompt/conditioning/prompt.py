@@ -162,10 +162,10 @@ class A1111Prompt(Conditioning):
         state = prep.state
         self.inversions = []
         for entry in self.inversion_entries:
-            key = entry.key(state.dtype, state.device)
+            key = entry.key(prep.loaded.dtype, state.device)  # in the model's dtype
             inversion = state.inversions.get(key)
             if inversion is None:
-                inversion = load_inversion(entry, state.device, state.dtype, state.store.a1111_hash(entry.path, 12))
+                inversion = load_inversion(entry, state.device, prep.loaded.dtype, state.store.a1111_hash(entry.path, 12))
                 state.inversions.put(key, inversion, sum(v.numel() * v.element_size() for v in inversion.vectors),
                                      entry.name)  # fmt: skip
             self.inversions.append(inversion)

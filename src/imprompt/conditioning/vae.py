@@ -53,11 +53,11 @@ class Vae(Conditioning):
         self.budget = state.activation_budget
         if self.entry is None:
             return
-        key = self.entry.key(state.dtype, state.device, loaded.name)  # built to the model's VAE configuration
+        key = self.entry.key(loaded.dtype, state.device, loaded.name)  # built to the model's VAE configuration
         self.vae = state.vaes.get(key)
         if self.vae is None:
             started = time.perf_counter()
-            self.vae = load_vae(self.entry.spec, loaded.own_vae, state.device, state.dtype)
+            self.vae = load_vae(self.entry.spec, loaded.own_vae, state.device, loaded.dtype)
             for old in state.vaes.put(key, self.vae, module_bytes(self.vae), label=self.entry.path.name):
                 log.info("VAE %s evicted from cache: VAE cache budget", old.label)
             seconds = time.perf_counter() - started
