@@ -160,27 +160,56 @@ def test_lora_tags_in_a_flux_negative_prompt_are_refused(engine):
         generate(engine, FLUX, negative_prompt="<lora:flux-kohya:1>", true_cfg_scale=2.0)
 
 
-def test_a_lora_on_an_fp8_layerwise_cast_transformer_acts_and_leaves_nothing(tree):
-    """A transformer whose linear layers stay fp8 in memory (diffusers' layerwise casting, as fp8 files load) takes
-    a LoRA loaded after the casting: PEFT makes its layers fp8, which nothing upcasts; imprompt computes them in
-    the compute dtype. (Their values stay fp8-rounded: diffusers' own order, casting after the LoRA, differs by up
-    to 7/255 on this model, so no equality is claimed.)"""
+@pytest.fixture(scope="module")
+def fp8_tree(tmp_path_factory):
+    """A ComfyUI FLUX tree whose transformer file is fp8 (e4m3fn), the other parts float32 (only the transformer
+    rounded), a diffusers-format LoRA in `models/loras/`, and the diffusers folder it was all written from."""
+    import shutil
+
+    from comfy_trees import fp8_tensors, save_part, split_tensors
+
+    from imprompt.models.single_file import COMFY_T5_TOKENIZER
+
+    root = tmp_path_factory.mktemp("fp8-flux")
+    flux = build_flux_pipeline(root / "reference", seed=5, clip_vocabulary=True)  # CLIP-L files hold its whole vocabulary
+    parts, models = split_tensors(flux), root / "models"
+    save_part(fp8_tensors(parts["transformer"]), models / "diffusion_models" / "flux1-dev-fp8.safetensors", None)
+    for part, name in (("vae", "vae/ae"), ("clip_l", "text_encoders/clip_l"), ("t5xxl", "text_encoders/t5xxl_fp16")):
+        save_part(parts[part], models / f"{name}.safetensors", None)
+    write(models / "loras" / "flux-detail.safetensors", diffusers_lora(lora_pairs(flux.transformer, 2)))
+    shutil.copytree(root / "reference" / "tokenizer_2", root / COMFY_T5_TOKENIZER)
+    return root
+
+
+def test_a_lora_on_an_fp8_transformer_equals_diffusers_with_the_lora_unrounded(fp8_tree):
+    """A transformer whose linear layers stay fp8 in memory (diffusers' layerwise casting, as fp8 files load) takes a
+    LoRA at its own values: the pixels equal diffusers' pipeline whose transformer has the same fp8-rounded weights
+    and the LoRA loaded by `load_lora_weights` unrounded (PEFT would make the LoRA's layers fp8, beside their base
+    layers: up to 7/255 apart here). The base weights stay fp8; the LoRA switched off leaves the plain model."""
+    from comfy_trees import fp8_rounded
     from diffusers import FluxPipeline
 
-    from imprompt.loading.loras import LoraBudget, LoraUse, PipelineLoras
-    from imprompt.loading.tensors import read_tensors
+    engine = Engine(fp8_tree / "models")
+    fields = {"model": "flux1-dev-fp8", "seed": 1, "steps": 3, "width": 64, "height": 64, "cfg_scale": 3.5}
+    got = engine.generate(prompt="a red cat <lora:flux-detail:0.8>", **fields)
+    pipeline = engine.state.pipelines.on_device.values()[0].pipeline
+    assert torch.float8_e4m3fn in {m.weight.dtype for m in pipeline.transformer.modules() if isinstance(m, torch.nn.Linear)}
+    plain = engine.generate(prompt="a red cat", **fields)
+
+    expected = FluxPipeline.from_pretrained(fp8_tree / "reference")
+    expected.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        for p in expected.transformer.parameters():
+            p.copy_(fp8_rounded(p))
 
     def run(pipe):
         return pipe("a red cat", num_inference_steps=3, width=64, height=64, guidance_scale=3.5,
                     generator=torch.Generator().manual_seed(1)).images[0]  # fmt: skip
 
-    path = tree / "Lora" / "flux-diffusers.safetensors"
-    pipe = FluxPipeline.from_pretrained(tree / "diffusers" / FLUX)
-    pipe.set_progress_bar_config(disable=True)
-    pipe.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
-    plain = run(pipe)
-    loras = PipelineLoras(pipe, LoraBudget(1 << 30), "p_")
-    loras.activate([LoraUse(("flux-diffusers",), "flux-diffusers", 0.8, lambda: read_tensors(path))], [])
-    assert max_diff(run(pipe), plain) > 10
-    loras.activate([], [])
-    assert max_diff(run(pipe), plain) == 0
+    expected_plain = run(expected)
+    lora = fp8_tree / "models" / "loras" / "flux-detail.safetensors"
+    expected.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name="detail")
+    expected.set_adapters(["detail"], [0.8])
+    assert max_diff(got.images[0], run(expected)) <= 1
+    assert max_diff(got.images[0], plain.images[0]) > 10  # the LoRA acts
+    assert max_diff(plain.images[0], expected_plain) <= 1

@@ -232,7 +232,7 @@ class PipelineLoras:
             state = diffusers_lora_state(lora.read(), self.pipeline)
             nbytes = sum(t.numel() * t.element_size() for t in state.values())
             self.enabled = None  # loading may switch the layers on again
-            with quiet_peft_reports():
+            with quiet_peft_reports(), lora_values_loaded(self.pipeline, name) as values:
                 self.pipeline.load_lora_weights(state, adapter_name=name)
         except (ValueError, KeyError, RuntimeError, TypeError, AttributeError) as exc:
             self._discard_partial(name)
@@ -240,7 +240,7 @@ class PipelineLoras:
                 path, f"diffusers cannot load this LoRA ({first_line(exc)})",
                 "Check that it is a LoRA for this model's family, in kohya / A1111 or diffusers format",
             ) from None  # fmt: skip
-        self._compute_beside_fp8(name)
+        self._compute_beside_fp8(name, values)
         seconds = time.perf_counter() - started
         layers, found = lora_layer_count(state), self._layers_holding(name)
         if found < layers:  # diffusers loads what matches a module and drops the rest without a word
@@ -258,22 +258,28 @@ class PipelineLoras:
             owner._delete(old_key, old.label, "LoRA cache budget", events)
         return name
 
-    def _compute_beside_fp8(self, name: str) -> None:
+    def _compute_beside_fp8(self, name: str, values: dict) -> None:
         """PEFT makes a LoRA layer in its base layer's dtype: beside a layer kept fp8 by diffusers' layerwise casting
-        (an fp8 file's, `loading/quantized.py`) that is fp8, which no hook upcasts and nothing computes in. imprompt
-        moves those LoRA layers to the layer's compute dtype after the load; their values stay as fp8 rounded them
-        (diffusers' own order, the casting enabled after the LoRA, leaves them unrounded: up to 7/255 apart)."""
+        (an fp8 file's, `loading/quantized.py`) that is fp8, which no hook upcasts and nothing computes in, and its
+        values rounded to fp8. imprompt goes beyond diffusers here: those LoRA layers move to the layer's compute
+        dtype and take the LoRA's values again as PEFT loaded them (`values`, from `lora_values_loaded`), so they
+        equal diffusers' own order (the LoRA loaded, then the casting enabled) while the base weights stay fp8."""
         for component in self.pipeline.components.values():
             if not isinstance(component, torch.nn.Module):
                 continue
-            for module in component.modules():
+            loaded = values.get(id(component), {})
+            for path, module in component.named_modules():
                 lora_a = getattr(module, "lora_A", None)
-                if isinstance(lora_a, torch.nn.ModuleDict) and name in lora_a:
-                    registry = getattr(module.get_base_layer(), "_diffusers_hook", None)
-                    hook = registry.get_hook("layerwise_casting") if registry is not None else None
-                    if hook is not None:
-                        lora_a[name].to(hook.compute_dtype)
-                        module.lora_B[name].to(hook.compute_dtype)
+                hook = casting_hook(module.get_base_layer()) if isinstance(lora_a, torch.nn.ModuleDict) else None
+                if hook is None or name not in lora_a:
+                    continue
+                for layers in ("lora_A", "lora_B"):
+                    layer = getattr(module, layers)[name].to(hook.compute_dtype)
+                    for key, param in layer.named_parameters():
+                        value = loaded.get(f"{path}.{layers}.{name}.{key}")
+                        if value is not None:
+                            with torch.no_grad():
+                                param.copy_(value)
 
     def _layers_holding(self, name: str) -> int:
         """How many layers of the pipeline's modules hold PEFT adapter `name` (a shared module's counted once)."""
@@ -305,6 +311,38 @@ LORA_DOWN = ("lora_down.weight", "lora_A.weight", ".down.weight")  # kohya / LyC
 def lora_layer_count(state: dict) -> int:
     """The layers a LoRA file holds: one down projection each, in every format diffusers reads."""
     return sum(key.endswith(LORA_DOWN) for key in state)
+
+
+@contextmanager
+def lora_values_loaded(pipeline, name: str):
+    """Yields {id(component): {parameter name: tensor}}: the values of adapter `name` as PEFT hands them to the
+    `load_state_dict` of each pipeline component that holds layerwise-cast (fp8) layers, before PEFT's cast to
+    the base layer's dtype rounds them (`PipelineLoras._compute_beside_fp8` puts them back)."""
+    values: dict[int, dict] = {}
+    marker = f".{name}."
+
+    def seen(module, state_dict, prefix, *_):
+        values.setdefault(id(module), {}).update((k[len(prefix):], v) for k, v in state_dict.items()
+                                                 if k.startswith(prefix) and marker in k)  # fmt: skip
+
+    handles = [component.register_load_state_dict_pre_hook(seen) for component in pipeline.components.values()
+               if isinstance(component, torch.nn.Module) and layerwise_cast(component)]  # fmt: skip
+    try:
+        yield values
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def layerwise_cast(module: torch.nn.Module) -> bool:
+    """Whether diffusers' layerwise casting (fp8 storage) holds any of the module's layers."""
+    return any(casting_hook(layer) is not None for layer in module.modules())
+
+
+def casting_hook(layer: torch.nn.Module):
+    """diffusers' layerwise-casting hook on this layer (its `compute_dtype`), or None."""
+    registry = getattr(layer, "_diffusers_hook", None)
+    return registry.get_hook("layerwise_casting") if registry is not None else None
 
 
 @contextmanager
