@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test serve bench bench-lora bench-models bench-controlnet bench-cold bench-cluster bench-transformers scan soak load train evaluate install clean
+.PHONY: demo test serve bench bench-lora bench-models bench-controlnet bench-cold bench-cluster bench-transformers bench-flux scan soak load train evaluate install clean
 
 demo: install
 	$(BIN)/imprompt demo --pack demo-models --out demo-output
@@ -54,6 +54,13 @@ bench-cluster: install
 # Writes about 7 GB into .bench-cache/ once; about 5 minutes.
 bench-transformers: install
 	$(BIN)/python -m tools.bench_transformers --out docs/transformers-benchmark.json
+
+# FLUX.1-dev's transformer at real size (random weights) as bf16, fp8 and GGUF Q8_0 files in ComfyUI's split layout:
+# loading each on the CPU (imprompt vs diffusers' from_single_file, a fresh process each, memory-capped) and the memory
+# plan for a 16 / 24 GB GPU; one format on disk at a time (up to 24 GB in .bench-cache); about 15 minutes.
+# GPU=1: the steps at 1024x1024 and the plans under a simulated 16 / 24 GB device instead (one CUDA device).
+bench-flux: install
+	$(BIN)/python -m tools.bench_flux_formats $(if $(GPU),--gpu)
 
 # How long scanning a tree of 1,000 files takes: first, again, and in a new process.
 scan: install
