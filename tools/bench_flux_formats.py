@@ -500,6 +500,7 @@ def part_plan(models: Path, args) -> dict:
     (the transformer and the parts written sparse: nothing loaded)."""
     from imprompt import Engine
     from imprompt.loading.memory_plan import TRANSFORMERS, choose_plan, estimate_sizes
+    from imprompt.util.devices import RESERVED
 
     folder = models
     write_parts(folder, "real", FLUX_DEV, sparse=True)
@@ -515,7 +516,7 @@ def part_plan(models: Path, args) -> dict:
         out[fmt] = {"sizes": sizes.total, "plans": {}}
         for budget in args.budgets:
             room = int(budget * 1e9)
-            reserved = int(room * 0.15)  # what util/devices.activation_budget leaves a CUDA device's activations
+            reserved = int(room * RESERVED["cuda"])  # what util/devices.activation_budget leaves for activations
             chosen = choose_plan(room, sizes.total, "auto", activation_bytes=reserved, group_bytes=sizes.group(streams=True),
                                  device_type="cuda", encoders_apart=entry.spec.architecture in TRANSFORMERS)  # fmt: skip
             out[fmt]["plans"][f"{budget:g} GB"] = chosen.describe()
@@ -743,6 +744,22 @@ def render(report: dict) -> str:
                 lines.append(f"| {fmt} | {gb(row['file_bytes'])} | {way} | {seconds} | "
                              f"{gb(after.get('peak_rss_bytes') or r['seen_peak_rss_bytes'])} | {gb(after.get('rss_bytes'))} | "
                              f"{gb(after.get('anonymous_bytes'))} | {dtypes or '-'} | {outcome} |")  # fmt: skip
+        lines += ["", "Seconds: from the start to a loaded transformer (imprompt: the Engine's scan and probe of the "
+                      "models folder, then `preload` of the whole split pipeline, whose VAE, CLIP-L and T5 are tiny here "
+                      "at the widths the transformer pairs them by; diffusers: `from_single_file` of the transformer "
+                      "alone). Peak RSS is `ru_maxrss`, which counts the file's pages mapped while reading it; "
+                      "anonymous is RSS less file-backed pages. A process that passes its cap (what was free less "
+                      "1.5 GiB, at most --memory-cap) is killed there: the cap is what this machine could give it.", ""]
+        for fmt, row in results["load"].items():
+            imp, dif = row.get("imprompt", {}), row.get("diffusers", {})
+            if "seconds" in imp and "seconds" in dif:
+                lines.append(f"- {fmt}: imprompt took {imp['seconds'] / dif['seconds']:.2f}x diffusers' time "
+                             f"({imp['seconds']:.1f} s against {dif['seconds']:.1f} s).")
+            for way, r in (("imprompt", imp), ("diffusers", dif)):
+                if r.get("killed_at_cap"):
+                    lines.append(f"- {fmt}, {way}: did not fit: killed at the {gb(r['cap_bytes'])} cap after "
+                                 f"{r['wall_s']:.0f} s (the file is {gb(row['file_bytes'])}; held in bf16 the "
+                                 f"transformer alone is 23.8 GB, more than this machine's RAM).")  # fmt: skip
         lines += [""]
     if "plan" in results:
         lines += ["## The memory plan imprompt chooses on a simulated GPU (from the files' tables)", "",
@@ -752,6 +769,17 @@ def render(report: dict) -> str:
             for budget, plan in row["plans"].items():
                 lines.append(f"| {fmt} | {sizes} | {budget} | {plan['plan']} | {gb(plan['on_device_bytes'])} | {plan['why']} |")
         lines += [""]
+    if "steps" not in results:
+        lines += ["## Steps on a GPU", "", "GPU part not run in this session: no GPU was lent. The prepared script, one "
+                  "command for one CUDA device (about 8 minutes on an H100; it writes up to 24 + 9.5 GB into "
+                  ".bench-cache/flux-formats/real/steps/, one transformer format at a time):", "",
+                  "    python -m tools.bench_flux_formats --gpu        # or: make bench-flux GPU=1", "",
+                  "It writes docs/flux-formats-benchmark-gpu.json / .md: per format, seconds per step at 1024x1024 "
+                  "(3 steps after a 1-step warm-up) and peak `torch.cuda.max_memory_allocated`, imprompt (offload "
+                  "none) against diffusers' FluxPipeline from the same files (all on the device, bf16); then the bf16 "
+                  "model under offload auto on a simulated 16 GB and 24 GB device (the planner told that size, the "
+                  "allocator capped at it): the plan chosen, its step time and whether its peak stayed under. "
+                  "`--size tiny` runs the same path on the CPU (tests/test_bench_flux_formats.py does).", ""]  # fmt: skip
     if "steps" in results:
         lines += [f"## Steps at {report['args']['pixels']}x{report['args']['pixels']} ({report['args']['size']} size)", "",
                   "| format | system | seconds per step p50 | peak device memory | load + warm-up | note |",
@@ -778,6 +806,22 @@ def render(report: dict) -> str:
     return "\n".join(lines)
 
 
+def merge(paths: list[Path], out: Path) -> int:
+    """One report from several runs on the same machine: their results by part and format, and every command."""
+    reports = [json.loads(Path(p).read_text()) for p in paths]
+    merged = {**reports[-1], "command": "; ".join(r["command"] for r in reports),
+              "wall_s": sum(r["wall_s"] for r in reports), "runs": [{k: r[k] for k in ("command", "measured_at", "wall_s", "args")}
+                                                                    for r in reports], "results": {}}  # fmt: skip
+    for report in reports:
+        for part, by_format in report["results"].items():
+            merged["results"].setdefault(part, {}).update(by_format)
+    out.write_text(json.dumps(merged, indent=2))
+    text = render(merged)
+    out.with_suffix(".md").write_text(text)
+    print(text)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.bench_flux_formats", description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=("real", "tiny"), default="real")
@@ -796,6 +840,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default=None, help="compute dtype of the steps part (bfloat16; tiny on the CPU: float32)")
     parser.add_argument("--keep", action="store_true", help="keep the transformer files")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--merge", type=Path, nargs="+", help="combine the reports of earlier runs (parts and formats "
+                                                              "measured apart) into --out, each with its command")  # fmt: skip
     parser.add_argument("--load-one", help=argparse.SUPPRESS)  # internal: load once in this process
     parser.add_argument("--file", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--models", type=Path, help=argparse.SUPPRESS)
@@ -807,6 +853,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.load_one:
         args.json_out.write_text(json.dumps(load_once(args.load_one, args.models, args.file, args.shape)))
         return 0
+    if args.merge:
+        return merge(args.merge, args.out or REPO / "docs/flux-formats-benchmark.json")
     from imprompt.cli import quiet_libraries
 
     quiet_libraries()
