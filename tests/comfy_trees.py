@@ -161,3 +161,39 @@ def write_gguf(tensors: dict[str, torch.Tensor], path: Path, qtype, architecture
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+GGUF_MODEL = "flux1-dev-Q8_0"
+FP8_T5 = "t5xxl_fp8_e4m3fn"
+
+
+def write_comfy_flux_tree(root: Path, seed: int = 9) -> Path:
+    """A ComfyUI install as FLUX users keep it: `models/unet/flux1-dev-Q8_0.gguf` (city96's layout), `models/vae/
+    ae.safetensors`, `models/clip/clip_l.safetensors`, `t5xxl_fp16.safetensors` and `t5xxl_fp8_e4m3fn.safetensors`,
+    two FLUX LoRAs in `models/loras/` (diffusers' and XLabs' names), T5's tokenizer where ComfyUI ships it. The
+    model is a tiny FLUX of the demo pack's shape (the pack's XLabs adapters fit it) with CLIP's whole vocabulary,
+    as every CLIP-L file has. Returns `root`."""
+    import shutil
+
+    import gguf
+    from dit_loras import diffusers_lora, lora_pairs, original_pairs, write, xlabs_lora, xlabs_pairs
+
+    from imprompt.demo.pack import FLUX_MODEL
+    from imprompt.demo.tiny_dits import build_flux_pipeline
+    from imprompt.models.single_file import COMFY_T5_TOKENIZER
+
+    root = Path(root)
+    models = root / "models"
+    flux = build_flux_pipeline(root / "reference" / FLUX_MODEL, seed=seed, clip_vocabulary=True)
+    parts = split_tensors(flux)
+    write_gguf(parts["transformer"], models / "unet" / f"{GGUF_MODEL}.gguf", gguf.GGMLQuantizationType.Q8_0)
+    save_part(parts["vae"], models / "vae" / "ae.safetensors")
+    save_part(parts["clip_l"], models / "clip" / "clip_l.safetensors")
+    save_part(parts["t5xxl"], models / "clip" / "t5xxl_fp16.safetensors")
+    save_part(fp8_tensors(parts["t5xxl"]), models / "clip" / f"{FP8_T5}.safetensors", dtype=None)
+    write(models / "loras" / "flux-detail.safetensors", diffusers_lora(lora_pairs(flux.transformer, 2, scale=0.2)))
+    pairs = xlabs_pairs(lora_pairs(flux.transformer, 4, scale=0.2))
+    write(models / "loras" / "flux-style-xlabs.safetensors", xlabs_lora(original_pairs(pairs, flux.transformer)))
+    shutil.copytree(root / "reference" / FLUX_MODEL / "tokenizer_2", root / COMFY_T5_TOKENIZER)
+    shutil.rmtree(root / "reference")
+    return root

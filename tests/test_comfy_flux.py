@@ -13,46 +13,22 @@ import subprocess
 import sys
 from pathlib import Path
 
-import gguf
 import httpx
 import pytest
-import torch
-from comfy_trees import fp8_tensors, save_part, split_tensors, write_gguf
+from comfy_trees import FP8_T5, GGUF_MODEL, write_comfy_flux_tree
 from conftest import max_diff
-from dit_loras import diffusers_lora, lora_pairs, original_pairs, write, xlabs_lora, xlabs_pairs
 from PIL import Image
 from server_fixtures import running_server
 from test_page import CHROMIUM, browser  # noqa: F401 - the page tests' headless Chromium, as a fixture here too
 
 from imprompt import Engine
-from imprompt.demo.pack import FLUX_MODEL
-from imprompt.demo.tiny_dits import build_flux_pipeline
 from imprompt.errors import MissingPartError
-from imprompt.models.single_file import COMFY_T5_TOKENIZER
 
-GGUF_MODEL = "flux1-dev-Q8_0"
-FP8_T5 = "t5xxl_fp8_e4m3fn"
 
 
 @pytest.fixture(scope="module")
-def comfy(pack, tmp_path_factory) -> Path:
-    """ComfyUI/ with models/ written from a tiny FLUX of the demo pack's shape (so the pack's XLabs adapters fit
-    it) with CLIP's whole vocabulary (as every CLIP-L file has), and T5's tokenizer where ComfyUI ships it."""
-    root = tmp_path_factory.mktemp("ComfyUI")
-    models = root / "models"
-    flux = build_flux_pipeline(root / "reference" / FLUX_MODEL, seed=9, clip_vocabulary=True)
-    parts = split_tensors(flux)
-    write_gguf(parts["transformer"], models / "unet" / f"{GGUF_MODEL}.gguf", gguf.GGMLQuantizationType.Q8_0)
-    save_part(parts["vae"], models / "vae" / "ae.safetensors")
-    save_part(parts["clip_l"], models / "clip" / "clip_l.safetensors")
-    save_part(parts["t5xxl"], models / "clip" / "t5xxl_fp16.safetensors")
-    save_part(fp8_tensors(parts["t5xxl"]), models / "clip" / f"{FP8_T5}.safetensors", dtype=None)
-    write(models / "loras" / "flux-detail.safetensors", diffusers_lora(lora_pairs(flux.transformer, 2, scale=0.2)))
-    pairs = xlabs_pairs(lora_pairs(flux.transformer, 4, scale=0.2))
-    write(models / "loras" / "flux-style-xlabs.safetensors", xlabs_lora(original_pairs(pairs, flux.transformer)))
-    shutil.copytree(root / "reference" / FLUX_MODEL / "tokenizer_2", root / COMFY_T5_TOKENIZER)
-    shutil.rmtree(root / "reference")
-    return root
+def comfy(tmp_path_factory) -> Path:
+    return write_comfy_flux_tree(tmp_path_factory.mktemp("ComfyUI"))
 
 
 def request(pack, **fields) -> dict:

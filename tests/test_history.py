@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from comfy_trees import FP8_T5, GGUF_MODEL, write_comfy_flux_tree
 from conftest import locked, max_diff, shared_folder
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -34,11 +35,12 @@ from tools.soak import (
 @pytest.fixture(scope="module")
 def roots(pack, tmp_path_factory) -> list[str]:
     """The pack plus an A1111-style folder: LoRAs, an embedding, a VAE, and bad files (a truncated adapter and
-    LoRA, an SDXL-width adapter)."""
+    LoRA, an SDXL-width adapter), and a ComfyUI FLUX tree (a GGUF transformer alone, its parts, two FLUX LoRAs)."""
     extra = shared_folder(tmp_path_factory, "extra")  # shared by the workers, so their references are too
     with locked(extra):
         if not (extra / "done").is_file():
             write_extra_files(extra, pack)
+            write_comfy_flux_tree(extra / "ComfyUI")  # scanned with the rest of the folder
             (extra / "done").write_text("")
     return [str(pack), str(extra)]
 
@@ -48,11 +50,38 @@ def images(pack) -> dict[str, str]:
     return pack_images(pack)
 
 
+def comfy_menu(images: dict[str, str]) -> dict[str, dict]:
+    """FLUX as ComfyUI users have it (`write_comfy_flux_tree`): the GGUF transformer with the fp8 T5 named, two
+    LoRAs (a tag and the field) and an XLabs unit; with the T5 found by itself and one LoRA; plain; and a FLUX LoRA
+    on the demo pack's FLUX folder (the same widths)."""
+    red = images["red-circle"]
+    comfy = {"model": GGUF_MODEL, "cfg_scale": 3.5, "steps": 3}
+    return {
+        "comfy-fp8-t5-loras+unit": {**comfy, "prompt": "a cat <lora:flux-detail:0.8>", "seed": 21,
+                                    "text_encoders": [FP8_T5], "loras": [{"name": "flux-style-xlabs", "weight": 0.6}],
+                                    "ip_adapters": [{"adapter": "FLUX XLabs", "images": [red], "scale": 0.7}],
+                                    "width": 64, "height": 64},
+        "comfy-lora": {**comfy, "prompt": "a cat <lora:flux-style-xlabs:1>", "seed": 22, "width": 64, "height": 64},
+        "comfy-none": {**comfy, "prompt": "a cat", "seed": 23, "width": 64, "height": 64},
+        "flux-folder-lora": {"model": "tiny-flux", "cfg_scale": 3.5, "steps": 3, "prompt": "a cat <lora:flux-detail:0.7>",
+                             "seed": 24, "width": 64, "height": 64},
+    }  # fmt: skip
+
+
+def comfy_failures(images: dict[str, str]) -> dict[str, dict]:
+    """Refused before compute: a T5 that is not there, an SD VAE for the FLUX transformer, a FLUX LoRA on SD 1.5."""
+    base = {"model": GGUF_MODEL, "prompt": "a cat", "steps": 3, "width": 64, "height": 64}
+    return {"comfy-unknown-t5": {**base, "text_encoders": ["t5xxl_q2"]},
+            "comfy-sd-vae": {**base, "vae": "soft-vae"},
+            "flux-lora-on-sd15": {"model": "tiny-sd15", "prompt": "a cat <lora:flux-detail:1>", "steps": 3,
+                                  "width": 64, "height": 64}}  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def fresh_paths(roots, images, tmp_path_factory) -> dict[str, Path]:
     """Each valid request's image, computed as the only request of a brand-new Python process."""
     valid = (sd15_menu(images) | sdxl_menu(images) | lora_menu(images) | faceid_menu(roots[1]) | transformer_menu(images)
-             | controlnet_menu(images))
+             | controlnet_menu(images) | comfy_menu(images))
     folder = shared_folder(tmp_path_factory, "fresh")  # references are kept by request: one worker computes them,
     with locked(folder):  # in two processes of one thread each, while the other waits for them
         return fresh_references(roots, valid, folder, workers=2)
@@ -75,8 +104,8 @@ def test_fresh_references_are_distinct(fresh):
 @given(data=st.data())
 def test_any_sequence_gives_fresh_process_pixels(roots, images, fresh, data):
     valid = (sd15_menu(images) | sdxl_menu(images) | lora_menu(images) | faceid_menu(roots[1]) | transformer_menu(images)
-             | controlnet_menu(images))
-    bad = failing_menu(images, roots[1])
+             | controlnet_menu(images) | comfy_menu(images))
+    bad = failing_menu(images, roots[1]) | comfy_failures(images)
     budget = data.draw(st.sampled_from([None, 1]), label="encoder cache budget (1 byte: evict on every switch)")
     sequence = data.draw(
         st.lists(st.sampled_from(sorted(valid) + sorted(bad)), min_size=2, max_size=7), label="requests"
@@ -183,6 +212,25 @@ def test_every_request_after_every_other_across_families(roots, images, fresh):
         result = engine.generate(valid[name])
         previous = sequence[i - 1] if i else "nothing"
         assert max_diff(result.images[0], fresh[name]) == 0, f"{name} (step {i}) after {previous}"
+
+
+def test_every_split_flux_request_after_every_other(roots, images, fresh):
+    """A GGUF transformer alone with its parts (another T5 is another pipeline), FLUX LoRAs on it and on a FLUX
+    folder, an XLabs unit, in every order with the pack's FLUX requests and failures, with a LoRA budget of one
+    byte in the second pass: nothing one request set up (a LoRA, a part, the adapter) reaches the next."""
+    flux = transformer_menu(images)
+    valid = comfy_menu(images) | {n: flux[n] for n in ("flux", "flux-none")}
+    bad = comfy_failures(images)
+    sequence = every_ordered_pair(sorted(valid))
+    for budget in (None, 1):
+        engine = Engine(roots, lora_cache_budget=budget)
+        for i, name in enumerate(sequence):
+            if i % 4 == 3:
+                with pytest.raises(ImpromptError):
+                    engine.generate(bad[sorted(bad)[i // 4 % len(bad)]])
+            result = engine.generate(valid[name])
+            previous = sequence[i - 1] if i else "nothing"
+            assert max_diff(result.images[0], fresh[name]) == 0, f"{name} (step {i}, budget {budget}) after {previous}"
 
 
 def test_failures_name_their_cause(roots, images):
