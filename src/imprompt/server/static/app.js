@@ -411,6 +411,7 @@ function describeEvent(e) {
     case "face_analysis_loaded": return ["face analysis loaded", `InsightFace from ${e.pack}${seconds}`];
     case "adapters_attached": return ["UNet adapters", e.adapters.join(" + ") || "none"];
     case "model_loaded": return ["model loaded", `${e.model}${seconds}`];
+    case "memory_plan": return [`memory plan: ${e.plan}`, `${e.model}: ${e.why}`];
     case "model_unloaded": return ["model unloaded", `${e.model}: ${e.why}`];
     case "model_reused": return ["model resident", `${e.model}: no reload`];
     case "model_offloaded": return ["model to CPU memory", `${e.model}: ${e.why}`];
