@@ -477,7 +477,8 @@ def part_load(models: Path, args) -> dict:
         started = time.perf_counter()
         print(f"bench-flux: writing {fmt} ...", file=sys.stderr, flush=True)
         path = write_transformer(models, fmt, args.shape)
-        out[fmt] = {"file": path.name, "file_bytes": path.stat().st_size, "write_s": time.perf_counter() - started}
+        out[fmt] = {"file": path.name, "file_bytes": path.stat().st_size, "write_s": time.perf_counter() - started,
+                    "order": list(args.ways)}  # the first finds less of the file in the page cache
         for way in args.ways:
             cap = min(int(args.memory_cap * GIB), psutil.virtual_memory().available - int(1.5 * GIB))
             result = models.parent / f"load-{fmt}-{way}.json"
@@ -605,7 +606,12 @@ def imprompt_steps(models: Path, path: Path, args, device: torch.device, offload
     load_s = time.perf_counter() - started
     reset_peak(device)
     marks: list[float] = []
-    result = engine.generate({**request, "steps": args.steps + 1}, on_step=lambda step, total: marks.append(time.perf_counter()))
+    def mark(step: int, total: int) -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the step's kernels done, not just queued
+        marks.append(time.perf_counter())
+
+    result = engine.generate({**request, "steps": args.steps + 1}, on_step=mark)
     steps = [b - a for a, b in zip(marks, marks[1:])]
     plan = next((e for e in events + result.info["events"] if e.get("event") == "memory_plan"), None)
     out = {"load_and_warm_s": load_s, "step_s": steps, "peak_bytes": peak_memory(device), "memory_plan": plan,
@@ -642,17 +648,25 @@ def diffusers_steps(models: Path, path: Path, args, device: torch.device) -> dic
     return out
 
 
-def simulate_device(budget_bytes: int, device: torch.device) -> None:
-    """Make imprompt see a device of `budget_bytes` (its planner reads `device_memory` / `free_memory`), and cap the
-    caching allocator at it, so that a plan that does not fit runs out of memory instead of passing."""
+def simulate_device(budget_bytes: int | None, device: torch.device) -> None:
+    """Make imprompt see a device of `budget_bytes` (its planner reads `device_memory` / `free_memory`; Engine has
+    no setting for it), and cap the caching allocator at it, so that a plan that does not fit runs out of memory
+    instead of passing. None: the real device again."""
     import imprompt.state as state
     from imprompt.util import devices
 
+    real = SIMULATED.setdefault("real", {m: (m.device_memory, m.free_memory) for m in (state, devices)})
     total = torch.cuda.get_device_properties(device).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(1.0, budget_bytes / total), device)
+    torch.cuda.set_per_process_memory_fraction(1.0 if budget_bytes is None else min(1.0, budget_bytes / total), device)
     for module in (state, devices):
-        module.device_memory = lambda d, b=budget_bytes: b
-        module.free_memory = lambda d, b=budget_bytes: max(0, b - torch.cuda.memory_allocated(d))
+        if budget_bytes is None:
+            module.device_memory, module.free_memory = real[module]
+        else:
+            module.device_memory = lambda d, b=budget_bytes: b
+            module.free_memory = lambda d, b=budget_bytes: max(0, b - torch.cuda.memory_allocated(d))
+
+
+SIMULATED: dict = {}
 
 
 def part_steps(models: Path, args) -> dict:
@@ -686,7 +700,7 @@ def part_steps(models: Path, args) -> dict:
                     reset_peak(device)
                 out[fmt]["plans"][f"{budget:g} GB"] = run
             if device.type == "cuda":
-                torch.cuda.set_per_process_memory_fraction(1.0, device)
+                simulate_device(None, device)
         if not args.keep:
             drop_transformers(models)
     return out
@@ -727,10 +741,12 @@ def render(report: dict) -> str:
                   "| format | file | loader | seconds | peak RSS | RSS after | anonymous after | transformer in memory | outcome |",
                   "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for fmt, row in results["load"].items():
+            order = row.get("order", ["imprompt", "diffusers"])
             for way in ("imprompt", "diffusers"):
                 r = row.get(way)
                 if r is None:
                     continue
+                loader = f"{way} ({'first' if order.index(way) == 0 else 'second'})" if way in order else way
                 if r.get("killed_at_cap"):
                     outcome = f"killed at the {gb(r['cap_bytes'])} cap"
                 elif r.get("returncode"):
@@ -741,10 +757,12 @@ def render(report: dict) -> str:
                 dtypes = ", ".join(f"{k} {gb(v)}" for k, v in held.get("by_dtype", {}).items())
                 after = r.get("after", {})
                 seconds = f"{r['seconds']:.1f}" if "seconds" in r else f"({r['wall_s']:.1f} until stopped)"
-                lines.append(f"| {fmt} | {gb(row['file_bytes'])} | {way} | {seconds} | "
+                lines.append(f"| {fmt} | {gb(row['file_bytes'])} | {loader} | {seconds} | "
                              f"{gb(after.get('peak_rss_bytes') or r['seen_peak_rss_bytes'])} | {gb(after.get('rss_bytes'))} | "
                              f"{gb(after.get('anonymous_bytes'))} | {dtypes or '-'} | {outcome} |")  # fmt: skip
-        lines += ["", "Seconds: from the start to a loaded transformer (imprompt: the Engine's scan and probe of the "
+        lines += ["", "Each format's file was written, then loaded by each loader in turn (first / second: the second "
+                      "finds more of the file in the page cache); `#2` rows are a second run in the other order. "
+                      "Seconds: from the start to a loaded transformer (imprompt: the Engine's scan and probe of the "
                       "models folder, then `preload` of the whole split pipeline, whose VAE, CLIP-L and T5 are tiny here "
                       "at the widths the transformer pairs them by; diffusers: `from_single_file` of the transformer "
                       "alone). Peak RSS is `ru_maxrss`, which counts the file's pages mapped while reading it; "
@@ -803,10 +821,12 @@ def render(report: dict) -> str:
                              f"{gb(r['peak_bytes'])} | {r['load_and_warm_s']:.1f} s | "
                              f"{'under the budget' if r.get('under_budget') else 'OVER the budget'} |")  # fmt: skip
         lines += [""]
+    if report.get("notes"):
+        lines += [report["notes"].rstrip(), ""]
     return "\n".join(lines)
 
 
-def merge(paths: list[Path], out: Path) -> int:
+def merge(paths: list[Path], out: Path, notes: Path | None = None) -> int:
     """One report from several runs on the same machine: their results by part and format, and every command."""
     reports = [json.loads(Path(p).read_text()) for p in paths]
     merged = {**reports[-1], "command": "; ".join(r["command"] for r in reports),
@@ -814,7 +834,11 @@ def merge(paths: list[Path], out: Path) -> int:
                                                                     for r in reports], "results": {}}  # fmt: skip
     for report in reports:
         for part, by_format in report["results"].items():
-            merged["results"].setdefault(part, {}).update(by_format)
+            into = merged["results"].setdefault(part, {})
+            for fmt, row in by_format.items():  # a format measured again (the other order): a row of its own
+                into[fmt if fmt not in into else f"{fmt} #{sum(k.split(' #')[0] == fmt for k in into) + 1}"] = row
+    if notes:
+        merged["notes"] = Path(notes).read_text()
     out.write_text(json.dumps(merged, indent=2))
     text = render(merged)
     out.with_suffix(".md").write_text(text)
@@ -842,6 +866,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--merge", type=Path, nargs="+", help="combine the reports of earlier runs (parts and formats "
                                                               "measured apart) into --out, each with its command")  # fmt: skip
+    parser.add_argument("--notes", type=Path, help="with --merge: a markdown file of findings, kept in the report")
     parser.add_argument("--load-one", help=argparse.SUPPRESS)  # internal: load once in this process
     parser.add_argument("--file", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--models", type=Path, help=argparse.SUPPRESS)
@@ -854,7 +879,7 @@ def main(argv: list[str] | None = None) -> int:
         args.json_out.write_text(json.dumps(load_once(args.load_one, args.models, args.file, args.shape)))
         return 0
     if args.merge:
-        return merge(args.merge, args.out or REPO / "docs/flux-formats-benchmark.json")
+        return merge(args.merge, args.out or REPO / "docs/flux-formats-benchmark.json", args.notes)
     from imprompt.cli import quiet_libraries
 
     quiet_libraries()
