@@ -246,7 +246,7 @@ def test_ties_are_broken_by_comfyuis_names_and_the_request_wins(pipelines, trees
     (vaes / "ae.safetensors").rename(vaes / "b-vae.safetensors")
     store.refresh()
     parts = choose_parts(store.pipeline("flux1-dev"), store, None, [])
-    assert parts.files["vae"].path.name == "a-vae.safetensors" and "the first by name" in parts.why["vae"]
+    assert parts.files["vae"].path.name == "a-vae.safetensors" and "the first by the store's order" in parts.why["vae"]
     assert parts.files["t5xxl"].path.name == "a-t5.safetensors" and parts.why["t5xxl"].startswith("the only")
 
 
@@ -402,3 +402,123 @@ def probe_real_folder_widths(architecture: str) -> tuple[int, ...]:
     """The blocks' widths of the published transformer (FLUX.1 dev: 19 double blocks of 3072; SD 3.5 Large: 38
     joint blocks of 2432)."""
     return (3072,) * 19 if architecture == "flux" else (2432,) * 38
+
+
+# ------------------------------------------------------------------------------- GGUF text encoders: refused
+
+
+def write_llama_cpp_t5(t5: dict[str, torch.Tensor], path: Path) -> Path:
+    """A T5 encoder as city96's `t5-v1_1-xxl-encoder-Q8_0.gguf` names it (llama.cpp's: `token_embd.weight`,
+    `enc.blk.N.attn_q.weight`, ...), Q8_0 where rows are whole blocks."""
+    names = {"shared.weight": "token_embd.weight"}
+    for key in t5:
+        if key.startswith("encoder.block.") and ".SelfAttention." in key:
+            block, what = key.split(".")[2], key.rsplit(".", 2)[-2]
+            names[key] = f"enc.blk.{block}.attn_{what}.weight"
+    return write_city96_gguf({new: t5[old] for old, new in names.items() if old in t5}, path)
+
+
+@pytest.fixture(scope="module")
+def gguf_t5_tree(pipelines, trees, tmp_path_factory) -> Path:
+    """The FLUX tree with two GGUF T5s beside its fp16 one: transformers' names (under the fp16 file's own stem, so
+    ComfyUI's usual name cannot tell them apart) and llama.cpp's (city96's)."""
+    from comfy_trees import write_gguf
+
+    models = tmp_path_factory.mktemp("gguf-t5") / "models"
+    shutil.copytree(trees["flux", "diffusion_models"], models)
+    t5 = pipelines.flux_parts["t5xxl"]
+    write_gguf(t5, models / "text_encoders" / "t5xxl_fp16.gguf", Q8_0, "t5")
+    write_llama_cpp_t5(t5, models / "text_encoders" / "t5-v1_1-xxl-encoder-Q8_0.gguf")
+    return models
+
+
+def test_city96_t5_ggufs_are_recognised_as_t5(pipelines, gguf_t5_tree):
+    spec = probe(gguf_t5_tree / "text_encoders" / "t5-v1_1-xxl-encoder-Q8_0.gguf")
+    width = pipelines.flux.text_encoder_2.config.d_model
+    assert isinstance(spec, TextEncoderSpec)
+    assert (spec.role, spec.width, spec.layers, spec.quantization) == (
+        "t5xxl", width, pipelines.flux.text_encoder_2.config.num_layers, "gguf_Q8_0")
+
+
+@pytest.mark.parametrize("name", ["t5xxl_fp16.gguf", "t5-v1_1-xxl-encoder-Q8_0"])
+def test_a_named_gguf_text_encoder_is_refused_in_the_plan_with_the_fix(gguf_t5_tree, name):
+    from imprompt.errors import UnsupportedError
+
+    store = ModelStore(gguf_t5_tree)
+    file = Path(name).stem + ".gguf"
+    with pytest.raises(UnsupportedError, match=rf"text_encoders: .*{file}.* GGUF .*safetensors.*t5xxl_fp16"
+                                               rf".*t5xxl_fp8_e4m3fn"):  # fmt: skip
+        choose_parts(store.pipeline("flux1-dev"), store, None, [name])
+
+
+def test_gguf_text_encoders_are_passed_over_in_the_folders_and_named_when_nothing_else_fits(gguf_t5_tree, tmp_path):
+    store = ModelStore(gguf_t5_tree)
+    parts = choose_parts(store.pipeline("flux1-dev"), store, None, [])
+    assert parts.files["t5xxl"].path.name == "t5xxl_fp16.safetensors" and parts.why["t5xxl"].startswith("the only")
+    models = tmp_path / "models"
+    shutil.copytree(gguf_t5_tree, models)
+    (models / "text_encoders" / "t5xxl_fp16.safetensors").unlink()
+    store = ModelStore(models)
+    with pytest.raises(MissingPartError, match=r"needs a T5 text encoder 32 wide.*GGUF.*t5-v1_1-xxl-encoder-Q8_0.gguf"
+                                               r".*t5xxl_fp16.gguf.*safetensors"):  # fmt: skip
+        choose_parts(store.pipeline("flux1-dev"), store, None, [])
+
+
+def test_the_loader_refuses_a_gguf_text_encoder_as_unsupported(gguf_t5_tree, tmp_path):
+    from imprompt.errors import UnsupportedError
+    from imprompt.loading.split_files import PartFile, load_text_encoder
+
+    with pytest.raises(UnsupportedError, match=r"t5xxl_fp16.gguf.*GGUF"):
+        load_text_encoder("t5xxl", PartFile(gguf_t5_tree / "text_encoders" / "t5xxl_fp16.gguf"), tmp_path,
+                          "text_encoder_2", torch.float32, "flux")  # fmt: skip
+
+
+# ----------------------------------------------------------------------- a part's name names one file
+
+
+@pytest.fixture(scope="module")
+def two_clip_folders(trees, tmp_path_factory) -> Path:
+    """ComfyUI's old and new text-encoder folders both kept: `clip/flux/clip_l.safetensors` (first in the walk) and
+    `text_encoders/clip_l.safetensors` (the store's own pick for the name: the shallower)."""
+    models = tmp_path_factory.mktemp("two-clips") / "models"
+    shutil.copytree(trees["flux", "diffusion_models"], models)
+    (models / "clip" / "flux").mkdir(parents=True)
+    shutil.copy(models / "text_encoders" / "clip_l.safetensors", models / "clip" / "flux" / "clip_l.safetensors")
+    return models
+
+
+def test_a_tie_is_broken_as_the_store_resolves_names_and_the_reported_name_gives_the_same_file(two_clip_folders):
+    store = ModelStore(two_clip_folders)
+    model = store.pipeline("flux1-dev")
+    parts = choose_parts(model, store, None, [])
+    assert parts.files["clip_l"].path == store.text_encoder("clip_l").path == two_clip_folders / "text_encoders" / "clip_l.safetensors"
+    described = parts.describe()
+    # a stem two files share is reported as the path under the models folder; a unique stem stays readable
+    assert {role: p["name"] for role, p in described.items()} == {
+        "vae": "ae", "clip_l": "text_encoders/clip_l.safetensors", "t5xxl": "t5xxl_fp16"}
+    assert "clip/flux/clip_l.safetensors" in parts.why["clip_l"] and "text_encoders/clip_l.safetensors" in parts.why["clip_l"]
+    fields = parts.fields()
+    assert fields == {"vae": "ae", "text_encoders": ["text_encoders/clip_l.safetensors", "t5xxl_fp16"]}
+    served = ModelStore(two_clip_folders, allow_paths=False)  # the HTTP server's store: no paths outside the roots
+    again = choose_parts(served.pipeline("flux1-dev"), served, fields["vae"], fields["text_encoders"])
+    assert again.key() == parts.key()
+    deeper = choose_parts(model, store, None, ["clip/flux/clip_l.safetensors"])  # the other one, by its own name
+    assert deeper.files["clip_l"].path == two_clip_folders / "clip" / "flux" / "clip_l.safetensors"
+    assert deeper.describe()["clip_l"]["name"] == "clip/flux/clip_l.safetensors"
+    by_path = choose_parts(model, served, None, [str(deeper.files["clip_l"].path)])  # a path in the roots, as listed
+    assert by_path.key() == deeper.key()
+
+
+# ------------------------------------------------------------------------------------ a part of the wrong kind
+
+
+def test_a_part_of_the_wrong_kind_is_refused_naming_the_field_what_fits_and_the_candidates(trees):
+    store = ModelStore(trees["flux", "diffusion_models"])
+    model = store.pipeline("flux1-dev")
+    with pytest.raises(IncompatibleError, match=r"text_encoders: 'ae' is .*vae/ae\.safetensors.*a VAE.*not a text encoder"
+                                                r".*CLIP-L text encoder 32 wide.*T5 text encoder 32 wide"
+                                                r".*clip_l.*t5xxl_fp16"):  # fmt: skip
+        choose_parts(model, store, None, ["ae"])
+    with pytest.raises(IncompatibleError, match=r"vae: 'clip_l' is .*clip_l\.safetensors.*a CLIP text encoder"
+                                                r".*not a VAE.*16 latent channels.*ae"):  # fmt: skip
+        choose_parts(model, store, "clip_l", [])

@@ -62,11 +62,9 @@ class ClusterJobs:
             plan = await run_in_threadpool(self.engine.plan, request)  # refused here, before any worker computes
             if request.seed < 0:  # fix the seed now, so the n_iter batches continue from it
                 request = request.model_copy(update={"seed": secrets.randbelow(2**32 - 64)})
-            # every worker reads the same model, and a transformer alone with the same parts
-            parts = {"vae": plan.parts.files["vae"].name} if "vae" in plan.parts.files else {}
-            if plan.parts.files:
-                parts["text_encoders"] = [e.name for role, e in sorted(plan.parts.files.items()) if role != "vae"]
-            request = request.model_copy(update={"model": plan.pipeline.name, **parts})
+            # every worker reads the same model, and a transformer alone with the same parts: named so that each
+            # name resolves to the very file the plan chose (a stem two files share would not)
+            request = request.model_copy(update={"model": plan.pipeline.name, **plan.parts.fields()})
             wanted = route(plan)
             held = await self.board.submit.remote(job["id"], [wanted.pipeline, *wanted.encoders.values()])
             payload = request.model_dump()

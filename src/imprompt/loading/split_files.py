@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointError, MissingTokenizerError
+from ..errors import CheckpointError, MissingTokenizerError, UnsupportedError
 from ..models.single_file import (
     COMFY_T5_TOKENIZER,
     DIT_SUBFOLDERS,
@@ -195,9 +195,10 @@ def load_text_encoder(role: str, where: PartFile, folder: Path, sub: str, dtype:
     )
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-    if where.path.suffix == ".gguf":
-        raise CheckpointError(where.path, f"a GGUF {role} text encoder, which imprompt does not read yet",
-                              "Use its safetensors file (fp16 or fp8)")  # fmt: skip
+    if where.path.suffix == ".gguf":  # `models/parts.py` refuses it in the plan; this guards other callers
+        raise UnsupportedError(f"text_encoders: {where.path} is a GGUF {role} text encoder, and imprompt reads text "
+                               f"encoders from safetensors files only. Use t5xxl_fp16.safetensors or "
+                               f"t5xxl_fp8_e4m3fn.safetensors (clip_l.safetensors for CLIP-L)")  # fmt: skip
     keep = role == "t5xxl" and quantization_of(part_table(where)).startswith("fp8")
     state = read_part(where.path, where.prefix, dtype, keep_fp8=keep)
     if keep and fp8_storage(state) is not None:

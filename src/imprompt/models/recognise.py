@@ -282,7 +282,9 @@ def face_restorer(path, table, keys):
 def text_encoder(path, table, keys):
     """A text encoder alone (ComfyUI's `text_encoders/`, `clip/`), in transformers' names: a CLIP text tower
     (`clip_l.safetensors`; `clip_g.safetensors` with its `text_projection`) or T5's encoder (`t5xxl_fp16`,
-    `t5xxl_fp8_e4m3fn`): its width pairs it with a transformer that runs with it."""
+    `t5xxl_fp8_e4m3fn`), or T5's encoder in llama.cpp's names (city96's `t5-v1_1-xxl-encoder-Q8_0.gguf`:
+    `token_embd.weight`, `enc.blk.N.*`; imprompt does not read it, and says so by name): its width pairs it with a
+    transformer that runs with it."""
     prefix = "text_model." if "text_model.embeddings.token_embedding.weight" in table else ""  # transformers 4 and 5
     layers = {k.split(".")[2 + bool(prefix)] for k in keys if k.startswith(f"{prefix}encoder.layers.")}
     stored = quantization(path, table, {})
@@ -295,6 +297,9 @@ def text_encoder(path, table, keys):
         query = table.get("encoder.block.0.layer.0.SelfAttention.q.weight")
         width = table["shared.weight"].shape[1] if "shared.weight" in table else query.shape[1] if query else 0
         return TextEncoderSpec(path, "t5xxl", width, len(blocks), quantization=stored)
+    if "token_embd.weight" in table and any(k.startswith("enc.blk.") for k in keys):  # an LLM has `blk.` alone
+        blocks = {k.split(".")[2] for k in keys if k.startswith("enc.blk.")}
+        return TextEncoderSpec(path, "t5xxl", table["token_embd.weight"].shape[1], len(blocks), quantization=stored)
     return None
 
 

@@ -292,9 +292,9 @@ class ModelStore:
         return entry
 
     def vae(self, name: str) -> Entry:
-        """A VAE by file name (A1111's `sd_vae` names it with its extension), stem, relative path, or path."""
-        stem = Path(name).stem if Path(name).suffix in WEIGHT_SUFFIXES and not Path(name).is_absolute() else name
-        entry = self._resolve(stem, "vae")
+        """A VAE by file name (A1111's `sd_vae` names it with its extension), stem, relative path, or path
+        (`_resolve_file`)."""
+        entry = self._resolve_file(name, "vae")
         if entry is None:
             available = ", ".join(sorted(e.path.name for e in self.of_kind("vae"))) or "none"
             raise UnknownVaeError(
@@ -309,8 +309,7 @@ class ModelStore:
 
     def text_encoder(self, name: str) -> Entry:
         """A text encoder alone (ComfyUI's `text_encoders/` or `clip/`) by file name, stem, relative path, or path."""
-        stem = Path(name).stem if Path(name).suffix in WEIGHT_SUFFIXES and not Path(name).is_absolute() else name
-        entry = self._resolve(stem, "text-encoder")
+        entry = self._resolve_file(name, "text-encoder")
         if entry is None:
             available = ", ".join(sorted(e.path.name for e in self.text_encoders)) or "none"
             raise MissingPartError(
@@ -386,20 +385,75 @@ class ModelStore:
                 break
         return self._outside_path(name, kind)
 
+    def _resolve_file(self, name: str, kind: str) -> Entry | None:
+        """A file by its file name (that very file where several share its stem: `t5xxl_fp16.gguf` is not
+        `t5xxl_fp16.safetensors`), stem, path relative to a root, or path (one in the roots is found even where
+        outside paths are not allowed). A path not found here (another machine's, as Forge sends) falls back to
+        its file name."""
+        bare = Path(name.strip())
+        if bare.suffix in WEIGHT_SUFFIXES and len(bare.parts) == 1:
+            with self._lock:
+                same_file = [e for e in self.entries if e.path.name.lower() == bare.name.lower() and e.kind == kind]
+            if same_file:
+                return self._choose(name, kind, same_file)
+            return self._resolve(bare.stem, kind)
+        entry = self._resolve(name, kind)
+        if entry is None and bare.suffix in WEIGHT_SUFFIXES and len(bare.parts) > 1:
+            return self._resolve_file(bare.name, kind)
+        return entry
+
+    def find(self, name: str, kinds: tuple[str, ...] = ()) -> Entry | None:
+        """The file `name` stands for whatever its kind (those of `kinds` first; as `_resolve_file` reads names),
+        or None: to say what a name given for one kind of file is, or to sort files by kind (Forge's modules)."""
+        bare = Path(name.strip().replace("\\", "/"))
+        tries = dict.fromkeys([name.strip(), bare.name, bare.stem if bare.suffix in WEIGHT_SUFFIXES else bare.name])
+        for attempt in range(2):
+            for tried in tries:
+                with self._lock:
+                    matches = self._matches(tried) or [e for e in self.entries if e.path.name.lower() == tried.lower()]
+                matches = [self.current(e) for e in matches if e.path.exists()]
+                if matches:
+                    return min(matches, key=lambda e: (e.kind not in kinds, *lookup_order(e)))
+            if attempt == 0 and not self.refresh_if_stale():
+                break
+        return None
+
+    def name_of(self, entry: Entry) -> str:
+        """A name that resolves to exactly this file, readable where it can be: its stem when no other file in
+        the index has that name, else its path relative to its models root (unique there), else its path. What
+        info reports and the cluster forwards, so a client or worker that sends it back gets the same file."""
+        with self._lock:
+            entries = list(self.entries)
+        if not any(e.path == entry.path for e in entries):
+            return str(entry.path)  # a path outside the roots (the CLI's and Python API's)
+        if all(e.path == entry.path for e in entries if e.name.lower() == entry.name.lower()):
+            return entry.name
+        for root in self.roots:
+            if _relative(entry.path, root) is None:
+                continue
+            relative = entry.path.relative_to(root).as_posix()
+            named = [e for e in entries if e.name.lower() == relative.lower()]
+            same = {e.path for e in entries for r in self.roots if _relative(e.path, r) == relative.lower()}
+            if not named and same == {entry.path}:
+                return relative
+        return str(entry.path)
+
     def _matches(self, name: str) -> list[Entry]:
+        """Entries called `name`, else at that path relative to a root, else at that path (a path in the roots)."""
         lowered = name.strip().lower()
         by_name = [e for e in self.entries if e.name.lower() == lowered]
         if by_name:
             return by_name
         relative = [e for e in self.entries for root in self.roots if _relative(e.path, root) == lowered]
-        return relative
+        if relative or not Path(name.strip()).is_absolute():
+            return relative
+        return [e for e in self.entries if e.path == Path(name.strip())]
 
     def _choose(self, name: str, kind: str, matches: list[Entry]) -> Entry:
         matches = [self.current(e) for e in matches]
         good = [e for e in matches if e.kind == kind]
         if good:
-            # .safetensors before pickles; then the shortest path (the most canonical place) first.
-            good.sort(key=lambda e: (e.path.suffix != ".safetensors", len(e.path.parts), str(e.path)))
+            good.sort(key=lookup_order)
             if len(good) > 1:
                 log.debug("%s %r matches %s; using %s", kind, name, [str(e.path) for e in good], good[0].path)
             return good[0]
@@ -419,6 +473,13 @@ class ModelStore:
 
     def _where(self) -> str:
         return ", ".join(str(r) for r in self.roots)
+
+
+def lookup_order(entry: Entry) -> tuple:
+    """How the store orders files one name matches: .safetensors before the rest (pickles, GGUF), then the
+    shortest path (the most canonical place), then the path. Whatever chooses among files (`models/parts.py`
+    breaking ties) uses it too, so a name it reports resolves to the file it chose."""
+    return (entry.path.suffix != ".safetensors", len(entry.path.parts), str(entry.path))
 
 
 def walk_roots(roots: list[Path]) -> list[tuple[str, Path]]:
