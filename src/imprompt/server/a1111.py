@@ -283,9 +283,17 @@ def from_sdnext_payload(payload: dict, img2img: bool | None = None, store: Model
     if chosen.get("sd_vae") not in OWN_VAE:
         fields["vae"] = chosen["sd_vae"]
     if chosen.get("forge_additional_modules") and store is not None:
-        fields.update(forge_modules(chosen["forge_additional_modules"], store))
-    if payload.get("text_encoders"):  # imprompt's own field, beside Forge's modules
-        fields["text_encoders"] = [*fields.get("text_encoders", []), *payload["text_encoders"]]
+        modules = forge_modules(chosen["forge_additional_modules"], store)
+        if "vae" in modules and "vae" in fields and store.vae(fields["vae"]).path != store.vae(modules["vae"]).path:
+            raise RequestError(f"sd_vae ({fields['vae']}) and forge_additional_modules' VAE ({modules['vae']}) name "
+                               f"different VAEs; give one (sd_vae \"Automatic\" leaves the VAE to the modules)")  # fmt: skip
+        fields.update(modules)
+    given = payload.get("text_encoders")
+    if given is not None:  # imprompt's own field, beside Forge's modules
+        if not isinstance(given, list) or not all(isinstance(name, str) for name in given):
+            raise RequestError(f"text_encoders: expected a list of text encoder file names, got {shown(given)}; "
+                               f"GET /sdapi/v1/sd-modules lists them")  # fmt: skip
+        fields["text_encoders"] = [*fields.get("text_encoders", []), *given]
     clip_skip = next((v for v in (overrides.get("CLIP_stop_at_last_layers"), payload.get("clip_skip"),
                                   chosen.get("CLIP_stop_at_last_layers")) if v is not None), None)  # fmt: skip
     if clip_skip is not None:
@@ -375,22 +383,33 @@ def to_request(payload: Txt2ImgPayload, model: str | None, store: ModelStore, se
 def forge_modules(modules, store: ModelStore) -> dict:
     """Forge's `forge_additional_modules` (the VAE and text-encoder files a FLUX / SD 3.5 transformer alone runs
     with, as paths on the Forge machine or file names) as imprompt's `vae` and `text_encoders`: each file is looked up
-    by its name in the models folders; a VAE file is the VAE, the others text encoders."""
+    (a path in the models folders, as GET /sdapi/v1/sd-modules lists it: that very file; another path: by its file
+    name) and sorted by what its tensors are, never by its folder: a VAE file is the VAE, a text-encoder file a text
+    encoder, anything else (or nothing found) refused. Each comes out under a name that resolves to that file."""
     if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
         raise RequestError(f"forge_additional_modules: expected a list of file names, got {shown(modules)}; GET "
                            f"/sdapi/v1/sd-modules lists them")  # fmt: skip
-    vaes = {e.name.lower() for e in store.of_kind("vae")}
     fields: dict[str, Any] = {"text_encoders": []}
     for module in modules:
-        name = module.replace("\\", "/").rsplit("/", 1)[-1]
-        stem = name.rsplit(".", 1)[0] if name.lower().endswith((".safetensors", ".gguf", ".pt", ".bin")) else name
-        if stem.lower() in vaes:
-            if "vae" in fields:
-                raise RequestError(f"forge_additional_modules: two VAEs ({fields['vae']}, {stem}); give one")
-            fields["vae"] = stem
+        entry = store.find(module, kinds=("vae", "text-encoder"))
+        if entry is None or entry.kind not in ("vae", "text-encoder"):
+            there = sorted(e.path.name for kind in ("vae", "text-encoder") for e in store.of_kind(kind))
+            what = "not in the models folders" if entry is None else \
+                f"{entry.path}, {_a(entry.kind)}, neither a VAE nor a text encoder"  # fmt: skip
+            raise RequestError(f"forge_additional_modules: {module!r} is {what}. The VAEs and text encoders there: "
+                               f"{', '.join(there) or 'none'} (GET /sdapi/v1/sd-modules lists them)")  # fmt: skip
+        name = store.name_of(entry)
+        if entry.kind == "text-encoder":
+            fields["text_encoders"].append(name)
+        elif "vae" in fields:
+            raise RequestError(f"forge_additional_modules: two VAEs ({fields['vae']}, {name}); give one")
         else:
-            fields["text_encoders"].append(stem)
+            fields["vae"] = name
     return fields
+
+
+def _a(kind: str) -> str:
+    return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
 
 
 def apply_options(current: dict, given: dict, store: ModelStore) -> tuple[dict, dict]:
@@ -414,7 +433,7 @@ def apply_options(current: dict, given: dict, store: ModelStore) -> tuple[dict, 
                 raise RequestError(f"CLIP_stop_at_last_layers: {value!r} is not a clip skip imprompt takes "
                                    f"({str(exc).removeprefix('invalid request: ')})") from None  # fmt: skip
         elif name == "forge_additional_modules":
-            forge_modules(value, store)  # a malformed list is refused here; names are checked with the model
+            forge_modules(value, store)  # refused here: a malformed list, a module that is no VAE / text encoder
         elif name in ("control_net_no_detectmap", *PROMPT_SETTINGS):
             if not isinstance(value, bool):
                 raise RequestError(f"{name}: expected true or false, got {shown(value)}")
