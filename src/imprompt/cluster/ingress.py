@@ -64,7 +64,7 @@ class ClusterJobs:
                 request = request.model_copy(update={"seed": secrets.randbelow(2**32 - 64)})
             # every worker reads the same model, and a transformer alone with the same parts: named so that each
             # name resolves to the very file the plan chose (a stem two files share would not)
-            request = request.model_copy(update={"model": plan.pipeline.name, **plan.parts.fields()})
+            request = request.model_copy(update={"model": self.engine.store.name_of(plan.pipeline), **plan.parts.fields()})
             wanted = route(plan)
             held = await self.board.submit.remote(job["id"], [wanted.pipeline, *wanted.encoders.values()])
             payload = request.model_dump()
