@@ -9,7 +9,8 @@ Four plans, in order of preference (each slower than the one before, each holdin
   after. Costs the transfer of the denoiser (24 GB for FLUX dev in bf16: about a second over PCIe 4) per image.
 - "group": diffusers' `enable_group_offload`, block by block (with CUDA streams: the next block is copied while
   this one computes). Holds a few blocks at a time; costs the transfer of every block at every step.
-The choice is pure (`choose_plan`): from the room on the device, the components' sizes as they will sit in memory
+The choice is pure (`choose_plan`): from the device's total memory (never the memory free at the moment, which
+depends on what else is resident: see `EngineState.memory_plan`), the components' sizes as they will sit in memory
 (read from the files' tensor tables before anything loads: `estimate_sizes`), and the activations' margin. diffusers
 has the offloading mechanisms; choosing among them from the files' sizes is imprompt's.
 """
@@ -23,6 +24,17 @@ from pathlib import Path
 import torch
 
 from ..errors import RequestError, UnsupportedError
+from .quantized import FP8 as FP8_DTYPES
+from .quantized import fp8_kept, keeps_fp8, quantization_of
+from .split_files import (
+    FLUX1_WIDTH,
+    T5_SKIP,
+    flux_checkpoint_at_any_width,
+    merged_table,
+    needs_components,
+    part_files,
+    part_table,
+)
 from .tensors import read_tensor_table
 
 MODES = ("none", "encoders", "model", "group")
@@ -78,7 +90,9 @@ def choose_plan(free_bytes: int, sizes: dict[str, int], forced: str = "auto", *,
     with `free_bytes` for it, keeping `activation_bytes` for a generation's activations. `group_bytes`: what each
     component holds on the device at once under group offload (default: an eighth of it). `encoders_apart`: whether
     the family can encode on the CPU and move the embeddings (SD 3.x / FLUX); `forced`: the user's `offload`.
-    On the CPU the plan is "none" unless forced: the weights are in the machine's memory already."""
+    On the CPU the plan is "none" unless forced: the weights are in the machine's memory already. A forced "encoders"
+    on SD 1.5 / SDXL (which cannot encode apart) runs "none", saying why. `free_bytes` is the device's total memory
+    (`EngineState.memory_plan`), not what is free now, so the choice depends on the request alone."""
     forced = check_mode(forced)
     total = sum(sizes.values())
     encoders = sum(v for k, v in sizes.items() if is_encoder(k))
@@ -90,10 +104,10 @@ def choose_plan(free_bytes: int, sizes: dict[str, int], forced: str = "auto", *,
         "group": sum(group_bytes.get(k, v // 8) for k, v in sizes.items()),
     }
     room = free_bytes - activation_bytes
-    if forced == "encoders" and not encoders_apart:
-        raise UnsupportedError("offload: the 'encoders' plan (text encoders kept on the CPU) is for SD 3.x and FLUX "
-                               "models, whose prompts imprompt can encode apart; this model encodes its prompt with "
-                               "A1111's reading on the device. Use auto, none, model or group")  # fmt: skip
+    if forced == "encoders" and not encoders_apart:  # an engine-wide setting must not refuse whole families
+        return MemoryPlan("none", "offload=encoders is for SD 3.x and FLUX models, whose prompts imprompt can encode "
+                                  "apart; this model encodes its prompt with A1111's reading on the device, so every "
+                                  f"component stays there ({gib(total)})", total, dict(sizes))  # fmt: skip
     if forced != "auto":
         fits = "fits" if need[forced] <= room else "does not fit"
         why = (f"forced (offload={forced}): {gib(need[forced])} on the device at its peak, which {fits} the "
@@ -132,6 +146,7 @@ PREFIXES = (("model.diffusion_model.", "denoiser"), ("first_stage_model.", "vae"
             ("conditioner.embedders.1.", "text_encoder_2"), ("text_encoders.clip_l.", "text_encoder.clip_l"),
             ("text_encoders.clip_g.", "text_encoder.clip_g"), ("text_encoders.t5xxl.", "text_encoder.t5xxl"))  # fmt: skip
 TIED = "encoder.embed_tokens.weight"
+T5_WO = re.compile(r"\.wo\.weight$")  # T5's feed-forward output (`DenseReluDense.wo`)
 BLOCK = re.compile(r"^(.*?\.\d+)\.")  # the first numbered module of a name: a block group offload moves at once
 
 
@@ -193,8 +208,9 @@ def weight_files(folder: Path) -> list[Path]:
     return []
 
 
-def add_file(sizes: Sizes, path: Path, held: torch.dtype, component: str | None, fp8_kept: bool) -> None:
-    """One file's tensors into `sizes`: all of it as `component`, or by the single-file prefixes (None)."""
+def add_file(sizes: Sizes, path: Path, held: torch.dtype, component: str | None, done: dict | None = None) -> None:
+    """One file's tensors into `sizes`: all of it as `component`, or by the single-file prefixes (None). Components
+    in `done` (sized by `fp8_held`) are left out. fp8 tensors count upcast: only `fp8_held`'s parts stay fp8."""
     try:
         table, _ = read_tensor_table(path)
     except Exception:  # a format the table reader does not know yet: its size on disk is the best estimate
@@ -203,9 +219,6 @@ def add_file(sizes: Sizes, path: Path, held: torch.dtype, component: str | None,
     for name, info in table.items():
         if name.endswith(TIED) and name[: -len(TIED)] + "shared.weight" in table:
             continue  # T5's token embedding, saved twice in some files, is one tensor in memory
-        numel = 1
-        for dim in info.shape:
-            numel *= dim
         where, local = component, name
         if where is None:
             where = "denoiser"
@@ -213,26 +226,110 @@ def add_file(sizes: Sizes, path: Path, held: torch.dtype, component: str | None,
                 if name.startswith(prefix):
                     where, local = named, name[len(prefix):]
                     break
-        kept = fp8_kept and where == "denoiser"
-        sizes.add(where, local, tensor_bytes(info.dtype, numel, held, kept))
+        if where in (done or {}):
+            continue
+        nbytes = tensor_bytes(info.dtype, numel_of(info.shape), held, False)
+        if held == torch.float16 and T5_WO.search(local):
+            nbytes *= 2  # T5's feed-forward output in float32 (transformers' `_keep_in_fp32_modules`, diffusers' loader)
+        sizes.add(where, local, nbytes)
+
+
+def numel_of(shape) -> int:
+    numel = 1
+    for dim in shape:
+        numel *= dim
+    return numel
+
+
+def fp8_held(spec, parts, held: torch.dtype) -> dict[str, dict[str, int]]:
+    """The parts loaded with fp8 layers kept fp8 (the transformer, T5: `quantized.keeps_fp8`), each tensor's bytes
+    as the loader holds them: the parts' tensors in the names the loader fills (diffusers' converter run on meta
+    tensors), and the model built on the meta device, asked which layers stay fp8 by the loader's own rule
+    (`quantized.fp8_kept`: diffusers' skip patterns upcast FLUX's AdaLN layers and T5's `wo`). component -> name ->
+    bytes; {} where no part keeps fp8 (the other parts are counted from their tables)."""
+    if not Path(spec.path).is_file() or spec.architecture not in TRANSFORMERS or not needs_components(spec, parts):
+        return {}
+    files = part_files(spec, parts)
+    tables = {role: part_table(where) for role, where in files.items() if where.path.suffix != ".gguf"}
+    keep = [role for role in ("transformer", "t5xxl") if role in tables and keeps_fp8(role, quantization_of(tables[role]))]
+    if not keep:
+        return {}
+    import tempfile
+
+    from accelerate import init_empty_weights
+
+    from ..models.single_file import DIT_SUBFOLDERS, write_transformer_config_folder
+
+    result = {}
+    with tempfile.TemporaryDirectory(prefix="imprompt-plan-") as name:
+        folder = Path(name)
+        write_transformer_config_folder(Path(spec.path), merged_table(files), folder, spec.architecture, None)
+        for role in keep:
+            state = {k: torch.empty(info.shape, dtype=FP8_DTYPES.get(info.dtype, held), device="meta")
+                     for k, info in tables[role].items() if info.dtype in FP8_DTYPES or info.dtype in FLOATS}  # fmt: skip
+            others = {k: tensor_bytes(info.dtype, numel_of(info.shape), held, False) for k, info in tables[role].items()
+                      if k not in state}  # fmt: skip
+            with init_empty_weights():
+                if role == "transformer":
+                    model, state = meta_transformer(spec.architecture, folder, state)
+                    skip = ()
+                else:
+                    from transformers import T5Config, T5EncoderModel
+
+                    model = T5EncoderModel(T5Config.from_pretrained(folder / DIT_SUBFOLDERS[spec.architecture][role]))
+                    state.pop(TIED, None)  # tied to `shared` as the loader ties it: one tensor
+                    skip = T5_SKIP
+            kept = fp8_kept(model, {k: t.dtype for k, t in state.items()}, skip)
+            element = torch.empty((), dtype=held).element_size()
+            sizes = {k: t.numel() * (1 if k in kept else element) for k, t in state.items()}
+            if role == "t5xxl" and held == torch.float16:  # the loader keeps T5's feed-forward output in float32
+                sizes.update({k: t.numel() * 4 for k, t in state.items() if T5_WO.search(k)})
+            result["denoiser" if role == "transformer" else f"text_encoder.{role}"] = {**sizes, **others}
+    return result
+
+
+def meta_transformer(architecture: str, folder: Path, state: dict):
+    """A transformer built on the meta device from the config the loader writes, and `state` (meta tensors in
+    the file's names) converted to its names by the converter the loader uses."""
+    import json
+
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+    from diffusers.loaders.single_file_utils import (
+        convert_flux_transformer_checkpoint_to_diffusers,
+        convert_sd3_transformer_checkpoint_to_diffusers,
+    )
+
+    config = json.loads((folder / "transformer" / "config.json").read_text())
+    cls = FluxTransformer2DModel if architecture == "flux" else SD3Transformer2DModel
+    if architecture == "flux" and state["img_in.weight"].shape[0] != FLUX1_WIDTH:
+        converted = flux_checkpoint_at_any_width(state)
+    elif architecture == "flux":
+        converted = convert_flux_transformer_checkpoint_to_diffusers(state, config=config)
+    else:
+        converted = convert_sd3_transformer_checkpoint_to_diffusers(state, config=config)
+    return cls.from_config(config), converted
 
 
 def estimate_sizes(spec, parts, dtype: torch.dtype) -> Sizes:
     """Each component's bytes as it will sit in memory, from the files' tensor tables (nothing is loaded): a folder's
     component folders, a single file's tensors by their prefixes, a transformer alone's parts (`models/parts.py`).
-    fp8 denoisers count at one byte a weight (the loader keeps them fp8 where diffusers allows), GGUF at its blocks."""
+    fp8 layers count at one byte a weight where the loader keeps them fp8 (`fp8_held`), GGUF at its blocks, T5's
+    feed-forward output in float32 under float16 (as transformers and diffusers load it)."""
     path = Path(spec.path)
-    fp8_kept = getattr(spec, "quantization", "") in ("fp8_e4m3fn", "fp8_e5m2")
     sizes = Sizes()
-    if path.is_dir():
+    done = fp8_held(spec, parts, dtype)
+    for component, held in done.items():
+        for name, nbytes in held.items():
+            sizes.add(component, name, nbytes)
+    if path.is_dir():  # diffusers' `from_pretrained` upcasts every tensor to the compute dtype
         for folder in sorted(p for p in path.iterdir() if p.is_dir()):
             name = "denoiser" if folder.name in ("unet", "transformer") else folder.name
             for file in weight_files(folder):
-                add_file(sizes, file, dtype, name, fp8_kept)
+                add_file(sizes, file, dtype, name)
     elif path.is_file():
-        add_file(sizes, path, dtype, None, fp8_kept)
+        add_file(sizes, path, dtype, None, done)
     for role, entry in getattr(parts, "files", {}).items():
-        add_file(sizes, Path(entry.path), dtype, "vae" if role == "vae" else f"text_encoder.{role}", False)
+        add_file(sizes, Path(entry.path), dtype, "vae" if role == "vae" else f"text_encoder.{role}", done)
     denoiser = "unet" if spec.architecture == "unet" else "transformer"
     rename = {"denoiser": denoiser}
     sizes.total = {rename.get(k, k): v for k, v in sizes.total.items()}

@@ -1,8 +1,10 @@
 """Quantized weight files read as diffusers can run them: fp8, ComfyUI's scaled fp8, and GGUF.
 
 - fp8 (e4m3fn / e5m2) safetensors: every fp8 value is exact in fp16, bf16 and fp32, so upcasting per tensor to the
-  compute dtype changes nothing. Where a layer's tensors are all fp8 it stays fp8 in memory: diffusers' layerwise
-  casting hook (`apply_layerwise_casting_hook`) upcasts it for its forward only, the same values as upcast once.
+  compute dtype changes nothing. A transformer's or T5's linear layer whose tensors are all fp8 stays fp8 in memory
+  unless diffusers' layerwise casting skips it (its "norm" pattern takes FLUX's and SD 3's AdaLN modulation layers;
+  T5's `wo`): diffusers' casting hook (`apply_layerwise_casting_hook`) upcasts it for its forward only, the same
+  values as upcast once. One function (`fp8_kept`) decides it for the loader and the memory plan's estimate.
 - ComfyUI's scaled fp8 (a `scaled_fp8` marker tensor; each linear layer's fp8 `weight` beside a `scale_weight`):
   the weight is `weight * scale_weight`, dequantized at load into the compute dtype. It is NOT kept fp8: the
   product is not an fp8 value, and diffusers has no layer that applies the scale per forward.
@@ -69,25 +71,51 @@ def fp8_storage(tensors: dict[str, torch.Tensor]) -> torch.dtype | None:
     return max(set(kinds), key=kinds.count) if kinds else None
 
 
-def load_keeping_fp8(model: torch.nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype,
-                     skip: tuple[str, ...] = ()) -> torch.nn.Module:  # fmt: skip
-    """Fill `model` (built on the meta device) from `state`, whose tensors are `dtype` or fp8. Each linear /
-    convolution layer whose tensors are all of one fp8 dtype stays in it and gets diffusers' layerwise casting
-    hook (upcast to `dtype` for its forward); everything else is upcast now. `skip`: name patterns (regular
-    expressions) of layers to upcast anyway, as diffusers' `enable_layerwise_casting` skips them."""
-    from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN, apply_layerwise_casting_hook
+KEEPS_FP8 = ("transformer", "t5xxl")  # the parts loaded with their fp8 layers kept fp8 (VAE and CLIP: upcast)
+
+
+def keeps_fp8(part: str, quantization: str) -> bool:
+    """Whether a part's fp8 layers are kept fp8 as it loads (`fp8_kept` says which): the transformer's and T5's
+    (their bulk), where the file is plain fp8; scaled fp8 is dequantized, other parts upcast."""
+    return part in KEEPS_FP8 and quantization.startswith("fp8")
+
+
+def fp8_kept(model: torch.nn.Module, dtypes: dict[str, torch.dtype], skip: tuple[str, ...] = ()) -> set[str]:
+    """The one rule for which tensors of an fp8 file stay fp8 in memory, which the loader (`load_keeping_fp8`) and
+    the memory plan's size estimate (`memory_plan.estimate_sizes`, on a model built on the meta device) both call:
+    each linear / convolution layer of `model` whose tensors (`dtypes`: name -> dtype as read) are all of one fp8
+    dtype, unless its name or an ancestor's matches diffusers' layerwise-casting skip patterns (its defaults,
+    `skip`, and the model's own `_skip_layerwise_casting_patterns`: "norm" upcasts FLUX's and SD 3's AdaLN
+    modulation layers). Returns the names of the tensors kept fp8."""
+    from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
 
     patterns = (*DEFAULT_SKIP_MODULES_PATTERN, *skip, *(getattr(model, "_skip_layerwise_casting_patterns", None) or ()))
     supported = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
     kept = set()
     for name, module in model.named_modules():
+        if not isinstance(module, supported):
+            continue
         own = [f"{name}.{p}" if name else p for p, _ in module.named_parameters(recurse=False)]
-        kinds = {state[k].dtype for k in own if k in state}
+        kinds = {dtypes[k] for k in own if k in dtypes}
         ancestors = [".".join(name.split(".")[: i + 1]) for i in range(name.count(".") + 1)] if name else []
-        if (isinstance(module, supported) and len(kinds) == 1 and next(iter(kinds)) in FP8_NAMES and own
+        if (len(kinds) == 1 and next(iter(kinds)) in FP8_NAMES and own
                 and not any(re.search(p, a) for p in patterns for a in ancestors)):  # fmt: skip
-            apply_layerwise_casting_hook(module, next(iter(kinds)), dtype, non_blocking=False)
             kept.update(own)
+    return kept
+
+
+def load_keeping_fp8(model: torch.nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype,
+                     skip: tuple[str, ...] = ()) -> torch.nn.Module:  # fmt: skip
+    """Fill `model` (built on the meta device) from `state`, whose tensors are `dtype` or fp8: the layers `fp8_kept`
+    names stay fp8 and get diffusers' layerwise casting hook (upcast to `dtype` for their forward); everything else
+    is upcast now. `skip`: name patterns (regular expressions) of layers to upcast anyway."""
+    from diffusers.hooks.layerwise_casting import apply_layerwise_casting_hook
+
+    kept = fp8_kept(model, {k: t.dtype for k, t in state.items()}, skip)
+    for name, module in model.named_modules():
+        own = [f"{name}.{p}" if name else p for p, _ in module.named_parameters(recurse=False)]
+        if own and all(k in kept for k in own):
+            apply_layerwise_casting_hook(module, state[own[0]].dtype, dtype, non_blocking=False)
     loaded = {k: (t if k in kept or not t.is_floating_point() else t.to(dtype)) for k, t in state.items()}
     model.load_state_dict(loaded, strict=True, assign=True)
     return model.eval()
