@@ -35,7 +35,6 @@ from .util.devices import (
     default_budget,
     default_device,
     device_memory,
-    free_memory,
     model_dtype,
     resolve_dtype,
 )
@@ -98,6 +97,7 @@ class EngineState:
         self.lock = threading.Lock()  # one generation at a time
         self.interrupt = threading.Event()
         self._pipeline_loads = itertools.count()  # numbers each loaded pipeline's LoRA adapter names
+        self._plans: dict[tuple, MemoryPlan] = {}  # (file versions, dtype, forced plan) -> its plan (`memory_plan`)
 
     def image(self, ref, what: str):
         """A request's image (PIL, path or base64), decoded within the limits; `what` names it in errors."""
@@ -110,6 +110,7 @@ class EngineState:
         """The request's pipeline: resident already (no reload), or loaded. A load happens in CPU memory first and
         joins the device only once it succeeded, so a failed load leaves every resident pipeline as it was.
         `parts`: the VAE and text encoders a transformer-alone model runs with (other parts: another pipeline)."""
+        memory = self.memory_plan(entry, parts, self.model_dtype(entry.spec))
         key = self.pipeline_key(entry, parts)
         current = self.pipelines.current.key if self.pipelines.current else None  # the key: a reference would
         loaded = self.pipelines.get(key, events)  # keep a pushed-out pipeline on the device while another moves in
@@ -117,10 +118,11 @@ class EngineState:
             for stale in self.pipelines.discard_older_versions(key):
                 log.info("model %s unloaded: its file changed on disk", stale.label)
                 events.append({"event": "model_unloaded", "model": stale.label, "why": "its file changed on disk"})
-            loaded = self._load(entry, key, events, parts)
+            loaded = self._load(entry, key, events, parts, memory)
             self.pipelines.add(loaded, events)
             log.info("model %s loaded in %.2f s", entry.name, loaded.load_seconds)
-            events.append({"event": "model_loaded", "model": entry.name, "seconds": round(loaded.load_seconds, 4)})
+            events.append({"event": "model_loaded", "model": entry.name, "seconds": round(loaded.load_seconds, 4),
+                           **loaded.memory_event()})  # fmt: skip
         elif loaded.key != current:
             log.info("model %s was resident: no reload", entry.name)
             events.append({"event": "model_reused", "model": entry.name})
@@ -131,28 +133,38 @@ class EngineState:
         return loaded
 
     def pipeline_key(self, entry: Entry, parts: ModelParts = NO_PARTS) -> tuple:
-        """What identifies a loaded pipeline: its file's version, how it was loaded, and a transformer alone's parts."""
-        return entry.key(self.model_dtype(entry.spec), self.device) + parts.key()
+        """What identifies a loaded pipeline: its file's version, how it was loaded (dtype, device, memory plan: a
+        pipeline under another plan is another pipeline), and a transformer alone's parts."""
+        dtype = self.model_dtype(entry.spec)
+        return entry.key(dtype, self.device, self.memory_plan(entry, parts, dtype).mode) + parts.key()
 
     def model_dtype(self, spec) -> torch.dtype:
         """The dtype a base model runs in: the engine's, or for "auto" on CUDA its family's (`util/devices.py`)."""
         return model_dtype(self.dtype_setting, self.device, spec.architecture)
 
     def memory_plan(self, entry: Entry, parts: ModelParts, dtype: torch.dtype) -> MemoryPlan:
-        """Where the model's weights will live, chosen before it loads from its files' sizes and the device's room:
-        what is free now plus what the resident pipelines hold there (they are pushed out for it if need be)."""
-        sizes = estimate_sizes(entry.spec, parts, dtype)
-        room = device_memory(self.device)
-        if self.device.type == "cuda":
-            room = min(room, free_memory(self.device) + self.pipelines.on_device.used_bytes)
-        return choose_plan(room, sizes.total, self.offload, activation_bytes=self.activation_budget,
-                           group_bytes=sizes.group(streams=self.device.type == "cuda"), device_type=self.device.type,
-                           encoders_apart=entry.spec.architecture in TRANSFORMERS)  # fmt: skip
+        """Where the model's weights will live, chosen before it loads from its files' sizes and what a pipeline may
+        use: the device's total memory less the engine's activation budget. Never from the memory free at the
+        moment: that depends on what else happens to be resident or cached (other pipelines, encoders,
+        ControlNets), and "encoders" encodes on the CPU, whose numbers differ from the GPU's in bf16; so the same
+        request gets the same plan, and the same pixels, in a fresh process and after any history (invariant 3).
+        Resident pipelines are pushed out for it by the pipelines budget; one pipeline may hold more than that
+        budget alone. Computed once per file versions, dtype and forced plan (the files' tables are read once)."""
+        key = (entry.key(dtype, self.device), parts.key(), self.offload)
+        if key not in self._plans:
+            sizes = estimate_sizes(entry.spec, parts, dtype)
+            if len(self._plans) >= 256:  # file versions come and go; the plan is cheap to make again
+                self._plans.clear()
+            self._plans[key] = choose_plan(device_memory(self.device), sizes.total, self.offload,
+                                           activation_bytes=self.activation_budget,
+                                           group_bytes=sizes.group(streams=self.device.type == "cuda"),
+                                           device_type=self.device.type,
+                                           encoders_apart=entry.spec.architecture in TRANSFORMERS)  # fmt: skip
+        return self._plans[key]
 
-    def _load(self, entry: Entry, key: tuple, events: list, parts: ModelParts = NO_PARTS) -> LoadedPipeline:
+    def _load(self, entry: Entry, key: tuple, events: list, parts: ModelParts, memory: MemoryPlan) -> LoadedPipeline:
         started = time.perf_counter()
         dtype = self.model_dtype(entry.spec)
-        memory = self.memory_plan(entry, parts, dtype)
         log.info("model %s: memory plan %s (%s)", entry.name, memory.mode, memory.why)
         events.append({"event": "memory_plan", "model": entry.name, **memory.describe()})
         # modules under diffusers' offload hooks are never shared: another model would carry the hooks along

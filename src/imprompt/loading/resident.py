@@ -8,7 +8,11 @@ copy. A new pipeline is built in CPU memory first and moved to the device only w
 leaves every resident pipeline as it was. Components that two pipeline folders share on disk (the same VAE or text
 encoder files, e.g. by symlink) are loaded once and handed to diffusers' `from_pretrained` for the second.
 A pipeline under a memory plan (`memory_plan.py`) is placed as its plan says, never moved whole where diffusers'
-offload hooks move its parts, and counts in the budget only what it holds on the device.
+offload hooks move its parts. It holds two amounts: its bytes on the device and its bytes waiting in host memory (text
+encoders kept on the CPU, components or blocks the hooks have moved off). On the CPU device both are the same memory:
+the pipelines budget counts all of it. On a GPU the pipelines budget (the GPU's memory) counts its device bytes, and
+its host bytes are charged to the offload budget (the host RAM tier) as a reservation beside the pipelines pushed
+there, so what waits in RAM is counted once, wherever it waits.
 """
 
 from __future__ import annotations
@@ -51,16 +55,27 @@ class LoadedPipeline:
         return self.own_components["vae"]
 
     def __post_init__(self):
-        # its weights on the device as loaded (the LoRA layers later added inside its modules count in the one LoRA
-        # budget): all, or without the text encoders kept on the CPU; under diffusers' offload hooks, what its plan
-        # holds there at its peak (one component, or a few blocks)
+        # its weights as loaded (the LoRA layers later added inside its modules count in the one LoRA budget): on
+        # the device all, or without the text encoders kept on the CPU, or under diffusers' offload hooks what its
+        # plan holds there at its peak (one component, or a few blocks); the rest waits in host memory
         modules = {n: m for n, m in self.own_components.items() if isinstance(m, torch.nn.Module)}
+        self.total_bytes = module_bytes_of(modules.values())
         if self.memory.mode in ("model", "group"):
-            self.nbytes = self.memory.on_device_bytes
+            self.device_bytes = min(self.memory.on_device_bytes, self.total_bytes)
         else:
             kept = self.memory.mode == "encoders"
-            self.nbytes = sum(module_bytes(m) for n, m in modules.items() if not (kept and is_encoder(n)))
+            self.device_bytes = module_bytes_of(m for n, m in modules.items() if not (kept and is_encoder(n)))
+        self.host_bytes = self.total_bytes - self.device_bytes
         self.hooked = False  # diffusers' offload hooks installed (`memory_plan.place`)
+
+    def charge(self, device: torch.device) -> int:
+        """What it counts in the pipelines budget: on the CPU device all it holds (its "host" part is the same
+        memory); on a GPU its device bytes (the host part is charged to the offload budget, `host_key`)."""
+        return self.total_bytes if device.type == "cpu" else self.device_bytes
+
+    def memory_event(self) -> dict:
+        """Its bytes on the device and in host memory, for the events."""
+        return {"device_bytes": self.device_bytes, "host_bytes": self.host_bytes}
 
     def place(self, device: torch.device) -> None:
         """Its components where its memory plan says (on the device, the text encoders on the CPU, or under
@@ -134,19 +149,24 @@ class ResidentPipelines:
     def _make_room(self, loaded: LoadedPipeline, events: list) -> bool:
         """Evict for `loaded`; returns whether any pipeline was unloaded (one moved to CPU memory frees its device
         memory as it moves, with no collection). Its locals (the evicted pipelines) die with it."""
-        evicted, unloaded = self.on_device.put(loaded.key, loaded, loaded.nbytes, label=loaded.name, with_values=True), 0
+        charge = loaded.charge(self.device)
+        evicted, unloaded = self.on_device.put(loaded.key, loaded, charge, label=loaded.name, with_values=True), 0
+        if self.device.type != "cpu" and loaded.host_bytes:  # its part in host RAM: the offload budget's memory
+            unloaded += self._reserve_host(loaded, events)
         for old in evicted:
             if self.current is old.value:
                 self.current = None
+            self.offloaded.discard(host_key(old.key))  # all of it moves to host memory (or is freed): counted there
             why = f"the pipeline budget ({_mib(self.on_device.budget_bytes)}) needed room for {loaded.name}"
-            if 0 < old.nbytes <= self.offloaded.budget_bytes:
+            if 0 < old.value.total_bytes <= self.offloaded.budget_bytes:
                 # what it holds but does not own stays on the device: the IP-Adapters (cached for every model)
                 # and a request's VAE (cached); a component shared with another model comes back with `get`
                 old.value.attached.attach([], ())
                 old.value.restore_components()
                 old.value.loras.clear()  # the LoRA budget is the device's: they load again if it comes back
                 leave_device(old.value.pipeline, old.value.memory)
-                for gone in self.offloaded.put(old.key, old.value, old.nbytes, label=old.label, with_values=True):
+                for gone in self.offloaded.put(old.key, old.value, old.value.total_bytes, label=old.label,
+                                               with_values=True):  # fmt: skip
                     self._let_go(gone.value)
                     unloaded += 1
                     log.info("model %s unloaded from CPU memory (its budget)", gone.label)
@@ -160,9 +180,23 @@ class ResidentPipelines:
                 events.append({"event": "model_unloaded", "model": old.label, "why": why})
         return unloaded > 0
 
+    def _reserve_host(self, loaded: LoadedPipeline, events: list) -> int:
+        """Charge a GPU pipeline's host part (text encoders kept on the CPU, offloaded components) to the offload
+        budget, pushing pipelines waiting there out for it; returns how many were freed."""
+        freed = 0
+        for gone in self.offloaded.put(host_key(loaded.key), None, loaded.host_bytes, label=f"{loaded.name} (host part)",
+                                       keep={host_key(p.key) for p in self.on_device.values()}, with_values=True):  # fmt: skip
+            if gone.value is None:  # another resident pipeline's reservation (only when they exceed the budget)
+                continue
+            self._let_go(gone.value)
+            freed += 1
+            log.info("model %s unloaded from CPU memory (its budget)", gone.label)
+            events.append({"event": "model_unloaded", "model": gone.label, "why": "CPU memory budget"})
+        return freed
+
     def all(self) -> list[LoadedPipeline]:
         """Every resident pipeline, on the device and in CPU memory."""
-        return [*self.on_device.values(), *self.offloaded.values()]
+        return [*self.on_device.values(), *(p for p in self.offloaded.values() if p is not None)]
 
     def shared_components(self, identities: dict[str, str]) -> dict:
         """For a pipeline about to load: its components (name -> identity of their files) that a resident pipeline
@@ -172,12 +206,16 @@ class ResidentPipelines:
         return {name: held[identity] for name, identity in identities.items() if identity in held}
 
     def discard_older_versions(self, key: tuple) -> list:
-        """Pipelines loaded from an earlier version of this file: never served again, so freed (their LoRA
-        layers taken out of any text encoder or VAE they share with others)."""
-        found = [p for p in self.all() if p.key[0] == key[0] and p.key[1] != key[1]]
+        """Pipelines loaded from an earlier version of one of this key's files (the transformer's or a part's: the
+        same path under another fingerprint): no request can match them again, so they are freed (their LoRA layers
+        taken out of any text encoder or VAE they share with others). A pipeline with another T5 at another path
+        is another pipeline and stays."""
+        found = [p for p in self.all() if older_version(p.key, key)]
         for stale in found:
             self._let_go(stale)
-        dropped = self.on_device.discard_older_versions(key) + self.offloaded.discard_older_versions(key)
+        dropped = self.on_device.discard_where(lambda k: older_version(k, key))
+        dropped += [e for e in self.offloaded.discard_where(lambda k: older_version(pipeline_of(k), key))
+                    if e.key[0] != HOST]  # fmt: skip
         if found:
             del found, stale
             release_memory(self.device)
@@ -191,6 +229,7 @@ class ResidentPipelines:
             log.info("model %s unloaded", pipeline.name)
         self.on_device.discard(key)
         self.offloaded.discard(key)
+        self.offloaded.discard(host_key(key))
         if found:
             del pipeline
             found.clear()
@@ -205,6 +244,41 @@ class ResidentPipelines:
     def stats(self) -> dict:
         """The pipelines on the device, as every cache reports itself, with those waiting in CPU memory."""
         return {**self.on_device.stats(), "offloaded": self.offloaded.stats()}
+
+
+def module_bytes_of(modules) -> int:
+    return sum(module_bytes(m) for m in modules)
+
+
+HOST = "host part"  # the offload budget's key of a GPU pipeline's host part: (HOST, its key)
+
+
+def host_key(key: tuple) -> tuple:
+    return (HOST, key)
+
+
+def pipeline_of(key: tuple) -> tuple:
+    """The pipeline key an offload-budget key stands for (itself, or the one whose host part it reserves)."""
+    return key[1] if key and key[0] == HOST else key
+
+
+def files_of(key: tuple) -> dict:
+    """path -> fingerprint of every file a pipeline key names: its own (`Entry.key`: path, fingerprint first) and
+    its parts' (`ModelParts.key`: (role, (path, fingerprint)) pairs at its end)."""
+    files = {key[0]: key[1]}
+    for item in key[2:]:
+        if isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], tuple) and len(item[1]) >= 2:
+            files[item[1][0]] = item[1][1]
+    return files
+
+
+def older_version(old: tuple, new: tuple) -> bool:
+    """Whether the pipeline keyed `old` was built from a file at one of `new`'s paths under another fingerprint
+    (the file changed on disk since)."""
+    if not old or old[0] == HOST:
+        return False
+    mine = files_of(new)
+    return any(path in mine and mine[path] != fingerprint for path, fingerprint in files_of(old).items())
 
 
 def _mib(nbytes: int) -> str:
