@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, UnsupportedError
 from ..models.store import Entry
 from ..util.cache import ByteLRU
 from .tensors import first_line, read_tensors
@@ -232,9 +232,14 @@ class PipelineLoras:
             state = diffusers_lora_state(lora.read(), self.pipeline)
             nbytes = sum(t.numel() * t.element_size() for t in state.values())
             self.enabled = None  # loading may switch the layers on again
-            with quiet_peft_reports(), lora_values_loaded(self.pipeline, name) as values:
-                self.pipeline.load_lora_weights(state, adapter_name=name)
-        except (ValueError, KeyError, RuntimeError, TypeError, AttributeError) as exc:
+            with model_offload_lifted(self.pipeline):  # its own failures are not the file's (UnsupportedError)
+                try:
+                    with quiet_peft_reports(), lora_values_loaded(self.pipeline, name) as values:
+                        self.pipeline.load_lora_weights(state, adapter_name=name)
+                except LOAD_ERRORS as exc:
+                    raise NotLoaded(exc) from exc
+        except (*LOAD_ERRORS, NotLoaded) as failed:
+            exc = failed.args[0] if isinstance(failed, NotLoaded) else failed
             self._discard_partial(name)
             raise CheckpointError(
                 path, f"diffusers cannot load this LoRA ({first_line(exc)})",
@@ -311,6 +316,37 @@ LORA_DOWN = ("lora_down.weight", "lora_A.weight", ".down.weight")  # kohya / LyC
 def lora_layer_count(state: dict) -> int:
     """The layers a LoRA file holds: one down projection each, in every format diffusers reads."""
     return sum(key.endswith(LORA_DOWN) for key in state)
+
+
+LOAD_ERRORS = (ValueError, KeyError, RuntimeError, TypeError, AttributeError)  # diffusers' and PEFT's, on a bad file
+
+
+class NotLoaded(Exception):
+    """diffusers' `load_lora_weights` itself failed (the file's fault), as opposed to the offload hooks around it."""
+
+
+@contextmanager
+def model_offload_lifted(pipeline):
+    """diffusers' model CPU offload hooks off while a LoRA loads, and back on the device they had. diffusers'
+    `load_lora_weights` lifts them itself but puts them back on its default accelerator (none on the CPU: it
+    raises, leaving the pipeline with no hooks); imprompt lifts them first so it does not, and re-installs them
+    on the pipeline's own offload device (imprompt goes beyond diffusers here)."""
+    from accelerate.hooks import CpuOffload
+
+    modules = [m for m in pipeline.components.values() if isinstance(m, torch.nn.Module)]
+    device = getattr(pipeline, "_offload_device", None)
+    if device is None or not any(isinstance(getattr(m, "_hf_hook", None), CpuOffload) for m in modules):
+        yield
+        return
+    pipeline.remove_all_hooks()
+    try:
+        yield
+    finally:
+        try:
+            pipeline.enable_model_cpu_offload(device=device)
+        except LOAD_ERRORS as exc:
+            raise UnsupportedError(f"offload=model: diffusers' model CPU offload could not be put back on {device} "
+                                   f"after loading a LoRA ({first_line(exc)}); use offload=group or none") from None  # fmt: skip
 
 
 @contextmanager
