@@ -83,8 +83,9 @@ def test_sdxl_cannot_keep_its_encoders_apart_so_a_small_gpu_gets_model_offload()
     sdxl = {"unet": int(5.1 * GB), "text_encoder": int(0.25 * GB), "text_encoder_2": int(1.4 * GB), "vae": int(0.17 * GB)}
     assert plan_for(8, sdxl, encoders_apart=False).mode == "model"
     assert plan_for(12, sdxl, encoders_apart=False).mode == "none"
-    with pytest.raises(UnsupportedError, match="'encoders' plan"):
-        plan_for(8, sdxl, forced="encoders", encoders_apart=False)
+    # an engine-wide offload=encoders does not refuse SD 1.5 / SDXL: they run with every component on the device
+    plan = plan_for(8, sdxl, forced="encoders", encoders_apart=False)
+    assert plan.mode == "none" and "offload=encoders is for SD 3.x and FLUX" in plan.why
 
 
 def test_nothing_fits_says_so():
@@ -181,8 +182,15 @@ def test_a_forced_plan_gives_the_pixels_of_no_plan(pack, unplanned, mode, monkey
         assert result.info["memory_plan"]["plan"] == mode and result.info["dtype"] == "float32"
         loaded = engine.state.pipelines.current
         assert loaded.hooked == (mode in ("model", "group"))
-        assert loaded.nbytes == (loaded.memory.on_device_bytes if loaded.hooked else
-                                 module_bytes(loaded.pipeline.transformer) + module_bytes(loaded.pipeline.vae))  # fmt: skip
+        held = sum(module_bytes(m) for m in loaded.own_components.values() if isinstance(m, torch.nn.Module))
+        assert loaded.device_bytes == (loaded.memory.on_device_bytes if loaded.hooked else
+                                       module_bytes(loaded.pipeline.transformer) + module_bytes(loaded.pipeline.vae))  # fmt: skip
+        assert loaded.device_bytes + loaded.host_bytes == held  # what waits in host memory is counted too
+        # on the CPU device both are the same memory: the pipelines budget counts all of it
+        resident = engine.state.pipelines.on_device.values()
+        assert engine.state.pipelines.on_device.used_bytes == sum(p.device_bytes + p.host_bytes for p in resident)
+        loaded_event = next(e for e in result.info["events"] if e["event"] == "model_loaded")
+        assert (loaded_event["device_bytes"], loaded_event["host_bytes"]) == (loaded.device_bytes, loaded.host_bytes)
     # "encoders": the prompts were encoded apart and handed over as embeddings; otherwise the pipeline encoded them
     assert any(encoded_with_embeddings) == (mode == "encoders")
 
@@ -220,3 +228,161 @@ def test_sizes_of_a_split_model_count_its_parts(pack, tmp_path):
                      "text_encoder.clip_l": sizes["text_encoder.clip_l"],
                      "text_encoder.t5xxl": module_bytes(pipeline.text_encoder_2)}  # fmt: skip
     assert abs(sizes["text_encoder.clip_l"] - module_bytes(pipeline.text_encoder)) <= 1024  # CLIP's position ids
+
+
+def test_a_forced_encoders_plan_serves_sd_models_with_no_plan_and_says_why(pack):
+    result = Engine(pack / "diffusers", offload="encoders").generate(request("tiny-sdxl", cfg_scale=5.0))
+    events = [e for e in result.info["events"] if e["event"] == "memory_plan"]
+    assert [e["plan"] for e in events] == ["none"] and "offload=encoders is for SD 3.x and FLUX" in events[0]["why"]
+
+
+# ------------------------------------------------------------------------------------------------ fp8 sizes
+
+
+@pytest.fixture(scope="module")
+def fp8_tree(pack, tmp_path_factory):
+    """ComfyUI's split FLUX with an fp8 transformer and an fp8 T5, an SD 3.5 transformer in fp8, and an all-in-one
+    FLUX file whose transformer and T5 are fp8 (T5's tokenizer where ComfyUI ships it)."""
+    import shutil
+
+    from comfy_trees import fp8_tensors, save_part, split_tensors, write_split_tree
+    from single_files import transformer_single_file_tensors
+
+    from imprompt.models.single_file import COMFY_T5_TOKENIZER
+
+    root = tmp_path_factory.mktemp("fp8")
+    flux = load_pipeline(probe(pack / "diffusers" / FLUX_MODEL), CPU, torch.float32)
+    write_split_tree(flux, root / "models")
+    tensors = split_tensors(flux)
+    save_part(fp8_tensors(tensors["transformer"]), root / "models" / "diffusion_models" / "flux1-dev.safetensors", None)
+    save_part(fp8_tensors(tensors["t5xxl"]), root / "models" / "text_encoders" / "t5xxl_fp16.safetensors", None)
+    sd35 = load_pipeline(probe(pack / "diffusers" / SD35_MODEL), CPU, torch.float32)
+    names = {"transformer": ("diffusion_models", "sd3.5-fp8.safetensors"), "vae": ("vae", "sd3.5_vae.safetensors"),
+             "clip_l": ("text_encoders", "clip_l_sd35.safetensors"), "clip_g": ("text_encoders", "clip_g.safetensors")}
+    write_split_tree(sd35, root / "models", names, with_t5=False)
+    sd_parts = split_tensors(sd35, with_t5=False)
+    save_part(fp8_tensors(sd_parts["transformer"]), root / "models" / "diffusion_models" / "sd3.5-fp8.safetensors", None)
+    whole = transformer_single_file_tensors(flux)
+    fp8 = ("model.diffusion_model.", "text_encoders.t5xxl.")
+    save_part({k: v.to(torch.float8_e4m3fn) if k.startswith(fp8) else v.half() for k, v in whole.items()},
+              root / "models" / "checkpoints" / "flux-aio-fp8.safetensors", None)  # fmt: skip
+    shutil.copytree(pack / "diffusers" / FLUX_MODEL / "tokenizer_2", root / COMFY_T5_TOKENIZER)
+    return root / "models"
+
+
+@pytest.mark.parametrize("name", ["flux1-dev", "sd3.5-fp8", "flux-aio-fp8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_sizes_are_what_the_loader_holds(fp8_tree, name, dtype):
+    """Findings 1 and 2: an fp8 transformer's layers that diffusers' skip patterns upcast (FLUX's and SD 3's AdaLN
+    "norm" layers) count in the compute dtype, an fp8 T5 counts fp8 with its skipped `wo` layers upcast: the
+    estimate equals the loaded modules' bytes (CLIP's position ids, a buffer no file holds, aside)."""
+    from imprompt.models.parts import choose_parts
+    from imprompt.models.store import ModelStore
+
+    store = ModelStore(fp8_tree)
+    entry = store.pipeline(name)
+    assert entry.spec.quantization == "fp8_e4m3fn"
+    parts = NO_PARTS if name == "flux-aio-fp8" else choose_parts(entry, store, None, [])
+    sizes = estimate_sizes(entry.spec, parts, dtype).total
+    pipeline = load_pipeline(entry.spec, CPU, dtype, None, parts)
+    t5 = "text_encoder_3" if name.startswith("sd3") else "text_encoder_2"
+    loaded = {"transformer": pipeline.transformer, "text_encoder.t5xxl": getattr(pipeline, t5, None)}
+    for component, module in loaded.items():
+        if module is None:
+            continue
+        assert any(p.dtype == torch.float8_e4m3fn for p in module.parameters()) == (component == "transformer" or
+                                                                                      name != "sd3.5-fp8")  # fmt: skip
+        assert abs(sizes[component] - module_bytes(module)) <= 1024, (component, sizes[component], module_bytes(module))
+
+
+# ------------------------------------------------------------------------------------------------ keys, LoRAs
+
+
+@pytest.fixture
+def split_tree(tmp_path):
+    """ComfyUI's split FLUX (a transformer alone, its VAE, CLIP-L and T5 beside it), T5's tokenizer where ComfyUI
+    ships it, and a FLUX LoRA."""
+    import shutil
+
+    from comfy_trees import write_split_tree
+    from dit_loras import diffusers_lora, lora_pairs, write
+
+    from imprompt.models.single_file import COMFY_T5_TOKENIZER
+
+    from imprompt.demo.tiny_dits import build_flux_pipeline
+
+    flux = build_flux_pipeline(tmp_path / "reference", seed=5, clip_vocabulary=True)  # CLIP's whole vocabulary
+    write_split_tree(flux, tmp_path / "models")
+    shutil.copytree(tmp_path / "reference" / "tokenizer_2", tmp_path / COMFY_T5_TOKENIZER)
+    write(tmp_path / "models" / "loras" / "flux-detail.safetensors", diffusers_lora(lora_pairs(flux.transformer, 2, scale=0.2)))
+    return tmp_path / "models"
+
+
+def split_request(**fields) -> dict:
+    return request("flux1-dev", **fields)
+
+
+def test_a_changed_part_frees_the_pipeline_built_from_its_old_version(split_tree):
+    """Finding 4: replacing t5xxl_fp16.safetensors leaves no pipeline of its old version resident; a pipeline with
+    another T5 at another path is another pipeline and stays."""
+    import os
+    import shutil
+
+    from comfy_trees import save_part
+    from safetensors.torch import load_file
+
+    engine = Engine(split_tree)
+    engine.generate(split_request())
+    t5 = split_tree / "text_encoders" / "t5xxl_fp16.safetensors"
+    other = shutil.copyfile(t5, split_tree / "text_encoders" / "t5xxl_other.safetensors")
+    engine.generate(split_request(text_encoders=["clip_l", "t5xxl_other"]))
+    assert len(engine.state.pipelines.all()) == 2  # another T5 at another path: both stay
+    save_part({k: v * 1.01 for k, v in load_file(t5).items()}, t5, None)
+    os.utime(t5, (os.stat(t5).st_atime, os.stat(t5).st_mtime + 5))
+    engine.store.refresh()
+    result = engine.generate(split_request())
+    unloaded = [e for e in result.info["events"] if e["event"] == "model_unloaded"]
+    assert [e["why"] for e in unloaded] == ["its file changed on disk"]
+    held = [dict(p.key[5:])["t5xxl"][0] for p in engine.state.pipelines.all()]
+    assert sorted(held) == sorted([str(t5), str(other)])
+
+
+def test_a_lora_under_model_offload_loads_and_keeps_the_hooks(split_tree):
+    """Finding 5: diffusers' `load_lora_weights` puts model offload back on its default accelerator (none on the
+    CPU); imprompt lifts the hooks itself and puts them back on the engine's device: the LoRA acts as with no plan,
+    the pipeline keeps its hooks, and taking it out gives the plain pixels."""
+    from accelerate.hooks import CpuOffload
+
+    plain = Engine(split_tree)
+    expected = {name: plain.generate(split_request(prompt=prompt)).images[0]
+                for name, prompt in (("lora", "a red cat <lora:flux-detail:0.8>"), ("plain", "a red cat"))}  # fmt: skip
+    assert max_diff(expected["lora"], expected["plain"]) > 0
+    engine = Engine(split_tree, offload="model")
+    for name in ("lora", "plain", "lora"):
+        prompt = "a red cat <lora:flux-detail:0.8>" if name == "lora" else "a red cat"
+        result = engine.generate(split_request(prompt=prompt))
+        assert max_diff(result.images[0], expected[name]) == 0, name
+        loaded = engine.state.pipelines.current
+        assert loaded.hooked and loaded.memory.mode == "model"
+        hooks = {n: type(getattr(m, "_hf_hook", None)) for n, m in loaded.pipeline.components.items()
+                 if isinstance(m, torch.nn.Module)}  # fmt: skip
+        assert set(hooks.values()) == {CpuOffload}, hooks
+
+
+def test_the_plan_is_part_of_the_pipeline_key_and_does_not_depend_on_free_memory(pack, monkeypatch):
+    """Invariant 3: "auto" chooses from the device's total memory and the engine's budgets, never from what is free
+    at the moment (which depends on what else is resident or cached), and a forced change of plan is another
+    pipeline. A 24 GiB GPU simulated (nothing loads): its plan is the same with all of it free and with 1 MiB free."""
+    import imprompt.state as state_module
+
+    monkeypatch.setattr(state_module, "device_memory", lambda device: 24 * GiB)
+    keys = {}
+    for mode in ("auto", "group"):
+        for free in (24 * GiB, 2**20):
+            monkeypatch.setattr(state_module, "free_memory", lambda device, _free=free: _free, raising=False)
+            engine = Engine(pack / "diffusers", offload=mode, dtype="float32")
+            engine.state.device = CUDA
+            keys.setdefault(mode, set()).add(engine.state.pipeline_key(engine.state.store.pipeline(FLUX_MODEL)))
+    assert [len(found) for found in keys.values()] == [1, 1]  # the same request, the same key, whatever is free
+    (auto,), (group,) = keys.values()
+    assert auto[4] == "none" and group[4] == "group"
