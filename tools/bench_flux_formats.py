@@ -789,9 +789,12 @@ def render(report: dict) -> str:
         lines += [""]
     if "steps" not in results:
         lines += ["## Steps on a GPU", "", "GPU part not run in this session: no GPU was lent. The prepared script, one "
-                  "command for one CUDA device (about 8 minutes on an H100; it writes up to 24 + 9.5 GB into "
-                  ".bench-cache/flux-formats/real/steps/, one transformer format at a time):", "",
+                  "command for one CUDA device (estimated at 8 to 9 minutes on an H100, not yet timed; it writes up to "
+                  "24 + 9.5 GB into .bench-cache/flux-formats/real/steps/, one transformer format at a time):", "",
                   "    python -m tools.bench_flux_formats --gpu        # or: make bench-flux GPU=1", "",
+                  "Where one command may run 10 minutes at most, the same in two: `--gpu --formats bf16` (with the "
+                  "16 / 24 GB plans) and `--gpu --formats fp8_e4m3fn,gguf_Q8_0 --budgets \"\" --out "
+                  "docs/flux-formats-benchmark-gpu-2.json`, then `--merge` the two.", "",
                   "It writes docs/flux-formats-benchmark-gpu.json / .md: per format, seconds per step at 1024x1024 "
                   "(3 steps after a 1-step warm-up) and peak `torch.cuda.max_memory_allocated`, imprompt (offload "
                   "none) against diffusers' FluxPipeline from the same files (all on the device, bf16); then the bf16 "
