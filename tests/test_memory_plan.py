@@ -386,3 +386,37 @@ def test_the_plan_is_part_of_the_pipeline_key_and_does_not_depend_on_free_memory
     assert [len(found) for found in keys.values()] == [1, 1]  # the same request, the same key, whatever is free
     (auto,), (group,) = keys.values()
     assert auto[4] == "none" and group[4] == "group"
+
+
+def test_on_a_gpu_a_pipelines_host_part_is_charged_to_the_offload_budget():
+    """Finding 7: under "encoders" a pipeline on a GPU holds its text encoders in host RAM; that part is charged to
+    the offload budget (host RAM) beside the pipelines waiting there, and freed with it. The GPU is stood in for by
+    the meta device (nothing computes)."""
+    from types import SimpleNamespace
+
+    from imprompt.loading.memory_plan import MemoryPlan
+    from imprompt.loading.resident import HOST, LoadedPipeline, ResidentPipelines
+
+    class Pipeline(SimpleNamespace):
+        def to(self, *_, **__):
+            return self
+
+    def loaded(name: str) -> LoadedPipeline:
+        modules = {"transformer": torch.nn.Linear(64, 64), "text_encoder": torch.nn.Linear(32, 32)}
+        nothing = SimpleNamespace(attach=lambda *_: None, clear=lambda: 0, release=lambda: None)
+        return LoadedPipeline(key=(name, "v1", "float32", "meta", "encoders"), name=name,
+                              pipeline=Pipeline(components=modules, **modules), attached=nothing, loras=nothing,
+                              own_components=dict(modules), scheduler_config={}, scheduler_class="", load_seconds=0.0,
+                              model_hash=None, memory=MemoryPlan("encoders", "test", 0))  # fmt: skip
+
+    first = loaded("a")
+    encoder = module_bytes(torch.nn.Linear(32, 32))
+    assert (first.device_bytes, first.host_bytes) == (module_bytes(torch.nn.Linear(64, 64)), encoder)
+    resident = ResidentPipelines(torch.device("meta"), budget_bytes=10**9, offload_budget_bytes=10**9)
+    events: list = []
+    resident.add(first, events)
+    assert resident.on_device.used_bytes == first.device_bytes  # the GPU's budget: its device part
+    assert resident.offloaded.used_bytes == first.host_bytes and (HOST, first.key) in resident.offloaded
+    assert resident.all() == [first]
+    resident.unload(first.key)
+    assert resident.offloaded.used_bytes == 0 and resident.on_device.used_bytes == 0
