@@ -116,7 +116,7 @@ def choose_plan(free_bytes: int, sizes: dict[str, int], forced: str = "auto", *,
     if device_type == "cpu":
         return MemoryPlan("none", "the device is the CPU: the weights are in the machine's memory already, there is "
                                   "no faster memory to keep them out of", total, dict(sizes))  # fmt: skip
-    margin = f"{gib(free_bytes)} free for the model less {gib(activation_bytes)} for activations"
+    margin = f"{gib(free_bytes)} on the device less {gib(activation_bytes)} for activations"
     if need["none"] <= room:
         return MemoryPlan("none", f"all {gib(total)} fits ({margin})", total, dict(sizes))
     if encoders and encoders_apart and need["encoders"] <= room:
