@@ -29,7 +29,8 @@ from ..models.single_file import (
     t5_tokenizer_folder,
     write_transformer_config_folder,
 )
-from .quantized import fp8_storage, gguf_table, is_gguf_quantized, load_keeping_fp8, quantization_of, read_gguf, read_part
+from .quantized import (fp8_storage, gguf_table, is_gguf_quantized, keeps_fp8, load_keeping_fp8, quantization_of, read_gguf,
+                        read_part)  # fmt: skip
 from .tensors import REDOWNLOAD, TensorInfo, read_tensor_table
 
 # part -> its prefix in an all-in-one file (and in the merged table)
@@ -133,7 +134,7 @@ def load_transformer(where: PartFile, folder: Path, architecture: str, dtype: to
         state = read_gguf(where.path)
     else:
         quantization = quantization_of(part_table(where))
-        state = read_part(where.path, where.prefix, dtype, keep_fp8=quantization.startswith("fp8"))
+        state = read_part(where.path, where.prefix, dtype, keep_fp8=keeps_fp8("transformer", quantization))
     any_width = architecture == "flux" and state["img_in.weight"].shape[0] != FLUX1_WIDTH
     if any_width:
         state = flux_checkpoint_at_any_width(state)
@@ -199,7 +200,7 @@ def load_text_encoder(role: str, where: PartFile, folder: Path, sub: str, dtype:
         raise UnsupportedError(f"text_encoders: {where.path} is a GGUF {role} text encoder, and imprompt reads text "
                                f"encoders from safetensors files only. Use t5xxl_fp16.safetensors or "
                                f"t5xxl_fp8_e4m3fn.safetensors (clip_l.safetensors for CLIP-L)")  # fmt: skip
-    keep = role == "t5xxl" and quantization_of(part_table(where)).startswith("fp8")
+    keep = keeps_fp8(role, quantization_of(part_table(where)))
     state = read_part(where.path, where.prefix, dtype, keep_fp8=keep)
     if keep and fp8_storage(state) is not None:
         from accelerate import init_empty_weights
