@@ -33,6 +33,7 @@ ORDER = (
     "conditioning/image_prompts.py",
     "conditioning/ip_adapter.py",
     "conditioning/faceid.py",
+    "conditioning/redux.py",
     "conditioning/loras.py",
     "conditioning/vae.py",
     "conditioning/prompt.py",

@@ -66,6 +66,7 @@ class PipelineCall:
         # the prompt's `prompting.conds.ConditionedUNet` where the UNet reads other rows than the pipeline's batch
         # (a ControlNet then reads those rows too); None: the pipeline's own batch
         self.conditioned_unet = None
+        self.prompt_tokens: list = []  # tokens appended to the prompt's T5 tokens (FLUX Redux), read by the prompt
         self._undo: list[Callable[[], None]] = []
 
     def after(self, undo: Callable[[], None]) -> None:

@@ -97,6 +97,9 @@ class IPAdapterUnit(BaseModel):
     faceid_version: Literal["v1", "v2"] | None = Field(
         None, description="FaceID Plus: v1 or v2 (the files have the same tensors); None: read from the file name"
     )
+    downsample: int = Field(
+        1, ge=1, le=27, description="FLUX Redux: pool each image's grid of tokens by this factor (27 x 27 -> 9 x 9 at 3)"
+    )
 
     @field_validator("masks")
     @classmethod

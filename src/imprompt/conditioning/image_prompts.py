@@ -23,6 +23,7 @@ from ..util.images import image_digest, noise_image
 from . import Conditioning, Description, Preparation
 from .faceid import plan_face_unit
 from .ip_adapter import UnitInputs, UnitPlan, plan_image_unit, unit_weights
+from .redux import ReduxPrompts, ReduxUnitPlan, is_redux, plan_redux_unit
 
 if TYPE_CHECKING:  # torch-heavy modules are imported where used: planning stays light (no torch)
     from ..ipadapter.embeddings import UnitEmbeddings
@@ -70,6 +71,11 @@ def plan_unit(index: int, unit: IPAdapterUnit, store: ModelStore, pipeline: Entr
     """Resolve and check one unit, by its adapter's kind. Without `pipeline` (saving embeddings) the model checks
     are skipped. Names only: no image is read."""
     adapter = store.adapter(unit.adapter)
+    if is_redux(adapter):  # FLUX Redux: tokens for the prompt, no attention (`redux.py`)
+        return plan_redux_unit(index, unit, adapter, store, pipeline)
+    if unit.downsample != 1:
+        raise RequestError(f"ip_adapters.{index}.downsample: pools FLUX Redux's image tokens, but {unit.adapter} is an "
+                           f"IP-Adapter ({adapter.spec.variant}); leave it at 1")  # fmt: skip
     weights = unit_weights(index, unit, adapter, store, pipeline)
     if adapter.spec.consumes == "faceid_embeds":
         return plan_face_unit(index, unit, adapter, store, weights)
@@ -110,10 +116,14 @@ def decode_inputs(request: GenerateRequest, state) -> list[UnitInputs]:
 
 
 def plan(request: GenerateRequest, model: Entry, state, inputs: list[UnitInputs], width: int, height: int):
-    units = tuple(plan_unit(i, unit, state.store, model) for i, unit in enumerate(request.ip_adapters))
+    planned = [plan_unit(i, unit, state.store, model) for i, unit in enumerate(request.ip_adapters)]
+    units = tuple(u for u in planned if not isinstance(u, ReduxUnitPlan))  # attached to the model
     if model.spec.architecture != "unet":
         check_for_transformer(request, model, units)
-    return ImagePrompts(units, inputs, request.cfg_scale, request.true_cfg_scale > 1.0, width, height)
+    redux = ReduxPrompts(tuple(u for u in planned if isinstance(u, ReduxUnitPlan)),
+                         [inputs[u.index] for u in planned if isinstance(u, ReduxUnitPlan)])  # fmt: skip
+    return ImagePrompts(units, [inputs[u.index] for u in units], request.cfg_scale, request.true_cfg_scale > 1.0,
+                        width, height, redux=redux)  # fmt: skip
 
 
 def built_adapter(state, entry: Entry, loaded, label: str, events: list):
@@ -163,6 +173,7 @@ class ImagePrompts(Conditioning):
     built: list = field(default_factory=list)
     embeddings: list[UnitEmbeddings] = field(default_factory=list)
     active_steps: list[list[int]] = field(default_factory=list)
+    redux: ReduxPrompts | None = None  # the request's FLUX Redux units, whose tokens join the prompt's
 
     def prepare(self, prep: Preparation) -> None:
         """Each adapter built (or taken from the cache), each unit's embeddings made (or taken from what a
@@ -173,6 +184,8 @@ class ImagePrompts(Conditioning):
                            for u, inputs in zip(self.units, self.inputs)]  # fmt: skip
         self.keys = tuple(u.adapter.key(prep.loaded.dtype, prep.state.device) for u in self.units)
         self.faces = prep.state.faces
+        if self.redux is not None:
+            self.redux.prepare(prep.state, prep.loaded, prep.events, prep.made_elsewhere)
 
     def apply(self, call) -> None:
         """The model carries exactly these adapters; the call gets their embeddings (and masks), the face crops
@@ -202,9 +215,15 @@ class ImagePrompts(Conditioning):
             attached.set_scales([u.unit.scale if on else 0.0 for u, on in zip(self.units, active)], weights)
 
         call.schedule.add(scales_at)
+        if self.redux is not None:
+            self.redux.apply(call)
 
     def describe(self, call) -> Description:
         units = [u.describe(self.faces, e, steps) for u, e, steps in zip(self.units, self.embeddings, self.active_steps)]
+        if self.redux is not None and self.redux.units:  # every unit in the request's order
+            described = zip([u.index for u in self.units] + [u.index for u in self.redux.units],
+                            units + self.redux.describe(self.faces, call.steps))  # fmt: skip
+            units = [info for _, info in sorted(described, key=lambda pair: pair[0])]
         infotext = {}
         if units:  # SD.Next's form: name:scale:start:end per unit, units separated by ';'
             infotext["IP Adapter"] = ";".join(f"{u['adapter']}:{u['scale']}:{u['start']}:{u['end']}" for u in units)

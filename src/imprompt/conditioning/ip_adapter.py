@@ -207,6 +207,8 @@ def check_fits(adapter: Entry, pipeline: Entry, store: ModelStore | None = None)
 
 def fits(adapter: Entry, pipeline: Entry) -> bool:
     a, p = adapter.spec, pipeline.spec
+    if a.variant == "redux":  # no blocks: its tokens join T5's (`redux.py`), so any FLUX model with T5 that wide
+        return p.architecture == "flux" and a.cross_attention_dim == p.cross_attention_dim
     return (a.architecture == p.architecture and a.cross_attention_dim == p.cross_attention_dim
             and tuple(a.layer_widths) == tuple(p.layer_widths))  # fmt: skip
 

@@ -285,6 +285,8 @@ class TransformerPrompt(Conditioning):
             call.kwargs |= {"prompt": prompt, "negative_prompt": self.negative_prompt}
         if call.loaded.memory.encoders_on_cpu:  # its text encoders stay in CPU memory (`loading/memory_plan.py`)
             call.kwargs |= self.encoded_on_cpu(call.pipeline, call.kwargs)
+        if self.flux and call.prompt_tokens:  # FLUX Redux's image tokens (`redux.py`) join the prompt's T5 tokens
+            call.kwargs |= with_image_tokens(call.pipeline, call.kwargs, call.prompt_tokens)
 
     def encoded_on_cpu(self, pipeline, kwargs: dict) -> dict:
         """The texts the pipeline would encode on its device, encoded by its own `encode_prompt` on the CPU where
@@ -318,3 +320,18 @@ class TransformerPrompt(Conditioning):
         info = {"prompt": self.prompt, "negative_prompt": self.negative_prompt, "textual_inversions": [],
                 "clip_skip": 1}  # fmt: skip
         return Description(info=info)
+
+
+def with_image_tokens(pipeline, kwargs: dict, tokens: list) -> dict:
+    """The positive prompt as embeddings, image tokens appended after its T5 tokens, as diffusers'
+    `FluxPriorReduxPipeline` hands them to `FluxPipeline`: encoded by the pipeline's own `encode_prompt` (unless
+    already encoded on the CPU), where the pipeline would encode it. The negative prompt is left as it is."""
+    import torch
+
+    if kwargs.get("prompt") is not None:
+        with torch.no_grad():
+            embeds, pooled, _ = pipeline.encode_prompt(prompt=kwargs["prompt"], prompt_2=None)
+    else:
+        embeds, pooled = kwargs["prompt_embeds"], kwargs["pooled_prompt_embeds"]
+    embeds = torch.cat([embeds, *(t.to(device=embeds.device, dtype=embeds.dtype) for t in tokens)], dim=1)
+    return {"prompt": None, "prompt_embeds": embeds, "pooled_prompt_embeds": pooled}

@@ -261,6 +261,30 @@ def write_flux_adapter(path: Path, transformer_config: dict, seed: int = 51, emb
     save_file(tensors, str(path))
 
 
+def write_redux(path: Path, t5_width: int, seed: int = 61, embed_dim: int = SIGLIP_WIDTH, diffusers_folder: bool = False,
+                gain: float = 1.0):  # fmt: skip
+    """A FLUX.1 Redux file in BFL's key layout (`redux_up` [3 x T5 width, SigLIP width], `redux_down` [T5 width,
+    3 x T5 width], with biases; ComfyUI's style_models/), or with `diffusers_folder` diffusers' `image_embedder/`
+    folder (config.json + diffusion_pytorch_model.safetensors, the same names). `gain` scales its tokens (a tiny
+    FLUX reads 16 image tokens beside 512 of T5's: louder ones show their effect). Returns the tensors."""
+    generator = torch.Generator().manual_seed(seed)
+    hidden = 3 * t5_width
+    tensors = {"redux_up.weight": torch.randn(hidden, embed_dim, generator=generator) / embed_dim**0.5,
+               "redux_up.bias": 0.1 * torch.randn(hidden, generator=generator),
+               "redux_down.weight": gain * torch.randn(t5_width, hidden, generator=generator) / hidden**0.5,
+               "redux_down.bias": 0.1 * torch.randn(t5_width, generator=generator)}  # fmt: skip
+    path = Path(path)
+    if diffusers_folder:
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "config.json").write_text(json.dumps({"_class_name": "ReduxImageEncoder", "_diffusers_version": "0.32.0",
+                                                      "redux_dim": embed_dim, "txt_in_features": t5_width}))  # fmt: skip
+        save_file(tensors, str(path / "diffusion_pytorch_model.safetensors"))
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(path))
+    return tensors
+
+
 def _perturbed(value: torch.Tensor) -> torch.Tensor:
     """diffusers initialises some adapter weights to zeros or ones (AdaLN, norms): perturbed, so every tensor
     changes the picture and a wrong mapping shows."""

@@ -198,6 +198,8 @@ def _encode(encoder: LoadedEncoder, output: str, image=None) -> torch.Tensor:
     pixels = pixels.to(device=encoder.model.device, dtype=encoder.model.dtype)
     if output == "image_embeds":
         return encoder.model(pixels).image_embeds[0]
+    if output == "last_hidden_state":  # after the tower's final norm: what FLUX Redux reads (diffusers' prior does)
+        return encoder.model(pixels).last_hidden_state[0]
     return encoder.model(pixels, output_hidden_states=True).hidden_states[-2][0]
 
 

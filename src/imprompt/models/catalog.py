@@ -166,6 +166,9 @@ KNOWN_ADAPTERS = (
     KnownAdapter("SD3.5 Large", ("sd3.5-large-ip-adapter", "sd35-large-ip-adapter"), "InstantX/SD3.5-Large-IP-Adapter", ""),
     KnownAdapter("FLUX XLabs", ("flux-ip-adapter",), "XLabs-AI/flux-ip-adapter", ""),
     KnownAdapter("FLUX XLabs v2", ("flux-ip-adapter-v2",), "XLabs-AI/flux-ip-adapter-v2", ""),
+    # FLUX.1 Redux (SigLIP so400m): BFL's file (ComfyUI's style_models/), or the repository's diffusers folder
+    KnownAdapter("FLUX Redux", ("flux1-redux-dev", "FLUX.1-Redux-dev"), "black-forest-labs/FLUX.1-Redux-dev", "",
+                 ("FLUX.1 Redux", "Redux")),
 )
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from ..errors import CheckpointError
 from ..loading.tensors import REDOWNLOAD, TensorInfo, first_line, read_tensor_table
 from . import catalog
-from .recognise import controlnet_spec, recognise, refused_controlnet
+from .recognise import controlnet_spec, recognise, redux, refused_controlnet
 from .single_file import (
     is_single_file_checkpoint,
     single_file_spec,
@@ -388,6 +388,8 @@ def probe_config_folder(folder: Path) -> Spec:
         return probe_encoder_folder(folder, config)
     if name == "AutoencoderKL":
         return VaeSpec(str(folder), "diffusers", int(config.get("latent_channels", 4)))
+    if name == "ReduxImageEncoder":
+        return probe_redux_folder(folder)
     if name in CONTROLNET_CLASSES:
         return probe_controlnet_folder(folder, name)
     kind, words = FOLDER_KINDS.get(name, ("unknown", f"a {name} folder, not a kind imprompt knows"))
@@ -417,6 +419,20 @@ def probe_controlnet_folder(folder: Path, class_name: str) -> ControlNetSpec:
     return spec
 
 
+def probe_redux_folder(folder: Path) -> AdapterSpec:
+    """diffusers' `ReduxImageEncoder` folder (a prior-redux pipeline's `image_embedder/`): the same tensors as BFL's
+    file, so the same spec; its path is the folder (the pipeline's `image_encoder/` sits beside it)."""
+    weights = next((folder / n for n in TRANSFORMER_WEIGHT_FILES if (folder / n).is_file()), None)
+    if weights is None:
+        raise CheckpointError(folder, f"Redux folder has no weights (looked for {TRANSFORMER_WEIGHT_FILES[0]} etc.)",
+                              REDOWNLOAD)  # fmt: skip
+    spec = redux(str(folder), _sharded_table(weights), [])
+    if spec is None:
+        raise CheckpointError(weights, "config.json says ReduxImageEncoder, but its tensors are not redux_up / redux_down",
+                              REDOWNLOAD)  # fmt: skip
+    return spec
+
+
 def probe_encoder_folder(folder: Path, config: dict) -> EncoderSpec:
     weights = encoder_weights_file(folder)
     table, _ = read_tensor_table(weights)
@@ -434,6 +450,8 @@ UNET_WEIGHT_FILES = (
 
 def probe_pipeline_folder(folder: Path) -> PipelineSpec:
     index = _read_json(folder / "model_index.json")
+    if index.get("_class_name") == "FluxPriorReduxPipeline":  # its Redux projection; its SigLIP is listed apart
+        return probe_redux_folder(folder / "image_embedder")
     if ARCHITECTURES.get(index.get("_class_name")) in ("sd3", "flux"):
         return probe_transformer_folder(folder, index)
     unet_dir = folder / "unet"

@@ -10,10 +10,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from ..loading.tensors import TensorInfo, quantization
+from ..errors import CheckpointError
+from ..loading.tensors import REDOWNLOAD, TensorInfo, quantization
 from . import catalog
 from .specs import (
     FLUX_UNION_TYPES,
+    AdapterSpec,
     UNION_TYPES,
     ControlNetSpec,
     LoraSpec,
@@ -41,13 +43,40 @@ def recognise(path, table: dict[str, TensorInfo]):
     """A spec for what `table` is, or an `OtherModelSpec` of kind "unknown" (readable, but not something known)."""
     table = unwrapped(table)
     keys = list(table)
-    for test in (lora, vae, textual_inversion, controlnet, t2i_adapter, upscaler, face_restorer, text_encoder,
+    for test in (redux, lora, vae, textual_inversion, controlnet, t2i_adapter, upscaler, face_restorer, text_encoder,
                  diffusion_model):  # fmt: skip
         spec = test(str(path), table, keys)
         if spec is not None:
             return spec
     shown = ", ".join(sorted(keys)[:3]) or "no tensors"
     return OtherModelSpec(str(path), "unknown", f"{len(keys)} tensors not of a kind imprompt knows (first: {shown})")
+
+
+# ------------------------------------------------------------------------------------------------- FLUX Redux
+
+
+REDUX_KEYS = ("redux_up.weight", "redux_down.weight")
+
+
+def redux(path, table, keys):
+    """BFL's FLUX.1 Redux (`flux1-redux-dev.safetensors`, ComfyUI's `style_models/`; diffusers' `ReduxImageEncoder`
+    has the same names): `redux_up` [3 x T5 width, SigLIP width] then SiLU then `redux_down` [T5 width, 3 x T5
+    width], turning each SigLIP patch into a token appended to the prompt's T5 tokens. A spec that pairs like an
+    IP-Adapter's: it consumes SigLIP's last hidden state (after its final norm, as `FluxPriorReduxPipeline` reads
+    it), and fits FLUX models whose T5 is as wide as its output (`conditioning/redux.py`)."""
+    if not any(k.startswith(("redux_up.", "redux_down.")) for k in table):
+        return None
+    up, down = (table.get(k) for k in REDUX_KEYS)
+    if up is None or down is None or len(up.shape) != 2 or len(down.shape) != 2 or down.shape[1] != up.shape[0]:
+        raise CheckpointError(path, f"not a valid FLUX Redux file: redux_up.weight {up and up.shape} and "
+                                    f"redux_down.weight {down and down.shape} are not [hidden, in] and [out, hidden]",
+                              REDOWNLOAD)  # fmt: skip
+    for name, shape in (("redux_up.bias", up.shape[0]), ("redux_down.bias", down.shape[0])):
+        if name in table and tuple(table[name].shape) != (shape,):
+            raise CheckpointError(path, f"not a valid FLUX Redux file: {name} is {table[name].shape}, not [{shape}]",
+                                  REDOWNLOAD)  # fmt: skip
+    return AdapterSpec(str(path), "redux", "last_hidden_state", up.shape[1], 0, down.shape[0], (),
+                       architecture="flux", encoder_type="siglip", redux_hidden=up.shape[0])  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------------- LoRA

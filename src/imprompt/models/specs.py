@@ -25,11 +25,11 @@ class AdapterSpec:
     """An IP-Adapter as its tensors describe it."""
 
     path: str
-    variant: str  # base | plus | full-face | faceid | faceid-plus
-    consumes: str  # image_embeds | hidden_states | faceid_embeds
+    variant: str  # base | plus | full-face | faceid | faceid-plus | sd3 | flux | redux
+    consumes: str  # image_embeds | hidden_states | faceid_embeds | last_hidden_state (SigLIP's, post-norm: Redux)
     embed_dim: int  # width of the encoder output it consumes
-    tokens: int  # image tokens it adds to cross-attention
-    cross_attention_dim: int  # UNet width it targets
+    tokens: int  # image tokens it adds to cross-attention (Redux: 0, one per encoder patch, however many)
+    cross_attention_dim: int  # UNet width it targets (Redux: the T5 width of the tokens it appends to the prompt's)
     layer_widths: tuple[int, ...] = field(repr=False)  # per cross-attention layer, in UNet processor order
     # FaceID only: the LoRA embedded in the file (its rank), the CLIP hidden-state width the Plus family also
     # consumes, and what tensors cannot tell: Plus v1 or v2, Portrait normalised or not (decided by the file name,
@@ -39,10 +39,14 @@ class AdapterSpec:
     faceid_version: str | None = None  # v1 | v2 (Plus), unnorm (Portrait SDXL unnorm); None for the others
     faceid_from: str | None = None  # how the version was decided
     # the denoiser it attaches to: unet (SD 1.5 / 2.x / SDXL), sd3 (SD 3.5, InstantX) or flux (FLUX.1, XLabs); for
-    # transformers `cross_attention_dim` is the width of what its to_k_ip reads and `layer_widths` its blocks'
+    # transformers `cross_attention_dim` is the width of what its to_k_ip reads and `layer_widths` its blocks'.
+    # FLUX Redux (variant "redux", `conditioning/redux.py`) is no IP-Adapter in diffusers' sense but pairs like one
+    # (an image encoder's output in, chosen by the same rule): it attaches to no block (`layer_widths` empty) and
+    # appends tokens of T5's width to the prompt's; `redux_hidden` is its up-projection's width (3 x T5's)
     architecture: str = "unet"
     encoder_type: str = "clip"  # clip | siglip: which kind of vision tower produced what it consumes
     kind: str = "ip-adapter"
+    redux_hidden: int | None = None
 
     @property
     def family(self) -> str:

@@ -521,6 +521,9 @@ class _Walk:
     def folder(self, root: Path, folder: Path, st: os.stat_result) -> None:
         if _is_model_folder(folder):  # listed, never walked into: no loop can start there
             self.add(_folder_name(root, folder), folder, st)
+            encoder = folder / "image_encoder"  # diffusers' prior-redux folder keeps its SigLIP there: listed too
+            if (folder / "image_embedder" / "config.json").is_file() and (encoder / "config.json").is_file():
+                self.add(_folder_name(root, encoder), encoder, encoder.stat())
             return
         if _identity(st) in self.folders:
             return  # walked already: by its real path, through another link, or a loop back to it
