@@ -267,3 +267,70 @@ def test_the_offload_tier_gives_the_pictures_a_fresh_engine_gives(pack, models, 
         seen += model_events(result) + [e["event"] for e in result.info["events"] if e["event"] == "model_restored"]
         assert max_diff(result.images[0], Engine(roots).generate(req).images[0]) == 0, f"request {i}"
     assert "model_offloaded" in seen and "model_restored" in seen and "model_unloaded" not in seen
+
+
+# ------------------------------------------------------------------- host parts of planned pipelines (GPU tiers)
+
+
+class _Stub:
+    """A pipeline's stand-in: its components, and moves that change nothing (placement is not under test)."""
+
+    def __init__(self, **modules):
+        self.components = modules
+
+    def to(self, *args, **kwargs):
+        return self
+
+
+def _planned(name: str, mode: str, **modules):
+    from imprompt.loading.memory_plan import MemoryPlan
+    from imprompt.loading.resident import LoadedPipeline
+
+    class Loras:
+        def release(self):
+            pass
+
+        def clear(self):
+            return 0
+
+    class Attached:
+        def attach(self, *args):
+            pass
+
+    loaded = LoadedPipeline(key=(f"/m/{name}", 1, "bf16", "meta", mode), name=name, pipeline=_Stub(**modules),
+                            attached=Attached(), loras=Loras(), own_components=dict(modules), scheduler_config={},
+                            scheduler_class="x", load_seconds=0, model_hash=None, memory=MemoryPlan(mode, "", 0))  # fmt: skip
+    loaded.place = lambda device: None
+    return loaded
+
+
+def test_a_pipeline_moved_to_cpu_memory_never_pushes_out_the_host_part_of_one_on_the_device():
+    """On a GPU ("meta" stands in: any device but the CPU takes the same paths), a pipeline pushed off the device
+    into the offload tier must not evict the host part (its text encoders kept on the CPU) of the pipeline that is
+    moving in: that part is in use, and it is no pipeline to let go of."""
+    from imprompt.loading.resident import ResidentPipelines, host_key
+
+    tiers = ResidentPipelines(torch.device("meta"), budget_bytes=100, offload_budget_bytes=120)
+    old = _planned("A", "none", transformer=torch.nn.Linear(20, 1, bias=False))  # 80 bytes on the device
+    new = _planned("B", "encoders", transformer=torch.nn.Linear(15, 1, bias=False),
+                   text_encoder=torch.nn.Linear(15, 1, bias=False))  # 60 on the device, 60 in host memory  # fmt: skip
+    tiers.add(old, [])
+    tiers.add(new, [])  # A moves to CPU memory; B's host part stays booked
+    assert host_key(new.key) in tiers.offloaded and old.key in tiers.offloaded
+    assert [p.name for p in tiers.on_device.values()] == ["B"]
+
+
+def test_a_pipeline_that_fails_to_reach_the_device_leaves_no_host_part_booked():
+    from imprompt.loading.resident import ResidentPipelines, host_key
+
+    tiers = ResidentPipelines(torch.device("meta"), budget_bytes=1000, offload_budget_bytes=1000)
+    failing = _planned("C", "encoders", transformer=torch.nn.Linear(15, 1, bias=False),
+                       text_encoder=torch.nn.Linear(15, 1, bias=False))  # fmt: skip
+
+    def out_of_memory(device):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    failing.place = out_of_memory
+    with pytest.raises(RuntimeError):
+        tiers.add(failing, [])
+    assert host_key(failing.key) not in tiers.offloaded and failing.key not in tiers.on_device

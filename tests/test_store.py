@@ -443,3 +443,38 @@ def test_a_files_sha256_is_kept_on_disk_and_read_again_only_when_the_file_change
     file.write_bytes(b"other weights" * 1000)
     store_module._HASHES.clear()
     assert ModelStore([pack]).a1111_hash(file) == hashlib.sha256(file.read_bytes()).hexdigest()[:10] != first
+
+
+def test_a_vae_path_that_is_not_there_is_not_found_not_another_file_of_its_name(pack, tmp_path):
+    """A mistyped path (or, on a server, a path outside the models folders) names no file: refused, never served
+    by a file of the same name elsewhere in the tree."""
+    from imprompt.errors import UnknownVaeError
+
+    shutil.copytree(pack / "diffusers" / SD15_MODEL / "vae", tmp_path / "models" / "vae" / "soft")
+    vae = tmp_path / "models" / "vae" / "soft" / "diffusion_pytorch_model.safetensors"
+    store = ModelStore(tmp_path / "models")
+    assert store.vae(str(vae)).path == vae
+    with pytest.raises(UnknownVaeError):
+        store.vae(str(tmp_path / "elsewhere" / vae.name))
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    shutil.copy(vae, outside / vae.name)
+    with pytest.raises(UnknownVaeError):
+        ModelStore(tmp_path / "models", allow_paths=False).vae(str(outside / vae.name))
+
+
+def test_options_keep_a_vae_by_a_name_that_gives_that_very_file(pack, tmp_path):
+    """Two VAE files of one name (vae/ae.safetensors, vae/flux/ae.safetensors): the option POST /sdapi/v1/options
+    keeps for the second resolves to the second, not to the first."""
+    from imprompt.server.a1111 import apply_options
+
+    source = pack / "diffusers" / SD15_MODEL / "vae" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(source)
+    for where, shift in (("vae", 0.0), ("vae/flux", 1.0)):
+        (tmp_path / "models" / where).mkdir(parents=True, exist_ok=True)
+        save_file({k: v + shift for k, v in tensors.items()}, tmp_path / "models" / where / "ae.safetensors")
+    store = ModelStore(tmp_path / "models")
+    options, _ = apply_options({"sd_vae": "Automatic"}, {"sd_vae": "vae/flux/ae.safetensors"}, store)
+    assert store.vae(options["sd_vae"]).path == tmp_path / "models" / "vae" / "flux" / "ae.safetensors"
+    options, _ = apply_options({"sd_vae": "Automatic"}, {"sd_vae": "vae/ae.safetensors"}, store)
+    assert store.vae(options["sd_vae"]).path == tmp_path / "models" / "vae" / "ae.safetensors"

@@ -135,6 +135,7 @@ class ResidentPipelines:
             loaded.place(self.device)
         except BaseException:  # e.g. out of device memory halfway: a pipeline half on the device is never served
             self.on_device.discard(loaded.key)
+            self.offloaded.discard(host_key(loaded.key))  # nor is its host part held for it
             self._let_go(loaded)
             release_memory(self.device)
             raise
@@ -165,8 +166,12 @@ class ResidentPipelines:
                 old.value.restore_components()
                 old.value.loras.clear()  # the LoRA budget is the device's: they load again if it comes back
                 leave_device(old.value.pipeline, old.value.memory)
-                for gone in self.offloaded.put(old.key, old.value, old.value.total_bytes, label=old.label,
+                # the host parts of the pipelines staying on the device (the new one's too) are not for eviction
+                staying = {host_key(p.key) for p in self.on_device.values()}
+                for gone in self.offloaded.put(old.key, old.value, old.value.total_bytes, label=old.label, keep=staying,
                                                with_values=True):  # fmt: skip
+                    if gone.value is None:  # a host part: only when the parts alone exceed the budget
+                        continue
                     self._let_go(gone.value)
                     unloaded += 1
                     log.info("model %s unloaded from CPU memory (its budget)", gone.label)

@@ -296,7 +296,7 @@ class ModelStore:
         (`_resolve_file`)."""
         entry = self._resolve_file(name, "vae")
         if entry is None:
-            available = ", ".join(sorted(e.path.name for e in self.of_kind("vae"))) or "none"
+            available = ", ".join(sorted(vae_listing_name(e, self) for e in self.of_kind("vae"))) or "none"
             raise UnknownVaeError(
                 f"VAE {name!r} not found in {self._where()}. Available VAEs: {available}. "
                 f"Put the file in the tree's VAE/ (A1111) or vae/ (ComfyUI) folder"
@@ -388,8 +388,8 @@ class ModelStore:
     def _resolve_file(self, name: str, kind: str) -> Entry | None:
         """A file by its file name (that very file where several share its stem: `t5xxl_fp16.gguf` is not
         `t5xxl_fp16.safetensors`), stem, path relative to a root, or path (one in the roots is found even where
-        outside paths are not allowed). A path not found here (another machine's, as Forge sends) falls back to
-        its file name."""
+        outside paths are not allowed). A path that is not there is not found: it never falls back to another file
+        of the same name (Forge's paths from another machine are read by `find`, for its modules only)."""
         bare = Path(name.strip())
         if bare.suffix in WEIGHT_SUFFIXES and len(bare.parts) == 1:
             with self._lock:
@@ -397,10 +397,7 @@ class ModelStore:
             if same_file:
                 return self._choose(name, kind, same_file)
             return self._resolve(bare.stem, kind)
-        entry = self._resolve(name, kind)
-        if entry is None and bare.suffix in WEIGHT_SUFFIXES and len(bare.parts) > 1:
-            return self._resolve_file(bare.name, kind)
-        return entry
+        return self._resolve(name, kind)  # a path not found is not found (never another file of the same name)
 
     def find(self, name: str, kinds: tuple[str, ...] = ()) -> Entry | None:
         """The file `name` stands for whatever its kind (those of `kinds` first; as `_resolve_file` reads names),
@@ -565,6 +562,12 @@ def _folder_name(root: Path, folder: Path) -> str:
     if (folder / "model_index.json").is_file():
         return folder.name
     return folder.relative_to(root).as_posix() if folder != root else folder.name
+
+
+def vae_listing_name(entry: Entry, store: ModelStore) -> str:
+    """A VAE as listings name it: its file name (A1111's `sd_vae`), or where two share it a name for that file."""
+    same = [e for e in store.of_kind("vae") if e.path.name.lower() == entry.path.name.lower()]
+    return entry.path.name if len(same) == 1 else store.name_of(entry)
 
 
 def _relative(path: Path, root: Path) -> str | None:

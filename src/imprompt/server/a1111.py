@@ -412,6 +412,12 @@ def _a(kind: str) -> str:
     return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
 
 
+def vae_option(entry, store: ModelStore) -> str:
+    """A VAE as A1111's `sd_vae` option names it (its file name), unless another file has that name: then a name
+    that resolves to this one (`store.name_of`), so a later request gets the file the client chose."""
+    return entry.path.name if store.vae(entry.path.name).path == entry.path else store.name_of(entry)
+
+
 def apply_options(current: dict, given: dict, store: ModelStore) -> tuple[dict, dict]:
     """POST /sdapi/v1/options: the server's options after `given`, and the answer (SD.Next's `updated`, plus
     `warnings`). The options that change pictures are checked (an unknown model or VAE, a clip skip out of range, a
@@ -423,9 +429,9 @@ def apply_options(current: dict, given: dict, store: ModelStore) -> tuple[dict, 
             updated.append({name: False})
             continue
         if name == "sd_model_checkpoint":
-            value = store.pipeline(str(value)).name  # 404 naming it if unknown
+            value = store.name_of(store.pipeline(str(value)))  # 404 naming it if unknown; a name for that very file
         elif name == "sd_vae":
-            value = "Automatic" if value in OWN_VAE else store.vae(str(value)).path.name  # 404 if unknown
+            value = "Automatic" if value in OWN_VAE else vae_option(store.vae(str(value)), store)  # 404 if unknown
         elif name == "CLIP_stop_at_last_layers":
             try:
                 value = parse_request(clip_skip=value).clip_skip
