@@ -130,12 +130,18 @@ def _recognizer() -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
 
 
+# each pack's file names for its detector and recognizer (antelopev2: SCRFD-10G with keypoints, ArcFace ResNet-100)
+PACK_FILES = {"buffalo_l": ("det_10g.onnx", "w600k_r50.onnx"), "antelopev2": ("scrfd_10g_bnkps.onnx", "glintr100.onnx")}
+
+
 def write_insightface_pack(root: Path, name: str = "buffalo_l") -> Path:
-    """Write `root/models/<name>/{det_10g,w600k_r50}.onnx` (InsightFace's layout: `FaceAnalysis(name=name,
-    root=str(root))` finds the folder and downloads nothing); return that folder."""
+    """Write `root/models/<name>/{det_10g,w600k_r50}.onnx` (antelopev2: `{scrfd_10g_bnkps,glintr100}.onnx`), in
+    InsightFace's layout: `FaceAnalysis(name=name, root=str(root))` finds the folder and downloads nothing; return
+    that folder."""
     folder = Path(root) / "models" / name
     folder.mkdir(parents=True, exist_ok=True)
-    for filename, model in (("det_10g.onnx", _detector()), ("w600k_r50.onnx", _recognizer())):
+    detector, recognizer = PACK_FILES.get(name, PACK_FILES["buffalo_l"])
+    for filename, model in ((detector, _detector()), (recognizer, _recognizer())):
         onnx.checker.check_model(model, full_check=True)
         onnx.save(model, str(folder / filename))
     return folder

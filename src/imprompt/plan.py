@@ -60,7 +60,7 @@ def make_plan(request: GenerateRequest, state) -> Plan:
     check_composable_with_images(text, images, request)
     decoder = vae.plan(request, model, state.store)
     start_image = init_image.plan(request, model, start)
-    controls = controlnet.plan(request, model, state, control_images, width, height)
+    controls = controlnet.plan(request, model, state, control_images, width, height, images.identity_nets)
     if model.spec.architecture != "unet":
         sampler = transformer_sampler(sampler, model)
     return Plan(model, parts, (start_image, images, lora_set, decoder, text, controls), sampler, width, height)

@@ -100,6 +100,16 @@ class IPAdapterUnit(BaseModel):
     downsample: int = Field(
         1, ge=1, le=27, description="FLUX Redux: pool each image's grid of tokens by this factor (27 x 27 -> 9 x 9 at 3)"
     )
+    controlnet_scale: float | None = Field(
+        None, ge=0.0, le=SCALE_RANGE[1],
+        description="InstantID: its IdentityNet's weight (SD.Next's id_conditioning); default 0.8",
+    )  # fmt: skip
+    pose_image: Any | None = Field(
+        None, description="InstantID: a picture whose face's keypoints the IdentityNet reads instead of the face's"
+    )
+    identitynet: Name | None = Field(
+        None, description="InstantID: its IdentityNet ControlNet; default: the one beside the adapter or named so"
+    )
 
     @field_validator("masks")
     @classmethod

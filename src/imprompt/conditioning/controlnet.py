@@ -8,6 +8,10 @@ loaded in their own byte budget keyed by file fingerprint (switching between the
 A1111 ControlNet extension's weight, window and control mode (`controlnets/guidance.py`). What imprompt adds to
 diffusers: the model's family is checked against each ControlNet's from the tensors before anything loads, and a
 preprocessor's weights are found (or refused, naming the file and the folders) at the same time.
+
+Another kind may bring a ControlNet of its own (`fed`): InstantID's IdentityNet, whose control image (the face's
+keypoints) and cross-attention input (the face tokens) its unit makes (`instantid.py`). It runs beside the
+request's ControlNet units, in the same pipeline.
 """
 
 from __future__ import annotations
@@ -54,11 +58,12 @@ class PlannedUnit:
         return f"controlnets.{self.index}"
 
 
-def plan(request: GenerateRequest, model: Entry, state, images: list[Image.Image], width: int, height: int) -> ControlNets:
+def plan(request: GenerateRequest, model: Entry, state, images: list[Image.Image], width: int, height: int,
+         fed: tuple = ()) -> ControlNets:  # fmt: skip
     """Every unit's model found and checked against the model's family, its preprocessor found with its weights,
-    before anything loads."""
+    before anything loads. `fed`: ControlNets other kinds bring (planned and checked by their kind)."""
     if not request.controlnets:
-        return ControlNets((), model.spec.pipeline_class, model.spec.architecture == "unet")
+        return ControlNets((), model.spec.pipeline_class, model.spec.architecture == "unet", fed=tuple(fed))
     from .. import preprocess  # OpenCV and ONNX Runtime, where a preprocessor needs them: imported where used
 
     units = []
@@ -95,7 +100,13 @@ def plan(request: GenerateRequest, model: Entry, state, images: list[Image.Image
                 resolution = preprocess.resize.pixel_perfect_resolution(image, width, height, unit.resize_mode)
         check_work(where, image.size, resolution, width, height, unit.resize_mode, state.limits.max_image_pixels)
         units.append(PlannedUnit(i, unit, entry, pre, weights, union_index(where, unit, spec, pre), image, resolution))
-    unions = {u.entry.spec.union for u in units}
+    for u in units:
+        for other in fed:
+            if u.entry.path == other.entry.path:
+                raise RequestError(f"{u.where}.model: {u.entry.name} is the IdentityNet that {other.where} (InstantID) "
+                                   f"runs with its face keypoints; remove this unit (the InstantID unit's "
+                                   f"controlnet_scale sets its weight)")  # fmt: skip
+    unions = {u.entry.spec.union for u in units} | ({False} if fed else set())
     if len(unions) > 1 and model.spec.architecture == "unet":
         raise UnsupportedError("controlnets: a ControlNet Union model with other ControlNets in one request is not "
                                "supported (diffusers runs Union models in their own pipeline); use Union models "
@@ -103,7 +114,7 @@ def plan(request: GenerateRequest, model: Entry, state, images: list[Image.Image
     if request.init_images and model.spec.architecture != "unet":
         raise UnsupportedError(f"controlnets: image-to-image with ControlNet is not supported for "
                                f"{model.spec.family} models; remove init_images")  # fmt: skip
-    return ControlNets(tuple(units), model.spec.pipeline_class, model.spec.architecture == "unet")
+    return ControlNets(tuple(units), model.spec.pipeline_class, model.spec.architecture == "unet", fed=tuple(fed))
 
 
 def check_work(where: str, size: tuple[int, int], resolution: int | None, width: int, height: int, resize_mode: str,
@@ -170,6 +181,9 @@ class ControlNets(Conditioning):
     models: list = field(default_factory=list)  # the loaded ControlNet of each unit
     maps: list = field(default_factory=list)  # each unit's control image (the preprocessor's output), as made
     titles: list = field(default_factory=list)  # each unit's model as the extension lists it: "name [hash]"
+    fed: tuple = ()  # ControlNets other kinds bring (InstantID's IdentityNet), after the units
+    fed_models: list = field(default_factory=list)
+    fed_maps: list = field(default_factory=list)
 
     def prepare(self, prep: Preparation) -> None:
         """Each ControlNet from the engine's cache (or loaded now), each control image made (or taken from the
@@ -178,6 +192,8 @@ class ControlNets(Conditioning):
 
         state = prep.state
         self.models, self.maps = [], []
+        self.fed_models = [loaded_controlnet(state, f.entry, prep.loaded.dtype, prep.events, f.where) for f in self.fed]
+        self.fed_maps = [f.control_map(state, prep.events) for f in self.fed]
         self.titles = [state.store.controlnet_title(u.entry) for u in self.units]  # as /controlnet/model_list has it
         for u in self.units:
             self.models.append(loaded_controlnet(state, u.entry, prep.loaded.dtype, prep.events, u.where))
@@ -198,7 +214,7 @@ class ControlNets(Conditioning):
     def apply(self, call) -> None:
         """The ControlNet twin of the call's pipeline, the control images at the call's size, and each model's
         forward patched for the units' weights, windows and modes (undone after the call)."""
-        if not self.units:
+        if not self.units and not self.fed:
             return
         from ..controlnets.guidance import ControlPatch, UnitGuidance
         from ..controlnets.pipelines import controlnet_pipeline
@@ -207,8 +223,10 @@ class ControlNets(Conditioning):
         img2img = call.pipeline is not call.loaded.pipeline  # `init_image` chose the model's image-to-image twin
         union = any(u.entry.spec.union for u in self.units)
         # over the call's pipeline as the kinds before left it (its image-to-image twin, the request's VAE)
-        call.pipeline = controlnet_pipeline(call.pipeline, self.pipeline_class, union, img2img, self.models)
+        call.pipeline = controlnet_pipeline(call.pipeline, self.pipeline_class, union, img2img,
+                                            self.models + self.fed_models)  # fmt: skip
         images = [fit(m, call.width, call.height, u.unit.resize_mode) for u, m in zip(self.units, self.maps)]
+        images += [f.fitted(m, call.width, call.height) for f, m in zip(self.fed, self.fed_maps)]
         many = len(images) > 1
         control = images if many else images[0]
         if union and self.unet_family:  # diffusers' SDXL Union pipelines: one image and mode per model, in lists
@@ -228,6 +246,11 @@ class ControlNets(Conditioning):
                              None if u.unit.advanced_weighting is None else tuple(u.unit.advanced_weighting)))
         for model, guidance in by_model.values():
             patch = ControlPatch(model, guidance, self.unet_family, call.steps, lambda: call.conditioned_unet)
+            call.after(patch.install())
+            call.schedule.add(patch.at_step)
+        for f, model in zip(self.fed, self.fed_models):  # each reads its own cross-attention input
+            patch = ControlPatch(model, [UnitGuidance(f.weight, f.start, f.end, "Balanced")], self.unet_family,
+                                 call.steps, lambda: call.conditioned_unet, f.hidden_states_for(call))  # fmt: skip
             call.after(patch.install())
             call.schedule.add(patch.at_step)
 

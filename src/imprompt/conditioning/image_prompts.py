@@ -1,4 +1,5 @@
-"""A request's image prompts: its IP-Adapter units (`ip_adapter.py`, FaceID's in `faceid.py`), attached together.
+"""A request's image prompts: its IP-Adapter units (`ip_adapter.py`, FaceID's in `faceid.py`, InstantID's in
+`instantid.py`), attached together.
 
 The engine owns the encoders: each unit is encoded by the encoder its own adapter needs, and the pipeline only
 ever receives finished embeddings, which is what lets two units with two encoders share one image (diffusers keeps
@@ -22,6 +23,8 @@ from ..request import GenerateRequest, IPAdapterUnit, parse_request, parse_unit
 from ..util.images import image_digest, noise_image
 from . import Conditioning, Description, Preparation
 from .faceid import plan_face_unit
+from .instantid import IdentityNetUnit, InstantIDInputs, InstantIDUnitPlan, find_adapter, identity_units, is_instantid
+from .instantid import plan_instantid_unit
 from .ip_adapter import UnitInputs, UnitPlan, plan_image_unit, unit_weights
 from .redux import ReduxPrompts, ReduxUnitPlan, is_redux, plan_redux_unit
 
@@ -64,13 +67,22 @@ def unit_inputs(index: int, unit: IPAdapterUnit, state) -> UnitInputs:
     masks = None
     if unit.masks is not None:
         masks = [state.image(ref, f"{where}.masks.{j}") for j, ref in enumerate(unit.masks)]
+    if unit.pose_image is not None:
+        return InstantIDInputs(images, negatives, masks, state.image(unit.pose_image, f"{where}.pose_image"))
     return UnitInputs(images, negatives, masks)
 
 
 def plan_unit(index: int, unit: IPAdapterUnit, store: ModelStore, pipeline: Entry | None = None) -> UnitPlan:
     """Resolve and check one unit, by its adapter's kind. Without `pipeline` (saving embeddings) the model checks
     are skipped. Names only: no image is read."""
-    adapter = store.adapter(unit.adapter)
+    adapter = find_adapter(store, unit.adapter) or store.adapter(unit.adapter)
+    if is_instantid(adapter):  # InstantID: a face adapter and its IdentityNet ControlNet (`instantid.py`)
+        return plan_instantid_unit(index, unit, adapter, store, pipeline)
+    for field_name, given in (("controlnet_scale", unit.controlnet_scale is not None),
+                              ("pose_image", unit.pose_image is not None), ("identitynet", unit.identitynet)):  # fmt: skip
+        if given:
+            raise RequestError(f"ip_adapters.{index}.{field_name}: acts on InstantID units only, but {unit.adapter} is "
+                               f"{adapter.spec.variant}; leave it out")  # fmt: skip
     if is_redux(adapter):  # FLUX Redux: tokens for the prompt, no attention (`redux.py`)
         return plan_redux_unit(index, unit, adapter, store, pipeline)
     if unit.downsample != 1:
@@ -175,6 +187,11 @@ class ImagePrompts(Conditioning):
     active_steps: list[list[int]] = field(default_factory=list)
     redux: ReduxPrompts | None = None  # the request's FLUX Redux units, whose tokens join the prompt's
 
+    @property
+    def identity_nets(self) -> tuple[IdentityNetUnit, ...]:
+        """The IdentityNets its InstantID units bring to the request's ControlNets."""
+        return identity_units(self.units)
+
     def prepare(self, prep: Preparation) -> None:
         """Each adapter built (or taken from the cache), each unit's embeddings made (or taken from what a
         cluster's encoder worker made)."""
@@ -183,6 +200,9 @@ class ImagePrompts(Conditioning):
                            else u.embed(prep.state, inputs, prep.events, self.true_cfg)
                            for u, inputs in zip(self.units, self.inputs)]  # fmt: skip
         self.keys = tuple(u.adapter.key(prep.loaded.dtype, prep.state.device) for u in self.units)
+        for u, built, embeddings, inputs in zip(self.units, self.built, self.embeddings, self.inputs):
+            if isinstance(u, InstantIDUnitPlan):  # what its IdentityNet reads (prepared after, with the ControlNets)
+                u.link.built, u.link.embeddings, u.link.inputs = built, embeddings, inputs
         self.faces = prep.state.faces
         if self.redux is not None:
             self.redux.prepare(prep.state, prep.loaded, prep.events, prep.made_elsewhere)

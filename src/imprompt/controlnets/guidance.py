@@ -77,10 +77,14 @@ class ControlPatch:
     A model named by two units is called once per unit, in the units' order, at every denoising call (diffusers'
     multi model calls its nets in order): `cursor` walks the units."""
 
-    def __init__(self, net, units: list[UnitGuidance], unet_family: bool, steps: int, conditioned=None):
+    def __init__(self, net, units: list[UnitGuidance], unet_family: bool, steps: int, conditioned=None,
+                 hidden_states=None):  # fmt: skip
         """`steps`: the request's; `conditioned()`: the call's `prompting.conds.ConditionedUNet`, or None where the
-        UNet reads the pipeline's own batch."""
+        UNet reads the pipeline's own batch; `hidden_states(unconditional)`: what the net's cross-attention reads
+        instead of the prompt, one row per flag (whether that row is the unconditional one): InstantID's
+        IdentityNet reads the face tokens, as InstantX's pipeline feeds it (diffusers' pipelines give the prompt)."""
         self.net, self.units, self.unet_family, self.conditioned = net, units, unet_family, conditioned
+        self.hidden_states = hidden_states
         self.forward = net.forward  # the class's own, bound: what this calls
         self.steps = steps
         self.cursor = 0
@@ -119,13 +123,18 @@ class ControlPatch:
         guided = sample.shape[0] == 2  # the pipeline's batch (one image at a time): [negative, prompt], or [prompt]
         conditioned = self.conditioned() if self.conditioned is not None else None
         if conditioned is None:
+            if self.hidden_states is not None:
+                encoder_hidden_states = self.hidden_states([True, False] if guided else [False])
             down, mid = self.forward(sample, timestep, encoder_hidden_states, controlnet_cond, *args,
                                      added_cond_kwargs=added_cond_kwargs, return_dict=False, **kwargs)  # fmt: skip
             return list(down), mid, [0] if guided else []
         batches, uncond_rows = conditioned.control_batches(guided, added_cond_kwargs)
-        outs = []
+        outs, offset = [], 0
         for embeds, added in batches:
             n = embeds.shape[0]
+            if self.hidden_states is not None:
+                embeds = self.hidden_states([offset + k in uncond_rows for k in range(n)])
+            offset += n
             rows = {key: rowed(value, n, sample.shape[0]) for key, value in kwargs.items()}  # e.g. a Union's control_type
             outs.append(self.forward(rowed(sample, n, sample.shape[0]), timestep, embeds,
                                      rowed(controlnet_cond, n, sample.shape[0]), *args, added_cond_kwargs=added,

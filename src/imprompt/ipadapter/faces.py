@@ -1,11 +1,12 @@
-"""Reference images of faces -> InsightFace face embeddings and aligned face crops, for FaceID units.
+"""Reference images of faces -> InsightFace face embeddings, keypoints and aligned crops, for FaceID and InstantID.
 
 InsightFace (the optional extra `pip install 'imprompt[faceid]'`) detects the face, aligns it on its five landmarks
 (`face_align.norm_crop`) and computes the ArcFace embedding, called exactly as h94's FaceID examples, diffusers'
 FaceID docs and SD.Next call it: the image in BGR order, the first (highest-scoring) face, `normed_embedding`, a
 224-pixel aligned crop for the Plus family's CLIP encoder. imprompt finds the model pack where users keep it, loads
 it once, keeps each image's result by content, and turns a missing install, a missing pack or an image without a
-face into a typed error that says what to do.
+face into a typed error that says what to do. InstantID's units read another pack, `antelopev2`, found the same
+way, and take the largest face's raw `embedding` and its five keypoints, as InstantID's examples do.
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ from ..util.images import image_digest
 log = logging.getLogger("imprompt")
 
 MODEL_PACK = "buffalo_l"  # the pack every FaceID tool uses: SCRFD detector + ArcFace (w600k_r50) recognizer
+ANTELOPE_PACK = "antelopev2"  # InstantID's and PuLID's: SCRFD-10G detector + ArcFace (glintr100, ResNet-100)
+PACK_FILES = {MODEL_PACK: "det_10g.onnx, w600k_r50.onnx, ...",
+              ANTELOPE_PACK: "scrfd_10g_bnkps.onnx, glintr100.onnx, ..."}  # fmt: skip
+PACK_USERS = {MODEL_PACK: "FaceID", ANTELOPE_PACK: "InstantID"}
 DETECTION_SIZE = (640, 640)  # as h94's examples, diffusers' docs and SD.Next prepare it
 CROP_SIZE = 224  # the aligned crop the Plus family's CLIP encoder reads
 
@@ -41,6 +46,7 @@ class Face:
     score: float
     box: tuple[float, float, float, float]
     faces_found: int
+    kps: np.ndarray | None = None  # [5, 2]: eyes, nose, mouth corners in the image's pixels (InstantID draws them)
 
     def crop_image(self) -> Image.Image:
         """The crop as the CLIP image processor receives it: the BGR array taken as RGB channels, which is what
@@ -65,21 +71,29 @@ def insightface_roots(models_roots: list[Path], configured: str | os.PathLike | 
 
 
 class FaceAnalyzer:
-    """InsightFace's FaceAnalysis, loaded on first use, and each image's face kept by image content."""
+    """InsightFace's FaceAnalysis of each model pack (`buffalo_l` for FaceID, `antelopev2` for InstantID), loaded
+    on first use, and each image's face kept by image content, pack and choice."""
 
     def __init__(self, roots: list[Path], budget_bytes: int = 64 * 2**20):
         self.roots = roots
-        self.app = None
-        self.pack: Path | None = None
+        self.apps: dict[str, object] = {}
+        self.packs: dict[str, Path] = {}  # pack name -> the folder it was loaded from
         self.faces = ByteLRU("faces", budget_bytes)
 
-    def face(self, image: Image.Image, where: str, events: list) -> tuple[Face, str]:
-        """The first face InsightFace finds in `image`, and whether it came from the cache ("cache" | "detected")."""
-        key = image_digest(image)
+    @property
+    def pack(self) -> Path | None:
+        """The FaceID pack's folder, once loaded."""
+        return self.packs.get(MODEL_PACK)
+
+    def face(self, image: Image.Image, where: str, events: list, pack: str = MODEL_PACK,
+             largest: bool = False) -> tuple[Face, str]:  # fmt: skip
+        """A face InsightFace's `pack` finds in `image` (the first, as FaceID tools take it; with `largest`, the one
+        of largest box, as InstantID's code takes it), and whether it came from the cache ("cache" | "detected")."""
+        key = f"{pack}:{'largest' if largest else 'first'}:{image_digest(image)}"
         cached = self.faces.get(key)
         if cached is not None:
             return cached, "cache"
-        app = self._app(events)
+        app = self._app(events, pack)
         import cv2
 
         bgr = cv2.cvtColor(np.asarray(image.convert("RGB")), cv2.COLOR_RGB2BGR)
@@ -87,12 +101,14 @@ class FaceAnalyzer:
         if not found:
             raise NoFaceError(
                 f"{where}: no face found in the image ({image.width}x{image.height}) by InsightFace's detector "
-                f"({self.pack}); give a photo where one face is clearly visible, or the face embeddings themselves "
-                f"(face_embeddings)"
+                f"({self.packs[pack]}); give a photo where one face is clearly visible, or the face embeddings "
+                f"themselves (face_embeddings)"
             )
         from insightface.utils import face_align
 
         first = found[0]
+        if largest:  # the last of the faces sorted by box area, as InstantID's examples pick it
+            first = sorted(found, key=lambda f: (f.bbox[2] - f.bbox[0]) * (f.bbox[3] - f.bbox[1]))[-1]
         with warnings.catch_warnings():  # scikit-image deprecates what norm_crop calls; not the user's concern
             warnings.simplefilter("ignore", FutureWarning)
             crop = face_align.norm_crop(bgr, landmark=first.kps, image_size=CROP_SIZE)
@@ -103,43 +119,54 @@ class FaceAnalyzer:
             score=float(first.det_score),
             box=tuple(round(float(v), 1) for v in first.bbox),
             faces_found=len(found),
+            kps=np.asarray(first.kps, dtype=np.float32),
         )
-        self.faces.put(key, face, face.crop.nbytes + 2 * face.embedding.nbytes, label=f"face {key[:12]}")
+        self.faces.put(key, face, face.crop.nbytes + 2 * face.embedding.nbytes, label=f"face {key[:40]}")
         return face, "detected"
 
-    def _app(self, events: list):
-        if self.app is not None:
-            return self.app
+    def find_pack(self, pack: str) -> Path | None:
+        """Where `pack` is: the first root holding `models/<pack>/*.onnx`; or `models/<pack>/<pack>/*.onnx`, where
+        unzipping antelopev2.zip inside a folder of its name leaves it."""
+        for root in self.roots:
+            for folder in (root / "models" / pack, root / "models" / pack / pack):
+                if any(folder.glob("*.onnx")):
+                    return folder
+        return None
+
+    def _app(self, events: list, pack: str = MODEL_PACK):
+        if pack in self.apps:
+            return self.apps[pack]
+        needed_by = PACK_USERS.get(pack, "face analysis")
         try:
             from insightface.app import FaceAnalysis
         except ImportError as exc:
             raise MissingFaceAnalysisError(
-                f"FaceID from images needs InsightFace, which is not installed ({exc}). Install it with "
+                f"{needed_by} from images needs InsightFace, which is not installed ({exc}). Install it with "
                 f"`pip install 'imprompt[faceid]'`, or give the face embeddings themselves (face_embeddings)"
             ) from None
-        pack = next((root / "models" / MODEL_PACK for root in self.roots
-                     if any((root / "models" / MODEL_PACK).glob("*.onnx"))), None)  # fmt: skip
-        if pack is None:
-            searched = ", ".join(str(root / "models" / MODEL_PACK) for root in self.roots)
+        folder = self.find_pack(pack)
+        if folder is None:
+            searched = ", ".join(str(root / "models" / pack) for root in self.roots)
             raise MissingFaceAnalysisError(
-                f"FaceID from images needs InsightFace's {MODEL_PACK} model pack, found in none of: {searched}. "
-                f"Unzip {MODEL_PACK}.zip (InsightFace's release, or `FaceAnalysis(name='{MODEL_PACK}')` downloads it "
-                f"to ~/.insightface/models) into one of them, or set --insightface-root / IMPROMPT_INSIGHTFACE_ROOT"
+                f"{needed_by} from images needs InsightFace's {pack} model pack, found in none of: {searched}. "
+                f"Unzip {pack}.zip ({PACK_FILES.get(pack, '*.onnx')}; InsightFace's release, or `FaceAnalysis(name="
+                f"'{pack}')` downloads it to ~/.insightface/models) into one of them, or set --insightface-root / "
+                f"IMPROMPT_INSIGHTFACE_ROOT"
             )
         started = time.perf_counter()
         # onnxruntime's providers as installed (CUDA with onnxruntime-gpu), as SD.Next and the upstream examples use
         # the pack's absolute path as its name: InsightFace 0.7 joins it to root, 2.x takes a folder as it is
-        app = FaceAnalysis(name=str(pack), root=str(pack.parent.parent), allowed_modules=["detection", "recognition"])
+        app = FaceAnalysis(name=str(folder), root=str(folder.parent.parent), allowed_modules=["detection", "recognition"])
         if "recognition" not in app.models:
             raise MissingFaceAnalysisError(
-                f"InsightFace's {MODEL_PACK} pack in {pack} has no recognition model (w600k_r50.onnx); "
+                f"InsightFace's {pack} pack in {folder} has no recognition model ({PACK_FILES.get(pack, '')}); "
                 f"unzip the whole pack there"
             )
         app.prepare(ctx_id=0, det_size=DETECTION_SIZE)
         seconds = time.perf_counter() - started
-        log.info("InsightFace %s loaded from %s in %.2f s", MODEL_PACK, pack, seconds)
-        events.append({"event": "face_analysis_loaded", "pack": str(pack), "seconds": round(seconds, 4)})
-        self.app, self.pack = app, pack
+        log.info("InsightFace %s loaded from %s in %.2f s", pack, folder, seconds)
+        events.append({"event": "face_analysis_loaded", "pack": str(folder), "seconds": round(seconds, 4)})
+        self.apps[pack], self.packs[pack] = app, folder
         return app
 
     def clear(self) -> int:

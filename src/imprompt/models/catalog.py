@@ -102,6 +102,8 @@ def family_by_shape(hidden_size: int, projection_dim: int | None, num_layers: in
 def family_by_output(kind: str, width: int, encoder_type: str = "clip"):
     """The published family of `encoder_type` ("clip" | "siglip") that produces `kind` ("image_embeds" |
     "hidden_states") of this width, if any."""
+    if encoder_type not in ("clip", "siglip"):  # InsightFace's packs (antelopev2) are no vision tower
+        return None
     for family in SIGLIP_FAMILIES if encoder_type == "siglip" else ENCODER_FAMILIES:
         produced = family.projection_dim if kind == "image_embeds" else family.hidden_size
         if produced == width:
@@ -167,6 +169,10 @@ KNOWN_ADAPTERS = (
     KnownAdapter("FLUX XLabs", ("flux-ip-adapter",), "XLabs-AI/flux-ip-adapter", ""),
     KnownAdapter("FLUX XLabs v2", ("flux-ip-adapter-v2",), "XLabs-AI/flux-ip-adapter-v2", ""),
     # FLUX.1 Redux (SigLIP so400m): BFL's file (ComfyUI's style_models/), or the repository's diffusers folder
+    # InstantID (SDXL): InstantX's `ip-adapter.bin` (antelopev2 face embedding) + its IdentityNet ControlNet folder
+    # (`ControlNetModel/`); found by its tensors whatever its name (`conditioning/instantid.py`)
+    KnownAdapter("InstantID", ("ip-adapter_instantid", "instantid-ip-adapter", "instantid"), "InstantX/InstantID", "",
+                 ("InstantX InstantID",)),
     KnownAdapter("FLUX Redux", ("flux1-redux-dev", "FLUX.1-Redux-dev"), "black-forest-labs/FLUX.1-Redux-dev", "",
                  ("FLUX.1 Redux", "Redux")),
 )

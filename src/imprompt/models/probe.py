@@ -111,13 +111,15 @@ def adapter_spec(path: Path, table: dict[str, TensorInfo]) -> AdapterSpec:
         if out_dim % cross_attention_dim:
             raise bad(f"proj.weight rows {out_dim} are not a multiple of the UNet width {cross_attention_dim}")
         tokens = out_dim // cross_attention_dim
-    elif "latents" in proj and "proj_in.weight" in proj:  # Resampler: Plus, Plus Face, composition
+    elif "latents" in proj and "proj_in.weight" in proj:  # Resampler: Plus, Plus Face, composition; InstantID
         variant, consumes = "plus", "hidden_states"
         latents = proj["latents"]
         if len(latents) != 3:
             raise bad(f"latents has shape {latents}, expected [1, tokens, dim]")
         tokens = latents[1]
         embed_dim = _shape2(proj, "proj_in.weight", bad)[1]
+        if embed_dim == FACE_EMBED_WIDTH:  # InstantX's InstantID: the same Resampler, fed one ArcFace embedding
+            variant, consumes = "instantid", "face_embeds"
         if _shape2(proj, "proj_out.weight", bad)[0] != cross_attention_dim:
             raise bad(f"proj_out rows {proj['proj_out.weight'][0]} differ from UNet width {cross_attention_dim}")
     elif "proj.3.weight" in proj and "proj.0.weight" in proj:  # MLP over all encoder tokens: Full Face
@@ -130,7 +132,17 @@ def adapter_spec(path: Path, table: dict[str, TensorInfo]) -> AdapterSpec:
         return faceid_spec(path, proj, attn, cross_attention_dim, tuple(widths), bad)
     else:
         raise bad(f"unknown image_proj layout (tensors: {sorted(proj)[:6]})")
-    return AdapterSpec(str(path), variant, consumes, embed_dim, tokens, cross_attention_dim, tuple(widths))
+    encoder_type = "antelopev2" if variant == "instantid" else "clip"
+    return AdapterSpec(str(path), variant, consumes, embed_dim, tokens, cross_attention_dim, tuple(widths),
+                       encoder_type=encoder_type)  # fmt: skip
+
+
+# InsightFace's ArcFace embedding width. An h94 Plus Resampler and InstantX's InstantID Resampler have the same
+# tensors (latents [1, 16, dim], 4 PerceiverAttention + FeedForward layers, proj_out to the UNet width) but for
+# proj_in's input: CLIP / SigLIP hidden states (ViT-L 1024, ViT-H 1280, bigG 1664, SigLIP 1152, even ViT-B 768) vs
+# the 512-d face embedding. No vision tower any adapter reads is 512 wide, and FaceID's 512-d MLP (proj.0 / proj.2 /
+# norm) has no `latents`: a Resampler whose proj_in reads 512 is InstantID's.
+FACE_EMBED_WIDTH = 512
 
 
 def faceid_spec(path: Path, proj: dict, attn: dict, cross_attention_dim: int, widths: tuple, bad) -> AdapterSpec:

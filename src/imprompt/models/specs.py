@@ -25,8 +25,10 @@ class AdapterSpec:
     """An IP-Adapter as its tensors describe it."""
 
     path: str
-    variant: str  # base | plus | full-face | faceid | faceid-plus | sd3 | flux | redux
-    consumes: str  # image_embeds | hidden_states | faceid_embeds | last_hidden_state (SigLIP's, post-norm: Redux)
+    variant: str  # base | plus | full-face | faceid | faceid-plus | instantid | sd3 | flux | redux
+    # image_embeds | hidden_states | faceid_embeds (buffalo_l's, FaceID) | face_embeds (antelopev2's raw ArcFace
+    # embedding, InstantID) | last_hidden_state (SigLIP's, post-norm: Redux)
+    consumes: str
     embed_dim: int  # width of the encoder output it consumes
     tokens: int  # image tokens it adds to cross-attention (Redux: 0, one per encoder patch, however many)
     cross_attention_dim: int  # UNet width it targets (Redux: the T5 width of the tokens it appends to the prompt's)
@@ -44,7 +46,7 @@ class AdapterSpec:
     # (an image encoder's output in, chosen by the same rule): it attaches to no block (`layer_widths` empty) and
     # appends tokens of T5's width to the prompt's; `redux_hidden` is its up-projection's width (3 x T5's)
     architecture: str = "unet"
-    encoder_type: str = "clip"  # clip | siglip: which kind of vision tower produced what it consumes
+    encoder_type: str = "clip"  # clip | siglip | antelopev2 (InsightFace's pack): what produced what it consumes
     kind: str = "ip-adapter"
     redux_hidden: int | None = None
 
@@ -63,7 +65,7 @@ class AdapterSpec:
     def needs(self) -> str:
         """What it consumes, in words: `image_embeds[1024]`; FaceID Plus also names its face crop's encoder output."""
         crop = f" + hidden_states[{self.clip_width}] of the face crop" if self.clip_width else ""
-        tower = "siglip " if self.encoder_type == "siglip" else ""
+        tower = {"siglip": "siglip ", "antelopev2": "InsightFace antelopev2 "}.get(self.encoder_type, "")
         return f"{tower}{self.consumes}[{self.embed_dim}]{crop}"
 
     def to_dict(self) -> dict:
