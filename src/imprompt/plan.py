@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .conditioning import controlnet, image_prompts, init_image, loras, prompt, vae
+from .conditioning import controlnet, image_prompts, init_image, instantid, loras, prompt, vae
 from .conditioning.image_prompts import ImagePrompts
 from .conditioning.ip_adapter import fits, pick_encoder
 from .conditioning.prompt import A1111Prompt
@@ -153,7 +153,9 @@ def describe_store(store: ModelStore) -> dict:
         item = {"name": entry.name, "friendly_name": catalog.friendly_name(entry.name), **spec.to_dict()}
         item["needs"] = spec.needs + (f" ({family.name})" if family else "")
         try:
-            if spec.consumes == "faceid_embeds" and not spec.clip_width:  # InsightFace, or face_embeddings given
+            if spec.variant == "instantid":  # InsightFace antelopev2 + its IdentityNet ControlNet
+                item.update(instantid.listing(entry, store))
+            elif spec.consumes == "faceid_embeds" and not spec.clip_width:  # InsightFace, or face_embeddings given
                 item.update(encoder="InsightFace", encoder_present=True)
             else:
                 encoder, _ = pick_encoder(entry, store)

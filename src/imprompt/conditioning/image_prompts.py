@@ -1,5 +1,4 @@
-"""A request's image prompts: its IP-Adapter units (`ip_adapter.py`, FaceID's in `faceid.py`, InstantID's in
-`instantid.py`), attached together.
+"""A request's image prompts: its IP-Adapter units (`ip_adapter.py`, `faceid.py`, `instantid.py`), attached together.
 
 The engine owns the encoders: each unit is encoded by the encoder its own adapter needs, and the pipeline only
 ever receives finished embeddings, which is what lets two units with two encoders share one image (diffusers keeps

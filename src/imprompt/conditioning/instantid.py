@@ -271,3 +271,19 @@ def identity_units(units) -> tuple[IdentityNetUnit, ...]:
     """The IdentityNets the request's InstantID units bring to its ControlNets."""
     return tuple(IdentityNetUnit(u.index, u.identitynet, u.controlnet_scale, u.link)
                  for u in units if isinstance(u, InstantIDUnitPlan))  # fmt: skip
+
+
+def listing(entry: Entry, store: ModelStore) -> dict:
+    """`imprompt models`' words for an InstantID file: the face pack and IdentityNet it runs with, and whether each
+    is present (the pack looked for where a request looks, without a configured --insightface-root)."""
+    from ..ipadapter.faces import FaceAnalyzer, insightface_roots
+
+    pack = FaceAnalyzer(insightface_roots(store.roots)).find_pack(FACE_PACK)
+    item = {"encoder": f"InsightFace {FACE_PACK}", "encoder_present": pack is not None, "face_pack": FACE_PACK,
+            "face_pack_present": pack is not None, "face_pack_path": str(pack) if pack else None}  # fmt: skip
+    try:
+        net = find_identitynet(entry, store, None, entry.name)
+        item.update(identitynet=net.name, identitynet_present=True)
+    except ImpromptError as exc:
+        item.update(identitynet=None, identitynet_present=False, identitynet_problem=str(exc))
+    return item

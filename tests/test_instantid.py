@@ -1,0 +1,182 @@
+"""InstantID units on the tiny SDXL, held to a reference written here from InstantX's published pipeline
+(`pipeline_stable_diffusion_xl_instantid.py` and its README, read for their rules; no code of theirs is copied):
+
+- the face: InsightFace `FaceAnalysis(name="antelopev2")` on the BGR image, the face of largest box, its raw
+  `embedding` and `kps`;
+- the adapter: diffusers' own `load_ip_adapter` of the same file (its Resampler and IP attention), fed
+  cat([zeros, embedding]) shaped [2, 1, 1, 512] (InstantX reshapes the embedding to [1, 1, 512]; its negative is a
+  zero embedding through the same Resampler), `set_ip_adapter_scale` as `ip_adapter_scale`;
+- the IdentityNet: diffusers' `StableDiffusionXLControlNetPipeline` with the keypoints drawn by this test's own
+  function (below, from the README's description of `draw_kps`) as `image` at the face picture's size, at
+  `controlnet_conditioning_scale`, and its cross-attention given the face tokens (the Resampler's output for
+  [negative, positive]) instead of the prompt, as InstantX's pipeline calls its ControlNet.
+The reference knows nothing of imprompt's implementation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import max_diff
+from diffusers import ControlNetModel, StableDiffusionXLControlNetPipeline
+from PIL import Image
+
+from imprompt import Engine
+from imprompt.errors import (
+    IncompatibleError,
+    MissingFaceAnalysisError,
+    NoFaceError,
+    RequestError,
+    UnknownControlNetError,
+)
+from tools.insightface_pack import face_image, no_face_image, write_insightface_pack
+from tools.instantid_models import write_instantid
+
+SIZE, STEPS = 64, 3
+
+
+@pytest.fixture(scope="module")
+def instantid_root(pack, tmp_path_factory):
+    """InstantX's layout (checkpoints/ip-adapter.bin + checkpoints/ControlNetModel/) and a tiny antelopev2 pack
+    (antelopev2's file names) where ComfyUI keeps packs (models/insightface)."""
+    pytest.importorskip("insightface", reason="InsightFace is the optional `faceid` extra")
+    root = tmp_path_factory.mktemp("instantid")
+    write_instantid(root, pack)
+    write_insightface_pack(root / "insightface", "antelopev2")
+    return root
+
+
+@pytest.fixture(scope="module")
+def engine(pack, instantid_root):
+    return Engine([pack, instantid_root])
+
+
+def draw_kps_reference(size, kps) -> Image.Image:
+    """InstantID's keypoint picture, from its rule: limbs eye/eye/mouth-corner -> nose as OpenCV ellipses (half
+    axes length / 2 and 4, at the limb's angle) filled in the first point's colour on a black float canvas, the
+    canvas times 0.6 to uint8, then a filled circle of radius 10 at each point in its colour."""
+    import cv2
+
+    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255, 0, 255)]
+    w, h = size
+    kps = np.array(kps, dtype=np.float64)
+    img = np.zeros([h, w, 3])
+    for first in (0, 1, 3, 4):
+        xs, ys = kps[[first, 2], 0], kps[[first, 2], 1]
+        length = math.sqrt((xs[0] - xs[1]) ** 2 + (ys[0] - ys[1]) ** 2)
+        angle = math.degrees(math.atan2(ys[0] - ys[1], xs[0] - xs[1]))
+        poly = cv2.ellipse2Poly((int(xs.mean()), int(ys.mean())), (int(length / 2), 4), int(angle), 0, 360, 1)
+        img = cv2.fillConvexPoly(img.copy(), poly, colours[first])
+    img = (img * 0.6).astype(np.uint8)
+    for i, (x, y) in enumerate(kps):
+        img = cv2.circle(img.copy(), (int(x), int(y)), 10, colours[i], -1)
+    return Image.fromarray(img.astype(np.uint8))
+
+
+def antelope_face(root, image):
+    """What InstantID's README does: antelopev2, BGR in, the largest face; its raw embedding and keypoints."""
+    import cv2
+    from insightface.app import FaceAnalysis
+
+    app = FaceAnalysis(name="antelopev2", root=str(root / "insightface"), providers=["CPUExecutionProvider"])
+    app.prepare(ctx_id=0, det_size=(640, 640))
+    faces = app.get(cv2.cvtColor(np.asarray(image), cv2.COLOR_RGB2BGR))
+    face = sorted(faces, key=lambda f: (f["bbox"][2] - f["bbox"][0]) * (f["bbox"][3] - f["bbox"][1]))[-1]
+    return face["embedding"], face["kps"]
+
+
+def reference(pack, root, face, scale, cn_scale, pose=None, prompt="a cat"):
+    embedding, kps = antelope_face(root, face)
+    keypoints = draw_kps_reference((pose or face).size, antelope_face(root, pose)[1] if pose else kps)
+    identitynet = ControlNetModel.from_pretrained(root / "checkpoints" / "ControlNetModel")
+    pipe = StableDiffusionXLControlNetPipeline.from_pretrained(pack / "diffusers" / "tiny-sdxl", controlnet=identitynet)
+    pipe.set_progress_bar_config(disable=True)
+    state = torch.load(root / "checkpoints" / "ip-adapter.bin", weights_only=True)
+    pipe.load_ip_adapter(state, subfolder="", weight_name="", image_encoder_folder=None)
+    pipe.set_ip_adapter_scale(scale)
+    face_embeds = torch.from_numpy(np.asarray(embedding, dtype=np.float32)).reshape(1, 1, 1, 512)
+    embeds = torch.cat([torch.zeros_like(face_embeds), face_embeds])  # [negative, positive]
+    with torch.no_grad():
+        tokens = pipe.unet.encoder_hid_proj([embeds])[0].flatten(1, 2)  # [2, 16, 2048]: the face tokens
+    plain = identitynet.forward
+
+    def reads_face_tokens(sample, timestep, encoder_hidden_states=None, *args, **kwargs):
+        return plain(sample, timestep, tokens[-sample.shape[0]:], *args, **kwargs)
+
+    identitynet.forward = reads_face_tokens
+    return pipe(prompt, image=keypoints, ip_adapter_image_embeds=[embeds], controlnet_conditioning_scale=cn_scale,
+                num_inference_steps=STEPS, width=SIZE, height=SIZE, guidance_scale=7.0,
+                generator=torch.Generator().manual_seed(1)).images[0]  # fmt: skip
+
+
+def generate(engine, *units, model="tiny-sdxl", **fields):
+    return engine.generate(model=model, prompt="a cat", seed=1, steps=STEPS, width=SIZE, height=SIZE,
+                           cfg_scale=7.0, ip_adapters=list(units), **fields)  # fmt: skip
+
+
+def instantid(image, **fields):
+    return {"adapter": "InstantID", "images": [image], "scale": 0.8, **fields}
+
+
+def test_probe_reads_instantid_from_its_tensors(engine, instantid_root):
+    spec = engine.state.store.adapter(str(instantid_root / "checkpoints" / "ip-adapter.bin")).spec
+    assert (spec.variant, spec.consumes, spec.embed_dim, spec.tokens) == ("instantid", "face_embeds", 512, 16)
+    assert spec.needs == "InsightFace antelopev2 face_embeds[512]"
+
+
+def test_instantid_equals_the_reference_and_switching_leaves_nothing(pack, instantid_root, engine):
+    face = face_image(5)
+    got = generate(engine, instantid(face, controlnet_scale=0.7))
+    expected = reference(pack, instantid_root, face, 0.8, 0.7)
+    assert max_diff(got.images[0], expected) <= 1
+    unit = got.info["ip_adapters"][0]
+    assert unit["encoder"] == "InsightFace antelopev2" and unit["identitynet"] == "checkpoints/ControlNetModel"
+    assert unit["keypoints"] and unit["controlnet_scale"] == 0.7
+    plain = generate(engine)
+    assert max_diff(plain.images[0], got.images[0]) > 0  # InstantID acted
+    again = generate(engine, instantid(face, controlnet_scale=0.7))
+    assert max_diff(again.images[0], got.images[0]) == 0
+    assert max_diff(generate(engine).images[0], plain.images[0]) == 0
+
+
+def test_pose_image_gives_the_keypoints_of_another_face(pack, instantid_root, engine):
+    face, pose = face_image(5), face_image(9)
+    got = generate(engine, instantid(face, pose_image=pose, controlnet_scale=1.0))
+    assert max_diff(got.images[0], reference(pack, instantid_root, face, 0.8, 1.0, pose=pose)) <= 1
+
+
+def test_no_face_is_a_typed_error_and_the_next_request_is_fine(engine):
+    with pytest.raises(NoFaceError, match=r"ip_adapters\.0\.images\.0: no face found"):
+        generate(engine, instantid(no_face_image()))
+    assert generate(engine, instantid(face_image(5))).images[0] is not None
+
+
+def test_bad_instantid_requests_are_refused_before_anything_runs(pack, instantid_root, engine, tmp_path):
+    with pytest.raises(IncompatibleError, match=r"InstantID .* is for SDXL models .* but model tiny-sd15 is SD 1\.5"):
+        generate(engine, instantid(face_image(5)), model="tiny-sd15")
+    with pytest.raises(RequestError, match=r"ip_adapters\.0\.controlnet_scale: acts on InstantID units only"):
+        generate(engine, {"adapter": "Plus ViT-H SDXL", "images": [face_image(5)], "controlnet_scale": 0.5})
+    with pytest.raises(RequestError, match=r"ip_adapters\.0\.masks: not read by InstantID"):
+        generate(engine, instantid(face_image(5), masks=[face_image(5)]))
+    alone = tmp_path / "alone"  # the adapter without its IdentityNet
+    alone.mkdir()
+    (alone / "instantid-ip-adapter.bin").write_bytes((instantid_root / "checkpoints" / "ip-adapter.bin").read_bytes())
+    lonely = Engine([pack, alone], insightface_root=instantid_root / "insightface")
+    with pytest.raises(UnknownControlNetError, match=r"runs with its IdentityNet .* Put InstantX/InstantID's ControlNetModel/"):
+        generate(lonely, instantid(face_image(5)))
+    missing = Engine([pack, instantid_root], insightface_root=tmp_path / "empty")
+    missing.state.faces.roots = [tmp_path / "empty"]
+    with pytest.raises(MissingFaceAnalysisError, match=r"InstantID from images needs InsightFace's antelopev2 model pack"):
+        generate(missing, instantid(face_image(5)))
+
+
+def test_models_listing_names_the_face_pack_and_identitynet(engine):
+    from imprompt.plan import describe_store
+
+    listed = next(a for a in describe_store(engine.state.store)["adapters"] if a["variant"] == "instantid")
+    assert listed["encoder"] == "InsightFace antelopev2" and listed["face_pack"] == "antelopev2"
+    assert listed["face_pack_present"] is True
+    assert listed["identitynet"] == "checkpoints/ControlNetModel" and listed["fits_models"] == ["tiny-sdxl"]
