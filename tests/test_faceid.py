@@ -363,8 +363,8 @@ def test_sdnext_face_payload_sdnext_unit_and_controlnet_unit_agree(pack, faceid_
         # structure on FaceID Base means nothing in SD.Next either: carried on, and said
         _, base = post(url, txt(face={"source_images": [face], "ip_model": "FaceID Base", "ip_structure": 0.5}))
         assert "no effect on FaceID Base" in base["warnings"][0]
-        refused = post(url, txt(face={"mode": "InstantID", "source_images": [face]}), status=422)
-        assert "face.mode" in refused["detail"] and "InstantID" in refused["detail"]
+        refused = post(url, txt(face={"mode": "PhotoMaker", "source_images": [face]}), status=422)
+        assert "face.mode" in refused["detail"] and "PhotoMaker" in refused["detail"]
         no_face = post(url, txt(face={"source_images": [b64(no_face_image())], "ip_model": "FaceID Base"}), status=422)
         assert "no face found" in no_face["detail"]
 

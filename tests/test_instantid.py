@@ -180,3 +180,48 @@ def test_models_listing_names_the_face_pack_and_identitynet(engine):
     assert listed["encoder"] == "InsightFace antelopev2" and listed["face_pack"] == "antelopev2"
     assert listed["face_pack_present"] is True
     assert listed["identitynet"] == "checkpoints/ControlNetModel" and listed["fits_models"] == ["tiny-sdxl"]
+
+
+def test_sdnext_face_payload_a1111_units_and_imprompt_unit_agree(pack, instantid_root, tmp_path):
+    """SD.Next's `face` payload in InstantID mode (id_strength, id_conditioning), the A1111 ControlNet extension's
+    two units (instant_id_face_embedding + instant_id_face_keypoints, in the extension's file names: the IdentityNet
+    as a single file in ControlNet/), and imprompt's own unit: one path, the same pixels."""
+    from server_fixtures import b64, new_engine, post_txt2img, running_server
+    from safetensors.torch import load_file, save_file
+
+    a1111 = tmp_path / "a1111"  # the extension's names for InstantX's two files
+    (a1111 / "ControlNet").mkdir(parents=True)
+    (a1111 / "ControlNet" / "ip-adapter_instant_id_sdxl.bin").write_bytes(
+        (instantid_root / "checkpoints" / "ip-adapter.bin").read_bytes())
+    weights = instantid_root / "checkpoints" / "ControlNetModel" / "diffusion_pytorch_model.safetensors"
+    save_file(load_file(weights), a1111 / "ControlNet" / "control_instant_id_sdxl.safetensors")
+
+    def txt(**fields):
+        return {"prompt": "a cat", "seed": 1, "steps": STEPS, "width": SIZE, "height": SIZE, "cfg_scale": 7.0,
+                "override_settings": {"sd_model_checkpoint": "tiny-sdxl"}, **fields}  # fmt: skip
+
+    face, pose = b64(face_image(5)), b64(face_image(9))
+    engine = new_engine([pack, a1111], insightface_root=instantid_root / "insightface")
+    with running_server(engine) as url:
+        own, own_info = post_txt2img(url, txt(ip_adapter=[{"adapter": "InstantID", "images": [face], "scale": 0.9,
+                                                           "controlnet_scale": 0.6}]))  # fmt: skip
+        from_face, info = post_txt2img(url, txt(face={"mode": "InstantID", "source_images": [face], "id_strength": 0.9,
+                                                      "id_conditioning": 0.6}))  # fmt: skip
+        assert max_diff(own, from_face) == 0 and info["ip_adapters"][0]["identitynet"] == "control_instant_id_sdxl"
+        units = [{"enabled": True, "module": "instant_id_face_embedding", "model": "ip-adapter_instant_id_sdxl",
+                  "image": face, "weight": 0.9},
+                 {"enabled": True, "module": "instant_id_face_keypoints", "model": "control_instant_id_sdxl",
+                  "image": face, "weight": 0.6}]  # fmt: skip
+        from_extension, _ = post_txt2img(url, txt(alwayson_scripts={"controlnet": {"args": units}}))
+        assert max_diff(own, from_extension) == 0
+        units[1]["image"] = pose  # the keypoints of another picture
+        posed, _ = post_txt2img(url, txt(alwayson_scripts={"controlnet": {"args": units}}))
+        own_posed, _ = post_txt2img(url, txt(ip_adapter=[{"adapter": "InstantID", "images": [face], "scale": 0.9,
+                                                          "controlnet_scale": 0.6, "pose_image": pose}]))  # fmt: skip
+        assert max_diff(posed, own_posed) == 0 and max_diff(posed, own) > 0
+        alone, _ = post_txt2img(url, txt(alwayson_scripts={"controlnet": {"args": units[:1]}}))
+        no_net, _ = post_txt2img(url, txt(ip_adapter=[{"adapter": "InstantID", "images": [face], "scale": 0.9,
+                                                       "controlnet_scale": 0}]))  # fmt: skip
+        assert max_diff(alone, no_net) == 0 and max_diff(alone, own) > 0
+        refused = post_txt2img(url, txt(alwayson_scripts={"controlnet": {"args": units[1:]}}), 422)
+        assert "instant_id_face_keypoints reads the face of an instant_id_face_embedding unit" in refused["detail"]

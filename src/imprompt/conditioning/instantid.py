@@ -120,7 +120,8 @@ class InstantIDUnitPlan(UnitPlan):
             faces=[{"score": round(f.score, 4), "box": list(f.box), "faces_found": f.faces_found,
                     "crop": image_to_base64(f.crop_preview().resize((112, 112)))} for f in embeddings.faces],
             face_source="face_embeddings" if self.unit.face_embeddings is not None else "InsightFace",
-            identitynet=self.identitynet.name, identitynet_file=str(self.identitynet.path),
+            identitynet=self.identitynet.name if self.identitynet else None,
+            identitynet_file=str(self.identitynet.path) if self.identitynet else None,
             controlnet_scale=self.controlnet_scale, pose_image=self.unit.pose_image is not None,
             keypoints=image_to_base64(self.link.keypoints) if self.link.keypoints is not None else None,
         )  # fmt: skip
@@ -203,7 +204,8 @@ def draw_keypoints(size: tuple[int, int], kps) -> Image.Image:
 
 def find_identitynet(adapter: Entry, store: ModelStore, name: str | None, where: str) -> Entry:
     """The unit's `identitynet`, else the one InstantX's layout puts beside the adapter (`ControlNetModel/` next to
-    `ip-adapter.bin`), else one whose path names InstantID / IdentityNet (ComfyUI's `controlnet/instantid/`). An
+    `ip-adapter.bin`), else one whose path names InstantID / IdentityNet (ComfyUI's `controlnet/instantid/`, the A1111
+    extension's `control_instant_id_sdxl`). An
     IdentityNet's tensors are those of any SDXL ControlNet, so place and name find it; the tensors then check it
     (an SDXL-layout ControlNet of the adapter's width)."""
     if name:
@@ -215,7 +217,7 @@ def find_identitynet(adapter: Entry, store: ModelStore, name: str | None, where:
                if not e.spec.unsupported and not e.spec.union and e.spec.architecture == "unet"
                and e.spec.cross_attention_dim == adapter.spec.cross_attention_dim]  # fmt: skip
     beside = [e for e in fitting if e.path.parent == adapter.path.parent]
-    named = [e for e in fitting if any(w in str(e.path).lower() for w in ("instantid", "identitynet"))]
+    named = [e for e in fitting if any(w in str(e.path).lower() for w in ("instantid", "instant_id", "identitynet"))]
     found = beside or named
     if found:
         return found[0]
@@ -251,10 +253,17 @@ def plan_instantid_unit(index: int, unit: IPAdapterUnit, adapter: Entry, store: 
                                f"keypoints); remove it")  # fmt: skip
     if len(unit.images) > 1:
         raise RequestError(f"{where}.images: {len(unit.images)} images, but InstantID reads one face; give one")
-    if unit.face_embeddings is not None and unit.pose_image is None:
+    if unit.face_embeddings is not None and unit.pose_image is None and unit.controlnet_scale != 0:
         raise RequestError(f"{where}.face_embeddings: the IdentityNet reads the face's keypoints, which face "
                            f"embeddings do not carry; give the face image, or a pose_image with them")  # fmt: skip
     weights = unit_weights(index, unit, adapter, store, pipeline)
+    source = "face embeddings given" if unit.face_embeddings is not None else "InsightFace antelopev2 of the image"
+    why = f"{name} consumes {spec.needs}: {source} (no image encoder)"
+    if unit.controlnet_scale == 0:  # the adapter alone (the extension's embedding unit without a keypoints unit)
+        if unit.pose_image is not None or unit.identitynet:
+            raise RequestError(f"{where}.controlnet_scale: 0 runs no IdentityNet, so pose_image and identitynet "
+                               f"would change nothing; remove them, or give a scale")  # fmt: skip
+        return InstantIDUnitPlan(index, unit, adapter, None, f"{why}; no IdentityNet (controlnet_scale 0)", weights)
     identitynet = find_identitynet(adapter, store, unit.identitynet, where)
     if identitynet.spec.unsupported:
         raise IncompatibleError(f"{where}.identitynet: {identitynet.spec.unsupported}")
@@ -262,15 +271,14 @@ def plan_instantid_unit(index: int, unit: IPAdapterUnit, adapter: Entry, store: 
         problem = identitynet.spec.mismatch(pipeline.spec)
         if problem:
             raise IncompatibleError(f"{where}.identitynet: {problem}")
-    source = "face embeddings given" if unit.face_embeddings is not None else "InsightFace antelopev2 of the image"
-    why = f"{name} consumes {spec.needs}: {source} (no image encoder); IdentityNet {identitynet.name}"
+    why = f"{why}; IdentityNet {identitynet.name}"
     return InstantIDUnitPlan(index, unit, adapter, None, why, weights, None, identitynet)
 
 
 def identity_units(units) -> tuple[IdentityNetUnit, ...]:
     """The IdentityNets the request's InstantID units bring to its ControlNets."""
     return tuple(IdentityNetUnit(u.index, u.identitynet, u.controlnet_scale, u.link)
-                 for u in units if isinstance(u, InstantIDUnitPlan))  # fmt: skip
+                 for u in units if isinstance(u, InstantIDUnitPlan) and u.identitynet is not None)  # fmt: skip
 
 
 def listing(entry: Entry, store: ModelStore) -> dict:

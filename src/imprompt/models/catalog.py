@@ -171,7 +171,8 @@ KNOWN_ADAPTERS = (
     # FLUX.1 Redux (SigLIP so400m): BFL's file (ComfyUI's style_models/), or the repository's diffusers folder
     # InstantID (SDXL): InstantX's `ip-adapter.bin` (antelopev2 face embedding) + its IdentityNet ControlNet folder
     # (`ControlNetModel/`); found by its tensors whatever its name (`conditioning/instantid.py`)
-    KnownAdapter("InstantID", ("ip-adapter_instantid", "instantid-ip-adapter", "instantid"), "InstantX/InstantID", "",
+    KnownAdapter("InstantID", ("ip-adapter_instant_id_sdxl", "ip-adapter_instantid", "instantid-ip-adapter", "instantid"),
+                 "InstantX/InstantID", "",
                  ("InstantX InstantID",)),
     KnownAdapter("FLUX Redux", ("flux1-redux-dev", "FLUX.1-Redux-dev"), "black-forest-labs/FLUX.1-Redux-dev", "",
                  ("FLUX.1 Redux", "Redux")),

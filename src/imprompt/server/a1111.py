@@ -59,11 +59,14 @@ class IPAdapterPayload(BaseModel):
     encoder: str | None = None
     structure: float = 1.0
     faceid_version: str | None = None
+    controlnet_scale: float | None = None  # InstantID's IdentityNet weight, its keypoints picture, its ControlNet
+    pose_image: str | None = None
+    identitynet: str | None = None
 
 
 class FacePayload(BaseModel):
-    """SD.Next's `face` field (its Face script). Its FaceID mode is one FaceID unit; the other modes (FaceSwap,
-    InstantID, PhotoMaker, ReSwapper) are other models, which imprompt does not run."""
+    """SD.Next's `face` field (its Face script). Its FaceID mode is one FaceID unit, its InstantID mode one InstantID
+    unit; the other modes (FaceSwap, PhotoMaker, ReSwapper) are other models, which imprompt does not run."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -74,7 +77,7 @@ class FacePayload(BaseModel):
     ip_cache_model: bool = True  # no effect on the picture: imprompt keeps what it built
     ip_strength: float = Field(1.0, ge=0.0, le=2.0)
     ip_structure: float = Field(1.0, ge=0.0, le=1.0)
-    # the other modes' settings, accepted as SD.Next sends them; they mean nothing to FaceID
+    # InstantID's (SD.Next's defaults): the adapter's scale and the IdentityNet's; they mean nothing to FaceID
     id_strength: float = 1.0
     id_conditioning: float = 0.5
     id_cache: bool = True
@@ -319,7 +322,8 @@ def from_sdnext_payload(payload: dict, img2img: bool | None = None, store: Model
             fields["ip_adapters"].append(face_unit)
             modules.append(None)
             warnings += face_warnings
-            if payload["face"].get("ip_override_sampler", True):
+            faceid = str(payload["face"].get("mode") or "FaceID").lower() == "faceid"  # the setting is FaceID's
+            if faceid and payload["face"].get("ip_override_sampler", True):
                 fields["sampler"] = "DDIM"  # what SD.Next's FaceID does with "Override sampler" (its default)
     fields["controlnets"], wheres = [], []
     if scripts:
@@ -351,10 +355,17 @@ def sdnext_face_unit(face, store: ModelStore | None) -> tuple[dict | None, list[
         raise RequestError(describe_validation_error(exc).replace("invalid request: ", "invalid request: face.")) from None
     if face.mode.lower() == "none":
         return None, []
+    if face.mode.lower() == "instantid":  # an InstantID unit: id_strength its adapter scale, id_conditioning its IdentityNet's
+        if not face.source_images:
+            raise RequestError("face.source_images: InstantID needs an image of the face (base64)")
+        unit = {"adapter": "InstantID", "images": face.source_images[:1], "scale": face.id_strength,
+                "controlnet_scale": face.id_conditioning}  # fmt: skip
+        more = [f"face.source_images: InstantID reads one face; the first of {len(face.source_images)} was used"]
+        return unit, more if len(face.source_images) > 1 else []
     if face.mode.lower() != "faceid":
         raise RequestError(
             f"face.mode: {face.mode!r} runs SD.Next's {face.mode} models, which imprompt does not have; use mode "
-            f"FaceID (an IP-Adapter FaceID unit), or leave face out"
+            f"FaceID (an IP-Adapter FaceID unit) or InstantID, or leave face out"
         )
     if not face.source_images:
         raise RequestError("face.source_images: FaceID needs at least one image of the face (base64)")

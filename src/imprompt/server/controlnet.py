@@ -42,14 +42,20 @@ IP_ADAPTER_MODULES = {
     "ip-adapter_face_id": "InsightFace", "ip-adapter_face_id_plus": "InsightFace + ViT-H-14",
     "ip-adapter_pulid": "InsightFace + EVA-CLIP", "clip-vit-h (ipadapter)": "ViT-H-14",
     "clip-vit-bigg (ipadapter)": "ViT-bigG-14", "insightface+clip-h (ipadapter)": "InsightFace + ViT-H-14",
+    "instant_id_face_embedding": "InsightFace antelopev2",
 }  # fmt: skip
+# InstantID in the extension is two units: the face embedding one (the adapter, its weight the adapter's scale), then
+# a keypoints one (the IdentityNet, its weight the net's, its image the picture whose face's keypoints it reads):
+# imprompt runs them as one InstantID unit (`conditioning/instantid.py`)
+INSTANTID_KEYPOINTS = "instant_id_face_keypoints"
 # GET /controlnet/module_list: the modules imprompt runs, as (internal name, label) the way the extension lists
 # them: "none" first, then by its sorting priority and label, descending (ip-adapter-auto 1000, ip-adapter_clip_sd15
 # 100, the others 0). The labels are what `alias_names=true` gives. PuLID is left out: imprompt does not run it.
 MODULES = [("none", "none"), ("ip-adapter-auto", "ip-adapter-auto"), ("ip-adapter_clip_sd15", "ip-adapter_clip_h"),
            ("ip-adapter_face_id_plus", "ip-adapter_face_id_plus"), ("ip-adapter_face_id", "ip-adapter_face_id"),
            ("ip-adapter_clip_sdxl_plus_vith", "ip-adapter_clip_sdxl_plus_vith"),
-           ("ip-adapter_clip_sdxl", "ip-adapter_clip_g")]  # fmt: skip
+           ("ip-adapter_clip_sdxl", "ip-adapter_clip_g"), ("instant_id_face_embedding", "instant_id_face_embedding"),
+           (INSTANTID_KEYPOINTS, INSTANTID_KEYPOINTS)]  # fmt: skip
 # The extension's module_detail for each: none needs a model, and each shows its (unused) resolution slider.
 MODULE_DETAIL = {"model_free": False, "sliders": [{"name": "Resolution", "value": 512, "min": 64, "max": 2048, "step": 8}]}
 PROJECTION_OF = {"ViT-H-14": 1024, "ViT-bigG-14": 1280}  # the image_embeds width each encoder gives
@@ -85,6 +91,7 @@ class ControlNetUnits:
     input_maps: list[InputMap | ControlMap] = field(default_factory=list)  # the maps the extension returns, in order
     controlnets: list[dict] = field(default_factory=list)  # imprompt ControlNet units, in order
     wheres: list[str] = field(default_factory=list)  # the client's name for each ControlNet unit (errors name it)
+    instantid: list[int] = field(default_factory=list)  # InstantID embedding units (in `units`) awaiting keypoints
 
 
 def controlnet_units(scripts: dict, store: ModelStore, init_image: str | None = None) -> ControlNetUnits:
@@ -114,6 +121,8 @@ def controlnet_units(scripts: dict, store: ModelStore, init_image: str | None = 
             raise RequestError(f"alwayson_scripts.{name}.args must be a list of ControlNet units")
         for i, unit in enumerate(args):
             _unit(i, unit, store, found, init_image)
+    for waiting in found.instantid:  # an embedding unit alone: the adapter alone, as in the extension
+        found.units[waiting]["controlnet_scale"] = 0.0
     return found
 
 
@@ -130,6 +139,9 @@ def _unit(i: int, unit, store: ModelStore, found: ControlNetUnits, init_image: s
     named = NAME_AND_HASH.match(model)
     name = named.group("name") if named else model
     adapter = _adapter(name, store)
+    if module.lower() == INSTANTID_KEYPOINTS:
+        instantid_keypoints(where, unit, model, store, found)
+        return
     if module.lower() not in IP_ADAPTER_MODULES and not (module.lower() == "none" and adapter is not None):
         control_unit(where, unit, module, model, store, found, init_image)
         return
@@ -162,6 +174,8 @@ def _unit(i: int, unit, store: ModelStore, found: ControlNetUnits, init_image: s
             f"{where}: model {model!r} names hash {named.group('hash')}, but {adapter.path.name} now hashes to "
             f"{legacy_hash(adapter.path)}: the file changed since the client listed it; the file there now was used"
         )
+    if module.lower() == "instant_id_face_embedding":
+        found.instantid.append(len(found.units))
     found.units.append(converted)
     found.modules.append(module)
     save = unit.get("save_detected_map", True)
@@ -173,6 +187,24 @@ def _unit(i: int, unit, store: ModelStore, found: ControlNetUnits, init_image: s
         with_alpha = module.lower() != "none" and not runs.startswith("InsightFace")
         found.input_maps += [InputMap(f"{where}.image.{j}", image, mask or None, with_alpha)
                              for j, (image, mask) in enumerate(inputs)]  # fmt: skip
+
+
+def instantid_keypoints(where: str, unit: dict, model: str, store: ModelStore, found: ControlNetUnits) -> None:
+    """The extension's InstantID keypoints unit, joined to the embedding unit before it: its model the IdentityNet,
+    its weight the net's scale, its image (when not the face's) the picture the keypoints come from."""
+    if not found.instantid:
+        raise RequestError(f"{where}.module: {INSTANTID_KEYPOINTS} reads the face of an instant_id_face_embedding unit "
+                           f"before it (as in the ControlNet extension); put that unit first")  # fmt: skip
+    for name, default in (("guidance_start", 0.0), ("guidance_end", 1.0)):
+        if unit.get(name, default) != default:
+            raise RequestError(f"{where}.{name}: imprompt runs InstantID's IdentityNet over every step, as InstantX's "
+                               f"pipeline does; leave it at {default}")  # fmt: skip
+    target = found.units[found.instantid.pop(0)]
+    target["identitynet"] = find_controlnet(f"{where}.model", model, store).name
+    target["controlnet_scale"] = unit.get("weight", 1.0)
+    image = _images(where, unit)[0][0]
+    if image != target["images"][0]:
+        target["pose_image"] = image
 
 
 def _adapter(name: str, store: ModelStore):
@@ -448,7 +480,7 @@ def module_warnings(modules: list[str], units_info: list[dict], store: ModelStor
         named = IP_ADAPTER_MODULES.get(module.lower()) if module else None
         if named is None:
             continue  # ip-adapter-auto, or an SD.Next unit: no encoder to contradict
-        faceid = unit["consumes"] == "faceid_embeds"
+        faceid = unit["consumes"] in ("faceid_embeds", "face_embeds")
         if named.startswith("InsightFace") or faceid:
             if named.startswith("InsightFace") != faceid:
                 warnings.append(
