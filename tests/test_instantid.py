@@ -88,11 +88,17 @@ def antelope_face(root, image):
     return face["embedding"], face["kps"]
 
 
-def reference(pack, root, face, scale, cn_scale, pose=None, prompt="a cat"):
+def reference(pack, root, face, scale, cn_scale, pose=None, prompt="a cat", other=None):
+    """`other`: (ControlNet folder, control image, scale) of a plain ControlNet beside the IdentityNet, reading the
+    prompt (diffusers' multi-ControlNet sums the residuals)."""
     embedding, kps = antelope_face(root, face)
     keypoints = draw_kps_reference((pose or face).size, antelope_face(root, pose)[1] if pose else kps)
     identitynet = ControlNetModel.from_pretrained(root / "checkpoints" / "ControlNetModel")
-    pipe = StableDiffusionXLControlNetPipeline.from_pretrained(pack / "diffusers" / "tiny-sdxl", controlnet=identitynet)
+    nets, images, scales = identitynet, keypoints, cn_scale
+    if other is not None:
+        nets = [identitynet, ControlNetModel.from_pretrained(other[0])]
+        images, scales = [keypoints, other[1]], [cn_scale, other[2]]
+    pipe = StableDiffusionXLControlNetPipeline.from_pretrained(pack / "diffusers" / "tiny-sdxl", controlnet=nets)
     pipe.set_progress_bar_config(disable=True)
     state = torch.load(root / "checkpoints" / "ip-adapter.bin", weights_only=True)
     pipe.load_ip_adapter(state, subfolder="", weight_name="", image_encoder_folder=None)
@@ -107,7 +113,7 @@ def reference(pack, root, face, scale, cn_scale, pose=None, prompt="a cat"):
         return plain(sample, timestep, tokens[-sample.shape[0]:], *args, **kwargs)
 
     identitynet.forward = reads_face_tokens
-    return pipe(prompt, image=keypoints, ip_adapter_image_embeds=[embeds], controlnet_conditioning_scale=cn_scale,
+    return pipe(prompt, image=images, ip_adapter_image_embeds=[embeds], controlnet_conditioning_scale=scales,
                 num_inference_steps=STEPS, width=SIZE, height=SIZE, guidance_scale=7.0,
                 generator=torch.Generator().manual_seed(1)).images[0]  # fmt: skip
 
@@ -146,6 +152,20 @@ def test_pose_image_gives_the_keypoints_of_another_face(pack, instantid_root, en
     face, pose = face_image(5), face_image(9)
     got = generate(engine, instantid(face, pose_image=pose, controlnet_scale=1.0))
     assert max_diff(got.images[0], reference(pack, instantid_root, face, 0.8, 1.0, pose=pose)) <= 1
+
+
+def test_another_controlnet_beside_the_identitynet_reads_the_prompt(pack, instantid_root, nets):
+    """A plain SDXL ControlNet unit beside InstantID: both nets in one pipeline, only the IdentityNet reading the
+    face tokens; the IdentityNet loaded once into the ControlNet cache and reused."""
+    engine = Engine([pack, instantid_root, nets["sdxl"].parent.parent])
+    face, control = face_image(5), Image.open(pack / "images" / "white-triangle.png").convert("RGB").resize((64, 64))
+    other = {"model": str(nets["sdxl"]), "image": control, "weight": 0.9}
+    got = generate(engine, instantid(face, controlnet_scale=0.7), controlnets=[other])
+    expected = reference(pack, instantid_root, face, 0.8, 0.7, other=(nets["sdxl"], control, 0.9))
+    assert max_diff(got.images[0], expected) <= 1
+    again = generate(engine, instantid(face, controlnet_scale=0.7), controlnets=[other])
+    assert max_diff(again.images[0], got.images[0]) == 0
+    assert not [e for e in again.info.get("events", []) if e["event"] in ("controlnet_loaded", "adapter_loaded")]
 
 
 def test_no_face_is_a_typed_error_and_the_next_request_is_fine(engine):

@@ -276,6 +276,9 @@ def save_unit_embeddings(state, unit: IPAdapterUnit | dict, path) -> Path:
     path = Path(path)
     inputs = unit_inputs(0, unit, state)
     planned = plan_unit(0, unit, state.store)
+    if isinstance(planned, InstantIDUnitPlan):
+        raise UnsupportedError(f"save_embeddings: {planned.label} is InstantID, whose IdentityNet also reads the face's "
+                               f"keypoints, which saved embeddings do not carry; give InstantID units the face image")  # fmt: skip
     embeddings = planned.embed(state, inputs, events=[])
     path.parent.mkdir(parents=True, exist_ok=True)
     save_embeddings(embeddings, path, planned.output, planned.encoder, [image_digest(i) for i in inputs.images],
