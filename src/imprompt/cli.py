@@ -514,6 +514,10 @@ def _models(args) -> int:
         encoder = f"-> {a['encoder']}" if a["encoder_present"] else "-> MISSING ENCODER"
         fits = ", ".join(a["fits_models"]) or "no model here"
         print(f"  {label:<28} {a['variant']:<10} {a['family']:<7} needs {a['needs']:<34} {encoder}  (fits: {fits})")
+        if a["variant"] == "instantid":  # its face pack and its IdentityNet ControlNet
+            net = a["identitynet"] or f"MISSING ({a['identitynet_problem']})"
+            pack = a["face_pack_path"] or "MISSING (unzip antelopev2.zip into <models>/insightface/models/)"
+            print(f"    face pack {a['face_pack']}: {pack}; IdentityNet: {net}")
     print("Image encoders:")
     for e in listing["encoders"]:
         print(f"  {e['name']:<40} {e['architecture']:<12} {e['outputs']}")
