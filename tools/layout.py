@@ -77,6 +77,8 @@ ORDER = (
     "ipadapter/attach.py",
     "ipadapter/dit.py",
     "ipadapter/shells.py",
+    "ipadapter/eva_clip.py",
+    "ipadapter/pulid.py",
     "controlnets/",
     "controlnets/pipelines.py",
     "controlnets/guidance.py",

@@ -294,3 +294,88 @@ def _perturbed(value: torch.Tensor) -> torch.Tensor:
 
 def transformer_config(folder: Path) -> dict:
     return json.loads((Path(folder) / "transformer" / "config.json").read_text())
+
+
+TINY_EVA = dict(width=128, depth=21, mlp=64, patch=14, grid=2, projection=32)  # 21 blocks: PuLID reads block 20's input
+TINY_PULID = dict(dim=64, queries=8, id_width=48, inner=32, depth=10, ff=96, hidden=40, ca_inner=32)
+
+
+def write_eva_clip(path: Path, seed: int = 71, width: int = 128, depth: int = 21, mlp: int = 64, patch: int = 14,
+                   grid: int = 2, projection: int = 32) -> dict:  # fmt: skip
+    """A whole EVA02-CLIP checkpoint pickled as BAAI publishes it (`visual.*` of EVA02's vision tower, a stand-in
+    `text.*`, `logit_scale`, the rotary tables PuLID's loader drops), tiny widths (EVA02-L: width 1024, 24 blocks,
+    SwiGLU 2730, grid 24, projection 768). Returns the tensors."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=None):
+        return torch.randn(*shape, generator=g) * (scale if scale is not None else shape[-1] ** -0.5)
+
+    v = {"visual.cls_token": rand(1, 1, width, scale=0.5), "visual.pos_embed": rand(1, grid * grid + 1, width, scale=0.5),
+         "visual.patch_embed.proj.weight": rand(width, 3, patch, patch, scale=(3 * patch * patch) ** -0.5),
+         "visual.patch_embed.proj.bias": rand(width, scale=0.1), "visual.rope.freqs_cos": torch.ones(grid * grid, 64),
+         "visual.rope.freqs_sin": torch.zeros(grid * grid, 64)}  # fmt: skip
+    for i in range(depth):
+        b = f"visual.blocks.{i}."
+        for name in ("norm1", "norm2", "attn.inner_attn_ln"):
+            v[f"{b}{name}.weight"], v[f"{b}{name}.bias"] = 1 + rand(width, scale=0.1), rand(width, scale=0.1)
+        for name in ("q_proj", "k_proj", "v_proj"):
+            v[f"{b}attn.{name}.weight"] = rand(width, width)
+        v[f"{b}attn.q_bias"], v[f"{b}attn.v_bias"] = rand(width, scale=0.1), rand(width, scale=0.1)
+        v[f"{b}attn.proj.weight"], v[f"{b}attn.proj.bias"] = rand(width, width, scale=0.5 * width**-0.5), rand(width, scale=0.1)
+        v[f"{b}attn.rope.freqs_cos"], v[f"{b}attn.rope.freqs_sin"] = torch.ones(grid * grid, 64), torch.zeros(grid * grid, 64)
+        for name in ("w1", "w2"):
+            v[f"{b}mlp.{name}.weight"], v[f"{b}mlp.{name}.bias"] = rand(mlp, width), rand(mlp, scale=0.1)
+        v[f"{b}mlp.ffn_ln.weight"], v[f"{b}mlp.ffn_ln.bias"] = 1 + rand(mlp, scale=0.1), rand(mlp, scale=0.1)
+        v[f"{b}mlp.w3.weight"], v[f"{b}mlp.w3.bias"] = rand(width, mlp, scale=0.5 * mlp**-0.5), rand(width, scale=0.1)
+    v["visual.norm.weight"], v["visual.norm.bias"] = 1 + rand(width, scale=0.1), rand(width, scale=0.1)
+    v["visual.head.weight"], v["visual.head.bias"] = rand(projection, width), rand(projection, scale=0.1)
+    tensors = {**v, "text.token_embedding.weight": rand(16, projection), "logit_scale": torch.tensor(4.6)}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(tensors, path)
+    return tensors
+
+
+def write_pulid_flux(path: Path, flux_width: int, cas: int, eva_width: int = 128, eva_projection: int = 32,
+                     seed: int = 81, face_width: int = 512, dim: int = 64, queries: int = 8, id_width: int = 48,
+                     inner: int = 32, depth: int = 10, ff: int = 96, hidden: int = 40, ca_inner: int = 32,
+                     gain: float = 1.0) -> dict:  # fmt: skip
+    """A PuLID FLUX file in the key layout of `pulid_flux_v0.9.1.safetensors` (`pulid_encoder.*`: latents
+    [1, queries, dim], proj_out [dim, id_width], `layers.N.0/1`, `mapping_0..4`, `id_embedding_mapping`;
+    `pulid_ca.0..cas-1.*`), tiny widths (real: dim 1024, 32 queries, id 2048, inner 1024, hidden 1024, FLUX 3072,
+    CA inner 2048, 20 CAs). The mappings read the EVA tower's width and the 512 + EVA projection id vector, as the
+    real file reads EVA02-L's 1024 and 1280. `gain` scales the CAs' output. Returns the tensors."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=None):
+        return torch.randn(*shape, generator=g) * (scale if scale is not None else shape[-1] ** -0.5)
+
+    def norm(name, width):
+        return {f"{name}.weight": 1 + rand(width, scale=0.1), f"{name}.bias": rand(width, scale=0.1)}
+
+    def mapping(name, width_in, width_out):
+        t = {}
+        for j, (o, i) in zip((0, 3, 6), ((hidden, width_in), (hidden, hidden), (width_out, hidden))):
+            t[f"{name}.{j}.weight"], t[f"{name}.{j}.bias"] = rand(o, i), rand(o, scale=0.1)
+        return t | norm(f"{name}.1", hidden) | norm(f"{name}.4", hidden)
+
+    e = "pulid_encoder."
+    t = {f"{e}latents": rand(1, queries, dim, scale=dim**-0.5), f"{e}proj_out": rand(dim, id_width, scale=dim**-0.5)}
+    for n in range(depth):
+        layer = f"{e}layers.{n}."
+        t |= norm(f"{layer}0.norm1", dim) | norm(f"{layer}0.norm2", dim) | norm(f"{layer}1.0", dim)
+        t |= {f"{layer}0.to_q.weight": rand(inner, dim), f"{layer}0.to_kv.weight": rand(2 * inner, dim),
+              f"{layer}0.to_out.weight": rand(dim, inner), f"{layer}1.1.weight": rand(ff, dim),
+              f"{layer}1.3.weight": rand(dim, ff)}  # fmt: skip
+    for i in range(5):
+        t |= mapping(f"{e}mapping_{i}", eva_width, dim)
+    t |= mapping(f"{e}id_embedding_mapping", face_width + eva_projection, 5 * dim)
+    for k in range(cas):
+        ca = f"pulid_ca.{k}."
+        t |= norm(f"{ca}norm1", id_width) | norm(f"{ca}norm2", flux_width)
+        t |= {f"{ca}to_q.weight": rand(ca_inner, flux_width), f"{ca}to_kv.weight": rand(2 * ca_inner, id_width),
+              f"{ca}to_out.weight": gain * rand(flux_width, ca_inner)}  # fmt: skip
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(t, str(path))
+    return t

@@ -1,0 +1,298 @@
+"""PuLID for FLUX: the ID encoder (IDFormer) and the cross-attentions it adds to FLUX's blocks, in plain torch.
+
+From the rules of the authors' code (ToTheBeginning/PuLID, Apache-2.0: `pulid/encoders_transformer.py`,
+`pulid/pipeline_flux.py`, `flux/model.py`, `flux/sampling.py`), written here:
+- the file (`pulid_flux_v0.9.x.safetensors`) holds `pulid_encoder.*` (the IDFormer) and `pulid_ca.0..19.*` (one
+  PerceiverAttentionCA per FLUX double block 0, 2, ..., 18 and single block 0, 4, ..., 36);
+- IDFormer: the face's id vector (antelopev2's raw 512-d embedding ++ EVA02-CLIP's L2-normed cls output) mapped to
+  5 tokens; 32 learned queries plus those tokens go through 10 Perceiver layers, two per EVA hidden state (each
+  mapped by its own MLP), reading those 5 tokens and the mapped hidden state; the 32 queries times `proj_out` are the
+  ID tokens [B, 32, 2048]. The negative ("uncond") tokens are the same encoder run on zeros;
+- after each of those blocks `img = img + id_weight * ca(id, img)` on the image tokens only (a single block's text
+  tokens untouched), from step `start_step` on; FLUX's true CFG runs its negative pass with the uncond tokens.
+imprompt adds them with forward hooks on diffusers' `FluxTransformer2DModel` blocks (whose outputs are
+`(encoder_hidden_states, hidden_states)`, double and single alike in diffusers 0.42), for one call, and removes them
+after it. Where a ControlNet adds residuals after a block, they come after PuLID's (PuLID's code runs no ControlNet).
+Widths come from the tensors; the head counts (16 in both attentions) are the code's constants.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError
+
+HEADS = 16  # of the IDFormer's Perceiver attentions (16 x 64) and of the CAs (16 x 128)
+DOUBLE_INTERVAL = 2  # a CA after double blocks 0, 2, 4, ...
+SINGLE_INTERVAL = 4  # and after single blocks 0, 4, 8, ...
+EVA_LAYERS = 5  # EVA hidden states the IDFormer reads, two Perceiver layers each
+ID_TOKENS = 5  # tokens the id vector becomes
+
+
+def cas_needed(double_blocks: int, single_blocks: int) -> int:
+    """How many CAs a FLUX transformer of these depths takes (PuLID's `num_ca`): 20 for FLUX.1's 19 + 38."""
+    return math.ceil(double_blocks / DOUBLE_INTERVAL) + math.ceil(single_blocks / SINGLE_INTERVAL)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """Multi-head attention as PuLID computes it: q and k each scaled by head^-1/4, the softmax in fp32."""
+    b, n, _ = q.shape
+    q, k, v = (t.view(b, t.shape[1], heads, -1).transpose(1, 2) for t in (q, k, v))
+    scale = q.shape[-1] ** -0.25
+    weights = ((q * scale) @ (k * scale).transpose(-2, -1)).float().softmax(dim=-1).to(q.dtype)
+    return (weights @ v).transpose(1, 2).reshape(b, n, -1)
+
+
+class PerceiverAttention(nn.Module):
+    """The IDFormer's layer: queries from the latents, keys and values from the context and the latents together."""
+
+    def __init__(self, dim: int, inner: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(dim, 2 * inner, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=False)
+
+    def forward(self, context: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        context, latents = self.norm1(context), self.norm2(latents)
+        k, v = self.to_kv(torch.cat([context, latents], dim=1)).chunk(2, dim=-1)
+        return self.to_out(attention(self.to_q(latents), k, v, HEADS))
+
+
+class PerceiverAttentionCA(nn.Module):
+    """A CA FLUX's image tokens go through: queries from them, keys and values from the ID tokens only."""
+
+    def __init__(self, dim: int, id_width: int, inner: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(id_width)
+        self.norm2 = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(id_width, 2 * inner, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=False)
+
+    def forward(self, id_tokens: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        k, v = self.to_kv(self.norm1(id_tokens)).chunk(2, dim=-1)
+        return self.to_out(attention(self.to_q(self.norm2(image)), k, v, HEADS))
+
+
+def mlp(widths: list[tuple[int, int]]) -> nn.Sequential:
+    """Linear, LN, LeakyReLU, Linear, LN, LeakyReLU, Linear (indices 0, 1, 3, 4, 6 hold tensors)."""
+    (a, b), (c, d), (e, f) = widths
+    return nn.Sequential(nn.Linear(b, a), nn.LayerNorm(a), nn.LeakyReLU(), nn.Linear(d, c), nn.LayerNorm(c),
+                         nn.LeakyReLU(), nn.Linear(f, e))  # fmt: skip
+
+
+@dataclass(frozen=True)
+class PuLIDShape:
+    """A PuLID file's widths, as its tensors give them."""
+
+    dim: int  # the IDFormer's width (1024)
+    queries: int  # 32
+    id_width: int  # of the ID tokens (2048)
+    inner: int  # of the IDFormer's attentions (1024)
+    depth: int  # Perceiver layers (10)
+    ff: int  # their FFN's hidden width (4096)
+    id_in: int  # the id vector's width: 512 (antelopev2) + the EVA cls output's (768)
+    eva_width: int  # the EVA hidden states' width the mappings read (1024)
+    mapping: list = field(default_factory=list, compare=False)  # per mapping_i: [(out, in)] x 3
+    id_mapping: list = field(default_factory=list, compare=False)
+    flux_width: int = 0  # the CAs' image width: FLUX's hidden width (3072)
+    ca_inner: int = 0  # 2048
+    cas: int = 0  # 20
+
+
+def pulid_shape(table: dict, path) -> PuLIDShape:
+    """The widths of a PuLID FLUX file (`pulid_encoder.*`, `pulid_ca.N.*`) from its tensors' shapes."""
+    e = "pulid_encoder."
+    try:
+        _, queries, dim = table[f"{e}latents"].shape
+        id_width = table[f"{e}proj_out"].shape[1]
+        inner = table[f"{e}layers.0.0.to_q.weight"].shape[0]
+        depth = 1 + max(int(k.split(".")[2]) for k in table if k.startswith(f"{e}layers."))
+        ff = table[f"{e}layers.0.1.1.weight"].shape[0]
+        mapping = [[tuple(table[f"{e}mapping_{i}.{j}.weight"].shape) for j in (0, 3, 6)] for i in range(EVA_LAYERS)]
+        id_mapping = [tuple(table[f"{e}id_embedding_mapping.{j}.weight"].shape) for j in (0, 3, 6)]
+        cas = 1 + max(int(k.split(".")[1]) for k in table if k.startswith("pulid_ca."))
+        flux_width = table["pulid_ca.0.to_q.weight"].shape[1]
+        ca_inner = table["pulid_ca.0.to_q.weight"].shape[0]
+    except (KeyError, ValueError) as exc:
+        raise CheckpointError(path, f"not a complete PuLID FLUX file (missing {exc})",
+                              "Download pulid_flux_v0.9.1.safetensors again") from None  # fmt: skip
+    if depth % EVA_LAYERS or id_mapping[2][0] != ID_TOKENS * dim or table["pulid_ca.0.norm1.weight"].shape[0] != id_width:
+        raise CheckpointError(path, f"PuLID FLUX file of unexpected shapes: {depth} Perceiver layers (a multiple of 5), "
+                                    f"id_embedding_mapping.6 {id_mapping[2]} (expected [{ID_TOKENS * dim}, ...]), "
+                                    f"CA id width {table['pulid_ca.0.norm1.weight'].shape[0]} vs {id_width}")  # fmt: skip
+    return PuLIDShape(dim, queries, id_width, inner, depth, ff, id_mapping[0][1], mapping[0][0][1], mapping, id_mapping,
+                      flux_width, ca_inner, cas)  # fmt: skip
+
+
+class IDFormer(nn.Module):
+    """PuLID's ID encoder, under its file's names (`latents`, `proj_out`, `layers.N`, `mapping_i`,
+    `id_embedding_mapping`)."""
+
+    def __init__(self, shape: PuLIDShape):
+        super().__init__()
+        self.dim, self.queries, self.per_state = shape.dim, shape.queries, shape.depth // EVA_LAYERS
+        self.latents = nn.Parameter(torch.zeros(1, shape.queries, shape.dim))
+        self.proj_out = nn.Parameter(torch.zeros(shape.dim, shape.id_width))
+        self.layers = nn.ModuleList(
+            nn.ModuleList([PerceiverAttention(shape.dim, shape.inner),
+                           nn.Sequential(nn.LayerNorm(shape.dim), nn.Linear(shape.dim, shape.ff, bias=False), nn.GELU(),
+                                         nn.Linear(shape.ff, shape.dim, bias=False))])  # fmt: skip
+            for _ in range(shape.depth)
+        )
+        for i in range(EVA_LAYERS):
+            setattr(self, f"mapping_{i}", mlp(shape.mapping[i]))
+        self.id_embedding_mapping = mlp(shape.id_mapping)
+
+    def forward(self, id_vector: torch.Tensor, hidden: list[torch.Tensor]) -> torch.Tensor:
+        """id_vector [B, 1280], hidden: 5 x [B, tokens, 1024] -> ID tokens [B, 32, 2048]."""
+        ids = self.id_embedding_mapping(id_vector).reshape(id_vector.shape[0], -1, self.dim)
+        latents = torch.cat([self.latents.expand(id_vector.shape[0], -1, -1), ids], dim=1)
+        for i in range(EVA_LAYERS):
+            context = torch.cat([ids, getattr(self, f"mapping_{i}")(hidden[i])], dim=1)
+            for attn, ff in self.layers[i * self.per_state : (i + 1) * self.per_state]:
+                latents = latents + attn(context, latents)
+                latents = latents + ff(latents)
+        return latents[:, : self.queries] @ self.proj_out
+
+
+class PuLIDFlux(nn.Module):
+    """A PuLID FLUX file's modules under its own names: `pulid_encoder` and `pulid_ca`."""
+
+    def __init__(self, shape: PuLIDShape):
+        super().__init__()
+        self.shape = shape
+        self.pulid_encoder = IDFormer(shape)
+        self.pulid_ca = nn.ModuleList(PerceiverAttentionCA(shape.flux_width, shape.id_width, shape.ca_inner)
+                                      for _ in range(shape.cas))  # fmt: skip
+
+    def id_tokens(self, id_vector: torch.Tensor, hidden: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the ID tokens, the uncond tokens: the encoder on zeros, as PuLID's `get_id_embedding` makes them)."""
+        p = next(self.parameters())
+        id_vector = id_vector.to(device=p.device, dtype=p.dtype)
+        hidden = [h.to(device=p.device, dtype=p.dtype) for h in hidden]
+        with torch.no_grad():
+            cond = self.pulid_encoder(id_vector, hidden)
+            uncond = self.pulid_encoder(torch.zeros_like(id_vector), [torch.zeros_like(h) for h in hidden])
+        return cond, uncond
+
+
+def build_pulid(tensors: dict, path, device=None, dtype=None) -> PuLIDFlux:
+    shape = pulid_shape(tensors, path)
+    with torch.device("meta"):
+        module = PuLIDFlux(shape)
+    try:
+        module.load_state_dict(tensors, strict=True, assign=True)
+    except RuntimeError as exc:
+        raise CheckpointError(path, f"cannot build this PuLID FLUX file ({str(exc).splitlines()[0]})",
+                              "Download pulid_flux_v0.9.1.safetensors again") from None  # fmt: skip
+    return module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+@dataclass
+class PuLIDRun:
+    """What the hooks read during one call: the tokens, the weight, the first step, and which pass is running.
+    `begin_step` is called before each step (the call's schedule); each transformer forward in that step is the
+    positive pass first, then (true CFG) the negative one, as diffusers' FluxPipeline orders them."""
+
+    cond: torch.Tensor
+    uncond: torch.Tensor
+    weight: float
+    start_step: int
+    step: int = 0
+    passes: int = 0
+
+    def begin_step(self, step: int) -> None:
+        self.step, self.passes = step, 0
+
+    def tokens(self) -> torch.Tensor | None:
+        """The ID tokens this pass reads, or None before `start_step`."""
+        if self.step < self.start_step:
+            return None
+        return self.cond if self.passes == 1 else self.uncond
+
+
+def attach(transformer, module: PuLIDFlux, run: PuLIDRun):
+    """Hooks on `transformer` (diffusers' FluxTransformer2DModel) that add the CAs after PuLID's blocks; returns
+    the function that removes them all."""
+    doubles, singles = transformer.transformer_blocks, transformer.single_transformer_blocks
+    needed = cas_needed(len(doubles), len(singles))
+    if needed != len(module.pulid_ca):
+        raise CheckpointError("PuLID", f"the file has {len(module.pulid_ca)} CAs, but this FLUX transformer of "
+                                       f"{len(doubles)} double and {len(singles)} single blocks takes {needed}")  # fmt: skip
+    handles = [transformer.register_forward_pre_hook(lambda *_: setattr(run, "passes", run.passes + 1))]
+    blocks = [doubles[i] for i in range(0, len(doubles), DOUBLE_INTERVAL)]
+    blocks += [singles[j] for j in range(0, len(singles), SINGLE_INTERVAL)]
+    for block, ca in zip(blocks, module.pulid_ca):
+        handles.append(block.register_forward_hook(added(ca, run)))
+
+    def remove() -> None:
+        for handle in handles:
+            handle.remove()
+
+    return remove
+
+
+def added(ca: PerceiverAttentionCA, run: PuLIDRun):
+    def hook(block, args, output):
+        tokens = run.tokens()
+        if tokens is None:
+            return output
+        text, image = output
+        p = next(ca.parameters())
+        ids = tokens.to(device=p.device, dtype=p.dtype).expand(image.shape[0], -1, -1)
+        residual = ca(ids, image.to(p.dtype)).to(image.dtype)
+        return text, image + run.weight * residual
+
+    return hook
+
+
+# ------------------------------------------------------------------------------------------------ the face's pixels
+
+FACE_SIZE = 512  # the aligned crop PuLID's face helper makes
+# facexlib's FFHQ five-point template at 512 px (eyes, nose, mouth corners), which PuLID aligns faces to
+FFHQ_TEMPLATE = ((192.98138, 239.94708), (318.90277, 240.1936), (256.63416, 314.01935), (201.26117, 371.41043),
+                 (313.08905, 371.15118))  # fmt: skip
+BORDER_RGB = (132, 133, 135)  # facexlib's border (135, 133, 132), given in BGR
+
+
+def aligned_face(rgb, kps):
+    """The face warped onto the FFHQ template at 512 px (a similarity fitted by least median of squares, linear
+    interpolation, a constant border), as facexlib's `align_warp_face` does. imprompt beyond diffusers: the five
+    landmarks are antelopev2's (SCRFD), not facexlib's RetinaFace's, which needs torchvision; so the crop differs
+    slightly from PuLID's (another detector's landmarks), and the face is the largest, not the most central."""
+    import cv2
+    import numpy as np
+
+    matrix, _ = cv2.estimateAffinePartial2D(np.asarray(kps, np.float32), np.asarray(FFHQ_TEMPLATE, np.float32),
+                                            method=cv2.LMEDS)  # fmt: skip
+    if matrix is None:
+        raise ValueError("the five landmarks fit no similarity transform")
+    return cv2.warpAffine(np.ascontiguousarray(rgb), matrix, (FACE_SIZE, FACE_SIZE), borderMode=cv2.BORDER_CONSTANT,
+                          borderValue=BORDER_RGB)  # fmt: skip
+
+
+def eva_pixels(aligned_rgb, size: int, mean, std) -> torch.Tensor:
+    """What EVA reads: the aligned crop in gray (0.299 R + 0.587 G + 0.114 B, three times), resized to the tower's
+    size (bicubic, antialiased) and normalised with OpenAI CLIP's mean and std. imprompt beyond diffusers (a
+    documented deviation): PuLID paints the background, hat, ears, neck and cloth white after BiSeNet face parsing
+    (facexlib); imprompt has no parser, so the whole crop is gray."""
+    import numpy as np
+
+    image = torch.from_numpy(np.asarray(aligned_rgb, np.float32) / 255.0).permute(2, 0, 1)[None]
+    gray = (0.299 * image[:, 0:1] + 0.587 * image[:, 1:2] + 0.114 * image[:, 2:3]).repeat(1, 3, 1, 1)
+    resized = torch.nn.functional.interpolate(gray, size=(size, size), mode="bicubic", antialias=True,
+                                              align_corners=False)  # fmt: skip
+    return (resized - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+
+
+def id_vector(face_embedding: torch.Tensor, eva_cls: torch.Tensor) -> torch.Tensor:
+    """The IDFormer's input: antelopev2's raw embedding ++ EVA's cls output, L2-normed."""
+    eva_cls = eva_cls / eva_cls.norm(dim=-1, keepdim=True)
+    return torch.cat([face_embedding.to(eva_cls), eva_cls], dim=-1)
