@@ -119,13 +119,18 @@ def ref_ca(sd: dict, k: int, ids, image):
 # ------------------------------------------------------------------------------------------------ fixtures
 
 
+MODEL = "flux-pulid"
+PULID_FILE = "pulid/pulid_flux_v0.9.1.safetensors"  # ComfyUI's models/pulid/
+EVA_FILE = "clip/EVA02_CLIP_L_336_psz14_s6B.pt"
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("pulid")
-    eva = write_eva_clip(root / "clip" / "EVA02_CLIP_L_336_psz14_s6B.pt")
-    flux = build_flux_pipeline(root / "flux", double=DOUBLE, single=SINGLE)
+    eva = write_eva_clip(root / EVA_FILE)
+    flux = build_flux_pipeline(root / "diffusers" / MODEL, double=DOUBLE, single=SINGLE)
     width = flux.transformer.config.num_attention_heads * flux.transformer.config.attention_head_dim
-    pulid = write_pulid_flux(root / "pulid" / "pulid_flux_v0.9.1.safetensors", width, 4, gain=4.0)
+    pulid = write_pulid_flux(root / PULID_FILE, width, 4, gain=4.0)
     return root, eva, pulid
 
 
@@ -141,7 +146,7 @@ def test_eva_tower_equals_the_reference(files):
     from imprompt.loading.tensors import read_tensors
 
     root, eva, _ = files
-    tower = build_eva(read_tensors(root / "clip" / "EVA02_CLIP_L_336_psz14_s6B.pt"), "eva", dtype=torch.float64)
+    tower = build_eva(read_tensors(root / EVA_FILE), "eva", dtype=torch.float64)
     assert (tower.shape.width, tower.shape.depth, tower.shape.grid, tower.shape.projection) == (128, 21, 2, 32)
     cls, hidden = tower(pixels().double())
     want_cls, want_hidden = ref_eva(eva, pixels())
@@ -166,3 +171,171 @@ def test_idformer_equals_the_reference_and_uncond_is_the_encoder_on_zeros(files)
     ids = torch.randn(1, 8, 48, generator=g, dtype=torch.float64)
     image = torch.randn(1, 16, module.shape.flux_width, generator=g, dtype=torch.float64)
     assert (module.pulid_ca[2](ids, image) - ref_ca(sd, 2, ids, image)).abs().max() < 1e-5
+
+
+# ------------------------------------------------------------------------------------------------ the files
+
+
+def test_files_are_read_from_their_tensors(files):
+    import shutil
+
+    from imprompt.models.probe import probe
+
+    root, _, _ = files
+    spec = probe(root / PULID_FILE)
+    assert (spec.kind, spec.variant, spec.architecture, spec.encoder_type) == ("ip-adapter", "pulid", "flux", "antelopev2")
+    assert (spec.embed_dim, spec.clip_width, spec.eva_projection, spec.tokens, len(spec.layer_widths)) == (512, 128, 32, 8, 4)
+    assert spec.needs.startswith("InsightFace antelopev2 face_embeds[512] + eva-clip hidden_states[128] and cls[32]")
+    eva = probe(root / EVA_FILE)
+    assert (eva.kind, eva.model_type, eva.hidden_size, eva.projection_dim, eva.num_layers) == (
+        "image-encoder", "eva-clip", 128, 32, 21)
+    shutil.copy(root / PULID_FILE, root / "renamed.safetensors")  # the name plays no part
+    assert probe(root / "renamed.safetensors").variant == "pulid"
+    (root / "renamed.safetensors").unlink()
+
+
+# ------------------------------------------------------------------------------------------------ FLUX, end to end
+
+
+def face_inputs():
+    """A raw antelopev2-like embedding (not normed) and an aligned 512 crop."""
+    import numpy as np
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(9)
+    embedding = torch.randn(1, 512, generator=g) * 1.5
+    y, x = np.mgrid[0:512, 0:512]
+    crop = np.stack([(x // 2) % 256, (y // 2) % 256, ((x + y) // 4) % 256], axis=-1).astype(np.uint8)
+    crop[180:330, 180:330] = (200, 150, 120)
+    return embedding, Image.fromarray(crop)
+
+
+def ref_tokens(eva_sd, sd, embedding, crop):
+    """PuLID's get_id_embedding after the face is found: gray crop (0.299 R + 0.587 G + 0.114 B), bicubic to the
+    tower's size, OpenAI mean/std; cat(raw embedding, normed cls); the IDFormer, and the IDFormer on zeros."""
+    import numpy as np
+
+    image = torch.from_numpy(np.asarray(crop, np.float32) / 255).permute(2, 0, 1)[None]
+    gray = (0.299 * image[:, :1] + 0.587 * image[:, 1:2] + 0.114 * image[:, 2:]).expand(1, 3, -1, -1)
+    size = eva_sd["visual.patch_embed.proj.weight"].shape[-1] * round((eva_sd["visual.pos_embed"].shape[1] - 1) ** 0.5)
+    gray = F.interpolate(gray, size=(size, size), mode="bicubic", antialias=True)
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+    cls, hidden = ref_eva(eva_sd, (gray - mean) / std)
+    vector = torch.cat([embedding.double(), cls / cls.norm(dim=-1, keepdim=True)], dim=-1)
+    zeros = ref_idformer(sd, torch.zeros_like(vector), [torch.zeros_like(h) for h in hidden])
+    return ref_idformer(sd, vector, hidden).float(), zeros.float()
+
+
+def reference(root, sd, cond, uncond, weight, first_step, **call):
+    """diffusers' FluxPipeline, each PuLID block's forward wrapped by hand: after double blocks 0, 2 and single
+    blocks 0, 4, `image += weight * ca(id, image)` from step `first_step` on; the first transformer pass of a step
+    reads the ID tokens, the true-CFG negative pass the uncond ones (PuLID's flux/model.py and sampling.py)."""
+    from diffusers import FluxPipeline
+
+    flux = FluxPipeline.from_pretrained(root / "diffusers" / MODEL)
+    flux.set_progress_bar_config(disable=True)
+    state = {"step": 0, "pass": 0}
+    t = flux.transformer
+    blocks = [t.transformer_blocks[i] for i in range(0, DOUBLE, 2)] + [t.single_transformer_blocks[j] for j in range(0, SINGLE, 4)]
+    for k, block in enumerate(blocks):
+        def wrapped(*args, forward=block.forward, k=k, **kwargs):
+            text, image = forward(*args, **kwargs)
+            if state["step"] >= first_step:
+                ids = cond if state["pass"] == 1 else uncond
+                image = image + weight * ref_ca(sd, k, ids.to(image), image)
+            return text, image
+
+        block.forward = wrapped
+    forward = t.forward
+
+    def counted(*args, **kwargs):
+        state["pass"] += 1
+        return forward(*args, **kwargs)
+
+    t.forward = counted
+
+    def step_end(pipe, i, timestep, tensors):
+        state["step"], state["pass"] = i + 1, 0
+        return tensors
+
+    return flux(prompt="a portrait", num_inference_steps=3, width=64, height=64, guidance_scale=3.5,
+                generator=torch.Generator().manual_seed(1), callback_on_step_end=step_end, **call).images[0]
+
+
+def request(*units, **fields) -> dict:
+    return {"model": MODEL, "prompt": "a portrait", "seed": 1, "steps": 3, "width": 64, "height": 64,
+            "cfg_scale": 3.5, "ip_adapters": list(units), **fields}
+
+
+def unit(embedding, crop, **fields) -> dict:
+    return {"adapter": "PuLID", "face_embeddings": embedding.tolist(), "aligned_face": crop, **fields}
+
+
+@pytest.fixture(scope="module")
+def engine(pack, files):
+    from imprompt import Engine
+
+    return Engine([pack, files[0]])
+
+
+def test_pulid_equals_diffusers_flux_with_hand_written_block_hooks(files, engine):
+    from conftest import max_diff
+
+    root, eva_sd, sd = files
+    embedding, crop = face_inputs()
+    cond, uncond = ref_tokens(eva_sd, sd, embedding, crop)
+    got = engine.generate(request(unit(embedding, crop, scale=0.8, start_step=1)))
+    want = reference(root, sd, cond, uncond, 0.8, 1)
+    assert max_diff(got.images[0], want) <= 1
+    info = got.info["ip_adapters"][0]
+    assert (info["adapter"], info["encoder"], info["active_steps"], info["id_weight"]) == (
+        "PuLID FLUX v0.9.1", "EVA02_CLIP_L_336_psz14_s6B", [1, 2], 0.8)
+    assert "BiSeNet" in info["deviation"]
+    plain = engine.generate(request())
+    assert max_diff(got.images[0], plain.images[0]) > 10  # the ID acts
+    # true CFG: the negative pass reads the uncond tokens; from step 0 (start 0)
+    cfg = engine.generate(request(unit(embedding, crop), negative_prompt="blurry", true_cfg_scale=2.0))
+    want = reference(root, sd, cond, uncond, 1.0, 0, negative_prompt="blurry", true_cfg_scale=2.0)
+    assert max_diff(cfg.images[0], want) <= 1
+
+
+def test_switching_pulid_plain_pulid_leaves_nothing_behind(pack, files):
+    from conftest import max_diff
+
+    from imprompt import Engine
+
+    engine = Engine([pack, files[0]])
+    embedding, crop = face_inputs()
+    first = engine.generate(request(unit(embedding, crop)))
+    plain = engine.generate(request())
+    again = engine.generate(request(unit(embedding, crop)))
+    assert max_diff(first.images[0], again.images[0]) == 0
+    assert max_diff(plain.images[0], Engine([pack, files[0]]).generate(request()).images[0]) == 0
+    transformer = engine.state.pipelines.all()[0].pipeline.transformer
+    hooks = [m for m in transformer.modules() if m._forward_hooks or m._forward_pre_hooks]
+    assert hooks == []  # nothing left on the model
+
+
+def test_pulid_on_sd35_is_refused_before_compute(pack, files):
+    from imprompt import Engine
+    from imprompt.demo.pack import SD35_MODEL
+    from imprompt.errors import IncompatibleError
+
+    engine = Engine([pack, files[0]])
+    embedding, crop = face_inputs()
+    with pytest.raises(IncompatibleError) as raised:
+        engine.generate(request(unit(embedding, crop), model=SD35_MODEL))
+    message = str(raised.value)
+    assert "PuLID" in message and "FLUX.1" in message and "SD 3.5" in message and SD35_MODEL in message and MODEL in message
+    assert engine.cache_info()["pipelines"]["entries"] == []  # nothing loaded
+
+
+def test_the_listing_names_its_eva_tower_and_face_pack(engine):
+    from imprompt.plan import describe_store
+
+    listed = {a["name"]: a for a in describe_store(engine.state.store)["adapters"]}
+    item = listed["pulid_flux_v0.9.1"]
+    assert (item["friendly_name"], item["variant"], item["encoder"], item["face_pack"]) == (
+        "PuLID FLUX v0.9.1", "pulid", "EVA02_CLIP_L_336_psz14_s6B", "antelopev2")
+    assert item["fits_models"] == [MODEL]

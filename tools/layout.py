@@ -34,6 +34,7 @@ ORDER = (
     "conditioning/ip_adapter.py",
     "conditioning/faceid.py",
     "conditioning/redux.py",
+    "conditioning/pulid.py",
     "conditioning/instantid.py",
     "conditioning/loras.py",
     "conditioning/vae.py",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .conditioning import controlnet, image_prompts, init_image, instantid, loras, prompt, vae
+from .conditioning import controlnet, image_prompts, init_image, instantid, loras, prompt, pulid, vae
 from .conditioning.image_prompts import ImagePrompts
 from .conditioning.ip_adapter import fits, pick_encoder
 from .conditioning.prompt import A1111Prompt
@@ -155,6 +155,8 @@ def describe_store(store: ModelStore) -> dict:
         try:
             if spec.variant == "instantid":  # InsightFace antelopev2 + its IdentityNet ControlNet
                 item.update(instantid.listing(entry, store))
+            elif spec.variant.startswith("pulid"):  # InsightFace antelopev2 + an EVA02-CLIP tower
+                item.update(pulid.listing(entry, store))
             elif spec.consumes == "faceid_embeds" and not spec.clip_width:  # InsightFace, or face_embeddings given
                 item.update(encoder="InsightFace", encoder_present=True)
             else:

@@ -110,6 +110,13 @@ class IPAdapterUnit(BaseModel):
     identitynet: Name | None = Field(
         None, description="InstantID: its IdentityNet ControlNet; default: the one beside the adapter or named so"
     )
+    aligned_face: Any | None = Field(
+        None, description="PuLID: the face already aligned to the FFHQ 512 template, read by EVA-CLIP beside "
+                          "face_embeddings (antelopev2's raw embedding), instead of an image"
+    )  # fmt: skip
+    start_step: int | None = Field(
+        None, ge=0, le=1000, description="PuLID: the first step its ID acts at (PuLID's start_step); else `start`"
+    )
 
     @field_validator("masks")
     @classmethod

@@ -25,6 +25,7 @@ from .faceid import plan_face_unit
 from .instantid import IdentityNetUnit, InstantIDInputs, InstantIDUnitPlan, find_adapter, identity_units, is_instantid
 from .instantid import plan_instantid_unit
 from .ip_adapter import UnitInputs, UnitPlan, plan_image_unit, unit_weights
+from .pulid import PuLIDPrompts, PuLIDUnitPlan, is_pulid, plan_pulid_unit
 from .redux import ReduxPrompts, ReduxUnitPlan, is_redux, plan_redux_unit
 
 if TYPE_CHECKING:  # torch-heavy modules are imported where used: planning stays light (no torch)
@@ -77,6 +78,12 @@ def plan_unit(index: int, unit: IPAdapterUnit, store: ModelStore, pipeline: Entr
     adapter = find_adapter(store, unit.adapter) or store.adapter(unit.adapter)
     if is_instantid(adapter):  # InstantID: a face adapter and its IdentityNet ControlNet (`instantid.py`)
         return plan_instantid_unit(index, unit, adapter, store, pipeline)
+    if is_pulid(adapter):  # PuLID: an ID encoder and CAs hooked into FLUX's blocks (`pulid.py`)
+        return plan_pulid_unit(index, unit, adapter, store, pipeline)
+    for field_name, given in (("aligned_face", unit.aligned_face is not None), ("start_step", unit.start_step is not None)):
+        if given:
+            raise RequestError(f"ip_adapters.{index}.{field_name}: acts on PuLID units only, but {unit.adapter} is "
+                               f"{adapter.spec.variant}; leave it out")  # fmt: skip
     for field_name, given in (("controlnet_scale", unit.controlnet_scale is not None),
                               ("pose_image", unit.pose_image is not None), ("identitynet", unit.identitynet)):  # fmt: skip
         if given:
@@ -128,13 +135,15 @@ def decode_inputs(request: GenerateRequest, state) -> list[UnitInputs]:
 
 def plan(request: GenerateRequest, model: Entry, state, inputs: list[UnitInputs], width: int, height: int):
     planned = [plan_unit(i, unit, state.store, model) for i, unit in enumerate(request.ip_adapters)]
-    units = tuple(u for u in planned if not isinstance(u, ReduxUnitPlan))  # attached to the model
+    units = tuple(u for u in planned if not isinstance(u, (ReduxUnitPlan, PuLIDUnitPlan)))  # attached to the model
     if model.spec.architecture != "unet":
         check_for_transformer(request, model, units)
     redux = ReduxPrompts(tuple(u for u in planned if isinstance(u, ReduxUnitPlan)),
                          [inputs[u.index] for u in planned if isinstance(u, ReduxUnitPlan)])  # fmt: skip
+    pulid = PuLIDPrompts(tuple(u for u in planned if isinstance(u, PuLIDUnitPlan)),
+                         [inputs[u.index] for u in planned if isinstance(u, PuLIDUnitPlan)])  # fmt: skip
     return ImagePrompts(units, [inputs[u.index] for u in units], request.cfg_scale, request.true_cfg_scale > 1.0,
-                        width, height, redux=redux)  # fmt: skip
+                        width, height, redux=redux, pulid=pulid)  # fmt: skip
 
 
 def built_adapter(state, entry: Entry, loaded, label: str, events: list):
@@ -185,6 +194,7 @@ class ImagePrompts(Conditioning):
     embeddings: list[UnitEmbeddings] = field(default_factory=list)
     active_steps: list[list[int]] = field(default_factory=list)
     redux: ReduxPrompts | None = None  # the request's FLUX Redux units, whose tokens join the prompt's
+    pulid: PuLIDPrompts | None = None  # the request's PuLID unit, whose CAs are hooked into FLUX's blocks
 
     @property
     def identity_nets(self) -> tuple[IdentityNetUnit, ...]:
@@ -205,6 +215,8 @@ class ImagePrompts(Conditioning):
         self.faces = prep.state.faces
         if self.redux is not None:
             self.redux.prepare(prep.state, prep.loaded, prep.events, prep.made_elsewhere)
+        if self.pulid is not None:
+            self.pulid.prepare(prep.state, prep.loaded, prep.events)
 
     def apply(self, call) -> None:
         """The model carries exactly these adapters; the call gets their embeddings (and masks), the face crops
@@ -236,12 +248,18 @@ class ImagePrompts(Conditioning):
         call.schedule.add(scales_at)
         if self.redux is not None:
             self.redux.apply(call)
+        if self.pulid is not None:
+            self.pulid.apply(call)
 
     def describe(self, call) -> Description:
         units = [u.describe(self.faces, e, steps) for u, e, steps in zip(self.units, self.embeddings, self.active_steps)]
         if self.redux is not None and self.redux.units:  # every unit in the request's order
             described = zip([u.index for u in self.units] + [u.index for u in self.redux.units],
                             units + self.redux.describe(self.faces, call.steps))  # fmt: skip
+            units = [info for _, info in sorted(described, key=lambda pair: pair[0])]
+        if self.pulid is not None and self.pulid.units:
+            done = [u.index for u in self.units] + [u.index for u in (self.redux.units if self.redux else ())]
+            described = zip(sorted(done) + [u.index for u in self.pulid.units], units + self.pulid.describe(self.faces, call.steps))
             units = [info for _, info in sorted(described, key=lambda pair: pair[0])]
         infotext = {}
         if units:  # SD.Next's form: name:scale:start:end per unit, units separated by ';'

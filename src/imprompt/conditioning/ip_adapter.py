@@ -207,6 +207,10 @@ def check_fits(adapter: Entry, pipeline: Entry, store: ModelStore | None = None)
 
 def fits(adapter: Entry, pipeline: Entry) -> bool:
     a, p = adapter.spec, pipeline.spec
+    if a.variant in ("pulid", "pulid-sdxl"):  # PuLID FLUX: CAs reading FLUX's hidden width after its double blocks
+        cas = -(-len(p.layer_widths) // 2) + -(-p.single_blocks // 4)  # PuLID's num_ca (single blocks: 0 if unread)
+        return (a.variant == "pulid" and p.architecture == "flux" and p.layer_widths[:1] == (a.cross_attention_dim,)
+                and (cas == len(a.layer_widths) if p.single_blocks else cas < len(a.layer_widths)))  # fmt: skip
     if a.variant == "redux":  # no blocks: its tokens join T5's (`redux.py`), so any FLUX model with T5 that wide
         return p.architecture == "flux" and a.cross_attention_dim == p.cross_attention_dim
     return (a.architecture == p.architecture and a.cross_attention_dim == p.cross_attention_dim

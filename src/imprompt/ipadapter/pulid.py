@@ -197,23 +197,22 @@ def build_pulid(tensors: dict, path, device=None, dtype=None) -> PuLIDFlux:
 
 @dataclass
 class PuLIDRun:
-    """What the hooks read during one call: the tokens, the weight, the first step, and which pass is running.
-    `begin_step` is called before each step (the call's schedule); each transformer forward in that step is the
-    positive pass first, then (true CFG) the negative one, as diffusers' FluxPipeline orders them."""
+    """What the hooks read during one call: the tokens, the weight, whether the ID acts at this step, and which pass
+    is running. `begin_step` is called before each step (the call's schedule); each transformer forward in a step
+    is the positive pass first, then (true CFG) the negative one, as diffusers' FluxPipeline orders them."""
 
     cond: torch.Tensor
     uncond: torch.Tensor
     weight: float
-    start_step: int
-    step: int = 0
+    active: bool = True
     passes: int = 0
 
-    def begin_step(self, step: int) -> None:
-        self.step, self.passes = step, 0
+    def begin_step(self, active: bool) -> None:
+        self.active, self.passes = active, 0
 
     def tokens(self) -> torch.Tensor | None:
-        """The ID tokens this pass reads, or None before `start_step`."""
-        if self.step < self.start_step:
+        """The ID tokens this pass reads, or None where the ID does not act."""
+        if not self.active:
             return None
         return self.cond if self.passes == 1 else self.uncond
 

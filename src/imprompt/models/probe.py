@@ -539,6 +539,7 @@ def probe_transformer_folder(folder: Path, index: dict) -> PipelineSpec:
         defaults=model_defaults(folder / "imprompt.json"),
         unsupported=transformer_unsupported(folder, architecture, in_channels, index),
         architecture=architecture,
+        single_blocks=len({k.split(".")[1] for k in table if k.startswith("single_transformer_blocks.")}),
     )
 
 

@@ -18,6 +18,7 @@ from .specs import (
     AdapterSpec,
     UNION_TYPES,
     ControlNetSpec,
+    EncoderSpec,
     LoraSpec,
     OtherModelSpec,
     TextEncoderSpec,
@@ -43,7 +44,7 @@ def recognise(path, table: dict[str, TensorInfo]):
     """A spec for what `table` is, or an `OtherModelSpec` of kind "unknown" (readable, but not something known)."""
     table = unwrapped(table)
     keys = list(table)
-    for test in (redux, lora, vae, textual_inversion, controlnet, t2i_adapter, upscaler, face_restorer, text_encoder,
+    for test in (redux, pulid, eva_clip, lora, vae, textual_inversion, controlnet, t2i_adapter, upscaler, face_restorer, text_encoder,
                  diffusion_model):  # fmt: skip
         spec = test(str(path), table, keys)
         if spec is not None:
@@ -77,6 +78,51 @@ def redux(path, table, keys):
                                   REDOWNLOAD)  # fmt: skip
     return AdapterSpec(str(path), "redux", "last_hidden_state", up.shape[1], 0, down.shape[0], (),
                        architecture="flux", encoder_type="siglip", redux_hidden=up.shape[0])  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------------ PuLID
+
+
+def pulid(path, table, keys):
+    """PuLID's files (ToTheBeginning/PuLID, guozinan/PuLID): FLUX v0.9.x holds `pulid_encoder.*` (the IDFormer) and
+    `pulid_ca.N.*` (its CAs: `to_q` [CA width, FLUX hidden width]); SDXL v1.1 the same IDFormer as `id_adapter.*`
+    with `id_adapter_attn_layers.N.id_to_k/v` [UNet width, 2048]. The IDFormer's mappings say what it reads: EVA's
+    hidden-state width (`mapping_0.0` input), and antelopev2's 512 + EVA's cls width (`id_embedding_mapping.0`
+    input). v0.9.0 and v0.9.1 have the same tensors: nothing here tells them apart."""
+    flux = any(k.startswith("pulid_ca.") for k in table)
+    if not flux and not any(k.startswith("id_adapter_attn_layers.") for k in table):
+        return None
+    e = "pulid_encoder." if flux else "id_adapter."
+    need = [f"{e}latents", f"{e}proj_out", f"{e}mapping_0.0.weight", f"{e}id_embedding_mapping.0.weight"]
+    need.append("pulid_ca.0.to_q.weight" if flux else "")
+    missing = [k for k in need if k and (k not in table or len(table[k].shape) < 2)]
+    if missing:
+        raise CheckpointError(path, f"a PuLID file without {', '.join(missing)}", REDOWNLOAD)
+    queries, eva_width = table[f"{e}latents"].shape[1], table[f"{e}mapping_0.0.weight"].shape[1]
+    id_in, id_width = table[f"{e}id_embedding_mapping.0.weight"].shape[1], table[f"{e}proj_out"].shape[1]
+    face = 512  # antelopev2's ArcFace (glintr100) embedding; the rest of the id vector is EVA's cls output
+    if flux:
+        cas = sorted({int(k.split(".")[1]) for k in table if k.startswith("pulid_ca.") and k.endswith(".to_q.weight")})
+        width = table["pulid_ca.0.to_q.weight"].shape[1]
+        return AdapterSpec(str(path), "pulid", "face_embeds", face, queries, width, tuple(width for _ in cas),
+                           clip_width=eva_width, architecture="flux", encoder_type="antelopev2",
+                           eva_projection=id_in - face)  # fmt: skip
+    layers = sorted({int(k.split(".")[1]) for k in table if k.startswith("id_adapter_attn_layers.") and ".id_to_k." in k})
+    widths = tuple(table[f"id_adapter_attn_layers.{n}.id_to_k.weight"].shape[0] for n in layers)
+    return AdapterSpec(str(path), "pulid-sdxl", "face_embeds", face, queries, id_width, widths, clip_width=eva_width,
+                       encoder_type="antelopev2", eva_projection=id_in - face)  # fmt: skip
+
+
+def eva_clip(path, table, keys):
+    """An EVA02-CLIP checkpoint (BAAI's `EVA02_CLIP_L_336_psz14_s6B.pt`, the whole CLIP; or its `visual.*` alone):
+    the vision tower PuLID reads, run by imprompt's own module (`ipadapter/eva_clip.py`)."""
+    if not any(k.endswith("visual.blocks.0.attn.inner_attn_ln.weight") for k in keys):
+        return None
+    from ..ipadapter.eva_clip import eva_shape
+
+    shape = eva_shape(table, path)
+    return EncoderSpec(str(path), shape.width, shape.projection, shape.depth, shape.image_size, shape.patch, shape.mlp,
+                       shape.heads, "swiglu", shape.architecture, model_type="eva-clip")  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------------- LoRA

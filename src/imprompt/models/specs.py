@@ -49,6 +49,11 @@ class AdapterSpec:
     encoder_type: str = "clip"  # clip | siglip | antelopev2 (InsightFace's pack): what produced what it consumes
     kind: str = "ip-adapter"
     redux_hidden: int | None = None
+    # PuLID (variant "pulid": FLUX v0.9.x; "pulid-sdxl": v1.1, recognised, not run): it consumes antelopev2's raw
+    # face embedding (`embed_dim` 512) and an EVA02-CLIP tower's hidden states (`clip_width`, 1024) and cls output
+    # (`eva_projection`, 768); `tokens` its ID tokens (32), `cross_attention_dim` the FLUX hidden width its CAs read
+    # (3072), `layer_widths` one per CA (`conditioning/pulid.py`)
+    eva_projection: int | None = None
 
     @property
     def family(self) -> str:
@@ -64,6 +69,9 @@ class AdapterSpec:
     @property
     def needs(self) -> str:
         """What it consumes, in words: `image_embeds[1024]`; FaceID Plus also names its face crop's encoder output."""
+        if self.variant.startswith("pulid"):
+            return (f"InsightFace antelopev2 face_embeds[{self.embed_dim}] + eva-clip hidden_states[{self.clip_width}] "
+                    f"and cls[{self.eva_projection}] of the aligned face")  # fmt: skip
         crop = f" + hidden_states[{self.clip_width}] of the face crop" if self.clip_width else ""
         tower = {"siglip": "siglip ", "antelopev2": "InsightFace antelopev2 "}.get(self.encoder_type, "")
         return f"{tower}{self.consumes}[{self.embed_dim}]{crop}"
@@ -89,7 +97,9 @@ class EncoderSpec:
     num_attention_heads: int
     hidden_act: str
     architecture: str  # ViT-L-14 | ViT-H-14 | ViT-bigG-14 | SigLIP-so400m-14-384 | custom
-    model_type: str = "clip"  # clip (CLIPVisionModelWithProjection) | siglip (SiglipVisionModel: no projection)
+    # clip (CLIPVisionModelWithProjection) | siglip (SiglipVisionModel: no projection) | eva-clip (EVA02-CLIP's
+    # tower, imprompt's own module `ipadapter/eva_clip.py`: PuLID's face encoder, paired by `conditioning/pulid.py`)
+    model_type: str = "clip"
     kind: str = "image-encoder"
 
     def produces(self, output: str, encoder_type: str = "clip") -> int | None:
@@ -104,6 +114,8 @@ class EncoderSpec:
         """What it produces, in words: `image_embeds[1024] and hidden_states[1280]`, `siglip hidden_states[1152]`."""
         if self.model_type == "siglip":
             return f"siglip hidden_states[{self.hidden_size}]"
+        if self.model_type == "eva-clip":
+            return f"eva-clip hidden_states[{self.hidden_size}] and cls[{self.projection_dim}]"
         parts = [f"hidden_states[{self.hidden_size}]"]
         if self.projection_dim:
             parts.insert(0, f"image_embeds[{self.projection_dim}]")
@@ -167,6 +179,7 @@ class PipelineSpec:
     # how its denoiser's weights are stored: "" (fp16 / bf16 / fp32), fp8_e4m3fn, fp8_e5m2, scaled_fp8, gguf_Q8_0, ...
     quantization: str = ""
     kind: str = "pipeline"
+    single_blocks: int = 0  # FLUX: its single-stream blocks (PuLID's CAs follow some of them); 0: not read
 
     @property
     def family(self) -> str:

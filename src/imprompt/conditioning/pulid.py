@@ -1,0 +1,279 @@
+"""A PuLID unit (FLUX, v0.9.x): a face made into ID tokens that the file's cross-attentions add to FLUX's blocks.
+
+What it reads, as PuLID's `get_id_embedding` does (ToTheBeginning/PuLID, `pulid/pipeline_flux.py`):
+- the image, its long edge resized to at most 1024; InsightFace's `antelopev2` pack, the face of largest box, its
+  raw (not normed) 512-d `embedding`;
+- the face aligned to facexlib's FFHQ template at 512 px, in gray, resized to the EVA tower's 336 and normalised
+  with OpenAI's mean and std, through EVA02-CLIP-L-14-336 (`ipadapter/eva_clip.py`): its L2-normed cls output and
+  the inputs of its blocks 4, 8, 12, 16, 20;
+- the IDFormer makes 32 ID tokens of that, and 32 "uncond" tokens of zeros (`ipadapter/pulid.py`).
+Deviations (imprompt beyond diffusers, said in the unit's info too): the five landmarks that align the face are
+antelopev2's, not facexlib's RetinaFace's (which needs torchvision), and no BiSeNet parsing paints the background,
+hair accessories, ears, neck and cloth white: the whole aligned crop is gray. A client may instead give the
+embedding (`face_embeddings`, one of 512 floats) and the aligned crop (`aligned_face`), which are used as given.
+
+Parameters: `scale` is PuLID's `id_weight` (ComfyUI's ApplyPulidFlux `weight`; SD.Next's Strength); `start_step`
+PuLID's integer start step, or else `start` / `end` as fractions of the steps (ComfyUI's `start_at` / `end_at`,
+applied to step indices as every imprompt unit is). Under FLUX's true CFG (`true_cfg_scale` > 1 with a negative
+prompt) the negative pass reads the uncond tokens, as PuLID's sampler does (diffusers runs true CFG at every step;
+PuLID's from its step 1). One PuLID unit per request, one face (PuLID's FLUX code reads one image).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import CheckpointError, IncompatibleError, MissingEncoderError, RequestError, UnsupportedError
+from ..models import catalog
+from ..models.store import Entry, ModelStore
+from ..request import IPAdapterUnit
+from .ip_adapter import UnitInputs, UnitPlan, fits
+
+log = logging.getLogger("imprompt")
+
+FACE_PACK = "antelopev2"  # the pack PuLID was trained with (ipadapter/faces.ANTELOPE_PACK)
+MAX_SIDE = 1024  # PuLID resizes the image's long edge to at most this before finding the face
+DEVIATION = ("face aligned on antelopev2's five landmarks (PuLID: facexlib RetinaFace's); no BiSeNet parsing: the "
+             "whole aligned crop in gray (PuLID: background, ears, neck, cloth painted white)")  # fmt: skip
+
+
+def is_pulid(entry: Entry) -> bool:
+    return entry.spec.variant in ("pulid", "pulid-sdxl")
+
+
+def pick_eva(adapter: Entry, store: ModelStore, requested: str | None = None) -> tuple[Entry, str]:
+    """The EVA02-CLIP tower whose widths the file's IDFormer reads (hidden states and cls output), and why."""
+    spec, name = adapter.spec, label_of(adapter)
+    wanted = (spec.clip_width, spec.eva_projection)
+    needs = f"eva-clip hidden_states[{spec.clip_width}] and cls[{spec.eva_projection}]"
+    if requested:
+        encoder = store.encoder(requested)
+        if (encoder.spec.model_type, encoder.spec.hidden_size, encoder.spec.projection_dim) != ("eva-clip", *wanted):
+            raise IncompatibleError(f"encoder {encoder.name} gives {encoder.spec.outputs}, but PuLID {name} reads "
+                                    f"{needs}. Leave the encoder unset and imprompt picks the right one")  # fmt: skip
+        return encoder, f"{name} reads {needs}; encoder chosen in the request"
+    found = [e for e in store.current_of_kind("image-encoder")
+             if (e.spec.model_type, e.spec.hidden_size, e.spec.projection_dim) == ("eva-clip", *wanted)]  # fmt: skip
+    if not found:
+        raise MissingEncoderError(
+            f"PuLID {name} ({Path(spec.path).name}) reads {needs} (EVA02-CLIP-L-14-336), and no EVA-CLIP checkpoint "
+            f"in the models folder gives it. Add EVA02_CLIP_L_336_psz14_s6B.pt (QuanSun/EVA-CLIP) to DIR/clip/ or "
+            f"DIR/clip_vision/"
+        )
+    found.sort(key=lambda e: (e.path.parent != Path(spec.path).parent, len(e.path.parts), str(e.path)))
+    return found[0], f"{name} reads {needs}; {found[0].name} gives it ({found[0].spec.architecture})"
+
+
+def label_of(adapter: Entry) -> str:
+    return catalog.friendly_name(adapter.name) or adapter.name
+
+
+@dataclass(frozen=True)
+class PuLIDUnitPlan(UnitPlan):
+    """A PuLID unit: its file, the EVA02-CLIP tower its IDFormer reads, its face."""
+
+    def embed(self, state, inputs: UnitInputs, events: list, true_cfg: bool = True):
+        raise UnsupportedError(f"ip_adapters.{self.index}: {self.label} is PuLID, whose ID tokens are made for the "
+                               f"request that runs them; saved or remote embeddings are not supported for it")  # fmt: skip
+
+    def face(self, state, inputs: UnitInputs, events: list):
+        """(antelopev2's raw embedding [1, 512], the aligned 512 crop as RGB uint8, what found the face)."""
+        import numpy as np
+        import torch
+
+        from ..ipadapter.faces import ANTELOPE_PACK
+        from ..ipadapter.pulid import FACE_SIZE, aligned_face
+
+        where = f"ip_adapters.{self.index}"
+        if self.unit.face_embeddings is not None:
+            vectors = self.unit.face_embeddings
+            if not isinstance(vectors, list) or len(vectors) != 1 or len(vectors[0]) != self.adapter.spec.embed_dim:
+                raise RequestError(f"{where}.face_embeddings: PuLID reads one antelopev2 embedding of "
+                                   f"{self.adapter.spec.embed_dim} floats, given inline; give one")  # fmt: skip
+            crop = state.image(self.unit.aligned_face, f"{where}.aligned_face").convert("RGB")
+            crop = np.asarray(crop.resize((FACE_SIZE, FACE_SIZE)) if crop.size != (FACE_SIZE, FACE_SIZE) else crop)
+            return torch.tensor(vectors, dtype=torch.float32), crop, "face embedding and aligned crop given"
+        image = inputs.images[0].convert("RGB")
+        if max(image.size) > MAX_SIDE:  # PuLID's resize_numpy_image_long (cv2 Lanczos; PIL's Lanczos here)
+            ratio = MAX_SIDE / max(image.size)
+            image = image.resize((round(image.width * ratio), round(image.height * ratio)), resample=3)
+        found, origin = state.faces.face(image, f"{where}.images.0", events, pack=ANTELOPE_PACK, largest=True)
+        crop = aligned_face(np.asarray(image), found.kps)
+        return torch.from_numpy(found.embedding[None].copy()), crop, f"InsightFace {ANTELOPE_PACK} ({origin})"
+
+    def active(self, step: int, total: int) -> bool:
+        if self.unit.start_step is not None:
+            return step >= self.unit.start_step and step / total < self.unit.end
+        return self.unit.active_at(step, total)
+
+    def describe(self, faces, face: dict, active_steps: list[int]) -> dict:
+        """The unit's part of `info["ip_adapters"]`: what served it, and how."""
+        a = self.adapter.spec
+        return {"adapter": self.label, "file": str(a.path), "variant": a.variant, "consumes": a.consumes,
+                "embed_dim": a.embed_dim, "tokens": a.tokens, "encoder": self.encoder.name,
+                "encoder_file": str(self.encoder.path), "encoder_architecture": self.encoder.spec.architecture,
+                "encoder_why": self.why, "face": face, "images": 1, "scale": self.unit.scale, "id_weight": self.unit.scale,
+                "start": self.unit.start, "end": self.unit.end, "start_step": self.unit.start_step,
+                "active_steps": active_steps, "masked": False, "averaged": False, "layers": None,
+                "deviation": DEVIATION}  # fmt: skip
+
+
+def plan_pulid_unit(index: int, unit: IPAdapterUnit, adapter: Entry, store: ModelStore,
+                    pipeline: Entry | None) -> PuLIDUnitPlan:  # fmt: skip
+    """A PuLID unit checked against the model and against what PuLID reads, its EVA tower picked from the file's
+    widths. Names only: no image is read."""
+    spec, where, name = adapter.spec, f"ip_adapters.{index}", label_of(adapter)
+    if spec.variant == "pulid-sdxl":
+        raise UnsupportedError(f"{where}: {name} ({Path(spec.path).name}) is PuLID v1.1 for SDXL, which imprompt "
+                               f"recognises but does not run yet; use PuLID FLUX v0.9.x on a FLUX.1 model")  # fmt: skip
+    if pipeline is not None and not fits(adapter, pipeline):
+        p = pipeline.spec
+        if p.architecture != "flux":
+            problem = f"is for FLUX.1 models, but model {pipeline.name} is {p.family}"
+        else:
+            problem = (f"has {len(spec.layer_widths)} CAs reading width {spec.cross_attention_dim}, but model "
+                       f"{pipeline.name} has {len(p.layer_widths)} double blocks of width {p.layer_widths[0]} and "
+                       f"{p.single_blocks or 'unknown'} single blocks (PuLID: one CA per 2 double + one per 4 "
+                       f"single blocks)")  # fmt: skip
+        models = [m.name for m in store.pipelines if fits(adapter, m)]
+        raise IncompatibleError(f"{where}: PuLID {name} ({Path(spec.path).name}) {problem}. Use a FLUX.1 model "
+                                f"({', '.join(models) or 'none in the models folder'}), or another image prompt "
+                                f"for {p.family}")  # fmt: skip
+    refused = {
+        "embeddings": (unit.embeddings, "give the face image"),
+        "masks": (unit.masks is not None, "its CAs act on the whole image; remove them"),
+        "negative_images": (unit.negative_images is not None, "its negative pass reads the uncond ID tokens; remove them"),
+        "layers": (unit.layers is not None, "its CAs sit after fixed blocks; remove them"),
+        "average": (unit.average, "PuLID FLUX reads one face; give one image"),
+        "structure": (unit.structure != 1.0, "that is FaceID Plus v2's; leave it at 1"),
+        "faceid_version": (unit.faceid_version, "that is FaceID Plus's; leave it out"),
+        "downsample": (unit.downsample != 1, "that is FLUX Redux's; leave it at 1"),
+        "controlnet_scale": (unit.controlnet_scale is not None, "that is InstantID's; leave it out"),
+        "pose_image": (unit.pose_image is not None, "that is InstantID's; leave it out"),
+        "identitynet": (unit.identitynet, "that is InstantID's; leave it out"),
+    }
+    for field_name, (given, fix) in refused.items():
+        if given:
+            raise RequestError(f"{where}.{field_name}: {name} is PuLID, which does not read {field_name}: {fix}")
+    if len(unit.images) > 1:
+        raise RequestError(f"{where}.images: PuLID FLUX reads one face, {len(unit.images)} images given; give one")
+    if (unit.face_embeddings is not None) != (unit.aligned_face is not None):
+        raise RequestError(f"{where}: PuLID reads face_embeddings with the aligned_face they belong to (or an image "
+                           f"alone); give both, or an image")  # fmt: skip
+    encoder, why = pick_eva(adapter, store, unit.encoder)
+    return PuLIDUnitPlan(index, unit, adapter, encoder, why)
+
+
+def built(state, entry: Entry, what: str, dtype, label: str, events: list):
+    """The PuLID module or EVA tower of `entry`, from the engine's adapter cache (under its budget) or built now."""
+    from ..ipadapter.eva_clip import build_eva
+    from ..ipadapter.pulid import build_pulid
+    from ..loading.tensors import read_tensors
+    from ..util.cache import module_bytes
+
+    key = entry.key(what, dtype, state.device)
+    module = state.adapters.get(key)
+    if module is not None:
+        return module
+    stale = state.adapters.discard_older_versions(key)
+    started = time.perf_counter()
+    tensors = read_tensors(Path(entry.path))
+    module = (build_pulid if what == "pulid" else build_eva)(tensors, entry.path, state.device, dtype)
+    seconds = time.perf_counter() - started
+    evicted = state.adapters.put(key, module, module_bytes(module), label=entry.name)
+    for old, why in [(e, "its file changed on disk") for e in stale] + [(e, "adapter cache budget") for e in evicted]:
+        events.append({"event": "adapter_evicted", "adapter": old.label, "why": why})
+    if stale or evicted:  # as `image_prompts.built_adapter`: no kept shell keeps an evicted adapter alive
+        for resident in state.pipelines.all():
+            resident.attached.forget([e.key for e in stale + evicted])
+    log.info("PuLID %s %s (%s) loaded in %.2f s", what, label, Path(entry.path).name, seconds)
+    events.append({"event": "adapter_loaded", "adapter": label if what == "pulid" else entry.name,
+                   "file": str(entry.path), "seconds": round(seconds, 4)})  # fmt: skip
+    return module
+
+
+def id_tokens(module, eva, face_vector, crop):
+    """The ID tokens and uncond tokens of one face: EVA on the gray aligned crop, the IDFormer on its outputs."""
+    import torch
+
+    from ..ipadapter.eva_clip import OPENAI_MEAN, OPENAI_STD
+    from ..ipadapter.pulid import eva_pixels, id_vector
+
+    p = next(eva.parameters())
+    pixels = eva_pixels(crop, eva.shape.image_size, OPENAI_MEAN, OPENAI_STD).to(device=p.device, dtype=p.dtype)
+    with torch.no_grad():
+        cls, hidden = eva(pixels)
+        return module.id_tokens(id_vector(face_vector.to(device=p.device), cls), hidden)
+
+
+@dataclass
+class PuLIDPrompts:
+    """A request's PuLID unit (at most one), a part of its image prompts (`image_prompts.py` prepares, applies and
+    describes it): its ID tokens, made in `prepare`, added by hooks on the transformer for the call."""
+
+    units: tuple[PuLIDUnitPlan, ...]
+    inputs: list[UnitInputs]
+    tokens: list = field(default_factory=list)
+    modules: list = field(default_factory=list)
+    faces: list = field(default_factory=list)
+    active_steps: list = field(default_factory=list)
+
+    def prepare(self, state, loaded, events: list) -> None:
+        if len(self.units) > 1:
+            raise UnsupportedError(f"ip_adapters: {len(self.units)} PuLID units; PuLID's FLUX code runs one. Use one")
+        self.tokens, self.modules, self.faces = [], [], []
+        dtype = loaded.dtype or state.dtype
+        for u, inputs in zip(self.units, self.inputs):
+            module = built(state, u.adapter, "pulid", dtype, u.label, events)
+            eva = built(state, u.encoder, "eva", dtype, u.label, events)
+            if (eva.shape.width, eva.shape.projection) != (u.adapter.spec.clip_width, u.adapter.spec.eva_projection):
+                raise CheckpointError(u.encoder.path, f"EVA tower of width {eva.shape.width} / cls "
+                                      f"{eva.shape.projection}, but {u.label} reads {u.adapter.spec.needs}")  # fmt: skip
+            face_vector, crop, origin = u.face(state, inputs, events)
+            self.tokens.append(id_tokens(module, eva, face_vector, crop))
+            self.modules.append(module)
+            self.faces.append({"found_by": origin})
+
+    def apply(self, call) -> None:
+        """Hooks on the transformer for this call (removed after it, however it ends), switched per step."""
+        from ..ipadapter.pulid import PuLIDRun, attach
+
+        self.active_steps = [[] for _ in self.units]
+        for u, module, (cond, uncond), steps in zip(self.units, self.modules, self.tokens, self.active_steps):
+            run = PuLIDRun(cond, uncond, u.unit.scale)
+            try:
+                call.after(attach(call.pipeline.transformer, module, run))
+            except CheckpointError as exc:
+                raise IncompatibleError(f"ip_adapters.{u.index}: {exc}") from None
+
+            def switch(step: int, total: int, index: int, u=u, run=run, steps=steps) -> None:
+                run.begin_step(u.active(step, total))
+                if index == 0 and run.active:
+                    steps.append(step)
+
+            call.schedule.add(switch)
+
+    def describe(self, faces, steps: int) -> list[dict]:
+        return [u.describe(faces, face, active) for u, face, active in zip(self.units, self.faces, self.active_steps)]
+
+
+def listing(entry: Entry, store: ModelStore) -> dict:
+    """`imprompt models`' words for a PuLID file: the EVA-CLIP tower and face pack it runs with, and whether each
+    is present (the pack looked for where a request looks, without a configured --insightface-root)."""
+    from ..ipadapter.faces import FaceAnalyzer, insightface_roots
+
+    pack = FaceAnalyzer(insightface_roots(store.roots)).find_pack(FACE_PACK)
+    item = {"face_pack": FACE_PACK, "face_pack_present": pack is not None, "face_pack_path": str(pack) if pack else None,
+            "deviation": DEVIATION}  # fmt: skip
+    if entry.spec.variant == "pulid-sdxl":
+        return item | {"encoder": None, "encoder_present": False,
+                       "encoder_problem": "PuLID v1.1 for SDXL is recognised, not run yet"}  # fmt: skip
+    try:
+        eva, _ = pick_eva(entry, store)
+        item.update(encoder=eva.name, encoder_present=True)
+    except (MissingEncoderError, IncompatibleError) as exc:
+        item.update(encoder=None, encoder_present=False, encoder_problem=str(exc))
+    return item
