@@ -88,34 +88,43 @@ def antelope_face(root, image):
     return face["embedding"], face["kps"]
 
 
-def reference(pack, root, face, scale, cn_scale, pose=None, prompt="a cat", other=None):
+def reference(pack, root, face, scale, cn_scale, pose=None, prompt="a cat", other=None, second=None):
     """`other`: (ControlNet folder, control image, scale) of a plain ControlNet beside the IdentityNet, reading the
-    prompt (diffusers' multi-ControlNet sums the residuals)."""
-    embedding, kps = antelope_face(root, face)
-    keypoints = draw_kps_reference((pose or face).size, antelope_face(root, pose)[1] if pose else kps)
-    identitynet = ControlNetModel.from_pretrained(root / "checkpoints" / "ControlNetModel")
-    nets, images, scales = identitynet, keypoints, cn_scale
+    prompt (diffusers' multi-ControlNet sums the residuals). `second`: (face, scale, cn_scale) of a second InstantID
+    unit: a second IP-Adapter of the same file and a second IdentityNet, each net reading its own unit's face tokens."""
+    units = [(face, scale, cn_scale, pose)] + ([(*second, None)] if second else [])
+    ip_scales, all_embeds, nets, images, scales = [], [], [], [], []
+    for face_i, scale_i, cn_i, pose_i in units:
+        embedding, kps = antelope_face(root, face_i)
+        images.append(draw_kps_reference((pose_i or face_i).size, antelope_face(root, pose_i)[1] if pose_i else kps))
+        nets.append(ControlNetModel.from_pretrained(root / "checkpoints" / "ControlNetModel"))
+        face_embeds = torch.from_numpy(np.asarray(embedding, dtype=np.float32)).reshape(1, 1, 1, 512)
+        all_embeds.append(torch.cat([torch.zeros_like(face_embeds), face_embeds]))  # [negative, positive]
+        ip_scales.append(scale_i)
+        scales.append(cn_i)
     if other is not None:
-        nets = [identitynet, ControlNetModel.from_pretrained(other[0])]
-        images, scales = [keypoints, other[1]], [cn_scale, other[2]]
-    pipe = StableDiffusionXLControlNetPipeline.from_pretrained(pack / "diffusers" / "tiny-sdxl", controlnet=nets)
+        nets.append(ControlNetModel.from_pretrained(other[0]))
+        images.append(other[1])
+        scales.append(other[2])
+    many = len(nets) > 1
+    pipe = StableDiffusionXLControlNetPipeline.from_pretrained(pack / "diffusers" / "tiny-sdxl",
+                                                               controlnet=nets if many else nets[0])  # fmt: skip
     pipe.set_progress_bar_config(disable=True)
     state = torch.load(root / "checkpoints" / "ip-adapter.bin", weights_only=True)
-    pipe.load_ip_adapter(state, subfolder="", weight_name="", image_encoder_folder=None)
-    pipe.set_ip_adapter_scale(scale)
-    face_embeds = torch.from_numpy(np.asarray(embedding, dtype=np.float32)).reshape(1, 1, 1, 512)
-    embeds = torch.cat([torch.zeros_like(face_embeds), face_embeds])  # [negative, positive]
-    with torch.no_grad():
-        tokens = pipe.unet.encoder_hid_proj([embeds])[0].flatten(1, 2)  # [2, 16, 2048]: the face tokens
-    plain = identitynet.forward
+    n = len(units)
+    pipe.load_ip_adapter([state] * n, subfolder=[""] * n, weight_name=[""] * n, image_encoder_folder=None)
+    pipe.set_ip_adapter_scale(ip_scales)
+    with torch.no_grad():  # [2, 16, 2048] per unit: its face tokens
+        tokens = [t.flatten(1, 2) for t in pipe.unet.encoder_hid_proj(all_embeds)]
+    for net, own in zip(nets, tokens):
+        def reads_face_tokens(sample, timestep, encoder_hidden_states=None, *args, plain=net.forward, own=own,
+                              **kwargs):  # fmt: skip
+            return plain(sample, timestep, own[-sample.shape[0]:], *args, **kwargs)
 
-    def reads_face_tokens(sample, timestep, encoder_hidden_states=None, *args, **kwargs):
-        return plain(sample, timestep, tokens[-sample.shape[0]:], *args, **kwargs)
-
-    identitynet.forward = reads_face_tokens
-    return pipe(prompt, image=images, ip_adapter_image_embeds=[embeds], controlnet_conditioning_scale=scales,
-                num_inference_steps=STEPS, width=SIZE, height=SIZE, guidance_scale=7.0,
-                generator=torch.Generator().manual_seed(1)).images[0]  # fmt: skip
+        net.forward = reads_face_tokens
+    return pipe(prompt, image=images if many else images[0], ip_adapter_image_embeds=all_embeds,
+                controlnet_conditioning_scale=scales if many else scales[0], num_inference_steps=STEPS, width=SIZE,
+                height=SIZE, guidance_scale=7.0, generator=torch.Generator().manual_seed(1)).images[0]  # fmt: skip
 
 
 def generate(engine, *units, model="tiny-sdxl", **fields):
@@ -166,6 +175,17 @@ def test_another_controlnet_beside_the_identitynet_reads_the_prompt(pack, instan
     again = generate(engine, instantid(face, controlnet_scale=0.7), controlnets=[other])
     assert max_diff(again.images[0], got.images[0]) == 0
     assert not [e for e in again.info.get("events", []) if e["event"] in ("controlnet_loaded", "adapter_loaded")]
+
+
+def test_two_instantid_units_each_read_their_own_face(pack, instantid_root, engine):
+    """Two people: two InstantID units sharing one IdentityNet model; each IdentityNet pass reads its own unit's face
+    tokens at its own scale, as diffusers' multi-ControlNet with one net per unit does."""
+    a, b = face_image(5), face_image(9)
+    got = generate(engine, instantid(a, scale=0.8, controlnet_scale=0.7), instantid(b, scale=0.5, controlnet_scale=0.4))
+    expected = reference(pack, instantid_root, a, 0.8, 0.7, second=(b, 0.5, 0.4))
+    assert max_diff(got.images[0], expected) <= 1
+    swapped = reference(pack, instantid_root, a, 0.8, 0.7, second=(b, 0.5, 0.7))
+    assert max_diff(swapped, expected) > 1  # the test sees the second net's own scale
 
 
 def test_no_face_is_a_typed_error_and_the_next_request_is_fine(engine):

@@ -239,18 +239,17 @@ class ControlNets(Conditioning):
         if not self.unet_family and any(u.union_index is not None for u in self.units):  # FLUX Union models
             call.kwargs["control_mode"] = [u.union_index for u in self.units] if many else self.units[0].union_index
         call.kwargs["controlnet_conditioning_scale"] = [1.0] * len(images) if many else 1.0  # applied by the patches
-        by_model: dict[int, list] = {}
-        for u, model in zip(self.units, self.models):
-            by_model.setdefault(id(model), [model, []])[1].append(
-                UnitGuidance(u.unit.weight, u.unit.start, u.unit.end, u.unit.control_mode,
-                             None if u.unit.advanced_weighting is None else tuple(u.unit.advanced_weighting)))
-        for model, guidance in by_model.values():
-            patch = ControlPatch(model, guidance, self.unet_family, call.steps, lambda: call.conditioned_unet)
-            call.after(patch.install())
-            call.schedule.add(patch.at_step)
-        for f, model in zip(self.fed, self.fed_models):  # each reads its own cross-attention input
-            patch = ControlPatch(model, [UnitGuidance(f.weight, f.start, f.end, "Balanced")], self.unet_family,
-                                 call.steps, lambda: call.conditioned_unet, f.hidden_states_for(call))  # fmt: skip
+        guidance = [UnitGuidance(u.unit.weight, u.unit.start, u.unit.end, u.unit.control_mode,
+                                 None if u.unit.advanced_weighting is None else tuple(u.unit.advanced_weighting))
+                    for u in self.units]  # fmt: skip
+        # a fed net reads its own unit's cross-attention input (two InstantID units: each its face tokens)
+        guidance += [UnitGuidance(f.weight, f.start, f.end, "Balanced", hidden_states=f.hidden_states_for(call))
+                     for f in self.fed]  # fmt: skip
+        by_model: dict[int, list] = {}  # one patch per model, walking its units in the pipeline's order
+        for g, model in zip(guidance, self.models + self.fed_models):
+            by_model.setdefault(id(model), [model, []])[1].append(g)
+        for model, units in by_model.values():
+            patch = ControlPatch(model, units, self.unet_family, call.steps, lambda: call.conditioned_unet)
             call.after(patch.install())
             call.schedule.add(patch.at_step)
 

@@ -23,7 +23,7 @@ the extension's hook does, which sees the UNet's input): `rows` gives the batche
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -41,6 +41,10 @@ class UnitGuidance:
     end: float
     control_mode: str  # request.CONTROL_MODES
     advanced_weighting: tuple[float, ...] | None = None  # the extension's own scales, which replace the others
+    # what the net's cross-attention reads instead of the prompt for this unit, one row per flag (whether that row is
+    # the unconditional one): InstantID's IdentityNet reads its unit's face tokens, as InstantX's pipeline feeds it
+    # (diffusers' pipelines give the prompt); None: the prompt
+    hidden_states: object = field(default=None, compare=False, hash=False)
 
     def active_at(self, fraction: float) -> bool:
         """`fraction`: the sampling step A1111 reports over its steps (`reported_fraction`)."""
@@ -75,16 +79,13 @@ def reported_fraction(call: int, calls: int, steps: int) -> float:
 class ControlPatch:
     """Replaces, for one call, the forward of one ControlNet model: runs it at scale 1 and applies its units' rules.
     A model named by two units is called once per unit, in the units' order, at every denoising call (diffusers'
-    multi model calls its nets in order): `cursor` walks the units."""
+    multi model calls its nets in order): `cursor` walks the units, and with them each unit's own cross-attention
+    input. One patch per model: a second patch on the same model would wrap the first, which then ran every call."""
 
-    def __init__(self, net, units: list[UnitGuidance], unet_family: bool, steps: int, conditioned=None,
-                 hidden_states=None):  # fmt: skip
+    def __init__(self, net, units: list[UnitGuidance], unet_family: bool, steps: int, conditioned=None):
         """`steps`: the request's; `conditioned()`: the call's `prompting.conds.ConditionedUNet`, or None where the
-        UNet reads the pipeline's own batch; `hidden_states(unconditional)`: what the net's cross-attention reads
-        instead of the prompt, one row per flag (whether that row is the unconditional one): InstantID's
-        IdentityNet reads the face tokens, as InstantX's pipeline feeds it (diffusers' pipelines give the prompt)."""
+        UNet reads the pipeline's own batch."""
         self.net, self.units, self.unet_family, self.conditioned = net, units, unet_family, conditioned
-        self.hidden_states = hidden_states
         self.forward = net.forward  # the class's own, bound: what this calls
         self.steps = steps
         self.cursor = 0
@@ -108,7 +109,7 @@ class ControlPatch:
             out = self.forward(*args, **kwargs)
             factor = unit.weight if factor_on else 0.0
             return tuple(None if o is None else [t * factor for t in o] for o in out)
-        down, mid, uncond_rows = self.unet_control(*args, **kwargs)
+        down, mid, uncond_rows = self.unet_control(unit.hidden_states, *args, **kwargs)
         scales = unit.residual_scales(len(down) + 1) if factor_on else [0.0] * (len(down) + 1)
         residuals = [r * s for r, s in zip([*down, mid], scales)]
         if unit.conditional_only and uncond_rows:
@@ -117,14 +118,15 @@ class ControlPatch:
             residuals = [r * mark for r in residuals]
         return residuals[:-1], residuals[-1]
 
-    def unet_control(self, sample, timestep, encoder_hidden_states=None, controlnet_cond=None, *args,
+    def unet_control(self, hidden_states, sample, timestep, encoder_hidden_states=None, controlnet_cond=None, *args,
                      added_cond_kwargs=None, return_dict=False, **kwargs):  # fmt: skip
-        """The residuals for the rows the UNet runs, and which rows are unconditional."""
+        """The residuals for the rows the UNet runs, and which rows are unconditional; `hidden_states`: the unit's
+        (`UnitGuidance.hidden_states`)."""
         guided = sample.shape[0] == 2  # the pipeline's batch (one image at a time): [negative, prompt], or [prompt]
         conditioned = self.conditioned() if self.conditioned is not None else None
         if conditioned is None:
-            if self.hidden_states is not None:
-                encoder_hidden_states = self.hidden_states([True, False] if guided else [False])
+            if hidden_states is not None:
+                encoder_hidden_states = hidden_states([True, False] if guided else [False])
             down, mid = self.forward(sample, timestep, encoder_hidden_states, controlnet_cond, *args,
                                      added_cond_kwargs=added_cond_kwargs, return_dict=False, **kwargs)  # fmt: skip
             return list(down), mid, [0] if guided else []
@@ -132,8 +134,8 @@ class ControlPatch:
         outs, offset = [], 0
         for embeds, added in batches:
             n = embeds.shape[0]
-            if self.hidden_states is not None:
-                embeds = self.hidden_states([offset + k in uncond_rows for k in range(n)])
+            if hidden_states is not None:
+                embeds = hidden_states([offset + k in uncond_rows for k in range(n)])
             offset += n
             rows = {key: rowed(value, n, sample.shape[0]) for key, value in kwargs.items()}  # e.g. a Union's control_type
             outs.append(self.forward(rowed(sample, n, sample.shape[0]), timestep, embeds,
