@@ -339,3 +339,49 @@ def test_the_listing_names_its_eva_tower_and_face_pack(engine):
     assert (item["friendly_name"], item["variant"], item["encoder"], item["face_pack"]) == (
         "PuLID FLUX v0.9.1", "pulid", "EVA02_CLIP_L_336_psz14_s6B", "antelopev2")
     assert item["fits_models"] == [MODEL]
+
+
+# ------------------------------------------------------------------------------------------------ from a face image
+
+
+def test_a_face_image_equals_antelopev2_and_ffhq_alignment_by_hand(pack, files, tmp_path_factory):
+    """From an image: antelopev2 (BGR, largest face, raw embedding) and the crop warped onto facexlib's FFHQ
+    template on its five keypoints (cv2's LMEDS similarity, border (135, 133, 132) BGR), as PuLID aligns (with
+    RetinaFace's points there): the same pixels as the unit given that embedding and crop."""
+    pytest.importorskip("insightface", reason="InsightFace is the optional `faceid` extra")
+    import cv2
+    import numpy as np
+    from conftest import max_diff
+    from PIL import Image
+    from tools.insightface_pack import face_image, no_face_image, write_insightface_pack
+
+    from imprompt import Engine
+    from imprompt.errors import MissingFaceAnalysisError, NoFaceError
+
+    faces = tmp_path_factory.mktemp("pulid-faces")
+    write_insightface_pack(faces / "insightface", "antelopev2")
+    engine = Engine([pack, files[0], faces])
+    image = face_image(4)
+    from insightface.app import FaceAnalysis
+
+    app = FaceAnalysis(name="antelopev2", root=str(faces / "insightface"), providers=["CPUExecutionProvider"])
+    app.prepare(ctx_id=0, det_size=(640, 640))
+    found = app.get(cv2.cvtColor(np.asarray(image), cv2.COLOR_RGB2BGR))
+    face = sorted(found, key=lambda f: (f["bbox"][2] - f["bbox"][0]) * (f["bbox"][3] - f["bbox"][1]))[-1]
+    template = np.array([[192.98138, 239.94708], [318.90277, 240.1936], [256.63416, 314.01935],
+                         [201.26117, 371.41043], [313.08905, 371.15118]], np.float32)  # fmt: skip
+    matrix = cv2.estimateAffinePartial2D(face["kps"].astype(np.float32), template, method=cv2.LMEDS)[0]
+    bgr = cv2.warpAffine(cv2.cvtColor(np.asarray(image), cv2.COLOR_RGB2BGR), matrix, (512, 512),
+                         borderMode=cv2.BORDER_CONSTANT, borderValue=(135, 133, 132))  # fmt: skip
+    crop = Image.fromarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+    embedding = torch.from_numpy(face["embedding"][None])
+    got = engine.generate(request({"adapter": "PuLID", "images": [image]}))
+    want = engine.generate(request(unit(embedding, crop)))
+    assert max_diff(got.images[0], want.images[0]) <= 1
+    assert got.info["ip_adapters"][0]["face"]["found_by"].startswith("InsightFace antelopev2")
+    with pytest.raises(NoFaceError):
+        engine.generate(request({"adapter": "PuLID", "images": [no_face_image()]}))
+    lonely = Engine([pack, files[0]], insightface_root=tmp_path_factory.mktemp("empty"))
+    with pytest.raises(MissingFaceAnalysisError, match="antelopev2"):
+        lonely.generate(request({"adapter": "PuLID", "images": [image]}))
+    assert max_diff(engine.generate(request()).images[0], Engine([pack, files[0]]).generate(request()).images[0]) == 0
