@@ -222,6 +222,44 @@ def test_models_listing_names_the_face_pack_and_identitynet(engine):
     assert listed["identitynet"] == "checkpoints/ControlNetModel" and listed["fits_models"] == ["tiny-sdxl"]
 
 
+def test_identitynet_is_never_guessed_among_other_controlnets(pack, instantid_root, tmp_path):
+    """The A1111 extension's layout: InstantID's two files in ControlNet/ beside the user's other SDXL ControlNets.
+    The net named InstantID is taken; where none is (or several are), the request and the listing say ambiguous
+    and ask for `identitynet`, and never take another net (a canny one) as the IdentityNet."""
+    from safetensors.torch import load_file, save_file
+
+    from imprompt.plan import describe_store
+
+    weights = load_file(instantid_root / "checkpoints" / "ControlNetModel" / "diffusion_pytorch_model.safetensors")
+    adapter = (instantid_root / "checkpoints" / "ip-adapter.bin").read_bytes()
+
+    def tree(name, *nets):
+        folder = tmp_path / name / "ControlNet"
+        folder.mkdir(parents=True)
+        (folder / "ip-adapter_instant_id_sdxl.bin").write_bytes(adapter)
+        for net in nets:
+            save_file(weights, folder / f"{net}.safetensors")
+        return Engine([pack, tmp_path / name], insightface_root=instantid_root / "insightface")
+
+    def listed(engine):
+        return next(a for a in describe_store(engine.state.store)["adapters"] if a["variant"] == "instantid")
+
+    right = tree("right", "canny_sdxl", "control_instant_id_sdxl")
+    assert listed(right)["identitynet"] == "control_instant_id_sdxl"
+    got = generate(right, instantid(face_image(5), controlnet_scale=0.7))
+    assert got.info["ip_adapters"][0]["identitynet"] == "control_instant_id_sdxl"
+    for name, nets, candidates in (("unnamed", ["canny_sdxl"], ["canny_sdxl"]),
+                                   ("two", ["canny_sdxl", "instantid_a", "instantid_b"], ["instantid_a", "instantid_b"])):  # fmt: skip
+        engine = tree(name, *nets)
+        with pytest.raises(RequestError, match=rf"IdentityNet of InstantID .* is ambiguous: .*{candidates[-1]}.* identitynet"):
+            generate(engine, instantid(face_image(5)))
+        item = listed(engine)
+        assert item["identitynet"] is None and item["identitynet_ambiguous"] is True
+        assert item["identitynet_candidates"] == candidates and "ambiguous" in item["identitynet_problem"]
+        named = generate(engine, instantid(face_image(5), identitynet=candidates[0], controlnet_scale=0.7))
+        assert named.info["ip_adapters"][0]["identitynet"] == candidates[0]
+
+
 def test_sdnext_face_payload_a1111_units_and_imprompt_unit_agree(pack, instantid_root, tmp_path):
     """SD.Next's `face` payload in InstantID mode (id_strength, id_conditioning), the A1111 ControlNet extension's
     two units (instant_id_face_embedding + instant_id_face_keypoints, in the extension's file names: the IdentityNet

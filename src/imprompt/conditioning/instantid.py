@@ -202,25 +202,47 @@ def draw_keypoints(size: tuple[int, int], kps) -> Image.Image:
     return Image.fromarray(dimmed)
 
 
+IDENTITYNET_WORDS = ("instantid", "instant_id", "instant-id", "identitynet")
+
+
+def identitynet_candidates(adapter: Entry, store: ModelStore) -> tuple[list[Entry], list[Entry]]:
+    """The SDXL ControlNets that may be the adapter's IdentityNet, best first: those beside the adapter and named
+    InstantID / IdentityNet (InstantX's own `ControlNetModel/` beside its `ip-adapter.bin` counts as named), else
+    those named so anywhere; and the other nets beside the adapter (the A1111 extension keeps every ControlNet in
+    models/ControlNet/, so there "beside" says nothing)."""
+    fitting = [e for e in store.controlnets
+               if not e.spec.unsupported and not e.spec.union and e.spec.architecture == "unet"
+               and e.spec.cross_attention_dim == adapter.spec.cross_attention_dim]  # fmt: skip
+    beside = [e for e in fitting if e.path.parent == adapter.path.parent]
+
+    def named(e: Entry) -> bool:
+        return any(w in e.name.lower() for w in IDENTITYNET_WORDS) or (e in beside and e.path.name == "ControlNetModel")
+
+    best = [e for e in beside if named(e)] or [e for e in fitting if named(e)]
+    return best, [e for e in beside if not named(e)]
+
+
 def find_identitynet(adapter: Entry, store: ModelStore, name: str | None, where: str) -> Entry:
-    """The unit's `identitynet`, else the one InstantX's layout puts beside the adapter (`ControlNetModel/` next to
-    `ip-adapter.bin`), else one whose path names InstantID / IdentityNet (ComfyUI's `controlnet/instantid/`, the A1111
-    extension's `control_instant_id_sdxl`). An
-    IdentityNet's tensors are those of any SDXL ControlNet, so place and name find it; the tensors then check it
-    (an SDXL-layout ControlNet of the adapter's width)."""
+    """The unit's `identitynet`, else the one net `identitynet_candidates` finds: an IdentityNet's tensors are those
+    of any SDXL ControlNet, so place and name find it (the tensors then check it: an SDXL-layout ControlNet of the
+    adapter's width), and where they leave several, or only nets named otherwise, nothing is guessed."""
     if name:
         try:
             return store.controlnet(name)
         except ImpromptError as exc:
             raise renamed(exc, f"{where}.identitynet: {exc}") from None
-    fitting = [e for e in store.controlnets
-               if not e.spec.unsupported and not e.spec.union and e.spec.architecture == "unet"
-               and e.spec.cross_attention_dim == adapter.spec.cross_attention_dim]  # fmt: skip
-    beside = [e for e in fitting if e.path.parent == adapter.path.parent]
-    named = [e for e in fitting if any(w in str(e.path).lower() for w in ("instantid", "instant_id", "identitynet"))]
-    found = beside or named
-    if found:
-        return found[0]
+    best, others = identitynet_candidates(adapter, store)
+    if len(best) == 1:
+        return best[0]
+    if best:
+        raise RequestError(f"{where}: the IdentityNet of InstantID {adapter.path.name} is ambiguous: "
+                           f"{len(best)} SDXL ControlNets are named InstantID / IdentityNet "
+                           f"({', '.join(e.name for e in best)}); name one in the unit's identitynet")  # fmt: skip
+    if others:
+        raise RequestError(f"{where}: the IdentityNet of InstantID {adapter.path.name} is ambiguous: no ControlNet is "
+                           f"named InstantID / IdentityNet, and the SDXL ControlNets beside it "
+                           f"({', '.join(e.name for e in others)}) may be any kind (their tensors cannot tell); name "
+                           f"the IdentityNet in the unit's identitynet, or rename its file to control_instant_id_sdxl")  # fmt: skip
     raise UnknownControlNetError(
         f"{where}: InstantID {adapter.path.name} runs with its IdentityNet (an SDXL ControlNet fed the face's "
         f"keypoints), and none was found: none beside the adapter, none whose path names InstantID or IdentityNet. "
@@ -292,6 +314,9 @@ def listing(entry: Entry, store: ModelStore) -> dict:
     try:
         net = find_identitynet(entry, store, None, entry.name)
         item.update(identitynet=net.name, identitynet_present=True)
-    except ImpromptError as exc:
-        item.update(identitynet=None, identitynet_present=False, identitynet_problem=str(exc))
+    except ImpromptError as exc:  # none, or ambiguous: a request must name it (identitynet)
+        best, others = identitynet_candidates(entry, store)
+        item.update(identitynet=None, identitynet_present=bool(best or others), identitynet_problem=str(exc),
+                    identitynet_ambiguous=bool(best or others),
+                    identitynet_candidates=[e.name for e in best or others])  # fmt: skip
     return item
