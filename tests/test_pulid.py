@@ -317,18 +317,40 @@ def test_switching_pulid_plain_pulid_leaves_nothing_behind(pack, files):
     assert hooks == []  # nothing left on the model
 
 
-def test_pulid_on_sd35_is_refused_before_compute(pack, files):
+@pytest.mark.parametrize("model, family", [("tiny-sd35", "SD 3.5"), ("tiny-sd15", "SD 1.5"), ("tiny-sdxl", "SDXL"),
+                                           ("tiny-flux", "FLUX.1")])  # fmt: skip
+def test_pulid_on_another_model_is_refused_before_compute(pack, files, model, family):
+    """Another family, or a FLUX of other depths (the demo pack's: 2 double + 1 single blocks take 2 CAs, not 4)."""
     from imprompt import Engine
-    from imprompt.demo.pack import SD35_MODEL
     from imprompt.errors import IncompatibleError
 
     engine = Engine([pack, files[0]])
     embedding, crop = face_inputs()
     with pytest.raises(IncompatibleError) as raised:
-        engine.generate(request(unit(embedding, crop), model=SD35_MODEL))
+        engine.generate(request(unit(embedding, crop), model=model))
     message = str(raised.value)
-    assert "PuLID" in message and "FLUX.1" in message and "SD 3.5" in message and SD35_MODEL in message and MODEL in message
+    assert "PuLID" in message and "FLUX.1" in message and family in message and model in message and MODEL in message
     assert engine.cache_info()["pipelines"]["entries"] == []  # nothing loaded
+    assert engine.generate(request()).images  # the next request is unaffected
+
+
+def test_pulid_sdxl_v11_is_recognised_and_refused(pack, files, tmp_path):
+    from safetensors.torch import save_file
+
+    from imprompt import Engine
+    from imprompt.errors import UnsupportedError
+
+    # the same IDFormer under id_adapter.*, and id_to_k / id_to_v on every attn2 in h94's order (odd indices)
+    tensors = {k.replace("pulid_encoder.", "id_adapter."): v for k, v in files[2].items() if k.startswith("pulid_encoder.")}
+    for n in range(1, 140, 2):
+        width = 640 if n < 20 else 1280
+        tensors[f"id_adapter_attn_layers.{n}.id_to_k.weight"] = torch.zeros(width, 48)
+        tensors[f"id_adapter_attn_layers.{n}.id_to_v.weight"] = torch.zeros(width, 48)
+    save_file(tensors, str(tmp_path / "pulid_v1.1.safetensors"))
+    engine = Engine([pack, files[0], tmp_path])
+    embedding, crop = face_inputs()
+    with pytest.raises(UnsupportedError, match="PuLID v1.1 for SDXL"):
+        engine.generate(request(unit(embedding, crop, adapter="PuLID SDXL v1.1"), model="tiny-sdxl"))
 
 
 def test_the_listing_names_its_eva_tower_and_face_pack(engine):
@@ -385,3 +407,79 @@ def test_a_face_image_equals_antelopev2_and_ffhq_alignment_by_hand(pack, files, 
     with pytest.raises(MissingFaceAnalysisError, match="antelopev2"):
         lonely.generate(request({"adapter": "PuLID", "images": [image]}))
     assert max_diff(engine.generate(request()).images[0], Engine([pack, files[0]]).generate(request()).images[0]) == 0
+
+
+# ------------------------------------------------------------------------------------------------ real shapes
+
+
+def real_pulid_table() -> dict:
+    """pulid_flux_v0.9.1's tensor table as PuLID's `IDFormer()` and `PerceiverAttentionCA()` defaults make it (key
+    names from its `load_pretrain`, shapes from its constructors: dim 1024, 32 queries, 2048 out, 10 layers, 16 x 64
+    heads, FFN 4096, mappings 1024 wide, 5 id tokens; 20 CAs of FLUX width 3072, 16 x 128 heads, id width 2048)."""
+    t, e = {}, "pulid_encoder."
+    t[f"{e}latents"], t[f"{e}proj_out"] = (1, 32, 1024), (1024, 2048)
+    for n in range(10):
+        p = f"{e}layers.{n}."
+        for name in ("0.norm1", "0.norm2", "1.0"):
+            t[f"{p}{name}.weight"] = t[f"{p}{name}.bias"] = (1024,)
+        t |= {f"{p}0.to_q.weight": (1024, 1024), f"{p}0.to_kv.weight": (2048, 1024), f"{p}0.to_out.weight": (1024, 1024),
+              f"{p}1.1.weight": (4096, 1024), f"{p}1.3.weight": (1024, 4096)}  # fmt: skip
+    for name, first, last in [(f"mapping_{i}", 1024, 1024) for i in range(5)] + [("id_embedding_mapping", 1280, 5120)]:
+        for j, shape in ((0, (1024, first)), (3, (1024, 1024)), (6, (last, 1024))):
+            t[f"{e}{name}.{j}.weight"], t[f"{e}{name}.{j}.bias"] = shape, (shape[0],)
+        for j in (1, 4):
+            t[f"{e}{name}.{j}.weight"] = t[f"{e}{name}.{j}.bias"] = (1024,)
+    for k in range(20):
+        p = f"pulid_ca.{k}."
+        t |= {f"{p}norm1.weight": (2048,), f"{p}norm1.bias": (2048,), f"{p}norm2.weight": (3072,),
+              f"{p}norm2.bias": (3072,), f"{p}to_q.weight": (2048, 3072), f"{p}to_kv.weight": (4096, 2048),
+              f"{p}to_out.weight": (3072, 2048)}  # fmt: skip
+    return t
+
+
+def real_eva_table() -> dict:
+    """EVA02_CLIP_L_336_psz14_s6B.pt's `visual.*` (PuLID's EVA02-CLIP-L-14-336.json: width 1024, 24 blocks, SwiGLU
+    2730, patch 14, 336 px, embed 768), with the rotary tables the loader drops."""
+    t = {"visual.cls_token": (1, 1, 1024), "visual.pos_embed": (1, 577, 1024), "visual.patch_embed.proj.weight": (1024, 3, 14, 14),
+         "visual.patch_embed.proj.bias": (1024,), "visual.norm.weight": (1024,), "visual.norm.bias": (1024,),
+         "visual.head.weight": (768, 1024), "visual.head.bias": (768,), "visual.rope.freqs_cos": (576, 64),
+         "visual.rope.freqs_sin": (576, 64)}  # fmt: skip
+    for i in range(24):
+        p = f"visual.blocks.{i}."
+        for name in ("norm1", "norm2", "attn.inner_attn_ln", "attn.proj"):
+            t[f"{p}{name}.bias"] = (1024,)
+            t[f"{p}{name}.weight"] = (1024, 1024) if name == "attn.proj" else (1024,)
+        t |= {f"{p}attn.{n}.weight": (1024, 1024) for n in ("q_proj", "k_proj", "v_proj")}
+        t |= {f"{p}attn.q_bias": (1024,), f"{p}attn.v_bias": (1024,), f"{p}attn.rope.freqs_cos": (576, 64),
+              f"{p}attn.rope.freqs_sin": (576, 64), f"{p}mlp.w1.weight": (2730, 1024), f"{p}mlp.w1.bias": (2730,),
+              f"{p}mlp.w2.weight": (2730, 1024), f"{p}mlp.w2.bias": (2730,), f"{p}mlp.ffn_ln.weight": (2730,),
+              f"{p}mlp.ffn_ln.bias": (2730,), f"{p}mlp.w3.weight": (1024, 2730), f"{p}mlp.w3.bias": (1024,)}  # fmt: skip
+    return t
+
+
+def test_the_real_layouts_build_exactly_and_are_recognised():
+    """The real files' tables (no weights: 2.3 GB + 1.2 GB) build imprompt's modules key for key and shape for
+    shape, and the recognisers read them as PuLID FLUX and EVA02-CLIP-L-14-336."""
+    from imprompt.ipadapter.eva_clip import EvaVisionTower, eva_shape
+    from imprompt.ipadapter.pulid import PuLIDFlux, cas_needed, pulid_shape
+    from imprompt.loading.tensors import TensorInfo
+    from imprompt.models.recognise import recognise
+
+    table = {k: TensorInfo("BF16", s) for k, s in real_pulid_table().items()}
+    with torch.device("meta"):
+        module = PuLIDFlux(pulid_shape(table, "pulid"))
+    assert {k: tuple(v.shape) for k, v in module.state_dict().items()} == real_pulid_table()
+    encoder = sum(v.numel() for k, v in module.state_dict().items() if k.startswith("pulid_encoder."))
+    assert len([k for k in table if k.startswith("pulid_encoder.")]) == 172 and round(encoder / 1e6, 1) == 151.4
+    assert cas_needed(19, 38) == 20
+    spec = recognise("pulid_flux_v0.9.1.safetensors", table)
+    assert (spec.variant, spec.cross_attention_dim, spec.tokens, spec.clip_width, spec.eva_projection) == (
+        "pulid", 3072, 32, 1024, 768)
+    eva = {k: TensorInfo("F32", s) for k, s in real_eva_table().items()}
+    with torch.device("meta"):
+        tower = EvaVisionTower(eva_shape(eva, "eva"))
+    wanted = {k[7:]: s for k, s in real_eva_table().items() if "freqs" not in k}
+    assert {k: tuple(v.shape) for k, v in tower.state_dict().items()} == wanted
+    spec = recognise("EVA02_CLIP_L_336_psz14_s6B.pt", eva)
+    assert (spec.model_type, spec.architecture, spec.image_size, spec.hidden_size, spec.projection_dim) == (
+        "eva-clip", "EVA02-CLIP-L-14-336", 336, 1024, 768)
