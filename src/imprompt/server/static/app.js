@@ -133,21 +133,43 @@ function fillAdapterSelect(select) {
   select.innerHTML = "";
   for (const adapter of adaptersForModel()) {
     const name = adapter.friendly_name || adapter.name;
-    const encoder = adapter.encoder_present ? adapter.encoder : "no encoder present";
-    select.add(new Option(`${name} — needs ${adapter.needs} → ${encoder}`, name));
+    const encoder = adapter.encoder_present ? adapter.encoder : `no ${adapter.face_pack || "encoder"} present`;
+    // InstantX ships InstantID as a plain ip-adapter.bin: the kind is named where the file's name does not say it
+    const shown = !adapter.friendly_name && KIND_NAMES[adapter.variant] ? `${KIND_NAMES[adapter.variant]} (${name})` : name;
+    const net = adapter.variant === "instantid" ? ` + IdentityNet ${adapter.identitynet || "missing"}` : "";
+    select.add(new Option(`${shown} — needs ${adapter.needs} → ${encoder}${net}`, name));
   }
   if ([...select.options].some((o) => o.value === previous)) select.value = previous;
   describeAdapter(select);
 }
 
+const KIND_NAMES = { instantid: "InstantID", redux: "FLUX Redux" };
+
+// What the unit needs and the fields its kind reads: Redux adds tokens to the prompt at every step (no window, no
+// mask; a downsampling factor), InstantID reads one face (no mask; its IdentityNet's weight and a pose image).
 function describeAdapter(select) {
+  const unit = select.closest(".unit");
   const adapter = listing.adapters.find((a) => (a.friendly_name || a.name) === select.value);
-  const needs = select.closest(".unit").querySelector(".needs");
-  needs.textContent = adapter
-    ? `${adapter.variant}, ${adapter.tokens} tokens; encoder: ${adapter.encoder || adapter.encoder_problem}`
-    : "no adapter fits this model";
+  const variant = adapter ? adapter.variant : "";
+  let text = "no adapter fits this model";
+  if (variant === "redux") {
+    text = `redux: each image's tokens appended to the prompt's T5 tokens; encoder: ${adapter.encoder || adapter.encoder_problem}`;
+  } else if (variant === "instantid") {
+    const pack = adapter.face_pack_present ? `InsightFace ${adapter.face_pack}`
+      : `InsightFace ${adapter.face_pack} missing: put the pack in models/insightface/models/${adapter.face_pack}/`;
+    const net = adapter.identitynet || `missing (${adapter.identitynet_problem || "no IdentityNet found"})`;
+    text = `instantid, ${adapter.tokens} tokens; face: ${pack}; IdentityNet: ${net}`;
+  } else if (adapter) {
+    text = `${adapter.variant}, ${adapter.tokens} tokens; encoder: ${adapter.encoder || adapter.encoder_problem}`;
+  }
+  unit.querySelector(".needs").textContent = text;
   // FaceID Plus v2's face-structure weight (SD.Next's "Structure"); it means nothing to other adapters
-  select.closest(".unit").querySelector(".structure-field").hidden = !(adapter && adapter.faceid_version === "v2");
+  unit.querySelector(".structure-field").hidden = !(adapter && adapter.faceid_version === "v2");
+  unit.querySelector(".downsample-field").hidden = variant !== "redux";
+  unit.querySelector(".identitynet-field").hidden = variant !== "instantid";
+  unit.querySelector(".pose-field").hidden = variant !== "instantid";
+  unit.querySelectorAll(".window-field").forEach((field) => { field.hidden = variant === "redux"; });
+  unit.querySelector(".mask-field").hidden = variant === "redux" || variant === "instantid";
 }
 
 function refreshAdapterLists() {
@@ -216,12 +238,21 @@ async function unitPayload(unit) {
     adapter: unit.querySelector(".adapter").value,
     images: await Promise.all(files.map(fileToBase64)),
     scale: Number(unit.querySelector(".scale").value),
-    start: Number(unit.querySelector(".start").value),
-    end: Number(unit.querySelector(".end").value),
   };
-  if (!unit.querySelector(".structure-field").hidden) payload.structure = Number(unit.querySelector(".structure").value);
+  const shown = (field) => !unit.querySelector(field).hidden;  // a hidden field is one the adapter does not read
+  if (shown(".window-field")) {
+    payload.start = Number(unit.querySelector(".start").value);
+    payload.end = Number(unit.querySelector(".end").value);
+  }
+  if (shown(".structure-field")) payload.structure = Number(unit.querySelector(".structure").value);
+  if (shown(".downsample-field") && Number(unit.querySelector(".downsample").value) > 1) {
+    payload.downsample = Number(unit.querySelector(".downsample").value);
+  }
+  if (shown(".identitynet-field")) payload.controlnet_scale = Number(unit.querySelector(".controlnet-scale").value);
+  const pose = unit.querySelector(".pose-image").files[0];
+  if (pose && shown(".pose-field")) payload.pose_image = await fileToBase64(pose);
   const mask = unit.querySelector(".mask").files[0];
-  if (mask) payload.masks = [await fileToBase64(mask)];
+  if (mask && shown(".mask-field")) payload.masks = [await fileToBase64(mask)];
   return payload;
 }
 
@@ -367,7 +398,8 @@ function showResult(result) {
     img.src = `data:image/png;base64,${image}`;
     img.alt = `seed ${info.all_seeds[i]}`;
     const caption = document.createElement("figcaption");
-    const units = info.ip_adapters.map((u) => `${u.adapter} ← ${u.encoder} (${u.encoder_source})`).join("\n");
+    const units = info.ip_adapters.map((u) => `${u.adapter} ← ${u.encoder} (${u.encoder_source})`
+      + (u.identitynet ? ` + IdentityNet ${u.identitynet} (weight ${u.controlnet_scale})` : "")).join("\n");
     const controls = (info.controlnets || []).map((c, n) => `ControlNet ${n + 1}: ${c.model} ← ${c.module} `
       + `(weight ${c.weight}, window ${c.start}-${c.end}, ${c.control_mode})`).join("\n");
     const loras = info.loras.length ? `\nLoRAs: ${info.loras.map((l) => `${l.name} (${l.weight})`).join(", ")}` : "";
@@ -385,7 +417,7 @@ function showResult(result) {
       shown.title = shown.alt;
       figure.append(shown);
     });
-    // FaceID units: the aligned face crop InsightFace found in each reference image
+    // FaceID / InstantID units: the aligned face crop InsightFace found in each reference image
     info.ip_adapters.forEach((u, n) => (u.faces || []).forEach((face, j) => {
       const crop = document.createElement("img");
       crop.className = "face-crop";
@@ -394,6 +426,16 @@ function showResult(result) {
       crop.title = crop.alt;
       figure.append(crop);
     }));
+    // InstantID units: the face keypoints drawn as InstantID draws them, the IdentityNet's control image
+    info.ip_adapters.forEach((u, n) => {
+      if (!u.keypoints) return;
+      const kps = document.createElement("img");
+      kps.className = "face-keypoints";
+      kps.src = `data:image/png;base64,${u.keypoints}`;
+      kps.alt = `keypoints read by unit ${n + 1}'s IdentityNet ${u.identitynet}${u.pose_image ? " (from the pose image)" : ""}`;
+      kps.title = kps.alt;
+      figure.append(kps);
+    });
     $("gallery").prepend(figure);
   });
 }
