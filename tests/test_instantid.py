@@ -303,3 +303,37 @@ def test_sdnext_face_payload_a1111_units_and_imprompt_unit_agree(pack, instantid
         assert max_diff(alone, no_net) == 0 and max_diff(alone, own) > 0
         refused = post_txt2img(url, txt(alwayson_scripts={"controlnet": {"args": units[1:]}}), 422)
         assert "instant_id_face_keypoints reads the face of an instant_id_face_embedding unit" in refused["detail"]
+
+
+def test_a1111_keypoints_unit_fields_are_refused_or_warned_never_dropped(pack, instantid_root, tmp_path):
+    """The extension's keypoints unit is an ordinary ControlNet unit there: its control mode and per-residual scales
+    would change the IdentityNet (refused), its resize mode and preprocessor resolution the keypoint map (warned)."""
+    from imprompt.models.store import ModelStore
+    from imprompt.server.controlnet import controlnet_units
+
+    folder = tmp_path / "ControlNet"
+    folder.mkdir()
+    (folder / "ip-adapter_instant_id_sdxl.bin").write_bytes((instantid_root / "checkpoints" / "ip-adapter.bin").read_bytes())
+    net = instantid_root / "checkpoints" / "ControlNetModel"
+    (folder / "control_instant_id_sdxl").symlink_to(net, target_is_directory=True)
+    store = ModelStore([pack, tmp_path])
+
+    def units(**fields):
+        face = "aGVsbG8="  # not decoded here
+        args = [{"enabled": True, "module": "instant_id_face_embedding", "model": "ip-adapter_instant_id_sdxl",
+                 "image": face, "weight": 0.9},
+                {"enabled": True, "module": "instant_id_face_keypoints", "model": "control_instant_id_sdxl",
+                 "image": face, "weight": 0.6, **fields}]  # fmt: skip
+        return controlnet_units({"controlnet": {"args": args}}, store)
+
+    assert units(resize_mode="Just Resize").warnings == []
+    for field, value in (("control_mode", 2), ("control_mode", "My prompt is more important"),
+                         ("advanced_weighting", [0.1] * 10)):  # fmt: skip
+        with pytest.raises(RequestError, match=rf"args\.1\.{field}: imprompt .* IdentityNet"):
+            units(**{field: value})
+    warned = units(resize_mode=2, processor_res=1024, pixel_perfect=True, control_mode=0).warnings
+    assert [w.split(":")[0] for w in warned] == [f"alwayson_scripts.controlnet.args.1.{f}"
+                                                for f in ("resize_mode", "processor_res", "pixel_perfect")]
+    assert "'Resize and Fill' ignored" in warned[0]
+    assert "Crop and Resize" in units().warnings[0]  # the extension's default crops
+

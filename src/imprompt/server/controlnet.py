@@ -199,12 +199,36 @@ def instantid_keypoints(where: str, unit: dict, model: str, store: ModelStore, f
         if unit.get(name, default) != default:
             raise RequestError(f"{where}.{name}: imprompt runs InstantID's IdentityNet over every step, as InstantX's "
                                f"pipeline does; leave it at {default}")  # fmt: skip
+    identitynet_fields(where, unit, found)
     target = found.units[found.instantid.pop(0)]
     target["identitynet"] = find_controlnet(f"{where}.model", model, store).name
     target["controlnet_scale"] = unit.get("weight", 1.0)
     image = _images(where, unit)[0][0]
     if image != target["images"][0]:
         target["pose_image"] = image
+
+
+def identitynet_fields(where: str, unit: dict, found: ControlNetUnits) -> None:
+    """The keypoints unit's ControlNet fields, which in the extension change its IdentityNet as any ControlNet's:
+    imprompt runs the IdentityNet as InstantX's pipeline does (Balanced, the weight alone; the keypoints drawn at
+    the picture's own size, stretched to the output), so a field that would change the picture there is refused
+    (the mode, the per-residual scales) or, where the difference is in the keypoint map's drawing, warned of."""
+    if control_mode(f"{where}.control_mode", unit.get("control_mode", "Balanced")) != "Balanced":
+        raise RequestError(f"{where}.control_mode: imprompt runs InstantID's IdentityNet Balanced, as InstantX's "
+                           f"pipeline does; send \"Balanced\" (0) or leave control_mode out")  # fmt: skip
+    if unit.get("advanced_weighting") is not None:
+        raise RequestError(f"{where}.advanced_weighting: imprompt scales InstantID's IdentityNet by the unit's weight "
+                           f"alone, as InstantX's pipeline does; remove advanced_weighting")  # fmt: skip
+    mode = _resize_mode(f"{where}.resize_mode", unit.get("resize_mode", "Crop and Resize"))
+    if mode != "Just Resize":
+        found.warnings.append(f"{where}.resize_mode: {mode!r} ignored: imprompt stretches InstantID's keypoint map "
+                              f"to the output size, as InstantX's pipeline does (\"Just Resize\"), where the "
+                              f"extension would {'crop' if mode == 'Crop and Resize' else 'pad'} it; a face picture "
+                              f"of another aspect ratio than the output gives other keypoints there")  # fmt: skip
+    for given in ("processor_res", "pixel_perfect"):
+        if unit.get(given) not in (None, -1, False):
+            found.warnings.append(f"{where}.{given}: ignored: imprompt draws InstantID's keypoints at the picture's "
+                                  f"own size, as InstantX's pipeline does, not at a preprocessor resolution")  # fmt: skip
 
 
 def _adapter(name: str, store: ModelStore):
