@@ -311,6 +311,7 @@ def test_switching_pulid_plain_pulid_leaves_nothing_behind(pack, files):
     plain = engine.generate(request())
     again = engine.generate(request(unit(embedding, crop)))
     assert max_diff(first.images[0], again.images[0]) == 0
+    assert [r.info["ip_adapters"][0]["face"]["id_tokens"] for r in (first, again)] == ["computed", "cache"]
     assert max_diff(plain.images[0], Engine([pack, files[0]]).generate(request()).images[0]) == 0
     transformer = engine.state.pipelines.all()[0].pipeline.transformer
     hooks = [m for m in transformer.modules() if m._forward_hooks or m._forward_pre_hooks]

@@ -21,6 +21,7 @@ PuLID's from its step 1). One PuLID unit per request, one face (PuLID's FLUX cod
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -183,16 +184,22 @@ def built(state, entry: Entry, what: str, dtype, label: str, events: list):
     tensors = read_tensors(Path(entry.path))
     module = (build_pulid if what == "pulid" else build_eva)(tensors, entry.path, state.device, dtype)
     seconds = time.perf_counter() - started
-    evicted = state.adapters.put(key, module, module_bytes(module), label=entry.name)
-    for old, why in [(e, "its file changed on disk") for e in stale] + [(e, "adapter cache budget") for e in evicted]:
-        events.append({"event": "adapter_evicted", "adapter": old.label, "why": why})
-    if stale or evicted:  # as `image_prompts.built_adapter`: no kept shell keeps an evicted adapter alive
-        for resident in state.pipelines.all():
-            resident.attached.forget([e.key for e in stale + evicted])
+    kept(state, key, module, module_bytes(module), entry.name, events, stale)
     log.info("PuLID %s %s (%s) loaded in %.2f s", what, label, Path(entry.path).name, seconds)
     events.append({"event": "adapter_loaded", "adapter": label if what == "pulid" else entry.name,
                    "file": str(entry.path), "seconds": round(seconds, 4)})  # fmt: skip
     return module
+
+
+def kept(state, key, value, nbytes: int, label: str, events: list, stale=()) -> None:
+    """`value` put in the engine's adapter cache; what that evicts is let go everywhere (as
+    `image_prompts.built_adapter` does: no kept shell keeps an evicted adapter alive)."""
+    evicted = state.adapters.put(key, value, nbytes, label=label)
+    for old, why in [(e, "its file changed on disk") for e in stale] + [(e, "adapter cache budget") for e in evicted]:
+        events.append({"event": "adapter_evicted", "adapter": old.label, "why": why})
+    if stale or evicted:
+        for resident in state.pipelines.all():
+            resident.attached.forget([e.key for e in [*stale, *evicted]])
 
 
 def id_tokens(module, eva, face_vector, crop):
@@ -233,9 +240,15 @@ class PuLIDPrompts:
                 raise CheckpointError(u.encoder.path, f"EVA tower of width {eva.shape.width} / cls "
                                       f"{eva.shape.projection}, but {u.label} reads {u.adapter.spec.needs}")  # fmt: skip
             face_vector, crop, origin = u.face(state, inputs, events)
-            self.tokens.append(id_tokens(module, eva, face_vector, crop))
+            digest = hashlib.sha256(face_vector.numpy().tobytes() + crop.tobytes()).hexdigest()
+            key = (*u.adapter.key("pulid-tokens", dtype, state.device), *u.encoder.key(), digest)
+            tokens, made = state.adapters.get(key), "cache"
+            if tokens is None:  # EVA and the IDFormer run once per face, file pair and dtype
+                tokens, made = id_tokens(module, eva, face_vector, crop), "computed"
+                kept(state, key, tokens, sum(t.numel() * t.element_size() for t in tokens), f"{u.label} ID", events)
+            self.tokens.append(tokens)
             self.modules.append(module)
-            self.faces.append({"found_by": origin})
+            self.faces.append({"found_by": origin, "id_tokens": made})
 
     def apply(self, call) -> None:
         """Hooks on the transformer for this call (removed after it, however it ends), switched per step."""
