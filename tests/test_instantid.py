@@ -337,3 +337,16 @@ def test_a1111_keypoints_unit_fields_are_refused_or_warned_never_dropped(pack, i
     assert "'Resize and Fill' ignored" in warned[0]
     assert "Crop and Resize" in units().warnings[0]  # the extension's default crops
 
+
+def test_instantid_face_embeddings_are_antelopev2_raw_ones(pack, instantid_root, engine):
+    """InstantID was trained on antelopev2's raw `embedding` (norm about 20-30): a unit-length normed_embedding
+    (FaceID's kind) is refused, and a wrong width is told the kind InstantID reads; the raw one runs."""
+    raw, _ = antelope_face(instantid_root, face_image(5))
+    raw = np.asarray(raw, dtype=np.float64)
+    alone = {"controlnet_scale": 0}  # no keypoints: the adapter alone
+    with pytest.raises(IncompatibleError, match=r"face_embeddings: an embedding of norm 1 .* antelopev2's raw `embedding`"):
+        generate(engine, {"adapter": "InstantID", "face_embeddings": [list(raw / np.linalg.norm(raw))], **alone})
+    with pytest.raises(IncompatibleError, match=r"shape \[1, 511\]; .*512-d face embeddings \(InsightFace antelopev2's raw"):
+        generate(engine, {"adapter": "InstantID", "face_embeddings": [list(raw[:511])], **alone})
+    assert generate(engine, {"adapter": "InstantID", "face_embeddings": [list(raw)], **alone}).images[0] is not None
+

@@ -32,6 +32,8 @@ from .ip_adapter import UnitInputs, UnitPlan, unit_weights
 
 FACE_PACK = "antelopev2"  # the pack InstantID was trained with (ipadapter/faces.ANTELOPE_PACK)
 FACE_WIDTH = 512
+FACE_KIND = "InsightFace antelopev2's raw `embedding`, 512 floats, not normed_embedding"
+MIN_RAW_NORM = 2.0  # antelopev2's raw embeddings have norms of about 20-30; a normed one is 1
 IDENTITYNET_SCALE = 0.8  # imprompt's default controlnet_scale: InstantX's README example (SD.Next's id_conditioning is 0.5)
 # InstantID's keypoint drawing: a colour per keypoint (eyes, nose, mouth corners), limbs from points 0, 1, 3, 4 to
 # the nose (point 2) in the colour of their first point, 4 px wide, dimmed to 60 %; then a disc of radius 10 per point
@@ -94,10 +96,16 @@ class InstantIDUnitPlan(UnitPlan):
         where = f"ip_adapters.{self.index}"
         if self.unit.face_embeddings is not None:
             result = given_face_embeddings(self.unit.face_embeddings, FACE_WIDTH, False, state.limits.allow_paths,
-                                           f"{where}.face_embeddings", state.device, state.encoder_dtype)  # fmt: skip
+                                           f"{where}.face_embeddings", state.device, state.encoder_dtype,
+                                           FACE_KIND)  # fmt: skip
             if result.positive.shape[0] != 1:
                 raise RequestError(f"{where}.face_embeddings: {result.positive.shape[0]} faces, but InstantID reads "
                                    f"one face embedding; give one")  # fmt: skip
+            norm = float(result.positive.float().norm())
+            if norm < MIN_RAW_NORM:  # refused, not warned: the face would be weakened many-fold, with no error
+                raise IncompatibleError(f"{where}.face_embeddings: an embedding of norm {norm:.3g} (a unit-length "
+                                        f"normed_embedding, FaceID's kind, has norm 1); InstantID reads {FACE_KIND} "
+                                        f"(norm about 20-30); send antelopev2's `embedding`")  # fmt: skip
         else:
             face, origin = state.faces.face(inputs.images[0], f"{where}.images.0", events, FACE_PACK, largest=True)
             result = face_embeddings(torch.from_numpy(face.embedding)[None], FACE_WIDTH, False, f"{where}.images",

@@ -253,7 +253,7 @@ def load_saved_embeddings(entry: Entry, device, dtype, average: bool = False) ->
 
 
 def face_embeddings(faces: torch.Tensor, width: int, average: bool, where: str, device, dtype,
-                    origins: list[str]) -> UnitEmbeddings:  # fmt: skip
+                    origins: list[str], kind: str = "InsightFace's normed_embedding") -> UnitEmbeddings:  # fmt: skip
     """FaceID: face embeddings [faces, 512] as the pipeline takes them. The negative branch is zeros, as in
     diffusers' FaceID examples; several faces give several token sets (Portrait's way), or one averaged set."""
     if faces.ndim == 1:
@@ -261,7 +261,7 @@ def face_embeddings(faces: torch.Tensor, width: int, average: bool, where: str, 
     if faces.ndim != 2 or faces.shape[1] != width or faces.shape[0] == 0:
         raise IncompatibleError(
             f"{where}: face embeddings of shape {list(faces.shape)}; the adapter consumes {width}-d face embeddings "
-            f"(InsightFace's normed_embedding), one row per face"
+            f"({kind}), one row per face"
         )
     if average:
         faces = faces.mean(dim=0, keepdim=True)
@@ -269,14 +269,15 @@ def face_embeddings(faces: torch.Tensor, width: int, average: bool, where: str, 
     return UnitEmbeddings(faces, torch.zeros_like(faces), "not needed", origins)
 
 
-def given_face_embeddings(value, width: int, average: bool, allow_paths: bool, where: str, device, dtype) -> UnitEmbeddings:
+def given_face_embeddings(value, width: int, average: bool, allow_paths: bool, where: str, device, dtype,
+                          kind: str = "InsightFace's normed_embedding") -> UnitEmbeddings:  # fmt: skip
     """FaceID: face embeddings the client computed (InsightFace's normed 512-d `normed_embedding`, one per face),
-    inline or as a `.npy` / `.safetensors` file."""
+    inline or as a `.npy` / `.safetensors` file. `kind`: what the adapter reads, for the error."""
     if isinstance(value, str):
         faces = _read_face_file(value, allow_paths, where)
     else:
         faces = torch.tensor(value, dtype=torch.float32)
-    return face_embeddings(faces, width, average, where, device, dtype, ["given"] * max(1, len(faces)))
+    return face_embeddings(faces, width, average, where, device, dtype, ["given"] * max(1, len(faces)), kind)
 
 
 def _read_face_file(name: str, allow_paths: bool, where: str) -> torch.Tensor:
