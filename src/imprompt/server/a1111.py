@@ -355,7 +355,11 @@ def sdnext_face_unit(face, store: ModelStore | None) -> tuple[dict | None, list[
         raise RequestError(describe_validation_error(exc).replace("invalid request: ", "invalid request: face.")) from None
     if face.mode.lower() == "none":
         return None, []
-    if face.mode.lower() == "instantid":  # an InstantID unit: id_strength its adapter scale, id_conditioning its IdentityNet's
+    # InstantID mode: an InstantID unit, id_strength its adapter scale, id_conditioning its IdentityNet's. Two known
+    # differences from SD.Next (modules/face/instantid.py): its "largest face" sort key computes w * y2 - y1 (operator
+    # precedence), so with several faces in the picture it may take another face than imprompt's largest box; and it
+    # forces prompt_attention "fixed" for the run, so there `(word:1.3)` is plain text, here it is weighted as usual
+    if face.mode.lower() == "instantid":
         if not face.source_images:
             raise RequestError("face.source_images: InstantID needs an image of the face (base64)")
         unit = {"adapter": "InstantID", "images": face.source_images[:1], "scale": face.id_strength,
