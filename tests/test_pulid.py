@@ -291,7 +291,7 @@ def test_pulid_equals_diffusers_flux_with_hand_written_block_hooks(files, engine
     info = got.info["ip_adapters"][0]
     assert (info["adapter"], info["encoder"], info["active_steps"], info["id_weight"]) == (
         "PuLID FLUX v0.9.1", "EVA02_CLIP_L_336_psz14_s6B", [1, 2], 0.8)
-    assert "BiSeNet" in info["deviation"]
+    assert "BiSeNet" in info["deviation"] and any("BiSeNet" in w for w in got.info["warnings"])
     plain = engine.generate(request())
     assert max_diff(got.images[0], plain.images[0]) > 10  # the ID acts
     # true CFG: the negative pass reads the uncond tokens; from step 0 (start 0)
@@ -362,6 +362,14 @@ def test_the_listing_names_its_eva_tower_and_face_pack(engine):
     assert (item["friendly_name"], item["variant"], item["encoder"], item["face_pack"]) == (
         "PuLID FLUX v0.9.1", "pulid", "EVA02_CLIP_L_336_psz14_s6B", "antelopev2")
     assert item["fits_models"] == [MODEL]
+
+
+def test_imprompt_models_prints_its_eva_tower_and_face_pack(files, pack, capsys):
+    from imprompt.cli import main
+
+    main(["models", "--models", str(pack), "--models", str(files[0])])
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("PuLID FLUX v0.9.1"))
+    assert "-> EVA02_CLIP_L_336_psz14_s6B" in line and "(fits: flux-pulid)" in line
 
 
 # ------------------------------------------------------------------------------------------------ from a face image

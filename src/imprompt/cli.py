@@ -518,6 +518,9 @@ def _models(args) -> int:
             net = a["identitynet"] or f"MISSING ({a['identitynet_problem']})"
             pack = a["face_pack_path"] or "MISSING (unzip antelopev2.zip into <models>/insightface/models/)"
             print(f"    face pack {a['face_pack']}: {pack}; IdentityNet: {net}")
+        elif a["variant"].startswith("pulid"):  # its face pack beside its EVA-CLIP tower
+            pack = a["face_pack_path"] or "MISSING (unzip antelopev2.zip into <models>/insightface/models/)"
+            print(f"    face pack {a['face_pack']}: {pack}; {a['deviation']}")
     print("Image encoders:")
     for e in listing["encoders"]:
         print(f"  {e['name']:<40} {e['architecture']:<12} {e['outputs']}")

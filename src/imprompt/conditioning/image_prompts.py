@@ -265,7 +265,8 @@ class ImagePrompts(Conditioning):
         if units:  # SD.Next's form: name:scale:start:end per unit, units separated by ';'
             infotext["IP Adapter"] = ";".join(f"{u['adapter']}:{u['scale']}:{u['start']}:{u['end']}" for u in units)
             infotext["IP Adapter encoders"] = ";".join(u["encoder"] for u in units)
-        return Description(info={"ip_adapters": units}, infotext=infotext)
+        warnings = self.pulid.warnings() if self.pulid is not None else []  # PuLID's preprocessing deviation
+        return Description(info={"ip_adapters": units}, infotext=infotext, warnings=warnings)
 
 
 def embed_unit(state, request: GenerateRequest | dict, index: int) -> tuple[UnitEmbeddings, list[dict]]:

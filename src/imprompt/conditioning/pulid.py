@@ -269,6 +269,10 @@ class PuLIDPrompts:
 
             call.schedule.add(switch)
 
+    def warnings(self) -> list[str]:
+        """Said with every PuLID result: where its face preprocessing departs from PuLID's."""
+        return [f"{u.label}: {DEVIATION}" for u in self.units if self.faces]
+
     def describe(self, faces, steps: int) -> list[dict]:
         return [u.describe(faces, face, active) for u, face, active in zip(self.units, self.faces, self.active_steps)]
 
