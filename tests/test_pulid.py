@@ -380,6 +380,9 @@ def test_a_face_image_equals_antelopev2_and_ffhq_alignment_by_hand(pack, files, 
     template on its five keypoints (cv2's LMEDS similarity, border (135, 133, 132) BGR), as PuLID aligns (with
     RetinaFace's points there): the same pixels as the unit given that embedding and crop."""
     pytest.importorskip("insightface", reason="InsightFace is the optional `faceid` extra")
+    import base64
+    import io
+
     import cv2
     import numpy as np
     from conftest import max_diff
@@ -410,6 +413,8 @@ def test_a_face_image_equals_antelopev2_and_ffhq_alignment_by_hand(pack, files, 
     want = engine.generate(request(unit(embedding, crop)))
     assert max_diff(got.images[0], want.images[0]) <= 1
     assert got.info["ip_adapters"][0]["face"]["found_by"].startswith("InsightFace antelopev2")
+    shown = got.info["ip_adapters"][0]["faces"][0]  # the aligned crop, for the web page
+    assert shown["faces_found"] >= 1 and Image.open(io.BytesIO(base64.b64decode(shown["crop"]))).size == (112, 112)
     with pytest.raises(NoFaceError):
         engine.generate(request({"adapter": "PuLID", "images": [no_face_image()]}))
     lonely = Engine([pack, files[0]], insightface_root=tmp_path_factory.mktemp("empty"))

@@ -84,8 +84,10 @@ class PuLIDUnitPlan(UnitPlan):
         """(antelopev2's raw embedding [1, 512], the aligned 512 crop as RGB uint8, what found the face)."""
         import numpy as np
         import torch
+        from PIL import Image
 
         from ..ipadapter.faces import ANTELOPE_PACK
+        from ..util.images import image_to_base64
         from ..ipadapter.pulid import FACE_SIZE, aligned_face
 
         where = f"ip_adapters.{self.index}"
@@ -96,14 +98,17 @@ class PuLIDUnitPlan(UnitPlan):
                                    f"{self.adapter.spec.embed_dim} floats, given inline; give one")  # fmt: skip
             crop = state.image(self.unit.aligned_face, f"{where}.aligned_face").convert("RGB")
             crop = np.asarray(crop.resize((FACE_SIZE, FACE_SIZE)) if crop.size != (FACE_SIZE, FACE_SIZE) else crop)
-            return torch.tensor(vectors, dtype=torch.float32), crop, "face embedding and aligned crop given"
+            return torch.tensor(vectors, dtype=torch.float32), crop, {"found_by": "face embedding and aligned crop given"}
         image = inputs.images[0].convert("RGB")
         if max(image.size) > MAX_SIDE:  # PuLID's resize_numpy_image_long (cv2 Lanczos; PIL's Lanczos here)
             ratio = MAX_SIDE / max(image.size)
             image = image.resize((round(image.width * ratio), round(image.height * ratio)), resample=3)
         found, origin = state.faces.face(image, f"{where}.images.0", events, pack=ANTELOPE_PACK, largest=True)
         crop = aligned_face(np.asarray(image), found.kps)
-        return torch.from_numpy(found.embedding[None].copy()), crop, f"InsightFace {ANTELOPE_PACK} ({origin})"
+        shown = {"score": round(found.score, 4), "box": list(found.box), "faces_found": found.faces_found,
+                 "crop": image_to_base64(Image.fromarray(crop).resize((112, 112)))}  # the page shows the aligned crop
+        return torch.from_numpy(found.embedding[None].copy()), crop, {"found_by": f"InsightFace {ANTELOPE_PACK} ({origin})",
+                                                                       "faces": [shown]}  # fmt: skip
 
     def active(self, step: int, total: int) -> bool:
         if self.unit.start_step is not None:
@@ -116,7 +121,8 @@ class PuLIDUnitPlan(UnitPlan):
         return {"adapter": self.label, "file": str(a.path), "variant": a.variant, "consumes": a.consumes,
                 "embed_dim": a.embed_dim, "tokens": a.tokens, "encoder": self.encoder.name,
                 "encoder_file": str(self.encoder.path), "encoder_architecture": self.encoder.spec.architecture,
-                "encoder_why": self.why, "face": face, "images": 1, "scale": self.unit.scale, "id_weight": self.unit.scale,
+                "encoder_why": self.why, "face": {k: v for k, v in face.items() if k != "faces"},
+                "faces": face.get("faces", []), "images": 1, "scale": self.unit.scale, "id_weight": self.unit.scale,
                 "start": self.unit.start, "end": self.unit.end, "start_step": self.unit.start_step,
                 "active_steps": active_steps, "masked": False, "averaged": False, "layers": None,
                 "deviation": DEVIATION}  # fmt: skip
@@ -239,7 +245,7 @@ class PuLIDPrompts:
             if (eva.shape.width, eva.shape.projection) != (u.adapter.spec.clip_width, u.adapter.spec.eva_projection):
                 raise CheckpointError(u.encoder.path, f"EVA tower of width {eva.shape.width} / cls "
                                       f"{eva.shape.projection}, but {u.label} reads {u.adapter.spec.needs}")  # fmt: skip
-            face_vector, crop, origin = u.face(state, inputs, events)
+            face_vector, crop, found = u.face(state, inputs, events)
             digest = hashlib.sha256(face_vector.numpy().tobytes() + crop.tobytes()).hexdigest()
             key = (*u.adapter.key("pulid-tokens", dtype, state.device), *u.encoder.key(), digest)
             tokens, made = state.adapters.get(key), "cache"
@@ -248,7 +254,7 @@ class PuLIDPrompts:
                 kept(state, key, tokens, sum(t.numel() * t.element_size() for t in tokens), f"{u.label} ID", events)
             self.tokens.append(tokens)
             self.modules.append(module)
-            self.faces.append({"found_by": origin, "id_tokens": made})
+            self.faces.append({"found_by": found["found_by"], "id_tokens": made, "faces": found.get("faces", [])})
 
     def apply(self, call) -> None:
         """Hooks on the transformer for this call (removed after it, however it ends), switched per step."""
