@@ -21,9 +21,11 @@ from tools.soak import (
     failing_menu,
     faceid_menu,
     fresh_references,
+    instantid_menu,
     lora_menu,
     pack_images,
     random_requests,
+    redux_menu,
     sd15_menu,
     sdxl_menu,
     soak,
@@ -34,8 +36,9 @@ from tools.soak import (
 
 @pytest.fixture(scope="module")
 def roots(pack, tmp_path_factory) -> list[str]:
-    """The pack plus an A1111-style folder: LoRAs, an embedding, a VAE, and bad files (a truncated adapter and
-    LoRA, an SDXL-width adapter), and a ComfyUI FLUX tree (a GGUF transformer alone, its parts, two FLUX LoRAs)."""
+    """The pack plus an A1111-style folder: LoRAs, an embedding, a VAE, a FLUX Redux with its SigLIP, InstantID
+    with its IdentityNet and antelopev2 (with InsightFace), and bad files (a truncated adapter and LoRA, an
+    SDXL-width adapter), and a ComfyUI FLUX tree (a GGUF transformer alone, its parts, two FLUX LoRAs)."""
     extra = shared_folder(tmp_path_factory, "extra")  # shared by the workers, so their references are too
     with locked(extra):
         if not (extra / "done").is_file():
@@ -77,11 +80,16 @@ def comfy_failures(images: dict[str, str]) -> dict[str, dict]:
                                   "width": 64, "height": 64}}  # fmt: skip
 
 
+def every_valid(roots: list[str], images: dict[str, str]) -> dict[str, dict]:
+    """Every menu's valid requests: the families, adapters, LoRAs, ControlNets, FaceID, Redux and InstantID."""
+    return (sd15_menu(images) | sdxl_menu(images) | lora_menu(images) | faceid_menu(roots[1]) | transformer_menu(images)
+            | controlnet_menu(images) | comfy_menu(images) | redux_menu(images) | instantid_menu(roots[1], images))
+
+
 @pytest.fixture(scope="module")
 def fresh_paths(roots, images, tmp_path_factory) -> dict[str, Path]:
     """Each valid request's image, computed as the only request of a brand-new Python process."""
-    valid = (sd15_menu(images) | sdxl_menu(images) | lora_menu(images) | faceid_menu(roots[1]) | transformer_menu(images)
-             | controlnet_menu(images) | comfy_menu(images))
+    valid = every_valid(roots, images)
     folder = shared_folder(tmp_path_factory, "fresh")  # references are kept by request: one worker computes them,
     with locked(folder):  # in two processes of one thread each, while the other waits for them
         return fresh_references(roots, valid, folder, workers=2)
@@ -103,8 +111,7 @@ def test_fresh_references_are_distinct(fresh):
 @settings(max_examples=8, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(data=st.data())
 def test_any_sequence_gives_fresh_process_pixels(roots, images, fresh, data):
-    valid = (sd15_menu(images) | sdxl_menu(images) | lora_menu(images) | faceid_menu(roots[1]) | transformer_menu(images)
-             | controlnet_menu(images) | comfy_menu(images))
+    valid = every_valid(roots, images)
     bad = failing_menu(images, roots[1]) | comfy_failures(images)
     budget = data.draw(st.sampled_from([None, 1]), label="encoder cache budget (1 byte: evict on every switch)")
     sequence = data.draw(
@@ -233,6 +240,28 @@ def test_every_split_flux_request_after_every_other(roots, images, fresh):
             assert max_diff(result.images[0], fresh[name]) == 0, f"{name} (step {i}, budget {budget}) after {previous}"
 
 
+def test_every_redux_and_instantid_request_after_every_other(roots, images, fresh):
+    """FLUX Redux (beside an XLabs unit, with a FLUX LoRA) and InstantID (alone, with a pose image and a ControlNet
+    beside its IdentityNet) in every order with FaceID and plain SDXL requests and their failures (Redux on SD 3.5,
+    InstantID without a face), with caches of one byte (encoders, embeddings, ControlNets, LoRAs evicted whenever
+    another is needed): no Redux token, face, IdentityNet or LoRA lingers. (Redux alone and the rest of the menus
+    meet them in the property test above.)"""
+    redux, faceid = redux_menu(images), faceid_menu(roots[1])
+    valid = ({n: redux[n] for n in ("redux+xlabs", "redux+lora")} | instantid_menu(roots[1], images)
+             | {n: faceid[n] for n in ("faceid-image",) if faceid} | {"xl-none": sdxl_menu(images)["xl-none"]})
+    bad = failing_menu(images, roots[1])
+    failures = ("redux-on-sd35", "instantid-no-face")
+    sequence = every_ordered_pair(sorted(valid))
+    engine = Engine(roots, cache_budget=1, embedding_cache_budget=1, controlnet_cache_budget=1, lora_cache_budget=1)
+    for i, name in enumerate(sequence):
+        if i % 4 == 3:
+            with pytest.raises(ImpromptError):
+                engine.generate(bad[failures[i // 4 % 2]])
+        result = engine.generate(valid[name])
+        previous = sequence[i - 1] if i else "nothing"
+        assert max_diff(result.images[0], fresh[name]) == 0, f"{name} (step {i}) after {previous}"
+
+
 def test_failures_name_their_cause(roots, images):
     engine = Engine(roots)
     bad = failing_menu(images, roots[1])
@@ -258,6 +287,9 @@ def test_failures_name_their_cause(roots, images):
         assert "FLUX.1" in messages[name] and "SD 3.5" in messages[name] and "width 32" in messages[name], messages[name]
     assert "image_embeds[1280]" in messages["flux-with-bigg"] and "image_embeds[768]" in messages["flux-with-bigg"]
     assert "one IP-Adapter" in messages["two-units-on-sd35"]
+    assert "FLUX Redux" in messages["redux-on-sd35"] and "SD 3.5" in messages["redux-on-sd35"]
+    if instantid_menu(roots[1], images):
+        assert "no face found" in messages["instantid-no-face"] and "antelopev2" in messages["instantid-no-face"]
 
 
 def test_soak_48_requests(roots, images, tmp_path_factory):

@@ -103,6 +103,24 @@ def write_extra_models(folder: Path, pack: Path) -> Path:
     return folder
 
 
+REDUX_FILE = "style_models/flux1-redux-dev.safetensors"  # ComfyUI's place for BFL's file
+REDUX_SIGLIP = "style_models/image_encoder"  # beside it: the SigLIP the encoder rule pairs it with first
+
+
+def write_redux_model(folder: Path, pack: Path) -> Path:
+    """BFL's Redux file for the pack's tiny FLUX (`redux_down` as wide as its T5) in `folder/style_models/`, and a
+    tiny SigLIP beside it with so400m's grid (27 x 27 patches at 384 px: 729 tokens; 16 tokens beside T5's 512 barely
+    move the tiny FLUX); the demo pack's own writers (`imprompt.demo.tiny_dits`), as tests/test_redux.py uses them.
+    Returns the Redux file."""
+    from imprompt.demo.pack import FLUX_MODEL
+    from imprompt.demo.tiny_dits import build_siglip_vision, transformer_config, write_redux
+
+    width = transformer_config(Path(pack) / "diffusers" / FLUX_MODEL)["joint_attention_dim"]
+    write_redux(Path(folder) / REDUX_FILE, width)
+    build_siglip_vision(Path(folder) / REDUX_SIGLIP, dtype=torch.float32, image_size=384)
+    return Path(folder) / REDUX_FILE
+
+
 def faceid_adapter(pipe, seed: int, tokens: int = 4, lora_rank: int | None = 4, face_width: int = 512) -> dict:
     """An h94 FaceID adapter for the pipeline's UNet, flat safetensors keys: `image_proj.proj.0/2` and `norm` (the
     face-embedding MLP), `ip_adapter.<n>.to_k_ip/to_v_ip` on cross-attention processors, and (with `lora_rank`) the

@@ -30,7 +30,7 @@ import psutil
 from imprompt.demo.tiny_models import write_adapter
 
 from .controlnet_models import write_controlnets
-from .extra_models import write_extra_models
+from .extra_models import write_extra_models, write_redux_model
 
 
 def _request(*units, model="tiny-sd15", seed=1, steps=4, **fields) -> dict:
@@ -248,6 +248,40 @@ def faceid_menu(extra: Path) -> dict[str, dict]:
     }
 
 
+def redux_menu(images: dict[str, str], lora: str | None = "flux-detail") -> dict[str, dict]:
+    """FLUX Redux on the pack's tiny FLUX (`write_extra_files` writes the file and its SigLIP): alone, beside an
+    XLabs unit (two images' downsampled grids appended), and with a FLUX LoRA (`lora`, a ComfyUI tree's; None
+    leaves that request out)."""
+    red, yellow, white = images["red-circle"], images["yellow-square"], images["white-triangle"]
+    flux = {"model": "tiny-flux", "cfg_scale": 3.5, "steps": 3}
+    menu = {
+        "redux": _request(_unit("FLUX Redux", red, scale=1.0), seed=31, **flux),
+        "redux+xlabs": _request(_unit("FLUX XLabs", yellow, scale=0.7),
+                                _unit("FLUX Redux", white, red, scale=0.8, downsample=3), seed=32, **flux),  # fmt: skip
+    }
+    if lora:
+        menu["redux+lora"] = _request(_unit("FLUX Redux", yellow, scale=0.9), prompt=f"a cat <lora:{lora}:0.8>",
+                                      seed=33, **flux)  # fmt: skip
+    return menu
+
+
+def instantid_menu(extra: Path, images: dict[str, str]) -> dict[str, dict]:
+    """InstantID on the pack's tiny SDXL (where InsightFace is installed: `write_extra_files` then writes the tiny
+    adapter, its IdentityNet and an antelopev2 pack): alone, and with a pose image and a plain SDXL ControlNet
+    beside the IdentityNet; empty without InsightFace."""
+    faces = sorted(str(p) for p in (Path(extra) / "faces").glob("face-*.png"))
+    if not faces or not (Path(extra) / "instantid" / "checkpoints" / "ip-adapter.bin").is_file():
+        return {}
+    xl = {"model": "tiny-sdxl", "steps": 3}
+    return {
+        "instantid": _request(_unit("InstantID", faces[0], scale=0.8, controlnet_scale=0.7), seed=41, **xl),
+        "instantid+controlnet": _request(_unit("InstantID", faces[1], scale=0.6, controlnet_scale=0.5,
+                                               pose_image=faces[0]),
+                                         controlnets=[_control("tiny-sdxl-controlnet", images["white-triangle"],
+                                                               weight=0.8)], seed=42, **xl),  # fmt: skip
+    }
+
+
 def failing_menu(images: dict[str, str], extra: Path | None = None) -> dict[str, dict]:
     """Requests that must fail with a typed error (the extra root from `write_extra_files` provides the files)."""
     red = images["red-circle"]
@@ -277,15 +311,27 @@ def failing_menu(images: dict[str, str], extra: Path | None = None) -> dict[str,
         "two-units-on-sd35": _request(_unit("SD3.5 Large", red), _unit("SD3.5 Large", red), model="tiny-sd35"),
         "sdxl-controlnet-on-sd15": _request(_unit("Base", red), controlnets=[_control("tiny-sdxl-controlnet", red)]),
         "controlnet-bad-module": _request(controlnets=[_control("control_tiny_sd15_canny", red, module="nope")]),
+        "redux-on-sd35": _request(_unit("FLUX Redux", red), model="tiny-sd35", cfg_scale=5.0),
+        "instantid-no-face": _request(_unit("InstantID", no_face, controlnet_scale=0.7), model="tiny-sdxl"),
     }
 
 
 def write_extra_files(folder: Path, pack: Path) -> Path:
     """A truncated adapter and an SDXL-width adapter (refused on SD 1.5), for the failing requests; LoRAs, an
-    embedding and a VAE (`tools/extra_models.py`) and the tiny ControlNets (`tools/controlnet_models.py`), for the
-    others."""
+    embedding, a VAE, a FLUX Redux with its SigLIP (`tools/extra_models.py`), the tiny ControlNets
+    (`tools/controlnet_models.py`) and, where InsightFace is installed, a tiny InstantID with its IdentityNet
+    (`tools/instantid_models.py`) and an antelopev2 pack beside buffalo_l, for the others."""
     folder.mkdir(parents=True, exist_ok=True)
     write_extra_models(folder, pack)
+    # a folder deeper than the pack's clip_vision/: SD 3.5's adapter keeps the pack's SigLIP (the encoder rule
+    # prefers the shallower path among equals), Redux pairs with the one beside it
+    write_redux_model(folder / "redux", pack)
+    if (folder / "faces").is_dir():  # InsightFace is installed (`write_extra_models` wrote its faces)
+        from .insightface_pack import write_insightface_pack
+        from .instantid_models import write_instantid
+
+        write_instantid(folder / "instantid", pack)
+        write_insightface_pack(folder / "insightface", "antelopev2")
     good = (pack / "IP-Adapter" / "models" / "ip-adapter_sd15.safetensors").read_bytes()
     (folder / "ip-adapter_broken.safetensors").write_bytes(good[: len(good) // 2])
     write_adapter(folder / "ip-adapter_sdxl_test.safetensors", "base", 1280, [640, 1280], 2048, seed=99)
@@ -422,7 +468,9 @@ def main(argv: list[str] | None = None) -> int:
     pack = build_demo_pack(args.models)
     roots = [str(pack.resolve()), str(write_extra_files(args.work / "extra", pack).resolve())]
     images = pack_images(pack)
-    valid = random_requests(args.distinct, args.seed, images) | faceid_menu(Path(roots[1]))
+    extra = Path(roots[1])
+    valid = (random_requests(args.distinct, args.seed, images) | faceid_menu(extra) | redux_menu(images, lora=None)
+             | instantid_menu(extra, images))
     failing = failing_menu(images, Path(roots[1]))
     references = fresh_references(roots, valid, args.work / "references")
     report = soak(roots, valid, failing, references, args.requests, args.seed, cache_budget=args.cache_budget,
