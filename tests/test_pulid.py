@@ -11,6 +11,7 @@ own FluxPipeline with each PuLID block's forward wrapped by hand. Tiny models in
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -335,7 +336,191 @@ def test_pulid_on_another_model_is_refused_before_compute(pack, files, model, fa
     assert engine.generate(request()).images  # the next request is unaffected
 
 
-def test_pulid_sdxl_v11_is_recognised_and_refused(pack, files, tmp_path):
+def test_pulid_sdxl_v11_is_recognised_and_refused_where_it_does_not_run(pack, files, tmp_path, red_circle):
+    from imprompt import Engine
+    from imprompt.demo.tiny_dits import write_pulid_sdxl
+    from imprompt.errors import IncompatibleError, RequestError, UnsupportedError
+    from imprompt.models.probe import probe
+
+    write_pulid_sdxl(tmp_path / "pulid_v1.1.safetensors", [64] * 70)  # tiny-sdxl's 70 attn2 layers, all 64 wide
+    spec = probe(tmp_path / "pulid_v1.1.safetensors")
+    assert (spec.variant, spec.family, len(spec.layer_widths), spec.clip_width, spec.eva_projection) == (
+        "pulid-sdxl", "SDXL", 70, 128, 32)
+    engine = Engine([pack, files[0], tmp_path])
+    embedding, crop = face_inputs()
+    sdxl = unit(embedding, crop, adapter="PuLID SDXL v1.1")
+    with pytest.raises(IncompatibleError, match="PuLID SDXL v1.1.*is for SDXL models, but model flux-pulid is FLUX.1"):
+        engine.generate(request(sdxl))
+    with pytest.raises(UnsupportedError, match="run PuLID SDXL alone"):
+        engine.generate(request({"adapter": "Base SDXL", "images": [red_circle]}, sdxl, model="tiny-sdxl", cfg_scale=7.0))
+    with pytest.raises(RequestError, match="num_zero.*PuLID SDXL v1.1's"):
+        engine.generate(request(unit(embedding, crop, num_zero=8)))
+    assert engine.cache_info()["pipelines"]["entries"] == []  # all refused before anything loaded
+
+
+# ------------------------------------------------------------------------------------------------ the files
+
+
+def test_files_are_read_from_their_tensors(files):
+    import shutil
+
+    from imprompt.models.probe import probe
+
+    root, _, _ = files
+    spec = probe(root / PULID_FILE)
+    assert (spec.kind, spec.variant, spec.architecture, spec.encoder_type) == ("ip-adapter", "pulid", "flux", "antelopev2")
+    assert (spec.embed_dim, spec.clip_width, spec.eva_projection, spec.tokens, len(spec.layer_widths)) == (512, 128, 32, 8, 4)
+    assert spec.needs.startswith("InsightFace antelopev2 face_embeds[512] + eva-clip hidden_states[128] and cls[32]")
+    eva = probe(root / EVA_FILE)
+    assert (eva.kind, eva.model_type, eva.hidden_size, eva.projection_dim, eva.num_layers) == (
+        "image-encoder", "eva-clip", 128, 32, 21)
+    shutil.copy(root / PULID_FILE, root / "renamed.safetensors")  # the name plays no part
+    assert probe(root / "renamed.safetensors").variant == "pulid"
+    (root / "renamed.safetensors").unlink()
+
+
+# ------------------------------------------------------------------------------------------------ FLUX, end to end
+
+
+def face_inputs():
+    """A raw antelopev2-like embedding (not normed) and an aligned 512 crop."""
+    import numpy as np
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(9)
+    embedding = torch.randn(1, 512, generator=g) * 1.5
+    y, x = np.mgrid[0:512, 0:512]
+    crop = np.stack([(x // 2) % 256, (y // 2) % 256, ((x + y) // 4) % 256], axis=-1).astype(np.uint8)
+    crop[180:330, 180:330] = (200, 150, 120)
+    return embedding, Image.fromarray(crop)
+
+
+def ref_tokens(eva_sd, sd, embedding, crop):
+    """PuLID's get_id_embedding after the face is found: gray crop (0.299 R + 0.587 G + 0.114 B), bicubic to the
+    tower's size, OpenAI mean/std; cat(raw embedding, normed cls); the IDFormer, and the IDFormer on zeros."""
+    import numpy as np
+
+    image = torch.from_numpy(np.asarray(crop, np.float32) / 255).permute(2, 0, 1)[None]
+    gray = (0.299 * image[:, :1] + 0.587 * image[:, 1:2] + 0.114 * image[:, 2:]).expand(1, 3, -1, -1)
+    size = eva_sd["visual.patch_embed.proj.weight"].shape[-1] * round((eva_sd["visual.pos_embed"].shape[1] - 1) ** 0.5)
+    gray = F.interpolate(gray, size=(size, size), mode="bicubic", antialias=True)
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+    cls, hidden = ref_eva(eva_sd, (gray - mean) / std)
+    vector = torch.cat([embedding.double(), cls / cls.norm(dim=-1, keepdim=True)], dim=-1)
+    zeros = ref_idformer(sd, torch.zeros_like(vector), [torch.zeros_like(h) for h in hidden])
+    return ref_idformer(sd, vector, hidden).float(), zeros.float()
+
+
+def reference(root, sd, cond, uncond, weight, first_step, **call):
+    """diffusers' FluxPipeline, each PuLID block's forward wrapped by hand: after double blocks 0, 2 and single
+    blocks 0, 4, `image += weight * ca(id, image)` from step `first_step` on; the first transformer pass of a step
+    reads the ID tokens, the true-CFG negative pass the uncond ones (PuLID's flux/model.py and sampling.py)."""
+    from diffusers import FluxPipeline
+
+    flux = FluxPipeline.from_pretrained(root / "diffusers" / MODEL)
+    flux.set_progress_bar_config(disable=True)
+    state = {"step": 0, "pass": 0}
+    t = flux.transformer
+    blocks = [t.transformer_blocks[i] for i in range(0, DOUBLE, 2)] + [t.single_transformer_blocks[j] for j in range(0, SINGLE, 4)]
+    for k, block in enumerate(blocks):
+        def wrapped(*args, forward=block.forward, k=k, **kwargs):
+            text, image = forward(*args, **kwargs)
+            if state["step"] >= first_step:
+                ids = cond if state["pass"] == 1 else uncond
+                image = image + weight * ref_ca(sd, k, ids.to(image), image)
+            return text, image
+
+        block.forward = wrapped
+    forward = t.forward
+
+    def counted(*args, **kwargs):
+        state["pass"] += 1
+        return forward(*args, **kwargs)
+
+    t.forward = counted
+
+    def step_end(pipe, i, timestep, tensors):
+        state["step"], state["pass"] = i + 1, 0
+        return tensors
+
+    return flux(prompt="a portrait", num_inference_steps=3, width=64, height=64, guidance_scale=3.5,
+                generator=torch.Generator().manual_seed(1), callback_on_step_end=step_end, **call).images[0]
+
+
+def request(*units, **fields) -> dict:
+    return {"model": MODEL, "prompt": "a portrait", "seed": 1, "steps": 3, "width": 64, "height": 64,
+            "cfg_scale": 3.5, "ip_adapters": list(units), **fields}
+
+
+def unit(embedding, crop, **fields) -> dict:
+    return {"adapter": "PuLID", "face_embeddings": embedding.tolist(), "aligned_face": crop, **fields}
+
+
+@pytest.fixture(scope="module")
+def engine(pack, files):
+    from imprompt import Engine
+
+    return Engine([pack, files[0]])
+
+
+def test_pulid_equals_diffusers_flux_with_hand_written_block_hooks(files, engine):
+    from conftest import max_diff
+
+    root, eva_sd, sd = files
+    embedding, crop = face_inputs()
+    cond, uncond = ref_tokens(eva_sd, sd, embedding, crop)
+    got = engine.generate(request(unit(embedding, crop, scale=0.8, start_step=1)))
+    want = reference(root, sd, cond, uncond, 0.8, 1)
+    assert max_diff(got.images[0], want) <= 1
+    info = got.info["ip_adapters"][0]
+    assert (info["adapter"], info["encoder"], info["active_steps"], info["id_weight"]) == (
+        "PuLID FLUX v0.9.1", "EVA02_CLIP_L_336_psz14_s6B", [1, 2], 0.8)
+    assert "BiSeNet" in info["deviation"] and any("BiSeNet" in w for w in got.info["warnings"])
+    plain = engine.generate(request())
+    assert max_diff(got.images[0], plain.images[0]) > 10  # the ID acts
+    # true CFG: the negative pass reads the uncond tokens; from step 0 (start 0)
+    cfg = engine.generate(request(unit(embedding, crop), negative_prompt="blurry", true_cfg_scale=2.0))
+    want = reference(root, sd, cond, uncond, 1.0, 0, negative_prompt="blurry", true_cfg_scale=2.0)
+    assert max_diff(cfg.images[0], want) <= 1
+
+
+def test_switching_pulid_plain_pulid_leaves_nothing_behind(pack, files):
+    from conftest import max_diff
+
+    from imprompt import Engine
+
+    engine = Engine([pack, files[0]])
+    embedding, crop = face_inputs()
+    first = engine.generate(request(unit(embedding, crop)))
+    plain = engine.generate(request())
+    again = engine.generate(request(unit(embedding, crop)))
+    assert max_diff(first.images[0], again.images[0]) == 0
+    assert [r.info["ip_adapters"][0]["face"]["id_tokens"] for r in (first, again)] == ["computed", "cache"]
+    assert max_diff(plain.images[0], Engine([pack, files[0]]).generate(request()).images[0]) == 0
+    transformer = engine.state.pipelines.all()[0].pipeline.transformer
+    hooks = [m for m in transformer.modules() if m._forward_hooks or m._forward_pre_hooks]
+    assert hooks == []  # nothing left on the model
+
+
+@pytest.mark.parametrize("model, family", [("tiny-sd35", "SD 3.5"), ("tiny-sd15", "SD 1.5"), ("tiny-sdxl", "SDXL"),
+                                           ("tiny-flux", "FLUX.1")])  # fmt: skip
+def test_pulid_on_another_model_is_refused_before_compute(pack, files, model, family):
+    """Another family, or a FLUX of other depths (the demo pack's: 2 double + 1 single blocks take 2 CAs, not 4)."""
+    from imprompt import Engine
+    from imprompt.errors import IncompatibleError
+
+    engine = Engine([pack, files[0]])
+    embedding, crop = face_inputs()
+    with pytest.raises(IncompatibleError) as raised:
+        engine.generate(request(unit(embedding, crop), model=model))
+    message = str(raised.value)
+    assert "PuLID" in message and "FLUX.1" in message and family in message and model in message and MODEL in message
+    assert engine.cache_info()["pipelines"]["entries"] == []  # nothing loaded
+    assert engine.generate(request()).images  # the next request is unaffected
+
+
+def _old_sdxl_refusal(pack, files, tmp_path):
     from safetensors.torch import save_file
 
     from imprompt import Engine
@@ -497,3 +682,107 @@ def test_the_real_layouts_build_exactly_and_are_recognised():
     spec = recognise("EVA02_CLIP_L_336_psz14_s6B.pt", eva)
     assert (spec.model_type, spec.architecture, spec.image_size, spec.hidden_size, spec.projection_dim) == (
         "eva-clip", "EVA02-CLIP-L-14-336", 336, 1024, 768)
+
+
+# ------------------------------------------------------------------------------------------------ SDXL v1.1
+
+
+def ref_id_processor(layer: dict, tokens, scale, num_zero, mode):
+    """PuLID's IDAttnProcessor2_0 (pulid/attention_processor.py) for one attn2 of diffusers' SDXL UNet, as plain
+    arithmetic: the text attention, then the ID attention over [ID tokens, num_zero zeros] through id_to_k/v, added
+    (off), or its part orthogonal to the text output over tokens (v1), or v2's: the projection weighted by the
+    head-mean softmax of q·k_id (unscaled) summed over the first 5 ID tokens, minus 1; fp32; then to_out."""
+
+    def processor(attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        assert attention_mask is None and attn.group_norm is None and not attn.residual_connection
+        b, n, _ = hidden_states.shape
+        heads = attn.heads
+
+        def split(x):
+            return x.reshape(b, x.shape[1], heads, -1).permute(0, 2, 1, 3)
+
+        q = split(attn.to_q(hidden_states))
+        k, v = split(attn.to_k(encoder_hidden_states)), split(attn.to_v(encoder_hidden_states))
+        d = q.shape[-1]
+        h = ((q @ k.transpose(-2, -1)) / d**0.5).softmax(-1) @ v
+        h = h.permute(0, 2, 1, 3).reshape(b, n, -1)
+        ids = torch.cat([tokens, torch.zeros(b, num_zero, tokens.shape[-1])], dim=1)
+        ik, iv = split(ids @ layer["id_to_k"].T), split(ids @ layer["id_to_v"].T)
+        h_id = (((q @ ik.transpose(-2, -1)) / d**0.5).softmax(-1) @ iv).permute(0, 2, 1, 3).reshape(b, n, -1)
+        if mode == "off":
+            h = h + scale * h_id
+        else:
+            proj = (h * h_id).sum(-2, keepdim=True) / (h * h).sum(-2, keepdim=True) * h
+            if mode == "v1":
+                h = h + scale * (h_id - proj)
+            else:
+                share = (q @ ik.transpose(-2, -1)).softmax(-1).mean(1)[:, :, :5].sum(-1, keepdim=True)
+                h = h + scale * (h_id + (share - 1) * proj)
+        return attn.to_out[0](h)
+
+    return processor
+
+
+@pytest.mark.parametrize("mode, num_zero", [("v2", 20), ("v1", 8), ("off", 0)])
+def test_pulid_sdxl_equals_diffusers_sdxl_with_hand_written_processors(pack, files, tmp_path_factory, mode, num_zero):
+    from conftest import max_diff
+    from diffusers import StableDiffusionXLPipeline
+
+    from imprompt import Engine
+    from imprompt.demo.tiny_dits import write_pulid_sdxl
+
+    root, eva_sd, _ = files
+    sdxl = StableDiffusionXLPipeline.from_pretrained(pack / "diffusers" / "tiny-sdxl")
+    sdxl.set_progress_bar_config(disable=True)
+    names = list(sdxl.unet.attn_processors)
+    modules = dict(sdxl.unet.named_modules())
+    widths = [modules[name.removesuffix(".processor")].to_k.out_features for name in names[1::2]]
+    folder = tmp_path_factory.mktemp("pulid-sdxl")
+    sd = write_pulid_sdxl(folder / "pulid_v1.1.safetensors", widths)
+    embedding, crop = face_inputs()
+    cond, uncond = ref_tokens(eva_sd, {k.replace("id_adapter.", "pulid_encoder."): v for k, v in sd.items()},
+                              embedding, crop)  # fmt: skip
+    processors = dict(sdxl.unet.attn_processors)
+    for k in range(1, len(names), 2):
+        layer = {n: sd[f"id_adapter_attn_layers.{k}.{n}.weight"] for n in ("id_to_k", "id_to_v")}
+        processors[names[k]] = ref_id_processor(layer, torch.cat([uncond, cond]), 0.8, num_zero, mode)
+    sdxl.unet.set_attn_processor(processors)
+    # a negative prompt: SDXL's empty one is zeros, whose text output PuLID's ortho divides by (0 / 0)
+    want = sdxl("a portrait", negative_prompt="blurry", num_inference_steps=3, width=64, height=64, guidance_scale=7.0,
+                generator=torch.Generator().manual_seed(1)).images[0]  # fmt: skip
+    engine = Engine([pack, root, folder])
+    fields = dict(model="tiny-sdxl", cfg_scale=7.0, negative_prompt="blurry")
+    got = engine.generate(request(unit(embedding, crop, adapter="PuLID SDXL v1.1", scale=0.8, num_zero=num_zero,
+                                       ortho=mode), **fields))  # fmt: skip
+    assert max_diff(got.images[0], want) <= 1
+    plain = engine.generate(request(**fields))
+    assert max_diff(got.images[0], plain.images[0]) > 2  # the ID acts
+    assert max_diff(plain.images[0], Engine(pack).generate(request(**fields)).images[0]) == 0  # nothing left behind
+    with warnings.catch_warnings():  # an empty negative (zeros): no NaN reaches the image ("invalid value in cast")
+        warnings.simplefilter("error", RuntimeWarning)
+        engine.generate(request(unit(embedding, crop, adapter="PuLID SDXL v1.1", ortho=mode), model="tiny-sdxl",
+                                cfg_scale=7.0))  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", ["off", "v1", "v2"])
+def test_id_attention_processor_equals_the_reference_where_the_projection_matters(mode):
+    """One cross-attention, fp64, ID projections equal to the text ones and ID tokens equal to the text's first
+    tokens: the ID output then lies close to the text output, so the ortho projections are large and every term
+    of them shows."""
+    from diffusers.models.attention_processor import Attention
+
+    from imprompt.ipadapter.pulid import IDAttnProcessor, IDLayer, SDXLRun
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=64, cross_attention_dim=96, heads=2, dim_head=32).double()
+    layer = IDLayer(64, 96).double()
+    layer.id_to_k.weight.data, layer.id_to_v.weight.data = attn.to_k.weight.data.clone(), attn.to_v.weight.data.clone()
+    hidden, text = torch.randn(2, 16, 64, dtype=torch.float64), torch.randn(2, 12, 96, dtype=torch.float64)
+    cond, uncond = text[1:, :8] * 1.1, text[:1, :8] * 0.9
+    run = SDXLRun(cond, uncond, 0.7, 4, mode, guided=True)
+    got = IDAttnProcessor(layer, run)(attn, hidden, text)
+    weights = {"id_to_k": layer.id_to_k.weight.data, "id_to_v": layer.id_to_v.weight.data}
+    want = ref_id_processor(weights, torch.cat([uncond, cond]), 0.7, 4, mode)(attn, hidden, text)
+    assert (got - want).abs().max() < 1e-6  # the ortho modes run in fp32, as PuLID's code
+    plain = ref_id_processor(weights, torch.cat([uncond, cond]), 0.0, 4, mode)(attn, hidden, text)
+    assert (got - plain).abs().max() > 1e-2

@@ -117,6 +117,12 @@ class IPAdapterUnit(BaseModel):
     start_step: int | None = Field(
         None, ge=0, le=1000, description="PuLID: the first step its ID acts at (PuLID's start_step); else `start`"
     )
+    num_zero: int | None = Field(
+        None, ge=0, le=80, description="PuLID SDXL v1.1: zero tokens appended to the ID tokens (SD.Next's Zero); default 20"
+    )
+    ortho: Literal["off", "v1", "v2"] | None = Field(
+        None, description="PuLID SDXL v1.1: how the ID attention is added (SD.Next's Ortho); default v2"
+    )
 
     @field_validator("masks")
     @classmethod

@@ -25,7 +25,7 @@ from .faceid import plan_face_unit
 from .instantid import IdentityNetUnit, InstantIDInputs, InstantIDUnitPlan, find_adapter, identity_units, is_instantid
 from .instantid import plan_instantid_unit
 from .ip_adapter import UnitInputs, UnitPlan, plan_image_unit, unit_weights
-from .pulid import PuLIDPrompts, PuLIDUnitPlan, is_pulid, plan_pulid_unit
+from .pulid import PuLIDPrompts, PuLIDUnitPlan, check_alone, is_pulid, plan_pulid_unit
 from .redux import ReduxPrompts, ReduxUnitPlan, is_redux, plan_redux_unit
 
 if TYPE_CHECKING:  # torch-heavy modules are imported where used: planning stays light (no torch)
@@ -80,7 +80,8 @@ def plan_unit(index: int, unit: IPAdapterUnit, store: ModelStore, pipeline: Entr
         return plan_instantid_unit(index, unit, adapter, store, pipeline)
     if is_pulid(adapter):  # PuLID: an ID encoder and CAs hooked into FLUX's blocks (`pulid.py`)
         return plan_pulid_unit(index, unit, adapter, store, pipeline)
-    for field_name, given in (("aligned_face", unit.aligned_face is not None), ("start_step", unit.start_step is not None)):
+    for field_name, given in (("aligned_face", unit.aligned_face is not None), ("start_step", unit.start_step is not None),
+                              ("num_zero", unit.num_zero is not None), ("ortho", unit.ortho is not None)):  # fmt: skip
         if given:
             raise RequestError(f"ip_adapters.{index}.{field_name}: acts on PuLID units only, but {unit.adapter} is "
                                f"{adapter.spec.variant}; leave it out")  # fmt: skip
@@ -140,6 +141,7 @@ def plan(request: GenerateRequest, model: Entry, state, inputs: list[UnitInputs]
         check_for_transformer(request, model, units)
     redux = ReduxPrompts(tuple(u for u in planned if isinstance(u, ReduxUnitPlan)),
                          [inputs[u.index] for u in planned if isinstance(u, ReduxUnitPlan)])  # fmt: skip
+    check_alone(units, tuple(u for u in planned if isinstance(u, PuLIDUnitPlan)))
     pulid = PuLIDPrompts(tuple(u for u in planned if isinstance(u, PuLIDUnitPlan)),
                          [inputs[u.index] for u in planned if isinstance(u, PuLIDUnitPlan)])  # fmt: skip
     return ImagePrompts(units, [inputs[u.index] for u in units], request.cfg_scale, request.true_cfg_scale > 1.0,

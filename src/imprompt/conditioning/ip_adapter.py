@@ -207,7 +207,9 @@ def check_fits(adapter: Entry, pipeline: Entry, store: ModelStore | None = None)
 
 def fits(adapter: Entry, pipeline: Entry) -> bool:
     a, p = adapter.spec, pipeline.spec
-    if a.variant in ("pulid", "pulid-sdxl"):  # PuLID FLUX: CAs reading FLUX's hidden width after its double blocks
+    if a.variant == "pulid-sdxl":  # PuLID v1.1: ID projections on every cross-attention of an SDXL UNet
+        return p.architecture == "unet" and tuple(a.layer_widths) == tuple(p.layer_widths)
+    if a.variant == "pulid":  # PuLID FLUX: CAs reading FLUX's hidden width after its double blocks
         cas = -(-len(p.layer_widths) // 2) + -(-p.single_blocks // 4)  # PuLID's num_ca (single blocks: 0 if unread)
         return (a.variant == "pulid" and p.architecture == "flux" and p.layer_widths[:1] == (a.cross_attention_dim,)
                 and (cas == len(a.layer_widths) if p.single_blocks else cas < len(a.layer_widths)))  # fmt: skip

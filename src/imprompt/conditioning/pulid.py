@@ -1,4 +1,4 @@
-"""A PuLID unit (FLUX, v0.9.x): a face made into ID tokens that the file's cross-attentions add to FLUX's blocks.
+"""A PuLID unit: a face made into ID tokens that FLUX's blocks (v0.9.x) or SDXL's cross-attentions (v1.1) read.
 
 What it reads, as PuLID's `get_id_embedding` does (ToTheBeginning/PuLID, `pulid/pipeline_flux.py`):
 - the image, its long edge resized to at most 1024; InsightFace's `antelopev2` pack, the face of largest box, its
@@ -16,7 +16,14 @@ Parameters: `scale` is PuLID's `id_weight` (ComfyUI's ApplyPulidFlux `weight`; S
 PuLID's integer start step, or else `start` / `end` as fractions of the steps (ComfyUI's `start_at` / `end_at`,
 applied to step indices as every imprompt unit is). Under FLUX's true CFG (`true_cfg_scale` > 1 with a negative
 prompt) the negative pass reads the uncond tokens, as PuLID's sampler does (diffusers runs true CFG at every step;
-PuLID's from its step 1). One PuLID unit per request, one face (PuLID's FLUX code reads one image).
+PuLID's from its step 1). One PuLID unit per request, one face (PuLID's FLUX code reads one image; v1.1's takes
+up to four, which imprompt does not yet).
+
+SDXL v1.1 (`pulid_v1.1.safetensors`, PuLID's `pipeline_v1_1.py` and `IDAttnProcessor2_0`): the same ID tokens, read
+by every cross-attention through the file's `id_to_k` / `id_to_v` beside the text (`num_zero` zero tokens appended:
+SD.Next's Zero, default 20; `ortho` "off" / "v1" / "v2": SD.Next's Ortho, default v2), the negative row reading the
+uncond tokens; `scale` is PuLID's `id_scale` (SD.Next's Strength). It takes the UNet's cross-attention processors
+for the call, so it runs without IP-Adapter units beside it.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from .ip_adapter import UnitInputs, UnitPlan, fits
 log = logging.getLogger("imprompt")
 
 FACE_PACK = "antelopev2"  # the pack PuLID was trained with (ipadapter/faces.ANTELOPE_PACK)
+SDXL_NUM_ZERO, SDXL_ORTHO = 20, "v2"  # PuLID v1.1's app defaults (and SD.Next's Zero / Ortho)
 MAX_SIDE = 1024  # PuLID resizes the image's long edge to at most this before finding the face
 DEVIATION = ("face aligned on antelopev2's five landmarks (PuLID: facexlib RetinaFace's); no BiSeNet parsing: the "
              "whole aligned crop in gray (PuLID: background, ears, neck, cloth painted white)")  # fmt: skip
@@ -118,7 +126,7 @@ class PuLIDUnitPlan(UnitPlan):
     def describe(self, faces, face: dict, active_steps: list[int]) -> dict:
         """The unit's part of `info["ip_adapters"]`: what served it, and how."""
         a = self.adapter.spec
-        return {"adapter": self.label, "file": str(a.path), "variant": a.variant, "consumes": a.consumes,
+        info = {"adapter": self.label, "file": str(a.path), "variant": a.variant, "consumes": a.consumes,
                 "embed_dim": a.embed_dim, "tokens": a.tokens, "encoder": self.encoder.name,
                 "encoder_file": str(self.encoder.path), "encoder_architecture": self.encoder.spec.architecture,
                 "encoder_why": self.why, "face": {k: v for k, v in face.items() if k != "faces"},
@@ -126,6 +134,10 @@ class PuLIDUnitPlan(UnitPlan):
                 "start": self.unit.start, "end": self.unit.end, "start_step": self.unit.start_step,
                 "active_steps": active_steps, "masked": False, "averaged": False, "layers": None,
                 "deviation": DEVIATION}  # fmt: skip
+        if a.variant == "pulid-sdxl":  # what its ID attention ran with
+            info |= {"num_zero": SDXL_NUM_ZERO if self.unit.num_zero is None else self.unit.num_zero,
+                     "ortho": self.unit.ortho or SDXL_ORTHO}  # fmt: skip
+        return info
 
 
 def plan_pulid_unit(index: int, unit: IPAdapterUnit, adapter: Entry, store: ModelStore,
@@ -133,20 +145,21 @@ def plan_pulid_unit(index: int, unit: IPAdapterUnit, adapter: Entry, store: Mode
     """A PuLID unit checked against the model and against what PuLID reads, its EVA tower picked from the file's
     widths. Names only: no image is read."""
     spec, where, name = adapter.spec, f"ip_adapters.{index}", label_of(adapter)
-    if spec.variant == "pulid-sdxl":
-        raise UnsupportedError(f"{where}: {name} ({Path(spec.path).name}) is PuLID v1.1 for SDXL, which imprompt "
-                               f"recognises but does not run yet; use PuLID FLUX v0.9.x on a FLUX.1 model")  # fmt: skip
+    sdxl = spec.variant == "pulid-sdxl"
     if pipeline is not None and not fits(adapter, pipeline):
         p = pipeline.spec
-        if p.architecture != "flux":
-            problem = f"is for FLUX.1 models, but model {pipeline.name} is {p.family}"
+        if p.architecture != ("unet" if sdxl else "flux") or (sdxl and p.family != spec.family):
+            problem = f"is for {spec.family} models, but model {pipeline.name} is {p.family}"
+        elif sdxl:
+            problem = (f"has ID projections for {len(spec.layer_widths)} cross-attentions, but model {pipeline.name}'s "
+                       f"UNet has {len(p.layer_widths)}: it was made for another UNet")  # fmt: skip
         else:
             problem = (f"has {len(spec.layer_widths)} CAs reading width {spec.cross_attention_dim}, but model "
                        f"{pipeline.name} has {len(p.layer_widths)} double blocks of width {p.layer_widths[0]} and "
                        f"{p.single_blocks or 'unknown'} single blocks (PuLID: one CA per 2 double + one per 4 "
                        f"single blocks)")  # fmt: skip
         models = [m.name for m in store.pipelines if fits(adapter, m)]
-        raise IncompatibleError(f"{where}: PuLID {name} ({Path(spec.path).name}) {problem}. Use a FLUX.1 model "
+        raise IncompatibleError(f"{where}: PuLID {name} ({Path(spec.path).name}) {problem}. Use a {spec.family} model "
                                 f"({', '.join(models) or 'none in the models folder'}), or another image prompt "
                                 f"for {p.family}")  # fmt: skip
     refused = {
@@ -161,6 +174,8 @@ def plan_pulid_unit(index: int, unit: IPAdapterUnit, adapter: Entry, store: Mode
         "controlnet_scale": (unit.controlnet_scale is not None, "that is InstantID's; leave it out"),
         "pose_image": (unit.pose_image is not None, "that is InstantID's; leave it out"),
         "identitynet": (unit.identitynet, "that is InstantID's; leave it out"),
+        "num_zero": (unit.num_zero is not None and not sdxl, "that is PuLID SDXL v1.1's; leave it out"),
+        "ortho": (unit.ortho is not None and not sdxl, "that is PuLID SDXL v1.1's; leave it out"),
     }
     for field_name, (given, fix) in refused.items():
         if given:
@@ -177,7 +192,7 @@ def plan_pulid_unit(index: int, unit: IPAdapterUnit, adapter: Entry, store: Mode
 def built(state, entry: Entry, what: str, dtype, label: str, events: list):
     """The PuLID module or EVA tower of `entry`, from the engine's adapter cache (under its budget) or built now."""
     from ..ipadapter.eva_clip import build_eva
-    from ..ipadapter.pulid import build_pulid
+    from ..ipadapter.pulid import build_pulid, build_pulid_sdxl
     from ..loading.tensors import read_tensors
     from ..util.cache import module_bytes
 
@@ -188,7 +203,8 @@ def built(state, entry: Entry, what: str, dtype, label: str, events: list):
     stale = state.adapters.discard_older_versions(key)
     started = time.perf_counter()
     tensors = read_tensors(Path(entry.path))
-    module = (build_pulid if what == "pulid" else build_eva)(tensors, entry.path, state.device, dtype)
+    builder = {"pulid": build_pulid, "pulid-sdxl": build_pulid_sdxl, "eva": build_eva}[what]
+    module = builder(tensors, entry.path, state.device, dtype)
     seconds = time.perf_counter() - started
     kept(state, key, module, module_bytes(module), entry.name, events, stale)
     log.info("PuLID %s %s (%s) loaded in %.2f s", what, label, Path(entry.path).name, seconds)
@@ -240,7 +256,7 @@ class PuLIDPrompts:
         self.tokens, self.modules, self.faces = [], [], []
         dtype = loaded.dtype or state.dtype
         for u, inputs in zip(self.units, self.inputs):
-            module = built(state, u.adapter, "pulid", dtype, u.label, events)
+            module = built(state, u.adapter, u.adapter.spec.variant, dtype, u.label, events)
             eva = built(state, u.encoder, "eva", dtype, u.label, events)
             if (eva.shape.width, eva.shape.projection) != (u.adapter.spec.clip_width, u.adapter.spec.eva_projection):
                 raise CheckpointError(u.encoder.path, f"EVA tower of width {eva.shape.width} / cls "
@@ -258,18 +274,28 @@ class PuLIDPrompts:
 
     def apply(self, call) -> None:
         """Hooks on the transformer for this call (removed after it, however it ends), switched per step."""
-        from ..ipadapter.pulid import PuLIDRun, attach
+        from ..ipadapter.pulid import PuLIDRun, SDXLRun, attach, attach_sdxl
 
         self.active_steps = [[] for _ in self.units]
         for u, module, (cond, uncond), steps in zip(self.units, self.modules, self.tokens, self.active_steps):
-            run = PuLIDRun(cond, uncond, u.unit.scale)
+            unit = u.unit
             try:
-                call.after(attach(call.pipeline.transformer, module, run))
+                if u.adapter.spec.variant == "pulid-sdxl":  # the UNet's first row is the negative under CFG
+                    guided = call.kwargs.get("guidance_scale", 1.0) > 1.0
+                    run = SDXLRun(cond, uncond, unit.scale, SDXL_NUM_ZERO if unit.num_zero is None else unit.num_zero,
+                                  unit.ortho or SDXL_ORTHO, guided)  # fmt: skip
+                    call.after(attach_sdxl(call.pipeline.unet, module, run))
+                else:
+                    run = PuLIDRun(cond, uncond, unit.scale)
+                    call.after(attach(call.pipeline.transformer, module, run))
             except CheckpointError as exc:
                 raise IncompatibleError(f"ip_adapters.{u.index}: {exc}") from None
 
             def switch(step: int, total: int, index: int, u=u, run=run, steps=steps) -> None:
-                run.begin_step(u.active(step, total))
+                if isinstance(run, PuLIDRun):
+                    run.begin_step(u.active(step, total))
+                else:
+                    run.active = u.active(step, total)
                 if index == 0 and run.active:
                     steps.append(step)
 
@@ -283,6 +309,15 @@ class PuLIDPrompts:
         return [u.describe(faces, face, active) for u, face, active in zip(self.units, self.faces, self.active_steps)]
 
 
+def check_alone(units: tuple, pulid_units: tuple) -> None:
+    """PuLID v1.1 replaces the UNet's cross-attention processors for the call: no IP-Adapter unit beside it."""
+    for u in pulid_units:
+        if u.adapter.spec.variant == "pulid-sdxl" and units:
+            raise UnsupportedError(f"ip_adapters.{u.index}: {u.label} (PuLID SDXL v1.1) takes the UNet's cross-attention "
+                                   f"processors, which the request's other image prompts ({', '.join(x.label for x in units)}) "
+                                   f"also need; run PuLID SDXL alone")  # fmt: skip
+
+
 def listing(entry: Entry, store: ModelStore) -> dict:
     """`imprompt models`' words for a PuLID file: the EVA-CLIP tower and face pack it runs with, and whether each
     is present (the pack looked for where a request looks, without a configured --insightface-root)."""
@@ -291,9 +326,6 @@ def listing(entry: Entry, store: ModelStore) -> dict:
     pack = FaceAnalyzer(insightface_roots(store.roots)).find_pack(FACE_PACK)
     item = {"face_pack": FACE_PACK, "face_pack_present": pack is not None, "face_pack_path": str(pack) if pack else None,
             "deviation": DEVIATION}  # fmt: skip
-    if entry.spec.variant == "pulid-sdxl":
-        return item | {"encoder": None, "encoder_present": False,
-                       "encoder_problem": "PuLID v1.1 for SDXL is recognised, not run yet"}  # fmt: skip
     try:
         eva, _ = pick_eva(entry, store)
         item.update(encoder=eva.name, encoder_present=True)

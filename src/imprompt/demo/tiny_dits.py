@@ -379,3 +379,19 @@ def write_pulid_flux(path: Path, flux_width: int, cas: int, eva_width: int = 128
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(t, str(path))
     return t
+
+
+def write_pulid_sdxl(path: Path, layer_widths: list[int], seed: int = 91, id_width: int = 2048, **encoder) -> dict:
+    """A PuLID v1.1 file in `pulid_v1.1.safetensors`' key layout: the IDFormer as `id_adapter.*` (tiny widths, as
+    `write_pulid_flux` makes it) and `id_adapter_attn_layers.K.id_to_k/id_to_v` [width, id width] for K = 1, 3, 5,
+    ... (the UNet's attn2 processors in diffusers' order; `layer_widths` theirs). Returns the tensors."""
+    path = Path(path)
+    flux = write_pulid_flux(path.with_suffix(".flux.safetensors"), 8, 0, seed=seed, id_width=id_width, **encoder)
+    path.with_suffix(".flux.safetensors").unlink()
+    g = torch.Generator().manual_seed(seed + 1)
+    t = {k.replace("pulid_encoder.", "id_adapter."): v for k, v in flux.items()}
+    for n, width in enumerate(layer_widths):
+        for name in ("id_to_k", "id_to_v"):
+            t[f"id_adapter_attn_layers.{2 * n + 1}.{name}.weight"] = torch.randn(width, id_width, generator=g) / id_width**0.5
+    save_file(t, str(path))
+    return t

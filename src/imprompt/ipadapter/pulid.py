@@ -1,4 +1,4 @@
-"""PuLID for FLUX: the ID encoder (IDFormer) and the cross-attentions it adds to FLUX's blocks, in plain torch.
+"""PuLID: the ID encoder (IDFormer) and the attention it adds to FLUX's blocks or SDXL's UNet, in plain torch.
 
 From the rules of the authors' code (ToTheBeginning/PuLID, Apache-2.0: `pulid/encoders_transformer.py`,
 `pulid/pipeline_flux.py`, `flux/model.py`, `flux/sampling.py`), written here:
@@ -13,7 +13,8 @@ From the rules of the authors' code (ToTheBeginning/PuLID, Apache-2.0: `pulid/en
 imprompt adds them with forward hooks on diffusers' `FluxTransformer2DModel` blocks (whose outputs are
 `(encoder_hidden_states, hidden_states)`, double and single alike in diffusers 0.42), for one call, and removes them
 after it. Where a ControlNet adds residuals after a block, they come after PuLID's (PuLID's code runs no ControlNet).
-Widths come from the tensors; the head counts (16 in both attentions) are the code's constants.
+Widths come from the tensors; the head counts (16 in both attentions) are the code's constants. SDXL v1.1 (the same
+IDFormer as `id_adapter.*`, `pulid/attention_processor.py`'s IDAttnProcessor2_0) is at the end of this module.
 """
 
 from __future__ import annotations
@@ -106,9 +107,10 @@ class PuLIDShape:
     cas: int = 0  # 20
 
 
-def pulid_shape(table: dict, path) -> PuLIDShape:
-    """The widths of a PuLID FLUX file (`pulid_encoder.*`, `pulid_ca.N.*`) from its tensors' shapes."""
-    e = "pulid_encoder."
+def pulid_shape(table: dict, path, prefix: str = "pulid_encoder.") -> PuLIDShape:
+    """The widths of a PuLID file from its tensors' shapes: FLUX v0.9.x (`pulid_encoder.*`, `pulid_ca.N.*`) or,
+    with `prefix` "id_adapter.", SDXL v1.1's IDFormer (its `id_adapter_attn_layers` are read by `PuLIDSDXL`)."""
+    e = prefix
     try:
         _, queries, dim = table[f"{e}latents"].shape
         id_width = table[f"{e}proj_out"].shape[1]
@@ -117,16 +119,17 @@ def pulid_shape(table: dict, path) -> PuLIDShape:
         ff = table[f"{e}layers.0.1.1.weight"].shape[0]
         mapping = [[tuple(table[f"{e}mapping_{i}.{j}.weight"].shape) for j in (0, 3, 6)] for i in range(EVA_LAYERS)]
         id_mapping = [tuple(table[f"{e}id_embedding_mapping.{j}.weight"].shape) for j in (0, 3, 6)]
-        cas = 1 + max(int(k.split(".")[1]) for k in table if k.startswith("pulid_ca."))
-        flux_width = table["pulid_ca.0.to_q.weight"].shape[1]
-        ca_inner = table["pulid_ca.0.to_q.weight"].shape[0]
+        flux = prefix == "pulid_encoder."
+        cas = 1 + max(int(k.split(".")[1]) for k in table if k.startswith("pulid_ca.")) if flux else 0
+        flux_width, ca_inner = table["pulid_ca.0.to_q.weight"].shape[::-1] if flux else (0, 0)
+        ca_id = table["pulid_ca.0.norm1.weight"].shape[0] if flux else id_width
     except (KeyError, ValueError) as exc:
-        raise CheckpointError(path, f"not a complete PuLID FLUX file (missing {exc})",
-                              "Download pulid_flux_v0.9.1.safetensors again") from None  # fmt: skip
-    if depth % EVA_LAYERS or id_mapping[2][0] != ID_TOKENS * dim or table["pulid_ca.0.norm1.weight"].shape[0] != id_width:
-        raise CheckpointError(path, f"PuLID FLUX file of unexpected shapes: {depth} Perceiver layers (a multiple of 5), "
+        raise CheckpointError(path, f"not a complete PuLID file (missing {exc})",
+                              "Download the PuLID file again") from None  # fmt: skip
+    if depth % EVA_LAYERS or id_mapping[2][0] != ID_TOKENS * dim or ca_id != id_width:
+        raise CheckpointError(path, f"PuLID file of unexpected shapes: {depth} Perceiver layers (a multiple of 5), "
                                     f"id_embedding_mapping.6 {id_mapping[2]} (expected [{ID_TOKENS * dim}, ...]), "
-                                    f"CA id width {table['pulid_ca.0.norm1.weight'].shape[0]} vs {id_width}")  # fmt: skip
+                                    f"CA id width {ca_id} vs {id_width}")  # fmt: skip
     return PuLIDShape(dim, queries, id_width, inner, depth, ff, id_mapping[0][1], mapping[0][0][1], mapping, id_mapping,
                       flux_width, ca_inner, cas)  # fmt: skip
 
@@ -250,6 +253,156 @@ def added(ca: PerceiverAttentionCA, run: PuLIDRun):
         return text, image + run.weight * residual
 
     return hook
+
+
+# ------------------------------------------------------------------------------------------------ SDXL v1.1
+
+ORTHO_MODES = ("off", "v1", "v2")
+ORTHO_V2_TOKENS = 5  # ortho v2 sums the attention on the first 5 ID tokens (PuLID's code hard-codes 5)
+
+
+class IDLayer(nn.Module):
+    def __init__(self, width: int, id_width: int):
+        super().__init__()
+        self.id_to_k = nn.Linear(id_width, width, bias=False)
+        self.id_to_v = nn.Linear(id_width, width, bias=False)
+
+
+class PuLIDSDXL(nn.Module):
+    """PuLID v1.1's file under its own names: `id_adapter` (the IDFormer) and `id_adapter_attn_layers.K` for every
+    processor K of the UNet (in diffusers' `attn_processors` order) that holds ID projections (the attn2 layers)."""
+
+    def __init__(self, shape: PuLIDShape, layers: dict[int, int]):
+        super().__init__()
+        self.shape = shape
+        self.id_adapter = IDFormer(shape)
+        self.id_adapter_attn_layers = nn.ModuleDict({str(k): IDLayer(w, shape.id_width) for k, w in layers.items()})
+
+    def id_tokens(self, id_vector: torch.Tensor, hidden: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return PuLIDFlux.id_tokens(self, id_vector, hidden)
+
+    @property
+    def pulid_encoder(self) -> IDFormer:  # the name `PuLIDFlux.id_tokens` reads
+        return self.id_adapter
+
+
+def build_pulid_sdxl(tensors: dict, path, device=None, dtype=None) -> PuLIDSDXL:
+    shape = pulid_shape(tensors, path, "id_adapter.")
+    layers = {int(k.split(".")[1]): t.shape[0] for k, t in tensors.items()
+              if k.startswith("id_adapter_attn_layers.") and k.endswith(".id_to_k.weight")}  # fmt: skip
+    with torch.device("meta"):
+        module = PuLIDSDXL(shape, dict(sorted(layers.items())))
+    try:
+        module.load_state_dict(tensors, strict=True, assign=True)
+    except RuntimeError as exc:
+        raise CheckpointError(path, f"cannot build this PuLID v1.1 file ({str(exc).splitlines()[0]})",
+                              "Download pulid_v1.1.safetensors again") from None  # fmt: skip
+    return module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+@dataclass
+class SDXLRun:
+    """What the ID processors read during one call: the tokens, the scale, PuLID v1.1's NUM_ZERO and ortho mode,
+    whether the ID acts at this step, and whether the UNet's first row is the negative (classifier-free guidance)."""
+
+    cond: torch.Tensor
+    uncond: torch.Tensor
+    scale: float
+    num_zero: int
+    ortho: str
+    guided: bool
+    active: bool = True
+
+    def tokens(self, rows: int) -> torch.Tensor | None:
+        """[rows, 32 + num_zero, id width]: the uncond tokens on the negative row, the ID tokens on the others."""
+        if not self.active:
+            return None
+        ids = (torch.cat([self.uncond, self.cond.expand(rows - 1, -1, -1)]) if self.guided and rows > 1
+               else self.cond.expand(rows, -1, -1))  # fmt: skip
+        return torch.cat([ids, ids.new_zeros(rows, self.num_zero, ids.shape[-1])], dim=1)
+
+
+class IDAttnProcessor:
+    """diffusers' `AttnProcessor2_0` for one cross-attention, with PuLID v1.1's ID attention added to its heads'
+    output before `to_out` (PuLID's `IDAttnProcessor2_0`): `h += s * h_id`, or with ortho "v1" the part of `h_id`
+    orthogonal to `h` (per channel, summed over tokens), or "v2" that part with `h`'s share weighted by the attention
+    on the first 5 ID tokens, both in fp32."""
+
+    def __init__(self, layer: IDLayer, run: SDXLRun):
+        self.layer, self.run = layer, run
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+        from torch.nn import functional as F
+
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        batch_size, sequence_length, _ = (hidden_states.shape if encoder_hidden_states is None
+                                          else encoder_hidden_states.shape)  # fmt: skip
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key, value = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        query, key, value = (t.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
+        out = out.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
+        ids = self.run.tokens(batch_size)
+        if ids is not None:
+            ids = ids.to(device=query.device, dtype=self.layer.id_to_k.weight.dtype)
+            id_key = self.layer.id_to_k(ids).to(query.dtype).view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+            id_value = self.layer.id_to_v(ids).to(query.dtype).view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+            id_out = F.scaled_dot_product_attention(query, id_key, id_value, dropout_p=0.0, is_causal=False)
+            id_out = id_out.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
+            out = self.added(out, id_out, query, id_key)
+        hidden_states = attn.to_out[1](attn.to_out[0](out))
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+    def added(self, out, id_out, query, id_key):
+        scale, mode = self.run.scale, self.run.ortho
+        if mode == "off":
+            return out + scale * id_out
+        dtype, h, h_id = out.dtype, out.float(), id_out.float()
+        # imprompt beyond PuLID: where the text output is all zeros (SDXL's empty negative prompt is zeros) PuLID's
+        # code divides 0 by 0 and the image turns NaN; there it takes no projection
+        energy = (h * h).sum(dim=-2, keepdim=True)
+        projection = (h * h_id).sum(dim=-2, keepdim=True) / torch.where(energy > 0, energy, 1.0) * h
+        if mode == "v1":
+            return (h + scale * (h_id - projection)).to(dtype)
+        weights = (query @ id_key.transpose(-2, -1)).softmax(dim=-1).mean(dim=1)  # no scale, as PuLID's code
+        share = weights[:, :, :ORTHO_V2_TOKENS].sum(dim=-1, keepdim=True)
+        return (h + scale * (h_id + (share - 1) * projection)).to(dtype)
+
+
+def attach_sdxl(unet, module: PuLIDSDXL, run: SDXLRun):
+    """The UNet's processors K that the file has ID projections for replaced by `IDAttnProcessor`s; returns the
+    function that puts the previous ones back."""
+    before = unet.attn_processors
+    names = list(before)
+    missing = [k for k in map(int, module.id_adapter_attn_layers) if k >= len(names)]
+    if missing or len(module.id_adapter_attn_layers) != len(names) // 2:
+        raise CheckpointError("PuLID", f"the file has ID projections for {len(module.id_adapter_attn_layers)} "
+                                       f"processors, but this UNet has {len(names) // 2} cross-attentions")  # fmt: skip
+    after = dict(before)
+    for k, layer in module.id_adapter_attn_layers.items():
+        after[names[int(k)]] = IDAttnProcessor(layer, run)
+    unet.set_attn_processor(after)
+    return lambda: unet.set_attn_processor(before)
 
 
 # ------------------------------------------------------------------------------------------------ the face's pixels

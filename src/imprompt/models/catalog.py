@@ -177,7 +177,7 @@ KNOWN_ADAPTERS = (
     KnownAdapter("FLUX Redux", ("flux1-redux-dev", "FLUX.1-Redux-dev"), "black-forest-labs/FLUX.1-Redux-dev", "",
                  ("FLUX.1 Redux", "Redux")),
     # PuLID (guozinan/PuLID; EVA02-CLIP-L-14-336 + antelopev2): v0.9.0 and v0.9.1 have the same tensors, so the file
-    # name tells them apart; "PuLID" names v0.9.1 (the authors' default); v1.1 (SDXL) is recognised, not run
+    # name tells them apart; "PuLID" names v0.9.1 (the authors' default); v1.1 is SDXL's
     KnownAdapter("PuLID FLUX v0.9.1", ("pulid_flux_v0.9.1",), "guozinan/PuLID", "", ("PuLID", "PuLID FLUX", "PuLID Flux")),
     KnownAdapter("PuLID FLUX v0.9.0", ("pulid_flux_v0.9.0",), "guozinan/PuLID", ""),
     KnownAdapter("PuLID SDXL v1.1", ("pulid_v1.1",), "guozinan/PuLID", ""),

@@ -49,7 +49,7 @@ class AdapterSpec:
     encoder_type: str = "clip"  # clip | siglip | antelopev2 (InsightFace's pack): what produced what it consumes
     kind: str = "ip-adapter"
     redux_hidden: int | None = None
-    # PuLID (variant "pulid": FLUX v0.9.x; "pulid-sdxl": v1.1, recognised, not run): it consumes antelopev2's raw
+    # PuLID (variant "pulid": FLUX v0.9.x; "pulid-sdxl": SDXL v1.1): it consumes antelopev2's raw
     # face embedding (`embed_dim` 512) and an EVA02-CLIP tower's hidden states (`clip_width`, 1024) and cls output
     # (`eva_projection`, 768); `tokens` its ID tokens (32), `cross_attention_dim` the FLUX hidden width its CAs read
     # (3072), `layer_widths` one per CA (`conditioning/pulid.py`)
