@@ -121,6 +121,9 @@ def test_the_page_picks_the_parts_and_gives_the_engines_pixels(engine, pack, bro
         page.wait_for_selector("#model-parts .model-part")  # after the page has set the server's model
         roles = page.eval_on_selector_all(".model-part", "els => els.map(e => e.dataset.role)")
         assert roles == ["vae", "clip_l", "t5xxl"]
+        page.wait_for_function("[...document.querySelectorAll('#lora-picker option')].some(o => o.value === 'flux-detail')")
+        assert {o for o in page.eval_on_selector_all("#lora-picker option", "els => els.map(e => e.value)") if o} == {
+            "flux-detail", "flux-style-xlabs"}  # FLUX LoRAs are offered for the FLUX model, by the plan's own check
         page.select_option(".model-part[data-role='t5xxl']", f"{FP8_T5}.safetensors")
         page.wait_for_function("[...document.querySelectorAll('.unit .adapter option')].some(o => o.value === 'FLUX XLabs')")
         page.fill("#prompt", "a red cat <lora:flux-detail:0.8> <lora:flux-style-xlabs:0.6>")

@@ -60,13 +60,13 @@ def test_instantid_unit_shows_its_face_crop_and_keypoints_and_gives_the_engines_
         assert page.is_hidden(".unit .mask-field") and page.is_hidden(".unit .identitynet-field")
         assert "appended to the prompt's T5 tokens" in page.text_content(".unit .needs")
 
-        # SDXL lists InstantID (InstantX names it ip-adapter.bin) with its face pack and IdentityNet
+        # SDXL lists InstantID (InstantX names the file ip-adapter.bin: its tensors name it) with its pack and IdentityNet
         page.select_option("#model", "tiny-sdxl")
-        page.wait_for_function("[...document.querySelectorAll('.unit .adapter option')].some(o => o.value === 'ip-adapter')")
+        page.wait_for_function("[...document.querySelectorAll('.unit .adapter option')].some(o => o.value === 'InstantID')")
         options = page.locator(".unit .adapter option").all_text_contents()
-        assert ("InstantID (ip-adapter) — needs InsightFace antelopev2 face_embeds[512] → InsightFace antelopev2 "
+        assert ("InstantID — needs InsightFace antelopev2 face_embeds[512] → InsightFace antelopev2 "
                 "+ IdentityNet checkpoints/ControlNetModel") in options
-        page.select_option(".unit .adapter", "ip-adapter")
+        page.select_option(".unit .adapter", "InstantID")
         needs = page.text_content(".unit .needs")
         assert "face: InsightFace antelopev2" in needs and "IdentityNet: checkpoints/ControlNetModel" in needs
         assert page.is_visible(".unit .identitynet-field") and page.is_visible(".unit .pose-field")

@@ -137,6 +137,13 @@ def _only_pipeline(store: ModelStore) -> str:
     raise UnknownModelError(f"no model named in the request and {len(pipelines)} models in the store ({names}); name one")
 
 
+def lora_models(entry: Entry, store: ModelStore) -> dict:
+    """For a LoRA, the models it fits by the plan's own check (family and width from tensors); {} for other kinds."""
+    if entry.kind != "lora":
+        return {}
+    return {"fits_models": [p.name for p in store.pipelines if not p.spec.unsupported and loras.lora_fits(entry, p)]}
+
+
 OTHER_KINDS = ("lora", "vae", "textual-inversion", "t2i-adapter", "upscaler", "face-restorer",
                "text-encoder", "diffusion-model", "image-encoder-other", "ip-embeddings", "unknown")  # fmt: skip
 
@@ -150,7 +157,9 @@ def describe_store(store: ModelStore) -> dict:
     for entry in store.adapters:
         spec = entry.spec
         family = catalog.family_by_output(spec.consumes, spec.embed_dim, spec.encoder_type)
-        item = {"name": entry.name, "friendly_name": catalog.friendly_name(entry.name), **spec.to_dict()}
+        # InstantX ships InstantID as `ip-adapter.bin`: its tensors name it where its stem cannot
+        friendly = catalog.friendly_name(entry.name) or ("InstantID" if spec.variant == "instantid" else None)
+        item = {"name": entry.name, "friendly_name": friendly, **spec.to_dict()}
         item["needs"] = spec.needs + (f" ({family.name})" if family else "")
         try:
             if spec.variant == "instantid":  # InsightFace antelopev2 + its IdentityNet ControlNet
@@ -192,6 +201,7 @@ def describe_store(store: ModelStore) -> dict:
         "controlnets": controlnets,
         "adapters": adapters,
         "encoders": [{"name": e.name, **e.spec.to_dict(), "outputs": e.spec.outputs} for e in store.encoders],
-        "other": {kind: [{"name": e.name, **e.spec.to_dict()} for e in store.of_kind(kind)] for kind in OTHER_KINDS},
+        "other": {kind: [{"name": e.name, **e.spec.to_dict(), **lora_models(e, store)} for e in store.of_kind(kind)]
+                  for kind in OTHER_KINDS},  # fmt: skip
         "unreadable": [{"name": e.name, "path": str(e.path), "error": str(e.error)} for e in store.unreadable],
     }

@@ -178,14 +178,13 @@ function refreshAdapterLists() {
   fillLoraPicker();
 }
 
-// The LoRAs that fit the model (their cross-attention width, read from their tensors); picking one writes
+// The LoRAs that fit the model (family and width, read from their tensors); picking one writes
 // A1111's tag into the prompt, where its weight can be edited, as A1111's LoRA cards do.
 function fillLoraPicker() {
   const model = currentModel();
   const select = $("lora-picker");
-  // SD 3.5 / FLUX: imprompt runs no LoRA on them yet (the plan refuses it), so none is offered
-  const loras = (listing.other.lora || []).filter((l) => model && model.architecture === "unet"
-    && (l.width == null || l.width === model.cross_attention_dim));
+  // the models each LoRA fits come from the server, by the plan's own check (SD 1.5 / SDXL / SD 3.5 / FLUX)
+  const loras = (listing.other.lora || []).filter((l) => model && (l.fits_models || []).includes(model.name));
   select.innerHTML = "";
   select.add(new Option(loras.length ? "add a LoRA to the prompt…" : "no LoRA fits this model", ""));
   for (const lora of loras) select.add(new Option(`${lora.name} (${lora.family}, rank ${lora.rank ?? "?"})`, lora.name));
