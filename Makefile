@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test serve bench bench-lora bench-models bench-controlnet bench-cold bench-cluster bench-transformers bench-flux scan soak load train evaluate install clean
+.PHONY: demo test serve bench bench-lora bench-models bench-controlnet bench-cold bench-cluster bench-transformers bench-flux bench-image-prompts scan soak load train evaluate install clean
 
 demo: install
 	$(BIN)/imprompt demo --pack demo-models --out demo-output
@@ -61,6 +61,11 @@ bench-transformers: install
 # GPU=1: the steps at 1024x1024 and the plans under a simulated 16 / 24 GB device instead (one CUDA device).
 bench-flux: install
 	$(BIN)/python -m tools.bench_flux_formats $(if $(GPU),--gpu)
+
+# FLUX Redux, XLabs and PuLID at real size (random weights; FLUX at real width, 1 + 1 blocks): switching among them
+# resident vs reloaded per request, and EVA-CLIP's / SigLIP's embedding caches. About 8 GB into .bench-cache once.
+bench-image-prompts: install
+	$(BIN)/python -m tools.bench_image_prompts $(if $(THREADS),--threads $(THREADS))
 
 # How long scanning a tree of 1,000 files takes: first, again, and in a new process.
 scan: install
