@@ -598,10 +598,45 @@ def test_id_attention_processor_equals_the_reference_where_the_projection_matter
     layer.id_to_k.weight.data, layer.id_to_v.weight.data = attn.to_k.weight.data.clone(), attn.to_v.weight.data.clone()
     hidden, text = torch.randn(2, 16, 64, dtype=torch.float64), torch.randn(2, 12, 96, dtype=torch.float64)
     cond, uncond = text[1:, :8] * 1.1, text[:1, :8] * 0.9
-    run = SDXLRun(cond, uncond, 0.7, 4, mode, guided=True)
+    run = SDXLRun(cond, uncond, 0.7, 4, mode, uncond_rows=(0,))
     got = IDAttnProcessor(layer, run)(attn, hidden, text)
     weights = {"id_to_k": layer.id_to_k.weight.data, "id_to_v": layer.id_to_v.weight.data}
     want = ref_id_processor(weights, torch.cat([uncond, cond]), 0.7, 4, mode)(attn, hidden, text)
     assert (got - want).abs().max() < 1e-6  # the ortho modes run in fp32, as PuLID's code
     plain = ref_id_processor(weights, torch.cat([uncond, cond]), 0.0, 4, mode)(attn, hidden, text)
     assert (got - plain).abs().max() > 1e-2
+
+
+def test_sdxl_negative_row_reads_the_uncond_tokens_without_cfg(pack, files, tmp_path, monkeypatch):
+    """cfg_scale 1 with AND parts: the prompt conditioning still runs the negative row (A1111's rule), rows
+    [negative, part 1, part 2]; the negative row reads the uncond ID tokens, the parts the ID tokens."""
+    from diffusers import StableDiffusionXLPipeline
+
+    import imprompt.ipadapter.pulid as pulid
+    from imprompt import Engine
+    from imprompt.demo.tiny_dits import write_pulid_sdxl
+
+    sdxl = StableDiffusionXLPipeline.from_pretrained(pack / "diffusers" / "tiny-sdxl")
+    modules = dict(sdxl.unet.named_modules())
+    widths = [modules[n.removesuffix(".processor")].to_k.out_features for n in list(sdxl.unet.attn_processors)[1::2]]
+    write_pulid_sdxl(tmp_path / "pulid_v1.1.safetensors", widths)
+    seen, tokens = [], pulid.SDXLRun.tokens
+
+    def spy(self, rows):
+        out = tokens(self, rows)
+        if out is not None:
+            n = self.cond.shape[1]
+            seen.append([torch.equal(out[r, :n], self.uncond[0]) for r in range(rows)])
+        return out
+
+    monkeypatch.setattr(pulid.SDXLRun, "tokens", spy)
+    embedding, crop = face_inputs()
+    for cfg, want in ((1.0, [True, False, False]), (7.0, [True, False, False])):
+        seen.clear()
+        Engine([pack, files[0], tmp_path]).generate(request(unit(embedding, crop, adapter="PuLID SDXL v1.1"),
+                                                            model="tiny-sdxl", prompt="a cat AND a dog", cfg_scale=cfg))
+        assert seen and all(rows == want for rows in seen), (cfg, seen[:1])
+    seen.clear()
+    Engine([pack, files[0], tmp_path]).generate(request(unit(embedding, crop, adapter="PuLID SDXL v1.1"),
+                                                        model="tiny-sdxl", prompt="a cat", cfg_scale=1.0))
+    assert seen and all(rows == [False] for rows in seen)

@@ -280,11 +280,10 @@ class PuLIDPrompts:
         for u, module, (cond, uncond), steps in zip(self.units, self.modules, self.tokens, self.active_steps):
             unit = u.unit
             try:
-                if u.adapter.spec.variant == "pulid-sdxl":  # the UNet's first row is the negative under CFG
-                    guided = call.kwargs.get("guidance_scale", 1.0) > 1.0
+                if u.adapter.spec.variant == "pulid-sdxl":  # which rows are unconditional: read per UNet call
                     run = SDXLRun(cond, uncond, unit.scale, SDXL_NUM_ZERO if unit.num_zero is None else unit.num_zero,
-                                  unit.ortho or SDXL_ORTHO, guided)  # fmt: skip
-                    call.after(attach_sdxl(call.pipeline.unet, module, run))
+                                  unit.ortho or SDXL_ORTHO)  # fmt: skip
+                    call.after(attach_sdxl(call.pipeline.unet, module, run, lambda sample: uncond_rows(call, sample)))
                 else:
                     run = PuLIDRun(cond, uncond, unit.scale)
                     call.after(attach(call.pipeline.transformer, module, run))
@@ -307,6 +306,16 @@ class PuLIDPrompts:
 
     def describe(self, faces, steps: int) -> list[dict]:
         return [u.describe(faces, face, active) for u, face, active in zip(self.units, self.faces, self.active_steps)]
+
+
+def uncond_rows(call, sample) -> list[int]:
+    """The unconditional rows of the UNet call whose pipeline batch is `sample`: the rows the call's prompt
+    conditioning runs (its negative runs without CFG too where the prompt has AND parts or weights, A1111's rule),
+    as ControlNets read them (`ConditionedUNet.control_batches`); else the pipeline's [negative, prompt] under CFG."""
+    guided = sample.shape[0] == 2  # the pipeline's batch (one image at a time): [negative, prompt], or [prompt]
+    if call.conditioned_unet is None:
+        return [0] if guided else []
+    return [0] if call.conditioned_unet.rows_at(guided)[2] else []
 
 
 def check_alone(units: tuple, pulid_units: tuple) -> None:

@@ -303,22 +303,22 @@ def build_pulid_sdxl(tensors: dict, path, device=None, dtype=None) -> PuLIDSDXL:
 @dataclass
 class SDXLRun:
     """What the ID processors read during one call: the tokens, the scale, PuLID v1.1's NUM_ZERO and ortho mode,
-    whether the ID acts at this step, and whether the UNet's first row is the negative (classifier-free guidance)."""
+    whether the ID acts at this step, and which rows of the UNet's current call are unconditional (set per UNet
+    call from the rows it runs: the negative runs without CFG too where the prompt has AND parts or weights)."""
 
     cond: torch.Tensor
     uncond: torch.Tensor
     scale: float
     num_zero: int
     ortho: str
-    guided: bool
+    uncond_rows: tuple[int, ...] = ()
     active: bool = True
 
     def tokens(self, rows: int) -> torch.Tensor | None:
-        """[rows, 32 + num_zero, id width]: the uncond tokens on the negative row, the ID tokens on the others."""
+        """[rows, 32 + num_zero, id width]: the uncond tokens on the unconditional rows, the ID tokens on the others."""
         if not self.active:
             return None
-        ids = (torch.cat([self.uncond, self.cond.expand(rows - 1, -1, -1)]) if self.guided and rows > 1
-               else self.cond.expand(rows, -1, -1))  # fmt: skip
+        ids = torch.cat([self.uncond if r in self.uncond_rows else self.cond for r in range(rows)])
         return torch.cat([ids, ids.new_zeros(rows, self.num_zero, ids.shape[-1])], dim=1)
 
 
@@ -389,9 +389,9 @@ class IDAttnProcessor:
         return (h + scale * (h_id + (share - 1) * projection)).to(dtype)
 
 
-def attach_sdxl(unet, module: PuLIDSDXL, run: SDXLRun):
-    """The UNet's processors K that the file has ID projections for replaced by `IDAttnProcessor`s; returns the
-    function that puts the previous ones back."""
+def attach_sdxl(unet, module: PuLIDSDXL, run: SDXLRun, uncond_rows=None):
+    """The UNet's processors K that the file has ID projections for replaced by `IDAttnProcessor`s, and `run`'s
+    unconditional rows set at each UNet call by `uncond_rows(sample)`; returns the function that undoes both."""
     before = unet.attn_processors
     names = list(before)
     missing = [k for k in map(int, module.id_adapter_attn_layers) if k >= len(names)]
@@ -402,7 +402,19 @@ def attach_sdxl(unet, module: PuLIDSDXL, run: SDXLRun):
     for k, layer in module.id_adapter_attn_layers.items():
         after[names[int(k)]] = IDAttnProcessor(layer, run)
     unet.set_attn_processor(after)
-    return lambda: unet.set_attn_processor(before)
+    hook = None
+    if uncond_rows is not None:
+        def rows_hook(_module, args, kwargs):
+            run.uncond_rows = tuple(uncond_rows(args[0] if args else kwargs["sample"]))
+
+        hook = unet.register_forward_pre_hook(rows_hook, with_kwargs=True)
+
+    def undo():
+        if hook is not None:
+            hook.remove()
+        unet.set_attn_processor(before)
+
+    return undo
 
 
 # ------------------------------------------------------------------------------------------------ the face's pixels
