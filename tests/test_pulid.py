@@ -640,3 +640,24 @@ def test_sdxl_negative_row_reads_the_uncond_tokens_without_cfg(pack, files, tmp_
     Engine([pack, files[0], tmp_path]).generate(request(unit(embedding, crop, adapter="PuLID SDXL v1.1"),
                                                         model="tiny-sdxl", prompt="a cat", cfg_scale=1.0))
     assert seen and all(rows == [False] for rows in seen)
+
+
+def test_bad_inputs_are_refused_before_anything_loads(pack, files):
+    """start with start_step, face_embeddings of another shape or a file name, an aligned_face that is no image:
+    each refused naming the field, with nothing in the caches (no pipeline, no PuLID file, no EVA)."""
+    from imprompt import Engine
+    from imprompt.errors import ImageError, RequestError
+
+    engine = Engine([pack, files[0]])
+    embedding, crop = face_inputs()
+    cases = [(unit(embedding, crop, start=0.5, start_step=0), RequestError, r"0\.start: give start_step or start"),
+             (unit(embedding[:, :511], crop), RequestError, r"face_embeddings: .*512 floats .*got 1 embedding"),
+             (unit(torch.cat([embedding, embedding]), crop), RequestError, r"face_embeddings: .*got 2 embedding"),
+             ({**unit(embedding, crop), "face_embeddings": "face.npy"}, RequestError, r"face_embeddings: .*a file name"),
+             (unit(embedding, "data:image/png;base64,AAAA"), ImageError, r"ip_adapters\.0\.aligned_face")]
+    for bad, error, message in cases:
+        with pytest.raises(error, match=message):
+            engine.generate(request(bad))
+        info = engine.cache_info()
+        assert info["pipelines"]["entries"] == [], bad.get("start")
+        assert not (info.get("adapters") or {}).get("entries"), info.get("adapters")

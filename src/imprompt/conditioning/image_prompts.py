@@ -25,7 +25,7 @@ from .faceid import plan_face_unit
 from .instantid import IdentityNetUnit, InstantIDInputs, InstantIDUnitPlan, find_adapter, identity_units, is_instantid
 from .instantid import plan_instantid_unit
 from .ip_adapter import UnitInputs, UnitPlan, plan_image_unit, unit_weights
-from .pulid import PuLIDPrompts, PuLIDUnitPlan, check_alone, is_pulid, plan_pulid_unit
+from .pulid import PuLIDInputs, PuLIDPrompts, PuLIDUnitPlan, check_alone, is_pulid, plan_pulid_unit
 from .redux import ReduxPrompts, ReduxUnitPlan, is_redux, plan_redux_unit
 
 if TYPE_CHECKING:  # torch-heavy modules are imported where used: planning stays light (no torch)
@@ -69,6 +69,8 @@ def unit_inputs(index: int, unit: IPAdapterUnit, state) -> UnitInputs:
         masks = [state.image(ref, f"{where}.masks.{j}") for j, ref in enumerate(unit.masks)]
     if unit.pose_image is not None:
         return InstantIDInputs(images, negatives, masks, state.image(unit.pose_image, f"{where}.pose_image"))
+    if unit.aligned_face is not None:  # PuLID's given crop
+        return PuLIDInputs(images, negatives, masks, state.image(unit.aligned_face, f"{where}.aligned_face"))
     return UnitInputs(images, negatives, masks)
 
 

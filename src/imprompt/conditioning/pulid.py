@@ -80,6 +80,13 @@ def label_of(adapter: Entry) -> str:
     return catalog.friendly_name(adapter.name) or adapter.name
 
 
+@dataclass
+class PuLIDInputs(UnitInputs):
+    """A unit's images, and the aligned face crop a client gave with its `face_embeddings` (decoded with them)."""
+
+    aligned_face: object = None
+
+
 @dataclass(frozen=True)
 class PuLIDUnitPlan(UnitPlan):
     """A PuLID unit: its file, the EVA02-CLIP tower its IDFormer reads, its face."""
@@ -100,11 +107,8 @@ class PuLIDUnitPlan(UnitPlan):
 
         where = f"ip_adapters.{self.index}"
         if self.unit.face_embeddings is not None:
-            vectors = self.unit.face_embeddings
-            if not isinstance(vectors, list) or len(vectors) != 1 or len(vectors[0]) != self.adapter.spec.embed_dim:
-                raise RequestError(f"{where}.face_embeddings: PuLID reads one antelopev2 embedding of "
-                                   f"{self.adapter.spec.embed_dim} floats, given inline; give one")  # fmt: skip
-            crop = state.image(self.unit.aligned_face, f"{where}.aligned_face").convert("RGB")
+            vectors = self.unit.face_embeddings  # its shape checked in the plan (`plan_pulid_unit`)
+            crop = inputs.aligned_face.convert("RGB")
             crop = np.asarray(crop.resize((FACE_SIZE, FACE_SIZE)) if crop.size != (FACE_SIZE, FACE_SIZE) else crop)
             return torch.tensor(vectors, dtype=torch.float32), crop, {"found_by": "face embedding and aligned crop given"}
         image = inputs.images[0].convert("RGB")
@@ -185,6 +189,17 @@ def plan_pulid_unit(index: int, unit: IPAdapterUnit, adapter: Entry, store: Mode
     if (unit.face_embeddings is not None) != (unit.aligned_face is not None):
         raise RequestError(f"{where}: PuLID reads face_embeddings with the aligned_face they belong to (or an image "
                            f"alone); give both, or an image")  # fmt: skip
+    vectors = unit.face_embeddings
+    if vectors is not None and not (isinstance(vectors, list) and len(vectors) == 1 and isinstance(vectors[0], list)
+                                    and len(vectors[0]) == spec.embed_dim):  # fmt: skip
+        found = (f"a file name ({vectors!r})" if isinstance(vectors, str) else
+                 f"{len(vectors)} embedding(s) of {[len(v) if isinstance(v, list) else 1 for v in vectors][:4]} floats"
+                 if isinstance(vectors, list) else type(vectors).__name__)  # fmt: skip
+        raise RequestError(f"{where}.face_embeddings: PuLID reads one antelopev2 embedding of {spec.embed_dim} floats "
+                           f"given inline, but got {found}; give one list of {spec.embed_dim} floats")  # fmt: skip
+    if unit.start_step is not None and unit.start != 0:
+        raise RequestError(f"{where}.start: give start_step or start, not both (start_step {unit.start_step}, "
+                           f"start {unit.start} given)")  # fmt: skip
     encoder, why = pick_eva(adapter, store, unit.encoder)
     return PuLIDUnitPlan(index, unit, adapter, encoder, why)
 
