@@ -661,3 +661,35 @@ def test_bad_inputs_are_refused_before_anything_loads(pack, files):
         info = engine.cache_info()
         assert info["pipelines"]["entries"] == [], bad.get("start")
         assert not (info.get("adapters") or {}).get("entries"), info.get("adapters")
+
+
+def test_eva_towers_that_are_not_pulids_are_refused_in_the_plan(pack, files, tmp_path):
+    """An EVA tower of the right widths but 20 blocks (PuLID reads the input of block 20) is refused before anything
+    loads, picked or requested, naming the file and what PuLID needs; one of EVA02-L's widths at 224 px (EVA02-CLIP-
+    L-14, not L-14-336) is not PuLID's tower."""
+    import shutil
+    from dataclasses import replace
+
+    from imprompt import Engine
+    from imprompt.conditioning.pulid import eva_mismatch
+    from imprompt.errors import IncompatibleError
+
+    root = tmp_path / "m"
+    shutil.copytree(files[0], root)
+    (root / EVA_FILE).unlink()
+    write_eva_clip(root / "clip" / "EVA02_CLIP_L_psz14_s4B.pt", depth=20)
+    engine = Engine([pack, root])
+    embedding, crop = face_inputs()
+    for fields in ({}, {"encoder": "EVA02_CLIP_L_psz14_s4B"}):
+        with pytest.raises(IncompatibleError, match=r"EVA02_CLIP_L_psz14_s4B\.pt\)? has 20 blocks.*blocks 4 to 20"):
+            engine.generate(request(unit(embedding, crop, **fields)))
+        assert engine.cache_info()["pipelines"]["entries"] == []
+    eva = engine.store.encoder("EVA02_CLIP_L_psz14_s4B") if hasattr(engine, "store") else None
+    if eva is None:
+        from imprompt.models.store import ModelStore
+
+        eva = ModelStore(root).encoder("EVA02_CLIP_L_psz14_s4B")
+    at = lambda size: type(eva)(**{**eva.__dict__, "spec": replace(eva.spec, hidden_size=1024, projection_dim=768,  # noqa: E731
+                                                                     num_layers=24, image_size=size)})
+    assert "336 px" in eva_mismatch(at(224)) and eva_mismatch(at(336)) is None
+    assert eva_mismatch(type(eva)(**{**eva.__dict__, "spec": replace(eva.spec, num_layers=21)})) is None

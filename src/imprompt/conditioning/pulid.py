@@ -53,8 +53,26 @@ def is_pulid(entry: Entry) -> bool:
     return entry.spec.variant in ("pulid", "pulid-sdxl")
 
 
+EVA_LAST_HIDDEN = 20  # PuLID reads the inputs of blocks 4..20 (`ipadapter/eva_clip.HIDDEN_LAYERS`): 21 blocks at least
+EVA_L = (1024, 768, 336)  # EVA02-CLIP-L-14-336's width, cls width and image size: the tower PuLID was trained on
+
+
+def eva_mismatch(encoder: Entry) -> str | None:
+    """Why an EVA tower of the right widths still is not one PuLID reads, or None. Its depth must reach the hidden
+    states PuLID reads; a tower of EVA02-L's widths must be PuLID's L-14-336: EVA02-CLIP-L-14 at 224 px
+    (EVA02_CLIP_L_psz14_s4B) is another model, whose features the IDFormer was not trained on. Towers of other
+    widths (only made for tests: no released PuLID file reads them) are held to the depth alone."""
+    e = encoder.spec
+    if e.num_layers <= EVA_LAST_HIDDEN:
+        return f"{e.num_layers} blocks, and PuLID reads the inputs of blocks 4 to {EVA_LAST_HIDDEN}"
+    if (e.hidden_size, e.projection_dim) == EVA_L[:2] and e.image_size != EVA_L[2]:
+        return f"{e.image_size} px ({e.architecture}), and PuLID reads EVA02-CLIP-L-14-336 at {EVA_L[2]} px"
+    return None
+
+
 def pick_eva(adapter: Entry, store: ModelStore, requested: str | None = None) -> tuple[Entry, str]:
-    """The EVA02-CLIP tower whose widths the file's IDFormer reads (hidden states and cls output), and why."""
+    """The EVA02-CLIP tower whose widths the file's IDFormer reads (hidden states and cls output), deep enough and at
+    PuLID's image size (`eva_mismatch`), and why."""
     spec, name = adapter.spec, label_of(adapter)
     wanted = (spec.clip_width, spec.eva_projection)
     needs = f"eva-clip hidden_states[{spec.clip_width}] and cls[{spec.eva_projection}]"
@@ -63,9 +81,20 @@ def pick_eva(adapter: Entry, store: ModelStore, requested: str | None = None) ->
         if (encoder.spec.model_type, encoder.spec.hidden_size, encoder.spec.projection_dim) != ("eva-clip", *wanted):
             raise IncompatibleError(f"encoder {encoder.name} gives {encoder.spec.outputs}, but PuLID {name} reads "
                                     f"{needs}. Leave the encoder unset and imprompt picks the right one")  # fmt: skip
+        if problem := eva_mismatch(encoder):
+            raise IncompatibleError(f"encoder {encoder.name} ({Path(encoder.path).name}) has {problem}. Use "
+                                    f"EVA02_CLIP_L_336_psz14_s6B.pt, or leave the encoder unset")  # fmt: skip
         return encoder, f"{name} reads {needs}; encoder chosen in the request"
-    found = [e for e in store.current_of_kind("image-encoder")
-             if (e.spec.model_type, e.spec.hidden_size, e.spec.projection_dim) == ("eva-clip", *wanted)]  # fmt: skip
+    widths = [e for e in store.current_of_kind("image-encoder")
+              if (e.spec.model_type, e.spec.hidden_size, e.spec.projection_dim) == ("eva-clip", *wanted)]  # fmt: skip
+    found = [e for e in widths if eva_mismatch(e) is None]
+    if widths and not found:
+        raise IncompatibleError(
+            f"PuLID {name} ({Path(spec.path).name}) reads {needs} of EVA02-CLIP-L-14-336 (336 px, 24 blocks); the "
+            f"EVA-CLIP checkpoints of those widths are not it: "
+            f"{'; '.join(f'{Path(e.path).name} has {eva_mismatch(e)}' for e in widths)}. Add "
+            f"EVA02_CLIP_L_336_psz14_s6B.pt (QuanSun/EVA-CLIP) to DIR/clip/ or DIR/clip_vision/"
+        )
     if not found:
         raise MissingEncoderError(
             f"PuLID {name} ({Path(spec.path).name}) reads {needs} (EVA02-CLIP-L-14-336), and no EVA-CLIP checkpoint "
