@@ -693,3 +693,32 @@ def test_eva_towers_that_are_not_pulids_are_refused_in_the_plan(pack, files, tmp
                                                                      num_layers=24, image_size=size)})
     assert "336 px" in eva_mismatch(at(224)) and eva_mismatch(at(336)) is None
     assert eva_mismatch(type(eva)(**{**eva.__dict__, "spec": replace(eva.spec, num_layers=21)})) is None
+
+
+def test_single_file_flux_counts_its_single_blocks_for_the_fit(files, tmp_path):
+    """A FLUX transformer alone (ComfyUI's models/unet, BFL names) has its single blocks counted as the folder
+    probe counts them, so PuLID fits it by PuLID's num_ca; one with single blocks dropped, or of unknown single
+    blocks (0), is refused in the plan rather than at attach."""
+    from dataclasses import replace
+
+    from diffusers import FluxTransformer2DModel
+    from safetensors.torch import save_file
+    from single_files import flux_original_names
+
+    from imprompt.conditioning.ip_adapter import fits
+    from imprompt.models.store import ModelStore
+
+    root = files[0]
+    state = flux_original_names(FluxTransformer2DModel.from_pretrained(root / "diffusers" / MODEL / "transformer").state_dict())
+    (tmp_path / "unet").mkdir()
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "unet" / "flux-alone.safetensors")
+    shallow = {k: v for k, v in state.items() if not k.startswith(tuple(f"single_blocks.{i}." for i in range(4, SINGLE)))}
+    save_file({k: v.contiguous() for k, v in shallow.items()}, tmp_path / "unet" / "flux-shallow.safetensors")
+    store = ModelStore([root, tmp_path])
+    pulid = next(a for a in store.adapters if a.spec.variant == "pulid")
+    by_name = {e.name: e for e in store.pipelines}
+    alone, short = by_name["flux-alone"], by_name["flux-shallow"]
+    assert (alone.spec.single_blocks, short.spec.single_blocks) == (SINGLE, 4)
+    assert fits(pulid, by_name[MODEL]) and fits(pulid, alone) and not fits(pulid, short)
+    unknown = type(alone)(**{**alone.__dict__, "spec": replace(alone.spec, single_blocks=0)})
+    assert not fits(pulid, unknown)

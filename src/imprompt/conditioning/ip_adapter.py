@@ -210,9 +210,9 @@ def fits(adapter: Entry, pipeline: Entry) -> bool:
     if a.variant == "pulid-sdxl":  # PuLID v1.1: ID projections on every cross-attention of an SDXL UNet
         return p.architecture == "unet" and tuple(a.layer_widths) == tuple(p.layer_widths)
     if a.variant == "pulid":  # PuLID FLUX: CAs reading FLUX's hidden width after its double blocks
-        cas = -(-len(p.layer_widths) // 2) + -(-p.single_blocks // 4)  # PuLID's num_ca (single blocks: 0 if unread)
-        return (a.variant == "pulid" and p.architecture == "flux" and p.layer_widths[:1] == (a.cross_attention_dim,)
-                and (cas == len(a.layer_widths) if p.single_blocks else cas < len(a.layer_widths)))  # fmt: skip
+        cas = -(-len(p.layer_widths) // 2) + -(-p.single_blocks // 4)  # PuLID's num_ca
+        return (p.architecture == "flux" and p.layer_widths[:1] == (a.cross_attention_dim,)
+                and p.single_blocks > 0 and cas == len(a.layer_widths))  # single blocks unknown (0): refused, not guessed
     if a.variant == "redux":  # no blocks: its tokens join T5's (`redux.py`), so any FLUX model with T5 that wide
         return p.architecture == "flux" and a.cross_attention_dim == p.cross_attention_dim
     return (a.architecture == p.architecture and a.cross_attention_dim == p.cross_attention_dim

@@ -26,7 +26,7 @@ from filelock import FileLock
 from .specs import Spec, spec_from_json, spec_to_json
 
 log = logging.getLogger("imprompt")
-PROBE_VERSION = 14  # raise when what the probe reads from files changes, so old results are not used
+PROBE_VERSION = 15  # raise when what the probe reads from files changes, so old results are not used
 LOCK_TIMEOUT = 10.0  # seconds a save waits for another writer of the file before giving up (the next save retries)
 
 

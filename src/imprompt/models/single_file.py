@@ -351,6 +351,7 @@ def transformer_single_file_spec(path: Path, table: dict[str, TensorInfo], archi
         parts=SPLIT_PARTS[architecture] if alone else (),
         text_encoder_widths=((pooled, config["pooled_projection_dim"]), ("t5xxl", config["joint_attention_dim"])),
         quantization=quantization(path, {k: v for k, v in table.items() if k.startswith(UNET)}, metadata or {}),
+        single_blocks=config["num_single_layers"] if architecture == "flux" else 0,  # PuLID's CAs follow some
     )
 
 

@@ -179,7 +179,8 @@ class PipelineSpec:
     # how its denoiser's weights are stored: "" (fp16 / bf16 / fp32), fp8_e4m3fn, fp8_e5m2, scaled_fp8, gguf_Q8_0, ...
     quantization: str = ""
     kind: str = "pipeline"
-    single_blocks: int = 0  # FLUX: its single-stream blocks (PuLID's CAs follow some of them); 0: not read
+    single_blocks: int = 0  # FLUX: its single-stream blocks (PuLID's CAs follow some of them; folder and single-file
+    # probes both count them); 0: not read, and PuLID is refused rather than guessed
 
     @property
     def family(self) -> str:
