@@ -313,6 +313,16 @@ def test_switching_pulid_plain_pulid_leaves_nothing_behind(pack, files):
     again = engine.generate(request(unit(embedding, crop)))
     assert max_diff(first.images[0], again.images[0]) == 0
     assert [r.info["ip_adapters"][0]["face"]["id_tokens"] for r in (first, again)] == ["computed", "cache"]
+    # the EVA tower is an image encoder (the encoder cache holds it) and the ID tokens embeddings (so does theirs):
+    # a repeated face loads and runs neither, even with an adapter cache too small to keep anything
+    assert [e["event"] for e in first.info["events"]].count("encoder_loaded") == 1
+    assert "encoder_loaded" not in [e["event"] for e in again.info["events"]]
+    small = Engine([pack, files[0]], adapter_cache_budget=1)
+    small.generate(request(unit(embedding, crop)))
+    repeated = small.generate(request(unit(embedding, crop)))
+    assert repeated.info["ip_adapters"][0]["face"]["id_tokens"] == "cache"
+    assert "encoder_loaded" not in [e["event"] for e in repeated.info["events"]]
+    assert max_diff(repeated.images[0], again.images[0]) == 0
     assert max_diff(plain.images[0], Engine([pack, files[0]]).generate(request()).images[0]) == 0
     transformer = engine.state.pipelines.all()[0].pipeline.transformer
     hooks = [m for m in transformer.modules() if m._forward_hooks or m._forward_pre_hooks]

@@ -234,8 +234,7 @@ def plan_pulid_unit(index: int, unit: IPAdapterUnit, adapter: Entry, store: Mode
 
 
 def built(state, entry: Entry, what: str, dtype, label: str, events: list):
-    """The PuLID module or EVA tower of `entry`, from the engine's adapter cache (under its budget) or built now."""
-    from ..ipadapter.eva_clip import build_eva
+    """The PuLID module of `entry`, from the engine's adapter cache (under its budget) or built now."""
     from ..ipadapter.pulid import build_pulid, build_pulid_sdxl
     from ..loading.tensors import read_tensors
     from ..util.cache import module_bytes
@@ -247,7 +246,7 @@ def built(state, entry: Entry, what: str, dtype, label: str, events: list):
     stale = state.adapters.discard_older_versions(key)
     started = time.perf_counter()
     tensors = read_tensors(Path(entry.path))
-    builder = {"pulid": build_pulid, "pulid-sdxl": build_pulid_sdxl, "eva": build_eva}[what]
+    builder = {"pulid": build_pulid, "pulid-sdxl": build_pulid_sdxl}[what]
     module = builder(tensors, entry.path, state.device, dtype)
     seconds = time.perf_counter() - started
     kept(state, key, module, module_bytes(module), entry.name, events, stale)
@@ -255,6 +254,32 @@ def built(state, entry: Entry, what: str, dtype, label: str, events: list):
     events.append({"event": "adapter_loaded", "adapter": label if what == "pulid" else entry.name,
                    "file": str(entry.path), "seconds": round(seconds, 4)})  # fmt: skip
     return module
+
+
+def eva_tower(state, entry: Entry, dtype, label: str, events: list):
+    """The EVA tower of `entry`: an image encoder, so in the engine's encoder cache (its budget, its events), as
+    every unit's encoder is; built from its file when not there."""
+    from ..ipadapter.eva_clip import build_eva
+    from ..loading.tensors import read_tensors
+    from ..util.cache import module_bytes
+
+    encoders = state.embedder.encoders
+    key = entry.key("eva", dtype, state.device)
+    tower = encoders.get(key)
+    if tower is not None:
+        events.append({"event": "encoder_reused", "encoder": entry.name, "for": label})
+        return tower
+    for old in encoders.discard_older_versions(key):
+        events.append({"event": "encoder_evicted", "encoder": old.label, "why": "its file changed on disk"})
+    started = time.perf_counter()
+    tower = build_eva(read_tensors(Path(entry.path)), entry.path, state.device, dtype)
+    seconds = time.perf_counter() - started
+    for old in encoders.put(key, tower, module_bytes(tower), label=entry.name):
+        events.append({"event": "encoder_evicted", "encoder": old.label, "why": "encoder cache budget"})
+    log.info("EVA tower %s for %s loaded in %.2f s", entry.name, label, seconds)
+    events.append({"event": "encoder_loaded", "encoder": entry.name, "for": label, "seconds": round(seconds, 4),
+                   "why": "PuLID reads EVA-CLIP's hidden states"})  # fmt: skip
+    return tower
 
 
 def kept(state, key, value, nbytes: int, label: str, events: list, stale=()) -> None:
@@ -301,17 +326,21 @@ class PuLIDPrompts:
         dtype = loaded.dtype or state.dtype
         for u, inputs in zip(self.units, self.inputs):
             module = built(state, u.adapter, u.adapter.spec.variant, dtype, u.label, events)
-            eva = built(state, u.encoder, "eva", dtype, u.label, events)
-            if (eva.shape.width, eva.shape.projection) != (u.adapter.spec.clip_width, u.adapter.spec.eva_projection):
-                raise CheckpointError(u.encoder.path, f"EVA tower of width {eva.shape.width} / cls "
-                                      f"{eva.shape.projection}, but {u.label} reads {u.adapter.spec.needs}")  # fmt: skip
             face_vector, crop, found = u.face(state, inputs, events)
             digest = hashlib.sha256(face_vector.numpy().tobytes() + crop.tobytes()).hexdigest()
+            # a face's ID tokens are embeddings like any unit's: in the engine's embedding cache (its budget), keyed
+            # by face, both files' versions and dtype; a repeated face needs neither EVA nor the IDFormer
             key = (*u.adapter.key("pulid-tokens", dtype, state.device), *u.encoder.key(), digest)
-            tokens, made = state.adapters.get(key), "cache"
-            if tokens is None:  # EVA and the IDFormer run once per face, file pair and dtype
+            embeddings = state.embedder.embeddings
+            tokens, made = embeddings.get(key), "cache"
+            if tokens is None:
+                eva = eva_tower(state, u.encoder, dtype, u.label, events)
+                if (eva.shape.width, eva.shape.projection) != (u.adapter.spec.clip_width, u.adapter.spec.eva_projection):
+                    raise CheckpointError(u.encoder.path, f"EVA tower of width {eva.shape.width} / cls "
+                                          f"{eva.shape.projection}, but {u.label} reads {u.adapter.spec.needs}")  # fmt: skip
                 tokens, made = id_tokens(module, eva, face_vector, crop), "computed"
-                kept(state, key, tokens, sum(t.numel() * t.element_size() for t in tokens), f"{u.label} ID", events)
+                embeddings.discard_older_versions(key)
+                embeddings.put(key, tokens, sum(t.numel() * t.element_size() for t in tokens), label=f"{u.label} ID {digest[:12]}")
             self.tokens.append(tokens)
             self.modules.append(module)
             self.faces.append({"found_by": found["found_by"], "id_tokens": made, "faces": found.get("faces", [])})
