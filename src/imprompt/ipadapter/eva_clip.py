@@ -21,6 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import CheckpointError
+from ..loading.tensors import filled
 
 HIDDEN_LAYERS = (4, 8, 12, 16, 20)  # PuLID reads the input of these blocks (`0 < idx <= 20 and idx % 4 == 0`)
 HEAD_WIDTH = 64  # every EVA02 tower's
@@ -206,11 +207,7 @@ def build_eva(tensors: dict, path, device=None, dtype=None) -> EvaVisionTower:
     state = visual_state(tensors)
     with torch.device("meta"):
         tower = EvaVisionTower(shape)
-    try:
-        tower.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as exc:
-        raise CheckpointError(path, f"cannot build this EVA02-CLIP vision tower ({str(exc).splitlines()[0]})",
-                              "Check that the file is complete") from None  # fmt: skip
+    filled(tower, state, path, "EVA02-CLIP vision tower", "Check that the file is complete")
     cos, sin = rotary_tables(shape.grid)
     tower.rope_cos, tower.rope_sin = cos, sin  # buffers made on meta: computed again, for real
     return tower.to(device=device, dtype=dtype).eval().requires_grad_(False)

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
+from ..loading.tensors import filled
 
 HEADS = 16  # of the IDFormer's Perceiver attentions (16 x 64) and of the CAs (16 x 128)
 DOUBLE_INTERVAL = 2  # a CA after double blocks 0, 2, 4, ...
@@ -190,11 +191,7 @@ def build_pulid(tensors: dict, path, device=None, dtype=None) -> PuLIDFlux:
     shape = pulid_shape(tensors, path)
     with torch.device("meta"):
         module = PuLIDFlux(shape)
-    try:
-        module.load_state_dict(tensors, strict=True, assign=True)
-    except RuntimeError as exc:
-        raise CheckpointError(path, f"cannot build this PuLID FLUX file ({str(exc).splitlines()[0]})",
-                              "Download pulid_flux_v0.9.1.safetensors again") from None  # fmt: skip
+    filled(module, tensors, path, "PuLID FLUX file", "Download pulid_flux_v0.9.1.safetensors again")
     return module.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
@@ -292,11 +289,7 @@ def build_pulid_sdxl(tensors: dict, path, device=None, dtype=None) -> PuLIDSDXL:
               if k.startswith("id_adapter_attn_layers.") and k.endswith(".id_to_k.weight")}  # fmt: skip
     with torch.device("meta"):
         module = PuLIDSDXL(shape, dict(sorted(layers.items())))
-    try:
-        module.load_state_dict(tensors, strict=True, assign=True)
-    except RuntimeError as exc:
-        raise CheckpointError(path, f"cannot build this PuLID v1.1 file ({str(exc).splitlines()[0]})",
-                              "Download pulid_v1.1.safetensors again") from None  # fmt: skip
+    filled(module, tensors, path, "PuLID v1.1 file", "Download pulid_v1.1.safetensors again")
     return module.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 

@@ -298,6 +298,16 @@ def file_size(path: Path) -> int:
     return st.st_size
 
 
+def filled(module, tensors: dict, path, what: str, fix: str):
+    """`module` (built on the meta device) with `tensors` assigned, each named and none left out: a file whose
+    tensors do not fit it is a `CheckpointError` naming `what` it should have been and the fix."""
+    try:
+        module.load_state_dict(tensors, strict=True, assign=True)
+    except RuntimeError as exc:
+        raise CheckpointError(path, f"cannot build this {what} ({first_line(exc)})", fix) from None
+    return module
+
+
 def first_line(exc: BaseException) -> str:
     """An exception's message, first line only (library messages can run to pages)."""
     text = str(exc).strip()

@@ -404,15 +404,7 @@ def transformer_single_file_unsupported(path: Path, table, architecture: str, ki
         return (f"{path}: a {describe_type(kind)} single file without its {' and '.join(missing)} (its transformer "
                 f"alone, as the model's own repository ships it); imprompt runs all-in-one {family} files (transformer, "
                 f"VAE and text encoders in one, as in ComfyUI's checkpoints/) and diffusers folders. Use one of those")  # fmt: skip
-    head = config["attention_head_dim"]
-    if architecture == "sd3" and config["qk_norm"] is None and config["caption_projection_dim"] % head:
-        return (f"{path}: an SD 3-shaped transformer {config['caption_projection_dim']} wide without q/k norms, so its "
-                f"head width cannot be read from the file, and SD 3's (64) does not divide it. Use its diffusers "
-                f"folder, whose config names it")  # fmt: skip
-    if architecture == "flux" and (sum(config["axes_dims_rope"]) != head or any(a % 2 for a in config["axes_dims_rope"])):
-        return (f"{path}: a FLUX-shaped transformer with {head}-wide attention heads, which FLUX.1's rotary split "
-                f"(16 / 56 / 56 of 128) does not divide. Use its diffusers folder, whose config names the split")  # fmt: skip
-    return None
+    return config_unsupported(path, architecture, config)
 
 
 def wrong_input_channels(architecture: str, in_channels: int) -> str | None:
