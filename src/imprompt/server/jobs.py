@@ -1,10 +1,15 @@
-"""One engine, one generation at a time: a bounded FIFO queue of jobs and the worker thread that runs them.
+"""One engine, one pipeline call at a time: a bounded FIFO queue of jobs and the worker thread that runs them.
 
 HTTP handlers submit a job and wait for it without holding a thread (they await its completion on the event
 loop), so a long queue never starves the server: progress, interrupt and health checks still answer at once. A
 full queue is refused at once (429) rather than making clients wait without bound. A client that disconnects
 while its job waits has the job dropped; while it runs, interrupted. Each job carries its own request, so
 concurrent clients with different adapters each get exactly the image their request asks for.
+
+Batching (`batch_wait` > 0): the worker, taking a job the engine can batch (`Engine.batch_key` is not None, one
+n_iter batch), waits up to `batch_wait` seconds for more waiting jobs with an equal key, then runs up to
+`batch_max` of them as one `Engine.generate_batch` call. Each keeps its own progress, interrupt, result and error;
+jobs with other keys keep their place in the queue. `batch_wait` == 0 runs one job at a time, as before.
 """
 
 from __future__ import annotations
@@ -27,6 +32,16 @@ from ..request import GenerateRequest
 log = logging.getLogger("imprompt")
 _ids = itertools.count(1)
 DISCONNECT_POLL_SECONDS = 0.5  # how often a waiting handler checks that its client is still there
+# The default batch size (jobs) when none is given: on the CPU a batch saves per-call overhead but not compute, so
+# a few jobs; on CUDA as many rows as the engine's activation budget (util/devices.py) holds at ROW_BYTES per
+# megapixel of image, the UNet step's activations growing with rows and pixels (the VAE decodes one image at a
+# time, so the decode needs no more with more rows). ROW_BYTES: `tools.activation_memory` counts 0.31 GiB for one
+# SDXL 1024x1024 row with guidance in float16; a quarter for the allocator and SD 1.5's attention at the full latent
+# size round it up to 0.5 GiB. Never more than BATCH_MAX_CAP jobs (one slow batch delays all its clients).
+CPU_BATCH_MAX = 4
+ROW_BYTES = 2**29  # per 1024x1024 pixels of one batch row
+BATCH_MAX_CAP = 16
+_UNKEYED = object()  # a job whose batch key has not been asked yet
 
 
 @dataclass
@@ -44,6 +59,9 @@ class Job:
     interrupted: bool = False  # set by an interrupt: no further n_iter batch starts
     done: threading.Event = field(default_factory=threading.Event)
     on_done: Callable[[], None] | None = None  # called from the worker thread when the job ends
+    stop: threading.Event = field(default_factory=threading.Event)  # this job's own interrupt, in a batch
+    batched: bool = False  # running in one `generate_batch` call with other jobs: interrupted through `stop`
+    key: object = _UNKEYED  # `Engine.batch_key` of its request, asked once by the worker
 
     def fraction(self) -> float:
         if not self.total:
@@ -56,15 +74,38 @@ class Job:
             self.on_done()
 
 
+def default_batch_max(engine, request: GenerateRequest | None = None) -> int:
+    """How many jobs one batch may hold when the server was given no `--batch-max` (see ROW_BYTES): CUDA, the rows
+    of `request`'s size (its width x height, 1024x1024 when the model's native size is asked, times its
+    batch_size) the activation budget holds, at most BATCH_MAX_CAP; elsewhere CPU_BATCH_MAX; at least 1."""
+    if getattr(engine.device, "type", "cpu") != "cuda":
+        return CPU_BATCH_MAX
+    width = (request.width if request is not None else None) or 1024
+    height = (request.height if request is not None else None) or 1024
+    rows_each = request.batch_size if request is not None else 1
+    row = max(1, ROW_BYTES * width * height // (1024 * 1024))
+    return max(1, min(BATCH_MAX_CAP, int(engine.activation_budget) // row // rows_each))
+
+
 class JobQueue:
-    def __init__(self, engine: Engine, max_queue: int = 16, recent_events: int = 200):
+    def __init__(self, engine: Engine, max_queue: int = 16, batch_max: int | None = None, batch_wait: float = 0.0,
+                 recent_events: int = 200):  # fmt: skip
+        """`batch_max`: jobs one batch may hold (None: `default_batch_max`, sized per batch from the device's
+        memory); `batch_wait`: seconds the worker waits for jobs to batch with the one it took (0: no batching)."""
         if max_queue < 1:
             raise RequestError(f"max_queue must be at least 1 (jobs that may wait), got {max_queue}")
+        if batch_max is not None and batch_max < 1:
+            raise RequestError(f"batch_max must be at least 1 (jobs in one pipeline call), got {batch_max}")
+        if not batch_wait >= 0:
+            raise RequestError(f"batch_wait must be 0 (no batching) or more seconds, got {batch_wait}")
         self.engine = engine
         self.max_queue = max_queue
+        self.batch_max = batch_max
+        self.batch_wait = float(batch_wait)
         self._waiting: deque[Job] = deque()
         self._changed = threading.Condition()
-        self.current: Job | None = None
+        self._arrivals = 0  # counts submissions, so the batching wait wakes for each new job
+        self.running: list[Job] = []  # the jobs of the pipeline call now running (one, or a batch's)
         self.events: deque[dict] = deque(maxlen=recent_events)
         self._worker = threading.Thread(target=self._work, name="imprompt-worker", daemon=True)
         self._worker.start()
@@ -79,7 +120,8 @@ class JobQueue:
                     f"the queue is full ({self.max_queue} jobs waiting); try again when a job has finished"
                 )
             self._waiting.append(job)
-            self._changed.notify()
+            self._arrivals += 1
+            self._changed.notify_all()
         return job
 
     async def run_async(self, request: GenerateRequest, iterations: int,
@@ -103,21 +145,24 @@ class JobQueue:
         return _outcome(job)
 
     def cancel(self, job: Job, why: str) -> None:
-        """Drop a job that is still waiting; interrupt it if it is running."""
+        """Drop a job that is still waiting (also while the worker waits to batch it); interrupt it if it is
+        running. In a batch only that job stops: the others go on."""
         with self._changed:
             waiting = job in self._waiting
             if waiting:
                 self._waiting.remove(job)
+                self._changed.notify_all()
+            running = job in self.running
+            if running:
+                self._stop(job)
         if waiting:
             log.info("job %d dropped before it ran: %s", job.id, why)
             self.events.append({"event": "request_dropped", "job": job.id, "why": why, "time": time.time()})
             job.error = RequestError(f"request dropped before it ran: {why}")
             job.finish()
-        elif self.current is job:
+        elif running:
             log.info("job %d interrupted: %s", job.id, why)
             self.events.append({"event": "request_interrupted", "job": job.id, "why": why, "time": time.time()})
-            job.interrupted = True
-            self.engine.interrupt()
 
     def preload(self, model: str) -> threading.Thread:
         """Load `model` in the background while the server starts; a request that comes meanwhile waits for the
@@ -149,8 +194,14 @@ class JobQueue:
         return len(self._waiting)
 
     @property
+    def current(self) -> Job | None:
+        """The first running job (a batch's first): the one A1111's /progress reports."""
+        running = self.running
+        return running[0] if running else None
+
+    @property
     def busy(self) -> bool:
-        return self.current is not None
+        return bool(self.running)
 
     def recent_events(self, since: float = 0.0) -> list[dict]:
         return [e for e in list(self.events) if e.get("time", 0) > since]
@@ -162,50 +213,158 @@ class JobQueue:
         return self.engine.clear_cache()
 
     def interrupt(self) -> bool:
-        """Stop the running job: its batch ends after the current step, and no further n_iter batch starts (the
-        engine clears its own flag at each `generate`, so the job carries the interrupt)."""
-        job = self.current
-        if job is None:
-            return False
-        job.interrupted = True
-        self.engine.interrupt()
-        return True
-
-    def _next(self) -> Job:
+        """A1111's interrupt (it names no job): stop what is running — every job of a batch — after the current
+        step; no further n_iter batch starts (the engine clears its own flag at each `generate`, so the job
+        carries the interrupt)."""
         with self._changed:
-            while not self._waiting:
-                self._changed.wait()
-            job = self._waiting.popleft()
-            self.current, job.started = job, time.time()
-            return job
+            running = list(self.running)
+            for job in running:
+                self._stop(job)
+        return bool(running)
+
+    def _stop(self, job: Job) -> None:
+        """Interrupt a running job: a batched one through its own event (the batch's others go on), a lone one
+        through the engine's."""
+        job.interrupted = True
+        if job.batched:
+            job.stop.set()
+        else:
+            self.engine.interrupt()
+
+    # ------------------------------------------------------------------------------------------ the worker
 
     def _work(self) -> None:
         while True:
-            job = self._next()
+            jobs = self._take()
+            if len(jobs) == 1:
+                self._run_alone(jobs[0])
+            else:
+                self._run_batch(jobs)
+
+    def _take(self) -> list[Job]:
+        """The next pipeline call's jobs, now running: the oldest job, and with batching the waiting jobs its key
+        equals (FIFO), gathered for at most `batch_wait` seconds."""
+        while True:
+            with self._changed:
+                while not self._waiting:
+                    self._changed.wait()
+                head = self._waiting[0]
+            key = self._key(head) if self.batch_wait > 0 and head.iterations == 1 else None
+            limit = (self.batch_max or default_batch_max(self.engine, head.request)) if key is not None else 1
+            if limit > 1:
+                mates = self._gather(head, key, limit)
+                if mates is None:
+                    continue  # the head was dropped meanwhile: start again from the new oldest job
+            else:
+                mates = []
+            with self._changed:
+                if head not in self._waiting:
+                    continue
+                batch = [head] + [job for job in mates if job in self._waiting]  # a mate may have been dropped
+                for job in batch:
+                    self._waiting.remove(job)
+                    job.started, job.batched = time.time(), len(batch) > 1
+                self.running = batch
+                return batch
+
+    def _gather(self, head: Job, key, limit: int) -> list[Job] | None:
+        """Wait (bounded by `batch_wait`, woken by each new or dropped job) until `limit` - 1 waiting jobs share
+        `head`'s key; returns them, oldest first (None if `head` itself was dropped)."""
+        deadline = time.monotonic() + self.batch_wait
+        while True:
+            with self._changed:
+                if head not in self._waiting:
+                    return None
+                snapshot, seen = list(self._waiting), self._arrivals
+            # keys are asked outside the lock: planning may read files; only this thread asks them
+            mates = [job for job in snapshot
+                     if job is not head and job.iterations == 1 and self._key(job) == key][: limit - 1]  # fmt: skip
+            left = deadline - time.monotonic()
+            if len(mates) >= limit - 1 or left <= 0:
+                return mates
+            with self._changed:
+                if self._arrivals == seen and head in self._waiting:
+                    self._changed.wait(timeout=left)
+
+    def _key(self, job: Job):
+        """`Engine.batch_key` of the job's request, asked once; a fault in asking means "runs alone"."""
+        if job.key is _UNKEYED:
             try:
-                for job.iteration in range(job.iterations):
-                    if job.interrupted:
-                        break
-                    seed = job.request.seed + job.iteration * job.request.batch_size
-                    result = self.engine.generate(job.request.model_copy(update={"seed": seed}), on_step=self._progress(job))
-                    job.results.append(result)
-                    self._record(job, result)
-                    if result.info["interrupted"]:
-                        break
-            except ImpromptError as exc:
-                job.error = exc
-                self.events.append({"event": "request_refused", "job": job.id, "why": str(exc), "time": time.time()})
-            except Exception as exc:  # a real fault: reported as 500 by the server, with the traceback in the log
-                log.exception("job %d failed", job.id)
-                job.error = exc
-            finally:
-                self.current = None
-                job.finish()
+                job.key = self.engine.batch_key(job.request)
+            except Exception:  # the request runs alone and meets its error there, as without batching
+                log.debug("job %d: no batch key", job.id, exc_info=True)
+                job.key = None
+        return job.key
+
+    def _run_alone(self, job: Job, after: list[Job] | None = None) -> None:
+        """One job's n_iter batches, one `generate` call each; `after`: the jobs still to run when it ends."""
+        try:
+            for job.iteration in range(job.iterations):
+                if job.interrupted:
+                    break
+                seed = job.request.seed + job.iteration * job.request.batch_size
+                result = self.engine.generate(job.request.model_copy(update={"seed": seed}), on_step=self._progress(job))
+                job.results.append(result)
+                self._record(job, result)
+                if result.info["interrupted"]:
+                    break
+        except Exception as exc:
+            self._failed(job, exc)
+        finally:
+            self._end(job, after)
+
+    def _run_batch(self, jobs: list[Job]) -> None:
+        """One `generate_batch` call for `jobs` (imprompt's own batching of queued requests: diffusers batches one
+        call's rows, not separate requests). If the call itself raises, each job runs alone, so no job fails for
+        another's fault."""
+        rows = sum(job.request.batch_size for job in jobs)
+        ids = [job.id for job in jobs]
+        log.info("jobs %s run as one batch (%d jobs, %d rows)", ", ".join(map(str, ids)), len(jobs), rows)
+        self.events.append({"event": "batch", "job": ids[0], "jobs": ids, "size": len(jobs), "rows": rows,
+                            "time": time.time()})  # fmt: skip
+        try:
+            outcomes = self.engine.generate_batch([job.request for job in jobs],
+                                                  on_steps=[self._progress(job) for job in jobs],
+                                                  interrupts=[job.stop for job in jobs])  # fmt: skip
+        except ImpromptError as exc:
+            log.warning("the batch of jobs %s was refused as a whole (%s); its jobs run alone", ids, exc)
+            outcomes = None
+        except Exception:
+            log.exception("the batch of jobs %s failed as a whole; its jobs run alone", ids)
+            outcomes = None
+        if outcomes is not None and len(outcomes) != len(jobs):
+            log.error("the batch of jobs %s gave %d outcomes; its jobs run alone", ids, len(outcomes))
+            outcomes = None
+        for index, job in enumerate(jobs):
+            if outcomes is None:
+                with self._changed:
+                    job.batched = False  # from now on interrupted through the engine, as any lone job
+                self._run_alone(job, after=jobs[index + 1:])
+                continue
+            outcome = outcomes[index]
+            if isinstance(outcome, BaseException):
+                self._failed(job, outcome)
+            else:
+                job.results.append(outcome)
+                self._record(job, outcome)
+            self._end(job, still_running=jobs[index + 1:])
+
+    def _failed(self, job: Job, exc: BaseException) -> None:
+        job.error = exc
+        if isinstance(exc, ImpromptError):
+            self.events.append({"event": "request_refused", "job": job.id, "why": str(exc), "time": time.time()})
+        else:  # a real fault: reported as 500 by the server, with the traceback in the log
+            log.error("job %d failed", job.id, exc_info=exc)
+
+    def _end(self, job: Job, still_running: list[Job] | None = None) -> None:
+        with self._changed:
+            self.running = list(still_running or [])
+        job.finish()
 
     def _progress(self, job: Job):
         def on_step(step: int, total: int) -> None:
             job.step, job.total = step, total
-            if job.interrupted and not self.engine.interrupt_requested:
+            if job.interrupted and not job.batched and not self.engine.interrupt_requested:
                 self.engine.interrupt()  # it came after the check above but before `generate` cleared the flag
 
         return on_step
@@ -222,20 +381,21 @@ class JobQueue:
                 )  # fmt: skip
 
     def progress(self) -> dict:
-        """A1111's /sdapi/v1/progress shape."""
-        job = self.current
-        if job is None:
+        """A1111's /sdapi/v1/progress shape, of the first running job (a batch's others run the same steps)."""
+        running = list(self.running)
+        if not running:
             state = {"skipped": False, "interrupted": False, "job": "", "job_count": self.waiting,
                      "job_timestamp": "0", "job_no": 0, "sampling_step": 0, "sampling_steps": 0}  # fmt: skip
             return {"progress": 0.0, "eta_relative": 0.0, "state": state, "current_image": None, "textinfo": None}
+        job = running[0]
         fraction = job.fraction()
         elapsed = time.time() - (job.started or time.time())
         eta = elapsed / fraction - elapsed if fraction > 0 else 0.0
         state = {
             "skipped": False,
             "interrupted": job.interrupted,
-            "job": f"job {job.id}",
-            "job_count": self.waiting + 1,
+            "job": f"job {job.id}" if len(running) == 1 else f"jobs {', '.join(str(j.id) for j in running)}",
+            "job_count": self.waiting + len(running),
             "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.submitted)),
             "job_no": job.iteration,
             "sampling_step": job.step,

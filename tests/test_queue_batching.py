@@ -1,0 +1,328 @@
+"""The job queue's batching: which waiting jobs run together as one `generate_batch` call, and that each keeps its
+own progress, interrupt, result and error (a recording fake engine), then the real server end to end."""
+
+from __future__ import annotations
+
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from imprompt.errors import RequestError
+from imprompt.request import GenerateRequest
+from imprompt.server.jobs import JobQueue, default_batch_max
+
+GiB = 2**30
+
+
+class FakeEngine:
+    """Records every call. A prompt's first word sets its batch key ("alone": None); "refuse" and "crash" fail.
+    A call holds at step 1 until `gate` is set, so tests can look at (and interrupt) what runs."""
+
+    def __init__(self, hold: bool = False):
+        self.calls: list[tuple[str, list[str]]] = []
+        self.keys_asked: list[str] = []
+        self.flag = threading.Event()  # the engine's own interrupt
+        self.gate = threading.Event()
+        if not hold:
+            self.gate.set()
+        self.device = torch.device("cpu")
+        self.batch_raises: BaseException | None = None
+
+    def batch_key(self, request):
+        self.keys_asked.append(request.prompt)
+        word = request.prompt.split()[0]
+        return None if word == "alone" else ("key", word)
+
+    def interrupt(self):
+        self.flag.set()
+
+    @property
+    def interrupt_requested(self):
+        return self.flag.is_set()
+
+    def _run(self, request, on_step, stopped) -> SimpleNamespace:
+        if request.prompt.endswith("refuse"):
+            raise RequestError(f"refused: {request.prompt}")
+        if request.prompt.endswith("crash"):
+            raise RuntimeError(f"fault: {request.prompt}")
+        interrupted = False
+        for step in range(1, request.steps + 1):
+            on_step(step, request.steps)
+            if step == 1:
+                assert self.gate.wait(30)
+            if stopped():
+                interrupted = True
+                break
+        return SimpleNamespace(info={"interrupted": interrupted, "events": [], "ip_adapters": [],
+                                     "prompt": request.prompt, "seed": request.seed})  # fmt: skip
+
+    def generate(self, request, on_step=None):
+        self.flag.clear()  # as the real engine: each generate starts uninterrupted
+        self.calls.append(("generate", [request.prompt]))
+        return self._run(request, on_step, self.flag.is_set)
+
+    def generate_batch(self, requests, on_steps=None, interrupts=None):
+        self.calls.append(("batch", [r.prompt for r in requests]))
+        if self.batch_raises is not None:
+            raise self.batch_raises
+        outcomes: list = [None] * len(requests)
+        running = {}
+        for i, request in enumerate(requests):  # refusals come before any step, as a plan's would
+            if request.prompt.endswith(("refuse", "crash")):
+                try:
+                    self._run(request, on_steps[i], interrupts[i].is_set)
+                except Exception as exc:
+                    outcomes[i] = exc
+            else:
+                running[i] = request
+        stopped_at = {}
+        for step in range(1, max((r.steps for r in requests), default=0) + 1):  # the rows step together
+            for i, request in running.items():
+                if i not in stopped_at and step <= request.steps:
+                    on_steps[i](step, request.steps)
+            if step == 1:
+                assert self.gate.wait(30)
+            for i in running:
+                if i not in stopped_at and interrupts[i].is_set():
+                    stopped_at[i] = step
+        for i, request in running.items():
+            outcomes[i] = SimpleNamespace(info={"interrupted": i in stopped_at, "events": [], "ip_adapters": [],
+                                                "prompt": request.prompt, "seed": request.seed})  # fmt: skip
+        return outcomes
+
+
+def req(prompt: str, seed: int = 1, steps: int = 3) -> GenerateRequest:
+    return GenerateRequest(model="m", prompt=prompt, seed=seed, steps=steps, width=64, height=64)
+
+
+def wait_until(condition, seconds: float = 20, what: str = "condition"):
+    deadline = time.time() + seconds
+    while not condition():
+        if time.time() > deadline:
+            raise AssertionError(f"{what} not reached in {seconds} s")
+        time.sleep(0.005)
+
+
+def finish(*jobs, seconds: float = 20):
+    for job in jobs:
+        assert job.done.wait(seconds), f"job {job.id} did not finish"
+
+
+def blocked_queue(**settings) -> tuple[FakeEngine, JobQueue]:
+    """A queue whose worker is held inside a lone job ("alone blocker"), so the jobs submitted next all wait."""
+    engine = FakeEngine(hold=True)
+    queue = JobQueue(engine, max_queue=32, **settings)
+    blocker = queue.submit(req("alone blocker"))
+    wait_until(lambda: queue.current is blocker and blocker.step == 1, what="the blocker running")
+    return engine, queue
+
+
+def release(engine: FakeEngine, queue: JobQueue) -> None:
+    engine.gate.set()
+
+
+# --------------------------------------------------------------------------------------------- who runs together
+
+
+def test_equal_keys_submitted_within_the_wait_run_as_one_call():
+    engine = FakeEngine()
+    queue = JobQueue(engine, max_queue=8, batch_max=4, batch_wait=0.6)
+    first = queue.submit(req("cat one", seed=1))
+    time.sleep(0.2)  # within the wait: it joins the first
+    others = [queue.submit(req("cat two", seed=2)), queue.submit(req("cat three", seed=3))]
+    finish(first, *others)
+    assert engine.calls == [("batch", ["cat one", "cat two", "cat three"])]
+    for job, prompt, seed in zip([first, *others], ["cat one", "cat two", "cat three"], [1, 2, 3]):
+        assert job.error is None and [r.info["prompt"] for r in job.results] == [prompt]
+        assert job.results[0].info["seed"] == seed and job.step == job.total == 3
+    batch = [e for e in queue.recent_events() if e["event"] == "batch"]
+    assert batch == [{"event": "batch", "job": first.id, "jobs": [first.id, others[0].id, others[1].id], "size": 3,
+                      "rows": 3, "time": batch[0]["time"]}]  # fmt: skip
+    assert not queue.busy and queue.current is None
+
+
+def test_the_wait_is_bounded_and_a_lone_job_runs_as_today():
+    engine = FakeEngine()
+    queue = JobQueue(engine, max_queue=8, batch_wait=0.4)
+    started = time.monotonic()
+    job = queue.submit(req("cat alone"))
+    finish(job)
+    elapsed = time.monotonic() - started
+    assert 0.4 <= elapsed < 1.5, elapsed
+    assert engine.calls == [("generate", ["cat alone"])]
+    assert not [e for e in queue.recent_events() if e["event"] == "batch"]
+
+
+def test_the_worker_sleeps_while_it_waits_for_a_batch():
+    """The gathering wait is a condition wait, not a poll: the process spends next to no CPU during it."""
+    engine = FakeEngine()
+    queue = JobQueue(engine, max_queue=8, batch_max=4, batch_wait=1.0)
+    job = queue.submit(req("cat alone"))
+    wait_until(lambda: engine.keys_asked == ["cat alone"], what="the worker gathering")
+    cpu = time.process_time()
+    finish(job)
+    assert time.process_time() - cpu < 0.3  # a polling loop burns the whole second
+
+
+def test_different_keys_are_not_mixed_and_keep_their_order():
+    engine, queue = blocked_queue(batch_wait=0.3)
+    jobs = [queue.submit(req(p)) for p in ["cat a", "dog a", "cat b", "alone x", "dog b", "cat c"]]
+    release(engine, queue)
+    finish(*jobs)
+    assert engine.calls[1:] == [("batch", ["cat a", "cat b", "cat c"]), ("batch", ["dog a", "dog b"]),
+                                ("generate", ["alone x"])]  # fmt: skip
+
+
+def test_jobs_of_several_iterations_run_alone():
+    engine, queue = blocked_queue(batch_wait=0.3)
+    jobs = [queue.submit(req("cat a")), queue.submit(req("cat b"), iterations=2), queue.submit(req("cat c"))]
+    release(engine, queue)
+    finish(*jobs)
+    assert engine.calls[1:] == [("batch", ["cat a", "cat c"]), ("generate", ["cat b"]), ("generate", ["cat b"])]
+    assert [r.info["seed"] for r in jobs[1].results] == [1, 2]
+
+
+def test_no_wait_means_no_batching_at_all():
+    engine, queue = blocked_queue(batch_wait=0.0, batch_max=4)
+    jobs = [queue.submit(req(f"cat {i}")) for i in range(3)]
+    release(engine, queue)
+    finish(*jobs)
+    assert [kind for kind, _ in engine.calls] == ["generate"] * 4
+    assert [prompts for _, prompts in engine.calls[1:]] == [["cat 0"], ["cat 1"], ["cat 2"]]
+    assert engine.keys_asked == []  # today's behaviour: the engine is not even asked
+
+
+def test_batch_max_is_respected():
+    engine, queue = blocked_queue(batch_wait=0.2, batch_max=2)
+    jobs = [queue.submit(req(f"cat {i}")) for i in range(5)]
+    release(engine, queue)
+    finish(*jobs)
+    assert engine.calls[1:] == [("batch", ["cat 0", "cat 1"]), ("batch", ["cat 2", "cat 3"]), ("generate", ["cat 4"])]
+
+
+def test_batch_max_one_never_batches():
+    engine, queue = blocked_queue(batch_wait=0.2, batch_max=1)
+    jobs = [queue.submit(req(f"cat {i}")) for i in range(2)]
+    release(engine, queue)
+    finish(*jobs)
+    assert [kind for kind, _ in engine.calls] == ["generate"] * 3
+
+
+def test_the_default_batch_max_is_sized_from_device_memory():
+    cpu = SimpleNamespace(device=torch.device("cpu"), activation_budget=100 * GiB)
+    assert default_batch_max(cpu, req("cat")) == 4
+    gpu = SimpleNamespace(device=torch.device("cuda"), activation_budget=int(4.8 * GiB))  # 20 % of a 24 GiB GPU
+    big = GenerateRequest(model="m", prompt="cat", width=1024, height=1024)
+    assert default_batch_max(gpu, big) == 9  # 4.8 GiB / 0.5 GiB per 1024x1024 row
+    assert default_batch_max(gpu, big.model_copy(update={"batch_size": 4})) == 2
+    assert default_batch_max(gpu, GenerateRequest(model="m", prompt="cat", width=512, height=512)) == 16  # the cap
+    assert default_batch_max(SimpleNamespace(device=torch.device("cuda"), activation_budget=GiB // 4), big) == 1
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(RequestError, match="batch_max"):
+        JobQueue(FakeEngine(), batch_max=0)
+    with pytest.raises(RequestError, match="batch_wait"):
+        JobQueue(FakeEngine(), batch_wait=-1)
+
+
+# ------------------------------------------------------------------------------------ each job keeps its own
+
+
+def test_one_jobs_error_does_not_fail_the_others():
+    engine, queue = blocked_queue(batch_wait=0.2)
+    jobs = [queue.submit(req(p)) for p in ["cat a", "cat refuse", "cat crash", "cat d"]]
+    release(engine, queue)
+    finish(*jobs)
+    assert engine.calls[1:] == [("batch", ["cat a", "cat refuse", "cat crash", "cat d"])]
+    assert [r.info["prompt"] for r in jobs[0].results] == ["cat a"] and jobs[0].error is None
+    assert [r.info["prompt"] for r in jobs[3].results] == ["cat d"] and jobs[3].error is None
+    assert isinstance(jobs[1].error, RequestError) and isinstance(jobs[2].error, RuntimeError)
+    refused = [e["job"] for e in queue.recent_events() if e["event"] == "request_refused"]
+    assert refused == [jobs[1].id]  # a fault is a 500 with its traceback in the log, not a refusal
+
+
+def test_a_batch_that_fails_as_a_whole_runs_its_jobs_alone():
+    engine, queue = blocked_queue(batch_wait=0.2)
+    engine.batch_raises = RuntimeError("the merged call broke")
+    jobs = [queue.submit(req(p)) for p in ["cat a", "cat crash", "cat c"]]
+    release(engine, queue)
+    finish(*jobs)
+    assert engine.calls[1:] == [("batch", ["cat a", "cat crash", "cat c"]), ("generate", ["cat a"]),
+                                ("generate", ["cat crash"]), ("generate", ["cat c"])]  # fmt: skip
+    assert jobs[0].results[0].info["prompt"] == "cat a" and jobs[2].results[0].info["prompt"] == "cat c"
+    assert isinstance(jobs[1].error, RuntimeError) and "cat crash" in str(jobs[1].error)
+
+
+def test_cancelling_a_waiting_job_of_a_would_be_batch_drops_it():
+    engine = FakeEngine()
+    queue = JobQueue(engine, max_queue=8, batch_max=3, batch_wait=10)
+    a, b = queue.submit(req("cat a")), queue.submit(req("cat b"))
+    wait_until(lambda: engine.keys_asked == ["cat a", "cat b"], what="the worker gathering")
+    queue.cancel(b, "the client disconnected")
+    c, d = queue.submit(req("cat c")), queue.submit(req("cat d"))
+    finish(a, b, c, d)
+    assert engine.calls == [("batch", ["cat a", "cat c", "cat d"])]
+    assert isinstance(b.error, RequestError) and "dropped" in str(b.error) and not b.results
+    assert [e["job"] for e in queue.recent_events() if e["event"] == "request_dropped"] == [b.id]
+
+
+def test_cancelling_the_job_being_gathered_for_lets_the_next_lead():
+    engine = FakeEngine()
+    queue = JobQueue(engine, max_queue=8, batch_max=2, batch_wait=10)
+    a = queue.submit(req("cat a"))
+    wait_until(lambda: engine.keys_asked == ["cat a"], what="the worker gathering")
+    queue.cancel(a, "the client disconnected")
+    b, c = queue.submit(req("cat b")), queue.submit(req("cat c"))
+    finish(a, b, c)
+    assert engine.calls == [("batch", ["cat b", "cat c"])] and isinstance(a.error, RequestError)
+
+
+def test_interrupting_one_running_job_stops_only_it():
+    engine, queue = blocked_queue(batch_wait=0.2)
+    jobs = [queue.submit(req(p, steps=5)) for p in ["cat a", "cat b", "cat c"]]
+    release(engine, queue)  # the blocker ends; the batch then holds at its first step
+    engine.gate.clear()
+    wait_until(lambda: len(queue.running) == 3 and jobs[2].step == 1, what="the batch running")
+    assert queue.busy and queue.current is jobs[0]
+    progress = queue.progress()
+    assert progress["state"]["job_count"] == 3 and progress["state"]["sampling_step"] == 1
+    assert progress["state"]["job"] == f"jobs {jobs[0].id}, {jobs[1].id}, {jobs[2].id}"
+    queue.cancel(jobs[1], "the client disconnected")
+    assert [job.stop.is_set() for job in jobs] == [False, True, False]
+    assert not engine.flag.is_set()  # the engine's own interrupt is left alone
+    engine.gate.set()
+    finish(*jobs)
+    assert [job.results[0].info["interrupted"] for job in jobs] == [False, True, False]
+    assert [job.step for job in jobs] == [5, 1, 5]
+    assert [e["job"] for e in queue.recent_events() if e["event"] == "request_interrupted"] == [jobs[1].id]
+
+
+def test_the_a1111_interrupt_stops_every_job_of_the_running_batch():
+    engine, queue = blocked_queue(batch_wait=0.2)
+    jobs = [queue.submit(req(p, steps=5)) for p in ["cat a", "cat b"]]
+    later = queue.submit(req("alone later", steps=5))
+    release(engine, queue)
+    engine.gate.clear()
+    wait_until(lambda: len(queue.running) == 2 and jobs[1].step == 1, what="the batch running")
+    assert queue.interrupt() is True
+    assert [job.stop.is_set() for job in jobs] == [True, True] and not later.stop.is_set()
+    engine.gate.set()
+    finish(*jobs, later)
+    assert [job.results[0].info["interrupted"] for job in jobs] == [True, True]
+    assert later.results[0].info["interrupted"] is False  # the next job is not interrupted
+    assert queue.interrupt() is False  # nothing runs
+
+
+def test_a_lone_job_is_still_interrupted_through_the_engine():
+    engine = FakeEngine(hold=True)
+    queue = JobQueue(engine, max_queue=8, batch_wait=0.1)
+    job = queue.submit(req("alone x", steps=5))
+    wait_until(lambda: job.step == 1, what="the job running")
+    assert queue.interrupt() is True and engine.flag.is_set() and not job.stop.is_set()
+    engine.gate.set()
+    finish(job)
+    assert job.results[0].info["interrupted"] is True
