@@ -225,8 +225,28 @@ def test_the_default_batch_max_is_sized_from_device_memory():
 def test_bad_settings_are_refused():
     with pytest.raises(RequestError, match="batch_max"):
         JobQueue(FakeEngine(), batch_max=0)
-    with pytest.raises(RequestError, match="batch_wait"):
-        JobQueue(FakeEngine(), batch_wait=-1)
+    for wait in (-1, float("nan"), float("inf")):
+        with pytest.raises(RequestError, match="batch_wait"):
+            JobQueue(FakeEngine(), batch_wait=wait)
+
+
+def test_serve_flags_and_their_help(capsys):
+    from imprompt.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["serve", "--models", "m", "--batch-wait", "0.25", "--batch-max", "3"])
+    assert (args.batch_wait, args.batch_max) == (0.25, 3)
+    args = parser.parse_args(["serve", "--models", "m"])
+    assert (args.batch_wait, args.batch_max) == (0.0, None)  # batching off; batch_max sized from the device
+    for flag, value in (("--batch-wait", "-1"), ("--batch-wait", "inf"), ("--batch-max", "0")):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["serve", "--models", "m", flag, value])
+        assert flag in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--batch-wait SECONDS" in help_text and "0 (default) runs one request at a time" in help_text
+    assert "--batch-max N" in help_text and "on the CPU 4" in help_text
 
 
 # ------------------------------------------------------------------------------------ each job keeps its own

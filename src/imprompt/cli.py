@@ -150,6 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-preload", action="store_true",
                    help="load the current model at the first request, not while the server starts")  # fmt: skip
     s.add_argument("--max-queue", type=_positive, default=16, help="jobs waiting before requests get 429 (default: %(default)s)")
+    s.add_argument("--batch-wait", type=_seconds, default=0.0, metavar="SECONDS",
+                   help="batch requests: the worker waits up to this long for more waiting requests that can share its "
+                        "pipeline call (same model, size, steps, sampler, LoRAs...) and runs them as one batch, each "
+                        "with its own prompt, seed and image; 0 (default) runs one request at a time")  # fmt: skip
+    s.add_argument("--batch-max", type=_positive, metavar="N",
+                   help="most requests in one batch (default: sized from the device's memory: on CUDA the rows of the "
+                        "request's size its activation budget holds, at most 16; on the CPU 4)")  # fmt: skip
     s.add_argument("--max-units", type=_at_most(MAX_UNITS), default=8,
                    help=f"IP-Adapter units per request (default: %(default)s; at most {MAX_UNITS})")  # fmt: skip
     s.add_argument("--max-images", type=_at_most(MAX_IMAGES), default=16,
@@ -284,6 +291,13 @@ def _at_most(ceiling: int):
         return value
 
     return limit
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is not a number of seconds (0 or more, finite)")
+    return value
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -594,6 +608,7 @@ def _serve(args) -> int:
     bound = () if args.host in ("0.0.0.0", "::", "") else (args.host,)  # a name given as --host is one it answers to
     settings = ServerSettings(
         api_key=args.api_key, max_body_bytes=parse_bytes(args.max_body, 0), max_queue=args.max_queue, model=args.model,
+        batch_max=args.batch_max, batch_wait=args.batch_wait,
         preload=not args.no_preload and not clustered,  # a cluster loads each model where Ray routes it first
         allowed_hosts=bound + args.allowed_hosts, cors_allow_origins=args.cors_allow_origins,
         cors_allow_origins_regex=args.cors_allow_origins_regex,
@@ -606,6 +621,9 @@ def _serve(args) -> int:
         logging.getLogger("imprompt").warning(
             "clients must reach %s by IP address: names (a DNS name, a proxy's) are refused unless listed with "
             "--allowed-hosts", args.host)  # fmt: skip
+    if clustered and args.batch_wait > 0:
+        logging.getLogger("imprompt").warning("--batch-wait batches the single-process server's queue; with a "
+                                              "cluster each replica runs one request at a time")  # fmt: skip
     if clustered:
         from .cluster.start import ClusterSettings, serve_cluster  # Ray is imported only here
 

@@ -47,6 +47,8 @@ class ServerSettings:
     api_key: str | None = None
     max_body_bytes: int = 64 * 2**20
     max_queue: int = 16
+    batch_max: int | None = None  # jobs one batched pipeline call may hold (None: sized from device memory, jobs.py)
+    batch_wait: float = 0.0  # seconds the worker waits for jobs to batch with the one it took (0: no batching)
     model: str | None = None  # the current model (A1111's sd_model_checkpoint)
     preload: bool = False  # load the current model while the server starts (`imprompt serve` does)
     # Who may call it from a browser (server/origins.py): host names it answers to besides loopback and the address
@@ -60,7 +62,7 @@ def create_app(engine: Engine, settings: ServerSettings | None = None, jobs=None
     """`jobs`: who runs the generations — by default one `JobQueue` over `engine`; a cluster's ingress passes its
     `cluster.ingress.ClusterJobs` (same methods), and `engine` then only plans (lists models, refuses requests)."""
     settings = settings or ServerSettings()
-    jobs = jobs if jobs is not None else JobQueue(engine, settings.max_queue)
+    jobs = jobs if jobs is not None else JobQueue(engine, settings.max_queue, settings.batch_max, settings.batch_wait)
     # the current model (A1111's sd_model_checkpoint) and the other options POST /sdapi/v1/options set
     state = {"model": settings.model or _first_model(engine), "options": dict(OPTION_DEFAULTS)}
     if settings.preload and state["model"]:

@@ -96,7 +96,7 @@ class JobQueue:
             raise RequestError(f"max_queue must be at least 1 (jobs that may wait), got {max_queue}")
         if batch_max is not None and batch_max < 1:
             raise RequestError(f"batch_max must be at least 1 (jobs in one pipeline call), got {batch_max}")
-        if not batch_wait >= 0:
+        if not 0 <= batch_wait < float("inf"):
             raise RequestError(f"batch_wait must be 0 (no batching) or more seconds, got {batch_wait}")
         self.engine = engine
         self.max_queue = max_queue
@@ -374,7 +374,7 @@ class JobQueue:
         for event in result.info["events"]:
             self.events.append({**event, "job": job.id, "time": now})
         for unit in result.info["ip_adapters"]:
-            if unit["encoder_source"] in ("cache", "not needed"):
+            if unit.get("encoder_source") in ("cache", "not needed"):  # PuLID's info has none
                 self.events.append(
                     {"event": "cache_hit", "job": job.id, "time": now, "for": unit["adapter"], "encoder": unit["encoder"],
                      "what": "embedding" if unit["encoder_source"] == "not needed" else "encoder"}
