@@ -1,4 +1,4 @@
-"""Tiny facexlib BiSeNet face parsers in `parsing_bisenet.pth`'s key layout, for tests.
+"""Tiny facexlib BiSeNet face parsers in `parsing_bisenet.pth`'s key layout, and facexlib's two files for PuLID tests.
 
 The table of names and shapes follows facexlib's constructors (`facexlib/parsing/bisenet.py`: `BiSeNet(19)` with its
 `ContextPath` (`resnet`, `arm16`, `arm32`, `conv_head32`, `conv_head16`, `conv_avg`), `FeatureFusionModule(256, 256)`
@@ -18,6 +18,8 @@ import torch
 REAL = dict(stem=64, stages=(64, 128, 256, 512), arm=128, ffm=256, head=256, aux=64)
 TINY = dict(stem=8, stages=(8, 16, 24, 32), arm=16, ffm=32, head=24, aux=8)
 CLASSES = 19
+FILE_NAME = "parsing_bisenet.pth"
+DETECTOR_NAME = "detection_Resnet50_Final.pth"
 
 
 def bisenet_table(stem, stages, arm, ffm, head, aux, classes=CLASSES) -> dict[str, tuple]:
@@ -85,12 +87,32 @@ def tiny_bisenet(seed: int = 0, widths: dict = TINY) -> OrderedDict:
 
 
 def write_tiny_bisenet(path: Path, seed: int = 0, widths: dict = TINY) -> OrderedDict:
-    """`tiny_bisenet` saved at `path` with `torch.save`, as facexlib's release is; returns its tensors."""
+    """`tiny_bisenet` saved at `path` with `torch.save`, as facexlib's release is (a folder, or a path without a
+    suffix: `parsing_bisenet.pth` in it); returns its tensors."""
     path = Path(path)
+    if path.is_dir() or not path.suffix:
+        path = path / FILE_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
     state = tiny_bisenet(seed, widths)
     torch.save(state, path)
     return state
+
+
+def write_facexlib_files(root: Path, detects: bool = True) -> dict:
+    """facexlib's two files where ComfyUI's PuLID nodes keep them (`root/facexlib/`): the tiny parser, and the tiny
+    RetinaFace (`retinaface_files.tiny_retinaface`) whose stride-32 level (priors of 256 and 512 px) scores every
+    location a face through its class bias and the two finer levels none, so an image gives a few large overlapping
+    boxes that NMS thins and the centre one is aligned (or, not `detects`, a detector that finds no face). Returns
+    the detector's tensors."""
+    from retinaface_files import tiny_retinaface
+
+    root = Path(root)
+    write_tiny_bisenet(root / "facexlib" / FILE_NAME)
+    sd = tiny_retinaface(0)
+    for level, sign in ((0, -1.0), (1, -1.0), (2, 1.0 if detects else -1.0)):
+        sd[f"module.ClassHead.{level}.conv1x1.bias"] = sign * torch.tensor([-4.0, 4.0, -4.0, 4.0])  # (bg, face) x 2
+    torch.save(sd, root / "facexlib" / DETECTOR_NAME)
+    return sd
 
 
 # ------------------------------------------------------------------------------------------------ the reference

@@ -4,8 +4,11 @@ No PuLID pipeline exists in diffusers. The references here are written in this f
 code (ToTheBeginning/PuLID: `eva_clip/eva_vit_model.py` + `rope.py` for the tower, `pulid/encoders_transformer.py`
 for the IDFormer and PerceiverAttentionCA, `flux/model.py` + `flux/sampling.py` for where and when the CAs act),
 as plain functions over the files' tensors, independent of imprompt's modules: the FLUX reference is diffusers'
-own FluxPipeline with each PuLID block's forward wrapped by hand. Tiny models in the real key layouts
-(`demo/tiny_dits.py`): an EVA02-CLIP checkpoint pickled whole, a PuLID FLUX file.
+own FluxPipeline with each PuLID block's forward wrapped by hand. The face's preprocessing follows PuLID's
+`get_id_embedding` by hand: facexlib's BiSeNet parsing (`bisenet_files.ref_face_features`) whitens the non-face and
+grays the rest before EVA. Tiny models in the real key layouts (`demo/tiny_dits.py`): an EVA02-CLIP checkpoint
+pickled whole, a PuLID FLUX file; facexlib's two files (`bisenet_files.py`, `retinaface_files.py`) in
+`models/facexlib/`, where ComfyUI's PuLID nodes keep them.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import warnings
 import pytest
 import torch
 from torch.nn import functional as F
+
+from bisenet_files import ref_face_features, tiny_bisenet, write_facexlib_files, write_tiny_bisenet
 
 from imprompt.demo.tiny_dits import build_flux_pipeline, write_eva_clip, write_pulid_flux
 
@@ -123,11 +128,14 @@ def ref_ca(sd: dict, k: int, ids, image):
 MODEL = "flux-pulid"
 PULID_FILE = "pulid/pulid_flux_v0.9.1.safetensors"  # ComfyUI's models/pulid/
 EVA_FILE = "clip/EVA02_CLIP_L_336_psz14_s6B.pt"
+PARSER_FILE = "facexlib/parsing_bisenet.pth"  # ComfyUI's models/facexlib/
+DETECTOR_FILE = "facexlib/detection_Resnet50_Final.pth"
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("pulid")
+    write_facexlib_files(root)
     eva = write_eva_clip(root / EVA_FILE)
     flux = build_flux_pipeline(root / "diffusers" / MODEL, double=DOUBLE, single=SINGLE)
     width = flux.transformer.config.num_attention_heads * flux.transformer.config.attention_head_dim
@@ -211,13 +219,13 @@ def face_inputs():
     return embedding, Image.fromarray(crop)
 
 
-def ref_tokens(eva_sd, sd, embedding, crop):
-    """PuLID's get_id_embedding after the face is found: gray crop (0.299 R + 0.587 G + 0.114 B), bicubic to the
-    tower's size, OpenAI mean/std; cat(raw embedding, normed cls); the IDFormer, and the IDFormer on zeros."""
+def ref_tokens(eva_sd, sd, embedding, crop, parser_sd=None):
+    """PuLID's get_id_embedding after the face is aligned: BiSeNet parses the crop, its non-face white and the rest
+    gray (0.299 R + 0.587 G + 0.114 B), bicubic to the tower's size, OpenAI mean/std; cat(raw embedding, normed
+    cls); the IDFormer, and the IDFormer on zeros."""
     import numpy as np
 
-    image = torch.from_numpy(np.asarray(crop, np.float32) / 255).permute(2, 0, 1)[None]
-    gray = (0.299 * image[:, :1] + 0.587 * image[:, 1:2] + 0.114 * image[:, 2:]).expand(1, 3, -1, -1)
+    gray = ref_face_features(tiny_bisenet(0) if parser_sd is None else parser_sd, np.asarray(crop))
     size = eva_sd["visual.patch_embed.proj.weight"].shape[-1] * round((eva_sd["visual.pos_embed"].shape[1] - 1) ** 0.5)
     gray = F.interpolate(gray, size=(size, size), mode="bicubic", antialias=True)
     mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
@@ -292,7 +300,9 @@ def test_pulid_equals_diffusers_flux_with_hand_written_block_hooks(files, engine
     info = got.info["ip_adapters"][0]
     assert (info["adapter"], info["encoder"], info["active_steps"], info["id_weight"]) == (
         "PuLID FLUX v0.9.1", "EVA02_CLIP_L_336_psz14_s6B", [1, 2], 0.8)
-    assert "BiSeNet" in info["deviation"] and any("BiSeNet" in w for w in got.info["warnings"])
+    assert "deviation" not in info and not got.info.get("warnings")  # PuLID's preprocessing, no deviation left
+    loaded = [e["encoder"] for e in got.info["events"] if e["event"] == "encoder_loaded"]
+    assert loaded == ["EVA02_CLIP_L_336_psz14_s6B", "parsing_bisenet.pth"]  # a given crop: parsed, not detected
     plain = engine.generate(request())
     assert max_diff(got.images[0], plain.images[0]) > 10  # the ID acts
     # true CFG: the negative pass reads the uncond tokens; from step 0 (start 0)
@@ -315,7 +325,7 @@ def test_switching_pulid_plain_pulid_leaves_nothing_behind(pack, files):
     assert [r.info["ip_adapters"][0]["face"]["id_tokens"] for r in (first, again)] == ["computed", "cache"]
     # the EVA tower is an image encoder (the encoder cache holds it) and the ID tokens embeddings (so does theirs):
     # a repeated face loads and runs neither, even with an adapter cache too small to keep anything
-    assert [e["event"] for e in first.info["events"]].count("encoder_loaded") == 1
+    assert [e["event"] for e in first.info["events"]].count("encoder_loaded") == 2  # EVA and the parser
     assert "encoder_loaded" not in [e["event"] for e in again.info["events"]]
     small = Engine([pack, files[0]], adapter_cache_budget=1)
     small.generate(request(unit(embedding, crop)))
@@ -368,7 +378,7 @@ def test_pulid_sdxl_v11_is_recognised_and_refused_where_it_does_not_run(pack, fi
     assert engine.cache_info()["pipelines"]["entries"] == []  # all refused before anything loaded
 
 
-def test_the_listing_names_its_eva_tower_and_face_pack(engine):
+def test_the_listing_names_its_eva_tower_and_face_pack(engine, files):
     from imprompt.plan import describe_store
 
     listed = {a["name"]: a for a in describe_store(engine.state.store)["adapters"]}
@@ -376,65 +386,150 @@ def test_the_listing_names_its_eva_tower_and_face_pack(engine):
     assert (item["friendly_name"], item["variant"], item["encoder"], item["face_pack"]) == (
         "PuLID FLUX v0.9.1", "pulid", "EVA02_CLIP_L_336_psz14_s6B", "antelopev2")
     assert item["fits_models"] == [MODEL]
+    assert item["facexlib"] == {"detection_Resnet50_Final.pth": str(files[0] / DETECTOR_FILE),
+                                "parsing_bisenet.pth": str(files[0] / PARSER_FILE)} and item["facexlib_present"]  # fmt: skip
 
 
 def test_imprompt_models_prints_its_eva_tower_and_face_pack(files, pack, capsys):
     from imprompt.cli import main
 
     main(["models", "--models", str(pack), "--models", str(files[0])])
-    line = next(line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("PuLID FLUX v0.9.1"))
-    assert "-> EVA02_CLIP_L_336_psz14_s6B" in line and "(fits: flux-pulid)" in line
+    lines = capsys.readouterr().out.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.strip().startswith("PuLID FLUX v0.9.1"))
+    assert "-> EVA02_CLIP_L_336_psz14_s6B" in lines[at] and "(fits: flux-pulid)" in lines[at]
+    assert f"parsing_bisenet.pth: {files[0] / PARSER_FILE}" in lines[at + 1]
+    assert f"detection_Resnet50_Final.pth: {files[0] / DETECTOR_FILE}" in lines[at + 1]
 
 
 # ------------------------------------------------------------------------------------------------ from a face image
 
 
-def test_a_face_image_equals_antelopev2_and_ffhq_alignment_by_hand(pack, files, tmp_path_factory):
-    """From an image: antelopev2 (BGR, largest face, raw embedding) and the crop warped onto facexlib's FFHQ
-    template on its five keypoints (cv2's LMEDS similarity, border (135, 133, 132) BGR), as PuLID aligns (with
-    RetinaFace's points there): the same pixels as the unit given that embedding and crop."""
+def centre_crop_by_hand(detector_sd, rgb):
+    """facexlib's FaceRestoreHelper as PuLID calls it: RetinaFace on the BGR image at 0.97, the face whose box
+    centre is nearest the image centre, its five landmarks warped onto the FFHQ 512 template (cv2's LMEDS
+    similarity, border (135, 133, 132) BGR); the crop back in RGB. RetinaFace's own rows come from
+    `retinaface.detect_faces` (checked against facexlib's rules in test_retinaface.py)."""
+    import cv2
+    import numpy as np
+
+    from imprompt.ipadapter.retinaface import build_retinaface, detect_faces
+
+    bgr = np.ascontiguousarray(rgb[:, :, ::-1])
+    rows = detect_faces(build_retinaface(detector_sd), bgr, 0.97)
+    h, w = rgb.shape[:2]
+    centre = min(range(len(rows)), key=lambda i: np.hypot((rows[i, 0] + rows[i, 2]) / 2 - w / 2,
+                                                            (rows[i, 1] + rows[i, 3]) / 2 - h / 2))  # fmt: skip
+    template = np.array([[192.98138, 239.94708], [318.90277, 240.1936], [256.63416, 314.01935],
+                         [201.26117, 371.41043], [313.08905, 371.15118]])  # fmt: skip
+    kps = rows[centre, 5:15].reshape(5, 2)
+    matrix = cv2.estimateAffinePartial2D(kps, template, method=cv2.LMEDS)[0]
+    warped = cv2.warpAffine(bgr, matrix, (512, 512), borderMode=cv2.BORDER_CONSTANT, borderValue=(135, 133, 132))
+    return cv2.cvtColor(warped, cv2.COLOR_BGR2RGB), len(rows)
+
+
+def test_a_face_image_follows_pulids_whole_preprocessing_by_hand(pack, files, tmp_path_factory):
+    """From an image, PuLID's get_id_embedding by hand: antelopev2 (BGR, largest face, raw embedding); facexlib's
+    RetinaFace centre face aligned onto the FFHQ template; BiSeNet's parsing (non-face white, the rest gray); EVA;
+    the IDFormer; diffusers' FLUX with the CAs by hand. Where antelopev2 finds no face, its glintr100 embeds the
+    aligned crop (PuLID's fallback); where RetinaFace finds none, a NoFaceError (PuLID: 'facexlib align face fail')."""
     pytest.importorskip("insightface", reason="InsightFace is the optional `faceid` extra")
     import base64
     import io
+    import os
 
     import cv2
     import numpy as np
     from conftest import max_diff
+    from insightface.app import FaceAnalysis
+    from insightface.model_zoo import get_model
     from PIL import Image
-    from tools.insightface_pack import face_image, no_face_image, write_insightface_pack
+    from tools.insightface_pack import face_image, write_insightface_pack
 
     from imprompt import Engine
     from imprompt.errors import MissingFaceAnalysisError, NoFaceError
 
+    root, eva_sd, sd = files
+    detector = torch.load(root / DETECTOR_FILE, weights_only=True)
     faces = tmp_path_factory.mktemp("pulid-faces")
     write_insightface_pack(faces / "insightface", "antelopev2")
-    engine = Engine([pack, files[0], faces])
+    engine = Engine([pack, root, faces])
     image = face_image(4)
-    from insightface.app import FaceAnalysis
-
     app = FaceAnalysis(name="antelopev2", root=str(faces / "insightface"), providers=["CPUExecutionProvider"])
     app.prepare(ctx_id=0, det_size=(640, 640))
     found = app.get(cv2.cvtColor(np.asarray(image), cv2.COLOR_RGB2BGR))
     face = sorted(found, key=lambda f: (f["bbox"][2] - f["bbox"][0]) * (f["bbox"][3] - f["bbox"][1]))[-1]
-    template = np.array([[192.98138, 239.94708], [318.90277, 240.1936], [256.63416, 314.01935],
-                         [201.26117, 371.41043], [313.08905, 371.15118]], np.float32)  # fmt: skip
-    matrix = cv2.estimateAffinePartial2D(face["kps"].astype(np.float32), template, method=cv2.LMEDS)[0]
-    bgr = cv2.warpAffine(cv2.cvtColor(np.asarray(image), cv2.COLOR_RGB2BGR), matrix, (512, 512),
-                         borderMode=cv2.BORDER_CONSTANT, borderValue=(135, 133, 132))  # fmt: skip
-    crop = Image.fromarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
-    embedding = torch.from_numpy(face["embedding"][None])
+    crop, detected = centre_crop_by_hand(detector, np.asarray(image))
+    assert detected > 1  # the centre face chosen among several
+    mask = (ref_face_features(tiny_bisenet(0), crop) == 1).all(dim=1)
+    assert 0.05 < mask.float().mean() < 0.95  # the parsing whitens part of the crop, not all of it
+    cond, uncond = ref_tokens(eva_sd, sd, torch.from_numpy(face["embedding"][None]), crop)
     got = engine.generate(request({"adapter": "PuLID", "images": [image]}))
-    want = engine.generate(request(unit(embedding, crop)))
-    assert max_diff(got.images[0], want.images[0]) <= 1
-    assert got.info["ip_adapters"][0]["face"]["found_by"].startswith("InsightFace antelopev2")
-    shown = got.info["ip_adapters"][0]["faces"][0]  # the aligned crop, for the web page
-    assert shown["faces_found"] >= 1 and Image.open(io.BytesIO(base64.b64decode(shown["crop"]))).size == (112, 112)
-    with pytest.raises(NoFaceError):
-        engine.generate(request({"adapter": "PuLID", "images": [no_face_image()]}))
-    lonely = Engine([pack, files[0]], insightface_root=tmp_path_factory.mktemp("empty"))
+    assert max_diff(got.images[0], reference(root, sd, cond, uncond, 1.0, 0)) <= 1
+    info = got.info["ip_adapters"][0]
+    assert info["face"]["found_by"].startswith("InsightFace antelopev2") and "RetinaFace" in info["face"]["found_by"]
+    shown = info["faces"][0]  # the aligned crop, for the web page
+    assert shown["faces_found"] == detected and Image.open(io.BytesIO(base64.b64decode(shown["crop"]))).size == (112, 112)
+    loaded = [e["encoder"] for e in got.info["events"] if e["event"] == "encoder_loaded"]
+    assert sorted(loaded) == ["EVA02_CLIP_L_336_psz14_s6B", "detection_Resnet50_Final.pth", "parsing_bisenet.pth"]
+    again = engine.generate(request({"adapter": "PuLID", "images": [image]}))
+    assert not [e for e in again.info["events"] if e["event"] == "encoder_loaded"]  # all three kept
+    assert max_diff(again.images[0], got.images[0]) == 0
+
+    # antelopev2 finds no face, RetinaFace does: glintr100 on the aligned crop (BGR, as facexlib crops it)
+    y, x = np.mgrid[0:256, 0:256]
+    lonely = Image.fromarray(np.stack([120 + x // 2, 250 - y // 3, 130 + (x + y) // 5], -1).astype(np.uint8))  # light, in colour
+    assert not app.get(cv2.cvtColor(np.asarray(lonely), cv2.COLOR_RGB2BGR))
+    crop, _ = centre_crop_by_hand(detector, np.asarray(lonely))
+    glint = get_model(os.path.join(faces, "insightface", "models", "antelopev2", "glintr100.onnx"),
+                      providers=["CPUExecutionProvider"])  # fmt: skip
+    glint.prepare(ctx_id=0)
+    embedding = torch.from_numpy(glint.get_feat(cv2.cvtColor(crop, cv2.COLOR_RGB2BGR)))
+    cond, uncond = ref_tokens(eva_sd, sd, embedding, crop)
+    fallback = engine.generate(request({"adapter": "PuLID", "images": [lonely]}))
+    assert max_diff(fallback.images[0], reference(root, sd, cond, uncond, 1.0, 0)) <= 1
+    assert fallback.info["ip_adapters"][0]["face"]["fallback"] and "recognition model" in fallback.info["warnings"][0]
+
+    # RetinaFace finds no face: refused, naming the image and the detector
+    blind = tmp_path_factory.mktemp("pulid-blind")
+    write_facexlib_files(blind, detects=False)
+    for name in ("diffusers", "pulid", "clip"):
+        (blind / name).symlink_to(root / name)
+    with pytest.raises(NoFaceError, match=r"images\.0: no face found .* RetinaFace"):
+        Engine([pack, blind, faces]).generate(request({"adapter": "PuLID", "images": [image]}))
+    nowhere = Engine([pack, root], insightface_root=tmp_path_factory.mktemp("empty"))
     with pytest.raises(MissingFaceAnalysisError, match="antelopev2"):
-        lonely.generate(request({"adapter": "PuLID", "images": [image]}))
-    assert max_diff(engine.generate(request()).images[0], Engine([pack, files[0]]).generate(request()).images[0]) == 0
+        nowhere.generate(request({"adapter": "PuLID", "images": [image]}))
+    assert max_diff(engine.generate(request()).images[0], Engine([pack, root]).generate(request()).images[0]) == 0
+
+
+def test_missing_facexlib_files_are_refused_in_the_plan(pack, files, tmp_path):
+    """Without facexlib's files, a PuLID request is refused before anything loads, naming each missing file, its
+    release URL and the folder to put it in; a given embedding and crop need the parser alone; the next request
+    runs."""
+    from imprompt import Engine
+    from imprompt.errors import MissingFaceAnalysisError
+
+    root = files[0]
+    for name in ("diffusers", "pulid", "clip"):
+        (tmp_path / name).symlink_to(root / name)
+    engine = Engine([pack, tmp_path], insightface_root=tmp_path / "insightface")
+    embedding, crop = face_inputs()
+    cases = [(unit(embedding, crop), ["parsing_bisenet.pth"], ["detection_Resnet50_Final.pth"]),
+             ({"adapter": "PuLID", "images": [crop]}, ["parsing_bisenet.pth", "detection_Resnet50_Final.pth"], [])]
+    for given, named, unnamed in cases:
+        with pytest.raises(MissingFaceAnalysisError) as raised:
+            engine.generate(request(given))
+        message = str(raised.value)
+        assert message.startswith("ip_adapters.0: PuLID PuLID FLUX v0.9.1 needs")
+        assert all(n in message for n in named) and not any(n in message for n in unnamed)
+        assert "https://github.com/xinntao/facexlib/releases/download/" in message
+        assert f"into {tmp_path / 'facexlib'}" in message
+        assert engine.cache_info()["pipelines"]["entries"] == []  # refused in the plan
+    write_tiny_bisenet(tmp_path / PARSER_FILE)  # the parser alone: a given crop runs
+    assert engine.generate(request(unit(embedding, crop))).images
+    with pytest.raises(MissingFaceAnalysisError, match=r"needs detection_Resnet50_Final\.pth .*face_embeddings"):
+        engine.generate(request({"adapter": "PuLID", "images": [crop]}))
+    assert engine.generate(request()).images
 
 
 # ------------------------------------------------------------------------------------------------ real shapes

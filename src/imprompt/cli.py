@@ -534,7 +534,8 @@ def _models(args) -> int:
             print(f"    face pack {a['face_pack']}: {pack}; IdentityNet: {net}")
         elif a["variant"].startswith("pulid"):  # its face pack beside its EVA-CLIP tower
             pack = a["face_pack_path"] or "MISSING (unzip antelopev2.zip into <models>/insightface/models/)"
-            print(f"    face pack {a['face_pack']}: {pack}; {a['deviation']}")
+            files = ", ".join(f"{name}: {path or 'MISSING'}" for name, path in a["facexlib"].items())
+            print(f"    face pack {a['face_pack']}: {pack}; facexlib (<models>/facexlib/): {files}")
     print("Image encoders:")
     for e in listing["encoders"]:
         print(f"  {e['name']:<40} {e['architecture']:<12} {e['outputs']}")

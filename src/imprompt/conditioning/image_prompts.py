@@ -25,7 +25,7 @@ from .faceid import plan_face_unit
 from .instantid import IdentityNetUnit, InstantIDInputs, InstantIDUnitPlan, find_adapter, identity_units, is_instantid
 from .instantid import plan_instantid_unit
 from .ip_adapter import UnitInputs, UnitPlan, plan_image_unit, unit_weights
-from .pulid import PuLIDInputs, PuLIDPrompts, PuLIDUnitPlan, check_alone, is_pulid, plan_pulid_unit
+from .pulid import PuLIDInputs, PuLIDPrompts, PuLIDUnitPlan, check_alone, check_face_files, is_pulid, plan_pulid_unit
 from .redux import ReduxPrompts, ReduxUnitPlan, is_redux, plan_redux_unit
 
 if TYPE_CHECKING:  # torch-heavy modules are imported where used: planning stays light (no torch)
@@ -144,6 +144,7 @@ def plan(request: GenerateRequest, model: Entry, state, inputs: list[UnitInputs]
     redux = ReduxPrompts(tuple(u for u in planned if isinstance(u, ReduxUnitPlan)),
                          [inputs[u.index] for u in planned if isinstance(u, ReduxUnitPlan)])  # fmt: skip
     check_alone(units, tuple(u for u in planned if isinstance(u, PuLIDUnitPlan)))
+    check_face_files(tuple(u for u in planned if isinstance(u, PuLIDUnitPlan)), state)  # facexlib's, before any load
     pulid = PuLIDPrompts(tuple(u for u in planned if isinstance(u, PuLIDUnitPlan)),
                          [inputs[u.index] for u in planned if isinstance(u, PuLIDUnitPlan)])  # fmt: skip
     return ImagePrompts(units, [inputs[u.index] for u in units], request.cfg_scale, request.true_cfg_scale > 1.0,
@@ -269,7 +270,7 @@ class ImagePrompts(Conditioning):
         if units:  # SD.Next's form: name:scale:start:end per unit, units separated by ';'
             infotext["IP Adapter"] = ";".join(f"{u['adapter']}:{u['scale']}:{u['start']}:{u['end']}" for u in units)
             infotext["IP Adapter encoders"] = ";".join(u["encoder"] for u in units)
-        warnings = self.pulid.warnings() if self.pulid is not None else []  # PuLID's preprocessing deviation
+        warnings = self.pulid.warnings() if self.pulid is not None else []  # PuLID's fallback embedding, if taken
         return Description(info={"ip_adapters": units}, infotext=infotext, warnings=warnings)
 
 

@@ -1,16 +1,19 @@
 """A PuLID unit: a face made into ID tokens that FLUX's blocks (v0.9.x) or SDXL's cross-attentions (v1.1) read.
 
 What it reads, as PuLID's `get_id_embedding` does (ToTheBeginning/PuLID, `pulid/pipeline_flux.py`):
-- the image, its long edge resized to at most 1024; InsightFace's `antelopev2` pack, the face of largest box, its
-  raw (not normed) 512-d `embedding`;
-- the face aligned to facexlib's FFHQ template at 512 px, in gray, resized to the EVA tower's 336 and normalised
-  with OpenAI's mean and std, through EVA02-CLIP-L-14-336 (`ipadapter/eva_clip.py`): its L2-normed cls output and
-  the inputs of its blocks 4, 8, 12, 16, 20;
+- the image, its long edge resized to at most 1024 (OpenCV's Lanczos, sizes floored); InsightFace's `antelopev2`
+  pack, the face of largest box, its raw (not normed) 512-d `embedding`;
+- facexlib's RetinaFace (`ipadapter/retinaface.py`, `detection_Resnet50_Final.pth`): the face nearest the image's
+  centre, its five landmarks, the face aligned on them to facexlib's FFHQ template at 512 px; where antelopev2 found
+  no face, the embedding is antelopev2's glintr100 on that aligned crop, as PuLID's fallback;
+- facexlib's BiSeNet (`ipadapter/face_parsing.py`, `parsing_bisenet.pth`) parses the crop: background, hat, ears,
+  earrings, neck, necklace and cloth white, the rest gray; resized to the EVA tower's 336 and normalised with
+  OpenAI's mean and std, through EVA02-CLIP-L-14-336 (`ipadapter/eva_clip.py`): its L2-normed cls output and the
+  inputs of its blocks 4, 8, 12, 16, 20;
 - the IDFormer makes 32 ID tokens of that, and 32 "uncond" tokens of zeros (`ipadapter/pulid.py`).
-Deviations (imprompt beyond diffusers, said in the unit's info too): the five landmarks that align the face are
-antelopev2's, not facexlib's RetinaFace's (which needs torchvision), and no BiSeNet parsing paints the background,
-hair accessories, ears, neck and cloth white: the whole aligned crop is gray. A client may instead give the
-embedding (`face_embeddings`, one of 512 floats) and the aligned crop (`aligned_face`), which are used as given.
+facexlib's two files are looked for where users keep them (`ipadapter/facexlib_files.py`) in the plan, before
+anything loads. A client may instead give the embedding (`face_embeddings`, one of 512 floats) and the aligned
+crop (`aligned_face`), which are used as given (the crop still parsed, so only the parser's file is needed).
 
 Parameters: `scale` is PuLID's `id_weight` (ComfyUI's ApplyPulidFlux `weight`; SD.Next's Strength); `start_step`
 PuLID's integer start step, or else `start` / `end` as fractions of the steps (ComfyUI's `start_at` / `end_at`,
@@ -36,7 +39,7 @@ from pathlib import Path
 
 from ..errors import CheckpointError, IncompatibleError, MissingEncoderError, RequestError, UnsupportedError
 from ..models import catalog
-from ..models.store import Entry, ModelStore
+from ..models.store import Entry, ModelStore, fingerprint_of
 from ..request import IPAdapterUnit
 from .ip_adapter import UnitInputs, UnitPlan, fits
 
@@ -45,8 +48,6 @@ log = logging.getLogger("imprompt")
 FACE_PACK = "antelopev2"  # the pack PuLID was trained with (ipadapter/faces.ANTELOPE_PACK)
 SDXL_NUM_ZERO, SDXL_ORTHO = 20, "v2"  # PuLID v1.1's app defaults (and SD.Next's Zero / Ortho)
 MAX_SIDE = 1024  # PuLID resizes the image's long edge to at most this before finding the face
-DEVIATION = ("face aligned on antelopev2's five landmarks (PuLID: facexlib RetinaFace's); no BiSeNet parsing: the "
-             "whole aligned crop in gray (PuLID: background, ears, neck, cloth painted white)")  # fmt: skip
 
 
 def is_pulid(entry: Entry) -> bool:
@@ -125,14 +126,20 @@ class PuLIDUnitPlan(UnitPlan):
                                f"request that runs them; saved or remote embeddings are not supported for it")  # fmt: skip
 
     def face(self, state, inputs: UnitInputs, events: list):
-        """(antelopev2's raw embedding [1, 512], the aligned 512 crop as RGB uint8, what found the face)."""
+        """(the 512-d embedding [1, 512], the aligned 512 crop as RGB uint8, what found the face), as PuLID's
+        `get_id_embedding` makes them: antelopev2's largest face gives the embedding, RetinaFace's face nearest the
+        centre the aligned crop; where antelopev2 finds none, its glintr100 embeds the aligned crop."""
+        import cv2
         import numpy as np
         import torch
         from PIL import Image
 
+        from ..errors import NoFaceError
+        from ..ipadapter.facexlib_files import DETECTOR
         from ..ipadapter.faces import ANTELOPE_PACK
-        from ..util.images import image_to_base64
         from ..ipadapter.pulid import FACE_SIZE, aligned_face
+        from ..ipadapter.retinaface import center_face_landmarks
+        from ..util.images import image_digest, image_to_base64
 
         where = f"ip_adapters.{self.index}"
         if self.unit.face_embeddings is not None:
@@ -140,16 +147,42 @@ class PuLIDUnitPlan(UnitPlan):
             crop = inputs.aligned_face.convert("RGB")
             crop = np.asarray(crop.resize((FACE_SIZE, FACE_SIZE)) if crop.size != (FACE_SIZE, FACE_SIZE) else crop)
             return torch.tensor(vectors, dtype=torch.float32), crop, {"found_by": "face embedding and aligned crop given"}
-        image = inputs.images[0].convert("RGB")
-        if max(image.size) > MAX_SIDE:  # PuLID's resize_numpy_image_long (cv2 Lanczos; PIL's Lanczos here)
-            ratio = MAX_SIDE / max(image.size)
-            image = image.resize((round(image.width * ratio), round(image.height * ratio)), resample=3)
-        found, origin = state.faces.face(image, f"{where}.images.0", events, pack=ANTELOPE_PACK, largest=True)
-        crop = aligned_face(np.asarray(image), found.kps)
-        shown = {"score": round(found.score, 4), "box": list(found.box), "faces_found": found.faces_found,
-                 "crop": image_to_base64(Image.fromarray(crop).resize((112, 112)))}  # the page shows the aligned crop
-        return torch.from_numpy(found.embedding[None].copy()), crop, {"found_by": f"InsightFace {ANTELOPE_PACK} ({origin})",
-                                                                       "faces": [shown]}  # fmt: skip
+        rgb = np.asarray(inputs.images[0].convert("RGB"))
+        if max(rgb.shape[:2]) > MAX_SIDE:  # PuLID's resize_numpy_image_long: sizes floored, cv2's Lanczos
+            ratio = MAX_SIDE / max(rgb.shape[:2])
+            size = (int(rgb.shape[1] * ratio), int(rgb.shape[0] * ratio))
+            rgb = cv2.resize(rgb, size, interpolation=cv2.INTER_LANCZOS4)
+        image = Image.fromarray(rgb)
+        try:  # PuLID's order: antelopev2 first (a missing pack or InsightFace is refused here, as before)
+            found, origin = state.faces.face(image, f"{where}.images.0", events, pack=ANTELOPE_PACK, largest=True)
+        except NoFaceError:
+            found, origin = None, None
+        path = face_file(state, self, DETECTOR)
+        detector = facexlib_model(state, path, events, self.label)
+        key = ("retinaface-centre", str(path), fingerprint_of(path), image_digest(image))
+        centre = state.faces.faces.get(key)  # the engine's face cache (its budget) keeps each image's result
+        if centre is None:
+            centre = center_face_landmarks(detector, rgb) or (None, None)
+            state.faces.faces.put(key, centre, 256, label=f"RetinaFace {key[-1][:12]}")
+        kps, box = centre
+        if kps is None:  # PuLID raises 'facexlib align face fail'
+            raise NoFaceError(f"{where}.images.0: no face found in the image ({image.width}x{image.height}) by "
+                              f"facexlib's RetinaFace ({path}), which aligns the face PuLID reads; give a photo where "
+                              f"one face is clearly visible, or face_embeddings with the aligned_face")  # fmt: skip
+        crop = aligned_face(rgb, kps)
+        shown = {"score": round(box["score"], 4), "box": [round(v, 1) for v in box["box"]],
+                 "faces_found": box["faces_found"],
+                 "crop": image_to_base64(Image.fromarray(crop).resize((112, 112))),  # the page shows the aligned crop
+                 "embedding_face": None if found is None else {"score": round(found.score, 4), "box": list(found.box),
+                                                                "faces_found": found.faces_found}}  # fmt: skip
+        if found is None:  # PuLID: "fail to detect face using insightface, extract embedding on align face"
+            recognizer = state.faces.recognizer(events, ANTELOPE_PACK)
+            embedding = np.asarray(recognizer.get_feat(cv2.cvtColor(crop, cv2.COLOR_RGB2BGR)), np.float32).reshape(1, -1)
+            found_by = (f"facexlib RetinaFace aligned the face; InsightFace {ANTELOPE_PACK} found none in the image, so "
+                        f"its recognition model embedded the aligned crop (PuLID's fallback)")  # fmt: skip
+            return torch.from_numpy(embedding), crop, {"found_by": found_by, "faces": [shown], "fallback": True}
+        found_by = f"InsightFace {ANTELOPE_PACK} ({origin}); facexlib RetinaFace aligned the face"
+        return torch.from_numpy(found.embedding[None].copy()), crop, {"found_by": found_by, "faces": [shown]}
 
     def active(self, step: int, total: int) -> bool:
         if self.unit.start_step is not None:
@@ -165,8 +198,7 @@ class PuLIDUnitPlan(UnitPlan):
                 "encoder_why": self.why, "face": {k: v for k, v in face.items() if k != "faces"},
                 "faces": face.get("faces", []), "images": 1, "scale": self.unit.scale, "id_weight": self.unit.scale,
                 "start": self.unit.start, "end": self.unit.end, "start_step": self.unit.start_step,
-                "active_steps": active_steps, "masked": False, "averaged": False, "layers": None,
-                "deviation": DEVIATION}  # fmt: skip
+                "active_steps": active_steps, "masked": False, "averaged": False, "layers": None}  # fmt: skip
         if a.variant == "pulid-sdxl":  # what its ID attention ran with
             info |= {"num_zero": SDXL_NUM_ZERO if self.unit.num_zero is None else self.unit.num_zero,
                      "ortho": self.unit.ortho or SDXL_ORTHO}  # fmt: skip
@@ -282,6 +314,69 @@ def eva_tower(state, entry: Entry, dtype, label: str, events: list):
     return tower
 
 
+FACEXLIB_WHY = {"detection_Resnet50_Final.pth": "PuLID aligns the face on RetinaFace's landmarks (facexlib)",
+                "parsing_bisenet.pth": "PuLID parses the aligned face with BiSeNet (facexlib)"}  # fmt: skip
+
+
+def face_files_needed(u: PuLIDUnitPlan) -> tuple[str, ...]:
+    """facexlib's files a unit runs: the parser always (a given crop is parsed too), the detector for an image."""
+    from ..ipadapter.facexlib_files import DETECTOR, PARSER
+
+    return (PARSER,) if u.unit.face_embeddings is not None else (DETECTOR, PARSER)
+
+
+def check_face_files(units, state) -> None:
+    """The plan's check: every PuLID unit's facexlib files are where users keep them (the models folders'
+    `facexlib/`, the InsightFace roots, facexlib's own folder), else refused naming each file, its URL and folder."""
+    from ..ipadapter.facexlib_files import locate
+
+    for u in units:
+        locate(face_files_needed(u), state.store.roots, state.faces.roots, f"ip_adapters.{u.index}: PuLID {u.label}",
+               models_root(state.store, u.adapter))  # fmt: skip
+
+
+def models_root(store: ModelStore, entry: Entry) -> Path | None:
+    """The models folder holding `entry` (where its facexlib/ folder belongs), if one does."""
+    return next((root for root in store.roots if root in Path(entry.path).parents), None)
+
+
+def face_file(state, u: PuLIDUnitPlan, name: str) -> Path:
+    """Where facexlib's `name` is now (checked in the plan; a file removed since is refused the same way)."""
+    from ..ipadapter.facexlib_files import locate
+
+    where = f"ip_adapters.{u.index}: PuLID {u.label}"
+    return locate((name,), state.store.roots, state.faces.roots, where, models_root(state.store, u.adapter))[name]
+
+
+def facexlib_model(state, path: Path, events: list, label: str):
+    """facexlib's RetinaFace or BiSeNet of the file at `path`: face models like the EVA tower, so in the engine's
+    encoder cache (its budget, its events), keyed by the file's fingerprint; built from the file when not there."""
+    from ..ipadapter.face_parsing import build_bisenet
+    from ..ipadapter.facexlib_files import PARSER
+    from ..ipadapter.retinaface import build_retinaface
+    from ..loading.tensors import read_tensors
+    from ..util.cache import module_bytes
+
+    encoders = state.embedder.encoders
+    key = (str(path), fingerprint_of(path), "facexlib", str(state.device))
+    model = encoders.get(key)
+    if model is not None:
+        events.append({"event": "encoder_reused", "encoder": path.name, "for": label})
+        return model
+    for old in encoders.discard_older_versions(key):
+        events.append({"event": "encoder_evicted", "encoder": old.label, "why": "its file changed on disk"})
+    started = time.perf_counter()
+    builder = build_bisenet if path.name == PARSER else build_retinaface
+    model = builder(read_tensors(path), str(path)).to(state.device)
+    seconds = time.perf_counter() - started
+    for old in encoders.put(key, model, module_bytes(model), label=path.name):
+        events.append({"event": "encoder_evicted", "encoder": old.label, "why": "encoder cache budget"})
+    log.info("facexlib %s for %s loaded in %.2f s", path.name, label, seconds)
+    events.append({"event": "encoder_loaded", "encoder": path.name, "file": str(path), "for": label,
+                   "seconds": round(seconds, 4), "why": FACEXLIB_WHY.get(path.name, "PuLID's face preprocessing")})  # fmt: skip
+    return model
+
+
 def kept(state, key, value, nbytes: int, label: str, events: list, stale=()) -> None:
     """`value` put in the engine's adapter cache; what that evicts is let go everywhere (as
     `image_prompts.built_adapter` does: no kept shell keeps an evicted adapter alive)."""
@@ -293,15 +388,18 @@ def kept(state, key, value, nbytes: int, label: str, events: list, stale=()) -> 
             resident.attached.forget([e.key for e in [*stale, *evicted]])
 
 
-def id_tokens(module, eva, face_vector, crop):
-    """The ID tokens and uncond tokens of one face: EVA on the gray aligned crop, the IDFormer on its outputs."""
+def id_tokens(module, eva, parser, face_vector, crop):
+    """The ID tokens and uncond tokens of one face: EVA on PuLID's face features image of the aligned crop (BiSeNet's
+    non-face white, the rest gray), the IDFormer on its outputs."""
     import torch
 
     from ..ipadapter.eva_clip import OPENAI_MEAN, OPENAI_STD
+    from ..ipadapter.face_parsing import face_features_image
     from ..ipadapter.pulid import eva_pixels, id_vector
 
     p = next(eva.parameters())
-    pixels = eva_pixels(crop, eva.shape.image_size, OPENAI_MEAN, OPENAI_STD).to(device=p.device, dtype=p.dtype)
+    features = face_features_image(parser, crop).to(p.device)
+    pixels = eva_pixels(features, eva.shape.image_size, OPENAI_MEAN, OPENAI_STD).to(dtype=p.dtype)
     with torch.no_grad():
         cls, hidden = eva(pixels)
         return module.id_tokens(id_vector(face_vector.to(device=p.device), cls), hidden)
@@ -320,6 +418,8 @@ class PuLIDPrompts:
     active_steps: list = field(default_factory=list)
 
     def prepare(self, state, loaded, events: list) -> None:
+        from ..ipadapter.facexlib_files import PARSER
+
         if len(self.units) > 1:
             raise UnsupportedError(f"ip_adapters: {len(self.units)} PuLID units; PuLID's FLUX code runs one. Use one")
         self.tokens, self.modules, self.faces = [], [], []
@@ -327,10 +427,13 @@ class PuLIDPrompts:
         for u, inputs in zip(self.units, self.inputs):
             module = built(state, u.adapter, u.adapter.spec.variant, dtype, u.label, events)
             face_vector, crop, found = u.face(state, inputs, events)
+            parsing = face_file(state, u, PARSER)
             digest = hashlib.sha256(face_vector.numpy().tobytes() + crop.tobytes()).hexdigest()
             # a face's ID tokens are embeddings like any unit's: in the engine's embedding cache (its budget), keyed
-            # by face, both files' versions and dtype; a repeated face needs neither EVA nor the IDFormer
-            key = (*u.adapter.key("pulid-tokens", dtype, state.device), *u.encoder.key(), digest)
+            # by face, the three files' versions (PuLID's, EVA's, the parser's) and dtype; a repeated face needs
+            # neither the parser, EVA nor the IDFormer
+            key = (*u.adapter.key("pulid-tokens", dtype, state.device), *u.encoder.key(), str(parsing),
+                   fingerprint_of(parsing), digest)  # fmt: skip
             embeddings = state.embedder.embeddings
             tokens, made = embeddings.get(key), "cache"
             if tokens is None:
@@ -338,12 +441,14 @@ class PuLIDPrompts:
                 if (eva.shape.width, eva.shape.projection) != (u.adapter.spec.clip_width, u.adapter.spec.eva_projection):
                     raise CheckpointError(u.encoder.path, f"EVA tower of width {eva.shape.width} / cls "
                                           f"{eva.shape.projection}, but {u.label} reads {u.adapter.spec.needs}")  # fmt: skip
-                tokens, made = id_tokens(module, eva, face_vector, crop), "computed"
+                parser = facexlib_model(state, parsing, events, u.label)
+                tokens, made = id_tokens(module, eva, parser, face_vector, crop), "computed"
                 embeddings.discard_older_versions(key)
                 embeddings.put(key, tokens, sum(t.numel() * t.element_size() for t in tokens), label=f"{u.label} ID {digest[:12]}")
             self.tokens.append(tokens)
             self.modules.append(module)
-            self.faces.append({"found_by": found["found_by"], "id_tokens": made, "faces": found.get("faces", [])})
+            self.faces.append({"found_by": found["found_by"], "id_tokens": made, "faces": found.get("faces", []),
+                               "fallback": found.get("fallback", False)})  # fmt: skip
 
     def apply(self, call) -> None:
         """Hooks on the transformer for this call (removed after it, however it ends), switched per step."""
@@ -374,8 +479,10 @@ class PuLIDPrompts:
             call.schedule.add(switch)
 
     def warnings(self) -> list[str]:
-        """Said with every PuLID result: where its face preprocessing departs from PuLID's."""
-        return [f"{u.label}: {DEVIATION}" for u in self.units if self.faces]
+        """Said with a PuLID result whose embedding came from PuLID's fallback (antelopev2 found no face)."""
+        return [f"{u.label}: InsightFace antelopev2 found no face in the image; the embedding is its recognition "
+                f"model's on the face facexlib's RetinaFace aligned, as PuLID falls back"
+                for u, face in zip(self.units, self.faces) if face.get("fallback")]  # fmt: skip
 
     def describe(self, faces, steps: int) -> list[dict]:
         return [u.describe(faces, face, active) for u, face, active in zip(self.units, self.faces, self.active_steps)]
@@ -401,13 +508,16 @@ def check_alone(units: tuple, pulid_units: tuple) -> None:
 
 
 def listing(entry: Entry, store: ModelStore) -> dict:
-    """`imprompt models`' words for a PuLID file: the EVA-CLIP tower and face pack it runs with, and whether each
-    is present (the pack looked for where a request looks, without a configured --insightface-root)."""
+    """`imprompt models`' words for a PuLID file: the EVA-CLIP tower, face pack and facexlib files it runs with,
+    and whether each is present (looked for where a request looks, without a configured --insightface-root)."""
+    from ..ipadapter.facexlib_files import presence
     from ..ipadapter.faces import FaceAnalyzer, insightface_roots
 
-    pack = FaceAnalyzer(insightface_roots(store.roots)).find_pack(FACE_PACK)
+    roots = insightface_roots(store.roots)
+    pack = FaceAnalyzer(roots).find_pack(FACE_PACK)
+    files = presence(store.roots, roots)
     item = {"face_pack": FACE_PACK, "face_pack_present": pack is not None, "face_pack_path": str(pack) if pack else None,
-            "deviation": DEVIATION}  # fmt: skip
+            "facexlib": files, "facexlib_present": all(files.values())}  # fmt: skip
     try:
         eva, _ = pick_eva(entry, store)
         item.update(encoder=eva.name, encoder_present=True)

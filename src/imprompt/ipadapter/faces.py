@@ -124,6 +124,11 @@ class FaceAnalyzer:
         self.faces.put(key, face, face.crop.nbytes + 2 * face.embedding.nbytes, label=f"face {key[:40]}")
         return face, "detected"
 
+    def recognizer(self, events: list, pack: str = MODEL_PACK):
+        """The pack's recognition model (InsightFace's ArcFaceONNX: `get_feat` of aligned BGR crops), loaded with
+        the pack: PuLID embeds its aligned crop with it where the detector found no face."""
+        return self._app(events, pack).models["recognition"]
+
     def find_pack(self, pack: str) -> Path | None:
         """Where `pack` is: the first root holding `models/<pack>/*.onnx`; or `models/<pack>/<pack>/*.onnx`, where
         unzipping antelopev2.zip inside a folder of its name leaves it."""

@@ -51,14 +51,17 @@ def find_file(name: str, folders: list[Path]) -> Path | None:
     return next((folder / name for folder in folders if (folder / name).is_file()), None)
 
 
-def locate(names: tuple[str, ...], models_roots: list[Path], face_roots: list[Path], needed_by: str) -> dict[str, Path]:
+def locate(names: tuple[str, ...], models_roots: list[Path], face_roots: list[Path], needed_by: str,
+           home: Path | None = None) -> dict[str, Path]:  # fmt: skip
     """The path of each of `names`; one missing is a `MissingFaceAnalysisError` naming every missing file, its
-    release URL, the folder to put it in and the folders looked in."""
+    release URL, the folder to put it in (`facexlib/` in `home`, the models folder of the file that needs them, else
+    in the first) and the folders looked in."""
     folders = facexlib_folders(models_roots, face_roots)
     found = {name: find_file(name, folders) for name in names}
     missing = [name for name, path in found.items() if path is None]
     if missing:
-        place = Path(models_roots[0]) / "facexlib" if models_roots else Path("<models>/facexlib")
+        home = home or (Path(models_roots[0]) if models_roots else Path("<models>"))
+        place = home / "facexlib"
         files = "; ".join(f"{name} (facexlib's {ROLES[name]}, {RELEASES[name]})" for name in missing)
         searched = [f"{Path(r) / 'facexlib'} (and its {', '.join(SUBFOLDERS[1:])}/)" for r in models_roots]
         searched += [f"{r} (and its models/)" for r in face_roots]

@@ -421,9 +421,8 @@ BORDER_RGB = (132, 133, 135)  # facexlib's border (135, 133, 132), given in BGR
 
 def aligned_face(rgb, kps):
     """The face warped onto the FFHQ template at 512 px (a similarity fitted by least median of squares, linear
-    interpolation, a constant border), as facexlib's `align_warp_face` does. imprompt beyond diffusers: the five
-    landmarks are antelopev2's (SCRFD), not facexlib's RetinaFace's, which needs torchvision; so the crop differs
-    slightly from PuLID's (another detector's landmarks), and the face is the largest, not the most central."""
+    interpolation, a constant border), as facexlib's `align_warp_face` does, on the five landmarks of the face
+    RetinaFace finds nearest the image's centre (`retinaface.center_face_landmarks`), as PuLID aligns it."""
     import cv2
     import numpy as np
 
@@ -435,18 +434,16 @@ def aligned_face(rgb, kps):
                           borderValue=BORDER_RGB)  # fmt: skip
 
 
-def eva_pixels(aligned_rgb, size: int, mean, std) -> torch.Tensor:
-    """What EVA reads: the aligned crop in gray (0.299 R + 0.587 G + 0.114 B, three times), resized to the tower's
-    size (bicubic, antialiased) and normalised with OpenAI CLIP's mean and std. imprompt beyond diffusers (a
-    documented deviation): PuLID paints the background, hat, ears, neck and cloth white after BiSeNet face parsing
-    (facexlib); imprompt has no parser, so the whole crop is gray."""
-    import numpy as np
-
-    image = torch.from_numpy(np.asarray(aligned_rgb, np.float32) / 255.0).permute(2, 0, 1)[None]
-    gray = (0.299 * image[:, 0:1] + 0.587 * image[:, 1:2] + 0.114 * image[:, 2:3]).repeat(1, 3, 1, 1)
-    resized = torch.nn.functional.interpolate(gray, size=(size, size), mode="bicubic", antialias=True,
+def eva_pixels(face_features: torch.Tensor, size: int, mean, std) -> torch.Tensor:
+    """What EVA reads: PuLID's face features image (`face_parsing.face_features_image`: the aligned crop in gray,
+    its non-face white; [1, 3, H, W] in 0..1) resized to the tower's size (bicubic, antialiased) and normalised
+    with OpenAI CLIP's mean and std. PuLID calls torchvision's `resize` on a tensor, which antialiases from
+    torchvision 0.17 on (its requirements_fp8.txt pins 0.19.1) but not before (its requirements.txt pins 0.15.2)."""
+    image = face_features.float()
+    resized = torch.nn.functional.interpolate(image, size=(size, size), mode="bicubic", antialias=True,
                                               align_corners=False)  # fmt: skip
-    return (resized - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    mean, std = (torch.tensor(v, device=image.device).view(1, 3, 1, 1) for v in (mean, std))
+    return (resized - mean) / std
 
 
 def id_vector(face_embedding: torch.Tensor, eva_cls: torch.Tensor) -> torch.Tensor:
