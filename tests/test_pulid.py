@@ -339,6 +339,30 @@ def test_switching_pulid_plain_pulid_leaves_nothing_behind(pack, files):
     assert hooks == []  # nothing left on the model
 
 
+def test_a_changed_parser_file_makes_the_id_tokens_again(pack, files, tmp_path):
+    """The ID tokens' cache key holds the parser file's version: a parser rewritten on disk is loaded again (the
+    old one let go) and the same face's tokens are made again, equal to the reference with the new parser."""
+    from conftest import max_diff
+
+    from imprompt import Engine
+
+    root, eva_sd, sd = files
+    for name in ("diffusers", "pulid", "clip"):
+        (tmp_path / name).symlink_to(root / name)
+    write_tiny_bisenet(tmp_path / PARSER_FILE, seed=0)
+    engine = Engine([pack, tmp_path])
+    embedding, crop = face_inputs()
+    first = engine.generate(request(unit(embedding, crop)))
+    write_tiny_bisenet(tmp_path / PARSER_FILE, seed=1)
+    second = engine.generate(request(unit(embedding, crop)))
+    assert [r.info["ip_adapters"][0]["face"]["id_tokens"] for r in (first, second)] == ["computed", "computed"]
+    events = [(e["event"], e["encoder"]) for e in second.info["events"] if e["event"].startswith("encoder_")]
+    assert ("encoder_evicted", "parsing_bisenet.pth") in events and ("encoder_loaded", "parsing_bisenet.pth") in events
+    cond, uncond = ref_tokens(eva_sd, sd, embedding, crop, tiny_bisenet(1))
+    assert max_diff(second.images[0], reference(root, sd, cond, uncond, 1.0, 0)) <= 1
+    assert max_diff(first.images[0], second.images[0]) > 0
+
+
 @pytest.mark.parametrize("model, family", [("tiny-sd35", "SD 3.5"), ("tiny-sd15", "SD 1.5"), ("tiny-sdxl", "SDXL"),
                                            ("tiny-flux", "FLUX.1")])  # fmt: skip
 def test_pulid_on_another_model_is_refused_before_compute(pack, files, model, family):
