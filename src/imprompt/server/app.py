@@ -33,9 +33,10 @@ from ..models import catalog
 from ..conditioning.loras import lora_fits
 from ..plan import describe_store
 from ..request import validation_error
-from .a1111 import OPTION_DEFAULTS, Img2ImgPayload, Txt2ImgPayload, apply_options, png_base64, to_request, to_response
+from .a1111 import OPTION_DEFAULTS, Img2ImgPayload, Txt2ImgPayload, apply_options, png_base64, to_response
 from .controlnet import control_types, detect_module, model_list, module_list, module_warnings, slider_values
-from .sdnext import DetectPayload, control_response, from_control_payload, named_unit, sdnext_preprocessor_list
+from .sdnext import DetectPayload, control_response, from_control_payload, named_unit, pulid_script_request
+from .sdnext import sdnext_preprocessor_list
 from .jobs import JobQueue
 from .origins import add_origin_checks
 
@@ -118,7 +119,8 @@ def create_app(engine: Engine, settings: ServerSettings | None = None, jobs=None
     async def generate(payload: Txt2ImgPayload, http: Request) -> dict:
         """Handlers await their job on the event loop: no thread is held while it waits in the queue."""
         # reading the payload may read the disk
-        converted = await run_in_threadpool(to_request, payload, state["model"], engine.store, state["options"])
+        converted = await run_in_threadpool(pulid_script_request, payload, state["model"], engine.store,
+                                            state["options"])  # to_request, SD.Next's PuLID script read first
         engine.check_limits(converted.request)  # before the job is queued, before any image is decoded
         results = await run_named(converted, payload.n_iter, http)
         units = results[0].info["ip_adapters"] if results else []

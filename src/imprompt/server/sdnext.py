@@ -1,4 +1,4 @@
-"""SD.Next's control API and the ControlNet extension's detect body, mapped onto imprompt's request.
+"""SD.Next's control API, its PuLID script and the ControlNet extension's detect body, mapped onto imprompt's request.
 
 `POST /sdapi/v1/control`, `GET /sdapi/v1/preprocessors`, `GET /sdapi/v1/controlnets`.
 
@@ -23,14 +23,16 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, Field
 
-from ..errors import ImpromptError, RequestError, renamed, shown
+from ..conditioning.ip_adapter import fits
+from ..errors import ImpromptError, RequestError, UnsupportedError, renamed, shown
+from ..models import catalog
 from ..models.store import ModelStore
 from ..preprocess import PREPROCESSORS
 from ..preprocess.resize import CROP, RESIZE, fit
-from ..request import MAX_IMAGES, MAX_UNITS
+from ..request import MAX_IMAGES, MAX_UNITS, SCALE_RANGE
 from ..result import Result
 from ..util.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, load_image
-from .a1111 import Converted, from_sdnext_payload, png_base64
+from .a1111 import Converted, Txt2ImgPayload, from_sdnext_payload, png_base64, to_request
 from .controlnet import find_controlnet, find_module
 
 
@@ -92,6 +94,9 @@ def from_control_payload(payload: dict, store: ModelStore, settings: dict | None
     for name, value in payload.items():
         if name in READ or name in IGNORED or value is None:
             continue
+        if name == "script_name" and is_pulid_script(value):
+            raise UnsupportedError("script_name: SD.Next's PuLID script is read on /sdapi/v1/txt2img and img2img, not "
+                                   "with control units; send it there, or a PuLID unit in ip_adapter")  # fmt: skip
         if name in OFF:
             if value not in OFF[name]:
                 raise RequestError(f"{name}: {shown(value)} asks for what imprompt does not do; leave it out")
@@ -287,3 +292,131 @@ def named_unit(exc: ImpromptError, wheres: list[str]) -> ImpromptError:
     if where == f"controlnets.{found.group('index')}":
         return exc
     return renamed(exc, f"{where}{found.group('rest')}")
+
+
+# ------------------------------------------------------------------------------------------ SD.Next's PuLID script
+
+# SD.Next's PuLID script (scripts/pulid_ext.py): its title, which SD.Next's API matches whole or up to its colon, in
+# any case (modules/api/script.py `script_name_to_index`), and its `ui()` values in order with their defaults (a
+# shorter `script_args` keeps the rest). `run()` reads the face images, Strength (`id_weight` on FLUX, `id_scale` on
+# SDXL), and on SDXL only Zero, Sampler, Ortho and Version; Restore and Offload say what happens to the pipeline and
+# the face models after the run, not what is drawn.
+PULID_TITLE = "PuLID: ID Customization"
+PULID_ARGS = {"images": [], "strength": 0.8, "zero": 20, "sampler": "dpmpp_sde", "ortho": "v2", "restore": False,
+              "offload": True, "version": "v1.1"}  # fmt: skip
+PULID_SAMPLERS = ("dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2s_ancestral", "dpmpp_3m_sde", "dpmpp_sde", "euler",
+                  "euler_ancestral")  # fmt: skip
+PULID_SDXL_ONLY = ("zero", "sampler", "ortho", "version")
+SDNEXT_FLUX_PULID = "PuLID FLUX v0.9.0"  # the file nunchaku's PuLIDFluxPipeline (SD.Next's FLUX PuLID) loads
+
+
+def is_pulid_script(name) -> bool:
+    """Whether `script_name` names SD.Next's PuLID script, by SD.Next's rule: "PuLID: ID Customization" or "PuLID"."""
+    title = PULID_TITLE.lower()
+    return isinstance(name, str) and name.lower() in (title, title.split(":")[0])
+
+
+def pulid_script_request(payload: Txt2ImgPayload, model: str | None, store: ModelStore,
+                         settings: dict | None = None) -> Converted:  # fmt: skip
+    """`to_request`, with SD.Next's PuLID script (`script_name` + `script_args`) read first as a PuLID unit."""
+    extra = payload.model_extra or {}
+    if not is_pulid_script(extra.get("script_name")):
+        return to_request(payload, model, store, settings)
+    data = payload.model_dump()
+    data["ip_adapter"] = [unit.model_dump(exclude_none=True) for unit in payload.ip_adapter]
+    chosen = (payload.override_settings or {}).get("sd_model_checkpoint") or model or (settings or {}).get(
+        "sd_model_checkpoint")
+    data, warnings = with_pulid_script(data, chosen, store)
+    converted = to_request(type(payload).model_validate(data), model, store, settings)
+    converted.warnings[:0] = warnings
+    return converted
+
+
+def with_pulid_script(payload: dict, model: str | None, store: ModelStore) -> tuple[dict, list[str]]:
+    """`payload` with its PuLID script as an imprompt PuLID unit at the end of `ip_adapter` (script_name and
+    script_args gone), and what the client should hear. Every argument is read: mapped, said to have no effect
+    where SD.Next's script does not read it (and it differs from SD.Next's default), or refused where it would
+    change the picture in a way imprompt does not draw."""
+    args = payload.get("script_args")
+    if args is None:
+        args = []
+    if not isinstance(args, list):
+        raise RequestError(f"script_args: expected a list (SD.Next's PuLID script takes its {len(PULID_ARGS)} values "
+                           f"in order: {', '.join(PULID_ARGS)}), got {shown(args)}")  # fmt: skip
+    if len(args) > len(PULID_ARGS):
+        raise RequestError(f"script_args: {len(args)} values, but SD.Next's PuLID script takes {len(PULID_ARGS)} "
+                           f"({', '.join(PULID_ARGS)}); send at most those")  # fmt: skip
+    if payload.get("face") is not None:
+        raise RequestError("face and script_name PuLID: SD.Next runs its Face script in place of the PuLID script when "
+                           "a face is sent; send one of them")  # fmt: skip
+    given = dict(PULID_ARGS) | {name: v for name, v in zip(PULID_ARGS, args) if v is not None}  # null: the default
+    where = {name: f"script_args.{i} ({name})" for i, name in enumerate(PULID_ARGS)}
+    images = given["images"]
+    images = [images] if isinstance(images, str) else images
+    if not isinstance(images, list) or not all(isinstance(image, str) and image for image in images):
+        raise RequestError(f"{where['images']}: expected a base64 image, or a list of them, got {shown(images)}")
+    if not images:
+        raise RequestError(f"{where['images']}: PuLID needs a face image (base64); SD.Next, given none over its "
+                           f"API, draws nothing")  # fmt: skip
+    strength = given["strength"]
+    if (isinstance(strength, bool) or not isinstance(strength, (int, float))
+            or not SCALE_RANGE[0] <= strength <= SCALE_RANGE[1]):  # fmt: skip
+        raise RequestError(f"{where['strength']}: expected a number from {SCALE_RANGE[0]} to {SCALE_RANGE[1]} "
+                           f"(SD.Next's slider: 0 to 1), got {shown(strength)}")  # fmt: skip
+    zero = given["zero"]
+    if isinstance(zero, bool) or not isinstance(zero, (int, float)) or zero != int(zero) or not 0 <= zero <= 80:
+        raise RequestError(f"{where['zero']}: expected a whole number from 0 to 80, got {shown(zero)}")
+    choices = {"sampler": PULID_SAMPLERS, "ortho": ("off", "v1", "v2"), "version": ("v1.0", "v1.1")}
+    for name, allowed in choices.items():
+        if given[name] not in allowed:
+            raise RequestError(f"{where[name]}: expected one of {', '.join(allowed)}, got {shown(given[name])}")
+    for name in ("restore", "offload"):
+        if not isinstance(given[name], bool):
+            raise RequestError(f"{where[name]}: expected true or false, got {shown(given[name])} (the script's "
+                               f"values in order: {', '.join(PULID_ARGS)})")  # fmt: skip
+    if not model:
+        raise RequestError("script_name PuLID: no model to run it on; set override_settings.sd_model_checkpoint")
+    pipeline = store.pipeline(model)
+    if pipeline.spec.architecture != "flux":
+        if pipeline.spec.family != "SDXL":
+            raise UnsupportedError(f"script_name PuLID: SD.Next's PuLID script runs on SDXL and FLUX.1, and model "
+                                   f"{pipeline.name} is {pipeline.spec.family}; pick a FLUX.1 model")  # fmt: skip
+        raise UnsupportedError(
+            f"{where['sampler']}: on SDXL SD.Next's PuLID script samples with PuLID's own k-diffusion loop "
+            f"({given['sampler']} on Karras sigmas, timesteps rounded to whole ones), which imprompt does not run, "
+            f"so its picture cannot be drawn here. Send PuLID SDXL v1.1 as an ip_adapter unit instead ({{\"adapter\": "
+            f"\"PuLID SDXL v1.1\", \"images\": [...], \"scale\": {strength}, \"num_zero\": {int(zero)}, \"ortho\": "
+            f"\"{given['ortho']}\"}}) with a sampler_name"
+        )
+    warnings = [f"{where[name]}={shown(given[name])} has no effect on FLUX: SD.Next's PuLID script reads it on SDXL "
+                f"only" for name in PULID_SDXL_ONLY if given[name] != PULID_ARGS[name]]  # fmt: skip
+    adapter, why = flux_pulid_file(store, pipeline)
+    warnings += [why] if why else []
+    if len(images) > 1:
+        warnings.append(f"{where['images']}: PuLID FLUX reads one face; the first of {len(images)} was used, as in "
+                        f"SD.Next")  # fmt: skip
+    payload = {k: v for k, v in payload.items() if k not in ("script_name", "script_args")}
+    if isinstance(payload.get("batch_size"), int) and payload["batch_size"] > 1:
+        warnings.append(f"batch_size={payload['batch_size']}: SD.Next's PuLID script runs a batch of one; so does "
+                        f"imprompt (n_iter still repeats it)")  # fmt: skip
+        payload["batch_size"] = 1
+    unit = {"adapter": adapter, "images": images[:1], "scale": strength}
+    payload["ip_adapter"] = [*(payload.get("ip_adapter") or []), unit]
+    return payload, warnings
+
+
+def flux_pulid_file(store: ModelStore, pipeline) -> tuple[str, str | None]:
+    """The PuLID FLUX file for `pipeline`: v0.9.0, which SD.Next's FLUX PuLID loads, where present and fitting; else
+    another PuLID FLUX file that fits (said in a warning: v0.9.1 has v0.9.0's tensors, other weights); else the name
+    v0.9.0, which the request then refuses saying what is missing or why it does not fit."""
+    files = [e for e in store.current_of_kind("ip-adapter") if e.spec.variant == "pulid"]
+    fitting = [e for e in files if fits(e, pipeline)]
+    if not fitting:
+        return (files[0].name if files else SDNEXT_FLUX_PULID), None
+    fitting.sort(key=lambda e: (catalog.friendly_name(e.name) != SDNEXT_FLUX_PULID, str(e.path)))
+    chosen = fitting[0]
+    label = catalog.friendly_name(chosen.name) or chosen.name
+    if label == SDNEXT_FLUX_PULID:
+        return chosen.name, None
+    return chosen.name, (f"script_name PuLID: SD.Next's FLUX PuLID loads pulid_flux_v0.9.0; imprompt has no such file "
+                         f"for {pipeline.name} and used {label} ({chosen.path.name})")  # fmt: skip
