@@ -128,7 +128,7 @@ class PuLIDUnitPlan(UnitPlan):
     def face(self, state, inputs: UnitInputs, events: list):
         """(the 512-d embedding [1, 512], the aligned 512 crop as RGB uint8, what found the face), as PuLID's
         `get_id_embedding` makes them: antelopev2's largest face gives the embedding, RetinaFace's face nearest the
-        centre the aligned crop; where antelopev2 finds none, its glintr100 embeds the aligned crop."""
+        centre gives the aligned crop; where antelopev2 finds none, its glintr100 embeds the aligned crop."""
         import cv2
         import numpy as np
         import torch
@@ -158,11 +158,10 @@ class PuLIDUnitPlan(UnitPlan):
         except NoFaceError:
             found, origin = None, None
         path = face_file(state, self, DETECTOR)
-        detector = facexlib_model(state, path, events, self.label)
         key = ("retinaface-centre", str(path), fingerprint_of(path), image_digest(image))
         centre = state.faces.faces.get(key)  # the engine's face cache (its budget) keeps each image's result
         if centre is None:
-            centre = center_face_landmarks(detector, rgb) or (None, None)
+            centre = center_face_landmarks(facexlib_model(state, path, events, self.label), rgb) or (None, None)
             state.faces.faces.put(key, centre, 256, label=f"RetinaFace {key[-1][:12]}")
         kps, box = centre
         if kps is None:  # PuLID raises 'facexlib align face fail'
