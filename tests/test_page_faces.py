@@ -1,6 +1,7 @@
 """The web page with the image prompts that bring their own encoder or face pack, in a real headless Chromium: an
 InstantID unit on SDXL (a face uploaded; the face crop and the keypoints its IdentityNet read shown beside the
-result, which is the engine's image), and FLUX Redux listed on FLUX with what it needs."""
+result, which is the engine's image), a PuLID unit on FLUX (the aligned face crop it read shown, the engine's
+image and crop), and FLUX Redux listed on FLUX with what it needs."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from conftest import max_diff
 from PIL import Image
 from server_fixtures import new_engine, running_server
 from test_page import ARTIFACTS, CHROMIUM, browser  # noqa: F401 - the page tests' headless Chromium, as a fixture
+from test_sdnext_pulid import write_pulid_files
 
 from imprompt import Engine
 
@@ -24,7 +26,7 @@ pytestmark = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def faces_root(pack, tmp_path_factory) -> Path:
     """InstantX's layout (checkpoints/ip-adapter.bin + ControlNetModel/), a tiny antelopev2 pack, a FLUX Redux with
-    its SigLIP beside it, and a face picture to upload."""
+    its SigLIP beside it, PuLID FLUX's pieces (`write_pulid_files`), and a face picture to upload."""
     pytest.importorskip("insightface", reason="InsightFace is the optional `faceid` extra")
     from tools.extra_models import write_redux_model
     from tools.insightface_pack import face_image, write_insightface_pack
@@ -34,6 +36,7 @@ def faces_root(pack, tmp_path_factory) -> Path:
     write_instantid(root, pack)
     write_insightface_pack(root / "insightface", "antelopev2")
     write_redux_model(root, pack)
+    write_pulid_files(root)
     face_image(5).save(root / "face.png")
     return root
 
@@ -99,4 +102,48 @@ def test_instantid_unit_shows_its_face_crop_and_keypoints_and_gives_the_engines_
         assert max_diff(decoded(crop.get_attribute("src")), decoded("," + unit["faces"][0]["crop"])) == 0
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "web-page-instantid.png"), full_page=True)
+        assert errors == []
+
+
+def test_pulid_unit_shows_the_face_crop_it_read_and_gives_the_engines_pixels(pack, faces_root, browser):  # noqa: F811
+    with running_server(new_engine([pack, faces_root])) as url:
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        errors = []
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        page.goto(url)
+        page.wait_for_selector(".unit .adapter option", state="attached")
+
+        # FLUX lists PuLID with its face pack and EVA tower
+        page.select_option("#model", "tiny-flux")
+        page.wait_for_function("[...document.querySelectorAll('.unit .adapter option')].some(o => o.value === 'PuLID FLUX v0.9.0')")
+        options = page.locator(".unit .adapter option").all_text_contents()
+        assert any(o.startswith("PuLID FLUX v0.9.0 — needs InsightFace antelopev2 face_embeds[512] + eva-clip") and
+                   o.endswith("→ EVA02_CLIP_L_336_psz14_s6B") for o in options), options  # fmt: skip
+        page.select_option(".unit .adapter", "PuLID FLUX v0.9.0")
+        assert "encoder: EVA02_CLIP_L_336_psz14_s6B" in page.text_content(".unit .needs")
+
+        page.fill("#prompt", "a cat")
+        page.fill(".unit .scale", "0.8")
+        page.set_input_files(".unit .images", str(faces_root / "face.png"))
+        page.wait_for_selector(".unit .previews img")
+        for field, value in (("#steps", "3"), ("#width", "64"), ("#height", "64"), ("#seed", "1"), ("#cfg", "3.5")):
+            page.fill(field, value)
+        page.click("#generate")
+        page.wait_for_selector("#gallery figure img.face-crop", timeout=120_000)
+        caption = page.text_content("#gallery figcaption")
+        assert "PuLID FLUX v0.9.0 ← EVA02_CLIP_L_336_psz14_s6B (ID tokens: computed)" in caption, caption
+        assert "undefined" not in caption, caption
+        crop = page.locator("#gallery figure img.face-crop")
+        assert crop.count() == 1 and "face used by unit 1, image 1" in crop.get_attribute("alt")
+        assert page.locator("#gallery figure img.face-keypoints").count() == 0  # InstantID's, not PuLID's
+
+        expected = Engine([pack, faces_root]).generate(
+            model="tiny-flux", prompt="a cat", negative_prompt="", seed=1, steps=3, width=64, height=64, cfg_scale=3.5,
+            ip_adapters=[{"adapter": "PuLID FLUX v0.9.0", "images": [str(faces_root / "face.png")], "scale": 0.8}])
+        assert max_diff(decoded(page.get_attribute("#gallery figure img", "src")), expected.images[0]) == 0
+        unit = expected.info["ip_adapters"][0]
+        shown = decoded(crop.get_attribute("src"))
+        assert max_diff(shown, decoded("," + unit["faces"][0]["crop"])) == 0 and shown.getextrema() != ((0, 0),) * 3
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "web-page-pulid.png"), full_page=True)
         assert errors == []

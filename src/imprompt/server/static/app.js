@@ -397,7 +397,8 @@ function showResult(result) {
     img.src = `data:image/png;base64,${image}`;
     img.alt = `seed ${info.all_seeds[i]}`;
     const caption = document.createElement("figcaption");
-    const units = info.ip_adapters.map((u) => `${u.adapter} ← ${u.encoder} (${u.encoder_source})`
+    // PuLID's info has no encoder_source: whether its ID tokens were computed or came from the cache
+    const units = info.ip_adapters.map((u) => `${u.adapter} ← ${u.encoder} (${u.encoder_source ?? `ID tokens: ${u.face?.id_tokens}`})`
       + (u.identitynet ? ` + IdentityNet ${u.identitynet} (weight ${u.controlnet_scale})` : "")).join("\n");
     const controls = (info.controlnets || []).map((c, n) => `ControlNet ${n + 1}: ${c.model} ← ${c.module} `
       + `(weight ${c.weight}, window ${c.start}-${c.end}, ${c.control_mode})`).join("\n");
