@@ -276,9 +276,14 @@ class JobQueue:
                 if head not in self._waiting:
                     return None
                 snapshot, seen = list(self._waiting), self._arrivals
-            # keys are asked outside the lock: planning may read files; only this thread asks them
-            mates = [job for job in snapshot
-                     if job is not head and job.iterations == 1 and self._key(job) == key][: limit - 1]  # fmt: skip
+            # keys are asked outside the lock (planning may read files; only this thread asks them), oldest first,
+            # no further than the batch fills
+            mates: list[Job] = []
+            for job in snapshot:
+                if len(mates) == limit - 1:
+                    break
+                if job is not head and job.iterations == 1 and self._key(job) == key:
+                    mates.append(job)
             left = deadline - time.monotonic()
             if len(mates) >= limit - 1 or left <= 0:
                 return mates
