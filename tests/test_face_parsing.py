@@ -1,8 +1,8 @@
 """facexlib's BiSeNet face parser (PuLID's parsing of the aligned face) and where facexlib's files are found.
 
-The reference is `bisenet_files.ref_bisenet`: facexlib's forward written as plain functions over the file's tensors,
-independent of imprompt's module; the files are tiny ones in `parsing_bisenet.pth`'s real key layout, read by
-imprompt's own loader as a user's file is.
+The reference is `facexlib_reference.ref_bisenet`: facexlib's forward written as plain functions over the file's
+tensors, independent of imprompt's module; the files are tiny ones in `parsing_bisenet.pth`'s real key layout
+(`imprompt.demo.tiny_faces`), read by imprompt's own loader as a user's file is.
 """
 
 from __future__ import annotations
@@ -10,7 +10,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from bisenet_files import REAL, bisenet_table, ref_bisenet, ref_face_features, tiny_bisenet, write_tiny_bisenet
+from facexlib_reference import ref_bisenet, ref_face_features
+
+from imprompt.demo.tiny_faces import BISENET_REAL as REAL
+from imprompt.demo.tiny_faces import bisenet_table, tiny_bisenet, write_tiny_bisenet
 
 
 def random_face(seed=4, size=512):

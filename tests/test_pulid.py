@@ -5,10 +5,10 @@ code (ToTheBeginning/PuLID: `eva_clip/eva_vit_model.py` + `rope.py` for the towe
 for the IDFormer and PerceiverAttentionCA, `flux/model.py` + `flux/sampling.py` for where and when the CAs act),
 as plain functions over the files' tensors, independent of imprompt's modules: the FLUX reference is diffusers'
 own FluxPipeline with each PuLID block's forward wrapped by hand. The face's preprocessing follows PuLID's
-`get_id_embedding` by hand: facexlib's BiSeNet parsing (`bisenet_files.ref_face_features`) whitens the non-face and
-grays the rest before EVA. Tiny models in the real key layouts (`demo/tiny_dits.py`): an EVA02-CLIP checkpoint
-pickled whole, a PuLID FLUX file; facexlib's two files (`bisenet_files.py`, `retinaface_files.py`) in
-`models/facexlib/`, where ComfyUI's PuLID nodes keep them.
+`get_id_embedding` by hand: facexlib's BiSeNet parsing (`facexlib_reference.ref_face_features`) whitens the non-face
+and grays the rest before EVA. Tiny models in the real key layouts (`demo/tiny_dits.py`): an EVA02-CLIP checkpoint
+pickled whole, a PuLID FLUX file; facexlib's two files (`demo/tiny_faces.py`) in `models/facexlib/`, where ComfyUI's
+PuLID nodes keep them.
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from bisenet_files import ref_face_features, tiny_bisenet, write_facexlib_files, write_tiny_bisenet
+from facexlib_reference import ref_face_features
 
 from imprompt.demo.tiny_dits import build_flux_pipeline, write_eva_clip, write_pulid_flux
+from imprompt.demo.tiny_faces import tiny_bisenet, write_facexlib_files, write_tiny_bisenet
 
 DOUBLE, SINGLE = 3, 5  # a CA after double blocks 0, 2 and single blocks 0, 4: four CAs
 

@@ -13,12 +13,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-from bisenet_files import write_facexlib_files
 from conftest import max_diff
 from server_fixtures import b64, client, decode, new_engine, post_txt2img, running_server
 
 from imprompt import Engine
 from imprompt.demo.tiny_dits import write_eva_clip, write_pulid_flux
+from imprompt.demo.tiny_faces import write_facexlib_files
 from tools.insightface_pack import face_image
 
 PULID_FILE = "pulid/pulid_flux_v0.9.0.safetensors"  # the file SD.Next's FLUX PuLID loads, where ComfyUI keeps it

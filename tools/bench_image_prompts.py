@@ -8,7 +8,7 @@ XLabs flux-ip-adapter v1 (its projection whole: 4 tokens of 4096; to_k/v_ip of 3
 layers, 1024 wide, 768 projection, ComfyUI's clip_vision/ single file, fp16); PuLID FLUX v0.9.1 (the IDFormer at its
 real size: dim 1024, 32 queries, 10 layers, id width 2048; CAs of FLUX width 3072, inner 2048) with EVA02-CLIP-L-14-336
 (24 blocks of 1024, SwiGLU 2730, 336 px, pickled whole as BAAI publishes it, fp32) and facexlib's BiSeNet face parser
-(`facexlib/parsing_bisenet.pth` at its real widths, 53 MB, written by tests/bisenet_files.py: PuLID parses the
+(`facexlib/parsing_bisenet.pth` at its real widths, 53 MB, written by imprompt.demo.tiny_faces: PuLID parses the
 aligned crop; the requests give the crop, so RetinaFace, which only finds faces in images, is not run or written).
 
 The transformer: FLUX.1's widths where the adapters attach (24 heads x 128 = 3072, T5 width 4096) but shallow, as
@@ -81,10 +81,9 @@ def build(cache: Path) -> Path:
     root = cache / "image-prompts"
     parser = root / "facexlib" / "parsing_bisenet.pth"
     if not parser.is_file():  # facexlib's parser (real widths, random weights): added to caches built before it
-        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-        from bisenet_files import REAL, write_tiny_bisenet
+        from imprompt.demo.tiny_faces import BISENET_REAL, write_tiny_bisenet
 
-        write_tiny_bisenet(parser, seed=7, widths=REAL)
+        write_tiny_bisenet(parser, seed=7, widths=BISENET_REAL)
     if (root / "done").is_file():
         return root
     print("bench-image-prompts: writing the real-size files (once) ...", file=sys.stderr, flush=True)

@@ -120,6 +120,7 @@ ORDER = (
     "demo/pack.py",
     "demo/tiny_models.py",
     "demo/tiny_dits.py",
+    "demo/tiny_faces.py",
     "demo/shapes.py",
 )
 
