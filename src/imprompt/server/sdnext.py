@@ -15,6 +15,7 @@ mid block at 0.56 on SDXL), so imprompt does not pass one off as the other.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -304,10 +305,10 @@ def named_unit(exc: ImpromptError, wheres: list[str]) -> ImpromptError:
 PULID_TITLE = "PuLID: ID Customization"
 PULID_ARGS = {"images": [], "strength": 0.8, "zero": 20, "sampler": "dpmpp_sde", "ortho": "v2", "restore": False,
               "offload": True, "version": "v1.1"}  # fmt: skip
-PULID_SAMPLERS = ("dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2s_ancestral", "dpmpp_3m_sde", "dpmpp_sde", "euler",
-                  "euler_ancestral")  # fmt: skip
 PULID_SDXL_ONLY = ("zero", "sampler", "ortho", "version")
-SDNEXT_FLUX_PULID = "PuLID FLUX v0.9.0"  # the file nunchaku's PuLIDFluxPipeline (SD.Next's FLUX PuLID) loads
+# SD.Next's FLUX PuLID is nunchaku's PuLIDFluxPipeline (scripts/pulid/pulid_flux.py), whose PuLIDPipeline loads
+# pulid_flux_v0.9.1 from nunchaku 0.3.1 on (v0.9.0 before); SD.Next installs nunchaku 1.0.1 or later
+SDNEXT_FLUX_PULID = "PuLID FLUX v0.9.1"
 
 
 def is_pulid_script(name) -> bool:
@@ -334,9 +335,12 @@ def pulid_script_request(payload: Txt2ImgPayload, model: str | None, store: Mode
 
 def with_pulid_script(payload: dict, model: str | None, store: ModelStore) -> tuple[dict, list[str]]:
     """`payload` with its PuLID script as an imprompt PuLID unit at the end of `ip_adapter` (script_name and
-    script_args gone), and what the client should hear. Every argument is read: mapped, said to have no effect
-    where SD.Next's script does not read it (and it differs from SD.Next's default), or refused where it would
-    change the picture in a way imprompt does not draw."""
+    script_args gone), and what the client should hear. Every argument is read as SD.Next's `run()` reads it: mapped
+    (images, strength), said to have no effect where SD.Next's FLUX path does not read it (Zero, Sampler, Ortho and
+    Version, any value, when not the default; Restore and Offload when not true/false: SD.Next only tests them for
+    truth, to decide what stays loaded after the run), or refused where SD.Next would fail or draw nothing. A value
+    left out is SD.Next's default; a null is passed on as SD.Next's API passes it (`init_script_args` copies it
+    over the default): null images draw nothing there and null strength fails, so both are refused."""
     args = payload.get("script_args")
     if args is None:
         args = []
@@ -349,31 +353,25 @@ def with_pulid_script(payload: dict, model: str | None, store: ModelStore) -> tu
     if payload.get("face") is not None:
         raise RequestError("face and script_name PuLID: SD.Next runs its Face script in place of the PuLID script when "
                            "a face is sent; send one of them")  # fmt: skip
-    given = dict(PULID_ARGS) | {name: v for name, v in zip(PULID_ARGS, args) if v is not None}  # null: the default
+    given = dict(PULID_ARGS) | dict(zip(PULID_ARGS, args))  # left out: the default; null stays null, as in SD.Next
     where = {name: f"script_args.{i} ({name})" for i, name in enumerate(PULID_ARGS)}
     images = given["images"]
     images = [images] if isinstance(images, str) else images
-    if not isinstance(images, list) or not all(isinstance(image, str) and image for image in images):
+    if images is not None and (not isinstance(images, list) or not all(isinstance(i, str) and i for i in images)):
         raise RequestError(f"{where['images']}: expected a base64 image, or a list of them, got {shown(images)}")
     if not images:
-        raise RequestError(f"{where['images']}: PuLID needs a face image (base64); SD.Next, given none over its "
-                           f"API, draws nothing")  # fmt: skip
+        raise RequestError(f"{where['images']}: PuLID needs a face image (base64); SD.Next, given "
+                           f"{'null' if images is None else 'none'} over its API, draws nothing")  # fmt: skip
     strength = given["strength"]
+    if strength is None:
+        raise RequestError(f"{where['strength']}: null, which SD.Next's API passes to the script as it is, and its "
+                           f"FLUX path then multiplies the ID by it and fails; give a number from {SCALE_RANGE[0]} to "
+                           f"{SCALE_RANGE[1]} (SD.Next's slider: 0 to 1), or leave it out for the default "
+                           f"{PULID_ARGS['strength']}")  # fmt: skip
     if (isinstance(strength, bool) or not isinstance(strength, (int, float))
             or not SCALE_RANGE[0] <= strength <= SCALE_RANGE[1]):  # fmt: skip
         raise RequestError(f"{where['strength']}: expected a number from {SCALE_RANGE[0]} to {SCALE_RANGE[1]} "
                            f"(SD.Next's slider: 0 to 1), got {shown(strength)}")  # fmt: skip
-    zero = given["zero"]
-    if isinstance(zero, bool) or not isinstance(zero, (int, float)) or zero != int(zero) or not 0 <= zero <= 80:
-        raise RequestError(f"{where['zero']}: expected a whole number from 0 to 80, got {shown(zero)}")
-    choices = {"sampler": PULID_SAMPLERS, "ortho": ("off", "v1", "v2"), "version": ("v1.0", "v1.1")}
-    for name, allowed in choices.items():
-        if given[name] not in allowed:
-            raise RequestError(f"{where[name]}: expected one of {', '.join(allowed)}, got {shown(given[name])}")
-    for name in ("restore", "offload"):
-        if not isinstance(given[name], bool):
-            raise RequestError(f"{where[name]}: expected true or false, got {shown(given[name])} (the script's "
-                               f"values in order: {', '.join(PULID_ARGS)})")  # fmt: skip
     if not model:
         raise RequestError("script_name PuLID: no model to run it on; set override_settings.sd_model_checkpoint")
     pipeline = store.pipeline(model)
@@ -381,15 +379,23 @@ def with_pulid_script(payload: dict, model: str | None, store: ModelStore) -> tu
         if pipeline.spec.family != "SDXL":
             raise UnsupportedError(f"script_name PuLID: SD.Next's PuLID script runs on SDXL and FLUX.1, and model "
                                    f"{pipeline.name} is {pipeline.spec.family}; pick a FLUX.1 model")  # fmt: skip
+        zero, ortho = given["zero"], given["ortho"]
+        unit = {"adapter": "PuLID SDXL v1.1", "images": ["..."], "scale": strength}
+        if isinstance(zero, (int, float)) and not isinstance(zero, bool) and zero == int(zero) and 0 <= zero <= 80:
+            unit["num_zero"] = int(zero)
+        if ortho in ("off", "v1", "v2"):
+            unit["ortho"] = ortho
         raise UnsupportedError(
             f"{where['sampler']}: on SDXL SD.Next's PuLID script samples with PuLID's own k-diffusion loop "
-            f"({given['sampler']} on Karras sigmas, timesteps rounded to whole ones), which imprompt does not run, "
-            f"so its picture cannot be drawn here. Send PuLID SDXL v1.1 as an ip_adapter unit instead ({{\"adapter\": "
-            f"\"PuLID SDXL v1.1\", \"images\": [...], \"scale\": {strength}, \"num_zero\": {int(zero)}, \"ortho\": "
-            f"\"{given['ortho']}\"}}) with a sampler_name"
+            f"({shown(given['sampler'])} on Karras sigmas, timesteps rounded to whole ones), which imprompt does not "
+            f"run, so its picture cannot be drawn here. Send PuLID SDXL v1.1 as an ip_adapter unit instead "
+            f"({json.dumps(unit)}) with a sampler_name"
         )
     warnings = [f"{where[name]}={shown(given[name])} has no effect on FLUX: SD.Next's PuLID script reads it on SDXL "
                 f"only" for name in PULID_SDXL_ONLY if given[name] != PULID_ARGS[name]]  # fmt: skip
+    warnings += [f"{where[name]}={shown(given[name])} is not true or false: SD.Next only tests it for truth, to decide "
+                 f"what stays loaded after the run; no effect on the picture"
+                 for name in ("restore", "offload") if not isinstance(given[name], bool)]  # fmt: skip
     adapter, why = flux_pulid_file(store, pipeline)
     warnings += [why] if why else []
     if len(images) > 1:
@@ -406,9 +412,10 @@ def with_pulid_script(payload: dict, model: str | None, store: ModelStore) -> tu
 
 
 def flux_pulid_file(store: ModelStore, pipeline) -> tuple[str, str | None]:
-    """The PuLID FLUX file for `pipeline`: v0.9.0, which SD.Next's FLUX PuLID loads, where present and fitting; else
-    another PuLID FLUX file that fits (said in a warning: v0.9.1 has v0.9.0's tensors, other weights); else the name
-    v0.9.0, which the request then refuses saying what is missing or why it does not fit."""
+    """The PuLID FLUX file for `pipeline`: v0.9.1, which SD.Next's FLUX PuLID loads (nunchaku 0.3.1 and later), where
+    present and fitting; else another PuLID FLUX file that fits (said in a warning: v0.9.0 has v0.9.1's tensors,
+    other weights); else the name v0.9.1, which the request then refuses saying what is missing or why it does not
+    fit."""
     files = [e for e in store.current_of_kind("ip-adapter") if e.spec.variant == "pulid"]
     fitting = [e for e in files if fits(e, pipeline)]
     if not fitting:
@@ -418,5 +425,6 @@ def flux_pulid_file(store: ModelStore, pipeline) -> tuple[str, str | None]:
     label = catalog.friendly_name(chosen.name) or chosen.name
     if label == SDNEXT_FLUX_PULID:
         return chosen.name, None
-    return chosen.name, (f"script_name PuLID: SD.Next's FLUX PuLID loads pulid_flux_v0.9.0; imprompt has no such file "
-                         f"for {pipeline.name} and used {label} ({chosen.path.name})")  # fmt: skip
+    return chosen.name, (f"script_name PuLID: SD.Next's FLUX PuLID (nunchaku 0.3.1 and later) loads "
+                         f"pulid_flux_v0.9.1; imprompt has no such file for {pipeline.name} and used {label} "
+                         f"({chosen.path.name})")  # fmt: skip
