@@ -110,11 +110,111 @@ def test_facexlib_files_are_found_where_users_keep_them_and_missing_ones_named(t
         locate((DETECTOR,), *roots, "PuLID")  # the parser alone is there: a given embedding and crop would do
 
 
-def test_facexlib_is_found_without_importing_it():
-    """find_spec only: facexlib imports torchvision, which imprompt never loads."""
+def test_an_installed_facexlib_is_found_without_importing_it(tmp_path, monkeypatch):
+    """A facexlib package on sys.path (its __init__ raises if run): found by find_spec alone, its `weights/` folder
+    is where a file is looked for, and the package is never imported (facexlib imports torchvision)."""
+    import importlib
     import sys
 
-    from imprompt.ipadapter.facexlib_files import facexlib_package_weights
+    from imprompt.ipadapter.facexlib_files import DETECTOR, facexlib_package_weights, locate
 
-    facexlib_package_weights()
+    site = tmp_path / "site-packages"
+    (site / "facexlib").mkdir(parents=True)
+    (site / "facexlib" / "__init__.py").write_text("raise ImportError('facexlib was imported')\n")
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.delitem(sys.modules, "facexlib", raising=False)
+    importlib.invalidate_caches()
+    assert facexlib_package_weights() == site / "facexlib" / "weights"
+    write_tiny_bisenet(site / "facexlib" / "weights" / "parsing_bisenet.pth")
+    (site / "facexlib" / "weights" / DETECTOR).write_bytes(b"x")
+    found = locate((DETECTOR, "parsing_bisenet.pth"), [tmp_path / "models"], [], "PuLID")
+    assert found == {DETECTOR: site / "facexlib" / "weights" / DETECTOR,
+                     "parsing_bisenet.pth": site / "facexlib" / "weights" / "parsing_bisenet.pth"}  # fmt: skip
     assert "facexlib" not in sys.modules and "torchvision" not in sys.modules
+
+
+@pytest.fixture
+def no_caches(tmp_path, monkeypatch):
+    """No Hugging Face cache or home of this machine's: HOME, HF_HOME, HF_HUB_CACHE and XDG_CACHE_HOME in tmp_path."""
+    for variable in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME", "IMPROMPT_INSIGHTFACE_ROOT"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    return tmp_path
+
+
+def sdnext_tree(base, hf="huggingface"):
+    """An SD.Next install as its PuLID leaves it: `models/<hf>/facexlib/` (nunchaku's FLUX PuLID: facexlib in
+    HF_HUB_CACHE, which SD.Next sets to models/huggingface), `models/<hf>/insightface/models/antelopev2/` (its
+    antelopev2) and `models/<hf>/models--ToTheBeginning--PuLID/models/antelopev2/` (the SDXL PuLID's)."""
+    models = base / "sdnext" / "models"
+    write_tiny_bisenet(models / hf / "facexlib" / "parsing_bisenet.pth")
+    (models / hf / "facexlib" / "detection_Resnet50_Final.pth").write_bytes(b"x")
+    for pack in (models / hf / "insightface" / "models" / "antelopev2",
+                 models / hf / "models--ToTheBeginning--PuLID" / "models" / "antelopev2"):  # fmt: skip
+        pack.mkdir(parents=True)
+        (pack / "glintr100.onnx").write_bytes(b"x")
+    return models
+
+
+def test_sdnext_users_files_and_pack_are_found(no_caches):
+    """SD.Next's models folder given as imprompt's: facexlib's files in models/huggingface/facexlib and the antelopev2
+    pack in models/huggingface/insightface (FLUX PuLID), or only in models--ToTheBeginning--PuLID (SDXL PuLID), with
+    facexlib's files in SD.Next's venv (its SDXL PuLID lets facexlib download into its package folder)."""
+    import shutil
+
+    from imprompt.ipadapter.faces import FaceAnalyzer, insightface_roots
+    from imprompt.ipadapter.facexlib_files import DETECTOR, PARSER, locate
+
+    models = sdnext_tree(no_caches)
+    hf = models / "huggingface"
+    roots = insightface_roots([models])
+    assert FaceAnalyzer(roots).find_pack("antelopev2") == hf / "insightface" / "models" / "antelopev2"
+    assert locate((DETECTOR, PARSER), [models], roots, "PuLID") == {DETECTOR: hf / "facexlib" / DETECTOR,
+                                                                    PARSER: hf / "facexlib" / PARSER}  # fmt: skip
+    shutil.rmtree(hf / "insightface")  # the SDXL PuLID's pack alone
+    assert FaceAnalyzer(roots).find_pack("antelopev2") == hf / "models--ToTheBeginning--PuLID" / "models" / "antelopev2"
+    venv = models.parent / "venv" / "lib" / "python3.10" / "site-packages" / "facexlib" / "weights"
+    venv.mkdir(parents=True)
+    for name in (DETECTOR, PARSER):
+        (hf / "facexlib" / name).rename(venv / name)
+    assert locate((DETECTOR, PARSER), [models], roots, "PuLID") == {DETECTOR: venv / DETECTOR, PARSER: venv / PARSER}
+
+
+@pytest.mark.parametrize("where", ["HF_HUB_CACHE", "HF_HOME", "home"])
+def test_the_hub_caches_of_this_environment_are_looked_in(no_caches, monkeypatch, where):
+    """facexlib's files and the pack where nunchaku's and SD.Next's PuLID put them in the hub cache of this
+    environment: $HF_HUB_CACHE, $HF_HOME/hub, ~/.cache/huggingface/hub."""
+    from imprompt.ipadapter.faces import FaceAnalyzer, insightface_roots
+    from imprompt.ipadapter.facexlib_files import DETECTOR, PARSER, locate
+
+    hub = {"HF_HUB_CACHE": no_caches / "cache", "HF_HOME": no_caches / "hf" / "hub",
+           "home": no_caches / "home" / ".cache" / "huggingface" / "hub"}[where]  # fmt: skip
+    if where != "home":
+        monkeypatch.setenv(where, str(hub if where == "HF_HUB_CACHE" else hub.parent))
+    tree = sdnext_tree(no_caches)
+    (hub / "facexlib").mkdir(parents=True)
+    for name in (DETECTOR, PARSER):
+        (tree / "huggingface" / "facexlib" / name).rename(hub / "facexlib" / name)
+    pack = hub / "models--ToTheBeginning--PuLID" / "models" / "antelopev2"
+    pack.mkdir(parents=True)
+    (pack / "scrfd_10g_bnkps.onnx").write_bytes(b"x")
+    models = no_caches / "elsewhere"  # not SD.Next's models folder
+    roots = insightface_roots([models])
+    assert FaceAnalyzer(roots).find_pack("antelopev2") == pack
+    assert locate((DETECTOR, PARSER), [models], roots, "PuLID") == {DETECTOR: hub / "facexlib" / DETECTOR,
+                                                                    PARSER: hub / "facexlib" / PARSER}  # fmt: skip
+
+
+def test_a1111s_gfpgan_detector_is_found_and_the_error_names_sdnexts_folder(no_caches):
+    from imprompt.errors import MissingFaceAnalysisError
+    from imprompt.ipadapter.facexlib_files import DETECTOR, PARSER, locate
+
+    models = no_caches / "models"
+    (models / "GFPGAN").mkdir(parents=True)
+    (models / "GFPGAN" / DETECTOR).write_bytes(b"x")
+    assert locate((DETECTOR,), [models], [], "PuLID") == {DETECTOR: models / "GFPGAN" / DETECTOR}
+    with pytest.raises(MissingFaceAnalysisError) as raised:
+        locate((DETECTOR, PARSER), [models], [], "PuLID")
+    message = str(raised.value)
+    assert "needs parsing_bisenet.pth" in message and "needs detection" not in message
+    assert str(models / "huggingface" / "facexlib") in message and "SD.Next keeps them in models/huggingface" in message

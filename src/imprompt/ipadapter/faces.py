@@ -58,16 +58,39 @@ class Face:
         return Image.fromarray(self.crop[:, :, ::-1].copy())
 
 
+SDNEXT_HF_CACHE = "huggingface"  # SD.Next's Hugging Face cache (`hfcache_dir`): <models>/huggingface by default
+PULID_HF_FOLDER = "models--ToTheBeginning--PuLID"  # where SD.Next's SDXL PuLID unpacks antelopev2 in that cache
+
+
+def hub_caches(models_roots: list[Path]) -> list[Path]:
+    """The Hugging Face hub cache folders where PuLID's code put its face files, in order: SD.Next's
+    `<models>/huggingface` (it sets HF_HUB_CACHE there), then the hub cache of this environment (`$HF_HUB_CACHE`,
+    `$HF_HOME/hub`, `$XDG_CACHE_HOME/huggingface/hub`, `~/.cache/huggingface/hub`). Nothing is downloaded."""
+    caches = [Path(root) / SDNEXT_HF_CACHE for root in models_roots]
+    for variable in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(variable):
+            caches.append(Path(os.environ[variable]).expanduser())
+    if os.environ.get("HF_HOME"):
+        caches.append(Path(os.environ["HF_HOME"]).expanduser() / "hub")
+    if os.environ.get("XDG_CACHE_HOME"):
+        caches.append(Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "huggingface" / "hub")
+    caches.append(Path("~/.cache/huggingface/hub").expanduser())
+    return list(dict.fromkeys(caches))
+
+
 def insightface_roots(models_roots: list[Path], configured: str | os.PathLike | None = None) -> list[Path]:
     """Where a model pack is looked for, in order: the configured folder (`--insightface-root`,
-    `IMPROMPT_INSIGHTFACE_ROOT`), `insightface/` in a models folder (ComfyUI's `models/insightface`), and
-    InsightFace's own default `~/.insightface`. Each holds `models/buffalo_l/*.onnx`."""
+    `IMPROMPT_INSIGHTFACE_ROOT`), `insightface/` in a models folder (ComfyUI's `models/insightface`), the Hugging
+    Face caches' `insightface/` (nunchaku's FLUX PuLID, so SD.Next's: `<models>/huggingface/insightface`) and
+    `models--ToTheBeginning--PuLID/` (SD.Next's SDXL PuLID), and InsightFace's own default `~/.insightface`. Each
+    holds `models/<pack>/*.onnx`."""
     roots = []
     if configured or os.environ.get("IMPROMPT_INSIGHTFACE_ROOT"):
         roots.append(Path(configured or os.environ["IMPROMPT_INSIGHTFACE_ROOT"]).expanduser())
     roots += [root / "insightface" for root in models_roots]
+    roots += [cache / name for cache in hub_caches(models_roots) for name in ("insightface", PULID_HF_FOLDER)]
     roots.append(Path("~/.insightface").expanduser())
-    return roots
+    return list(dict.fromkeys(roots))
 
 
 class FaceAnalyzer:
