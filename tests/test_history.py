@@ -12,8 +12,10 @@ from conftest import locked, max_diff, shared_folder
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from test_sdnext_pulid import write_pulid_files
 
 from imprompt import Engine
+from imprompt.demo.tiny_dits import write_pulid_flux
 from imprompt.errors import ImpromptError
 from tools.loadtest import load, start_server
 from tools.soak import (
@@ -37,13 +39,17 @@ from tools.soak import (
 @pytest.fixture(scope="module")
 def roots(pack, tmp_path_factory) -> list[str]:
     """The pack plus an A1111-style folder: LoRAs, an embedding, a VAE, a FLUX Redux with its SigLIP, InstantID
-    with its IdentityNet and antelopev2 (with InsightFace), and bad files (a truncated adapter and LoRA, an
-    SDXL-width adapter), and a ComfyUI FLUX tree (a GGUF transformer alone, its parts, two FLUX LoRAs)."""
+    with its IdentityNet and antelopev2 and PuLID FLUX with its EVA tower and facexlib's files (with InsightFace),
+    and bad files (a truncated adapter and LoRA, an SDXL-width adapter, a PuLID file no EVA tower here fits), and a
+    ComfyUI FLUX tree (a GGUF transformer alone, its parts, two FLUX LoRAs)."""
     extra = shared_folder(tmp_path_factory, "extra")  # shared by the workers, so their references are too
     with locked(extra):
         if not (extra / "done").is_file():
             write_extra_files(extra, pack)
             write_comfy_flux_tree(extra / "ComfyUI")  # scanned with the rest of the folder
+            if (extra / "faces").is_dir():  # InsightFace is installed (`write_extra_files` wrote its faces)
+                write_pulid_files(extra)
+                write_pulid_flux(extra / "pulid" / f"{PULID_NO_EVA}.safetensors", 32, 2, eva_width=96, eva_projection=24)
             (extra / "done").write_text("")
     return [str(pack), str(extra)]
 
@@ -80,10 +86,42 @@ def comfy_failures(images: dict[str, str]) -> dict[str, dict]:
                                   "width": 64, "height": 64}}  # fmt: skip
 
 
+PULID_NO_EVA = "pulid_flux_no_eva"  # a PuLID FLUX file reading an EVA tower of widths no file here has
+
+
+def pulid_menu(extra: Path) -> dict[str, dict]:
+    """PuLID FLUX v0.9.x on the pack's tiny FLUX (where InsightFace is installed: `write_pulid_files` then writes
+    it, its EVA tower and facexlib's files): alone, and under true CFG (the negative pass reads the uncond ID
+    tokens) from step 1 beside an XLabs unit; empty without InsightFace."""
+    faces = sorted(str(p) for p in (Path(extra) / "faces").glob("face-*.png"))
+    if not faces or not (Path(extra) / "pulid").is_dir():
+        return {}
+    flux = {"model": "tiny-flux", "prompt": "a portrait", "cfg_scale": 3.5, "steps": 3, "width": 64, "height": 64}
+    return {
+        "pulid": {**flux, "seed": 51, "ip_adapters": [{"adapter": "PuLID FLUX v0.9.0", "images": [faces[0]], "scale": 0.9}]},
+        "pulid-true-cfg+xlabs": {**flux, "seed": 52, "negative_prompt": "blurry", "true_cfg_scale": 2.0,
+                                 "ip_adapters": [{"adapter": "PuLID FLUX v0.9.0", "images": [faces[1]], "scale": 0.8,
+                                                  "start_step": 1},
+                                                 {"adapter": "FLUX XLabs", "images": [faces[0]], "scale": 0.6}]},
+    }  # fmt: skip
+
+
+def pulid_failures(extra: Path) -> dict[str, dict]:
+    """PuLID refused before compute: its EVA tower missing (no EVA-CLIP of the file's widths), a mask given."""
+    faces = sorted(str(p) for p in (Path(extra) / "faces").glob("face-*.png"))
+    if not faces or not (Path(extra) / "pulid").is_dir():
+        return {}
+    flux = {"model": "tiny-flux", "prompt": "a portrait", "cfg_scale": 3.5, "steps": 3, "width": 64, "height": 64}
+    return {"pulid-no-eva": {**flux, "ip_adapters": [{"adapter": PULID_NO_EVA, "images": [faces[0]]}]},
+            "pulid-masked": {**flux, "ip_adapters": [{"adapter": "PuLID FLUX v0.9.0", "images": [faces[0]],
+                                                      "masks": [faces[1]]}]}}  # fmt: skip
+
+
 def every_valid(roots: list[str], images: dict[str, str]) -> dict[str, dict]:
-    """Every menu's valid requests: the families, adapters, LoRAs, ControlNets, FaceID, Redux and InstantID."""
+    """Every menu's valid requests: the families, adapters, LoRAs, ControlNets, FaceID, Redux, InstantID, PuLID."""
     return (sd15_menu(images) | sdxl_menu(images) | lora_menu(images) | faceid_menu(roots[1]) | transformer_menu(images)
-            | controlnet_menu(images) | comfy_menu(images) | redux_menu(images) | instantid_menu(roots[1], images))
+            | controlnet_menu(images) | comfy_menu(images) | redux_menu(images) | instantid_menu(roots[1], images)
+            | pulid_menu(roots[1]))
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +150,7 @@ def test_fresh_references_are_distinct(fresh):
 @given(data=st.data())
 def test_any_sequence_gives_fresh_process_pixels(roots, images, fresh, data):
     valid = every_valid(roots, images)
-    bad = failing_menu(images, roots[1]) | comfy_failures(images)
+    bad = failing_menu(images, roots[1]) | comfy_failures(images) | pulid_failures(roots[1])
     budget = data.draw(st.sampled_from([None, 1]), label="encoder cache budget (1 byte: evict on every switch)")
     sequence = data.draw(
         st.lists(st.sampled_from(sorted(valid) + sorted(bad)), min_size=2, max_size=7), label="requests"
@@ -240,26 +278,32 @@ def test_every_split_flux_request_after_every_other(roots, images, fresh):
             assert max_diff(result.images[0], fresh[name]) == 0, f"{name} (step {i}, budget {budget}) after {previous}"
 
 
-def test_every_redux_and_instantid_request_after_every_other(roots, images, fresh):
-    """FLUX Redux (beside an XLabs unit, with a FLUX LoRA) and InstantID (alone, with a pose image and a ControlNet
-    beside its IdentityNet) in every order with FaceID and plain SDXL requests and their failures (Redux on SD 3.5,
-    InstantID without a face), with caches of one byte (encoders, embeddings, ControlNets, LoRAs evicted whenever
-    another is needed): no Redux token, face, IdentityNet or LoRA lingers. (Redux alone and the rest of the menus
-    meet them in the property test above.)"""
+def test_every_redux_instantid_and_pulid_request_after_every_other(roots, images, fresh):
+    """FLUX Redux (beside an XLabs unit, with a FLUX LoRA), InstantID (alone, with a pose image and a ControlNet
+    beside its IdentityNet) and PuLID FLUX (alone, and under true CFG beside an XLabs unit) in every order with
+    FaceID and plain SDXL and FLUX requests and their failures (Redux on SD 3.5, InstantID without a face, PuLID
+    without its EVA tower), with caches of one byte (encoders, embeddings, ControlNets, LoRAs evicted whenever
+    another is needed): no Redux token, face, ID token, IdentityNet or LoRA lingers, and no hook stays on a model.
+    (Redux alone and the rest of the menus meet them in the property test above.)"""
     redux, faceid = redux_menu(images), faceid_menu(roots[1])
     valid = ({n: redux[n] for n in ("redux+xlabs", "redux+lora")} | instantid_menu(roots[1], images)
-             | {n: faceid[n] for n in ("faceid-image",) if faceid} | {"xl-none": sdxl_menu(images)["xl-none"]})
-    bad = failing_menu(images, roots[1])
-    failures = ("redux-on-sd35", "instantid-no-face")
+             | pulid_menu(roots[1]) | {n: faceid[n] for n in ("faceid-image",) if faceid}
+             | {"xl-none": sdxl_menu(images)["xl-none"], "flux-none": transformer_menu(images)["flux-none"]})
+    bad = failing_menu(images, roots[1]) | pulid_failures(roots[1])
+    failures = [name for name in ("redux-on-sd35", "instantid-no-face", "pulid-no-eva") if name in bad]
     sequence = every_ordered_pair(sorted(valid))
     engine = Engine(roots, cache_budget=1, embedding_cache_budget=1, controlnet_cache_budget=1, lora_cache_budget=1)
     for i, name in enumerate(sequence):
         if i % 4 == 3:
             with pytest.raises(ImpromptError):
-                engine.generate(bad[failures[i // 4 % 2]])
+                engine.generate(bad[failures[i // 4 % len(failures)]])
         result = engine.generate(valid[name])
         previous = sequence[i - 1] if i else "nothing"
         assert max_diff(result.images[0], fresh[name]) == 0, f"{name} (step {i}) after {previous}"
+    for resident in engine.state.pipelines.all():
+        model = getattr(resident.pipeline, "transformer", None) or resident.pipeline.unet
+        hooked = [n for n, m in model.named_modules() if m._forward_hooks or m._forward_pre_hooks]
+        assert hooked == [], f"{resident.pipeline.__class__.__name__}: hooks left on {hooked[:5]}"
 
 
 def test_failures_name_their_cause(roots, images):
@@ -290,6 +334,13 @@ def test_failures_name_their_cause(roots, images):
     assert "FLUX Redux" in messages["redux-on-sd35"] and "SD 3.5" in messages["redux-on-sd35"]
     if instantid_menu(roots[1], images):
         assert "no face found" in messages["instantid-no-face"] and "antelopev2" in messages["instantid-no-face"]
+    for name, req in pulid_failures(roots[1]).items():
+        with pytest.raises(ImpromptError) as caught:
+            engine.generate(req)
+        messages[name] = str(caught.value)
+    if pulid_failures(roots[1]):
+        assert PULID_NO_EVA in messages["pulid-no-eva"] and "EVA02-CLIP-L-14-336" in messages["pulid-no-eva"]
+        assert "masks" in messages["pulid-masked"] and "PuLID" in messages["pulid-masked"]
 
 
 def test_soak_48_requests(roots, images, tmp_path_factory):

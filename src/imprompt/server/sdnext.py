@@ -325,8 +325,8 @@ def pulid_script_request(payload: Txt2ImgPayload, model: str | None, store: Mode
         return to_request(payload, model, store, settings)
     data = payload.model_dump()
     data["ip_adapter"] = [unit.model_dump(exclude_none=True) for unit in payload.ip_adapter]
-    chosen = (payload.override_settings or {}).get("sd_model_checkpoint") or model or (settings or {}).get(
-        "sd_model_checkpoint")
+    overrides, settings = payload.override_settings or {}, settings or {}
+    chosen = overrides.get("sd_model_checkpoint") or model or settings.get("sd_model_checkpoint")  # as to_request
     data, warnings = with_pulid_script(data, chosen, store)
     converted = to_request(type(payload).model_validate(data), model, store, settings)
     converted.warnings[:0] = warnings
