@@ -213,6 +213,34 @@ def test_bad_instantid_requests_are_refused_before_anything_runs(pack, instantid
         generate(missing, instantid(face_image(5)))
 
 
+def test_a_missing_pack_or_insightface_is_refused_before_anything_loads(pack, instantid_root, tmp_path, monkeypatch):
+    """The plan checks what the face needs before the model, the adapter or the IdentityNet load: the antelopev2 pack
+    (for the image, or a pose_image beside given face_embeddings) and InsightFace itself, refused with the words the
+    loader would use; given face_embeddings with no pose_image need neither."""
+    import sys
+
+    missing = Engine([pack, instantid_root], insightface_root=tmp_path / "empty")
+    missing.state.faces.roots = [tmp_path / "empty"]
+    embedding = [[0.5] * 512]
+    cases = [(instantid(face_image(5)), r"^ip_adapters\.0: InstantID from images needs InsightFace's antelopev2 model "
+                                        r"pack, found in none of: .*empty.*Unzip antelopev2\.zip"),
+             ({"adapter": "InstantID", "face_embeddings": embedding, "pose_image": face_image(5)},
+              r"^ip_adapters\.0\.pose_image: InstantID from images needs InsightFace's antelopev2 model pack")]  # fmt: skip
+    for unit, message in cases:
+        with pytest.raises(MissingFaceAnalysisError, match=message):
+            generate(missing, unit)
+        info = missing.cache_info()
+        assert info["pipelines"]["entries"] == [] and not info["adapters"]["entries"], info
+    monkeypatch.setitem(sys.modules, "insightface", None)  # not installed
+    fresh = Engine([pack, instantid_root])
+    with pytest.raises(MissingFaceAnalysisError, match=r"^ip_adapters\.0: InstantID from images needs InsightFace, "
+                                                       r"which is not installed \(No module named 'insightface'\)"):
+        generate(fresh, instantid(face_image(5)))
+    assert fresh.cache_info()["pipelines"]["entries"] == []
+    ok = generate(missing, {"adapter": "InstantID", "face_embeddings": [[20.0 / 512**0.5] * 512], "controlnet_scale": 0})
+    assert ok.images[0] is not None  # no image read: neither the pack nor InsightFace needed
+
+
 def test_models_listing_names_the_face_pack_and_identitynet(engine):
     from imprompt.plan import describe_store
 

@@ -559,6 +559,34 @@ def test_missing_facexlib_files_are_refused_in_the_plan(pack, files, tmp_path):
     assert engine.generate(request()).images
 
 
+def test_a_missing_pack_or_insightface_is_refused_before_anything_loads(pack, files, tmp_path, monkeypatch):
+    """From an image, PuLID reads antelopev2's embedding: the plan checks the pack and InsightFace itself before the
+    FLUX pipeline, the PuLID file or EVA load, refused as the loader would say it; a given embedding and crop need
+    neither."""
+    import sys
+
+    from tools.insightface_pack import face_image
+
+    from imprompt import Engine
+    from imprompt.errors import MissingFaceAnalysisError
+
+    root = files[0]
+    engine = Engine([pack, root], insightface_root=tmp_path / "empty")
+    with pytest.raises(MissingFaceAnalysisError, match=r"^ip_adapters\.0: PuLID from images needs InsightFace's "
+                                                       r"antelopev2 model pack, found in none of: .*empty.*Unzip"):
+        engine.generate(request({"adapter": "PuLID", "images": [face_image(4)]}))
+    info = engine.cache_info()
+    assert info["pipelines"]["entries"] == [] and not info["adapters"]["entries"], info
+    assert not info["encoders"]["entries"], info["encoders"]  # neither EVA nor facexlib's models
+    monkeypatch.setitem(sys.modules, "insightface", None)  # not installed
+    with pytest.raises(MissingFaceAnalysisError, match=r"^ip_adapters\.0: PuLID from images needs InsightFace, which "
+                                                       r"is not installed \(No module named 'insightface'\)"):
+        engine.generate(request({"adapter": "PuLID", "images": [face_image(4)]}))
+    assert engine.cache_info()["pipelines"]["entries"] == []
+    embedding, crop = face_inputs()
+    assert engine.generate(request(unit(embedding, crop))).images  # neither the pack nor InsightFace needed
+
+
 # ------------------------------------------------------------------------------------------------ real shapes
 
 

@@ -23,7 +23,7 @@ from ..util.images import image_digest, noise_image
 from . import Conditioning, Description, Preparation
 from .faceid import plan_face_unit
 from .instantid import IdentityNetUnit, InstantIDInputs, InstantIDUnitPlan, find_adapter, identity_units, is_instantid
-from .instantid import plan_instantid_unit
+from .instantid import check_face_pack, plan_instantid_unit
 from .ip_adapter import UnitInputs, UnitPlan, plan_image_unit, unit_weights
 from .pulid import PuLIDInputs, PuLIDPrompts, PuLIDUnitPlan, check_alone, check_face_files, is_pulid, plan_pulid_unit
 from .redux import ReduxPrompts, ReduxUnitPlan, is_redux, plan_redux_unit
@@ -145,6 +145,7 @@ def plan(request: GenerateRequest, model: Entry, state, inputs: list[UnitInputs]
                          [inputs[u.index] for u in planned if isinstance(u, ReduxUnitPlan)])  # fmt: skip
     check_alone(units, tuple(u for u in planned if isinstance(u, PuLIDUnitPlan)))
     check_face_files(tuple(u for u in planned if isinstance(u, PuLIDUnitPlan)), state)  # facexlib's, before any load
+    check_face_pack(tuple(u for u in planned if isinstance(u, InstantIDUnitPlan)), state)  # its pack, likewise
     pulid = PuLIDPrompts(tuple(u for u in planned if isinstance(u, PuLIDUnitPlan)),
                          [inputs[u.index] for u in planned if isinstance(u, PuLIDUnitPlan)])  # fmt: skip
     return ImagePrompts(units, [inputs[u.index] for u in units], request.cfg_scale, request.true_cfg_scale > 1.0,

@@ -305,6 +305,16 @@ def plan_instantid_unit(index: int, unit: IPAdapterUnit, adapter: Entry, store: 
     return InstantIDUnitPlan(index, unit, adapter, None, why, weights, None, identitynet)
 
 
+def check_face_pack(units, state) -> None:
+    """The plan's check, before anything loads: an InstantID unit that reads an image (its face, or a pose_image's
+    keypoints) has InsightFace installed and the antelopev2 pack found, else refused as loading them would be."""
+    for u in units:
+        if u.unit.face_embeddings is None:
+            state.faces.check(FACE_PACK, "InstantID", f"ip_adapters.{u.index}")
+        elif u.unit.pose_image is not None:
+            state.faces.check(FACE_PACK, "InstantID", f"ip_adapters.{u.index}.pose_image")
+
+
 def identity_units(units) -> tuple[IdentityNetUnit, ...]:
     """The IdentityNets the request's InstantID units bring to its ControlNets."""
     return tuple(IdentityNetUnit(u.index, u.identitynet, u.controlnet_scale, u.link)

@@ -325,13 +325,16 @@ def face_files_needed(u: PuLIDUnitPlan) -> tuple[str, ...]:
 
 
 def check_face_files(units, state) -> None:
-    """The plan's check: every PuLID unit's facexlib files are where users keep them (the models folders'
-    `facexlib/`, the InsightFace roots, facexlib's own folder), else refused naming each file, its URL and folder."""
+    """The plan's check, before the model or the PuLID file loads: every PuLID unit's facexlib files are where users
+    keep them (`facexlib_files.facexlib_folders`), else refused naming each file, its URL and folder; and a unit
+    from an image has InsightFace installed and the antelopev2 pack found, else refused as loading them would be."""
     from ..ipadapter.facexlib_files import locate
 
     for u in units:
         locate(face_files_needed(u), state.store.roots, state.faces.roots, f"ip_adapters.{u.index}: PuLID {u.label}",
                models_root(state.store, u.adapter))  # fmt: skip
+        if u.unit.face_embeddings is None:
+            state.faces.check(FACE_PACK, "PuLID", f"ip_adapters.{u.index}")
 
 
 def models_root(store: ModelStore, entry: Entry) -> Path | None:

@@ -31,7 +31,8 @@ MODEL_PACK = "buffalo_l"  # the pack every FaceID tool uses: SCRFD detector + Ar
 ANTELOPE_PACK = "antelopev2"  # InstantID's and PuLID's: SCRFD-10G detector + ArcFace (glintr100, ResNet-100)
 PACK_FILES = {MODEL_PACK: "det_10g.onnx, w600k_r50.onnx, ...",
               ANTELOPE_PACK: "scrfd_10g_bnkps.onnx, glintr100.onnx, ..."}  # fmt: skip
-PACK_USERS = {MODEL_PACK: "FaceID", ANTELOPE_PACK: "InstantID"}
+PACK_USERS = {MODEL_PACK: "FaceID", ANTELOPE_PACK: "InstantID or PuLID"}
+INSIGHTFACE_MODULES = ("insightface", "onnxruntime")  # what `from insightface.app import FaceAnalysis` needs
 DETECTION_SIZE = (640, 640)  # as h94's examples, diffusers' docs and SD.Next prepare it
 CROP_SIZE = 224  # the aligned crop the Plus family's CLIP encoder reads
 
@@ -161,6 +162,23 @@ class FaceAnalyzer:
                     return folder
         return None
 
+    def check(self, pack: str, needed_by: str, where: str) -> None:
+        """The plan's check, before anything loads: InsightFace is installed (found without importing it) and
+        `pack` is where it is looked for; else the `MissingFaceAnalysisError` loading it would raise, `where` first."""
+        if pack in self.apps:
+            return
+        import importlib.util
+
+        for module in INSIGHTFACE_MODULES:
+            try:
+                found = importlib.util.find_spec(module) is not None
+            except (ImportError, ValueError):
+                found = False
+            if not found:
+                raise not_installed(f"No module named '{module}'", needed_by, where)
+        if self.find_pack(pack) is None:
+            raise pack_missing(pack, self.roots, needed_by, where)
+
     def _app(self, events: list, pack: str = MODEL_PACK):
         if pack in self.apps:
             return self.apps[pack]
@@ -168,19 +186,10 @@ class FaceAnalyzer:
         try:
             from insightface.app import FaceAnalysis
         except ImportError as exc:
-            raise MissingFaceAnalysisError(
-                f"{needed_by} from images needs InsightFace, which is not installed ({exc}). Install it with "
-                f"`pip install 'imprompt[faceid]'`, or give the face embeddings themselves (face_embeddings)"
-            ) from None
+            raise not_installed(str(exc), needed_by) from None
         folder = self.find_pack(pack)
         if folder is None:
-            searched = ", ".join(str(root / "models" / pack) for root in self.roots)
-            raise MissingFaceAnalysisError(
-                f"{needed_by} from images needs InsightFace's {pack} model pack, found in none of: {searched}. "
-                f"Unzip {pack}.zip ({PACK_FILES.get(pack, '*.onnx')}; InsightFace's release, or `FaceAnalysis(name="
-                f"'{pack}')` downloads it to ~/.insightface/models) into one of them, or set --insightface-root / "
-                f"IMPROMPT_INSIGHTFACE_ROOT"
-            )
+            raise pack_missing(pack, self.roots, needed_by)
         started = time.perf_counter()
         # onnxruntime's providers as installed (CUDA with onnxruntime-gpu), as SD.Next and the upstream examples use
         # the pack's absolute path as its name: InsightFace 0.7 joins it to root, 2.x takes a folder as it is
@@ -199,3 +208,23 @@ class FaceAnalyzer:
 
     def clear(self) -> int:
         return self.faces.clear()
+
+
+def not_installed(problem: str, needed_by: str, where: str | None = None) -> MissingFaceAnalysisError:
+    """InsightFace (or what it imports) is not installed: the error, said the same in the plan and at load."""
+    return MissingFaceAnalysisError(
+        f"{where + ': ' if where else ''}{needed_by} from images needs InsightFace, which is not installed "
+        f"({problem}). Install it with `pip install 'imprompt[faceid]'`, or give the face embeddings themselves "
+        f"(face_embeddings)"
+    )
+
+
+def pack_missing(pack: str, roots: list[Path], needed_by: str, where: str | None = None) -> MissingFaceAnalysisError:
+    """`pack` is in none of `roots`: the error, said the same in the plan and at load."""
+    searched = ", ".join(str(root / "models" / pack) for root in roots)
+    return MissingFaceAnalysisError(
+        f"{where + ': ' if where else ''}{needed_by} from images needs InsightFace's {pack} model pack, found in none "
+        f"of: {searched}. Unzip {pack}.zip ({PACK_FILES.get(pack, '*.onnx')}; InsightFace's release, or "
+        f"`FaceAnalysis(name='{pack}')` downloads it to ~/.insightface/models) into one of them, or set "
+        f"--insightface-root / IMPROMPT_INSIGHTFACE_ROOT"
+    )
