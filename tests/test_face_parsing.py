@@ -73,10 +73,16 @@ def test_files_that_are_not_the_parser_are_refused_naming_them(tmp_path):
         assert torch.equal(build_bisenet(loadable)(x), build_bisenet(sd)(x))
     missing = {k: v for k, v in sd.items() if k != "ffm.conv2.weight"}
     wrong = {**sd, "conv_out.conv_out.weight": sd["conv_out.conv_out.weight"][:11]}
-    for bad, problem in ((missing, "ffm.conv2.weight"), (wrong, "11 classes"), ({"x": x}, "not facexlib's BiSeNet")):
+    extra = {**sd, "conv_out.conv_out.bias": torch.zeros(19)}
+    no_stat = {k: v for k, v in sd.items() if k != "cp.arm16.bn_atten.running_var"}
+    for bad, problem in ((missing, "ffm.conv2.weight"), (wrong, "11 classes"), ({"x": x}, "not facexlib's BiSeNet"),
+                         (extra, "unexpected conv_out.conv_out.bias"),
+                         (no_stat, "missing cp.arm16.bn_atten.running_var")):  # fmt: skip
         with pytest.raises(CheckpointError, match=problem) as raised:
             build_bisenet(bad, tmp_path / "parser.pth")
         assert "parser.pth" in str(raised.value)
+        assert ("Download parsing_bisenet.pth again from facexlib's release v0.2.0 "
+                "(https://github.com/xinntao/facexlib/releases/download/v0.2.0/parsing_bisenet.pth)") in str(raised.value)
 
 
 def test_facexlib_files_are_found_where_users_keep_them_and_missing_ones_named(tmp_path, monkeypatch):

@@ -529,6 +529,27 @@ def test_a_face_image_follows_pulids_whole_preprocessing_by_hand(pack, files, tm
     assert max_diff(engine.generate(request()).images[0], Engine([pack, root]).generate(request()).images[0]) == 0
 
 
+def test_landmarks_that_fit_no_alignment_are_a_typed_error(pack, files, tmp_path, monkeypatch):
+    """RetinaFace's five landmarks all on one point fit no similarity (facexlib crashes there): a NoFaceError naming
+    the image and what to give instead, where it was an untyped ValueError (an HTTP 500)."""
+    pytest.importorskip("insightface", reason="InsightFace is the optional `faceid` extra")
+    import numpy as np
+    from tools.insightface_pack import face_image, write_insightface_pack
+
+    from imprompt import Engine
+    from imprompt.errors import NoFaceError
+    from imprompt.ipadapter import retinaface
+
+    write_insightface_pack(tmp_path / "insightface", "antelopev2")
+    one_point = (np.full((5, 2), 30.0, np.float32), {"box": [10.0, 10.0, 50.0, 50.0], "score": 0.99, "faces_found": 1})
+    monkeypatch.setattr(retinaface, "center_face_landmarks", lambda model, rgb: one_point)
+    engine = Engine([pack, files[0], tmp_path])
+    with pytest.raises(NoFaceError, match=r"^ip_adapters\.0\.images\.0: RetinaFace's five landmarks .*\(box \[10\.0, 10\.0, "
+                                          r"50\.0, 50\.0\], score 0\.990\) fit no alignment; .*aligned_face"):
+        engine.generate(request({"adapter": "PuLID", "images": [face_image(4)]}))
+    assert 400 <= NoFaceError.http_status < 500  # a client's error, not "internal error"
+
+
 def test_missing_facexlib_files_are_refused_in_the_plan(pack, files, tmp_path):
     """Without facexlib's files, a PuLID request is refused before anything loads, naming each missing file, its
     release URL and the folder to put it in; a given embedding and crop need the parser alone; the next request

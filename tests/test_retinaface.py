@@ -114,3 +114,47 @@ def test_a_file_without_batch_counts_loads_whole(tmp_path, image):
     model = build_retinaface(old)
     assert not any(t.is_meta for t in model.state_dict().values())
     np.testing.assert_array_equal(detect_faces(model, image, 0.6), detect_faces(build_retinaface(sd), image, 0.6))
+
+
+def torchvision_nms(dets: np.ndarray, threshold: float) -> list[int]:
+    """torchvision's CPU kernel (`nms_kernel_impl`), its rule written here: float32 boxes and IoU, the IoU compared
+    with the double threshold (C++ promotes the float), the higher score first (a stable order on ties)."""
+    order = sorted(range(len(dets)), key=lambda i: -float(dets[i, 4]))
+    areas = [np.float32((d[2] - d[0]) * (d[3] - d[1])) for d in dets]
+    suppressed, keep = set(), []
+    for at, i in enumerate(order):
+        if i in suppressed:
+            continue
+        keep.append(i)
+        for j in order[at + 1:]:
+            w = max(np.float32(0), min(dets[i, 2], dets[j, 2]) - max(dets[i, 0], dets[j, 0]))
+            h = max(np.float32(0), min(dets[i, 3], dets[j, 3]) - max(dets[i, 1], dets[j, 1]))
+            inter = np.float32(w * h)
+            if float(inter / (areas[i] + areas[j] - inter)) > threshold:  # a C++ float > double
+                suppressed.add(j)
+    return keep
+
+
+def test_nms_at_an_iou_equal_to_the_threshold_is_torchvisions():
+    """(0, 0, 10, 10) and (0, 0, 10, 4): IoU 40 / 100, float32(0.4) = 0.4000000059604645 > 0.4 in double, so the
+    second box goes, as in torchvision; a box of IoU 0.39 stays."""
+    from imprompt.ipadapter.retinaface import nms
+
+    tie = np.array([[0, 0, 10, 10, 0.99], [0, 0, 10, 4, 0.98]], np.float32)
+    assert np.float32(40) / np.float32(100) == np.float32(0.4)
+    assert nms(tie, 0.4) == torchvision_nms(tie, 0.4) == [0]
+    below = np.array([[0, 0, 10, 10, 0.99], [0, 0, 10, 3.9, 0.98], [20, 20, 30, 30, 0.97]], np.float32)
+    assert nms(below, 0.4) == torchvision_nms(below, 0.4) == [0, 1, 2]
+
+
+def test_a_detector_file_with_a_tensor_too_many_or_too_few_names_it_and_the_release():
+    from imprompt.demo.tiny_faces import tiny_retinaface
+
+    extra = {**tiny_retinaface(0), "module.body.fc.weight": torch.zeros(3)}
+    short = {k: v for k, v in tiny_retinaface(0).items() if k != "module.ssh2.conv5X5_2.1.running_var"}
+    for sd, named in ((extra, "unexpected body.fc.weight"), (short, "missing ssh2.conv5X5_2.1.running_var")):
+        with pytest.raises(CheckpointError) as raised:
+            build_retinaface(sd, "det.pth")
+        message = str(raised.value)
+        assert message.startswith("det.pth: cannot build this RetinaFace ResNet-50 detector: ") and named in message
+        assert "facexlib's release v0.1.0 (https://github.com/xinntao/facexlib/releases/download/v0.1.0/" in message

@@ -169,6 +169,10 @@ class PuLIDUnitPlan(UnitPlan):
                               f"facexlib's RetinaFace ({path}), which aligns the face PuLID reads; give a photo where "
                               f"one face is clearly visible, or face_embeddings with the aligned_face")  # fmt: skip
         crop = aligned_face(rgb, kps)
+        if crop is None:  # imprompt beyond facexlib, which crashes here: a typed error naming the image
+            raise NoFaceError(f"{where}.images.0: RetinaFace's five landmarks of the face nearest the centre (box "
+                              f"{[round(v, 1) for v in box['box']]}, score {box['score']:.3f}) fit no alignment; give "
+                              f"a photo where one face is clearly visible, or face_embeddings with the aligned_face")  # fmt: skip
         shown = {"score": round(box["score"], 4), "box": [round(v, 1) for v in box["box"]],
                  "faces_found": box["faces_found"],
                  "crop": image_to_base64(Image.fromarray(crop).resize((112, 112))),  # the page shows the aligned crop

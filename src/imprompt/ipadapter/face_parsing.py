@@ -24,6 +24,7 @@ from torch.nn import functional as F
 
 from ..errors import CheckpointError
 from ..loading.tensors import filled
+from .facexlib_files import download_fix
 
 CLASSES = 19  # facexlib's BiSeNet(num_class=19): CelebAMask-HQ's labels
 BACKGROUND_LABELS = (0, 16, 18, 7, 8, 9, 14, 15)  # PuLID's bg_label: background, cloth, hat, ears, earring, neck, necklace
@@ -31,7 +32,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the parser's input normalisation in PuL
 IMAGENET_STD = (0.229, 0.224, 0.225)
 GRAY = (0.299, 0.587, 0.114)  # PuLID's to_gray, on the RGB crop
 PROBE_KEY = "cp.arm16.conv_atten.weight"
-FIX = "Download parsing_bisenet.pth again (facexlib's release)"
+FIX = download_fix("parsing_bisenet.pth")
 
 
 class ConvBN(nn.Module):

@@ -422,14 +422,15 @@ BORDER_RGB = (132, 133, 135)  # facexlib's border (135, 133, 132), given in BGR
 def aligned_face(rgb, kps):
     """The face warped onto the FFHQ template at 512 px (a similarity fitted by least median of squares, linear
     interpolation, a constant border), as facexlib's `align_warp_face` does, on the five landmarks of the face
-    RetinaFace finds nearest the image's centre (`retinaface.center_face_landmarks`), as PuLID aligns it."""
+    RetinaFace finds nearest the image's centre (`retinaface.center_face_landmarks`), as PuLID aligns it; None where
+    the landmarks fit no similarity (all on one point: facexlib would crash there; the caller says which image)."""
     import cv2
     import numpy as np
 
     matrix, _ = cv2.estimateAffinePartial2D(np.asarray(kps, np.float32), np.asarray(FFHQ_TEMPLATE, np.float32),
                                             method=cv2.LMEDS)  # fmt: skip
-    if matrix is None:
-        raise ValueError("the five landmarks fit no similarity transform")
+    if matrix is None or not np.isfinite(matrix).all():
+        return None
     return cv2.warpAffine(np.ascontiguousarray(rgb), matrix, (FACE_SIZE, FACE_SIZE), borderMode=cv2.BORDER_CONSTANT,
                           borderValue=BORDER_RGB)  # fmt: skip
 

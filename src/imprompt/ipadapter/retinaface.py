@@ -13,8 +13,8 @@ The rules, written here in plain torch and numpy:
   default every caller here keeps, so no resize);
 - two square priors per cell (16/32, 64/128, 256/512 pixels at strides 8, 16, 32), decoded with variances 0.1/0.2,
   not clipped; scores are the face class's softmax; those above the threshold are sorted by score and thinned by NMS
-  (torchvision's rule, which facexlib calls: a box goes when its IoU with a kept, higher one is above the threshold,
-  areas without facexlib's older "+1").
+  (torchvision's rule, which facexlib calls: a box goes when its float32 IoU with a kept, higher one is above the
+  float64 threshold, areas without facexlib's older "+1").
 Widths come from the tensors; the block counts from the keys; the strides are the architecture's.
 Beyond diffusers: diffusers has no face detector; PuLID's preprocessing needs one.
 """
@@ -30,6 +30,7 @@ from torch.nn import functional as F
 
 from ..errors import CheckpointError, ImageError
 from ..loading.tensors import filled
+from .facexlib_files import download_fix
 
 FILE_NAME = "detection_Resnet50_Final.pth"
 MEANS_BGR = (104.0, 117.0, 123.0)  # subtracted from the BGR pixels (0..255)
@@ -38,7 +39,7 @@ STEPS = (8, 16, 32)  # the levels' strides (ResNet-50's layer2, layer3, layer4)
 VARIANCES = (0.1, 0.2)
 LAYER_STRIDES = (1, 2, 2, 2)  # of ResNet's layer1..4 (torchvision's v1.5: the stride on the 3x3 conv)
 HELPER_THRESHOLD = 0.97  # the score FaceRestoreHelper.get_face_landmarks_5 asks detect_faces for
-FIX = f"Download {FILE_NAME} again (facexlib's release v0.1.0)"
+FIX = download_fix(FILE_NAME)
 
 
 def conv_bn(weight: torch.Tensor, stride: int = 1, slope: float | None = None) -> nn.Sequential:
@@ -236,7 +237,8 @@ def decode_landmarks(pre: torch.Tensor, priors: torch.Tensor) -> torch.Tensor:
 
 def nms(dets: np.ndarray, threshold: float) -> list[int]:
     """The rows of `dets` ([N, 5]: x1, y1, x2, y2, score) that survive torchvision's NMS, best first: the best left
-    is kept and every box whose IoU with it is above `threshold` goes (areas without +1; ties keep their order)."""
+    is kept and every box whose IoU with it is above `threshold` goes (areas without +1; the IoU in float32,
+    compared with the threshold in float64: 40/100 in float32 is above 0.4; equal scores keep their order)."""
     x1, y1, x2, y2, scores = (dets[:, i].astype(np.float32) for i in range(5))
     areas = (x2 - x1) * (y2 - y1)
     order = np.argsort(-scores, kind="stable")
@@ -249,7 +251,10 @@ def nms(dets: np.ndarray, threshold: float) -> list[int]:
         inter = w * h
         with np.errstate(divide="ignore", invalid="ignore"):
             iou = inter / (areas[i] + areas[rest] - inter)
-        order = rest[~(iou > threshold)]  # a NaN IoU (two empty boxes) suppresses nothing, as in torchvision
+        # torchvision's kernel compares the float IoU with the double threshold (the IoU promoted): so in float64
+        # here, where NumPy 2 would cast the threshold to float32 (and keep a box whose float32 IoU rounds to it);
+        # a NaN IoU (two empty boxes) suppresses nothing, as in torchvision
+        order = rest[~(iou.astype(np.float64) > float(threshold))]
     return keep
 
 

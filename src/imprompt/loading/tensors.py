@@ -300,12 +300,32 @@ def file_size(path: Path) -> int:
 
 def filled(module, tensors: dict, path, what: str, fix: str):
     """`module` (built on the meta device) with `tensors` assigned, each named and none left out: a file whose
-    tensors do not fit it is a `CheckpointError` naming `what` it should have been and the fix."""
+    tensors do not fit it is a `CheckpointError` naming `what` it should have been, the tensors missing, unexpected
+    or of another shape (the first few of each), and the fix."""
+    if problems := tensor_mismatch(module.state_dict(), tensors):
+        raise CheckpointError(path, f"cannot build this {what}: {problems}", fix)
     try:
         module.load_state_dict(tensors, strict=True, assign=True)
     except RuntimeError as exc:
         raise CheckpointError(path, f"cannot build this {what} ({first_line(exc)})", fix) from None
     return module
+
+
+def tensor_mismatch(expected: dict, tensors: dict, shown: int = 3) -> str:
+    """What keeps `tensors` from loading strictly where `expected` (a state dict) is wanted, in words: the tensors
+    missing, the ones unexpected, the ones of another shape (at most `shown` of each named), or "" when none."""
+
+    def listed(names: list[str]) -> str:
+        more = f" and {len(names) - shown} more" if len(names) > shown else ""
+        return ", ".join(names[:shown]) + more
+
+    missing = [k for k in expected if k not in tensors]
+    unexpected = [k for k in tensors if k not in expected]
+    resized = [f"{k} {list(tensors[k].shape)} (expected {list(expected[k].shape)})" for k in expected
+               if k in tensors and tuple(tensors[k].shape) != tuple(expected[k].shape)]  # fmt: skip
+    parts = [f"{label} {listed(names)}" for label, names in (("missing", missing), ("unexpected", unexpected),
+                                                             ("of another shape:", resized)) if names]  # fmt: skip
+    return "; ".join(parts)
 
 
 def first_line(exc: BaseException) -> str:
