@@ -764,6 +764,48 @@ def test_pulid_sdxl_equals_diffusers_sdxl_with_hand_written_processors(pack, fil
                                 cfg_scale=7.0))  # fmt: skip
 
 
+def test_pulid_sdxl_makes_its_id_tokens_in_float32_under_a_bfloat16_unet(pack, files, tmp_path, monkeypatch):
+    """PuLID's pipeline_v1_1.py runs EVA, the IDFormer and id_to_k / id_to_v in float32 beside its float16 UNet and
+    casts the ID keys and values to the query's dtype in the attention: under a bfloat16 UNet the tokens are float32
+    and equal to the float64 reference, id_to_k / id_to_v read and give float32, and what enters the attention is
+    bfloat16."""
+    from diffusers import StableDiffusionXLPipeline
+
+    import imprompt.ipadapter.pulid as pulid
+    from imprompt import Engine
+    from imprompt.demo.tiny_dits import write_pulid_sdxl
+
+    root, eva_sd, _ = files
+    sdxl = StableDiffusionXLPipeline.from_pretrained(pack / "diffusers" / "tiny-sdxl")
+    modules = dict(sdxl.unet.named_modules())
+    widths = [modules[n.removesuffix(".processor")].to_k.out_features for n in list(sdxl.unet.attn_processors)[1::2]]
+    sd = write_pulid_sdxl(tmp_path / "pulid_v1.1.safetensors", widths)
+    embedding, crop = face_inputs()
+    cond, uncond = ref_tokens(eva_sd, {k.replace("id_adapter.", "pulid_encoder."): v for k, v in sd.items()},
+                              embedding, crop)  # fmt: skip
+    seen, processor = {}, pulid.IDAttnProcessor.__call__
+
+    def spy(self, attn, hidden_states, *args, **kwargs):
+        if "cond" not in seen:
+            seen.update(cond=self.run.cond, uncond=self.run.uncond, weight=self.layer.id_to_k.weight.dtype,
+                        query=attn.to_q.weight.dtype)  # fmt: skip
+            handle = self.layer.id_to_k.register_forward_hook(
+                lambda m, args, out: seen.update(k_in=args[0].dtype, k_out=out.dtype))  # fmt: skip
+            try:
+                return processor(self, attn, hidden_states, *args, **kwargs)
+            finally:
+                handle.remove()
+        return processor(self, attn, hidden_states, *args, **kwargs)
+
+    monkeypatch.setattr(pulid.IDAttnProcessor, "__call__", spy)
+    engine = Engine([pack, root, tmp_path], dtype="bfloat16")
+    got = engine.generate(request(unit(embedding, crop, adapter="PuLID SDXL v1.1"), model="tiny-sdxl", cfg_scale=7.0))
+    assert got.info["dtype"] == "bfloat16" and got.info["ip_adapters"][0]["face"]["id_dtype"] == "float32"
+    assert seen["cond"].dtype == seen["uncond"].dtype == torch.float32
+    assert (seen["cond"] - cond).abs().max() < 1e-4 and (seen["uncond"] - uncond).abs().max() < 1e-4
+    assert (seen["weight"], seen["k_in"], seen["k_out"], seen["query"]) == (torch.float32,) * 3 + (torch.bfloat16,)
+
+
 @pytest.mark.parametrize("mode", ["off", "v1", "v2"])
 def test_id_attention_processor_equals_the_reference_where_the_projection_matters(mode):
     """One cross-attention, fp64, ID projections equal to the text ones and ID tokens equal to the text's first

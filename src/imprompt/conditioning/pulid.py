@@ -26,7 +26,9 @@ SDXL v1.1 (`pulid_v1.1.safetensors`, PuLID's `pipeline_v1_1.py` and `IDAttnProce
 by every cross-attention through the file's `id_to_k` / `id_to_v` beside the text (`num_zero` zero tokens appended:
 SD.Next's Zero, default 20; `ortho` "off" / "v1" / "v2": SD.Next's Ortho, default v2), the negative row reading the
 uncond tokens; `scale` is PuLID's `id_scale` (SD.Next's Strength). It takes the UNet's cross-attention processors
-for the call, so it runs without IP-Adapter units beside it.
+for the call, so it runs without IP-Adapter units beside it. Its EVA tower, IDFormer and ID projections run in
+float32 whatever the UNet's dtype, as PuLID's v1.1 code runs them (SD.Next's runs EVA in float16); the ID keys and
+values are cast to the UNet's dtype in the attention (`id_dtype`). FLUX's run in the transformer's dtype, as PuLID's.
 """
 
 from __future__ import annotations
@@ -394,6 +396,17 @@ def kept(state, key, value, nbytes: int, label: str, events: list, stale=()) -> 
             resident.attached.forget([e.key for e in [*stale, *evicted]])
 
 
+def id_dtype(u: PuLIDUnitPlan, loaded, state):
+    """The dtype a unit's EVA tower, PuLID module and ID tokens run in, as the authors' code runs them. SDXL v1.1:
+    float32 (`pipeline_v1_1.py` moves EVA, the IDFormer and the ID processors' id_to_k / id_to_v to the device with
+    no dtype, and its IDAttnProcessor2_0 casts their keys and values to the UNet's dtype, as `IDAttnProcessor` does
+    here). FLUX: the transformer's (`pipeline_flux.py` runs EVA, the IDFormer and the CAs in its weight_dtype,
+    bfloat16, its DiT's dtype; imprompt's FLUX is bfloat16 on CUDA, float32 on the CPU)."""
+    import torch
+
+    return torch.float32 if u.adapter.spec.variant == "pulid-sdxl" else (loaded.dtype or state.dtype)
+
+
 def id_tokens(module, eva, parser, face_vector, crop):
     """The ID tokens and uncond tokens of one face: EVA on PuLID's face features image of the aligned crop (BiSeNet's
     non-face white, the rest gray), the IDFormer on its outputs."""
@@ -429,8 +442,8 @@ class PuLIDPrompts:
         if len(self.units) > 1:
             raise UnsupportedError(f"ip_adapters: {len(self.units)} PuLID units; PuLID's FLUX code runs one. Use one")
         self.tokens, self.modules, self.faces = [], [], []
-        dtype = loaded.dtype or state.dtype
         for u, inputs in zip(self.units, self.inputs):
+            dtype = id_dtype(u, loaded, state)
             module = built(state, u.adapter, u.adapter.spec.variant, dtype, u.label, events)
             face_vector, crop, found = u.face(state, inputs, events)
             parsing = face_file(state, u, PARSER)
@@ -454,7 +467,8 @@ class PuLIDPrompts:
             self.tokens.append(tokens)
             self.modules.append(module)
             self.faces.append({"found_by": found["found_by"], "id_tokens": made, "faces": found.get("faces", []),
-                               "fallback": found.get("fallback", False)})  # fmt: skip
+                               "fallback": found.get("fallback", False),
+                               "id_dtype": str(dtype).removeprefix("torch.")})  # fmt: skip
 
     def apply(self, call) -> None:
         """Hooks on the transformer for this call (removed after it, however it ends), switched per step."""
