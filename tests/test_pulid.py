@@ -5,8 +5,9 @@ code (ToTheBeginning/PuLID: `eva_clip/eva_vit_model.py` + `rope.py` for the towe
 for the IDFormer and PerceiverAttentionCA, `flux/model.py` + `flux/sampling.py` for where and when the CAs act),
 as plain functions over the files' tensors, independent of imprompt's modules: the FLUX reference is diffusers'
 own FluxPipeline with each PuLID block's forward wrapped by hand. The face's preprocessing follows PuLID's
-`get_id_embedding` by hand: facexlib's BiSeNet parsing (`facexlib_reference.ref_face_features`) whitens the non-face
-and grays the rest before EVA. Tiny models in the real key layouts (`demo/tiny_dits.py`): an EVA02-CLIP checkpoint
+`get_id_embedding` by hand: facexlib's RetinaFace (`facexlib_reference.ref_detect`, not imprompt's detector) finds the
+centre face, facexlib's BiSeNet parsing (`facexlib_reference.ref_face_features`) whitens the non-face and grays the
+rest before EVA, whose resize antialiases as torchvision >= 0.17 does (not PuLID's 0.15.2 pin: see `ref_tokens`). Tiny models in the real key layouts (`demo/tiny_dits.py`): an EVA02-CLIP checkpoint
 pickled whole, a PuLID FLUX file; facexlib's two files (`demo/tiny_faces.py`) in `models/facexlib/`, where ComfyUI's
 PuLID nodes keep them.
 """
@@ -20,7 +21,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from facexlib_reference import ref_face_features
+from facexlib_reference import ref_center_face, ref_detect, ref_face_features
 
 from imprompt.demo.tiny_dits import build_flux_pipeline, write_eva_clip, write_pulid_flux
 from imprompt.demo.tiny_faces import tiny_bisenet, write_facexlib_files, write_tiny_bisenet
@@ -223,7 +224,11 @@ def face_inputs():
 def ref_tokens(eva_sd, sd, embedding, crop, parser_sd=None):
     """PuLID's get_id_embedding after the face is aligned: BiSeNet parses the crop, its non-face white and the rest
     gray (0.299 R + 0.587 G + 0.114 B), bicubic to the tower's size, OpenAI mean/std; cat(raw embedding, normed
-    cls); the IDFormer, and the IDFormer on zeros."""
+    cls); the IDFormer, and the IDFormer on zeros. The bicubic resize antialiases: that is torchvision's tensor
+    `resize` from 0.17 on (PuLID's requirements_fp8.txt pins 0.19.1; nunchaku, SD.Next and ComfyUI run such
+    versions), and imprompt's documented choice (`ipadapter/pulid.eva_pixels`). PuLID's requirements.txt pins
+    torchvision 0.15.2, whose tensor resize does not antialias: against that pin this reference, like imprompt,
+    deviates (`test_eva_resize_antialiases_as_torchvision_0_17_not_0_15`), so it is not PuLID's code there."""
     import numpy as np
 
     gray = ref_face_features(tiny_bisenet(0) if parser_sd is None else parser_sd, np.asarray(crop))
@@ -235,6 +240,21 @@ def ref_tokens(eva_sd, sd, embedding, crop, parser_sd=None):
     vector = torch.cat([embedding.double(), cls / cls.norm(dim=-1, keepdim=True)], dim=-1)
     zeros = ref_idformer(sd, torch.zeros_like(vector), [torch.zeros_like(h) for h in hidden])
     return ref_idformer(sd, vector, hidden).float(), zeros.float()
+
+
+def test_eva_resize_antialiases_as_torchvision_0_17_not_0_15():
+    """The one resize choice, made on purpose: EVA reads the 512 face features image antialiased to 336 (torchvision
+    >= 0.17's tensor resize, which PuLID's requirements_fp8.txt, nunchaku, SD.Next and ComfyUI run), which differs
+    from torchvision 0.15.2's plain bicubic (PuLID's requirements.txt pin) on a detailed image."""
+    from imprompt.ipadapter.eva_clip import OPENAI_MEAN, OPENAI_STD
+    from imprompt.ipadapter.pulid import eva_pixels
+
+    image = torch.rand(1, 3, 512, 512, generator=torch.Generator().manual_seed(2))
+    mean, std = torch.tensor(OPENAI_MEAN).view(1, 3, 1, 1), torch.tensor(OPENAI_STD).view(1, 3, 1, 1)
+    got = eva_pixels(image, 336, OPENAI_MEAN, OPENAI_STD)
+    smoothed = (F.interpolate(image, size=(336, 336), mode="bicubic", antialias=True) - mean) / std
+    plain = (F.interpolate(image, size=(336, 336), mode="bicubic", antialias=False) - mean) / std
+    assert (got - smoothed).abs().max() < 1e-6 and (got - plain).abs().max() > 0.5
 
 
 def reference(root, sd, cond, uncond, weight, first_step, **call):
@@ -430,20 +450,16 @@ def test_imprompt_models_prints_its_eva_tower_and_face_pack(files, pack, capsys)
 
 
 def centre_crop_by_hand(detector_sd, rgb):
-    """facexlib's FaceRestoreHelper as PuLID calls it: RetinaFace on the BGR image at 0.97, the face whose box
-    centre is nearest the image centre, its five landmarks warped onto the FFHQ 512 template (cv2's LMEDS
-    similarity, border (135, 133, 132) BGR); the crop back in RGB. RetinaFace's own rows come from
-    `retinaface.detect_faces` (checked against facexlib's rules in test_retinaface.py)."""
+    """facexlib's FaceRestoreHelper as PuLID calls it: RetinaFace on the BGR image at 0.97 (`facexlib_reference.
+    ref_detect`, float64, independent of imprompt's detector; its rows float32 as facexlib's detect_faces returns
+    them), the face whose box centre is nearest the image centre (`ref_center_face`), its five landmarks warped onto
+    the FFHQ 512 template (cv2's LMEDS similarity, border (135, 133, 132) BGR); the crop back in RGB."""
     import cv2
     import numpy as np
 
-    from imprompt.ipadapter.retinaface import build_retinaface, detect_faces
-
     bgr = np.ascontiguousarray(rgb[:, :, ::-1])
-    rows = detect_faces(build_retinaface(detector_sd), bgr, 0.97)
-    h, w = rgb.shape[:2]
-    centre = min(range(len(rows)), key=lambda i: np.hypot((rows[i, 0] + rows[i, 2]) / 2 - w / 2,
-                                                            (rows[i, 1] + rows[i, 3]) / 2 - h / 2))  # fmt: skip
+    rows = ref_detect(detector_sd, bgr, 0.97, 0.4)[0].astype(np.float32)
+    centre = ref_center_face(rows, *rgb.shape[:2])
     template = np.array([[192.98138, 239.94708], [318.90277, 240.1936], [256.63416, 314.01935],
                          [201.26117, 371.41043], [313.08905, 371.15118]])  # fmt: skip
     kps = rows[centre, 5:15].reshape(5, 2)
@@ -452,11 +468,12 @@ def centre_crop_by_hand(detector_sd, rgb):
     return cv2.cvtColor(warped, cv2.COLOR_BGR2RGB), len(rows)
 
 
-def test_a_face_image_follows_pulids_whole_preprocessing_by_hand(pack, files, tmp_path_factory):
+def test_a_face_image_follows_pulids_whole_preprocessing_by_hand(pack, files, tmp_path_factory, caplog):
     """From an image, PuLID's get_id_embedding by hand: antelopev2 (BGR, largest face, raw embedding); facexlib's
-    RetinaFace centre face aligned onto the FFHQ template; BiSeNet's parsing (non-face white, the rest gray); EVA;
-    the IDFormer; diffusers' FLUX with the CAs by hand. Where antelopev2 finds no face, its glintr100 embeds the
-    aligned crop (PuLID's fallback); where RetinaFace finds none, a NoFaceError (PuLID: 'facexlib align face fail')."""
+    RetinaFace centre face (the float64 reference detector) aligned onto the FFHQ template; BiSeNet's parsing
+    (non-face white, the rest gray); EVA; the IDFormer; diffusers' FLUX with the CAs by hand. Where antelopev2 finds
+    no face, its glintr100 embeds the aligned crop (PuLID's fallback, logged); where RetinaFace finds none, a
+    NoFaceError (PuLID: 'facexlib align face fail'). RetinaFace's detection and its cache hit are events."""
     pytest.importorskip("insightface", reason="InsightFace is the optional `faceid` extra")
     import base64
     import io
@@ -491,14 +508,21 @@ def test_a_face_image_follows_pulids_whole_preprocessing_by_hand(pack, files, tm
     got = engine.generate(request({"adapter": "PuLID", "images": [image]}))
     assert max_diff(got.images[0], reference(root, sd, cond, uncond, 1.0, 0)) <= 1
     info = got.info["ip_adapters"][0]
-    assert info["face"]["found_by"].startswith("InsightFace antelopev2") and "RetinaFace" in info["face"]["found_by"]
+    assert info["face"]["found_by"] == "InsightFace antelopev2 (detected); facexlib RetinaFace (detected) aligned the face"
     shown = info["faces"][0]  # the aligned crop, for the web page
     assert shown["faces_found"] == detected and Image.open(io.BytesIO(base64.b64decode(shown["crop"]))).size == (112, 112)
+    assert shown["retinaface"] == "detected"
     loaded = [e["encoder"] for e in got.info["events"] if e["event"] == "encoder_loaded"]
     assert sorted(loaded) == ["EVA02_CLIP_L_336_psz14_s6B", "detection_Resnet50_Final.pth", "parsing_bisenet.pth"]
+    detections = [e for e in got.info["events"] if e["event"] == "face_detected"]
+    assert [(e["detector"], e["faces"], e["for"]) for e in detections] == [("RetinaFace", detected, "PuLID FLUX v0.9.1")]
     again = engine.generate(request({"adapter": "PuLID", "images": [image]}))
     # a repeated image runs neither RetinaFace (its result kept), the parser nor EVA (the ID tokens kept)
-    assert not [e for e in again.info["events"] if e["event"].startswith("encoder_")]
+    assert not [e for e in again.info["events"] if e["event"].startswith("encoder_") or e["event"] == "face_detected"]
+    assert [e["detector"] for e in again.info["events"] if e["event"] == "face_reused"] == ["RetinaFace"]
+    assert again.info["ip_adapters"][0]["face"]["found_by"] == ("InsightFace antelopev2 (cache); facexlib RetinaFace "
+                                                                "(cache) aligned the face")  # fmt: skip
+    assert again.info["ip_adapters"][0]["faces"][0]["retinaface"] == "cache"
     assert again.info["ip_adapters"][0]["face"]["id_tokens"] == "cache"
     assert max_diff(again.images[0], got.images[0]) == 0
 
@@ -512,9 +536,12 @@ def test_a_face_image_follows_pulids_whole_preprocessing_by_hand(pack, files, tm
     glint.prepare(ctx_id=0)
     embedding = torch.from_numpy(glint.get_feat(cv2.cvtColor(crop, cv2.COLOR_RGB2BGR)))
     cond, uncond = ref_tokens(eva_sd, sd, embedding, crop)
-    fallback = engine.generate(request({"adapter": "PuLID", "images": [lonely]}))
+    with caplog.at_level("INFO", logger="imprompt"):
+        fallback = engine.generate(request({"adapter": "PuLID", "images": [lonely]}))
     assert max_diff(fallback.images[0], reference(root, sd, cond, uncond, 1.0, 0)) <= 1
     assert fallback.info["ip_adapters"][0]["face"]["fallback"] and "recognition model" in fallback.info["warnings"][0]
+    assert any("found no face" in r.getMessage() and "PuLID's fallback" in r.getMessage() for r in caplog.records)
+    assert any(r.getMessage().startswith("RetinaFace (detection_Resnet50_Final.pth) found") for r in caplog.records)
 
     # RetinaFace finds no face: refused, naming the image and the detector
     blind = tmp_path_factory.mktemp("pulid-blind")

@@ -161,10 +161,21 @@ class PuLIDUnitPlan(UnitPlan):
             found, origin = None, None
         path = face_file(state, self, DETECTOR)
         key = ("retinaface-centre", str(path), fingerprint_of(path), image_digest(image))
-        centre = state.faces.faces.get(key)  # the engine's face cache (its budget) keeps each image's result
+        centre, aligned_by = state.faces.faces.get(key), "cache"  # the engine's face cache keeps each image's result
         if centre is None:
-            centre = center_face_landmarks(facexlib_model(state, path, events, self.label), rgb) or (None, None)
+            model = facexlib_model(state, path, events, self.label)
+            started = time.perf_counter()
+            centre, aligned_by = center_face_landmarks(model, rgb) or (None, None), "detected"
+            seconds = time.perf_counter() - started
             state.faces.faces.put(key, centre, 256, label=f"RetinaFace {key[-1][:12]}")
+            faces = centre[1]["faces_found"] if centre[1] else 0
+            log.info("RetinaFace (%s) found %d face(s) in %s's image (%dx%d) in %.2f s", path.name, faces, where,
+                     image.width, image.height, seconds)  # fmt: skip
+            events.append({"event": "face_detected", "detector": "RetinaFace", "file": str(path), "for": self.label,
+                           "faces": faces, "seconds": round(seconds, 4)})  # fmt: skip
+        else:
+            log.info("RetinaFace's result for %s's image %s from the face cache", where, key[-1][:12])
+            events.append({"event": "face_reused", "detector": "RetinaFace", "file": str(path), "for": self.label})
         kps, box = centre
         if kps is None:  # PuLID raises 'facexlib align face fail'
             raise NoFaceError(f"{where}.images.0: no face found in the image ({image.width}x{image.height}) by "
@@ -176,17 +187,19 @@ class PuLIDUnitPlan(UnitPlan):
                               f"{[round(v, 1) for v in box['box']]}, score {box['score']:.3f}) fit no alignment; give "
                               f"a photo where one face is clearly visible, or face_embeddings with the aligned_face")  # fmt: skip
         shown = {"score": round(box["score"], 4), "box": [round(v, 1) for v in box["box"]],
-                 "faces_found": box["faces_found"],
+                 "faces_found": box["faces_found"], "retinaface": aligned_by,
                  "crop": image_to_base64(Image.fromarray(crop).resize((112, 112))),  # the page shows the aligned crop
                  "embedding_face": None if found is None else {"score": round(found.score, 4), "box": list(found.box),
                                                                 "faces_found": found.faces_found}}  # fmt: skip
         if found is None:  # PuLID: "fail to detect face using insightface, extract embedding on align face"
             recognizer = state.faces.recognizer(events, ANTELOPE_PACK)
             embedding = np.asarray(recognizer.get_feat(cv2.cvtColor(crop, cv2.COLOR_RGB2BGR)), np.float32).reshape(1, -1)
-            found_by = (f"facexlib RetinaFace aligned the face; InsightFace {ANTELOPE_PACK} found none in the image, so "
-                        f"its recognition model embedded the aligned crop (PuLID's fallback)")  # fmt: skip
+            log.info("PuLID %s: InsightFace %s found no face in %s's image; its recognition model embeds the face "
+                     "RetinaFace aligned (PuLID's fallback)", self.label, ANTELOPE_PACK, where)  # fmt: skip
+            found_by = (f"facexlib RetinaFace ({aligned_by}) aligned the face; InsightFace {ANTELOPE_PACK} found none in "
+                        f"the image, so its recognition model embedded the aligned crop (PuLID's fallback)")  # fmt: skip
             return torch.from_numpy(embedding), crop, {"found_by": found_by, "faces": [shown], "fallback": True}
-        found_by = f"InsightFace {ANTELOPE_PACK} ({origin}); facexlib RetinaFace aligned the face"
+        found_by = f"InsightFace {ANTELOPE_PACK} ({origin}); facexlib RetinaFace ({aligned_by}) aligned the face"
         return torch.from_numpy(found.embedding[None].copy()), crop, {"found_by": found_by, "faces": [shown]}
 
     def active(self, step: int, total: int) -> bool:
