@@ -11,8 +11,8 @@ What it reads, as PuLID's `get_id_embedding` does (ToTheBeginning/PuLID, `pulid/
   OpenAI's mean and std, through EVA02-CLIP-L-14-336 (`ipadapter/eva_clip.py`): its L2-normed cls output and the
   inputs of its blocks 4, 8, 12, 16, 20;
 - the IDFormer makes 32 ID tokens of that, and 32 "uncond" tokens of zeros (`ipadapter/pulid.py`).
-facexlib's two files are looked for where users keep them (`ipadapter/facexlib_files.py`) in the plan, before
-anything loads. A client may instead give the embedding (`face_embeddings`, one of 512 floats) and the aligned
+facexlib's two files are looked for where users keep them (`ipadapter/facexlib_files.py`), and for a face image
+InsightFace and its antelopev2 pack, in the plan, before anything loads. A client may instead give the embedding (`face_embeddings`, one of 512 floats) and the aligned
 crop (`aligned_face`), which are used as given (the crop still parsed, so only the parser's file is needed).
 
 Parameters: `scale` is PuLID's `id_weight` (ComfyUI's ApplyPulidFlux `weight`; SD.Next's Strength); `start_step`
