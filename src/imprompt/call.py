@@ -67,6 +67,9 @@ class PipelineCall:
         # (a ControlNet then reads those rows too); None: the pipeline's own batch
         self.conditioned_unet = None
         self.prompt_tokens: list = []  # tokens appended to the prompt's T5 tokens (FLUX Redux), read by the prompt
+        # where the image prompts attach their units: the model's attachment; in a batch, a recorder of the request's
+        # own that attaches through it (`ipadapter.attach.RequestUnits`, read by `batching.py`)
+        self.adapters = loaded.attached
         self._undo: list[Callable[[], None]] = []
 
     def after(self, undo: Callable[[], None]) -> None:

@@ -229,7 +229,7 @@ class ImagePrompts(Conditioning):
         FaceID Plus reads, the LoRAs FaceID adapters embed, and a per-step hook for the units' windows."""
         from ..ipadapter.attach import ip_adapter_masks
 
-        attached = call.loaded.attached
+        attached = call.adapters  # the model's attachment (in a batch: the request's recorder over it)
         if attached.attach(self.built, self.keys):
             log.info("model %s adapters now: %s", call.loaded.name, " + ".join(u.label for u in self.units) or "none")
             call.events.append({"event": "adapters_attached", "adapters": [u.label for u in self.units]})
@@ -256,6 +256,15 @@ class ImagePrompts(Conditioning):
             self.redux.apply(call)
         if self.pulid is not None:
             self.pulid.apply(call)
+
+    def batch_part(self) -> tuple | None:
+        """Plain IP-Adapter units batch (each request its own: they are slots of the batch's processors, scaled per
+        row); FaceID, InstantID, PuLID and Redux units run alone (not batched yet)."""
+        if any(type(u) is not UnitPlan for u in self.units):
+            return None
+        if (self.redux is not None and self.redux.units) or (self.pulid is not None and self.pulid.units):
+            return None
+        return ()
 
     def describe(self, call) -> Description:
         units = [u.describe(self.faces, e, steps) for u, e, steps in zip(self.units, self.embeddings, self.active_steps)]

@@ -11,6 +11,7 @@ a few `set_processor` calls. diffusers' processors then do the attention, masks 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 
 import torch
 from diffusers.models.attention_processor import Attention, IPAdapterAttnProcessor2_0
@@ -86,6 +87,12 @@ class AttachedAdapters(KeptShells):
         if keys in self._shells:
             self._shells.move_to_end(keys)
             return self._shells[keys]
+        self._shells[keys] = self._new_shells(adapters)
+        while len(self._shells) > SHELL_SETS:
+            self._shells.popitem(last=False)
+        return self._shells[keys]
+
+    def _new_shells(self, adapters: list[BuiltAdapter]) -> tuple[list, MultiIPAdapterImageProjection]:
         tokens = [a.spec.tokens for a in adapters]
         processors = []
         for j, module in enumerate(self.cross_attention):
@@ -98,10 +105,39 @@ class AttachedAdapters(KeptShells):
             processors.append(processor)
         projections = [FaceCropProjection(a.image_projection) if a.spec.clip_width else a.image_projection
                        for a in adapters]  # fmt: skip
-        self._shells[keys] = (processors, MultiIPAdapterImageProjection(projections))
-        while len(self._shells) > SHELL_SETS:
-            self._shells.popitem(last=False)
-        return self._shells[keys]
+        return processors, MultiIPAdapterImageProjection(projections)
+
+    def shells(self, adapters: list[BuiltAdapter], keys: tuple) -> tuple[list, MultiIPAdapterImageProjection]:
+        """The shells of a set, for `swapped`: the kept ones (their order among the kept left as it is), or new ones
+        that are not kept (a batch runs a request alone without changing what the next request finds)."""
+        return self._shells[keys] if keys in self._shells else self._new_shells(adapters)
+
+    def per_row_shells(self, adapters: list[BuiltAdapter], scales: RowScales):
+        """Shells for a batch's slots (every unit of every request in it, in order), each slot scaled per batch row
+        by `scales`; made for the batch and not kept."""
+        processors, projection = self._new_shells(adapters)
+        for j, processor in enumerate(processors):
+            processor.scale = [scales.at(slot, j) for slot in range(len(adapters))]
+        return processors, projection
+
+    def swapped(self, processors: list | None, projection) -> Callable[[], None]:
+        """Put these processors (None: the plain ones) and projection on the UNet for one call, leaving what is
+        attached and kept as it is; returns the undo that puts back what was on it."""
+        unet = self.unet
+        before = ([m.processor for m in self.cross_attention], unet.encoder_hid_proj,
+                  unet.config.encoder_hid_dim_type, self._processors)  # fmt: skip
+        for module, processor in zip(self.cross_attention, processors or self.plain_processors):
+            module.set_processor(processor)
+        unet.encoder_hid_proj = projection
+        unet.config.encoder_hid_dim_type = "ip_image_proj" if processors else None
+        self._processors = processors or []
+
+        def undo() -> None:
+            for module, processor in zip(self.cross_attention, before[0]):
+                module.set_processor(processor)
+            unet.encoder_hid_proj, unet.config.encoder_hid_dim_type, self._processors = before[1:]
+
+        return undo
 
     def build(self, spec, state_dict: dict) -> BuiltAdapter:
         """An adapter file's modules for this UNet's layout (the UNet is not modified)."""
@@ -133,6 +169,94 @@ class AttachedAdapters(KeptShells):
         """Unit u's scale at cross-attention layer j: scales[u] * layer_weights[u][j] (InstantStyle weights)."""
         for j, processor in enumerate(self._processors):
             processor.scale = [scale * weights[j] for scale, weights in zip(scales, layer_weights)]
+
+
+class RequestUnits:
+    """One request's units in a batch (`batching.py`): its image prompts attach through this as they would alone,
+    so the model's attached set and kept shells follow the same history as alone; it records what they attached and
+    each step's scales, which the batch's `RowScales` reads while the request runs merged with others (`merged`).
+    Run alone, its scales go to the attachment as usual."""
+
+    def __init__(self, attached: AttachedAdapters):
+        self.attached = attached
+        self.built: list[BuiltAdapter] = []
+        self.keys: tuple = ()
+        self.scales: list[float] = []  # per unit, now: its scale, or 0 outside its window
+        self.weights: list[tuple[float, ...]] = []  # per unit, one per cross-attention layer
+        self.merged = False
+
+    def attach(self, adapters: list[BuiltAdapter], keys: tuple) -> bool:
+        self.built, self.keys = list(adapters), keys
+        return self.attached.attach(adapters, keys)
+
+    def pipeline_kwargs(self, embeddings: list, masks: list, cfg_scale: float) -> dict:
+        return self.attached.pipeline_kwargs(embeddings, masks, cfg_scale)
+
+    def set_face_crops(self, crops: list[tuple]) -> None:
+        self.attached.set_face_crops(crops)
+
+    def set_scales(self, scales: list[float], layer_weights: list[tuple[float, ...]]) -> None:
+        self.scales, self.weights = list(scales), list(layer_weights)
+        if not self.merged:
+            self.attached.set_scales(scales, layer_weights)
+
+
+class RowScales:
+    """imprompt beyond diffusers: an IP-Adapter scale per batch row, so that several requests, each with its own
+    units, share one UNet call. Each unit of the batch is a slot of one processor set; at each layer a slot's scale
+    is its unit's scale times its layer weight in its own request's rows and 0 in the other rows. diffusers'
+    IPAdapterAttnProcessor2_0 does the arithmetic, reading each slot's scale as a `RowScale`."""
+
+    def __init__(self, slot_owner: list[int], row_owner: list[int], cfg: bool):
+        """`slot_owner`: the request of each slot; `row_owner`: the request of each batch row."""
+        self.slot_owner, self.row_owner, self.cfg = slot_owner, row_owner, cfg
+        self.values: torch.Tensor | None = None  # [slots, layers, rows, 1, 1] float32; under CFG the rows twice
+        self.zero: list[list[bool]] = []  # (diffusers' negative rows, then positive); a slot is 0 at a layer in all
+        self._on: dict = {}  # the values on each device the UNet computes on (moved once a step)
+
+    def update(self, scales: list[float], weights: list[tuple[float, ...]]) -> None:
+        """Each slot's scale now and its per-layer weights. The products are taken in double precision, as alone
+        (Python floats), and rounded to float32 as a number multiplying a float32 tensor is."""
+        product = torch.tensor(scales, dtype=torch.float64)[:, None] * torch.tensor(weights, dtype=torch.float64)
+        owned = torch.tensor(self.slot_owner)[:, None] == torch.tensor(self.row_owner)[None, :]
+        values = (product[:, :, None] * owned[:, None, :].to(torch.float64)).to(torch.float32)
+        if self.cfg:
+            values = torch.cat([values, values], dim=2)
+        self.values, self._on = values[..., None, None], {}
+        self.zero = (product == 0).tolist()
+
+    def on(self, device: torch.device) -> torch.Tensor:
+        if device not in self._on:
+            self._on[device] = self.values.to(device)
+        return self._on[device]
+
+    def at(self, slot: int, layer: int) -> RowScale:
+        return RowScale(self, slot, layer)
+
+
+class RowScale:
+    """A slot's scale at one layer, as diffusers' IPAdapterAttnProcessor2_0 uses a scale: `scale == 0` (the unit is
+    skipped: here when it is 0 in every row) and `scale * tensor` (each row times its own scale, in float32 and
+    rounded to the tensor's dtype, as a Python number multiplies a tensor), so a row's arithmetic is alone's."""
+
+    __slots__ = ("table", "slot", "layer")
+
+    def __init__(self, table: RowScales, slot: int, layer: int):
+        self.table, self.slot, self.layer = table, slot, layer
+
+    def __eq__(self, other):
+        if isinstance(other, (int, float)) and not isinstance(other, bool) and other == 0:
+            return self.table.zero[self.slot][self.layer]
+        return NotImplemented
+
+    __hash__ = None
+
+    def __mul__(self, tensor):
+        if not isinstance(tensor, torch.Tensor):
+            return NotImplemented
+        return (self.table.on(tensor.device)[self.slot, self.layer] * tensor).to(tensor.dtype)
+
+    __rmul__ = __mul__
 
 
 def ip_adapter_masks(masks: list | None, width: int, height: int):
