@@ -58,5 +58,10 @@ class Conditioning:
     def apply(self, call) -> None:
         raise NotImplementedError
 
+    def batch_part(self) -> tuple | None:
+        """What every request of a batch must share for this kind (its part of `batching.batch_key`), or None when
+        the kind, as planned, cannot run merged with other requests (the default: kinds say when they can)."""
+        return None
+
     def describe(self, call) -> Description:
         raise NotImplementedError

@@ -253,6 +253,10 @@ class ControlNets(Conditioning):
             call.after(patch.install())
             call.schedule.add(patch.at_step)
 
+    def batch_part(self) -> tuple | None:
+        """Requests without ControlNets batch; ControlNets run alone (not batched yet)."""
+        return () if not self.units and not self.fed else None
+
     def describe(self, call) -> Description:
         units, infotext = [], {}
         for n, (u, shown) in enumerate(zip(self.units, self.titles)):

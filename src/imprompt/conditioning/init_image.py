@@ -46,6 +46,10 @@ class InitImage(Conditioning):
         call.kwargs.update(image=self.image.resize((call.width, call.height), Image.Resampling.LANCZOS),
                            strength=self.strength)  # fmt: skip
 
+    def batch_part(self) -> tuple | None:
+        """Text to image batches; image to image runs alone (not batched yet)."""
+        return () if self.image is None else None
+
     def describe(self, call) -> Description:
         return Description(info={"mode": "img2img" if self.image is not None else "txt2img",
                                  "denoising_strength": self.strength},

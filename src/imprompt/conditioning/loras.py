@@ -125,6 +125,10 @@ class LoraSet(Conditioning):
                 uses.append(use)
         self.warnings = call.loaded.loras.activate(uses, call.events)
 
+    def batch_part(self) -> tuple | None:
+        """A batch shares one LoRA set: the same files at the same weights, in the same order."""
+        return tuple((lora.entry.key(), lora.weight) for lora in self.loras)
+
     def describe(self, call) -> Description:
         loras = [{"name": lora.entry.name, "weight": lora.weight, "source": lora.source, "file": str(lora.entry.path),
                   "hash": digest} for lora, digest in zip(self.loras, self.hashes)]  # fmt: skip

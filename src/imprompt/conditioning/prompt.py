@@ -233,6 +233,12 @@ class A1111Prompt(Conditioning):
         self.parts = [(schedule(text, steps), weight) for text, weight in self.part_texts]
         self.negative = schedule(self.negative_text, steps)
 
+    def batch_part(self) -> tuple | None:
+        """A prompt that is one part at weight 1, the same text throughout (the pipeline's prompt embeddings) can
+        share a batch, each request with its own texts; schedules and AND parts run alone (not batched yet)."""
+        (entries, weight), *others = self.parts
+        return () if not others and weight == 1.0 and len(entries) == 1 and len(self.negative) == 1 else None
+
     def at_call(self, step: int, total: int, index: int) -> None:
         self.call_index = step
 

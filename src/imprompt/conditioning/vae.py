@@ -74,6 +74,10 @@ class Vae(Conditioning):
         call.after(call.loaded.restore_components)
         self.tiled = vae.use_tiling = needs_tiling(vae, call.width, call.height, self.budget)  # set by every request
 
+    def batch_part(self) -> tuple | None:
+        """A batch decodes with one VAE: the model's own, or the same file."""
+        return (self.entry.key() if self.entry is not None else None,)
+
     def describe(self, call) -> Description:
         info = None
         if self.entry is not None:
