@@ -41,6 +41,7 @@ ORDER = (
     "conditioning/prompt.py",
     "conditioning/controlnet.py",
     "call.py",
+    "batching.py",
     "result.py",
     "errors.py",
     "models/",

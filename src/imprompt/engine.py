@@ -6,6 +6,9 @@
             -> apply each to one pipeline call (keyword arguments, attached modules, per-step schedules)
             -> run the call (one image at a time) -> the result (info and infotexts from the descriptions)
 
+Several requests (`generate_batch`) take the same steps, each its own, and those that share a call (`batching.py`)
+run as one call with a row for each of their images; the others run alone, as above.
+
 The kinds of conditioning (`conditioning/`) and the model families are the plan's and their own modules'; the flow
 knows neither. Output depends on the request alone: every step either rebuilds its state from the request
 (scheduler, scales, attached set, LoRA set, VAE, generator) or takes it from a cache keyed by what determines it
@@ -15,14 +18,19 @@ request can see. The engine's state between requests (caches, budgets, resident 
 
 from __future__ import annotations
 
+import logging
 import secrets
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from .batching import Row, Stop, batch_key, merge_groups, merge_signature, plan_key, run_alone, run_merged
 from .call import PipelineCall
-from .conditioning import Preparation
+from .conditioning import Description, Preparation
 from .conditioning.image_prompts import embed_unit, save_unit_embeddings
+from .errors import RequestError
+from .ipadapter.attach import RequestUnits
 from .ipadapter.embeddings import UnitEmbeddings
 from .models.store import Entry
 from .models.parts import NO_PARTS, ModelParts
@@ -33,6 +41,7 @@ from .state import EngineState, Limits
 from .util.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 
 __all__ = ["Engine", "Result"]
+log = logging.getLogger("imprompt")
 # what an engine showed of itself before its state had a module of its own: read from the state (or its limits)
 STATE_ATTRIBUTES = ("encoder_dtype", "embedder", "faces", "adapters", "loras", "vaes", "inversions", "controlnets", "pipelines",
                     "default_model", "activation_budget")  # fmt: skip
@@ -107,6 +116,35 @@ class Engine:
             self.state.interrupt.clear()
             return generate(self.state, request, on_step, embeddings or {})
 
+    def batch_key(self, request: GenerateRequest | dict) -> tuple | None:
+        """What the request's pipeline call must share with others to run as one call with them (`generate_batch`),
+        or None when it runs alone (a kind not batched yet, or a request that fails: it then fails alone). Plans
+        the request (names resolved, images decoded); loads and encodes nothing."""
+        try:
+            request = parse_request(request)
+            self.check_limits(request)
+            return batch_key(self.state, request)
+        except Exception:
+            return None
+
+    def generate_batch(self, requests: list, on_steps: list | None = None,
+                       interrupts: list | None = None) -> list[Result | BaseException]:  # fmt: skip
+        """Generate several requests (`GenerateRequest`s or dicts) at once: those with equal `batch_key`s run as one
+        pipeline call, each with its own prompt, seeds and units, the others alone. `on_steps`: each request's
+        `on_step(step, total)` or None (in a shared call, every image of the request is at `step`); `interrupts`:
+        each request's `threading.Event` or None (set: that request stops after its current step and returns what
+        it has, as alone; `interrupt()` stops them all). Returns each request's `Result`, or the exception it got,
+        in the requests' order; info["batch"] says how many rows its call ran and for how many requests."""
+        requests = list(requests)
+        on_steps = list(on_steps) if on_steps is not None else [None] * len(requests)
+        interrupts = list(interrupts) if interrupts is not None else [None] * len(requests)
+        if not len(on_steps) == len(interrupts) == len(requests):
+            raise RequestError(f"generate_batch: {len(requests)} requests, {len(on_steps)} on_steps and "
+                               f"{len(interrupts)} interrupts; give one of each per request (or None)")  # fmt: skip
+        with self.state.lock:
+            self.state.interrupt.clear()
+            return generate_batch(self.state, requests, on_steps, interrupts)
+
     def plan(self, request: GenerateRequest | dict) -> Plan:
         """Everything a request would be refused for (images, names, pairings, limits), checked without loading
         or computing anything: a cluster's ingress calls this before it hands the request to any worker."""
@@ -176,10 +214,33 @@ class Engine:
             return self.state.clear_cache()
 
 
-def generate(state: EngineState, request: GenerateRequest, on_step, made_elsewhere: dict) -> Result:
-    """One request through the engine's state: the data flow (see the module docstring)."""
+def generate(state: EngineState, request: GenerateRequest, on_step, made_elsewhere: dict, interrupt=None,
+             plan: Plan | None = None, described: tuple = ()) -> Result:  # fmt: skip
+    """One request through the engine's state: the data flow (see the module docstring). `interrupt`: what stops it
+    (default: the engine's); `plan`: made already; `described`: more of its result's info (a batch's)."""
+    stop = interrupt or state.interrupt
+    prepared = prepare(state, request, made_elsewhere, plan)
+    with open_call(prepared, on_step, stop) as call:  # what the call changed, undone after it
+        apply(prepared, call)
+        images = call.run()
+    return finish(state, prepared, call, images, stop.is_set(), described)
+
+
+@dataclass
+class Prepared:
+    """A request planned, its model loaded and its conditionings prepared: what its call is built from."""
+
+    request: GenerateRequest
+    plan: Plan
+    loaded: object  # loading.resident.LoadedPipeline
+    seed: int
+    events: list
+    timer: Timer
+
+
+def prepare(state: EngineState, request: GenerateRequest, made_elsewhere: dict, plan: Plan | None = None) -> Prepared:
     timer, events = Timer(), []
-    plan = make_plan(request, state)
+    plan = plan or make_plan(request, state)
     timer.mark("plan")
 
     loaded = state.pipeline(plan.pipeline, events, plan.parts)
@@ -190,22 +251,130 @@ def generate(state: EngineState, request: GenerateRequest, on_step, made_elsewhe
         with timer.part(conditioning.kind, "prepare"):
             conditioning.prepare(preparation)
     timer.mark("prepare")
-
     seed = request.seed if request.seed >= 0 else secrets.randbelow(2**32)
-    with PipelineCall(loaded, events, steps=request.steps, cfg_scale=request.cfg_scale, width=plan.width,
-                      height=plan.height, seed=seed, batch_size=request.batch_size, sampler=plan.sampler,
-                      on_step=on_step, interrupt=state.interrupt) as call:  # what the call changed, undone after it
-        for conditioning in plan.conditionings:
-            with timer.part(conditioning.kind, "apply"):
-                conditioning.apply(call)
-        timer.mark("apply")
-        images = call.run()
-    timer.mark("denoise")
+    return Prepared(request, plan, loaded, seed, events, timer)
 
+
+def open_call(prepared: Prepared, on_step, interrupt) -> PipelineCall:
+    request, plan = prepared.request, prepared.plan
+    return PipelineCall(prepared.loaded, prepared.events, steps=request.steps, cfg_scale=request.cfg_scale,
+                        width=plan.width, height=plan.height, seed=prepared.seed, batch_size=request.batch_size,
+                        sampler=plan.sampler, on_step=on_step, interrupt=interrupt)  # fmt: skip
+
+
+def apply(prepared: Prepared, call: PipelineCall) -> None:
+    for conditioning in prepared.plan.conditionings:
+        with prepared.timer.part(conditioning.kind, "apply"):
+            conditioning.apply(call)
+    prepared.timer.mark("apply")
+
+
+def finish(state: EngineState, prepared: Prepared, call: PipelineCall, images: list, interrupted: bool,
+           described: tuple = ()) -> Result:  # fmt: skip
+    prepared.timer.mark("denoise")
+    loaded, plan = prepared.loaded, prepared.plan
     device = {"device": str(state.device), "dtype": str(loaded.dtype or state.dtype).removeprefix("torch."),
               "encoder_dtype": str(state.encoder_dtype).removeprefix("torch."), "memory_plan": loaded.memory.describe()}  # fmt: skip
     if plan.parts.files:  # a transformer alone: which VAE and text encoders it ran with, and why those
         device["model_parts"] = plan.parts.describe()
-    return make_result(images, call, request, [c.describe(call) for c in plan.conditionings], model=loaded.name,
-                       model_hash=loaded.model_hash, engine=device, events=events, timer=timer,
-                       interrupted=state.interrupt.is_set())  # fmt: skip
+    return make_result(images, call, prepared.request, [c.describe(call) for c in plan.conditionings] + list(described),
+                       model=loaded.name, model_hash=loaded.model_hash, engine=device, events=prepared.events,
+                       timer=prepared.timer, interrupted=interrupted)  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------ several requests
+
+
+def batch_info(rows: int, requests: int) -> Description:
+    """A batch's part of each result: how many rows its UNet ran at once, for how many requests (1 and 1: alone)."""
+    return Description(info={"batch": {"size": rows, "requests": requests}})
+
+
+def generate_batch(state: EngineState, requests: list, on_steps: list, interrupts: list) -> list:
+    """Several requests: those that share a call (`batching.plan_key`) run as one, in groups taken in the order of
+    their first request, each group's requests in their order; the others run alone. Each gets its result, or the
+    error it got (a request's failure is its own)."""
+    outcomes: list = [None] * len(requests)
+    stops = [Stop(event, state.interrupt) for event in interrupts]
+    groups: dict = {}  # the shared key (or the request alone) -> [(index, request, plan)]
+    for i, given in enumerate(requests):
+        try:
+            request = parse_request(given)
+            check_limits(request, state.limits)
+            plan = make_plan(request, state)
+        except Exception as exc:  # refused as alone would refuse it
+            outcomes[i] = exc
+            continue
+        try:
+            key = plan_key(state, request, plan)
+        except Exception:  # a file its key reads fails: alone, it fails (or runs) on its own
+            key = None
+        groups.setdefault(("shared", key) if key is not None else ("alone", i), []).append((i, request, plan))
+    for members in groups.values():
+        if len(members) == 1:
+            (i, request, plan), = members
+            outcomes[i] = alone(state, request, on_steps[i], stops[i], plan)
+        else:
+            generate_group(state, members, on_steps, stops, outcomes)
+    return outcomes
+
+
+def alone(state: EngineState, request: GenerateRequest, on_step, stop: Stop, plan: Plan | None = None):
+    """A request of a batch run alone: its result, or the error it got."""
+    try:
+        return generate(state, request, on_step, {}, stop, plan, (batch_info(1, 1),))
+    except Exception as exc:
+        return exc
+
+
+def generate_group(state: EngineState, members: list, on_steps: list, stops: list, outcomes: list) -> None:
+    """Requests that share a key: each prepared and applied in order (its adapters attached as alone attaches them,
+    so what stays attached and cached is what they leave alone), then the calls that merge run as one, the others
+    alone. A request whose call cannot merge at all runs alone at once; a merged call that raises is run again
+    request by request, from the start."""
+    rows: list[tuple[int, Prepared, Row]] = []
+    failed: list[int] = []
+    try:
+        for i, request, plan in members:
+            try:
+                prepared = prepare(state, request, {}, plan)
+                call = open_call(prepared, on_steps[i], stops[i])
+            except Exception as exc:
+                outcomes[i] = exc
+                continue
+            call.adapters = RequestUnits(prepared.loaded.attached)
+            try:
+                apply(prepared, call)
+                merges = merge_signature(call) is not None
+                if not merges:  # its UNet reads rows of its own: it runs alone, now (its adapter set is attached)
+                    with call:
+                        images = call.run()
+                    outcomes[i] = finish(state, prepared, call, images, stops[i].is_set(), (batch_info(1, 1),))
+            except Exception as exc:
+                call.__exit__(None, None, None)
+                outcomes[i] = exc
+                continue
+            if merges:
+                rows.append((i, prepared, Row(call, call.adapters)))
+        for group in merge_groups(rows, [merge_signature(row.call) for _, _, row in rows]):
+            try:
+                if len(group) == 1:
+                    run_alone(group[0][2])
+                else:
+                    run_merged([row for _, _, row in group])
+            except Exception as exc:
+                if len(group) == 1:
+                    outcomes[group[0][0]] = exc
+                else:  # one bad request must not take the others down: each runs again, alone, from the start
+                    log.warning("a call of %d requests failed (%s: %s); each runs again alone", len(group),
+                                type(exc).__name__, exc)  # fmt: skip
+                    failed += [i for i, _, _ in group]
+    finally:
+        for _, _, row in reversed(rows):
+            row.call.__exit__(None, None, None)
+    for i, prepared, row in rows:
+        if outcomes[i] is None and i not in failed:
+            outcomes[i] = finish(state, prepared, row.call, row.images, stops[i].is_set(), (batch_info(*row.batch),))
+    for i, prepared, _ in rows:
+        if i in failed:
+            outcomes[i] = alone(state, prepared.request, on_steps[i], stops[i])

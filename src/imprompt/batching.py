@@ -1,0 +1,205 @@
+"""Several requests as one pipeline call: what they must share (`batch_key`), and the merged call that runs them.
+
+Requests that share what one diffusers call must share (the model and how it is loaded, size, steps, sampler, CFG
+scale, VAE, LoRA set) run as rows of one call, each with its own prompt embeddings, seeds and IP-Adapter units:
+
+    prompt embeddings   concatenated along the batch (each request's repeated for its batch_size rows)
+    noise               one generator per row (seed + i): diffusers draws each row's latents and ancestral noise
+                        from its own generator, so a row's noise is the noise it gets alone
+    IP-Adapter units    every request's units are slots of one processor set (`ipadapter.attach.RowScales`): a
+                        slot acts at its unit's scale, window, mask and layer weights in its own request's rows and
+                        at 0 in the others' (diffusers skips a slot that is 0 in every row, as it skips a unit at 0)
+    progress, interrupt each request's own: an interrupted request's rows keep the latents of the step it stopped
+                        at (decoded as alone decodes them: the decode goes row by row), the others go on
+    decode              row by row (the VAE's slicing), as alone
+
+So each request's images are its images alone, up to the last bits that batched arithmetic rounds otherwise (a
+GEMM over more rows may sum in another order; bit-equality with alone is not promised, <= 1/255 is tested). What
+cannot share a call runs alone (`batch_key` None, or a call the rows cannot merge into); the flow that prepares the
+requests and falls back to alone is `engine.py`'s.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+from .call import PipelineCall
+from .ipadapter.attach import RequestUnits, RowScales
+from .plan import Plan, make_plan
+from .request import GenerateRequest
+from .util.samplers import make_scheduler
+
+# the pipelines whose calls merge: SD 1.5 / 2.x and SDXL text to image (SD 3.5 and FLUX run alone for now)
+BATCHED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+# what a mergeable call passes to its pipeline; anything else (an init image, ControlNet images) makes it run alone
+MERGED_KWARGS = {"guidance_scale", "width", "height", "prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds",
+                 "negative_pooled_prompt_embeds", "ip_adapter_image_embeds", "cross_attention_kwargs"}  # fmt: skip
+PROMPT_TENSORS = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
+
+
+def batch_key(state, request: GenerateRequest) -> tuple | None:
+    """What a request's call must share with others to run merged with them, or None when it runs alone. Plans the
+    request (names resolved, images decoded; nothing loaded or encoded)."""
+    return plan_key(state, request, make_plan(request, state))
+
+
+def plan_key(state, request: GenerateRequest, plan: Plan) -> tuple | None:
+    """`batch_key` from a request's plan: the model as loaded (file versions, dtype, device, memory plan, parts),
+    size, steps, sampler, CFG scale, and each kind's part (the VAE, the LoRA set; None from a kind that cannot
+    batch). The prompt's clip skip and textual inversions are not shared: imprompt encodes each request's prompt."""
+    spec = plan.pipeline.spec
+    if spec.architecture != "unet" or spec.pipeline_class not in BATCHED_PIPELINES:
+        return None
+    parts = tuple(c.batch_part() for c in plan.conditionings)
+    if any(part is None for part in parts):
+        return None
+    return (state.pipeline_key(plan.pipeline, plan.parts), plan.width, plan.height, request.steps, plan.sampler,
+            request.cfg_scale, parts)  # fmt: skip
+
+
+class Stop:
+    """A request's stop in a batch: its own interrupt, or the engine's (which stops every request). Read as a
+    `threading.Event` is read (`is_set`)."""
+
+    def __init__(self, *events: threading.Event | None):
+        self.events = [e for e in events if e is not None]
+
+    def is_set(self) -> bool:
+        return any(e.is_set() for e in self.events)
+
+
+def merge_signature(call: PipelineCall) -> tuple | None:
+    """What calls must have in common to merge (the prompt tensors' shapes: SD 1.5 prompts of 77 and of 154 tokens
+    do not stack), or None when a call runs alone: its UNet reads other rows than the pipeline's (a prompt and a
+    negative of their own lengths, `prompting.conds.ConditionedUNet`), or it passes what a merged call does not."""
+    kwargs = call.kwargs
+    if call.conditioned_unet is not None or call.pipeline is not call.loaded.pipeline or call.lora_uses:
+        return None
+    if set(kwargs) - MERGED_KWARGS or set(kwargs.get("cross_attention_kwargs", {})) - {"ip_adapter_masks"}:
+        return None
+    if not isinstance(call.adapters, RequestUnits):
+        return None
+    shapes = tuple((name, tuple(kwargs[name].shape), kwargs[name].dtype) for name in PROMPT_TENSORS if name in kwargs)
+    return shapes + (call.loaded.key, kwargs["guidance_scale"], kwargs["width"], kwargs["height"])
+
+
+@dataclass
+class Row:
+    """One request in a batch: its applied call (its progress callback and stop in its schedule), the units it
+    attached, and what the call gave it."""
+
+    call: PipelineCall
+    units: RequestUnits
+    images: list = field(default_factory=list)
+    stopped: bool = False  # interrupted during the merged call: its rows kept the step it stopped at
+    batch: tuple[int, int] = (1, 1)  # the call it ran in: rows the UNet ran at once (CFG aside), requests among them
+
+
+def run_alone(row: Row) -> None:
+    """A row that no other row merges with runs as it would alone: its own adapter set's shells swapped in for the
+    call (what is attached and kept stays as the requests left it)."""
+    attached, units = row.call.loaded.attached, row.units
+    undo = attached.swapped(*attached.shells(units.built, units.keys)) if units.built else attached.swapped(None, None)
+    try:
+        row.images = row.call.run()
+    finally:
+        undo()
+
+
+def run_merged(rows: list[Row]) -> None:
+    """The rows' calls as one pipeline call (see the module docstring); each row gets its images."""
+    first = rows[0].call
+    loaded, pipeline = first.loaded, first.pipeline
+    owner = [r for r, row in enumerate(rows) for _ in range(row.call.batch_size)]  # the request of each batch row
+    kwargs = {name: first.kwargs[name] for name in ("guidance_scale", "width", "height")}
+    for name in PROMPT_TENSORS:
+        if name in first.kwargs:
+            kwargs[name] = torch.cat([rows[r].call.kwargs[name] for r in owner])
+    built = [adapter for row in rows for adapter in row.units.built]
+    scales = RowScales([r for r, row in enumerate(rows) for _ in row.units.built], owner, kwargs["guidance_scale"] > 1.0)
+    if built:
+        # each unit's embeddings as alone: diffusers repeats them for every row, and the other rows scale them by 0
+        kwargs["ip_adapter_image_embeds"] = [e for row in rows for e in row.call.kwargs.get("ip_adapter_image_embeds", [])]
+        masks = [m for row in rows
+                 for m in row.call.kwargs.get("cross_attention_kwargs", {}).get("ip_adapter_masks", [None] * len(row.units.built))]  # fmt: skip
+        if any(m is not None for m in masks):
+            kwargs["cross_attention_kwargs"] = {"ip_adapter_masks": masks}
+
+    def update_scales() -> None:
+        if built:
+            scales.update([s for row in rows for s in row.units.scales], [w for row in rows for w in row.units.weights])
+
+    held, frozen = None, torch.zeros(len(owner), dtype=torch.bool)
+
+    def step_end(pipe, step, timestep, tensors):
+        """Each request's hooks, progress and stop, as its own schedule's `step_end` takes them alone."""
+        nonlocal held
+        total, latents = pipe.num_timesteps, tensors["latents"]
+        for r, row in enumerate(rows):
+            if row.stopped:
+                continue
+            schedule = row.call.schedule
+            if step + 1 < total:
+                for hook in schedule.hooks:
+                    hook(step + 1, total, 0)
+            if schedule.on_step is not None:
+                schedule.on_step(step + 1, total)
+            if schedule.interrupt.is_set():  # its rows stay at this step's latents, as alone stops here
+                row.stopped = True
+                mine = torch.tensor([o == r for o in owner])
+                held = latents.clone() if held is None else torch.where(_rows(mine, latents), latents, held)
+                frozen[mine] = True
+        if held is not None:
+            latents = torch.where(_rows(frozen, latents), held, latents)
+        if all(row.stopped for row in rows):
+            pipe._interrupt = True
+        update_scales()
+        return {"latents": latents}
+
+    generators = [torch.Generator(device="cpu").manual_seed(row.call.seed + i)
+                  for row in rows for i in range(row.call.batch_size)]  # fmt: skip
+    pipeline.scheduler = make_scheduler(first.sampler, loaded.scheduler_config, loaded.scheduler_class)
+    for row in rows:
+        row.units.merged = True
+        row.call.schedule.begin(0, first.steps)
+    update_scales()
+    processors, projection = loaded.attached.per_row_shells(built, scales) if built else (None, None)
+    undo = loaded.attached.swapped(processors, projection)
+    vae = pipeline.vae
+    slicing = vae.use_slicing
+    vae.use_slicing = True  # the decode row by row: each row's as alone's, and one image's memory at a time
+    try:
+        devices = [pipeline.device] if pipeline.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # as `PipelineCall.run`: the process's generator left as it was
+            torch.manual_seed(first.seed)
+            output = pipeline(num_inference_steps=first.steps, generator=generators, callback_on_step_end=step_end,
+                              output_type="pil", **kwargs)  # fmt: skip
+    finally:
+        vae.use_slicing = slicing
+        undo()
+        for row in rows:
+            row.units.merged = False
+    at = 0
+    for row in rows:
+        size = row.call.batch_size
+        # interrupted: the image it was making, as alone (its later images are never started)
+        row.images = output.images[at : at + (1 if row.stopped else size)]
+        row.call.scheduler = pipeline.scheduler
+        row.batch = (len(owner), len(rows))
+        at += size
+
+
+def _rows(mask: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+    """A per-row mask shaped to select whole rows of `latents`."""
+    return mask.to(latents.device).view(-1, *([1] * (latents.ndim - 1)))
+
+
+def merge_groups(rows: list, signatures: list) -> list[list]:
+    """Rows grouped by their merge signature, groups in the order of their first row."""
+    groups: dict = {}
+    for row, signature in zip(rows, signatures):
+        groups.setdefault(signature, []).append(row)
+    return list(groups.values())
