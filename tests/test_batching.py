@@ -1,0 +1,396 @@
+"""Request batching (`batching.py`, `Engine.generate_batch`): requests that share a pipeline call run as its rows,
+each with its own prompt, seeds and IP-Adapter units, and each gets what it gets alone: its images within 1/255
+(batched GEMMs may round otherwise: bit-equality is not promised; the measured differences are printed), its seeds,
+infotexts and info (but timings, events and `batch`), its own error, its own interrupt; and the engine keeps what
+the same requests alone leave. What cannot share a call gets no key and runs alone."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+
+import numpy as np
+import pytest
+from conftest import pixels, request, unit
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from imprompt import Engine
+from imprompt.errors import ImpromptError, RequestError
+from tools.soak import FACE
+
+TOLERANCE = 1  # of 255
+SDXL = "tiny-sdxl"
+LONG = ", ".join(["a small red cat on a mat"] * 12)  # more than 75 tokens: two chunks (154 tokens)
+
+
+@pytest.fixture(scope="module")
+def images(pack) -> dict[str, str]:
+    return {name: str(pack / "images" / f"{name}.png") for name in ("red-circle", "yellow-square", "white-triangle")}
+
+
+@pytest.fixture(scope="module")
+def engines(pack):
+    """An engine that runs requests alone and one that batches them, shared by the tests: their histories stay
+    equal as long as a batch leaves what its requests alone leave (each test checks it), so each test also runs
+    after the others' requests, as a server would."""
+    return Engine(pack), Engine(pack)
+
+
+def differences(alone: list, batch: list) -> tuple[int, int]:
+    """The largest difference of any pixel channel (of 255) and how many channels differ at all."""
+    assert len(alone) == len(batch)
+    diffs = [np.abs(pixels(a) - pixels(b)) for a, b in zip(alone, batch)]
+    return max(int(d.max()) for d in diffs), sum(int((d > 0).sum()) for d in diffs)
+
+
+def same_result(alone, batched, what: str) -> tuple[int, int]:
+    """Everything but the pixels equal; the pixels within TOLERANCE. Returns the measured differences."""
+    assert not isinstance(batched, BaseException), f"{what}: {batched!r}"
+
+    def shown(info: dict) -> dict:
+        return {k: v for k, v in info.items() if k not in ("timings", "events", "batch")}
+
+    assert shown(batched.info) == shown(alone.info), what
+    assert batched.infotexts == alone.infotexts, what
+    worst, count = differences(alone.images, batched.images)
+    assert worst <= TOLERANCE, f"{what}: pixels differ by {worst}"
+    return worst, count
+
+
+def kept(engine: Engine) -> tuple:
+    """What an engine keeps between requests, as a later request could find it: each cache's entries in order and
+    its counts, and for each resident model its attached adapter set, its kept processor shells in order, its
+    active LoRAs, and whether its UNet and VAE carry exactly that (not a batch's processors, another VAE)."""
+    models = []
+    for loaded in engine.state.pipelines.all():
+        attached, pipeline = loaded.attached, loaded.pipeline
+        shells = attached._shells.get(attached.attached) if attached.attached else None
+        processors = shells[0] if shells else attached.plain_processors
+        models.append({
+            "model": loaded.name, "attached": attached.attached, "shells": list(attached._shells),
+            "loras": loaded.loras.active,
+            "unet carries the attached set": all(m.processor is p for m, p in zip(attached.cross_attention, processors)),
+            "projection": pipeline.unet.encoder_hid_proj is (shells[1] if shells else None),
+            "own vae": pipeline.vae is loaded.own_vae, "vae slicing": pipeline.vae.use_slicing,
+        })  # fmt: skip
+    return engine.cache_info(), models
+
+
+def run_alone(engine: Engine, requests: list) -> list:
+    """Each request through `generate`, in order: its result or its error."""
+    outcomes = []
+    for r in requests:
+        try:
+            outcomes.append(engine.generate(r))
+        except ImpromptError as exc:
+            outcomes.append(exc)
+    return outcomes
+
+
+def check_batch(engines, requests: list, size: tuple[int, int], what: str) -> list[tuple[int, int]]:
+    """The requests alone in one engine and as one batch in the other: results, measured differences and the
+    engines' kept state compared; every request ran in one call of `size` (rows, requests)."""
+    alone_engine, batch_engine = engines
+    alone = run_alone(alone_engine, requests)
+    batch = batch_engine.generate_batch(requests)
+    measured = []
+    for n, (a, b) in enumerate(zip(alone, batch)):
+        measured.append(same_result(a, b, f"{what} request {n}"))
+        assert b.info["batch"] == {"size": size[0], "requests": size[1]}, b.info["batch"]
+    assert kept(batch_engine) == kept(alone_engine)
+    print(f"\n{what}: (max difference, channels differing) per request: {measured}")
+    return measured
+
+
+# ------------------------------------------------------------------------------------------- one merged call
+
+
+def test_sd15_requests_in_one_call_equal_each_alone(engines, images):
+    red, yellow, white = images["red-circle"], images["yellow-square"], images["white-triangle"]
+    requests = [
+        request(unit("Base", red, 0.7), prompt="a cat", seed=11),  # the pack's ViT-H encoder
+        request(unit("Plus", yellow, 0.5, start=0.25, end=0.75),  # a window
+                unit("Base ViT-G", white, 0.8, layers="composition"),  # another encoder, InstantStyle weights
+                prompt="a dog on a mat", seed=12),  # fmt: skip
+        request(prompt="a red house", seed=13, batch_size=2),  # no units, two images
+        request(unit("Light", white, 1.0, masks=[yellow]), prompt="a tree", negative_prompt="blurry", seed=14),
+    ]
+    requests = [{**r, "sampler": "Euler a", "steps": 3} for r in requests]  # ancestral: each row's own noise
+    check_batch(engines, requests, (5, 4), "SD 1.5")
+
+
+def test_sdxl_requests_in_one_call_equal_each_alone(engines, images):
+    red, yellow, white = images["red-circle"], images["yellow-square"], images["white-triangle"]
+    requests = [
+        request(unit("Base SDXL", red), prompt="a cat", seed=21, model=SDXL),
+        request(unit("Plus ViT-H SDXL", yellow, 0.5, end=0.5),  # the other encoder, a window
+                unit("Base SDXL", white, 0.9, layers="style", masks=[red]),  # InstantStyle, a mask
+                prompt="a dog on a mat", seed=22, model=SDXL),  # fmt: skip
+        request(prompt="a red house", seed=23, model=SDXL),
+    ]
+    requests = [{**r, "sampler": "DPM++ 2M", "steps": 3} for r in requests]
+    check_batch(engines, requests, (3, 3), "SDXL")
+
+
+def test_the_batch_is_one_call_and_skips_a_unit_at_zero(pack, images):
+    """The rows really run together: the UNet sees one batch of every row (twice, under CFG) at each step. A unit
+    at 0 in every row at a step is skipped, as diffusers skips a unit at 0: one whose window is empty never runs."""
+    engine = Engine(pack)
+    red = images["red-circle"]
+    requests = [request(unit("Base", red), seed=1, sampler="Euler"), request(seed=2, batch_size=2, sampler="Euler"),
+                request(unit("Light", red, start=0.5, end=0.5), seed=3, sampler="Euler")]  # fmt: skip
+    engine.preload(requests[0]["model"])
+    unet = engine.state.pipelines.current.pipeline.unet
+    seen, idle = [], []
+    hook = unet.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0]))
+    light = engine.store.adapter("Light").key(unet.dtype, engine.state.device)
+
+    def count(module, args):
+        idle.append(1)
+
+    def watch(step, total):
+        if step == 1:  # built and attached by now: watch the empty window's adapter from here on
+            hooks.append(engine.state.adapters.get(light).to_k_ip[0].register_forward_pre_hook(count))
+
+    hooks = [hook]
+    try:
+        engine.generate_batch(requests, on_steps=[watch, None, None])
+    finally:
+        for h in hooks:
+            h.remove()
+    assert seen == [8] * 4 and len(hooks) == 2 and idle == []
+
+
+# ------------------------------------------------------------------------------------ failures are their own
+
+
+def test_a_failing_request_gets_its_own_error_and_the_others_their_images(engines, images, monkeypatch):
+    """Refused in the plan (an unknown adapter, an image that is no image) or failing in prepare (an encoder that
+    fails on one request's unit), each gets the error it gets alone; the others run merged."""
+    from imprompt.conditioning.ip_adapter import UnitPlan
+
+    encode = UnitPlan.encode
+
+    def failing(self, state, inputs, events, true_cfg):
+        if self.unit.scale == 0.33:
+            raise RequestError("ip_adapters.0: the encoder failed on this unit (a test's fault)")
+        return encode(self, state, inputs, events, true_cfg)
+
+    monkeypatch.setattr(UnitPlan, "encode", failing)
+    red = images["red-circle"]
+    requests = [
+        request(unit("Base", red), seed=1),
+        request(unit("Base XL Turbo", red), seed=2),  # no such adapter
+        request(unit("Plus", "bm90IGFuIGltYWdl"), seed=3),  # base64 of "not an image"
+        request(unit("Plus", red, 0.33), seed=4),  # fails in prepare
+        request(prompt="a dog", seed=5),
+    ]
+    alone_engine, batch_engine = engines
+    alone = run_alone(alone_engine, requests)
+    batch = batch_engine.generate_batch(requests)
+    for n in (1, 2, 3):
+        assert isinstance(alone[n], ImpromptError) and type(batch[n]) is type(alone[n]), (n, batch[n])
+        assert str(batch[n]) == str(alone[n])
+    for n in (0, 4):
+        same_result(alone[n], batch[n], f"request {n}")
+        assert batch[n].info["batch"] == {"size": 2, "requests": 2}
+    assert kept(batch_engine) == kept(alone_engine)
+
+
+def test_a_merged_call_that_raises_runs_each_request_alone(pack, images, monkeypatch):
+    import imprompt.engine
+
+    def broken(rows):
+        raise RuntimeError("out of memory (a test's fault)")
+
+    monkeypatch.setattr(imprompt.engine, "run_merged", broken)
+    requests = [request(unit("Base", images["red-circle"]), seed=1), request(prompt="a dog", seed=2)]
+    alone = run_alone(Engine(pack), requests)
+    for a, b in zip(alone, Engine(pack).generate_batch(requests)):
+        assert differences(a.images, b.images) == (0, 0)
+        assert b.info["batch"] == {"size": 1, "requests": 1}
+
+
+# --------------------------------------------------------------------------------- what cannot share a call
+
+
+def test_requests_that_cannot_share_a_call_are_split(engines, images):
+    """Another size or number of steps: another group; SD 1.5 prompts of 154 tokens: rows of their own (one such
+    request runs alone); a prompt longer than its negative (each read at its own length): alone at once. Each
+    equals alone; what ran alone, to the bit."""
+    red, yellow = images["red-circle"], images["yellow-square"]
+    requests = [
+        request(unit("Base", red), seed=1),
+        request(unit("Base", red), seed=2, width=72),
+        request(unit("Base", red), seed=3, steps=3),
+        request(unit("Plus", yellow, 0.5), seed=4, prompt="a dog"),
+        request(unit("Plus", yellow, 0.5), seed=5, prompt=LONG, negative_prompt=LONG),
+        request(unit("Base", yellow), seed=6, prompt=LONG),  # negative of one chunk: the UNet reads its own rows
+        request(seed=7, prompt=LONG + ", blue", negative_prompt=LONG + ", grey"),
+    ]
+    alone_engine, batch_engine = engines
+    keys = [alone_engine.batch_key(r) for r in requests]
+    assert keys[0] == keys[3] == keys[4] == keys[5] == keys[6] and None not in keys
+    assert keys[1] != keys[0] and keys[2] != keys[0]
+    order = (0, 3, 4, 5, 6, 1, 2)  # the groups' order: by their first request
+    alone = dict(zip(order, run_alone(alone_engine, [requests[i] for i in order])))
+    batch = batch_engine.generate_batch(requests)
+    calls = {0: (2, 2), 3: (2, 2), 4: (2, 2), 6: (2, 2), 5: (1, 1), 1: (1, 1), 2: (1, 1)}
+    for n, call in calls.items():
+        worst, count = same_result(alone[n], batch[n], f"request {n}")
+        assert batch[n].info["batch"] == {"size": call[0], "requests": call[1]}, (n, batch[n].info["batch"])
+        if call == (1, 1):
+            assert (worst, count) == (0, 0), n
+    assert kept(batch_engine) == kept(alone_engine)
+
+
+def test_a_shape_of_its_own_runs_alone_with_its_units(engines, images):
+    """The one 154-token request among 77-token ones runs alone inside the batch (its adapters swapped in for its
+    call): its pixels are alone's to the bit, and the engine keeps what alone leaves."""
+    red, white = images["red-circle"], images["white-triangle"]
+    requests = [request(unit("Base", red), seed=1), request(seed=2, prompt="a dog"),
+                request(unit("Plus", white, 0.7), seed=3, prompt=LONG, negative_prompt=LONG)]  # fmt: skip
+    alone_engine, batch_engine = engines
+    alone = run_alone(alone_engine, requests)
+    batch = batch_engine.generate_batch(requests)
+    assert [b.info["batch"] for b in batch] == [{"size": 2, "requests": 2}] * 2 + [{"size": 1, "requests": 1}]
+    assert same_result(alone[2], batch[2], "the long one") == (0, 0)
+    assert kept(batch_engine) == kept(alone_engine)
+
+
+def test_what_is_not_batched_yet_gets_no_key(pack, images, tmp_path):
+    """img2img, ControlNets, FaceID units, prompt schedules and AND, SD 3.5 and FLUX: None (they run alone); a
+    request that fails its plan: None (it fails alone). A plain request gets a key."""
+    from types import SimpleNamespace
+
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    from tools.extra_models import faceid_adapter, write
+
+    unet = UNet2DConditionModel.from_pretrained(pack / "diffusers" / "tiny-sd15" / "unet")
+    ControlNetModel.from_unet(unet).save_pretrained(tmp_path / "controlnet" / "tiny-sd15-controlnet")
+    write(tmp_path / "ipadapter" / "ip-adapter-faceid_sd15.safetensors", faceid_adapter(SimpleNamespace(unet=unet), 6))
+    engine = Engine([pack, tmp_path])
+    red = images["red-circle"]
+    assert engine.batch_key(request(unit("Base", red))) is not None
+    assert engine.batch_key(request(unit("Base", red), prompt="a cat <lora:nope:1>")) is None  # fails its plan
+    refused = {
+        "img2img": request(init_images=[red]),
+        "controlnet": request(controlnets=[{"model": "tiny-sd15-controlnet", "image": red}]),
+        "faceid": request({"adapter": "FaceID Base", "face_embeddings": [FACE], "scale": 0.7}),
+        "prompt editing": request(prompt="a [red:blue:0.5] cat"),
+        "alternation": request(prompt="a [red|blue] cat"),
+        "AND": request(prompt="a cat AND a dog"),
+        "a part's weight": request(prompt="a cat:0.5"),
+        "negative schedule": request(negative_prompt="[ugly:blurry:2]"),
+        "sd3.5": request(model="tiny-sd35", cfg_scale=5.0),
+        "flux": request(unit("FLUX XLabs", red), model="tiny-flux", cfg_scale=3.5),
+    }
+    for what, r in refused.items():
+        engine.plan(r)  # each plans: None means "not batched", not "refused"
+        assert engine.batch_key(r) is None, what
+
+
+def test_instantid_pulid_and_redux_units_do_not_batch(pack, images):
+    """Their units make the image prompts' part None (checked on a real plan whose unit is given their kinds: their
+    files and models are the other tests')."""
+    from imprompt.conditioning.image_prompts import ImagePrompts
+    from imprompt.conditioning.instantid import InstantIDUnitPlan
+    from imprompt.conditioning.ip_adapter import UnitPlan
+    from imprompt.conditioning.pulid import PuLIDPrompts, PuLIDUnitPlan
+    from imprompt.conditioning.redux import ReduxPrompts, ReduxUnitPlan
+
+    plan = Engine(pack).plan(request(unit("Base", images["red-circle"])))
+    prompts = next(c for c in plan.conditionings if isinstance(c, ImagePrompts))
+    (planned,) = prompts.units
+    assert prompts.batch_part() == ()
+
+    def as_kind(kind):
+        return kind(**{f.name: getattr(planned, f.name) for f in dataclasses.fields(UnitPlan)})
+
+    assert dataclasses.replace(prompts, units=(as_kind(InstantIDUnitPlan),)).batch_part() is None
+    pulid = PuLIDPrompts((as_kind(PuLIDUnitPlan),), prompts.inputs)
+    assert dataclasses.replace(prompts, units=(), inputs=[], pulid=pulid).batch_part() is None
+    redux = ReduxPrompts((as_kind(ReduxUnitPlan),), prompts.inputs)
+    assert dataclasses.replace(prompts, units=(), inputs=[], redux=redux).batch_part() is None
+
+
+# -------------------------------------------------------------------------------------------------- interrupt
+
+
+def test_interrupting_one_request_stops_it_alone(engines, images):
+    """Its rows keep the step it stopped at and it returns what alone-interrupted-there returns (one image of its
+    two, its seed, the steps its unit acted at, interrupted); the others finish as alone."""
+    red, yellow = images["red-circle"], images["yellow-square"]
+    requests = [request(unit("Base", red), seed=1, sampler="Euler a"),
+                request(unit("Plus", yellow, 0.5, start=0.25, end=0.75), seed=7, batch_size=2, prompt="a dog",
+                        sampler="Euler a"),
+                request(seed=3, prompt="a red house", sampler="Euler a")]  # fmt: skip
+    alone_engine, batch_engine = engines
+    seen_alone = []
+
+    def stop_alone(step, total):
+        seen_alone.append(step)
+        if step == 2:
+            alone_engine.interrupt()
+
+    alone = [alone_engine.generate(requests[0]), alone_engine.generate(requests[1], on_step=stop_alone),
+             alone_engine.generate(requests[2])]  # fmt: skip
+    events = [threading.Event() for _ in requests]
+    seen = []
+
+    def stop(step, total):
+        seen.append(step)
+        if step == 2:
+            events[1].set()
+
+    batch = batch_engine.generate_batch(requests, on_steps=[None, stop, None], interrupts=events)
+    assert seen == seen_alone == [1, 2]
+    assert batch[1].info["interrupted"] is True and len(batch[1].images) == 1
+    for n in range(3):
+        same_result(alone[n], batch[n], f"request {n}")
+        assert batch[n].info["batch"] == {"size": 4, "requests": 3}
+    assert not batch[0].info["interrupted"] and not batch[2].info["interrupted"]
+    assert kept(batch_engine) == kept(alone_engine)
+
+
+# ------------------------------------------------------------------------------------------ any set of requests
+
+
+def menu(images: dict[str, str]) -> dict[str, dict]:
+    red, yellow, white = images["red-circle"], images["yellow-square"], images["white-triangle"]
+    base = {"steps": 3}
+    return {
+        "none": request(seed=1, **base),
+        "base": request(unit("Base", red), seed=2, prompt="a dog", **base),
+        "plus-window": request(unit("Plus", yellow, 0.8, start=0.3), seed=3, **base),
+        "vit-g+light-masked": request(unit("Base ViT-G", white, 0.5), unit("Light", red, 1.2, masks=[white]),
+                                      seed=4, prompt="a tree", **base),  # fmt: skip
+        "composition-two": request(unit("Ostris Composition ViT-H", red, 0.7), seed=5, batch_size=2, **base),
+        "full-face-style": request(unit("Full Face", white, 0.6, layers="style"), seed=6, negative_prompt="ugly", **base),
+        "long": request(unit("Base", yellow), seed=7, prompt=LONG, negative_prompt=LONG, **base),
+        "bad-image": request(unit("Plus", "bm90IGFuIGltYWdl"), seed=8, **base),
+        "xl-base": request(unit("Base SDXL", red), seed=9, model=SDXL, **base),
+        "xl-none": request(seed=10, model=SDXL, prompt="a house", **base),
+    }
+
+
+@settings(max_examples=4, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_any_set_of_requests_equals_each_alone(images, engines, data):
+    requests = menu(images)
+    names = data.draw(st.lists(st.sampled_from(sorted(requests)), min_size=2, max_size=3), label="requests")
+    alone_engine, batch_engine = engines
+    chosen = [requests[name] for name in names]
+    # generate_batch runs its groups (requests of one key) in the order of their first request
+    keys = [alone_engine.batch_key(r) or ("alone", i) for i, r in enumerate(chosen)]
+    order = sorted(range(len(chosen)), key=lambda i: keys.index(keys[i]))
+    alone = dict(zip(order, run_alone(alone_engine, [chosen[i] for i in order])))
+    batch = batch_engine.generate_batch(chosen)
+    for i, name in enumerate(names):
+        if isinstance(alone[i], BaseException):
+            assert type(batch[i]) is type(alone[i]) and str(batch[i]) == str(alone[i]), name
+        else:
+            same_result(alone[i], batch[i], f"{name} in {names}")
+    assert kept(batch_engine) == kept(alone_engine), names
