@@ -30,11 +30,26 @@ def images(pack) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def engines(pack):
+def extra(pack, tmp_path_factory):
+    """A kohya LoRA (UNet and text encoder) and a VAE file for the tiny SD 1.5 (`tools/extra_models.py`)."""
+    from diffusers import StableDiffusionPipeline
+
+    from tools.extra_models import altered_vae, kohya_lora, write
+
+    folder = tmp_path_factory.mktemp("batching-extra")
+    sd15 = StableDiffusionPipeline.from_pretrained(pack / "diffusers" / "tiny-sd15", safety_checker=None,
+                                                   requires_safety_checker=False)  # fmt: skip
+    write(folder / "Lora" / "detail-sd15.safetensors", kohya_lora(sd15, seed=1))
+    write(folder / "VAE" / "soft-vae.safetensors", altered_vae(sd15, seed=5).state_dict())
+    return folder
+
+
+@pytest.fixture(scope="module")
+def engines(pack, extra):
     """An engine that runs requests alone and one that batches them, shared by the tests: their histories stay
     equal as long as a batch leaves what its requests alone leave (each test checks it), so each test also runs
     after the others' requests, as a server would."""
-    return Engine(pack), Engine(pack)
+    return Engine([pack, extra]), Engine([pack, extra])
 
 
 def differences(alone: list, batch: list) -> tuple[int, int]:
@@ -242,6 +257,24 @@ def test_requests_that_cannot_share_a_call_are_split(engines, images):
         assert batch[n].info["batch"] == {"size": call[0], "requests": call[1]}, (n, batch[n].info["batch"])
         if call == (1, 1):
             assert (worst, count) == (0, 0), n
+    assert kept(batch_engine) == kept(alone_engine)
+
+
+def test_a_lora_set_and_a_vae_are_shared_by_a_call(engines, images):
+    """Requests with the same LoRAs (a tag or the field: the same set) and VAE run as one call, each prompt encoded
+    under the LoRA; another weight is another call."""
+    red = images["red-circle"]
+    lora = {"vae": "soft-vae.safetensors", "sampler": "Euler"}
+    requests = [request(prompt="a cat <lora:detail-sd15:0.6>", seed=1, **lora),
+                request(unit("Base", red), prompt="a dog", loras=[{"name": "detail-sd15", "weight": 0.6}], seed=2, **lora),
+                request(prompt="a cat <lora:detail-sd15:0.9>", seed=3, **lora)]  # fmt: skip
+    alone_engine, batch_engine = engines
+    alone = run_alone(alone_engine, requests)
+    batch = batch_engine.generate_batch(requests)
+    for n, call in enumerate([(2, 2), (2, 2), (1, 1)]):
+        same_result(alone[n], batch[n], f"request {n}")
+        assert batch[n].info["batch"] == {"size": call[0], "requests": call[1]}
+    assert batch[0].info["loras"] and batch[0].info["vae"]
     assert kept(batch_engine) == kept(alone_engine)
 
 
