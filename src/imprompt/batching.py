@@ -14,7 +14,9 @@ scale, VAE, LoRA set) run as rows of one call, each with its own prompt embeddin
     decode              row by row (the VAE's slicing), as alone
 
 So each request's images are its images alone, up to the last bits that batched arithmetic rounds otherwise (a
-GEMM over more rows may sum in another order; bit-equality with alone is not promised, <= 1/255 is tested). What
+GEMM over more rows may sum in another order; bit-equality with alone is not promised, <= 1/255 is tested; a sampler
+that amplifies rounding, as DDIM with `clip_sample` on a tiny random model, differs more, as diffusers' own batch
+does). What
 cannot share a call runs alone (`batch_key` None, or a call the rows cannot merge into); the flow that prepares the
 requests and falls back to alone is `engine.py`'s.
 """
