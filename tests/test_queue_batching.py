@@ -346,3 +346,117 @@ def test_a_lone_job_is_still_interrupted_through_the_engine():
     engine.gate.set()
     finish(job)
     assert job.results[0].info["interrupted"] is True
+
+
+# ----------------------------------------------------------------------------------------------- the real engine
+
+
+def test_the_real_engine_batches_equal_keys_and_runs_others_alone(pack):
+    """The queue over a real engine: two requests of one key run as one call, one of another key (more steps) alone
+    and after them; every image is its image alone (another engine, no queue) within 1/255."""
+    from imprompt import Engine
+
+    from conftest import MODEL, max_diff
+
+    engine = Engine(pack)
+    queue = JobQueue(engine, max_queue=8, batch_max=4, batch_wait=0.5)
+    fields = {"model": MODEL, "steps": 4, "width": 64, "height": 64, "cfg_scale": 7.0}
+    requests = [GenerateRequest(**fields, prompt="a red cat", seed=11),
+                GenerateRequest(**{**fields, "steps": 5}, prompt="a blue dog", seed=12),
+                GenerateRequest(**fields, prompt="a green bird", seed=13)]  # fmt: skip
+    since = time.time()
+    jobs = [queue.submit(r) for r in requests]
+    finish(*jobs, seconds=300)
+    assert [job.error for job in jobs] == [None] * 3
+    batches = [e for e in queue.recent_events(since) if e["event"] == "batch"]
+    assert [(e["jobs"], e["size"]) for e in batches] == [([jobs[0].id, jobs[2].id], 2)]
+    assert jobs[0].results[0].info["batch"] == jobs[2].results[0].info["batch"] == {"size": 2, "requests": 2}
+    assert "batch" not in jobs[1].results[0].info
+    assert jobs[1].started >= jobs[2].started  # the other key waited its turn
+    alone = Engine(pack)
+    for job, request in zip(jobs, requests):
+        assert job.results[0].info["seed"] == request.seed and job.step == job.total > 0  # each saw its progress
+        assert max_diff(job.results[0].images[0], alone.generate(request).images[0]) <= 1
+
+
+def test_the_served_batch_equals_each_request_alone(pack):
+    """`imprompt serve --batch-wait 0.5 --batch-max 4`: three concurrent clients' txt2img run as one batch (the
+    `batch` event), and each image equals the same request's from a server without batching, within 1/255."""
+    import json
+    import subprocess
+    import sys
+
+    import httpx
+
+    from conftest import max_diff
+    from server_fixtures import decode, free_port, new_engine, running_server
+
+    port = free_port()
+    command = [sys.executable, "-m", "imprompt.cli", "serve", "--models", str(pack), "--port", str(port),
+               "--model", "tiny-sd15", "--batch-wait", "0.5", "--batch-max", "4"]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    payloads = [{"prompt": prompt, "negative_prompt": "", "seed": seed, "steps": 4, "cfg_scale": 7.0, "width": 64,
+                 "height": 64, "sampler_name": "Euler a"}
+                for prompt, seed in (("a red cat", 21), ("a blue dog", 22), ("a green bird", 23))]  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                httpx.get(f"{url}/healthz", timeout=2)
+                break
+            except httpx.HTTPError:
+                assert process.poll() is None and time.time() < deadline, process.stderr.read()
+                time.sleep(0.2)
+        with httpx.Client(base_url=url, timeout=300) as http:  # the model loads before the clients come
+            assert http.post("/sdapi/v1/txt2img", json={**payloads[0], "seed": 99}).status_code == 200
+            since = time.time()
+            bodies: dict[int, dict] = {}
+            start = threading.Barrier(len(payloads))
+
+            def send(index: int) -> None:
+                with httpx.Client(base_url=url, timeout=300) as own:  # a client of its own, as separate users
+                    start.wait()
+                    response = own.post("/sdapi/v1/txt2img", json=payloads[index])
+                    assert response.status_code == 200, response.text[:2000]
+                    bodies[index] = response.json()
+
+            threads = [threading.Thread(target=send, args=(i,)) for i in range(len(payloads))]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(timeout=300)
+            assert sorted(bodies) == [0, 1, 2]
+            batches = [e for e in http.get("/v1/events", params={"since": since}).json() if e["event"] == "batch"]
+            assert [(e["size"], e["rows"], len(e["jobs"])) for e in batches] == [(3, 3, 3)], batches
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    batched = {i: (decode(body["images"][0]).convert("RGB"), json.loads(body["info"])) for i, body in bodies.items()}
+    with running_server(new_engine(pack), model="tiny-sd15") as plain, httpx.Client(base_url=plain, timeout=300) as http:
+        for index, payload in enumerate(payloads):
+            body = http.post("/sdapi/v1/txt2img", json=payload).json()
+            image, info = batched[index]
+            assert info["seed"] == payload["seed"] and info["prompt"] == payload["prompt"]
+            assert max_diff(image, decode(body["images"][0]).convert("RGB")) <= 1, index
+            assert [e for e in http.get("/v1/events").json() if e["event"] == "batch"] == []
+
+
+def test_a_client_leaving_a_real_batch_stops_only_its_request(pack):
+    """Cancelling one running job of a real batch (its client left) stops its rows; the other's image is its
+    image alone."""
+    from imprompt import Engine
+
+    from conftest import MODEL, max_diff
+
+    engine = Engine(pack)
+    queue = JobQueue(engine, max_queue=8, batch_max=2, batch_wait=5)
+    fields = {"model": MODEL, "steps": 40, "width": 64, "height": 64, "cfg_scale": 7.0}
+    stays, leaves = GenerateRequest(**fields, prompt="a red cat", seed=31), GenerateRequest(**fields, prompt="a dog", seed=32)
+    jobs = [queue.submit(stays), queue.submit(leaves)]
+    wait_until(lambda: len(queue.running) == 2 and jobs[1].step >= 2, seconds=300, what="the batch running")
+    queue.cancel(jobs[1], "the client disconnected")
+    finish(*jobs, seconds=300)
+    assert jobs[0].results[0].info["interrupted"] is False and jobs[1].results[0].info["interrupted"] is True
+    assert jobs[1].step < jobs[1].total and jobs[0].step == jobs[0].total
+    assert max_diff(jobs[0].results[0].images[0], Engine(pack).generate(stays).images[0]) <= 1
