@@ -188,9 +188,16 @@ def build_parser() -> argparse.ArgumentParser:
     _weights_arguments(pk)
     pk.set_defaults(run=_pack)
 
-    dl = commands.add_parser("download", help="download published adapters and their encoders (needs internet)")
+    import textwrap
+
+    from .models.download import help_lines
+
+    fetched = "\n".join(textwrap.fill(line, 110, initial_indent="  ", subsequent_indent="      ") for line in help_lines())
+    dl = commands.add_parser("download", help="download published adapters and what they run with (needs internet)",
+                             formatter_class=argparse.RawDescriptionHelpFormatter,
+                             epilog=f"what each NAME fetches into DIR besides its adapter file:\n{fetched}")  # fmt: skip
     _models_argument(dl)
-    dl.add_argument("names", nargs="+", metavar="NAME", help='friendly names, e.g. "Base ViT-G"')
+    dl.add_argument("names", nargs="+", metavar="NAME", help='friendly names, e.g. "Base ViT-G", "PuLID" (listed below)')
     dl.set_defaults(run=_download)
     return parser
 
