@@ -230,8 +230,8 @@ def render(s: dict, report: dict) -> str:
         for k, v in s["cache"].items():
             lines.append(f"| {k} | {v['new_p50']:.2f} s | {v['hit_p50']:.2f} s | {v['encode_s']:.2f} s | "
                          f"{v['ratio']:.1f}x | {v['n']} |")  # fmt: skip
-        lines += ["", "PuLID's new reference is a new aligned face crop (EVA02-CLIP-L-14-336 at 336 px, then the "
-                      "IDFormer); Redux's a new image (SigLIP so400m at 384 px, 729 tokens, then redux_up/down). The "
+        lines += ["", "PuLID's new reference is a new aligned face crop (facexlib's BiSeNet parsing at 512 px, then "
+                      "EVA02-CLIP-L-14-336 at 336 px, then the IDFormer); Redux's a new image (SigLIP so400m at 384 px, 729 tokens, then redux_up/down). The "
                       "hit reads the cached tokens; both rows include the same 1-step denoise.", ""]  # fmt: skip
     return "\n".join(lines)
 
