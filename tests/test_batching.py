@@ -278,6 +278,23 @@ def test_a_lora_set_and_a_vae_are_shared_by_a_call(engines, images):
     assert kept(batch_engine) == kept(alone_engine)
 
 
+def test_a_vae_file_stays_on_for_the_rows_after_a_request_that_runs_at_once(engines, images):
+    """A request whose call cannot merge (a prompt longer than its negative) runs at once and ends its call, which
+    puts the model's own VAE back; the requests applied before it still decode with the VAE file they asked for."""
+    vae = {"vae": "soft-vae.safetensors", "sampler": "Euler"}
+    requests = [request(unit("Base", images["red-circle"]), prompt="a cat", seed=1, **vae),
+                request(prompt="a dog", seed=2, **vae),
+                request(prompt=LONG, seed=3, **vae)]  # fmt: skip
+    alone_engine, batch_engine = engines
+    alone = run_alone(alone_engine, requests)
+    batch = batch_engine.generate_batch(requests)
+    for n, call in enumerate([(2, 2), (2, 2), (1, 1)]):
+        same_result(alone[n], batch[n], f"request {n}")
+        assert batch[n].info["batch"]["size"] == call[0] and batch[n].info["batch"]["requests"] == call[1]
+        assert batch[n].info["vae"]["name"] == "soft-vae.safetensors"
+    assert kept(batch_engine) == kept(alone_engine)
+
+
 def test_a_shape_of_its_own_runs_alone_with_its_units(engines, images):
     """The one 154-token request among 77-token ones runs alone inside the batch (its adapters swapped in for its
     call): its pixels are alone's to the bit, and the engine keeps what alone leaves."""

@@ -106,7 +106,8 @@ def run_alone(row: Row) -> None:
     attached, units = row.call.loaded.attached, row.units
     undo = attached.swapped(*attached.shells(units.built, units.keys)) if units.built else attached.swapped(None, None)
     try:
-        row.images = row.call.run()
+        with row.call.in_place():  # its VAE: a call that ended since it was applied put the model's own back
+            row.images = row.call.run()
     finally:
         undo()
 
@@ -170,17 +171,20 @@ def run_merged(rows: list[Row]) -> None:
     update_scales()
     processors, projection = loaded.attached.per_row_shells(built, scales) if built else (None, None)
     undo = loaded.attached.swapped(processors, projection)
-    vae = pipeline.vae
-    slicing = vae.use_slicing
-    vae.use_slicing = True  # the decode row by row: each row's as alone's, and one image's memory at a time
     try:
-        devices = [pipeline.device] if pipeline.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):  # as `PipelineCall.run`: the process's generator left as it was
-            torch.manual_seed(first.seed)
-            output = pipeline(num_inference_steps=first.steps, generator=generators, callback_on_step_end=step_end,
-                              output_type="pil", **kwargs)  # fmt: skip
+        with first.in_place():  # the rows' VAE (they share it): a call that ended since may have put the own one back
+            vae = pipeline.vae
+            slicing = vae.use_slicing
+            vae.use_slicing = True  # the decode row by row: each row's as alone's, and one image's memory at a time
+            try:
+                devices = [pipeline.device] if pipeline.device.type == "cuda" else []
+                with torch.random.fork_rng(devices=devices):  # as `PipelineCall.run`: the process's generator kept
+                    torch.manual_seed(first.seed)
+                    output = pipeline(num_inference_steps=first.steps, generator=generators,
+                                      callback_on_step_end=step_end, output_type="pil", **kwargs)  # fmt: skip
+            finally:
+                vae.use_slicing = slicing
     finally:
-        vae.use_slicing = slicing
         undo()
         for row in rows:
             row.units.merged = False

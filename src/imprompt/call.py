@@ -11,7 +11,8 @@ differ in the last bit: the batched arithmetic rounds otherwise).
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -70,11 +71,34 @@ class PipelineCall:
         # where the image prompts attach their units: the model's attachment; in a batch, a recorder of the request's
         # own that attaches through it (`ipadapter.attach.RequestUnits`, read by `batching.py`)
         self.adapters = loaded.attached
+        self.components: dict = {}  # name -> module a conditioning put on the pipeline for this call (`use`)
         self._undo: list[Callable[[], None]] = []
 
     def after(self, undo: Callable[[], None]) -> None:
         """Something to undo once the call ends, however it ends (last added, first undone)."""
         self._undo.append(undo)
+
+    def use(self, name: str, module) -> None:
+        """A component of the pipeline for this call only (a VAE file): set now, the model's own back after the
+        call, and recorded so that a batch, which ends other requests' calls between its own, can set it again for
+        this call's rows (`in_place`)."""
+        if not self.components:
+            self.after(self.loaded.restore_components)
+        self.components[name] = module
+        setattr(self.pipeline, name, module)
+
+    @contextmanager
+    def in_place(self) -> Iterator[None]:
+        """The components this call `use`s on its pipeline while the context lasts (another call's end may have put
+        the model's own back), and what was there before once it ends."""
+        before = {name: getattr(self.pipeline, name) for name in self.components}
+        for name, module in self.components.items():
+            setattr(self.pipeline, name, module)
+        try:
+            yield
+        finally:
+            for name, module in before.items():
+                setattr(self.pipeline, name, module)
 
     def __enter__(self) -> PipelineCall:
         return self

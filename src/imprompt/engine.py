@@ -347,7 +347,7 @@ def generate_group(state: EngineState, members: list, on_steps: list, stops: lis
                 apply(prepared, call)
                 merges = merge_signature(call) is not None
                 if not merges:  # its UNet reads rows of its own: it runs alone, now (its adapter set is attached)
-                    with call:
+                    with call, call.in_place():
                         images = call.run()
                     outcomes[i] = finish(state, prepared, call, images, stops[i].is_set(), (batch_info(1, 1),))
             except Exception as exc:

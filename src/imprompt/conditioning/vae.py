@@ -70,8 +70,7 @@ class Vae(Conditioning):
         from ..loading.vaes import needs_tiling
 
         vae = self.vae if self.vae is not None else call.loaded.own_vae
-        call.pipeline.vae = vae
-        call.after(call.loaded.restore_components)
+        call.use("vae", vae)
         self.tiled = vae.use_tiling = needs_tiling(vae, call.width, call.height, self.budget)  # set by every request
 
     def batch_part(self) -> tuple | None:
