@@ -342,6 +342,55 @@ def test_what_is_not_batched_yet_gets_no_key(pack, images, tmp_path):
         assert engine.batch_key(r) is None, what
 
 
+def scheduler_variant(pack, folder, name: str, **config) -> None:
+    """The tiny SD 1.5 as another model whose scheduler config adds `config` (the other parts: links to the pack's)."""
+    import json
+
+    source, model = pack / "diffusers" / "tiny-sd15", folder / "diffusers" / name
+    model.mkdir(parents=True)
+    for part in source.iterdir():
+        if part.name != "scheduler":
+            (model / part.name).symlink_to(part)
+    (model / "scheduler").mkdir()
+    scheduler = json.loads((source / "scheduler" / "scheduler_config.json").read_text())
+    (model / "scheduler" / "scheduler_config.json").write_text(json.dumps({**scheduler, **config}))
+
+
+def test_a_scheduler_that_clips_or_thresholds_runs_alone(pack, tmp_path):
+    """Clamping or thresholding each row's predicted image amplifies the last bits in which a batch rounds otherwise
+    (in diffusers' own batches too), so such a scheduler gets no key, from the model's files before it loads and from
+    the resident model after: DDIM from a config that does not turn clip_sample off, any scheduler with
+    thresholding. DDIM with clip_sample off batches, within 1/255."""
+    scheduler_variant(pack, tmp_path, "tiny-sd15-thresholding", thresholding=True)
+    scheduler_variant(pack, tmp_path, "tiny-sd15-noclip", clip_sample=False)
+    engine = Engine([pack, tmp_path])
+    clipped, thresholded = "tiny-sd15", "tiny-sd15-thresholding"
+    cases = {(clipped, "DDIM"): None, (clipped, "Euler"): "key", (clipped, "Default"): "key",
+             (thresholded, "DPM++ 2M"): None, (thresholded, "UniPC"): None, (thresholded, "Default"): "key",  # PNDM
+             (thresholded, "Euler"): "key", ("tiny-sd15-noclip", "DDIM"): "key"}  # fmt: skip
+    for loaded in (False, True):
+        for (model, sampler), expected in cases.items():
+            key = engine.batch_key(request(model=model, sampler=sampler))
+            assert (key is None) == (expected is None), (model, sampler, loaded)
+        for model in (clipped, thresholded, "tiny-sd15-noclip"):
+            engine.preload(model)
+
+    alone_engine = Engine([pack, tmp_path])
+    for model, sampler in ((clipped, "DDIM"), (thresholded, "DPM++ 2M")):
+        requests = [request(model=model, sampler=sampler, seed=1, steps=6),
+                    request(model=model, sampler=sampler, prompt="a dog", seed=2, steps=6)]  # fmt: skip
+        batch = engine.generate_batch(requests)  # each alone, to the bit
+        for n, alone in enumerate(run_alone(alone_engine, requests)):
+            assert batch[n].info["batch"]["size"] == 1, (model, n)
+            assert differences(alone.images, batch[n].images) == (0, 0), (model, n)
+    requests = [request(model="tiny-sd15-noclip", sampler="DDIM", seed=1, steps=6),
+                request(model="tiny-sd15-noclip", sampler="DDIM", prompt="a dog", seed=2, steps=6)]  # fmt: skip
+    batch = engine.generate_batch(requests)
+    for n, alone in enumerate(run_alone(alone_engine, requests)):
+        assert batch[n].info["batch"]["size"] == 2
+        same_result(alone, batch[n], f"DDIM without clip_sample, request {n}")
+
+
 def test_instantid_pulid_and_redux_units_do_not_batch(pack, images):
     """Their units make the image prompts' part None (checked on a real plan whose unit is given their kinds: their
     files and models are the other tests')."""

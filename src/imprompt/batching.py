@@ -14,21 +14,26 @@ scale, VAE, LoRA set) run as rows of one call, each with its own prompt embeddin
     decode              row by row (the VAE's slicing), as alone
 
 So each request's images are its images alone, up to the last bits that batched arithmetic rounds otherwise (a
-GEMM over more rows may sum in another order; bit-equality with alone is not promised, <= 1/255 is tested; a sampler
-that amplifies rounding, as DDIM with `clip_sample` on a tiny random model, differs more, as diffusers' own batch
-does). What
-cannot share a call runs alone (`batch_key` None, or a call the rows cannot merge into); the flow that prepares the
-requests and falls back to alone is `engine.py`'s.
+GEMM over more rows may sum in another order; bit-equality with alone is not promised, <= 1/255 is tested on the tiny
+CPU test models; real models in float16 on CUDA are not measured yet). A scheduler that clamps or thresholds each
+row's predicted image (`clip_sample`, as DDIM has unless the model's config turns it off; `thresholding`) amplifies
+those last bits far past 1/255, in diffusers' own batches too (`row_exact`), so it gets no key. What cannot share a
+call runs alone (`batch_key` None, or a call the rows cannot merge into); the flow that prepares the requests and
+falls back to alone is `engine.py`'s.
 """
 
 from __future__ import annotations
 
+import inspect
+import json
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from .call import PipelineCall
+from .errors import RequestError
 from .ipadapter.attach import RequestUnits, RowScales
 from .plan import Plan, make_plan
 from .request import GenerateRequest
@@ -58,8 +63,46 @@ def plan_key(state, request: GenerateRequest, plan: Plan) -> tuple | None:
     parts = tuple(c.batch_part() for c in plan.conditionings)
     if any(part is None for part in parts):
         return None
+    if not row_exact(model_scheduler(state, plan, request)):
+        return None
     return (state.pipeline_key(plan.pipeline, plan.parts), plan.width, plan.height, request.steps, plan.sampler,
             request.cfg_scale, parts)  # fmt: skip
+
+
+def row_exact(scheduler) -> bool:
+    """Whether a row of a batch stays within rounding of the same row alone under this scheduler: not where it clamps
+    or thresholds each row's predicted image (`clip_sample`, `thresholding`; DDIM clips unless the model's config
+    says not). Both act on each row alone (thresholding's quantile is per image), but where the model's predictions
+    reach the clamp they amplify the last bits in which a batched UNet rounds otherwise; measured on the tiny SD 1.5
+    in diffusers alone (one row vs two, 4 to 12 steps): DDIM with clip_sample 226/255, thresholding with DPM++ 2M
+    2.4, UniPC 2.3, DEIS 1.5; without them every scheduler imprompt names <= 0.04/255. Every other step of diffusers'
+    schedulers acts on each row on its own (their noise: one generator per row)."""
+    takes = inspect.signature(type(scheduler).__init__).parameters  # a config may carry keys its class ignores
+    return not any(name in takes and scheduler.config.get(name) for name in ("clip_sample", "thresholding"))
+
+
+def model_scheduler(state, plan: Plan, request: GenerateRequest):
+    """The scheduler the request's call would build (`util.samplers.make_scheduler`), without loading the model: from
+    the resident pipeline's scheduler config, or else the one its files give (a folder's `scheduler/`, or the
+    config imprompt writes a single file's folder from)."""
+    import diffusers
+
+    from .models.single_file import CONFIGS
+
+    key = state.pipeline_key(plan.pipeline, plan.parts)
+    resident = next((loaded for loaded in state.pipelines.all() if loaded.key == key), None)
+    if resident is not None:
+        config, class_name = resident.scheduler_config, resident.scheduler_class
+    else:
+        path = Path(plan.pipeline.spec.path)
+        if path.is_file():
+            path = CONFIGS / ("sdxl" if plan.pipeline.spec.pipeline_class == "StableDiffusionXLPipeline" else "sd15")
+        config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
+        class_name = config["_class_name"]
+    if not hasattr(diffusers, class_name):
+        raise RequestError(f"model {plan.pipeline.name}: scheduler {class_name} is not one of diffusers' classes; "
+                           "use a model whose scheduler config names one")  # fmt: skip
+    return make_scheduler(plan.sampler, config, class_name)
 
 
 class Stop:
@@ -84,6 +127,8 @@ def merge_signature(call: PipelineCall) -> tuple | None:
         return None
     if not isinstance(call.adapters, RequestUnits):
         return None
+    if not row_exact(make_scheduler(call.sampler, call.loaded.scheduler_config, call.loaded.scheduler_class)):
+        return None  # the model as loaded clips or thresholds (the key read its files; this reads what loaded)
     shapes = tuple((name, tuple(kwargs[name].shape), kwargs[name].dtype) for name in PROMPT_TENSORS if name in kwargs)
     return shapes + (call.loaded.key, kwargs["guidance_scale"], kwargs["width"], kwargs["height"])
 
