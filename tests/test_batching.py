@@ -59,6 +59,11 @@ def differences(alone: list, batch: list) -> tuple[int, int]:
     return max(int(d.max()) for d in diffs), sum(int((d > 0).sum()) for d in diffs)
 
 
+def shape(result) -> tuple[int, int]:
+    """The call a batched result ran in: its rows and requests (`info["batch"]`)."""
+    return result.info["batch"]["size"], result.info["batch"]["requests"]
+
+
 def same_result(alone, batched, what: str) -> tuple[int, int]:
     """Everything but the pixels equal; the pixels within TOLERANCE. Returns the measured differences."""
     assert not isinstance(batched, BaseException), f"{what}: {batched!r}"
@@ -68,6 +73,7 @@ def same_result(alone, batched, what: str) -> tuple[int, int]:
 
     assert shown(batched.info) == shown(alone.info), what
     assert batched.infotexts == alone.infotexts, what
+    assert not [e for e in batched.info["events"] if e["event"] == "batch_fallback"], what  # its call did not fail
     worst, count = differences(alone.images, batched.images)
     assert worst <= TOLERANCE, f"{what}: pixels differ by {worst}"
     return worst, count
@@ -112,7 +118,7 @@ def check_batch(engines, requests: list, size: tuple[int, int], what: str) -> li
     measured = []
     for n, (a, b) in enumerate(zip(alone, batch)):
         measured.append(same_result(a, b, f"{what} request {n}"))
-        assert b.info["batch"] == {"size": size[0], "requests": size[1]}, b.info["batch"]
+        assert shape(b) == size, b.info["batch"]
     assert kept(batch_engine) == kept(alone_engine)
     print(f"\n{what}: (max difference, channels differing) per request: {measured}")
     return measured
@@ -209,7 +215,7 @@ def test_a_failing_request_gets_its_own_error_and_the_others_their_images(engine
         assert str(batch[n]) == str(alone[n])
     for n in (0, 4):
         same_result(alone[n], batch[n], f"request {n}")
-        assert batch[n].info["batch"] == {"size": 2, "requests": 2}
+        assert shape(batch[n]) == (2, 2)
     assert kept(batch_engine) == kept(alone_engine)
 
 
@@ -222,9 +228,77 @@ def test_a_merged_call_that_raises_runs_each_request_alone(pack, images, monkeyp
     monkeypatch.setattr(imprompt.engine, "run_merged", broken)
     requests = [request(unit("Base", images["red-circle"]), seed=1), request(prompt="a dog", seed=2)]
     alone = run_alone(Engine(pack), requests)
-    for a, b in zip(alone, Engine(pack).generate_batch(requests)):
+    for n, (a, b) in enumerate(zip(alone, Engine(pack).generate_batch(requests))):
         assert differences(a.images, b.images) == (0, 0)
-        assert b.info["batch"] == {"size": 1, "requests": 1}
+        assert b.info["batch"] == {"size": 1, "requests": 1, "call": 2 + n}  # call 1 failed
+        assert b.info["events"][0] == {"event": "batch_fallback", "requests": 2,
+                                       "why": "RuntimeError: out of memory (a test's fault)"}  # fmt: skip
+
+
+def test_a_request_interrupted_in_a_call_that_fails_is_not_run_again(pack, images, caplog):
+    """Request 0 is interrupted at step 2; request 1's progress callback then raises at step 3, failing the merged
+    call. Request 0 keeps its interrupt: it is not run again and gets an error saying what happened (nothing of its
+    rows was kept); the others run again alone and equal alone, a `batch_fallback` event and a warning saying
+    why."""
+    from imprompt.errors import InterruptedRunError
+
+    requests = [request(unit("Base", images["red-circle"]), seed=1), request(prompt="a dog", seed=2),
+                request(prompt="a tree", seed=3)]  # fmt: skip
+    requests = [{**r, "steps": 5, "sampler": "Euler"} for r in requests]
+    events = [threading.Event() for _ in requests]
+    seen: list[list[int]] = [[], [], []]
+    raised = []
+
+    def stopping(step, total):
+        seen[0].append(step)
+        if step == 2:
+            events[0].set()
+
+    def failing_once(step, total):
+        seen[1].append(step)
+        if step == 3 and not raised:
+            raised.append(step)
+            raise RuntimeError("a progress callback failed (a test's fault)")
+
+    batch = Engine(pack).generate_batch(requests, on_steps=[stopping, failing_once, lambda s, t: seen[2].append(s)],
+                                        interrupts=events)  # fmt: skip
+    assert isinstance(batch[0], InterruptedRunError), batch[0]
+    assert "interrupted at step 2 of " in str(batch[0]) and "a progress callback failed" in str(batch[0])
+    assert isinstance(batch[0].__cause__, RuntimeError)
+    assert seen == [[1, 2], [1, 2, 3, 1, 2, 3, 4, 5], [1, 2, 1, 2, 3, 4, 5]]  # 0 is not run again (1 raised first)
+    alone = run_alone(Engine(pack), requests[1:])
+    for n, a in zip((1, 2), alone):
+        assert differences(a.images, batch[n].images) == (0, 0) and batch[n].info["interrupted"] is False
+        assert batch[n].info["events"][0] == {"event": "batch_fallback", "requests": 3,
+                                              "why": "RuntimeError: a progress callback failed (a test's fault)"}  # fmt: skip
+    assert [r.levelname for r in caplog.records if "each runs again alone" in r.getMessage()] == ["WARNING"]
+
+
+def test_interrupted_is_each_request_own(engines, images):
+    """The engine's interrupt during a later call of the batch (a request with rows of its own) stops that request;
+    the requests whose calls finished before it (merged, rows of their own, one that cannot merge) are not
+    interrupted, as alone."""
+    requests = [request(unit("Base", images["red-circle"]), seed=1), request(prompt="a dog", seed=2),
+                request(prompt=LONG, negative_prompt=LONG, seed=3),  # rows of its own (154 tokens)
+                request(prompt=LONG, seed=4),  # runs at once, the first call
+                request(prompt=f"{LONG}, {LONG}", negative_prompt=f"{LONG}, {LONG}", seed=5)]  # 231: the last call  # fmt: skip
+    alone_engine, batch_engine = engines
+
+    def interrupting(engine):
+        def on_step(step, total):
+            if step == 2:
+                engine.interrupt()
+
+        return on_step
+
+    order = (3, 0, 1, 2, 4)  # as the batch's calls run
+    alone = {n: alone_engine.generate(requests[n], on_step=interrupting(alone_engine) if n == 4 else None) for n in order}
+    batch = batch_engine.generate_batch(requests, on_steps=[None] * 4 + [interrupting(batch_engine)])
+    assert [b.info["interrupted"] for b in batch] == [False, False, False, False, True]
+    for n in range(5):
+        same_result(alone[n], batch[n], f"request {n}")
+    assert [b.info["batch"]["call"] for b in batch] == [2, 2, 3, 1, 4]
+    assert kept(batch_engine) == kept(alone_engine)
 
 
 # --------------------------------------------------------------------------------- what cannot share a call
@@ -254,9 +328,11 @@ def test_requests_that_cannot_share_a_call_are_split(engines, images):
     calls = {0: (2, 2), 3: (2, 2), 4: (2, 2), 6: (2, 2), 5: (1, 1), 1: (1, 1), 2: (1, 1)}
     for n, call in calls.items():
         worst, count = same_result(alone[n], batch[n], f"request {n}")
-        assert batch[n].info["batch"] == {"size": call[0], "requests": call[1]}, (n, batch[n].info["batch"])
+        assert shape(batch[n]) == call, (n, batch[n].info["batch"])
         if call == (1, 1):
             assert (worst, count) == (0, 0), n
+    # the calls in the order they ran: 5 at once, as it was applied; then the merged ones; then the other keys
+    assert [batch[n].info["batch"]["call"] for n in range(7)] == [2, 4, 5, 2, 3, 1, 3]
     assert kept(batch_engine) == kept(alone_engine)
 
 
@@ -273,7 +349,7 @@ def test_a_lora_set_and_a_vae_are_shared_by_a_call(engines, images):
     batch = batch_engine.generate_batch(requests)
     for n, call in enumerate([(2, 2), (2, 2), (1, 1)]):
         same_result(alone[n], batch[n], f"request {n}")
-        assert batch[n].info["batch"] == {"size": call[0], "requests": call[1]}
+        assert shape(batch[n]) == call
     assert batch[0].info["loras"] and batch[0].info["vae"]
     assert kept(batch_engine) == kept(alone_engine)
 
@@ -290,7 +366,7 @@ def test_a_vae_file_stays_on_for_the_rows_after_a_request_that_runs_at_once(engi
     batch = batch_engine.generate_batch(requests)
     for n, call in enumerate([(2, 2), (2, 2), (1, 1)]):
         same_result(alone[n], batch[n], f"request {n}")
-        assert batch[n].info["batch"]["size"] == call[0] and batch[n].info["batch"]["requests"] == call[1]
+        assert shape(batch[n]) == call
         assert batch[n].info["vae"]["name"] == "soft-vae.safetensors"
     assert kept(batch_engine) == kept(alone_engine)
 
@@ -304,7 +380,7 @@ def test_a_shape_of_its_own_runs_alone_with_its_units(engines, images):
     alone_engine, batch_engine = engines
     alone = run_alone(alone_engine, requests)
     batch = batch_engine.generate_batch(requests)
-    assert [b.info["batch"] for b in batch] == [{"size": 2, "requests": 2}] * 2 + [{"size": 1, "requests": 1}]
+    assert [shape(b) for b in batch] == [(2, 2)] * 2 + [(1, 1)]
     assert same_result(alone[2], batch[2], "the long one") == (0, 0)
     assert kept(batch_engine) == kept(alone_engine)
 
@@ -449,7 +525,7 @@ def test_interrupting_one_request_stops_it_alone(engines, images):
     assert batch[1].info["interrupted"] is True and len(batch[1].images) == 1
     for n in range(3):
         same_result(alone[n], batch[n], f"request {n}")
-        assert batch[n].info["batch"] == {"size": 4, "requests": 3}
+        assert shape(batch[n]) == (4, 3)
     assert not batch[0].info["interrupted"] and not batch[2].info["interrupted"]
     assert kept(batch_engine) == kept(alone_engine)
 

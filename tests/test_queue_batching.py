@@ -370,7 +370,7 @@ def test_the_real_engine_batches_equal_keys_and_runs_others_alone(pack):
     assert [job.error for job in jobs] == [None] * 3
     batches = [e for e in queue.recent_events(since) if e["event"] == "batch"]
     assert [(e["jobs"], e["size"]) for e in batches] == [([jobs[0].id, jobs[2].id], 2)]
-    assert jobs[0].results[0].info["batch"] == jobs[2].results[0].info["batch"] == {"size": 2, "requests": 2}
+    assert jobs[0].results[0].info["batch"] == jobs[2].results[0].info["batch"] == {"size": 2, "requests": 2, "call": 1}
     assert "batch" not in jobs[1].results[0].info
     assert jobs[1].started >= jobs[2].started  # the other key waited its turn
     alone = Engine(pack)

@@ -141,8 +141,11 @@ class Row:
     call: PipelineCall
     units: RequestUnits
     images: list = field(default_factory=list)
-    stopped: bool = False  # interrupted during the merged call: its rows kept the step it stopped at
+    stopped: bool = False  # interrupted in its own call: its rows kept the step it stopped at
+    stopped_at: tuple[int, int] = (0, 0)  # the step it stopped after, of how many
     batch: tuple[int, int] = (1, 1)  # the call it ran in: rows the UNet ran at once (CFG aside), requests among them
+    number: int = 0  # which pipeline call of the batch it ran in
+    error: BaseException | None = None  # what its call raised
 
 
 def run_alone(row: Row) -> None:
@@ -153,6 +156,7 @@ def run_alone(row: Row) -> None:
     try:
         with row.call.in_place():  # its VAE: a call that ended since it was applied put the model's own back
             row.images = row.call.run()
+        row.stopped = row.call.schedule.interrupt.is_set()  # read now, as alone reads it: not at a later call's end
     finally:
         undo()
 
@@ -196,7 +200,7 @@ def run_merged(rows: list[Row]) -> None:
             if schedule.on_step is not None:
                 schedule.on_step(step + 1, total)
             if schedule.interrupt.is_set():  # its rows stay at this step's latents, as alone stops here
-                row.stopped = True
+                row.stopped, row.stopped_at = True, (step + 1, total)
                 mine = torch.tensor([o == r for o in owner])
                 held = latents.clone() if held is None else torch.where(_rows(mine, latents), latents, held)
                 frozen[mine] = True

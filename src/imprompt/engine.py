@@ -18,6 +18,7 @@ request can see. The engine's state between requests (caches, budgets, resident 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import secrets
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from .batching import Row, Stop, batch_key, merge_groups, merge_signature, plan_
 from .call import PipelineCall
 from .conditioning import Description, Preparation
 from .conditioning.image_prompts import embed_unit, save_unit_embeddings
-from .errors import RequestError
+from .errors import InterruptedRunError, RequestError
 from .ipadapter.attach import RequestUnits
 from .ipadapter.embeddings import UnitEmbeddings
 from .models.store import Entry
@@ -215,11 +216,13 @@ class Engine:
 
 
 def generate(state: EngineState, request: GenerateRequest, on_step, made_elsewhere: dict, interrupt=None,
-             plan: Plan | None = None, described: tuple = ()) -> Result:  # fmt: skip
+             plan: Plan | None = None, described: tuple = (), events: tuple = ()) -> Result:  # fmt: skip
     """One request through the engine's state: the data flow (see the module docstring). `interrupt`: what stops it
-    (default: the engine's); `plan`: made already; `described`: more of its result's info (a batch's)."""
+    (default: the engine's); `plan`: made already; `described`: more of its result's info (a batch's); `events`:
+    what happened to it before (in a batch), first among its result's events."""
     stop = interrupt or state.interrupt
     prepared = prepare(state, request, made_elsewhere, plan)
+    prepared.events[:0] = events
     with open_call(prepared, on_step, stop) as call:  # what the call changed, undone after it
         apply(prepared, call)
         images = call.run()
@@ -285,9 +288,10 @@ def finish(state: EngineState, prepared: Prepared, call: PipelineCall, images: l
 # ------------------------------------------------------------------------------------------ several requests
 
 
-def batch_info(rows: int, requests: int) -> Description:
-    """A batch's part of each result: how many rows its UNet ran at once, for how many requests (1 and 1: alone)."""
-    return Description(info={"batch": {"size": rows, "requests": requests}})
+def batch_info(rows: int, requests: int, call: int) -> Description:
+    """A batch's part of each result: how many rows its UNet ran at once, for how many requests (1 and 1: alone),
+    and which of the batch's pipeline calls it was (equal numbers: the same call)."""
+    return Description(info={"batch": {"size": rows, "requests": requests, "call": call}})
 
 
 def generate_batch(state: EngineState, requests: list, on_steps: list, interrupts: list) -> list:
@@ -296,6 +300,7 @@ def generate_batch(state: EngineState, requests: list, on_steps: list, interrupt
     error it got (a request's failure is its own)."""
     outcomes: list = [None] * len(requests)
     stops = [Stop(event, state.interrupt) for event in interrupts]
+    calls = itertools.count(1)  # the pipeline calls made, numbered for each result's info["batch"]
     groups: dict = {}  # the shared key (or the request alone) -> [(index, request, plan)]
     for i, given in enumerate(requests):
         try:
@@ -313,27 +318,30 @@ def generate_batch(state: EngineState, requests: list, on_steps: list, interrupt
     for members in groups.values():
         if len(members) == 1:
             (i, request, plan), = members
-            outcomes[i] = alone(state, request, on_steps[i], stops[i], plan)
+            outcomes[i] = alone(state, request, on_steps[i], stops[i], next(calls), plan)
         else:
-            generate_group(state, members, on_steps, stops, outcomes)
+            generate_group(state, members, on_steps, stops, outcomes, calls)
     return outcomes
 
 
-def alone(state: EngineState, request: GenerateRequest, on_step, stop: Stop, plan: Plan | None = None):
-    """A request of a batch run alone: its result, or the error it got."""
+def alone(state: EngineState, request: GenerateRequest, on_step, stop: Stop, call: int, plan: Plan | None = None,
+          events: tuple = ()):  # fmt: skip
+    """A request of a batch run alone (its pipeline call numbered `call`; `events`: what happened to it in the batch
+    before, first among its result's events): its result, or the error it got."""
     try:
-        return generate(state, request, on_step, {}, stop, plan, (batch_info(1, 1),))
+        return generate(state, request, on_step, {}, stop, plan, (batch_info(1, 1, call),), events)
     except Exception as exc:
         return exc
 
 
-def generate_group(state: EngineState, members: list, on_steps: list, stops: list, outcomes: list) -> None:
+def generate_group(state: EngineState, members: list, on_steps: list, stops: list, outcomes: list, calls) -> None:
     """Requests that share a key: each prepared and applied in order (its adapters attached as alone attaches them,
     so what stays attached and cached is what they leave alone), then the calls that merge run as one, the others
-    alone. A request whose call cannot merge at all runs alone at once; a merged call that raises is run again
-    request by request, from the start."""
+    alone. A request whose call cannot merge at all runs alone at once. A merged call that raises is run again
+    request by request, from the start (a `batch_fallback` event in each result says why), but for a request
+    already interrupted in it: that one is not run again (its interrupt stands) and gets an error saying so."""
     rows: list[tuple[int, Prepared, Row]] = []
-    failed: list[int] = []
+    failed: dict[int, str] = {}  # request -> why the merged call it was in failed
     try:
         for i, request, plan in members:
             try:
@@ -349,7 +357,8 @@ def generate_group(state: EngineState, members: list, on_steps: list, stops: lis
                 if not merges:  # its UNet reads rows of its own: it runs alone, now (its adapter set is attached)
                     with call, call.in_place():
                         images = call.run()
-                    outcomes[i] = finish(state, prepared, call, images, stops[i].is_set(), (batch_info(1, 1),))
+                    outcomes[i] = finish(state, prepared, call, images, stops[i].is_set(),
+                                         (batch_info(1, 1, next(calls)),))  # fmt: skip
             except Exception as exc:
                 call.__exit__(None, None, None)
                 outcomes[i] = exc
@@ -357,6 +366,9 @@ def generate_group(state: EngineState, members: list, on_steps: list, stops: lis
             if merges:
                 rows.append((i, prepared, Row(call, call.adapters)))
         for group in merge_groups(rows, [merge_signature(row.call) for _, _, row in rows]):
+            number = next(calls)
+            for _, _, row in group:
+                row.number = number
             try:
                 if len(group) == 1:
                     run_alone(group[0][2])
@@ -366,15 +378,30 @@ def generate_group(state: EngineState, members: list, on_steps: list, stops: lis
                 if len(group) == 1:
                     outcomes[group[0][0]] = exc
                 else:  # one bad request must not take the others down: each runs again, alone, from the start
-                    log.warning("a call of %d requests failed (%s: %s); each runs again alone", len(group),
-                                type(exc).__name__, exc)  # fmt: skip
-                    failed += [i for i, _, _ in group]
+                    why = f"{type(exc).__name__}: {exc}"
+                    log.warning("a call of %d requests failed (%s); each runs again alone but those interrupted in "
+                                "it", len(group), why)  # fmt: skip
+                    for i, _, row in group:
+                        failed[i] = why
+                        row.error = exc
     finally:
         for _, _, row in reversed(rows):
             row.call.__exit__(None, None, None)
     for i, prepared, row in rows:
-        if outcomes[i] is None and i not in failed:
-            outcomes[i] = finish(state, prepared, row.call, row.images, stops[i].is_set(), (batch_info(*row.batch),))
-    for i, prepared, _ in rows:
-        if i in failed:
-            outcomes[i] = alone(state, prepared.request, on_steps[i], stops[i])
+        if outcomes[i] is None and i not in failed:  # interrupted: its own rows stopped early, not another call's
+            outcomes[i] = finish(state, prepared, row.call, row.images, row.stopped,
+                                 (batch_info(*row.batch, row.number),))  # fmt: skip
+    for i, prepared, row in rows:
+        if i not in failed:
+            continue
+        if row.stopped:  # its interrupt was delivered in the failed call: it is not run again
+            error = InterruptedRunError(
+                f"request {i} of the batch: interrupted at step {row.stopped_at[0]} of {row.stopped_at[1]}, then "
+                f"the pipeline call it ran in with other requests failed ({failed[i]}), so no image of it was kept; "
+                "send it again for its images")  # fmt: skip
+            error.__cause__ = row.error
+            outcomes[i] = error
+            continue
+        together = sum(1 for j, _, other in rows if j in failed and other.number == row.number)
+        event = {"event": "batch_fallback", "requests": together, "why": failed[i]}
+        outcomes[i] = alone(state, prepared.request, on_steps[i], stops[i], next(calls), events=(event,))

@@ -91,6 +91,13 @@ class QueueFullError(ImpromptError):
     http_status = 429
 
 
+class InterruptedRunError(ImpromptError):
+    """A request interrupted inside a batched pipeline call that then failed: nothing it made was kept (the call's
+    error is its cause). Not the client's fault: 500."""
+
+    http_status = 500
+
+
 class AuthError(ImpromptError):
     """Missing or wrong API key."""
 
