@@ -94,8 +94,9 @@ class FakeEngine:
         return outcomes
 
 
-def req(prompt: str, seed: int = 1, steps: int = 3) -> GenerateRequest:
-    return GenerateRequest(model="m", prompt=prompt, seed=seed, steps=steps, width=64, height=64)
+def req(prompt: str, seed: int = 1, steps: int = 3, batch_size: int = 1, size: int = 64) -> GenerateRequest:
+    return GenerateRequest(model="m", prompt=prompt, seed=seed, steps=steps, width=size, height=size,
+                           batch_size=batch_size)  # fmt: skip
 
 
 def wait_until(condition, seconds: float = 20, what: str = "condition"):
@@ -216,10 +217,28 @@ def test_the_default_batch_max_is_sized_from_device_memory():
     assert default_batch_max(cpu, req("cat")) == 4
     gpu = SimpleNamespace(device=torch.device("cuda"), activation_budget=int(4.8 * GiB))  # 20 % of a 24 GiB GPU
     big = GenerateRequest(model="m", prompt="cat", width=1024, height=1024)
-    assert default_batch_max(gpu, big) == 9  # 4.8 GiB / 0.5 GiB per 1024x1024 row
-    assert default_batch_max(gpu, big.model_copy(update={"batch_size": 4})) == 2
+    assert default_batch_max(gpu, big) == 9  # rows: 4.8 GiB / 0.5 GiB per 1024x1024 row
     assert default_batch_max(gpu, GenerateRequest(model="m", prompt="cat", width=512, height=512)) == 16  # the cap
     assert default_batch_max(SimpleNamespace(device=torch.device("cuda"), activation_budget=GiB // 4), big) == 1
+
+
+def test_the_rows_of_every_job_count_against_the_batch_max():
+    """The limit is rows, the sum of the jobs' batch sizes: the head's and each mate's. Oldest first, a mate whose
+    rows do not fit what is left waits for a later batch; one that fits, younger, joins."""
+    engine, queue = blocked_queue(batch_wait=0.2)
+    engine.device, engine.activation_budget = torch.device("cuda"), int(4.8 * GiB)  # 9 rows of 1024x1024
+    jobs = [queue.submit(req(f"cat {i}", size=1024, batch_size=n)) for i, n in enumerate([1, 4, 8, 4, 2, 8])]
+    release(engine, queue)
+    finish(*jobs)
+    assert engine.calls[1:] == [("batch", ["cat 0", "cat 1", "cat 3"]), ("generate", ["cat 2"]),
+                                ("generate", ["cat 4"]), ("generate", ["cat 5"])]  # 9 rows, then 8, 2 + 8 > 9, 8  # fmt: skip
+
+    engine, queue = blocked_queue(batch_wait=0.2, batch_max=5)  # given: rows too
+    jobs = [queue.submit(req(f"cat {i}", batch_size=n)) for i, n in enumerate([1, 4, 2, 2, 1, 6])]
+    release(engine, queue)
+    finish(*jobs)
+    assert engine.calls[1:] == [("batch", ["cat 0", "cat 1"]), ("batch", ["cat 2", "cat 3", "cat 4"]),
+                                ("generate", ["cat 5"])]  # fmt: skip
 
 
 def test_bad_settings_are_refused():

@@ -155,8 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "pipeline call (same model, size, steps, sampler, LoRAs...) and runs them as one batch, each "
                         "with its own prompt, seed and image; 0 (default) runs one request at a time")  # fmt: skip
     s.add_argument("--batch-max", type=_positive, metavar="N",
-                   help="most requests in one batch (default: sized from the device's memory: on CUDA the rows of the "
-                        "request's size its activation budget holds, at most 16; on the CPU 4)")  # fmt: skip
+                   help="most rows (images: the sum of its requests' batch sizes) in one batch (default: sized from the "
+                        "device's memory: on CUDA the rows of the requests' size its activation budget holds, at most "
+                        "16; on the CPU 4)")  # fmt: skip
     s.add_argument("--max-units", type=_at_most(MAX_UNITS), default=8,
                    help=f"IP-Adapter units per request (default: %(default)s; at most {MAX_UNITS})")  # fmt: skip
     s.add_argument("--max-images", type=_at_most(MAX_IMAGES), default=16,

@@ -48,7 +48,7 @@ class ServerSettings:
     api_key: str | None = None
     max_body_bytes: int = 64 * 2**20
     max_queue: int = 16
-    batch_max: int | None = None  # jobs one batched pipeline call may hold (None: sized from device memory, jobs.py)
+    batch_max: int | None = None  # rows one batched pipeline call may hold (None: sized from device memory, jobs.py)
     batch_wait: float = 0.0  # seconds the worker waits for jobs to batch with the one it took (0: no batching)
     model: str | None = None  # the current model (A1111's sd_model_checkpoint)
     preload: bool = False  # load the current model while the server starts (`imprompt serve` does)

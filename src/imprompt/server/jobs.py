@@ -7,9 +7,10 @@ while its job waits has the job dropped; while it runs, interrupted. Each job ca
 concurrent clients with different adapters each get exactly the image their request asks for.
 
 Batching (`batch_wait` > 0): the worker, taking a job the engine can batch (`Engine.batch_key` is not None, one
-n_iter batch), waits up to `batch_wait` seconds for more waiting jobs with an equal key, then runs up to
-`batch_max` of them as one `Engine.generate_batch` call. Each keeps its own progress, interrupt, result and error;
-jobs with other keys keep their place in the queue. `batch_wait` == 0 runs one job at a time, as before.
+n_iter batch), waits up to `batch_wait` seconds for more waiting jobs with an equal key, then runs them, up to
+`batch_max` rows (the sum of their batch sizes), as one `Engine.generate_batch` call. Each keeps its own progress,
+interrupt, result and error; jobs with other keys wait for that call. `batch_wait` == 0 runs one job at a time, as
+before.
 """
 
 from __future__ import annotations
@@ -32,12 +33,13 @@ from ..request import GenerateRequest
 log = logging.getLogger("imprompt")
 _ids = itertools.count(1)
 DISCONNECT_POLL_SECONDS = 0.5  # how often a waiting handler checks that its client is still there
-# The default batch size (jobs) when none is given: on the CPU a batch saves per-call overhead but not compute, so
-# a few jobs; on CUDA as many rows as the engine's activation budget (util/devices.py) holds at ROW_BYTES per
-# megapixel of image, the UNet step's activations growing with rows and pixels (the VAE decodes one image at a
-# time, so the decode needs no more with more rows). ROW_BYTES: `tools.activation_memory` counts 0.31 GiB for one
-# SDXL 1024x1024 row with guidance in float16; a quarter for the allocator and SD 1.5's attention at the full latent
-# size round it up to 0.5 GiB. Never more than BATCH_MAX_CAP jobs (one slow batch delays all its clients).
+# The default batch size (rows: the sum of the jobs' batch sizes) when none is given: on the CPU a batch saves
+# per-call overhead but not compute, so a few rows; on CUDA as many rows as the engine's activation budget
+# (util/devices.py) holds at ROW_BYTES per megapixel of image, the UNet step's activations growing with rows and
+# pixels (the VAE decodes one image at a time, so the decode needs no more with more rows). ROW_BYTES:
+# `tools.activation_memory` counts 0.31 GiB for one SDXL 1024x1024 row with guidance in float16; a quarter for the
+# allocator and SD 1.5's attention at the full latent size round it up to 0.5 GiB. Never more than BATCH_MAX_CAP
+# rows (one slow batch delays all its clients).
 CPU_BATCH_MAX = 4
 ROW_BYTES = 2**29  # per 1024x1024 pixels of one batch row
 BATCH_MAX_CAP = 16
@@ -75,27 +77,28 @@ class Job:
 
 
 def default_batch_max(engine, request: GenerateRequest | None = None) -> int:
-    """How many jobs one batch may hold when the server was given no `--batch-max` (see ROW_BYTES): CUDA, the rows
-    of `request`'s size (its width x height, 1024x1024 when the model's native size is asked, times its
-    batch_size) the activation budget holds, at most BATCH_MAX_CAP; elsewhere CPU_BATCH_MAX; at least 1."""
+    """How many rows (the sum of the jobs' batch sizes) one batch may hold when the server was given no
+    `--batch-max` (see ROW_BYTES): on CUDA the rows of `request`'s size (its width x height, 1024x1024 when the
+    model's native size is asked; the jobs of one batch share it) the activation budget holds, at most
+    BATCH_MAX_CAP; elsewhere CPU_BATCH_MAX; at least 1."""
     if getattr(engine.device, "type", "cpu") != "cuda":
         return CPU_BATCH_MAX
     width = (request.width if request is not None else None) or 1024
     height = (request.height if request is not None else None) or 1024
-    rows_each = request.batch_size if request is not None else 1
     row = max(1, ROW_BYTES * width * height // (1024 * 1024))
-    return max(1, min(BATCH_MAX_CAP, int(engine.activation_budget) // row // rows_each))
+    return max(1, min(BATCH_MAX_CAP, int(engine.activation_budget) // row))
 
 
 class JobQueue:
     def __init__(self, engine: Engine, max_queue: int = 16, batch_max: int | None = None, batch_wait: float = 0.0,
                  recent_events: int = 200):  # fmt: skip
-        """`batch_max`: jobs one batch may hold (None: `default_batch_max`, sized per batch from the device's
-        memory); `batch_wait`: seconds the worker waits for jobs to batch with the one it took (0: no batching)."""
+        """`batch_max`: rows one batch may hold, the sum of its jobs' batch sizes (None: `default_batch_max`, sized
+        per batch from the device's memory); `batch_wait`: seconds the worker waits for jobs to batch with the one
+        it took (0: no batching)."""
         if max_queue < 1:
             raise RequestError(f"max_queue must be at least 1 (jobs that may wait), got {max_queue}")
         if batch_max is not None and batch_max < 1:
-            raise RequestError(f"batch_max must be at least 1 (jobs in one pipeline call), got {batch_max}")
+            raise RequestError(f"batch_max must be at least 1 (rows in one pipeline call), got {batch_max}")
         if not 0 <= batch_wait < float("inf"):
             raise RequestError(f"batch_wait must be 0 (no batching) or more seconds, got {batch_wait}")
         self.engine = engine
@@ -250,8 +253,8 @@ class JobQueue:
                     self._changed.wait()
                 head = self._waiting[0]
             key = self._key(head) if self.batch_wait > 0 and head.iterations == 1 else None
-            limit = (self.batch_max or default_batch_max(self.engine, head.request)) if key is not None else 1
-            if limit > 1:
+            limit = (self.batch_max or default_batch_max(self.engine, head.request)) if key is not None else 0
+            if limit > head.request.batch_size:  # room for another job's rows
                 mates = self._gather(head, key, limit)
                 if mates is None:
                     continue  # the head was dropped meanwhile: start again from the new oldest job
@@ -268,8 +271,9 @@ class JobQueue:
                 return batch
 
     def _gather(self, head: Job, key, limit: int) -> list[Job] | None:
-        """Wait (bounded by `batch_wait`, woken by each new or dropped job) until `limit` - 1 waiting jobs share
-        `head`'s key; returns them, oldest first (None if `head` itself was dropped)."""
+        """Wait (bounded by `batch_wait`, woken by each new or dropped job) until waiting jobs of `head`'s key fill
+        `limit` rows with it; returns them, oldest first, each that fits the rows left (None if `head` itself was
+        dropped)."""
         deadline = time.monotonic() + self.batch_wait
         while True:
             with self._changed:
@@ -279,13 +283,16 @@ class JobQueue:
             # keys are asked outside the lock (planning may read files; only this thread asks them), oldest first,
             # no further than the batch fills
             mates: list[Job] = []
+            rows = head.request.batch_size
             for job in snapshot:
-                if len(mates) == limit - 1:
+                if rows == limit:
                     break
-                if job is not head and job.iterations == 1 and self._key(job) == key:
-                    mates.append(job)
+                if job is not head and job.iterations == 1 and rows + job.request.batch_size <= limit:
+                    if self._key(job) == key:
+                        mates.append(job)
+                        rows += job.request.batch_size
             left = deadline - time.monotonic()
-            if len(mates) >= limit - 1 or left <= 0:
+            if rows == limit or left <= 0:
                 return mates
             with self._changed:
                 if self._arrivals == seen and head in self._waiting:
