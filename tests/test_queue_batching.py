@@ -244,9 +244,10 @@ def test_the_rows_of_every_job_count_against_the_batch_max():
 def test_bad_settings_are_refused():
     with pytest.raises(RequestError, match="batch_max"):
         JobQueue(FakeEngine(), batch_max=0)
-    for wait in (-1, float("nan"), float("inf")):
-        with pytest.raises(RequestError, match="batch_wait"):
+    for wait in (-1, float("nan"), float("inf"), 60.5, 1e10):
+        with pytest.raises(RequestError, match=r"batch_wait \(--batch-wait\) must be 0 \(no batching\) to 60 seconds"):
             JobQueue(FakeEngine(), batch_wait=wait)
+    JobQueue(FakeEngine(), batch_wait=60)
 
 
 def test_serve_flags_and_their_help(capsys):
@@ -257,15 +258,67 @@ def test_serve_flags_and_their_help(capsys):
     assert (args.batch_wait, args.batch_max) == (0.25, 3)
     args = parser.parse_args(["serve", "--models", "m"])
     assert (args.batch_wait, args.batch_max) == (0.0, None)  # batching off; batch_max sized from the device
-    for flag, value in (("--batch-wait", "-1"), ("--batch-wait", "inf"), ("--batch-max", "0")):
+    for flag, value in (("--batch-wait", "-1"), ("--batch-wait", "inf"), ("--batch-wait", "1e10"), ("--batch-max", "0")):
         with pytest.raises(SystemExit):
             parser.parse_args(["serve", "--models", "m", flag, value])
-        assert flag in capsys.readouterr().err
+        error = capsys.readouterr().err
+        assert flag in error and (flag != "--batch-wait" or "from 0 to 60" in error), error
     with pytest.raises(SystemExit):
         parser.parse_args(["serve", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
     assert "--batch-wait SECONDS" in help_text and "0 (default) runs one request at a time" in help_text
     assert "--batch-max N" in help_text and "on the CPU 4" in help_text
+
+
+class FaultyEngine(FakeEngine):
+    """Faults outside any job's own run: its device cannot be read once (the default batch size reads it), a key
+    raises, a batch gives an outcome that is no result."""
+
+    def __init__(self):
+        super().__init__()
+        self.faults = {"device": 1}
+
+    @property
+    def device(self):
+        if self.faults["device"]:
+            self.faults["device"] -= 1
+            raise RuntimeError("the device cannot be read (a test's fault)")
+        return torch.device("cpu")
+
+    @device.setter
+    def device(self, value):
+        pass
+
+    def batch_key(self, request):
+        if request.prompt.startswith("keyless"):
+            raise RuntimeError("no key (a test's fault)")
+        return super().batch_key(request)
+
+    def generate_batch(self, requests, on_steps=None, interrupts=None):
+        outcomes = super().generate_batch(requests, on_steps, interrupts)
+        return [SimpleNamespace(info={}) if r.prompt.endswith("malformed") else o for r, o in zip(requests, outcomes)]
+
+
+def test_the_worker_survives_faults_and_fails_only_the_jobs_in_hand():
+    engine = FaultyEngine()
+    queue = JobQueue(engine, max_queue=8, batch_wait=0.2)
+    first = queue.submit(req("cat first"))  # the default batch size cannot read the device
+    finish(first, seconds=5)
+    assert isinstance(first.error, RuntimeError) and "device" in str(first.error)
+    keyless = queue.submit(req("keyless cat"))  # no key: it runs alone
+    finish(keyless, seconds=5)
+    assert keyless.error is None and engine.calls[-1] == ("generate", ["keyless cat"])
+    engine.gate.clear()
+    jobs = [queue.submit(req("dog a")), queue.submit(req("dog malformed")), queue.submit(req("dog c"))]
+    engine.gate.set()
+    finish(*jobs, seconds=5)
+    assert engine.calls[-1] == ("batch", ["dog a", "dog malformed", "dog c"])
+    assert jobs[0].error is None and [r.info["prompt"] for r in jobs[0].results] == ["dog a"]
+    assert isinstance(jobs[1].error, KeyError) and not jobs[1].results  # its outcome alone could not be read
+    assert jobs[2].error is None and [r.info["prompt"] for r in jobs[2].results] == ["dog c"]
+    after = queue.submit(req("cat after"))
+    finish(after, seconds=5)
+    assert after.error is None and not queue.busy
 
 
 # ------------------------------------------------------------------------------------ each job keeps its own

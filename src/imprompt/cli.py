@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-wait", type=_seconds, default=0.0, metavar="SECONDS",
                    help="batch requests: the worker waits up to this long for more waiting requests that can share its "
                         "pipeline call (same model, size, steps, sampler, LoRAs...) and runs them as one batch, each "
-                        "with its own prompt, seed and image; 0 (default) runs one request at a time")  # fmt: skip
+                        "with its own prompt, seed and image; 0 (default) runs one request at a time; at most 60")  # fmt: skip
     s.add_argument("--batch-max", type=_positive, metavar="N",
                    help="most rows (images: the sum of its requests' batch sizes) in one batch (default: sized from the "
                         "device's memory: on CUDA the rows of the requests' size its activation budget holds, at most "
@@ -302,9 +302,13 @@ def _at_most(ceiling: int):
 
 
 def _seconds(text: str) -> float:
+    """--batch-wait's seconds: 0 to BATCH_WAIT_MAX (a lone request waits that long before it runs)."""
+    from .server.jobs import BATCH_WAIT_MAX
+
     value = float(text)
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text} is not a number of seconds (0 or more, finite)")
+    if not 0 <= value <= BATCH_WAIT_MAX:
+        raise argparse.ArgumentTypeError(f"{text} is not a number of seconds from 0 to {BATCH_WAIT_MAX:g} (a lone "
+                                         f"request waits that long before it runs); give at most {BATCH_WAIT_MAX:g}")  # fmt: skip
     return value
 
 

@@ -43,6 +43,7 @@ DISCONNECT_POLL_SECONDS = 0.5  # how often a waiting handler checks that its cli
 CPU_BATCH_MAX = 4
 ROW_BYTES = 2**29  # per 1024x1024 pixels of one batch row
 BATCH_MAX_CAP = 16
+BATCH_WAIT_MAX = 60.0  # seconds: a lone batchable request waits this long at most before it runs
 _UNKEYED = object()  # a job whose batch key has not been asked yet
 
 
@@ -99,8 +100,10 @@ class JobQueue:
             raise RequestError(f"max_queue must be at least 1 (jobs that may wait), got {max_queue}")
         if batch_max is not None and batch_max < 1:
             raise RequestError(f"batch_max must be at least 1 (rows in one pipeline call), got {batch_max}")
-        if not 0 <= batch_wait < float("inf"):
-            raise RequestError(f"batch_wait must be 0 (no batching) or more seconds, got {batch_wait}")
+        if not 0 <= batch_wait <= BATCH_WAIT_MAX:
+            raise RequestError(f"batch_wait (--batch-wait) must be 0 (no batching) to {BATCH_WAIT_MAX:g} seconds (a "
+                               f"lone request waits that long before it runs), got {batch_wait}; give at most "
+                               f"{BATCH_WAIT_MAX:g}")  # fmt: skip
         self.engine = engine
         self.max_queue = max_queue
         self.batch_max = batch_max
@@ -109,6 +112,7 @@ class JobQueue:
         self._changed = threading.Condition()
         self._arrivals = 0  # counts submissions, so the batching wait wakes for each new job
         self.running: list[Job] = []  # the jobs of the pipeline call now running (one, or a batch's)
+        self._taking: Job | None = None  # the oldest job, while the worker gathers its batch
         self.events: deque[dict] = deque(maxlen=recent_events)
         self._worker = threading.Thread(target=self._work, name="imprompt-worker", daemon=True)
         self._worker.start()
@@ -238,11 +242,30 @@ class JobQueue:
 
     def _work(self) -> None:
         while True:
-            jobs = self._take()
-            if len(jobs) == 1:
-                self._run_alone(jobs[0])
-            else:
-                self._run_batch(jobs)
+            jobs: list[Job] = []
+            try:
+                jobs = self._take()
+                if len(jobs) == 1:
+                    self._run_alone(jobs[0])
+                else:
+                    self._run_batch(jobs)
+            except Exception as exc:  # a fault of the queue's own: never the worker's end, or every client would wait
+                self._fault(jobs or [job for job in [self._taking] if job is not None], exc)
+
+    def _fault(self, jobs: list[Job], exc: Exception) -> None:
+        """The jobs in hand when the worker met a fault outside any job's run: each not finished gets the error
+        (its client a 500), and the worker goes on with the next."""
+        log.error("the worker failed with jobs %s in hand; they fail, the queue goes on", [j.id for j in jobs],
+                  exc_info=exc)  # fmt: skip
+        with self._changed:
+            for job in jobs:
+                if job in self._waiting:
+                    self._waiting.remove(job)
+            self.running = []
+        for job in jobs:
+            if not job.done.is_set():
+                job.error = exc
+                job.finish()
 
     def _take(self) -> list[Job]:
         """The next pipeline call's jobs, now running: the oldest job, and with batching the waiting jobs its key
@@ -251,7 +274,7 @@ class JobQueue:
             with self._changed:
                 while not self._waiting:
                     self._changed.wait()
-                head = self._waiting[0]
+                head = self._taking = self._waiting[0]
             key = self._key(head) if self.batch_wait > 0 and head.iterations == 1 else None
             limit = (self.batch_max or default_batch_max(self.engine, head.request)) if key is not None else 0
             if limit > head.request.batch_size:  # room for another job's rows
@@ -267,7 +290,7 @@ class JobQueue:
                 for job in batch:
                     self._waiting.remove(job)
                     job.started, job.batched = time.time(), len(batch) > 1
-                self.running = batch
+                self.running, self._taking = batch, None
                 return batch
 
     def _gather(self, head: Job, key, limit: int) -> list[Job] | None:
@@ -296,7 +319,7 @@ class JobQueue:
                 return mates
             with self._changed:
                 if self._arrivals == seen and head in self._waiting:
-                    self._changed.wait(timeout=left)
+                    self._changed.wait(timeout=min(left, threading.TIMEOUT_MAX))
 
     def _key(self, job: Job):
         """`Engine.batch_key` of the job's request, asked once; a fault in asking means "runs alone"."""
@@ -354,11 +377,15 @@ class JobQueue:
                 self._run_alone(job, after=jobs[index + 1:])
                 continue
             outcome = outcomes[index]
-            if isinstance(outcome, BaseException):
-                self._failed(job, outcome)
-            else:
-                job.results.append(outcome)
-                self._record(job, outcome)
+            try:
+                if isinstance(outcome, BaseException):
+                    self._failed(job, outcome)
+                else:
+                    self._record(job, outcome)
+                    job.results.append(outcome)
+            except Exception as exc:  # an outcome the queue cannot read: that job's fault alone
+                job.results.clear()
+                self._failed(job, exc)
             self._end(job, still_running=jobs[index + 1:])
 
     def _failed(self, job: Job, exc: BaseException) -> None:
