@@ -177,6 +177,31 @@ def test_different_keys_are_not_mixed_and_keep_their_order():
                                 ("generate", ["alone x"])]  # fmt: skip
 
 
+def test_the_wait_holds_only_while_nothing_else_waits():
+    """Jobs of other keys already waiting end the wait at once: the device does not idle while work is queued. A
+    job of another key that comes during the wait ends it too; the last job alone waits for mates as before."""
+    engine, queue = blocked_queue(batch_wait=1.0)
+    jobs = [queue.submit(req(f"{word} x")) for word in ("cat", "dog", "cow", "pig")]
+    started = time.monotonic()
+    release(engine, queue)
+    finish(*jobs[:3])
+    assert time.monotonic() - started < 0.6  # no wait before cat, dog, cow: others waited behind each
+    finish(jobs[3])
+    assert time.monotonic() - started >= 1.0  # pig, alone in the queue, waited for mates
+    assert [kind for kind, _ in engine.calls[1:]] == ["generate"] * 4
+
+    engine = FakeEngine()
+    queue = JobQueue(engine, max_queue=8, batch_wait=1.5)
+    cat = queue.submit(req("cat a"))
+    wait_until(lambda: engine.keys_asked == ["cat a"], what="the worker gathering")
+    arrived = time.monotonic()
+    dog = queue.submit(req("dog b"))
+    wait_until(lambda: cat.done.is_set(), what="cat running")
+    assert time.monotonic() - arrived < 0.6 and not dog.done.is_set()
+    finish(dog)
+    assert engine.calls == [("generate", ["cat a"]), ("generate", ["dog b"])]
+
+
 def test_jobs_of_several_iterations_run_alone():
     engine, queue = blocked_queue(batch_wait=0.3)
     jobs = [queue.submit(req("cat a")), queue.submit(req("cat b"), iterations=2), queue.submit(req("cat c"))]

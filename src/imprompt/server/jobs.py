@@ -7,10 +7,11 @@ while its job waits has the job dropped; while it runs, interrupted. Each job ca
 concurrent clients with different adapters each get exactly the image their request asks for.
 
 Batching (`batch_wait` > 0): the worker, taking a job the engine can batch (`Engine.batch_key` is not None, one
-n_iter batch), waits up to `batch_wait` seconds for more waiting jobs with an equal key, then runs them, up to
-`batch_max` rows (the sum of their batch sizes), as one `Engine.generate_batch` call. Each keeps its own progress,
-interrupt, result and error; jobs with other keys wait for that call. `batch_wait` == 0 runs one job at a time, as
-before.
+n_iter batch), takes the waiting jobs with an equal key and, while no other job waits, waits up to `batch_wait`
+seconds for more; it runs them, up to `batch_max` rows (the sum of their batch sizes), as one
+`Engine.generate_batch` call. Each keeps its own progress, interrupt, result and error; jobs with other keys wait
+for that call (a later job of the running key may so run before an earlier one of another). `batch_wait` == 0
+runs one job at a time, as before.
 """
 
 from __future__ import annotations
@@ -296,7 +297,8 @@ class JobQueue:
     def _gather(self, head: Job, key, limit: int) -> list[Job] | None:
         """Wait (bounded by `batch_wait`, woken by each new or dropped job) until waiting jobs of `head`'s key fill
         `limit` rows with it; returns them, oldest first, each that fits the rows left (None if `head` itself was
-        dropped)."""
+        dropped). The wait holds only while nothing else waits: a job that will not join this batch (another key,
+        too many rows) is work the device could do now, so the batch runs with the mates it has."""
         deadline = time.monotonic() + self.batch_wait
         while True:
             with self._changed:
@@ -306,16 +308,19 @@ class JobQueue:
             # keys are asked outside the lock (planning may read files; only this thread asks them), oldest first,
             # no further than the batch fills
             mates: list[Job] = []
-            rows = head.request.batch_size
+            rows, others = head.request.batch_size, False
             for job in snapshot:
                 if rows == limit:
                     break
-                if job is not head and job.iterations == 1 and rows + job.request.batch_size <= limit:
-                    if self._key(job) == key:
-                        mates.append(job)
-                        rows += job.request.batch_size
+                if job is head:
+                    continue
+                if job.iterations == 1 and rows + job.request.batch_size <= limit and self._key(job) == key:
+                    mates.append(job)
+                    rows += job.request.batch_size
+                else:
+                    others = True
             left = deadline - time.monotonic()
-            if rows == limit or left <= 0:
+            if rows == limit or others or left <= 0:
                 return mates
             with self._changed:
                 if self._arrivals == seen and head in self._waiting:
