@@ -18,8 +18,10 @@ GiB = 2**30
 
 
 class FakeEngine:
-    """Records every call. A prompt's first word sets its batch key ("alone": None); "refuse" and "crash" fail.
-    A call holds at step 1 until `gate` is set, so tests can look at (and interrupt) what runs."""
+    """Records every call. A prompt's first word sets its batch key ("alone": None); "refuse" and "crash" fail; in
+    a batch, a prompt with "split" runs as a call of its own after the merged rows (as the real engine runs a
+    request whose call cannot merge). A call holds at a step until its event in `holds` ((call, step) -> event)
+    is set, so tests can look at (and interrupt) what runs: by default the first call at step 1 until `gate`."""
 
     def __init__(self, hold: bool = False):
         self.calls: list[tuple[str, list[str]]] = []
@@ -28,6 +30,7 @@ class FakeEngine:
         self.gate = threading.Event()
         if not hold:
             self.gate.set()
+        self.holds = {(1, 1): self.gate}
         self.device = torch.device("cpu")
         self.batch_raises: BaseException | None = None
 
@@ -43,7 +46,11 @@ class FakeEngine:
     def interrupt_requested(self):
         return self.flag.is_set()
 
-    def _run(self, request, on_step, stopped) -> SimpleNamespace:
+    def _hold(self, call: int, step: int) -> None:
+        if (call, step) in self.holds:
+            assert self.holds[call, step].wait(30)
+
+    def _run(self, request, on_step, stopped, call: int = 1, batch: dict | None = None) -> SimpleNamespace:
         if request.prompt.endswith("refuse"):
             raise RequestError(f"refused: {request.prompt}")
         if request.prompt.endswith("crash"):
@@ -51,13 +58,11 @@ class FakeEngine:
         interrupted = False
         for step in range(1, request.steps + 1):
             on_step(step, request.steps)
-            if step == 1:
-                assert self.gate.wait(30)
+            self._hold(call, step)
             if stopped():
                 interrupted = True
                 break
-        return SimpleNamespace(info={"interrupted": interrupted, "events": [], "ip_adapters": [],
-                                     "prompt": request.prompt, "seed": request.seed})  # fmt: skip
+        return result(request, interrupted, batch)
 
     def generate(self, request, on_step=None):
         self.flag.clear()  # as the real engine: each generate starts uninterrupted
@@ -69,29 +74,41 @@ class FakeEngine:
         if self.batch_raises is not None:
             raise self.batch_raises
         outcomes: list = [None] * len(requests)
-        running = {}
+        running, split = {}, []
         for i, request in enumerate(requests):  # refusals come before any step, as a plan's would
             if request.prompt.endswith(("refuse", "crash")):
                 try:
                     self._run(request, on_steps[i], interrupts[i].is_set)
                 except Exception as exc:
                     outcomes[i] = exc
+            elif "split" in request.prompt:
+                split.append(i)
             else:
                 running[i] = request
-        stopped_at = {}
-        for step in range(1, max((r.steps for r in requests), default=0) + 1):  # the rows step together
+        calls = iter(range(1, len(requests) + 1))
+        if running:
+            call, stopped_at = next(calls), {}
+            for step in range(1, max(r.steps for r in running.values()) + 1):  # the rows step together
+                for i, request in running.items():
+                    if i not in stopped_at and step <= request.steps:
+                        on_steps[i](step, request.steps)
+                self._hold(call, step)
+                for i in running:
+                    if i not in stopped_at and interrupts[i].is_set():
+                        stopped_at[i] = step
+            batch = {"size": len(running), "requests": len(running), "call": call}
             for i, request in running.items():
-                if i not in stopped_at and step <= request.steps:
-                    on_steps[i](step, request.steps)
-            if step == 1:
-                assert self.gate.wait(30)
-            for i in running:
-                if i not in stopped_at and interrupts[i].is_set():
-                    stopped_at[i] = step
-        for i, request in running.items():
-            outcomes[i] = SimpleNamespace(info={"interrupted": i in stopped_at, "events": [], "ip_adapters": [],
-                                                "prompt": request.prompt, "seed": request.seed})  # fmt: skip
+                outcomes[i] = result(request, i in stopped_at, batch)
+        for i in split:
+            call = next(calls)
+            outcomes[i] = self._run(requests[i], on_steps[i], interrupts[i].is_set, call,
+                                    {"size": 1, "requests": 1, "call": call})  # fmt: skip
         return outcomes
+
+
+def result(request, interrupted: bool, batch: dict | None) -> SimpleNamespace:
+    info = {"interrupted": interrupted, "events": [], "ip_adapters": [], "prompt": request.prompt, "seed": request.seed}
+    return SimpleNamespace(info=info if batch is None else {**info, "batch": batch})
 
 
 def req(prompt: str, seed: int = 1, steps: int = 3, batch_size: int = 1, size: int = 64) -> GenerateRequest:
@@ -432,6 +449,48 @@ def test_the_a1111_interrupt_stops_every_job_of_the_running_batch():
     assert [job.results[0].info["interrupted"] for job in jobs] == [True, True]
     assert later.results[0].info["interrupted"] is False  # the next job is not interrupted
     assert queue.interrupt() is False  # nothing runs
+
+
+def test_progress_over_a_batch_whose_first_job_stopped():
+    """The first job's client left at step 1; the other, at step 3 of 5, is what the progress shows, not interrupted."""
+    engine = FakeEngine(hold=True)
+    later = engine.holds[1, 3] = threading.Event()
+    queue = JobQueue(engine, max_queue=8, batch_wait=0.3)
+    jobs = [queue.submit(req("cat a", steps=5)), queue.submit(req("cat b", steps=5))]
+    wait_until(lambda: len(queue.running) == 2 and jobs[1].step == 1, what="the batch at step 1")
+    queue.cancel(jobs[0], "the client disconnected")
+    engine.gate.set()
+    wait_until(lambda: jobs[1].step == 3, what="the batch at step 3")
+    progress = queue.progress()
+    assert progress["progress"] == 0.6 and progress["eta_relative"] > 0
+    assert progress["state"]["interrupted"] is False
+    assert (progress["state"]["sampling_step"], progress["state"]["sampling_steps"]) == (3, 5)
+    queue.interrupt()  # now every job is stopped
+    assert queue.progress()["state"]["interrupted"] is True
+    later.set()
+    finish(*jobs)
+
+
+def test_progress_over_a_batch_that_runs_as_two_calls():
+    """A batch whose second job runs as a call of its own after the first's: while the first runs, the second
+    counts 0 (its step 0 of its steps shown); while the second runs, the first's finished call does not make the
+    batch look done (no 1.0, no ETA 0)."""
+    engine = FakeEngine()
+    first, second = engine.holds[1, 3], engine.holds[2, 2] = threading.Event(), threading.Event()
+    queue = JobQueue(engine, max_queue=8, batch_wait=0.3)
+    jobs = [queue.submit(req("cat a", steps=5)), queue.submit(req("cat split b", steps=4))]
+    wait_until(lambda: jobs[0].step == 3, what="the first call at step 3")
+    progress = queue.progress()
+    assert progress["progress"] == 0.3 and progress["state"]["sampling_step"] == 0
+    assert progress["state"]["sampling_steps"] == 4
+    first.set()
+    wait_until(lambda: jobs[1].step == 2, what="the second call at step 2")
+    progress = queue.progress()
+    assert progress["progress"] == 0.75 and progress["eta_relative"] > 0  # (1 + 2/4) / 2
+    assert (progress["state"]["sampling_step"], progress["state"]["sampling_steps"]) == (2, 4)
+    second.set()
+    finish(*jobs)
+    assert engine.calls == [("batch", ["cat a", "cat split b"])]
 
 
 def test_a_lone_job_is_still_interrupted_through_the_engine():

@@ -203,7 +203,7 @@ class JobQueue:
 
     @property
     def current(self) -> Job | None:
-        """The first running job (a batch's first): the one A1111's /progress reports."""
+        """The first running job (a batch's first)."""
         running = self.running
         return running[0] if running else None
 
@@ -425,25 +425,29 @@ class JobQueue:
                 )  # fmt: skip
 
     def progress(self) -> dict:
-        """A1111's /sdapi/v1/progress shape, of the first running job (a batch's others run the same steps)."""
+        """A1111's /sdapi/v1/progress shape, over the jobs of the running call (imprompt's batches hold several,
+        which may run as several pipeline calls one after another): progress is their mean fraction (a job whose
+        call has not started counts 0), the step shown the least advanced job's, `interrupted` true once every
+        job is; while any goes on, only those that go on count."""
         running = list(self.running)
         if not running:
             state = {"skipped": False, "interrupted": False, "job": "", "job_count": self.waiting,
                      "job_timestamp": "0", "job_no": 0, "sampling_step": 0, "sampling_steps": 0}  # fmt: skip
             return {"progress": 0.0, "eta_relative": 0.0, "state": state, "current_image": None, "textinfo": None}
-        job = running[0]
-        fraction = job.fraction()
-        elapsed = time.time() - (job.started or time.time())
+        going = [job for job in running if not job.interrupted] or running
+        fraction = sum(job.fraction() for job in going) / len(going)
+        least = min(going, key=lambda job: job.fraction())
+        elapsed = time.time() - min(job.started or time.time() for job in running)
         eta = elapsed / fraction - elapsed if fraction > 0 else 0.0
         state = {
             "skipped": False,
-            "interrupted": job.interrupted,
-            "job": f"job {job.id}" if len(running) == 1 else f"jobs {', '.join(str(j.id) for j in running)}",
+            "interrupted": all(job.interrupted for job in running),
+            "job": f"job {running[0].id}" if len(running) == 1 else f"jobs {', '.join(str(j.id) for j in running)}",
             "job_count": self.waiting + len(running),
-            "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.submitted)),
-            "job_no": job.iteration,
-            "sampling_step": job.step,
-            "sampling_steps": job.total,
+            "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(least.submitted)),
+            "job_no": least.iteration,
+            "sampling_step": least.step,
+            "sampling_steps": least.total or least.request.steps,
         }
         return {"progress": round(fraction, 4), "eta_relative": round(eta, 3), "state": state,
                 "current_image": None, "textinfo": None}  # fmt: skip
