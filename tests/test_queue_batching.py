@@ -162,6 +162,19 @@ def test_equal_keys_submitted_within_the_wait_run_as_one_call():
     assert not queue.busy and queue.current is None
 
 
+def test_the_batch_event_says_what_the_engine_merged():
+    """`batch_gathered`: the jobs handed to one generate_batch; `batch`: those the engine ran as one pipeline call
+    (from their results' info["batch"]), none for a job that ran as a call of its own or failed."""
+    engine, queue = blocked_queue(batch_wait=0.2, batch_max=8)
+    jobs = [queue.submit(req(p)) for p in ["cat a", "cat split b", "cat c", "cat refuse", "cat split e"]]
+    release(engine, queue)
+    finish(*jobs)
+    ids = [job.id for job in jobs]
+    assert [(e["event"], e["jobs"], e["size"], e["rows"]) for e in queue.recent_events()
+            if e["event"].startswith("batch")] == [("batch_gathered", ids, 5, 5), ("batch", [ids[0], ids[2]], 2, 2)]  # fmt: skip
+    assert [job.results[0].info["batch"]["call"] for job in jobs if job.results] == [1, 2, 1, 3]
+
+
 def test_the_wait_is_bounded_and_a_lone_job_runs_as_today():
     engine = FakeEngine()
     queue = JobQueue(engine, max_queue=8, batch_wait=0.4)

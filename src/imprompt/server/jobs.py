@@ -359,8 +359,8 @@ class JobQueue:
         another's fault."""
         rows = sum(job.request.batch_size for job in jobs)
         ids = [job.id for job in jobs]
-        log.info("jobs %s run as one batch (%d jobs, %d rows)", ", ".join(map(str, ids)), len(jobs), rows)
-        self.events.append({"event": "batch", "job": ids[0], "jobs": ids, "size": len(jobs), "rows": rows,
+        log.info("jobs %s gathered as one batch (%d jobs, %d rows)", ", ".join(map(str, ids)), len(jobs), rows)
+        self.events.append({"event": "batch_gathered", "job": ids[0], "jobs": ids, "size": len(jobs), "rows": rows,
                             "time": time.time()})  # fmt: skip
         try:
             outcomes = self.engine.generate_batch([job.request for job in jobs],
@@ -375,6 +375,8 @@ class JobQueue:
         if outcomes is not None and len(outcomes) != len(jobs):
             log.error("the batch of jobs %s gave %d outcomes; its jobs run alone", ids, len(outcomes))
             outcomes = None
+        if outcomes is not None:
+            self._merged(jobs, outcomes)
         for index, job in enumerate(jobs):
             if outcomes is None:
                 with self._changed:
@@ -392,6 +394,19 @@ class JobQueue:
                 job.results.clear()
                 self._failed(job, exc)
             self._end(job, still_running=jobs[index + 1:])
+
+    def _merged(self, jobs: list[Job], outcomes: list) -> None:
+        """A `batch` event for each pipeline call the engine ran for several of the jobs (their results'
+        `info["batch"]`: the call's number, rows and requests); what ran alone or failed is in none."""
+        calls: dict[int, tuple[int, list[int]]] = {}
+        for job, outcome in zip(jobs, outcomes):
+            batch = getattr(outcome, "info", {}).get("batch") if not isinstance(outcome, BaseException) else None
+            if isinstance(batch, dict) and batch.get("requests", 1) > 1:
+                calls.setdefault(batch.get("call"), (batch.get("size"), []))[1].append(job.id)
+        now = time.time()
+        for rows, ids in calls.values():
+            log.info("jobs %s ran as one pipeline call (%s rows)", ", ".join(map(str, ids)), rows)
+            self.events.append({"event": "batch", "job": ids[0], "jobs": ids, "size": len(ids), "rows": rows, "time": now})
 
     def _failed(self, job: Job, exc: BaseException) -> None:
         job.error = exc
