@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from imprompt.errors import RequestError
+from imprompt.errors import InterruptedRunError, RequestError
 from imprompt.request import GenerateRequest
 from imprompt.server.jobs import JobQueue, default_batch_max
 
@@ -20,7 +20,7 @@ GiB = 2**30
 class FakeEngine:
     """Records every call. A prompt's first word sets its batch key ("alone": None); "refuse" and "crash" fail; in
     a batch, a prompt with "split" runs as a call of its own after the merged rows (as the real engine runs a
-    request whose call cannot merge). A call holds at a step until its event in `holds` ((call, step) -> event)
+    request whose call cannot merge); `batch_raises`: the merged call raises it after its steps. A call holds at a step until its event in `holds` ((call, step) -> event)
     is set, so tests can look at (and interrupt) what runs: by default the first call at step 1 until `gate`."""
 
     def __init__(self, hold: bool = False):
@@ -71,8 +71,6 @@ class FakeEngine:
 
     def generate_batch(self, requests, on_steps=None, interrupts=None):
         self.calls.append(("batch", [r.prompt for r in requests]))
-        if self.batch_raises is not None:
-            raise self.batch_raises
         outcomes: list = [None] * len(requests)
         running, split = {}, []
         for i, request in enumerate(requests):  # refusals come before any step, as a plan's would
@@ -96,6 +94,8 @@ class FakeEngine:
                 for i in running:
                     if i not in stopped_at and interrupts[i].is_set():
                         stopped_at[i] = step
+            if self.batch_raises is not None:  # the merged call fails after its steps (at its decode, say)
+                raise self.batch_raises
             batch = {"size": len(running), "requests": len(running), "call": call}
             for i, request in running.items():
                 outcomes[i] = result(request, i in stopped_at, batch)
@@ -402,6 +402,37 @@ def test_a_batch_that_fails_as_a_whole_runs_its_jobs_alone():
                                 ("generate", ["cat crash"]), ("generate", ["cat c"])]  # fmt: skip
     assert jobs[0].results[0].info["prompt"] == "cat a" and jobs[2].results[0].info["prompt"] == "cat c"
     assert isinstance(jobs[1].error, RuntimeError) and "cat crash" in str(jobs[1].error)
+
+
+def test_after_a_failed_batch_an_interrupt_stops_only_the_job_running():
+    """The batch's call fails after its steps; its jobs then run alone, one after another. Job b, whose client left
+    during the failed call, is not run again and gets an error saying so; A1111's interrupt during job a's run stops
+    a alone (c and d have not started); d's client leaving before its turn drops d (an error, not an empty answer);
+    c runs in full."""
+    engine, queue = blocked_queue(batch_wait=0.2)
+    engine.batch_raises = RuntimeError("the merged call broke")
+    jobs = [queue.submit(req(f"cat {p}", steps=5)) for p in "abcd"]
+    a, b, c, d = jobs
+    release(engine, queue)
+    engine.gate.clear()
+    wait_until(lambda: len(queue.running) == 4 and d.step == 1, what="the batch running")
+    queue.cancel(b, "the client disconnected")
+    alone_gate = engine.holds[1, 1] = threading.Event()  # a's lone run holds at its first step
+    engine.gate.set()
+    wait_until(lambda: engine.calls[-1] == ("generate", ["cat a"]) and a.step == 1, what="a running alone")
+    assert queue.running == [a] and queue.progress()["state"]["job_count"] == 4  # a; b, c and d held
+    assert queue.interrupt() is True
+    assert not c.interrupted and not d.interrupted
+    queue.cancel(d, "the client disconnected")
+    alone_gate.set()
+    finish(*jobs)
+    assert engine.calls[1:] == [("batch", ["cat a", "cat b", "cat c", "cat d"]), ("generate", ["cat a"]),
+                                ("generate", ["cat c"])]  # fmt: skip
+    assert [r.info["interrupted"] for r in a.results] == [True] and a.error is None
+    assert isinstance(b.error, InterruptedRunError) and "the merged call broke" in str(b.error) and not b.results
+    assert [r.info["interrupted"] for r in c.results] == [False] and c.step == 5
+    assert isinstance(d.error, RequestError) and "dropped before it ran" in str(d.error) and not d.results
+    assert not queue.busy and queue.progress()["state"]["job_count"] == 0
 
 
 def test_cancelling_a_waiting_job_of_a_would_be_batch_drops_it():

@@ -28,7 +28,7 @@ from typing import Awaitable, Callable
 
 from ..engine import Engine
 from ..result import Result
-from ..errors import ImpromptError, QueueFullError, RequestError
+from ..errors import ImpromptError, InterruptedRunError, QueueFullError, RequestError
 from ..request import GenerateRequest
 
 log = logging.getLogger("imprompt")
@@ -114,6 +114,7 @@ class JobQueue:
         self._arrivals = 0  # counts submissions, so the batching wait wakes for each new job
         self.running: list[Job] = []  # the jobs of the pipeline call now running (one, or a batch's)
         self._taking: Job | None = None  # the oldest job, while the worker gathers its batch
+        self._held: list[Job] = []  # a failed batch's jobs still to run alone, one after another
         self.events: deque[dict] = deque(maxlen=recent_events)
         self._worker = threading.Thread(target=self._work, name="imprompt-worker", daemon=True)
         self._worker.start()
@@ -156,10 +157,12 @@ class JobQueue:
         """Drop a job that is still waiting (also while the worker waits to batch it); interrupt it if it is
         running. In a batch only that job stops: the others go on."""
         with self._changed:
-            waiting = job in self._waiting
-            if waiting:
+            waiting = job in self._waiting or job in self._held
+            if job in self._waiting:
                 self._waiting.remove(job)
                 self._changed.notify_all()
+            if job in self._held:  # its failed batch's turn has not come: it has not started
+                self._held.remove(job)
             running = job in self.running
             if running:
                 self._stop(job)
@@ -262,7 +265,7 @@ class JobQueue:
             for job in jobs:
                 if job in self._waiting:
                     self._waiting.remove(job)
-            self.running = []
+            self.running, self._held = [], []
         for job in jobs:
             if not job.done.is_set():
                 job.error = exc
@@ -336,10 +339,17 @@ class JobQueue:
                 job.key = None
         return job.key
 
-    def _run_alone(self, job: Job, after: list[Job] | None = None) -> None:
-        """One job's n_iter batches, one `generate` call each; `after`: the jobs still to run when it ends."""
+    def _run_alone(self, job: Job, failed_batch: str | None = None) -> None:
+        """One job's n_iter batches, one `generate` call each. Interrupted before its first, it gets an error,
+        never an empty answer: it was dropped before it ran, or (`failed_batch`: why its batch's call failed) it
+        was interrupted in that call and is not run again."""
         try:
             for job.iteration in range(job.iterations):
+                if job.interrupted and not job.results and failed_batch is not None:
+                    raise InterruptedRunError(f"job {job.id}: interrupted in the batch it ran in, whose call then "
+                                              f"failed ({failed_batch}), so no image of it was kept; send it again")  # fmt: skip
+                if job.interrupted and not job.results:
+                    raise RequestError("request dropped before it ran: it was interrupted before its first step")
                 if job.interrupted:
                     break
                 seed = job.request.seed + job.iteration * job.request.batch_size
@@ -351,7 +361,7 @@ class JobQueue:
         except Exception as exc:
             self._failed(job, exc)
         finally:
-            self._end(job, after)
+            self._end(job)
 
     def _run_batch(self, jobs: list[Job]) -> None:
         """One `generate_batch` call for `jobs` (imprompt's own batching of queued requests: diffusers batches one
@@ -368,21 +378,18 @@ class JobQueue:
                                                   interrupts=[job.stop for job in jobs])  # fmt: skip
         except ImpromptError as exc:
             log.warning("the batch of jobs %s was refused as a whole (%s); its jobs run alone", ids, exc)
-            outcomes = None
-        except Exception:
+            outcomes, why = None, f"{type(exc).__name__}: {exc}"
+        except Exception as exc:
             log.exception("the batch of jobs %s failed as a whole; its jobs run alone", ids)
-            outcomes = None
+            outcomes, why = None, f"{type(exc).__name__}: {exc}"
         if outcomes is not None and len(outcomes) != len(jobs):
             log.error("the batch of jobs %s gave %d outcomes; its jobs run alone", ids, len(outcomes))
-            outcomes = None
-        if outcomes is not None:
-            self._merged(jobs, outcomes)
+            outcomes, why = None, f"{len(outcomes)} outcomes for {len(jobs)} jobs"
+        if outcomes is None:
+            self._run_held(jobs, why)
+            return
+        self._merged(jobs, outcomes)
         for index, job in enumerate(jobs):
-            if outcomes is None:
-                with self._changed:
-                    job.batched = False  # from now on interrupted through the engine, as any lone job
-                self._run_alone(job, after=jobs[index + 1:])
-                continue
             outcome = outcomes[index]
             try:
                 if isinstance(outcome, BaseException):
@@ -394,6 +401,21 @@ class JobQueue:
                 job.results.clear()
                 self._failed(job, exc)
             self._end(job, still_running=jobs[index + 1:])
+
+    def _run_held(self, jobs: list[Job], why: str) -> None:
+        """A failed batch's jobs, each alone in turn: only the one running is `running` (what A1111's interrupt
+        stops); the others are held, not started, and a client that leaves meanwhile has its job dropped."""
+        with self._changed:
+            self.running, self._held = [], list(jobs)
+            for job in jobs:
+                job.batched = False  # from now on interrupted through the engine, as any lone job
+        for job in jobs:
+            with self._changed:
+                if job not in self._held:
+                    continue  # dropped while it waited for its turn
+                self._held.remove(job)
+                self.running = [job]
+            self._run_alone(job, failed_batch=why)
 
     def _merged(self, jobs: list[Job], outcomes: list) -> None:
         """A `batch` event for each pipeline call the engine ran for several of the jobs (their results'
@@ -446,7 +468,7 @@ class JobQueue:
         job is; while any goes on, only those that go on count."""
         running = list(self.running)
         if not running:
-            state = {"skipped": False, "interrupted": False, "job": "", "job_count": self.waiting,
+            state = {"skipped": False, "interrupted": False, "job": "", "job_count": self.waiting + len(self._held),
                      "job_timestamp": "0", "job_no": 0, "sampling_step": 0, "sampling_steps": 0}  # fmt: skip
             return {"progress": 0.0, "eta_relative": 0.0, "state": state, "current_image": None, "textinfo": None}
         going = [job for job in running if not job.interrupted] or running
@@ -458,7 +480,7 @@ class JobQueue:
             "skipped": False,
             "interrupted": all(job.interrupted for job in running),
             "job": f"job {running[0].id}" if len(running) == 1 else f"jobs {', '.join(str(j.id) for j in running)}",
-            "job_count": self.waiting + len(running),
+            "job_count": self.waiting + len(running) + len(self._held),
             "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(least.submitted)),
             "job_no": least.iteration,
             "sampling_step": least.step,
