@@ -402,6 +402,9 @@ def test_a_batch_that_fails_as_a_whole_runs_its_jobs_alone():
                                 ("generate", ["cat crash"]), ("generate", ["cat c"])]  # fmt: skip
     assert jobs[0].results[0].info["prompt"] == "cat a" and jobs[2].results[0].info["prompt"] == "cat c"
     assert isinstance(jobs[1].error, RuntimeError) and "cat crash" in str(jobs[1].error)
+    fallback = {"event": "batch_fallback", "why": "RuntimeError: the merged call broke"}
+    assert jobs[0].results[0].info["events"] == jobs[2].results[0].info["events"] == [fallback]
+    assert [e["job"] for e in queue.recent_events() if e["event"] == "batch_fallback"] == [jobs[0].id, jobs[2].id]
 
 
 def test_after_a_failed_batch_an_interrupt_stops_only_the_job_running():

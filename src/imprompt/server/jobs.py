@@ -354,6 +354,8 @@ class JobQueue:
                     break
                 seed = job.request.seed + job.iteration * job.request.batch_size
                 result = self.engine.generate(job.request.model_copy(update={"seed": seed}), on_step=self._progress(job))
+                if failed_batch is not None:  # why it ran alone, as the engine says it of a merged call that failed
+                    result.info["events"].insert(0, {"event": "batch_fallback", "why": failed_batch})
                 job.results.append(result)
                 self._record(job, result)
                 if result.info["interrupted"]:
@@ -432,7 +434,7 @@ class JobQueue:
 
     def _failed(self, job: Job, exc: BaseException) -> None:
         job.error = exc
-        if isinstance(exc, ImpromptError):
+        if isinstance(exc, ImpromptError) and exc.http_status < 500:
             self.events.append({"event": "request_refused", "job": job.id, "why": str(exc), "time": time.time()})
         else:  # a real fault: reported as 500 by the server, with the traceback in the log
             log.error("job %d failed", job.id, exc_info=exc)
