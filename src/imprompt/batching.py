@@ -20,6 +20,11 @@ row's predicted image (`clip_sample`, as DDIM has unless the model's config turn
 those last bits far past 1/255, in diffusers' own batches too (`row_exact`), so it gets no key. What cannot share a
 call runs alone (`batch_key` None, or a call the rows cannot merge into); the flow that prepares the requests and
 falls back to alone is `engine.py`'s.
+
+A known cost, by design for now: every slot runs its IP-Adapter attention on every row (the other requests' rows
+scaled by 0, not skipped), so a merged call's IP-Adapter work grows with requests x rows; and `engine.py` prepares
+every request of a group before any runs, so their built adapters and embeddings are alive together, beyond what
+the adapter and embedding cache budgets bound alone.
 """
 
 from __future__ import annotations

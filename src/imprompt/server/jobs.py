@@ -224,9 +224,9 @@ class JobQueue:
         return self.engine.clear_cache()
 
     def interrupt(self) -> bool:
-        """A1111's interrupt (it names no job): stop what is running — every job of a batch — after the current
-        step; no further n_iter batch starts (the engine clears its own flag at each `generate`, so the job
-        carries the interrupt)."""
+        """A1111's interrupt (it names no job): stop what is running — every job of a batch, or after a failed
+        batch the one job running alone — after the current step; no further n_iter batch starts (the engine
+        clears its own flag at each `generate`, so the job carries the interrupt)."""
         with self._changed:
             running = list(self.running)
             for job in running:
