@@ -121,6 +121,7 @@ def test_pulid_unit_shows_the_face_crop_it_read_and_gives_the_engines_pixels(pac
                    o.endswith("→ EVA02_CLIP_L_336_psz14_s6B") for o in options), options  # fmt: skip
         page.select_option(".unit .adapter", "PuLID FLUX v0.9.0")
         assert "encoder: EVA02_CLIP_L_336_psz14_s6B" in page.text_content(".unit .needs")
+        assert page.is_hidden(".unit .mask-field")  # PuLID reads no mask: the engine refuses one
 
         page.fill("#prompt", "a cat")
         page.fill(".unit .scale", "0.8")

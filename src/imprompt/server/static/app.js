@@ -146,7 +146,7 @@ function fillAdapterSelect(select) {
 const KIND_NAMES = { instantid: "InstantID", redux: "FLUX Redux" };
 
 // What the unit needs and the fields its kind reads: Redux adds tokens to the prompt at every step (no window, no
-// mask; a downsampling factor), InstantID reads one face (no mask; its IdentityNet's weight and a pose image).
+// mask; a downsampling factor), InstantID reads one face (no mask; its IdentityNet's weight and a pose image), PuLID one face (no mask).
 function describeAdapter(select) {
   const unit = select.closest(".unit");
   const adapter = listing.adapters.find((a) => (a.friendly_name || a.name) === select.value);
@@ -169,7 +169,7 @@ function describeAdapter(select) {
   unit.querySelector(".identitynet-field").hidden = variant !== "instantid";
   unit.querySelector(".pose-field").hidden = variant !== "instantid";
   unit.querySelectorAll(".window-field").forEach((field) => { field.hidden = variant === "redux"; });
-  unit.querySelector(".mask-field").hidden = variant === "redux" || variant === "instantid";
+  unit.querySelector(".mask-field").hidden = ["redux", "instantid", "pulid", "pulid-sdxl"].includes(variant);
 }
 
 function refreshAdapterLists() {
