@@ -2,7 +2,7 @@
 
 Every error imprompt raises on purpose derives from `ImpromptError`. Messages name the thing, what was
 expected, what was found, and how to fix it; the CLI prints them as they are and the server returns the same
-text with a 4xx status (see `http_status`).
+text with a 4xx status (see `http_status`), or 500 where the fault is not the client's (`InterruptedRunError`).
 """
 
 from __future__ import annotations
