@@ -311,25 +311,32 @@ def eva_tower(state, entry: Entry, dtype, label: str, events: list):
     every unit's encoder is; built from its file when not there."""
     from ..ipadapter.eva_clip import build_eva
     from ..loading.tensors import read_tensors
+
+    return in_encoder_cache(state, entry.key("eva", dtype, state.device), f"EVA tower {entry.name}", entry.name,
+                            lambda: build_eva(read_tensors(Path(entry.path)), entry.path, state.device, dtype),
+                            {"why": "PuLID reads EVA-CLIP's hidden states"}, label, events)  # fmt: skip
+
+
+def in_encoder_cache(state, key, what: str, name: str, build, loaded: dict, label: str, events: list):
+    """The module under `key` in the engine's encoder cache, or `build()` put there: older versions of its file and
+    what the budget pushes out evicted, each step an event (`loaded`: the fields the load event adds)."""
     from ..util.cache import module_bytes
 
     encoders = state.embedder.encoders
-    key = entry.key("eva", dtype, state.device)
-    tower = encoders.get(key)
-    if tower is not None:
-        events.append({"event": "encoder_reused", "encoder": entry.name, "for": label})
-        return tower
+    module = encoders.get(key)
+    if module is not None:
+        events.append({"event": "encoder_reused", "encoder": name, "for": label})
+        return module
     for old in encoders.discard_older_versions(key):
         events.append({"event": "encoder_evicted", "encoder": old.label, "why": "its file changed on disk"})
     started = time.perf_counter()
-    tower = build_eva(read_tensors(Path(entry.path)), entry.path, state.device, dtype)
+    module = build()
     seconds = time.perf_counter() - started
-    for old in encoders.put(key, tower, module_bytes(tower), label=entry.name):
+    for old in encoders.put(key, module, module_bytes(module), label=name):
         events.append({"event": "encoder_evicted", "encoder": old.label, "why": "encoder cache budget"})
-    log.info("EVA tower %s for %s loaded in %.2f s", entry.name, label, seconds)
-    events.append({"event": "encoder_loaded", "encoder": entry.name, "for": label, "seconds": round(seconds, 4),
-                   "why": "PuLID reads EVA-CLIP's hidden states"})  # fmt: skip
-    return tower
+    log.info("%s for %s loaded in %.2f s", what, label, seconds)
+    events.append({"event": "encoder_loaded", "encoder": name, "for": label, "seconds": round(seconds, 4), **loaded})
+    return module
 
 
 FACEXLIB_WHY = {"detection_Resnet50_Final.pth": "PuLID aligns the face on RetinaFace's landmarks (facexlib)",
@@ -376,14 +383,13 @@ def facexlib_model(state, path: Path, events: list, label: str):
     from ..ipadapter.facexlib_files import PARSER
     from ..ipadapter.retinaface import build_retinaface
     from ..loading.tensors import read_tensors
-    from ..util.cache import module_bytes
 
-    encoders = state.embedder.encoders
-    key = (str(path), fingerprint_of(path), "facexlib", str(state.device))
-    model = encoders.get(key)
-    if model is not None:
-        events.append({"event": "encoder_reused", "encoder": path.name, "for": label})
-        return model
+    builder = build_bisenet if path.name == PARSER else build_retinaface
+    return in_encoder_cache(state, (str(path), fingerprint_of(path), "facexlib", str(state.device)),
+                            f"facexlib {path.name}", path.name,
+                            lambda: builder(read_tensors(path), str(path)).to(state.device),
+                            {"file": str(path), "why": FACEXLIB_WHY.get(path.name, "PuLID's face preprocessing")},
+                            label, events)  # fmt: skip
     for old in encoders.discard_older_versions(key):
         events.append({"event": "encoder_evicted", "encoder": old.label, "why": "its file changed on disk"})
     started = time.perf_counter()
