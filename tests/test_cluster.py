@@ -341,3 +341,140 @@ def test_the_cluster_refuses_past_its_jobs_in_flight(pack):
         assert exc.http_status == 429 and "2 jobs in flight" in str(exc)
     else:
         raise AssertionError("a job past the limit was accepted")
+
+
+# --------------------------------------------------------------------- a generator replica's batch, without Ray
+
+
+class FakeBoard:
+    """The job board's calls a generator replica makes, answered at once (`ray.get` is patched to pass them on).
+    `stop_at`: job -> the step after which the board answers that the job should stop; `gone`: jobs it dropped."""
+
+    def __init__(self, stop_at: dict | None = None, gone: tuple = ()):
+        from types import SimpleNamespace
+
+        self.stop_at, self.gone, self.calls = stop_at or {}, set(gone), []
+
+        def call(name, answer):
+            return SimpleNamespace(remote=lambda *args: self.calls.append((name, *args)) or Answer(answer(*args)))
+
+        self.started = call("started", lambda job, replica, iterations: job in self.gone)
+        self.step = call("step", lambda job, step, total, iteration: step >= self.stop_at.get(job, total + 1))
+        self.interrupted = call("interrupted", lambda job: job in self.gone)
+
+
+class Answer:
+    """A board's answer as `ray.get` (patched: it returns this) and as an awaited ObjectRef give it."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __bool__(self):
+        return bool(self.value)
+
+    def __await__(self):
+        yield from ()
+        return self.value
+
+
+def generator_without_ray(engine: Engine, board: FakeBoard, monkeypatch, batch_max: int = 4):
+    """A `GeneratorWorker` as a replica has it, but for Ray: its board answers at once and its model is held."""
+    import asyncio
+
+    import imprompt.cluster.workers as workers
+
+    monkeypatch.setattr(workers.ray, "get", lambda answer: answer)
+    worker = object.__new__(workers.GeneratorWorker)
+    worker.engine, worker.board, worker.replica, worker.turn = engine, board, "replica-1", asyncio.Lock()
+    worker.batch_wait, worker.batch_max, worker.held = 0.5, batch_max, set()
+    worker.reported = []
+    worker.report = lambda events, job=None: worker.reported.append((events, job))
+
+    async def hold(wanted):
+        worker.held.add(wanted)
+
+    worker.hold = hold
+    return worker
+
+
+def test_a_generator_replicas_batch_gives_each_request_its_own_outcome(pack, red_circle, yellow_square, monkeypatch):
+    """`GeneratorWorker.run_turns`, what Ray Serve's `@serve.batch` calls with the turns it gathered: the requests
+    that share a call run as one (`info.batch`), each image within 1/255 of the same request alone on a plain
+    Engine (with a unit's embeddings made elsewhere, as encoder workers make them); a bad request, one whose client left
+    before it ran and one interrupted on the board each get their own outcome, the others their images."""
+    import asyncio
+
+    from conftest import max_diff
+    from conftest import request as make_request
+    from conftest import unit
+
+    from imprompt.cluster.workers import Turn
+    from imprompt.errors import ImpromptError, RequestError
+    from imprompt.request import parse_request
+
+    plain = Engine(pack)
+    adapter = make_request(unit("Base", b64(red_circle)), seed=2, prompt="a dog")
+    # made from another image than the request's: the image shows that the worker used what it was given
+    embeddings, _ = plain.embed(make_request(unit("Base", b64(yellow_square))), 0)
+    requests = {
+        "cat": (make_request(seed=1), {}),
+        "adapter": (adapter, {0: embeddings}),
+        "unknown": (make_request(unit("no-such-adapter", b64(red_circle)), seed=3), {}),
+        "gone": (make_request(seed=4, prompt="a bird"), {}),
+        "stopped": (make_request(seed=5, prompt="a tree"), {}),
+    }
+    board = FakeBoard(stop_at={"stopped": 2}, gone=("gone",))
+    worker = generator_without_ray(Engine(pack), board, monkeypatch)
+    turns = [Turn(parse_request(r), 0, 1, e, job, "tiny-sd15@x", 1) for job, (r, e) in requests.items()]
+    outcomes = dict(zip(requests, asyncio.run(worker.run_turns(turns))))
+
+    assert worker.held == {"tiny-sd15@x"}
+    for job in ("cat", "adapter"):
+        result = outcomes[job]
+        assert not isinstance(result, BaseException), (job, result)
+        assert result.info["batch"]["requests"] > 1 and result.info["worker"] == "replica-1"
+        assert result.info["interrupted"] is False
+        request, made = requests[job]
+        assert max_diff(result.images[0], plain.generate(request, embeddings=made).images[0]) <= 1, job
+    try:
+        plain.generate(requests["unknown"][0])
+    except ImpromptError as alone:
+        assert type(outcomes["unknown"]) is type(alone) and str(outcomes["unknown"]) == str(alone)
+    else:
+        raise AssertionError("the unknown adapter was accepted alone")
+    assert isinstance(outcomes["gone"], RequestError) and "went away" in str(outcomes["gone"])
+    assert outcomes["stopped"].info["interrupted"] is True  # its own interrupt: the others ran to their end
+    started = [call[1] for call in board.calls if call[0] == "started"]
+    assert sorted(started) == sorted(requests)  # every job started once, on the board
+    gathered = [e for events, _ in worker.reported for e in events if e["event"] == "batch_gathered"]
+    assert gathered and gathered[0]["size"] == 4  # all but the job that left
+
+
+def test_a_batched_job_of_several_iterations_gets_each_batch_with_its_seed(pack, monkeypatch):
+    """n_iter through the batch path: each batch a turn of its own (seed counting on by the batch size), stopped
+    between two batches once the board says so."""
+    import asyncio
+
+    from conftest import request as make_request
+
+    from imprompt.request import parse_request
+
+    board = FakeBoard()
+    worker = generator_without_ray(Engine(pack), board, monkeypatch)
+    worker.check = lambda entry, parts: "tiny-sd15@x"
+    request = parse_request(make_request(seed=10, batch_size=2, steps=2))
+    results = asyncio.run(worker.generate_batched(request, 3, {}, "job"))
+    assert [r.info["seed"] for r in results] == [10, 12, 14]
+    assert [c[0] for c in board.calls if c[0] in ("started", "interrupted")] == ["started", "interrupted", "interrupted"]
+    board.gone.add("later")
+    board.started = FakeBoard().started  # it started; then its client leaves before the second batch
+    assert len(asyncio.run(worker.generate_batched(request, 3, {}, "later"))) == 1
+
+
+def test_worker_batch_settings_are_checked():
+    from imprompt.cluster.workers import WorkerSettings
+    from imprompt.errors import RequestError
+
+    for bad in ({"batch_wait": 61.0}, {"batch_wait": -1.0}, {"batch_max": 0}):
+        with pytest.raises(RequestError, match="--batch-"):
+            WorkerSettings({}, **bad)

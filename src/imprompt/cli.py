@@ -153,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-wait", type=_seconds, default=0.0, metavar="SECONDS",
                    help="batch requests: the worker waits up to this long for more waiting requests that can share its "
                         "pipeline call (same model, size, steps, sampler, LoRAs...) and runs them as one batch, each "
-                        "with its own prompt, seed and image; 0 (default) runs one request at a time; at most 60")  # fmt: skip
+                        "with its own prompt, seed and image; 0 (default) runs one request at a time; at most 60. With "
+                        "--workers each generator replica batches the requests it gets (Ray Serve's @serve.batch)")  # fmt: skip
     s.add_argument("--batch-max", type=_positive, metavar="N",
                    help="most rows (images: the sum of its requests' batch sizes) in one batch (default: sized from the "
                         "device's memory: on CUDA the rows of the requests' size its activation budget holds, at most "
@@ -634,14 +635,12 @@ def _serve(args) -> int:
         logging.getLogger("imprompt").warning(
             "clients must reach %s by IP address: names (a DNS name, a proxy's) are refused unless listed with "
             "--allowed-hosts", args.host)  # fmt: skip
-    if clustered and args.batch_wait > 0:
-        logging.getLogger("imprompt").warning("--batch-wait batches the single-process server's queue; with a "
-                                              "cluster each replica runs one request at a time")  # fmt: skip
     if clustered:
         from .cluster.start import ClusterSettings, serve_cluster  # Ray is imported only here
 
         cluster = ClusterSettings(args.workers, args.encoder_workers or args.workers, args.address,
-                                  args.models_per_worker, args.gpus_per_worker, args.gpus_per_encoder)  # fmt: skip
+                                  args.models_per_worker, args.gpus_per_worker, args.gpus_per_encoder,
+                                  batch_max=args.batch_max, batch_wait=args.batch_wait)  # each generator replica batches
         serve_cluster(options, settings, cluster, args.host, args.port)
         return 0
     logging.getLogger("imprompt").info("serving on http://%s:%d (API docs at /docs)", args.host, args.port)

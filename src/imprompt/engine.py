@@ -128,23 +128,28 @@ class Engine:
         except Exception:
             return None
 
-    def generate_batch(self, requests: list, on_steps: list | None = None,
-                       interrupts: list | None = None) -> list[Result | BaseException]:  # fmt: skip
+    def generate_batch(self, requests: list, on_steps: list | None = None, interrupts: list | None = None,
+                       embeddings: list | None = None) -> list[Result | BaseException]:  # fmt: skip
         """Generate several requests (`GenerateRequest`s or dicts) at once: those with equal `batch_key`s run as one
         pipeline call, each with its own prompt, seeds and units, the others alone. `on_steps`: each request's
         `on_step(step, total)` or None (in a shared call, every image of the request is at `step`); `interrupts`:
         each request's `threading.Event` or None (set: that request stops after its current step and returns what
         it has, as alone; `interrupt()` stops them all). Returns each request's `Result`, or the exception it got,
-        in the requests' order; info["batch"] says how many rows its call ran and for how many requests."""
+        in the requests' order; info["batch"] says how many rows its call ran and for how many requests.
+        `embeddings`: each request's finished unit embeddings made elsewhere (as `generate`'s), or None."""
         requests = list(requests)
         on_steps = list(on_steps) if on_steps is not None else [None] * len(requests)
         interrupts = list(interrupts) if interrupts is not None else [None] * len(requests)
         if not len(on_steps) == len(interrupts) == len(requests):
             raise RequestError(f"generate_batch: {len(requests)} requests, {len(on_steps)} on_steps and "
                                f"{len(interrupts)} interrupts; give one of each per request (or None)")  # fmt: skip
+        made = [e or {} for e in embeddings] if embeddings is not None else [{}] * len(requests)
+        if len(made) != len(requests):
+            raise RequestError(f"generate_batch: {len(requests)} requests and {len(made)} embeddings; give one per "
+                               f"request (or None)")  # fmt: skip
         with self.state.lock:
             self.state.interrupt.clear()
-            return generate_batch(self.state, requests, on_steps, interrupts)
+            return generate_batch(self.state, requests, on_steps, interrupts, made)
 
     def plan(self, request: GenerateRequest | dict) -> Plan:
         """Everything a request would be refused for (images, names, pairings, limits), checked without loading
@@ -294,11 +299,13 @@ def batch_info(rows: int, requests: int, call: int) -> Description:
     return Description(info={"batch": {"size": rows, "requests": requests, "call": call}})
 
 
-def generate_batch(state: EngineState, requests: list, on_steps: list, interrupts: list) -> list:
+def generate_batch(state: EngineState, requests: list, on_steps: list, interrupts: list,
+                   made: list | None = None) -> list:  # fmt: skip
     """Several requests: those that share a call (`batching.plan_key`) run as one, in groups taken in the order of
     their first request, each group's requests in their order; the others run alone. Each gets its result, or the
     error it got (a request's failure is its own)."""
     outcomes: list = [None] * len(requests)
+    made = made if made is not None else [{}] * len(requests)  # each request's embeddings made elsewhere
     stops = [Stop(event, state.interrupt) for event in interrupts]
     calls = itertools.count(1)  # the pipeline calls made, numbered for each result's info["batch"]
     groups: dict = {}  # the shared key (or the request alone) -> [(index, request, plan)]
@@ -318,23 +325,24 @@ def generate_batch(state: EngineState, requests: list, on_steps: list, interrupt
     for members in groups.values():
         if len(members) == 1:
             (i, request, plan), = members
-            outcomes[i] = alone(state, request, on_steps[i], stops[i], next(calls), plan)
+            outcomes[i] = alone(state, request, on_steps[i], stops[i], next(calls), plan, made=made[i])
         else:
-            generate_group(state, members, on_steps, stops, outcomes, calls)
+            generate_group(state, members, on_steps, stops, outcomes, calls, made)
     return outcomes
 
 
 def alone(state: EngineState, request: GenerateRequest, on_step, stop: Stop, call: int, plan: Plan | None = None,
-          events: tuple = ()):  # fmt: skip
+          events: tuple = (), made: dict | None = None):  # fmt: skip
     """A request of a batch run alone (its pipeline call numbered `call`; `events`: what happened to it in the batch
     before, first among its result's events): its result, or the error it got."""
     try:
-        return generate(state, request, on_step, {}, stop, plan, (batch_info(1, 1, call),), events)
+        return generate(state, request, on_step, made or {}, stop, plan, (batch_info(1, 1, call),), events)
     except Exception as exc:
         return exc
 
 
-def generate_group(state: EngineState, members: list, on_steps: list, stops: list, outcomes: list, calls) -> None:
+def generate_group(state: EngineState, members: list, on_steps: list, stops: list, outcomes: list, calls,
+                   made: list | None = None) -> None:  # fmt: skip
     """Requests that share a key: each prepared and applied in order (its adapters attached as alone attaches them,
     so what stays attached and cached is what they leave alone), then the calls that merge run as one, the others
     alone. A request whose call cannot merge at all runs alone at once. A merged call that raises is run again
@@ -345,7 +353,7 @@ def generate_group(state: EngineState, members: list, on_steps: list, stops: lis
     try:
         for i, request, plan in members:
             try:
-                prepared = prepare(state, request, {}, plan)
+                prepared = prepare(state, request, made[i] if made else {}, plan)
                 call = open_call(prepared, on_steps[i], stops[i])
             except Exception as exc:
                 outcomes[i] = exc
@@ -404,4 +412,5 @@ def generate_group(state: EngineState, members: list, on_steps: list, stops: lis
             continue
         together = sum(1 for j, _, other in rows if j in failed and other.number == row.number)
         event = {"event": "batch_fallback", "requests": together, "why": failed[i]}
-        outcomes[i] = alone(state, prepared.request, on_steps[i], stops[i], next(calls), events=(event,))
+        outcomes[i] = alone(state, prepared.request, on_steps[i], stops[i], next(calls), events=(event,),
+                            made=made[i] if made else None)

@@ -42,6 +42,8 @@ class ClusterSettings:
     gpus_per_worker: float = 0.0  # of a generator replica
     gpus_per_encoder: float = 0.0
     max_ongoing: int = 4  # requests a replica takes at once (they queue in it, one generation at a time)
+    batch_max: int | None = None  # rows one batched pipeline call of a generator replica may hold (workers.py)
+    batch_wait: float = 0.0  # seconds a generator replica waits for requests to batch with (0: no batching)
 
 
 def serve_cluster(engine: dict, server: ServerSettings, cluster: ClusterSettings, host: str, port: int,
@@ -62,15 +64,17 @@ def serve_cluster(engine: dict, server: ServerSettings, cluster: ClusterSettings
         board = ray.remote(JobBoard).options(name=BOARD_NAME, namespace=NAMESPACE, num_cpus=0).remote()  # noqa: F841
         serve.start(http_options={"host": host, "port": port}, proxy_location="HeadOnly")
         serving = True
-        generators, encoders = deployments(WorkerSettings(engine, cluster.models_per_worker), cluster)
+        worker = WorkerSettings(engine, cluster.models_per_worker, cluster.batch_max, cluster.batch_wait)
+        generators, encoders = deployments(worker, cluster)
         app = serve.deployment(Ingress, name="ingress", ray_actor_options={"num_cpus": 0}).bind(
             generators, encoders, engine, server)
         serve.run(app, name=APP_NAME, route_prefix="/")
         if threading.current_thread() is threading.main_thread():  # after Ray's own driver handlers, replacing them
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda *_: _stop(stop))
-        log.info("cluster ready in %.1f s: %d generator and %d encoder replica(s); serving on http://%s:%d",
-                 time.perf_counter() - started, cluster.generators, cluster.encoders, host, port)  # fmt: skip
+        batching = f"batching up to {cluster.batch_wait:g} s" if cluster.batch_wait > 0 else "no batching"
+        log.info("cluster ready in %.1f s: %d generator (%s) and %d encoder replica(s); serving on http://%s:%d",
+                 time.perf_counter() - started, cluster.generators, batching, cluster.encoders, host, port)  # fmt: skip
         while not stop.wait(0.5):
             pass
         log.info("stopping the cluster")
