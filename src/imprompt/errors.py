@@ -208,10 +208,15 @@ class CheckpointError(ImpromptError):
     def __init__(self, path, problem: str, fix: str | None = None):
         self.path = str(path)
         self.problem = problem
+        self.fix = fix
         message = f"{self.path}: {problem}"
         if fix:
             message += f". {fix}"
         super().__init__(message)
+
+    def __reduce__(self):
+        """Pickled with its own arguments: a cluster worker's error reaches the ingress as itself (Ray pickles it)."""
+        return type(self), (self.path, self.problem, self.fix)
 
 
 class UnsafeCheckpointError(CheckpointError):
