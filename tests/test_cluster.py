@@ -2,7 +2,9 @@
 loopback) in its own process, driven over HTTP by real clients; every image checked against the single process.
 
 One cluster for the whole file and one test that takes it through its phases in order (affinity first: it needs
-models no request has loaded yet), because starting a cluster costs about a minute on two cores.
+models no request has loaded yet), because starting a cluster costs about a minute on two cores. The cluster batches
+(`--batch-wait`, Ray Serve's `@serve.batch` in each generator replica): a request that ran alone must equal the
+single process's image exactly, one that shared a pipeline call with others within 1/255.
 """
 
 from __future__ import annotations
@@ -34,14 +36,27 @@ from imprompt.demo.pack import SD15_MODEL, SDXL_MODEL  # noqa: E402
 from tools.bench_cluster import ready, session_processes, stop  # noqa: E402
 
 START_SECONDS = 300  # bounded waits: a cluster that does not come up fails the test, never hangs it
+BATCH_WAIT = "0.5"  # seconds a generator replica gathers requests for (every lone request waits this long too)
 
 
 @pytest.fixture(scope="module")
 def burst_models(pack, tmp_path_factory) -> Path:
-    """Two more copies of the SD 1.5 pipeline under other names: models no request has loaded yet."""
+    """Two more copies of the SD 1.5 pipeline under other names: models no request has loaded yet; and a LoRA whose
+    header passes the ingress's plan but whose weights do not fit the model: it fails on the generator worker."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from tools.extra_models import kohya_lora, write
+
     root = tmp_path_factory.mktemp("burst-models")
     for name in ("burst-a", "burst-b"):
         shutil.copytree(pack / "diffusers" / SD15_MODEL, root / name)
+    sd15 = StableDiffusionPipeline.from_pretrained(pack / "diffusers" / SD15_MODEL, safety_checker=None,
+                                                   requires_safety_checker=False)  # fmt: skip
+    lora = kohya_lora(sd15, seed=3, text=False)
+    up = next(name for name in lora if name.endswith("lora_up.weight"))
+    lora[up] = torch.zeros(lora[up].shape[0] + 3, lora[up].shape[1])  # 3 rows more than the layer has
+    write(root / "Lora" / "broken-sd15.safetensors", lora)
     return root
 
 
@@ -55,7 +70,8 @@ def cluster(pack, burst_models):
     log = open(Path(ray_tmp) / "serve.log", "w")
     process = subprocess.Popen(
         [sys.executable, "-m", "imprompt.cli", "serve", "--models", str(pack), "--models", str(burst_models),
-         "--workers", "2", "--encoder-workers", "2", "--models-per-worker", "3", "--port", str(port)],
+         "--workers", "2", "--encoder-workers", "2", "--models-per-worker", "3", "--port", str(port),
+         "--batch-wait", BATCH_WAIT, "--batch-max", "4"],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
@@ -100,6 +116,16 @@ def same(a, b) -> bool:
     import numpy as np
 
     return np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def alike(image, info: dict, expected) -> bool:
+    """The single process's image: exactly when the request ran alone; within 1/255 when it shared a pipeline
+    call with others (`info.batch`: batched GEMMs may round otherwise, as in the single process's batches)."""
+    from conftest import max_diff
+
+    if info.get("batch", {}).get("requests", 1) == 1:
+        return same(image, expected)
+    return max_diff(image, expected) <= 1
 
 
 def events(url: str, since: float = 0.0) -> list[dict]:
@@ -172,7 +198,31 @@ def test_cluster(cluster, pack, burst_models, engine, red_circle, yellow_square)
         answers = list(pool.map(lambda p: post(url, p), payloads))
     for payload, (model, units), (image, info) in zip(payloads, mixes, answers):
         assert [Path(u["file"]).stem for u in info["ip_adapters"]] == [a for a, _ in units], info["ip_adapters"]
-        assert same(image, reference(pack, engine, payload)), f"{model} {units}: differs from the single process"
+        assert alike(image, info, reference(pack, engine, payload)), f"{model} {units}: differs from the single process"
+
+    # ----------------------- batching: concurrent requests for one model share a call; a bad one fails on its own
+    started = time.time()
+    good = [{**txt2img(url, SD15_MODEL, [], seed=300 + i), "prompt": prompt}
+            for i, prompt in enumerate(("a red cat", "a blue dog", "a green bird"))]  # fmt: skip
+    bad = {**txt2img(url, SD15_MODEL, [], seed=303), "prompt": "a cat <lora:broken-sd15:1>"}  # passes the plan
+    together = threading.Barrier(4)
+
+    def send(payload: dict) -> tuple[int, dict]:
+        together.wait(60)
+        return _post_any(url, payload)
+
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(send, [*good, bad]))
+    for payload, (status, body) in zip(good, answers):
+        assert status == 200, body
+        info = json.loads(body["info"])
+        assert info["batch"]["requests"] > 1, info["batch"]  # shared a pipeline call with another request
+        image = decode(body["images"][0]).convert("RGB")
+        assert alike(image, info, reference(pack, engine, payload)), f"{payload['prompt']}: differs from alone"
+    status, body = answers[-1]
+    assert status == 422 and body["error"] == "CheckpointError" and "broken-sd15" in body["detail"], body
+    gathered = [e for e in events(url, started - 1) if e["event"] == "batch_gathered"]
+    assert [e["size"] for e in gathered] == [4], gathered  # the bad request was in the batch, and failed alone
 
     # --------------------------------------------------------------------- interrupt: the long job, not the short
     long_payload = {**txt2img(url, SD15_MODEL, [("ip-adapter_sd15", red_circle)], seed=7, steps=150, size=128),
@@ -192,7 +242,7 @@ def test_cluster(cluster, pack, burst_models, engine, red_circle, yellow_square)
     long_info = outcome["long"][1]
     assert long_info["interrupted"] is True and len(long_info["imprompt"]) < 8, long_info  # stopped in a batch
     assert outcome["short"][1]["interrupted"] is False
-    assert same(outcome["short"][0], reference(pack, engine, short_payload))
+    assert alike(*outcome["short"], reference(pack, engine, short_payload))
 
     # ----------------------------------------------------------- burst: first requests for never-loaded models
     started = time.time()
@@ -224,15 +274,16 @@ def test_cluster(cluster, pack, burst_models, engine, red_circle, yellow_square)
         status, body = outcome["victim"]
         print(f"the killed replica's request: {status} {'(retried)' if status == 200 else body}")
         if status == 200:  # retried on another replica: the request carries its seed, so the image is the same
-            assert same(decode(body["images"][0]).convert("RGB"), reference(pack, engine, victim_payload))
+            image = decode(body["images"][0]).convert("RGB")
+            assert alike(image, json.loads(body["info"]), reference(pack, engine, victim_payload))
         else:
             assert status == 503 and body["error"] == "WorkerLostError", body
         expected = reference(pack, engine, other_payload)
-        assert all(same(image, expected) for image, _ in others)
+        assert all(alike(image, info, expected) for image, info in others)
         # Ray restarts the replica: two generators report again, one of them a new process
         wait_until(lambda: _workers(http, 4, without_pid=pid), 180, "the killed replica replaced")
-    image, _ = post(url, victim_payload)
-    assert same(image, reference(pack, engine, victim_payload))
+    image, info = post(url, victim_payload)
+    assert alike(image, info, reference(pack, engine, victim_payload))
 
     # ------------------------------------------------ SD 3.5 and FLUX: their encoders and adapters, routed the same
     for model, adapter in (("tiny-sd35", "sd3.5-large-ip-adapter"), ("tiny-flux", "flux-ip-adapter")):
@@ -478,3 +529,19 @@ def test_worker_batch_settings_are_checked():
     for bad in ({"batch_wait": 61.0}, {"batch_wait": -1.0}, {"batch_max": 0}):
         with pytest.raises(RequestError, match="--batch-"):
             WorkerSettings({}, **bad)
+
+
+def test_every_imprompt_error_reaches_the_ingress_as_itself():
+    """A worker's error travels pickled (Ray): each `ImpromptError` must come back as its type with its message, or
+    the ingress answers 500 "failed to deserialize" instead of its status (a broken LoRA's CheckpointError did)."""
+    import pickle
+
+    import imprompt.errors as errors
+
+    kinds = [k for k in vars(errors).values() if isinstance(k, type) and issubclass(k, errors.ImpromptError)]
+    assert errors.CheckpointError in kinds
+    for kind in kinds:
+        checkpoint = issubclass(kind, errors.CheckpointError)
+        error = kind("/models/x.safetensors", "truncated", "download it again") if checkpoint else kind("why")
+        back = pickle.loads(pickle.dumps(error))
+        assert type(back) is kind and str(back) == str(error) and back.http_status == error.http_status
