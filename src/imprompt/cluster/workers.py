@@ -217,7 +217,8 @@ class GeneratorWorker(Worker):
 
     async def run_turns(self, turns: list[Turn]) -> list:
         """Turns gathered together, one model at a time (Ray splits its batches by model id already; grouped here
-        again so that nothing depends on it): the model held while its turns run, then one `generate_batch`."""
+        again so that nothing depends on it): the model held while its turns run, then one `generate_batch`. Errors
+        are returned, not raised: Serve would set one raised error on every request of the batch."""
         outcomes: list = [None] * len(turns)
         models: dict[str, list[int]] = {}
         for i, turn in enumerate(turns):
@@ -317,8 +318,8 @@ class GeneratorWorker(Worker):
 
 
 def deployments(settings: WorkerSettings, cluster) -> tuple:
-    """The two deployments, sized by `cluster` (`start.ClusterSettings`). Ray Serve's `@serve.multiplexed` takes
-    its per-replica limit when the method is defined, so the classes that carry it are made here."""
+    """The two deployments, sized by `cluster` (`start.ClusterSettings`). Ray Serve's `@serve.multiplexed` and
+    `@serve.batch` take their settings when the method is defined, so the classes that carry them are made here."""
 
     class Generator(GeneratorWorker):
         @serve.multiplexed(max_num_models_per_replica=settings.models_per_worker)
