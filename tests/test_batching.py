@@ -83,9 +83,16 @@ def kept(engine: Engine) -> tuple:
     """What an engine keeps between requests, as a later request could find it: each cache's entries in order and
     its counts, and for each resident model its attached adapter set, its kept processor shells in order, its
     active LoRAs, and whether its UNet and VAE carry exactly that (not a batch's processors, another VAE)."""
+    from imprompt.ipadapter.attach import AttachedAdapters
+
     models = []
     for loaded in engine.state.pipelines.all():
         attached, pipeline = loaded.attached, loaded.pipeline
+        if not isinstance(attached, AttachedAdapters):  # a transformer's (SD 3.5, FLUX): it never runs merged
+            models.append({"model": loaded.name, "attached": attached.attached, "loras": loaded.loras.active,
+                           "own vae": pipeline.vae is loaded.own_vae,
+                           "vae slicing": pipeline.vae.use_slicing})  # fmt: skip
+            continue
         shells = attached._shells.get(attached.attached) if attached.attached else None
         processors = shells[0] if shells else attached.plain_processors
         models.append({
@@ -385,19 +392,27 @@ def test_a_shape_of_its_own_runs_alone_with_its_units(engines, images):
     assert kept(batch_engine) == kept(alone_engine)
 
 
-def test_what_is_not_batched_yet_gets_no_key(pack, images, tmp_path):
-    """img2img, ControlNets, FaceID units, prompt schedules and AND, SD 3.5 and FLUX: None (they run alone); a
-    request that fails its plan: None (it fails alone). A plain request gets a key."""
+@pytest.fixture(scope="module")
+def alone_kinds(pack, tmp_path_factory):
+    """A ControlNet (from the tiny SD 1.5's UNet) and a FaceID adapter (with its LoRA) for the tiny SD 1.5: units of
+    kinds that run alone in a batch."""
     from types import SimpleNamespace
 
     from diffusers import ControlNetModel, UNet2DConditionModel
 
     from tools.extra_models import faceid_adapter, write
 
+    folder = tmp_path_factory.mktemp("batching-alone-kinds")
     unet = UNet2DConditionModel.from_pretrained(pack / "diffusers" / "tiny-sd15" / "unet")
-    ControlNetModel.from_unet(unet).save_pretrained(tmp_path / "controlnet" / "tiny-sd15-controlnet")
-    write(tmp_path / "ipadapter" / "ip-adapter-faceid_sd15.safetensors", faceid_adapter(SimpleNamespace(unet=unet), 6))
-    engine = Engine([pack, tmp_path])
+    ControlNetModel.from_unet(unet).save_pretrained(folder / "controlnet" / "tiny-sd15-controlnet")
+    write(folder / "ipadapter" / "ip-adapter-faceid_sd15.safetensors", faceid_adapter(SimpleNamespace(unet=unet), 6))
+    return folder
+
+
+def test_what_is_not_batched_yet_gets_no_key(pack, images, alone_kinds):
+    """img2img, ControlNets, FaceID units, prompt schedules and AND, SD 3.5 and FLUX: None (they run alone); a
+    request that fails its plan: None (it fails alone). A plain request gets a key."""
+    engine = Engine([pack, alone_kinds])
     red = images["red-circle"]
     assert engine.batch_key(request(unit("Base", red))) is not None
     assert engine.batch_key(request(unit("Base", red), prompt="a cat <lora:nope:1>")) is None  # fails its plan
@@ -416,6 +431,71 @@ def test_what_is_not_batched_yet_gets_no_key(pack, images, tmp_path):
     for what, r in refused.items():
         engine.plan(r)  # each plans: None means "not batched", not "refused"
         assert engine.batch_key(r) is None, what
+
+
+def test_every_unit_kind_and_failure_in_one_batch_gets_what_it_gets_alone(pack, extra, alone_kinds, images):
+    """One batch of everything at once: IP-Adapter units and LoRA sets that merge (two calls), a FaceID unit, a
+    ControlNet, img2img, a prompt schedule, AND, a prompt longer than its negative and SD 3.5, which run alone among
+    them, a request refused for its adapter's pairing and one whose run fails (its progress callback raises). Each
+    gets what it gets alone (run alone in the order the batch runs its calls, so both engines' histories match):
+    its images within 1/255 (those alone: to the bit), infotexts and info, or its error's type and message; and
+    `info["batch"]` says which requests shared a call."""
+    red, yellow, white = images["red-circle"], images["yellow-square"], images["white-triangle"]
+    lora = "<lora:detail-sd15:0.6>"
+    requests = [
+        request(unit("Base", red), unit("Light", yellow, 0.8, masks=[white]), seed=1),  # merges with 6
+        request({"adapter": "FaceID Base", "face_embeddings": [FACE], "scale": 0.7}, seed=2),
+        request(prompt=f"a cat {lora}", seed=3),  # merges with 5 (the same LoRA set)
+        request(unit("Plus", white, 0.5), controlnets=[{"model": "tiny-sd15-controlnet", "image": yellow}], seed=4),
+        request(unit("Base", white), init_images=[red], denoising_strength=0.6, seed=5),
+        request(unit("Plus", red, 0.7, start=0.25), prompt=f"a dog {lora}", seed=6),
+        request(unit("Base ViT-G", white, 0.6, layers="style"), prompt="a tree", seed=7, batch_size=2),
+        request(unit("Base", yellow), prompt="a [red:blue:0.5] cat AND a dog", seed=8),
+        request(unit("Plus", red), model=SDXL, seed=9),  # refused: an SD 1.5 adapter on SDXL
+        request(prompt="a house", init_images=[white], seed=10),  # its run fails (below)
+        request(unit("Base", red), prompt=LONG, seed=11),  # runs at once: its prompt is read at its own length
+        request(unit("SD3.5 Large", red), model="tiny-sd35", cfg_scale=5.0, seed=12),
+    ]
+    failing = 9
+
+    def fails(step, total):
+        if step == 2:
+            raise RuntimeError("a progress callback failed (a test's fault)")
+
+    on_steps = [fails if n == failing else None for n in range(len(requests))]
+    alone_engine, batch_engine = Engine([pack, extra, alone_kinds]), Engine([pack, extra, alone_kinds])
+    # the batch prepares its groups in the order of their first request, a group's requests in their order
+    keys = []
+    for n, r in enumerate(requests):
+        try:
+            keys.append(alone_engine.batch_key(r) or ("alone", n))
+        except ImpromptError:
+            keys.append(("refused", n))
+    assert keys[0] == keys[6] and keys[2] == keys[5] and keys[0] != keys[2] and keys[10] == keys[0]
+    order = sorted(range(len(requests)), key=lambda n: keys.index(keys[n]))
+    alone = {}
+    for n in order:
+        try:
+            alone[n] = alone_engine.generate(requests[n], on_step=on_steps[n])
+        except Exception as exc:
+            alone[n] = exc
+    batch = batch_engine.generate_batch(requests, on_steps=on_steps)
+    for n in (8, failing):
+        assert isinstance(alone[n], Exception) and type(batch[n]) is type(alone[n]), (n, batch[n])
+        assert str(batch[n]) == str(alone[n]), n
+    assert isinstance(batch[8], ImpromptError) and isinstance(batch[failing], RuntimeError)
+    calls = {}
+    for n in sorted(set(range(len(requests))) - {8, failing}):
+        worst, count = same_result(alone[n], batch[n], f"request {n}")
+        calls.setdefault(batch[n].info["batch"]["call"], []).append(n)
+        if shape(batch[n]) == (1, 1):
+            assert (worst, count) == (0, 0), n
+    merged = sorted(group for group in calls.values() if len(group) > 1)
+    assert merged == [[0, 6], [2, 5]], calls
+    assert [shape(batch[n]) for n in (0, 6, 2, 5)] == [(3, 2), (3, 2), (2, 2), (2, 2)]
+    assert all(shape(batch[n]) == (1, 1) for group in calls.values() if len(group) == 1 for n in group)
+    assert batch[4].info["mode"] == "img2img" and batch[1].info["ip_adapters"][0]["adapter"] == "FaceID Base"
+    assert kept(batch_engine) == kept(alone_engine)
 
 
 def scheduler_variant(pack, folder, name: str, **config) -> None:
