@@ -56,3 +56,24 @@ def test_model_switch_bench_runs_at_tiny_size(tmp_path):
     for system in raw.values():
         assert len(system["result"]["switch_s"]) == 2 and len(system["result"]["first_loads_s"]) == 2
     assert "| imprompt, both resident" in out.read_text()
+
+
+def test_batching_bench_runs_at_tiny_size(pack, tmp_path):
+    """tools/bench_batching.py end to end on the demo pack: two real servers (batching off, on), concurrent clients,
+    the report and its raw numbers; the batched mode ran batches and its images are the unbatched ones within 1/255."""
+    out = tmp_path / "batching.md"
+    command = [sys.executable, "-m", "tools.bench_batching", "--models", str(pack), "--family", "sd15", "--size", "64",
+               "--steps", "2", "--clients", "3", "--requests", "2", "--batch-wait", "0.5", "--batch-max", "8",
+               "--cache", str(tmp_path / "cache"), "--out", str(out)]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    raw = json.loads(out.with_suffix(".json").read_text())
+    assert raw["modes"] == ["off", "on"] and raw["machine"]["cores"] and raw["machine"]["torch"]
+    for name in ("off", "on"):
+        row = raw["summary"][name]
+        assert row["images"] == 6 and row["failures"] == 0 and row["images_per_s"] > 0 and row["p95_s"] >= row["p50_s"]
+        assert len(raw["results"][name]["latency_s"]) == 6 and raw["results"][name]["server_cpu_s"] > 0
+    assert raw["summary"]["off"]["batch_sizes"] == []  # --batch-wait 0: one request at a time
+    assert max(raw["summary"]["on"]["batch_sizes"], default=0) >= 2 and raw["summary"]["on"]["max_pixel_diff_vs_first"] <= 1
+    report = out.read_text()
+    assert "| batching off (`--batch-wait 0`) |" in report and "Batching on vs off:" in report
