@@ -4,6 +4,7 @@ as the first one in a fresh process."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from test_sdnext_pulid import write_pulid_files
 from imprompt import Engine
 from imprompt.demo.tiny_dits import write_pulid_flux
 from imprompt.errors import ImpromptError
+from imprompt.ipadapter.attach import AttachedAdapters
 from tools.loadtest import load, start_server
 from tools.soak import (
     controlnet_menu,
@@ -163,6 +165,96 @@ def test_any_sequence_gives_fresh_process_pixels(roots, images, fresh, data):
             continue
         result = engine.generate(valid[name])
         assert max_diff(result.images[0], fresh[name]) == 0, f"{name} after {sequence}"
+
+
+@pytest.fixture(scope="module")
+def alone(roots):
+    """Each named request's outcome alone (its result, or the error it got) in one engine, computed the first time a
+    test asks and kept: what a batched request's infotexts, info and error must equal (its pixels: `fresh`)."""
+    engine, outcomes = Engine(roots), {}
+
+    def outcome(name: str, request: dict):
+        if name not in outcomes:
+            try:
+                outcomes[name] = engine.generate(request)
+            except ImpromptError as exc:
+                outcomes[name] = exc
+        return outcomes[name]
+
+    return outcome
+
+
+WHERE_FROM = {"cache", "detected", "loaded", "encoded", "computed", "not needed"}  # an encoder's, embedding's, face's
+
+
+def shown(info: dict) -> dict:
+    """A result's info but its timings, its events, its call (`batch`) and where each part came from (a cache, or
+    made now): that is the engine's history, which the alone reference's differs from."""
+
+    def sourceless(value):
+        if isinstance(value, dict):
+            return {k: sourceless(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [sourceless(v) for v in value]
+        if isinstance(value, str):
+            return "?" if value in WHERE_FROM else re.sub(r"\((cache|detected)\)", "(?)", value)
+        return value
+
+    return sourceless({k: v for k, v in info.items() if k not in ("timings", "events", "batch")})
+
+
+def left_as_alone(engine: Engine) -> None:
+    """What a batch must not leave on a resident model: a hook, a batch's processors or projection on a UNet
+    instead of its attached set's, another VAE than its own, the VAE's slicing on."""
+    for resident in engine.state.pipelines.all():
+        pipeline, attached = resident.pipeline, resident.attached
+        model = getattr(pipeline, "transformer", None) or pipeline.unet
+        hooked = [n for n, m in model.named_modules() if m._forward_hooks or m._forward_pre_hooks]
+        assert hooked == [], f"{resident.name}: hooks left on {hooked[:5]}"
+        assert pipeline.vae is resident.own_vae and not pipeline.vae.use_slicing, resident.name
+        if isinstance(attached, AttachedAdapters):  # a UNet's IP-Adapter set
+            shells = attached._shells.get(attached.attached) if attached.attached else None
+            processors = shells[0] if shells else attached.plain_processors
+            assert all(m.processor is p for m, p in zip(attached.cross_attention, processors)), resident.name
+            assert pipeline.unet.encoder_hid_proj is (shells[1] if shells else None), resident.name
+    for name, stats in engine.cache_info().items():
+        if isinstance(stats, dict) and "entries" in stats:
+            assert stats["used_bytes"] == sum(e["bytes"] for e in stats["entries"]), name
+
+
+@settings(max_examples=4, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_any_sequence_in_batches_gives_each_request_its_own_outcome(roots, images, fresh, alone, data):
+    """Sequences of batches as the property test draws its requests (`Engine.generate_batch`): each request gets what it gets
+    alone (its fresh-process pixels, within 1/255 where its call merged with others' and exactly where it ran
+    alone; its infotexts and info; its error), and no batch leaves anything on a model that the next one finds."""
+    valid = every_valid(roots, images)
+    bad = failing_menu(images, roots[1]) | comfy_failures(images) | pulid_failures(roots[1])
+    merging = sorted(sd15_menu(images) | sdxl_menu(images))  # drawn more often, so that calls really merge
+    budget = data.draw(st.sampled_from([None, 1]), label="encoder cache budget (1 byte: evict on every switch)")
+    names = st.one_of(st.sampled_from(merging), st.sampled_from(sorted(valid) + sorted(bad)))
+    batches = data.draw(st.lists(st.lists(names, min_size=1, max_size=4), min_size=1, max_size=3), label="batches")
+    engine = Engine(roots, cache_budget=budget, embedding_cache_budget=budget, controlnet_cache_budget=budget)
+    calls = []  # each batch's requests as its calls ran them (rows, requests), printed
+    for batch in batches:
+        outcomes = engine.generate_batch([bad[n] if n in bad else valid[n] for n in batch])
+        calls.append([(o.info["batch"]["size"], o.info["batch"]["requests"]) if not isinstance(o, BaseException)
+                      else type(o).__name__ for o in outcomes])  # fmt: skip
+        for name, got in zip(batch, outcomes):
+            what = f"{name} in {batch} of {batches}"
+            expected = alone(name, bad[name] if name in bad else valid[name])
+            if name in bad:
+                assert isinstance(expected, ImpromptError), what
+                assert type(got) is type(expected) and str(got) == str(expected), f"{what}: {got!r}"
+                continue
+            assert not isinstance(got, BaseException), f"{what}: {got!r}"
+            merged = got.info["batch"]["requests"] > 1
+            assert max_diff(got.images[0], fresh[name]) <= (1 if merged else 0), what
+            assert got.infotexts == expected.infotexts, what
+            assert shown(got.info) == shown(expected.info), what
+            assert [e for e in got.info["events"] if e["event"] == "batch_fallback"] == [], what
+        left_as_alone(engine)
+    print(f"\nbatches {batches}: calls {calls}")
 
 
 def every_ordered_pair(names: list[str]) -> list[str]:
