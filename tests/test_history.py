@@ -225,8 +225,8 @@ def left_as_alone(engine: Engine) -> None:
 @settings(max_examples=4, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(data=st.data())
 def test_any_sequence_in_batches_gives_each_request_its_own_outcome(roots, images, fresh, alone, data):
-    """Sequences of batches as the property test draws its requests (`Engine.generate_batch`): each request gets what it gets
-    alone (its fresh-process pixels, within 1/255 where its call merged with others' and exactly where it ran
+    """The property test's requests drawn as a sequence of batches (`Engine.generate_batch`): each request gets what
+    it gets alone (its fresh-process pixels, within 1/255 where its call merged with others' and exactly where it ran
     alone; its infotexts and info; its error), and no batch leaves anything on a model that the next one finds."""
     valid = every_valid(roots, images)
     bad = failing_menu(images, roots[1]) | comfy_failures(images) | pulid_failures(roots[1])
