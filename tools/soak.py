@@ -443,7 +443,7 @@ def soak(roots: list[str], valid: dict, failing: dict, references: dict[str, Pat
 
 
 def _cache_bytes(engine) -> dict:
-    return {k: v["used_bytes"] for k, v in engine.cache_info().items() if isinstance(v, dict)}
+    return {k: v["used_bytes"] for k, v in engine.cache_info().items() if isinstance(v, dict) and "used_bytes" in v}
 
 
 def _rss() -> int:

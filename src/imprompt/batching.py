@@ -39,7 +39,7 @@ import torch
 
 from .call import PipelineCall
 from .errors import RequestError
-from .ipadapter.attach import RequestUnits, RowScales
+from .ipadapter.attach import RequestUnits
 from .plan import Plan, make_plan
 from .request import GenerateRequest
 from .util.samplers import make_scheduler
@@ -128,7 +128,7 @@ def merge_signature(call: PipelineCall) -> tuple | None:
     kwargs = call.kwargs
     if call.conditioned_unet is not None or call.pipeline is not call.loaded.pipeline or call.lora_uses:
         return None
-    if set(kwargs) - MERGED_KWARGS or set(kwargs.get("cross_attention_kwargs", {})) - {"ip_adapter_masks"}:
+    if set(kwargs) - MERGED_KWARGS or set(kwargs.get("cross_attention_kwargs", {})) - {"ip_adapter_masks", "ip_hidden_states"}:
         return None
     if not isinstance(call.adapters, RequestUnits):
         return None
@@ -156,8 +156,7 @@ class Row:
 def run_alone(row: Row) -> None:
     """A row that no other row merges with runs as it would alone: its own adapter set's shells swapped in for the
     call (what is attached and kept stays as the requests left it)."""
-    attached, units = row.call.loaded.attached, row.units
-    undo = attached.swapped(*attached.shells(units.built, units.keys)) if units.built else attached.swapped(None, None)
+    undo = row.call.loaded.attached.alone(row.units)
     try:
         with row.call.in_place():  # its VAE: a call that ended since it was applied put the model's own back
             row.images = row.call.run()
@@ -175,20 +174,6 @@ def run_merged(rows: list[Row]) -> None:
     for name in PROMPT_TENSORS:
         if name in first.kwargs:
             kwargs[name] = torch.cat([rows[r].call.kwargs[name] for r in owner])
-    built = [adapter for row in rows for adapter in row.units.built]
-    scales = RowScales([r for r, row in enumerate(rows) for _ in row.units.built], owner, kwargs["guidance_scale"] > 1.0)
-    if built:
-        # each unit's embeddings as alone: diffusers repeats them for every row, and the other rows scale them by 0
-        kwargs["ip_adapter_image_embeds"] = [e for row in rows for e in row.call.kwargs.get("ip_adapter_image_embeds", [])]
-        masks = [m for row in rows
-                 for m in row.call.kwargs.get("cross_attention_kwargs", {}).get("ip_adapter_masks", [None] * len(row.units.built))]  # fmt: skip
-        if any(m is not None for m in masks):
-            kwargs["cross_attention_kwargs"] = {"ip_adapter_masks": masks}
-
-    def update_scales() -> None:
-        if built:
-            scales.update([s for row in rows for s in row.units.scales], [w for row in rows for w in row.units.weights])
-
     held, frozen = None, torch.zeros(len(owner), dtype=torch.bool)
 
     def step_end(pipe, step, timestep, tensors):
@@ -222,9 +207,11 @@ def run_merged(rows: list[Row]) -> None:
     for row in rows:
         row.units.merged = True
         row.call.schedule.begin(0, first.steps)
-    update_scales()
-    processors, projection = loaded.attached.per_row_shells(built, scales) if built else (None, None)
-    undo = loaded.attached.swapped(processors, projection)
+    # the rows' image prompts, each row reading its own request's units (the attachment's `merged`)
+    units, update_scales, undo = loaded.attached.merged([row.units for row in rows], owner, kwargs["guidance_scale"] > 1.0,
+                                                        [row.call.kwargs for row in rows], kwargs["width"],
+                                                        kwargs["height"])  # fmt: skip
+    kwargs |= units
     try:
         with first.in_place():  # the rows' VAE (they share it): a call that ended since may have put the own one back
             vae = pipeline.vae
@@ -232,7 +219,8 @@ def run_merged(rows: list[Row]) -> None:
             vae.use_slicing = True  # the decode row by row: each row's as alone's, and one image's memory at a time
             try:
                 devices = [pipeline.device] if pipeline.device.type == "cuda" else []
-                with torch.random.fork_rng(devices=devices):  # as `PipelineCall.run`: the process's generator kept
+                first.eager_reasons += [why for row in rows[1:] for why in row.call.eager_reasons]
+                with torch.random.fork_rng(devices=devices), first.compiled_or_eager():  # as `PipelineCall.run`
                     torch.manual_seed(first.seed)
                     output = pipeline(num_inference_steps=first.steps, generator=generators,
                                       callback_on_step_end=step_end, output_type="pil", **kwargs)  # fmt: skip

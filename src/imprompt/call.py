@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -72,6 +72,8 @@ class PipelineCall:
         # own that attaches through it (`ipadapter.attach.RequestUnits`, read by `batching.py`)
         self.adapters = loaded.attached
         self.components: dict = {}  # name -> module a conditioning put on the pipeline for this call (`use`)
+        # why a compiled denoiser runs this call eager (`loading.compiled`): what its graph cannot take
+        self.eager_reasons: list[str] = []
         self._undo: list[Callable[[], None]] = []
 
     def after(self, undo: Callable[[], None]) -> None:
@@ -107,6 +109,15 @@ class PipelineCall:
         while self._undo:
             self._undo.pop()()
 
+    def compiled_or_eager(self):
+        """The call through the compiled denoiser, or eager where it carries what the graph cannot take."""
+        compiled = self.loaded.compiled
+        if compiled is None:
+            return nullcontext()
+        if self.eager_reasons and not any(e["event"] == "eager_call" for e in self.events):
+            self.events.append({"event": "eager_call", "why": "; ".join(self.eager_reasons)})
+        return compiled.running(self.eager_reasons)
+
     def run(self) -> list:
         images = []
         for index in range(self.batch_size):
@@ -119,7 +130,7 @@ class PipelineCall:
             # ControlNet pipeline samples the control image's latents so): seeded by the request, and the process's
             # generator left as it was
             devices = [self.loaded.pipeline.device] if self.loaded.pipeline.device.type == "cuda" else []
-            with torch.random.fork_rng(devices=devices):
+            with torch.random.fork_rng(devices=devices), self.compiled_or_eager():
                 torch.manual_seed(self.seed + index)
                 output = self.pipeline(
                     num_inference_steps=self.steps,

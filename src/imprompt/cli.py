@@ -257,6 +257,12 @@ def _engine_arguments(parser) -> None:
                         help="memory plan for models the GPU cannot hold: auto chooses by size; none (all on the "
                              "device), encoders (text encoders on the CPU), model (each component moved in as it "
                              "runs), group (block by block)")  # fmt: skip
+    parser.add_argument("--compile", action="store_true",
+                        help="compile each model's UNet / transformer with torch.compile when it loads; it stays "
+                             "compiled while requests switch image prompts, scales, masks and LoRAs (the first "
+                             "request at a new size, batch or unit count compiles again; see docs/compile.md)")  # fmt: skip
+    parser.add_argument("--compile-backend", default="inductor", metavar="NAME",
+                        help="torch.compile backend for --compile (default: inductor)")
     parser.add_argument("--insightface-root", metavar="DIR", default=os.environ.get("IMPROMPT_INSIGHTFACE_ROOT"),
                         help="FaceID from images: the folder holding InsightFace's models/buffalo_l (default: "
                              "$IMPROMPT_INSIGHTFACE_ROOT, then MODELS/insightface, then ~/.insightface)")  # fmt: skip
@@ -277,7 +283,8 @@ def _engine_options(args, **settings) -> dict:
                 controlnet_cache_budget=args.controlnet_budget,
                 pipeline_cache_budget=args.model_budget, offload_budget=args.offload_budget,
                 activation_budget=args.activation_budget, insightface_root=args.insightface_root,
-                offload=args.offload, **settings)  # fmt: skip
+                offload=args.offload, compile=args.compile, compile_backend=args.compile_backend,
+                **settings)  # fmt: skip
 
 
 def _positive(text: str) -> int:

@@ -74,6 +74,8 @@ class Engine:
         insightface_root: str | Path | None = None,
         activation_budget: str | int | None = None,
         offload: str = "auto",
+        compile: bool = False,
+        compile_backend: str = "inductor",
     ):
         """`models`: a models folder (or several). `dtype`: of the pipeline; `encoder_dtype`: of the image
         encoders (default: the same; bfloat16 halves their memory and, on CPUs with bf16 support, their time).
@@ -87,13 +89,17 @@ class Engine:
         are checked before any image is decoded. `insightface_root`: where InsightFace's model pack is (FaceID from
         images; see `ipadapter/faces.py` for where else it is looked for). `offload`: the memory plan of models that
         do not fit the device ("auto" chooses by size; "none", "encoders", "model", "group" force one: see
-        `loading/memory_plan.py`)."""
+        `loading/memory_plan.py`). `compile`: each model's UNet / transformer compiled with torch.compile
+        (`compile_backend`) when it loads, kept compiled while requests switch adapters, LoRAs and scales
+        (`loading/compiled.py`; the first request at each new size pays the compile)."""
         budgets = {"encoders": cache_budget, "embeddings": embedding_cache_budget, "adapters": adapter_cache_budget,
                    "loras": lora_cache_budget, "controlnets": controlnet_cache_budget, "pipelines": pipeline_cache_budget, "offload": offload_budget,
                    "activations": activation_budget}  # fmt: skip
         limits = Limits(max_units, max_images, max_image_pixels, max_image_bytes, allow_paths)
+        if compile:
+            check_backend(compile_backend)
         self.state = EngineState(models, device, dtype, encoder_dtype, budgets, limits, default_model, insightface_root,
-                                 offload)
+                                 offload, compile_backend if compile else None)
         self.store, self.device, self.dtype = self.state.store, self.state.device, self.state.dtype
 
     def __getattr__(self, name: str):
@@ -218,6 +224,16 @@ class Engine:
         """Drop loaded encoders, embeddings, built adapters, LoRAs, VAEs and faces (the loaded models stay)."""
         with self.state.lock:
             return self.state.clear_cache()
+
+
+def check_backend(name: str) -> None:
+    """`--compile-backend` names one of torch.compile's backends."""
+    import torch._dynamo
+
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if name not in known:
+        raise RequestError(f"compile backend {name!r} is not one of torch.compile's ({', '.join(sorted(known))}); "
+                           "use inductor (the default) or eager to check a graph without code generation")  # fmt: skip
 
 
 def generate(state: EngineState, request: GenerateRequest, on_step, made_elsewhere: dict, interrupt=None,

@@ -19,6 +19,8 @@ import torch
 
 from .errors import RequestError
 from .ipadapter.attach import attachment
+from .ipadapter.slots import compiled_attachment
+from .loading.compiled import CompiledDenoiser, LoraBaker, denoiser_of, not_compiled_because
 from .ipadapter.embeddings import ImageEmbedder
 from .ipadapter.faces import FaceAnalyzer, insightface_roots
 from .loading.loras import LoraBudget, PipelineLoras
@@ -66,7 +68,7 @@ class EngineState:
 
     def __init__(self, models, device=None, dtype=None, encoder_dtype=None, budgets: dict | None = None,
                  limits: Limits = Limits(), default_model: str | None = None, insightface_root=None,
-                 offload: str | None = "auto"):  # fmt: skip
+                 offload: str | None = "auto", compile_backend: str | None = None):  # fmt: skip
         budgets = budgets or {}
         self.store = ModelStore(models, allow_paths=limits.allow_paths)
         self.device = torch.device(device) if device else default_device()
@@ -75,6 +77,7 @@ class EngineState:
         self.offload = check_mode(offload)  # the memory plan the user forces, or "auto"
         self.encoder_dtype = resolve_dtype(encoder_dtype, self.device) if encoder_dtype else self.dtype
         self.limits, self.default_model = limits, default_model
+        self.compile_backend = compile_backend  # torch.compile's backend for each model's denoiser; None: eager
 
         def budget(name: str, default: int) -> int:
             return parse_bytes(budgets.get(name), default)
@@ -175,12 +178,27 @@ class EngineState:
             log.info("model %s: %s shared with a resident model (same files on disk)", entry.name, name)
             events.append({"event": "component_shared", "model": entry.name, "component": name})
         pipeline = load_pipeline(entry.spec, torch.device("cpu"), dtype, shared, parts)
+        loras = PipelineLoras(pipeline, self.loras, prefix=f"p{next(self._pipeline_loads)}_")
+        compiled = None
+        why_not = not_compiled_because(denoiser_of(pipeline), hooked) if self.compile_backend is not None else None
+        if why_not is not None:
+            log.info("model %s: not compiled: %s", entry.name, why_not)
+            events.append({"event": "not_compiled", "model": entry.name, "why": why_not})
+        elif self.compile_backend is not None:
+            compiled = CompiledDenoiser(denoiser_of(pipeline), self.compile_backend)
+            loras.baker = LoraBaker(denoiser_of(pipeline))
+            log.info("model %s: denoiser compiled with %s (each new shape compiles on its first call)", entry.name,
+                     self.compile_backend)  # fmt: skip
+            events.append({"event": "compiled", "model": entry.name, "backend": self.compile_backend})
+        stable = compiled is not None and entry.spec.architecture == "unet"
         return LoadedPipeline(
             key=key,
             name=entry.name,
             pipeline=pipeline,
-            attached=attachment(pipeline, entry.spec),  # before any LoRA wraps the model's layers
-            loras=PipelineLoras(pipeline, self.loras, prefix=f"p{next(self._pipeline_loads)}_"),
+            # before any LoRA wraps the model's layers; a compiled UNet's reads tensors only (`ipadapter/slots.py`)
+            attached=compiled_attachment(pipeline, entry.spec) if stable else attachment(pipeline, entry.spec),
+            loras=loras,
+            compiled=compiled,
             own_components=dict(pipeline.components),
             scheduler_config=dict(pipeline.scheduler.config),
             scheduler_class=type(pipeline.scheduler).__name__,
@@ -214,6 +232,8 @@ class EngineState:
             "faces": self.faces.faces.stats(),
             "model": loaded.name if loaded is not None else None,
             "pipelines": self.pipelines.stats(),
+            # each compiled model's denoiser: its graphs so far and the calls that ran eager (`loading/compiled.py`)
+            "compiled": {p.name: p.compiled.stats() for p in self.pipelines.all() if p.compiled is not None},
         }
 
     def clear_cache(self) -> dict:

@@ -233,12 +233,12 @@ class ImagePrompts(Conditioning):
         if attached.attach(self.built, self.keys):
             log.info("model %s adapters now: %s", call.loaded.name, " + ".join(u.label for u in self.units) or "none")
             call.events.append({"event": "adapters_attached", "adapters": [u.label for u in self.units]})
-        masks = [ip_adapter_masks(inputs.masks, self.width, self.height) for inputs in self.inputs]
-        call.kwargs |= attached.pipeline_kwargs(self.embeddings, masks, self.cfg_scale)
         unet = getattr(call.loaded.pipeline, "unet", None)  # FaceID's crops and LoRAs exist for UNets only
         attached.set_face_crops([u.face_crop(e, self.cfg_scale > 1.0, unet.device, unet.dtype)
                                  for u, e in zip(self.units, self.embeddings)] if unet is not None else [])  # fmt: skip
         call.after(lambda: attached.set_face_crops([]))  # the face crops' hidden states belong to this request
+        masks = [ip_adapter_masks(inputs.masks, self.width, self.height) for inputs in self.inputs]
+        call.kwargs |= attached.pipeline_kwargs(self.embeddings, masks, self.cfg_scale, self.width, self.height)
         call.lora_uses += [use for use in (u.lora_use(unet) for u in self.units) if use is not None]
         self.active_steps = [[] for _ in self.units]
         weights = [u.layer_weights for u in self.units]
@@ -252,6 +252,10 @@ class ImagePrompts(Conditioning):
             attached.set_scales([u.unit.scale if on else 0.0 for u, on in zip(self.units, active)], weights)
 
         call.schedule.add(scales_at)
+        if self.built and not getattr(call.loaded.attached, "reads_tensors_only", False):
+            call.eager_reasons.append("image-prompt units on an SD 3.5 / FLUX transformer are not compiled")
+        if self.pulid is not None and self.pulid.units:
+            call.eager_reasons.append("PuLID's ID attention is not compiled")
         if self.redux is not None:
             self.redux.apply(call)
         if self.pulid is not None:

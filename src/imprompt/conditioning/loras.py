@@ -124,6 +124,8 @@ class LoraSet(Conditioning):
             if use.key not in {u.key for u in uses}:
                 uses.append(use)
         self.warnings = call.loaded.loras.activate(uses, call.events)
+        if call.loaded.loras.eager_reason is not None:
+            call.eager_reasons.append(call.loaded.loras.eager_reason)
 
     def batch_part(self) -> tuple | None:
         """A batch shares one LoRA set: the same files at the same weights, in the same order."""

@@ -51,7 +51,7 @@ class AttachedAdapters(KeptShells):
 
     def __init__(self, unet):
         self.unet = unet
-        layers = [(n, m) for n, m in unet.named_modules() if n.endswith(".attn2") and isinstance(m, Attention)]
+        layers = cross_attention_layers(unet)
         self.names = [name.removesuffix(".attn2") for name, _ in layers]  # processor order, as probe.layer_names
         self.cross_attention: list[Attention] = [module for _, module in layers]
         self.plain_processors = [module.processor for module in self.cross_attention]
@@ -139,13 +139,41 @@ class AttachedAdapters(KeptShells):
 
         return undo
 
+    def alone(self, units: RequestUnits) -> Callable[[], None]:
+        """A batch's request run alone (`batching.run_alone`): its own adapter set's shells swapped in for the call
+        (what is attached and kept stays as the requests left it); returns the undo."""
+        return self.swapped(*self.shells(units.built, units.keys)) if units.built else self.swapped(None, None)
+
+    def merged(self, units: list[RequestUnits], owner: list[int], cfg: bool, kwargs: list[dict], width: int,
+               height: int):  # fmt: skip
+        """Several requests' units as one call (`batching.run_merged`): every unit of every request is a slot of one
+        processor set, scaled per row by `RowScales`, each unit's embeddings as alone (diffusers repeats them for
+        every row; the other rows scale them by 0). Returns the call's kwargs, the per-step scale update and the
+        undo."""
+        built = [adapter for u in units for adapter in u.built]
+        if not built:
+            return {}, lambda: None, self.swapped(None, None)
+        scales = RowScales([r for r, u in enumerate(units) for _ in u.built], owner, cfg)
+        call = {"ip_adapter_image_embeds": [e for k in kwargs for e in k.get("ip_adapter_image_embeds", [])]}
+        masks = [m for u, k in zip(units, kwargs)
+                 for m in k.get("cross_attention_kwargs", {}).get("ip_adapter_masks", [None] * len(u.built))]  # fmt: skip
+        if any(m is not None for m in masks):
+            call["cross_attention_kwargs"] = {"ip_adapter_masks": masks}
+
+        def update() -> None:
+            scales.update([s for u in units for s in u.scales], [w for u in units for w in u.weights])
+
+        update()
+        return call, update, self.swapped(*self.per_row_shells(built, scales))
+
     def build(self, spec, state_dict: dict) -> BuiltAdapter:
         """An adapter file's modules for this UNet's layout (the UNet is not modified)."""
         return build_adapter(spec, state_dict, self.unet)
 
-    def pipeline_kwargs(self, embeddings: list, masks: list, cfg_scale: float) -> dict:
+    def pipeline_kwargs(self, embeddings: list, masks: list, cfg_scale: float, width: int, height: int) -> dict:
         """What diffusers' UNet pipelines take: one `ip_adapter_image_embeds` element per unit, cat([negative,
-        positive]) under classifier-free guidance (diffusers applies it above 1), and the units' masks."""
+        positive]) under classifier-free guidance (diffusers applies it above 1), and the units' masks (made at
+        the image's size, which diffusers reads from them)."""
         if not embeddings:
             return {}
         device, dtype = self.unet.device, self.unet.dtype
@@ -177,27 +205,37 @@ class RequestUnits:
     each step's scales, which the batch's `RowScales` reads while the request runs merged with others (`merged`).
     Run alone, its scales go to the attachment as usual."""
 
-    def __init__(self, attached: AttachedAdapters):
-        self.attached = attached
+    def __init__(self, attached):
+        self.attached = attached  # AttachedAdapters, or a compiled UNet's `slots.SlotAttachment`
         self.built: list[BuiltAdapter] = []
         self.keys: tuple = ()
         self.scales: list[float] = []  # per unit, now: its scale, or 0 outside its window
         self.weights: list[tuple[float, ...]] = []  # per unit, one per cross-attention layer
         self.merged = False
+        self.inputs = None  # on a compiled UNet: the tensors its call reads alone (`slots.SlotInputs`)
+        self.slots = None  # on a compiled UNet: its units as slots (`slots.RequestSlots`), which a merged call reads
 
     def attach(self, adapters: list[BuiltAdapter], keys: tuple) -> bool:
         self.built, self.keys = list(adapters), keys
         return self.attached.attach(adapters, keys)
 
-    def pipeline_kwargs(self, embeddings: list, masks: list, cfg_scale: float) -> dict:
-        return self.attached.pipeline_kwargs(embeddings, masks, cfg_scale)
+    def pipeline_kwargs(self, embeddings: list, masks: list, cfg_scale: float, width: int, height: int) -> dict:
+        kwargs = self.attached.pipeline_kwargs(embeddings, masks, cfg_scale, width, height)
+        self.inputs = getattr(self.attached, "current", None)
+        self.slots = self.inputs.requests[0] if self.inputs is not None else None
+        return kwargs
 
     def set_face_crops(self, crops: list[tuple]) -> None:
         self.attached.set_face_crops(crops)
 
     def set_scales(self, scales: list[float], layer_weights: list[tuple[float, ...]]) -> None:
         self.scales, self.weights = list(scales), list(layer_weights)
-        if not self.merged:
+        if self.merged:
+            return
+        if self.inputs is not None:  # its own tensors, whichever request applied last
+            self.inputs.set_scales(0, scales, layer_weights)
+            self.inputs.update()
+        else:
             self.attached.set_scales(scales, layer_weights)
 
 
@@ -269,16 +307,26 @@ def ip_adapter_masks(masks: list | None, width: int, height: int):
     return tensor.reshape(1, tensor.shape[0], tensor.shape[2], tensor.shape[3])
 
 
+def cross_attention_layers(unet) -> list[tuple[str, Attention]]:
+    """The UNet's cross-attention layers (name, module), in processor order, as `probe.layer_names` lists them."""
+    return [(n, m) for n, m in unet.named_modules() if n.endswith(".attn2") and isinstance(m, Attention)]
+
+
+def check_layers(names: list[str], spec) -> None:
+    """A UNet whose layers are not those its weights file lists is refused."""
+    if tuple(names) != tuple(spec.layer_names):
+        raise CheckpointError(
+            spec.path,
+            f"the loaded UNet's cross-attention layers {names[:2]}... differ from its weights file's "
+            f"{spec.layer_names[:2]}...; the pipeline folder is inconsistent",
+        )
+
+
 def attachment(pipeline, spec):
     """The IP-Adapter attachment of a pipeline just loaded, for its family: a UNet's cross-attention layers, or an
-    SD 3.5 / FLUX transformer's blocks. A UNet whose layers are not those its weights file lists is refused."""
+    SD 3.5 / FLUX transformer's blocks (a compiled UNet's: `slots.compiled_attachment`)."""
     if spec.architecture != "unet":
         return AttachedTransformerAdapters(pipeline.transformer, spec.architecture)
     attached = AttachedAdapters(pipeline.unet)
-    if tuple(attached.names) != tuple(spec.layer_names):
-        raise CheckpointError(
-            spec.path,
-            f"the loaded UNet's cross-attention layers {attached.names[:2]}... differ from its weights file's "
-            f"{spec.layer_names[:2]}...; the pipeline folder is inconsistent",
-        )
+    check_layers(attached.names, spec)
     return attached

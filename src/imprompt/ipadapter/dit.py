@@ -150,7 +150,7 @@ class AttachedTransformerAdapters(KeptShells):
         """An adapter file's modules for this transformer's layout (the transformer is not modified)."""
         return build_transformer_adapter(spec, state_dict, self.transformer)
 
-    def pipeline_kwargs(self, embeddings: list, masks: list, cfg_scale: float) -> dict:
+    def pipeline_kwargs(self, embeddings: list, masks: list, cfg_scale: float, width: int, height: int) -> dict:
         """What diffusers' SD3 and FLUX pipelines take. SD3: one tensor, cat([negative, positive]) under CFG (its
         pipeline splits it), of one image. FLUX: a list per adapter, and its negative images' embeddings apart
         (read under true CFG only). Neither takes masks (the plan refuses them)."""

@@ -167,6 +167,8 @@ class PipelineLoras:
         self.enabled: bool | None = None  # whether the LoRA layers are on (None: unknown, after a load)
         self.partial: dict = {}  # entry key -> what did not load of a LoRA that loaded only in part
         self._count = 0
+        self.baker = None  # loading.compiled.LoraBaker on a compiled model: the denoiser's LoRAs baked into weights
+        self.eager_reason: str | None = None  # why its compiled denoiser must run eager with the LoRAs now acting
 
     def activate(self, loras: list[LoraUse], events: list) -> list[str]:
         """Make exactly these LoRAs act, at these weights (none: the plain model). Returns a warning for each of
@@ -186,7 +188,27 @@ class PipelineLoras:
             self._switch_off()
             self.enabled = False
         self.active = wanted
+        if self.baker is not None:
+            self._bake(names)
         return warnings
+
+    def _bake(self, names: list[str]) -> None:
+        """A compiled denoiser: the acting LoRAs written into its weights (its PEFT layers off), or, where they cannot
+        be, left as PEFT layers and the calls run eager (`eager_reason`)."""
+        refusal = self.baker.refusal() if names else None
+        if refusal is not None:
+            self.baker.restore()
+            from diffusers.utils.peft_utils import set_adapter_layers
+
+            set_adapter_layers(self.baker.denoiser, enabled=True)
+            self.eager_reason = refusal
+            return
+        started = time.perf_counter()
+        layers = self.baker.bake(names)
+        self.eager_reason = None
+        if layers:
+            log.info("LoRAs %s baked into %d layers of the compiled model in %.2f s", ", ".join(names) or "(none)",
+                     layers, time.perf_counter() - started)  # fmt: skip
 
     def _switch_off(self) -> None:
         """Every LoRA layer in the pipeline's modules off, its own and those another pipeline that shares a text
@@ -210,6 +232,8 @@ class PipelineLoras:
     def clear(self) -> int:
         """Unload every LoRA (Engine.clear_cache; a pipeline leaving the device)."""
         count = len(self._names)
+        if self.baker is not None:  # the weights as loaded before the LoRA layers go
+            self.baker.restore()
         for key in list(self._names):
             self.pipeline.delete_adapters(self._names.pop(key))
             self.budget.cache.discard((self.prefix, key))

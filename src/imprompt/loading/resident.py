@@ -37,7 +37,7 @@ class LoadedPipeline:
     key: tuple
     name: str
     pipeline: object
-    attached: object  # ipadapter.attach.AttachedAdapters: the IP-Adapters its UNet carries now
+    attached: object  # ipadapter.attach.AttachedAdapters (compiled: slots.SlotAttachment): the IP-Adapters it carries now
     loras: PipelineLoras  # the LoRAs loaded into it, and which act now
     own_components: dict  # name -> module as loaded: a request may swap one (its VAE) for the length of the request
     scheduler_config: dict
@@ -47,6 +47,7 @@ class LoadedPipeline:
     components: dict = field(default_factory=dict)  # name -> identity of its files on disk (shared components)
     dtype: object = None  # torch.dtype it was loaded in (per family: `util/devices.model_dtype`)
     memory: MemoryPlan = NO_PLAN  # where its weights live (`memory_plan.py`)
+    compiled: object = None  # loading.compiled.CompiledDenoiser: its denoiser compiled (`--compile`), or None
     _img2img: object = None
 
     @property
