@@ -14,9 +14,11 @@ answer read), the batches the server ran (its `batch` events), and each image's 
 same request in the first mode (batching promises <= 1/255 against alone). Ratios against the first mode.
 
 `--compile` adds a mode `on+compile` (the same clients, batching on, the server started with `--compile`) when
-`imprompt serve` has that flag, and records the compile counters the server reports (`GET /v1/cache`'s "compile"
-key) before and after the measured load: the recompiles the load caused after the switching warm-up. Where the
-server has no `--compile`, the mode is skipped and the report says so.
+`imprompt serve` has that flag, and records the compile counters the server reports (`GET /v1/cache`'s "compiled"
+key: graphs made, calls run eager) after the warm-up and after the load, and the server log's compile lines: the
+recompiles the load caused after the switching warm-up. Where the
+server has no `--compile`, the mode is skipped and the report says so. Each finished mode's numbers are written to
+`<out>.partial.json` at once, so that a mode that does not finish leaves the others' behind.
 
 Models: `--family sd15` (SD 1.5) or `sdxl`. Without `--models`, real-size random-weight files (speed does not depend
 on the weights' values) are built once under `--cache`: the `make bench` pack's SD 1.5 pipeline (tools/bench.py),
@@ -33,6 +35,7 @@ import base64
 import io
 import json
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -131,6 +134,27 @@ def build_real_sdxl(folder: Path) -> None:
     pipeline.to(torch.float16).save_pretrained(folder, safe_serialization=True)
 
 
+def unet_tflops(family: str, size: int) -> float:
+    """TFLOPs of one guided UNet step (2 rows: CFG) of the family's real-size UNet at `size` px, counted on the meta
+    device (nothing computed): how a run at one size or family scales to another."""
+    import json as json_
+
+    import torch
+    from diffusers import UNet2DConditionModel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from imprompt.models.single_file import CONFIGS
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(json_.loads((CONFIGS / family / "unet" / "config.json").read_text()))
+        latents, t = torch.randn(2, 4, size // 8, size // 8), torch.tensor([10, 10])
+        text = torch.randn(2, 77, unet.config.cross_attention_dim)
+        extra = {"added_cond_kwargs": {"text_embeds": torch.randn(2, 1280), "time_ids": torch.randn(2, 6)}} if family == "sdxl" else {}
+        with FlopCounterMode(display=False) as counter:
+            unet(latents, t, text, **extra)
+    return counter.get_total_flops() / 1e12
+
+
 # ---------------------------------------------------------------------------------------------- the clients
 
 
@@ -207,6 +231,17 @@ def stop_server(process: subprocess.Popen) -> None:
             process.wait(timeout=30)
 
 
+def compile_stats(cache: dict):
+    """The compiled denoisers' counters from `GET /v1/cache` (its "compiled" key: model -> graphs made, calls run
+    eager, compile seconds), or None from a server that compiles nothing."""
+    return cache.get("compiled") or cache.get("compile") or None
+
+
+def compile_lines(log: Path) -> list[str]:
+    """The server log's compile lines (a new graph, a call run eager), in order."""
+    return [line.strip() for line in log.read_text(errors="replace").splitlines() if "compile:" in line]
+
+
 def decoded(body: dict):
     import numpy as np
     from PIL import Image
@@ -263,14 +298,16 @@ def run_mode(name: str, roots: list[Path], model: str, family: str, args, work: 
                 if response.status_code != 200:
                     raise RuntimeError(f"warm-up request {c} failed: {response.status_code} {response.text[:1000]}")
             warm = time.perf_counter() - warm_started
-            before = http.get("/v1/cache").json().get("compile")
+            before = compile_stats(http.get("/v1/cache").json())
+            logged = len(compile_lines(log))
             since = time.time()
         print(f"bench-batching: {name}: started in {startup:.1f} s, warm-up {warm:.1f} s; the load ...",
               file=sys.stderr, flush=True)  # fmt: skip
         payloads = {(c, i): payload(family, c, i, args) for c in range(args.clients) for i in range(args.requests)}
         measured = asyncio.run(load(url, payloads, args.clients, args.requests))
         with httpx.Client(base_url=url, timeout=60) as http:
-            after = http.get("/v1/cache").json().get("compile")
+            after = compile_stats(http.get("/v1/cache").json())
+            compile_log = {"warmup": compile_lines(log)[:logged], "load": compile_lines(log)[logged:]}
             events = http.get("/v1/events", params={"since": since}).json()
         times = psutil.Process(process.pid).cpu_times()  # the server's CPU, to tell other work's share
         server_cpu = times.user + times.system
@@ -279,7 +316,7 @@ def run_mode(name: str, roots: list[Path], model: str, family: str, args, work: 
     batches = [{"size": e["size"], "rows": e["rows"]} for e in events if e["event"] == "batch"]
     fallbacks = [e for e in events if e["event"] == "batch_fallback"]
     return {"mode": name, "command": command[1:], "batch_wait": wait, "compile": spec["compile"], "startup_s": startup,
-            "warmup_s": warm, "compile_before": before, "compile_after": after, "batches": batches,
+            "warmup_s": warm, "compile_before": before, "compile_after": after, "compile_log": compile_log, "batches": batches,
             "batch_fallbacks": len(fallbacks), "server_cpu_s": server_cpu, **measured}  # fmt: skip
 
 
@@ -350,8 +387,14 @@ def render(report: dict) -> str:
     for name in ("off+compile", "on+compile"):
         if name in s:
             row = s[name]
-            lines += [f"`{name}`: compile counters before the load {json.dumps(row['compile_before'])}, after "
-                      f"{json.dumps(row['compile_after'])}.", ""]  # fmt: skip
+            logged = report["results"][name].get("compile_log", {})
+            lines += [f"`{name}`: compile counters (`GET /v1/cache` \"compiled\") after the warm-up "
+                      f"{json.dumps(row['compile_before'])}, after the load {json.dumps(row['compile_after'])}; the "
+                      f"server logged {len(logged.get('warmup', []))} compile line(s) in the warm-up and "
+                      f"{len(logged.get('load', []))} in the load (new graphs, calls run eager).", ""]  # fmt: skip
+    if "unet_tflops_per_step" in report:
+        flops = ", ".join(f"{k} {v:.2f}" for k, v in report["unet_tflops_per_step"].items())
+        lines += [f"UNet TFLOPs per guided step (2 rows, counted on the meta device): {flops}.", ""]
     for note in report["notes"]:
         lines += [note, ""]
     return "\n".join(lines)
@@ -384,6 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--note", action="append", default=[], help="a paragraph for the report (repeatable)")
     parser.add_argument("--out", type=Path, default=Path("docs/batching-benchmark.md"))
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a terminated run still stops its server (finally)
     args.size = args.size or (512 if args.family == "sd15" else 1024)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
@@ -416,6 +460,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in modes:
         print(f"bench-batching: mode {name} ...", file=sys.stderr, flush=True)
         results[name] = run_mode(name, roots, model, args.family, args, work)
+        partial = args.out.with_suffix(".partial.json")  # what is done so far, should a later mode not finish
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps(strip_images(results), indent=2, default=str))
     wall = time.perf_counter() - started
     ours = time.process_time() - own + sum(r["server_cpu_s"] for r in results.values())
     others = max(0.0, busy_seconds() - busy - ours) / wall  # core-seconds per second that other work used
@@ -428,11 +475,15 @@ def main(argv: list[str] | None = None) -> int:
               "load_average": {"before": before, "after": os.getloadavg()},
               "others_cpu_share": others, "notes": notes}  # fmt: skip
     report["summary"] = summarise(results, modes[0])
+    if not args.models:  # real configs: the step's arithmetic here, at the issue's settings, and SDXL at 1024
+        report["unet_tflops_per_step"] = {f"{args.family}@{args.size}": unet_tflops(args.family, args.size),
+                                          "sd15@512": unet_tflops("sd15", 512), "sdxl@1024": unet_tflops("sdxl", 1024)}  # fmt: skip
     report["results"] = strip_images(results)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str))
     text = render(report)
     args.out.write_text(text + "\n")
+    args.out.with_suffix(".partial.json").unlink(missing_ok=True)
     print(text)
     return 0
 
