@@ -141,8 +141,9 @@ def test_sd15_requests_in_one_call_equal_each_alone(engines, images):
         request(unit("Plus", yellow, 0.5, start=0.25, end=0.75),  # a window
                 unit("Base ViT-G", white, 0.8, layers="composition"),  # another encoder, InstantStyle weights
                 prompt="a dog on a mat", seed=12),  # fmt: skip
-        request(prompt="a red house", seed=13, batch_size=2),  # no units, two images
-        request(unit("Light", white, 1.0, masks=[yellow]), prompt="a tree", negative_prompt="blurry", seed=14),
+        request(prompt="a red house", seed=13, batch_size=2, cfg_scale=4.5),  # no units, two images, its own CFG
+        request(unit("Light", white, 1.0, masks=[yellow]), prompt="a tree", negative_prompt="blurry", seed=14,
+                cfg_scale=9.0),  # fmt: skip
     ]
     requests = [{**r, "sampler": "Euler a", "steps": 3} for r in requests]  # ancestral: each row's own noise
     check_batch(engines, requests, (5, 4), "SD 1.5")
@@ -155,7 +156,7 @@ def test_sdxl_requests_in_one_call_equal_each_alone(engines, images):
         request(unit("Plus ViT-H SDXL", yellow, 0.5, end=0.5),  # the other encoder, a window
                 unit("Base SDXL", white, 0.9, layers="style", masks=[red]),  # InstantStyle, a mask
                 prompt="a dog on a mat", seed=22, model=SDXL),  # fmt: skip
-        request(prompt="a red house", seed=23, model=SDXL),
+        request(prompt="a red house", seed=23, model=SDXL, cfg_scale=5.5),
     ]
     requests = [{**r, "sampler": "DPM++ 2M", "steps": 3} for r in requests]
     check_batch(engines, requests, (3, 3), "SDXL")
@@ -329,6 +330,9 @@ def test_requests_that_cannot_share_a_call_are_split(engines, images):
     keys = [alone_engine.batch_key(r) for r in requests]
     assert keys[0] == keys[3] == keys[4] == keys[5] == keys[6] and None not in keys
     assert keys[1] != keys[0] and keys[2] != keys[0]
+    # another CFG scale shares the call (each row its own); CFG off (no negative rows) does not
+    assert alone_engine.batch_key({**requests[0], "cfg_scale": 3.0}) == keys[0]
+    assert alone_engine.batch_key({**requests[0], "cfg_scale": 1.0}) != keys[0]
     order = (0, 3, 4, 5, 6, 1, 2)  # the groups' order: by their first request
     alone = dict(zip(order, run_alone(alone_engine, [requests[i] for i in order])))
     batch = batch_engine.generate_batch(requests)

@@ -1,7 +1,8 @@
 """Several requests as one pipeline call: what they must share (`batch_key`), and the merged call that runs them.
 
-Requests that share what one diffusers call must share (the model and how it is loaded, size, steps, sampler, CFG
-scale, VAE, LoRA set) run as rows of one call, each with its own prompt embeddings, seeds and IP-Adapter units:
+Requests that share what one diffusers call must share (the model and how it is loaded, size, steps, sampler, CFG on
+or off, VAE, LoRA set) run as rows of one call, each with its own prompt embeddings, seeds, CFG scale (`RowGuidance`)
+and IP-Adapter units:
 
     prompt embeddings   concatenated along the batch (each request's repeated for its batch_size rows)
     noise               one generator per row (seed + i): diffusers draws each row's latents and ancestral noise
@@ -60,7 +61,7 @@ def batch_key(state, request: GenerateRequest) -> tuple | None:
 
 def plan_key(state, request: GenerateRequest, plan: Plan) -> tuple | None:
     """`batch_key` from a request's plan: the model as loaded (file versions, dtype, device, memory plan, parts),
-    size, steps, sampler, CFG scale, and each kind's part (the VAE, the LoRA set; None from a kind that cannot
+    size, steps, sampler, whether CFG is on (each row has its own scale: `RowGuidance`), and each kind's part (the VAE, the LoRA set; None from a kind that cannot
     batch). The prompt's clip skip and textual inversions are not shared: imprompt encodes each request's prompt."""
     spec = plan.pipeline.spec
     if spec.architecture != "unet" or spec.pipeline_class not in BATCHED_PIPELINES:
@@ -71,7 +72,7 @@ def plan_key(state, request: GenerateRequest, plan: Plan) -> tuple | None:
     if not row_exact(model_scheduler(state, plan, request)):
         return None
     return (state.pipeline_key(plan.pipeline, plan.parts), plan.width, plan.height, request.steps, plan.sampler,
-            request.cfg_scale, parts)  # fmt: skip
+            request.cfg_scale > 1.0, parts)  # fmt: skip
 
 
 def row_exact(scheduler) -> bool:
@@ -135,7 +136,11 @@ def merge_signature(call: PipelineCall) -> tuple | None:
     if not row_exact(make_scheduler(call.sampler, call.loaded.scheduler_config, call.loaded.scheduler_class)):
         return None  # the model as loaded clips or thresholds (the key read its files; this reads what loaded)
     shapes = tuple((name, tuple(kwargs[name].shape), kwargs[name].dtype) for name in PROMPT_TENSORS if name in kwargs)
-    return shapes + (call.loaded.key, kwargs["guidance_scale"], kwargs["width"], kwargs["height"])
+    # CFG on or off is shared (a row without CFG has no negative row); the scale is each row's own, but where a UNet
+    # reads it as an embedding (LCM's `time_cond_proj_dim`: diffusers makes a tensor of one Python number)
+    unet = call.loaded.pipeline.unet
+    cfg = kwargs["guidance_scale"] if unet.config.time_cond_proj_dim is not None else kwargs["guidance_scale"] > 1.0
+    return shapes + (call.loaded.key, cfg, kwargs["width"], kwargs["height"])
 
 
 @dataclass
@@ -171,6 +176,9 @@ def run_merged(rows: list[Row]) -> None:
     loaded, pipeline = first.loaded, first.pipeline
     owner = [r for r, row in enumerate(rows) for _ in range(row.call.batch_size)]  # the request of each batch row
     kwargs = {name: first.kwargs[name] for name in ("guidance_scale", "width", "height")}
+    scales = [rows[r].call.kwargs["guidance_scale"] for r in owner]
+    if len(set(scales)) > 1:
+        kwargs["guidance_scale"] = RowGuidance(scales)
     for name in PROMPT_TENSORS:
         if name in first.kwargs:
             kwargs[name] = torch.cat([rows[r].call.kwargs[name] for r in owner])
@@ -238,6 +246,29 @@ def run_merged(rows: list[Row]) -> None:
         row.call.scheduler = pipeline.scheduler
         row.batch = (len(owner), len(rows))
         at += size
+
+
+class RowGuidance(float):
+    """imprompt beyond diffusers: a CFG scale per batch row. diffusers' SD 1.5 / SDXL pipelines read the guidance
+    scale as `guidance_scale > 1` (CFG on: it is for every row of a merged call, and the float's value is the
+    smallest row's) and as `uncond + guidance_scale * (text - uncond)`, where this multiplies each row by its own
+    scale as a Python number multiplies a tensor (in float32, rounded to the tensor's dtype), so a row's arithmetic
+    is alone's."""
+
+    def __new__(cls, scales: list[float]):
+        value = super().__new__(cls, min(scales))
+        value.scales = torch.tensor(scales, dtype=torch.float32)
+        return value
+
+    def __mul__(self, other):
+        if not isinstance(other, torch.Tensor):
+            return float(self) * other
+        if other.shape[0] != len(self.scales):
+            raise ValueError(f"a per-row CFG scale for {len(self.scales)} rows met a tensor of {other.shape[0]} rows")
+        per_row = self.scales.to(other.device).view(-1, *([1] * (other.ndim - 1)))
+        return (per_row * other).to(other.dtype)
+
+    __rmul__ = __mul__
 
 
 def _rows(mask: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
