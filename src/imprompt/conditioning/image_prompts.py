@@ -236,7 +236,7 @@ class ImagePrompts(Conditioning):
         unet = getattr(call.loaded.pipeline, "unet", None)  # FaceID's crops and LoRAs exist for UNets only
         attached.set_face_crops([u.face_crop(e, self.cfg_scale > 1.0, unet.device, unet.dtype)
                                  for u, e in zip(self.units, self.embeddings)] if unet is not None else [])  # fmt: skip
-        call.after(lambda: attached.set_face_crops([]))  # the face crops' hidden states belong to this request
+        call.after(attached.end_call)  # the face crops' hidden states (and a compiled UNet's tensors) are the call's
         masks = [ip_adapter_masks(inputs.masks, self.width, self.height) for inputs in self.inputs]
         call.kwargs |= attached.pipeline_kwargs(self.embeddings, masks, self.cfg_scale, self.width, self.height)
         call.lora_uses += [use for use in (u.lora_use(unet) for u in self.units) if use is not None]

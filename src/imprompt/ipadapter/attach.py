@@ -183,6 +183,10 @@ class AttachedAdapters(KeptShells):
             kwargs["cross_attention_kwargs"] = {"ip_adapter_masks": masks}
         return kwargs
 
+    def end_call(self) -> None:
+        """A request's call ended: what it set for the call only (the face crops) goes."""
+        self.set_face_crops([])
+
     def set_face_crops(self, crops: list[tuple]) -> None:
         """FaceID Plus units: (hidden states of the face crops as the pipeline batches them, v2 shortcut on?,
         shortcut scale) per attached unit, None for other units; `[]` clears them after a request."""
@@ -227,6 +231,9 @@ class RequestUnits:
 
     def set_face_crops(self, crops: list[tuple]) -> None:
         self.attached.set_face_crops(crops)
+
+    def end_call(self) -> None:
+        self.attached.end_call()
 
     def set_scales(self, scales: list[float], layer_weights: list[tuple[float, ...]]) -> None:
         self.scales, self.weights = list(scales), list(layer_weights)

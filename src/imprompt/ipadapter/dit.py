@@ -167,6 +167,9 @@ class AttachedTransformerAdapters(KeptShells):
                                     f"IP-Adapter reads one; average them")  # fmt: skip
         return {"ip_adapter_image_embeds": e.for_pipeline(cfg_scale > 1.0)[:, 0].to(device, dtype)}
 
+    def end_call(self) -> None:
+        """A request's call ended: nothing was set for it alone here."""
+
     def set_face_crops(self, crops: list) -> None:
         """No FaceID adapter exists for these families (the plan refuses the pairing)."""
 

@@ -224,6 +224,10 @@ class SlotAttachment:
     def set_face_crops(self, crops: list) -> None:
         self.crops = list(crops)
 
+    def end_call(self) -> None:
+        """A request's call ended: its crops and tensors go (a batch's requests keep theirs in `RequestUnits`)."""
+        self.crops, self.current = [], None
+
     def layers(self, width: int, height: int) -> list[tuple[int, int]]:
         """Each cross-attention layer's (query count at this image size, key width): a stride-2 convolution halves
         a side, rounding up, per level."""
