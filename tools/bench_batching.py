@@ -389,9 +389,10 @@ def render(report: dict) -> str:
             row = s[name]
             logged = report["results"][name].get("compile_log", {})
             lines += [f"`{name}`: compile counters (`GET /v1/cache` \"compiled\") after the warm-up "
-                      f"{json.dumps(row['compile_before'])}, after the load {json.dumps(row['compile_after'])}; the "
-                      f"server logged {len(logged.get('warmup', []))} compile line(s) in the warm-up and "
-                      f"{len(logged.get('load', []))} in the load (new graphs, calls run eager).", ""]  # fmt: skip
+                      f"{json.dumps(row['compile_before'])}, after the load {json.dumps(row['compile_after'])}"
+                      + (f"; the server logged {len(logged['warmup'])} compile line(s) in the warm-up and "
+                         f"{len(logged['load'])} in the load (new graphs, calls run eager)" if logged else "")
+                      + ".", ""]  # fmt: skip
     if "unet_tflops_per_step" in report:
         flops = ", ".join(f"{k} {v:.2f}" for k, v in report["unet_tflops_per_step"].items())
         lines += [f"UNet TFLOPs per guided step (2 rows, counted on the meta device): {flops}.", ""]
