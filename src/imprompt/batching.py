@@ -227,7 +227,10 @@ def run_merged(rows: list[Row]) -> None:
             vae.use_slicing = True  # the decode row by row: each row's as alone's, and one image's memory at a time
             try:
                 devices = [pipeline.device] if pipeline.device.type == "cuda" else []
-                first.eager_reasons += [why for row in rows[1:] for why in row.call.eager_reasons]
+                reasons = list(dict.fromkeys(why for row in rows for why in row.call.eager_reasons))
+                for row in rows:  # one call: eager for all its rows if any row needs it, and each says so
+                    row.call.eager_reasons = reasons
+                    row.call.note_eager()
                 with torch.random.fork_rng(devices=devices), first.compiled_or_eager():  # as `PipelineCall.run`
                     torch.manual_seed(first.seed)
                     output = pipeline(num_inference_steps=first.steps, generator=generators,

@@ -114,9 +114,14 @@ class PipelineCall:
         compiled = self.loaded.compiled
         if compiled is None:
             return nullcontext()
-        if self.eager_reasons and not any(e["event"] == "eager_call" for e in self.events):
-            self.events.append({"event": "eager_call", "why": "; ".join(self.eager_reasons)})
+        self.note_eager()
         return compiled.running(self.eager_reasons)
+
+    def note_eager(self) -> None:
+        """On a compiled model, the request's events say once that its call ran eager, and why."""
+        if self.loaded.compiled is not None and self.eager_reasons and \
+                not any(e["event"] == "eager_call" for e in self.events):  # fmt: skip
+            self.events.append({"event": "eager_call", "why": "; ".join(dict.fromkeys(self.eager_reasons))})
 
     def run(self) -> list:
         images = []

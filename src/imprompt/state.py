@@ -19,10 +19,10 @@ import torch
 
 from .errors import RequestError
 from .ipadapter.attach import attachment
-from .ipadapter.slots import compiled_attachment
-from .loading.compiled import CompiledDenoiser, LoraBaker, denoiser_of, not_compiled_because
 from .ipadapter.embeddings import ImageEmbedder
 from .ipadapter.faces import FaceAnalyzer, insightface_roots
+from .ipadapter.slots import compiled_attachment
+from .loading.compiled import CompiledDenoiser, LoraBaker, denoiser_of, not_compiled_because
 from .loading.loras import LoraBudget, PipelineLoras
 from .loading.memory_plan import TRANSFORMERS, MemoryPlan, check_mode, choose_plan, estimate_sizes
 from .loading.pipelines import component_identities, load_pipeline

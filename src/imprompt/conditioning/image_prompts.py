@@ -252,7 +252,7 @@ class ImagePrompts(Conditioning):
             attached.set_scales([u.unit.scale if on else 0.0 for u, on in zip(self.units, active)], weights)
 
         call.schedule.add(scales_at)
-        if self.built and not getattr(call.loaded.attached, "reads_tensors_only", False):
+        if self.built and call.loaded.compiled is not None and not call.loaded.attached.compiles_units:
             call.eager_reasons.append("image-prompt units on an SD 3.5 / FLUX transformer are not compiled")
         if self.pulid is not None and self.pulid.units:
             call.eager_reasons.append("PuLID's ID attention is not compiled")

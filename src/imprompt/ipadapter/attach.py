@@ -49,6 +49,9 @@ class FaceCropProjection(torch.nn.Module):
 class AttachedAdapters(KeptShells):
     """The IP-Adapter state of one UNet: which built adapters are attached, in which order, at which scales."""
 
+    compiles_units = False  # its processors hold Python state (`slots.SlotAttachment` is a compiled UNet's)
+    current = None  # a compiled UNet's attachment keeps the call's tensors here; this one has none
+
     def __init__(self, unet):
         self.unet = unet
         layers = cross_attention_layers(unet)
@@ -172,8 +175,8 @@ class AttachedAdapters(KeptShells):
 
     def pipeline_kwargs(self, embeddings: list, masks: list, cfg_scale: float, width: int, height: int) -> dict:
         """What diffusers' UNet pipelines take: one `ip_adapter_image_embeds` element per unit, cat([negative,
-        positive]) under classifier-free guidance (diffusers applies it above 1), and the units' masks (made at
-        the image's size, which diffusers reads from them)."""
+        positive]) under classifier-free guidance (diffusers applies it above 1), and the units' masks. (The size,
+        which a compiled UNet's attachment needs, diffusers reads from the masks.)"""
         if not embeddings:
             return {}
         device, dtype = self.unet.device, self.unet.dtype
@@ -225,7 +228,7 @@ class RequestUnits:
 
     def pipeline_kwargs(self, embeddings: list, masks: list, cfg_scale: float, width: int, height: int) -> dict:
         kwargs = self.attached.pipeline_kwargs(embeddings, masks, cfg_scale, width, height)
-        self.inputs = getattr(self.attached, "current", None)
+        self.inputs = self.attached.current
         self.slots = self.inputs.requests[0] if self.inputs is not None else None
         return kwargs
 

@@ -87,6 +87,9 @@ class AttachedTransformerAdapters(KeptShells):
     """The IP-Adapter state of one SD 3.5 or FLUX transformer: which built adapters it carries, at which scales.
     Same interface as `attach.AttachedAdapters`, so the engine treats both alike."""
 
+    compiles_units = False  # its processors hold Python state: a compiled transformer runs units eager
+    current = None
+
     def __init__(self, transformer, architecture: str):
         self.transformer, self.architecture = transformer, architecture
         self.plain_processors = dict(transformer.attn_processors)

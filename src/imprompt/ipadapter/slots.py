@@ -197,7 +197,7 @@ class SlotAttachment:
     """The IP-Adapter state of a compiled UNet, with the methods `AttachedAdapters` has (the conditionings and the
     batch call it the same way): attaching records the adapters; the call's tensors are made in `pipeline_kwargs`."""
 
-    reads_tensors_only = True  # nothing a request changes reaches the compiled graph but tensors
+    compiles_units = True  # nothing a request's units change reaches the compiled graph but tensors
 
     def __init__(self, unet, vae_scale: int):
         self.unet = unet
@@ -286,6 +286,16 @@ class SlotAttachment:
         """Adapters evicted from the engine's cache: no reference to them is kept here."""
         if set(keys) & set(self.attached):
             self.built, self.attached, self.current = [], (), None
+
+
+def slot_rows(tensors: tuple, picks: list[int]) -> tuple:
+    """`SlotInputs.tensors()` for other rows: row i of the result is the given tensors' row `picks[i]` (a prompt's
+    AND parts and its negative run as rows of their own, `prompting.conds.ConditionedUNet`). Read at each call, so
+    the scales are the step's."""
+    keys, values, keep, masks, scales = tensors
+    index = torch.tensor(picks, device=keep.device)
+    return (tuple(k.index_select(1, index) for k in keys), tuple(v.index_select(1, index) for v in values),
+            keep.index_select(1, index), tuple(m.index_select(1, index) for m in masks), scales.index_select(2, index))
 
 
 def layer_level(name: str, unet) -> int:

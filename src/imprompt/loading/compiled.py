@@ -19,6 +19,7 @@ a sequence of requests cost (the bound is in docs/compile.md).
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from contextlib import contextmanager
@@ -51,19 +52,39 @@ class GraphCounter:
 
 
 class CompiledDenoiser:
-    """A pipeline's UNet or transformer compiled in place (`module.compile`), with its graph count."""
+    """A pipeline's UNet or transformer with its `forward` compiled (an instance attribute, so what wraps the forward
+    for a call, `prompting.conds.ConditionedUNet`, stays eager around the compiled one), with its graph count."""
 
     def __init__(self, module: torch.nn.Module, backend: str):
         self.module = module
         self.counter = GraphCounter(backend)
         self.eager_calls = 0
+        # imprompt beyond diffusers: torch's limit (8) counts the graphs of one code object, and every diffusers
+        # denoiser's forward goes through the same LoRA-scale wrapper: raised for the process, for all models
         limit = torch._dynamo.config.recompile_limit
         torch._dynamo.config.recompile_limit = max(limit, RECOMPILE_LIMIT)
         # the graph guards each parameter's requires_grad, which PEFT's first LoRA load turns off in the base
         # layers: off from the start (nothing here trains)
         module.requires_grad_(False)
         self.wrapped = wrap_for_loras(module)
-        module.compile(backend=self.counter)
+        signature = inspect.signature(module.forward)
+        first = next(iter(signature.parameters))
+        compiled = torch.compile(module.forward, backend=self.counter)
+
+        def forward(*args, **kwargs):
+            """Every call in one form, which the graph guards: each argument by name, the defaults filled in (the
+            pipeline passes the text by name, a prompt schedule's rows by position), the latent contiguous (a
+            VAE-encoded one, img2img's, comes in another memory layout)."""
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            arguments = dict(bound.arguments)
+            arguments[first] = arguments[first].contiguous()
+            for name, parameter in signature.parameters.items():
+                if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+                    arguments.update(arguments.pop(name))
+            return compiled(**arguments)
+
+        module.forward = forward
 
     @property
     def graphs(self) -> int:
@@ -124,6 +145,7 @@ def not_compiled_because(denoiser: torch.nn.Module, offloaded: bool) -> str | No
 
 
 def denoiser_of(pipeline) -> torch.nn.Module:
+    """The module `--compile` compiles: the UNet, or an SD 3.5 / FLUX transformer."""
     return pipeline.unet if getattr(pipeline, "unet", None) is not None else pipeline.transformer
 
 
@@ -137,15 +159,22 @@ class LoraBaker:
         self.denoiser = denoiser
         self.saved: dict[torch.nn.Module, torch.Tensor] = {}  # base layer -> its weight before any LoRA
 
-    def refusal(self) -> str | None:
-        """Why the LoRAs on this denoiser cannot be baked (layers stored fp8 / GGUF, a DoRA or bias LoRA), if so."""
+    def refusal(self, active: list[str]) -> str | None:
+        """Why the `active` LoRAs cannot be baked, if so: a half-precision model (W + ΔW rounded to 8 or 11 bits is
+        up to 14/255 off PEFT's unfused W x + B A x, measured in bfloat16), layers stored fp8 / GGUF, a DoRA or
+        bias LoRA."""
         for layer in self.lora_layers():
+            names = [name for name in active if name in layer.lora_A]
+            if not names:
+                continue
             base = layer.get_base_layer()
             weight = getattr(base, "weight", None)
-            if type(base) not in (torch.nn.Linear, torch.nn.Conv2d) or weight is None or not weight.is_floating_point() \
-                    or weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):  # fmt: skip
+            if type(base) not in (torch.nn.Linear, torch.nn.Conv2d) or weight is None or not weight.is_floating_point():
                 return f"a LoRA on {type(base).__name__} layers stored {getattr(weight, 'dtype', None)} is not baked"
-            if getattr(layer, "lora_variant", None) or any(getattr(layer, "lora_bias", {}).values()):
+            if weight.dtype != torch.float32:
+                return (f"LoRAs on a {str(weight.dtype).removeprefix('torch.')} model are not baked into its weights "
+                        "(the rounding would change the picture): they act as PEFT layers, eager")  # fmt: skip
+            if any(layer.lora_variant.get(n) for n in names) or any(layer.lora_bias.get(n) for n in names):
                 return "a DoRA or bias LoRA is not baked"
         return None
 

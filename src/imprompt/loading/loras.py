@@ -195,7 +195,7 @@ class PipelineLoras:
     def _bake(self, names: list[str]) -> None:
         """A compiled denoiser: the acting LoRAs written into its weights (its PEFT layers off), or, where they cannot
         be, left as PEFT layers and the calls run eager (`eager_reason`)."""
-        refusal = self.baker.refusal() if names else None
+        refusal = self.baker.refusal(names) if names else None
         if refusal is not None:
             self.baker.restore()
             from diffusers.utils.peft_utils import set_adapter_layers

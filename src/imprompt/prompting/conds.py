@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..ipadapter.slots import slot_rows
+
 
 @dataclass(frozen=True)
 class Cond:
@@ -65,9 +67,18 @@ class ConditionedUNet:
         self.padded = False
 
     def install(self) -> Callable[[], None]:
-        """Route the UNet's calls through `__call__` until the returned undo runs."""
+        """Route the UNet's calls through `__call__` until the returned undo runs (a compiled UNet's own forward,
+        an instance attribute, back then)."""
+        before = self.unet.__dict__.get("forward")
         self.unet.forward = self
-        return lambda: self.unet.__dict__.pop("forward", None)
+
+        def undo() -> None:
+            if before is None:
+                self.unet.__dict__.pop("forward", None)
+            else:
+                self.unet.forward = before
+
+        return undo
 
     def __call__(self, sample, timestep, encoder_hidden_states=None, *args, added_cond_kwargs=None,
                  return_dict: bool = True, **kwargs):  # fmt: skip
@@ -78,6 +89,9 @@ class ConditionedUNet:
         for key in RESIDUALS:  # a ControlNet's residuals: computed per row already (`control_batches`), or mapped
             if kwargs.get(key) is not None:
                 kwargs[key] = rows_of_residuals(kwargs[key], picks)
+        attention = kwargs.get("cross_attention_kwargs") or {}
+        if attention.get("ip_hidden_states") is not None:  # a compiled UNet's image prompts: per pipeline row
+            kwargs["cross_attention_kwargs"] = {**attention, "ip_hidden_states": slot_rows(attention["ip_hidden_states"], picks)}
         out = self.forward(
             sample[-1:].expand(len(rows), *sample.shape[1:]),  # every row of the pipeline's batch is this latent
             timestep,
