@@ -82,6 +82,8 @@ def test_switching_requests_reuse_the_compiled_graphs(engines, images):
         same(plain, compiled, p, f"warm-up {i}")
     after_warm_up = graphs(compiled)
     assert after_warm_up <= 4  # documented: 1 + IP units present + token count dynamic + first LoRA's wrapping
+    unet = compiled.pipelines.current.pipeline.unet
+    compiled_forward = unet.__dict__["forward"]  # the compiled function every call goes through
 
     switches = {
         "another adapter": payload(unit("Light", red, 0.8)),
@@ -104,6 +106,7 @@ def test_switching_requests_reuse_the_compiled_graphs(engines, images):
     with torch.compiler.set_stance("fail_on_recompile"):
         for what, p in switches.items():
             same(plain, compiled, p, what)
+            assert unet.__dict__["forward"] is compiled_forward, what  # put back after a schedule's wrapping
     assert graphs(compiled) == after_warm_up
 
 
@@ -239,3 +242,24 @@ def test_loras_are_baked_only_where_baking_keeps_the_picture():
         assert torch.allclose(layer(x), unfused, atol=1e-6)  # baked: the base layer alone gives PEFT's output
         full.bake([])
         assert torch.equal(layer(x), layer.get_base_layer()(x)) and not full.saved
+
+
+def test_a_server_of_a_compiled_engine_answers_sdnext_clients_and_shows_its_graphs(engines, images):
+    """`imprompt serve --compile`'s engine behind the HTTP API: an SD.Next payload with an image prompt gets the
+    uncompiled engine's picture; `GET /v1/cache` says how many graphs the model compiled."""
+    from PIL import Image
+    from server_fixtures import b64, client, post_txt2img, running_server
+
+    plain, compiled = engines
+    red = Image.open(images["red-circle"]).convert("RGB")
+    payload = {"prompt": "a cat", "negative_prompt": "", "seed": 4, "steps": STEPS, "cfg_scale": 7.0, "width": 64,
+               "height": 64, "override_settings": {"sd_model_checkpoint": "tiny-sd15"},
+               "ip_adapter": [{"adapter": "Base", "images": [b64(red)], "scale": 0.6}]}  # fmt: skip
+    with running_server(compiled) as url:
+        image, info = post_txt2img(url, payload)
+        with client(url) as http:
+            cache = http.get("/v1/cache").json()
+    expected = plain.generate(request(unit("Base", images["red-circle"], 0.6), seed=4, steps=STEPS, negative_prompt=""))
+    assert max_diff(image, expected.images[0]) <= TOLERANCE
+    assert info["ip_adapters"][0]["adapter"] == "Base"
+    assert cache["compiled"]["tiny-sd15"]["graphs"] >= 1 and cache["compiled"]["tiny-sd15"]["backend"] == "eager"
