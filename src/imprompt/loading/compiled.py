@@ -5,15 +5,15 @@ a request changed. imprompt goes beyond diffusers (whose IP-Adapter and LoRA swi
 nearly every switch: docs/research/compile-across-switches.md) by keeping that state out of the forward:
 
     IP-Adapter units    `ipadapter/slots.py`: fixed processors reading tensors (a UNet's units only)
-    LoRAs               baked into the denoiser's weights in place (`LoraBaker`, as A1111 applies LoRAs) with
+    LoRAs               float32: baked into the denoiser's weights in place (`LoraBaker`, as A1111 applies them) with
                         PEFT's layers switched off in it, so the forward reads base weights only; a LoRA set change
                         rewrites weights, never the graph (the text encoders, not compiled, keep PEFT's layers)
     shapes              torch's automatic dynamic shapes: a size, batch or token count that changes compiles once
                         more, with that dimension dynamic from then on
 
 What the compiled graph cannot take runs eager for that call (`torch.compiler.set_stance("force_eager")`), the
-graph kept for the next: SD 3.5 / FLUX image-prompt units, PuLID, LoRAs on layers that cannot be rewritten (fp8 /
-GGUF-stored). Each graph compiled is counted (`CompiledDenoiser.graphs`), so a test and `/cache` can show how many
+graph kept for the next: SD 3.5 / FLUX image-prompt units, PuLID, LoRAs whose baking would change the picture (a
+float16 / bfloat16 model's) or cannot be done (DoRA, fp8 / GGUF-stored layers). Each graph compiled is counted (`CompiledDenoiser.graphs`), so a test and `/cache` can show how many
 a sequence of requests cost (the bound is in docs/compile.md).
 """
 
