@@ -67,9 +67,10 @@ def same(plain: Engine, compiled: Engine, payload: dict, what: str):
     return result
 
 
-def test_switching_requests_reuse_the_compiled_graphs(engines, images):
-    """After a warm-up that meets each structure once (no units / units, a token count that changes, the first LoRA
-    wrapping the UNet's layers), every switch below compiles nothing: `fail_on_recompile` would raise."""
+def test_switching_requests_reuse_the_compiled_graphs(pack, engines, images):
+    """After a warm-up that meets each structure once (no units / units, a token count that changes, a LoRA), every
+    switch below compiles nothing (`fail_on_recompile` would raise), nor do the same requests from diffusers' own
+    pipeline's side and through the HTTP API."""
     plain, compiled = engines
     red, yellow, white = images["red-circle"], images["yellow-square"], images["white-triangle"]
 
@@ -107,6 +108,9 @@ def test_switching_requests_reuse_the_compiled_graphs(engines, images):
         for what, p in switches.items():
             same(plain, compiled, p, what)
             assert unet.__dict__["forward"] is compiled_forward, what  # put back after a schedule's wrapping
+        # the same compiled engine (one module fixture: its graphs are traced once, on one worker)
+        equals_diffusers_own_pipeline(pack, compiled, images)
+        answers_sdnext_clients_over_http(plain, compiled, images)
     assert graphs(compiled) == after_warm_up
 
 
@@ -142,19 +146,6 @@ def test_a_new_size_and_a_batch_compile_once_then_stay(engines, images):
         same(plain, compiled, request(unit("Plus", yellow), steps=STEPS, prompt="a cat AND a dog AND a bird"),
              "AND of three")
     assert graphs(compiled) == settled
-
-
-def test_compiled_unet_equals_diffusers_own_pipeline(pack, engines, images):
-    """The reference is diffusers' pipeline with `load_ip_adapter`, not imprompt's uncompiled path."""
-    from PIL import Image
-
-    _, compiled = engines
-    pipe = reference.load_adapters(reference.pipeline(pack), pack, "IP-Adapter/models/ip-adapter_sd15.safetensors")
-    pipe.set_ip_adapter_scale(0.6)
-    expected = reference.run(pipe, steps=STEPS, ip_adapter_image=Image.open(images["red-circle"]).convert("RGB"))
-    result = compiled.generate(request(unit("Base", images["red-circle"], 0.6), steps=STEPS))
-    assert max_diff(result.images[0], expected) <= TOLERANCE
-    assert max_diff(result.images[0], compiled.generate(request(steps=STEPS)).images[0]) > 10  # the unit acts
 
 
 def test_an_unknown_backend_is_refused_naming_the_known_ones(pack):
@@ -244,13 +235,24 @@ def test_loras_are_baked_only_where_baking_keeps_the_picture():
         assert torch.equal(layer(x), layer.get_base_layer()(x)) and not full.saved
 
 
-def test_a_server_of_a_compiled_engine_answers_sdnext_clients_and_shows_its_graphs(engines, images):
+def equals_diffusers_own_pipeline(pack, compiled: Engine, images) -> None:
+    """The reference is diffusers' pipeline with `load_ip_adapter`, not imprompt's uncompiled path."""
+    from PIL import Image
+
+    pipe = reference.load_adapters(reference.pipeline(pack), pack, "IP-Adapter/models/ip-adapter_sd15.safetensors")
+    pipe.set_ip_adapter_scale(0.6)
+    expected = reference.run(pipe, steps=STEPS, ip_adapter_image=Image.open(images["red-circle"]).convert("RGB"))
+    result = compiled.generate(request(unit("Base", images["red-circle"], 0.6), steps=STEPS))
+    assert max_diff(result.images[0], expected) <= TOLERANCE
+    assert max_diff(result.images[0], compiled.generate(request(steps=STEPS)).images[0]) > 10  # the unit acts
+
+
+def answers_sdnext_clients_over_http(plain: Engine, compiled: Engine, images) -> None:
     """`imprompt serve --compile`'s engine behind the HTTP API: an SD.Next payload with an image prompt gets the
     uncompiled engine's picture; `GET /v1/cache` says how many graphs the model compiled."""
     from PIL import Image
     from server_fixtures import b64, client, post_txt2img, running_server
 
-    plain, compiled = engines
     red = Image.open(images["red-circle"]).convert("RGB")
     payload = {"prompt": "a cat", "negative_prompt": "", "seed": 4, "steps": STEPS, "cfg_scale": 7.0, "width": 64,
                "height": 64, "override_settings": {"sd_model_checkpoint": "tiny-sd15"},
