@@ -78,6 +78,7 @@ ORDER = (
     "ipadapter/faces.py",
     "ipadapter/embeddings.py",
     "ipadapter/attach.py",
+    "ipadapter/text_attention.py",
     "ipadapter/slots.py",
     "ipadapter/dit.py",
     "ipadapter/shells.py",

@@ -24,9 +24,11 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from ..errors import CheckpointError
 from ..loading.tensors import filled
+from .text_attention import finished, merge_heads, split_heads, text_attention
 
 HEADS = 16  # of the IDFormer's Perceiver attentions (16 x 64) and of the CAs (16 x 128)
 DOUBLE_INTERVAL = 2  # a CA after double blocks 0, 2, 4, ...
@@ -325,46 +327,16 @@ class IDAttnProcessor:
         self.layer, self.run = layer, run
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
-        from torch.nn import functional as F
-
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch_size, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
-        batch_size, sequence_length, _ = (hidden_states.shape if encoder_hidden_states is None
-                                          else encoder_hidden_states.shape)  # fmt: skip
-        if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
-            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        query = attn.to_q(hidden_states)
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key, value = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
-        head_dim = key.shape[-1] // attn.heads
-        query, key, value = (t.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value))
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
-        out = out.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
-        ids = self.run.tokens(batch_size)
+        text = text_attention(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        out, query = text.out, text.query
+        ids = self.run.tokens(text.batch)
         if ids is not None:
             ids = ids.to(device=query.device, dtype=self.layer.id_to_k.weight.dtype)
-            id_key = self.layer.id_to_k(ids).to(query.dtype).view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-            id_value = self.layer.id_to_v(ids).to(query.dtype).view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-            id_out = F.scaled_dot_product_attention(query, id_key, id_value, dropout_p=0.0, is_causal=False)
-            id_out = id_out.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
+            id_key = split_heads(attn, text, self.layer.id_to_k(ids).to(query.dtype))
+            id_value = split_heads(attn, text, self.layer.id_to_v(ids).to(query.dtype))
+            id_out = merge_heads(attn, text, F.scaled_dot_product_attention(query, id_key, id_value, dropout_p=0.0))
             out = self.added(out, id_out, query, id_key)
-        hidden_states = attn.to_out[1](attn.to_out[0](out))
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+        return finished(attn, text, out)
 
     def added(self, out, id_out, query, id_key):
         scale, mode = self.run.scale, self.run.ortho

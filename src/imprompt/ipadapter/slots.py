@@ -37,6 +37,7 @@ from diffusers.models.embeddings import MultiIPAdapterImageProjection
 
 from .attach import FaceCropProjection, check_layers, cross_attention_layers
 from .build import BuiltAdapter, build_adapter
+from .text_attention import finished, merge_heads, split_heads, text_attention
 
 SLOTS = 4  # slots every call passes (a request with more units passes the next multiple: one graph more each)
 
@@ -50,46 +51,18 @@ class SlotProcessor:
 
     def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states=None, attention_mask=None,
                  temb=None, ip_hidden_states: tuple | None = None):  # fmt: skip
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
-        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        batch, length, _ = context.shape
-        if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, length, batch)
-            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        query = attn.to_q(hidden_states)
-        if encoder_hidden_states is not None and attn.norm_cross:
-            context = attn.norm_encoder_hidden_states(context)
-        key, value = attn.to_k(context), attn.to_v(context)
-        head = key.shape[-1] // attn.heads
-        query = query.view(batch, -1, attn.heads, head).transpose(1, 2)
-        key = key.view(batch, -1, attn.heads, head).transpose(1, 2)
-        value = value.view(batch, -1, attn.heads, head).transpose(1, 2)
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0)
-        out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head).to(query.dtype)
+        text = text_attention(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        out = text.out
         if ip_hidden_states is not None:
             keys, values, keep, masks, scales = ip_hidden_states
             keys, values, masks = keys[self.layer], values[self.layer], masks[self.layer]
             for slot in range(keys.shape[0]):  # the slot count is the tensors' shape: fixed per graph
-                ip_key = keys[slot].view(batch, -1, attn.heads, head).transpose(1, 2)
-                ip_value = values[slot].view(batch, -1, attn.heads, head).transpose(1, 2)
-                ip = F.scaled_dot_product_attention(query, ip_key, ip_value, attn_mask=keep[slot], dropout_p=0.0)
-                ip = ip.transpose(1, 2).reshape(batch, -1, attn.heads * head).to(query.dtype)
+                ip_key, ip_value = split_heads(attn, text, keys[slot]), split_heads(attn, text, values[slot])
+                ip = F.scaled_dot_product_attention(text.query, ip_key, ip_value, attn_mask=keep[slot], dropout_p=0.0)
+                ip = merge_heads(attn, text, ip)
                 # a Python scale times a tensor, as diffusers multiplies: in float32, rounded to the tensor's dtype
                 out = out + (scales[self.layer, slot] * (ip * masks[slot])).to(out.dtype)
-        out = attn.to_out[1](attn.to_out[0](out))
-        if input_ndim == 4:
-            out = out.transpose(-1, -2).reshape(batch, channel, height, width)
-        if attn.residual_connection:
-            out = out + residual
-        return out / attn.rescale_output_factor
+        return finished(attn, text, out)
 
 
 @dataclass

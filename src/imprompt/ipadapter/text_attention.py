@@ -1,0 +1,73 @@
+"""The text half of one cross-attention, as diffusers' `AttnProcessor2_0` computes it, split around the point where
+image-prompt processors add their own attention (before `to_out`).
+
+imprompt's processors that add attention of their own (the compile-stable `SlotProcessor`, PuLID's
+`IDAttnProcessor`) share this instead of each repeating diffusers' prologue and epilogue."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention
+
+
+class TextAttention(NamedTuple):
+    """The text attention's output ([batch, tokens, heads*head]) with what the epilogue and added attentions need.
+    A NamedTuple so torch.compile traces it as plain tensors and ints."""
+
+    out: torch.Tensor
+    query: torch.Tensor  # [batch, heads, tokens, head]
+    residual: torch.Tensor
+    batch: int
+    head: int
+    image_shape: tuple | None  # (channel, height, width) when the input was 4-D
+
+
+def text_attention(attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states=None, attention_mask=None,
+                   temb=None) -> TextAttention:  # fmt: skip
+    residual = hidden_states
+    if attn.spatial_norm is not None:
+        hidden_states = attn.spatial_norm(hidden_states, temb)
+    image_shape = None
+    if hidden_states.ndim == 4:
+        batch, channel, height, width = hidden_states.shape
+        image_shape = (channel, height, width)
+        hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+    context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+    batch, length, _ = context.shape
+    if attention_mask is not None:
+        attention_mask = attn.prepare_attention_mask(attention_mask, length, batch)
+        attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+    if attn.group_norm is not None:
+        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+    query = attn.to_q(hidden_states)
+    if encoder_hidden_states is not None and attn.norm_cross:
+        context = attn.norm_encoder_hidden_states(context)
+    key, value = attn.to_k(context), attn.to_v(context)
+    head = key.shape[-1] // attn.heads
+    query, key, value = (t.view(batch, -1, attn.heads, head).transpose(1, 2) for t in (query, key, value))
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0)
+    out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head).to(query.dtype)
+    return TextAttention(out, query, residual, batch, head, image_shape)
+
+
+def split_heads(attn: Attention, text: TextAttention, tokens: torch.Tensor) -> torch.Tensor:
+    """[batch, tokens, heads*head] keys or values -> [batch, heads, tokens, head], as the text's."""
+    return tokens.view(text.batch, -1, attn.heads, text.head).transpose(1, 2)
+
+
+def merge_heads(attn: Attention, text: TextAttention, out: torch.Tensor) -> torch.Tensor:
+    """An attention's [batch, heads, tokens, head] output -> [batch, tokens, heads*head] in the query's dtype."""
+    return out.transpose(1, 2).reshape(text.batch, -1, attn.heads * text.head).to(text.query.dtype)
+
+
+def finished(attn: Attention, text: TextAttention, out: torch.Tensor) -> torch.Tensor:
+    """diffusers' epilogue: `to_out`, back to the input's shape, the residual, the output rescale."""
+    out = attn.to_out[1](attn.to_out[0](out))
+    if text.image_shape is not None:
+        out = out.transpose(-1, -2).reshape(text.batch, *text.image_shape)
+    if attn.residual_connection:
+        out = out + text.residual
+    return out / attn.rescale_output_factor
