@@ -116,19 +116,21 @@ def run_alone(engine: Engine, requests: list) -> list:
     return outcomes
 
 
-def check_batch(engines, requests: list, size: tuple[int, int], what: str) -> list[tuple[int, int]]:
+def check_batch(engines, requests: list, sizes: tuple[int, int] | list[tuple[int, int]], what: str) -> list:
     """The requests alone in one engine and as one batch in the other: results, measured differences and the
-    engines' kept state compared; every request ran in one call of `size` (rows, requests)."""
+    engines' kept state compared; each request ran in a call of its size (rows, requests): `sizes` one for all or
+    one per request. Returns the batch's results."""
     alone_engine, batch_engine = engines
     alone = run_alone(alone_engine, requests)
     batch = batch_engine.generate_batch(requests)
+    sizes = sizes if isinstance(sizes, list) else [sizes] * len(requests)
     measured = []
-    for n, (a, b) in enumerate(zip(alone, batch)):
+    for n, (a, b, size) in enumerate(zip(alone, batch, sizes, strict=True)):
         measured.append(same_result(a, b, f"{what} request {n}"))
         assert shape(b) == size, b.info["batch"]
     assert kept(batch_engine) == kept(alone_engine)
     print(f"\n{what}: (max difference, channels differing) per request: {measured}")
-    return measured
+    return batch
 
 
 # ------------------------------------------------------------------------------------------- one merged call
@@ -355,14 +357,8 @@ def test_a_lora_set_and_a_vae_are_shared_by_a_call(engines, images):
     requests = [request(prompt="a cat <lora:detail-sd15:0.6>", seed=1, **lora),
                 request(unit("Base", red), prompt="a dog", loras=[{"name": "detail-sd15", "weight": 0.6}], seed=2, **lora),
                 request(prompt="a cat <lora:detail-sd15:0.9>", seed=3, **lora)]  # fmt: skip
-    alone_engine, batch_engine = engines
-    alone = run_alone(alone_engine, requests)
-    batch = batch_engine.generate_batch(requests)
-    for n, call in enumerate([(2, 2), (2, 2), (1, 1)]):
-        same_result(alone[n], batch[n], f"request {n}")
-        assert shape(batch[n]) == call
+    batch = check_batch(engines, requests, [(2, 2), (2, 2), (1, 1)], "a LoRA set and a VAE")
     assert batch[0].info["loras"] and batch[0].info["vae"]
-    assert kept(batch_engine) == kept(alone_engine)
 
 
 def test_a_vae_file_stays_on_for_the_rows_after_a_request_that_runs_at_once(engines, images):
@@ -372,14 +368,8 @@ def test_a_vae_file_stays_on_for_the_rows_after_a_request_that_runs_at_once(engi
     requests = [request(unit("Base", images["red-circle"]), prompt="a cat", seed=1, **vae),
                 request(prompt="a dog", seed=2, **vae),
                 request(prompt=LONG, seed=3, **vae)]  # fmt: skip
-    alone_engine, batch_engine = engines
-    alone = run_alone(alone_engine, requests)
-    batch = batch_engine.generate_batch(requests)
-    for n, call in enumerate([(2, 2), (2, 2), (1, 1)]):
-        same_result(alone[n], batch[n], f"request {n}")
-        assert shape(batch[n]) == call
-        assert batch[n].info["vae"]["name"] == "soft-vae.safetensors"
-    assert kept(batch_engine) == kept(alone_engine)
+    batch = check_batch(engines, requests, [(2, 2), (2, 2), (1, 1)], "a VAE file")
+    assert [b.info["vae"]["name"] for b in batch] == ["soft-vae.safetensors"] * 3
 
 
 def test_a_shape_of_its_own_runs_alone_with_its_units(engines, images):

@@ -61,8 +61,9 @@ def batch_key(state, request: GenerateRequest) -> tuple | None:
 
 def plan_key(state, request: GenerateRequest, plan: Plan) -> tuple | None:
     """`batch_key` from a request's plan: the model as loaded (file versions, dtype, device, memory plan, parts),
-    size, steps, sampler, whether CFG is on (each row has its own scale: `RowGuidance`), and each kind's part (the VAE, the LoRA set; None from a kind that cannot
-    batch). The prompt's clip skip and textual inversions are not shared: imprompt encodes each request's prompt."""
+    size, steps, sampler, whether CFG is on (each row has its own scale: `RowGuidance`), and each kind's part (the
+    VAE, the LoRA set; None from a kind that cannot batch). The prompt's clip skip and textual inversions are not
+    shared: imprompt encodes each request's prompt."""
     spec = plan.pipeline.spec
     if spec.architecture != "unet" or spec.pipeline_class not in BATCHED_PIPELINES:
         return None
@@ -129,7 +130,8 @@ def merge_signature(call: PipelineCall) -> tuple | None:
     kwargs = call.kwargs
     if call.conditioned_unet is not None or call.pipeline is not call.loaded.pipeline or call.lora_uses:
         return None
-    if set(kwargs) - MERGED_KWARGS or set(kwargs.get("cross_attention_kwargs", {})) - {"ip_adapter_masks", "ip_hidden_states"}:
+    attention_kwargs = set(kwargs.get("cross_attention_kwargs", {}))
+    if set(kwargs) - MERGED_KWARGS or attention_kwargs - {"ip_adapter_masks", "ip_hidden_states"}:
         return None
     if not isinstance(call.adapters, RequestUnits):
         return None
@@ -216,9 +218,9 @@ def run_merged(rows: list[Row]) -> None:
         row.units.merged = True
         row.call.schedule.begin(0, first.steps)
     # the rows' image prompts, each row reading its own request's units (the attachment's `merged`)
-    units, update_scales, undo = loaded.attached.merged([row.units for row in rows], owner, kwargs["guidance_scale"] > 1.0,
-                                                        [row.call.kwargs for row in rows], kwargs["width"],
-                                                        kwargs["height"])  # fmt: skip
+    units, update_scales, undo = loaded.attached.merged(
+        [row.units for row in rows], owner, kwargs["guidance_scale"] > 1.0, [row.call.kwargs for row in rows],
+        kwargs["width"], kwargs["height"])  # fmt: skip
     kwargs |= units
     try:
         with first.in_place():  # the rows' VAE (they share it): a call that ended since may have put the own one back
