@@ -33,7 +33,7 @@ from .controlnet_models import write_controlnets
 from .extra_models import write_extra_models, write_redux_model
 
 
-def _request(*units, model="tiny-sd15", seed=1, steps=4, **fields) -> dict:
+def _request(*units, model="tiny-sd15", seed=1, steps=2, **fields) -> dict:
     return {"model": model, "prompt": "a cat", "seed": seed, "steps": steps, "width": 64, "height": 64,
             "cfg_scale": 7.0, "ip_adapters": list(units), **fields}  # fmt: skip
 
