@@ -364,11 +364,12 @@ def test_joining_a_cluster_started_with_ray_start(pack, red_circle, engine):
         if process is not None and process.poll() is None:
             process.kill()
             process.wait(30)
-        # not `ray stop`: it stops every Ray process on the machine; this session's, by PID
+        # not `ray stop`: it stops every Ray process on the machine; this session's, by PID, as `ray stop` does
+        # (SIGTERM, then SIGKILL after a grace period: the GCS and a log monitor outwait any SIGTERM grace)
         session = session_processes(ray_tmp)
         for p in session:
             p.terminate()
-        gone, alive = psutil.wait_procs(session, timeout=30)
+        gone, alive = psutil.wait_procs(session, timeout=5)
         for p in alive:
             p.kill()
         print((Path(ray_tmp) / "serve.log").read_text()[-3000:] if (Path(ray_tmp) / "serve.log").exists() else "")
