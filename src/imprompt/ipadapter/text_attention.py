@@ -35,16 +35,17 @@ def text_attention(attn: Attention, hidden_states: torch.Tensor, encoder_hidden_
         batch, channel, height, width = hidden_states.shape
         image_shape = (channel, height, width)
         hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
-    context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-    batch, length, _ = context.shape
+    batch, length, _ = (hidden_states if encoder_hidden_states is None else encoder_hidden_states).shape
     if attention_mask is not None:
         attention_mask = attn.prepare_attention_mask(attention_mask, length, batch)
         attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
     if attn.group_norm is not None:
         hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
     query = attn.to_q(hidden_states)
-    if encoder_hidden_states is not None and attn.norm_cross:
-        context = attn.norm_encoder_hidden_states(context)
+    if encoder_hidden_states is None:  # self-attention: the keys from the group-normed states, as diffusers'
+        context = hidden_states
+    else:
+        context = attn.norm_encoder_hidden_states(encoder_hidden_states) if attn.norm_cross else encoder_hidden_states
     key, value = attn.to_k(context), attn.to_v(context)
     head = key.shape[-1] // attn.heads
     query, key, value = (t.view(batch, -1, attn.heads, head).transpose(1, 2) for t in (query, key, value))
