@@ -9,6 +9,7 @@ single process's image exactly, one that shared a pipeline call with others with
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -258,7 +259,7 @@ def test_cluster(cluster, pack, burst_models, engine, red_circle, yellow_square)
 
     # --------------------------------------------------------------- faults: a generator replica killed mid-run
     with client(url) as http:
-        victim_payload = {**txt2img(url, SD15_MODEL, [("ip-adapter_sd15", red_circle)], seed=9, steps=150), "n_iter": 3}
+        victim_payload = {**txt2img(url, SD15_MODEL, [("ip-adapter_sd15", red_circle)], seed=9, steps=60), "n_iter": 2}
         other_payload = txt2img(url, SDXL_MODEL, [("ip-adapter_sdxl", yellow_square)], seed=10)
         outcome = {}
         victim = threading.Thread(target=lambda: outcome.update(victim=_post_any(url, victim_payload)))
@@ -282,7 +283,7 @@ def test_cluster(cluster, pack, burst_models, engine, red_circle, yellow_square)
         assert all(alike(image, info, expected) for image, info in others)
         # Ray restarts the replica: two generators report again, one of them a new process
         wait_until(lambda: _workers(http, 4, without_pid=pid), 180, "the killed replica replaced")
-    after = {**victim_payload, "steps": 4, "n_iter": 1}  # the model again, served right (not 450 steps again)
+    after = {**victim_payload, "steps": 4, "n_iter": 1}  # the model again, served right (not its 120 steps again)
     image, info = post(url, after)
     assert alike(image, info, reference(pack, engine, after))
 
@@ -366,12 +367,18 @@ def test_joining_a_cluster_started_with_ray_start(pack, red_circle, engine):
             process.wait(30)
         # not `ray stop`: it stops every Ray process on the machine; this session's, by PID, as `ray stop` does
         # (SIGTERM, then SIGKILL after a grace period: the GCS and a log monitor outwait any SIGTERM grace)
-        session = session_processes(ray_tmp)
-        for p in session:
-            p.terminate()
-        gone, alive = psutil.wait_procs(session, timeout=5)
-        for p in alive:
-            p.kill()
+        for _ in range(3):  # bounded; a worker started meanwhile is found by the next pass
+            session = session_processes(ray_tmp)
+            if not session:
+                break
+            for p in session:
+                with contextlib.suppress(psutil.NoSuchProcess):  # ended since it was found
+                    p.terminate()
+            gone, alive = psutil.wait_procs(session, timeout=5)
+            for p in alive:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    p.kill()
+            psutil.wait_procs(alive, timeout=10)  # gone, not only signalled, before the check below
         print((Path(ray_tmp) / "serve.log").read_text()[-3000:] if (Path(ray_tmp) / "serve.log").exists() else "")
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert not session_processes(ray_tmp)
