@@ -255,12 +255,14 @@ def test_a_picture_of_an_extreme_shape_is_refused_before_any_work(cn_engine, net
 def test_the_window_counts_the_steps_as_a1111_reports_them_to_the_extension():
     """k-diffusion sets the step number after each step; a second-order sampler calls the model twice per step and
     its callback runs between the two calls. Written out for 10 steps, end 0.5 (the extension's `frac <= end`)."""
-    euler = [call for call in range(10) if reported_fraction(call, 10, 10) <= 0.5]
+    euler = [call for call in range(10) if reported_fraction(call, 10, 10, second_order=False) <= 0.5]
     assert euler == [0, 1, 2, 3, 4, 5, 6]  # call 6 is step 6, which sees step 5: 0.5
     seen = [0, 0, 0] + [i for i in range(1, 9) for _ in (0, 1)]  # call 0: step 0; calls 2i-1 and 2i see i - 1
     assert [max((c - 1) // 2, 0) for c in range(19)] == seen[:19]
-    heun = [call for call in range(19) if reported_fraction(call, 19, 10) <= 0.5]
+    heun = [call for call in range(19) if reported_fraction(call, 19, 10, second_order=True) <= 0.5]
     assert heun == list(range(13))
+    # PNDM's 2 steps are 3 calls (2 * 2 - 1, as a second-order sampler's), each seeing the step before it
+    assert [reported_fraction(call, 3, 2, second_order=False) for call in range(3)] == [0.0, 0.0, 1 / 3]
 
 
 def test_a_pixel_perfect_resolution_is_used_as_computed(nets):

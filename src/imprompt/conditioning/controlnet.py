@@ -249,7 +249,8 @@ class ControlNets(Conditioning):
         for g, model in zip(guidance, self.models + self.fed_models):
             by_model.setdefault(id(model), [model, []])[1].append(g)
         for model, units in by_model.values():
-            patch = ControlPatch(model, units, self.unet_family, call.steps, lambda: call.conditioned_unet)
+            patch = ControlPatch(model, units, self.unet_family, call.steps, lambda: call.conditioned_unet,
+                                 lambda: call.pipeline.scheduler)  # fmt: skip
             call.after(patch.install())
             call.schedule.add(patch.at_step)
 

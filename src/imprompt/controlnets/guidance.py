@@ -66,12 +66,13 @@ class UnitGuidance:
         return self.control_mode == "ControlNet is more important"
 
 
-def reported_fraction(call: int, calls: int, steps: int) -> float:
+def reported_fraction(call: int, calls: int, steps: int, second_order: bool) -> float:
     """The fraction of the steps A1111 reports while model call `call` of `calls` runs, which the extension's window
     reads: the step number is set after each step, so a step's calls see the previous step's (step 0's see 0). A
-    second-order sampler (Heun, DPM2: `calls` = 2 * steps - 1) calls the model twice in a step, the step's number
-    set between the two: call 2i (i >= 1) sees i - 1, call 2i + 1 sees i."""
-    if steps > 1 and calls == 2 * steps - 1:
+    second-order sampler (Heun, DPM2: the scheduler's `order` is 2, `calls` = 2 * steps - 1) calls the model twice
+    in a step, the step's number set between the two: call 2i (i >= 1) sees i - 1, call 2i + 1 sees i. Told by the
+    scheduler, not by the count: PNDM's 2 steps are 3 calls too."""
+    if second_order and steps > 1:
         return max((call - 1) // 2, 0) / steps
     return max(call - 1, 0) / calls
 
@@ -82,10 +83,12 @@ class ControlPatch:
     multi model calls its nets in order): `cursor` walks the units, and with them each unit's own cross-attention
     input. One patch per model: a second patch on the same model would wrap the first, which then ran every call."""
 
-    def __init__(self, net, units: list[UnitGuidance], unet_family: bool, steps: int, conditioned=None):
+    def __init__(self, net, units: list[UnitGuidance], unet_family: bool, steps: int, conditioned=None,
+                 scheduler=None):  # fmt: skip
         """`steps`: the request's; `conditioned()`: the call's `prompting.conds.ConditionedUNet`, or None where the
-        UNet reads the pipeline's own batch."""
+        UNet reads the pipeline's own batch; `scheduler()`: the scheduler running the call (made per image)."""
         self.net, self.units, self.unet_family, self.conditioned = net, units, unet_family, conditioned
+        self.scheduler = scheduler
         self.forward = net.forward  # the class's own, bound: what this calls
         self.steps = steps
         self.cursor = 0
@@ -97,7 +100,8 @@ class ControlPatch:
 
     def at_step(self, step: int, total: int, index: int) -> None:
         """The call's step hook: the step about to run (each batch image starts at 0)."""
-        self.fraction = reported_fraction(step, total, self.steps)
+        second_order = self.scheduler is not None and getattr(self.scheduler(), "order", 1) == 2
+        self.fraction = reported_fraction(step, total, self.steps, second_order)
         self.cursor = 0
 
     def __call__(self, *args, **kwargs):
