@@ -16,6 +16,8 @@ KINDS = {
                                                        residual_connection=True, rescale_output_factor=2.0),
     "cross-attention with a normed context": dict(query_dim=32, cross_attention_dim=24, heads=4, dim_head=8,
                                                   cross_attention_norm="layer_norm"),
+    "cross-attention with QK norms": dict(query_dim=32, cross_attention_dim=24, heads=4, dim_head=8,
+                                          qk_norm="rms_norm"),
 }  # fmt: skip
 
 

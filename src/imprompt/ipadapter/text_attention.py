@@ -1,7 +1,7 @@
-"""The text half of one cross-attention, as diffusers' `AttnProcessor2_0` computes it, split around the point where
-image-prompt processors add their own attention (before `to_out`).
+"""diffusers' `AttnProcessor2_0` in two halves, for processors that add attention of their own before `to_out`.
 
-imprompt's processors that add attention of their own (the compile-stable `SlotProcessor`, PuLID's
+The first half is the text attention (its output, query and what the second half needs), the second `to_out`,
+the input's shape back, the residual and the rescale. imprompt's processors that add attention of their own (the compile-stable `SlotProcessor`, PuLID's
 `IDAttnProcessor`) share this instead of each repeating diffusers' prologue and epilogue."""
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ class TextAttention(NamedTuple):
 
 def text_attention(attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states=None, attention_mask=None,
                    temb=None) -> TextAttention:  # fmt: skip
+    """The first half: what `AttnProcessor2_0` computes up to the heads' merged output."""
     residual = hidden_states
     if attn.spatial_norm is not None:
         hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -49,6 +50,10 @@ def text_attention(attn: Attention, hidden_states: torch.Tensor, encoder_hidden_
     key, value = attn.to_k(context), attn.to_v(context)
     head = key.shape[-1] // attn.heads
     query, key, value = (t.view(batch, -1, attn.heads, head).transpose(1, 2) for t in (query, key, value))
+    if attn.norm_q is not None:  # QK norms (none in the UNets imprompt attaches to), as diffusers applies them
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0)
     out = out.transpose(1, 2).reshape(batch, -1, attn.heads * head).to(query.dtype)
     return TextAttention(out, query, residual, batch, head, image_shape)
