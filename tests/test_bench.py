@@ -15,12 +15,12 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
-def cache(pack, tmp_path) -> Path:
+def bench_cache(pack, tmp_path) -> Path:
     """The tools' model cache with its tiny models already there: at tiny size `build_models` builds the demo pack,
     which the session has built (a copy: the tools read it as theirs)."""
     cache = tmp_path / "cache"
     shutil.copytree(pack, cache / "tiny")
-    (cache / "tiny" / "done.json").write_text(json.dumps({"size": "tiny"}))
+    (cache / "tiny" / "done.json").write_text(json.dumps({"size": "tiny"}))  # build_models' mark of a finished build
     return cache
 
 
@@ -33,10 +33,10 @@ def bench(cache, out, phases, *extra):
     return out.read_text(), json.loads(out.with_suffix(".json").read_text())["results"]
 
 
-def test_bench_runs_at_tiny_size(cache, tmp_path):
+def test_bench_runs_at_tiny_size(bench_cache, tmp_path):
     out = tmp_path / "bench.md"
     phases = "switch_imprompt,switch_expert,switch_sdnext,embeddings,workload_expert,workload_small_budget"
-    report, raw = bench(cache, out, phases, "--rounds", "2")
+    report, raw = bench(bench_cache, out, phases, "--rounds", "2")
     for heading in ("# Benchmarks", "## Switching adapters", "## Embedding reuse", "## The article's workload"):
         assert heading in report
     assert set(raw) == set(phases.split(","))
@@ -51,17 +51,17 @@ def test_bench_runs_at_tiny_size(cache, tmp_path):
     assert small["requests"] == ["Base", "Base ViT-G", "Plus"] and small["evictions"] >= 1  # nothing failed, evictions happened
 
     # --quick runs each phase once; the previous run's numbers stand beside the new ones, so a regression shows
-    report, raw = bench(cache, out, "switch_imprompt", "--quick", "--update")
+    report, raw = bench(bench_cache, out, "switch_imprompt", "--quick", "--update")
     assert len(raw["switch_imprompt"]["runs"]) == 1 and len(raw["switch_expert"]["runs"]) == 2  # the latter kept
     assert "workload_small_budget" in raw  # --update kept the phases it did not measure
     row = next(line for line in report.splitlines() if line.startswith("| imprompt (plan"))
     assert not row.rstrip(" |").endswith("–")  # the previous p50 is there
 
 
-def test_model_switch_bench_runs_at_tiny_size(cache, tmp_path):
+def test_model_switch_bench_runs_at_tiny_size(bench_cache, tmp_path):
     out = tmp_path / "models.md"
     command = [sys.executable, "-m", "tools.bench_models", "--size", "tiny", "--switches", "2", "--cache",
-               str(cache), "--out", str(out), "--device", "cpu"]  # fmt: skip
+               str(bench_cache), "--out", str(out), "--device", "cpu"]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
     raw = json.loads(out.with_suffix(".json").read_text())["results"]

@@ -275,8 +275,9 @@ def test_cluster(cluster, pack, burst_models, engine, red_circle, yellow_square)
         status, body = outcome["victim"]
         print(f"the killed replica's request: {status} {'(retried)' if status == 200 else body}")
         if status == 200:  # retried on another replica: the request carries its seed, so the image is the same
-            image = decode(body["images"][0]).convert("RGB")
-            assert alike(image, json.loads(body["info"]), reference(pack, engine, victim_payload))
+            image, info = decode(body["images"][0]).convert("RGB"), json.loads(body["info"])
+            assert info["worker"] != replica, info["worker"]  # not a job that ended before its replica was killed
+            assert alike(image, info, reference(pack, engine, victim_payload))
         else:
             assert status == 503 and body["error"] == "WorkerLostError", body
         expected = reference(pack, engine, other_payload)
@@ -366,7 +367,7 @@ def test_joining_a_cluster_started_with_ray_start(pack, red_circle, engine):
             process.kill()
             process.wait(30)
         # not `ray stop`: it stops every Ray process on the machine; this session's, by PID, as `ray stop` does
-        # (SIGTERM, then SIGKILL after a grace period: the GCS and a log monitor outwait any SIGTERM grace)
+        # (SIGTERM, then SIGKILL after a grace period: its 16 s, 5 here; the GCS and a log monitor outwait any)
         for _ in range(3):  # bounded; a worker started meanwhile is found by the next pass
             session = session_processes(ray_tmp)
             if not session:

@@ -147,9 +147,10 @@ def sd15_menu(images: dict[str, str]) -> dict[str, dict]:
         "base+vit-g": _request(_unit("Base", red), _unit("Base ViT-G", yellow, scale=0.5)),
         "plus+vit-g+full": _request(_unit("Plus", white, scale=0.5), _unit("Base ViT-G", red, scale=0.4),
                                     _unit("Full Face", yellow, scale=0.3), seed=5),  # fmt: skip
-        "base-2-images-window": _request(_unit("Base", red, yellow, scale=0.7, start=0.25, end=0.75)),
+        # 4 steps where the steps matter (most requests take 2): a window that ends, schedules that switch apart
+        "base-2-images-window": _request(_unit("Base", red, yellow, scale=0.7, start=0.25, end=0.75), steps=4),
         "scheduled-and": _request(_unit("Plus", red, scale=0.5), prompt="a [red:blue:0.5] cat AND a [dog|fox]:0.5",
-                                  negative_prompt="[ugly:blurry:1]", seed=8),  # fmt: skip
+                                  negative_prompt="[ugly:blurry:1]", seed=8, steps=4),  # fmt: skip
         "light+plus-face": _request(_unit("Light", white), _unit("Plus Face", red), seed=6),
     }
 
@@ -203,11 +204,12 @@ def controlnet_menu(images: dict[str, str]) -> dict[str, dict]:
     return {
         "cn-sd15+unit": _request(_unit("Base", red), controlnets=[_control("control_tiny_sd15_canny", white, weight=0.8)],
                                  seed=11),  # fmt: skip
+        # 4 steps: the canny unit's window ends before the last step (most requests take 2)
         "cn-sd15-canny-modes": _request(controlnets=[
             _control("control_tiny_sd15_canny", yellow, module="canny", control_mode="My prompt is more important",
                      end=0.5),
             _control("tiny-sd15-controlnet", white, weight=0.6, control_mode="ControlNet is more important")],
-            prompt="a [cat:dog:0.5]", seed=12),  # fmt: skip
+            prompt="a [cat:dog:0.5]", seed=12, steps=4),  # fmt: skip
         "cn-sdxl-union": _request(_unit("Base SDXL", red), model="tiny-sdxl", seed=13,
                                   controlnets=[_control("tiny-sdxl-union-promax", white, union_type="depth")]),  # fmt: skip
         "cn-flux": _request(model="tiny-flux", cfg_scale=3.5, seed=14,
