@@ -1,8 +1,9 @@
 """diffusers' `AttnProcessor2_0` in two halves, for processors that add attention of their own before `to_out`.
 
 The first half is the text attention (its output, query and what the second half needs), the second `to_out`,
-the input's shape back, the residual and the rescale. imprompt's processors that add attention of their own (the compile-stable `SlotProcessor`, PuLID's
-`IDAttnProcessor`) share this instead of each repeating diffusers' prologue and epilogue."""
+the input's shape back, the residual and the rescale. imprompt's processors that add attention of their own (the
+compile-stable `SlotProcessor`, PuLID's `IDAttnProcessor`) share this instead of each repeating diffusers' prologue
+and epilogue."""
 
 from __future__ import annotations
 
