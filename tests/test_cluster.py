@@ -33,6 +33,7 @@ psutil = pytest.importorskip("psutil")
 from server_fixtures import b64, client, decode, free_port, wait_until  # noqa: E402
 
 from imprompt import Engine  # noqa: E402
+from imprompt.cluster.start import stop_left_over  # noqa: E402
 from imprompt.demo.pack import SD15_MODEL, SDXL_MODEL  # noqa: E402
 from tools.bench_cluster import ready, session_processes, stop  # noqa: E402
 
@@ -367,7 +368,8 @@ def test_joining_a_cluster_started_with_ray_start(pack, red_circle, engine):
             process.kill()
             process.wait(30)
         # not `ray stop`: it stops every Ray process on the machine; this session's, by PID, as `ray stop` does
-        # (SIGTERM, then SIGKILL after a grace period: its 16 s, 5 here; the GCS and a log monitor outwait any)
+        # (SIGTERM, then SIGKILL after a grace period: its 16 s, 5 here; the GCS and a log monitor outwait any),
+        # the kills by imprompt's own `stop_left_over` (the raylet first: it restarts what it lost)
         for _ in range(3):  # bounded; a worker started meanwhile is found by the next pass
             session = session_processes(ray_tmp)
             if not session:
@@ -375,11 +377,7 @@ def test_joining_a_cluster_started_with_ray_start(pack, red_circle, engine):
             for p in session:
                 with contextlib.suppress(psutil.NoSuchProcess):  # ended since it was found
                     p.terminate()
-            gone, alive = psutil.wait_procs(session, timeout=5)
-            for p in alive:
-                with contextlib.suppress(psutil.NoSuchProcess):
-                    p.kill()
-            psutil.wait_procs(alive, timeout=10)  # gone, not only signalled, before the check below
+            stop_left_over(session, wait_s=5)
         print((Path(ray_tmp) / "serve.log").read_text()[-3000:] if (Path(ray_tmp) / "serve.log").exists() else "")
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert not session_processes(ray_tmp)
