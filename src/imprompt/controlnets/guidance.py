@@ -83,8 +83,7 @@ class ControlPatch:
     multi model calls its nets in order): `cursor` walks the units, and with them each unit's own cross-attention
     input. One patch per model: a second patch on the same model would wrap the first, which then ran every call."""
 
-    def __init__(self, net, units: list[UnitGuidance], unet_family: bool, steps: int, conditioned=None,
-                 scheduler=None):  # fmt: skip
+    def __init__(self, net, units: list[UnitGuidance], unet_family: bool, steps: int, conditioned, scheduler):
         """`steps`: the request's; `conditioned()`: the call's `prompting.conds.ConditionedUNet`, or None where the
         UNet reads the pipeline's own batch; `scheduler()`: the scheduler running the call (made per image)."""
         self.net, self.units, self.unet_family, self.conditioned = net, units, unet_family, conditioned
@@ -100,7 +99,7 @@ class ControlPatch:
 
     def at_step(self, step: int, total: int, index: int) -> None:
         """The call's step hook: the step about to run (each batch image starts at 0)."""
-        second_order = self.scheduler is not None and getattr(self.scheduler(), "order", 1) == 2
+        second_order = getattr(self.scheduler(), "order", 1) == 2
         self.fraction = reported_fraction(step, total, self.steps, second_order)
         self.cursor = 0
 
@@ -127,7 +126,7 @@ class ControlPatch:
         """The residuals for the rows the UNet runs, and which rows are unconditional; `hidden_states`: the unit's
         (`UnitGuidance.hidden_states`)."""
         guided = sample.shape[0] == 2  # the pipeline's batch (one image at a time): [negative, prompt], or [prompt]
-        conditioned = self.conditioned() if self.conditioned is not None else None
+        conditioned = self.conditioned()
         if conditioned is None:
             if hidden_states is not None:
                 encoder_hidden_states = hidden_states([True, False] if guided else [False])

@@ -13,8 +13,9 @@ nearly every switch: docs/research/compile-across-switches.md) by keeping that s
 
 What the compiled graph cannot take runs eager for that call (`torch.compiler.set_stance("force_eager")`), the
 graph kept for the next: SD 3.5 / FLUX image-prompt units, PuLID, LoRAs whose baking would change the picture (a
-float16 / bfloat16 model's) or cannot be done (DoRA, fp8 / GGUF-stored layers). Each graph compiled is counted (`CompiledDenoiser.graphs`), so a test and `/cache` can show how many
-a sequence of requests cost (the bound is in docs/compile.md).
+float16 / bfloat16 model's) or cannot be done (DoRA, fp8 / GGUF-stored layers). Each graph compiled is counted
+(`CompiledDenoiser.graphs`), so a test and `/cache` can show how many a sequence of requests cost (the bound is in
+docs/compile.md).
 """
 
 from __future__ import annotations
